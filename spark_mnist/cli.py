@@ -1,0 +1,154 @@
+"""``spark-mnist``: thin subcommands that parse arguments and call the library.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what is wrong), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from spark_mnist import __version__
+from spark_mnist.config import Settings, load_settings, show
+from spark_mnist.errors import InputError
+
+DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
+EXIT_BAD_INPUT = 2
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Progress (INFO) to stdout, warnings and errors to stderr, for the ``spark_mnist`` loggers only."""
+    logger = logging.getLogger("spark_mnist")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    logger.handlers.clear()
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("spark-mnist: %(message)s"))
+        logger.addHandler(handler)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
+    parser.add_argument("--verbose", action="store_true", help="Spark's and petastorm's own logs, debug output")
+    parser.add_argument("--master", help="Spark master, e.g. local[2] (default from config)")
+
+
+def _ingest_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", help="directory or URI holding the four gz IDX files")
+    parser.add_argument("--output", help="dataset directory to (re)create: OUT/train, OUT/test, OUT/_manifest.json")
+    parser.add_argument("--dataset", help="registry name: mnist, fashion-mnist, kmnist, emnist-<split>")
+    parser.add_argument("--num-shards", type=int, help="Parquet files per split")
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="refuse files whose payload sha256 differs from the registry's")
+
+
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="ingested dataset directory (default: ingest.output)")
+    parser.add_argument("--run-dir", help="where model.pt, checkpoint.pt and metrics.json go")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="samples per step per rank")
+    parser.add_argument("--num-processes", type=int, help="ranks (TorchDistributor num_processes)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--loader", choices=["spark-mnist", "petastorm"])
+    parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--local-mode", action=argparse.BooleanOptionalAction, default=None,
+                        help="run ranks on the driver (local) or in executors")
+    parser.add_argument("--resume", action="store_true", default=None, help="continue from run_dir's checkpoint")
+    parser.add_argument("--checkpoint-every-steps", type=int, help="also checkpoint every K steps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spark-mnist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ingest = commands.add_parser("ingest", help="gz IDX files -> Parquet shards + _manifest.json")
+    train = commands.add_parser("train", help="DDP training with TorchDistributor on an ingested dataset")
+    run = commands.add_parser("run", help="ingest + train with conf/local.yaml defaults")
+    config = commands.add_parser("config", help="settings")
+    config.add_argument("action", choices=["show"])
+    for sub in (ingest, train, run, config):
+        _common(sub)
+    for sub in (ingest, run, config):
+        _ingest_args(sub)
+    for sub in (train, run, config):
+        _train_args(sub)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Config file, then the command line on top."""
+    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    overrides: dict[str, dict[str, Any]] = {
+        "spark": {"master": get("master")},
+        "ingest": {"source": get("source"), "output": get("output"), "dataset": get("dataset"),
+                   "num_shards": get("num_shards"), "strict": get("strict")},
+        "train": {"data": get("data"), "run_dir": get("run_dir"), "epochs": get("epochs"),
+                  "batch_size": get("batch_size"), "num_processes": get("num_processes"), "lr": get("lr"),
+                  "seed": get("seed"), "loader": get("loader"), "use_gpu": get("use_gpu"),
+                  "local_mode": get("local_mode"), "resume": get("resume"),
+                  "checkpoint_every_steps": get("checkpoint_every_steps")},
+    }
+    return load_settings(path, overrides)
+
+
+def _ingest(spark, settings: Settings) -> dict[str, Any]:
+    from spark_mnist.ingest import ingest
+
+    s = settings.ingest
+    manifest = ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
+                      row_group_bytes=s.row_group_bytes, strict=s.strict)
+    splits = manifest["splits"]
+    logging.getLogger("spark_mnist").info(
+        "dataset %s at %s: %s", manifest["dataset"], s.output,
+        ", ".join(f"{name} {info['rows']} rows in {len(info['files'])} shards" for name, info in splits.items()))
+    return manifest
+
+
+def run_command(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.command == "config":
+        sys.stdout.write(show(settings))
+        return 0
+    from spark_mnist.launch import spark_session, train
+
+    with spark_session(settings.spark, verbose=args.verbose) as spark:
+        if args.command in ("ingest", "run"):
+            manifest = _ingest(spark, settings)
+            if args.command == "ingest":
+                print(json.dumps({"output": settings.ingest.output, "dataset": manifest["dataset"],
+                                  "rows": {k: v["rows"] for k, v in manifest["splits"].items()}}))
+                return 0
+        metrics = train(spark, settings)
+    metrics.pop("history", None)
+    print(json.dumps(metrics), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spark-mnist`` console script."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return run_command(args)
+    except InputError as e:
+        print(f"spark-mnist: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Typed settings from ``conf/*.yaml`` with command-line overrides.
+
+A YAML file has three sections, ``spark``, ``ingest`` and ``train`` (see ``conf/local.yaml``).  Unknown keys and
+values of the wrong type are errors naming the key and the file.  Defaults are the local-mode ones.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spark_mnist.errors import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparkSettings(_Section):
+    """How the driver gets its SparkSession.  ``master: null`` uses the cluster's (Databricks)."""
+
+    master: Optional[str] = "local[2]"
+    app_name: str = "spark-mnist"
+    log_level: str = "WARN"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class IngestSettings(_Section):
+    """gz IDX files -> Parquet shards."""
+
+    dataset: str = "fashion-mnist"
+    source: str = "/usr/share/datasets/fashion-mnist"
+    output: str = "out/fashion-mnist"
+    num_shards: int = Field(8, ge=1)
+    row_group_bytes: int = Field(2**20, ge=1)
+    strict: bool = False
+
+
+class TrainSettings(_Section):
+    """Distributed training with TorchDistributor.  ``data`` defaults to ``ingest.output``."""
+
+    data: Optional[str] = None
+    run_dir: str = "out/run"
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    num_processes: int = Field(2, ge=1)
+    local_mode: bool = True
+    use_gpu: bool = False
+    bf16: bool = False
+    petastorm_cache_url: str = "file:///tmp/spark-mnist-petastorm"
+    petastorm_row_group_bytes: int = Field(2**20, ge=1)
+    loader: Literal["spark-mnist", "petastorm"] = "spark-mnist"
+    memory_budget_mb: int = Field(2048, ge=0)
+    reader_threads: int = Field(2, ge=1)
+    threads_per_rank: int = Field(0, ge=0)
+    checkpoint_every_steps: int = Field(0, ge=0)
+    resume: bool = False
+
+
+class Settings(_Section):
+    """All settings of one run."""
+
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @property
+    def data_dir(self) -> str:
+        """Where training reads the ingested dataset."""
+        return self.train.data or self.ingest.output
+
+
+def _error(source: str, error: ValidationError) -> InputError:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return InputError(f"{source}: " + "; ".join(lines))
+
+
+def load_settings(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None
+                  ) -> Settings:
+    """Settings from the YAML file ``path`` (defaults where ``None``), then ``overrides`` (``{section: {key:
+    value}}``, ``None`` values ignored) on top.
+
+    Raises:
+        InputError: a missing or unreadable file, an unknown key, a value of the wrong type; the message names
+            the file (or "command line") and the key.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise InputError(f"{source}: config file not found") from e
+        except yaml.YAMLError as e:
+            raise InputError(f"{source}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: expected a mapping of sections (spark, ingest, train)")
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        raise _error(source, e) from None
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is None:
+                continue
+            try:
+                setattr(getattr(settings, section), key, value)
+            except ValidationError as e:
+                raise _error("command line", e) from None
+    return settings
+
+
+def show(settings: Settings) -> str:
+    """The effective settings as YAML."""
+    return yaml.safe_dump(settings.model_dump(), sort_keys=False)

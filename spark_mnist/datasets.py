@@ -1,0 +1,182 @@
+"""The dataset registry: the MNIST family as data, not code.
+
+Every dataset is a :class:`DatasetSpec`: the four standard IDX files, class names, image shape, label range, the
+payload sha256 of each file where known (sha256 of the decompressed file, independent of the gzip wrapper), and
+mirrors.  A new MNIST-like dataset is a new entry in :func:`registry`.
+
+Sources: MNIST page (LeCun, Cortes, Burges); Fashion-MNIST (Xiao, Rasul, Vollgraf, Zalando Research); KMNIST
+(Clanuwat et al., ROIS-DS CODH); EMNIST (Cohen, Afshar, Tapson, van Schaik, NIST).  Payload hashes of MNIST and
+Fashion-MNIST are the ones in shared/data/README.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from spark_mnist.errors import DatasetMismatchError, InputError
+
+SPLITS = ("train", "test")
+IMAGES, LABELS = "images", "labels"
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    """One IDX file of a dataset: its standard name and, where known, the sha256 of its decompressed payload."""
+
+    name: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """An MNIST-like dataset: uint8 images of ``image_shape`` with integer labels in ``[0, num_classes)``.
+
+    ``files[split][IMAGES|LABELS]`` names the gz IDX files; ``transposed`` marks images stored column-major
+    (EMNIST), which readers return upright; ``mirrors`` are base URLs tried in order by downloads.
+    """
+
+    name: str
+    files: Mapping[str, Mapping[str, DatasetFile]]
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int] = (28, 28)
+    split_sizes: Mapping[str, int] = field(default_factory=dict)
+    mirrors: tuple[str, ...] = ()
+    transposed: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def file(self, split: str, kind: str) -> DatasetFile:
+        """The :class:`DatasetFile` for ``split`` ('train'|'test') and ``kind`` ('images'|'labels')."""
+        if split not in self.files:
+            raise ValueError(f"Invalid split: {split!r}. Must be one of {', '.join(map(repr, self.files))}.")
+        return self.files[split][kind]
+
+    def all_files(self) -> list[DatasetFile]:
+        return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
+
+
+def _standard_files(prefix: str = "", hashes: Mapping[str, str] | None = None) -> dict[str, dict[str, DatasetFile]]:
+    hashes = hashes or {}
+    stems = {("train", IMAGES): "train-images-idx3-ubyte", ("train", LABELS): "train-labels-idx1-ubyte",
+             ("test", IMAGES): "t10k-images-idx3-ubyte", ("test", LABELS): "t10k-labels-idx1-ubyte"}
+    files: dict[str, dict[str, DatasetFile]] = {split: {} for split in SPLITS}
+    for (split, kind), stem in stems.items():
+        name = f"{prefix}{stem}.gz"
+        files[split][kind] = DatasetFile(name, hashes.get(stem))
+    return files
+
+
+def _emnist_files(split_name: str) -> dict[str, dict[str, DatasetFile]]:
+    return {split: {kind: DatasetFile(f"emnist-{split_name}-{split}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz")
+                    for kind in (IMAGES, LABELS)} for split in SPLITS}
+
+
+DIGITS = tuple(str(d) for d in range(10))
+LETTERS = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
+LOWER = tuple(chr(c) for c in range(ord("a"), ord("z") + 1))
+# EMNIST balanced/bymerge merge the lowercase letters that look like their uppercase (c i j k l m o p s u v w x y z).
+MERGED_LOWER = tuple(c for c in LOWER if c not in "cijklmopsuvwxyz")
+
+
+def registry() -> dict[str, DatasetSpec]:
+    """All known datasets by name.  Built on each call: no module-level mutable state."""
+    emnist_mirror = ("https://biometrics.nist.gov/cs_links/EMNIST/",)
+    specs = [
+        DatasetSpec(
+            name="mnist",
+            files=_standard_files(hashes={
+                "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+                "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            }),
+            classes=DIGITS,
+            split_sizes={"train": 60_000, "test": 10_000},
+            mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        ),
+        DatasetSpec(
+            name="fashion-mnist",
+            files=_standard_files(hashes={
+                "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+            }),
+            classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+            split_sizes={"train": 60_000, "test": 10_000},
+            mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        ),
+        DatasetSpec(
+            name="kmnist",
+            files=_standard_files(),
+            classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+            split_sizes={"train": 60_000, "test": 10_000},
+            mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        ),
+    ]
+    emnist = {
+        "balanced": (DIGITS + LETTERS + MERGED_LOWER, {"train": 112_800, "test": 18_800}),
+        "byclass": (DIGITS + LETTERS + LOWER, {"train": 697_932, "test": 116_323}),
+        "bymerge": (DIGITS + LETTERS + MERGED_LOWER, {"train": 697_932, "test": 116_323}),
+        "digits": (DIGITS, {"train": 240_000, "test": 40_000}),
+        # EMNIST letters labels run 1..26 (0 is unused, "N/A").
+        "letters": (("N/A",) + LETTERS, {"train": 124_800, "test": 20_800}),
+        "mnist": (DIGITS, {"train": 60_000, "test": 10_000}),
+    }
+    for split_name, (classes, sizes) in emnist.items():
+        specs.append(DatasetSpec(name=f"emnist-{split_name}", files=_emnist_files(split_name), classes=classes,
+                                 split_sizes=sizes, mirrors=emnist_mirror, transposed=True))
+    return {spec.name: spec for spec in specs}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The registry entry for ``name``.
+
+    Raises:
+        InputError: an unknown name (the message lists the known ones).
+    """
+    specs = registry()
+    if name not in specs:
+        raise InputError(f"Invalid dataset: {name!r}. Must be one of {', '.join(map(repr, specs))}.")
+    return specs[name]
+
+
+def validate_split(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray,
+                   images_name: str, labels_name: str) -> None:
+    """Check that ``images`` (N, H, W) uint8 and ``labels`` (N,) form one split of ``spec``.
+
+    Raises:
+        DatasetMismatchError: image shape other than the dataset's, a non-uint8 dtype, labels that are not 1-d,
+            images and labels of different counts, labels out of ``[0, num_classes)``.
+    """
+    if images.ndim != 3 or tuple(images.shape[1:]) != spec.image_shape:
+        raise DatasetMismatchError(
+            f"{images_name}: image shape {tuple(images.shape[1:]) if images.ndim == 3 else images.shape} "
+            f"is not {spec.name}'s: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
+        )
+    if images.dtype != np.uint8:
+        raise DatasetMismatchError(f"{images_name}: dtype {images.dtype}: expected uint8 pixels")
+    if labels.ndim != 1:
+        raise DatasetMismatchError(f"{labels_name}: labels of shape {labels.shape}: expected one dimension (N,)")
+    if labels.dtype != np.uint8:
+        raise DatasetMismatchError(f"{labels_name}: dtype {labels.dtype}: expected uint8 labels")
+    if len(images) != len(labels):
+        raise DatasetMismatchError(
+            f"{labels_name}: {len(labels)} labels for {len(images)} images in {images_name}: counts must match"
+        )
+    if len(labels) and int(labels.max()) >= spec.num_classes:
+        bad = int(np.argmax(labels >= spec.num_classes))
+        raise DatasetMismatchError(
+            f"{labels_name}: label {int(labels[bad])} at index {bad} is out of {spec.name}'s range "
+            f"0..{spec.num_classes - 1}"
+        )
+
+
+def upright(spec: DatasetSpec, images: np.ndarray) -> np.ndarray:
+    """Images of shape (N, H, W) as they should be viewed: EMNIST's column-major images are transposed back."""
+    return np.ascontiguousarray(images.transpose(0, 2, 1)) if spec.transposed else images

@@ -1,0 +1,311 @@
+"""IDX files: read and write, gzip-compressed or plain.  Pure numpy, no Spark.
+
+The format follows the spec on the MNIST page (LeCun, Cortes, Burges, "THE MNIST DATABASE of handwritten digits",
+section "FILE FORMATS FOR THE MNIST DATABASE")::
+
+    magic number   4 bytes: 0x00 0x00 <dtype code> <number of dimensions>
+    dimensions     one big-endian uint32 per dimension
+    data           prod(dimensions) items of the dtype, big-endian, C order
+
+dtype codes: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64.
+
+The reader streams: it never decompresses more than the header-declared payload plus one byte, so a gzip bomb or a
+header that lies costs no more memory or time than a valid file of the declared size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Union
+
+import numpy as np
+
+from spark_mnist.errors import IdxFormatError
+
+GZIP_MAGIC = b"\x1f\x8b"
+MAGIC_ZERO_BYTES = b"\x00\x00"
+MAGIC_BYTES = 4
+DIM_BYTES = 4
+MAX_DIMENSIONS = 16
+# A single IDX payload larger than this is treated as a lying header rather than data (64 GiB).
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 2**30
+READ_CHUNK_BYTES = 4 * 2**20
+
+# dtype code -> big-endian numpy dtype, from the IDX spec.
+DTYPE_BY_CODE: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+CODE_BY_KIND = {(dt.kind, dt.itemsize): code for code, dt in DTYPE_BY_CODE.items()}
+
+Source = Union[bytes, bytearray, memoryview, str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class IdxHeader:
+    """The header of an IDX file: element dtype (big-endian, as stored) and shape."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def header_bytes(self) -> int:
+        """Size of the magic number plus dimensions, in bytes."""
+        return MAGIC_BYTES + DIM_BYTES * len(self.shape)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Size of the data section, in bytes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def encode(self) -> bytes:
+        """The header as stored in the file."""
+        code = CODE_BY_KIND[(self.dtype.kind, self.dtype.itemsize)]
+        return bytes([0, 0, code, len(self.shape)]) + struct.pack(f">{len(self.shape)}I", *self.shape)
+
+
+@dataclass(frozen=True)
+class ParsedIdx:
+    """An IDX file read into memory.
+
+    ``array`` is native-endian with the header's shape; ``sha256`` is the hex digest of the decompressed file
+    (header and data, the "payload" of published checksums); ``payload_bytes`` its size in bytes.
+    """
+
+    array: np.ndarray
+    sha256: str
+    payload_bytes: int
+
+
+
+def _open_stream(raw: BinaryIO, name: str) -> BinaryIO:
+    """Wrap ``raw`` in a gzip reader when it starts with the gzip magic; raise on empty or non-IDX content."""
+    head = raw.read(2)
+    raw.seek(0)
+    if not head:
+        raise IdxFormatError(f"{name}: empty file (0 bytes); expected a gzip-compressed or plain IDX file")
+    if head == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return raw
+
+
+def _looks_like_text(data: bytes) -> str | None:
+    stripped = data.lstrip().lower()
+    if stripped.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in stripped[:256]:
+        return "an HTML page (a mirror's error or login page saved under the file's name?)"
+    if stripped[:1] in (b"<", b"{", b"["):
+        return "text, not binary IDX data"
+    return None
+
+
+def read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> IdxHeader:
+    """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed).
+
+    Raises:
+        IdxFormatError: wrong magic number, unknown dtype code, zero or absurd dimensions, or a header cut short.
+    """
+    magic = _read_exact(stream, MAGIC_BYTES, name, "the 4-byte magic number")
+    if magic[:2] != MAGIC_ZERO_BYTES:
+        kind = _looks_like_text(magic + _peek(stream, 252))
+        found = f"found {magic.hex(' ')}" + (f", which looks like {kind}" if kind else "")
+        raise IdxFormatError(f"{name}: wrong magic number: expected 00 00 <dtype code> <ndim>, {found}")
+    code, ndim = magic[2], magic[3]
+    if code not in DTYPE_BY_CODE:
+        known = ", ".join(f"0x{c:02X}" for c in DTYPE_BY_CODE)
+        raise IdxFormatError(f"{name}: unknown IDX dtype code 0x{code:02X}: expected one of {known}")
+    if not 1 <= ndim <= MAX_DIMENSIONS:
+        raise IdxFormatError(f"{name}: absurd number of dimensions {ndim}: expected 1 to {MAX_DIMENSIONS}")
+    dims = struct.unpack(f">{ndim}I", _read_exact(stream, DIM_BYTES * ndim, name, f"{ndim} dimension sizes"))
+    if 0 in dims:
+        raise IdxFormatError(f"{name}: zero dimension in shape {dims}: every dimension must be at least 1")
+    header = IdxHeader(DTYPE_BY_CODE[code], tuple(int(d) for d in dims))
+    if header.payload_bytes > max_payload_bytes:
+        raise IdxFormatError(
+            f"{name}: absurd dimensions {header.shape}: they declare {header.payload_bytes} bytes of data, "
+            f"more than the limit of {max_payload_bytes} bytes"
+        )
+    return header
+
+
+def _peek(stream: BinaryIO, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except (OSError, EOFError, zlib.error):
+        return b""
+
+
+def _read_exact(stream: BinaryIO, size: int, name: str, what: str) -> bytes:
+    data = _guarded_read(stream, size, name)
+    if len(data) != size:
+        raise IdxFormatError(f"{name}: truncated: expected {what} ({size} bytes), found {len(data)} bytes")
+    return data
+
+
+def _guarded_read(stream: BinaryIO, size: int, name: str) -> bytes:
+    try:
+        return stream.read(size)
+    except (OSError, EOFError, zlib.error) as e:
+        raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
+
+
+def _readinto(stream: BinaryIO, view: memoryview, name: str) -> int:
+    try:
+        return stream.readinto(view)  # type: ignore[attr-defined]
+    except (OSError, EOFError, zlib.error) as e:
+        raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
+
+
+def _check_end(stream: BinaryIO, name: str, header: IdxHeader) -> None:
+    extra = _guarded_read(stream, 1, name)
+    if extra:
+        raise IdxFormatError(
+            f"{name}: trailing bytes after the {header.payload_bytes} data bytes that shape {header.shape} declares"
+        )
+
+
+def _as_stream(source: Source) -> tuple[BinaryIO, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source)), "<bytes>"
+    path = Path(source)
+    try:
+        return open(path, "rb"), str(path)
+    except FileNotFoundError as e:
+        raise IdxFormatError(f"{path}: file not found") from e
+
+
+def parse_idx(source: Source, name: str | None = None, *,
+              max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> ParsedIdx:
+    """Parse one IDX file, gzip-compressed or plain, into a native-endian numpy array.
+
+    Args:
+        source: the file's bytes (as read by Spark's ``binaryFile`` source) or a local path.
+        name: how errors name the file; defaults to the path.
+        max_payload_bytes: headers declaring more data than this are rejected before anything is decompressed.
+
+    Returns:
+        :class:`ParsedIdx` with the array (shape from the header, dtype per the header's dtype code, native byte
+        order), the sha256 of the decompressed payload and its size in bytes.
+
+    Raises:
+        IdxFormatError: empty file, non-IDX content (e.g. an HTML page), wrong magic number, unknown dtype code, zero
+            or absurd dimensions, truncated payload, trailing bytes, corrupt or truncated gzip stream.
+    """
+    raw, default_name = _as_stream(source)
+    name = name or default_name
+    with raw:
+        stream = _open_stream(raw, name)
+        with stream:
+            header = read_header(stream, name, max_payload_bytes=max_payload_bytes)
+            buffer = np.empty(header.payload_bytes, dtype=np.uint8)
+            view = memoryview(buffer)
+            filled = 0
+            while filled < header.payload_bytes:
+                got = _readinto(stream, view[filled:filled + READ_CHUNK_BYTES], name)
+                if not got:
+                    raise IdxFormatError(
+                        f"{name}: truncated payload: shape {header.shape} of {header.dtype.name} declares "
+                        f"{header.payload_bytes} data bytes, found {filled}"
+                    )
+                filled += got
+            _check_end(stream, name, header)
+    digest = hashlib.sha256(header.encode(), usedforsecurity=False)
+    digest.update(view)
+    array = buffer.view(header.dtype).reshape(header.shape)
+    if header.dtype.itemsize > 1:
+        array = array.byteswap().view(header.dtype.newbyteorder("="))
+    else:
+        array = array.view(header.dtype.newbyteorder("="))
+    return ParsedIdx(array, digest.hexdigest(), header.header_bytes + header.payload_bytes)
+
+
+def read_idx(source: Source, name: str | None = None, **kwargs) -> np.ndarray:
+    """The array of :func:`parse_idx` alone.  Same arguments, errors and spec."""
+    return parse_idx(source, name, **kwargs).array
+
+
+def iter_idx_chunks(source: Source, rows_per_chunk: int, name: str | None = None, *,
+                    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Iterator[np.ndarray]:
+    """Stream an IDX file as consecutive native-endian arrays of at most ``rows_per_chunk`` rows (first dimension).
+
+    Memory stays bounded by one chunk, so files larger than the driver's memory can be ingested.  The file's
+    structure (trailing bytes, gzip CRC) is checked when the last chunk has been read.
+
+    Raises:
+        IdxFormatError: as :func:`parse_idx`; a truncated payload is reported when the stream ends early.
+        ValueError: ``rows_per_chunk`` below 1.
+    """
+    if rows_per_chunk < 1:
+        raise ValueError(f"Invalid rows_per_chunk: {rows_per_chunk!r}. Must be at least 1.")
+    raw, default_name = _as_stream(source)
+    name = name or default_name
+    with raw:
+        stream = _open_stream(raw, name)
+        with stream:
+            header = read_header(stream, name, max_payload_bytes=max_payload_bytes)
+            row_shape = header.shape[1:]
+            row_bytes = int(np.prod(row_shape, dtype=np.int64)) * header.dtype.itemsize
+            native = header.dtype.newbyteorder("=")
+            for start in range(0, header.shape[0], rows_per_chunk):
+                rows = min(rows_per_chunk, header.shape[0] - start)
+                buffer = np.empty(rows * row_bytes, dtype=np.uint8)
+                view = memoryview(buffer)
+                filled = 0
+                while filled < len(buffer):
+                    got = _readinto(stream, view[filled:filled + READ_CHUNK_BYTES], name)
+                    if not got:
+                        raise IdxFormatError(
+                            f"{name}: truncated payload: shape {header.shape} declares {header.payload_bytes} "
+                            f"data bytes, found {start * row_bytes + filled}"
+                        )
+                    filled += got
+                chunk = buffer.view(header.dtype).reshape((rows, *row_shape))
+                yield chunk.byteswap().view(native) if header.dtype.itemsize > 1 else chunk.view(native)
+            _check_end(stream, name, header)
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """The IDX encoding (uncompressed) of ``array``: header then big-endian data.
+
+    Raises:
+        ValueError: a dtype the IDX spec has no code for, or a 0-d array.
+    """
+    array = np.asarray(array)
+    key = (array.dtype.kind, array.dtype.itemsize)
+    if key not in CODE_BY_KIND:
+        raise ValueError(f"Invalid dtype: {array.dtype}. IDX stores uint8, int8, int16, int32, float32, float64.")
+    if array.ndim == 0:
+        raise ValueError("Invalid array: 0-d. IDX needs at least one dimension.")
+    header = IdxHeader(DTYPE_BY_CODE[CODE_BY_KIND[key]], array.shape)
+    return header.encode() + np.ascontiguousarray(array, dtype=header.dtype).tobytes()
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | None = None) -> Path:
+    """Write ``array`` as an IDX file, gzip-compressed when ``compress`` is true or the name ends in ``.gz``.
+
+    The file appears under its final name only when complete (written to a temporary name, then renamed).
+
+    Returns:
+        The path written.
+    Raises:
+        ValueError: as :func:`encode_idx`.
+    """
+    path = Path(path)
+    compress = path.suffix == ".gz" if compress is None else compress
+    data = encode_idx(array)
+    if compress:
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,113 @@
+"""Driver-side wiring: the SparkSession, petastorm's Spark dataset converter and ``TorchDistributor``.
+
+Nothing here runs in the ranks: :func:`train` materialises the ingested splits through petastorm's converter
+(``make_spark_converter``), hands the converter's Parquet files to :func:`spark_mnist.train.train_worker` and
+launches it with ``TorchDistributor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from importlib import resources
+from typing import Any, Iterator
+
+from spark_mnist import contract
+from spark_mnist.config import Settings, SparkSettings
+from spark_mnist.errors import InputError
+from spark_mnist.storage import normalize_uri
+
+log = logging.getLogger(__name__)
+
+PETASTORM_CACHE_CONF = "petastorm.spark.converter.parentCacheDirUrl"
+LOCAL_SPARK_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.driver.memory": "4g",
+    "spark.sql.shuffle.partitions": "4",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+
+
+@contextlib.contextmanager
+def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator["SparkSession"]:  # noqa: F821
+    """A SparkSession for the CLI and jobs.
+
+    With ``master`` set (local mode), starts one with quiet logging and this interpreter as the Python of the
+    workers, and stops it on exit.  With ``master: null`` (Databricks), uses the active session and leaves it
+    running.
+    """
+    from pyspark.sql import SparkSession
+
+    if settings.master is None:
+        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+        yield spark
+        return
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
+    conf = {**LOCAL_SPARK_CONF, **settings.conf}
+    if not verbose:
+        log4j = resources.files("spark_mnist").joinpath("log4j2.properties")
+        java_opts = f"-Dlog4j2.configurationFile={log4j}"
+        conf["spark.driver.extraJavaOptions"] = " ".join(filter(None, [conf.get("spark.driver.extraJavaOptions"),
+                                                                       java_opts]))
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def _dataset_manifest(data: str) -> tuple[str, dict[str, Any]]:
+    location = normalize_uri(data)
+    if location.local_path is None:
+        raise InputError(f"{data}: training reads the dataset's manifest from a local or FUSE path "
+                         f"(/dbfs/..., /Volumes/...); this URI has none")
+    return location.uri, contract.load_manifest(location.local_path)
+
+
+def train(spark, settings: Settings) -> dict[str, Any]:
+    """Train on the dataset ingested at ``settings.data_dir`` with ``TorchDistributor``; driver-side.
+
+    Returns:
+        Rank 0's metrics (see :func:`spark_mnist.train.train_worker`), plus ``dataset``.
+    Raises:
+        DatasetNotFoundError: no complete dataset at the data directory.
+        RuntimeError: a rank failed; the message holds its command, return code and the tail of its output.
+    """
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from spark_mnist.train import TrainJob, job_summary, train_worker
+
+    t = settings.train
+    data_uri, manifest = _dataset_manifest(settings.data_dir)
+    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, t.petastorm_cache_url)
+    converters = {split: make_spark_converter(spark.read.parquet(f"{data_uri}/{split}"),
+                                              parquet_row_group_size_bytes=t.petastorm_row_group_bytes)
+                  for split in ("train", "test")}
+    try:
+        job = TrainJob(
+            train_files=list(converters["train"].file_urls), test_files=list(converters["test"].file_urls),
+            dataset=manifest["dataset"], run_dir=os.path.abspath(t.run_dir) if normalize_uri(t.run_dir).kind ==
+            "local" else normalize_uri(t.run_dir).local_path, num_classes=len(manifest["classes"]),
+            image_shape=tuple(manifest["image_shape"]), epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+            seed=t.seed, use_gpu=t.use_gpu, bf16=t.bf16, resume=t.resume,
+            checkpoint_every_steps=t.checkpoint_every_steps, loader=t.loader,
+            memory_budget_bytes=t.memory_budget_mb * 2**20, reader_threads=t.reader_threads,
+            threads_per_rank=t.threads_per_rank,
+            train_converter=converters["train"] if t.loader == "petastorm" else None)
+        log.info("training %s", job_summary(job))
+        distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
+        metrics = distributor.run(train_worker, job)
+    finally:
+        for converter in converters.values():
+            with contextlib.suppress(Exception):
+                converter.delete()
+    return {"dataset": manifest["dataset"], **metrics}

@@ -1,0 +1,379 @@
+"""Per-rank loading: Parquet shards -> uint8 ``torch.Tensor`` batches, with exact DDP sharding.
+
+Runs on every rank (inside ``TorchDistributor``); never touches Spark.  Two loaders honour the same contract:
+
+* :class:`ShardLoader` (ours, the default) reads the Parquet files (petastorm's converter cache or ingest's shards)
+  with pyarrow, decodes whole row groups at once from the binary column's contiguous buffer, and keeps the rank's
+  decoded shard in memory when it fits ``memory_budget_bytes`` (later epochs are then pure tensor indexing);
+  past the budget it streams row groups every epoch.
+* :func:`petastorm_batches` wraps petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
+
+Exact sharding (:func:`rank_rows`, :func:`steps_per_epoch`): the files' rows, in a fixed global order, are cut into
+``world_size`` contiguous ranges whose sizes differ by at most one; every rank runs ``(N // world_size) //
+batch_size`` steps per epoch.  The remainder that does not fill a step on every rank is **dropped**, a different
+part of it each epoch because each rank reshuffles its range every epoch; it is smaller than
+``world_size * batch_size`` rows.  Evaluation (``drop_remainder=False``) yields every row once, with a last short
+batch per rank.
+
+Order: given ``seed`` and the epoch, the order is reproducible, reshuffled every epoch, and independent of the
+number of reader threads (row groups are decoded in parallel but consumed in plan order).  ``start_step`` skips the
+first steps of an epoch, so a resumed run sees exactly the samples the interrupted one had not yet seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from spark_mnist import contract
+from spark_mnist.errors import DatasetMismatchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30
+DEFAULT_READER_THREADS = 2
+# Row groups shuffled together when streaming: more mixes better, costs memory.
+STREAM_SHUFFLE_ROW_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group in the global row order: file ``path``, its ``row_group`` number, global row
+    ``start`` and ``rows``."""
+
+    path: str
+    row_group: int
+    start: int
+    rows: int
+
+
+def local_path(url: str) -> str:
+    """A path pyarrow can open from a petastorm/Spark file URL: ``file:///x`` -> ``/x``, ``dbfs:/x`` -> ``/dbfs/x``."""
+    if url.startswith("file:"):
+        return "/" + url[len("file:"):].lstrip("/")
+    if url.startswith("dbfs:"):
+        return "/dbfs/" + url[len("dbfs:"):].lstrip("/")
+    return url
+
+
+def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
+    """Every row group of ``paths`` (sorted, so every rank computes the same plan) with its global row offset."""
+    import pyarrow.parquet as pq
+
+    plan, start = [], 0
+    for path in sorted(local_path(p) for p in paths):
+        metadata = pq.ParquetFile(path).metadata
+        for i in range(metadata.num_row_groups):
+            rows = metadata.row_group(i).num_rows
+            if rows:
+                plan.append(RowGroup(path, i, start, rows))
+                start += rows
+    return plan
+
+
+def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The global row range ``[lo, hi)`` of ``rank``: contiguous, sizes differ by at most one across ranks.
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, world_size)``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"Invalid rank: {rank!r} of world size {world_size!r}. Must be 0 <= rank < world_size.")
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
+    """Steps every rank runs per training epoch: ``(total // world_size) // batch_size``.
+
+    The rows left over, ``total - steps * batch_size * world_size``, are fewer than ``world_size * batch_size``.
+    """
+    return (total // world_size) // batch_size
+
+
+def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray:
+    """Decode a binary Arrow column of fixed-size rows into a (n, row_bytes) uint8 array, without a per-row loop:
+    the column's values buffer is already the rows back to back.
+
+    Raises:
+        DatasetMismatchError: a null or a row whose length is not ``row_bytes``.
+    """
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        if chunk.null_count:
+            raise DatasetMismatchError(f"{path}: {chunk.null_count} null images in column {contract.IMAGE!r}")
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset:chunk.offset + n + 1]
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        if hi - lo != n * row_bytes or (n > 1 and not np.all(np.diff(offsets) == row_bytes)):
+            raise DatasetMismatchError(f"{path}: images are not all {row_bytes} bytes (the contract's H*W)")
+        parts.append(np.frombuffer(data_buf, dtype=np.uint8)[lo:hi].reshape(n, row_bytes))
+    if not parts:
+        return np.empty((0, row_bytes), dtype=np.uint8)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
+    groups = [g for g in plan if g.start < hi and g.start + g.rows > lo]
+    index = np.empty(hi - lo, dtype=np.int64)
+    images = np.empty((hi - lo, row_bytes), dtype=np.uint8)
+    labels = np.empty(hi - lo, dtype=np.int64)
+    for group, (gi, gx, gy) in zip(groups, _decode_groups(groups, row_bytes, threads)):
+        a, b = max(lo, group.start), min(hi, group.start + group.rows)
+        src = slice(a - group.start, b - group.start)
+        dst = slice(a - lo, b - lo)
+        index[dst], images[dst], labels[dst] = gi[src], gx[src], gy[src]
+    return index, images, labels
+
+
+def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(group.path) as f:
+        table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
+    index = table.column(contract.INDEX).to_numpy().astype(np.int64, copy=False)
+    labels = table.column(contract.LABEL).to_numpy().astype(np.int64)
+    return index, decode_images(table.column(contract.IMAGE), row_bytes, group.path), labels
+
+
+def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
+    """Decode ``groups`` with ``threads`` readers, yielding results in ``groups`` order (so order never depends on
+    the thread count)."""
+    if threads <= 1 or len(groups) <= 1:
+        for g in groups:
+            yield _decode_group(g, row_bytes)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-reader") as pool:
+        yield from pool.map(lambda g: _decode_group(g, row_bytes), groups)
+
+
+def epoch_generator(seed: int, epoch: int, rank: int):
+    """The torch generator that orders ``rank``'s samples in ``epoch``."""
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + epoch) * 4_099 + rank)
+    return generator
+
+
+class ShardLoader:
+    """Batches of one rank's exact share of a split, as uint8 tensors.
+
+    Each iteration yields ``(images, labels)``: ``images`` uint8 of shape (B, 1, H, W) (pinned host memory when
+    ``pin_memory``), ``labels`` int64 of shape (B,).  Scaling to float happens on the training device, after the
+    copy (see :func:`spark_mnist.model.normalize`).
+
+    Args:
+        paths: the split's Parquet files (local paths or ``file:``/``dbfs:`` URLs), e.g. ``converter.file_urls``.
+        rank, world_size: this rank and the number of ranks (``RANK``, ``WORLD_SIZE``).
+        batch_size: samples per step, per rank.
+        image_shape: (H, W) of the contract's image column.
+        seed: orders every epoch; combined with epoch and rank.
+        shuffle: reshuffle each epoch (training); ``False`` keeps file order (evaluation).
+        drop_remainder: ``True`` for training (every rank the same number of full steps), ``False`` yields every
+            row of the rank's range.
+        memory_budget_bytes: keep the decoded shard in memory when it fits, else stream every epoch.
+        reader_threads: row groups decoded in parallel.
+        pin_memory: return batches in pinned host memory, for ``non_blocking`` copies to a GPU.
+
+    Where it runs: on every rank.  Use it as a context manager; ``close`` releases the in-memory shard.
+    """
+
+    def __init__(self, paths: Sequence[str], *, rank: int, world_size: int, batch_size: int,
+                 image_shape: tuple[int, int] = (28, 28), seed: int = 0, shuffle: bool = True,
+                 drop_remainder: bool = True, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+                 reader_threads: int = DEFAULT_READER_THREADS, pin_memory: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size!r}. Must be at least 1.")
+        self.plan = plan_row_groups(paths)
+        self.total_rows = self.plan[-1].start + self.plan[-1].rows if self.plan else 0
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.lo, self.hi = rank_rows(self.total_rows, rank, world_size)
+        self.image_shape = tuple(image_shape)
+        self.row_bytes = int(np.prod(self.image_shape))
+        self.seed, self.shuffle, self.drop_remainder = seed, shuffle, drop_remainder
+        self.reader_threads, self.pin_memory = reader_threads, pin_memory
+        self.in_memory = (self.hi - self.lo) * (self.row_bytes + 16) <= memory_budget_bytes
+        self.epoch, self.start_step = 0, 0
+        self._cache = None
+
+    @property
+    def rows(self) -> int:
+        """Rows in this rank's range."""
+        return self.hi - self.lo
+
+    def __len__(self) -> int:
+        """Steps in the current epoch (from ``start_step`` on)."""
+        return self.steps_total - self.start_step
+
+    @property
+    def steps_total(self) -> int:
+        """Steps in a whole epoch: equal on every rank when ``drop_remainder``."""
+        if self.drop_remainder:
+            return steps_per_epoch(self.total_rows, self.world_size, self.batch_size)
+        return -(-self.rows // self.batch_size)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank yields in a whole epoch."""
+        return self.steps_total * self.batch_size if self.drop_remainder else self.rows
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch (its order) and the step to start from (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps_total:
+            raise ValueError(f"Invalid start_step: {start_step!r}. Must be in 0..{self.steps_total}.")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __enter__(self) -> "ShardLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._cache = None
+
+    def _order(self) -> "torch.Tensor":  # noqa: F821
+        import torch
+
+        if self.shuffle:
+            return torch.randperm(self.rows, generator=epoch_generator(self.seed, self.epoch, self.rank))
+        return torch.arange(self.rows)
+
+    def _load(self):
+        import torch
+
+        if self._cache is None:
+            index, images, labels = read_rows(self.plan, self.lo, self.hi, self.row_bytes, self.reader_threads)
+            images_t = torch.from_numpy(images).view(-1, 1, *self.image_shape)
+            if self.pin_memory:
+                images_t = images_t.pin_memory()
+            self._cache = (torch.from_numpy(index), images_t, torch.from_numpy(labels))
+        return self._cache
+
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+        for _, images, labels in self.iter_with_index():
+            yield images, labels
+
+    def iter_with_index(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+        """Like iteration, with the ``index`` column (int64, (B,)) first: which source rows each batch holds."""
+        used = self.samples_per_epoch
+        start = self.start_step * self.batch_size
+        if self.in_memory:
+            yield from self._batches_from_memory(self._order(), start, used)
+        else:
+            yield from self._batches_streamed(start, used)
+
+    def _gather(self, tensors, positions):
+        import torch
+
+        index, images, labels = tensors
+        out = torch.empty((len(positions), 1, *self.image_shape), dtype=torch.uint8, pin_memory=self.pin_memory)
+        torch.index_select(images, 0, positions, out=out)
+        return index[positions], out, labels[positions]
+
+    def _batches_from_memory(self, order, start: int, used: int):
+        tensors = self._load()
+        for lo in range(start, used, self.batch_size):
+            yield self._gather(tensors, order[lo:min(used, lo + self.batch_size)])
+
+    def _batches_streamed(self, start: int, used: int):
+        """Stream the rank's range: its row-group pieces in a seeded order, shuffled within windows of
+        :data:`STREAM_SHUFFLE_ROW_GROUPS` pieces, cut into batches across window boundaries."""
+        import torch
+
+        pieces = [(g, max(self.lo, g.start), min(self.hi, g.start + g.rows))
+                  for g in self.plan if g.start < self.hi and g.start + g.rows > self.lo]
+        if self.shuffle:
+            generator = epoch_generator(self.seed, self.epoch, self.rank)
+            pieces = [pieces[i] for i in torch.randperm(len(pieces), generator=generator).tolist()]
+        carry, position = None, 0
+        for w, w_lo in enumerate(range(0, len(pieces), STREAM_SHUFFLE_ROW_GROUPS)):
+            window = pieces[w_lo:w_lo + STREAM_SHUFFLE_ROW_GROUPS]
+            w_start = position
+            position += sum(b - a for _, a, b in window)
+            if position <= start:
+                continue  # resuming: this window was consumed before the interruption
+            if w_start >= used:
+                break
+            tensors = self._decode_pieces(window)
+            rows = position - w_start
+            inner = (torch.randperm(rows, generator=epoch_generator(self.seed, self.epoch, self.rank * 65_537 + w + 1))
+                     if self.shuffle else torch.arange(rows))
+            keep = inner[max(start, w_start) - w_start:min(used, position) - w_start]
+            part = self._gather(tensors, keep)
+            if carry is not None:
+                part = tuple(torch.cat([c, p]) for c, p in zip(carry, part))
+            full = len(part[0]) - len(part[0]) % self.batch_size
+            for lo in range(0, full, self.batch_size):
+                yield tuple(t[lo:lo + self.batch_size] for t in part)
+            carry = tuple(t[full:] for t in part) if full < len(part[0]) else None
+        if carry is not None:
+            yield carry
+
+    def _decode_pieces(self, pieces):
+        """Decode ``(row group, lo, hi)`` pieces into concatenated (index, images (n,1,H,W), labels) tensors."""
+        import torch
+
+        groups = [g for g, _, _ in pieces]
+        parts = [(gi[a - g.start:b - g.start], gx[a - g.start:b - g.start], gy[a - g.start:b - g.start])
+                 for (g, a, b), (gi, gx, gy) in zip(pieces, _decode_groups(groups, self.row_bytes,
+                                                                          self.reader_threads))]
+        index, images, labels = (np.concatenate(column) for column in zip(*parts))
+        return (torch.from_numpy(index), torch.from_numpy(images).view(-1, 1, *self.image_shape),
+                torch.from_numpy(labels))
+
+
+def petastorm_batches(converter, *, rank: int, world_size: int, batch_size: int, steps: int,
+                      image_shape: tuple[int, int] = (28, 28), batched: bool = False, workers: int = 2
+                      ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+    """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
+
+    petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``
+    (endless) and this stops after ``steps``, so every rank still runs the same number of steps (the common
+    Databricks pattern).  Yields the same shapes and dtypes as :class:`ShardLoader`.  ``batched`` selects petastorm's
+    ``BatchedDataLoader`` (``data_loader_fn``).
+    """
+    import torch
+    from petastorm import TransformSpec
+    from petastorm.pytorch import BatchedDataLoader, DataLoader
+
+    row_bytes = int(np.prod(image_shape))
+
+    def to_arrays(frame):
+        pixels = decode_images_from_objects(frame[contract.IMAGE].to_numpy(), row_bytes)
+        frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
+        return frame
+
+    spec = TransformSpec(to_arrays, edit_fields=[(contract.IMAGE, np.uint8, (1, *image_shape), False)],
+                         selected_fields=[contract.IMAGE, contract.LABEL])
+    with converter.make_torch_dataloader(batch_size=batch_size, num_epochs=None, cur_shard=rank,
+                                         shard_count=world_size, transform_spec=spec, workers_count=workers,
+                                         data_loader_fn=BatchedDataLoader if batched else DataLoader) as loader:
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            yield batch[contract.IMAGE].to(torch.uint8), batch[contract.LABEL].to(torch.int64)
+
+
+def decode_images_from_objects(values: np.ndarray, row_bytes: int) -> np.ndarray:
+    """(n,) object array of ``bytes`` -> (n, row_bytes) uint8, in one join."""
+    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), row_bytes)
+
+
+def worker_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the environment ``torchrun``/``TorchDistributor`` sets."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
