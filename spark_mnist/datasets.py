@@ -54,6 +54,8 @@ class DatasetSpec:
         """The :class:`DatasetFile` for ``split`` ('train'|'test') and ``kind`` ('images'|'labels')."""
         if split not in self.files:
             raise ValueError(f"Invalid split: {split!r}. Must be one of {', '.join(map(repr, self.files))}.")
+        if kind not in self.files[split]:
+            raise ValueError(f"Invalid kind: {kind!r}. Must be one of {', '.join(map(repr, self.files[split]))}.")
         return self.files[split][kind]
 
     def all_files(self) -> list[DatasetFile]:

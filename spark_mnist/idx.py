@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import struct
 import zlib
@@ -67,7 +68,8 @@ class IdxHeader:
     @property
     def payload_bytes(self) -> int:
         """Size of the data section, in bytes."""
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        # Python ints: numpy's int64 product silently wraps for absurd headers (e.g. three dimensions of 2**32 - 1).
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def encode(self) -> bytes:
         """The header as stored in the file."""
@@ -166,11 +168,39 @@ def _readinto(stream: BinaryIO, view: memoryview, name: str) -> int:
         raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
 
 
+def _allocate(nbytes: int, name: str, header: IdxHeader) -> np.ndarray:
+    """An uninitialised uint8 buffer; a header declaring more than the machine can allocate is an input error."""
+    try:
+        return np.empty(nbytes, dtype=np.uint8)
+    except MemoryError as e:
+        raise IdxFormatError(
+            f"{name}: shape {header.shape} of {header.dtype.name} declares {header.payload_bytes} data bytes, "
+            f"more than this machine can allocate ({nbytes} bytes needed); a lying header or a file too large"
+        ) from e
+
+
+def _plain_bytes_left(stream: BinaryIO) -> int | None:
+    """Bytes left in an uncompressed, seekable ``stream``; None for gzip streams (size unknown until read)."""
+    if isinstance(stream, gzip.GzipFile):
+        return None
+    try:
+        here = stream.tell()
+        end = stream.seek(0, io.SEEK_END)
+        stream.seek(here)
+    except (OSError, ValueError):
+        return None
+    return end - here
+
+
 def _check_end(stream: BinaryIO, name: str, header: IdxHeader) -> None:
     extra = _guarded_read(stream, 1, name)
     if extra:
+        # Reading on to tell these apart would mean decompressing what a gzip bomb holds; say what it can be instead.
+        why = (" (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
+               if isinstance(stream, gzip.GzipFile) else "")
         raise IdxFormatError(
             f"{name}: trailing bytes after the {header.payload_bytes} data bytes that shape {header.shape} declares"
+            + why
         )
 
 
@@ -182,6 +212,8 @@ def _as_stream(source: Source) -> tuple[BinaryIO, str]:
         return open(path, "rb"), str(path)
     except FileNotFoundError as e:
         raise IdxFormatError(f"{path}: file not found") from e
+    except OSError as e:  # a directory, no permission, ...
+        raise IdxFormatError(f"{path}: cannot open: {e.strerror or e}") from e
 
 
 def parse_idx(source: Source, name: str | None = None, *,
@@ -207,7 +239,14 @@ def parse_idx(source: Source, name: str | None = None, *,
         stream = _open_stream(raw, name)
         with stream:
             header = read_header(stream, name, max_payload_bytes=max_payload_bytes)
-            buffer = np.empty(header.payload_bytes, dtype=np.uint8)
+            left = _plain_bytes_left(stream)
+            if left is not None and left < header.payload_bytes:
+                # Uncompressed input: the size is known, so a lying header fails before any allocation.
+                raise IdxFormatError(
+                    f"{name}: truncated payload: shape {header.shape} of {header.dtype.name} declares "
+                    f"{header.payload_bytes} data bytes, found {left}"
+                )
+            buffer = _allocate(header.payload_bytes, name, header)
             view = memoryview(buffer)
             filled = 0
             while filled < header.payload_bytes:
@@ -221,11 +260,9 @@ def parse_idx(source: Source, name: str | None = None, *,
             _check_end(stream, name, header)
     digest = hashlib.sha256(header.encode(), usedforsecurity=False)
     digest.update(view)
-    array = buffer.view(header.dtype).reshape(header.shape)
-    if header.dtype.itemsize > 1:
-        array = array.byteswap().view(header.dtype.newbyteorder("="))
-    else:
-        array = array.view(header.dtype.newbyteorder("="))
+    # astype converts big-endian to native on any platform (byteswap + view would be wrong on big-endian hosts);
+    # for one-byte dtypes it is a view, no copy.
+    array = buffer.view(header.dtype).reshape(header.shape).astype(header.dtype.newbyteorder("="), copy=False)
     return ParsedIdx(array, digest.hexdigest(), header.header_bytes + header.payload_bytes)
 
 
@@ -254,11 +291,11 @@ def iter_idx_chunks(source: Source, rows_per_chunk: int, name: str | None = None
         with stream:
             header = read_header(stream, name, max_payload_bytes=max_payload_bytes)
             row_shape = header.shape[1:]
-            row_bytes = int(np.prod(row_shape, dtype=np.int64)) * header.dtype.itemsize
+            row_bytes = math.prod(row_shape) * header.dtype.itemsize
             native = header.dtype.newbyteorder("=")
             for start in range(0, header.shape[0], rows_per_chunk):
                 rows = min(rows_per_chunk, header.shape[0] - start)
-                buffer = np.empty(rows * row_bytes, dtype=np.uint8)
+                buffer = _allocate(rows * row_bytes, name, header)
                 view = memoryview(buffer)
                 filled = 0
                 while filled < len(buffer):
@@ -270,7 +307,7 @@ def iter_idx_chunks(source: Source, rows_per_chunk: int, name: str | None = None
                         )
                     filled += got
                 chunk = buffer.view(header.dtype).reshape((rows, *row_shape))
-                yield chunk.byteswap().view(native) if header.dtype.itemsize > 1 else chunk.view(native)
+                yield chunk.astype(native, copy=False)
             _check_end(stream, name, header)
 
 
@@ -278,7 +315,8 @@ def encode_idx(array: np.ndarray) -> bytes:
     """The IDX encoding (uncompressed) of ``array``: header then big-endian data.
 
     Raises:
-        ValueError: a dtype the IDX spec has no code for, or a 0-d array.
+        ValueError: a dtype the IDX spec has no code for, or a shape :func:`parse_idx` would reject (0-d, more than
+            16 dimensions, a zero dimension, a dimension over 2**32 - 1).
     """
     array = np.asarray(array)
     key = (array.dtype.kind, array.dtype.itemsize)
@@ -286,6 +324,10 @@ def encode_idx(array: np.ndarray) -> bytes:
         raise ValueError(f"Invalid dtype: {array.dtype}. IDX stores uint8, int8, int16, int32, float32, float64.")
     if array.ndim == 0:
         raise ValueError("Invalid array: 0-d. IDX needs at least one dimension.")
+    if array.ndim > MAX_DIMENSIONS:
+        raise ValueError(f"Invalid array: {array.ndim} dimensions. IDX files here hold 1 to {MAX_DIMENSIONS}.")
+    if not all(1 <= d <= 0xFFFFFFFF for d in array.shape):
+        raise ValueError(f"Invalid shape: {array.shape}. Every IDX dimension must be 1 to 2**32 - 1.")
     header = IdxHeader(DTYPE_BY_CODE[CODE_BY_KIND[key]], array.shape)
     return header.encode() + np.ascontiguousarray(array, dtype=header.dtype).tobytes()
 

@@ -53,16 +53,15 @@ class Split:
     labels: np.ndarray
 
 
-def parse_split(spec: DatasetSpec, split: str, files: dict[str, SourceFile], *, strict: bool = False
-                ) -> tuple[Split, list[dict[str, Any]]]:
+def parse_split(spec: DatasetSpec, split: str, files: dict[str, SourceFile]) -> tuple[Split, list[dict[str, Any]]]:
     """Parse and check one split's images and labels files (driver only).
 
     Returns:
-        The :class:`Split` and one manifest record per file (uri, bytes, payload bytes, sha256, expected sha256).
+        The :class:`Split` and one manifest record per file (uri, bytes, payload bytes, sha256, expected sha256,
+        whether they match: ``None`` where the registry knows no hash).
     Raises:
         IdxFormatError: a structural defect in either file.
         DatasetMismatchError: wrong image shape, labels out of range, different counts.
-        ChecksumMismatchError: with ``strict``, a payload whose sha256 differs from the registry's.
     """
     arrays, records = {}, []
     for kind in (IMAGES, LABELS):
@@ -71,18 +70,28 @@ def parse_split(spec: DatasetSpec, split: str, files: dict[str, SourceFile], *, 
         parsed = parse_idx(source.content, name=source.uri)
         arrays[kind] = parsed.array
         matches = None if entry.sha256 is None else parsed.sha256 == entry.sha256
-        if matches is False:
-            message = (f"{source.uri}: payload sha256 {parsed.sha256} differs from {spec.name}'s published "
-                       f"{entry.sha256}")
-            if strict:
-                raise ChecksumMismatchError(message + " (--strict)")
-            log.warning("%s; ingesting it anyway (a subset or relabelled copy is fine; --strict refuses it)", message)
         records.append({"split": split, "kind": kind, "name": entry.name, "uri": source.uri,
                         "bytes": source.length, "payload_bytes": parsed.payload_bytes, "sha256": parsed.sha256,
                         "expected_sha256": entry.sha256, "sha256_matches": matches})
     images_uri, labels_uri = (files[spec.file(split, kind).name].uri for kind in (IMAGES, LABELS))
     validate_split(spec, arrays[IMAGES], arrays[LABELS], images_uri, labels_uri)
     return Split(split, upright(spec, arrays[IMAGES]), arrays[LABELS]), records
+
+
+def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bool) -> None:
+    """Warn about (or, with ``strict``, refuse) payloads whose sha256 differs from the registry's.  A subset or a
+    relabelled copy in the same format is legitimate input, so this is a warning by default.
+
+    Raises:
+        ChecksumMismatchError: with ``strict``, the first mismatching file.
+    """
+    for record in records:
+        if record["sha256_matches"] is False:
+            message = (f"{record['uri']}: payload sha256 {record['sha256']} differs from {spec.name}'s published "
+                       f"{record['expected_sha256']}")
+            if strict:
+                raise ChecksumMismatchError(message + " (--strict)")
+            log.warning("%s; ingesting it anyway (--strict refuses it)", message)
 
 
 def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
@@ -247,9 +256,10 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
     splits, records = {}, []
     for split in SPLITS:
-        splits[split], split_records = parse_split(spec, split, files, strict=strict)
+        splits[split], split_records = parse_split(spec, split, files)
         records.extend(split_records)
     del files
+    check_hashes(spec, records, strict=strict)
     log.info("parsed %s in %.2fs: %s", source_dir.uri, time.perf_counter() - started,
              ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits.values()))
 

@@ -36,14 +36,14 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
     """A SparkSession for the CLI and jobs.
 
     With ``master`` set (local mode), starts one with quiet logging and this interpreter as the Python of the
-    workers, and stops it on exit.  With ``master: null`` (Databricks), uses the active session and leaves it
-    running.
+    workers, and stops it on exit.  With ``master: null`` (Databricks), or when a session is already active (a
+    notebook, a test suite), uses that session and leaves it running.
     """
     from pyspark.sql import SparkSession
 
-    if settings.master is None:
-        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
-        yield spark
+    active = SparkSession.getActiveSession()
+    if settings.master is None or active is not None:
+        yield active or SparkSession.builder.getOrCreate()
         return
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)

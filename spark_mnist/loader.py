@@ -356,7 +356,7 @@ def petastorm_batches(converter, *, rank: int, world_size: int, batch_size: int,
     def to_arrays(frame):
         pixels = decode_images_from_objects(frame[contract.IMAGE].to_numpy(), row_bytes)
         frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
-        return frame
+        return frame[[contract.IMAGE, contract.LABEL]]
 
     spec = TransformSpec(to_arrays, edit_fields=[(contract.IMAGE, np.uint8, (1, *image_shape), False)],
                          selected_fields=[contract.IMAGE, contract.LABEL])

@@ -1,0 +1,246 @@
+"""Loader benchmark: one worker (rank 0 of world size 1), batch 256, full epochs of Fashion-MNIST's 60,000-row
+training split.
+
+One local[2] Spark session ingests the gz IDX files into a temporary directory (twice: the first ingest of the
+session, then a second one replacing it) and makes petastorm's converter for the training split, as
+``spark_mnist.launch.train`` does.  Then each loader runs in its own ``spawn`` child (fresh interpreter; its peak
+RSS is its own):
+
+* ``spark-mnist ShardLoader``: ours, over ``converter.file_urls``; cold = epoch 1 (reads the Parquet files),
+  warm = median of the later epochs (in memory);
+* ``in-memory TensorDataset``: torch ``DataLoader(TensorDataset(uint8 images, labels), shuffle=True)`` over the
+  tensors parsed from the gz files;
+* ``per-sample Dataset (float)``: a map-style Dataset whose ``__getitem__`` returns one normalised float image,
+  the pattern of the common Databricks how-to;
+* ``petastorm DataLoader`` / ``petastorm BatchedDataLoader``: ``converter.make_torch_dataloader`` through
+  ``spark_mnist.loader.petastorm_batches``, ``60000 // 256`` steps per epoch from one endless reader.
+
+Every batch is consumed the same way (:func:`benchmarks.common.consume`).  Prints a table, the targets, and one
+JSON line last.  Usage: ``python -m benchmarks.bench_loader [--epochs 3] [--petastorm-epochs 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from benchmarks.common import (BATCH_SIZE, FASHION_MEAN, FASHION_MNIST_DIR, FASHION_STD, bench_spark, best_of,
+                               emit_json, fmt_num, log, make_converter, measure_shard_loader, parse_idx_files,
+                               quiet_logs, run_in_child, split_epochs, stopwatch, table, time_epochs, train_tensors)
+
+TARGET_OURS_COLD = 300_000
+TARGET_OURS_WARM = 1_000_000
+TARGET_WARM_RATIO = 5.0
+TARGET_INGEST_OVER_FLOOR = 5.0
+ROWS = ("ours", "in_memory", "per_sample", "petastorm", "petastorm_batched")
+
+
+# ------------------------------------------------------------------------------------------ rows (child processes)
+
+def row_ours(paths: list[str], epochs: int) -> dict[str, Any]:
+    return measure_shard_loader(paths, epochs)
+
+
+def row_in_memory(source: str, epochs: int) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, labels = train_tensors(source)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=BATCH_SIZE, shuffle=True, num_workers=0)
+    return time_epochs(iter(loader) for _ in range(epochs)).summary()
+
+
+class NormalisedImages:
+    """Map-style Dataset, one sample per ``__getitem__``: ``((x / 255 - mean) / std)`` as float (1, 28, 28)."""
+
+    def __init__(self, images, labels, mean: float = FASHION_MEAN, std: float = FASHION_STD):
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return (self.images[i].float() / 255 - self.mean) / self.std, self.labels[i]
+
+
+def row_per_sample(source: str, epochs: int) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    images, labels = train_tensors(source)
+    loader = DataLoader(NormalisedImages(images, labels), batch_size=BATCH_SIZE, shuffle=True, num_workers=0)
+    return time_epochs(iter(loader) for _ in range(epochs)).summary()
+
+
+def row_petastorm(converter, steps: int, epochs: int, batched: bool) -> dict[str, Any]:
+    from spark_mnist.loader import petastorm_batches
+
+    batches = petastorm_batches(converter, rank=0, world_size=1, batch_size=BATCH_SIZE, steps=steps * epochs,
+                                batched=batched)
+    try:
+        result = time_epochs(split_epochs(batches, steps, epochs))
+    finally:
+        batches.close()
+    return result.summary()
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], Any, str]:
+    """Floor (parse the 4 gz files, no Spark), then ``runs`` ingests in one fresh session (session start
+    excluded), then the converter.  Returns (figures, converter, data dir)."""
+    from spark_mnist.ingest import ingest
+
+    floor = best_of(lambda: parse_idx_files(source), 2)
+    data = os.path.join(work, "data")
+    figures: dict[str, Any] = {"ingest_floor_seconds": floor}
+    with contextlib.ExitStack() as stack:
+        with stopwatch() as session_start:
+            spark = stack.enter_context(bench_spark())
+        figures["spark_session_start_seconds"] = session_start["seconds"]
+        times = []
+        for _ in range(runs):
+            with stopwatch() as t:
+                manifest = ingest(spark, source, data, dataset="fashion-mnist")
+            times.append(t["seconds"])
+        figures["ingest_first_seconds"] = times[0]
+        figures["ingest_seconds"] = min(times[1:]) if len(times) > 1 else times[0]
+        figures["ingest_runs_seconds"] = times
+        with stopwatch() as t:
+            converter = make_converter(spark, data, os.path.join(work, "petastorm"))
+        figures["converter_seconds"] = t["seconds"]
+    figures["train_rows"] = manifest["splits"]["train"]["rows"]
+    figures["converter_files"] = len(converter.file_urls)
+    return figures, converter, data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default=FASHION_MNIST_DIR, help="directory of the 4 gz IDX files")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs of ours, in-memory and per-sample rows: 1 cold + the rest warm (default 3)")
+    parser.add_argument("--petastorm-epochs", type=int, default=1,
+                        help="epochs of the petastorm rows; 1 means warm = cold (default 1)")
+    parser.add_argument("--ingest-runs", type=int, default=2, help="ingests in the one session (default 2)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--work-dir", default=None, help="where to ingest (default: a new temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    quiet_logs()
+
+    work = args.work_dir or tempfile.mkdtemp(prefix="spark-mnist-bench-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        log.info("ingesting %s into %s (%d runs), then making the petastorm converter", args.source, work,
+                 args.ingest_runs)
+        figures, converter, _ = measure_ingest(args.source, work, args.ingest_runs)
+        paths = list(converter.file_urls)
+        steps = figures["train_rows"] // BATCH_SIZE
+        results: dict[str, dict[str, Any]] = {}
+        jobs = {
+            "ours": (row_ours, paths, args.epochs),
+            "in_memory": (row_in_memory, args.source, args.epochs),
+            "per_sample": (row_per_sample, args.source, args.epochs),
+            "petastorm": (row_petastorm, converter, steps, args.petastorm_epochs, False),
+            "petastorm_batched": (row_petastorm, converter, steps, args.petastorm_epochs, True),
+        }
+        for name in rows:
+            fn, *fn_args = jobs[name]
+            log.info("row %s ...", name)
+            results[name] = run_in_child(fn, *fn_args)
+            log.info("row %s: %s", name, results[name])
+    finally:
+        if not args.keep and not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    report(figures, results)
+    return 0
+
+
+LABELS = {
+    "ours": "spark-mnist ShardLoader (ours)",
+    "in_memory": "in-memory TensorDataset + DataLoader",
+    "per_sample": "per-sample Dataset, float normalise",
+    "petastorm": "petastorm make_torch_dataloader",
+    "petastorm_batched": "petastorm BatchedDataLoader",
+}
+JSON_PREFIX = {"ours": "ours", "in_memory": "in_memory_dataloader", "per_sample": "per_sample_dataset",
+               "petastorm": "petastorm", "petastorm_batched": "petastorm_batched"}
+
+
+def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+    ours_warm = results.get("ours", {}).get("warm_samples_per_s")
+    lines, payload = [], {}
+    for name, r in results.items():
+        ratio = ours_warm / r["warm_samples_per_s"] if ours_warm else None
+        warm = fmt_num(r["warm_samples_per_s"]) + (" (=cold)" if r["warm_is_cold"] else "")
+        lines.append([LABELS[name], fmt_num(r["cold_samples_per_s"]), warm, fmt_num(ratio, 2),
+                      fmt_num(r["peak_rss_mb"]), " ".join(f"{s:.3f}" for s in r["epoch_seconds"])])
+        prefix = JSON_PREFIX[name]
+        payload[f"{prefix}_cold_samples_per_s"] = r["cold_samples_per_s"]
+        payload[f"{prefix}_warm_samples_per_s"] = r["warm_samples_per_s"]
+        payload[f"{prefix}_warm_is_cold"] = r["warm_is_cold"]
+        payload[f"{prefix}_peak_rss_mb"] = r["peak_rss_mb"]
+        payload[f"{prefix}_epoch_seconds"] = r["epoch_seconds"]
+        if name != "ours" and ratio is not None:
+            payload[f"ours_warm_over_{prefix}_warm"] = ratio
+    if "in_memory" in results:
+        payload["in_memory_dataloader_samples_per_s"] = results["in_memory"]["warm_samples_per_s"]
+    if "ours" in results:
+        payload["ours_setup_seconds"] = results["ours"]["setup_seconds"]
+
+    print()
+    print(f"Fashion-MNIST train, {figures['train_rows']:,} rows, rank 0 of 1, batch {BATCH_SIZE}, "
+          f"{os.cpu_count()} CPUs, torch threads {_torch_threads()}")
+    print(table(["loader", "cold samples/s", "warm samples/s", "ratio (ours warm / warm)", "peak RSS MB",
+                 "epoch seconds"], lines))
+    print()
+    ingest_rows = [
+        ["floor: parse_idx of the 4 gz files (no Spark)", f"{figures['ingest_floor_seconds']:.2f}", "1.00"],
+        ["first ingest in a fresh session", f"{figures['ingest_first_seconds']:.2f}",
+         f"{figures['ingest_first_seconds'] / figures['ingest_floor_seconds']:.2f}"],
+        ["second ingest, same session", f"{figures['ingest_seconds']:.2f}",
+         f"{figures['ingest_seconds'] / figures['ingest_floor_seconds']:.2f}"],
+        ["petastorm converter (make_spark_converter)", f"{figures['converter_seconds']:.2f}", "-"],
+        ["Spark session start (excluded above)", f"{figures['spark_session_start_seconds']:.2f}", "-"],
+    ]
+    print(table(["ingest", "seconds", "x floor"], ingest_rows))
+    print()
+    targets = check_targets(figures, results)
+    for text, ok in targets:
+        print(f"{'PASS' if ok else 'MISS'}  {text}")
+    payload.update({k: v for k, v in figures.items()})
+    payload["targets_met"] = all(ok for _, ok in targets)
+    payload["targets_missed"] = [text for text, ok in targets if not ok]
+    emit_json(payload)
+
+
+def check_targets(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
+    checks = []
+    if "ours" in results:
+        cold, warm = results["ours"]["cold_samples_per_s"], results["ours"]["warm_samples_per_s"]
+        checks.append((f"ours cold {cold:,.0f} >= {TARGET_OURS_COLD:,} samples/s", cold >= TARGET_OURS_COLD))
+        checks.append((f"ours warm {warm:,.0f} >= {TARGET_OURS_WARM:,} samples/s", warm >= TARGET_OURS_WARM))
+        if "in_memory" in results:
+            ratio = warm / results["in_memory"]["warm_samples_per_s"]
+            checks.append((f"ours warm / in-memory DataLoader warm {ratio:.2f} >= {TARGET_WARM_RATIO}",
+                           ratio >= TARGET_WARM_RATIO))
+    over = figures["ingest_seconds"] / figures["ingest_floor_seconds"]
+    checks.append((f"second ingest {figures['ingest_seconds']:.2f}s <= {TARGET_INGEST_OVER_FLOOR} x floor "
+                   f"{figures['ingest_floor_seconds']:.2f}s (x{over:.2f})", over <= TARGET_INGEST_OVER_FLOOR))
+    return checks
+
+
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Shared helpers of the benchmarks: timing epochs, consuming batches the same way, peak RSS of a child process,
+Spark/petastorm set-up, the aligned table and the final JSON line.
+
+Nothing here is part of the ``spark_mnist`` package; run the scripts from the repository root with
+``python -m benchmarks.<name>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+BATCH_SIZE = 256
+IMAGE_SHAPE = (28, 28)
+# Fashion-MNIST training-set pixel mean and standard deviation (of x / 255).
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+DEFAULT_PETASTORM_ROW_GROUP_BYTES = 2**20  # TrainSettings.petastorm_row_group_bytes
+
+log = logging.getLogger("benchmarks")
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+@dataclass
+class Epochs:
+    """Per-epoch ``(samples, seconds)`` of one loader; epoch 0 is the cold one."""
+
+    samples: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    setup_seconds: float = 0.0
+
+    def rates(self) -> list[float]:
+        return [n / s if s > 0 else float("inf") for n, s in zip(self.samples, self.seconds)]
+
+    def summary(self) -> dict[str, Any]:
+        """cold = epoch 0 (plus ``setup_seconds``, e.g. opening the files); warm = median of the later epochs, or the
+        cold figure when only one epoch ran (``warm_is_cold``)."""
+        cold = self.samples[0] / (self.seconds[0] + self.setup_seconds)
+        warm_rates = self.rates()[1:]
+        return {
+            "cold_samples_per_s": cold,
+            "warm_samples_per_s": statistics.median(warm_rates) if warm_rates else cold,
+            "warm_is_cold": not warm_rates,
+            "samples_per_epoch": self.samples[0],
+            "setup_seconds": round(self.setup_seconds, 4),
+            "epoch_seconds": [round(s, 4) for s in self.seconds],
+        }
+
+
+def consume(images, labels) -> int:
+    """Consume one batch the same way for every loader: check its type and shape, touch one pixel of every sample
+    and the labels.  Returns the batch size."""
+    import torch
+
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, *IMAGE_SHAPE):
+        raise AssertionError(f"images of shape {tuple(images.shape)}: expected (B, 1, {IMAGE_SHAPE[0]}, "
+                             f"{IMAGE_SHAPE[1]})")
+    if images.dtype not in (torch.uint8, torch.float32):
+        raise AssertionError(f"images of dtype {images.dtype}: expected uint8 or float32")
+    if labels.shape != (images.shape[0],):
+        raise AssertionError(f"labels of shape {tuple(labels.shape)} for {images.shape[0]} images")
+    consume.touched += float(images[:, 0, 14, 14].sum()) + int(labels[-1])  # type: ignore[attr-defined]
+    return int(images.shape[0])
+
+
+consume.touched = 0.0  # type: ignore[attr-defined]
+
+
+def time_epochs(epochs: Iterable[Iterable], setup_seconds: float = 0.0) -> Epochs:
+    """Run every epoch (an iterable of ``(images, labels)`` batches, consumed with :func:`consume`) and time it.
+    Lazy iterables (generators) are timed from their first ``next``, so their start-up counts in the epoch."""
+    result = Epochs(setup_seconds=setup_seconds)
+    for batches in epochs:
+        started = time.perf_counter()
+        samples = 0
+        for images, labels, *_ in batches:
+            samples += consume(images, labels)
+        result.seconds.append(time.perf_counter() - started)
+        result.samples.append(samples)
+    return result
+
+
+def split_epochs(batches: Iterator, steps: int, epochs: int) -> Iterator[Iterator]:
+    """Cut one endless batch stream into ``epochs`` epochs of ``steps`` batches (petastorm's ``num_epochs=None``)."""
+    for _ in range(epochs):
+        yield itertools.islice(batches, steps)
+
+
+@contextlib.contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    """``with stopwatch() as t: ...`` then ``t["seconds"]``."""
+    t = {"seconds": float("nan")}
+    started = time.perf_counter()
+    try:
+        yield t
+    finally:
+        t["seconds"] = time.perf_counter() - started
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn``, in seconds."""
+    times = []
+    for _ in range(repeats):
+        with stopwatch() as t:
+            fn()
+        times.append(t["seconds"])
+    return min(times)
+
+
+# --------------------------------------------------------------------------------------------------- processes
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (and of its waited-for children), in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024  # Linux reports KiB
+
+
+def _call_and_measure(fn: Callable, args: tuple, kwargs: dict) -> tuple[Any, float]:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch  # noqa: F401  a training process has torch loaded before its loader starts: not a loader cost
+    result = fn(*args, **kwargs)
+    return result, peak_rss_mb()
+
+
+def run_in_child(fn: Callable, *args, **kwargs) -> dict[str, Any]:
+    """Run ``fn(*args, **kwargs)`` (a module-level function returning a dict) in a fresh ``spawn`` process, so
+    each loader starts from the same state and its peak RSS is its own.  Returns its dict plus ``peak_rss_mb``.
+    Exceptions raised in the child are re-raised here."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result, rss = pool.submit(_call_and_measure, fn, args, kwargs).result()
+    return {**result, "peak_rss_mb": round(rss, 1)}
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+def parse_idx_files(source: str, names: Sequence[str] = IDX_FILES) -> dict[str, Any]:
+    """``{name: array}`` for the gz IDX files ``names`` under ``source`` (decompressed and parsed, no Spark)."""
+    from spark_mnist.idx import parse_idx
+
+    return {name: parse_idx(os.path.join(source, name)).array for name in names}
+
+
+def train_tensors(source: str):
+    """The training split as it comes out of the gz files: uint8 images (N, 1, 28, 28) and int64 labels (N,)."""
+    import torch
+
+    arrays = parse_idx_files(source, (TRAIN_IMAGES, TRAIN_LABELS))
+    images = torch.from_numpy(arrays[TRAIN_IMAGES]).view(-1, 1, *IMAGE_SHAPE)
+    labels = torch.from_numpy(arrays[TRAIN_LABELS].astype("int64"))
+    return images, labels
+
+
+def measure_shard_loader(paths: Sequence[str], epochs: int, *, batch_size: int = BATCH_SIZE, rank: int = 0,
+                         world_size: int = 1, **loader_kwargs) -> dict[str, Any]:
+    """Our :class:`~spark_mnist.loader.ShardLoader` over ``paths``: ``epochs`` full epochs; the first is cold
+    (reads the Parquet files; the constructor's metadata reads count in it), the rest warm when the shard is
+    held in memory.  Streaming loaders run one epoch only (every epoch reads the files again)."""
+    from spark_mnist.loader import ShardLoader
+
+    with stopwatch() as setup:
+        loader = ShardLoader(paths, rank=rank, world_size=world_size, batch_size=batch_size, **loader_kwargs)
+    with loader:
+        def epoch(e):
+            loader.set_epoch(e)
+            return iter(loader)
+        result = time_epochs((epoch(e) for e in range(epochs if loader.in_memory else 1)),
+                             setup_seconds=setup["seconds"])
+    return {**result.summary(), "in_memory": loader.in_memory, "rows": loader.rows,
+            "row_groups": len(loader.plan)}
+
+
+# --------------------------------------------------------------------------------------------------- Spark
+
+@contextlib.contextmanager
+def bench_spark(master: str = "local[2]") -> Iterator["SparkSession"]:  # noqa: F821
+    """A fresh local SparkSession as the CLI makes it (``spark_mnist.launch.spark_session``)."""
+    from spark_mnist.config import SparkSettings
+    from spark_mnist.launch import spark_session
+
+    with spark_session(SparkSettings(master=master, app_name="spark-mnist-bench")) as spark:
+        yield spark
+
+
+def make_converter(spark, data_dir: str, cache_dir: str,
+                   row_group_bytes: int = DEFAULT_PETASTORM_ROW_GROUP_BYTES, split: str = "train"):
+    """petastorm's converter for ``data_dir/split``, as :func:`spark_mnist.launch.train` makes it."""
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+
+    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, "file://" + os.path.abspath(cache_dir))
+    return make_spark_converter(spark.read.parquet(f"file://{os.path.abspath(data_dir)}/{split}"),
+                                parquet_row_group_size_bytes=row_group_bytes)
+
+
+def quiet_logs() -> None:
+    """INFO for the benchmarks, WARNING elsewhere; silence petastorm's and py4j's chatter."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    for name in ("py4j", "petastorm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------------------------------- output
+
+def fmt_num(value: Any, digits: int = 0) -> str:
+    """Thousands-separated number, ``-`` for None, strings as they are."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:,.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    """The one machine-readable line, last on stdout."""
+    def clean(v):
+        if isinstance(v, float):
+            return round(v, 4) if abs(v) < 1000 else round(v, 1)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    sys.stdout.flush()
+    print(json.dumps(clean(payload)), flush=True)

@@ -1,0 +1,15 @@
+"""Databricks ``spark_python_task``: DDP training with TorchDistributor (GPU, ranks in executors).
+
+Parameters are those of ``spark-mnist train`` (``--data``, ``--epochs``, ``--batch-size``, ``--num-processes``,
+``--lr``, ``--seed``, ``--resume``, ``--config``); defaults come from conf/databricks.yaml.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _entry import run  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run("train", sys.argv[1:]))

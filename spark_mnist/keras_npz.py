@@ -1,0 +1,115 @@
+"""Keras' ``mnist.npz`` (``~/.keras/datasets/mnist.npz``, what ``keras.datasets.mnist.load_data()`` downloads) as
+MNIST IDX files, so an existing Keras cache feeds the same ingest path as the published gz files.
+
+The archive holds four arrays: ``x_train`` (60000, 28, 28) uint8, ``y_train`` (60000,) uint8, ``x_test``
+(10000, 28, 28) uint8, ``y_test`` (10000,) uint8 -- the MNIST data unchanged, so the IDX files written from it carry
+the published payload sha256s.  It is read with ``allow_pickle=False``: an archive holding pickled objects is refused
+rather than executed.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset
+from spark_mnist.errors import InputError
+from spark_mnist.idx import write_idx
+
+KERAS_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+KERAS_MNIST_FILE = "mnist.npz"
+
+
+def load_keras_npz(path: str | os.PathLike, *,
+                   image_shape: tuple[int, int] = (28, 28)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read a Keras ``mnist.npz`` with ``np.load(path, allow_pickle=False)``.
+
+    Args:
+        path: the ``.npz`` file (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``; Keras' layout).
+        image_shape: the expected (height, width) of each image in pixels.
+
+    Returns:
+        ``{"train": (images, labels), "test": (images, labels)}`` with images uint8 of shape (N, H, W) and labels
+        uint8 of shape (N,), the same N within a split.
+
+    Raises:
+        InputError: naming the file: not a readable ``.npz`` archive, pickled (object) content, a missing key,
+            images not (N, H, W) uint8, labels not 1-d integers in 0..255, or image and label counts that differ.
+    """
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: file not found (expected a Keras mnist.npz)") from e
+    except ValueError as e:  # np.load falls back to pickle for unknown content, which allow_pickle=False refuses
+        raise InputError(f"{path}: not an .npz archive (or pickled content, refused): {e}") from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable .npz archive: {e}") from e
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: a single .npy array, not an .npz archive with x_train, y_train, x_test, y_test")
+    result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with loaded:
+        missing = [key for keys in KERAS_KEYS.values() for key in keys if key not in loaded.files]
+        if missing:
+            raise InputError(f"{path}: missing key(s) {', '.join(missing)}: expected x_train, y_train, x_test, "
+                             f"y_test (Keras' mnist.npz); found {', '.join(loaded.files) or 'none'}")
+        for split, (x_key, y_key) in KERAS_KEYS.items():
+            images = _member(loaded, path, x_key)
+            labels = _member(loaded, path, y_key)
+            result[split] = _checked(path, x_key, y_key, images, labels, image_shape)
+    return result
+
+
+def _member(loaded: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    try:
+        return loaded[key]
+    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
+        raise InputError(f"{path}: {key} holds pickled objects, refused (allow_pickle=False): {e}") from e
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise InputError(f"{path}: {key} cannot be read from the archive: {e}") from e
+
+
+def _checked(path: Path, x_key: str, y_key: str, images: np.ndarray, labels: np.ndarray,
+             image_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    if images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape):
+        raise InputError(f"{path}: {x_key} has shape {images.shape}: expected (N, {image_shape[0]}, "
+                         f"{image_shape[1]})")
+    if images.dtype != np.uint8:
+        raise InputError(f"{path}: {x_key} has dtype {images.dtype}: expected uint8 pixels")
+    if labels.ndim != 1 or labels.dtype.kind not in "ui":
+        raise InputError(f"{path}: {y_key} has shape {labels.shape} and dtype {labels.dtype}: expected (N,) integers")
+    if len(labels) != len(images):
+        raise InputError(f"{path}: {len(labels)} labels in {y_key} for {len(images)} images in {x_key}: "
+                         f"counts must match")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 255):
+        raise InputError(f"{path}: {y_key} has labels outside 0..255: expected uint8 class indices")
+    return np.ascontiguousarray(images), labels.astype(np.uint8, copy=False)
+
+
+def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   spec: DatasetSpec | None = None) -> Path:
+    """Write the four standard gz IDX files of ``spec`` (default: the registry's ``mnist``) from a Keras npz.
+
+    Each file appears under its final name only when complete (:func:`spark_mnist.idx.write_idx`).  Images are
+    written (N, H, W) uint8 (IDX dtype code 0x08, 3 dimensions), labels (N,) uint8 (1 dimension), as on the MNIST
+    page, so :func:`spark_mnist.verify.verify_source` and ingest read ``out_dir`` like a download.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path` (created with its parents where missing).
+
+    Raises:
+        InputError: as :func:`load_keras_npz`.
+    """
+    spec = spec or get_dataset("mnist")
+    arrays = load_keras_npz(npz_path, image_shape=spec.image_shape)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        images, labels = arrays[split]
+        write_idx(out / spec.file(split, IMAGES).name, images, compress=True)
+        write_idx(out / spec.file(split, LABELS).name, labels, compress=True)
+    return out

@@ -1,0 +1,292 @@
+"""Check a directory of gz IDX files against the dataset registry, on the driver alone: no Spark.
+
+``spark-mnist verify`` answers "would ingest accept these files, and are they the published ones?" before a cluster
+is involved.  Every file is parsed with :func:`spark_mnist.idx.parse_idx` (the IDX spec on the MNIST page), each
+split is checked with :func:`spark_mnist.datasets.validate_split`, and each payload sha256 (of the decompressed
+file) is compared with the registry's.  The file names are exactly the ones ingest reads.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, validate_split
+from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, InputError, SourceError
+from spark_mnist.idx import ParsedIdx, parse_idx
+from spark_mnist.storage import normalize_uri
+
+STATUS_OK = "ok"
+STATUS_HASH_MISMATCH = "hash-mismatch"
+STATUS_MISSING = "missing"
+STATUS_ERROR = "error"  # reported as "error: <message>"
+STATUS_INCOMPLETE = "incomplete"  # a split one of whose files is missing or unreadable
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """What :func:`verify_source` found for one file.
+
+    ``status`` is ``"ok"``, ``"hash-mismatch"``, ``"missing"`` or ``"error: <message>"``; ``rows`` the first
+    dimension and ``shape`` the full IDX shape (``None`` when unreadable); ``sha256`` the hex sha256 of the
+    decompressed payload; ``expected`` the registry's (``None`` where none is published); ``size_bytes`` the file's
+    size on disk (gzip-compressed), ``None`` when missing.
+    """
+
+    split: str
+    kind: str
+    name: str
+    path: str
+    status: str
+    rows: int | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    sha256: str | None = None
+    expected: str | None = None
+    size_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    """One split: ``status`` ``"ok"``, ``"incomplete"`` (a file missing or unreadable) or ``"error: <message>"``
+    (from :func:`validate_split`: counts, image shape, label range); ``rows`` the label count; ``expected_rows`` the
+    published size (``None`` when unknown); ``histogram`` the count of each label value 0..max (length at least
+    ``num_classes``), ``None`` when the labels could not be read."""
+
+    split: str
+    status: str
+    rows: int | None = None
+    expected_rows: int | None = None
+    histogram: tuple[int, ...] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of :func:`verify_source`.  ``ok`` is true when every file and split is ``"ok"``; a
+    ``"hash-mismatch"`` counts against it unless the report was made with ``strict=False``."""
+
+    dataset: str
+    directory: str
+    files: tuple[FileReport, ...]
+    splits: tuple[SplitReport, ...]
+    classes: tuple[str, ...] = ()
+    strict: bool = True
+
+    @property
+    def ok(self) -> bool:
+        allowed = {STATUS_OK} if self.strict else {STATUS_OK, STATUS_HASH_MISMATCH}
+        return all(f.status in allowed for f in self.files) and all(s.ok for s in self.splits)
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per file or split that is not ``"ok"``, with the full message (and full hashes)."""
+        lines = []
+        for f in self.files:
+            if f.status == STATUS_HASH_MISMATCH:
+                lines.append(f"{f.path}: payload sha256 {f.sha256} differs from {self.dataset}'s published "
+                             f"{f.expected}")
+            elif f.status == STATUS_MISSING:
+                lines.append(f"{f.path}: file not found")
+            elif not f.ok:
+                lines.append(f"{f.path}: {f.status}")
+        for s in self.splits:
+            if s.status.startswith(STATUS_ERROR):
+                lines.append(f"split {s.split}: {s.status}")
+        return lines
+
+
+def verify_file(spec: DatasetSpec, split: str, kind: str, path: str | os.PathLike, *,
+                name: str | None = None, check_rows: bool = True) -> ParsedIdx:
+    """Check that ``path`` is a usable copy of ``spec``'s ``split``/``kind`` file (``kind`` ``"images"`` or
+    ``"labels"``), as downloads and local copies must be before they are installed under the final name.
+
+    Checks, in order: the file parses as IDX (:func:`spark_mnist.idx.parse_idx`); its payload sha256 equals the
+    registry's where one is published; images are (N, H, W) uint8 of ``spec.image_shape`` and labels (N,) uint8
+    below ``spec.num_classes`` (:func:`spark_mnist.datasets.validate_split`); with ``check_rows``, N equals the
+    published ``spec.split_sizes[split]`` where known (a download is the whole published split, not a subset).
+
+    Args:
+        name: how messages name the file (default: the path).
+
+    Returns:
+        The :class:`~spark_mnist.idx.ParsedIdx` (array, payload sha256, payload bytes).
+
+    Raises:
+        IdxFormatError: not an IDX file (an HTML page, truncated or corrupt gzip, wrong magic, ...).
+        ChecksumMismatchError: a payload sha256 other than the published one.
+        DatasetMismatchError: wrong image shape or dtype, labels out of range, or a row count other than published.
+    """
+    name = name or os.fspath(path)
+    parsed = parse_idx(path, name)
+    expected = spec.file(split, kind).sha256
+    if expected is not None and parsed.sha256 != expected:
+        raise ChecksumMismatchError(f"{name}: payload sha256 {parsed.sha256} differs from {spec.name}'s published "
+                                    f"{expected}")
+    array = parsed.array
+    rows = int(array.shape[0])
+    if kind == IMAGES:
+        validate_split(spec, array, np.zeros(rows, dtype=np.uint8), name, "(labels)")
+    else:
+        images = np.broadcast_to(np.zeros((), dtype=np.uint8), (rows, *spec.image_shape))
+        validate_split(spec, images, array, "(images)", name)
+    expected_rows = spec.split_sizes.get(split)
+    if check_rows and expected_rows is not None and rows != expected_rows:
+        raise DatasetMismatchError(f"{name}: {rows} rows: {spec.name}'s published {split} split has {expected_rows}")
+    return parsed
+
+
+def _local_directory(directory: str | os.PathLike) -> Path:
+    location = normalize_uri(directory)
+    if location.local_path is None:
+        raise SourceError(f"{location.uri}: verify reads local paths only (a directory, file:/, dbfs:/ on "
+                          f"Databricks, /dbfs/ or /Volumes/); copy the files somewhere this machine can read")
+    path = Path(location.local_path)
+    if not path.is_dir():
+        raise SourceError(f"{path}: source directory not found")
+    return path
+
+
+def _zero_copy_like(array: np.ndarray) -> np.ndarray:
+    """An array of ``array``'s shape and dtype that takes no memory, for shape/dtype/count checks."""
+    return np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape)
+
+
+def verify_source(directory: str | os.PathLike, dataset: str | DatasetSpec = "mnist", *,
+                  strict: bool = True) -> VerifyReport:
+    """Parse and check the four IDX files of ``dataset`` in ``directory``, without Spark.
+
+    Args:
+        directory: a local directory, ``file:/...``, ``/dbfs/...`` (or ``dbfs:/...`` on Databricks) or
+            ``/Volumes/...``, normalised with :func:`spark_mnist.storage.normalize_uri`.
+        dataset: a registry name (:func:`spark_mnist.datasets.get_dataset`) or a :class:`DatasetSpec`.
+        strict: when true (the default) a payload sha256 other than the registry's makes ``report.ok`` false.
+
+    Returns:
+        :class:`VerifyReport`: per file name, rows, shape, payload sha256, expected sha256 and status; per split the
+        validation status and a label histogram (counts per label value).  Problems in the files are reported, not
+        raised.  Memory: one file's decoded array at a time (an MNIST train-images file is 47 MB).
+
+    Raises:
+        InputError: an unknown dataset name.
+        SourceError: ``directory`` is not a local directory (missing, or an object-store URI).
+    """
+    spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
+    root = _local_directory(directory)
+    files: list[FileReport] = []
+    splits: list[SplitReport] = []
+    for split in SPLITS:
+        arrays: dict[str, np.ndarray] = {}
+        for kind in (IMAGES, LABELS):
+            entry = spec.file(split, kind)
+            report, parsed = _check_file(root / entry.name, split, kind, entry.name, entry.sha256)
+            files.append(report)
+            if parsed is not None:
+                # Only shape, dtype and count matter from here on for images; labels are kept for the histogram.
+                arrays[kind] = parsed.array if kind == LABELS else _zero_copy_like(parsed.array)
+            del parsed
+        splits.append(_check_split(spec, split, arrays, root))
+    return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), spec.classes, strict)
+
+
+def _check_file(path: Path, split: str, kind: str, name: str,
+                expected: str | None) -> tuple[FileReport, ParsedIdx | None]:
+    if not path.is_file():
+        return FileReport(split, kind, name, str(path), STATUS_MISSING, expected=expected), None
+    size = path.stat().st_size
+    try:
+        parsed = parse_idx(path)
+    except InputError as e:
+        return FileReport(split, kind, name, str(path), f"{STATUS_ERROR}: {_without_prefix(str(e), path)}",
+                          expected=expected, size_bytes=size), None
+    except OSError as e:
+        return FileReport(split, kind, name, str(path), f"{STATUS_ERROR}: cannot read: {e}",
+                          expected=expected, size_bytes=size), None
+    status = STATUS_OK if expected is None or parsed.sha256 == expected else STATUS_HASH_MISMATCH
+    shape = tuple(int(d) for d in parsed.array.shape)
+    return FileReport(split, kind, name, str(path), status, rows=shape[0], shape=shape,
+                      dtype=str(parsed.array.dtype), sha256=parsed.sha256, expected=expected,
+                      size_bytes=size), parsed
+
+
+def _without_prefix(message: str, path: Path) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def _check_split(spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray], root: Path) -> SplitReport:
+    expected_rows = spec.split_sizes.get(split)
+    labels = arrays.get(LABELS)
+    histogram = None
+    if labels is not None and labels.ndim == 1 and labels.dtype.kind in "ui" and (not len(labels) or labels.min() >= 0):
+        histogram = tuple(int(c) for c in np.bincount(labels.astype(np.int64), minlength=spec.num_classes))
+    rows = int(len(labels)) if labels is not None else None
+    if len(arrays) < 2:
+        return SplitReport(split, STATUS_INCOMPLETE, rows, expected_rows, histogram)
+    try:
+        validate_split(spec, arrays[IMAGES], arrays[LABELS],
+                       spec.file(split, IMAGES).name, spec.file(split, LABELS).name)
+    except InputError as e:
+        return SplitReport(split, f"{STATUS_ERROR}: {e}", rows, expected_rows, histogram)
+    return SplitReport(split, STATUS_OK, rows, expected_rows, histogram)
+
+
+def _short(digest: str | None, width: int = 16) -> str:
+    if digest is None:
+        return "(none published)"
+    return digest[:width] + ("..." if len(digest) > width else "")
+
+
+def _render(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(report: VerifyReport, *, width: int = 100) -> str:
+    """``report`` as plain text: a table of files (name, rows, shape, status, payload sha256 and expected, both
+    shortened to 16 hex digits), a table of splits with their label histograms (``label:count``, wrapped at
+    ``width`` characters), then one line per problem with full messages and hashes, then ``OK`` or ``FAILED``.
+    """
+    out = [f"dataset {report.dataset} in {report.directory}", ""]
+    file_rows = [("file", "rows", "shape", "status", "sha256", "expected")]
+    for f in report.files:
+        file_rows.append((f.name, "-" if f.rows is None else str(f.rows),
+                          "-" if f.shape is None else "x".join(map(str, f.shape)),
+                          f.status if len(f.status) <= 40 else f.status[:37] + "...",
+                          "-" if f.sha256 is None else _short(f.sha256), _short(f.expected)))
+    out += _render(file_rows)
+    out.append("")
+    split_rows = [("split", "rows", "published", "status")]
+    for s in report.splits:
+        split_rows.append((s.split, "-" if s.rows is None else str(s.rows),
+                           "-" if s.expected_rows is None else str(s.expected_rows),
+                           s.status if len(s.status) <= 60 else s.status[:57] + "..."))
+    out += _render(split_rows)
+    for s in report.splits:
+        if s.histogram is not None:
+            counts = " ".join(f"{label}:{count}" for label, count in enumerate(s.histogram))
+            out += textwrap.wrap(f"{s.split} labels: {counts}", width=width, subsequent_indent="    ")
+    problems = report.problems
+    if problems:
+        out += ["", "problems:"] + [f"  {line}" for line in problems]
+    if not report.strict and any(f.status == STATUS_HASH_MISMATCH for f in report.files):
+        out.append("(hash mismatches allowed: strict=False)")
+    out += ["", "OK" if report.ok else "FAILED"]
+    return "\n".join(out) + "\n"
+
+
+__all__ = ["FileReport", "SplitReport", "VerifyReport", "verify_source", "verify_file", "format_table"]

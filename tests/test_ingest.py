@@ -1,0 +1,164 @@
+"""Spark ingest: round trip, manifest, atomic replacement, races, determinism, bad input leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from spark_mnist import contract
+from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, IdxFormatError, SourceError
+from spark_mnist.idx import write_idx
+from spark_mnist.ingest import ingest, shard_bounds
+
+pytestmark = pytest.mark.slow
+
+
+def read_split(out, split):
+    """(index, images (n, 784) uint8, labels) of a split, in shard order, and the per-shard row counts."""
+    manifest = contract.load_manifest(out)
+    tables = [pq.read_table(p) for p in contract.split_files(out, manifest, split)]
+    index = np.concatenate([t.column("index").to_numpy() for t in tables])
+    images = np.stack([np.frombuffer(b, dtype=np.uint8) for t in tables for b in t.column("image").to_pylist()])
+    labels = np.concatenate([t.column("label").to_numpy() for t in tables])
+    return index, images, labels, [t.num_rows for t in tables]
+
+
+def test_round_trip_byte_for_byte(spark, small_source, tmp_path):
+    source, arrays = small_source
+    out = tmp_path / "out"
+    manifest = ingest(spark, str(source), str(out), num_shards=4, row_group_bytes=64 * 784)
+    for split, (images, labels) in arrays.items():
+        index, pixels, got_labels, rows = read_split(out, split)
+        assert np.array_equal(index, np.arange(len(labels)))
+        assert np.array_equal(pixels, images.reshape(len(images), -1))
+        assert np.array_equal(got_labels, labels)
+        info = manifest["splits"][split]
+        assert info["rows"] == len(labels) and sum(rows) == len(labels) == sum(info["rows_per_shard"])
+        assert rows == info["rows_per_shard"] and len(rows) == 4
+        assert info["label_histogram"] == np.bincount(labels, minlength=10).tolist()
+    schema = pq.read_schema(contract.split_files(out, manifest, "train")[0])
+    assert [str(schema.field(c).type) for c in contract.COLUMNS] == ["int64", "binary", "int32"]
+    metadata = pq.ParquetFile(contract.split_files(out, manifest, "train")[0]).metadata
+    assert metadata.num_row_groups >= 2  # 150 rows at ~64 rows per row group
+    on_disk = json.loads((out / contract.MANIFEST_NAME).read_text())
+    assert on_disk == manifest
+    assert manifest["schema_version"] == contract.SCHEMA_VERSION and manifest["package_version"]
+    assert manifest["dataset"] == "fashion-mnist"
+    files = manifest["source"]["files"]
+    assert len(files) == 4 and all(f["bytes"] > 0 and len(f["sha256"]) == 64 and f["uri"] for f in files)
+    assert {f["sha256_matches"] for f in files} == {False}  # synthetic data differs from the published payloads
+
+
+def test_hash_mismatch_warns_and_strict_refuses(spark, small_source, tmp_path, caplog):
+    source, _ = small_source
+    with caplog.at_level("WARNING", logger="spark_mnist"):
+        ingest(spark, str(source), str(tmp_path / "lenient"))
+    assert "train-images-idx3-ubyte.gz: payload sha256" in caplog.text
+    with pytest.raises(ChecksumMismatchError, match="train-images-idx3-ubyte.gz.*differs"):
+        ingest(spark, str(source), str(tmp_path / "strict"), strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_reingest_replaces_atomically_and_is_deterministic(spark, small_source, tmp_path):
+    source, _ = small_source
+    out = tmp_path / "out"
+    ingest(spark, str(source), str(out), num_shards=3)
+    first = {p.name: read_split(out, s) for s in ("train", "test") for p in [out / s]}
+    shard_bytes = {p.relative_to(out): pq.read_table(p) for p in out.rglob("*.parquet")}
+    ingest(spark, str(source), str(out), num_shards=3)
+    for split in ("train", "test"):
+        for a, b in zip(first[split], read_split(out, split)):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert {p.relative_to(out): pq.read_table(p) for p in out.rglob("*.parquet")} == shard_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]  # no staging or old copies left
+
+
+@pytest.mark.parametrize("defect", ["missing", "magic", "truncated", "counts", "labels"])
+def test_bad_input_writes_nothing(spark, small_source, tmp_path, defect):
+    source, arrays = small_source
+    out = tmp_path / "out"
+    ingest(spark, str(source), str(out))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    labels_file = source / "train-labels-idx1-ubyte.gz"
+    if defect == "missing":
+        labels_file.unlink()
+        error, match = SourceError, "train-labels-idx1-ubyte.gz.*not found"
+    elif defect == "magic":
+        labels_file.write_bytes(b"\x08\x08\x08\x01" + bytes(10))
+        error, match = IdxFormatError, "train-labels-idx1-ubyte.gz.*magic"
+    elif defect == "truncated":
+        data = (source / "train-images-idx3-ubyte.gz").read_bytes()
+        (source / "train-images-idx3-ubyte.gz").write_bytes(data[: len(data) // 2])
+        error, match = IdxFormatError, "train-images-idx3-ubyte.gz.*truncated"
+    elif defect == "counts":
+        write_idx(labels_file, arrays["train"][1][:-1])
+        error, match = DatasetMismatchError, "train-labels-idx1-ubyte.gz.*labels for"
+    else:
+        bad = arrays["train"][1].copy()
+        bad[3] = 10
+        write_idx(labels_file, bad)
+        error, match = DatasetMismatchError, "train-labels-idx1-ubyte.gz.*label 10 at index 3"
+    with pytest.raises(error, match=match):
+        ingest(spark, str(source), str(out))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+
+
+def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path, monkeypatch):
+    source, arrays = small_source
+    out = tmp_path / "out"
+    ingest(spark, str(source), str(out))
+    import spark_mnist.ingest as ingest_module
+
+    real_write = ingest_module.write_split
+    calls = []
+
+    def dies_on_second_split(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("executor lost")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "write_split", dies_on_second_split)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        ingest(spark, str(source), str(out))
+    assert np.array_equal(read_split(out, "train")[2], arrays["train"][1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+
+
+def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):
+    from tests.conftest import write_dataset
+
+    sources = [tmp_path / "a", tmp_path / "b"]
+    expected = [write_dataset(s, train_rows=300, test_rows=50, seed=i * 10) for i, s in enumerate(sources)]
+    out = tmp_path / "out"
+    errors = []
+
+    def run(source):
+        try:
+            ingest(spark, str(source), str(out), num_shards=2)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    labels = read_split(out, "train")[2]
+    winner = [i for i, arrays in enumerate(expected) if np.array_equal(labels, arrays["train"][1])]
+    assert len(winner) == 1
+    assert np.array_equal(read_split(out, "test")[2], expected[winner[0]]["test"][1])  # never a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def test_shard_bounds_contiguous_and_balanced():
+    assert shard_bounds(10, 3).tolist() == [0, 3, 7, 10]
+    assert shard_bounds(2, 8).tolist() == [0, 1, 2]  # never an empty shard
+    sizes = np.diff(shard_bounds(60_000, 7))
+    assert sizes.max() - sizes.min() <= 1

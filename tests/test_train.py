@@ -1,0 +1,61 @@
+"""Distributed training: a 2-process TorchDistributor run on a small subset, and resuming from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spark_mnist.config import load_settings
+from spark_mnist.ingest import ingest
+from spark_mnist.launch import train
+from spark_mnist.train import CHECKPOINT_NAME, MODEL_NAME
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_dataset(spark, tmp_path_factory):
+    from tests.conftest import write_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    write_dataset(root / "source", train_rows=640, test_rows=130)
+    ingest(spark, str(root / "source"), str(root / "data"), num_shards=3)
+    return root
+
+
+def settings_for(root, run_dir, **train):
+    return load_settings(None, {"train": {"data": str(root / "data"), "run_dir": str(run_dir), "epochs": 2,
+                                          "batch_size": 32, "num_processes": 2, "seed": 1,
+                                          "petastorm_cache_url": (root / "cache").as_uri(), **train}})
+
+
+def test_two_process_run_returns_metrics(spark, small_dataset, tmp_path, capfd):
+    metrics = train(spark, settings_for(small_dataset, tmp_path / "run"))
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 2
+    assert metrics["steps_per_epoch"] == (640 // 2) // 32
+    assert metrics["samples_per_epoch"] == metrics["steps_per_epoch"] * 32 * 2
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
+    assert [h["test_samples"] for h in metrics["history"]] == [130, 130]  # the full test split
+    state = torch.load(tmp_path / "run" / MODEL_NAME, weights_only=True)
+    assert "classifier.weight" in state
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+    assert "epoch 2/2: train loss" in capfd.readouterr().out
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(spark, small_dataset, tmp_path):
+    full = train(spark, settings_for(small_dataset, tmp_path / "full", epochs=2))
+    partial_dir = tmp_path / "partial"
+    train(spark, settings_for(small_dataset, partial_dir, epochs=1))
+    assert torch.load(partial_dir / CHECKPOINT_NAME, weights_only=False)["epoch"] == 1
+    resumed = train(spark, settings_for(small_dataset, partial_dir, epochs=2, resume=True))
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
+    a = torch.load(tmp_path / "full" / MODEL_NAME, weights_only=True)
+    b = torch.load(partial_dir / MODEL_NAME, weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_petastorm_loader_runs_equal_steps(spark, small_dataset, tmp_path):
+    metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1, loader="petastorm"))
+    assert metrics["loader"] == "petastorm" and metrics["steps_per_epoch"] == 10
