@@ -37,13 +37,20 @@ TARGET_OURS_COLD = 300_000
 TARGET_OURS_WARM = 1_000_000
 TARGET_WARM_RATIO = 5.0
 TARGET_INGEST_OVER_FLOOR = 5.0
-ROWS = ("ours", "in_memory", "per_sample", "petastorm", "petastorm_batched")
+ROWS = ("ours", "ours_proposed", "in_memory", "per_sample", "petastorm", "petastorm_batched")
 
 
 # ------------------------------------------------------------------------------------------ rows (child processes)
 
 def row_ours(paths: list[str], epochs: int) -> dict[str, Any]:
     return measure_shard_loader(paths, epochs)
+
+
+def row_ours_proposed(paths: list[str], epochs: int) -> dict[str, Any]:
+    from benchmarks.proposed import ProposedShardLoader, patched
+
+    with patched():
+        return measure_shard_loader(paths, epochs, loader_cls=ProposedShardLoader)
 
 
 def row_in_memory(source: str, epochs: int) -> dict[str, Any]:
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--petastorm-epochs", type=int, default=1,
                         help="epochs of the petastorm rows; 1 means warm = cold (default 1)")
     parser.add_argument("--ingest-runs", type=int, default=2, help="ingests in the one session (default 2)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads in every loader's process (default: torch's default)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--work-dir", default=None, help="where to ingest (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict[str, Any]] = {}
         jobs = {
             "ours": (row_ours, paths, args.epochs),
+            "ours_proposed": (row_ours_proposed, paths, args.epochs),
             "in_memory": (row_in_memory, args.source, args.epochs),
             "per_sample": (row_per_sample, args.source, args.epochs),
             "petastorm": (row_petastorm, converter, steps, args.petastorm_epochs, False),
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in rows:
             fn, *fn_args = jobs[name]
             log.info("row %s ...", name)
-            results[name] = run_in_child(fn, *fn_args)
+            results[name] = run_in_child(fn, *fn_args, torch_threads=args.torch_threads)
             log.info("row %s: %s", name, results[name])
     finally:
         if not args.keep and not args.work_dir:
@@ -165,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
 
 LABELS = {
     "ours": "spark-mnist ShardLoader (ours)",
+    "ours_proposed": "ours + proposed fixes (benchmarks/proposed.py)",
     "in_memory": "in-memory TensorDataset + DataLoader",
     "per_sample": "per-sample Dataset, float normalise",
     "petastorm": "petastorm make_torch_dataloader",
     "petastorm_batched": "petastorm BatchedDataLoader",
 }
-JSON_PREFIX = {"ours": "ours", "in_memory": "in_memory_dataloader", "per_sample": "per_sample_dataset",
-               "petastorm": "petastorm", "petastorm_batched": "petastorm_batched"}
+JSON_PREFIX = {"ours": "ours", "ours_proposed": "ours_proposed", "in_memory": "in_memory_dataloader",
+               "per_sample": "per_sample_dataset", "petastorm": "petastorm", "petastorm_batched": "petastorm_batched"}
 
 
 def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
@@ -197,7 +208,8 @@ def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
 
     print()
     print(f"Fashion-MNIST train, {figures['train_rows']:,} rows, rank 0 of 1, batch {BATCH_SIZE}, "
-          f"{os.cpu_count()} CPUs, torch threads {_torch_threads()}")
+          f"{os.cpu_count()} CPUs, torch threads per loader process "
+          f"{sorted({r['torch_threads'] for r in results.values()})}")
     print(table(["loader", "cold samples/s", "warm samples/s", "ratio (ours warm / warm)", "peak RSS MB",
                  "epoch seconds"], lines))
     print()
@@ -235,11 +247,6 @@ def check_targets(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -
     checks.append((f"second ingest {figures['ingest_seconds']:.2f}s <= {TARGET_INGEST_OVER_FLOOR} x floor "
                    f"{figures['ingest_floor_seconds']:.2f}s (x{over:.2f})", over <= TARGET_INGEST_OVER_FLOOR))
     return checks
-
-
-def _torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -131,20 +132,38 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024  # Linux reports KiB
 
 
-def _call_and_measure(fn: Callable, args: tuple, kwargs: dict) -> tuple[Any, float]:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import torch  # noqa: F401  a training process has torch loaded before its loader starts: not a loader cost
-    result = fn(*args, **kwargs)
-    return result, peak_rss_mb()
+def _call_and_measure(fn: Callable, args: tuple, torch_threads: int | None) -> tuple[Any, float, int]:
+    quiet_logs()
+    import torch  # a training process has torch loaded before its loader starts: not a loader cost
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    result = fn(*args)
+    return result, peak_rss_mb(), torch.get_num_threads()
 
 
-def run_in_child(fn: Callable, *args, **kwargs) -> dict[str, Any]:
-    """Run ``fn(*args, **kwargs)`` (a module-level function returning a dict) in a fresh ``spawn`` process, so
-    each loader starts from the same state and its peak RSS is its own.  Returns its dict plus ``peak_rss_mb``.
-    Exceptions raised in the child are re-raised here."""
+def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one loader (each in a fresh process): median cold and warm figures, largest peak RSS, and
+    the runs themselves under ``runs``."""
+    first = runs[0]
+    return {
+        **first,
+        "cold_samples_per_s": statistics.median(r["cold_samples_per_s"] for r in runs),
+        "warm_samples_per_s": statistics.median(r["warm_samples_per_s"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "epoch_seconds": [r["epoch_seconds"] for r in runs],
+        "repeats": len(runs),
+    }
+
+
+def run_in_child(fn: Callable, *args, torch_threads: int | None = None) -> dict[str, Any]:
+    """Run ``fn(*args)`` (a module-level function returning a dict) in a fresh ``spawn`` process, so each loader
+    starts from the same state and its peak RSS is its own; ``torch_threads`` sets torch's intra-op threads there
+    (default: torch's default).  Returns ``fn``'s dict plus ``peak_rss_mb`` and ``torch_threads``.  Exceptions
+    raised in the child are re-raised here."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result, rss = pool.submit(_call_and_measure, fn, args, kwargs).result()
-    return {**result, "peak_rss_mb": round(rss, 1)}
+        result, rss, threads = pool.submit(_call_and_measure, fn, args, torch_threads).result()
+    return {**result, "peak_rss_mb": round(rss, 1), "torch_threads": threads}
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -167,14 +186,15 @@ def train_tensors(source: str):
 
 
 def measure_shard_loader(paths: Sequence[str], epochs: int, *, batch_size: int = BATCH_SIZE, rank: int = 0,
-                         world_size: int = 1, **loader_kwargs) -> dict[str, Any]:
+                         world_size: int = 1, loader_cls: type | None = None, **loader_kwargs) -> dict[str, Any]:
     """Our :class:`~spark_mnist.loader.ShardLoader` over ``paths``: ``epochs`` full epochs; the first is cold
     (reads the Parquet files; the constructor's metadata reads count in it), the rest warm when the shard is
-    held in memory.  Streaming loaders run one epoch only (every epoch reads the files again)."""
+    held in memory.  Streaming loaders run one epoch only (every epoch reads the files again).  ``loader_cls``
+    replaces :class:`~spark_mnist.loader.ShardLoader` (a subclass)."""
     from spark_mnist.loader import ShardLoader
 
     with stopwatch() as setup:
-        loader = ShardLoader(paths, rank=rank, world_size=world_size, batch_size=batch_size, **loader_kwargs)
+        loader = (loader_cls or ShardLoader)(paths, rank=rank, world_size=world_size, batch_size=batch_size, **loader_kwargs)
     with loader:
         def epoch(e):
             loader.set_epoch(e)
@@ -208,7 +228,13 @@ def make_converter(spark, data_dir: str, cache_dir: str,
 
 
 def quiet_logs() -> None:
-    """INFO for the benchmarks, WARNING elsewhere; silence petastorm's and py4j's chatter."""
+    """INFO for the benchmarks, WARNING elsewhere; silence petastorm's and py4j's chatter and the deprecation
+    warnings of petastorm/pandas (they say nothing about speed)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # pandas' SettingWithCopyWarning from petastorm's TransformSpec path, matched by text: importing pandas here
+    # would hide the cost of the loaders that import it.
+    warnings.filterwarnings("ignore", message=r"\s*A value is trying to be set on a copy")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
     for name in ("py4j", "petastorm"):

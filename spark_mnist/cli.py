@@ -69,6 +69,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         help="run ranks on the driver (local) or in executors")
     parser.add_argument("--resume", action="store_true", default=None, help="continue from run_dir's checkpoint")
     parser.add_argument("--checkpoint-every-steps", type=int, help="also checkpoint every K steps")
+    parser.add_argument("--max-steps", type=int, help="stop this run after N steps (checkpointed; --resume goes on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="ingest + train with conf/local.yaml defaults")
     config = commands.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
+    verify = commands.add_parser("verify", help="check a directory of gz IDX files, without Spark")
+    verify.add_argument("--source", required=True, help="directory, file:/, /dbfs/ or /Volumes/ path")
+    verify.add_argument("--dataset", default="fashion-mnist", help="registry name (default: fashion-mnist)")
+    verify.add_argument("--allow-hash-mismatch", action="store_true",
+                        help="a subset or relabelled copy passes when its structure is right")
+    download = commands.add_parser("download", help="fetch a dataset's four gz IDX files, verified")
+    download.add_argument("dataset", help="registry name: mnist, fashion-mnist, kmnist, emnist-<split>")
+    download.add_argument("--to", required=True, help="target directory (local, /dbfs/, /Volumes/)")
+    download.add_argument("--mirror", action="append", help="base URL to try instead of the registry's (repeatable)")
+    download.add_argument("--retries", type=int, default=3, help="attempts per mirror")
+    download.add_argument("--no-local", action="store_true", help="ignore copies already on this machine")
+    for sub in (verify, download):
+        sub.add_argument("--verbose", action="store_true", help="debug output")
     for sub in (ingest, train, run, config):
         _common(sub)
     for sub in (ingest, run, config):
@@ -101,7 +115,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                   "batch_size": get("batch_size"), "num_processes": get("num_processes"), "lr": get("lr"),
                   "seed": get("seed"), "loader": get("loader"), "use_gpu": get("use_gpu"),
                   "local_mode": get("local_mode"), "resume": get("resume"),
-                  "checkpoint_every_steps": get("checkpoint_every_steps")},
+                  "checkpoint_every_steps": get("checkpoint_every_steps"), "max_steps": get("max_steps")},
     }
     return load_settings(path, overrides)
 
@@ -119,7 +133,28 @@ def _ingest(spark, settings: Settings) -> dict[str, Any]:
     return manifest
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from spark_mnist.verify import format_table, verify_source
+
+    report = verify_source(args.source, args.dataset, strict=not args.allow_hash_mismatch)
+    sys.stdout.write(format_table(report))
+    return 0 if report.ok else EXIT_BAD_INPUT
+
+
+def _download(args: argparse.Namespace) -> int:
+    from spark_mnist.download import LocalRoots, download
+
+    paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries,
+                     local_roots=LocalRoots() if args.no_local else None)
+    print(json.dumps({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}}))
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "download":
+        return _download(args)
     settings = settings_from_args(args)
     if args.command == "config":
         sys.stdout.write(show(settings))

@@ -59,6 +59,7 @@ class TrainSettings(_Section):
     reader_threads: int = Field(2, ge=1)
     threads_per_rank: int = Field(0, ge=0)
     checkpoint_every_steps: int = Field(0, ge=0)
+    max_steps: int = Field(0, ge=0)
     resume: bool = False
 
 

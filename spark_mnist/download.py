@@ -45,7 +45,7 @@ from spark_mnist.verify import verify_file
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16
-# Statuses worth asking the same mirror again (RFC 9110 section 15 and RFC 6585): timeouts, rate limits and server
+# Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
 # errors.  Any other 4xx (403 Forbidden, 404 Not Found, ...) moves on to the next mirror at once.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 TORCHVISION_CLASS_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}

@@ -99,7 +99,7 @@ def train(spark, settings: Settings) -> dict[str, Any]:
             "local" else normalize_uri(t.run_dir).local_path, num_classes=len(manifest["classes"]),
             image_shape=tuple(manifest["image_shape"]), epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
             seed=t.seed, use_gpu=t.use_gpu, bf16=t.bf16, resume=t.resume,
-            checkpoint_every_steps=t.checkpoint_every_steps, loader=t.loader,
+            checkpoint_every_steps=t.checkpoint_every_steps, max_steps=t.max_steps, loader=t.loader,
             memory_budget_bytes=t.memory_budget_mb * 2**20, reader_threads=t.reader_threads,
             threads_per_rank=t.threads_per_rank,
             train_converter=converters["train"] if t.loader == "petastorm" else None)

@@ -34,6 +34,8 @@ class TrainJob:
 
     ``train_files``/``test_files`` are local paths or ``file:``/``dbfs:`` URLs of the Parquet shards (petastorm's
     converter cache).  ``run_dir`` receives ``model.pt``, ``checkpoint.pt`` and ``metrics.json`` (rank 0).
+    ``max_steps`` (0: no limit) ends this run after that many steps, checkpointing where it stopped, so a later
+    ``resume`` continues mid-epoch.
     """
 
     train_files: list[str]
@@ -50,6 +52,7 @@ class TrainJob:
     bf16: bool = False
     resume: bool = False
     checkpoint_every_steps: int = 0
+    max_steps: int = 0
     loader: str = "spark-mnist"
     memory_budget_bytes: int = 2 * 2**30
     reader_threads: int = 2
@@ -107,8 +110,8 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, 
     return loss, int(correct), int(count)
 
 
-def train_worker(job: TrainJob) -> dict[str, Any] | None:
-    """Train in this rank; return the run's metrics on rank 0 (``None`` elsewhere).
+def train_worker(job: TrainJob) -> dict[str, Any]:
+    """Train in this rank; return the run's metrics (the same on every rank: losses and counts are all-reduced).
 
     Every rank runs exactly :func:`spark_mnist.loader.steps_per_epoch` steps per epoch, so DDP's collectives never
     wait on a rank that ran out of data.
@@ -125,8 +128,7 @@ def train_worker(job: TrainJob) -> dict[str, Any] | None:
         dist.destroy_process_group()
 
 
-def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, started: float
-           ) -> dict[str, Any] | None:
+def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, started: float) -> dict[str, Any]:
     torch.manual_seed(job.seed)
     norm = normalization_for(job.dataset)
     model = SimpleCNN(job.num_classes, job.image_shape).to(device)
@@ -145,6 +147,7 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                   pin_memory=pin)
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
+    run_steps = 0
     with ShardLoader(job.train_files, shuffle=True, drop_remainder=True, **common) as train_loader, \
             ShardLoader(job.test_files, shuffle=False, drop_remainder=False, **common) as test_loader:
         steps = train_loader.steps_total
@@ -181,8 +184,16 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                 optimizer.step()
                 totals += torch.stack([loss.detach().double() * len(y), torch.tensor(len(y), dtype=torch.float64,
                                                                                      device=device)])
+                run_steps += 1
+                if job.max_steps and run_steps == job.max_steps and step + 1 < steps:
+                    break
                 if job.checkpoint_every_steps and (step + 1) % job.checkpoint_every_steps == 0 and step + 1 < steps:
                     checkpoint(epoch, step + 1)
+            else:
+                step = steps - 1
+            if step + 1 < steps:  # stopped by max_steps mid-epoch: checkpoint where it stopped and end the run
+                checkpoint(epoch, step + 1)
+                break
             seconds = time.perf_counter() - epoch_start
             train_seconds += seconds
             dist.all_reduce(totals)
@@ -201,9 +212,8 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                       f"test accuracy {record['test_accuracy']:.4f} on {count} images, "
                       f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
                       f"{seconds:.1f}s", flush=True)
-    if rank != 0:
-        return None
-    save_atomically(model.state_dict(), os.path.join(job.run_dir, MODEL_NAME))
+            if job.max_steps and run_steps >= job.max_steps:
+                break
     last = history[-1] if history else {}
     metrics = {"test_accuracy": last.get("test_accuracy"), "epochs": job.epochs, "world_size": world_size,
                "steps_per_epoch": steps, "batch_size": job.batch_size,
@@ -211,8 +221,12 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                "train_seconds": round(train_seconds, 3), "wall_seconds": round(time.perf_counter() - started, 3),
                "device": device.type, "loader": job.loader, "model_path": os.path.join(job.run_dir, MODEL_NAME),
                "history": history}
-    with open(os.path.join(job.run_dir, METRICS_NAME), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
+    if rank == 0:
+        save_atomically(model.state_dict(), os.path.join(job.run_dir, MODEL_NAME))
+        with open(os.path.join(job.run_dir, METRICS_NAME), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+    # Every rank returns the same metrics: in local mode TorchDistributor keeps whichever rank's return value is
+    # written last, not rank 0's.
     return metrics
 
 

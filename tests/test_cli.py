@@ -78,3 +78,12 @@ def test_databricks_jobs_default_to_databricks_yaml(capsys, monkeypatch):
     assert run("config", ["show", "--epochs", "2"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["spark"]["master"] is None and shown["train"]["use_gpu"] and shown["train"]["epochs"] == 2
+
+
+def test_verify_command_exit_codes(small_source, capsys):
+    source, _ = small_source
+    assert main(["verify", "--source", str(source), "--dataset", "fashion-mnist", "--allow-hash-mismatch"]) == 0
+    assert "train-images-idx3-ubyte.gz" in capsys.readouterr().out
+    assert main(["verify", "--source", str(source), "--dataset", "fashion-mnist"]) == 2  # not the published files
+    (source / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert main(["verify", "--source", str(source), "--allow-hash-mismatch"]) == 2

@@ -31,28 +31,35 @@ def settings_for(root, run_dir, **train):
                                           "petastorm_cache_url": (root / "cache").as_uri(), **train}})
 
 
-def test_two_process_run_returns_metrics(spark, small_dataset, tmp_path, capfd):
-    metrics = train(spark, settings_for(small_dataset, tmp_path / "run"))
+@pytest.fixture(scope="module")
+def full_run(spark, small_dataset):
+    run_dir = small_dataset / "full"
+    return train(spark, settings_for(small_dataset, run_dir)), run_dir
+
+
+def test_two_process_run_returns_metrics(full_run):
+    metrics, run_dir = full_run
     assert metrics["world_size"] == 2 and metrics["epochs"] == 2
     assert metrics["steps_per_epoch"] == (640 // 2) // 32
     assert metrics["samples_per_epoch"] == metrics["steps_per_epoch"] * 32 * 2
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
     assert [h["test_samples"] for h in metrics["history"]] == [130, 130]  # the full test split
-    state = torch.load(tmp_path / "run" / MODEL_NAME, weights_only=True)
+    assert all(0 <= h["data_wait_fraction"] < 1 for h in metrics["history"])
+    state = torch.load(run_dir / MODEL_NAME, weights_only=True)
     assert "classifier.weight" in state
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
-    assert "epoch 2/2: train loss" in capfd.readouterr().out
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(spark, small_dataset, tmp_path):
-    full = train(spark, settings_for(small_dataset, tmp_path / "full", epochs=2))
-    partial_dir = tmp_path / "partial"
-    train(spark, settings_for(small_dataset, partial_dir, epochs=1))
-    assert torch.load(partial_dir / CHECKPOINT_NAME, weights_only=False)["epoch"] == 1
-    resumed = train(spark, settings_for(small_dataset, partial_dir, epochs=2, resume=True))
+def test_resume_mid_epoch_matches_uninterrupted_run(spark, small_dataset, full_run, tmp_path):
+    full, full_dir = full_run
+    run_dir = tmp_path / "interrupted"
+    train(spark, settings_for(small_dataset, run_dir, max_steps=13))  # stops at step 3 of epoch 2
+    checkpoint = torch.load(run_dir / CHECKPOINT_NAME, weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3)
+    resumed = train(spark, settings_for(small_dataset, run_dir, resume=True))
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
-    a = torch.load(tmp_path / "full" / MODEL_NAME, weights_only=True)
-    b = torch.load(partial_dir / MODEL_NAME, weights_only=True)
+    a = torch.load(full_dir / MODEL_NAME, weights_only=True)
+    b = torch.load(run_dir / MODEL_NAME, weights_only=True)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
