@@ -78,6 +78,33 @@ def parse_split(spec: DatasetSpec, split: str, files: dict[str, SourceFile]) -> 
     return Split(split, upright(spec, arrays[IMAGES]), arrays[LABELS]), records
 
 
+def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[dict[str, Split], list[dict]]:
+    """Read a Keras ``mnist.npz`` (bytes through Spark's ``binaryFile`` source, ``np.load(allow_pickle=False)``)
+    and check both splits against ``spec``.
+
+    Raises:
+        SourceError: the file is missing.
+        InputError: not a Keras npz archive (see :func:`spark_mnist.keras_npz.load_keras_npz`).
+        DatasetMismatchError: shapes, label range or counts that do not fit ``spec``.
+    """
+    import hashlib
+    import io
+
+    from spark_mnist.keras_npz import load_keras_npz
+
+    source = read_files(spark, npz.sibling(""), [npz.name])[npz.name]
+    arrays = load_keras_npz(io.BytesIO(source.content), image_shape=spec.image_shape, name=source.uri)
+    splits = {}
+    for split in SPLITS:
+        images, labels = arrays[split]
+        validate_split(spec, images, labels, f"{source.uri}[x_{split}]", f"{source.uri}[y_{split}]")
+        splits[split] = Split(split, upright(spec, images), labels)
+    digest = hashlib.sha256(source.content, usedforsecurity=False).hexdigest()
+    record = {"split": "train+test", "kind": "npz", "name": npz.name, "uri": source.uri, "bytes": source.length,
+              "payload_bytes": source.length, "sha256": digest, "expected_sha256": None, "sha256_matches": None}
+    return splits, [record]
+
+
 def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bool) -> None:
     """Warn about (or, with ``strict``, refuse) payloads whose sha256 differs from the registry's.  A subset or a
     relabelled copy in the same format is legitimate input, so this is a warning by default.
@@ -237,7 +264,8 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     """Ingest the four standard gz IDX files of ``dataset`` under ``source`` into Parquet shards under ``output``.
 
     Runs on the driver.  ``source`` and ``output`` may be local paths, ``file:/``, ``dbfs:/``, ``/dbfs/`` or
-    ``/Volumes/...`` (see :func:`spark_mnist.storage.normalize_uri`).
+    ``/Volumes/...`` (see :func:`spark_mnist.storage.normalize_uri`); ``source`` may also name a Keras
+    ``mnist.npz`` file instead of a directory.
 
     Returns:
         The manifest written to ``output/_manifest.json``.
@@ -253,13 +281,16 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     spec = get_dataset(dataset)
     source_dir, out = normalize_uri(source), normalize_uri(output)
     started = time.perf_counter()
-    files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
-    splits, records = {}, []
-    for split in SPLITS:
-        splits[split], split_records = parse_split(spec, split, files)
-        records.extend(split_records)
-    del files
-    check_hashes(spec, records, strict=strict)
+    if source_dir.uri.endswith(".npz"):
+        splits, records = read_npz(spark, spec, source_dir)
+    else:
+        files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
+        splits, records = {}, []
+        for split in SPLITS:
+            splits[split], split_records = parse_split(spec, split, files)
+            records.extend(split_records)
+        del files
+        check_hashes(spec, records, strict=strict)
     log.info("parsed %s in %.2fs: %s", source_dir.uri, time.perf_counter() - started,
              ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits.values()))
 

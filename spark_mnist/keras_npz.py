@@ -13,6 +13,7 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,13 +25,15 @@ KERAS_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 KERAS_MNIST_FILE = "mnist.npz"
 
 
-def load_keras_npz(path: str | os.PathLike, *,
-                   image_shape: tuple[int, int] = (28, 28)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read a Keras ``mnist.npz`` with ``np.load(path, allow_pickle=False)``.
+def load_keras_npz(source: str | os.PathLike | BinaryIO, *, image_shape: tuple[int, int] = (28, 28),
+                   name: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read a Keras ``mnist.npz`` with ``np.load(source, allow_pickle=False)``.
 
     Args:
-        path: the ``.npz`` file (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``; Keras' layout).
+        source: the ``.npz`` file (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``; Keras' layout), as a
+            path or an open binary file (e.g. the bytes Spark's ``binaryFile`` source read, in ``io.BytesIO``).
         image_shape: the expected (height, width) of each image in pixels.
+        name: how errors name the file; defaults to the path.
 
     Returns:
         ``{"train": (images, labels), "test": (images, labels)}`` with images uint8 of shape (N, H, W) and labels
@@ -40,9 +43,9 @@ def load_keras_npz(path: str | os.PathLike, *,
         InputError: naming the file: not a readable ``.npz`` archive, pickled (object) content, a missing key,
             images not (N, H, W) uint8, labels not 1-d integers in 0..255, or image and label counts that differ.
     """
-    path = Path(path)
+    path = Path(name or os.fspath(source)) if name or not hasattr(source, "read") else Path("<npz>")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as e:
         raise InputError(f"{path}: file not found (expected a Keras mnist.npz)") from e
     except ValueError as e:  # np.load falls back to pickle for unknown content, which allow_pickle=False refuses

@@ -1,0 +1,86 @@
+"""Keras-style access: ``load_data(path)`` -> ``((x_train, y_train), (x_test, y_test))`` as numpy arrays.
+
+For users coming from ``keras.datasets.mnist.load_data()``.  Reads, with the same validation as ingest, any of:
+a directory of the four gz IDX files, an ingested Parquet dataset (a directory with ``_manifest.json``), or a
+Keras ``mnist.npz``.  No Spark, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from spark_mnist import contract
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, get_dataset, upright, validate_split
+from spark_mnist.errors import SourceError
+from spark_mnist.storage import normalize_uri
+
+Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
+    """Load a dataset the way ``keras.datasets.mnist.load_data()`` returns it.
+
+    Args:
+        path: a local (or ``/dbfs/``, ``/Volumes/``, ``file:/``) directory of the four gz IDX files, an ingested
+            dataset directory, or a Keras ``mnist.npz``.
+        dataset: registry name, used for file names and checks (an ingested dataset names its own).
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``: images uint8 of shape (N, 28, 28), upright (EMNIST is
+        transposed back), labels uint8 of shape (N,).
+
+    Raises:
+        SourceError: a path with no local form, or one that does not exist.
+        IdxFormatError, DatasetMismatchError, InputError: as ingest, for the same defects.
+    """
+    location = normalize_uri(path)
+    local = location.local_path
+    if local is None or not os.path.exists(local):
+        raise SourceError(f"{path}: not found (load_data reads local, /dbfs/ or /Volumes/ paths)")
+    if local.endswith(".npz"):
+        from spark_mnist.keras_npz import load_keras_npz
+
+        spec = get_dataset(dataset)
+        loaded = load_keras_npz(local, image_shape=spec.image_shape)
+        for split, (images, labels) in loaded.items():
+            validate_split(spec, images, labels, f"{local}[x_{split}]", f"{local}[y_{split}]")
+        return loaded["train"], loaded["test"]
+    if os.path.exists(os.path.join(local, contract.MANIFEST_NAME)):
+        return _from_parquet(local)
+    return _from_idx(local, dataset)
+
+
+def _from_idx(directory: str, dataset: str) -> Arrays:
+    from spark_mnist.idx import read_idx
+
+    spec = get_dataset(dataset)
+    result = []
+    for split in SPLITS:
+        paths = {kind: os.path.join(directory, spec.file(split, kind).name) for kind in (IMAGES, LABELS)}
+        missing = [p for p in paths.values() if not os.path.exists(p)]
+        if missing:
+            raise SourceError(f"{', '.join(missing)}: file not found")
+        images, labels = read_idx(paths[IMAGES]), read_idx(paths[LABELS])
+        validate_split(spec, images, labels, paths[IMAGES], paths[LABELS])
+        result.append((upright(spec, images), labels))
+    return result[0], result[1]
+
+
+def _from_parquet(directory: str) -> Arrays:
+    from spark_mnist.loader import plan_row_groups, read_rows
+
+    manifest = contract.load_manifest(directory)
+    spec = get_dataset(manifest["dataset"])
+    shape = tuple(manifest["image_shape"])
+    result = []
+    for split in SPLITS:
+        plan = plan_row_groups(contract.split_files(directory, manifest, split))
+        total = plan[-1].start + plan[-1].rows if plan else 0
+        index, pixels, labels = read_rows(plan, 0, total, int(np.prod(shape)))
+        order = np.argsort(index, kind="stable")
+        images, labels = pixels[order].reshape(-1, *shape), labels[order].astype(np.uint8)
+        validate_split(spec, images, labels, f"{directory}/{split}", f"{directory}/{split}")
+        result.append((images, labels))
+    return result[0], result[1]
