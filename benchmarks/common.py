@@ -113,6 +113,34 @@ def stopwatch() -> Iterator[dict[str, float]]:
         t["seconds"] = time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def stage_timers(module, names: Sequence[str]) -> Iterator[dict[str, float]]:
+    """Time calls of ``module``'s functions ``names`` while open (summed per name, in seconds), by wrapping them
+    in the module's namespace; the wrappers are removed on exit.  Attribution only: the module's own code runs
+    unchanged."""
+    totals = {name: 0.0 for name in names}
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - started
+        return timed
+
+    for name, fn in originals.items():
+        setattr(module, name, wrap(name, fn))
+    started = time.perf_counter()
+    try:
+        yield totals
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+        totals["other"] = time.perf_counter() - started - sum(totals[n] for n in names)
+
+
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
     """The fastest of ``repeats`` timed calls of ``fn``, in seconds."""
     times = []
@@ -126,10 +154,37 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
 # --------------------------------------------------------------------------------------------------- processes
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (and of its waited-for children), in MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024  # Linux reports KiB
+    """Peak resident set size of this process, in MiB: ``VmHWM`` where Linux has it, else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: it survives ``exec``, so a ``spawn`` child reports at least its parent's RSS at
+    the fork (e.g. a Spark driver's), not its own."""
+    hwm = vm_hwm_mb()
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``, Linux >= 4.0) so that :func:`vm_hwm_mb` measures from now on.
+    ``ru_maxrss`` is not reset.  Returns whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mb() -> float | None:
+    """This process's peak RSS since start or the last :func:`reset_peak_rss`, in MiB (None off Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _call_and_measure(fn: Callable, args: tuple, torch_threads: int | None) -> tuple[Any, float, int]:
@@ -194,7 +249,8 @@ def measure_shard_loader(paths: Sequence[str], epochs: int, *, batch_size: int =
     from spark_mnist.loader import ShardLoader
 
     with stopwatch() as setup:
-        loader = (loader_cls or ShardLoader)(paths, rank=rank, world_size=world_size, batch_size=batch_size, **loader_kwargs)
+        loader = (loader_cls or ShardLoader)(paths, rank=rank, world_size=world_size, batch_size=batch_size,
+                                             **loader_kwargs)
     with loader:
         def epoch(e):
             loader.set_epoch(e)
@@ -203,6 +259,19 @@ def measure_shard_loader(paths: Sequence[str], epochs: int, *, batch_size: int =
                              setup_seconds=setup["seconds"])
     return {**result.summary(), "in_memory": loader.in_memory, "rows": loader.rows,
             "row_groups": len(loader.plan)}
+
+
+def row_ours(paths: Sequence[str], epochs: int) -> dict[str, Any]:
+    """Our loader as it is (run it with :func:`run_in_child`)."""
+    return measure_shard_loader(paths, epochs)
+
+
+def row_ours_proposed(paths: Sequence[str], epochs: int) -> dict[str, Any]:
+    """Our loader with the fixes of :mod:`benchmarks.proposed` (run it with :func:`run_in_child`)."""
+    from benchmarks.proposed import ProposedShardLoader, patched
+
+    with patched():
+        return measure_shard_loader(paths, epochs, loader_cls=ProposedShardLoader)
 
 
 # --------------------------------------------------------------------------------------------------- Spark

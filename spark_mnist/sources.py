@@ -45,15 +45,18 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str])
     if missing:
         listing = ", ".join(loc.local_path or loc.uri for loc in missing)
         raise SourceError(f"{listing}: file not found (expected {', '.join(names)} in {directory.uri})")
-    rows = (spark.read.format("binaryFile")
-            .load([loc.uri for loc in wanted.values()])
-            .select("path", "content")
-            .collect())
-    by_basename = {row.path.rstrip("/").rsplit("/", 1)[-1]: row for row in rows}
+    # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled), about twice as fast as collect()
+    # for a few large binary rows.
+    frame = (spark.read.format("binaryFile")
+             .load([loc.uri for loc in wanted.values()])
+             .select("path", "content")
+             .toPandas())
+    by_basename = {path.rstrip("/").rsplit("/", 1)[-1]: (path, content)
+                   for path, content in zip(frame["path"], frame["content"])}
     found = {}
     for name in names:
-        row = by_basename.get(name)
-        if row is None:
+        if name not in by_basename:
             raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
-        found[name] = SourceFile(name, row.path, bytes(row.content))
+        path, content = by_basename[name]
+        found[name] = SourceFile(name, path, bytes(content))
     return found
