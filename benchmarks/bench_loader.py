@@ -6,8 +6,10 @@ session, then a second one replacing it) and makes petastorm's converter for the
 ``spark_mnist.launch.train`` does.  Then each loader runs in its own ``spawn`` child (fresh interpreter; its peak
 RSS is its own):
 
-* ``spark-mnist ShardLoader``: ours, over ``converter.file_urls``; cold = epoch 1 (reads the Parquet files),
-  warm = median of the later epochs (in memory);
+* ``spark-mnist ShardLoader``: ours, over ``converter.file_urls``; cold = epoch 1 (reads the Parquet files; the
+  constructor counts in it), warm = median of the later epochs (in memory);
+* diagnostics, not counted in the targets: ours with ``torch.set_num_threads(1)``; ours with the fixes of
+  :mod:`benchmarks.proposed`; the same over a second converter written with ``compression_codec="uncompressed"``;
 * ``in-memory TensorDataset``: torch ``DataLoader(TensorDataset(uint8 images, labels), shuffle=True)`` over the
   tensors parsed from the gz files;
 * ``per-sample Dataset (float)``: a map-style Dataset whose ``__getitem__`` returns one normalised float image,
@@ -15,8 +17,9 @@ RSS is its own):
 * ``petastorm DataLoader`` / ``petastorm BatchedDataLoader``: ``converter.make_torch_dataloader`` through
   ``spark_mnist.loader.petastorm_batches``, ``60000 // 256`` steps per epoch from one endless reader.
 
-Every batch is consumed the same way (:func:`benchmarks.common.consume`).  Prints a table, the targets, and one
-JSON line last.  Usage: ``python -m benchmarks.bench_loader [--epochs 3] [--petastorm-epochs 1]``.
+Every batch is consumed the same way (:func:`benchmarks.common.consume`).  The cheap rows run in ``--repeats``
+fresh processes and report medians.  Prints a table, the ingest figures, the targets, and one JSON line last.
+Usage: ``python -m benchmarks.bench_loader [--rows ours,in_memory] [--epochs 4] [--repeats 3]``.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ TARGET_OURS_COLD = 300_000
 TARGET_OURS_WARM = 1_000_000
 TARGET_WARM_RATIO = 5.0
 TARGET_INGEST_OVER_FLOOR = 5.0
-ROWS = ("ours", "ours_proposed", "in_memory", "per_sample", "petastorm", "petastorm_batched")
-CHEAP_ROWS = ("ours", "ours_proposed", "in_memory")
+ROWS = ("ours", "ours_torch1", "ours_proposed", "ours_proposed_uncompressed", "in_memory", "per_sample", "petastorm",
+        "petastorm_batched")
+CHEAP_ROWS = ("ours", "ours_torch1", "ours_proposed", "ours_proposed_uncompressed", "in_memory")
 
 
 # ------------------------------------------------------------------------------------------ rows (child processes)
@@ -90,10 +94,11 @@ def row_petastorm(converter, steps: int, epochs: int, batched: bool) -> dict[str
 INGEST_STAGES = ("read_files", "parse_split", "write_split", "commit")
 
 
-def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], Any]:
+def measure_ingest(source: str, work: str, runs: int, uncompressed: bool) -> tuple[dict[str, Any], Any, Any]:
     """Floor (parse the 4 gz files, no Spark), then ``runs`` ingests into one directory in one fresh session
-    (session start excluded; each later ingest replaces the previous dataset), then the converter.  Each ingest's
-    stages are timed too.  Returns (figures, converter)."""
+    (session start excluded; each later ingest replaces the previous dataset), then the converter (and, with
+    ``uncompressed``, a second one writing uncompressed Parquet).  Each ingest's stages are timed too.  Returns
+    (figures, converter, uncompressed converter or None)."""
     from spark_mnist import ingest as ingest_module
 
     floor = best_of(lambda: parse_idx_files(source), 2)
@@ -115,9 +120,14 @@ def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], A
         with stopwatch() as t:
             converter = make_converter(spark, data, os.path.join(work, "petastorm"))
         figures["converter_seconds"] = t["seconds"]
+        plain = None
+        if uncompressed:
+            with stopwatch() as t:
+                plain = make_converter(spark, data, os.path.join(work, "petastorm"), compression_codec="uncompressed")
+            figures["converter_uncompressed_seconds"] = t["seconds"]
     figures["train_rows"] = manifest["splits"]["train"]["rows"]
     figures["converter_files"] = len(converter.file_urls)
-    return figures, converter
+    return figures, converter, plain
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("ingesting %s into %s (%d runs), then making the petastorm converter", args.source, work,
                  args.ingest_runs)
-        figures, converter = measure_ingest(args.source, work, args.ingest_runs)
+        figures, converter, plain = measure_ingest(args.source, work, args.ingest_runs,
+                                                  "ours_proposed_uncompressed" in rows)
         paths = list(converter.file_urls)
         steps = figures["train_rows"] // BATCH_SIZE
         jobs = {
             "ours": (row_ours, paths, args.epochs),
+            "ours_torch1": (row_ours, paths, args.epochs),
             "ours_proposed": (row_ours_proposed, paths, args.epochs),
+            "ours_proposed_uncompressed": (row_ours_proposed, list(plain.file_urls) if plain else [], args.epochs),
             "in_memory": (row_in_memory, args.source, args.epochs),
             "per_sample": (row_per_sample, args.source, args.epochs),
             "petastorm": (row_petastorm, converter, steps, args.petastorm_epochs, False),
@@ -165,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in rows:
             fn, *fn_args = jobs[name]
             repeats = args.repeats if name in CHEAP_ROWS else 1
+            threads = 1 if name == "ours_torch1" else args.torch_threads
             runs = []
             for _ in range(repeats):
-                runs.append(run_in_child(fn, *fn_args, torch_threads=args.torch_threads))
+                runs.append(run_in_child(fn, *fn_args, torch_threads=threads))
                 log.info("row %s: cold %s, warm %s samples/s, epochs %s s", name,
                          fmt_num(runs[-1]["cold_samples_per_s"]), fmt_num(runs[-1]["warm_samples_per_s"]),
                          runs[-1]["epoch_seconds"])
@@ -181,13 +195,16 @@ def main(argv: list[str] | None = None) -> int:
 
 LABELS = {
     "ours": "spark-mnist ShardLoader (ours)",
+    "ours_torch1": "ours, torch.set_num_threads(1) (diagnostic)",
     "ours_proposed": "ours + proposed fixes (benchmarks/proposed.py)",
+    "ours_proposed_uncompressed": "ours + fixes, uncompressed converter",
     "in_memory": "in-memory TensorDataset + DataLoader",
     "per_sample": "per-sample Dataset, float normalise",
     "petastorm": "petastorm make_torch_dataloader",
     "petastorm_batched": "petastorm BatchedDataLoader",
 }
-JSON_PREFIX = {"ours": "ours", "ours_proposed": "ours_proposed", "in_memory": "in_memory_dataloader",
+JSON_PREFIX = {"ours": "ours", "ours_torch1": "ours_torch1", "ours_proposed": "ours_proposed",
+               "ours_proposed_uncompressed": "ours_proposed_uncompressed", "in_memory": "in_memory_dataloader",
                "per_sample": "per_sample_dataset", "petastorm": "petastorm", "petastorm_batched": "petastorm_batched"}
 
 
@@ -229,15 +246,18 @@ def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
         ["second ingest, same session (replaces)", f"{figures['ingest_seconds']:.2f}",
          f"{figures['ingest_seconds'] / floor:.2f}", stages("ingest_stages")],
         ["petastorm converter (make_spark_converter)", f"{figures['converter_seconds']:.2f}", "-", "-"],
+        *([["same, compression_codec='uncompressed'", f"{figures['converter_uncompressed_seconds']:.2f}", "-", "-"]]
+          if "converter_uncompressed_seconds" in figures else []),
         ["Spark session start (excluded above)", f"{figures['spark_session_start_seconds']:.2f}", "-", "-"],
     ]))
     print()
     targets = check_targets(figures, results)
     for text, ok in targets:
         print(f"{'PASS' if ok else 'MISS'}  {text}")
-    if "ours_proposed" in results:
-        for text, ok in check_targets(figures, {**results, "ours": results["ours_proposed"]}, ingest=False):
-            print(f"({'pass' if ok else 'miss'}  with the proposed fixes: {text})")
+    for variant in ("ours_proposed", "ours_proposed_uncompressed"):
+        if variant in results:
+            for text, ok in check_targets(figures, {**results, "ours": results[variant]}, ingest=False):
+                print(f"({'pass' if ok else 'miss'}  {LABELS[variant]}: {text})")
     payload.update(figures)
     payload["targets_met"] = all(ok for _, ok in targets)
     payload["targets_missed"] = [text for text, ok in targets if not ok]

@@ -287,13 +287,15 @@ def bench_spark(master: str = "local[2]") -> Iterator["SparkSession"]:  # noqa: 
 
 
 def make_converter(spark, data_dir: str, cache_dir: str,
-                   row_group_bytes: int = DEFAULT_PETASTORM_ROW_GROUP_BYTES, split: str = "train"):
-    """petastorm's converter for ``data_dir/split``, as :func:`spark_mnist.launch.train` makes it."""
+                   row_group_bytes: int = DEFAULT_PETASTORM_ROW_GROUP_BYTES, split: str = "train",
+                   compression_codec: str | None = None):
+    """petastorm's converter for ``data_dir/split``, as :func:`spark_mnist.launch.train` makes it (which leaves
+    ``compression_codec`` to Spark's default, snappy)."""
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
 
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, "file://" + os.path.abspath(cache_dir))
     return make_spark_converter(spark.read.parquet(f"file://{os.path.abspath(data_dir)}/{split}"),
-                                parquet_row_group_size_bytes=row_group_bytes)
+                                parquet_row_group_size_bytes=row_group_bytes, compression_codec=compression_codec)
 
 
 def quiet_logs() -> None:

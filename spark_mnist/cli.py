@@ -92,7 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--mirror", action="append", help="base URL to try instead of the registry's (repeatable)")
     download.add_argument("--retries", type=int, default=3, help="attempts per mirror")
     download.add_argument("--no-local", action="store_true", help="ignore copies already on this machine")
-    for sub in (verify, download):
+    preview = commands.add_parser("preview", help="PNG grid of sample images with class names, without Spark")
+    preview.add_argument("--data", required=True, help="ingested dataset directory (OUT of ingest)")
+    preview.add_argument("--out", required=True, help="PNG file to write, e.g. grid.png")
+    preview.add_argument("--split", default="train", choices=["train", "test"], help="default: train")
+    preview.add_argument("--seed", type=int, default=0, help="which random images (default: 0)")
+    evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy, confusion matrix; no Spark")
+    evaluate.add_argument("--data", required=True, help="ingested dataset directory (OUT of ingest)")
+    evaluate.add_argument("--model", required=True, help="model.pt written by train (or its checkpoint.pt)")
+    evaluate.add_argument("--out-png", help="confusion-matrix PNG (default: confusion.png beside the model)")
+    evaluate.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
+    evaluate.add_argument("--split", default="test", choices=["train", "test"], help="default: test")
+    for sub in (verify, download, preview, evaluate):
         sub.add_argument("--verbose", action="store_true", help="debug output")
     for sub in (ingest, train, run, config):
         _common(sub)
@@ -150,11 +161,34 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preview(args: argparse.Namespace) -> int:
+    from spark_mnist.plots import preview_grid
+
+    path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
+    print(json.dumps({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from spark_mnist.evaluate import evaluate_model, format_report
+    from spark_mnist.plots import confusion_matrix_png
+
+    result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
+    sys.stdout.write(format_report(result))
+    out_png = args.out_png or os.path.join(os.path.dirname(os.path.abspath(args.model)), "confusion.png")
+    try:
+        print(f"confusion matrix PNG: {confusion_matrix_png(result, out_png)}", flush=True)
+    except InputError as e:  # no matplotlib: the report above stands; an explicit --out-png makes it an error
+        if args.out_png:
+            raise
+        logging.getLogger("spark_mnist").warning("no confusion-matrix PNG: %s", e)
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
-    if args.command == "verify":
-        return _verify(args)
-    if args.command == "download":
-        return _download(args)
+    handlers = {"verify": _verify, "download": _download, "preview": _preview, "evaluate": _evaluate}
+    if args.command in handlers:  # no Spark, no settings file
+        return handlers[args.command](args)
     settings = settings_from_args(args)
     if args.command == "config":
         sys.stdout.write(show(settings))

@@ -64,6 +64,19 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
         spark.stop()
 
 
+class TrainingFailedError(RuntimeError):
+    """A training rank failed; the message names the rank, its exception and the tail of its traceback."""
+
+    @classmethod
+    def from_reports(cls, reports: list[dict[str, Any]], error: BaseException) -> "TrainingFailedError":
+        if not reports:
+            return cls(f"training failed before any rank reported an error: {error}")
+        first = reports[0]
+        others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
+        tail = "".join(first["traceback"]).rstrip()
+        return cls(f"rank {first['rank']} failed: {first['exception']}{others}\n{tail}")
+
+
 def _dataset_manifest(data: str) -> tuple[str, dict[str, Any]]:
     location = normalize_uri(data)
     if location.local_path is None:
@@ -84,7 +97,7 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from spark_mnist.train import TrainJob, job_summary, train_worker
+    from spark_mnist.train import TrainJob, clear_error_reports, job_summary, read_error_reports, train_worker
 
     t = settings.train
     data_uri, manifest = _dataset_manifest(settings.data_dir)
@@ -104,8 +117,12 @@ def train(spark, settings: Settings) -> dict[str, Any]:
             threads_per_rank=t.threads_per_rank,
             train_converter=converters["train"] if t.loader == "petastorm" else None)
         log.info("training %s", job_summary(job))
+        clear_error_reports(job.run_dir)
         distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
-        metrics = distributor.run(train_worker, job)
+        try:
+            metrics = distributor.run(train_worker, job)
+        except Exception as e:
+            raise TrainingFailedError.from_reports(read_error_reports(job.run_dir), e) from e
     finally:
         for converter in converters.values():
             with contextlib.suppress(Exception):

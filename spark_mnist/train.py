@@ -26,6 +26,8 @@ from spark_mnist.model import Normalization, SimpleCNN, normalization_for, norma
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 METRICS_NAME = "metrics.json"
+CURVES_NAME = "curves.png"
+PROGRESS_LINES_PER_EPOCH = 4
 
 
 @dataclass
@@ -124,8 +126,47 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(job, rank, world_size, device, started)
+    except BaseException as e:
+        write_error_report(job.run_dir, rank, e)
+        raise
     finally:
         dist.destroy_process_group()
+
+
+ERRORS_DIR = "_errors"
+
+
+def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
+    """Leave ``run_dir/_errors/rank-N.json`` (rank, exception, traceback) for the driver to report."""
+    import traceback
+
+    try:
+        os.makedirs(os.path.join(run_dir, ERRORS_DIR), exist_ok=True)
+        report = {"rank": rank, "exception": f"{type(error).__name__}: {error}",
+                  "traceback": traceback.format_exception(error)[-12:]}
+        with open(os.path.join(run_dir, ERRORS_DIR, f"rank-{rank}.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f)
+    except OSError:
+        pass  # the original error matters more than the report
+
+
+def read_error_reports(run_dir: str) -> list[dict[str, Any]]:
+    """The reports :func:`write_error_report` left, by rank."""
+    directory = os.path.join(run_dir, ERRORS_DIR)
+    if not os.path.isdir(directory):
+        return []
+    reports = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            reports.append(json.load(f))
+    return reports
+
+
+def clear_error_reports(run_dir: str) -> None:
+    """Remove earlier runs' reports before a new run."""
+    import shutil
+
+    shutil.rmtree(os.path.join(run_dir, ERRORS_DIR), ignore_errors=True)
 
 
 def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, started: float) -> dict[str, Any]:
@@ -161,6 +202,7 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                                  "step": step, "world_size": world_size, "batch_size": job.batch_size,
                                  "seed": job.seed}, os.path.join(job.run_dir, CHECKPOINT_NAME))
 
+        progress_every = max(1, steps // PROGRESS_LINES_PER_EPOCH)
         for epoch in range(start_epoch, job.epochs):
             first_step = start_step if epoch == start_epoch else 0
             train_loader.set_epoch(epoch, first_step)
@@ -185,6 +227,10 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                 totals += torch.stack([loss.detach().double() * len(y), torch.tensor(len(y), dtype=torch.float64,
                                                                                      device=device)])
                 run_steps += 1
+                if rank == 0 and (step + 1) % progress_every == 0 and step + 1 < steps:
+                    done = (step + 1 - first_step) * job.batch_size * world_size
+                    print(f"epoch {epoch + 1}/{job.epochs}: step {step + 1}/{steps}, "
+                          f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s", flush=True)
                 if job.max_steps and run_steps == job.max_steps and step + 1 < steps:
                     break
                 if job.checkpoint_every_steps and (step + 1) % job.checkpoint_every_steps == 0 and step + 1 < steps:
@@ -225,6 +271,9 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
         save_atomically(model.state_dict(), os.path.join(job.run_dir, MODEL_NAME))
         with open(os.path.join(job.run_dir, METRICS_NAME), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
+        from spark_mnist.plots import maybe_training_curves  # never raises; warns once without matplotlib
+
+        maybe_training_curves(history, os.path.join(job.run_dir, CURVES_NAME))
     # Every rank returns the same metrics: in local mode TorchDistributor keeps whichever rank's return value is
     # written last, not rank 0's.
     return metrics

@@ -66,3 +66,11 @@ def test_resume_mid_epoch_matches_uninterrupted_run(spark, small_dataset, full_r
 def test_petastorm_loader_runs_equal_steps(spark, small_dataset, tmp_path):
     metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1, loader="petastorm"))
     assert metrics["loader"] == "petastorm" and metrics["steps_per_epoch"] == 10
+
+
+def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
+    from spark_mnist.launch import TrainingFailedError
+
+    # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training.
+    with pytest.raises(TrainingFailedError, match=r"rank \d failed: ValueError: 640 training rows cannot give"):
+        train(spark, settings_for(small_dataset, tmp_path / "run", batch_size=1000))

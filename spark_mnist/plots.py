@@ -1,0 +1,237 @@
+"""Pictures: a grid of sample images, training curves and a confusion matrix, as PNG files.
+
+matplotlib is optional (``pip install 'spark-mnist[plots]'``) and imported only when a picture is drawn.  Figures are
+built with the object API (``matplotlib.figure.Figure`` on an Agg canvas), never through ``pyplot``: nothing is
+registered in pyplot's global figure list, the process-wide backend is left as it is (a notebook keeps its inline
+backend), no display is needed, and each figure is freed when the function returns.  Every PNG is written through a
+temporary name and a rename, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from spark_mnist import contract
+from spark_mnist.errors import InputError
+
+if TYPE_CHECKING:
+    from spark_mnist.evaluate import EvaluationResult
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'spark-mnist[plots]'"
+DPI = 100
+PREVIEW_CELL_INCHES = (1.3, 1.45)  # width, height of one image with its title
+_missing_warned = False
+
+
+def _figure(width: float, height: float, layout: str | None = None):
+    """A new figure on its own Agg canvas, not known to pyplot."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise InputError(f"drawing pictures needs matplotlib, which is not installed: {INSTALL_HINT}") from e
+    figure = Figure(figsize=(width, height), dpi=DPI, layout=layout)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, out_png: str | os.PathLike) -> Path:
+    """Write ``figure`` as PNG to ``out_png`` (parents created) atomically; release the figure."""
+    path = Path(out_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    finally:
+        figure.clear()
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 32, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """``count`` distinct random rows of ``split`` (all of them when the split is smaller), decoding only the row
+    groups that hold them.
+
+    Returns:
+        ``(index (n,) int64, images (n, H, W) uint8, labels (n,) int64, manifest)``, in sampled order.
+    Raises:
+        DatasetNotFoundError: no complete dataset in ``data_dir``.
+        InputError: an unknown ``split``.
+    """
+    from spark_mnist.evaluate import local_dataset_dir
+    from spark_mnist.loader import plan_row_groups, read_rows
+
+    local = local_dataset_dir(data_dir)
+    manifest = contract.load_manifest(local)
+    try:
+        paths = contract.split_files(local, manifest, split)
+    except ValueError as e:
+        raise InputError(f"{local}: {e}") from e
+    shape = tuple(int(n) for n in manifest["image_shape"])
+    row_bytes = int(np.prod(shape))
+    plan = plan_row_groups(paths)
+    total = plan[-1].start + plan[-1].rows if plan else 0
+    chosen = np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).astype(np.int64)
+    index = np.empty(len(chosen), dtype=np.int64)
+    images = np.empty((len(chosen), row_bytes), dtype=np.uint8)
+    labels = np.empty(len(chosen), dtype=np.int64)
+    for group in plan:
+        mine = np.flatnonzero((chosen >= group.start) & (chosen < group.start + group.rows))
+        if len(mine):
+            gi, gx, gy = read_rows([group], group.start, group.start + group.rows, row_bytes, threads=1)
+            rows = chosen[mine] - group.start
+            index[mine], images[mine], labels[mine] = gi[rows], gx[rows], gy[rows]
+    return index, images.reshape(-1, *shape), labels, manifest
+
+
+def preview_grid(data_dir: str | os.PathLike, out_png: str | os.PathLike, *, split: str = "train", rows: int = 4,
+                 cols: int = 8, seed: int = 0) -> Path:
+    """Draw ``rows x cols`` random images of ``split`` in grayscale, each titled with its class name.
+
+    The PNG is ``cols * 130`` by ``rows * 145 + 40`` pixels.  The same ``seed`` always draws the same images.
+
+    Returns:
+        The path written.
+    Raises:
+        DatasetNotFoundError: no complete dataset in ``data_dir``.
+        InputError: matplotlib missing, an unknown ``split``, ``rows``/``cols`` below 1, an empty split.
+    """
+    if rows < 1 or cols < 1:
+        raise InputError(f"Invalid grid: {rows!r} x {cols!r}. rows and cols must be at least 1.")
+    index, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
+    if len(labels) == 0:
+        raise InputError(f"{os.fspath(data_dir)}: split {split!r} holds no images to preview")
+    classes = [str(c) for c in manifest["classes"]]
+    title_height = 0.4
+    width, height = PREVIEW_CELL_INCHES
+    figure = _figure(cols * width, rows * height + title_height)
+    figure.suptitle(f"{manifest.get('dataset', '')} {split}: {len(labels)} random images (seed {seed})".strip(),
+                    fontsize=11, y=1 - 0.08 / (rows * height + title_height))
+    grid = figure.subplots(rows, cols, squeeze=False)
+    fontsize = 9 if max(len(c) for c in classes) <= 12 else 7
+    for k, axes in enumerate(grid.flat):
+        axes.set_axis_off()
+        if k >= len(labels):
+            continue
+        axes.imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        label = int(labels[k])
+        name = classes[label] if 0 <= label < len(classes) else f"label {label}"
+        axes.set_title(name, fontsize=fontsize, pad=3)
+    top = 1 - title_height / (rows * height + title_height)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top - 0.01, wspace=0.1, hspace=0.3)
+    return _save(figure, out_png)
+
+
+def _history(history: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    if isinstance(history, Mapping):  # the whole metrics dict (metrics.json)
+        history = history.get("history") or []
+    history = list(history)
+    if not history:
+        raise InputError("no epochs to plot: the training history is empty")
+    return history
+
+
+def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike) -> Path:
+    """Two panels: train and test loss per epoch; test accuracy per epoch.
+
+    Args:
+        history: the ``"history"`` list of training's metrics (dicts with ``epoch``, ``train_loss``, ``test_loss``,
+            ``test_accuracy``), or the whole metrics dict.
+    Returns:
+        The path written.
+    Raises:
+        InputError: matplotlib missing, an empty history.
+    """
+    history = _history(history)
+    figure = _figure(10, 4)
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [int(h.get("epoch", i + 1)) for i, h in enumerate(history)]
+
+    def series(key: str) -> list[float]:
+        return [float(h[key]) if h.get(key) is not None else math.nan for h in history]
+
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    loss_axes.plot(epochs, series("train_loss"), marker="o", label="train loss")
+    loss_axes.plot(epochs, series("test_loss"), marker="s", label="test loss")
+    loss_axes.set(title="Loss per epoch", xlabel="epoch", ylabel="cross-entropy")
+    loss_axes.legend()
+    accuracy = series("test_accuracy")
+    accuracy_axes.plot(epochs, accuracy, marker="o", color="tab:green", label="test accuracy")
+    accuracy_axes.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="accuracy")
+    if accuracy and not math.isnan(accuracy[-1]):
+        accuracy_axes.annotate(f"{accuracy[-1]:.4f}", (epochs[-1], accuracy[-1]), textcoords="offset points",
+                               xytext=(0, -14), ha="center", fontsize=9)
+    accuracy_axes.legend(loc="lower right")
+    for axes in (loss_axes, accuracy_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, out_png)
+
+
+def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike) -> Path:
+    """The confusion matrix as a heat map (colour: share of each true class's images), with counts written in the
+    cells when there are at most 20 classes.
+
+    Returns:
+        The path written.
+    Raises:
+        InputError: matplotlib missing.
+    """
+    confusion = np.asarray(result.confusion, dtype=np.int64)
+    n = confusion.shape[0]
+    classes = list(result.classes) or [str(i) for i in range(n)]
+    totals = confusion.sum(axis=1, keepdims=True)
+    shares = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=np.float64), where=totals > 0)
+    side = min(24.0, max(6.0, 0.55 * n + 3))
+    figure = _figure(side + 1.2, side, layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class")
+    labels = [f"{i} {c}" if n <= 20 else str(c) for i, c in enumerate(classes)]
+    axes.set_xticks(range(n), labels=[str(i) if n <= 20 else c for i, c in enumerate(classes)],
+                    fontsize=9 if n <= 20 else 6)
+    axes.set_yticks(range(n), labels=labels, fontsize=9 if n <= 20 else 6)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    where = f"{getattr(result, 'dataset', '')} {getattr(result, 'split', '')}".strip()
+    axes.set_title(f"Confusion matrix{' - ' + where if where else ''}: accuracy {result.accuracy:.4f} "
+                   f"on {result.samples} images", fontsize=11)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    axes.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
+                              color="white" if shares[i, j] > 0.5 else "black")
+    return _save(figure, out_png)
+
+
+def maybe_training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+                          out_png: str | os.PathLike) -> Path | None:
+    """:func:`training_curves` for the end of a training run, which a picture must never fail: returns ``None``
+    and logs a warning instead of raising (the missing-matplotlib warning once per process)."""
+    global _missing_warned
+    try:
+        return training_curves(history, out_png)
+    except InputError as e:
+        if "matplotlib" in str(e):
+            if not _missing_warned:
+                _missing_warned = True
+                log.warning("not writing %s: %s", out_png, e)
+        else:
+            log.warning("not writing %s: %s", out_png, e)
+    except Exception as e:  # noqa: BLE001 - the model and metrics are already saved; a picture is not worth a failure
+        log.warning("could not write %s: %s: %s", out_png, type(e).__name__, e)
+    return None

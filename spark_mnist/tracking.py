@@ -1,0 +1,303 @@
+"""MLflow tracking of a training run; driver-side, optional.
+
+:func:`log_training_run` records one finished training run: the settings as parameters, the per-epoch figures as
+metrics (``step`` = epoch), the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
+and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorch_model``) with a tensor signature
+(see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``, an MLflow too old or too slim for it),
+only the ``state_dict`` artifact is logged and a log line says so.
+
+Where runs go (:func:`tracking_uri`): ``MLFLOW_TRACKING_URI`` when set; the workspace's tracking server
+(``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns`` (browse it with
+``mlflow ui --backend-store-uri <run_dir>/mlruns``).
+
+MLflow is an optional extra (``pip install 'spark-mnist[mlflow]'``; Databricks ML runtimes ship it): without it
+training runs as before and one log line says tracking is off.  Tracking never fails training: an MLflow error
+(an unreachable server, a permission error) is logged as a warning and the run id is ``None``.  An unreachable HTTP
+server costs MLflow's own retries first (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
+
+The local file store is MLflow's ``file:`` backend, in maintenance mode since MLflow 3 and refused by MLflow >= 3.13
+unless ``MLFLOW_ALLOW_FILE_STORE=true``; this module sets that variable for the duration of the call when it is not
+set, so reading the store back (``MlflowClient``, ``mlflow ui``) needs it set too.  Set ``MLFLOW_TRACKING_URI``
+(``sqlite:///...`` with the full ``mlflow`` package, or a server) to use another backend.
+
+Nothing global is left changed: the tracking URI is set for the duration of the call and restored (with the
+``MLFLOW_TRACKING_URI`` variable that ``mlflow.set_tracking_uri`` also writes), as are ``MLFLOW_ALLOW_FILE_STORE``
+and ``TORCHINDUCTOR_CACHE_DIR`` (which ``torch.export`` sets), and the experiment is passed by id rather than through ``mlflow.set_experiment``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "spark-mnist"
+NOT_INSTALLED = "MLflow is not installed; tracking is off (pip install 'spark-mnist[mlflow]')"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# MLflow >= 3.13 refuses the file store unless this is "true" (the store is in maintenance mode, not removed).
+ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
+DATABRICKS_ENV = "DATABRICKS_RUNTIME_VERSION"
+# Variables put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
+RESTORED_ENV = (TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")
+MLRUNS_DIR = "mlruns"
+MANIFEST_ARTIFACT = "manifest.json"
+STATE_DICT_ARTIFACT_DIR = "model"
+MODEL_NAME = "pytorch_model"
+# Per-epoch figures of ``metrics["history"]`` logged as MLflow metrics with step = epoch.
+EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
+# Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
+FINAL_METRICS = ("train_seconds", "wall_seconds")
+RUN_PARAMS = ("dataset", "world_size", "device", "loader", "steps_per_epoch", "batch_size", "samples_per_epoch",
+              "epochs")
+# MLflow's limits: param values of at most 6000 characters (500 before MLflow 2.x), keys of at most 250 characters
+# from letters, digits, "_", "-", ".", " " and "/".
+MAX_PARAM_KEY_LENGTH = 250
+_KEY_CHARS = re.compile(r"[^\w\-. /]")
+
+
+def on_databricks() -> bool:
+    """Whether this process runs on a Databricks cluster (the runtime sets ``DATABRICKS_RUNTIME_VERSION``)."""
+    return bool(os.environ.get(DATABRICKS_ENV))
+
+
+def tracking_uri(run_dir: str | os.PathLike) -> str:
+    """Where MLflow runs go: ``MLFLOW_TRACKING_URI`` when set, ``databricks`` on Databricks, else the local file
+    store ``file:///<absolute run_dir>/mlruns``.  ``run_dir`` may be a path or a ``file:`` URI."""
+    explicit = os.environ.get(TRACKING_URI_ENV)
+    if explicit:
+        return explicit
+    if on_databricks():
+        return "databricks"
+    run_dir = os.fspath(run_dir)
+    if run_dir.startswith("file:"):
+        from spark_mnist.storage import normalize_uri
+
+        run_dir = normalize_uri(run_dir).local_path or run_dir[len("file:"):]
+    return (Path(run_dir).absolute() / MLRUNS_DIR).as_uri()
+
+
+def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000
+                   ) -> dict[str, str]:
+    """Nested settings -> ``{"train.epochs": "4", ...}``: keys joined with ".", characters MLflow rejects in keys
+    replaced by "_", values as strings (lists and dicts as JSON, an empty dict as ``{}``) cut to
+    ``max_value_length`` characters."""
+    out: dict[str, str] = {}
+    for key, value in settings.items():
+        name = _KEY_CHARS.sub("_", f"{prefix}{key}")[:MAX_PARAM_KEY_LENGTH]
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, f"{name}.", max_value_length=max_value_length))
+            continue
+        if isinstance(value, (Mapping, list, tuple)):
+            text = json.dumps(value, default=str, sort_keys=True)
+        else:
+            text = str(value)
+        if len(text) > max_value_length:
+            text = text[:max_value_length - 3] + "..."
+        out[name] = text
+    return out
+
+
+def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, Any], metrics: Mapping[str, Any],
+                     model_path: str | os.PathLike | None, *, run_dir: str | os.PathLike,
+                     experiment: str = DEFAULT_EXPERIMENT, log: logging.Logger = log) -> str | None:
+    """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
+
+    Args:
+        settings_dict: ``Settings.model_dump()``; logged as flattened params (``train.epochs``, ...).
+        manifest: the ingest manifest (``contract.load_manifest``); logged as ``manifest.json``; its ``classes``
+            and ``image_shape`` size the model.
+        metrics: rank 0's metrics (:func:`spark_mnist.train.train_worker`): ``history`` -> per-epoch metrics,
+            ``train_seconds``/``wall_seconds`` -> metrics, ``dataset``/``world_size``/``device``/... -> ``run.*``
+            params.
+        model_path: the saved ``state_dict`` (``metrics["model_path"]``); logged as ``model/<name>`` and as a
+            loadable MLflow PyTorch model ``pytorch_model`` when ``mlflow.pytorch`` is available.  ``None`` or a
+            missing file: no model is logged.
+        run_dir: the run directory; the local file store is ``<run_dir>/mlruns`` (see :func:`tracking_uri`).
+        experiment: the experiment name.  On Databricks a relative name goes under the user's home folder
+            (``/Users/<user>/<name>``, or ``/Shared/<name>`` when the user cannot be found).
+        log: where the "not installed" line and warnings go.
+    Returns:
+        The MLflow run id; ``None`` when MLflow is not installed or tracking failed (logged as a warning).
+    """
+    try:
+        import mlflow
+    except ImportError:
+        log.info(NOT_INSTALLED)
+        return None
+    uri = tracking_uri(run_dir)
+    try:
+        with _scoped_env(_store_env(uri), restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
+            run_id = _log_run(mlflow, uri, settings_dict, manifest, metrics, model_path, experiment, log)
+    except Exception as e:  # noqa: BLE001 - tracking must never fail training
+        log.warning("MLflow tracking to %s failed, training results are not tracked: %s: %s",
+                    uri, type(e).__name__, e)
+        return None
+    log.info("MLflow run %s logged to %s", run_id, uri)
+    return run_id
+
+
+def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mapping[str, Any],
+             metrics: Mapping[str, Any], model_path, experiment: str, log: logging.Logger) -> str:
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    name = _experiment_name(experiment, uri)
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
+    try:
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as max_value_length
+    except ImportError:  # pragma: no cover - very old MLflow
+        max_value_length = 500
+    params = flatten_params(settings_dict, max_value_length=max_value_length)
+    params.update(flatten_params({f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics},
+                                 max_value_length=max_value_length))
+    dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
+    run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          nested=mlflow.active_run() is not None) as run:
+        mlflow.set_tags({"spark_mnist.dataset": str(dataset), "spark_mnist.device": str(metrics.get("device")),
+                         "spark_mnist.loader": str(metrics.get("loader"))})
+        mlflow.log_params(params)
+        for record in metrics.get("history") or []:
+            values = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
+            if values:
+                mlflow.log_metrics(values, step=int(record["epoch"]))
+        final = {k: float(metrics[k]) for k in FINAL_METRICS if metrics.get(k) is not None}
+        if final:
+            mlflow.log_metrics(final)
+        mlflow.log_dict(dict(manifest), MANIFEST_ARTIFACT)
+        if model_path is not None and os.path.isfile(model_path):
+            mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
+            _log_pytorch_model(mlflow, os.fspath(model_path), manifest, log)
+        else:
+            log.warning("no model file at %s; the MLflow run has no model", model_path)
+        return run.info.run_id
+
+
+def _log_pytorch_model(mlflow, model_path: str, manifest: Mapping[str, Any], log: logging.Logger) -> None:
+    """Log a loadable MLflow PyTorch model built from the ``state_dict``; a failure here is a warning, the run and
+    its ``state_dict`` artifact stay.
+
+    With MLflow >= 3 and torch >= 2.4 the model is saved as ``pt2`` (``torch.export``: a traced graph, loadable
+    without this package's code and without unpickling); otherwise (MLflow 2.x, as on Databricks 15.4/16.4 LTS ML)
+    it is pickled, with the ``spark_mnist`` package as its ``code_paths`` so loading needs no installed package.
+    The signature is written out rather than inferred: MLflow's inference imports scipy, which mlflow-skinny lacks.
+    """
+    try:
+        import mlflow.pytorch
+    except ImportError as e:
+        log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
+        return
+    try:
+        import inspect
+
+        import numpy as np
+        import torch
+
+        import spark_mnist
+        from spark_mnist.model import SimpleCNN
+
+        image_shape = tuple(int(n) for n in (manifest.get("image_shape") or (28, 28)))
+        num_classes = len(manifest.get("classes") or range(10))
+        model = SimpleCNN(num_classes, image_shape)
+        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+        model.eval()
+        accepted = inspect.signature(mlflow.pytorch.log_model).parameters
+        kwargs: dict[str, Any] = {
+            # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
+            "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
+            "signature": _signature(image_shape, num_classes),
+        }
+        kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
+        torch_version = tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
+        if "serialization_format" in accepted and torch_version >= (2, 4):
+            kwargs["serialization_format"] = "pt2"
+            # A batch of 2: torch.export makes a size-1 dimension static, and the batch must stay dynamic.
+            kwargs["input_example"] = np.zeros((2, 1, *image_shape), dtype=np.float32)
+        else:
+            kwargs["code_paths"] = [os.path.dirname(spark_mnist.__file__)]
+        mlflow.pytorch.log_model(model, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only",
+                    type(e).__name__, e)
+
+
+def _signature(image_shape: tuple[int, int], num_classes: int):
+    """Tensor signature: float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *image_shape))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+
+
+def _experiment_name(experiment: str, uri: str) -> str:
+    """On Databricks experiments are workspace paths: a relative name goes under the user's home folder."""
+    if not uri.startswith("databricks") or experiment.startswith("/"):
+        return experiment
+    user = _databricks_user()
+    return f"/Users/{user}/{experiment}" if user else f"/Shared/{experiment}"
+
+
+def _databricks_user() -> str | None:
+    """The workspace user this process runs as (databricks-sdk, an mlflow-skinny dependency), or ``None``."""
+    try:
+        from databricks.sdk import WorkspaceClient
+
+        return WorkspaceClient().current_user.me().user_name
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@contextlib.contextmanager
+def _scoped_tracking_uri(mlflow, uri: str) -> Iterator[None]:
+    """``mlflow.set_tracking_uri(uri)`` for the block, then the previous state back: MLflow's module-level URI and
+    the ``MLFLOW_TRACKING_URI`` variable, which ``set_tracking_uri`` writes (and unsets when given ``None``)."""
+    try:
+        from mlflow.tracking._tracking_service import utils as service_utils
+
+        previous = service_utils._tracking_uri
+    except (ImportError, AttributeError):  # pragma: no cover - MLflow internals moved
+        service_utils, previous = None, None
+    previous_env = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        try:
+            if service_utils is not None:
+                mlflow.set_tracking_uri(previous)
+            elif previous_env is not None:  # pragma: no cover
+                mlflow.set_tracking_uri(previous_env)
+        finally:
+            if previous_env is None:
+                os.environ.pop(TRACKING_URI_ENV, None)
+            else:
+                os.environ[TRACKING_URI_ENV] = previous_env
+
+
+def _store_env(uri: str) -> dict[str, str]:
+    """The variables the store of ``uri`` needs: the file store's opt-in, unless the user set it either way."""
+    if uri.startswith("file:") and ALLOW_FILE_STORE_ENV not in os.environ:
+        return {ALLOW_FILE_STORE_ENV: "true"}
+    return {}
+
+
+@contextlib.contextmanager
+def _scoped_env(values: Mapping[str, str], restore: tuple[str, ...] = ()) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` for the block, then, with the variables ``restore`` names, as it was."""
+    previous = {key: os.environ.get(key) for key in (*values, *restore)}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

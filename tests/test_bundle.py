@@ -1,0 +1,406 @@
+"""databricks.yml, the Databricks Asset Bundle: checked here so that a typo fails in the test suite, not on a cluster.
+
+The bundle's ``${var.X}`` references are replaced by the variables' defaults and ``${workspace.*}`` /
+``${bundle.*}`` by dummy strings; then every job is validated key by key against ``databricks-sdk``'s
+``JobSettings`` dataclasses (``JobSettings.from_dict`` alone ignores unknown keys and bad enum values), and its
+task parameters are parsed with the real ``spark-mnist`` argument parser.  No Spark, no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import enum
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spark_mnist.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE_FILE = REPO / "databricks.yml"
+JOB = "spark_mnist"
+
+REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.\-\[\]]+)\}")
+DUMMY = {"workspace": "/Workspace/Users/someone@example.com/.bundle/spark-mnist/dev", "bundle": "spark-mnist-dev"}
+FILE_PATH = DUMMY["workspace"] + "/files"
+
+# Top-level and per-target mappings of the bundle schema that this repository may use.
+BUNDLE_KEYS = {"bundle", "artifacts", "variables", "resources", "targets", "include", "workspace", "sync",
+               "permissions", "run_as", "presets", "experimental"}
+TARGET_KEYS = {"mode", "default", "workspace", "variables", "resources", "presets", "run_as", "permissions",
+               "artifacts", "sync", "git", "bundle", "cluster_id", "compute_id"}
+VARIABLE_KEYS = {"description", "default", "type", "lookup"}
+ARTIFACT_KEYS = {"type", "build", "path", "files", "executable", "dynamic_version"}
+# Keys a bundle's job resource may hold beyond the Jobs API's JobSettings.
+BUNDLE_JOB_KEYS = {"permissions"}
+
+
+# --- loading and substitution ---------------------------------------------------------------------------------
+
+def load_bundle(path: Path = BUNDLE_FILE) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    assert isinstance(data, dict), f"{path.name}: expected a mapping"
+    return data
+
+
+def variable_defaults(bundle: dict[str, Any]) -> dict[str, Any]:
+    return {name: spec["default"] for name, spec in (bundle.get("variables") or {}).items()
+            if isinstance(spec, dict) and "default" in spec}
+
+
+def _resolve(reference: str, defaults: dict[str, Any]) -> Any:
+    if reference.startswith("var."):
+        name = reference[len("var."):]
+        if name not in defaults:
+            raise KeyError(f"${{{reference}}}: no such variable, or it has no default")
+        return defaults[name]
+    if reference == "workspace.file_path":
+        return FILE_PATH
+    head = reference.split(".", 1)[0]
+    if head in DUMMY:
+        return f"{DUMMY[head]}/{reference}"
+    raise KeyError(f"${{{reference}}}: unknown reference (expected var., workspace. or bundle.)")
+
+
+def substitute(value: Any, defaults: dict[str, Any]) -> Any:
+    """Replace ``${...}`` references everywhere.  A string that is one reference takes the value itself (so
+    ``num_workers: ${var.num_processes}`` stays an int, as in the CLI); inside a longer string it is formatted."""
+    if isinstance(value, dict):
+        return {k: substitute(v, defaults) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, defaults) for v in value]
+    if isinstance(value, str):
+        whole = REFERENCE.fullmatch(value)
+        if whole:
+            return _resolve(whole.group(1), defaults)
+        return REFERENCE.sub(lambda m: str(_resolve(m.group(1), defaults)), value)
+    return value
+
+
+def resolved_bundle(bundle: dict[str, Any] | None = None) -> dict[str, Any]:
+    bundle = load_bundle() if bundle is None else bundle
+    return substitute(bundle, variable_defaults(bundle))
+
+
+def references(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*(references(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(references(v) for v in value)) if value else set()
+    return set(REFERENCE.findall(value)) if isinstance(value, str) else set()
+
+
+# --- strict validation against the SDK's dataclasses ----------------------------------------------------------
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _check_scalar(tp: type, value: Any, path: str) -> list[str]:
+    """The CLI's normalisation: strings accept numbers and booleans, numbers and booleans accept their spelling."""
+    if tp is str:
+        ok = isinstance(value, (str, int, float))
+    elif tp is bool:
+        ok = isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false"))
+    elif tp is int:
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value) is not None)
+    elif tp is float:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value) is not None)
+    else:
+        return []
+    return [] if ok else [f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}"]
+
+
+def validate(value: Any, tp: Any, path: str, *, partial: bool = False, extra_keys: frozenset = frozenset()
+             ) -> list[str]:
+    """Every problem of ``value`` against the type ``tp`` (an SDK dataclass, Enum, List, Dict or scalar), each
+    naming its path, e.g. ``resources.jobs.spark_mnist.tasks[1].spark_python_task.pyton_file: unknown key``.
+    ``partial`` skips the required-field check (target overrides); ``extra_keys`` are allowed at this level only."""
+    tp = _unwrap_optional(tp)
+    if value is None:
+        return []
+    origin = typing.get_origin(tp)
+    if origin in (list, typing.List):
+        if not isinstance(value, list):
+            return [f"{path}: expected a list, got {type(value).__name__}"]
+        (item,) = typing.get_args(tp) or (Any,)
+        return [e for i, v in enumerate(value) for e in validate(v, item, f"{path}[{i}]", partial=partial)]
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            return [f"{path}: expected a mapping, got {type(value).__name__}"]
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return [e for k, v in value.items() for e in (_check_scalar(key_tp, k, f"{path}.{k} (key)")
+                                                      + validate(v, val_tp, f"{path}.{k}", partial=partial))]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        return [] if value in allowed else [f"{path}: bad value {value!r} for {tp.__name__} (one of {allowed})"]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            return [f"{path}: expected a mapping ({tp.__name__}), got {type(value).__name__}"]
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        errors = [f"{path}.{k}: unknown key" for k in value if k not in fields and k not in extra_keys]
+        if not partial:
+            errors += [f"{path}.{name}: missing required key" for name, f in fields.items()
+                       if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                       and name not in value]
+        for k, v in value.items():
+            if k in fields:
+                errors += validate(v, hints[k], f"{path}.{k}", partial=partial)
+        return errors
+    if tp is Any:
+        return []
+    return _check_scalar(tp, value, path)
+
+
+def job_errors(bundle: dict[str, Any]) -> list[str]:
+    """Problems of every job of the bundle and of every target's job overrides, after substitution."""
+    from databricks.sdk.service.jobs import JobSettings
+
+    resolved = resolved_bundle(bundle)
+    errors = []
+    sections = [("resources", resolved.get("resources") or {}, False)]
+    for target, spec in (resolved.get("targets") or {}).items():
+        sections.append((f"targets.{target}.resources", (spec or {}).get("resources") or {}, True))
+    for prefix, resources, partial in sections:
+        for name, job in (resources.get("jobs") or {}).items():
+            errors += validate(job, JobSettings, f"{prefix}.jobs.{name}", partial=partial,
+                               extra_keys=frozenset(BUNDLE_JOB_KEYS))
+    return errors
+
+
+# --- helpers for the structural checks ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle() -> dict[str, Any]:
+    return load_bundle()
+
+
+@pytest.fixture(scope="module")
+def job(bundle) -> dict[str, Any]:
+    return resolved_bundle(bundle)["resources"]["jobs"][JOB]
+
+
+def tasks_by_key(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["task_key"]: t for t in job["tasks"]}
+
+
+def clusters_by_key(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
+
+
+def subcommand_parser(command: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[command]
+
+
+def parse_task(task: dict[str, Any], command: str) -> argparse.Namespace:
+    params = [str(p) for p in task["spark_python_task"]["parameters"]]
+    known = set(subcommand_parser(command)._option_string_actions)
+    unknown = [p for p in params if p.startswith("--") and p.split("=", 1)[0] not in known]
+    # argparse would accept abbreviations (--num-proc); the bundle must spell options out.
+    if unknown:
+        pytest.fail(f"task {task['task_key']}: not options of `spark-mnist {command}`: {unknown}")
+    try:
+        return build_parser().parse_args([command, *params])
+    except SystemExit as e:  # argparse reports on stderr and exits 2
+        pytest.fail(f"task {task['task_key']}: `spark-mnist {command}` rejects {params} (exit {e.code})")
+
+
+# --- the bundle as a file -------------------------------------------------------------------------------------
+
+def test_bundle_top_level(bundle):
+    assert set(bundle) <= BUNDLE_KEYS, f"unknown top-level keys: {sorted(set(bundle) - BUNDLE_KEYS)}"
+    assert bundle["bundle"]["name"] == "spark-mnist"
+    for name, spec in bundle["variables"].items():
+        assert isinstance(spec, dict) and set(spec) <= VARIABLE_KEYS, f"variables.{name}: {spec!r}"
+        assert "default" in spec, f"variables.{name}: no default, so every deploy would need --var {name}=..."
+    for name, spec in bundle["targets"].items():
+        assert set(spec) <= TARGET_KEYS, f"targets.{name}: unknown keys {sorted(set(spec) - TARGET_KEYS)}"
+    assert bundle["targets"]["dev"]["mode"] == "development" and bundle["targets"]["dev"]["default"] is True
+    assert bundle["targets"]["prod"]["mode"] == "production"
+
+
+def test_every_reference_resolves_and_every_variable_is_used(bundle):
+    refs = references({k: v for k, v in bundle.items() if k != "variables"})
+    used = {r[len("var."):] for r in refs if r.startswith("var.")}
+    declared = set(bundle["variables"])
+    assert used <= declared, f"undeclared variables: {sorted(used - declared)}"
+    assert declared <= used, f"variables never used: {sorted(declared - used)}"
+    resolved = resolved_bundle(bundle)
+    assert not references(resolved), f"left unresolved: {sorted(references(resolved))}"
+
+
+def test_substitution_keeps_types():
+    defaults = {"n": 2, "name": "x"}
+    assert substitute({"a": "${var.n}", "b": "p/${var.n}/${var.name}", "c": ["${bundle.target}"]}, defaults) == {
+        "a": 2, "b": "p/2/x", "c": [DUMMY["bundle"] + "/bundle.target"]}
+    with pytest.raises(KeyError, match="var.nope"):
+        substitute("${var.nope}", defaults)
+    with pytest.raises(KeyError, match="vars.n"):
+        substitute("${vars.n}", defaults)
+
+
+def test_artifact_builds_the_wheel_the_tasks_install(bundle):
+    artifacts = bundle["artifacts"]
+    assert len(artifacts) == 1
+    (wheel,) = artifacts.values()
+    assert set(wheel) <= ARTIFACT_KEYS
+    assert wheel["type"] == "whl"
+    assert wheel["build"] == "python -m pip wheel --no-deps -w dist ."
+    assert (REPO / wheel["path"] / "pyproject.toml").is_file()
+
+
+# --- the job against the Jobs API types -----------------------------------------------------------------------
+
+def test_job_validates_against_sdk_types(bundle):
+    pytest.importorskip("databricks.sdk")
+    from databricks.sdk.service.jobs import JobSettings
+
+    assert job_errors(bundle) == []
+    for name, job in resolved_bundle(bundle)["resources"]["jobs"].items():
+        settings = JobSettings.from_dict({k: v for k, v in job.items() if k not in BUNDLE_JOB_KEYS})
+        # from_dict then as_dict loses nothing: no key was dropped, no enum value turned into None.
+        assert settings.as_dict() == {k: v for k, v in job.items() if k not in BUNDLE_JOB_KEYS}, name
+        assert [t.task_key for t in settings.tasks] == ["ingest", "train"]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda j: j["tasks"][1]["spark_python_task"].__setitem__(
+        "pyton_file", j["tasks"][1]["spark_python_task"].pop("python_file")),
+     ["resources.jobs.spark_mnist.tasks[1].spark_python_task.pyton_file: unknown key",
+      "resources.jobs.spark_mnist.tasks[1].spark_python_task.python_file: missing required key"]),
+    (lambda j: j["job_clusters"][1]["new_cluster"].__setitem__("num_worker", 2),
+     ["resources.jobs.spark_mnist.job_clusters[1].new_cluster.num_worker: unknown key"]),
+    (lambda j: j["job_clusters"][0]["new_cluster"].__setitem__("data_security_mode", "SINGLE_USR"),
+     ["resources.jobs.spark_mnist.job_clusters[0].new_cluster.data_security_mode: bad value 'SINGLE_USR'"]),
+    (lambda j: j["tasks"][0].__setitem__("libraries", [{"wheel": "./dist/*.whl"}]),
+     ["resources.jobs.spark_mnist.tasks[0].libraries[0].wheel: unknown key"]),
+    (lambda j: j["tasks"][1].__setitem__("depends_on", "ingest"),
+     ["resources.jobs.spark_mnist.tasks[1].depends_on: expected a list"]),
+    (lambda j: j["job_clusters"][1]["new_cluster"].__setitem__("num_workers", "two"),
+     ["resources.jobs.spark_mnist.job_clusters[1].new_cluster.num_workers: expected int"]),
+    (lambda j: j.__setitem__("max_concurent_runs", 1),
+     ["resources.jobs.spark_mnist.max_concurent_runs: unknown key"]),
+])
+def test_a_typo_is_caught(bundle, mutate, expected):
+    pytest.importorskip("databricks.sdk")
+    broken = copy.deepcopy(bundle)
+    mutate(broken["resources"]["jobs"][JOB])
+    errors = job_errors(broken)
+    assert len(errors) == len(expected), errors
+    for error, start in zip(sorted(errors), sorted(expected)):
+        assert error.startswith(start), errors
+
+
+def test_a_typo_in_a_target_override_is_caught(bundle):
+    pytest.importorskip("databricks.sdk")
+    broken = copy.deepcopy(bundle)
+    broken["targets"]["prod"]["resources"] = {"jobs": {JOB: {"job_clusters": [
+        {"job_cluster_key": "gpu", "new_cluster": {"num_workers": 4, "node_typ_id": "g5.12xlarge"}}]}}}
+    assert job_errors(broken) == [
+        "targets.prod.resources.jobs.spark_mnist.job_clusters[0].new_cluster.node_typ_id: unknown key"]
+
+
+# --- the job's structure --------------------------------------------------------------------------------------
+
+def test_two_tasks_train_after_ingest(job):
+    tasks = tasks_by_key(job)
+    assert list(tasks) == ["ingest", "train"]
+    assert "depends_on" not in tasks["ingest"]
+    assert tasks["train"]["depends_on"] == [{"task_key": "ingest"}]
+
+
+def test_ingest_on_cpu_train_on_gpu(job):
+    tasks, clusters = tasks_by_key(job), clusters_by_key(job)
+    assert set(clusters) == {t["job_cluster_key"] for t in tasks.values()}
+    cpu = clusters[tasks["ingest"]["job_cluster_key"]]
+    gpu = clusters[tasks["train"]["job_cluster_key"]]
+    assert "-cpu-ml-" in cpu["spark_version"] and "-gpu-ml-" in gpu["spark_version"]
+    assert gpu["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
+    train = parse_task(tasks["train"], "train")
+    assert gpu["num_workers"] == train.num_processes, "one rank per one-GPU worker"
+
+
+def test_both_tasks_install_the_wheel(job):
+    for key, task in tasks_by_key(job).items():
+        assert {"whl": "./dist/*.whl"} in task["libraries"], key
+
+
+def test_python_files_exist(job):
+    assert [t["spark_python_task"]["python_file"] for t in job["tasks"]] == ["./jobs/ingest.py", "./jobs/train.py"]
+    for task in job["tasks"]:
+        assert (REPO / task["spark_python_task"]["python_file"]).is_file()
+
+
+def test_task_parameters_are_cli_options(job):
+    tasks = tasks_by_key(job)
+    ingest = parse_task(tasks["ingest"], "ingest")
+    train = parse_task(tasks["train"], "train")
+    assert ingest.config == train.config == f"{FILE_PATH}/conf/databricks.yaml"
+    assert ingest.source.startswith("/Volumes/") and ingest.output.startswith("/Volumes/")
+    assert train.data == ingest.output, "train reads what ingest wrote"
+    assert train.use_gpu is True and train.local_mode is False
+    assert train.epochs >= 1 and train.num_processes >= 1
+
+
+def test_unknown_or_abbreviated_option_is_refused(job):
+    task = copy.deepcopy(tasks_by_key(job)["train"])
+    task["spark_python_task"]["parameters"] += ["--num-proc", "2"]
+    with pytest.raises(pytest.fail.Exception, match="--num-proc"):
+        parse_task(task, "train")
+    task = copy.deepcopy(tasks_by_key(job)["ingest"])
+    task["spark_python_task"]["parameters"] += ["--epochs", "2"]
+    with pytest.raises(pytest.fail.Exception, match="--epochs"):
+        parse_task(task, "ingest")
+
+
+def test_parameters_and_cluster_config_make_valid_settings(job):
+    """The task parameters on top of conf/databricks.yaml (the repository's copy) pass the settings' validation."""
+    from spark_mnist.cli import settings_from_args
+
+    tasks = tasks_by_key(job)
+    for command in ("ingest", "train"):
+        args = parse_task(tasks[command], command)
+        args.config = str(REPO / "conf" / "databricks.yaml")
+        settings = settings_from_args(args)
+        if command == "ingest":
+            assert settings.ingest.output == args.output and settings.ingest.dataset == args.dataset
+        else:
+            assert settings.train.use_gpu is True and settings.train.local_mode is False
+            assert settings.train.num_processes == args.num_processes and settings.train.data == args.data
+
+
+def test_manual_job_json_in_docs_matches(job):
+    """docs/databricks-bundle.md's hand-written Jobs API JSON: valid, and the same clusters and parameters."""
+    import json
+
+    text = (REPO / "docs" / "databricks-bundle.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```json\n(.*?)```", text, flags=re.S)
+    manual = json.loads(block)
+    try:
+        from databricks.sdk.service.jobs import JobSettings
+    except ImportError:  # without databricks-sdk: the structural checks below only
+        JobSettings = None
+    if JobSettings is not None:
+        assert validate(manual, JobSettings, "docs.job") == []
+    assert clusters_by_key(manual) == clusters_by_key(job)
+    for key, task in tasks_by_key(manual).items():
+        bundled = tasks_by_key(job)[key]
+        assert parse_task(task, key).__dict__ == {**vars(parse_task(bundled, key)), "config": None}, key
+        assert task.get("depends_on") == bundled.get("depends_on"), key
