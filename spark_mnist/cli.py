@@ -33,6 +33,10 @@ def _configure_logging(verbose: bool) -> None:
     for handler in (out, err):
         handler.setFormatter(logging.Formatter("spark-mnist: %(message)s"))
         logger.addHandler(handler)
+    # Spark's JVM side is quieted by log4j2.properties (see launch.spark_session); these are the Python loggers.
+    for name, quiet_level in (("petastorm", logging.ERROR), ("py4j", logging.ERROR),
+                              ("TorchDistributor", logging.WARNING)):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
     if not verbose:
         import warnings
 
