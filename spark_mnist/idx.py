@@ -15,6 +15,7 @@ header that lies costs no more memory or time than a valid file of the declared 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -216,6 +217,101 @@ def _as_stream(source: Source) -> tuple[BinaryIO, str]:
         raise IdxFormatError(f"{path}: cannot open: {e.strerror or e}") from e
 
 
+class IdxReader:
+    """A streaming IDX reader: the header on entry, then the data in chunks of rows, hashed as it goes.
+
+    Use as a context manager (it closes the file)::
+
+        with IdxReader(path_or_bytes) as reader:
+            reader.header.shape          # from the header, before any data is decompressed
+            for chunk in reader.chunks(rows_per_chunk):
+                ...                      # native-endian arrays of at most rows_per_chunk rows
+            reader.sha256                # of the whole decompressed payload, once every chunk was read
+
+    The end of the file (trailing bytes, the gzip CRC) is checked after the last chunk.  Memory is bounded by one
+    chunk; nothing past the header-declared size plus one byte is decompressed.
+
+    Raises (on entry or while reading):
+        IdxFormatError: empty file, non-IDX content (e.g. an HTML page), wrong magic number, unknown dtype code,
+            zero or absurd dimensions, truncated payload, trailing bytes, corrupt or truncated gzip stream.
+    """
+
+    def __init__(self, source: Source, name: str | None = None, *,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
+        self._source, self._name, self._max_payload_bytes = source, name, max_payload_bytes
+        self._stack = contextlib.ExitStack()
+        self._digest = None
+        self._done = False
+
+    def __enter__(self) -> "IdxReader":
+        try:
+            raw, default_name = _as_stream(self._source)
+            self.name = self._name or default_name
+            self._stack.enter_context(raw)
+            self._stream = self._stack.enter_context(_open_stream(raw, self.name))
+            self.header = read_header(self._stream, self.name, max_payload_bytes=self._max_payload_bytes)
+            left = _plain_bytes_left(self._stream)
+            if left is not None and left < self.header.payload_bytes:
+                # Uncompressed input: the size is known, so a lying header fails before any allocation.
+                raise IdxFormatError(self._truncated(left))
+        except BaseException:
+            self._stack.close()
+            raise
+        self._digest = hashlib.sha256(self.header.encode(), usedforsecurity=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _truncated(self, found: int) -> str:
+        h = self.header
+        return (f"{self.name}: truncated payload: shape {h.shape} of {h.dtype.name} declares {h.payload_bytes} "
+                f"data bytes, found {found}")
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the decompressed file (header and data), available once every chunk was read."""
+        if not self._done:
+            raise RuntimeError(f"{self.name}: sha256 is known only after the last chunk was read")
+        return self._digest.hexdigest()
+
+    @property
+    def payload_bytes(self) -> int:
+        """Size of the decompressed file, header included, in bytes."""
+        return self.header.header_bytes + self.header.payload_bytes
+
+    def chunks(self, rows_per_chunk: int | None = None) -> Iterator[np.ndarray]:
+        """Native-endian arrays of at most ``rows_per_chunk`` rows (first dimension; ``None``: all at once).
+
+        Raises:
+            ValueError: ``rows_per_chunk`` below 1.
+            IdxFormatError: as the class.
+        """
+        header = self.header
+        rows_per_chunk = header.shape[0] if rows_per_chunk is None else rows_per_chunk
+        if rows_per_chunk < 1:
+            raise ValueError(f"Invalid rows_per_chunk: {rows_per_chunk!r}. Must be at least 1.")
+        row_shape = header.shape[1:]
+        row_bytes = math.prod(row_shape) * header.dtype.itemsize
+        native = header.dtype.newbyteorder("=")
+        for start in range(0, header.shape[0], rows_per_chunk):
+            rows = min(rows_per_chunk, header.shape[0] - start)
+            buffer = _allocate(rows * row_bytes, self.name, header)
+            view = memoryview(buffer)
+            filled = 0
+            while filled < len(buffer):
+                got = _readinto(self._stream, view[filled:filled + READ_CHUNK_BYTES], self.name)
+                if not got:
+                    raise IdxFormatError(self._truncated(start * row_bytes + filled))
+                filled += got
+            self._digest.update(view)
+            # astype converts big-endian to native on any platform (byteswap + view would be wrong on big-endian
+            # hosts); for one-byte dtypes it is a view, no copy.
+            yield buffer.view(header.dtype).reshape((rows, *row_shape)).astype(native, copy=False)
+        _check_end(self._stream, self.name, header)
+        self._done = True
+
+
 def parse_idx(source: Source, name: str | None = None, *,
               max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> ParsedIdx:
     """Parse one IDX file, gzip-compressed or plain, into a native-endian numpy array.
@@ -233,37 +329,9 @@ def parse_idx(source: Source, name: str | None = None, *,
         IdxFormatError: empty file, non-IDX content (e.g. an HTML page), wrong magic number, unknown dtype code, zero
             or absurd dimensions, truncated payload, trailing bytes, corrupt or truncated gzip stream.
     """
-    raw, default_name = _as_stream(source)
-    name = name or default_name
-    with raw:
-        stream = _open_stream(raw, name)
-        with stream:
-            header = read_header(stream, name, max_payload_bytes=max_payload_bytes)
-            left = _plain_bytes_left(stream)
-            if left is not None and left < header.payload_bytes:
-                # Uncompressed input: the size is known, so a lying header fails before any allocation.
-                raise IdxFormatError(
-                    f"{name}: truncated payload: shape {header.shape} of {header.dtype.name} declares "
-                    f"{header.payload_bytes} data bytes, found {left}"
-                )
-            buffer = _allocate(header.payload_bytes, name, header)
-            view = memoryview(buffer)
-            filled = 0
-            while filled < header.payload_bytes:
-                got = _readinto(stream, view[filled:filled + READ_CHUNK_BYTES], name)
-                if not got:
-                    raise IdxFormatError(
-                        f"{name}: truncated payload: shape {header.shape} of {header.dtype.name} declares "
-                        f"{header.payload_bytes} data bytes, found {filled}"
-                    )
-                filled += got
-            _check_end(stream, name, header)
-    digest = hashlib.sha256(header.encode(), usedforsecurity=False)
-    digest.update(view)
-    # astype converts big-endian to native on any platform (byteswap + view would be wrong on big-endian hosts);
-    # for one-byte dtypes it is a view, no copy.
-    array = buffer.view(header.dtype).reshape(header.shape).astype(header.dtype.newbyteorder("="), copy=False)
-    return ParsedIdx(array, digest.hexdigest(), header.header_bytes + header.payload_bytes)
+    with IdxReader(source, name, max_payload_bytes=max_payload_bytes) as reader:
+        (array,) = reader.chunks()
+        return ParsedIdx(array, reader.sha256, reader.payload_bytes)
 
 
 def read_idx(source: Source, name: str | None = None, **kwargs) -> np.ndarray:
@@ -276,7 +344,7 @@ def iter_idx_chunks(source: Source, rows_per_chunk: int, name: str | None = None
     """Stream an IDX file as consecutive native-endian arrays of at most ``rows_per_chunk`` rows (first dimension).
 
     Memory stays bounded by one chunk, so files larger than the driver's memory can be ingested.  The file's
-    structure (trailing bytes, gzip CRC) is checked when the last chunk has been read.
+    structure (trailing bytes, gzip CRC) is checked when the last chunk has been read.  See :class:`IdxReader`.
 
     Raises:
         IdxFormatError: as :func:`parse_idx`; a truncated payload is reported when the stream ends early.
@@ -284,31 +352,8 @@ def iter_idx_chunks(source: Source, rows_per_chunk: int, name: str | None = None
     """
     if rows_per_chunk < 1:
         raise ValueError(f"Invalid rows_per_chunk: {rows_per_chunk!r}. Must be at least 1.")
-    raw, default_name = _as_stream(source)
-    name = name or default_name
-    with raw:
-        stream = _open_stream(raw, name)
-        with stream:
-            header = read_header(stream, name, max_payload_bytes=max_payload_bytes)
-            row_shape = header.shape[1:]
-            row_bytes = math.prod(row_shape) * header.dtype.itemsize
-            native = header.dtype.newbyteorder("=")
-            for start in range(0, header.shape[0], rows_per_chunk):
-                rows = min(rows_per_chunk, header.shape[0] - start)
-                buffer = _allocate(rows * row_bytes, name, header)
-                view = memoryview(buffer)
-                filled = 0
-                while filled < len(buffer):
-                    got = _readinto(stream, view[filled:filled + READ_CHUNK_BYTES], name)
-                    if not got:
-                        raise IdxFormatError(
-                            f"{name}: truncated payload: shape {header.shape} declares {header.payload_bytes} "
-                            f"data bytes, found {start * row_bytes + filled}"
-                        )
-                    filled += got
-                chunk = buffer.view(header.dtype).reshape((rows, *row_shape))
-                yield chunk.astype(native, copy=False)
-            _check_end(stream, name, header)
+    with IdxReader(source, name, max_payload_bytes=max_payload_bytes) as reader:
+        yield from reader.chunks(rows_per_chunk)
 
 
 def encode_idx(array: np.ndarray) -> bytes:

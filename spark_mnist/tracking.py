@@ -3,17 +3,19 @@
 :func:`log_training_run` records one finished training run: the settings as parameters, the per-epoch figures as
 metrics (``step`` = epoch), the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
 and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorch_model``) with a tensor signature
-(see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``, an MLflow too old or too slim for it),
-only the ``state_dict`` artifact is logged and a log line says so.
+(see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``,
+an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a log line says so.
 
 Where runs go (:func:`tracking_uri`): ``MLFLOW_TRACKING_URI`` when set; the workspace's tracking server
-(``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns`` (browse it with
-``mlflow ui --backend-store-uri <run_dir>/mlruns``).
+(``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns`` (read it with
+``MlflowClient``, or browse it with ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <run_dir>/mlruns``,
+which needs the full ``mlflow`` package: mlflow-skinny has no server).
 
 MLflow is an optional extra (``pip install 'spark-mnist[mlflow]'``; Databricks ML runtimes ship it): without it
 training runs as before and one log line says tracking is off.  Tracking never fails training: an MLflow error
-(an unreachable server, a permission error) is logged as a warning and the run id is ``None``.  An unreachable HTTP
-server costs MLflow's own retries first (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
+(an unreachable server, a permission error, a broken install) is logged as a warning and the run id is ``None``.
+An unreachable HTTP server costs MLflow's own retries first, about four minutes with MLflow 3.17's defaults
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
 
 The local file store is MLflow's ``file:`` backend, in maintenance mode since MLflow 3 and refused by MLflow >= 3.13
 unless ``MLFLOW_ALLOW_FILE_STORE=true``; this module sets that variable for the duration of the call when it is not
@@ -22,7 +24,8 @@ set, so reading the store back (``MlflowClient``, ``mlflow ui``) needs it set to
 
 Nothing global is left changed: the tracking URI is set for the duration of the call and restored (with the
 ``MLFLOW_TRACKING_URI`` variable that ``mlflow.set_tracking_uri`` also writes), as are ``MLFLOW_ALLOW_FILE_STORE``
-and ``TORCHINDUCTOR_CACHE_DIR`` (which ``torch.export`` sets), and the experiment is passed by id rather than through ``mlflow.set_experiment``.
+and ``TORCHINDUCTOR_CACHE_DIR`` (which ``torch.export`` sets), and the experiment is passed by id rather than
+through ``mlflow.set_experiment``.
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
         import mlflow
     except ImportError:
         log.info(NOT_INSTALLED)
+        return None
+    except Exception as e:  # noqa: BLE001 - a broken install (e.g. a protobuf clash) must not fail training
+        log.warning("MLflow failed to import, tracking is off: %s: %s", type(e).__name__, e)
         return None
     uri = tracking_uri(run_dir)
     try:
@@ -256,29 +262,22 @@ def _databricks_user() -> str | None:
 
 @contextlib.contextmanager
 def _scoped_tracking_uri(mlflow, uri: str) -> Iterator[None]:
-    """``mlflow.set_tracking_uri(uri)`` for the block, then the previous state back: MLflow's module-level URI and
-    the ``MLFLOW_TRACKING_URI`` variable, which ``set_tracking_uri`` writes (and unsets when given ``None``)."""
+    """``mlflow.set_tracking_uri(uri)`` for the block, then MLflow's previous module-level URI back (``None`` where
+    none was set).  ``set_tracking_uri`` also writes, or unsets, ``MLFLOW_TRACKING_URI``: the caller restores it."""
     try:
         from mlflow.tracking._tracking_service import utils as service_utils
-
-        previous = service_utils._tracking_uri
-    except (ImportError, AttributeError):  # pragma: no cover - MLflow internals moved
-        service_utils, previous = None, None
-    previous_env = os.environ.get(TRACKING_URI_ENV)
+    except ImportError:  # pragma: no cover - MLflow internals moved
+        service_utils = None
+    previous = getattr(service_utils, "_tracking_uri", None)
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         try:
+            mlflow.set_tracking_uri(previous)
+        except Exception:  # noqa: BLE001 - an MLflow that refuses None
             if service_utils is not None:
-                mlflow.set_tracking_uri(previous)
-            elif previous_env is not None:  # pragma: no cover
-                mlflow.set_tracking_uri(previous_env)
-        finally:
-            if previous_env is None:
-                os.environ.pop(TRACKING_URI_ENV, None)
-            else:
-                os.environ[TRACKING_URI_ENV] = previous_env
+                service_utils._tracking_uri = previous
 
 
 def _store_env(uri: str) -> dict[str, str]:

@@ -187,3 +187,22 @@ def test_unreachable_server_is_a_warning_not_a_failure(tmp_path, monkeypatch, ca
     warnings = [r.getMessage() for r in caplog.records if r.name == quiet_log.name]
     assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0]
     assert os.environ[tracking.TRACKING_URI_ENV] == "http://127.0.0.1:9"
+
+
+def test_a_broken_mlflow_install_is_a_warning(tmp_path, monkeypatch, caplog, quiet_log):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise TypeError("Descriptors cannot be created directly")  # protobuf's message on a version clash
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    settings, manifest, metrics, model_path = fake_run(tmp_path)
+    with caplog.at_level(logging.INFO, logger=quiet_log.name):
+        assert tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
+                                         log=quiet_log) is None
+    messages = [r.getMessage() for r in caplog.records if r.name == quiet_log.name]
+    assert len(messages) == 1 and "failed to import" in messages[0]
