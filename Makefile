@@ -31,7 +31,7 @@ setup: $(STAMP) java data
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[local,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[local,dev,plots,mlflow]'
 	touch $(STAMP)
 
 java:

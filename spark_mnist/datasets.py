@@ -156,20 +156,27 @@ def validate_split(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray,
         DatasetMismatchError: image shape other than the dataset's, a non-uint8 dtype, labels that are not 1-d,
             images and labels of different counts, labels out of ``[0, num_classes)``.
     """
-    if images.ndim != 3 or tuple(images.shape[1:]) != spec.image_shape:
+    validate_layout(spec, tuple(images.shape), images.dtype, labels, images_name, labels_name)
+
+
+def validate_layout(spec: DatasetSpec, images_shape: tuple[int, ...], images_dtype: np.dtype, labels: np.ndarray,
+                    images_name: str, labels_name: str) -> None:
+    """:func:`validate_split` from the images' shape and dtype alone (an IDX header), so a streamed images file is
+    checked before its data is read.  Same errors."""
+    if len(images_shape) != 3 or tuple(images_shape[1:]) != spec.image_shape:
         raise DatasetMismatchError(
-            f"{images_name}: image shape {tuple(images.shape[1:]) if images.ndim == 3 else images.shape} "
+            f"{images_name}: image shape {tuple(images_shape[1:]) if len(images_shape) == 3 else images_shape} "
             f"is not {spec.name}'s: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
         )
-    if images.dtype != np.uint8:
-        raise DatasetMismatchError(f"{images_name}: dtype {images.dtype}: expected uint8 pixels")
+    if images_dtype != np.uint8:
+        raise DatasetMismatchError(f"{images_name}: dtype {images_dtype}: expected uint8 pixels")
     if labels.ndim != 1:
         raise DatasetMismatchError(f"{labels_name}: labels of shape {labels.shape}: expected one dimension (N,)")
     if labels.dtype != np.uint8:
         raise DatasetMismatchError(f"{labels_name}: dtype {labels.dtype}: expected uint8 labels")
-    if len(images) != len(labels):
+    if images_shape[0] != len(labels):
         raise DatasetMismatchError(
-            f"{labels_name}: {len(labels)} labels for {len(images)} images in {images_name}: counts must match"
+            f"{labels_name}: {len(labels)} labels for {images_shape[0]} images in {images_name}: counts must match"
         )
     if len(labels) and int(labels.max()) >= spec.num_classes:
         bad = int(np.argmax(labels >= spec.num_classes))

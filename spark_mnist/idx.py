@@ -242,6 +242,7 @@ class IdxReader:
         self._stack = contextlib.ExitStack()
         self._digest = None
         self._done = False
+        self._rows_read = 0
 
     def __enter__(self) -> "IdxReader":
         try:
@@ -280,36 +281,60 @@ class IdxReader:
         """Size of the decompressed file, header included, in bytes."""
         return self.header.header_bytes + self.header.payload_bytes
 
+    def read(self, rows: int) -> np.ndarray:
+        """The next ``rows`` rows (first dimension) as a native-endian array.
+
+        Raises:
+            ValueError: ``rows`` below 0 or past the end the header declares.
+            IdxFormatError: a truncated payload or a corrupt gzip stream.
+        """
+        header = self.header
+        if not 0 <= rows <= header.shape[0] - self._rows_read:
+            raise ValueError(f"Invalid rows: {rows!r}. {header.shape[0] - self._rows_read} rows are left.")
+        row_shape = header.shape[1:]
+        row_bytes = math.prod(row_shape) * header.dtype.itemsize
+        buffer = _allocate(rows * row_bytes, self.name, header)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < len(buffer):
+            got = _readinto(self._stream, view[filled:filled + READ_CHUNK_BYTES], self.name)
+            if not got:
+                raise IdxFormatError(self._truncated(self._rows_read * row_bytes + filled))
+            filled += got
+        self._digest.update(view)
+        self._rows_read += rows
+        # astype converts big-endian to native on any platform (byteswap + view would be wrong on big-endian
+        # hosts); for one-byte dtypes it is a view, no copy.
+        return buffer.view(header.dtype).reshape((rows, *row_shape)).astype(header.dtype.newbyteorder("="),
+                                                                            copy=False)
+
+    def finish(self) -> None:
+        """Check the end of the file (no trailing bytes; the gzip CRC) once every row was read.
+
+        Raises:
+            ValueError: rows left unread.
+            IdxFormatError: trailing bytes or a corrupt gzip stream.
+        """
+        if self._rows_read != self.header.shape[0]:
+            raise ValueError(f"{self.name}: {self.header.shape[0] - self._rows_read} rows left unread")
+        _check_end(self._stream, self.name, self.header)
+        self._done = True
+
     def chunks(self, rows_per_chunk: int | None = None) -> Iterator[np.ndarray]:
-        """Native-endian arrays of at most ``rows_per_chunk`` rows (first dimension; ``None``: all at once).
+        """Native-endian arrays of at most ``rows_per_chunk`` rows (first dimension; ``None``: all at once), then
+        :meth:`finish`.
 
         Raises:
             ValueError: ``rows_per_chunk`` below 1.
             IdxFormatError: as the class.
         """
-        header = self.header
-        rows_per_chunk = header.shape[0] if rows_per_chunk is None else rows_per_chunk
+        total = self.header.shape[0]
+        rows_per_chunk = total if rows_per_chunk is None else rows_per_chunk
         if rows_per_chunk < 1:
             raise ValueError(f"Invalid rows_per_chunk: {rows_per_chunk!r}. Must be at least 1.")
-        row_shape = header.shape[1:]
-        row_bytes = math.prod(row_shape) * header.dtype.itemsize
-        native = header.dtype.newbyteorder("=")
-        for start in range(0, header.shape[0], rows_per_chunk):
-            rows = min(rows_per_chunk, header.shape[0] - start)
-            buffer = _allocate(rows * row_bytes, self.name, header)
-            view = memoryview(buffer)
-            filled = 0
-            while filled < len(buffer):
-                got = _readinto(self._stream, view[filled:filled + READ_CHUNK_BYTES], self.name)
-                if not got:
-                    raise IdxFormatError(self._truncated(start * row_bytes + filled))
-                filled += got
-            self._digest.update(view)
-            # astype converts big-endian to native on any platform (byteswap + view would be wrong on big-endian
-            # hosts); for one-byte dtypes it is a view, no copy.
-            yield buffer.view(header.dtype).reshape((rows, *row_shape)).astype(native, copy=False)
-        _check_end(self._stream, self.name, header)
-        self._done = True
+        while self._rows_read < total:
+            yield self.read(min(rows_per_chunk, total - self._rows_read))
+        self.finish()
 
 
 def parse_idx(source: Source, name: str | None = None, *,

@@ -102,8 +102,10 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     t = settings.train
     data_uri, manifest = _dataset_manifest(settings.data_dir)
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, t.petastorm_cache_url)
+    # Uncompressed: reading it back is about twice as fast as snappy, for a third more disk.
     converters = {split: make_spark_converter(spark.read.parquet(f"{data_uri}/{split}"),
-                                              parquet_row_group_size_bytes=t.petastorm_row_group_bytes)
+                                              parquet_row_group_size_bytes=t.petastorm_row_group_bytes,
+                                              compression_codec="uncompressed")
                   for split in ("train", "test")}
     try:
         job = TrainJob(
@@ -127,4 +129,10 @@ def train(spark, settings: Settings) -> dict[str, Any]:
         for converter in converters.values():
             with contextlib.suppress(Exception):
                 converter.delete()
-    return {"dataset": manifest["dataset"], **metrics}
+    result = {"dataset": manifest["dataset"], **metrics}
+    from spark_mnist.tracking import log_training_run
+
+    run_id = log_training_run(settings.model_dump(), manifest, result, result.get("model_path"), run_dir=job.run_dir)
+    if run_id is not None:
+        result["mlflow_run_id"] = run_id
+    return result

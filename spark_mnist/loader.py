@@ -144,9 +144,33 @@ def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarr
 
     with pq.ParquetFile(group.path) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
-    index = table.column(contract.INDEX).to_numpy().astype(np.int64, copy=False)
-    labels = table.column(contract.LABEL).to_numpy().astype(np.int64)
+    index = int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
+    labels = int_column(table.column(contract.LABEL), group.path).astype(np.int64)
     return index, decode_images(table.column(contract.IMAGE), row_bytes, group.path), labels
+
+
+def int_column(column, path: str = "<parquet>") -> np.ndarray:
+    """An int32/int64 Arrow column as a numpy array, straight from its buffers (``to_numpy`` would import pandas
+    in pyarrow 14, which costs more than reading a whole split).
+
+    Raises:
+        DatasetMismatchError: nulls, or a column that is not int32/int64.
+    """
+    import pyarrow as pa
+
+    dtypes = {pa.int32(): np.int32, pa.int64(): np.int64}
+    if column.type not in dtypes:
+        raise DatasetMismatchError(f"{path}: column of type {column.type}: expected int32 or int64")
+    dtype = dtypes[column.type]
+    parts = []
+    for chunk in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]):
+        if chunk.null_count:
+            raise DatasetMismatchError(f"{path}: {chunk.null_count} nulls in an integer column")
+        if len(chunk):
+            parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset:chunk.offset + len(chunk)])
+    if not parts:
+        return np.empty(0, dtype=dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
@@ -282,7 +306,9 @@ class ShardLoader:
 
         index, images, labels = tensors
         out = torch.empty((len(positions), 1, *self.image_shape), dtype=torch.uint8, pin_memory=self.pin_memory)
-        torch.index_select(images, 0, positions, out=out)
+        # numpy's take is a plain copy loop; torch.index_select would go through torch's OpenMP pool, whose
+        # barrier stalls each batch when the other cores are busy (training, other ranks).
+        np.take(images.numpy(), positions.numpy(), axis=0, out=out.numpy())
         return index[positions], out, labels[positions]
 
     def _batches_from_memory(self, order, start: int, used: int):
