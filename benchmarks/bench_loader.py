@@ -91,7 +91,7 @@ def row_petastorm(converter, steps: int, epochs: int, batched: bool) -> dict[str
 
 # ------------------------------------------------------------------------------------------ driver
 
-INGEST_STAGES = ("read_files", "parse_split", "write_split", "commit")
+INGEST_STAGES = ("read_files", "open_idx_split", "write_shards", "commit")
 
 
 def measure_ingest(source: str, work: str, runs: int, uncompressed: bool) -> tuple[dict[str, Any], Any, Any]:

@@ -27,7 +27,7 @@ from benchmarks.common import (FASHION_MNIST_DIR, bench_spark, emit_json, fmt_nu
 from benchmarks.make_synthetic import ensure_synthetic
 
 DEFAULT_CACHE_DIR = "/tmp/spark-mnist-bench"
-INGEST_STAGES = ("read_files", "parse_split", "write_split", "commit")
+INGEST_STAGES = ("read_files", "open_idx_split", "write_shards", "commit")
 LOADERS = {"ours": row_ours, "ours_proposed": row_ours_proposed}
 
 

@@ -14,20 +14,22 @@ Readers see either the previous complete dataset or the new one, never a mix.  T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from spark_mnist import __version__, contract, storage
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, upright, validate_split
+from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset, upright,
+                                  validate_layout, validate_split)
 from spark_mnist.errors import ChecksumMismatchError, InputError
-from spark_mnist.idx import parse_idx
+from spark_mnist.idx import IdxReader, parse_idx
 from spark_mnist.sources import SourceFile, read_files
 from spark_mnist.storage import Location, normalize_uri
 
@@ -40,6 +42,8 @@ DEFAULT_NUM_SHARDS = 8
 # Parquet row-group target: ~1 MiB is ~1,300 MNIST rows, so 60,000 training rows make ~45 row groups and every rank
 # of a typical run (up to 8 x a few GPUs) has several of them.
 DEFAULT_ROW_GROUP_BYTES = 2**20
+# Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
+DEFAULT_CHUNK_ROWS = 1_000_000
 SPARK_SCHEMA = ", ".join(f"{name} {spark_type}" for name, (spark_type, _) in contract.COLUMN_TYPES.items())
 COMMIT_RETRIES = 20
 
@@ -53,32 +57,64 @@ class Split:
     labels: np.ndarray
 
 
-def parse_split(spec: DatasetSpec, split: str, files: dict[str, SourceFile]) -> tuple[Split, list[dict[str, Any]]]:
-    """Parse and check one split's images and labels files (driver only).
+def file_record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
+                ) -> dict[str, Any]:
+    """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""
+    return {"split": split, "kind": kind, "name": entry.name, "uri": source.uri, "bytes": source.length,
+            "payload_bytes": payload_bytes, "sha256": sha256, "expected_sha256": entry.sha256,
+            "sha256_matches": None if entry.sha256 is None else sha256 == entry.sha256}
+
+
+@dataclass
+class SplitInput:
+    """One split ready to write: all ``labels`` (N,) uint8, and ``take(rows)`` giving the next ``rows`` images
+    (rows, H, W) uint8 as stored; ``done()`` checks the end of the images file and returns its manifest record."""
+
+    name: str
+    labels: np.ndarray
+    take: Callable[[int], np.ndarray]
+    done: Callable[[], list[dict[str, Any]]]
+
+
+def open_idx_split(stack: contextlib.ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]
+                   ) -> tuple[SplitInput, list[dict[str, Any]]]:
+    """Parse a split's labels file and open its images file as a stream, checking everything the headers and
+    labels tell (image shape, dtype, counts, label range) before any image data is read.  Driver only.
 
     Returns:
-        The :class:`Split` and one manifest record per file (uri, bytes, payload bytes, sha256, expected sha256,
-        whether they match: ``None`` where the registry knows no hash).
+        The :class:`SplitInput` and the labels file's manifest record.
     Raises:
-        IdxFormatError: a structural defect in either file.
+        IdxFormatError: a structural defect in either file (in the images file's data: while it is taken).
         DatasetMismatchError: wrong image shape, labels out of range, different counts.
     """
-    arrays, records = {}, []
-    for kind in (IMAGES, LABELS):
-        entry = spec.file(split, kind)
-        source = files[entry.name]
-        parsed = parse_idx(source.content, name=source.uri)
-        arrays[kind] = parsed.array
-        matches = None if entry.sha256 is None else parsed.sha256 == entry.sha256
-        records.append({"split": split, "kind": kind, "name": entry.name, "uri": source.uri,
-                        "bytes": source.length, "payload_bytes": parsed.payload_bytes, "sha256": parsed.sha256,
-                        "expected_sha256": entry.sha256, "sha256_matches": matches})
-    images_uri, labels_uri = (files[spec.file(split, kind).name].uri for kind in (IMAGES, LABELS))
-    validate_split(spec, arrays[IMAGES], arrays[LABELS], images_uri, labels_uri)
-    return Split(split, upright(spec, arrays[IMAGES]), arrays[LABELS]), records
+    labels_entry, images_entry = spec.file(split, LABELS), spec.file(split, IMAGES)
+    labels_source, images_source = files[labels_entry.name], files[images_entry.name]
+    parsed = parse_idx(labels_source.source, name=labels_source.uri)
+    reader = stack.enter_context(IdxReader(images_source.source, name=images_source.uri))
+    validate_layout(spec, reader.header.shape, reader.header.dtype, parsed.array, images_source.uri,
+                    labels_source.uri)
+
+    def done() -> list[dict[str, Any]]:
+        reader.finish()
+        return [file_record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes)]
+
+    labels_record = file_record(split, LABELS, labels_entry, labels_source, parsed.sha256, parsed.payload_bytes)
+    return SplitInput(split, parsed.array, reader.read, done), [labels_record]
 
 
-def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[dict[str, Split], list[dict]]:
+def _slicer(images: np.ndarray) -> Callable[[int], np.ndarray]:
+    """``take(rows)`` over an array held in memory: consecutive slices."""
+    position = 0
+
+    def take(rows: int) -> np.ndarray:
+        nonlocal position
+        lo, position = position, position + rows
+        return images[lo:position]
+
+    return take
+
+
+def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[list[SplitInput], list[dict]]:
     """Read a Keras ``mnist.npz`` (bytes through Spark's ``binaryFile`` source, ``np.load(allow_pickle=False)``)
     and check both splits against ``spec``.
 
@@ -93,16 +129,20 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[d
     from spark_mnist.keras_npz import load_keras_npz
 
     source = read_files(spark, npz.sibling(""), [npz.name])[npz.name]
-    arrays = load_keras_npz(io.BytesIO(source.content), image_shape=spec.image_shape, name=source.uri)
-    splits = {}
+    content = source.content
+    if content is None:  # a large archive on a driver-visible path: np.load reads it whole anyway
+        with open(source.local_path, "rb") as f:
+            content = f.read()
+    arrays = load_keras_npz(io.BytesIO(content), image_shape=spec.image_shape, name=source.uri)
+    inputs = []
     for split in SPLITS:
         images, labels = arrays[split]
         validate_split(spec, images, labels, f"{source.uri}[x_{split}]", f"{source.uri}[y_{split}]")
-        splits[split] = Split(split, upright(spec, images), labels)
-    digest = hashlib.sha256(source.content, usedforsecurity=False).hexdigest()
+        inputs.append(SplitInput(split, labels, _slicer(images), list))
+    digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
     record = {"split": "train+test", "kind": "npz", "name": npz.name, "uri": source.uri, "bytes": source.length,
               "payload_bytes": source.length, "sha256": digest, "expected_sha256": None, "sha256_matches": None}
-    return splits, [record]
+    return inputs, [record]
 
 
 def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bool) -> None:
@@ -146,56 +186,103 @@ def record_batch(start: int, images: np.ndarray, labels: np.ndarray):
         names=list(contract.COLUMNS))
 
 
-def write_split(spark: "SparkSession", split: Split, target: Location, num_shards: int,
-                row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> list[int]:
-    """Write ``split`` as Parquet shards under ``target`` with Spark; shard k holds the k-th contiguous row range.
+def write_shards(spark: "SparkSession", split: Split, target: Location, bounds: np.ndarray, *,
+                 first_shard: int = 0, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> list[int]:
+    """Write ``split`` as Parquet shards under ``target`` with Spark: shard ``first_shard + k`` holds global rows
+    ``[bounds[k], bounds[k+1])``; ``split`` holds rows ``bounds[0] .. bounds[-1]``.
 
     The arrays travel to the executors once, as a broadcast; each task cuts its shard into Arrow batches
-    (``mapInArrow``), so no row passes through Python one at a time.  Files are renamed ``part-NNNNN.parquet``
-    in shard order, so the same input always gives the same files.
+    (``mapInArrow``), so no row passes through Python one at a time.  Files are renamed ``part-NNNNN.parquet`` in
+    shard order, so the same input always gives the same files.  Appends to ``target`` when it exists (the next
+    chunk of a streamed split).
 
     Returns:
-        Rows per shard, in shard order.
+        Rows per shard written, in shard order.
     """
-    bounds = shard_bounds(len(split.labels), num_shards)
+    base = int(bounds[0])
+    local_bounds = [int(b) - base for b in bounds]
     rows_per_batch = max(1, row_group_bytes // max(1, int(np.prod(split.images.shape[1:]))))
     broadcast = spark.sparkContext.broadcast((split.images, split.labels))
+    shards = len(bounds) - 1
     try:
         def shard_batches(batches: Iterator) -> Iterator:
             images, labels = broadcast.value
             for batch in batches:
                 for shard in batch.column(0).to_pylist():
-                    lo, hi = int(bounds[shard]), int(bounds[shard + 1])
+                    lo, hi = local_bounds[shard], local_bounds[shard + 1]
                     for start in range(lo, hi, rows_per_batch):
                         stop = min(hi, start + rows_per_batch)
-                        yield record_batch(start, images[start:stop], labels[start:stop])
+                        yield record_batch(base + start, images[start:stop], labels[start:stop])
 
-        shards = len(bounds) - 1
         (spark.range(shards, numPartitions=shards)
          .mapInArrow(shard_batches, SPARK_SCHEMA)
          .write.option("parquet.block.size", row_group_bytes)
-         .mode("errorifexists")
+         .mode("errorifexists" if first_shard == 0 else "append")
          .parquet(target.uri))
     finally:
         broadcast.destroy()
-    _name_shards(spark, target, shards)
+    _name_shards(spark, target, first_shard, shards)
     return np.diff(bounds).tolist()
 
 
-def _name_shards(spark: "SparkSession", target: Location, shards: int) -> None:
-    files = storage.list_files(spark, target)
-    parts = [name for name, _ in files if name.startswith("part-") and name.endswith(".parquet")]
-    if len(parts) != shards:
-        raise RuntimeError(f"{target.uri}: Spark wrote {len(parts)} Parquet files, expected {shards} shards")
-    for name, _ in files:
-        if name not in parts:  # _SUCCESS, checksum files
+def write_split(spark: "SparkSession", split: Split, target: Location, num_shards: int,
+                row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> list[int]:
+    """Write a split held in memory as ``num_shards`` contiguous shards (see :func:`write_shards`)."""
+    return write_shards(spark, split, target, shard_bounds(len(split.labels), num_shards),
+                        row_group_bytes=row_group_bytes)
+
+
+def _name_shards(spark: "SparkSession", target: Location, first_shard: int, shards: int) -> None:
+    """Rename the Parquet files Spark just wrote (``part-NNNNN-<uuid>-c000...parquet``) to ``part-<first_shard +
+    i>.parquet`` in partition order, and drop its ``_SUCCESS`` and checksum files."""
+    files = [name for name, _ in storage.list_files(spark, target)]
+    named = {contract.shard_name(k) for k in range(first_shard)}
+    new = sorted(n for n in files if n.startswith("part-") and n.endswith(".parquet") and n not in named)
+    if len(new) != shards:
+        raise RuntimeError(f"{target.uri}: Spark wrote {len(new)} Parquet files, expected {shards} shards")
+    for name in files:
+        if name not in named and name not in new:  # _SUCCESS, checksum files
             storage.delete(spark, target.join(name))
-    for k, name in enumerate(sorted(parts)):
-        storage.rename(spark, target.join(name), target.join(contract.shard_name(k)))
+    for k, name in enumerate(new):
+        storage.rename(spark, target.join(name), target.join(contract.shard_name(first_shard + k)))
+
+
+def chunk_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
+    """Consecutive shards grouped so that each group holds at most ``chunk_rows`` rows (at least one shard):
+    ``[(first shard, end shard), ...]``.  A streamed split is read and written one group at a time."""
+    groups, k, shards = [], 0, len(bounds) - 1
+    while k < shards:
+        end = k + 1
+        while end < shards and bounds[end + 1] - bounds[k] <= chunk_rows:
+            end += 1
+        groups.append((k, end))
+        k = end
+    return groups
+
+
+def write_split_input(spark: "SparkSession", spec: DatasetSpec, split: SplitInput, target: Location, *,
+                      num_shards: int, chunk_rows: int, row_group_bytes: int) -> list[int]:
+    """Write one split in contiguous shards, holding at most ``chunk_rows`` images on the driver at a time.
+
+    ``num_shards`` is raised where needed so that no shard exceeds ``chunk_rows``; each group of shards that fits
+    in ``chunk_rows`` is read from the stream and written by one Spark job.
+
+    Returns:
+        Rows per shard, in shard order.
+    """
+    rows = len(split.labels)
+    bounds = shard_bounds(rows, max(num_shards, -(-rows // chunk_rows)))
+    for first, end in chunk_groups(bounds, chunk_rows):
+        lo, hi = int(bounds[first]), int(bounds[end])
+        images = upright(spec, split.take(hi - lo))
+        write_shards(spark, Split(split.name, images, split.labels[lo:hi]), target, bounds[first:end + 1],
+                     first_shard=first, row_group_bytes=row_group_bytes)
+        log.info("%s: wrote rows %d-%d of %d (shards %d-%d)", split.name, lo, hi, rows, first, end - 1)
+    return np.diff(bounds).tolist()
 
 
 def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, Any]],
-                   splits: dict[str, Split], rows_per_shard: dict[str, list[int]]) -> dict[str, Any]:
+                   splits: list[SplitInput], rows_per_shard: dict[str, list[int]]) -> dict[str, Any]:
     """The ``_manifest.json`` content: dataset, source files (uri, bytes, payload sha256), per-split rows,
     shards and label histogram, schema and package versions."""
     return {
@@ -208,13 +295,13 @@ def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, 
         "created_unix": round(time.time(), 3),
         "source": {"uri": source.uri, "files": records},
         "splits": {
-            name: {
+            split.name: {
                 "rows": int(len(split.labels)),
-                "files": [contract.shard_name(k) for k in range(len(rows_per_shard[name]))],
-                "rows_per_shard": rows_per_shard[name],
+                "files": [contract.shard_name(k) for k in range(len(rows_per_shard[split.name]))],
+                "rows_per_shard": rows_per_shard[split.name],
                 "label_histogram": np.bincount(split.labels, minlength=spec.num_classes).tolist(),
             }
-            for name, split in splits.items()
+            for split in splits
         },
     }
 
@@ -260,49 +347,61 @@ def recover(spark: "SparkSession", output: Location) -> None:
 
 def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "fashion-mnist",
            num_shards: int = DEFAULT_NUM_SHARDS, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
-           strict: bool = False) -> dict[str, Any]:
+           chunk_rows: int = DEFAULT_CHUNK_ROWS, strict: bool = False) -> dict[str, Any]:
     """Ingest the four standard gz IDX files of ``dataset`` under ``source`` into Parquet shards under ``output``.
 
     Runs on the driver.  ``source`` and ``output`` may be local paths, ``file:/``, ``dbfs:/``, ``/dbfs/`` or
     ``/Volumes/...`` (see :func:`spark_mnist.storage.normalize_uri`); ``source`` may also name a Keras
-    ``mnist.npz`` file instead of a directory.
+    ``mnist.npz`` file instead of a directory.  Images are streamed: the driver holds at most ``chunk_rows``
+    decompressed images at a time (plus all labels), so datasets far larger than its memory ingest.
+
+    Structure, shapes, counts and labels are checked before anything is written; a defect found later in a
+    streamed file (truncation, a bad gzip CRC) or a hash mismatch under ``strict`` discards the staging
+    directory, so ``output`` never sees it.
 
     Returns:
         The manifest written to ``output/_manifest.json``.
     Raises:
         InputError: (``SourceError``, ``IdxFormatError``, ``DatasetMismatchError``, ``ChecksumMismatchError``) bad
             input; nothing is written to ``output``.
-        ValueError: ``num_shards`` or ``row_group_bytes`` below 1.
+        InputError: ``num_shards``, ``row_group_bytes`` or ``chunk_rows`` below 1.
     """
     if num_shards < 1:
         raise InputError(f"Invalid num_shards: {num_shards!r}. Must be at least 1.")
     if row_group_bytes < 1:
         raise InputError(f"Invalid row_group_bytes: {row_group_bytes!r}. Must be at least 1.")
+    if chunk_rows < 1:
+        raise InputError(f"Invalid chunk_rows: {chunk_rows!r}. Must be at least 1.")
     spec = get_dataset(dataset)
     source_dir, out = normalize_uri(source), normalize_uri(output)
     started = time.perf_counter()
-    if source_dir.uri.endswith(".npz"):
-        splits, records = read_npz(spark, spec, source_dir)
-    else:
-        files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
-        splits, records = {}, []
-        for split in SPLITS:
-            splits[split], split_records = parse_split(spec, split, files)
-            records.extend(split_records)
-        del files
-        check_hashes(spec, records, strict=strict)
-    log.info("parsed %s in %.2fs: %s", source_dir.uri, time.perf_counter() - started,
-             ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits.values()))
-
-    recover(spark, out)
-    staging = out.sibling(f".{out.name}.staging-{uuid.uuid4().hex[:12]}")
-    try:
-        rows_per_shard = {name: write_split(spark, split, staging.join(name), num_shards, row_group_bytes)
-                          for name, split in splits.items()}
-        manifest = build_manifest(spec, source_dir, records, splits, rows_per_shard)
-        storage.write_text(spark, staging.join(contract.MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
-        commit(spark, staging, out)
-    finally:
-        storage.delete(spark, staging)
+    with contextlib.ExitStack() as stack:
+        if source_dir.uri.endswith(".npz"):
+            splits, records = read_npz(spark, spec, source_dir)
+        else:
+            files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
+            splits, records = [], []
+            for split in SPLITS:
+                split_input, split_records = open_idx_split(stack, spec, split, files)
+                splits.append(split_input)
+                records.extend(split_records)
+        log.info("checked the headers and labels of %s: %s", source_dir.uri,
+                 ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits))
+        recover(spark, out)
+        staging = out.sibling(f".{out.name}.staging-{uuid.uuid4().hex[:12]}")
+        try:
+            rows_per_shard = {}
+            for split in splits:
+                rows_per_shard[split.name] = write_split_input(
+                    spark, spec, split, staging.join(split.name), num_shards=num_shards, chunk_rows=chunk_rows,
+                    row_group_bytes=row_group_bytes)
+                records.extend(split.done())
+            records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
+            check_hashes(spec, records, strict=strict)
+            manifest = build_manifest(spec, source_dir, records, splits, rows_per_shard)
+            storage.write_text(spark, staging.join(contract.MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
+            commit(spark, staging, out)
+        finally:
+            storage.delete(spark, staging)
     log.info("ingested %s into %s in %.2fs", spec.name, out.uri, time.perf_counter() - started)
     return manifest

@@ -3,6 +3,7 @@ with Spark's ``binaryFile`` source, so every form goes through one code path.  D
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -14,22 +15,32 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
+# Files up to this size travel to the driver through Spark's binaryFile source; larger ones (binaryFile stops at
+# 2 GiB, and the driver would hold them whole) are streamed from their driver-visible path (local, /dbfs, /Volumes).
+MAX_COLLECT_BYTES = 512 * 2**20
+
+
 @dataclass(frozen=True)
 class SourceFile:
-    """The bytes of one source file as Spark read them: ``uri`` (as Spark names it), ``content`` (the file's
-    bytes, still gzip-compressed) and ``length`` (bytes)."""
+    """One source file: ``uri`` (as Spark names it), ``length`` (bytes, still compressed) and either ``content``
+    (the bytes, read through Spark) or ``local_path`` (to stream from, for files over :data:`MAX_COLLECT_BYTES`)."""
 
     name: str
     uri: str
-    content: bytes
+    length: int
+    content: bytes | None = None
+    local_path: str | None = None
 
     @property
-    def length(self) -> int:
-        return len(self.content)
+    def source(self) -> bytes | str:
+        """What :class:`spark_mnist.idx.IdxReader` reads: the bytes, or the path to stream."""
+        return self.content if self.content is not None else self.local_path
 
 
-def read_files(spark: "SparkSession", directory: Location, names: Sequence[str]) -> dict[str, SourceFile]:
-    """Read the files ``names`` under ``directory`` with Spark's ``binaryFile`` source, in one job.
+def read_files(spark: "SparkSession", directory: Location, names: Sequence[str], *,
+               max_collect_bytes: int = MAX_COLLECT_BYTES) -> dict[str, SourceFile]:
+    """Read the files ``names`` under ``directory`` with Spark's ``binaryFile`` source, in one job; files over
+    ``max_collect_bytes`` with a driver-visible path are left to be streamed from it instead.
 
     Returns:
         ``{name: SourceFile}`` for every name.
@@ -45,18 +56,28 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str])
     if missing:
         listing = ", ".join(loc.local_path or loc.uri for loc in missing)
         raise SourceError(f"{listing}: file not found (expected {', '.join(names)} in {directory.uri})")
-    # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled), about twice as fast as collect()
-    # for a few large binary rows.
-    frame = (spark.read.format("binaryFile")
-             .load([loc.uri for loc in wanted.values()])
-             .select("path", "content")
-             .toPandas())
-    by_basename = {path.rstrip("/").rsplit("/", 1)[-1]: (path, content)
-                   for path, content in zip(frame["path"], frame["content"])}
-    found = {}
-    for name in names:
-        if name not in by_basename:
-            raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
-        path, content = by_basename[name]
-        found[name] = SourceFile(name, path, bytes(content))
-    return found
+    found, collect = {}, []
+    for name, loc in wanted.items():
+        size = os.path.getsize(loc.local_path) if loc.is_local else None
+        if size is not None and size > max_collect_bytes:
+            found[name] = SourceFile(name, loc.uri, size, local_path=loc.local_path)
+        else:
+            collect.append(name)
+    if collect:
+        # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled), about twice as fast as
+        # collect() for a few large binary rows.
+        frame = (spark.read.format("binaryFile")
+                 .load([wanted[name].uri for name in collect])
+                 .select("path", "length", "content")
+                 .toPandas())
+        rows = {path.rstrip("/").rsplit("/", 1)[-1]: (path, int(length), content)
+                for path, length, content in zip(frame["path"], frame["length"], frame["content"])}
+        for name in collect:
+            if name not in rows:
+                raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
+            path, length, content = rows[name]
+            if length > max_collect_bytes:
+                raise SourceError(f"{path}: {length} bytes, too large to read through Spark onto the driver; put it "
+                                  f"on a path the driver can stream from (/dbfs/..., /Volumes/..., local disk)")
+            found[name] = SourceFile(name, path, length, content=bytes(content))
+    return {name: found[name] for name in names}

@@ -114,7 +114,7 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
     ingest(spark, str(source), str(out))
     import spark_mnist.ingest as ingest_module
 
-    real_write = ingest_module.write_split
+    real_write = ingest_module.write_shards
     calls = []
 
     def dies_on_second_split(*args, **kwargs):
@@ -123,7 +123,7 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
             raise RuntimeError("executor lost")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_module, "write_split", dies_on_second_split)
+    monkeypatch.setattr(ingest_module, "write_shards", dies_on_second_split)
     with pytest.raises(RuntimeError, match="executor lost"):
         ingest(spark, str(source), str(out))
     assert np.array_equal(read_split(out, "train")[2], arrays["train"][1])
@@ -162,3 +162,46 @@ def test_shard_bounds_contiguous_and_balanced():
     assert shard_bounds(2, 8).tolist() == [0, 1, 2]  # never an empty shard
     sizes = np.diff(shard_bounds(60_000, 7))
     assert sizes.max() - sizes.min() <= 1
+
+
+def test_streamed_ingest_in_chunks_matches_source(spark, small_source, tmp_path):
+    source, arrays = small_source
+    out = tmp_path / "out"
+    manifest = ingest(spark, str(source), str(out), num_shards=2, chunk_rows=100)
+    info = manifest["splits"]["train"]
+    assert len(info["files"]) == 6 and max(info["rows_per_shard"]) <= 100  # shards raised to fit the chunk
+    for split, (images, labels) in arrays.items():
+        index, pixels, got_labels, _ = read_split(out, split)
+        assert np.array_equal(index, np.arange(len(labels)))
+        assert np.array_equal(pixels, images.reshape(len(images), -1))
+        assert np.array_equal(got_labels, labels)
+    records = {(r["split"], r["kind"]): r for r in manifest["source"]["files"]}
+    import hashlib
+    import gzip
+
+    expected = hashlib.sha256(gzip.decompress((source / "train-images-idx3-ubyte.gz").read_bytes())).hexdigest()
+    assert records[("train", "images")]["sha256"] == expected
+
+
+def test_defect_late_in_a_streamed_file_leaves_nothing(spark, small_source, tmp_path):
+    import gzip
+
+    source, _ = small_source
+    path = source / "train-images-idx3-ubyte.gz"
+    payload = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(payload[:-784 * 50]))  # the last 50 images are missing
+    with pytest.raises(IdxFormatError, match="train-images-idx3-ubyte.gz: truncated payload"):
+        ingest(spark, str(source), str(tmp_path / "out"), num_shards=2, chunk_rows=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_large_local_files_are_streamed_from_their_path(spark, small_source):
+    from spark_mnist.sources import read_files
+    from spark_mnist.storage import normalize_uri
+
+    source, _ = small_source
+    files = read_files(spark, normalize_uri(source), ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"],
+                       max_collect_bytes=1000)
+    big, small = files["train-images-idx3-ubyte.gz"], files["t10k-labels-idx1-ubyte.gz"]
+    assert big.content is None and big.source == str(source / "train-images-idx3-ubyte.gz")
+    assert small.content is not None and small.length == len(small.content)
