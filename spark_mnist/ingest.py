@@ -225,13 +225,6 @@ def write_shards(spark: "SparkSession", split: Split, target: Location, bounds: 
     return np.diff(bounds).tolist()
 
 
-def write_split(spark: "SparkSession", split: Split, target: Location, num_shards: int,
-                row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> list[int]:
-    """Write a split held in memory as ``num_shards`` contiguous shards (see :func:`write_shards`)."""
-    return write_shards(spark, split, target, shard_bounds(len(split.labels), num_shards),
-                        row_group_bytes=row_group_bytes)
-
-
 def _name_shards(spark: "SparkSession", target: Location, first_shard: int, shards: int) -> None:
     """Rename the Parquet files Spark just wrote (``part-NNNNN-<uuid>-c000...parquet``) to ``part-<first_shard +
     i>.parquet`` in partition order, and drop its ``_SUCCESS`` and checksum files."""
