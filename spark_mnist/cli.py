@@ -54,7 +54,7 @@ def _ingest_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="directory or URI holding the four gz IDX files")
     parser.add_argument("--output", help="dataset directory to (re)create: OUT/train, OUT/test, OUT/_manifest.json")
     parser.add_argument("--dataset", help="registry name: mnist, fashion-mnist, kmnist, emnist-<split>")
-    parser.add_argument("--num-shards", type=int, help="Parquet files per split")
+    parser.add_argument("--num-shards", type=int, help="Parquet files per split (default: one per Spark core)")
     parser.add_argument("--strict", action="store_true", default=None,
                         help="refuse files whose payload sha256 differs from the registry's")
 

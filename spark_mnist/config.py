@@ -29,12 +29,12 @@ class SparkSettings(_Section):
 
 
 class IngestSettings(_Section):
-    """gz IDX files -> Parquet shards."""
+    """gz IDX files -> Parquet shards.  ``num_shards: null`` is one shard per Spark core."""
 
     dataset: str = "fashion-mnist"
     source: str = "/usr/share/datasets/fashion-mnist"
     output: str = "out/fashion-mnist"
-    num_shards: int = Field(8, ge=1)
+    num_shards: Optional[int] = Field(None, ge=1)
     row_group_bytes: int = Field(2**20, ge=1)
     strict: bool = False
 

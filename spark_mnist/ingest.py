@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NUM_SHARDS = 8
 # Parquet row-group target: ~1 MiB is ~1,300 MNIST rows, so 60,000 training rows make ~45 row groups and every rank
 # of a typical run (up to 8 x a few GPUs) has several of them.
 DEFAULT_ROW_GROUP_BYTES = 2**20
@@ -339,7 +338,7 @@ def recover(spark: "SparkSession", output: Location) -> None:
 
 
 def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "fashion-mnist",
-           num_shards: int = DEFAULT_NUM_SHARDS, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+           num_shards: int | None = None, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
            chunk_rows: int = DEFAULT_CHUNK_ROWS, strict: bool = False) -> dict[str, Any]:
     """Ingest the four standard gz IDX files of ``dataset`` under ``source`` into Parquet shards under ``output``.
 
@@ -347,6 +346,9 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     ``/Volumes/...`` (see :func:`spark_mnist.storage.normalize_uri`); ``source`` may also name a Keras
     ``mnist.npz`` file instead of a directory.  Images are streamed: the driver holds at most ``chunk_rows``
     decompressed images at a time (plus all labels), so datasets far larger than its memory ingest.
+
+    ``num_shards`` (per split) defaults to Spark's default parallelism, one shard per core.  Ranks are fed from
+    row groups (``row_group_bytes``, ~1,300 MNIST rows), not shards, so few shards cost the loader nothing.
 
     Structure, shapes, counts and labels are checked before anything is written; a defect found later in a
     streamed file (truncation, a bad gzip CRC) or a hash mismatch under ``strict`` discards the staging
@@ -359,6 +361,9 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
             input; nothing is written to ``output``.
         InputError: ``num_shards``, ``row_group_bytes`` or ``chunk_rows`` below 1.
     """
+    if num_shards is None:
+        # One shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.
+        num_shards = max(1, spark.sparkContext.defaultParallelism)
     if num_shards < 1:
         raise InputError(f"Invalid num_shards: {num_shards!r}. Must be at least 1.")
     if row_group_bytes < 1:
