@@ -69,7 +69,8 @@ class TrainingFailedError(RuntimeError):
     @classmethod
     def from_reports(cls, reports: list[dict[str, Any]], error: BaseException) -> "TrainingFailedError":
         if not reports:
-            return cls(f"training failed before any rank reported an error: {error}")
+            return cls(f"training failed and no rank left an error report (killed by a signal, out of memory?): "
+                       f"{error}")
         first = reports[0]
         others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
         tail = "".join(first["traceback"]).rstrip()

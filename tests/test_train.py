@@ -74,3 +74,53 @@ def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
     # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training.
     with pytest.raises(TrainingFailedError, match=r"rank \d failed: ValueError: 640 training rows cannot give"):
         train(spark, settings_for(small_dataset, tmp_path / "run", batch_size=1000))
+
+
+def _torchrun_children() -> list[int]:
+    """The rank processes of a running local-mode TorchDistributor (children of its torch.distributed.run)."""
+    import os
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"torch.distributed.run" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return []
+
+
+def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dataset, full_run, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from spark_mnist.launch import TrainingFailedError
+
+    full, _ = full_run
+    run_dir = tmp_path / "killed"
+    outcome = {}
+
+    def run():
+        try:
+            outcome["metrics"] = train(spark, settings_for(small_dataset, run_dir, checkpoint_every_steps=1))
+        except TrainingFailedError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not (run_dir / CHECKPOINT_NAME).exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    ranks = _torchrun_children()
+    assert ranks, "no rank process found to kill"
+    os.kill(ranks[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "error" in outcome, "the run finished before a rank could be killed"
+    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=False)
+    assert (state["epoch"], state["step"]) < (2, 0)
+    resumed = train(spark, settings_for(small_dataset, run_dir, resume=True))
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
