@@ -44,7 +44,7 @@ class TrainSettings(_Section):
 
     data: Optional[str] = None
     run_dir: str = "out/run"
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
