@@ -181,19 +181,3 @@ def write_text(spark: "SparkSession", location: Location, text: str) -> None:
         stream.write(bytearray(text.encode("utf-8")))
     finally:
         stream.close()
-
-
-def read_text(spark: "SparkSession | None", location: Location) -> str:
-    """The UTF-8 text of the file ``location``.  ``spark`` may be ``None`` for locations with a local path."""
-    if location.local_path is not None and (spark is None or location.is_local):
-        return Path(location.local_path).read_text(encoding="utf-8")
-    if spark is None:
-        raise SourceError(f"{location.uri}: not reachable without Spark (no local path)")
-    fs, jpath = _hadoop_fs(spark, location.uri)
-    stream = fs.open(jpath)
-    try:
-        reader = spark.sparkContext._jvm.java.io.BufferedReader(
-            spark.sparkContext._jvm.java.io.InputStreamReader(stream, "UTF-8"))
-        return "\n".join(iter(reader.readLine, None))
-    finally:
-        stream.close()
