@@ -77,12 +77,17 @@ class TrainingFailedError(RuntimeError):
         return cls(f"rank {first['rank']} failed: {first['exception']}{others}\n{tail}")
 
 
-def _dataset_manifest(data: str) -> tuple[str, dict[str, Any]]:
-    location = normalize_uri(data)
+def _local_dir(path: str, what: str) -> str:
+    """The local (or FUSE: /dbfs/..., /Volumes/...) path of ``path``, which every rank opens with plain file I/O."""
+    location = normalize_uri(path)
     if location.local_path is None:
-        raise InputError(f"{data}: training reads the dataset's manifest from a local or FUSE path "
-                         f"(/dbfs/..., /Volumes/...); this URI has none")
-    return location.uri, contract.load_manifest(location.local_path)
+        raise InputError(f"{path}: {what} must be a local or FUSE path (/dbfs/..., /Volumes/...) that every rank "
+                         f"can open; this URI has none")
+    return location.local_path
+
+
+def _dataset_manifest(data: str) -> tuple[str, dict[str, Any]]:
+    return normalize_uri(data).uri, contract.load_manifest(_local_dir(data, "the dataset"))
 
 
 def make_converters(spark, data_uri: str, cache_url: str, row_group_bytes: int) -> dict[str, Any]:
@@ -119,8 +124,7 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     try:
         job = TrainJob(
             train_files=list(converters["train"].file_urls), test_files=list(converters["test"].file_urls),
-            dataset=manifest["dataset"], run_dir=os.path.abspath(t.run_dir) if normalize_uri(t.run_dir).kind ==
-            "local" else normalize_uri(t.run_dir).local_path, num_classes=len(manifest["classes"]),
+            dataset=manifest["dataset"], run_dir=_local_dir(t.run_dir, "run_dir"), num_classes=len(manifest["classes"]),
             image_shape=tuple(manifest["image_shape"]), epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
             seed=t.seed, use_gpu=t.use_gpu, bf16=t.bf16, resume=t.resume,
             checkpoint_every_steps=t.checkpoint_every_steps, max_steps=t.max_steps, loader=t.loader,
