@@ -48,7 +48,7 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str],
         SourceError: a missing directory or file (the message names each missing path), or a driver-local path
             that the executors of a cluster could not see.
     """
-    storage.check_visible_to_executors(spark, directory)
+    storage.check_visible_to_executors(spark.sparkContext.master, directory)
     if not storage.exists(spark, directory):
         raise SourceError(f"{directory.local_path or directory.uri}: source directory not found")
     wanted = {name: directory.join(name) for name in names}

@@ -99,13 +99,14 @@ def _local_location(path: str) -> Location:
     return Location(Path(absolute).as_uri(), absolute, "local")
 
 
-def check_visible_to_executors(spark: "SparkSession", location: Location) -> None:
+def check_visible_to_executors(master: str, location: Location) -> None:
     """Refuse a driver-local path when executors run on other machines and could not read it.
 
+    Args:
+        master: the Spark master URL (``spark.sparkContext.master``).
     Raises:
         SourceError: a local-disk path with a cluster master (not ``local``/``local-cluster``).
     """
-    master = spark.sparkContext.master
     if location.kind == "local" and not master.startswith("local"):
         raise SourceError(
             f"{location.local_path}: a path on the driver's local disk, which executors of master {master!r} "

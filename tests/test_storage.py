@@ -46,12 +46,12 @@ def test_empty_path_is_an_error():
         normalize_uri("  ")
 
 
-@pytest.mark.slow
-def test_driver_local_path_refused_on_a_cluster_master(spark, monkeypatch):
+def test_driver_local_path_refused_on_a_cluster_master():
     from spark_mnist.storage import check_visible_to_executors
 
-    check_visible_to_executors(spark, normalize_uri("/data/mnist"))  # local[2]: executors share the disk
-    monkeypatch.setattr(type(spark.sparkContext), "master", property(lambda self: "spark://head:7077"))
+    check_visible_to_executors("local[2]", normalize_uri("/data/mnist"))  # executors share the driver's disk
+    check_visible_to_executors("local-cluster[2,1,1024]", normalize_uri("/data/mnist"))
     with pytest.raises(SourceError, match="/data/mnist: a path on the driver's local disk"):
-        check_visible_to_executors(spark, normalize_uri("/data/mnist"))
-    check_visible_to_executors(spark, normalize_uri("dbfs:/mnt/mnist"))
+        check_visible_to_executors("spark://head:7077", normalize_uri("/data/mnist"))
+    check_visible_to_executors("spark://head:7077", normalize_uri("dbfs:/mnt/mnist"))
+    check_visible_to_executors("spark://head:7077", normalize_uri("/Volumes/main/default/raw/mnist"))
