@@ -1,15 +1,25 @@
 """Scale benchmark: ingest and our loader on synthetic datasets K x Fashion-MNIST (:mod:`benchmarks.make_synthetic`).
 
 For every scale (default 1 10 100): generate the four gz IDX files if the cache lacks them, ingest them with
-``spark_mnist.ingest.ingest`` in one local[2] Spark session (session start and, by default, one untimed warm-up
-ingest of Fashion-MNIST excluded, so every scale's figure is a warm ingest), then measure our loader on the
-ingested training shards in a fresh ``spawn`` process: rank 0 of world size 1, batch 256, cold epoch (reads the
-Parquet files) and warm epochs when the rank's share fits the default memory budget (otherwise the loader streams
-and one epoch is run).  A scale that fails (ingest parses whole files in driver memory) is reported with its error
-and the others go on.
+``spark_mnist.ingest.ingest(..., chunk_rows=--chunk-rows)`` in one local[2] Spark session (session start and, by
+default, one untimed warm-up ingest of Fashion-MNIST excluded, so every scale's figure is a warm ingest), recording
+the driver's peak RSS during each ingest (it holds at most ``chunk_rows`` images at a time, so it stays flat as K
+grows).  Then our loader reads the ingested training shards in a fresh ``spawn`` process: rank 0 of world size 1,
+batch 256, ``--epochs`` epochs.  Where the rank's share fits the memory budget (``--memory-budget-mb``, default the
+library's 2 GiB, i.e. up to about 2.6M rows) epoch 1 is cold and the later ones warm (in memory); past it the
+loader streams row groups every epoch, and each epoch's streaming rate is reported.  A scale that fails is reported
+with its error and the others go on.
 
-Usage: ``python -m benchmarks.bench_scale --scales 1 10 [--cache-dir /tmp/spark-mnist-bench]``.  Prints two tables
-and one JSON line last.
+Time on this 2-core machine, extrapolated linearly from a 2x smoke run (``--scales 1 2 --no-warmup``, niced, with
+other jobs running: generating x2 took 2.2 s, its warm ingest 4.7 s for 130,000 rows with the test split, of which
+write_shards 3.0 s and read_images 0.8 s, and our loader streamed at 200,000-300,000 samples/s): x100 (6M rows,
+2.7 GB of gz) takes about 1.5 min to generate (once; cached in ``--cache-dir``), 3-4 min to ingest (6 chunks of
+1M rows; driver peak RSS expected at 1.5-2 GB: one chunk plus its pickled broadcast) and 1-1.5 min for 3
+streamed epochs; x1 and x10 together about a minute.  A first full run should take about 10 minutes, a rerun
+about 8, with ~8 GB free under ``--cache-dir`` (synthetic gz files plus the x100 shards, deleted at the end).
+
+Full run: ``python -m benchmarks.bench_scale``.  Smoke test: ``python -m benchmarks.bench_scale --scales 2
+--no-warmup --epochs 2 --chunk-rows 50000``.  Prints two tables and one JSON line last.
 """
 
 from __future__ import annotations
@@ -21,14 +31,13 @@ import shutil
 import sys
 from typing import Any
 
-from benchmarks.common import (FASHION_MNIST_DIR, bench_spark, emit_json, fmt_num, log, quiet_logs,
-                               reset_peak_rss, row_ours, row_ours_proposed, run_in_child, stage_timers, stopwatch,
-                               table, vm_hwm_mb)
+from benchmarks.common import (FASHION_MNIST_DIR, bench_spark, emit_json, fmt_num, fmt_stages, log, quiet_logs,
+                               row_ours, run_in_child, stopwatch, table, timed_ingest)
 from benchmarks.make_synthetic import ensure_synthetic
+from spark_mnist.ingest import DEFAULT_CHUNK_ROWS
+from spark_mnist.loader import DEFAULT_MEMORY_BUDGET_BYTES
 
 DEFAULT_CACHE_DIR = "/tmp/spark-mnist-bench"
-INGEST_STAGES = ("read_files", "open_idx_split", "write_shards", "commit")
-LOADERS = {"ours": row_ours, "ours_proposed": row_ours_proposed}
 
 
 def _error(e: BaseException) -> str:
@@ -36,32 +45,26 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def ingest_scales(scales: list[int], cache: str, synthetic: dict[int, str], warmup_source: str | None
-                  ) -> dict[int, dict[str, Any]]:
+def ingest_scales(scales: list[int], cache: str, synthetic: dict[int, str], chunk_rows: int,
+                  warmup_source: str | None) -> dict[int, dict[str, Any]]:
     """Ingest every scale's synthetic files into ``cache/parquet-xK`` in one session; per scale: seconds, stage
-    seconds, driver peak RSS (the Python driver only; the JVM and the Python workers are other processes), or
-    ``error``."""
-    from spark_mnist import ingest as ingest_module
-
+    seconds, driver peak RSS (see :func:`benchmarks.common.timed_ingest`), or ``ingest_error``."""
     out: dict[int, dict[str, Any]] = {}
     with bench_spark() as spark:
         if warmup_source:
             log.info("warm-up ingest of %s (not timed)", warmup_source)
-            ingest_module.ingest(spark, warmup_source, os.path.join(cache, "parquet-warmup"))
+            timed_ingest(spark, warmup_source, os.path.join(cache, "parquet-warmup"))
             shutil.rmtree(os.path.join(cache, "parquet-warmup"), ignore_errors=True)
         for k in scales:
             target = os.path.join(cache, f"parquet-x{k}")
-            can_reset = reset_peak_rss()
-            log.info("ingesting x%d ...", k)
+            log.info("ingesting x%d (chunk_rows %d) ...", k, chunk_rows)
             try:
-                with stage_timers(ingest_module, INGEST_STAGES) as stages, stopwatch() as t:
-                    manifest = ingest_module.ingest(spark, synthetic[k], target, dataset="fashion-mnist")
-                out[k] = {"ingest_seconds": t["seconds"], "ingest_stages": stages,
-                          "train_rows": manifest["splits"]["train"]["rows"], "parquet_dir": target}
+                figures = timed_ingest(spark, synthetic[k], target, chunk_rows=chunk_rows)
+                out[k] = {"ingest_seconds": figures["seconds"], "ingest_stages": figures["stages"],
+                          "ingest_driver_peak_rss_mb": figures["driver_peak_rss_mb"], "parquet_dir": target}
             except Exception as e:  # noqa: BLE001  report the failure of this scale, go on with the others
                 log.warning("x%d: ingest failed: %s", k, _error(e))
                 out[k] = {"ingest_error": _error(e)}
-            out[k]["driver_peak_rss_mb"] = vm_hwm_mb() if can_reset else None
             log.info("x%d: %s", k, out[k])
     return out
 
@@ -70,87 +73,92 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100], help="K values (default 1 10 100)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
-                        help=f"synthetic files and ingested shards (default {DEFAULT_CACHE_DIR})")
+                        help=f"synthetic files (kept) and ingested shards (default {DEFAULT_CACHE_DIR})")
     parser.add_argument("--source", default=FASHION_MNIST_DIR, help="Fashion-MNIST's gz IDX files")
-    parser.add_argument("--epochs", type=int, default=3, help="loader epochs: 1 cold + the rest warm (default 3)")
-    parser.add_argument("--loaders", default="ours", help=f"comma-separated subset of {', '.join(LOADERS)}")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch intra-op threads in the loader's process (default: torch's default)")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                        help=f"ingest's chunk_rows: images held on the driver at a time "
+                             f"(default {DEFAULT_CHUNK_ROWS:,})")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="loader epochs: 1 cold + the rest warm, or all streamed past the budget (default 3)")
+    parser.add_argument("--memory-budget-mb", type=int, default=DEFAULT_MEMORY_BUDGET_BYTES // 2**20,
+                        help="the loader's memory_budget_bytes, in MiB: streams past it (default "
+                             f"{DEFAULT_MEMORY_BUDGET_BYTES // 2**20})")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up ingest")
     parser.add_argument("--keep-parquet", action="store_true", help="keep the ingested shards")
     args = parser.parse_args(argv)
-    loaders = [name for name in args.loaders.split(",") if name]
-    if set(loaders) - set(LOADERS):
-        parser.error(f"unknown loaders: {', '.join(sorted(set(loaders) - set(LOADERS)))}")
-    if min(args.scales) < 1 or args.epochs < 1:
-        parser.error("--scales and --epochs must be at least 1")
+    if min(args.scales) < 1 or args.epochs < 1 or args.chunk_rows < 1 or args.memory_budget_mb < 0:
+        parser.error("--scales, --epochs and --chunk-rows must be at least 1, --memory-budget-mb at least 0")
     quiet_logs()
     scales = list(dict.fromkeys(args.scales))
     os.makedirs(args.cache_dir, exist_ok=True)
 
-    generated: dict[int, dict[str, Any]] = {}
+    results: dict[int, dict[str, Any]] = {}
     synthetic: dict[int, str] = {}
     for k in scales:
         synthetic[k] = os.path.join(args.cache_dir, f"synthetic-x{k}")
         with stopwatch() as t:
             marker, now = ensure_synthetic(k, synthetic[k], args.source)
-        generated[k] = {"generate_seconds": t["seconds"] if now else None, "cached": not now,
-                        "train_images_gz_mb": marker["bytes"]["train-images-idx3-ubyte.gz"] / 2**20,
-                        "train_rows": marker["train_rows"]}
+        results[k] = {"generate_seconds": t["seconds"] if now else None, "cached": not now,
+                      "train_images_gz_mb": marker["bytes"]["train-images-idx3-ubyte.gz"] / 2**20,
+                      "train_rows": marker["train_rows"]}
 
-    ingested = ingest_scales(scales, args.cache_dir, synthetic, None if args.no_warmup else args.source)
-    results: dict[int, dict[str, Any]] = {k: {**generated[k], **ingested[k], "loaders": {}} for k in scales}
+    ingested = ingest_scales(scales, args.cache_dir, synthetic, args.chunk_rows,
+                             None if args.no_warmup else args.source)
     try:
         for k in scales:
+            results[k].update(ingested[k])
             if "ingest_error" in results[k]:
                 continue
             paths = sorted(glob.glob(os.path.join(results[k]["parquet_dir"], "train", "*.parquet")))
-            for name in loaders:
-                log.info("x%d: loader %s ...", k, name)
-                try:
-                    results[k]["loaders"][name] = run_in_child(LOADERS[name], paths, args.epochs,
-                                                               torch_threads=args.torch_threads)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("x%d: loader %s failed: %s", k, name, _error(e))
-                    results[k]["loaders"][name] = {"error": _error(e)}
-                log.info("x%d: loader %s: %s", k, name, results[k]["loaders"][name])
+            log.info("x%d: loader ...", k)
+            try:
+                results[k]["ours"] = run_in_child(row_ours, paths, args.epochs, args.memory_budget_mb * 2**20)
+            except Exception as e:  # noqa: BLE001
+                log.warning("x%d: loader failed: %s", k, _error(e))
+                results[k]["ours"] = {"error": _error(e)}
+            log.info("x%d: loader: %s", k, results[k]["ours"])
     finally:
         if not args.keep_parquet:
             for k in scales:
                 shutil.rmtree(os.path.join(args.cache_dir, f"parquet-x{k}"), ignore_errors=True)
-    report(results)
+    report(results, args.chunk_rows, args.memory_budget_mb, warm=not args.no_warmup)
     return 0
 
 
-def report(results: dict[int, dict[str, Any]]) -> None:
+def report(results: dict[int, dict[str, Any]], chunk_rows: int, budget_mb: int, warm: bool) -> None:
     """Print the ingest and loader tables, then the JSON line."""
-    ingest_lines, loader_lines, payload = [], [], {"scales": {}}
+    ingest_lines, loader_lines = [], []
+    payload: dict[str, Any] = {"chunk_rows": chunk_rows, "memory_budget_mb": budget_mb, "scales": {}}
     for k, r in results.items():
-        stages = ", ".join(f"{n} {v:.1f}" for n, v in r.get("ingest_stages", {}).items())
         ingest_lines.append([f"x{k}", fmt_num(r["train_rows"]), fmt_num(r["train_images_gz_mb"]),
                              "cached" if r["cached"] else f"{r['generate_seconds']:.1f}",
                              r.get("ingest_error") or f"{r['ingest_seconds']:.1f}",
                              fmt_num(r["train_rows"] / r["ingest_seconds"]) if "ingest_seconds" in r else "-",
-                             fmt_num(r["driver_peak_rss_mb"]), stages or "-"])
-        for name, m in r["loaders"].items():
-            if "error" in m:
-                loader_lines.append([f"x{k}", name, "-", m["error"], "-", "-"])
-                continue
-            warm = fmt_num(m["warm_samples_per_s"]) if not m["warm_is_cold"] else "- (streams)"
-            loader_lines.append([f"x{k}", name, "yes" if m["in_memory"] else "no (streams)",
-                                 fmt_num(m["cold_samples_per_s"]), warm, fmt_num(m["peak_rss_mb"])])
-            payload[f"{name}_cold_samples_per_s_x{k}"] = m["cold_samples_per_s"]
-            payload[f"{name}_warm_samples_per_s_x{k}"] = None if m["warm_is_cold"] else m["warm_samples_per_s"]
-        if "ingest_seconds" in r:
-            payload[f"ingest_seconds_x{k}"] = r["ingest_seconds"]
+                             fmt_num(r.get("ingest_driver_peak_rss_mb")), fmt_stages(r.get("ingest_stages", {}))])
+        payload[f"ingest_seconds_x{k}"] = r.get("ingest_seconds")
+        payload[f"ingest_driver_peak_rss_mb_x{k}"] = r.get("ingest_driver_peak_rss_mb")
+        m = r.get("ours")
+        if m is None or "error" in m:
+            loader_lines.append([f"x{k}", "-", (m or {}).get("error") or "not run (ingest failed)", "-", "-", "-"])
+        else:
+            loader_lines.append([f"x{k}", "yes" if m["in_memory"] else "no (streams)",
+                                 fmt_num(m["cold_samples_per_s"]),
+                                 fmt_num(m["warm_samples_per_s"]) if m["in_memory"] else "- (streams)",
+                                 " / ".join(fmt_num(v) for v in m["epoch_samples_per_s"]), fmt_num(m["peak_rss_mb"])])
+            for key in ("cold_samples_per_s", "warm_samples_per_s", "epoch_samples_per_s", "in_memory", "peak_rss_mb"):
+                payload[f"ours_{key}_x{k}"] = m[key]
         payload["scales"][str(k)] = {key: v for key, v in r.items() if key != "parquet_dir"}
     print()
+    print(f"ingest: one local[2] session{', after a warm-up ingest' if warm else ''}; chunk_rows {chunk_rows:,} "
+          f"(~{chunk_rows * 784 / 2**20:,.0f} MiB of images); driver peak RSS = the Python driver's VmHWM during "
+          f"that ingest")
     print(table(["scale", "train rows", "train gz MB", "generate s", "ingest s", "ingest rows/s",
                  "driver peak RSS MB", "ingest stages (s)"], ingest_lines))
     print()
-    print(f"loader: rank 0 of 1, batch 256, over the ingested training shards; {os.cpu_count()} CPUs")
-    print(table(["scale", "loader", "in memory", "cold samples/s", "warm samples/s", "peak RSS MB"],
-                loader_lines or [["-", "-", "-", "-", "-", "-"]]))
+    print(f"loader: ours, rank 0 of 1, batch 256, over the ingested training shards; memory budget {budget_mb:,} MiB; "
+          f"{os.cpu_count()} CPUs")
+    print(table(["scale", "in memory", "cold samples/s", "warm samples/s", "each epoch samples/s", "peak RSS MB"],
+                loader_lines))
     emit_json(payload)
 
 

@@ -1,5 +1,5 @@
-"""Shared helpers of the benchmarks: timing epochs, consuming batches the same way, peak RSS of a child process,
-Spark/petastorm set-up, the aligned table and the final JSON line.
+"""Shared helpers of the benchmarks: timing epochs and consuming batches the same way for every loader, our loader's
+row, peak RSS, a timed ingest with its stages, the Spark session, the aligned table and the final JSON line.
 
 Nothing here is part of the ``spark_mnist`` package; run the scripts from the repository root with
 ``python -m benchmarks.<name>``.
@@ -8,7 +8,6 @@ Nothing here is part of the ``spark_mnist`` package; run the scripts from the re
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import multiprocessing
@@ -28,9 +27,6 @@ TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.
 IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 BATCH_SIZE = 256
 IMAGE_SHAPE = (28, 28)
-# Fashion-MNIST training-set pixel mean and standard deviation (of x / 255).
-FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
-DEFAULT_PETASTORM_ROW_GROUP_BYTES = 2**20  # TrainSettings.petastorm_row_group_bytes
 
 log = logging.getLogger("benchmarks")
 
@@ -45,18 +41,15 @@ class Epochs:
     seconds: list[float] = field(default_factory=list)
     setup_seconds: float = 0.0
 
-    def rates(self) -> list[float]:
-        return [n / s if s > 0 else float("inf") for n, s in zip(self.samples, self.seconds)]
-
-    def summary(self) -> dict[str, Any]:
-        """cold = epoch 0 (plus ``setup_seconds``, e.g. opening the files); warm = median of the later epochs, or the
-        cold figure when only one epoch ran (``warm_is_cold``)."""
-        cold = self.samples[0] / (self.seconds[0] + self.setup_seconds)
-        warm_rates = self.rates()[1:]
+    def summary(self, warm: bool = True) -> dict[str, Any]:
+        """cold = epoch 0 (plus ``setup_seconds``, e.g. opening the files); warm = median of the later epochs, or
+        None when only one epoch ran or ``warm`` is false (a streaming loader: every epoch reads the files);
+        ``epoch_samples_per_s``: every epoch's own rate."""
+        rates = [n / s if s > 0 else float("inf") for n, s in zip(self.samples, self.seconds)]
         return {
-            "cold_samples_per_s": cold,
-            "warm_samples_per_s": statistics.median(warm_rates) if warm_rates else cold,
-            "warm_is_cold": not warm_rates,
+            "cold_samples_per_s": self.samples[0] / (self.seconds[0] + self.setup_seconds),
+            "warm_samples_per_s": statistics.median(rates[1:]) if warm and len(rates) > 1 else None,
+            "epoch_samples_per_s": rates,
             "samples_per_epoch": self.samples[0],
             "setup_seconds": round(self.setup_seconds, 4),
             "epoch_seconds": [round(s, 4) for s in self.seconds],
@@ -96,12 +89,6 @@ def time_epochs(epochs: Iterable[Iterable], setup_seconds: float = 0.0) -> Epoch
     return result
 
 
-def split_epochs(batches: Iterator, steps: int, epochs: int) -> Iterator[Iterator]:
-    """Cut one endless batch stream into ``epochs`` epochs of ``steps`` batches (petastorm's ``num_epochs=None``)."""
-    for _ in range(epochs):
-        yield itertools.islice(batches, steps)
-
-
 @contextlib.contextmanager
 def stopwatch() -> Iterator[dict[str, float]]:
     """``with stopwatch() as t: ...`` then ``t["seconds"]``."""
@@ -114,41 +101,39 @@ def stopwatch() -> Iterator[dict[str, float]]:
 
 
 @contextlib.contextmanager
-def stage_timers(module, names: Sequence[str]) -> Iterator[dict[str, float]]:
-    """Time calls of ``module``'s functions ``names`` while open (summed per name, in seconds), by wrapping them
-    in the module's namespace; the wrappers are removed on exit.  Attribution only: the module's own code runs
-    unchanged."""
-    totals = {name: 0.0 for name in names}
-    originals = {name: getattr(module, name) for name in names}
+def stage_timers(targets: dict[str, tuple[Any, str]]) -> Iterator[dict[str, float]]:
+    """Time calls of ``{stage: (owner, attribute)}`` (module functions or class methods) while open, by wrapping
+    them in place; the wrappers are removed on exit.  Exclusive: a stage called inside another counts only in
+    itself, so the stages and ``other`` (the rest of the block) add up to the block's time."""
+    totals = {name: 0.0 for name in targets}
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
+    inner = [0.0]  # seconds of stages nested in the running one, one entry per open call (and the block)
 
     def wrap(name, fn):
         def timed(*args, **kwargs):
+            inner.append(0.0)
             started = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                totals[name] += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                totals[name] += elapsed - inner.pop()
+                inner[-1] += elapsed
         return timed
 
-    for name, fn in originals.items():
-        setattr(module, name, wrap(name, fn))
+    for name, (owner, attr) in targets.items():
+        setattr(owner, attr, wrap(name, originals[name]))
     started = time.perf_counter()
     try:
         yield totals
     finally:
-        for name, fn in originals.items():
-            setattr(module, name, fn)
-        totals["other"] = time.perf_counter() - started - sum(totals[n] for n in names)
+        for name, (owner, attr) in targets.items():
+            setattr(owner, attr, originals[name])
+        totals["other"] = time.perf_counter() - started - inner[0]
 
 
-def best_of(fn: Callable[[], Any], repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, in seconds."""
-    times = []
-    for _ in range(repeats):
-        with stopwatch() as t:
-            fn()
-        times.append(t["seconds"])
-    return min(times)
+def fmt_stages(stages: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -187,38 +172,41 @@ def vm_hwm_mb() -> float | None:
     return None
 
 
-def _call_and_measure(fn: Callable, args: tuple, torch_threads: int | None) -> tuple[Any, float, int]:
-    quiet_logs()
+def _call_and_measure(fn: Callable, args: tuple) -> tuple[Any, float, int]:
     import torch  # a training process has torch loaded before its loader starts: not a loader cost
 
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
     result = fn(*args)
     return result, peak_rss_mb(), torch.get_num_threads()
 
 
-def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Repeated runs of one loader (each in a fresh process): median cold and warm figures, largest peak RSS, and
-    the runs themselves under ``runs``."""
-    first = runs[0]
-    return {
-        **first,
-        "cold_samples_per_s": statistics.median(r["cold_samples_per_s"] for r in runs),
-        "warm_samples_per_s": statistics.median(r["warm_samples_per_s"] for r in runs),
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-        "epoch_seconds": [r["epoch_seconds"] for r in runs],
-        "repeats": len(runs),
-    }
-
-
-def run_in_child(fn: Callable, *args, torch_threads: int | None = None) -> dict[str, Any]:
+def run_in_child(fn: Callable, *args) -> dict[str, Any]:
     """Run ``fn(*args)`` (a module-level function returning a dict) in a fresh ``spawn`` process, so each loader
-    starts from the same state and its peak RSS is its own; ``torch_threads`` sets torch's intra-op threads there
-    (default: torch's default).  Returns ``fn``'s dict plus ``peak_rss_mb`` and ``torch_threads``.  Exceptions
-    raised in the child are re-raised here."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result, rss, threads = pool.submit(_call_and_measure, fn, args, torch_threads).result()
+    starts from the same state and its peak RSS is its own.  Returns ``fn``'s dict plus ``peak_rss_mb`` and
+    ``torch_threads``.  Exceptions raised in the child are re-raised here."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet_logs) as pool:
+        result, rss, threads = pool.submit(_call_and_measure, fn, args).result()
     return {**result, "peak_rss_mb": round(rss, 1), "torch_threads": threads}
+
+
+def row_ours(paths: Sequence[str], epochs: int, memory_budget_bytes: int | None = None) -> dict[str, Any]:
+    """Our :class:`~spark_mnist.loader.ShardLoader` over ``paths`` (rank 0 of 1, batch 256, default settings but
+    ``memory_budget_bytes``): ``epochs`` full epochs.  The first is cold (reads the Parquet files; the
+    constructor's metadata reads count in it); the later ones are warm when the shard is held in memory, and
+    streamed from the files again otherwise (no warm figure; see ``epoch_samples_per_s``).  Run it with
+    :func:`run_in_child`."""
+    from spark_mnist.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
+
+    budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else memory_budget_bytes
+    with stopwatch() as setup:
+        loader = ShardLoader(paths, rank=0, world_size=1, batch_size=BATCH_SIZE, memory_budget_bytes=budget)
+    with loader:
+        def epoch(e):
+            loader.set_epoch(e)
+            return iter(loader)
+        result = time_epochs((epoch(e) for e in range(epochs)), setup_seconds=setup["seconds"])
+    return {**result.summary(warm=loader.in_memory), "in_memory": loader.in_memory, "rows": loader.rows,
+            "row_groups": len(loader.plan)}
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -228,50 +216,6 @@ def parse_idx_files(source: str, names: Sequence[str] = IDX_FILES) -> dict[str, 
     from spark_mnist.idx import parse_idx
 
     return {name: parse_idx(os.path.join(source, name)).array for name in names}
-
-
-def train_tensors(source: str):
-    """The training split as it comes out of the gz files: uint8 images (N, 1, 28, 28) and int64 labels (N,)."""
-    import torch
-
-    arrays = parse_idx_files(source, (TRAIN_IMAGES, TRAIN_LABELS))
-    images = torch.from_numpy(arrays[TRAIN_IMAGES]).view(-1, 1, *IMAGE_SHAPE)
-    labels = torch.from_numpy(arrays[TRAIN_LABELS].astype("int64"))
-    return images, labels
-
-
-def measure_shard_loader(paths: Sequence[str], epochs: int, *, batch_size: int = BATCH_SIZE, rank: int = 0,
-                         world_size: int = 1, loader_cls: type | None = None, **loader_kwargs) -> dict[str, Any]:
-    """Our :class:`~spark_mnist.loader.ShardLoader` over ``paths``: ``epochs`` full epochs; the first is cold
-    (reads the Parquet files; the constructor's metadata reads count in it), the rest warm when the shard is
-    held in memory.  Streaming loaders run one epoch only (every epoch reads the files again).  ``loader_cls``
-    replaces :class:`~spark_mnist.loader.ShardLoader` (a subclass)."""
-    from spark_mnist.loader import ShardLoader
-
-    with stopwatch() as setup:
-        loader = (loader_cls or ShardLoader)(paths, rank=rank, world_size=world_size, batch_size=batch_size,
-                                             **loader_kwargs)
-    with loader:
-        def epoch(e):
-            loader.set_epoch(e)
-            return iter(loader)
-        result = time_epochs((epoch(e) for e in range(epochs if loader.in_memory else 1)),
-                             setup_seconds=setup["seconds"])
-    return {**result.summary(), "in_memory": loader.in_memory, "rows": loader.rows,
-            "row_groups": len(loader.plan)}
-
-
-def row_ours(paths: Sequence[str], epochs: int) -> dict[str, Any]:
-    """Our loader as it is (run it with :func:`run_in_child`)."""
-    return measure_shard_loader(paths, epochs)
-
-
-def row_ours_proposed(paths: Sequence[str], epochs: int) -> dict[str, Any]:
-    """Our loader with the fixes of :mod:`benchmarks.proposed` (run it with :func:`run_in_child`)."""
-    from benchmarks.proposed import ProposedShardLoader, patched
-
-    with patched():
-        return measure_shard_loader(paths, epochs, loader_cls=ProposedShardLoader)
 
 
 # --------------------------------------------------------------------------------------------------- Spark
@@ -286,16 +230,22 @@ def bench_spark(master: str = "local[2]") -> Iterator["SparkSession"]:  # noqa: 
         yield spark
 
 
-def make_converter(spark, data_dir: str, cache_dir: str,
-                   row_group_bytes: int = DEFAULT_PETASTORM_ROW_GROUP_BYTES, split: str = "train",
-                   compression_codec: str | None = None):
-    """petastorm's converter for ``data_dir/split``, as :func:`spark_mnist.launch.train` makes it (which leaves
-    ``compression_codec`` to Spark's default, snappy)."""
-    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+def timed_ingest(spark, source: str, output: str, **kwargs) -> dict[str, Any]:
+    """``spark_mnist.ingest.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)``, timed: seconds, its
+    stages (:func:`stage_timers`; ``read_images`` is the decompression of the IDX payloads, streamed chunk by
+    chunk), the training split's rows and the driver's peak RSS during it (this Python process only: the JVM and
+    Spark's Python workers are other processes; None where it cannot be reset)."""
+    from spark_mnist import ingest as ingest_module
+    from spark_mnist.idx import IdxReader
 
-    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, "file://" + os.path.abspath(cache_dir))
-    return make_spark_converter(spark.read.parquet(f"file://{os.path.abspath(data_dir)}/{split}"),
-                                parquet_row_group_size_bytes=row_group_bytes, compression_codec=compression_codec)
+    targets = {"read_files": (ingest_module, "read_files"), "open_idx_split": (ingest_module, "open_idx_split"),
+               "read_images": (IdxReader, "read"), "write_shards": (ingest_module, "write_shards"),
+               "commit": (ingest_module, "commit")}
+    can_reset = reset_peak_rss()
+    with stage_timers(targets) as stages, stopwatch() as t:
+        manifest = ingest_module.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)
+    return {"seconds": t["seconds"], "stages": stages, "train_rows": manifest["splits"]["train"]["rows"],
+            "driver_peak_rss_mb": vm_hwm_mb() if can_reset else None}
 
 
 def quiet_logs() -> None:
@@ -306,6 +256,7 @@ def quiet_logs() -> None:
     # pandas' SettingWithCopyWarning from petastorm's TransformSpec path, matched by text: importing pandas here
     # would hide the cost of the loaders that import it.
     warnings.filterwarnings("ignore", message=r"\s*A value is trying to be set on a copy")
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # petastorm's, per batch
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
     for name in ("py4j", "petastorm"):

@@ -94,9 +94,10 @@ def is_complete(out: str, scale: int) -> bool:
     return marker.get("scale") == scale and all(os.path.exists(os.path.join(out, n)) for n in IDX_FILES)
 
 
-def make_synthetic(scale: int, out: str, source: str = FASHION_MNIST_DIR, chunk_rows: int = CHUNK_ROWS
-                   ) -> dict:
-    """Write the synthetic dataset of ``scale`` into ``out`` (replacing what is there).  Returns its marker:
+def make_synthetic(scale: int, out: str, source: str = FASHION_MNIST_DIR, chunk_rows: int = CHUNK_ROWS,
+                   rows: int | None = None) -> dict:
+    """Write the synthetic dataset of ``scale`` into ``out`` (replacing what is there), from the first ``rows``
+    training images of ``source`` (default all; fewer make a quick smoke-test dataset).  Returns its marker:
     scale, rows, bytes of each file, seconds.
 
     Raises:
@@ -110,14 +111,14 @@ def make_synthetic(scale: int, out: str, source: str = FASHION_MNIST_DIR, chunk_
         os.remove(marker_path)
     with stopwatch() as t:
         arrays = parse_idx_files(source, (TRAIN_IMAGES, TRAIN_LABELS))
-        images, labels = arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS]
-        rows = write_idx_stream(os.path.join(out, TRAIN_IMAGES), images.dtype, (scale * len(images),
+        images, labels = arrays[TRAIN_IMAGES][:rows], arrays[TRAIN_LABELS][:rows]
+        written = write_idx_stream(os.path.join(out, TRAIN_IMAGES), images.dtype, (scale * len(images),
                                 *images.shape[1:]), image_chunks(images, scale, chunk_rows))
         write_idx_stream(os.path.join(out, TRAIN_LABELS), labels.dtype, (scale * len(labels),),
                          label_chunks(labels, scale))
         for name in (TEST_IMAGES, TEST_LABELS):
             shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-    marker = {"scale": scale, "train_rows": rows, "source": source, "seconds": round(t["seconds"], 2),
+    marker = {"scale": scale, "train_rows": written, "source": source, "seconds": round(t["seconds"], 2),
               "bytes": {name: os.path.getsize(os.path.join(out, name)) for name in IDX_FILES}}
     with open(marker_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=2)
