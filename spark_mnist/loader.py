@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from spark_mnist import contract
 from spark_mnist.errors import DatasetMismatchError
@@ -63,8 +65,6 @@ def local_path(url: str) -> str:
 
 def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
     """Every row group of ``paths`` (sorted, so every rank computes the same plan) with its global row offset."""
-    import pyarrow.parquet as pq
-
     plan, start = [], 0
     for path in sorted(local_path(p) for p in paths):
         metadata = pq.ParquetFile(path).metadata
@@ -102,8 +102,6 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
     Raises:
         DatasetMismatchError: a null or a row whose length is not ``row_bytes``.
     """
-    import pyarrow as pa
-
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
     for chunk in chunks:
@@ -140,8 +138,6 @@ def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, thread
 
 
 def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq
-
     with pq.ParquetFile(group.path) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
     index = int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
@@ -156,8 +152,6 @@ def int_column(column, path: str = "<parquet>") -> np.ndarray:
     Raises:
         DatasetMismatchError: nulls, or a column that is not int32/int64.
     """
-    import pyarrow as pa
-
     dtypes = {pa.int32(): np.int32, pa.int64(): np.int64}
     if column.type not in dtypes:
         raise DatasetMismatchError(f"{path}: column of type {column.type}: expected int32 or int64")
