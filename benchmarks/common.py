@@ -239,7 +239,7 @@ def timed_ingest(spark, source: str, output: str, **kwargs) -> dict[str, Any]:
     from spark_mnist.idx import IdxReader
 
     targets = {"read_files": (ingest_module, "read_files"), "open_idx_split": (ingest_module, "open_idx_split"),
-               "read_images": (IdxReader, "read"), "write_shards": (ingest_module, "write_shards"),
+               "read_images": (IdxReader, "read"), "write_pieces": (ingest_module, "write_pieces"),
                "commit": (ingest_module, "commit")}
     can_reset = reset_peak_rss()
     with stage_timers(targets) as stages, stopwatch() as t:

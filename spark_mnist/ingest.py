@@ -45,6 +45,7 @@ DEFAULT_ROW_GROUP_BYTES = 2**20
 DEFAULT_CHUNK_ROWS = 1_000_000
 SPARK_SCHEMA = ", ".join(f"{name} {spark_type}" for name, (spark_type, _) in contract.COLUMN_TYPES.items())
 COMMIT_RETRIES = 20
+PARQUET_COMPRESSION = "snappy"
 
 
 @dataclass(frozen=True)
@@ -185,58 +186,65 @@ def record_batch(start: int, images: np.ndarray, labels: np.ndarray):
         names=list(contract.COLUMNS))
 
 
-def write_shards(spark: "SparkSession", split: Split, target: Location, bounds: np.ndarray, *,
-                 first_shard: int = 0, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> list[int]:
-    """Write ``split`` as Parquet shards under ``target`` with Spark: shard ``first_shard + k`` holds global rows
-    ``[bounds[k], bounds[k+1])``; ``split`` holds rows ``bounds[0] .. bounds[-1]``.
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive shards of one split, in memory: shard ``first_shard + k`` holds global rows
+    ``[bounds[k], bounds[k+1])``; ``images`` (n, H, W) uint8 and ``labels`` (n,) hold rows ``bounds[0] ..
+    bounds[-1]``."""
 
-    The arrays travel to the executors once, as a broadcast; each task cuts its shard into Arrow batches
-    (``mapInArrow``), so no row passes through Python one at a time.  Files are renamed ``part-NNNNN.parquet`` in
-    shard order, so the same input always gives the same files.  Appends to ``target`` when it exists (the next
-    chunk of a streamed split).
+    split: str
+    first_shard: int
+    bounds: tuple[int, ...]
+    images: np.ndarray
+    labels: np.ndarray
 
-    Returns:
-        Rows per shard written, in shard order.
+
+def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, *,
+                 row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> None:
+    """Write every piece's shards with one Spark job: ``staging/<split>/part-NNNNN.parquet``.
+
+    The arrays travel to the executors once, as a broadcast; task ``t`` cuts shard ``t`` of the job into Arrow
+    batches (``mapInArrow``), so no row passes through Python one at a time.  Spark's cost here is per job and per
+    task, so all pieces share one job and each shard is one task.  Spark names each task's file
+    ``part-<t>-<job uuid>...parquet``; the files are then renamed ``<split>/part-NNNNN.parquet`` by shard, so the
+    same input always gives the same files.
     """
-    base = int(bounds[0])
-    local_bounds = [int(b) - base for b in bounds]
-    rows_per_batch = max(1, row_group_bytes // max(1, int(np.prod(split.images.shape[1:]))))
-    broadcast = spark.sparkContext.broadcast((split.images, split.labels))
-    shards = len(bounds) - 1
+    units = [(p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1)]
+    bounds = [piece.bounds for piece in pieces]
+    rows_per_batch = max(1, row_group_bytes // max(1, int(np.prod(pieces[0].images.shape[1:]))))
+    broadcast = spark.sparkContext.broadcast([(piece.images, piece.labels) for piece in pieces])
+    scratch = staging.join(f"_job-{uuid.uuid4().hex[:8]}")
     try:
-        def shard_batches(batches: Iterator) -> Iterator:
-            images, labels = broadcast.value
+        def unit_batches(batches: Iterator) -> Iterator:
+            arrays = broadcast.value
             for batch in batches:
-                for shard in batch.column(0).to_pylist():
-                    lo, hi = local_bounds[shard], local_bounds[shard + 1]
-                    for start in range(lo, hi, rows_per_batch):
-                        stop = min(hi, start + rows_per_batch)
+                for unit in batch.column(0).to_pylist():
+                    p, k = units[unit]
+                    images, labels = arrays[p]
+                    base = bounds[p][0]
+                    for start in range(bounds[p][k] - base, bounds[p][k + 1] - base, rows_per_batch):
+                        stop = min(bounds[p][k + 1] - base, start + rows_per_batch)
                         yield record_batch(base + start, images[start:stop], labels[start:stop])
 
-        (spark.range(shards, numPartitions=shards)
-         .mapInArrow(shard_batches, SPARK_SCHEMA)
+        (spark.range(len(units), numPartitions=len(units))
+         .mapInArrow(unit_batches, SPARK_SCHEMA)
          .write.option("parquet.block.size", row_group_bytes)
-         .mode("errorifexists" if first_shard == 0 else "append")
-         .parquet(target.uri))
+         .option("compression", PARQUET_COMPRESSION)
+         .mode("errorifexists")
+         .parquet(scratch.uri))
+        written = {int(name.split("-")[1]): name for name, _ in storage.list_files(spark, scratch)
+                   if name.startswith("part-") and name.endswith(".parquet")}
+        if sorted(written) != list(range(len(units))):
+            raise RuntimeError(f"{scratch.uri}: Spark wrote files for tasks {sorted(written)}, expected one for each "
+                               f"of {len(units)} shards")
+        for piece in pieces:
+            storage.makedirs(spark, staging.join(piece.split))
+        for task, (p, k) in enumerate(units):
+            target = staging.join(pieces[p].split, contract.shard_name(pieces[p].first_shard + k))
+            storage.rename(spark, scratch.join(written[task]), target)
     finally:
         broadcast.destroy()
-    _name_shards(spark, target, first_shard, shards)
-    return np.diff(bounds).tolist()
-
-
-def _name_shards(spark: "SparkSession", target: Location, first_shard: int, shards: int) -> None:
-    """Rename the Parquet files Spark just wrote (``part-NNNNN-<uuid>-c000...parquet``) to ``part-<first_shard +
-    i>.parquet`` in partition order, and drop its ``_SUCCESS`` and checksum files."""
-    files = [name for name, _ in storage.list_files(spark, target)]
-    named = {contract.shard_name(k) for k in range(first_shard)}
-    new = sorted(n for n in files if n.startswith("part-") and n.endswith(".parquet") and n not in named)
-    if len(new) != shards:
-        raise RuntimeError(f"{target.uri}: Spark wrote {len(new)} Parquet files, expected {shards} shards")
-    for name in files:
-        if name not in named and name not in new:  # _SUCCESS, checksum files
-            storage.delete(spark, target.join(name))
-    for k, name in enumerate(new):
-        storage.rename(spark, target.join(name), target.join(contract.shard_name(first_shard + k)))
+        storage.delete(spark, scratch)
 
 
 def chunk_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
@@ -252,25 +260,51 @@ def chunk_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
     return groups
 
 
-def write_split_input(spark: "SparkSession", spec: DatasetSpec, split: SplitInput, target: Location, *,
-                      num_shards: int, chunk_rows: int, row_group_bytes: int) -> list[int]:
-    """Write one split in contiguous shards, holding at most ``chunk_rows`` images on the driver at a time.
+def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int
+              ) -> tuple[dict[str, np.ndarray], list[list[tuple[str, int, int]]]]:
+    """Shard boundaries per split and the Spark write jobs: each job a list of ``(split, first shard, end shard)``
+    holding at most ``chunk_rows`` rows (at least one shard).
 
-    ``num_shards`` is raised where needed so that no shard exceeds ``chunk_rows``; each group of shards that fits
-    in ``chunk_rows`` is read from the stream and written by one Spark job.
+    ``num_shards`` is raised where needed so that no shard exceeds ``chunk_rows``.  MNIST-sized datasets are one
+    job; larger splits are read from their streams and written a chunk at a time.
+    """
+    bounds = {name: shard_bounds(n, max(num_shards, -(-n // chunk_rows))) for name, n in rows.items()}
+    jobs: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    current_rows = 0
+    for name, split_bounds in bounds.items():
+        for first, end in chunk_groups(split_bounds, chunk_rows):
+            group_rows = int(split_bounds[end] - split_bounds[first])
+            if current and current_rows + group_rows > chunk_rows:
+                jobs.append(current)
+                current, current_rows = [], 0
+            current.append((name, first, end))
+            current_rows += group_rows
+    if current:
+        jobs.append(current)
+    return bounds, jobs
+
+
+def write_splits(spark: "SparkSession", spec: DatasetSpec, splits: list[SplitInput], staging: Location, *,
+                 num_shards: int, chunk_rows: int, row_group_bytes: int) -> dict[str, list[int]]:
+    """Write every split in contiguous shards under ``staging/<split>/``, holding at most ``chunk_rows`` images on
+    the driver at a time (see :func:`plan_jobs`).
 
     Returns:
-        Rows per shard, in shard order.
+        Rows per shard of each split, in shard order.
     """
-    rows = len(split.labels)
-    bounds = shard_bounds(rows, max(num_shards, -(-rows // chunk_rows)))
-    for first, end in chunk_groups(bounds, chunk_rows):
-        lo, hi = int(bounds[first]), int(bounds[end])
-        images = upright(spec, split.take(hi - lo))
-        write_shards(spark, Split(split.name, images, split.labels[lo:hi]), target, bounds[first:end + 1],
-                     first_shard=first, row_group_bytes=row_group_bytes)
-        log.info("%s: wrote rows %d-%d of %d (shards %d-%d)", split.name, lo, hi, rows, first, end - 1)
-    return np.diff(bounds).tolist()
+    inputs = {split.name: split for split in splits}
+    bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
+    for job in jobs:
+        pieces = []
+        for name, first, end in job:
+            lo, hi = int(bounds[name][first]), int(bounds[name][end])
+            images = upright(spec, inputs[name].take(hi - lo))
+            pieces.append(Piece(name, first, tuple(int(b) for b in bounds[name][first:end + 1]), images,
+                                inputs[name].labels[lo:hi]))
+        write_pieces(spark, pieces, staging, row_group_bytes=row_group_bytes)
+        log.info("wrote %s", ", ".join(f"{p.split} rows {p.bounds[0]}-{p.bounds[-1]}" for p in pieces))
+    return {name: np.diff(split_bounds).tolist() for name, split_bounds in bounds.items()}
 
 
 def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, Any]],
@@ -388,11 +422,9 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
         recover(spark, out)
         staging = out.sibling(f".{out.name}.staging-{uuid.uuid4().hex[:12]}")
         try:
-            rows_per_shard = {}
+            rows_per_shard = write_splits(spark, spec, splits, staging, num_shards=num_shards,
+                                          chunk_rows=chunk_rows, row_group_bytes=row_group_bytes)
             for split in splits:
-                rows_per_shard[split.name] = write_split_input(
-                    spark, spec, split, staging.join(split.name), num_shards=num_shards, chunk_rows=chunk_rows,
-                    row_group_bytes=row_group_bytes)
                 records.extend(split.done())
             records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
             check_hashes(spec, records, strict=strict)

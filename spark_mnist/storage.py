@@ -140,6 +140,15 @@ def delete(spark: "SparkSession", location: Location) -> None:
     fs.delete(jpath, True)
 
 
+def makedirs(spark: "SparkSession", location: Location) -> None:
+    """Create the directory ``location`` and its parents; nothing happens where it exists."""
+    if location.is_local:
+        os.makedirs(location.local_path, exist_ok=True)
+        return
+    fs, jpath = _hadoop_fs(spark, location.uri)
+    fs.mkdirs(jpath)
+
+
 def list_files(spark: "SparkSession", location: Location) -> list[tuple[str, int]]:
     """``(name, size in bytes)`` of the plain files directly under the directory ``location``, sorted by name."""
     if location.is_local:

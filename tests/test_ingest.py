@@ -114,16 +114,13 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
     ingest(spark, str(source), str(out))
     import spark_mnist.ingest as ingest_module
 
-    real_write = ingest_module.write_shards
-    calls = []
+    real_write = ingest_module.write_pieces
 
-    def dies_on_second_split(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("executor lost")
-        return real_write(*args, **kwargs)
+    def writes_then_dies(*args, **kwargs):
+        real_write(*args, **kwargs)  # the shards are in staging when the failure comes
+        raise RuntimeError("executor lost")
 
-    monkeypatch.setattr(ingest_module, "write_shards", dies_on_second_split)
+    monkeypatch.setattr(ingest_module, "write_pieces", writes_then_dies)
     with pytest.raises(RuntimeError, match="executor lost"):
         ingest(spark, str(source), str(out))
     assert np.array_equal(read_split(out, "train")[2], arrays["train"][1])
@@ -155,6 +152,16 @@ def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):
     assert len(winner) == 1
     assert np.array_equal(read_split(out, "test")[2], expected[winner[0]]["test"][1])  # never a mix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def test_plan_jobs_packs_splits_within_the_chunk():
+    from spark_mnist.ingest import plan_jobs
+
+    bounds, jobs = plan_jobs({"train": 60_000, "test": 10_000}, 2, 1_000_000)
+    assert jobs == [[("train", 0, 2), ("test", 0, 2)]]  # MNIST-sized: one Spark job
+    bounds, jobs = plan_jobs({"train": 600, "test": 100}, 2, 250)
+    assert len(bounds["train"]) - 1 == 3 and all(np.diff(bounds["train"]) <= 250)
+    assert jobs == [[("train", 0, 1)], [("train", 1, 2)], [("train", 2, 3)], [("test", 0, 2)]]
 
 
 def test_shard_bounds_contiguous_and_balanced():
