@@ -48,15 +48,6 @@ COMMIT_RETRIES = 20
 PARQUET_COMPRESSION = "snappy"
 
 
-@dataclass(frozen=True)
-class Split:
-    """One validated split: ``images`` (N, H, W) uint8 upright, ``labels`` (N,) uint8."""
-
-    name: str
-    images: np.ndarray
-    labels: np.ndarray
-
-
 def file_record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
                 ) -> dict[str, Any]:
     """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""

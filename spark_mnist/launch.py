@@ -12,12 +12,15 @@ import logging
 import os
 import sys
 from importlib import resources
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from spark_mnist import contract
 from spark_mnist.config import Settings, SparkSettings
 from spark_mnist.errors import InputError
 from spark_mnist.storage import normalize_uri
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ LOCAL_SPARK_CONF = {
 
 
 @contextlib.contextmanager
-def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator["SparkSession"]:  # noqa: F821
+def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator["SparkSession"]:
     """A SparkSession for the CLI and jobs.
 
     With ``master`` set (local mode), starts one with quiet logging and this interpreter as the Python of the

@@ -26,7 +26,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,9 @@ import pyarrow.parquet as pq
 
 from spark_mnist import contract
 from spark_mnist.errors import DatasetMismatchError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +267,7 @@ class ShardLoader:
     def close(self) -> None:
         self._cache = None
 
-    def _order(self) -> "torch.Tensor":  # noqa: F821
+    def _order(self) -> "torch.Tensor":
         import torch
 
         if self.shuffle:
@@ -282,11 +285,11 @@ class ShardLoader:
             self._cache = (torch.from_numpy(index), images_t, torch.from_numpy(labels))
         return self._cache
 
-    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
         for _, images, labels in self.iter_with_index():
             yield images, labels
 
-    def iter_with_index(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+    def iter_with_index(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:
         """Like iteration, with the ``index`` column (int64, (B,)) first: which source rows each batch holds."""
         used = self.samples_per_epoch
         start = self.start_step * self.batch_size
@@ -359,7 +362,7 @@ class ShardLoader:
 
 def petastorm_batches(converter, *, rank: int, world_size: int, batch_size: int, steps: int,
                       image_shape: tuple[int, int] = (28, 28), batched: bool = False, workers: int = 2
-                      ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+                      ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
     """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
 
     petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``

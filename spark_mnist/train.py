@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.loader import ShardLoader, petastorm_batches, steps_per_epoch, worker_env
+from spark_mnist.loader import ShardLoader, petastorm_batches, worker_env
 from spark_mnist.model import Normalization, SimpleCNN, normalization_for, normalize
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import re
 import struct
-import sys
 import time
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import numpy as np
