@@ -133,9 +133,7 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
         validate_split(spec, images, labels, f"{source.uri}[x_{split}]", f"{source.uri}[y_{split}]")
         inputs.append(SplitInput(split, labels, _slicer(images), list))
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
-    record = {"split": "train+test", "kind": "npz", "name": npz.name, "uri": source.uri, "bytes": source.length,
-              "payload_bytes": source.length, "sha256": digest, "expected_sha256": None, "sha256_matches": None}
-    return inputs, [record]
+    return inputs, [file_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]
 
 
 def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bool) -> None:

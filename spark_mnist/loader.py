@@ -125,19 +125,32 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup, int, int]]:
+    """The row groups of ``plan`` that hold global rows ``[lo, hi)``, each with the global rows ``(a, b)`` taken."""
+    return [(g, max(lo, g.start), min(hi, g.start + g.rows)) for g in plan if g.start < hi and g.start + g.rows > lo]
+
+
+def read_pieces(pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int,
+                threads: int = DEFAULT_READER_THREADS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of ``(row group, a, b)`` pieces, in piece order: ``(index (n,) int64, images (n, row_bytes) uint8,
+    labels (n,) int64)``.  Row groups are decoded with ``threads`` readers and copied once into the result."""
+    total = sum(b - a for _, a, b in pieces)
+    index = np.empty(total, dtype=np.int64)
+    images = np.empty((total, row_bytes), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.int64)
+    position = 0
+    groups = [g for g, _, _ in pieces]
+    for (group, a, b), (gi, gx, gy) in zip(pieces, _decode_groups(groups, row_bytes, threads)):
+        src, dst = slice(a - group.start, b - group.start), slice(position, position + b - a)
+        index[dst], images[dst], labels[dst] = gi[src], gx[src], gy[src]
+        position += b - a
+    return index, images, labels
+
+
 def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
-    groups = [g for g in plan if g.start < hi and g.start + g.rows > lo]
-    index = np.empty(hi - lo, dtype=np.int64)
-    images = np.empty((hi - lo, row_bytes), dtype=np.uint8)
-    labels = np.empty(hi - lo, dtype=np.int64)
-    for group, (gi, gx, gy) in zip(groups, _decode_groups(groups, row_bytes, threads)):
-        a, b = max(lo, group.start), min(hi, group.start + group.rows)
-        src = slice(a - group.start, b - group.start)
-        dst = slice(a - lo, b - lo)
-        index[dst], images[dst], labels[dst] = gi[src], gx[src], gy[src]
-    return index, images, labels
+    return read_pieces(pieces_in(plan, lo, hi), row_bytes, threads)
 
 
 def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -318,8 +331,7 @@ class ShardLoader:
         :data:`STREAM_SHUFFLE_ROW_GROUPS` pieces, cut into batches across window boundaries."""
         import torch
 
-        pieces = [(g, max(self.lo, g.start), min(self.hi, g.start + g.rows))
-                  for g in self.plan if g.start < self.hi and g.start + g.rows > self.lo]
+        pieces = pieces_in(self.plan, self.lo, self.hi)
         if self.shuffle:
             generator = epoch_generator(self.seed, self.epoch, self.rank)
             pieces = [pieces[i] for i in torch.randperm(len(pieces), generator=generator).tolist()]
@@ -348,14 +360,10 @@ class ShardLoader:
             yield carry
 
     def _decode_pieces(self, pieces):
-        """Decode ``(row group, lo, hi)`` pieces into concatenated (index, images (n,1,H,W), labels) tensors."""
+        """Decode ``(row group, a, b)`` pieces into (index, images (n,1,H,W), labels) tensors."""
         import torch
 
-        groups = [g for g, _, _ in pieces]
-        parts = [(gi[a - g.start:b - g.start], gx[a - g.start:b - g.start], gy[a - g.start:b - g.start])
-                 for (g, a, b), (gi, gx, gy) in zip(pieces, _decode_groups(groups, self.row_bytes,
-                                                                          self.reader_threads))]
-        index, images, labels = (np.concatenate(column) for column in zip(*parts))
+        index, images, labels = read_pieces(pieces, self.row_bytes, self.reader_threads)
         return (torch.from_numpy(index), torch.from_numpy(images).view(-1, 1, *self.image_shape),
                 torch.from_numpy(labels))
 
