@@ -211,8 +211,8 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                                          batch_size=job.batch_size, steps=steps - first_step,
                                          image_shape=job.image_shape))
             ddp.train()
-            totals = torch.zeros(2, dtype=torch.float64, device=device)
-            wait, epoch_start = 0.0, time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            samples, wait, stopped_at, epoch_start = 0, 0.0, None, time.perf_counter()
             for step in range(first_step, steps):
                 t = time.perf_counter()
                 images, labels = next(batches)
@@ -224,24 +224,24 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
                     loss = F.cross_entropy(ddp(x), y)
                 loss.backward()
                 optimizer.step()
-                totals += torch.stack([loss.detach().double() * len(y), torch.tensor(len(y), dtype=torch.float64,
-                                                                                     device=device)])
+                loss_sum += loss.detach().double() * len(y)
+                samples += len(y)
                 run_steps += 1
                 if rank == 0 and (step + 1) % progress_every == 0 and step + 1 < steps:
                     done = (step + 1 - first_step) * job.batch_size * world_size
                     print(f"epoch {epoch + 1}/{job.epochs}: step {step + 1}/{steps}, "
                           f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s", flush=True)
                 if job.max_steps and run_steps == job.max_steps and step + 1 < steps:
+                    stopped_at = step + 1
                     break
                 if job.checkpoint_every_steps and (step + 1) % job.checkpoint_every_steps == 0 and step + 1 < steps:
                     checkpoint(epoch, step + 1)
-            else:
-                step = steps - 1
-            if step + 1 < steps:  # stopped by max_steps mid-epoch: checkpoint where it stopped and end the run
-                checkpoint(epoch, step + 1)
+            if stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint where it stopped, end the run
+                checkpoint(epoch, stopped_at)
                 break
             seconds = time.perf_counter() - epoch_start
             train_seconds += seconds
+            totals = torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=device)])
             dist.all_reduce(totals)
             waits = torch.tensor([wait, seconds], dtype=torch.float64, device=device)
             dist.all_reduce(waits)
