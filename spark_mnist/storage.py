@@ -149,14 +149,6 @@ def makedirs(spark: "SparkSession", location: Location) -> None:
     fs.mkdirs(jpath)
 
 
-def list_files(spark: "SparkSession", location: Location) -> list[tuple[str, int]]:
-    """``(name, size in bytes)`` of the plain files directly under the directory ``location``, sorted by name."""
-    if location.is_local:
-        return sorted((e.name, e.stat().st_size) for e in os.scandir(location.local_path) if e.is_file())
-    fs, jpath = _hadoop_fs(spark, location.uri)
-    return sorted((s.getPath().getName(), int(s.getLen())) for s in fs.listStatus(jpath) if s.isFile())
-
-
 def rename(spark: "SparkSession", src: Location, dst: Location) -> None:
     """Rename ``src`` to ``dst`` (both in the same directory tree); ``dst`` must not exist.
 

@@ -75,6 +75,31 @@ def test_reingest_replaces_atomically_and_is_deterministic(spark, small_source, 
             assert np.array_equal(np.asarray(a), np.asarray(b))
     assert {p.relative_to(out): pq.read_table(p) for p in out.rglob("*.parquet")} == shard_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]  # no staging or old copies left
+    manifest = contract.load_manifest(out)
+    for split in ("train", "test"):  # no task attempt's scratch file beside the shards
+        assert sorted(p.name for p in (out / split).iterdir()) == manifest["splits"][split]["files"]
+
+
+def test_shard_written_whole_or_not_at_all(tmp_path):
+    from spark_mnist.ingest import write_shard
+
+    (tmp_path / "train").mkdir()
+    images, labels = np.zeros((10, 28, 28), dtype=np.uint8), np.arange(10, dtype=np.uint8)
+    size = write_shard(str(tmp_path), "train", 3, images, labels, start=20, rows_per_group=4)
+    assert [p.name for p in (tmp_path / "train").iterdir()] == ["part-00003.parquet"]
+    shard = pq.ParquetFile(tmp_path / "train" / "part-00003.parquet")
+    assert size == (tmp_path / "train" / "part-00003.parquet").stat().st_size
+    assert [shard.metadata.row_group(i).num_rows for i in range(shard.metadata.num_row_groups)] == [4, 4, 2]
+    assert shard.read().column("index").to_pylist() == list(range(20, 30))
+    with pytest.raises(ValueError):  # images and labels disagree: nothing appears under the shard's name
+        write_shard(str(tmp_path), "train", 4, images[:5], labels, start=0, rows_per_group=4)
+    assert not (tmp_path / "train" / "part-00004.parquet").exists()
+
+
+def test_output_pyarrow_cannot_write_is_refused_before_reading(spark, small_source, tmp_path):
+    source, _ = small_source
+    with pytest.raises(SourceError, match="abfss://c@a.dfs.core.windows.net/out.*cannot write Parquet shards"):
+        ingest(spark, str(source), "abfss://c@a.dfs.core.windows.net/out")
 
 
 @pytest.mark.parametrize("defect", ["missing", "magic", "truncated", "counts", "labels"])
