@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -49,12 +49,14 @@ STREAM_SHUFFLE_ROW_GROUPS = 4
 @dataclass(frozen=True)
 class RowGroup:
     """One Parquet row group in the global row order: file ``path``, its ``row_group`` number, global row
-    ``start`` and ``rows``."""
+    ``start`` and ``rows``; ``metadata``, the file's parsed footer (shared by its row groups), spares re-reading it
+    for every row group decoded."""
 
     path: str
     row_group: int
     start: int
     rows: int
+    metadata: Any = field(default=None, compare=False, repr=False)
 
 
 def local_path(url: str) -> str:
@@ -74,7 +76,7 @@ def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
         for i in range(metadata.num_row_groups):
             rows = metadata.row_group(i).num_rows
             if rows:
-                plan.append(RowGroup(path, i, start, rows))
+                plan.append(RowGroup(path, i, start, rows, metadata))
                 start += rows
     return plan
 
@@ -154,7 +156,7 @@ def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, thread
 
 
 def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with pq.ParquetFile(group.path) as f:
+    with pq.ParquetFile(group.path, metadata=group.metadata) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
     index = int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
     labels = int_column(table.column(contract.LABEL), group.path).astype(np.int64)
@@ -192,6 +194,20 @@ def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-reader") as pool:
         yield from pool.map(lambda g: _decode_group(g, row_bytes), groups)
+
+
+def prefetched(fn: Callable, items: Iterable) -> Iterator:
+    """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
+    consumed (one result ahead: memory for two at most).  Closing the iterator waits for the one in flight."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(fn, item)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
 
 
 def epoch_generator(seed: int, epoch: int, rank: int):
@@ -328,34 +344,39 @@ class ShardLoader:
 
     def _batches_streamed(self, start: int, used: int):
         """Stream the rank's range: its row-group pieces in a seeded order, shuffled within windows of
-        :data:`STREAM_SHUFFLE_ROW_GROUPS` pieces, cut into batches across window boundaries."""
+        :data:`STREAM_SHUFFLE_ROW_GROUPS` pieces, cut into batches across window boundaries.  The next window is
+        decoded in the background while the current one is consumed."""
         import torch
 
         pieces = pieces_in(self.plan, self.lo, self.hi)
         if self.shuffle:
             generator = epoch_generator(self.seed, self.epoch, self.rank)
             pieces = [pieces[i] for i in torch.randperm(len(pieces), generator=generator).tolist()]
-        carry, position = None, 0
+        windows, position = [], 0  # (number, pieces, first row, end row) of the windows this epoch still needs
         for w, w_lo in enumerate(range(0, len(pieces), STREAM_SHUFFLE_ROW_GROUPS)):
             window = pieces[w_lo:w_lo + STREAM_SHUFFLE_ROW_GROUPS]
-            w_start = position
-            position += sum(b - a for _, a, b in window)
-            if position <= start:
-                continue  # resuming: this window was consumed before the interruption
-            if w_start >= used:
-                break
-            tensors = self._decode_pieces(window)
-            rows = position - w_start
+            w_start, position = position, position + sum(b - a for _, a, b in window)
+            if position > start and w_start < used:  # resuming: earlier windows were consumed before
+                windows.append((w, window, w_start, position))
+        carry = None
+        decoded = prefetched(self._decode_pieces, [window for _, window, _, _ in windows])
+        for (w, _, w_start, w_end), tensors in zip(windows, decoded):
+            rows = w_end - w_start
             inner = (torch.randperm(rows, generator=epoch_generator(self.seed, self.epoch, self.rank * 65_537 + w + 1))
                      if self.shuffle else torch.arange(rows))
-            keep = inner[max(start, w_start) - w_start:min(used, position) - w_start]
-            part = self._gather(tensors, keep)
-            if carry is not None:
-                part = tuple(torch.cat([c, p]) for c, p in zip(carry, part))
-            full = len(part[0]) - len(part[0]) % self.batch_size
+            keep = inner[max(start, w_start) - w_start:min(used, w_end) - w_start]
+            if carry is not None:  # complete the batch begun in the previous window
+                need = self.batch_size - len(carry[0])
+                head = tuple(torch.cat([c, p]) for c, p in zip(carry, self._gather(tensors, keep[:need])))
+                keep = keep[need:]
+                if len(head[0]) < self.batch_size:
+                    carry = head
+                    continue
+                yield head
+            full = len(keep) - len(keep) % self.batch_size
             for lo in range(0, full, self.batch_size):
-                yield tuple(t[lo:lo + self.batch_size] for t in part)
-            carry = tuple(t[full:] for t in part) if full < len(part[0]) else None
+                yield self._gather(tensors, keep[lo:lo + self.batch_size])
+            carry = self._gather(tensors, keep[full:]) if full < len(keep) else None
         if carry is not None:
             yield carry
 

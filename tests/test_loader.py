@@ -118,3 +118,21 @@ def test_decode_images_rejects_wrong_row_size():
         decode_images(column, 784, "f.parquet")
     good = pa.array([bytes([i]) * 784 for i in range(5)], type=pa.binary()).slice(1, 3)
     assert decode_images(good, 784)[:, 0].tolist() == [1, 2, 3]
+
+
+def test_prefetched_keeps_order_and_stops_early():
+    from spark_mnist.loader import prefetched
+
+    calls = []
+
+    def square(x):
+        calls.append(x)
+        return x * x
+
+    assert list(prefetched(square, range(5))) == [0, 1, 4, 9, 16]
+    calls.clear()
+    results = prefetched(square, range(100))
+    assert [next(results), next(results)] == [0, 1]
+    results.close()  # waits for the one in flight, starts no more
+    assert calls == [0, 1, 2]
+    assert list(prefetched(square, [])) == []
