@@ -5,7 +5,8 @@ The order of work is what makes bad input cheap and failures harmless:
 1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.sources`);
 2. parse and check every file on the driver (:mod:`spark_mnist.idx`, :func:`spark_mnist.datasets.validate_split`),
    before anything is written;
-3. write both splits and the manifest into a staging directory beside ``OUT``;
+3. write both splits into a staging directory beside ``OUT`` with one Spark job, each task writing its own shard
+   (:func:`write_pieces`), then the manifest;
 4. commit: move the staging directory to ``OUT``, replacing any previous dataset (:func:`commit`).
 
 Readers see either the previous complete dataset or the new one, never a mix.  The shard layout is the contract in
