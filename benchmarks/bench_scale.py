@@ -10,13 +10,11 @@ library's 2 GiB, i.e. up to about 2.6M rows) epoch 1 is cold and the later ones 
 loader streams row groups every epoch, and each epoch's streaming rate is reported.  A scale that fails is reported
 with its error and the others go on.
 
-Time on this 2-core machine, extrapolated linearly from a 2x smoke run (``--scales 1 2 --no-warmup``, niced, with
-other jobs running: generating x2 took 2.2 s, its warm ingest 4.7 s for 130,000 rows with the test split, of which
-write_shards 3.0 s and read_images 0.8 s, and our loader streamed at 200,000-300,000 samples/s): x100 (6M rows,
-2.7 GB of gz) takes about 1.5 min to generate (once; cached in ``--cache-dir``), 3-4 min to ingest (6 chunks of
-1M rows; driver peak RSS expected at 1.5-2 GB: one chunk plus its pickled broadcast) and 1-1.5 min for 3
-streamed epochs; x1 and x10 together about a minute.  A first full run should take about 10 minutes, a rerun
-about 8, with ~8 GB free under ``--cache-dir`` (synthetic gz files plus the x100 shards, deleted at the end).
+Time on this 2-core machine (a full run): generating x100 (6M rows, 2.6 GB of gz) takes about 1.5 min (once;
+cached in ``--cache-dir``), its ingest about 1 min (6 chunks of 1M rows; driver peak RSS ~1.7 GB: one chunk plus
+its pickled broadcast) and 3 streamed epochs about 40 s; x1 and x10 together under a minute.  A first full run
+takes about 6 minutes, with ~8 GB free under ``--cache-dir`` (synthetic gz files plus the x100 shards, deleted at
+the end).
 
 Full run: ``python -m benchmarks.bench_scale``.  Smoke test: ``python -m benchmarks.bench_scale --scales 2
 --no-warmup --epochs 2 --chunk-rows 50000``.  Prints two tables and one JSON line last.
