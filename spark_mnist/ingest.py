@@ -207,13 +207,14 @@ def arrow_target(location: Location) -> str:
 
 
 def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels: np.ndarray, start: int,
-                rows_per_group: int) -> int:
+                rows_per_group: int) -> None:
     """Write one shard, ``target/<split>/part-NNNNN.parquet``: global rows ``start ..`` of ``images`` (n, H, W)
     uint8 and ``labels`` (n,), in row groups of ``rows_per_group`` rows (Snappy, no dictionary encoding: every image
     is a distinct value).  Runs in a Spark task.
 
     The file is written under a hidden name unique to this task attempt and moved into place when complete, so a
-    retried or speculative attempt never leaves a half-written shard under the final name.  Returns its size in bytes.
+    retried or speculative attempt never leaves a half-written shard under the final name; an attempt that fails
+    with an exception removes its file.
     """
     import pyarrow.parquet as pq
     from pyarrow import fs
@@ -225,14 +226,17 @@ def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels:
     attempt = context.taskAttemptId() if context is not None else uuid.uuid4().hex
     final, scratch = f"{root}/{split}/{name}", f"{root}/{split}/.{name}.attempt-{attempt}"
     schema = record_batch(start, images[:0], labels[:0]).schema
-    with filesystem.open_output_stream(scratch) as sink:
-        with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION, use_dictionary=False,
-                              write_statistics=[contract.INDEX, contract.LABEL]) as writer:
-            for lo in range(0, len(labels), rows_per_group):
-                hi = min(len(labels), lo + rows_per_group)
-                writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
+    try:
+        with filesystem.open_output_stream(scratch) as sink:
+            with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION, use_dictionary=False,
+                                  write_statistics=[contract.INDEX, contract.LABEL]) as writer:
+                for lo in range(0, len(labels), rows_per_group):
+                    hi = min(len(labels), lo + rows_per_group)
+                    writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
+    except BaseException:
+        filesystem.delete_file(scratch)
+        raise
     filesystem.move(scratch, final)
-    return filesystem.get_file_info(final).size
 
 
 def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, *,
@@ -253,8 +257,9 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, 
     """
     target = arrow_target(staging)
     units = [(p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1)]
+    # What the tasks need besides the broadcast arrays (the closure must not capture ``pieces``, which hold them).
     bounds = [piece.bounds for piece in pieces]
-    splits = [(piece.split, piece.first_shard) for piece in pieces]
+    shards = [(pieces[p].split, pieces[p].first_shard + k) for p, k in units]
     rows_per_group = max(1, row_group_bytes // max(1, int(np.prod(pieces[0].images.shape[1:]))))
     for piece in pieces:
         storage.makedirs(spark, staging.join(piece.split))
@@ -267,22 +272,22 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, 
             for batch in batches:
                 for unit in batch.column(0).to_pylist():
                     p, k = units[unit]
-                    (split, first_shard), (images, labels) = splits[p], arrays[p]
+                    split, shard = shards[unit]
+                    images, labels = arrays[p]
                     lo, hi = bounds[p][k] - bounds[p][0], bounds[p][k + 1] - bounds[p][0]
-                    size = write_shard(target, split, first_shard + k, images[lo:hi], labels[lo:hi],
-                                       bounds[p][k], rows_per_group)
-                    yield pa.RecordBatch.from_pydict({"unit": [unit], "rows": [hi - lo], "bytes": [size]})
+                    write_shard(target, split, shard, images[lo:hi], labels[lo:hi], bounds[p][k], rows_per_group)
+                    yield pa.RecordBatch.from_pydict({"unit": [unit], "rows": [hi - lo]})
 
         written = (spark.range(len(units), numPartitions=len(units))
-                   .mapInArrow(write_units, "unit long, rows long, bytes long")
+                   .mapInArrow(write_units, "unit long, rows long")
                    .collect())
     finally:
         broadcast.destroy()
     expected = {unit: bounds[p][k + 1] - bounds[p][k] for unit, (p, k) in enumerate(units)}
     reported = {row.unit: row.rows for row in written}
     if reported != expected:
-        missing = [f"{pieces[units[u][0]].split}/{contract.shard_name(splits[units[u][0]][1] + units[u][1])}"
-                   for u in expected if reported.get(u) != expected[u]]
+        missing = [f"{split}/{contract.shard_name(shard)}" for u, (split, shard) in enumerate(shards)
+                   if reported.get(u) != expected[u]]
         raise RuntimeError(f"{staging.uri}: the write job did not report these shards with their rows: "
                            f"{', '.join(missing)}")
 
