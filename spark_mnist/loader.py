@@ -198,7 +198,7 @@ def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
 
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
     """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
-    consumed (one result ahead: memory for two at most).  Closing the iterator waits for the one in flight."""
+    consumed (one item ahead, never more).  Closing the iterator waits for the one in flight."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
         pending = None
         for item in items:
