@@ -15,19 +15,19 @@ Spark Python worker process, never in the driver.
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import sys
 
-ARCHIVE_SUFFIXES = (".jar", ".zip")
 # Packages the workers import from Spark's archives when those come first on the path.
 SPARK_PYTHON_PACKAGES = ("pyspark", "py4j")
 
 
 def spark_archives(path: list[str]) -> list[str]:
-    """The entries of ``path`` that are Spark's archives and can go: every ``.jar``, and the ``.zip`` files beside
-    ``pyspark.zip`` where :data:`SPARK_PYTHON_PACKAGES` are importable from the rest of ``path``."""
+    """The entries of ``path`` that are Spark's archives and can go: every ``.jar``, and the ``.zip`` files named
+    after :data:`SPARK_PYTHON_PACKAGES` (``pyspark.zip``, ``py4j-*-src.zip``) where those packages are importable
+    from the rest of ``path``."""
     jars = [p for p in path if p.endswith(".jar")]
-    zips = [p for p in path if p.endswith(".zip") and p.replace("\\", "/").rsplit("/", 1)[-1].startswith(
-        ("pyspark", "py4j"))]
+    zips = [p for p in path if p.endswith(".zip") and os.path.basename(p).startswith(SPARK_PYTHON_PACKAGES)]
     rest = [p for p in path if p not in jars and p not in zips]
     if all(importlib.machinery.PathFinder.find_spec(name, rest) is not None for name in SPARK_PYTHON_PACKAGES):
         return jars + zips
