@@ -68,6 +68,9 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="Adam learning rate")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--loader", choices=["spark-mnist", "petastorm"])
+    parser.add_argument("--converter", choices=["auto", "petastorm", "none"],
+                        help="petastorm's Spark dataset converter, or the ingested shards directly (none); "
+                             "auto: petastorm where it works (Spark 3.5, pyarrow < 15)")
     parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--local-mode", action=argparse.BooleanOptionalAction, default=None,
                         help="run ranks on the driver (local) or in executors")
@@ -128,7 +131,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                    "num_shards": get("num_shards"), "strict": get("strict")},
         "train": {"data": get("data"), "run_dir": get("run_dir"), "epochs": get("epochs"),
                   "batch_size": get("batch_size"), "num_processes": get("num_processes"), "lr": get("lr"),
-                  "seed": get("seed"), "loader": get("loader"), "use_gpu": get("use_gpu"),
+                  "seed": get("seed"), "loader": get("loader"), "converter": get("converter"),
+                  "use_gpu": get("use_gpu"),
                   "local_mode": get("local_mode"), "resume": get("resume"),
                   "checkpoint_every_steps": get("checkpoint_every_steps"), "max_steps": get("max_steps")},
     }
@@ -199,6 +203,10 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     from spark_mnist.launch import spark_session, train
 
+    if args.command in ("train", "run"):  # a converter this environment cannot serve fails before Spark starts
+        from spark_mnist.converter import choose_converter
+
+        choose_converter(settings.train)
     with spark_session(settings.spark, verbose=args.verbose) as spark:
         if args.command in ("ingest", "run"):
             manifest = _ingest(spark, settings)

@@ -2,6 +2,10 @@
 
 A YAML file has three sections, ``spark``, ``ingest`` and ``train`` (see ``conf/local.yaml``).  Unknown keys and
 values of the wrong type are errors naming the key and the file.  Defaults are the local-mode ones.
+
+The models are written against pydantic's v1 API, which pydantic 1.10 (Databricks Runtime 15.4 ML ships 1.10.6)
+provides as ``pydantic`` and pydantic 2 as ``pydantic.v1``: one code path for both majors, so installing this
+package never replaces the runtime's pydantic.
 """
 
 from __future__ import annotations
@@ -10,13 +14,18 @@ import os
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+try:  # pydantic 2 keeps the v1 API under pydantic.v1; pydantic 1.10 is that API
+    from pydantic.v1 import BaseModel, Extra, Field, ValidationError
+except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydantic 1.10)
+    from pydantic import BaseModel, Extra, Field, ValidationError  # type: ignore[no-redef]
 
 from spark_mnist.errors import InputError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    class Config:
+        extra = Extra.forbid
+        validate_assignment = True
 
 
 class SparkSettings(_Section):
@@ -55,6 +64,7 @@ class TrainSettings(_Section):
     petastorm_cache_url: str = "file:///tmp/spark-mnist-petastorm"
     petastorm_row_group_bytes: int = Field(2**20, ge=1)
     loader: Literal["spark-mnist", "petastorm"] = "spark-mnist"
+    converter: Literal["auto", "petastorm", "none"] = "auto"
     memory_budget_mb: int = Field(2048, ge=0)
     reader_threads: int = Field(2, ge=1)
     threads_per_rank: int = Field(0, ge=0)
@@ -70,20 +80,33 @@ class Settings(_Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as plain values: ``{"spark": {...}, "ingest": {...}, "train": {...}}``."""
+        return self.dict()
+
     @property
     def data_dir(self) -> str:
         """Where training reads the ingested dataset."""
         return self.train.data or self.ingest.output
 
 
-def _error(source: str, error: ValidationError) -> InputError:
+def _value_at(data: Any, loc: tuple) -> Any:
+    """The value at ``loc`` in ``data`` (pydantic's v1 errors carry the location, not the value)."""
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputError:
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "value_error.extra":
             lines.append(f"{key}: unknown key")
         else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"{key}: {item['msg']} (got {_value_at(data, item['loc'])!r})")
     return InputError(f"{source}: " + "; ".join(lines))
 
 
@@ -110,9 +133,9 @@ def load_settings(path: str | os.PathLike | None = None, overrides: dict[str, di
         if not isinstance(data, dict):
             raise InputError(f"{source}: expected a mapping of sections (spark, ingest, train)")
     try:
-        settings = Settings.model_validate(data)
+        settings = Settings.parse_obj(data)
     except ValidationError as e:
-        raise _error(source, e) from None
+        raise _error(source, e, data) from None
     for section, values in (overrides or {}).items():
         for key, value in values.items():
             if value is None:
@@ -120,10 +143,10 @@ def load_settings(path: str | os.PathLike | None = None, overrides: dict[str, di
             try:
                 setattr(getattr(settings, section), key, value)
             except ValidationError as e:
-                raise _error("command line", e) from None
+                raise _error("command line", e, {key: value}) from None
     return settings
 
 
 def show(settings: Settings) -> str:
     """The effective settings as YAML."""
-    return yaml.safe_dump(settings.model_dump(), sort_keys=False)
+    return yaml.safe_dump(settings.to_dict(), sort_keys=False)

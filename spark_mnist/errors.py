@@ -29,3 +29,7 @@ class ChecksumMismatchError(InputError):
 
 class DatasetNotFoundError(InputError):
     """An output directory that holds no complete ingested dataset."""
+
+
+class EnvironmentMismatchError(InputError):
+    """A setting this environment's installed libraries cannot serve (petastorm on Spark 4 or pyarrow >= 15)."""

@@ -1,8 +1,8 @@
-"""Driver-side wiring: the SparkSession, petastorm's Spark dataset converter and ``TorchDistributor``.
+"""Driver-side wiring: the SparkSession, the converter choice and ``TorchDistributor``.
 
-Nothing here runs in the ranks: :func:`train` materialises the ingested splits through petastorm's converter
-(``make_spark_converter``), hands the converter's Parquet files to :func:`spark_mnist.train.train_worker` and
-launches it with ``TorchDistributor``.
+Nothing here runs in the ranks: :func:`train` picks the files the ranks read (petastorm's converter cache where
+petastorm works, else the ingested shards directly: :mod:`spark_mnist.converter`), hands them to
+:func:`spark_mnist.train.train_worker` and launches it with ``TorchDistributor``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from spark_mnist import contract
 from spark_mnist.config import Settings, SparkSettings
+from spark_mnist.converter import choose_converter, make_converters
 from spark_mnist.errors import InputError
 from spark_mnist.storage import normalize_uri
 
@@ -99,40 +100,40 @@ def _dataset_manifest(data: str) -> tuple[str, dict[str, Any]]:
     return normalize_uri(data).uri, contract.load_manifest(_local_dir(data, "the dataset"))
 
 
-def make_converters(spark, data_uri: str, cache_url: str, row_group_bytes: int) -> dict[str, Any]:
-    """petastorm Spark dataset converters of an ingested dataset's splits: ``{"train": ..., "test": ...}``.
-
-    Driver-side; each materialises its split under ``cache_url`` (``file:///dbfs/...`` on Databricks), uncompressed:
-    reading it back is about twice as fast as snappy, for a third more disk.  Call ``.delete()`` when done.
-    """
-    from petastorm.spark import SparkDatasetConverter, make_spark_converter
-
-    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_url)
-    return {split: make_spark_converter(spark.read.parquet(f"{data_uri}/{split}"),
-                                        parquet_row_group_size_bytes=row_group_bytes,
-                                        compression_codec="uncompressed")
-            for split in ("train", "test")}
-
-
 def train(spark, settings: Settings) -> dict[str, Any]:
     """Train on the dataset ingested at ``settings.data_dir`` with ``TorchDistributor``; driver-side.
 
+    The ranks read petastorm's converter cache or the ingested shards directly, as ``settings.train.converter``
+    and the environment decide (:func:`spark_mnist.converter.choose_converter`); the choice and its reason are
+    logged once.
+
     Returns:
-        Rank 0's metrics (see :func:`spark_mnist.train.train_worker`), plus ``dataset``.
+        Rank 0's metrics (see :func:`spark_mnist.train.train_worker`), plus ``dataset`` and ``converter``
+        (``"petastorm"`` or ``"none"``).
     Raises:
         DatasetNotFoundError: no complete dataset at the data directory.
-        RuntimeError: a rank failed; the message holds its command, return code and the tail of its output.
+        EnvironmentMismatchError: petastorm asked for where it cannot run.
+        TrainingFailedError: a rank failed; the message names the rank, its exception and its traceback's tail.
     """
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from spark_mnist.train import TrainJob, clear_error_reports, job_summary, read_error_reports, train_worker
 
     t = settings.train
+    choice = choose_converter(t)
     data_uri, manifest = _dataset_manifest(settings.data_dir)
-    converters = make_converters(spark, data_uri, t.petastorm_cache_url, t.petastorm_row_group_bytes)
+    if choice.uses_petastorm:
+        log.info("converter: petastorm (%s)", choice.reason)
+        converters = make_converters(spark, data_uri, t.petastorm_cache_url, t.petastorm_row_group_bytes)
+        files = {split: list(converter.file_urls) for split, converter in converters.items()}
+    else:
+        log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
+        converters = {}
+        dataset_dir = _local_dir(settings.data_dir, "the dataset")
+        files = {split: contract.split_files(dataset_dir, manifest, split) for split in ("train", "test")}
     try:
         job = TrainJob(
-            train_files=list(converters["train"].file_urls), test_files=list(converters["test"].file_urls),
+            train_files=files["train"], test_files=files["test"],
             dataset=manifest["dataset"], run_dir=_local_dir(t.run_dir, "run_dir"), num_classes=len(manifest["classes"]),
             image_shape=tuple(manifest["image_shape"]), epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
             seed=t.seed, use_gpu=t.use_gpu, bf16=t.bf16, resume=t.resume,
@@ -148,13 +149,15 @@ def train(spark, settings: Settings) -> dict[str, Any]:
         except Exception as e:
             raise TrainingFailedError.from_reports(read_error_reports(job.run_dir), e) from e
     finally:
-        for converter in converters.values():
-            with contextlib.suppress(Exception):
+        for split, converter in converters.items():
+            try:
                 converter.delete()
-    result = {"dataset": manifest["dataset"], **metrics}
+            except Exception as e:  # noqa: BLE001 - the run's outcome stands; a leftover cache is only disk
+                log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
+    result = {"dataset": manifest["dataset"], "converter": choice.name, **metrics}
     from spark_mnist.tracking import log_training_run
 
-    run_id = log_training_run(settings.model_dump(), manifest, result, result.get("model_path"), run_dir=job.run_dir)
+    run_id = log_training_run(settings.to_dict(), manifest, result, result.get("model_path"), run_dir=job.run_dir)
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result

@@ -112,7 +112,7 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
     Args:
-        settings_dict: ``Settings.model_dump()``; logged as flattened params (``train.epochs``, ...).
+        settings_dict: ``Settings.to_dict()``; logged as flattened params (``train.epochs``, ...).
         manifest: the ingest manifest (``contract.load_manifest``); logged as ``manifest.json``; its ``classes``
             and ``image_shape`` size the model.
         metrics: rank 0's metrics (:func:`spark_mnist.train.train_worker`): ``history`` -> per-epoch metrics,

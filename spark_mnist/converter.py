@@ -1,0 +1,133 @@
+"""Which files the ranks read: petastorm's Spark dataset converter where petastorm works, the ingested shards
+directly everywhere else.  Driver-side.
+
+petastorm's last release (0.13.1) imports ``pyarrow.filesystem`` (removed in pyarrow 16) and the legacy
+``ParquetDataset`` (rejected from pyarrow 15), and its converter reaches into the classic SparkSession's JVM; it
+works on the Spark 3.5 line with pyarrow < 15 (Databricks Runtime 15.4 LTS ML) and nowhere newer.  The setting
+``train.converter`` picks the path:
+
+* ``auto``: petastorm where :func:`petastorm_unavailable` finds nothing against it, else the shards directly;
+* ``petastorm``: petastorm, or an :class:`~spark_mnist.errors.EnvironmentMismatchError` naming the versions;
+* ``none``: the shards directly: no second copy of the data; the same loader, exact sharding, resume and figures.
+
+petastorm is an optional extra (``pip install 'spark-mnist[petastorm]'``) and is only imported here, inside
+functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Optional
+
+from spark_mnist.errors import EnvironmentMismatchError
+
+if TYPE_CHECKING:
+    from spark_mnist.config import TrainSettings
+
+PETASTORM = "petastorm"
+DIRECT = "none"
+# petastorm's converter needs pyarrow < 15 (pyarrow.filesystem, legacy ParquetDataset) and Spark < 4.
+PETASTORM_MAX_PYARROW = 15
+PETASTORM_MAX_SPARK = 4
+PETASTORM_FIX = ("use converter 'none' (the ranks read the ingested shards), or petastorm on Spark 3.5 with "
+                 "pyarrow < 15 (Databricks Runtime 15.4 LTS ML; pip install 'spark-mnist[petastorm]')")
+
+
+@dataclass(frozen=True)
+class ConverterChoice:
+    """The path training takes: ``name`` is ``"petastorm"`` or ``"none"``; ``reason`` says why, in one line."""
+
+    name: str
+    reason: str
+
+    @property
+    def uses_petastorm(self) -> bool:
+        return self.name == PETASTORM
+
+
+def _major(version: str) -> int:
+    return int(version.split(".", 1)[0])
+
+
+def _installed(distribution: str) -> Optional[str]:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def petastorm_unavailable() -> Optional[str]:
+    """Why petastorm's converter cannot run in this environment, or ``None`` where it can.
+
+    Checks, in order: petastorm installed, pyarrow < 15, pyspark < 4, then that ``petastorm.spark`` imports.  Reads
+    versions from the installed distributions, so nothing heavy is imported unless the cheap checks pass.
+
+    Returns:
+        One line such as ``"pyarrow 19.0.1 ≥ 15"``, or ``None``.
+    """
+    petastorm = _installed("petastorm")
+    if petastorm is None:
+        return "petastorm is not installed"
+    import pyarrow
+    import pyspark
+
+    if _major(pyarrow.__version__) >= PETASTORM_MAX_PYARROW:
+        return f"pyarrow {pyarrow.__version__} ≥ {PETASTORM_MAX_PYARROW}"
+    if _major(pyspark.__version__) >= PETASTORM_MAX_SPARK:
+        return f"Spark {pyspark.__version__} ≥ {PETASTORM_MAX_SPARK}"
+    try:
+        importlib.import_module("petastorm.spark")
+    except Exception as e:  # noqa: BLE001 - any import failure means petastorm cannot run here
+        return f"petastorm {petastorm} does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def choose_converter(settings: "TrainSettings") -> ConverterChoice:
+    """The converter of ``settings.converter`` (``auto``, ``petastorm`` or ``none``) in this environment.
+
+    ``settings.loader == "petastorm"`` needs petastorm's converter (it reads through ``make_torch_dataloader``).
+    Cheap and Spark-free, so the CLI calls it before starting Spark.
+
+    Raises:
+        EnvironmentMismatchError: petastorm asked for (``converter: petastorm`` or ``loader: petastorm``) where it
+            cannot run, or ``loader: petastorm`` with ``converter: none``; one line naming the versions and the fix.
+    """
+    wanted = settings.converter
+    if settings.loader == PETASTORM:
+        if wanted == DIRECT:
+            raise EnvironmentMismatchError(
+                "Invalid setting: train.loader 'petastorm' with train.converter 'none'. "
+                "The petastorm loader reads through petastorm's converter: set train.converter to 'auto' or "
+                "'petastorm', or train.loader to 'spark-mnist'.")
+        wanted = PETASTORM
+    if wanted == DIRECT:
+        return ConverterChoice(DIRECT, "converter 'none' set")
+    why_not = petastorm_unavailable()
+    if why_not is None:
+        import pyarrow
+        import pyspark
+
+        return ConverterChoice(PETASTORM, f"petastorm {_installed('petastorm')} with pyarrow {pyarrow.__version__} "
+                                          f"and Spark {pyspark.__version__}")
+    if wanted == PETASTORM:
+        what = "train.loader 'petastorm'" if settings.loader == PETASTORM else "train.converter 'petastorm'"
+        raise EnvironmentMismatchError(f"{what} needs petastorm, which cannot run here ({why_not}): {PETASTORM_FIX}")
+    return ConverterChoice(DIRECT, f"petastorm unavailable: {why_not}")
+
+
+def make_converters(spark, data_uri: str, cache_url: str, row_group_bytes: int) -> dict[str, Any]:
+    """petastorm Spark dataset converters of an ingested dataset's splits: ``{"train": ..., "test": ...}``.
+
+    Driver-side; each materialises its split under ``cache_url`` (``file:///Volumes/...`` on Databricks),
+    uncompressed: reading it back is about twice as fast as snappy, for a third more disk.  Call ``.delete()`` when
+    done.  Only where :func:`petastorm_unavailable` is ``None``.
+    """
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+
+    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_url)
+    return {split: make_spark_converter(spark.read.parquet(f"{data_uri}/{split}"),
+                                        parquet_row_group_size_bytes=row_group_bytes,
+                                        compression_codec="uncompressed")
+            for split in ("train", "test")}
