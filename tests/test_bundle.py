@@ -404,3 +404,74 @@ def test_manual_job_json_in_docs_matches(job):
         bundled = tasks_by_key(job)[key]
         assert parse_task(task, key).__dict__ == {**vars(parse_task(bundled, key)), "config": None}, key
         assert task.get("depends_on") == bundled.get("depends_on"), key
+
+
+# --- runtime and storage --------------------------------------------------------------------------------------
+
+CONF_FILE = REPO / "conf" / "databricks.yaml"
+# The Databricks Runtime ML versions the bundle is meant to deploy on: (runtime, scala) variable values.
+RUNTIMES = [("15.4.x", "2.12"), ("16.4.x", "2.13"), ("17.3.x", "2.13"), ("18.x", "2.13")]
+# DBFS, in any spelling a path or URI may take: workspaces created without a DBFS root have none of it.
+DBFS = re.compile(r"^(dbfs:|(file:(//)?)?/dbfs(/|$))", re.IGNORECASE)
+
+
+def strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def volume_root(bundle: dict[str, Any]) -> str:
+    defaults = variable_defaults(bundle)
+    return f"/Volumes/{defaults['catalog']}/{defaults['schema']}/{defaults['volume']}/"
+
+
+def test_default_runtime_is_17_3_lts_ml(job):
+    clusters = clusters_by_key(job)
+    assert clusters["cpu"]["spark_version"] == "17.3.x-cpu-ml-scala2.13"
+    assert clusters["gpu"]["spark_version"] == "17.3.x-gpu-ml-scala2.13"
+
+
+@pytest.mark.parametrize("runtime, scala", RUNTIMES)
+def test_runtime_is_a_variable_of_both_clusters(bundle, runtime, scala):
+    raw = clusters_by_key(bundle["resources"]["jobs"][JOB])
+    for key in ("cpu", "gpu"):
+        assert {"var.runtime", "var.scala"} <= references(raw[key]["spark_version"]), key
+    defaults = {**variable_defaults(bundle), "runtime": runtime, "scala": scala}
+    clusters = clusters_by_key(substitute(bundle, defaults)["resources"]["jobs"][JOB])
+    assert clusters["cpu"]["spark_version"] == f"{runtime}-cpu-ml-scala{scala}"
+    assert clusters["gpu"]["spark_version"] == f"{runtime}-gpu-ml-scala{scala}"
+
+
+def test_dbfs_pattern():
+    for path in ("/dbfs", "/dbfs/tmp/x", "dbfs:/tmp/x", "DBFS:/x", "file:/dbfs/x", "file:///dbfs/tmp/x"):
+        assert DBFS.match(path), path
+    for path in ("/Volumes/main/default/mnist", "file:///Volumes/main/default/mnist/x", "/dbfsx", "raw/dbfs"):
+        assert not DBFS.match(path), path
+
+
+def test_no_path_on_dbfs(bundle):
+    with open(CONF_FILE, encoding="utf-8") as f:
+        conf = yaml.safe_load(f)
+    for name, data in (("databricks.yml", resolved_bundle(bundle)), ("conf/databricks.yaml", conf)):
+        on_dbfs = [s for s in strings(data) if DBFS.match(s.strip())]
+        assert on_dbfs == [], f"{name}: {on_dbfs}"
+
+
+def test_every_path_written_is_in_the_volume(bundle, job):
+    """The bundle's task paths and conf/databricks.yaml's paths (those of the bundle's default volume) agree."""
+    root = volume_root(bundle)
+    tasks = tasks_by_key(job)
+    ingest = parse_task(tasks["ingest"], "ingest")
+    train = parse_task(tasks["train"], "train")
+    for path in (ingest.source, ingest.output, train.data, train.run_dir):
+        assert path.startswith(root), path
+    with open(CONF_FILE, encoding="utf-8") as f:
+        conf = yaml.safe_load(f)
+    assert conf["ingest"]["source"] == ingest.source and conf["ingest"]["output"] == ingest.output
+    assert conf["train"]["run_dir"] == train.run_dir
+    assert conf["train"]["data"] in (None, train.data)
+    cache = conf["train"]["petastorm_cache_url"]
+    assert cache.startswith("file://" + root), cache

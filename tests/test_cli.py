@@ -27,7 +27,7 @@ def test_local_yaml_loads_and_command_line_overrides(capsys):
 def test_databricks_yaml_loads():
     settings = load_settings(REPO / "conf" / "databricks.yaml")
     assert settings.spark.master is None and settings.train.use_gpu
-    assert settings.train.petastorm_cache_url.startswith("file:///dbfs/")
+    assert settings.train.petastorm_cache_url.startswith("file:///Volumes/main/default/mnist/")  # no DBFS root
 
 
 def test_unknown_key_and_wrong_type_name_key_and_file(tmp_path):
