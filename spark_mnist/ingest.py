@@ -7,7 +7,8 @@ The order of work is what makes bad input cheap and failures harmless:
    before anything is written;
 3. write both splits into a staging directory beside ``OUT`` with one Spark job, each task writing its own shard
    (:func:`write_pieces`), then the manifest;
-4. commit: move the staging directory to ``OUT``, replacing any previous dataset (:func:`commit`).
+4. commit: remove the scratch files that task attempts killed outright left in staging (:func:`remove_scratch`),
+   then move the staging directory to ``OUT``, replacing any previous dataset (:func:`commit`).
 
 Readers see either the previous complete dataset or the new one, never a mix.  The shard layout is the contract in
 :mod:`spark_mnist.contract`.
@@ -16,6 +17,7 @@ Readers see either the previous complete dataset or the new one, never a mix.  T
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -46,6 +48,8 @@ DEFAULT_ROW_GROUP_BYTES = 2**20
 DEFAULT_CHUNK_ROWS = 1_000_000
 COMMIT_RETRIES = 20
 PARQUET_COMPRESSION = "snappy"
+# The hidden name a task attempt writes a shard under before moving it into place (:func:`scratch_name`).
+SCRATCH_NAME = ".{shard}.attempt-{attempt}"
 
 
 def file_record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
@@ -206,6 +210,17 @@ def arrow_target(location: Location) -> str:
     return target
 
 
+def scratch_name(shard: str, attempt: object) -> str:
+    """The hidden name under which task attempt ``attempt`` writes the shard file named ``shard``
+    (:func:`write_shard`), e.g. ``.part-00003.parquet.attempt-17``."""
+    return SCRATCH_NAME.format(shard=shard, attempt=attempt)
+
+
+def is_scratch_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`scratch_name` of some shard and attempt."""
+    return fnmatch.fnmatchcase(name, scratch_name("*", "*"))
+
+
 def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels: np.ndarray, start: int,
                 rows_per_group: int) -> None:
     """Write one shard, ``target/<split>/part-NNNNN.parquet``: global rows ``start ..`` of ``images`` (n, H, W)
@@ -213,8 +228,9 @@ def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels:
     is a distinct value).  Runs in a Spark task.
 
     The file is written under a hidden name unique to this task attempt and moved into place when complete, so a
-    retried or speculative attempt never leaves a half-written shard under the final name; an attempt that fails
-    with an exception removes its file.
+    retried or speculative attempt never leaves a half-written shard under the final name (:func:`scratch_name`).
+    An attempt that fails with an exception removes its file; one killed outright (executor lost, SIGKILL) cannot,
+    and :func:`commit` removes what it left.
     """
     import pyarrow.parquet as pq
     from pyarrow import fs
@@ -224,7 +240,7 @@ def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels:
     name = contract.shard_name(shard)
     context = TaskContext.get()
     attempt = context.taskAttemptId() if context is not None else uuid.uuid4().hex
-    final, scratch = f"{root}/{split}/{name}", f"{root}/{split}/.{name}.attempt-{attempt}"
+    final, scratch = f"{root}/{split}/{name}", f"{root}/{split}/{scratch_name(name, attempt)}"
     schema = record_batch(start, images[:0], labels[:0]).schema
     try:
         with filesystem.open_output_stream(scratch) as sink:
@@ -377,14 +393,45 @@ def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, 
     }
 
 
+def remove_scratch(spark: "SparkSession", staging: Location) -> int:
+    """Delete every file in ``staging/<split>/`` named like a task attempt's scratch file (:func:`is_scratch_name`):
+    what attempts killed outright (executor lost, SIGKILL) left behind.  The shards themselves are untouched.
+
+    Returns:
+        How many files were removed.
+    Raises:
+        OSError: a local split directory could not be listed or a file in it removed (elsewhere the Hadoop
+            ``FileSystem`` error comes through Py4J).
+    """
+    removed = 0
+    for split in SPLITS:
+        directory = staging.join(split)
+        leftovers = [name for name in storage.list_names(spark, directory) if is_scratch_name(name)]
+        for name in leftovers:
+            storage.delete(spark, directory.join(name))
+        if leftovers:
+            log.info("%s: removed %d scratch file(s) left by killed task attempts: %s", directory.uri,
+                     len(leftovers), ", ".join(leftovers))
+        removed += len(leftovers)
+    log.debug("%s: %d scratch file(s) removed before the commit", staging.uri, removed)
+    return removed
+
+
 def commit(spark: "SparkSession", staging: Location, output: Location) -> None:
     """Make the complete dataset in ``staging`` appear as ``output``, replacing what was there.
 
-    A previous dataset is first moved aside (``.OUT.old-*``), then ``staging`` is renamed into place, then the old
-    one is deleted.  Concurrent ingests into one ``output`` each retry until their rename lands, so the last to
-    commit wins and ``output`` always holds one complete dataset.  If the process dies between the two renames,
-    :func:`recover` (run at the start of every ingest) puts the previous dataset back.
+    First the scratch files of killed task attempts are removed from ``staging`` (:func:`remove_scratch`), so
+    ``output`` holds only the shards and the manifest.  A previous dataset is then moved aside (``.OUT.old-*``),
+    ``staging`` renamed into place, and the old one deleted.  Concurrent ingests into one ``output`` each retry
+    until their rename lands, so the last to commit wins and ``output`` always holds one complete dataset.  If the
+    process dies between the two renames, :func:`recover` (run at the start of every ingest) puts the previous
+    dataset back.
+
+    Raises:
+        RuntimeError: the rename did not land in :data:`COMMIT_RETRIES` attempts (concurrent ingests).
+        OSError: a scratch file could not be removed, or a rename failed.
     """
+    remove_scratch(spark, staging)
     for _ in range(COMMIT_RETRIES):
         try:
             storage.rename(spark, staging, output)

@@ -140,6 +140,17 @@ def delete(spark: "SparkSession", location: Location) -> None:
     fs.delete(jpath, True)
 
 
+def list_names(spark: "SparkSession", location: Location) -> list[str]:
+    """Names of the entries directly in the directory ``location`` (files and directories, hidden ones included),
+    sorted; empty where nothing exists there."""
+    if location.is_local:
+        return sorted(os.listdir(location.local_path)) if os.path.isdir(location.local_path) else []
+    fs, jpath = _hadoop_fs(spark, location.uri)
+    if not fs.exists(jpath):
+        return []
+    return sorted(str(status.getPath().getName()) for status in fs.listStatus(jpath))
+
+
 def makedirs(spark: "SparkSession", location: Location) -> None:
     """Create the directory ``location`` and its parents; nothing happens where it exists."""
     if location.is_local:

@@ -1,9 +1,11 @@
-"""Spark ingest: round trip, manifest, atomic replacement, races, determinism, bad input leaves nothing."""
+"""Spark ingest: round trip, manifest, atomic replacement, races, determinism, bad input leaves nothing, killed
+attempts' scratch files are not committed."""
 
 from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -149,6 +151,53 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
         ingest(spark, str(source), str(out))
     assert np.array_equal(read_split(out, "train")[2], arrays["train"][1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+
+
+def test_scratch_files_of_killed_attempts_are_not_committed(spark, small_source, tmp_path, monkeypatch, caplog):
+    source, arrays = small_source
+    out = tmp_path / "out"
+    import spark_mnist.ingest as ingest_module
+
+    real_write = ingest_module.write_pieces
+
+    def writes_and_an_attempt_is_killed(spark, pieces, staging, **kwargs):
+        real_write(spark, pieces, staging, **kwargs)
+        for piece in pieces:  # what an attempt SIGKILLed mid-write leaves: its scratch file, never moved
+            (Path(staging.local_path) / piece.split / ".part-00000.parquet.attempt-99").write_bytes(b"PAR1")
+
+    monkeypatch.setattr(ingest_module, "write_pieces", writes_and_an_attempt_is_killed)
+    with caplog.at_level("INFO", logger="spark_mnist"):
+        manifest = ingest(spark, str(source), str(out), num_shards=2)
+    assert "removed 1 scratch file(s) left by killed task attempts: .part-00000.parquet.attempt-99" in caplog.text
+    for split, (images, labels) in arrays.items():
+        assert sorted(p.name for p in (out / split).iterdir()) == manifest["splits"][split]["files"]
+        index, pixels, got_labels, _ = read_split(out, split)
+        assert np.array_equal(index, np.arange(len(labels)))
+        assert np.array_equal(pixels, images.reshape(len(images), -1))
+        assert np.array_equal(got_labels, labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+
+
+@pytest.mark.parametrize("through", ["os", "hadoop"])
+def test_remove_scratch_keeps_shards_and_manifest(spark, tmp_path, through):
+    from spark_mnist.ingest import remove_scratch, scratch_name
+    from spark_mnist.storage import Location, normalize_uri
+
+    staging = tmp_path / ".out.staging-x"
+    for split in ("train", "test"):
+        (staging / split).mkdir(parents=True)
+        (staging / split / "part-00000.parquet").write_bytes(b"shard")
+    (staging / "train" / ".part-00000.parquet.attempt-99").write_bytes(b"half")
+    (staging / "train" / scratch_name("part-00001.parquet", "3f2a")).write_bytes(b"")
+    (staging / contract.MANIFEST_NAME).write_text("{}")
+    location = normalize_uri(staging)
+    if through == "hadoop":  # the Hadoop FileSystem path that dbfs:/ and object stores take
+        location = Location(location.uri, None, "remote")
+    assert remove_scratch(spark, location) == 2
+    assert sorted(p.name for p in (staging / "train").iterdir()) == ["part-00000.parquet"]
+    assert sorted(p.name for p in (staging / "test").iterdir()) == ["part-00000.parquet"]
+    assert (staging / contract.MANIFEST_NAME).exists()
+    assert remove_scratch(spark, location) == 0
 
 
 def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):
