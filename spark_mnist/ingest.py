@@ -197,7 +197,8 @@ def arrow_target(location: Location) -> str:
     else its URI (``s3://``, ``gs://``, ``hdfs://``).
 
     Raises:
-        SourceError: a URI pyarrow cannot write to (e.g. ``abfss://``); the message says what to use instead.
+        SourceError: a URI pyarrow cannot write to (e.g. ``wasbs://``, or ``abfss://`` before pyarrow had Azure); the
+            message says what to use instead.
     """
     from pyarrow import fs
 
@@ -486,7 +487,7 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
         InputError: (``SourceError``, ``IdxFormatError``, ``DatasetMismatchError``, ``ChecksumMismatchError``) bad
             input; nothing is written to ``output``.
         InputError: ``num_shards``, ``row_group_bytes`` or ``chunk_rows`` below 1.
-        SourceError: an ``output`` the write tasks cannot open with pyarrow (e.g. ``abfss://``).
+        SourceError: an ``output`` the write tasks cannot open with pyarrow (e.g. ``wasbs://``).
     """
     if num_shards is None:
         # One shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.

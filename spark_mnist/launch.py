@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -38,6 +39,46 @@ LOCAL_SPARK_CONF = {
     "spark.broadcast.compress": "false",
     "spark.task.maxDirectResultSize": "64m",
 }
+# What the driver JVM prints on its stderr at start-up that says nothing to a user: Spark 4 starts Java with
+# --add-modules=jdk.incubator.vector, and Java announces that on stderr whatever the log configuration.
+JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
+
+
+def _forward_stderr(read_fd: int, out_fd: int) -> None:
+    """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`JVM_START_NOTICES`."""
+    with open(read_fd, "rb", buffering=0) as pipe, open(out_fd, "wb", buffering=0) as out:
+        pending = b""
+        while chunk := pipe.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept = [line for line in lines if not line.startswith(JVM_START_NOTICES)]
+            if kept:
+                out.write(b"".join(line + b"\n" for line in kept))
+        if pending and not pending.startswith(JVM_START_NOTICES):
+            out.write(pending)
+
+
+@contextlib.contextmanager
+def jvm_stderr_filtered() -> Iterator[None]:
+    """While the block starts the driver JVM, point file descriptor 2 at a pipe that drops the JVM's start-up
+    notices (:data:`JVM_START_NOTICES`) and forwards everything else to the real stderr.
+
+    The JVM keeps the pipe as its stderr for its whole life, so a daemon thread forwards until the JVM exits; this
+    process's own stderr is restored when the block ends.  This keeps the one-line error of bad input one line on
+    Spark 4.
+    """
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    threading.Thread(target=_forward_stderr, args=(read_fd, os.dup(real)), name="spark-mnist-jvm-stderr",
+                     daemon=True).start()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)
+        os.close(real)
 
 
 @contextlib.contextmanager
@@ -65,7 +106,8 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
                                                                        java_opts]))
     for key, value in conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    with jvm_stderr_filtered():
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
     try:
         yield spark

@@ -8,12 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spark_mnist.converter import petastorm_unavailable
 from spark_mnist.datasets import get_dataset
 from spark_mnist.idx import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+_NO_PETASTORM = petastorm_unavailable()
+requires_petastorm = pytest.mark.skipif(_NO_PETASTORM is not None,
+                                        reason=f"petastorm cannot run in this lane: {_NO_PETASTORM}")
 
 
 @pytest.fixture(scope="session")

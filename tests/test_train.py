@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
-from spark_mnist.config import load_settings
+from spark_mnist.config import TrainSettings, load_settings
+from spark_mnist.converter import choose_converter
 from spark_mnist.ingest import ingest
 from spark_mnist.launch import train
 from spark_mnist.train import CHECKPOINT_NAME, MODEL_NAME
+from tests.conftest import requires_petastorm
 
 pytestmark = pytest.mark.slow
 
@@ -63,9 +66,28 @@ def test_resume_mid_epoch_matches_uninterrupted_run(spark, small_dataset, full_r
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@requires_petastorm
 def test_petastorm_loader_runs_equal_steps(spark, small_dataset, tmp_path):
     metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1, loader="petastorm"))
     assert metrics["loader"] == "petastorm" and metrics["steps_per_epoch"] == 10
+    assert metrics["converter"] == "petastorm"
+
+
+def test_converter_none_reads_the_ingested_shards(spark, small_dataset, tmp_path, caplog):
+    """The direct path of every lane: no converter cache, the same loader, steps and figures."""
+    caplog.set_level(logging.INFO, logger="spark_mnist")
+    metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1, converter="none"))
+    assert metrics["converter"] == "none" and metrics["loader"] == "spark-mnist"
+    assert metrics["steps_per_epoch"] == 10 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert "converter: none, the ranks read the ingested shards (converter 'none' set)" in caplog.text
+
+
+def test_auto_converter_says_which_path_it_took(spark, small_dataset, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="spark_mnist")
+    metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1))
+    expected = choose_converter(TrainSettings())
+    assert metrics["converter"] == expected.name
+    assert sum("converter: " in r.getMessage() for r in caplog.records) == 1 and expected.reason in caplog.text
 
 
 def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
