@@ -37,7 +37,7 @@ test:
 	if [ -n "$$failed" ]; then echo "failed lanes:$$failed" >&2; exit 1; fi
 
 test-lane: setup
-	SPARK_MNIST_LANE=$(ONE_LANE) $(PY) -m pytest
+	$(PY) -m pytest
 
 bench: setup
 	$(PY) -m benchmarks.bench_loader

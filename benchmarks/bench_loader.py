@@ -2,12 +2,15 @@
 training split; and the ingest of the four gz IDX files against the floor of parsing them.
 
 One local[2] Spark session ingests the gz IDX files into a temporary directory (twice: the first ingest of the
-session, then a second one replacing it) and makes petastorm's converters with
-``spark_mnist.launch.make_converters``, as training does.  Then each loader runs in its own ``spawn`` child (fresh
-interpreter; its peak RSS is its own):
+session, then a second one replacing it) and picks the files the ranks read as training does
+(``spark_mnist.converter.choose_converter`` with ``converter: auto``): petastorm's converters
+(``spark_mnist.converter.make_converters``) where petastorm works (Spark 3.5, pyarrow < 15), else the ingested
+shards directly, and then the petastorm rows are left out with the reason.  Then each loader runs in its own ``spawn``
+child (fresh interpreter; its peak RSS is its own):
 
-* ``ours``: ``spark_mnist.loader.ShardLoader`` over the training converter's ``file_urls``; cold = epoch 1 (reads
-  the Parquet files; the constructor counts in it), warm = median of the later epochs (in memory);
+* ``ours``: ``spark_mnist.loader.ShardLoader`` over the training files (the converter's ``file_urls``, or the
+  ingested shards); cold = epoch 1 (reads the Parquet files; the constructor counts in it), warm = median of the
+  later epochs (in memory);
 * ``in_memory``: torch ``DataLoader(TensorDataset(uint8 images, labels), shuffle=True)`` over the tensors parsed
   from the gz files;
 * ``per_sample``: a map-style Dataset over the same tensors whose ``__getitem__`` returns one normalised float
@@ -108,12 +111,13 @@ def row_petastorm(converter, steps: int, epochs: int, batched: bool) -> dict[str
 
 # ------------------------------------------------------------------------------------------ driver
 
-def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], Any]:
+def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], Any, list[str]]:
     """Floor (parse the 4 gz files, no Spark; best of 2), then ``runs`` ingests into one directory in one fresh
-    session (session start excluded; each later ingest replaces the previous dataset), then the converters.
-    Returns (figures, the training split's converter)."""
+    session (session start excluded; each later ingest replaces the previous dataset), then the converters where
+    petastorm works.  Returns (figures, the training split's converter or ``None``, the training files)."""
+    from spark_mnist import contract
     from spark_mnist.config import TrainSettings
-    from spark_mnist.launch import make_converters
+    from spark_mnist.converter import choose_converter, make_converters
 
     floor = []
     for _ in range(2):
@@ -132,13 +136,19 @@ def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], A
                        ingest_runs_seconds=[i["seconds"] for i in ingests], ingest_first_stages=ingests[0]["stages"],
                        ingest_stages=ingests[best]["stages"], train_rows=ingests[0]["train_rows"],
                        ingest_driver_peak_rss_mb=max(i["driver_peak_rss_mb"] or 0 for i in ingests) or None)
+        choice = choose_converter(TrainSettings())
+        figures.update(converter=choice.name, converter_reason=choice.reason, converters_seconds=None)
+        if not choice.uses_petastorm:
+            files = contract.split_files(data, contract.load_manifest(data), "train")
+            figures["converter_files"] = len(files)
+            return figures, None, files
         with stopwatch() as t:
             converters = make_converters(spark, "file://" + os.path.abspath(data),
                                          "file://" + os.path.abspath(os.path.join(work, "petastorm")),
                                          TrainSettings().petastorm_row_group_bytes)
         figures["converters_seconds"] = t["seconds"]
     figures["converter_files"] = len(converters["train"].file_urls)
-    return figures, converters["train"]
+    return figures, converters["train"], list(converters["train"].file_urls)
 
 
 def subset_source(source: str, rows: int | None, work: str) -> str:
@@ -203,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     try:
         source = subset_source(args.source, args.rows, work)
-        log.info("ingesting %s into %s (%d runs), then making the petastorm converters", source, work,
+        log.info("ingesting %s into %s (%d runs), then the converters where petastorm works", source, work,
                  args.ingest_runs)
-        figures, converter = measure_ingest(source, work, args.ingest_runs)
+        figures, converter, train_files = measure_ingest(source, work, args.ingest_runs)
+        log.info("converter: %s (%s)", figures["converter"], figures["converter_reason"])
+        if converter is None and any(name.startswith("petastorm") for name in names):
+            log.info("petastorm rows left out: %s", figures["converter_reason"])
+            names = [name for name in names if not name.startswith("petastorm")]
         steps = figures["train_rows"] // BATCH_SIZE
         jobs = {
-            "ours": (row_ours, list(converter.file_urls), args.epochs),
+            "ours": (row_ours, train_files, args.epochs),
             "in_memory": (row_torch, source, args.epochs, False),
             "per_sample": (row_torch, source, args.epochs, True),
             "petastorm": (row_petastorm, converter, steps, args.petastorm_epochs, False),
@@ -240,9 +254,9 @@ def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
 
     threads = sorted({r["torch_threads"] for r in results.values()})
     print()
-    print(f"Fashion-MNIST train split, {figures['train_rows']:,} rows ({figures['converter_files']} converter "
-          f"files), rank 0 of 1, batch {BATCH_SIZE}; {os.cpu_count()} CPUs, torch threads {threads}; "
-          f"medians over processes")
+    print(f"Fashion-MNIST train split, {figures['train_rows']:,} rows ({figures['converter_files']} Parquet files, "
+          f"converter {figures['converter']}: {figures['converter_reason']}), rank 0 of 1, batch {BATCH_SIZE}; "
+          f"{os.cpu_count()} CPUs, torch threads {threads}; medians over processes")
     print(table(["loader", "cold samples/s", "warm samples/s", "ratio (ours warm / warm)", "peak RSS MB",
                  "processes x epochs"], lines))
     print()
@@ -255,7 +269,7 @@ def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
          f"{figures['ingest_seconds'] / floor:.2f}", fmt_stages(figures["ingest_stages"])],
     ]))
     print(f"(not in the figures above: Spark session start {figures['spark_session_start_seconds']:.2f} s; "
-          f"petastorm converters, train + test, {figures['converters_seconds']:.2f} s; driver peak RSS during "
+          f"petastorm converters, train + test, {fmt_num(figures['converters_seconds'], 2)} s; driver peak RSS during "
           f"ingest {fmt_num(figures['ingest_driver_peak_rss_mb'])} MB)")
     print()
     targets = check_targets(figures, results)
