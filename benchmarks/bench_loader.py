@@ -3,12 +3,12 @@ training split; and the ingest of the four gz IDX files against the floor of par
 
 One local[2] Spark session ingests the gz IDX files into a temporary directory (twice: the first ingest of the
 session, then a second one replacing it) and picks the files the ranks read as training does
-(``spark_mnist.converter.choose_converter`` with ``converter: auto``): petastorm's converters
-(``spark_mnist.converter.make_converters``) where petastorm works (Spark 3.5, pyarrow < 15), else the ingested
+(``spark_mnist.driver.converter.choose_converter`` with ``converter: auto``): petastorm's converters
+(``spark_mnist.driver.converter.make_converters``) where petastorm works (Spark 3.5, pyarrow < 15), else the ingested
 shards directly, and then the petastorm rows are left out with the reason.  Then each loader runs in its own ``spawn``
 child (fresh interpreter; its peak RSS is its own):
 
-* ``ours``: ``spark_mnist.loader.ShardLoader`` over the training files (the converter's ``file_urls``, or the
+* ``ours``: ``spark_mnist.rank.loader.ShardLoader`` over the training files (the converter's ``file_urls``, or the
   ingested shards); cold = epoch 1 (reads the Parquet files; the constructor counts in it), warm = median of the
   later epochs (in memory);
 * ``in_memory``: torch ``DataLoader(TensorDataset(uint8 images, labels), shuffle=True)`` over the tensors parsed
@@ -16,7 +16,7 @@ child (fresh interpreter; its peak RSS is its own):
 * ``per_sample``: a map-style Dataset over the same tensors whose ``__getitem__`` returns one normalised float
   image, the pattern of the common Databricks how-to;
 * ``petastorm`` / ``petastorm_batched``: ``converter.make_torch_dataloader`` with petastorm's default
-  ``DataLoader`` / its ``BatchedDataLoader``, through ``spark_mnist.loader.petastorm_batches``; ``rows // 256``
+  ``DataLoader`` / its ``BatchedDataLoader``, through ``spark_mnist.rank.loader.petastorm_batches``; ``rows // 256``
   steps per epoch from one endless reader.
 
 Every batch is consumed the same way (:func:`benchmarks.common.consume`).  ``ours`` and ``in_memory`` run in
@@ -98,7 +98,7 @@ def row_petastorm(converter, steps: int, epochs: int, batched: bool) -> dict[str
     """``epochs`` epochs of ``steps`` batches cut from one endless petastorm reader (``num_epochs=None``)."""
     import itertools
 
-    from spark_mnist.loader import petastorm_batches
+    from spark_mnist.rank.loader import petastorm_batches
 
     batches = petastorm_batches(converter, rank=0, world_size=1, batch_size=BATCH_SIZE, steps=steps * epochs,
                                 batched=batched)
@@ -115,9 +115,9 @@ def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], A
     """Floor (parse the 4 gz files, no Spark; best of 2), then ``runs`` ingests into one directory in one fresh
     session (session start excluded; each later ingest replaces the previous dataset), then the converters where
     petastorm works.  Returns (figures, the training split's converter or ``None``, the training files)."""
-    from spark_mnist import contract
+    from spark_mnist.shards import contract
     from spark_mnist.config import TrainSettings
-    from spark_mnist.converter import choose_converter, make_converters
+    from spark_mnist.driver.converter import choose_converter, make_converters
 
     floor = []
     for _ in range(2):

@@ -1,7 +1,7 @@
 """Scale benchmark: ingest and our loader on synthetic datasets K x Fashion-MNIST (:mod:`benchmarks.make_synthetic`).
 
 For every scale (default 1 10 100): generate the four gz IDX files if the cache lacks them, ingest them with
-``spark_mnist.ingest.ingest(..., chunk_rows=--chunk-rows)`` in one local[2] Spark session (session start and, by
+``spark_mnist.driver.ingest.ingest(..., chunk_rows=--chunk-rows)`` in one local[2] Spark session (session start and, by
 default, one untimed warm-up ingest of Fashion-MNIST excluded, so every scale's figure is a warm ingest), recording
 the driver's peak RSS during each ingest (it holds at most ``chunk_rows`` images at a time, so it stays flat as K
 grows).  Then our loader reads the ingested training shards in a fresh ``spawn`` process: rank 0 of world size 1,
@@ -32,8 +32,8 @@ from typing import Any
 from benchmarks.common import (FASHION_MNIST_DIR, bench_spark, emit_json, fmt_num, fmt_stages, log, quiet_logs,
                                row_ours, run_in_child, stopwatch, table, timed_ingest)
 from benchmarks.make_synthetic import ensure_synthetic
-from spark_mnist.ingest import DEFAULT_CHUNK_ROWS
-from spark_mnist.loader import DEFAULT_MEMORY_BUDGET_BYTES
+from spark_mnist.driver.ingest import DEFAULT_CHUNK_ROWS
+from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES
 
 DEFAULT_CACHE_DIR = "/tmp/spark-mnist-bench"
 

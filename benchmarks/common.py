@@ -190,12 +190,12 @@ def run_in_child(fn: Callable, *args) -> dict[str, Any]:
 
 
 def row_ours(paths: Sequence[str], epochs: int, memory_budget_bytes: int | None = None) -> dict[str, Any]:
-    """Our :class:`~spark_mnist.loader.ShardLoader` over ``paths`` (rank 0 of 1, batch 256, default settings but
+    """Our :class:`~spark_mnist.rank.loader.ShardLoader` over ``paths`` (rank 0 of 1, batch 256, default settings but
     ``memory_budget_bytes``): ``epochs`` full epochs.  The first is cold (reads the Parquet files; the
     constructor's metadata reads count in it); the later ones are warm when the shard is held in memory, and
     streamed from the files again otherwise (no warm figure; see ``epoch_samples_per_s``).  Run it with
     :func:`run_in_child`."""
-    from spark_mnist.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
+    from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
 
     budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else memory_budget_bytes
     with stopwatch() as setup:
@@ -213,7 +213,7 @@ def row_ours(paths: Sequence[str], epochs: int, memory_budget_bytes: int | None 
 
 def parse_idx_files(source: str, names: Sequence[str] = IDX_FILES) -> dict[str, Any]:
     """``{name: array}`` for the gz IDX files ``names`` under ``source`` (decompressed and parsed, no Spark)."""
-    from spark_mnist.idx import parse_idx
+    from spark_mnist.formats.idx import parse_idx
 
     return {name: parse_idx(os.path.join(source, name)).array for name in names}
 
@@ -222,21 +222,21 @@ def parse_idx_files(source: str, names: Sequence[str] = IDX_FILES) -> dict[str, 
 
 @contextlib.contextmanager
 def bench_spark(master: str = "local[2]") -> Iterator["SparkSession"]:  # noqa: F821
-    """A fresh local SparkSession as the CLI makes it (``spark_mnist.launch.spark_session``)."""
+    """A fresh local SparkSession as the CLI makes it (``spark_mnist.driver.launch.spark_session``)."""
     from spark_mnist.config import SparkSettings
-    from spark_mnist.launch import spark_session
+    from spark_mnist.driver.launch import spark_session
 
     with spark_session(SparkSettings(master=master, app_name="spark-mnist-bench")) as spark:
         yield spark
 
 
 def timed_ingest(spark, source: str, output: str, **kwargs) -> dict[str, Any]:
-    """``spark_mnist.ingest.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)``, timed: seconds, its
+    """``spark_mnist.driver.ingest.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)``, timed: seconds, its
     stages (:func:`stage_timers`; ``read_images`` is the decompression of the IDX payloads, streamed chunk by
     chunk), the training split's rows and the driver's peak RSS during it (this Python process only: the JVM and
     Spark's Python workers are other processes; None where it cannot be reset)."""
-    from spark_mnist import ingest as ingest_module
-    from spark_mnist.idx import IdxReader
+    from spark_mnist.driver import ingest as ingest_module
+    from spark_mnist.formats.idx import IdxReader
 
     targets = {"read_files": (ingest_module, "read_files"), "open_idx_split": (ingest_module, "open_idx_split"),
                "read_images": (IdxReader, "read"), "write_pieces": (ingest_module, "write_pieces"),

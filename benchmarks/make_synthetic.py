@@ -51,7 +51,7 @@ def write_idx_stream(path: str, dtype: np.dtype, shape: tuple[int, ...], chunks:
     Raises:
         ValueError: the chunks do not add up to ``shape``.
     """
-    from spark_mnist.idx import CODE_BY_KIND, DTYPE_BY_CODE, IdxHeader
+    from spark_mnist.formats.idx import CODE_BY_KIND, DTYPE_BY_CODE, IdxHeader
 
     big_endian = DTYPE_BY_CODE[CODE_BY_KIND[(np.dtype(dtype).kind, np.dtype(dtype).itemsize)]]
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")

@@ -4,14 +4,14 @@ The modules read as the pipeline: ``idx`` (parse) and ``datasets`` (registry) ->
 paths) -> ``ingest`` (driver: Parquet shards, ``contract``) -> ``loader`` (every rank) -> ``model``/``train`` (every
 rank) -> ``launch`` (driver: Spark session, petastorm converter, TorchDistributor) -> ``cli``.
 
-``spark_mnist.load_data(path)`` gives Keras-style numpy arrays (see :mod:`spark_mnist.arrays`).
+``spark_mnist.load_data(path)`` gives Keras-style numpy arrays (see :mod:`spark_mnist.tools.arrays`).
 """
 
 __version__ = "0.1.0"
 
 
 def load_data(path, dataset: str = "mnist"):
-    """Keras-style ``((x_train, y_train), (x_test, y_test))``; see :func:`spark_mnist.arrays.load_data`."""
-    from spark_mnist.arrays import load_data as _load_data
+    """Keras-style ``((x_train, y_train), (x_test, y_test))``; see :func:`spark_mnist.tools.arrays.load_data`."""
+    from spark_mnist.tools.arrays import load_data as _load_data
 
     return _load_data(path, dataset)

@@ -140,7 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _ingest(spark, settings: Settings) -> dict[str, Any]:
-    from spark_mnist.ingest import ingest
+    from spark_mnist.driver.ingest import ingest
 
     s = settings.ingest
     manifest = ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
@@ -153,7 +153,7 @@ def _ingest(spark, settings: Settings) -> dict[str, Any]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from spark_mnist.verify import format_table, verify_source
+    from spark_mnist.tools.verify import format_table, verify_source
 
     report = verify_source(args.source, args.dataset, strict=not args.allow_hash_mismatch)
     sys.stdout.write(format_table(report))
@@ -161,7 +161,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from spark_mnist.download import LocalRoots, download
+    from spark_mnist.tools.download import LocalRoots, download
 
     paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries,
                      local_roots=LocalRoots() if args.no_local else None)
@@ -170,7 +170,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from spark_mnist.plots import preview_grid
+    from spark_mnist.tools.plots import preview_grid
 
     path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
     print(json.dumps({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed}))
@@ -178,8 +178,8 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from spark_mnist.evaluate import evaluate_model, format_report
-    from spark_mnist.plots import confusion_matrix_png
+    from spark_mnist.tools.evaluate import evaluate_model, format_report
+    from spark_mnist.tools.plots import confusion_matrix_png
 
     result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
     sys.stdout.write(format_report(result))
@@ -201,10 +201,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         sys.stdout.write(show(settings))
         return 0
-    from spark_mnist.launch import spark_session, train
+    from spark_mnist.driver.launch import spark_session, train
 
     if args.command in ("train", "run"):  # a converter this environment cannot serve fails before Spark starts
-        from spark_mnist.converter import choose_converter
+        from spark_mnist.driver.converter import choose_converter
 
         choose_converter(settings.train)
     with spark_session(settings.spark, verbose=args.verbose) as spark:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spark_mnist.converter import petastorm_unavailable
+from spark_mnist.driver.converter import petastorm_unavailable
 from spark_mnist.datasets import get_dataset
-from spark_mnist.idx import write_idx
+from spark_mnist.formats.idx import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,7 +24,7 @@ requires_petastorm = pytest.mark.skipif(_NO_PETASTORM is not None,
 def spark():
     """One local[2] SparkSession for the whole run, quiet, stopped at the end."""
     from spark_mnist.config import SparkSettings
-    from spark_mnist.launch import spark_session
+    from spark_mnist.driver.launch import spark_session
 
     with spark_session(SparkSettings(master="local[2]", app_name="spark-mnist-tests",
                                      conf={"spark.driver.memory": "2g"})) as session:

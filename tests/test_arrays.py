@@ -7,7 +7,7 @@ import pytest
 
 import spark_mnist
 from spark_mnist.errors import DatasetMismatchError, IdxFormatError, InputError, SourceError
-from spark_mnist.idx import write_idx
+from spark_mnist.formats.idx import write_idx
 
 
 def check(result, arrays):
@@ -49,7 +49,7 @@ def test_same_validation_as_ingest(small_source):
 
 @pytest.mark.slow
 def test_from_ingested_parquet_and_npz_ingest(spark, small_source, tmp_path):
-    from spark_mnist.ingest import ingest
+    from spark_mnist.driver.ingest import ingest
 
     source, arrays = small_source
     ingest(spark, str(source), str(tmp_path / "data"), num_shards=3)

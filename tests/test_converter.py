@@ -7,10 +7,10 @@ import pyarrow
 import pyspark
 import pytest
 
-from spark_mnist import launch
+from spark_mnist.driver import launch
 from spark_mnist.cli import main
 from spark_mnist.config import TrainSettings
-from spark_mnist.converter import choose_converter, petastorm_unavailable
+from spark_mnist.driver.converter import choose_converter, petastorm_unavailable
 from spark_mnist.errors import EnvironmentMismatchError
 
 HERE = petastorm_unavailable()

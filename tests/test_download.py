@@ -1,4 +1,4 @@
-"""spark_mnist.download and spark_mnist.keras_npz against a local HTTP server on 127.0.0.1 (no internet).
+"""spark_mnist.tools.download and spark_mnist.formats.keras_npz against a local HTTP server on 127.0.0.1 (no internet).
 
 The server's behaviour per URL path is configurable: serve (with Range support), 403, 503 then serve, drop the
 connection half way, a truncated body, an HTML page with 200, another valid IDX file (wrong sha256).
@@ -19,11 +19,11 @@ import pytest
 import requests
 
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset
-from spark_mnist.download import LocalRoots, download
+from spark_mnist.tools.download import LocalRoots, download
 from spark_mnist.errors import InputError, SourceError
-from spark_mnist.idx import encode_idx, parse_idx
-from spark_mnist.keras_npz import load_keras_npz, npz_to_idx_dir
-from spark_mnist.verify import verify_source
+from spark_mnist.formats.idx import encode_idx, parse_idx
+from spark_mnist.formats.keras_npz import load_keras_npz, npz_to_idx_dir
+from spark_mnist.tools.verify import verify_source
 
 ROWS = {"train": 24, "test": 12}
 HTML = b"<!DOCTYPE html><html><head><title>404</title></head><body>Not here</body></html>\n"
@@ -301,7 +301,7 @@ def test_truncated_body_falls_back_to_next_mirror(server, files, tmp_path):
 
 def test_fuse_targets_stage_partial_downloads_on_local_disk(server, files, tmp_path, monkeypatch):
     """DBFS and volume mounts cannot append: .part files live in a staging directory, finished files are copied."""
-    import spark_mnist.download as download_module
+    import spark_mnist.tools.download as download_module
 
     target, staging = tmp_path / "volume", tmp_path / "staging"
     target.mkdir()
@@ -364,7 +364,7 @@ def test_no_mirrors_and_no_local_copy(files, tmp_path):
 def test_cached_html_saved_as_gz_is_fetched_again(server, files, tmp_path, caplog):
     m1 = server.publish("m1", files)
     (tmp_path / TRAIN_IMAGES).write_bytes(HTML)
-    with caplog.at_level(logging.WARNING, logger="spark_mnist.download"):
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.tools.download"):
         result = fetch(make_spec(files, [m1]), tmp_path)
     assert_verified(result, files)
     assert any(TRAIN_IMAGES in r.getMessage() and "fails verification" in r.getMessage() for r in caplog.records)
@@ -432,7 +432,7 @@ def test_local_copy_failing_verification_is_ignored(server, files, tmp_path, cap
     share = tmp_path / "share"
     (share / spec.name).mkdir(parents=True)
     (share / spec.name / TRAIN_IMAGES).write_bytes(HTML)
-    with caplog.at_level(logging.WARNING, logger="spark_mnist.download"):
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.tools.download"):
         result = fetch(spec, tmp_path / "out", local_roots=LocalRoots(datasets=[share]))
     assert_verified(result, files)
     assert [p for p, _ in server.state.log] == [f"/m1/{name}" for name in files.gz]

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist import contract
+from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError, DatasetNotFoundError, InputError
-from spark_mnist.evaluate import (EvaluationResult, confusion_matrix, evaluate_model, format_report,
+from spark_mnist.tools.evaluate import (EvaluationResult, confusion_matrix, evaluate_model, format_report,
                                   result_from_confusion)
-from spark_mnist.ingest import record_batch
-from spark_mnist.model import SimpleCNN, normalization_for, normalize
+from spark_mnist.driver.ingest import record_batch
+from spark_mnist.models import SimpleCNN, normalization_for, normalize
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 

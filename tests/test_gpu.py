@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist.ingest import record_batch
-from spark_mnist.loader import ShardLoader
-from spark_mnist.model import FASHION_MNIST_NORMALIZATION, SimpleCNN, normalize
+from spark_mnist.driver.ingest import record_batch
+from spark_mnist.rank.loader import ShardLoader
+from spark_mnist.models import FASHION_MNIST_NORMALIZATION, SimpleCNN, normalize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

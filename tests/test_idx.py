@@ -1,4 +1,4 @@
-"""IDX reading and writing (spark_mnist.idx): round trips, every defect as an IdxFormatError, gzip bombs, real data.
+"""IDX reading and writing (spark_mnist.formats.idx): round trips, every defect as an IdxFormatError, gzip bombs, real data.
 
 Pure numpy, no Spark.  The IDX spec is the one on the MNIST page (LeCun, Cortes, Burges): magic 00 00 <dtype code>
 <ndim>, one big-endian uint32 per dimension, then big-endian data in C order.
@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-import spark_mnist.idx as idx
+import spark_mnist.formats.idx as idx
 from spark_mnist.datasets import get_dataset
 from spark_mnist.errors import IdxFormatError, InputError
-from spark_mnist.idx import (
+from spark_mnist.formats.idx import (
     DTYPE_BY_CODE,
     IdxHeader,
     ParsedIdx,

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from spark_mnist import contract
+from spark_mnist.shards import contract
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, IdxFormatError, SourceError
-from spark_mnist.idx import write_idx
-from spark_mnist.ingest import ingest, shard_bounds
+from spark_mnist.formats.idx import write_idx
+from spark_mnist.driver.ingest import ingest, shard_bounds
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_reingest_replaces_atomically_and_is_deterministic(spark, small_source, 
 
 
 def test_shard_written_whole_or_not_at_all(tmp_path):
-    from spark_mnist.ingest import write_shard
+    from spark_mnist.driver.ingest import write_shard
 
     (tmp_path / "train").mkdir()
     images, labels = np.zeros((10, 28, 28), dtype=np.uint8), np.arange(10, dtype=np.uint8)
@@ -139,7 +139,7 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
     source, arrays = small_source
     out = tmp_path / "out"
     ingest(spark, str(source), str(out))
-    import spark_mnist.ingest as ingest_module
+    import spark_mnist.driver.ingest as ingest_module
 
     real_write = ingest_module.write_pieces
 
@@ -157,7 +157,7 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
 def test_scratch_files_of_killed_attempts_are_not_committed(spark, small_source, tmp_path, monkeypatch, caplog):
     source, arrays = small_source
     out = tmp_path / "out"
-    import spark_mnist.ingest as ingest_module
+    import spark_mnist.driver.ingest as ingest_module
 
     real_write = ingest_module.write_pieces
 
@@ -181,8 +181,8 @@ def test_scratch_files_of_killed_attempts_are_not_committed(spark, small_source,
 
 @pytest.mark.parametrize("through", ["os", "hadoop"])
 def test_remove_scratch_keeps_shards_and_manifest(spark, tmp_path, through):
-    from spark_mnist.ingest import remove_scratch, scratch_name
-    from spark_mnist.storage import Location, normalize_uri
+    from spark_mnist.driver.ingest import remove_scratch, scratch_name
+    from spark_mnist.paths import Location, normalize_uri
 
     staging = tmp_path / ".out.staging-x"
     for split in ("train", "test"):
@@ -229,7 +229,7 @@ def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):
 
 
 def test_plan_jobs_packs_splits_within_the_chunk():
-    from spark_mnist.ingest import plan_jobs
+    from spark_mnist.driver.ingest import plan_jobs
 
     bounds, jobs = plan_jobs({"train": 60_000, "test": 10_000}, 2, 1_000_000)
     assert jobs == [[("train", 0, 2), ("test", 0, 2)]]  # MNIST-sized: one Spark job
@@ -277,8 +277,8 @@ def test_defect_late_in_a_streamed_file_leaves_nothing(spark, small_source, tmp_
 
 
 def test_large_local_files_are_streamed_from_their_path(spark, small_source):
-    from spark_mnist.sources import read_files
-    from spark_mnist.storage import normalize_uri
+    from spark_mnist.driver.sources import read_files
+    from spark_mnist.paths import normalize_uri
 
     source, _ = small_source
     files = read_files(spark, normalize_uri(source), ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"],

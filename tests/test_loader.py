@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist.ingest import record_batch
-from spark_mnist.loader import ShardLoader, decode_images, rank_rows, steps_per_epoch
+from spark_mnist.driver.ingest import record_batch
+from spark_mnist.rank.loader import ShardLoader, decode_images, rank_rows, steps_per_epoch
 
 ROWS = 1_003  # prime-ish, so no world size or batch size divides it
 
@@ -121,7 +121,7 @@ def test_decode_images_rejects_wrong_row_size():
 
 
 def test_prefetched_keeps_order_and_stops_early():
-    from spark_mnist.loader import prefetched
+    from spark_mnist.rank.loader import prefetched
 
     calls = []
 

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spark_mnist import contract, plots
+from spark_mnist.shards import contract
+from spark_mnist.tools import plots
 from spark_mnist.errors import DatasetNotFoundError, InputError
-from spark_mnist.evaluate import result_from_confusion
-from spark_mnist.ingest import record_batch
+from spark_mnist.tools.evaluate import result_from_confusion
+from spark_mnist.driver.ingest import record_batch
 
 pytest.importorskip("matplotlib")
 

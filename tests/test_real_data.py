@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spark_mnist import contract
-from spark_mnist.ingest import ingest
+from spark_mnist.shards import contract
+from spark_mnist.driver.ingest import ingest
 from tests.conftest import FASHION_DIR
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from spark_mnist.errors import SourceError
-from spark_mnist.storage import normalize_uri
+from spark_mnist.paths import normalize_uri
 
 
 @pytest.mark.parametrize("given, uri, local, kind", [
@@ -47,7 +47,7 @@ def test_empty_path_is_an_error():
 
 
 def test_driver_local_path_refused_on_a_cluster_master():
-    from spark_mnist.storage import check_visible_to_executors
+    from spark_mnist.paths import check_visible_to_executors
 
     check_visible_to_executors("local[2]", normalize_uri("/data/mnist"))  # executors share the driver's disk
     check_visible_to_executors("local-cluster[2,1,1024]", normalize_uri("/data/mnist"))

@@ -1,4 +1,4 @@
-"""MLflow tracking (spark_mnist.tracking): where runs go, what a run holds, and that tracking never fails training.
+"""MLflow tracking (spark_mnist.tools.tracking): where runs go, what a run holds, and that tracking never fails training.
 
 No Spark here: the metrics dict is the one ``train_worker`` returns, made up, and the model a small SimpleCNN's
 ``state_dict``.  The tests that log need MLflow (``mlflow-skinny``) and are skipped without it.
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from spark_mnist import tracking
-from spark_mnist.model import SimpleCNN
+from spark_mnist.tools import tracking
+from spark_mnist.models import SimpleCNN
 
 CLASSES = ["a", "b", "c"]
 IMAGE_SHAPE = (8, 8)
@@ -127,6 +127,7 @@ def test_logs_params_epoch_metrics_manifest_and_model(tmp_path, monkeypatch, qui
     uri = (tmp_path / "run" / "mlruns").as_uri()
     assert (tmp_path / "run" / "mlruns").is_dir()
     monkeypatch.setenv(tracking.ALLOW_FILE_STORE_ENV, "true")  # reading MLflow >= 3.13's file store needs it too
+    monkeypatch.setenv(tracking.TRACKING_URI_ENV, uri)  # MLflow 3.0's list_artifacts resolves runs:/ with the default
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert client.get_experiment(run.info.experiment_id).name == tracking.DEFAULT_EXPERIMENT
@@ -146,7 +147,6 @@ def test_logs_params_epoch_metrics_manifest_and_model(tmp_path, monkeypatch, qui
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"manifest.json", "model"} <= artifacts
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
-    monkeypatch.setenv(tracking.TRACKING_URI_ENV, uri)
     assert mlflow.artifacts.load_dict(f"runs:/{run_id}/manifest.json") == manifest
 
     # The loadable model gives the saved state_dict's logits.

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from spark_mnist.config import TrainSettings, load_settings
-from spark_mnist.converter import choose_converter
-from spark_mnist.ingest import ingest
-from spark_mnist.launch import train
-from spark_mnist.train import CHECKPOINT_NAME, MODEL_NAME
+from spark_mnist.driver.converter import choose_converter
+from spark_mnist.driver.ingest import ingest
+from spark_mnist.driver.launch import train
+from spark_mnist.rank.train import CHECKPOINT_NAME, MODEL_NAME
 from tests.conftest import requires_petastorm
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_auto_converter_says_which_path_it_took(spark, small_dataset, tmp_path, 
 
 
 def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
-    from spark_mnist.launch import TrainingFailedError
+    from spark_mnist.driver.launch import TrainingFailedError
 
     # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training.
     with pytest.raises(TrainingFailedError, match=r"rank \d failed: ValueError: 640 training rows cannot give"):
@@ -120,7 +120,7 @@ def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dat
     import threading
     import time
 
-    from spark_mnist.launch import TrainingFailedError
+    from spark_mnist.driver.launch import TrainingFailedError
 
     full, _ = full_run
     run_dir = tmp_path / "killed"

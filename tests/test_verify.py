@@ -1,4 +1,4 @@
-"""spark_mnist.verify: checking a directory of gz IDX files against the registry, without Spark."""
+"""spark_mnist.tools.verify: checking a directory of gz IDX files against the registry, without Spark."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, IdxFormatError, SourceError
-from spark_mnist.idx import encode_idx, write_idx
-from spark_mnist.verify import format_table, verify_file, verify_source
+from spark_mnist.formats.idx import encode_idx, write_idx
+from spark_mnist.tools.verify import format_table, verify_file, verify_source
 
 ROWS = {"train": 30, "test": 20}
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spark_mnist import contract
+from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class ShardLoader:
 
     Each iteration yields ``(images, labels)``: ``images`` uint8 of shape (B, 1, H, W) (pinned host memory when
     ``pin_memory``), ``labels`` int64 of shape (B,).  Scaling to float happens on the training device, after the
-    copy (see :func:`spark_mnist.model.normalize`).
+    copy (see :func:`spark_mnist.models.normalize`).
 
     Args:
         paths: the split's Parquet files (local paths or ``file:``/``dbfs:`` URLs), e.g. ``converter.file_urls``.

@@ -1,7 +1,7 @@
 """Check a directory of gz IDX files against the dataset registry, on the driver alone: no Spark.
 
 ``spark-mnist verify`` answers "would ingest accept these files, and are they the published ones?" before a cluster
-is involved.  Every file is parsed with :func:`spark_mnist.idx.parse_idx` (the IDX spec on the MNIST page), each
+is involved.  Every file is parsed with :func:`spark_mnist.formats.idx.parse_idx` (the IDX spec on the MNIST page), each
 split is checked with :func:`spark_mnist.datasets.validate_split`, and each payload sha256 (of the decompressed
 file) is compared with the registry's.  The file names are exactly the ones ingest reads.
 """
@@ -18,8 +18,8 @@ import numpy as np
 
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, validate_split
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, InputError, SourceError
-from spark_mnist.idx import ParsedIdx, parse_idx
-from spark_mnist.storage import normalize_uri
+from spark_mnist.formats.idx import ParsedIdx, parse_idx
+from spark_mnist.paths import normalize_uri
 
 STATUS_OK = "ok"
 STATUS_HASH_MISMATCH = "hash-mismatch"
@@ -113,7 +113,7 @@ def verify_file(spec: DatasetSpec, split: str, kind: str, path: str | os.PathLik
     """Check that ``path`` is a usable copy of ``spec``'s ``split``/``kind`` file (``kind`` ``"images"`` or
     ``"labels"``), as downloads and local copies must be before they are installed under the final name.
 
-    Checks, in order: the file parses as IDX (:func:`spark_mnist.idx.parse_idx`); its payload sha256 equals the
+    Checks, in order: the file parses as IDX (:func:`spark_mnist.formats.idx.parse_idx`); its payload sha256 equals the
     registry's where one is published; images are (N, H, W) uint8 of ``spec.image_shape`` and labels (N,) uint8
     below ``spec.num_classes`` (:func:`spark_mnist.datasets.validate_split`); with ``check_rows``, N equals the
     published ``spec.split_sizes[split]`` where known (a download is the whole published split, not a subset).
@@ -122,7 +122,7 @@ def verify_file(spec: DatasetSpec, split: str, kind: str, path: str | os.PathLik
         name: how messages name the file (default: the path).
 
     Returns:
-        The :class:`~spark_mnist.idx.ParsedIdx` (array, payload sha256, payload bytes).
+        The :class:`~spark_mnist.formats.idx.ParsedIdx` (array, payload sha256, payload bytes).
 
     Raises:
         IdxFormatError: not an IDX file (an HTML page, truncated or corrupt gzip, wrong magic, ...).
@@ -170,7 +170,7 @@ def verify_source(directory: str | os.PathLike, dataset: str | DatasetSpec = "mn
 
     Args:
         directory: a local directory, ``file:/...``, ``/dbfs/...`` (or ``dbfs:/...`` on Databricks) or
-            ``/Volumes/...``, normalised with :func:`spark_mnist.storage.normalize_uri`.
+            ``/Volumes/...``, normalised with :func:`spark_mnist.paths.normalize_uri`.
         dataset: a registry name (:func:`spark_mnist.datasets.get_dataset`) or a :class:`DatasetSpec`.
         strict: when true (the default) a payload sha256 other than the registry's makes ``report.ok`` false.
 

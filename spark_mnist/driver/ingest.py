@@ -2,8 +2,8 @@
 
 The order of work is what makes bad input cheap and failures harmless:
 
-1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.sources`);
-2. parse and check every file on the driver (:mod:`spark_mnist.idx`, :func:`spark_mnist.datasets.validate_split`),
+1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.driver.sources`);
+2. parse and check every file on the driver (:mod:`spark_mnist.formats.idx`, :func:`spark_mnist.datasets.validate_split`),
    before anything is written;
 3. write both splits into a staging directory beside ``OUT`` with one Spark job, each task writing its own shard
    (:func:`write_pieces`), then the manifest;
@@ -11,7 +11,7 @@ The order of work is what makes bad input cheap and failures harmless:
    then move the staging directory to ``OUT``, replacing any previous dataset (:func:`commit`).
 
 Readers see either the previous complete dataset or the new one, never a mix.  The shard layout is the contract in
-:mod:`spark_mnist.contract`.
+:mod:`spark_mnist.shards.contract`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from spark_mnist import __version__, contract, storage
+from spark_mnist import __version__
+from spark_mnist.shards import contract
+from spark_mnist import paths as storage
 from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset, upright,
                                   validate_layout, validate_split)
 from spark_mnist.errors import ChecksumMismatchError, InputError, SourceError
-from spark_mnist.idx import IdxReader, parse_idx
-from spark_mnist.sources import SourceFile, read_files
-from spark_mnist.storage import Location, normalize_uri
+from spark_mnist.formats.idx import IdxReader, parse_idx
+from spark_mnist.driver.sources import SourceFile, read_files
+from spark_mnist.paths import Location, normalize_uri
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -115,13 +117,13 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
 
     Raises:
         SourceError: the file is missing.
-        InputError: not a Keras npz archive (see :func:`spark_mnist.keras_npz.load_keras_npz`).
+        InputError: not a Keras npz archive (see :func:`spark_mnist.formats.keras_npz.load_keras_npz`).
         DatasetMismatchError: shapes, label range or counts that do not fit ``spec``.
     """
     import hashlib
     import io
 
-    from spark_mnist.keras_npz import load_keras_npz
+    from spark_mnist.formats.keras_npz import load_keras_npz
 
     source = read_files(spark, npz.sibling(""), [npz.name])[npz.name]
     content = source.content
@@ -470,7 +472,7 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     """Ingest the four standard gz IDX files of ``dataset`` under ``source`` into Parquet shards under ``output``.
 
     Runs on the driver.  ``source`` and ``output`` may be local paths, ``file:/``, ``dbfs:/``, ``/dbfs/`` or
-    ``/Volumes/...`` (see :func:`spark_mnist.storage.normalize_uri`); ``source`` may also name a Keras
+    ``/Volumes/...`` (see :func:`spark_mnist.paths.normalize_uri`); ``source`` may also name a Keras
     ``mnist.npz`` file instead of a directory.  Images are streamed: the driver holds at most ``chunk_rows``
     decompressed images at a time (plus all labels), so datasets far larger than its memory ingest.
 

@@ -6,11 +6,11 @@ For each file of the dataset (:mod:`spark_mnist.datasets`), in order:
    ``.gz``, a truncated file) is deleted with a warning and fetched again;
 2. local copies: ``/usr/share/datasets/<dataset>/`` (Debian's ``fashion-mnist`` package), torchvision roots
    (``<root>/<MNIST|FashionMNIST|KMNIST|EMNIST>/raw/<file>.gz`` or the un-gzipped ``<file>``) and, for ``mnist``,
-   Keras' ``~/.keras/datasets/mnist.npz`` (:mod:`spark_mnist.keras_npz`);
+   Keras' ``~/.keras/datasets/mnist.npz`` (:mod:`spark_mnist.formats.keras_npz`);
 3. the dataset's mirrors in order, each tried ``retries`` times with exponential back-off, resuming a partial
    download with an HTTP ``Range`` request (RFC 9110 section 14) from ``<name>.part``.
 
-Every candidate is verified with :func:`spark_mnist.verify.verify_file` (IDX structure, published payload sha256
+Every candidate is verified with :func:`spark_mnist.tools.verify.verify_file` (IDX structure, published payload sha256
 where known, image shape, label range, published row count) before it appears under its final name, which happens
 by ``os.replace``: a failed or interrupted run never leaves a half-written file under a final name.
 """
@@ -37,10 +37,10 @@ from tqdm import tqdm
 from spark_mnist import __version__
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset
 from spark_mnist.errors import ChecksumMismatchError, IdxFormatError, InputError, SourceError
-from spark_mnist.idx import GZIP_MAGIC
-from spark_mnist.keras_npz import KERAS_MNIST_FILE, npz_to_idx_dir
-from spark_mnist.storage import normalize_uri
-from spark_mnist.verify import verify_file
+from spark_mnist.formats.idx import GZIP_MAGIC
+from spark_mnist.formats.keras_npz import KERAS_MNIST_FILE, npz_to_idx_dir
+from spark_mnist.paths import normalize_uri
+from spark_mnist.tools.verify import verify_file
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Each rank reads its facts from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), joins the process
 group (``gloo`` on CPU, ``nccl`` on GPU with the device from ``LOCAL_RANK``), trains on its exact share of the
-training split (:class:`spark_mnist.loader.ShardLoader`), evaluates on its share of the full test split (counts
+training split (:class:`spark_mnist.rank.loader.ShardLoader`), evaluates on its share of the full test split (counts
 summed over ranks), and rank 0 prints per-epoch figures, checkpoints and saves the model ``state_dict``.
 Pattern: pytorch/examples ``mnist/main.py`` and Spark's ``ml/torch/distributor.py`` docs.
 """
@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.loader import ShardLoader, petastorm_batches, worker_env
-from spark_mnist.model import Normalization, SimpleCNN, normalization_for, normalize
+from spark_mnist.rank.loader import ShardLoader, petastorm_batches, worker_env
+from spark_mnist.models import Normalization, SimpleCNN, normalization_for, normalize
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -115,7 +115,7 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, 
 def train_worker(job: TrainJob) -> dict[str, Any]:
     """Train in this rank; return the run's metrics (the same on every rank: losses and counts are all-reduced).
 
-    Every rank runs exactly :func:`spark_mnist.loader.steps_per_epoch` steps per epoch, so DDP's collectives never
+    Every rank runs exactly :func:`spark_mnist.rank.loader.steps_per_epoch` steps per epoch, so DDP's collectives never
     wait on a rank that ran out of data.
     """
     rank, world_size, local_rank = worker_env()
@@ -271,7 +271,7 @@ def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, star
         save_atomically(model.state_dict(), os.path.join(job.run_dir, MODEL_NAME))
         with open(os.path.join(job.run_dir, METRICS_NAME), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
-        from spark_mnist.plots import maybe_training_curves  # never raises; warns once without matplotlib
+        from spark_mnist.tools.plots import maybe_training_curves  # never raises; warns once without matplotlib
 
         maybe_training_curves(history, os.path.join(job.run_dir, CURVES_NAME))
     # Every rank returns the same metrics: in local mode TorchDistributor keeps whichever rank's return value is

@@ -11,10 +11,10 @@ import os
 
 import numpy as np
 
-from spark_mnist import contract
+from spark_mnist.shards import contract
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
-from spark_mnist.storage import normalize_uri
+from spark_mnist.paths import normalize_uri
 
 Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -40,7 +40,7 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
     if local is None or not os.path.exists(local):
         raise SourceError(f"{path}: not found (load_data reads local, /dbfs/ or /Volumes/ paths)")
     if local.endswith(".npz"):
-        from spark_mnist.keras_npz import load_keras_npz
+        from spark_mnist.formats.keras_npz import load_keras_npz
 
         spec = get_dataset(dataset)
         loaded = load_keras_npz(local, image_shape=spec.image_shape)
@@ -53,7 +53,7 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
 
 
 def _from_idx(directory: str, dataset: str) -> Arrays:
-    from spark_mnist.idx import read_idx
+    from spark_mnist.formats.idx import read_idx
 
     spec = get_dataset(dataset)
     result = []
@@ -69,7 +69,7 @@ def _from_idx(directory: str, dataset: str) -> Arrays:
 
 
 def _from_parquet(directory: str) -> Arrays:
-    from spark_mnist.loader import plan_row_groups, read_rows
+    from spark_mnist.rank.loader import plan_row_groups, read_rows
 
     manifest = contract.load_manifest(directory)
     spec = get_dataset(manifest["dataset"])

@@ -1,8 +1,8 @@
 """Driver-side wiring: the SparkSession, the converter choice and ``TorchDistributor``.
 
 Nothing here runs in the ranks: :func:`train` picks the files the ranks read (petastorm's converter cache where
-petastorm works, else the ingested shards directly: :mod:`spark_mnist.converter`), hands them to
-:func:`spark_mnist.train.train_worker` and launches it with ``TorchDistributor``.
+petastorm works, else the ingested shards directly: :mod:`spark_mnist.driver.converter`), hands them to
+:func:`spark_mnist.rank.train.train_worker` and launches it with ``TorchDistributor``.
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import threading
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterator
 
-from spark_mnist import contract
+from spark_mnist.shards import contract
 from spark_mnist.config import Settings, SparkSettings
-from spark_mnist.converter import choose_converter, make_converters
+from spark_mnist.driver.converter import choose_converter, make_converters
 from spark_mnist.errors import InputError
-from spark_mnist.storage import normalize_uri
+from spark_mnist.paths import normalize_uri
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -33,7 +34,7 @@ LOCAL_SPARK_CONF = {
     "spark.sql.shuffle.partitions": "4",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     # Spark's daemon minus the archives whose re-reading cost ~0.15 s per Python task (see spark_daemon).
-    "spark.python.daemon.module": "spark_mnist.spark_daemon",
+    "spark.python.daemon.module": "spark_mnist.driver.spark_daemon",
     # Local masters keep broadcasts and task results on this machine: compressing broadcasts, and routing task
     # results over 1 MiB (the source files' bytes in ingest) through the block manager, cost time and save nothing.
     "spark.broadcast.compress": "false",
@@ -42,6 +43,7 @@ LOCAL_SPARK_CONF = {
 # What the driver JVM prints on its stderr at start-up that says nothing to a user: Spark 4 starts Java with
 # --add-modules=jdk.incubator.vector, and Java announces that on stderr whatever the log configuration.
 JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
+SPARK_40_ARTIFACTS_DIR = "artifacts"
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
@@ -106,6 +108,10 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
                                                                        java_opts]))
     for key, value in conf.items():
         builder = builder.config(key, value)
+    # Spark 4.0.0 creates its artifact root as ./artifacts in the working directory (SPARK-52396, later releases use
+    # a temporary directory): a session spark-mnist started removes it again when it did not exist before.
+    artifacts = os.path.abspath(SPARK_40_ARTIFACTS_DIR)
+    leave_artifacts = os.path.exists(artifacts)
     with jvm_stderr_filtered():
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
@@ -113,6 +119,8 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
         yield spark
     finally:
         spark.stop()
+        if not leave_artifacts:
+            shutil.rmtree(artifacts, ignore_errors=True)
 
 
 class TrainingFailedError(RuntimeError):
@@ -146,11 +154,11 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     """Train on the dataset ingested at ``settings.data_dir`` with ``TorchDistributor``; driver-side.
 
     The ranks read petastorm's converter cache or the ingested shards directly, as ``settings.train.converter``
-    and the environment decide (:func:`spark_mnist.converter.choose_converter`); the choice and its reason are
+    and the environment decide (:func:`spark_mnist.driver.converter.choose_converter`); the choice and its reason are
     logged once.
 
     Returns:
-        Rank 0's metrics (see :func:`spark_mnist.train.train_worker`), plus ``dataset`` and ``converter``
+        Rank 0's metrics (see :func:`spark_mnist.rank.train.train_worker`), plus ``dataset`` and ``converter``
         (``"petastorm"`` or ``"none"``).
     Raises:
         DatasetNotFoundError: no complete dataset at the data directory.
@@ -159,7 +167,7 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     """
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from spark_mnist.train import TrainJob, clear_error_reports, job_summary, read_error_reports, train_worker
+    from spark_mnist.rank.train import TrainJob, clear_error_reports, job_summary, read_error_reports, train_worker
 
     t = settings.train
     choice = choose_converter(t)
@@ -197,7 +205,7 @@ def train(spark, settings: Settings) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - the run's outcome stands; a leftover cache is only disk
                 log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
     result = {"dataset": manifest["dataset"], "converter": choice.name, **metrics}
-    from spark_mnist.tracking import log_training_run
+    from spark_mnist.tools.tracking import log_training_run
 
     run_id = log_training_run(settings.to_dict(), manifest, result, result.get("model_path"), run_dir=job.run_dir)
     if run_id is not None:

@@ -79,7 +79,7 @@ def tracking_uri(run_dir: str | os.PathLike) -> str:
         return "databricks"
     run_dir = os.fspath(run_dir)
     if run_dir.startswith("file:"):
-        from spark_mnist.storage import normalize_uri
+        from spark_mnist.paths import normalize_uri
 
         run_dir = normalize_uri(run_dir).local_path or run_dir[len("file:"):]
     return (Path(run_dir).absolute() / MLRUNS_DIR).as_uri()
@@ -115,7 +115,7 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
         settings_dict: ``Settings.to_dict()``; logged as flattened params (``train.epochs``, ...).
         manifest: the ingest manifest (``contract.load_manifest``); logged as ``manifest.json``; its ``classes``
             and ``image_shape`` size the model.
-        metrics: rank 0's metrics (:func:`spark_mnist.train.train_worker`): ``history`` -> per-epoch metrics,
+        metrics: rank 0's metrics (:func:`spark_mnist.rank.train.train_worker`): ``history`` -> per-epoch metrics,
             ``train_seconds``/``wall_seconds`` -> metrics, ``dataset``/``world_size``/``device``/... -> ``run.*``
             params.
         model_path: the saved ``state_dict`` (``metrics["model_path"]``); logged as ``model/<name>`` and as a
@@ -205,7 +205,7 @@ def _log_pytorch_model(mlflow, model_path: str, manifest: Mapping[str, Any], log
         import torch
 
         import spark_mnist
-        from spark_mnist.model import SimpleCNN
+        from spark_mnist.models import SimpleCNN
 
         image_shape = tuple(int(n) for n in (manifest.get("image_shape") or (28, 28)))
         num_classes = len(manifest.get("classes") or range(10))

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from spark_mnist import storage
+from spark_mnist import paths as storage
 from spark_mnist.errors import SourceError
-from spark_mnist.storage import Location
+from spark_mnist.paths import Location
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -33,7 +33,7 @@ class SourceFile:
 
     @property
     def source(self) -> bytes | str:
-        """What :class:`spark_mnist.idx.IdxReader` reads: the bytes, or the path to stream."""
+        """What :class:`spark_mnist.formats.idx.IdxReader` reads: the bytes, or the path to stream."""
         return self.content if self.content is not None else self.local_path
 
 

@@ -1,8 +1,8 @@
 """Evaluate a saved model on an ingested split: accuracy, per-class accuracy and a confusion matrix.
 
 Runs in one process on the driver (or any machine that sees the dataset directory): no Spark, no process group.
-The dataset is read with :class:`spark_mnist.loader.ShardLoader` (world size 1, file order, every row once) and
-normalised exactly as training does (:func:`spark_mnist.model.normalization_for` of the manifest's dataset).
+The dataset is read with :class:`spark_mnist.rank.loader.ShardLoader` (world size 1, file order, every row once) and
+normalised exactly as training does (:func:`spark_mnist.models.normalization_for` of the manifest's dataset).
 
 The model file is what training writes (``run_dir/model.pt``, a ``SimpleCNN`` ``state_dict``); a training
 checkpoint (``checkpoint.pt``, whose ``"model"`` entry is that ``state_dict``) is accepted too.  It is loaded with
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from spark_mnist import contract
+from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError, InputError
-from spark_mnist.storage import normalize_uri
+from spark_mnist.paths import normalize_uri
 
 DEFAULT_BATCH_SIZE = 1000
 
@@ -104,7 +104,7 @@ def _load_state_dict(model_path: str):
 
 
 def _build_model(state, model_path: str, num_classes: int, image_shape: tuple[int, int], dataset: str):
-    from spark_mnist.model import SimpleCNN
+    from spark_mnist.models import SimpleCNN
 
     model = SimpleCNN(num_classes, image_shape)
     try:
@@ -141,8 +141,8 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
     """
     import torch
 
-    from spark_mnist.loader import ShardLoader
-    from spark_mnist.model import normalization_for, normalize
+    from spark_mnist.rank.loader import ShardLoader
+    from spark_mnist.models import normalization_for, normalize
 
     if batch_size < 1:
         raise InputError(f"Invalid batch_size: {batch_size!r}. Must be at least 1.")

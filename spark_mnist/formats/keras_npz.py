@@ -19,7 +19,7 @@ import numpy as np
 
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset
 from spark_mnist.errors import InputError
-from spark_mnist.idx import write_idx
+from spark_mnist.formats.idx import write_idx
 
 KERAS_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 KERAS_MNIST_FILE = "mnist.npz"
@@ -97,9 +97,9 @@ def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                    spec: DatasetSpec | None = None) -> Path:
     """Write the four standard gz IDX files of ``spec`` (default: the registry's ``mnist``) from a Keras npz.
 
-    Each file appears under its final name only when complete (:func:`spark_mnist.idx.write_idx`).  Images are
+    Each file appears under its final name only when complete (:func:`spark_mnist.formats.idx.write_idx`).  Images are
     written (N, H, W) uint8 (IDX dtype code 0x08, 3 dimensions), labels (N,) uint8 (1 dimension), as on the MNIST
-    page, so :func:`spark_mnist.verify.verify_source` and ingest read ``out_dir`` like a download.
+    page, so :func:`spark_mnist.tools.verify.verify_source` and ingest read ``out_dir`` like a download.
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path` (created with its parents where missing).

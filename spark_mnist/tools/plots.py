@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from spark_mnist import contract
+from spark_mnist.shards import contract
 from spark_mnist.errors import InputError
 
 if TYPE_CHECKING:
-    from spark_mnist.evaluate import EvaluationResult
+    from spark_mnist.tools.evaluate import EvaluationResult
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 
         DatasetNotFoundError: no complete dataset in ``data_dir``.
         InputError: an unknown ``split``.
     """
-    from spark_mnist.evaluate import local_dataset_dir
-    from spark_mnist.loader import plan_row_groups, read_rows
+    from spark_mnist.tools.evaluate import local_dataset_dir
+    from spark_mnist.rank.loader import plan_row_groups, read_rows
 
     local = local_dataset_dir(data_dir)
     manifest = contract.load_manifest(local)
