@@ -6,6 +6,10 @@ expected and what was found.  The CLI turns any :class:`InputError` into one lin
 
 from __future__ import annotations
 
+from typing import Iterable, TypeVar
+
+T = TypeVar("T")
+
 
 class InputError(ValueError):
     """Bad input: a file, a path or a setting that cannot be used as given."""
@@ -33,3 +37,21 @@ class DatasetNotFoundError(InputError):
 
 class EnvironmentMismatchError(InputError):
     """A setting this environment's installed libraries cannot serve (petastorm on Spark 4 or pyarrow >= 15)."""
+
+
+def invalid(name: str, value: object, must: str, error: type[ValueError] = ValueError) -> ValueError:
+    """The one form of an "Invalid X" error (mosaicml-streaming's style guide, torchvision's ``verify_str_arg``):
+    ``Invalid {name}: {value!r}. Must be {must}.``  Returns the exception for the caller to raise."""
+    return error(f"Invalid {name}: {value!r}. Must be {must}.")
+
+
+def check_choice(name: str, value: T, valid: Iterable[T], error: type[ValueError] = ValueError) -> T:
+    """``value`` when it is one of ``valid``.
+
+    Raises:
+        ``error`` (``ValueError`` by default): ``Invalid {name}: {value!r}. Must be one of 'a', 'b'.``
+    """
+    valid = list(valid)
+    if value not in valid:
+        raise invalid(name, value, "one of " + ", ".join(map(repr, valid)), error)
+    return value

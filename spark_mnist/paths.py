@@ -1,4 +1,4 @@
-"""Where datasets live: URI normalisation and the few file-system operations ingest needs.
+"""Where datasets live: URI normalisation, pure (no Spark, no I/O but existence checks).
 
 One function, :func:`normalize_uri`, turns every accepted spelling into a :class:`Location`:
 
@@ -13,24 +13,19 @@ given                          Spark URI                   path on this machine
 ``s3://b/x`` and other schemes ``s3://b/x``                none
 =============================  ==========================  ==============================
 
-Local paths go through :mod:`os` (whose ``rename`` is atomic on POSIX); everything else through Hadoop's
-``FileSystem`` API on the driver JVM, so ``dbfs:/`` and object stores work the same way Spark sees them.
+:func:`require_local` is the one check that a path has a local form (local disk, ``/dbfs`` FUSE, ``/Volumes``)
+for code that opens it with plain file I/O: the ranks, the side tools, ``load_data``.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from spark_mnist.errors import SourceError
-
-if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
 
 DBFS_FUSE_ROOT = "/dbfs"
 VOLUMES_ROOT = "/Volumes"
@@ -114,83 +109,18 @@ def check_visible_to_executors(master: str, location: Location) -> None:
         )
 
 
-def _hadoop_fs(spark: "SparkSession", uri: str):
-    jvm = spark.sparkContext._jvm
-    jpath = jvm.org.apache.hadoop.fs.Path(uri)
-    return jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), jpath
+def require_local(path: str | os.PathLike, what: str) -> str:
+    """The local (or FUSE: ``/dbfs/...``, ``/Volumes/...``) path of ``path``, for code that opens it with plain file
+    I/O; ``file:``, ``dbfs:`` and plain paths all have one.
 
-
-def exists(spark: "SparkSession", location: Location) -> bool:
-    """Whether anything exists at ``location``."""
-    if location.is_local:
-        return os.path.exists(location.local_path)
-    fs, jpath = _hadoop_fs(spark, location.uri)
-    return bool(fs.exists(jpath))
-
-
-def delete(spark: "SparkSession", location: Location) -> None:
-    """Remove ``location`` recursively; nothing happens where nothing exists."""
-    if location.is_local:
-        if os.path.isdir(location.local_path):
-            shutil.rmtree(location.local_path, ignore_errors=True)
-        elif os.path.exists(location.local_path):
-            os.remove(location.local_path)
-        return
-    fs, jpath = _hadoop_fs(spark, location.uri)
-    fs.delete(jpath, True)
-
-
-def list_names(spark: "SparkSession", location: Location) -> list[str]:
-    """Names of the entries directly in the directory ``location`` (files and directories, hidden ones included),
-    sorted; empty where nothing exists there."""
-    if location.is_local:
-        return sorted(os.listdir(location.local_path)) if os.path.isdir(location.local_path) else []
-    fs, jpath = _hadoop_fs(spark, location.uri)
-    if not fs.exists(jpath):
-        return []
-    return sorted(str(status.getPath().getName()) for status in fs.listStatus(jpath))
-
-
-def makedirs(spark: "SparkSession", location: Location) -> None:
-    """Create the directory ``location`` and its parents; nothing happens where it exists."""
-    if location.is_local:
-        os.makedirs(location.local_path, exist_ok=True)
-        return
-    fs, jpath = _hadoop_fs(spark, location.uri)
-    fs.mkdirs(jpath)
-
-
-def rename(spark: "SparkSession", src: Location, dst: Location) -> None:
-    """Rename ``src`` to ``dst`` (both in the same directory tree); ``dst`` must not exist.
-
+    Args:
+        path: any spelling :func:`normalize_uri` accepts.
+        what: what the path is, for the message (e.g. ``"the dataset"``).
     Raises:
-        FileExistsError: ``dst`` exists (on local paths: a non-empty directory or a file).
-        OSError: the rename failed.
+        SourceError: ``path`` has no local form (``s3://...``, ``abfss://...``).
     """
-    if src.is_local:
-        try:
-            os.rename(src.local_path, dst.local_path)
-        except OSError as e:
-            if os.path.exists(dst.local_path):
-                raise FileExistsError(dst.local_path) from e
-            raise
-        return
-    fs, src_path = _hadoop_fs(spark, src.uri)
-    _, dst_path = _hadoop_fs(spark, dst.uri)
-    if fs.exists(dst_path):
-        raise FileExistsError(dst.uri)
-    if not fs.rename(src_path, dst_path):
-        raise OSError(f"rename {src.uri} -> {dst.uri} failed")
-
-
-def write_text(spark: "SparkSession", location: Location, text: str) -> None:
-    """Write ``text`` (UTF-8) to the file ``location``, replacing it."""
-    if location.is_local:
-        Path(location.local_path).write_text(text, encoding="utf-8")
-        return
-    fs, jpath = _hadoop_fs(spark, location.uri)
-    stream = fs.create(jpath, True)
-    try:
-        stream.write(bytearray(text.encode("utf-8")))
-    finally:
-        stream.close()
+    location = normalize_uri(path)
+    if location.local_path is None:
+        raise SourceError(f"{os.fspath(path)}: {what} must be a local or FUSE path (/dbfs/..., /Volumes/...) that can "
+                          f"be opened as a file here; this URI has none")
+    return location.local_path

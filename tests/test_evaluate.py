@@ -14,7 +14,7 @@ from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError, DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import (EvaluationResult, confusion_matrix, evaluate_model, format_report,
                                   result_from_confusion)
-from spark_mnist.driver.ingest import record_batch
+from spark_mnist.shards.parquet import record_batch
 from spark_mnist.models import SimpleCNN, normalization_for, normalize
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

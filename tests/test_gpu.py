@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist.driver.ingest import record_batch
+from spark_mnist.shards.parquet import record_batch
 from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.models import FASHION_MNIST_NORMALIZATION, SimpleCNN, normalize
 

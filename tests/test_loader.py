@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist.driver.ingest import record_batch
-from spark_mnist.rank.loader import ShardLoader, decode_images, rank_rows, steps_per_epoch
+from spark_mnist.shards.parquet import record_batch
+from spark_mnist.rank.loader import ShardLoader, rank_rows, steps_per_epoch
+from spark_mnist.shards.parquet import decode_images
 
 ROWS = 1_003  # prime-ish, so no world size or batch size divides it
 

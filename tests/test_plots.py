@@ -15,7 +15,7 @@ from spark_mnist.shards import contract
 from spark_mnist.tools import plots
 from spark_mnist.errors import DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import result_from_confusion
-from spark_mnist.driver.ingest import record_batch
+from spark_mnist.shards.parquet import record_batch
 
 pytest.importorskip("matplotlib")
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from spark_mnist import __version__
 from spark_mnist.shards import contract
-from spark_mnist import paths as storage
+from spark_mnist.shards.parquet import write_rows
+from spark_mnist.driver import storage
 from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset, upright,
                                   validate_layout, validate_split)
 from spark_mnist.errors import ChecksumMismatchError, InputError, SourceError
@@ -49,7 +50,6 @@ DEFAULT_ROW_GROUP_BYTES = 2**20
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000
 COMMIT_RETRIES = 20
-PARQUET_COMPRESSION = "snappy"
 # The hidden name a task attempt writes a shard under before moving it into place (:func:`scratch_name`).
 SCRATCH_NAME = ".{shard}.attempt-{attempt}"
 
@@ -152,8 +152,8 @@ def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bo
             message = (f"{record['uri']}: payload sha256 {record['sha256']} differs from {spec.name}'s published "
                        f"{record['expected_sha256']}")
             if strict:
-                raise ChecksumMismatchError(message + " (--strict)")
-            log.warning("%s; ingesting it anyway (--strict refuses it)", message)
+                raise ChecksumMismatchError(message + " (ingest.strict)")
+            log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
 
 
 def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
@@ -161,24 +161,6 @@ def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
     differ by at most one.  ``num_shards`` is capped at ``rows`` so that no shard is empty."""
     shards = max(1, min(num_shards, rows))
     return np.linspace(0, rows, shards + 1).round().astype(np.int64)
-
-
-def record_batch(start: int, images: np.ndarray, labels: np.ndarray):
-    """An Arrow record batch of the shard contract for rows ``start .. start+len(labels)``.
-
-    ``images`` (n, H, W) uint8 becomes the binary column without a per-row loop: one offsets buffer over the
-    contiguous pixel buffer.
-    """
-    import pyarrow as pa
-
-    n = len(labels)
-    row_bytes = int(np.prod(images.shape[1:]))
-    pixels = np.ascontiguousarray(images).reshape(-1)
-    offsets = np.arange(0, (n + 1) * row_bytes, row_bytes, dtype=np.int32)
-    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(pixels)])
-    return pa.RecordBatch.from_arrays(
-        [pa.array(np.arange(start, start + n, dtype=np.int64)), image, pa.array(labels.astype(np.int32))],
-        names=list(contract.COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -235,7 +217,6 @@ def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels:
     An attempt that fails with an exception removes its file; one killed outright (executor lost, SIGKILL) cannot,
     and :func:`commit` removes what it left.
     """
-    import pyarrow.parquet as pq
     from pyarrow import fs
     from pyspark import TaskContext
 
@@ -244,16 +225,12 @@ def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels:
     context = TaskContext.get()
     attempt = context.taskAttemptId() if context is not None else uuid.uuid4().hex
     final, scratch = f"{root}/{split}/{name}", f"{root}/{split}/{scratch_name(name, attempt)}"
-    schema = record_batch(start, images[:0], labels[:0]).schema
     try:
         with filesystem.open_output_stream(scratch) as sink:
-            with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION, use_dictionary=False,
-                                  write_statistics=[contract.INDEX, contract.LABEL]) as writer:
-                for lo in range(0, len(labels), rows_per_group):
-                    hi = min(len(labels), lo + rows_per_group)
-                    writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
+            write_rows(sink, start, images, labels, rows_per_group)
     except BaseException:
-        filesystem.delete_file(scratch)
+        with contextlib.suppress(FileNotFoundError):  # the stream may have failed before creating the file
+            filesystem.delete_file(scratch)
         raise
     filesystem.move(scratch, final)
 

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from spark_mnist.shards import contract
 from spark_mnist.config import Settings, SparkSettings
 from spark_mnist.driver.converter import choose_converter, make_converters
-from spark_mnist.errors import InputError
-from spark_mnist.paths import normalize_uri
+from spark_mnist.paths import normalize_uri, require_local
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -137,17 +136,8 @@ class TrainingFailedError(RuntimeError):
         return cls(f"rank {first['rank']} failed: {first['exception']}{others}\n{tail}")
 
 
-def _local_dir(path: str, what: str) -> str:
-    """The local (or FUSE: /dbfs/..., /Volumes/...) path of ``path``, which every rank opens with plain file I/O."""
-    location = normalize_uri(path)
-    if location.local_path is None:
-        raise InputError(f"{path}: {what} must be a local or FUSE path (/dbfs/..., /Volumes/...) that every rank "
-                         f"can open; this URI has none")
-    return location.local_path
-
-
 def _dataset_manifest(data: str) -> tuple[str, dict[str, Any]]:
-    return normalize_uri(data).uri, contract.load_manifest(_local_dir(data, "the dataset"))
+    return normalize_uri(data).uri, contract.load_manifest(require_local(data, "the dataset"))
 
 
 def train(spark, settings: Settings) -> dict[str, Any]:
@@ -179,12 +169,12 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     else:
         log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
         converters = {}
-        dataset_dir = _local_dir(settings.data_dir, "the dataset")
+        dataset_dir = require_local(settings.data_dir, "the dataset")
         files = {split: contract.split_files(dataset_dir, manifest, split) for split in ("train", "test")}
     try:
         job = TrainJob(
             train_files=files["train"], test_files=files["test"],
-            dataset=manifest["dataset"], run_dir=_local_dir(t.run_dir, "run_dir"), num_classes=len(manifest["classes"]),
+            dataset=manifest["dataset"], run_dir=require_local(t.run_dir, "run_dir"), num_classes=len(manifest["classes"]),
             image_shape=tuple(manifest["image_shape"]), epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
             seed=t.seed, use_gpu=t.use_gpu, bf16=t.bf16, resume=t.resume,
             checkpoint_every_steps=t.checkpoint_every_steps, max_steps=t.max_steps, loader=t.loader,

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from spark_mnist import paths as storage
+from spark_mnist.driver import storage
 from spark_mnist.errors import SourceError
-from spark_mnist.paths import Location
+from spark_mnist.paths import Location, check_visible_to_executors
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -48,7 +48,7 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str],
         SourceError: a missing directory or file (the message names each missing path), or a driver-local path
             that the executors of a cluster could not see.
     """
-    storage.check_visible_to_executors(spark.sparkContext.master, directory)
+    check_visible_to_executors(spark.sparkContext.master, directory)
     if not storage.exists(spark, directory):
         raise SourceError(f"{directory.local_path or directory.uri}: source directory not found")
     wanted = {name: directory.join(name) for name in names}

@@ -69,7 +69,7 @@ def _from_idx(directory: str, dataset: str) -> Arrays:
 
 
 def _from_parquet(directory: str) -> Arrays:
-    from spark_mnist.rank.loader import plan_row_groups, read_rows
+    from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
     manifest = contract.load_manifest(directory)
     spec = get_dataset(manifest["dataset"])
@@ -77,7 +77,7 @@ def _from_parquet(directory: str) -> Arrays:
     result = []
     for split in SPLITS:
         plan = plan_row_groups(contract.split_files(directory, manifest, split))
-        total = plan[-1].start + plan[-1].rows if plan else 0
+        total = total_rows(plan)
         index, pixels, labels = read_rows(plan, 0, total, int(np.prod(shape)))
         order = np.argsort(index, kind="stable")
         images, labels = pixels[order].reshape(-1, *shape), labels[order].astype(np.uint8)

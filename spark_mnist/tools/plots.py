@@ -70,7 +70,7 @@ def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 
         InputError: an unknown ``split``.
     """
     from spark_mnist.tools.evaluate import local_dataset_dir
-    from spark_mnist.rank.loader import plan_row_groups, read_rows
+    from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
     local = local_dataset_dir(data_dir)
     manifest = contract.load_manifest(local)
@@ -81,7 +81,7 @@ def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 
     shape = tuple(int(n) for n in manifest["image_shape"])
     row_bytes = int(np.prod(shape))
     plan = plan_row_groups(paths)
-    total = plan[-1].start + plan[-1].rows if plan else 0
+    total = total_rows(plan)
     chosen = np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).astype(np.int64)
     index = np.empty(len(chosen), dtype=np.int64)
     images = np.empty((len(chosen), row_bytes), dtype=np.uint8)

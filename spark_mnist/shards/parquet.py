@@ -1,0 +1,189 @@
+"""Parquet encode and decode of the shard contract (:mod:`spark_mnist.shards.contract`), importable anywhere.
+
+Encode (:func:`record_batch`, :func:`write_rows`) runs in the driver's Spark tasks; decode (:func:`plan_row_groups`,
+:func:`read_rows`, ...) in every rank and in the side tools.  Whole row groups are decoded at once from the binary
+column's contiguous buffer, never a row at a time.  No Spark and no torch here.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spark_mnist.errors import DatasetMismatchError
+from spark_mnist.paths import require_local
+from spark_mnist.shards import contract
+
+DEFAULT_READER_THREADS = 2
+PARQUET_COMPRESSION = "snappy"
+
+
+def record_batch(start: int, images: np.ndarray, labels: np.ndarray) -> pa.RecordBatch:
+    """An Arrow record batch of the shard contract for global rows ``start .. start+n``.
+
+    Args:
+        start: the global row number (``index`` column) of the first row.
+        images: uint8 array of shape (n, H, W); becomes the binary column without a per-row loop (one offsets
+            buffer over the contiguous pixel buffer, H*W bytes per row).
+        labels: integer array of shape (n,); stored as int32.
+    Returns:
+        A record batch with the columns ``index`` (int64), ``image`` (binary), ``label`` (int32).
+    """
+    n = len(labels)
+    row_bytes = int(np.prod(images.shape[1:]))
+    pixels = np.ascontiguousarray(images).reshape(-1)
+    offsets = np.arange(0, (n + 1) * row_bytes, row_bytes, dtype=np.int32)
+    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(pixels)])
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.arange(start, start + n, dtype=np.int64)), image, pa.array(labels.astype(np.int32))],
+        names=list(contract.COLUMNS))
+
+
+def write_rows(sink: BinaryIO, start: int, images: np.ndarray, labels: np.ndarray, rows_per_group: int) -> None:
+    """Write global rows ``start ..`` of ``images`` (n, H, W) uint8 and ``labels`` (n,) to ``sink`` as one Parquet
+    file, in row groups of ``rows_per_group`` rows: Snappy, no dictionary encoding (every image is a distinct
+    value), statistics on ``index`` and ``label`` only."""
+    schema = record_batch(start, images[:0], labels[:0]).schema
+    with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION, use_dictionary=False,
+                          write_statistics=[contract.INDEX, contract.LABEL]) as writer:
+        for lo in range(0, len(labels), rows_per_group):
+            hi = min(len(labels), lo + rows_per_group)
+            writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group in the global row order: file ``path``, its ``row_group`` number, global row
+    ``start`` and ``rows``; ``metadata``, the file's parsed footer (shared by its row groups), spares re-reading it
+    for every row group decoded."""
+
+    path: str
+    row_group: int
+    start: int
+    rows: int
+    metadata: Any = field(default=None, compare=False, repr=False)
+
+
+def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
+    """Every row group of ``paths`` (sorted, so every rank computes the same plan) with its global row offset.
+
+    ``paths`` are local paths or ``file:``/``dbfs:`` URLs (petastorm's converter names its files so), opened
+    through their local form (:func:`spark_mnist.paths.require_local`).
+    """
+    plan, start = [], 0
+    for path in sorted(require_local(p, "a Parquet shard") for p in paths):
+        metadata = pq.ParquetFile(path).metadata
+        for i in range(metadata.num_row_groups):
+            rows = metadata.row_group(i).num_rows
+            if rows:
+                plan.append(RowGroup(path, i, start, rows, metadata))
+                start += rows
+    return plan
+
+
+def total_rows(plan: Sequence[RowGroup]) -> int:
+    """Rows in all of ``plan``'s row groups."""
+    return plan[-1].start + plan[-1].rows if plan else 0
+
+
+def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray:
+    """Decode a binary Arrow column of fixed-size rows into a (n, row_bytes) uint8 array, without a per-row loop:
+    the column's values buffer is already the rows back to back.
+
+    Raises:
+        DatasetMismatchError: a null or a row whose length is not ``row_bytes``.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        if chunk.null_count:
+            raise DatasetMismatchError(f"{path}: {chunk.null_count} null images in column {contract.IMAGE!r}")
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset:chunk.offset + n + 1]
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        if hi - lo != n * row_bytes or (n > 1 and not np.all(np.diff(offsets) == row_bytes)):
+            raise DatasetMismatchError(f"{path}: images are not all {row_bytes} bytes (the contract's H*W)")
+        parts.append(np.frombuffer(data_buf, dtype=np.uint8)[lo:hi].reshape(n, row_bytes))
+    if not parts:
+        return np.empty((0, row_bytes), dtype=np.uint8)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup, int, int]]:
+    """The row groups of ``plan`` that hold global rows ``[lo, hi)``, each with the global rows ``(a, b)`` taken."""
+    return [(g, max(lo, g.start), min(hi, g.start + g.rows)) for g in plan if g.start < hi and g.start + g.rows > lo]
+
+
+def read_pieces(pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int,
+                threads: int = DEFAULT_READER_THREADS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of ``(row group, a, b)`` pieces, in piece order: ``(index (n,) int64, images (n, row_bytes) uint8,
+    labels (n,) int64)``.  Row groups are decoded with ``threads`` readers and copied once into the result."""
+    total = sum(b - a for _, a, b in pieces)
+    index = np.empty(total, dtype=np.int64)
+    images = np.empty((total, row_bytes), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.int64)
+    position = 0
+    groups = [g for g, _, _ in pieces]
+    for (group, a, b), (gi, gx, gy) in zip(pieces, _decode_groups(groups, row_bytes, threads)):
+        src, dst = slice(a - group.start, b - group.start), slice(position, position + b - a)
+        index[dst], images[dst], labels[dst] = gi[src], gx[src], gy[src]
+        position += b - a
+    return index, images, labels
+
+
+def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
+    return read_pieces(pieces_in(plan, lo, hi), row_bytes, threads)
+
+
+def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with pq.ParquetFile(group.path, metadata=group.metadata) as f:
+        table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
+    index = int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
+    labels = int_column(table.column(contract.LABEL), group.path).astype(np.int64)
+    return index, decode_images(table.column(contract.IMAGE), row_bytes, group.path), labels
+
+
+def int_column(column, path: str = "<parquet>") -> np.ndarray:
+    """An int32/int64 Arrow column as a numpy array, straight from its buffers (``to_numpy`` would import pandas
+    in pyarrow 14, which costs more than reading a whole split).
+
+    Raises:
+        DatasetMismatchError: nulls, or a column that is not int32/int64.
+    """
+    dtypes = {pa.int32(): np.int32, pa.int64(): np.int64}
+    if column.type not in dtypes:
+        raise DatasetMismatchError(f"{path}: column of type {column.type}: expected int32 or int64")
+    dtype = dtypes[column.type]
+    parts = []
+    for chunk in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]):
+        if chunk.null_count:
+            raise DatasetMismatchError(f"{path}: {chunk.null_count} nulls in an integer column")
+        if len(chunk):
+            parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset:chunk.offset + len(chunk)])
+    if not parts:
+        return np.empty(0, dtype=dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
+    """Decode ``groups`` with ``threads`` readers, yielding results in ``groups`` order (so order never depends on
+    the thread count)."""
+    if threads <= 1 or len(groups) <= 1:
+        for g in groups:
+            yield _decode_group(g, row_bytes)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-reader") as pool:
+        yield from pool.map(lambda g: _decode_group(g, row_bytes), groups)
+
+
