@@ -100,38 +100,6 @@ def stopwatch() -> Iterator[dict[str, float]]:
         t["seconds"] = time.perf_counter() - started
 
 
-@contextlib.contextmanager
-def stage_timers(targets: dict[str, tuple[Any, str]]) -> Iterator[dict[str, float]]:
-    """Time calls of ``{stage: (owner, attribute)}`` (module functions or class methods) while open, by wrapping
-    them in place; the wrappers are removed on exit.  Exclusive: a stage called inside another counts only in
-    itself, so the stages and ``other`` (the rest of the block) add up to the block's time."""
-    totals = {name: 0.0 for name in targets}
-    originals = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
-    inner = [0.0]  # seconds of stages nested in the running one, one entry per open call (and the block)
-
-    def wrap(name, fn):
-        def timed(*args, **kwargs):
-            inner.append(0.0)
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - started
-                totals[name] += elapsed - inner.pop()
-                inner[-1] += elapsed
-        return timed
-
-    for name, (owner, attr) in targets.items():
-        setattr(owner, attr, wrap(name, originals[name]))
-    started = time.perf_counter()
-    try:
-        yield totals
-    finally:
-        for name, (owner, attr) in targets.items():
-            setattr(owner, attr, originals[name])
-        totals["other"] = time.perf_counter() - started - inner[0]
-
-
 def fmt_stages(stages: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
 
@@ -231,19 +199,16 @@ def bench_spark(master: str = "local[2]") -> Iterator["SparkSession"]:  # noqa: 
 
 
 def timed_ingest(spark, source: str, output: str, **kwargs) -> dict[str, Any]:
-    """``spark_mnist.driver.ingest.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)``, timed: seconds, its
-    stages (:func:`stage_timers`; ``read_images`` is the decompression of the IDX payloads, streamed chunk by
-    chunk), the training split's rows and the driver's peak RSS during it (this Python process only: the JVM and
-    Spark's Python workers are other processes; None where it cannot be reset)."""
-    from spark_mnist.driver import ingest as ingest_module
-    from spark_mnist.formats.idx import IdxReader
+    """``spark_mnist.driver.ingest.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)``, timed: seconds, the
+    stages ingest reports (``read_images`` is the decompression of the IDX payloads, streamed chunk by chunk), the
+    training split's rows and the driver's peak RSS during it (this Python process only: the JVM and Spark's Python
+    workers are other processes; None where it cannot be reset)."""
+    from spark_mnist.driver.ingest import ingest
 
-    targets = {"read_files": (ingest_module, "read_files"), "open_idx_split": (ingest_module, "open_idx_split"),
-               "read_images": (IdxReader, "read"), "write_pieces": (ingest_module, "write_pieces"),
-               "commit": (ingest_module, "commit")}
     can_reset = reset_peak_rss()
-    with stage_timers(targets) as stages, stopwatch() as t:
-        manifest = ingest_module.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)
+    stages: dict[str, float] = {}
+    with stopwatch() as t:
+        manifest = ingest(spark, source, output, dataset="fashion-mnist", stages=stages, **kwargs)
     return {"seconds": t["seconds"], "stages": stages, "train_rows": manifest["splits"]["train"]["rows"],
             "driver_peak_rss_mb": vm_hwm_mb() if can_reset else None}
 

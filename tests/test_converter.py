@@ -62,7 +62,7 @@ def test_petastorm_demanded_where_it_cannot_run_names_versions_and_fix(monkeypat
 
 
 def test_petastorm_loader_with_converter_none_is_refused():
-    with pytest.raises(EnvironmentMismatchError, match=r"train.loader 'petastorm' with train.converter 'none'"):
+    with pytest.raises(EnvironmentMismatchError, match=r"Invalid train.converter: 'none'. Must be 'auto' or 'petastorm' with train.loader 'petastorm'"):
         choose_converter(TrainSettings(loader="petastorm", converter="none"))
 
 

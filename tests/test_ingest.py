@@ -181,7 +181,7 @@ def test_scratch_files_of_killed_attempts_are_not_committed(spark, small_source,
 
 @pytest.mark.parametrize("through", ["os", "hadoop"])
 def test_remove_scratch_keeps_shards_and_manifest(spark, tmp_path, through):
-    from spark_mnist.driver.ingest import remove_scratch, scratch_name
+    from spark_mnist.driver.commit import remove_scratch, scratch_name
     from spark_mnist.paths import Location, normalize_uri
 
     staging = tmp_path / ".out.staging-x"

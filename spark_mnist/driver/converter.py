@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Optional
 
-from spark_mnist.errors import EnvironmentMismatchError
+from spark_mnist.errors import EnvironmentMismatchError, invalid
 
 if TYPE_CHECKING:
     from spark_mnist.config import TrainSettings
@@ -97,10 +97,9 @@ def choose_converter(settings: "TrainSettings") -> ConverterChoice:
     wanted = settings.converter
     if settings.loader == PETASTORM:
         if wanted == DIRECT:
-            raise EnvironmentMismatchError(
-                "Invalid setting: train.loader 'petastorm' with train.converter 'none'. "
-                "The petastorm loader reads through petastorm's converter: set train.converter to 'auto' or "
-                "'petastorm', or train.loader to 'spark-mnist'.")
+            raise invalid("train.converter", DIRECT, "'auto' or 'petastorm' with train.loader 'petastorm' (the "
+                          "petastorm loader reads through petastorm's converter), or set train.loader to "
+                          "'spark-mnist'", EnvironmentMismatchError)
         wanted = PETASTORM
     if wanted == DIRECT:
         return ConverterChoice(DIRECT, "converter 'none' set")

@@ -7,8 +7,8 @@ The order of work is what makes bad input cheap and failures harmless:
    before anything is written;
 3. write both splits into a staging directory beside ``OUT`` with one Spark job, each task writing its own shard
    (:func:`write_pieces`), then the manifest;
-4. commit: remove the scratch files that task attempts killed outright left in staging (:func:`remove_scratch`),
-   then move the staging directory to ``OUT``, replacing any previous dataset (:func:`commit`).
+4. commit: remove the scratch files that task attempts killed outright left in staging, then move the staging
+   directory to ``OUT``, replacing any previous dataset (:mod:`spark_mnist.driver.commit`).
 
 Readers see either the previous complete dataset or the new one, never a mix.  The shard layout is the contract in
 :mod:`spark_mnist.shards.contract`.
@@ -17,27 +17,26 @@ Readers see either the previous complete dataset or the new one, never a mix.  T
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from spark_mnist import __version__
+from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
+from spark_mnist.driver import storage
+from spark_mnist.driver.commit import commit, recover, scratch_name, staging_for
+from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_npz
+from spark_mnist.driver.sources import read_files
+from spark_mnist.driver.stages import StageClock
+from spark_mnist.errors import InputError, SourceError, invalid
+from spark_mnist.paths import Location, normalize_uri
 from spark_mnist.shards import contract
 from spark_mnist.shards.parquet import write_rows
-from spark_mnist.driver import storage
-from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset, upright,
-                                  validate_layout, validate_split)
-from spark_mnist.errors import ChecksumMismatchError, InputError, SourceError
-from spark_mnist.formats.idx import IdxReader, parse_idx
-from spark_mnist.driver.sources import SourceFile, read_files
-from spark_mnist.paths import Location, normalize_uri
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -49,111 +48,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ROW_GROUP_BYTES = 2**20
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000
-COMMIT_RETRIES = 20
-# The hidden name a task attempt writes a shard under before moving it into place (:func:`scratch_name`).
-SCRATCH_NAME = ".{shard}.attempt-{attempt}"
-
-
-def file_record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
-                ) -> dict[str, Any]:
-    """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""
-    return {"split": split, "kind": kind, "name": entry.name, "uri": source.uri, "bytes": source.length,
-            "payload_bytes": payload_bytes, "sha256": sha256, "expected_sha256": entry.sha256,
-            "sha256_matches": None if entry.sha256 is None else sha256 == entry.sha256}
-
-
-@dataclass
-class SplitInput:
-    """One split ready to write: all ``labels`` (N,) uint8, and ``take(rows)`` giving the next ``rows`` images
-    (rows, H, W) uint8 as stored; ``done()`` checks the end of the images file and returns its manifest record."""
-
-    name: str
-    labels: np.ndarray
-    take: Callable[[int], np.ndarray]
-    done: Callable[[], list[dict[str, Any]]]
-
-
-def open_idx_split(stack: contextlib.ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]
-                   ) -> tuple[SplitInput, list[dict[str, Any]]]:
-    """Parse a split's labels file and open its images file as a stream, checking everything the headers and
-    labels tell (image shape, dtype, counts, label range) before any image data is read.  Driver only.
-
-    Returns:
-        The :class:`SplitInput` and the labels file's manifest record.
-    Raises:
-        IdxFormatError: a structural defect in either file (in the images file's data: while it is taken).
-        DatasetMismatchError: wrong image shape, labels out of range, different counts.
-    """
-    labels_entry, images_entry = spec.file(split, LABELS), spec.file(split, IMAGES)
-    labels_source, images_source = files[labels_entry.name], files[images_entry.name]
-    parsed = parse_idx(labels_source.source, name=labels_source.uri)
-    reader = stack.enter_context(IdxReader(images_source.source, name=images_source.uri))
-    validate_layout(spec, reader.header.shape, reader.header.dtype, parsed.array, images_source.uri,
-                    labels_source.uri)
-
-    def done() -> list[dict[str, Any]]:
-        reader.finish()
-        return [file_record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes)]
-
-    labels_record = file_record(split, LABELS, labels_entry, labels_source, parsed.sha256, parsed.payload_bytes)
-    return SplitInput(split, parsed.array, reader.read, done), [labels_record]
-
-
-def _slicer(images: np.ndarray) -> Callable[[int], np.ndarray]:
-    """``take(rows)`` over an array held in memory: consecutive slices."""
-    position = 0
-
-    def take(rows: int) -> np.ndarray:
-        nonlocal position
-        lo, position = position, position + rows
-        return images[lo:position]
-
-    return take
-
-
-def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[list[SplitInput], list[dict]]:
-    """Read a Keras ``mnist.npz`` (bytes through Spark's ``binaryFile`` source, ``np.load(allow_pickle=False)``)
-    and check both splits against ``spec``.
-
-    Raises:
-        SourceError: the file is missing.
-        InputError: not a Keras npz archive (see :func:`spark_mnist.formats.keras_npz.load_keras_npz`).
-        DatasetMismatchError: shapes, label range or counts that do not fit ``spec``.
-    """
-    import hashlib
-    import io
-
-    from spark_mnist.formats.keras_npz import load_keras_npz
-
-    source = read_files(spark, npz.sibling(""), [npz.name])[npz.name]
-    content = source.content
-    if content is None:  # a large archive on a driver-visible path: np.load reads it whole anyway
-        with open(source.local_path, "rb") as f:
-            content = f.read()
-    arrays = load_keras_npz(io.BytesIO(content), image_shape=spec.image_shape, name=source.uri)
-    inputs = []
-    for split in SPLITS:
-        images, labels = arrays[split]
-        validate_split(spec, images, labels, f"{source.uri}[x_{split}]", f"{source.uri}[y_{split}]")
-        inputs.append(SplitInput(split, labels, _slicer(images), list))
-    digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
-    return inputs, [file_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]
-
-
-def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bool) -> None:
-    """Warn about (or, with ``strict``, refuse) payloads whose sha256 differs from the registry's.  A subset or a
-    relabelled copy in the same format is legitimate input, so this is a warning by default.
-
-    Raises:
-        ChecksumMismatchError: with ``strict``, the first mismatching file.
-    """
-    for record in records:
-        if record["sha256_matches"] is False:
-            message = (f"{record['uri']}: payload sha256 {record['sha256']} differs from {spec.name}'s published "
-                       f"{record['expected_sha256']}")
-            if strict:
-                raise ChecksumMismatchError(message + " (ingest.strict)")
-            log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
 
 
 def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
@@ -193,17 +87,6 @@ def arrow_target(location: Location) -> str:
         raise SourceError(f"{location.uri}: cannot write Parquet shards there ({e}); use a local path, dbfs:/..., "
                           f"/dbfs/..., /Volumes/... or an s3://, gs:// or hdfs:// URI") from None
     return target
-
-
-def scratch_name(shard: str, attempt: object) -> str:
-    """The hidden name under which task attempt ``attempt`` writes the shard file named ``shard``
-    (:func:`write_shard`), e.g. ``.part-00003.parquet.attempt-17``."""
-    return SCRATCH_NAME.format(shard=shard, attempt=attempt)
-
-
-def is_scratch_name(name: str) -> bool:
-    """Whether ``name`` is a :func:`scratch_name` of some shard and attempt."""
-    return fnmatch.fnmatchcase(name, scratch_name("*", "*"))
 
 
 def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels: np.ndarray, start: int,
@@ -327,23 +210,28 @@ def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int
 
 
 def write_splits(spark: "SparkSession", spec: DatasetSpec, splits: list[SplitInput], staging: Location, *,
-                 num_shards: int, chunk_rows: int, row_group_bytes: int) -> dict[str, list[int]]:
+                 num_shards: int, chunk_rows: int, row_group_bytes: int, clock: StageClock | None = None
+                 ) -> dict[str, list[int]]:
     """Write every split in contiguous shards under ``staging/<split>/``, holding at most ``chunk_rows`` images on
     the driver at a time (see :func:`plan_jobs`).
+
+    ``clock`` counts the decompression of the images (``read_images``) and the write jobs (``write_pieces``).
 
     Returns:
         Rows per shard of each split, in shard order.
     """
+    clock = clock or StageClock()
     inputs = {split.name: split for split in splits}
     bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
     for job in jobs:
         pieces = []
         for name, first, end in job:
             lo, hi = int(bounds[name][first]), int(bounds[name][end])
-            images = upright(spec, inputs[name].take(hi - lo))
+            images = upright(spec, clock.timed("read_images", inputs[name].take)(hi - lo))
             pieces.append(Piece(name, first, tuple(int(b) for b in bounds[name][first:end + 1]), images,
                                 inputs[name].labels[lo:hi]))
-        write_pieces(spark, pieces, staging, row_group_bytes=row_group_bytes)
+        with clock.stage("write_pieces"):
+            write_pieces(spark, pieces, staging, row_group_bytes=row_group_bytes)
         log.info("wrote %s", ", ".join(f"{p.split} rows {p.bounds[0]}-{p.bounds[-1]}" for p in pieces))
     return {name: np.diff(split_bounds).tolist() for name, split_bounds in bounds.items()}
 
@@ -373,79 +261,10 @@ def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, 
     }
 
 
-def remove_scratch(spark: "SparkSession", staging: Location) -> int:
-    """Delete every file in ``staging/<split>/`` named like a task attempt's scratch file (:func:`is_scratch_name`):
-    what attempts killed outright (executor lost, SIGKILL) left behind.  The shards themselves are untouched.
-
-    Returns:
-        How many files were removed.
-    Raises:
-        OSError: a local split directory could not be listed or a file in it removed (elsewhere the Hadoop
-            ``FileSystem`` error comes through Py4J).
-    """
-    removed = 0
-    for split in SPLITS:
-        directory = staging.join(split)
-        leftovers = [name for name in storage.list_names(spark, directory) if is_scratch_name(name)]
-        for name in leftovers:
-            storage.delete(spark, directory.join(name))
-        if leftovers:
-            log.info("%s: removed %d scratch file(s) left by killed task attempts: %s", directory.uri,
-                     len(leftovers), ", ".join(leftovers))
-        removed += len(leftovers)
-    log.debug("%s: %d scratch file(s) removed before the commit", staging.uri, removed)
-    return removed
-
-
-def commit(spark: "SparkSession", staging: Location, output: Location) -> None:
-    """Make the complete dataset in ``staging`` appear as ``output``, replacing what was there.
-
-    First the scratch files of killed task attempts are removed from ``staging`` (:func:`remove_scratch`), so
-    ``output`` holds only the shards and the manifest.  A previous dataset is then moved aside (``.OUT.old-*``),
-    ``staging`` renamed into place, and the old one deleted.  Concurrent ingests into one ``output`` each retry
-    until their rename lands, so the last to commit wins and ``output`` always holds one complete dataset.  If the
-    process dies between the two renames, :func:`recover` (run at the start of every ingest) puts the previous
-    dataset back.
-
-    Raises:
-        RuntimeError: the rename did not land in :data:`COMMIT_RETRIES` attempts (concurrent ingests).
-        OSError: a scratch file could not be removed, or a rename failed.
-    """
-    remove_scratch(spark, staging)
-    for _ in range(COMMIT_RETRIES):
-        try:
-            storage.rename(spark, staging, output)
-            break
-        except FileExistsError:
-            aside = output.sibling(f".{output.name}.old-{uuid.uuid4().hex[:12]}")
-            try:
-                storage.rename(spark, output, aside)
-            except (FileNotFoundError, FileExistsError):
-                continue  # another ingest moved it first
-            storage.delete(spark, aside)
-    else:
-        raise RuntimeError(f"{output.uri}: could not commit after {COMMIT_RETRIES} attempts (concurrent ingests?)")
-
-
-def recover(spark: "SparkSession", output: Location) -> None:
-    """Undo an interrupted :func:`commit`: when ``output`` is missing but a complete dataset was moved aside, move
-    it back.  Only local paths can be listed cheaply; elsewhere this is a no-op."""
-    if not output.is_local or storage.exists(spark, output):
-        return
-    parent = output.sibling("")
-    prefix = f".{output.name}.old-"
-    aside = sorted((e for e in os.scandir(parent.local_path) if e.name.startswith(prefix)),
-                   key=lambda e: e.stat().st_mtime, reverse=True) if os.path.isdir(parent.local_path) else []
-    for entry in aside:
-        if os.path.exists(os.path.join(entry.path, contract.MANIFEST_NAME)):
-            log.warning("%s: restoring the previous dataset left aside by an interrupted ingest", output.uri)
-            os.rename(entry.path, output.local_path)
-            return
-
-
 def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "fashion-mnist",
            num_shards: int | None = None, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
-           chunk_rows: int = DEFAULT_CHUNK_ROWS, strict: bool = False) -> dict[str, Any]:
+           chunk_rows: int = DEFAULT_CHUNK_ROWS, strict: bool = False, stages: dict[str, float] | None = None
+           ) -> dict[str, Any]:
     """Ingest the four standard gz IDX files of ``dataset`` under ``source`` into Parquet shards under ``output``.
 
     Runs on the driver.  ``source`` and ``output`` may be local paths, ``file:/``, ``dbfs:/``, ``/dbfs/`` or
@@ -460,6 +279,10 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     streamed file (truncation, a bad gzip CRC) or a hash mismatch under ``strict`` discards the staging
     directory, so ``output`` never sees it.
 
+    ``stages``, when given, receives the seconds of each stage (:class:`~spark_mnist.driver.stages.StageClock`):
+    ``read_files`` (Spark's binaryFile job), ``open_idx_split`` (headers and labels), ``read_images`` (the streamed
+    decompression), ``write_pieces`` (the write jobs), ``commit`` and ``other``; they add up to the call's time.
+
     Returns:
         The manifest written to ``output/_manifest.json``.
     Raises:
@@ -471,41 +294,42 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     if num_shards is None:
         # One shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.
         num_shards = max(1, spark.sparkContext.defaultParallelism)
-    if num_shards < 1:
-        raise InputError(f"Invalid num_shards: {num_shards!r}. Must be at least 1.")
-    if row_group_bytes < 1:
-        raise InputError(f"Invalid row_group_bytes: {row_group_bytes!r}. Must be at least 1.")
-    if chunk_rows < 1:
-        raise InputError(f"Invalid chunk_rows: {chunk_rows!r}. Must be at least 1.")
+    for name, value in (("num_shards", num_shards), ("row_group_bytes", row_group_bytes), ("chunk_rows", chunk_rows)):
+        if value < 1:
+            raise invalid(name, value, "at least 1", InputError)
+    clock = StageClock()
     spec = get_dataset(dataset)
     source_dir, out = normalize_uri(source), normalize_uri(output)
     arrow_target(out)  # an output the write tasks could not open is refused before anything is read
-    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if source_dir.uri.endswith(".npz"):
             splits, records = read_npz(spark, spec, source_dir)
         else:
-            files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
+            files = clock.timed("read_files", read_files)(spark, source_dir, [f.name for f in spec.all_files()])
             splits, records = [], []
             for split in SPLITS:
-                split_input, split_records = open_idx_split(stack, spec, split, files)
+                split_input, split_records = clock.timed("open_idx_split", open_idx_split)(stack, spec, split, files)
                 splits.append(split_input)
                 records.extend(split_records)
         log.info("checked the headers and labels of %s: %s", source_dir.uri,
                  ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits))
         recover(spark, out)
-        staging = out.sibling(f".{out.name}.staging-{uuid.uuid4().hex[:12]}")
+        staging = staging_for(out)
         try:
             rows_per_shard = write_splits(spark, spec, splits, staging, num_shards=num_shards,
-                                          chunk_rows=chunk_rows, row_group_bytes=row_group_bytes)
+                                          chunk_rows=chunk_rows, row_group_bytes=row_group_bytes, clock=clock)
             for split in splits:
                 records.extend(split.done())
             records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
             check_hashes(spec, records, strict=strict)
             manifest = build_manifest(spec, source_dir, records, splits, rows_per_shard)
             storage.write_text(spark, staging.join(contract.MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
-            commit(spark, staging, out)
+            clock.timed("commit", commit)(spark, staging, out)
         finally:
             storage.delete(spark, staging)
-    log.info("ingested %s into %s in %.2fs", spec.name, out.uri, time.perf_counter() - started)
+    seconds = clock.close()
+    if stages is not None:
+        stages.update(seconds)
+    log.info("ingested %s into %s in %.2fs (%s)", spec.name, out.uri, sum(seconds.values()),
+             ", ".join(f"{name} {t:.2f}s" for name, t in seconds.items()))
     return manifest

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from spark_mnist.errors import DatasetNotFoundError
+from spark_mnist.errors import DatasetNotFoundError, check_choice
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
@@ -60,7 +60,10 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def split_files(dataset_dir: str | os.PathLike, manifest: dict[str, Any], split: str) -> list[str]:
-    """Local paths of the Parquet shards of ``split``, in shard order, as the manifest lists them."""
-    if split not in manifest["splits"]:
-        raise ValueError(f"Invalid split: {split!r}. Must be one of {', '.join(map(repr, manifest['splits']))}.")
+    """Local paths of the Parquet shards of ``split``, in shard order, as the manifest lists them.
+
+    Raises:
+        ValueError: ``split`` is not one of the manifest's splits.
+    """
+    check_choice("split", split, manifest["splits"])
     return [os.path.join(os.fspath(dataset_dir), split, name) for name in manifest["splits"][split]["files"]]
