@@ -1,8 +1,9 @@
 """spark-mnist: gz IDX files -> Spark -> Parquet shards -> a rank-aware PyTorch DDP loader, for Databricks.
 
-The modules read as the pipeline: ``idx`` (parse) and ``datasets`` (registry) -> ``sources``/``storage`` (bytes and
-paths) -> ``ingest`` (driver: Parquet shards, ``contract``) -> ``loader`` (every rank) -> ``model``/``train`` (every
-rank) -> ``launch`` (driver: Spark session, petastorm converter, TorchDistributor) -> ``cli``.
+The folders read as the pipeline and say where code runs: ``formats`` (IDX parsing) and ``datasets`` (the registry)
+-> ``driver`` (once, on the Spark driver: sources, ingest, commit, launch) -> ``shards`` (the Parquet contract,
+anywhere) -> ``rank`` (every rank: world, loader, training loop) -> ``tools`` (verify, download, evaluate, plots,
+tracking, load_data) -> ``cli``.  README's Architecture section names each module's job.
 
 ``spark_mnist.load_data(path)`` gives Keras-style numpy arrays (see :mod:`spark_mnist.tools.arrays`).
 """

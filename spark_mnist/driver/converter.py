@@ -61,15 +61,12 @@ def _installed(distribution: str) -> Optional[str]:
 def petastorm_unavailable() -> Optional[str]:
     """Why petastorm's converter cannot run in this environment, or ``None`` where it can.
 
-    Checks, in order: petastorm installed, pyarrow < 15, pyspark < 4, then that ``petastorm.spark`` imports.  Reads
-    versions from the installed distributions, so nothing heavy is imported unless the cheap checks pass.
+    Checks, in order: pyarrow < 15, pyspark < 4 (their ``__version__``), petastorm installed (its distribution's
+    version), then that ``petastorm.spark`` imports: petastorm is imported only where the cheap checks pass.
 
     Returns:
         One line such as ``"pyarrow 19.0.1 ≥ 15"``, or ``None``.
     """
-    petastorm = _installed("petastorm")
-    if petastorm is None:
-        return "petastorm is not installed"
     import pyarrow
     import pyspark
 
@@ -77,6 +74,9 @@ def petastorm_unavailable() -> Optional[str]:
         return f"pyarrow {pyarrow.__version__} ≥ {PETASTORM_MAX_PYARROW}"
     if _major(pyspark.__version__) >= PETASTORM_MAX_SPARK:
         return f"Spark {pyspark.__version__} ≥ {PETASTORM_MAX_SPARK}"
+    petastorm = _installed("petastorm")
+    if petastorm is None:
+        return "petastorm is not installed"
     try:
         importlib.import_module("petastorm.spark")
     except Exception as e:  # noqa: BLE001 - any import failure means petastorm cannot run here
