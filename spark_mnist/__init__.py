@@ -2,7 +2,8 @@
 
 The modules read as the pipeline: ``idx`` (parse) and ``datasets`` (registry) -> ``sources``/``storage`` (bytes and
 paths) -> ``ingest`` (driver: Parquet shards, ``contract``) -> ``loader`` (every rank) -> ``model``/``train`` (every
-rank) -> ``launch`` (driver: Spark session, petastorm converter, TorchDistributor) -> ``cli``.
+rank) -> ``session`` (driver: the Spark session) -> ``launch`` (driver: petastorm converter, TorchDistributor) ->
+``cli``.
 
 ``spark_mnist.load_data(path)`` gives Keras-style numpy arrays (see :mod:`spark_mnist.tools.arrays`).
 """

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from spark_mnist import __version__
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
+from spark_mnist.driver.session import spark_session
 from spark_mnist.errors import InputError
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
@@ -34,7 +35,7 @@ def _configure_logging(verbose: bool) -> None:
     for handler in (out, err):
         handler.setFormatter(logging.Formatter("spark-mnist: %(message)s"))
         logger.addHandler(handler)
-    # Spark's JVM side is quieted by log4j2.properties (see launch.spark_session); these are the Python loggers.
+    # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
     for name, quiet_level in (("petastorm", logging.ERROR), ("py4j", logging.ERROR),
                               ("TorchDistributor", logging.WARNING)):
         logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
@@ -183,7 +184,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         sys.stdout.write(show(settings))
         return 0
-    from spark_mnist.driver.launch import spark_session, train
+    from spark_mnist.driver.launch import train
 
     if args.command in ("train", "run"):  # a converter this environment cannot serve fails before Spark starts
         from spark_mnist.driver.converter import choose_converter
