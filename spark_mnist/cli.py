@@ -70,6 +70,8 @@ def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``spark-mnist`` parser: ``ingest``, ``train``, ``run`` and ``config`` take ``--config``, ``--verbose``
+    and one option per setting of their sections (:func:`_setting_options`); the tools take their own."""
     parser = argparse.ArgumentParser(prog="spark-mnist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +179,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; its exit code.  The tools run without settings or Spark; the others read the
+    settings, and ``train``/``run`` check the converter choice before the session starts.
+
+    Raises:
+        InputError: bad settings or input (the caller prints one line and exits 2).
+    """
     handlers = {"verify": _verify, "download": _download, "preview": _preview, "evaluate": _evaluate}
     if args.command in handlers:  # no Spark, no settings file
         return handlers[args.command](args)
