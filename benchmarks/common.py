@@ -190,9 +190,9 @@ def parse_idx_files(source: str, names: Sequence[str] = IDX_FILES) -> dict[str, 
 
 @contextlib.contextmanager
 def bench_spark(master: str = "local[2]") -> Iterator["SparkSession"]:  # noqa: F821
-    """A fresh local SparkSession as the CLI makes it (``spark_mnist.driver.launch.spark_session``)."""
+    """A fresh local SparkSession as the CLI makes it (``spark_mnist.driver.session.spark_session``)."""
     from spark_mnist.config import SparkSettings
-    from spark_mnist.driver.launch import spark_session
+    from spark_mnist.driver.session import spark_session
 
     with spark_session(SparkSettings(master=master, app_name="spark-mnist-bench")) as spark:
         yield spark

@@ -13,11 +13,13 @@ import sys
 from typing import Any, Sequence
 
 from spark_mnist import __version__
-from spark_mnist.config import Settings, load_settings, show
+from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
+from spark_mnist.driver.session import spark_session
 from spark_mnist.errors import InputError
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
+METAVARS = {int: "N", float: "X"}  # a str setting's option shows its name: --data DATA
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -33,7 +35,7 @@ def _configure_logging(verbose: bool) -> None:
     for handler in (out, err):
         handler.setFormatter(logging.Formatter("spark-mnist: %(message)s"))
         logger.addHandler(handler)
-    # Spark's JVM side is quieted by log4j2.properties (see launch.spark_session); these are the Python loggers.
+    # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
     for name, quiet_level in (("petastorm", logging.ERROR), ("py4j", logging.ERROR),
                               ("TorchDistributor", logging.WARNING)):
         logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
@@ -47,39 +49,29 @@ def _configure_logging(verbose: bool) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
     parser.add_argument("--verbose", action="store_true", help="Spark's and petastorm's own logs, debug output")
-    parser.add_argument("--master", help="Spark master, e.g. local[2] (default from config)")
 
 
-def _ingest_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", help="directory or URI holding the four gz IDX files")
-    parser.add_argument("--output", help="dataset directory to (re)create: OUT/train, OUT/test, OUT/_manifest.json")
-    parser.add_argument("--dataset", help="registry name: mnist, fashion-mnist, kmnist, emnist-<split>")
-    parser.add_argument("--num-shards", type=int, help="Parquet files per split (default: one per Spark core)")
-    parser.add_argument("--strict", action="store_true", default=None,
-                        help="refuse files whose payload sha256 differs from the registry's")
-
-
-def _train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="ingested dataset directory (default: ingest.output)")
-    parser.add_argument("--run-dir", help="where model.pt, checkpoint.pt and metrics.json go")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, help="samples per step per rank")
-    parser.add_argument("--num-processes", type=int, help="ranks (TorchDistributor num_processes)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--loader", choices=["spark-mnist", "petastorm"])
-    parser.add_argument("--converter", choices=["auto", "petastorm", "none"],
-                        help="petastorm's Spark dataset converter, or the ingested shards directly (none); "
-                             "auto: petastorm where it works (Spark 3.5, pyarrow < 15)")
-    parser.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--local-mode", action=argparse.BooleanOptionalAction, default=None,
-                        help="run ranks on the driver (local) or in executors")
-    parser.add_argument("--resume", action="store_true", default=None, help="continue from run_dir's checkpoint")
-    parser.add_argument("--checkpoint-every-steps", type=int, help="also checkpoint every K steps")
-    parser.add_argument("--max-steps", type=int, help="stop this run after N steps (checkpointed; --resume goes on)")
+def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
+    """One option per setting of ``sections`` (:func:`spark_mnist.config.options`), a group per section.  Every
+    option defaults to ``None``, "as the config file says"; a switch also has its ``--no-`` form."""
+    names: set[str] = set()
+    for section in sections:
+        group = parser.add_argument_group(f"{section} settings", f"override the config file's {section}.* keys")
+        for option in options(section):
+            if option.name in names:  # the overrides are read back by name: two sections may not share one
+                raise TypeError(f"{section}.{option.name}: a setting of that name is already an option here")
+            names.add(option.name)
+            if option.type is bool:
+                group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None,
+                                   help=option.help)
+            else:
+                group.add_argument(option.flag, type=option.type, choices=option.choices, help=option.help,
+                                   metavar=None if option.choices else METAVARS.get(option.type))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``spark-mnist`` parser: ``ingest``, ``train``, ``run`` and ``config`` take ``--config``, ``--verbose``
+    and one option per setting of their sections (:func:`_setting_options`); the tools take their own."""
     parser = argparse.ArgumentParser(prog="spark-mnist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,30 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="default: test")
     for sub in (verify, download, preview, evaluate):
         sub.add_argument("--verbose", action="store_true", help="debug output")
-    for sub in (ingest, train, run, config):
+    for sub, sections in ((ingest, ("spark", "ingest")), (train, ("spark", "train")), (run, SECTIONS),
+                          (config, SECTIONS)):
         _common(sub)
-    for sub in (ingest, run, config):
-        _ingest_args(sub)
-    for sub in (train, run, config):
-        _train_args(sub)
+        _setting_options(sub, sections)
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Config file, then the command line on top."""
+    """The config file (``--config``, else ``conf/local.yaml`` when present, else the defaults), then every setting
+    option given on the command line on top.
+
+    Raises:
+        InputError: a bad config file or option value (see :func:`spark_mnist.config.load_settings`).
+    """
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    get = lambda name: getattr(args, name, None)  # noqa: E731
-    overrides: dict[str, dict[str, Any]] = {
-        "spark": {"master": get("master")},
-        "ingest": {"source": get("source"), "output": get("output"), "dataset": get("dataset"),
-                   "num_shards": get("num_shards"), "strict": get("strict")},
-        "train": {"data": get("data"), "run_dir": get("run_dir"), "epochs": get("epochs"),
-                  "batch_size": get("batch_size"), "num_processes": get("num_processes"), "lr": get("lr"),
-                  "seed": get("seed"), "loader": get("loader"), "converter": get("converter"),
-                  "use_gpu": get("use_gpu"),
-                  "local_mode": get("local_mode"), "resume": get("resume"),
-                  "checkpoint_every_steps": get("checkpoint_every_steps"), "max_steps": get("max_steps")},
-    }
+    overrides = {section: {option.name: getattr(args, option.name, None) for option in options(section)}
+                 for section in SECTIONS}
     return load_settings(path, overrides)
 
 
@@ -194,6 +179,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; its exit code.  The tools run without settings or Spark; the others read the
+    settings, and ``train``/``run`` check the converter choice before the session starts.
+
+    Raises:
+        InputError: bad settings or input (the caller prints one line and exits 2).
+    """
     handlers = {"verify": _verify, "download": _download, "preview": _preview, "evaluate": _evaluate}
     if args.command in handlers:  # no Spark, no settings file
         return handlers[args.command](args)
@@ -201,7 +192,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         sys.stdout.write(show(settings))
         return 0
-    from spark_mnist.driver.launch import spark_session, train
+    from spark_mnist.driver.launch import train
 
     if args.command in ("train", "run"):  # a converter this environment cannot serve fails before Spark starts
         from spark_mnist.driver.converter import choose_converter

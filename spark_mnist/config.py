@@ -1,7 +1,12 @@
 """Typed settings from ``conf/*.yaml`` with command-line overrides.
 
 A YAML file has three sections, ``spark``, ``ingest`` and ``train`` (see ``conf/local.yaml``).  Unknown keys and
-values of the wrong type are errors naming the key and the file.  Defaults are the local-mode ones.
+values of the wrong type are errors naming the key and the file.  Defaults are the local-mode ones, and the models
+below are their one source (``conf/local.yaml`` repeats them for reading; a test keeps the two equal).
+
+Each setting is defined once, as a field with a description; the ``spark-mnist`` options that override it are made
+from the field (:func:`options`): ``--kebab-case`` of its name, its type, a ``Literal``'s values as choices, its
+description as help.  A field declared with ``cli=False`` has no option.
 
 The models are written against pydantic's v1 API, which pydantic 1.10 (Databricks Runtime 15.4 ML ships 1.10.6)
 provides as ``pydantic`` and pydantic 2 as ``pydantic.v1``: one code path for both majors, so installing this
@@ -11,6 +16,9 @@ package never replaces the runtime's pydantic.
 from __future__ import annotations
 
 import os
+import posixpath
+import typing
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import yaml
@@ -19,7 +27,10 @@ try:  # pydantic 2 keeps the v1 API under pydantic.v1; pydantic 1.10 is that API
 except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydantic 1.10)
     from pydantic import BaseModel, Extra, Field, ValidationError  # type: ignore[no-redef]
 
-from spark_mnist.errors import InputError
+from spark_mnist.errors import InputError, check_choice, invalid
+
+SECTIONS = ("spark", "ingest", "train")
+RUNS_DIR = "runs"
 
 
 class _Section(BaseModel):
@@ -31,46 +42,54 @@ class _Section(BaseModel):
 class SparkSettings(_Section):
     """How the driver gets its SparkSession.  ``master: null`` uses the cluster's (Databricks)."""
 
-    master: Optional[str] = "local[2]"
-    app_name: str = "spark-mnist"
-    log_level: str = "WARN"
-    conf: dict[str, str] = Field(default_factory=dict)
+    master: Optional[str] = Field("local[2]", description="Spark master, e.g. local[2]; null: the cluster's session")
+    app_name: str = Field("spark-mnist", description="Spark application name", cli=False)
+    log_level: str = Field("WARN", description="Spark's log level (--verbose: INFO)", cli=False)
+    conf: dict[str, str] = Field(default_factory=dict, description="extra Spark conf for sessions spark-mnist starts",
+                                 cli=False)
 
 
 class IngestSettings(_Section):
     """gz IDX files -> Parquet shards.  ``num_shards: null`` is one shard per Spark core."""
 
-    dataset: str = "fashion-mnist"
-    source: str = "/usr/share/datasets/fashion-mnist"
-    output: str = "out/fashion-mnist"
-    num_shards: Optional[int] = Field(None, ge=1)
-    row_group_bytes: int = Field(2**20, ge=1)
-    strict: bool = False
+    dataset: str = Field("fashion-mnist", description="registry name: mnist, fashion-mnist, kmnist, emnist-<split>")
+    source: str = Field("/usr/share/datasets/fashion-mnist",
+                        description="directory or URI holding the four gz IDX files")
+    output: str = Field("out/fashion-mnist",
+                        description="dataset directory to (re)create: OUT/train, OUT/test, OUT/_manifest.json")
+    num_shards: Optional[int] = Field(None, ge=1, description="Parquet files per split (default: one per Spark core)")
+    row_group_bytes: int = Field(2**20, ge=1, description="target bytes of images per Parquet row group")
+    strict: bool = Field(False, description="refuse files whose payload sha256 differs from the registry's")
 
 
 class TrainSettings(_Section):
-    """Distributed training with TorchDistributor.  ``data`` defaults to ``ingest.output``."""
+    """Distributed training with TorchDistributor.  ``data`` defaults to ``ingest.output``; ``run_dir`` to
+    ``runs/<dataset directory's name>`` beside the dataset directory (:attr:`Settings.run_dir`)."""
 
-    data: Optional[str] = None
-    run_dir: str = "out/run"
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    seed: int = 0
-    num_processes: int = Field(2, ge=1)
-    local_mode: bool = True
-    use_gpu: bool = False
-    bf16: bool = False
-    petastorm_cache_url: str = "file:///tmp/spark-mnist-petastorm"
-    petastorm_row_group_bytes: int = Field(2**20, ge=1)
-    loader: Literal["spark-mnist", "petastorm"] = "spark-mnist"
-    converter: Literal["auto", "petastorm", "none"] = "auto"
-    memory_budget_mb: int = Field(2048, ge=0)
-    reader_threads: int = Field(2, ge=1)
-    threads_per_rank: int = Field(0, ge=0)
-    checkpoint_every_steps: int = Field(0, ge=0)
-    max_steps: int = Field(0, ge=0)
-    resume: bool = False
+    data: Optional[str] = Field(None, description="ingested dataset directory (default: ingest.output)")
+    run_dir: Optional[str] = Field(None, description="where model.pt, checkpoint.pt and metrics.json go (default: "
+                                                     "runs/NAME beside the dataset directory NAME)")
+    epochs: int = Field(5, ge=1, description="passes over the training split")
+    batch_size: int = Field(128, ge=1, description="samples per step per rank")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
+    num_processes: int = Field(2, ge=1, description="ranks (TorchDistributor num_processes)")
+    local_mode: bool = Field(True, description="run ranks on the driver (local) or in executors")
+    use_gpu: bool = Field(False, description="one GPU per rank, nccl")
+    bf16: bool = Field(False, description="bfloat16 autocast in the training step")
+    petastorm_cache_url: str = Field("file:///tmp/spark-mnist-petastorm",
+                                     description="where petastorm's converter caches the dataset")
+    petastorm_row_group_bytes: int = Field(2**20, ge=1, description="row-group size of petastorm's cache")
+    loader: Literal["spark-mnist", "petastorm"] = Field("spark-mnist", description="what reads the shards in a rank")
+    converter: Literal["auto", "petastorm", "none"] = Field(
+        "auto", description="petastorm's Spark dataset converter, or the ingested shards directly (none); "
+                            "auto: petastorm where it works (Spark 3.5, pyarrow < 15)")
+    memory_budget_mb: int = Field(2048, ge=0, description="decoded images a rank's loader may hold, in MiB")
+    reader_threads: int = Field(2, ge=1, description="Parquet reader threads per rank")
+    threads_per_rank: int = Field(0, ge=0, description="torch threads per rank; 0: cores / ranks on the node")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every K steps")
+    max_steps: int = Field(0, ge=0, description="stop this run after N steps (checkpointed; --resume goes on)")
+    resume: bool = Field(False, description="continue from run_dir's checkpoint")
 
 
 class Settings(_Section):
@@ -86,8 +105,75 @@ class Settings(_Section):
 
     @property
     def data_dir(self) -> str:
-        """Where training reads the ingested dataset."""
+        """Where training reads the ingested dataset: ``train.data``, else ``ingest.output``."""
         return self.train.data or self.ingest.output
+
+    @property
+    def run_dir(self) -> str:
+        """Where training writes: ``train.run_dir``, else ``runs/NAME`` beside the dataset directory ``NAME``
+        (``out/fashion-mnist`` -> ``out/runs/fashion-mnist``), so that training on another dataset keeps this one's
+        model.
+
+        Raises:
+            InputError: ``train.run_dir`` is null and the dataset directory has no name (``/``).
+        """
+        return self.train.run_dir or default_run_dir(self.data_dir)
+
+
+def default_run_dir(data_dir: str) -> str:
+    """``runs/NAME`` beside the dataset directory ``NAME``: a path, or a URI (``dbfs:/x`` -> ``dbfs:/runs/x``).
+
+    Raises:
+        InputError: ``data_dir`` has no last component (``/``, ``file:///``).
+    """
+    trimmed = data_dir.rstrip("/")
+    name = posixpath.basename(trimmed)
+    if not name or name.endswith(":"):
+        raise invalid("train.data", data_dir, "a directory with a name when train.run_dir is null", InputError)
+    return posixpath.join(posixpath.dirname(trimmed), RUNS_DIR, name)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as a command-line option: ``--kebab-case`` of the field name, the value's type (``bool`` for a
+    switch), the allowed values of a ``Literal`` and the field's description as help."""
+
+    section: str
+    name: str
+    type: type
+    choices: Optional[tuple]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        """The option's spelling: ``--num-shards`` for ``num_shards``."""
+        return "--" + self.name.replace("_", "-")
+
+
+def options(section: str) -> list[Option]:
+    """The command-line options of one section (``spark``, ``ingest``, ``train``): every field not declared with
+    ``cli=False``, in the order of the model, so a new field is an option without more code.
+
+    Raises:
+        ValueError: ``section`` is not a section; TypeError: a field of a type an option cannot carry (a mapping)
+            lacks ``cli=False``.
+    """
+    check_choice("settings section", section, SECTIONS)
+    model = Settings.__fields__[section].type_
+    return [_option(section, name, field) for name, field in model.__fields__.items()
+            if field.field_info.extra.get("cli", True)]
+
+
+def _option(section: str, name: str, field: Any) -> Option:
+    tp = field.outer_type_
+    choices = None
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        tp = type(choices[0])
+    base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
+    if base is None:
+        raise TypeError(f"{section}.{name}: a {tp} cannot be a command-line option; declare it with cli=False")
+    return Option(section, name, base, choices, field.field_info.description or f"{section}.{name}")
 
 
 def _value_at(data: Any, loc: tuple) -> Any:
@@ -113,11 +199,13 @@ def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputEr
 def load_settings(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None
                   ) -> Settings:
     """Settings from the YAML file ``path`` (defaults where ``None``), then ``overrides`` (``{section: {key:
-    value}}``, ``None`` values ignored) on top.
+    value}}``, ``None`` values ignored) on top; a null ``train.run_dir`` becomes :attr:`Settings.run_dir`, so the
+    settings shown and logged say where the run goes.
 
     Raises:
         InputError: a missing or unreadable file, an unknown key, a value of the wrong type; the message names
-            the file (or "command line") and the key.
+            the file (or "command line") and the key.  A null ``train.run_dir`` with a dataset directory that has
+            no name (``/``).
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -144,6 +232,7 @@ def load_settings(path: str | os.PathLike | None = None, overrides: dict[str, di
                 setattr(getattr(settings, section), key, value)
             except ValidationError as e:
                 raise _error("command line", e, {key: value}) from None
+    settings.train.run_dir = settings.run_dir
     return settings
 
 

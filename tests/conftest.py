@@ -24,7 +24,7 @@ requires_petastorm = pytest.mark.skipif(_NO_PETASTORM is not None,
 def spark():
     """One local[2] SparkSession for the whole run, quiet, stopped at the end."""
     from spark_mnist.config import SparkSettings
-    from spark_mnist.driver.launch import spark_session
+    from spark_mnist.driver.session import spark_session
 
     with spark_session(SparkSettings(master="local[2]", app_name="spark-mnist-tests",
                                      conf={"spark.driver.memory": "2g"})) as session:

@@ -1,4 +1,4 @@
-"""Spark's Python worker daemon, for the local-mode sessions :func:`spark_mnist.driver.launch.spark_session` starts
+"""Spark's Python worker daemon, for the local-mode sessions :func:`spark_mnist.driver.session.spark_session` starts
 (``spark.python.daemon.module``): Spark's own ``pyspark.daemon`` with the Spark archives taken off ``sys.path``.
 
 Why: Spark puts its core jar and ``SPARK_HOME/python/lib``'s ``pyspark.zip`` and ``py4j-*-src.zip`` on the Python

@@ -38,6 +38,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from spark_mnist.envs import scoped_env
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "spark-mnist"
@@ -138,7 +140,7 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
         return None
     uri = tracking_uri(run_dir)
     try:
-        with _scoped_env(_store_env(uri), restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
+        with scoped_env(_store_env(uri), restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
             run_id = _log_run(mlflow, uri, settings_dict, manifest, metrics, model_path, experiment, log)
     except Exception as e:  # noqa: BLE001 - tracking must never fail training
         log.warning("MLflow tracking to %s failed, training results are not tracked: %s: %s",
@@ -285,18 +287,3 @@ def _store_env(uri: str) -> dict[str, str]:
     if uri.startswith("file:") and ALLOW_FILE_STORE_ENV not in os.environ:
         return {ALLOW_FILE_STORE_ENV: "true"}
     return {}
-
-
-@contextlib.contextmanager
-def _scoped_env(values: Mapping[str, str], restore: tuple[str, ...] = ()) -> Iterator[None]:
-    """``os.environ`` updated with ``values`` for the block, then, with the variables ``restore`` names, as it was."""
-    previous = {key: os.environ.get(key) for key in (*values, *restore)}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
