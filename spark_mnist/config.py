@@ -65,6 +65,7 @@ class TrainSettings(_Section):
     petastorm_row_group_bytes: int = Field(2**20, ge=1)
     loader: Literal["spark-mnist", "petastorm"] = "spark-mnist"
     converter: Literal["auto", "petastorm", "none"] = "auto"
+    model: str = "simple-cnn"
     memory_budget_mb: int = Field(2048, ge=0)
     reader_threads: int = Field(2, ge=1)
     threads_per_rank: int = Field(0, ge=0)
