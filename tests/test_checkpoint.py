@@ -13,6 +13,12 @@ from spark_mnist.models import SimpleCNN
 from spark_mnist.rank.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def inductor_cache_dir(tmp_path_factory, monkeypatch):
+    """torch's compiler, which the optimizer's first step may import, sets this variable when it is unset."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+
+
 def a_checkpoint(**changes) -> Checkpoint:
     torch.manual_seed(0)
     model = SimpleCNN(10)
