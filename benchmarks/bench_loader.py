@@ -16,7 +16,7 @@ child (fresh interpreter; its peak RSS is its own):
 * ``per_sample``: a map-style Dataset over the same tensors whose ``__getitem__`` returns one normalised float
   image, the pattern of the common Databricks how-to;
 * ``petastorm`` / ``petastorm_batched``: ``converter.make_torch_dataloader`` with petastorm's default
-  ``DataLoader`` / its ``BatchedDataLoader``, through ``spark_mnist.rank.loader.petastorm_batches``; ``rows // 256``
+  ``DataLoader`` / its ``BatchedDataLoader``, through ``spark_mnist.rank.petastorm.petastorm_batches``; ``rows // 256``
   steps per epoch from one endless reader.
 
 Every batch is consumed the same way (:func:`benchmarks.common.consume`).  ``ours`` and ``in_memory`` run in
@@ -98,7 +98,7 @@ def row_petastorm(converter, steps: int, epochs: int, batched: bool) -> dict[str
     """``epochs`` epochs of ``steps`` batches cut from one endless petastorm reader (``num_epochs=None``)."""
     import itertools
 
-    from spark_mnist.rank.loader import petastorm_batches
+    from spark_mnist.rank.petastorm import petastorm_batches
 
     batches = petastorm_batches(converter, rank=0, world_size=1, batch_size=BATCH_SIZE, steps=steps * epochs,
                                 batched=batched)

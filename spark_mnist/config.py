@@ -84,6 +84,7 @@ class TrainSettings(_Section):
     converter: Literal["auto", "petastorm", "none"] = Field(
         "auto", description="petastorm's Spark dataset converter, or the ingested shards directly (none); "
                             "auto: petastorm where it works (Spark 3.5, pyarrow < 15)")
+    model: str = Field("simple-cnn", description="model by registry name (spark_mnist.models)")
     memory_budget_mb: int = Field(2048, ge=0, description="decoded images a rank's loader may hold, in MiB")
     reader_threads: int = Field(2, ge=1, description="Parquet reader threads per rank")
     threads_per_rank: int = Field(0, ge=0, description="torch threads per rank; 0: cores / ranks on the node")

@@ -41,6 +41,8 @@ class DatasetSpec:
     name: str
     files: Mapping[str, Mapping[str, DatasetFile]]
     classes: tuple[str, ...]
+    # (mean, std) of the training split's pixels / 255, which models.normalize subtracts and divides by.
+    normalization: tuple[float, float]
     image_shape: tuple[int, int] = (28, 28)
     split_sizes: Mapping[str, int] = field(default_factory=dict)
     mirrors: tuple[str, ...] = ()
@@ -88,6 +90,7 @@ MERGED_LOWER = tuple(c for c in LOWER if c not in "cijklmopsuvwxyz")
 def registry() -> dict[str, DatasetSpec]:
     """All known datasets by name.  Built on each call: no module-level mutable state."""
     emnist_mirror = ("https://biometrics.nist.gov/cs_links/EMNIST/",)
+    emnist_normalization = (0.1751, 0.3332)  # one pair for every split: computed from the training pixels / 255
     specs = [
         DatasetSpec(
             name="mnist",
@@ -97,6 +100,7 @@ def registry() -> dict[str, DatasetSpec]:
                 "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
             }),
             classes=DIGITS,
+            normalization=(0.1307, 0.3081),  # pytorch/examples mnist/main.py's Normalize((0.1307,), (0.3081,))
             split_sizes={"train": 60_000, "test": 10_000},
             mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
         ),
@@ -110,6 +114,7 @@ def registry() -> dict[str, DatasetSpec]:
             }),
             classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+            normalization=(0.2860, 0.3530),  # computed from the training pixels / 255
             split_sizes={"train": 60_000, "test": 10_000},
             mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         ),
@@ -117,6 +122,7 @@ def registry() -> dict[str, DatasetSpec]:
             name="kmnist",
             files=_standard_files(),
             classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+            normalization=(0.1918, 0.3483),  # computed from the training pixels / 255
             split_sizes={"train": 60_000, "test": 10_000},
             mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
         ),
@@ -132,7 +138,8 @@ def registry() -> dict[str, DatasetSpec]:
     }
     for split_name, (classes, sizes) in emnist.items():
         specs.append(DatasetSpec(name=f"emnist-{split_name}", files=_emnist_files(split_name), classes=classes,
-                                 split_sizes=sizes, mirrors=emnist_mirror, transposed=True))
+                                 normalization=emnist_normalization, split_sizes=sizes, mirrors=emnist_mirror,
+                                 transposed=True))
     return {spec.name: spec for spec in specs}
 
 

@@ -1,15 +1,63 @@
-"""The default model and the per-dataset normalisation constants.  Runs on every rank.
+"""Models by name, and the input normalisation they expect.  Runs on every rank and in the evaluating tools.
 
-SimpleCNN is the network of the common Databricks MNIST how-to (and of pytorch/examples ``mnist/main.py`` in
-spirit): two 3x3 convolutions with ReLU and 2x2 max-pooling, then one linear layer to the classes.
+A model is an ``nn.Module`` class whose constructor takes ``(num_classes, image_shape)`` and whose ``forward`` maps
+float32 normalised images (B, 1, H, W) to float32 logits (B, num_classes).  Adding one is the class plus one line,
+the :func:`register_model` decorator; training, evaluation and tracking then build it by name
+(:func:`build_model`, setting ``train.model``).
+
+SimpleCNN (``"simple-cnn"``) is the network of the common Databricks MNIST how-to (and of pytorch/examples
+``mnist/main.py`` in spirit): two 3x3 convolutions with ReLU and 2x2 max-pooling, then one linear layer to the
+classes.
+
+The normalisation constants of each dataset live in the dataset registry (:mod:`spark_mnist.datasets`, with their
+source); :func:`normalization_for` reads them there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
+
+from spark_mnist.datasets import get_dataset
+from spark_mnist.errors import InputError, check_choice, invalid
+
+PIXEL_MAX = 255.0
+# The model runs whose metrics.json names no model trained; TrainSettings.model's default.
+DEFAULT_MODEL = "simple-cnn"
+
+ModelClass = TypeVar("ModelClass", bound=Callable[..., nn.Module])
+# Registered models by name.  Filled by @register_model when their module is imported, never changed afterwards.
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[ModelClass], ModelClass]:
+    """Class decorator: register a model class under ``name`` for :func:`build_model`.
+
+    Raises:
+        ValueError: ``name`` is already registered (``Invalid model name: 'x'. Must be a name not yet
+            registered.``).
+    """
+    def register(cls: ModelClass) -> ModelClass:
+        if name in MODELS:
+            raise invalid("model name", name, "a name not yet registered")
+        MODELS[name] = cls
+        return cls
+
+    return register
+
+
+def build_model(name: str, num_classes: int, image_shape: tuple[int, int]) -> nn.Module:
+    """A fresh model ``name`` for ``num_classes`` classes and images of ``image_shape`` (H, W) pixels.
+
+    The model maps float32 (B, 1, H, W) images normalised by :func:`normalize` to float32 logits (B, num_classes).
+
+    Raises:
+        InputError: an unknown ``name`` (``Invalid model: 'x'. Must be one of 'simple-cnn', ...``).
+    """
+    return MODELS[check_choice("model", name, MODELS, InputError)](num_classes, tuple(image_shape))
 
 
 @dataclass(frozen=True)
@@ -20,35 +68,31 @@ class Normalization:
     std: float
 
 
-# Training-split pixel statistics, pixels scaled to [0, 1].
-MNIST_NORMALIZATION = Normalization(mean=0.1307, std=0.3081)
-FASHION_MNIST_NORMALIZATION = Normalization(mean=0.2860, std=0.3530)
-KMNIST_NORMALIZATION = Normalization(mean=0.1918, std=0.3483)
-EMNIST_NORMALIZATION = Normalization(mean=0.1751, std=0.3332)
-DEFAULT_NORMALIZATION = Normalization(mean=0.5, std=0.5)
-
-PIXEL_MAX = 255.0
-
-
 def normalization_for(dataset: str) -> Normalization:
-    """The normalisation constants of ``dataset`` (registry name); EMNIST splits share one pair."""
-    named = {"mnist": MNIST_NORMALIZATION, "fashion-mnist": FASHION_MNIST_NORMALIZATION,
-             "kmnist": KMNIST_NORMALIZATION}
-    if dataset.startswith("emnist-"):
-        return EMNIST_NORMALIZATION
-    return named.get(dataset, DEFAULT_NORMALIZATION)
+    """The normalisation constants of ``dataset`` (a registry name), from its registry entry.
+
+    Raises:
+        InputError: ``dataset`` is not in the registry (the message lists the known ones).
+    """
+    mean, std = get_dataset(dataset).normalization
+    return Normalization(mean=mean, std=std)
 
 
 def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """uint8 images (B, 1, H, W) -> float32 ``(x / 255 - mean) / std``, on ``images``' device."""
+    """uint8 images (B, 1, H, W) -> float32 ``(x / 255 - mean) / std``, on ``images``' device.
+
+    Source: pytorch/examples ``mnist/main.py`` (``ToTensor`` then ``Normalize``), done on the device in one pass.
+    """
     scale = 1.0 / (PIXEL_MAX * norm.std)
     return images.to(torch.float32).mul_(scale).sub_(norm.mean / norm.std)
 
 
+@register_model(DEFAULT_MODEL)
 class SimpleCNN(nn.Module):
-    """conv 3x3 1->32, ReLU, max-pool 2x2, conv 3x3 32->64, ReLU, max-pool 2x2, linear 64*7*7 -> classes.
+    """conv 3x3 1->32, ReLU, max-pool 2x2, conv 3x3 32->64, ReLU, max-pool 2x2, linear 64*(H/4)*(W/4) -> classes.
 
-    Input: float32 (B, 1, 28, 28) normalised images.  Output: float32 logits (B, num_classes).
+    Input: float32 (B, 1, H, W) normalised images (28x28 for the MNIST family).  Output: float32 logits
+    (B, num_classes).
     """
 
     CONV1_CHANNELS = 32

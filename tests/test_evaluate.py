@@ -12,8 +12,7 @@ import torch
 
 from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError, DatasetNotFoundError, InputError
-from spark_mnist.tools.evaluate import (EvaluationResult, confusion_matrix, evaluate_model, format_report,
-                                  result_from_confusion)
+from spark_mnist.tools.evaluate import EvaluationResult, evaluate_model, format_report, result_from_confusion
 from spark_mnist.shards.parquet import record_batch
 from spark_mnist.models import SimpleCNN, normalization_for, normalize
 
@@ -57,6 +56,13 @@ def model_file(tmp_path):
     return path
 
 
+def confusion_matrix(labels, predictions, num_classes):
+    """(C, C) int64 counts, rows the true class, columns the predicted class: computed apart from the code tested."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1)
+    return counts
+
+
 def direct_predictions(model_path, images):
     model = SimpleCNN(10)
     model.load_state_dict(torch.load(model_path, weights_only=True))
@@ -84,7 +90,7 @@ def test_figures_are_consistent_and_match_a_direct_forward_pass(data, model_file
     # the batch size changes nothing; the train split can be evaluated too
     assert np.array_equal(evaluate_model(root, model_file, batch_size=1000).confusion, expected)
     assert evaluate_model(root, model_file, split="train").samples == 64
-    assert json.loads(json.dumps(result.to_dict()))["confusion"] == expected.tolist()
+    assert result.model == "simple-cnn"  # no metrics.json beside the model file: the default model
 
 
 def test_a_model_that_always_says_class_3(data, tmp_path):
@@ -172,3 +178,22 @@ def test_report_names_classes_and_aligns_the_matrix():
     matrix = report.split("confusion matrix")[1].splitlines()[1:]
     assert len(matrix) == 12 and len({len(line) for line in matrix}) == 1  # header, rule, 10 rows, all aligned
     assert matrix[2].split("|")[1].split() == ["120", "0", "0", "0", "0", "0", "3", "0", "0", "0"]
+
+
+def test_the_model_name_comes_from_training_metrics_or_the_argument(data, model_file):
+    root, _ = data
+    expected = evaluate_model(root, model_file).confusion
+    (model_file.parent / "metrics.json").write_text(json.dumps({"model": "no-such-model"}), encoding="utf-8")
+    with pytest.raises(InputError, match=r"Invalid model: 'no-such-model'\. Must be one of 'simple-cnn'"):
+        evaluate_model(root, model_file)
+    result = evaluate_model(root, model_file, model="simple-cnn")
+    assert result.model == "simple-cnn" and np.array_equal(result.confusion, expected)
+    (model_file.parent / "metrics.json").write_text(json.dumps({"model": "simple-cnn"}), encoding="utf-8")
+    assert np.array_equal(evaluate_model(root, model_file).confusion, expected)
+
+
+def test_an_object_store_dataset_is_refused_with_its_uri(model_file):
+    from spark_mnist.errors import SourceError
+
+    with pytest.raises(SourceError, match=r"s3://bucket/data: the dataset must be a local or FUSE path"):
+        evaluate_model("s3://bucket/data", model_file)

@@ -10,7 +10,7 @@ import torch
 
 from spark_mnist.shards.parquet import record_batch
 from spark_mnist.rank.loader import ShardLoader
-from spark_mnist.models import FASHION_MNIST_NORMALIZATION, SimpleCNN, normalize
+from spark_mnist.models import SimpleCNN, normalization_for, normalize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -41,7 +41,7 @@ def test_bf16_autocast_forward_backward():
     device = torch.device("cuda", 0)
     model = SimpleCNN().to(device)
     x = normalize(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, device=device),
-                  FASHION_MNIST_NORMALIZATION)
+                  normalization_for("fashion-mnist"))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(8, dtype=torch.long, device=device))
     loss.backward()

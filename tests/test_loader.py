@@ -137,3 +137,59 @@ def test_prefetched_keeps_order_and_stops_early():
     results.close()  # waits for the one in flight, starts no more
     assert calls == [0, 1, 2]
     assert list(prefetched(square, [])) == []
+
+
+def prefetch_threads(before: frozenset = frozenset()) -> set:
+    """The loaders' background decoding threads alive now, other than those in ``before``."""
+    import threading
+
+    return {t for t in threading.enumerate() if t.name.startswith("shard-prefetch")} - before
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_state_dict_resumes_exactly_where_iteration_stopped(layouts, streaming):
+    paths = layouts[0]["uneven"]
+    options = dict(rank=2, world_size=3, batch_size=8, seed=5, memory_budget_bytes=0 if streaming else 2**30)
+    with ShardLoader(paths, **options) as loader:
+        loader.set_epoch(1)
+        assert loader.state_dict() == {"epoch": 1, "step": 0}
+        batches = loader.iter_with_index()
+        seen = [next(batches)[0] for _ in range(4)]
+        state = loader.state_dict()
+        assert state == {"epoch": 1, "step": 4}
+        rest = [index for index, _, _ in batches]
+        assert loader.state_dict() == {"epoch": 1, "step": loader.steps_total}
+    with ShardLoader(paths, **options) as resumed:
+        resumed.load_state_dict(state)
+        assert len(resumed) == resumed.steps_total - 4
+        again = [index for index, _, _ in resumed.iter_with_index()]
+    assert len(again) == len(rest) and all(torch.equal(a, b) for a, b in zip(again, rest))
+    assert not set(torch.cat(seen).tolist()) & set(torch.cat(again).tolist())
+    with pytest.raises(ValueError, match=r"Invalid start_step: 999\. Must be in 0\.\."):
+        resumed.load_state_dict({"epoch": 0, "step": 999})
+    with pytest.raises(ValueError, match="Invalid loader state"):
+        resumed.load_state_dict({"epoch": 0})
+
+
+def test_close_stops_and_joins_the_prefetch_thread(layouts):
+    paths = layouts[0]["single"]  # tiny row groups: many windows, so the prefetch thread has work left
+    before = frozenset(prefetch_threads())
+    loader = ShardLoader(paths, rank=0, world_size=1, batch_size=4, memory_budget_bytes=0)
+    batches = iter(loader)
+    next(batches)
+    assert prefetch_threads(before)  # decoding the next window in the background
+    loader.close()
+    assert not prefetch_threads(before)  # joined before close returned, not left to garbage collection
+    assert list(batches) == []  # the closed iteration yields nothing more
+    loader.close()  # idempotent
+
+
+def test_leaving_the_context_closes_open_iterations(layouts):
+    paths = layouts[0]["single"]
+    before = frozenset(prefetch_threads())
+    with ShardLoader(paths, rank=0, world_size=1, batch_size=4, memory_budget_bytes=0) as loader:
+        first, second = loader.iter_with_index(), iter(loader)
+        next(first), next(second)
+        assert len(prefetch_threads(before)) == 2
+    assert not prefetch_threads(before)
+    assert list(first) == [] and list(second) == []

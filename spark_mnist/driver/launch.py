@@ -48,14 +48,19 @@ def train(spark, settings: Settings) -> dict[str, Any]:
         (``"petastorm"`` or ``"none"``).
     Raises:
         DatasetNotFoundError: no complete dataset at the data directory.
+        InputError: ``train.model`` names no registered model (:data:`spark_mnist.models.MODELS`).
         EnvironmentMismatchError: petastorm asked for where it cannot run.
         TrainingFailedError: a rank failed; the message names the rank, its exception and its traceback's tail.
     """
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from spark_mnist.rank.train import TrainJob, clear_error_reports, job_summary, read_error_reports, train_worker
+    from spark_mnist.errors import InputError, check_choice
+    from spark_mnist.job import TrainJob, clear_error_reports, read_error_reports
+    from spark_mnist.models import MODELS
+    from spark_mnist.rank.train import train_worker
 
     t = settings.train
+    check_choice("train.model", t.model, MODELS, InputError)  # before Spark jobs and ranks start
     choice = choose_converter(t)
     data_uri, manifest = _dataset_manifest(settings.data_dir)
     if choice.uses_petastorm:
@@ -68,16 +73,11 @@ def train(spark, settings: Settings) -> dict[str, Any]:
         dataset_dir = require_local(settings.data_dir, "the dataset")
         files = {split: contract.split_files(dataset_dir, manifest, split) for split in ("train", "test")}
     try:
-        job = TrainJob(
-            train_files=files["train"], test_files=files["test"],
-            dataset=manifest["dataset"], run_dir=require_local(t.run_dir, "run_dir"), num_classes=len(manifest["classes"]),
-            image_shape=tuple(manifest["image_shape"]), epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-            seed=t.seed, use_gpu=t.use_gpu, bf16=t.bf16, resume=t.resume,
-            checkpoint_every_steps=t.checkpoint_every_steps, max_steps=t.max_steps, loader=t.loader,
-            memory_budget_bytes=t.memory_budget_mb * 2**20, reader_threads=t.reader_threads,
-            threads_per_rank=t.threads_per_rank,
-            train_converter=converters["train"] if t.loader == "petastorm" else None)
-        log.info("training %s", job_summary(job))
+        job = TrainJob(settings=t, train_files=files["train"], test_files=files["test"], dataset=manifest["dataset"],
+                       num_classes=len(manifest["classes"]), image_shape=tuple(manifest["image_shape"]),
+                       run_dir=require_local(settings.run_dir, "run_dir"),
+                       train_converter=converters["train"] if t.loader == "petastorm" else None)
+        log.info("training %s", job.summary())
         clear_error_reports(job.run_dir)
         distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
         try:

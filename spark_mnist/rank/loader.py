@@ -6,7 +6,7 @@ Runs on every rank (inside ``TorchDistributor``); never touches Spark.  Two load
   with pyarrow, decodes whole row groups at once from the binary column's contiguous buffer, and keeps the rank's
   decoded shard in memory when it fits ``memory_budget_bytes`` (later epochs are then pure tensor indexing);
   past the budget it streams row groups every epoch.
-* :func:`petastorm_batches` wraps petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
+* :func:`spark_mnist.rank.petastorm.petastorm_batches` wraps petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
 
 Exact sharding (:func:`rank_rows`, :func:`steps_per_epoch`): the files' rows, in a fixed global order, are cut into
 ``world_size`` contiguous ranges whose sizes differ by at most one; every rank runs ``(N // world_size) //
@@ -17,19 +17,21 @@ batch per rank.
 
 Order: given ``seed`` and the epoch, the order is reproducible, reshuffled every epoch, and independent of the
 number of reader threads (row groups are decoded in parallel but consumed in plan order).  ``start_step`` skips the
-first steps of an epoch, so a resumed run sees exactly the samples the interrupted one had not yet seen.
+first steps of an epoch (``load_state_dict`` sets it from ``state_dict``'s ``{"epoch", "step"}``), so a resumed run
+sees exactly the samples the interrupted one had not yet seen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from spark_mnist.shards import contract
+from spark_mnist.errors import invalid
 from spark_mnist.shards.parquet import (DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, read_rows,
                                         total_rows)
 
@@ -50,7 +52,7 @@ def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
         ValueError: ``rank`` outside ``[0, world_size)``.
     """
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"Invalid rank: {rank!r} of world size {world_size!r}. Must be 0 <= rank < world_size.")
+        raise invalid("rank", rank, f"0 <= rank < world_size (world size {world_size!r})")
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
@@ -105,7 +107,15 @@ class ShardLoader:
         reader_threads: row groups decoded in parallel.
         pin_memory: return batches in pinned host memory, for ``non_blocking`` copies to a GPU.
 
-    Where it runs: on every rank.  Use it as a context manager; ``close`` releases the in-memory shard.
+    Where it runs: on every rank.  Use it as a context manager: ``close`` (on exit) ends open iterations, stopping
+    and joining their background decoding thread, and releases the in-memory shard.  :meth:`state_dict` and
+    :meth:`load_state_dict` save and restore the position (epoch, step) to resume mid-epoch.
+
+    Raises:
+        ValueError: ``batch_size`` below 1, ``rank`` outside ``[0, world_size)``.
+        DatasetMismatchError: an image of another size than ``image_shape`` (when its row group is decoded).
+    Source: the exact sharding of Spark's ``ml/torch/distributor.py`` docs (``RANK``/``WORLD_SIZE``), the state of
+    Mosaic Streaming's ``StreamingDataset``.
     """
 
     def __init__(self, paths: Sequence[str], *, rank: int, world_size: int, batch_size: int,
@@ -113,7 +123,7 @@ class ShardLoader:
                  drop_remainder: bool = True, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
                  reader_threads: int = DEFAULT_READER_THREADS, pin_memory: bool = False):
         if batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {batch_size!r}. Must be at least 1.")
+            raise invalid("batch_size", batch_size, "at least 1")
         self.plan = plan_row_groups(paths)
         self.total_rows = total_rows(self.plan)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -123,8 +133,9 @@ class ShardLoader:
         self.seed, self.shuffle, self.drop_remainder = seed, shuffle, drop_remainder
         self.reader_threads, self.pin_memory = reader_threads, pin_memory
         self.in_memory = (self.hi - self.lo) * (self.row_bytes + 16) <= memory_budget_bytes
-        self.epoch, self.start_step = 0, 0
+        self.epoch, self.start_step, self.step = 0, 0, 0
         self._cache = None
+        self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
 
     @property
     def rows(self) -> int:
@@ -148,10 +159,36 @@ class ShardLoader:
         return self.steps_total * self.batch_size if self.drop_remainder else self.rows
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch (its order) and the step to start from (to resume mid-epoch)."""
+        """Select the epoch (its order) and the step to start from (to resume mid-epoch).
+
+        Raises:
+            ValueError: ``start_step`` outside ``0..steps_total``.
+        """
         if not 0 <= start_step <= self.steps_total:
-            raise ValueError(f"Invalid start_step: {start_step!r}. Must be in 0..{self.steps_total}.")
-        self.epoch, self.start_step = epoch, start_step
+            raise invalid("start_step", start_step, f"in 0..{self.steps_total}")
+        self.epoch, self.start_step, self.step = epoch, start_step, start_step
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the loader stands, to resume from (the Lightning / Mosaic Streaming pattern).
+
+        Returns:
+            ``{"epoch": int, "step": int}``: the epoch being read and the number of its steps already yielded
+            (the index of the next step; ``steps_total`` once the epoch is exhausted).  The state holds no
+            samples and no order: given the same files, ``world_size``, ``batch_size`` and ``seed`` (which a
+            training checkpoint records and checks), the epoch and step determine the rest.
+        """
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume from :meth:`state_dict`'s output: the next iteration starts at ``state["step"]`` of
+        ``state["epoch"]``, yielding exactly the samples that were not yet yielded.
+
+        Raises:
+            ValueError: a state without ``epoch`` and ``step``, or a step outside ``0..steps_total``.
+        """
+        if not isinstance(state, dict) or not {"epoch", "step"} <= set(state):
+            raise invalid("loader state", state, "a dict with 'epoch' and 'step' (ShardLoader.state_dict())")
+        self.set_epoch(int(state["epoch"]), int(state["step"]))
 
     def __enter__(self) -> "ShardLoader":
         return self
@@ -160,6 +197,11 @@ class ShardLoader:
         self.close()
 
     def close(self) -> None:
+        """End every iteration still open (their background decoding thread is stopped and joined before this
+        returns) and release the in-memory shard.  Idempotent; a closed iteration yields nothing more."""
+        for iterator in list(self._iterators):
+            iterator.close()
+        self._iterators.clear()
         self._cache = None
 
     def _order(self) -> "torch.Tensor":
@@ -181,17 +223,28 @@ class ShardLoader:
         return self._cache
 
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-        for _, images, labels in self.iter_with_index():
-            yield images, labels
+        """The epoch's batches from ``start_step`` on: ``(images, labels)``, see the class docstring."""
+        return self._open(with_index=False)
 
     def iter_with_index(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:
         """Like iteration, with the ``index`` column (int64, (B,)) first: which source rows each batch holds."""
+        return self._open(with_index=True)
+
+    def _open(self, with_index: bool) -> Iterator:
+        iterator = self._iterate(with_index)
+        self._iterators.add(iterator)
+        return iterator
+
+    def _iterate(self, with_index: bool) -> Iterator:
         used = self.samples_per_epoch
         start = self.start_step * self.batch_size
-        if self.in_memory:
-            yield from self._batches_from_memory(self._order(), start, used)
-        else:
-            yield from self._batches_streamed(start, used)
+        self.step = self.start_step
+        batches = (self._batches_from_memory(self._order(), start, used) if self.in_memory
+                   else self._batches_streamed(start, used))
+        with contextlib.closing(batches):  # closing this iteration closes the reader (and its thread) at once
+            for batch in batches:
+                self.step += 1
+                yield batch if with_index else batch[1:]
 
     def _gather(self, tensors, positions):
         import torch
@@ -224,8 +277,15 @@ class ShardLoader:
             w_start, position = position, position + sum(b - a for _, a, b in window)
             if position > start and w_start < used:  # resuming: earlier windows were consumed before
                 windows.append((w, window, w_start, position))
-        carry = None
         decoded = prefetched(self._decode_pieces, [window for _, window, _, _ in windows])
+        with contextlib.closing(decoded):  # stops and joins the prefetch thread when this generator is closed
+            yield from self._cut_windows(windows, decoded, start, used)
+
+    def _cut_windows(self, windows, decoded, start: int, used: int):
+        """Batches of ``batch_size`` cut across the decoded windows, each window shuffled within."""
+        import torch
+
+        carry = None
         for (w, _, w_start, w_end), tensors in zip(windows, decoded):
             rows = w_end - w_start
             inner = (torch.randperm(rows, generator=epoch_generator(self.seed, self.epoch, self.rank * 65_537 + w + 1))
@@ -253,45 +313,3 @@ class ShardLoader:
         index, images, labels = read_pieces(pieces, self.row_bytes, self.reader_threads)
         return (torch.from_numpy(index), torch.from_numpy(images).view(-1, 1, *self.image_shape),
                 torch.from_numpy(labels))
-
-
-def petastorm_batches(converter, *, rank: int, world_size: int, batch_size: int, steps: int,
-                      image_shape: tuple[int, int] = (28, 28), batched: bool = False, workers: int = 2
-                      ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-    """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
-
-    petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``
-    (endless) and this stops after ``steps``, so every rank still runs the same number of steps (the common
-    Databricks pattern).  Yields the same shapes and dtypes as :class:`ShardLoader`.  ``batched`` selects petastorm's
-    ``BatchedDataLoader`` (``data_loader_fn``).
-    """
-    import torch
-    from petastorm import TransformSpec
-    from petastorm.pytorch import BatchedDataLoader, DataLoader
-
-    row_bytes = int(np.prod(image_shape))
-
-    def to_arrays(frame):
-        pixels = decode_images_from_objects(frame[contract.IMAGE].to_numpy(), row_bytes)
-        frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
-        return frame[[contract.IMAGE, contract.LABEL]]
-
-    spec = TransformSpec(to_arrays, edit_fields=[(contract.IMAGE, np.uint8, (1, *image_shape), False)],
-                         selected_fields=[contract.IMAGE, contract.LABEL])
-    with converter.make_torch_dataloader(batch_size=batch_size, num_epochs=None, cur_shard=rank,
-                                         shard_count=world_size, transform_spec=spec, workers_count=workers,
-                                         data_loader_fn=BatchedDataLoader if batched else DataLoader) as loader:
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
-            yield batch[contract.IMAGE].to(torch.uint8), batch[contract.LABEL].to(torch.int64)
-
-
-def decode_images_from_objects(values: np.ndarray, row_bytes: int) -> np.ndarray:
-    """(n,) object array of ``bytes`` -> (n, row_bytes) uint8, in one join."""
-    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), row_bytes)
-
-
-def worker_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the environment ``torchrun``/``TorchDistributor`` sets."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))

@@ -1,29 +1,36 @@
 """The per-rank DDP training loop: the function ``TorchDistributor`` runs in every rank.
 
-Each rank reads its facts from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), joins the process
-group (``gloo`` on CPU, ``nccl`` on GPU with the device from ``LOCAL_RANK``), trains on its exact share of the
-training split (:class:`spark_mnist.rank.loader.ShardLoader`), evaluates on its share of the full test split (counts
-summed over ranks), and rank 0 prints per-epoch figures, checkpoints and saves the model ``state_dict``.
-Pattern: pytorch/examples ``mnist/main.py`` and Spark's ``ml/torch/distributor.py`` docs.
+Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), joins the process group (``gloo`` on CPU,
+``nccl`` on GPU with the device from ``LOCAL_RANK``), trains on its exact share of the training split
+(:class:`spark_mnist.rank.loader.ShardLoader`), evaluates on its share of the full test split (counts summed over
+ranks), and rank 0 prints per-epoch figures, checkpoints (:mod:`spark_mnist.rank.checkpoint`) and saves the model
+``state_dict``.  One step, one epoch, the evaluation and the checkpoint are functions of their own, as
+pytorch/examples ``mnist/main.py`` keeps ``train`` and ``test`` apart from ``main``; Spark's
+``ml/torch/distributor.py`` docs give the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.rank.loader import ShardLoader, petastorm_batches, worker_env
-from spark_mnist.models import Normalization, SimpleCNN, normalization_for, normalize
+from spark_mnist.job import TrainJob, write_error_report
+from spark_mnist.models import Normalization, build_model, normalization_for, normalize
+from spark_mnist.rank.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_atomically, save_checkpoint
+from spark_mnist.rank.loader import ShardLoader
+from spark_mnist.rank.world import World
 
-CHECKPOINT_NAME = "checkpoint.pt"
+__all__ = ["CHECKPOINT_NAME", "MODEL_NAME", "METRICS_NAME", "train_worker", "evaluate"]
+
 MODEL_NAME = "model.pt"
 METRICS_NAME = "metrics.json"
 CURVES_NAME = "curves.png"
@@ -31,39 +38,77 @@ PROGRESS_LINES_PER_EPOCH = 4
 
 
 @dataclass
-class TrainJob:
-    """Everything a rank needs, picklable: file lists, hyper-parameters and where to write.
+class _Run:
+    """One rank's training state: what the step, epoch and checkpoint functions share."""
 
-    ``train_files``/``test_files`` are local paths or ``file:``/``dbfs:`` URLs of the Parquet shards (petastorm's
-    converter cache).  ``run_dir`` receives ``model.pt``, ``checkpoint.pt`` and ``metrics.json`` (rank 0).
-    ``max_steps`` (0: no limit) ends this run after that many steps, checkpointing where it stopped, so a later
-    ``resume`` continues mid-epoch.
+    job: TrainJob
+    world: World
+    device: torch.device
+    model: torch.nn.Module
+    ddp: DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    norm: Normalization
+    steps: int = 0  # steps per epoch, equal on every rank
+    run_steps: int = 0  # steps this invocation ran (what train.max_steps counts)
+
+
+@dataclass
+class _EpochFigures:
+    """This rank's figures of one training epoch; ``stopped_at`` is the step ``max_steps`` stopped it at."""
+
+    loss_sum: torch.Tensor
+    samples: int
+    wait_seconds: float
+    seconds: float
+    stopped_at: int | None
+
+
+def train_worker(job: TrainJob) -> dict[str, Any]:
+    """Train in this rank; return the run's metrics.  Runs in every rank, started by ``TorchDistributor``.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` once (:meth:`World.from_env`), joins the
+    process group and trains ``job.settings.model`` for ``job.settings.epochs`` epochs.  Every rank runs exactly
+    :func:`spark_mnist.rank.loader.steps_per_epoch` steps per epoch, so DDP's collectives never wait on a rank that ran
+    out of data.  Rank 0 writes ``model.pt`` (the ``state_dict``), ``metrics.json`` and ``curves.png`` in
+    ``job.run_dir``, and ``checkpoint.pt`` (:class:`spark_mnist.rank.checkpoint.Checkpoint`) after every epoch, every
+    ``checkpoint_every_steps`` steps and where ``max_steps`` stops the run.
+
+    Args:
+        job: the driver's :class:`spark_mnist.job.TrainJob`.
+    Returns:
+        The same dict on every rank (losses and counts are all-reduced): ``test_accuracy`` (float in [0, 1], the
+        last epoch's; ``None`` when no epoch finished), ``epochs``, ``world_size``, ``steps_per_epoch``,
+        ``batch_size`` (per rank), ``samples_per_epoch`` (all ranks), ``train_seconds`` and ``wall_seconds`` (s),
+        ``device`` (``"cpu"``/``"cuda"``), ``loader``, ``model`` (its registry name), ``model_path``, and
+        ``history``: per finished epoch ``epoch`` (from 1), ``train_loss`` and ``test_loss`` (mean cross-entropy,
+        nats), ``test_accuracy``, ``test_samples``, ``samples_per_s``, ``data_wait_fraction`` (of the epoch's
+        time spent waiting for batches, in [0, 1]) and ``epoch_seconds`` (s).
+    Raises:
+        RuntimeError: ``use_gpu`` set where torch sees no CUDA device.
+        ValueError: too few training rows for one batch on every rank; an invalid rank environment.
+        InputError: an unknown model or dataset name.
+        CheckpointError: with ``resume``, a checkpoint that is unsafe, unreadable, or of another world size or
+            batch size.
+        Any error of a rank also leaves ``run_dir/_errors/rank-N.json`` for the driver
+        (:func:`spark_mnist.job.write_error_report`).
+    Source: pytorch/examples ``mnist/main.py``; Spark's ``ml/torch/distributor.py`` (``TorchDistributor.run``).
     """
-
-    train_files: list[str]
-    test_files: list[str]
-    dataset: str
-    run_dir: str
-    num_classes: int = 10
-    image_shape: tuple[int, int] = (28, 28)
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    use_gpu: bool = False
-    bf16: bool = False
-    resume: bool = False
-    checkpoint_every_steps: int = 0
-    max_steps: int = 0
-    loader: str = "spark-mnist"
-    memory_budget_bytes: int = 2 * 2**30
-    reader_threads: int = 2
-    threads_per_rank: int = 0
-    train_converter: Any = field(default=None, repr=False)
+    world = World.from_env()
+    device = _device(job.settings.use_gpu, world.local_rank)
+    torch.set_num_threads(job.settings.threads_per_rank or max(1, (os.cpu_count() or 1) // world.local_world_size))
+    started = time.perf_counter()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(job, world, device, started)
+    except BaseException as e:
+        write_error_report(job.run_dir, world.rank, e)
+        raise
+    finally:
+        dist.destroy_process_group()
 
 
-def _device(job: TrainJob, local_rank: int) -> torch.device:
-    if job.use_gpu:
+def _device(use_gpu: bool, local_rank: int) -> torch.device:
+    if use_gpu:
         if not torch.cuda.is_available():
             raise RuntimeError("use_gpu is set but torch sees no CUDA device on this worker")
         device = torch.device("cuda", local_rank)
@@ -72,30 +117,11 @@ def _device(job: TrainJob, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def save_atomically(obj: Any, path: str) -> None:
-    """``torch.save`` through a temporary name and a rename, so ``path`` is always complete."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(run_dir: str, job: TrainJob) -> dict[str, Any] | None:
-    """The checkpoint in ``run_dir``, or ``None``.  Raises ``ValueError`` when it was written with another world
-    size or batch size, since resuming mid-epoch depends on both."""
-    path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if (state["world_size"], state["batch_size"]) != (world_size, job.batch_size):
-        raise ValueError(f"{path}: written with world size {state['world_size']} and batch size "
-                         f"{state['batch_size']}; this run has {world_size} and {job.batch_size}")
-    return state
-
-
 def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, norm: Normalization
              ) -> tuple[float, int, int]:
-    """Sum of cross-entropy, correct predictions and samples over this rank's share, summed over all ranks."""
+    """Sum of cross-entropy (nats), correct predictions and samples over this rank's share of ``loader``'s split,
+    summed over all ranks when a process group is up.  ``model.eval()`` under ``torch.no_grad()``, the loss summed
+    with ``reduction="sum"``, as pytorch/examples ``mnist/main.py``'s ``test``."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -112,174 +138,170 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, 
     return loss, int(correct), int(count)
 
 
-def train_worker(job: TrainJob) -> dict[str, Any]:
-    """Train in this rank; return the run's metrics (the same on every rank: losses and counts are all-reduced).
-
-    Every rank runs exactly :func:`spark_mnist.rank.loader.steps_per_epoch` steps per epoch, so DDP's collectives never
-    wait on a rank that ran out of data.
-    """
-    rank, world_size, local_rank = worker_env()
-    device = _device(job, local_rank)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    torch.set_num_threads(job.threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
-    started = time.perf_counter()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _train(job, rank, world_size, device, started)
-    except BaseException as e:
-        write_error_report(job.run_dir, rank, e)
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-ERRORS_DIR = "_errors"
-
-
-def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
-    """Leave ``run_dir/_errors/rank-N.json`` (rank, exception, traceback) for the driver to report."""
-    import traceback
-
-    try:
-        os.makedirs(os.path.join(run_dir, ERRORS_DIR), exist_ok=True)
-        report = {"rank": rank, "exception": f"{type(error).__name__}: {error}",
-                  "traceback": traceback.format_exception(error)[-12:]}
-        with open(os.path.join(run_dir, ERRORS_DIR, f"rank-{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f)
-    except OSError:
-        pass  # the original error matters more than the report
-
-
-def read_error_reports(run_dir: str) -> list[dict[str, Any]]:
-    """The reports :func:`write_error_report` left, by rank."""
-    directory = os.path.join(run_dir, ERRORS_DIR)
-    if not os.path.isdir(directory):
-        return []
-    reports = []
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), encoding="utf-8") as f:
-            reports.append(json.load(f))
-    return reports
-
-
-def clear_error_reports(run_dir: str) -> None:
-    """Remove earlier runs' reports before a new run."""
-    import shutil
-
-    shutil.rmtree(os.path.join(run_dir, ERRORS_DIR), ignore_errors=True)
-
-
-def _train(job: TrainJob, rank: int, world_size: int, device: torch.device, started: float) -> dict[str, Any]:
-    torch.manual_seed(job.seed)
+def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Checkpoint | None]:
+    """Seed, build the model and optimizer, and restore them from the checkpoint when resuming."""
+    settings = job.settings
+    torch.manual_seed(settings.seed)
     norm = normalization_for(job.dataset)
-    model = SimpleCNN(job.num_classes, job.image_shape).to(device)
+    model = build_model(settings.model, job.num_classes, job.image_shape).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=job.lr)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
     os.makedirs(job.run_dir, exist_ok=True)
-    start_epoch, start_step = 0, 0
-    state = load_checkpoint(job.run_dir, job) if job.resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = state["epoch"], state["step"]
-    pin = device.type == "cuda"
-    common = dict(rank=rank, world_size=world_size, batch_size=job.batch_size, image_shape=job.image_shape,
-                  seed=job.seed, memory_budget_bytes=job.memory_budget_bytes, reader_threads=job.reader_threads,
-                  pin_memory=pin)
+    checkpoint = (load_checkpoint(job.run_dir, world_size=world.world_size, batch_size=settings.batch_size)
+                  if settings.resume else None)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model)
+        optimizer.load_state_dict(checkpoint.optimizer)
+    return _Run(job, world, device, model, ddp, optimizer, norm), checkpoint
+
+
+def _loaders(run: _Run) -> tuple[ShardLoader, ShardLoader]:
+    """The training loader (shuffled, full steps only) and the evaluation loader (file order, every row)."""
+    job = run.job
+    common = dict(rank=run.world.rank, world_size=run.world.world_size, batch_size=job.settings.batch_size,
+                  image_shape=job.image_shape, seed=job.settings.seed, memory_budget_bytes=job.memory_budget_bytes,
+                  reader_threads=job.settings.reader_threads, pin_memory=run.device.type == "cuda")
+    return (ShardLoader(job.train_files, shuffle=True, drop_remainder=True, **common),
+            ShardLoader(job.test_files, shuffle=False, drop_remainder=False, **common))
+
+
+def _train(job: TrainJob, world: World, device: torch.device, started: float) -> dict[str, Any]:
+    run, checkpoint = _setup(job, world, device)
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
-    run_steps = 0
-    with ShardLoader(job.train_files, shuffle=True, drop_remainder=True, **common) as train_loader, \
-            ShardLoader(job.test_files, shuffle=False, drop_remainder=False, **common) as test_loader:
-        steps = train_loader.steps_total
-        if steps == 0:
-            raise ValueError(f"{train_loader.total_rows} training rows cannot give every one of {world_size} ranks "
-                             f"a batch of {job.batch_size}")
-
-        def checkpoint(epoch: int, step: int) -> None:
-            if rank == 0:
-                save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                                 "step": step, "world_size": world_size, "batch_size": job.batch_size,
-                                 "seed": job.seed}, os.path.join(job.run_dir, CHECKPOINT_NAME))
-
-        progress_every = max(1, steps // PROGRESS_LINES_PER_EPOCH)
-        for epoch in range(start_epoch, job.epochs):
-            first_step = start_step if epoch == start_epoch else 0
-            train_loader.set_epoch(epoch, first_step)
-            batches = (iter(train_loader) if job.loader == "spark-mnist" else
-                       petastorm_batches(job.train_converter, rank=rank, world_size=world_size,
-                                         batch_size=job.batch_size, steps=steps - first_step,
-                                         image_shape=job.image_shape))
-            ddp.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            samples, wait, stopped_at, epoch_start = 0, 0.0, None, time.perf_counter()
-            for step in range(first_step, steps):
-                t = time.perf_counter()
-                images, labels = next(batches)
-                wait += time.perf_counter() - t
-                x = normalize(images.to(device, non_blocking=True), norm)
-                y = labels.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
-                    loss = F.cross_entropy(ddp(x), y)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach().double() * len(y)
-                samples += len(y)
-                run_steps += 1
-                if rank == 0 and (step + 1) % progress_every == 0 and step + 1 < steps:
-                    done = (step + 1 - first_step) * job.batch_size * world_size
-                    print(f"epoch {epoch + 1}/{job.epochs}: step {step + 1}/{steps}, "
-                          f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s", flush=True)
-                if job.max_steps and run_steps == job.max_steps and step + 1 < steps:
-                    stopped_at = step + 1
-                    break
-                if job.checkpoint_every_steps and (step + 1) % job.checkpoint_every_steps == 0 and step + 1 < steps:
-                    checkpoint(epoch, step + 1)
-            if stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint where it stopped, end the run
-                checkpoint(epoch, stopped_at)
+    train_loader, test_loader = _loaders(run)
+    with train_loader, test_loader:
+        run.steps = train_loader.steps_total
+        if run.steps == 0:
+            raise ValueError(f"{train_loader.total_rows} training rows cannot give every one of {world.world_size} "
+                             f"ranks a batch of {job.settings.batch_size}")
+        train_loader.load_state_dict(checkpoint.loader_state() if checkpoint is not None else {"epoch": 0, "step": 0})
+        while train_loader.epoch < job.settings.epochs:
+            epoch = train_loader.epoch
+            figures = _train_epoch(run, train_loader)
+            if figures.stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint there, end the run
+                _checkpoint(run, epoch, figures.stopped_at)
                 break
-            seconds = time.perf_counter() - epoch_start
-            train_seconds += seconds
-            totals = torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=device)])
-            dist.all_reduce(totals)
-            waits = torch.tensor([wait, seconds], dtype=torch.float64, device=device)
-            dist.all_reduce(waits)
-            test_loss, correct, count = evaluate(model, test_loader, device, norm)
-            record = {"epoch": epoch + 1, "train_loss": totals[0].item() / max(1.0, totals[1].item()),
-                      "test_loss": test_loss / max(1, count), "test_accuracy": correct / max(1, count),
-                      "test_samples": count, "samples_per_s": totals[1].item() / seconds,
-                      "data_wait_fraction": waits[0].item() / max(1e-9, waits[1].item()),
-                      "epoch_seconds": seconds}
+            train_seconds += figures.seconds
+            record = _epoch_record(run, epoch, figures, test_loader)
             history.append(record)
-            checkpoint(epoch + 1, 0)
-            if rank == 0:
-                print(f"epoch {epoch + 1}/{job.epochs}: train loss {record['train_loss']:.4f}, "
-                      f"test accuracy {record['test_accuracy']:.4f} on {count} images, "
-                      f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
-                      f"{seconds:.1f}s", flush=True)
-            if job.max_steps and run_steps >= job.max_steps:
+            _checkpoint(run, epoch + 1, 0)
+            _print_epoch(run, record)
+            if job.settings.max_steps and run.run_steps >= job.settings.max_steps:
                 break
-    last = history[-1] if history else {}
-    metrics = {"test_accuracy": last.get("test_accuracy"), "epochs": job.epochs, "world_size": world_size,
-               "steps_per_epoch": steps, "batch_size": job.batch_size,
-               "samples_per_epoch": steps * job.batch_size * world_size,
-               "train_seconds": round(train_seconds, 3), "wall_seconds": round(time.perf_counter() - started, 3),
-               "device": device.type, "loader": job.loader, "model_path": os.path.join(job.run_dir, MODEL_NAME),
-               "history": history}
-    if rank == 0:
-        save_atomically(model.state_dict(), os.path.join(job.run_dir, MODEL_NAME))
-        with open(os.path.join(job.run_dir, METRICS_NAME), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-        from spark_mnist.tools.plots import maybe_training_curves  # never raises; warns once without matplotlib
-
-        maybe_training_curves(history, os.path.join(job.run_dir, CURVES_NAME))
+            train_loader.set_epoch(epoch + 1)
+    metrics = _metrics(run, history, train_seconds, time.perf_counter() - started)
+    if world.is_leader:
+        _write_outputs(run, metrics)
     # Every rank returns the same metrics: in local mode TorchDistributor keeps whichever rank's return value is
     # written last, not rank 0's.
     return metrics
 
 
-def job_summary(job: TrainJob) -> dict[str, Any]:
-    """The job's settings without file lists or converters, for logging."""
-    return {f.name: getattr(job, f.name) for f in fields(job)
-            if f.name not in ("train_files", "test_files", "train_converter")}
+def _batches(run: _Run, loader: ShardLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's batches from ``loader``'s position: ``loader`` itself, or petastorm's reader of the same steps."""
+    settings = run.job.settings
+    if settings.loader == "spark-mnist":
+        return iter(loader)
+    from spark_mnist.rank.petastorm import petastorm_batches
+
+    return petastorm_batches(run.job.train_converter, rank=run.world.rank, world_size=run.world.world_size,
+                             batch_size=settings.batch_size, steps=run.steps - loader.start_step,
+                             image_shape=run.job.image_shape)
+
+
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on a uint8 (B, 1, H, W) batch with int64 (B,) labels; returns the batch's mean loss."""
+    x = normalize(images.to(run.device, non_blocking=True), run.norm)
+    y = labels.to(run.device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.job.settings.bf16):
+        loss = F.cross_entropy(run.ddp(x), y)
+    loss.backward()
+    run.optimizer.step()
+    return loss.detach()
+
+
+def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
+    """Train from ``loader``'s position (epoch, start step) to the end of the epoch, or until ``max_steps``;
+    checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0)."""
+    settings, epoch, first_step = run.job.settings, loader.epoch, loader.start_step
+    run.ddp.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    samples, wait, stopped_at, epoch_start = 0, 0.0, None, time.perf_counter()
+    progress_every = max(1, run.steps // PROGRESS_LINES_PER_EPOCH)
+    with contextlib.closing(_batches(run, loader)) as batches:
+        for step in range(first_step, run.steps):
+            t = time.perf_counter()
+            images, labels = next(batches)
+            wait += time.perf_counter() - t
+            loss = _train_step(run, images, labels)
+            loss_sum += loss.double() * len(labels)
+            samples += len(labels)
+            run.run_steps += 1
+            more = step + 1 < run.steps
+            if run.world.is_leader and (step + 1) % progress_every == 0 and more:
+                done = (step + 1 - first_step) * settings.batch_size * run.world.world_size
+                print(f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{run.steps}, "
+                      f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s", flush=True)
+            if settings.max_steps and run.run_steps == settings.max_steps and more:
+                stopped_at = step + 1
+                break
+            if settings.checkpoint_every_steps and (step + 1) % settings.checkpoint_every_steps == 0 and more:
+                _checkpoint(run, epoch, step + 1)
+        seconds = time.perf_counter() - epoch_start
+    return _EpochFigures(loss_sum, samples, wait, seconds, stopped_at)
+
+
+def _epoch_record(run: _Run, epoch: int, figures: _EpochFigures, test_loader: ShardLoader) -> dict[str, Any]:
+    """The epoch's figures over all ranks: training loss and throughput all-reduced, then the evaluation."""
+    device, seconds = run.device, figures.seconds
+    totals = torch.stack([figures.loss_sum, torch.tensor(float(figures.samples), dtype=torch.float64, device=device)])
+    dist.all_reduce(totals)
+    waits = torch.tensor([figures.wait_seconds, seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(waits)
+    test_loss, correct, count = evaluate(run.model, test_loader, device, run.norm)
+    return {"epoch": epoch + 1, "train_loss": totals[0].item() / max(1.0, totals[1].item()),
+            "test_loss": test_loss / max(1, count), "test_accuracy": correct / max(1, count),
+            "test_samples": count, "samples_per_s": totals[1].item() / seconds,
+            "data_wait_fraction": waits[0].item() / max(1e-9, waits[1].item()), "epoch_seconds": seconds}
+
+
+def _print_epoch(run: _Run, record: dict[str, Any]) -> None:
+    if run.world.is_leader:
+        print(f"epoch {record['epoch']}/{run.job.settings.epochs}: train loss {record['train_loss']:.4f}, "
+              f"test accuracy {record['test_accuracy']:.4f} on {record['test_samples']} images, "
+              f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
+              f"{record['epoch_seconds']:.1f}s", flush=True)
+
+
+def _checkpoint(run: _Run, epoch: int, step: int) -> None:
+    """Rank 0 saves where the run stands: ``step`` steps of ``epoch`` done."""
+    if run.world.is_leader:
+        settings = run.job.settings
+        save_checkpoint(Checkpoint(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch,
+                                   step=step, world_size=run.world.world_size, batch_size=settings.batch_size,
+                                   seed=settings.seed), run.job.run_dir)
+
+
+def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wall_seconds: float
+             ) -> dict[str, Any]:
+    settings, world_size = run.job.settings, run.world.world_size
+    last = history[-1] if history else {}
+    return {"test_accuracy": last.get("test_accuracy"), "epochs": settings.epochs, "world_size": world_size,
+            "steps_per_epoch": run.steps, "batch_size": settings.batch_size,
+            "samples_per_epoch": run.steps * settings.batch_size * world_size,
+            "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
+            "device": run.device.type, "loader": settings.loader, "model": settings.model,
+            "model_path": os.path.join(run.job.run_dir, MODEL_NAME), "history": history}
+
+
+def _write_outputs(run: _Run, metrics: dict[str, Any]) -> None:
+    """Rank 0: ``model.pt`` (the module's ``state_dict``), ``metrics.json`` and the training curves."""
+    run_dir = run.job.run_dir
+    save_atomically(run.model.state_dict(), os.path.join(run_dir, MODEL_NAME))
+    with open(os.path.join(run_dir, METRICS_NAME), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    from spark_mnist.tools.plots import maybe_training_curves  # never raises; warns once without matplotlib
+
+    maybe_training_curves(metrics["history"], os.path.join(run_dir, CURVES_NAME))

@@ -4,13 +4,15 @@ Runs in one process on the driver (or any machine that sees the dataset director
 The dataset is read with :class:`spark_mnist.rank.loader.ShardLoader` (world size 1, file order, every row once) and
 normalised exactly as training does (:func:`spark_mnist.models.normalization_for` of the manifest's dataset).
 
-The model file is what training writes (``run_dir/model.pt``, a ``SimpleCNN`` ``state_dict``); a training
-checkpoint (``checkpoint.pt``, whose ``"model"`` entry is that ``state_dict``) is accepted too.  It is loaded with
-``torch.load(..., weights_only=True)``, so an untrusted file cannot run code.
+The model file is what training writes (``run_dir/model.pt``, the ``state_dict`` of the model ``train.model`` names,
+which ``run_dir/metrics.json`` records as ``"model"``); a training checkpoint (``checkpoint.pt``, whose ``"model"``
+entry is that ``state_dict``) is accepted too.  It is loaded with ``torch.load(..., weights_only=True)``, so an
+untrusted file cannot run code.  The model is built by name (:func:`spark_mnist.models.build_model`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from spark_mnist.shards import contract
-from spark_mnist.errors import DatasetMismatchError, InputError
-from spark_mnist.paths import normalize_uri
+from spark_mnist.errors import DatasetMismatchError, InputError, invalid
+from spark_mnist.paths import require_local
 
 DEFAULT_BATCH_SIZE = 1000
+METRICS_NAME = "metrics.json"  # training's metrics beside model.pt (spark_mnist.rank.train.METRICS_NAME)
 
 
 @dataclass
@@ -40,34 +43,7 @@ class EvaluationResult:
     dataset: str = ""
     split: str = "test"
     model_path: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the confusion matrix as nested lists)."""
-        return {"dataset": self.dataset, "split": self.split, "model_path": self.model_path,
-                "samples": self.samples, "accuracy": self.accuracy, "classes": list(self.classes),
-                "per_class_accuracy": list(self.per_class_accuracy), "confusion": self.confusion.tolist()}
-
-
-def local_dataset_dir(data_dir: str | os.PathLike) -> str:
-    """The local (or FUSE) path of a dataset directory given as a path, ``file:``, ``dbfs:/``, ``/dbfs/`` or
-    ``/Volumes/``.
-
-    Raises:
-        InputError: a place with no local path (an object store, ``dbfs:/`` off Databricks).
-    """
-    location = normalize_uri(data_dir)
-    if location.local_path is None:
-        raise InputError(f"{os.fspath(data_dir)}: the dataset must be readable as a local or FUSE path "
-                         "(a directory, file:/, /dbfs/ or /Volumes/)")
-    return location.local_path
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) int64 counts, rows the true class, columns the predicted class."""
-    labels = np.asarray(labels, dtype=np.int64)
-    predictions = np.asarray(predictions, dtype=np.int64)
-    counts = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(np.int64, copy=False)
+    model: str = ""
 
 
 def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: Any) -> EvaluationResult:
@@ -103,10 +79,25 @@ def _load_state_dict(model_path: str):
     return state
 
 
-def _build_model(state, model_path: str, num_classes: int, image_shape: tuple[int, int], dataset: str):
-    from spark_mnist.models import SimpleCNN
+def model_name_beside(model_path: str) -> str:
+    """The registry name of the model in ``model_path``: ``"model"`` of the ``metrics.json`` training wrote beside
+    it, else :data:`spark_mnist.models.DEFAULT_MODEL` (runs from before models had names, or no metrics file)."""
+    from spark_mnist.models import DEFAULT_MODEL
 
-    model = SimpleCNN(num_classes, image_shape)
+    metrics_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), METRICS_NAME)
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return DEFAULT_MODEL
+    name = metrics.get("model") if isinstance(metrics, dict) else None
+    return name if isinstance(name, str) and name else DEFAULT_MODEL
+
+
+def _build_model(state, model_path: str, name: str, num_classes: int, image_shape: tuple[int, int], dataset: str):
+    from spark_mnist.models import build_model
+
+    model = build_model(name, num_classes, image_shape)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -114,39 +105,60 @@ def _build_model(state, model_path: str, num_classes: int, image_shape: tuple[in
         found = f" (the model has {bias.shape[0]} classes)" if bias is not None and bias.dim() == 1 else ""
         detail = str(e).strip().splitlines()
         raise InputError(
-            f"{model_path}: does not fit a SimpleCNN for {dataset} ({num_classes} classes, images "
+            f"{model_path}: does not fit a {type(model).__name__} for {dataset} ({num_classes} classes, images "
             f"{image_shape[0]}x{image_shape[1]}){found}: {detail[1].strip() if len(detail) > 1 else detail[0]}"
         ) from e
     return model
 
 
+def _confusion(model, loader, device, norm, num_classes: int, where: str, split: str) -> np.ndarray:
+    """(C, C) int64 counts of ``model``'s predictions over every batch of ``loader``, rows the true class."""
+    import torch
+
+    from spark_mnist.models import normalize
+
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for images, labels in loader:
+            y = labels.to(device, non_blocking=True)
+            if int(y.min()) < 0 or int(y.max()) >= num_classes:
+                raise DatasetMismatchError(f"{where}: split {split!r} has labels outside 0..{num_classes - 1}")
+            predictions = model(normalize(images.to(device, non_blocking=True), norm)).argmax(1)
+            confusion += torch.bincount(y * num_classes + predictions, minlength=num_classes * num_classes)
+    return confusion.cpu().numpy().reshape(num_classes, num_classes)
+
+
 def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *,
                    batch_size: int = DEFAULT_BATCH_SIZE, split: str = "test",
-                   device: "str | torch.device | None" = None) -> EvaluationResult:  # noqa: F821
+                   device: "str | torch.device | None" = None, model: str | None = None  # noqa: F821
+                   ) -> EvaluationResult:
     """Run the model in ``model_path`` over every image of ``split`` of the dataset in ``data_dir``.
 
     Args:
         data_dir: an ingested dataset directory (``OUT`` of ``spark-mnist ingest``).
-        model_path: a ``SimpleCNN`` ``state_dict`` (``run_dir/model.pt``) or a training checkpoint.
+        model_path: a model ``state_dict`` (``run_dir/model.pt``) or a training checkpoint.
         batch_size: images per forward pass.
         split: ``"test"`` (default) or ``"train"``.
         device: where to run; default CUDA when available, else CPU.
+        model: the model's registry name (:data:`spark_mnist.models.MODELS`); default the one training recorded
+            beside ``model_path`` (:func:`model_name_beside`).
     Returns:
         The :class:`EvaluationResult`.
     Raises:
         DatasetNotFoundError: no complete dataset in ``data_dir``.
         DatasetMismatchError: the split holds no rows, or labels outside the manifest's classes.
+        SourceError: ``data_dir`` has no local or FUSE path (an object store).
         InputError: ``model_path`` missing, unreadable, or not a model for this dataset's classes and image shape;
-            an unknown ``split``; ``batch_size`` below 1.
+            an unknown ``model`` or ``split``; ``batch_size`` below 1.
     """
     import torch
 
+    from spark_mnist.models import normalization_for
     from spark_mnist.rank.loader import ShardLoader
-    from spark_mnist.models import normalization_for, normalize
 
     if batch_size < 1:
-        raise InputError(f"Invalid batch_size: {batch_size!r}. Must be at least 1.")
-    local = local_dataset_dir(data_dir)
+        raise invalid("batch_size", batch_size, "at least 1", InputError)
+    local = require_local(data_dir, "the dataset")
     manifest = contract.load_manifest(local)
     classes = [str(c) for c in manifest["classes"]]
     image_shape = tuple(int(n) for n in manifest["image_shape"])
@@ -156,26 +168,18 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
     except ValueError as e:
         raise InputError(f"{local}: {e}") from e
     model_path = os.fspath(model_path)
-    model = _build_model(_load_state_dict(model_path), model_path, len(classes), image_shape, dataset)
+    model = model or model_name_beside(model_path)
+    network = _build_model(_load_state_dict(model_path), model_path, model, len(classes), image_shape, dataset)
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    norm = normalization_for(dataset)
-    num_classes = len(classes)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    with torch.no_grad(), ShardLoader(paths, rank=0, world_size=1, batch_size=batch_size, image_shape=image_shape,
-                                      shuffle=False, drop_remainder=False,
-                                      pin_memory=device.type == "cuda") as loader:
+    network.to(device).eval()
+    with ShardLoader(paths, rank=0, world_size=1, batch_size=batch_size, image_shape=image_shape, shuffle=False,
+                     drop_remainder=False, pin_memory=device.type == "cuda") as loader:
         if loader.total_rows == 0:
             raise DatasetMismatchError(f"{local}: split {split!r} holds no rows")
-        for images, labels in loader:
-            y = labels.to(device, non_blocking=True)
-            if int(y.min()) < 0 or int(y.max()) >= num_classes:
-                raise DatasetMismatchError(f"{local}: split {split!r} has labels outside 0..{num_classes - 1}")
-            predictions = model(normalize(images.to(device, non_blocking=True), norm)).argmax(1)
-            confusion += torch.bincount(y * num_classes + predictions, minlength=num_classes * num_classes)
-    return result_from_confusion(confusion.cpu().numpy().reshape(num_classes, num_classes), classes,
-                                 dataset=dataset, split=split, model_path=model_path)
+        confusion = _confusion(network, loader, device, normalization_for(dataset), len(classes), local, split)
+    return result_from_confusion(confusion, classes, dataset=dataset, split=split, model_path=model_path,
+                                 model=model)
 
 
 def format_report(result: EvaluationResult) -> str:

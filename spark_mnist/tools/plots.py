@@ -69,10 +69,10 @@ def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 
         DatasetNotFoundError: no complete dataset in ``data_dir``.
         InputError: an unknown ``split``.
     """
-    from spark_mnist.tools.evaluate import local_dataset_dir
+    from spark_mnist.paths import require_local
     from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
-    local = local_dataset_dir(data_dir)
+    local = require_local(data_dir, "the dataset")
     manifest = contract.load_manifest(local)
     try:
         paths = contract.split_files(local, manifest, split)

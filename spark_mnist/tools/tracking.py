@@ -180,15 +180,17 @@ def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mappi
         mlflow.log_dict(dict(manifest), MANIFEST_ARTIFACT)
         if model_path is not None and os.path.isfile(model_path):
             mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
-            _log_pytorch_model(mlflow, os.fspath(model_path), manifest, log)
+            _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
         else:
             log.warning("no model file at %s; the MLflow run has no model", model_path)
         return run.info.run_id
 
 
-def _log_pytorch_model(mlflow, model_path: str, manifest: Mapping[str, Any], log: logging.Logger) -> None:
+def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any],
+                       log: logging.Logger) -> None:
     """Log a loadable MLflow PyTorch model built from the ``state_dict``; a failure here is a warning, the run and
-    its ``state_dict`` artifact stay.
+    its ``state_dict`` artifact stay.  The model is built by name (:func:`spark_mnist.models.build_model`):
+    ``model_name``, the one training recorded in its metrics, else :data:`spark_mnist.models.DEFAULT_MODEL`.
 
     With MLflow >= 3 and torch >= 2.4 the model is saved as ``pt2`` (``torch.export``: a traced graph, loadable
     without this package's code and without unpickling); otherwise (MLflow 2.x, as on Databricks 15.4/16.4 LTS ML)
@@ -207,11 +209,11 @@ def _log_pytorch_model(mlflow, model_path: str, manifest: Mapping[str, Any], log
         import torch
 
         import spark_mnist
-        from spark_mnist.models import SimpleCNN
+        from spark_mnist.models import DEFAULT_MODEL, build_model
 
         image_shape = tuple(int(n) for n in (manifest.get("image_shape") or (28, 28)))
         num_classes = len(manifest.get("classes") or range(10))
-        model = SimpleCNN(num_classes, image_shape)
+        model = build_model(model_name or DEFAULT_MODEL, num_classes, image_shape)
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         model.eval()
         accepted = inspect.signature(mlflow.pytorch.log_model).parameters

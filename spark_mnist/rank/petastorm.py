@@ -1,0 +1,70 @@
+"""The optional petastorm adapter: batches from petastorm's converter, in the shapes :class:`ShardLoader` yields.
+
+Runs on every rank, when ``train.loader`` is ``petastorm``.  petastorm is imported only inside the functions that
+need it, so this module imports where petastorm is not installed (Spark 4, pyarrow >= 15).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from spark_mnist.shards import contract
+
+if TYPE_CHECKING:
+    import torch
+
+
+def petastorm_batches(converter, *, rank: int, world_size: int, batch_size: int, steps: int,
+                      image_shape: tuple[int, int] = (28, 28), batched: bool = False, workers: int = 2
+                      ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
+
+    petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``
+    (endless) and this stops after ``steps``, so every rank still runs the same number of steps (the common
+    Databricks pattern).
+
+    Args:
+        converter: petastorm's ``SparkDatasetConverter`` of the split (the contract's columns).
+        rank, world_size: this rank's shard and the number of shards (:class:`spark_mnist.rank.world.World`).
+        batch_size: samples per batch.
+        steps: batches to yield.
+        image_shape: (H, W) of the contract's image column.
+        batched: use petastorm's ``BatchedDataLoader`` (``data_loader_fn``) instead of its ``DataLoader``.
+        workers: petastorm's reader threads (``workers_count``).
+    Yields:
+        ``(images, labels)``: uint8 (B, 1, H, W) and int64 (B,), as :class:`spark_mnist.rank.loader.ShardLoader`.
+    Raises:
+        ImportError: petastorm is not installed.
+    Source: petastorm ``spark/spark_dataset_converter.py`` ``make_torch_dataloader``.
+    """
+    import torch
+    from petastorm import TransformSpec
+    from petastorm.pytorch import BatchedDataLoader, DataLoader
+
+    row_bytes = int(np.prod(image_shape))
+
+    def to_arrays(frame):
+        pixels = decode_images_from_objects(frame[contract.IMAGE].to_numpy(), row_bytes)
+        frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
+        return frame[[contract.IMAGE, contract.LABEL]]
+
+    spec = TransformSpec(to_arrays, edit_fields=[(contract.IMAGE, np.uint8, (1, *image_shape), False)],
+                         selected_fields=[contract.IMAGE, contract.LABEL])
+    with converter.make_torch_dataloader(batch_size=batch_size, num_epochs=None, cur_shard=rank,
+                                         shard_count=world_size, transform_spec=spec, workers_count=workers,
+                                         data_loader_fn=BatchedDataLoader if batched else DataLoader) as loader:
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            yield batch[contract.IMAGE].to(torch.uint8), batch[contract.LABEL].to(torch.int64)
+
+
+def decode_images_from_objects(values: np.ndarray, row_bytes: int) -> np.ndarray:
+    """(n,) object array of ``bytes`` (the image column as pandas gives it) -> (n, row_bytes) uint8, in one join.
+
+    Raises:
+        ValueError: the bytes do not split into ``n`` rows of ``row_bytes``.
+    """
+    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), row_bytes)

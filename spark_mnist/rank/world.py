@@ -1,0 +1,76 @@
+"""Per-rank facts, read once from the environment into one :class:`World` that the rank's code is handed.
+
+``torchrun`` (which ``TorchDistributor`` starts) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
+``LOCAL_WORLD_SIZE`` in every rank; a plain ``python`` process has none of them and is rank 0 of 1.  Nothing else in
+the package reads these variables.  Pattern: mosaicml-streaming ``streaming/base/world.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from spark_mnist.errors import invalid
+
+RANK_ENV, WORLD_SIZE_ENV = "RANK", "WORLD_SIZE"
+LOCAL_RANK_ENV, LOCAL_WORLD_SIZE_ENV = "LOCAL_RANK", "LOCAL_WORLD_SIZE"
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands among the ranks of one training run.
+
+    Attributes:
+        rank: this rank's global index, ``0 <= rank < world_size``.
+        world_size: ranks in the run, across all nodes.
+        local_rank: this rank's index on its node; picks the GPU (``cuda:local_rank``).
+        local_world_size: ranks on this node; divides the node's cores between them.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise invalid(WORLD_SIZE_ENV, self.world_size, "at least 1")
+        if not 0 <= self.rank < self.world_size:
+            raise invalid(RANK_ENV, self.rank, f"in 0..{self.world_size - 1} (WORLD_SIZE {self.world_size})")
+        if self.local_world_size < 1:
+            raise invalid(LOCAL_WORLD_SIZE_ENV, self.local_world_size, "at least 1")
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise invalid(LOCAL_RANK_ENV, self.local_rank,
+                          f"in 0..{self.local_world_size - 1} (LOCAL_WORLD_SIZE {self.local_world_size})")
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this is rank 0, the one that prints, checkpoints and saves."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "World":
+        """The world ``torchrun`` describes in ``environ`` (default ``os.environ``).
+
+        Missing variables take a single process's values: rank 0 of 1; ``LOCAL_WORLD_SIZE`` defaults to
+        ``WORLD_SIZE`` (one node).
+
+        Raises:
+            ValueError: a variable that is not an integer, or facts that contradict each other
+                (``Invalid RANK: 2. Must be in 0..1 (WORLD_SIZE 2).``).
+        """
+        env = os.environ if environ is None else environ
+
+        def read(name: str, default: int) -> int:
+            text = env.get(name)
+            if text is None:
+                return default
+            try:
+                return int(text)
+            except ValueError:
+                raise invalid(name, text, "an integer") from None
+
+        world_size = read(WORLD_SIZE_ENV, 1)
+        return cls(rank=read(RANK_ENV, 0), world_size=world_size, local_rank=read(LOCAL_RANK_ENV, 0),
+                   local_world_size=read(LOCAL_WORLD_SIZE_ENV, world_size))
