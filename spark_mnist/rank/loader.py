@@ -6,7 +6,8 @@ Runs on every rank (inside ``TorchDistributor``); never touches Spark.  Two load
   with pyarrow, decodes whole row groups at once from the binary column's contiguous buffer, and keeps the rank's
   decoded shard in memory when it fits ``memory_budget_bytes`` (later epochs are then pure tensor indexing);
   past the budget it streams row groups every epoch.
-* :func:`spark_mnist.rank.petastorm.petastorm_batches` wraps petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
+* :func:`spark_mnist.rank.petastorm.petastorm_batches` wraps petastorm's
+  ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
 
 Exact sharding (:func:`rank_rows`, :func:`steps_per_epoch`): the files' rows, in a fixed global order, are cut into
 ``world_size`` contiguous ranges whose sizes differ by at most one; every rank runs ``(N // world_size) //
