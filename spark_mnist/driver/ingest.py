@@ -3,8 +3,8 @@
 The order of work is what makes bad input cheap and failures harmless:
 
 1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.driver.sources`);
-2. parse and check every file on the driver (:mod:`spark_mnist.formats.idx`, :func:`spark_mnist.datasets.validate_split`),
-   before anything is written;
+2. parse and check every file on the driver (:mod:`spark_mnist.driver.inputs`, :mod:`spark_mnist.formats.idx`,
+   :func:`spark_mnist.datasets.validate_split`), before anything is written;
 3. write both splits into a staging directory beside ``OUT`` with one Spark job, each task writing its own shard
    (:func:`write_pieces`), then the manifest;
 4. commit: remove the scratch files that task attempts killed outright left in staging, then move the staging
@@ -261,6 +261,28 @@ def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, 
     }
 
 
+def read_sources(spark: "SparkSession", spec: DatasetSpec, source_dir: Location, stack: contextlib.ExitStack,
+                 clock: StageClock) -> tuple[list[SplitInput], list[dict[str, Any]]]:
+    """Both splits of ``spec`` from ``source_dir`` (a directory of IDX files, or a Keras ``mnist.npz``), checked as
+    far as headers and labels allow; images files stay open as streams on ``stack``.  Driver-side.
+
+    Returns:
+        The splits (train, test) and the manifest records of the files read so far.
+    Raises:
+        InputError: as :func:`~spark_mnist.driver.inputs.open_idx_split` and
+            :func:`~spark_mnist.driver.inputs.read_npz`.
+    """
+    if source_dir.uri.endswith(".npz"):
+        return read_npz(spark, spec, source_dir)
+    files = clock.timed("read_files", read_files)(spark, source_dir, [f.name for f in spec.all_files()])
+    splits, records = [], []
+    for split in SPLITS:
+        split_input, split_records = clock.timed("open_idx_split", open_idx_split)(stack, spec, split, files)
+        splits.append(split_input)
+        records.extend(split_records)
+    return splits, records
+
+
 def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "fashion-mnist",
            num_shards: int | None = None, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
            chunk_rows: int = DEFAULT_CHUNK_ROWS, strict: bool = False, stages: dict[str, float] | None = None
@@ -302,15 +324,7 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     source_dir, out = normalize_uri(source), normalize_uri(output)
     arrow_target(out)  # an output the write tasks could not open is refused before anything is read
     with contextlib.ExitStack() as stack:
-        if source_dir.uri.endswith(".npz"):
-            splits, records = read_npz(spark, spec, source_dir)
-        else:
-            files = clock.timed("read_files", read_files)(spark, source_dir, [f.name for f in spec.all_files()])
-            splits, records = [], []
-            for split in SPLITS:
-                split_input, split_records = clock.timed("open_idx_split", open_idx_split)(stack, spec, split, files)
-                splits.append(split_input)
-                records.extend(split_records)
+        splits, records = read_sources(spark, spec, source_dir, stack, clock)
         log.info("checked the headers and labels of %s: %s", source_dir.uri,
                  ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits))
         recover(spark, out)
