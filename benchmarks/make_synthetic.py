@@ -71,12 +71,14 @@ def write_idx_stream(path: str, dtype: np.dtype, shape: tuple[int, ...], chunks:
 
 
 def image_chunks(images: np.ndarray, scale: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """The ``scale`` copies of ``images`` (n, H, W) uint8 (:func:`perturb`), in blocks of at most ``chunk_rows``."""
     for copy in range(scale):
         for lo in range(0, len(images), chunk_rows):
             yield perturb(images[lo:lo + chunk_rows], copy)
 
 
 def label_chunks(labels: np.ndarray, scale: int) -> Iterator[np.ndarray]:
+    """``labels`` (n,) ``scale`` times, to match :func:`image_chunks`."""
     for _ in range(scale):
         yield labels
 
@@ -132,6 +134,7 @@ def ensure_synthetic(scale: int, out: str, source: str = FASHION_MNIST_DIR) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (usage in the module docstring): prints the marker as one JSON line, returns 0."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.make_synthetic",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=int, required=True, help="K: K x 60,000 training images")

@@ -56,6 +56,7 @@ class DatasetSpec:
 
     @property
     def num_classes(self) -> int:
+        """How many classes, so labels lie in ``[0, num_classes)``."""
         return len(self.classes)
 
     def file(self, split: str, kind: str) -> DatasetFile:
@@ -64,6 +65,7 @@ class DatasetSpec:
         return self.files[split][check_choice("kind", kind, self.files[split])]
 
     def all_files(self) -> list[DatasetFile]:
+        """The four files: train images, train labels, test images, test labels."""
         return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
 
 

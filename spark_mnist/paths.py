@@ -47,6 +47,7 @@ class Location:
 
     @property
     def name(self) -> str:
+        """The last part of the URI (the file or directory name)."""
         return posixpath.basename(self.uri.rstrip("/"))
 
     def sibling(self, name: str) -> "Location":

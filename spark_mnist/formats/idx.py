@@ -113,7 +113,8 @@ def _looks_like_text(data: bytes) -> str | None:
 
 
 def read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> IdxHeader:
-    """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed).
+    """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed), as the spec on
+    the MNIST page lays them out (see the module docstring).
 
     Raises:
         IdxFormatError: wrong magic number, unknown dtype code, zero or absurd dimensions, or a header cut short.

@@ -53,6 +53,7 @@ class FileReport:
 
     @property
     def ok(self) -> bool:
+        """Whether ``status`` is ``"ok"``."""
         return self.status == STATUS_OK
 
 
@@ -71,6 +72,7 @@ class SplitReport:
 
     @property
     def ok(self) -> bool:
+        """Whether ``status`` is ``"ok"``."""
         return self.status == STATUS_OK
 
 
@@ -88,6 +90,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every file and split is ``"ok"`` (hash mismatches allowed when not ``strict``)."""
         allowed = {STATUS_OK} if self.strict else {STATUS_OK, STATUS_HASH_MISMATCH}
         return all(f.status in allowed for f in self.files) and all(s.ok for s in self.splits)
 
