@@ -5,8 +5,8 @@ The training split is ``K`` copies of Fashion-MNIST's 60,000 images: copy 0 as i
 (dy, dx) that depends on ``j`` (wrapping round; Fashion-MNIST's borders are background), mirrored left-right every
 other cycle of shifts, with the labels tiled.  The test split is Fashion-MNIST's, copied.  Files are streamed: the
 IDX header first, then chunks of rows through ``gzip.GzipFile(compresslevel=1)``, so memory stays at the source
-arrays plus one chunk whatever ``K``.  Every file appears under its final name only when complete, and
-``_synthetic.json`` (written last) marks a complete directory.
+arrays plus one chunk whatever ``K``.  Every file appears under its final name only when complete
+(:func:`spark_mnist.fs.replacing`), and ``_synthetic.json`` (written last) marks a complete directory.
 
 Usage: ``python -m benchmarks.make_synthetic --scale 10 --out /tmp/spark-mnist-bench/synthetic-x10``
 """
@@ -25,6 +25,8 @@ import numpy as np
 
 from benchmarks.common import (FASHION_MNIST_DIR, IDX_FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
                                log, parse_idx_files, quiet_logs, stopwatch)
+from spark_mnist.errors import invalid
+from spark_mnist.fs import replacing
 
 MARKER = "_synthetic.json"
 CHUNK_ROWS = 10_000
@@ -54,9 +56,8 @@ def write_idx_stream(path: str, dtype: np.dtype, shape: tuple[int, ...], chunks:
     from spark_mnist.formats.idx import CODE_BY_KIND, DTYPE_BY_CODE, IdxHeader
 
     big_endian = DTYPE_BY_CODE[CODE_BY_KIND[(np.dtype(dtype).kind, np.dtype(dtype).itemsize)]]
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     rows = 0
-    try:
+    with replacing(path) as tmp:
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
             out.write(IdxHeader(big_endian, tuple(shape)).encode())
             for chunk in chunks:
@@ -66,20 +67,18 @@ def write_idx_stream(path: str, dtype: np.dtype, shape: tuple[int, ...], chunks:
                 rows += len(chunk)
         if rows != shape[0]:
             raise ValueError(f"{path}: wrote {rows} rows, the header says {shape[0]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return rows
 
 
 def image_chunks(images: np.ndarray, scale: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """The ``scale`` copies of ``images`` (n, H, W) uint8 (:func:`perturb`), in blocks of at most ``chunk_rows``."""
     for copy in range(scale):
         for lo in range(0, len(images), chunk_rows):
             yield perturb(images[lo:lo + chunk_rows], copy)
 
 
 def label_chunks(labels: np.ndarray, scale: int) -> Iterator[np.ndarray]:
+    """``labels`` (n,) ``scale`` times, to match :func:`image_chunks`."""
     for _ in range(scale):
         yield labels
 
@@ -104,7 +103,7 @@ def make_synthetic(scale: int, out: str, source: str = FASHION_MNIST_DIR, chunk_
         ValueError: ``scale`` below 1.
     """
     if scale < 1:
-        raise ValueError(f"Invalid scale: {scale!r}. Must be at least 1.")
+        raise invalid("scale", scale, "at least 1")
     os.makedirs(out, exist_ok=True)
     marker_path = os.path.join(out, MARKER)
     if os.path.exists(marker_path):
@@ -120,9 +119,8 @@ def make_synthetic(scale: int, out: str, source: str = FASHION_MNIST_DIR, chunk_
             shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
     marker = {"scale": scale, "train_rows": written, "source": source, "seconds": round(t["seconds"], 2),
               "bytes": {name: os.path.getsize(os.path.join(out, name)) for name in IDX_FILES}}
-    with open(marker_path + ".tmp", "w", encoding="utf-8") as f:
+    with replacing(marker_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=2)
-    os.replace(marker_path + ".tmp", marker_path)
     return marker
 
 
@@ -136,6 +134,7 @@ def ensure_synthetic(scale: int, out: str, source: str = FASHION_MNIST_DIR) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (usage in the module docstring): prints the marker as one JSON line, returns 0."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.make_synthetic",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=int, required=True, help="K: K x 60,000 training images")

@@ -2,11 +2,14 @@
 
 Every dataset is a :class:`DatasetSpec`: the four standard IDX files, class names, image shape, label range, the
 payload sha256 of each file where known (sha256 of the decompressed file, independent of the gzip wrapper), and
-mirrors.  A new MNIST-like dataset is a new entry in :func:`registry`.
+mirrors, and where other libraries keep copies (torchvision's folder name, Keras' file).  A new MNIST-like dataset
+is a new entry in :func:`registry`.
 
 Sources: MNIST page (LeCun, Cortes, Burges); Fashion-MNIST (Xiao, Rasul, Vollgraf, Zalando Research); KMNIST
 (Clanuwat et al., ROIS-DS CODH); EMNIST (Cohen, Afshar, Tapson, van Schaik, NIST).  Payload hashes of MNIST and
-Fashion-MNIST are the ones in shared/data/README.md.
+Fashion-MNIST are the ones in shared/data/README.md.  torchvision folder names are its dataset class names
+(``torchvision.datasets.MNIST`` keeps files under ``<root>/MNIST/raw``); Keras ships MNIST alone as an npz
+(``keras.datasets.mnist.load_data`` caches ``~/.keras/datasets/mnist.npz``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from spark_mnist.errors import DatasetMismatchError, InputError
+from spark_mnist.errors import DatasetMismatchError, InputError, check_choice
 
 SPLITS = ("train", "test")
 IMAGES, LABELS = "images", "labels"
@@ -35,7 +38,10 @@ class DatasetSpec:
     """An MNIST-like dataset: uint8 images of ``image_shape`` with integer labels in ``[0, num_classes)``.
 
     ``files[split][IMAGES|LABELS]`` names the gz IDX files; ``transposed`` marks images stored column-major
-    (EMNIST), which readers return upright; ``mirrors`` are base URLs tried in order by downloads.
+    (EMNIST), which readers return upright; ``mirrors`` are base URLs tried in order by downloads;
+    ``torchvision_folder`` is the folder torchvision's class for this dataset keeps its files in
+    (``<root>/<folder>/raw/``), ``None`` where torchvision has none; ``keras_file`` the npz Keras caches it as
+    (:mod:`spark_mnist.formats.keras_npz`), ``None`` where Keras has no npz of it.
     """
 
     name: str
@@ -47,20 +53,21 @@ class DatasetSpec:
     split_sizes: Mapping[str, int] = field(default_factory=dict)
     mirrors: tuple[str, ...] = ()
     transposed: bool = False
+    torchvision_folder: str | None = None
+    keras_file: str | None = None
 
     @property
     def num_classes(self) -> int:
+        """How many classes, so labels lie in ``[0, num_classes)``."""
         return len(self.classes)
 
     def file(self, split: str, kind: str) -> DatasetFile:
         """The :class:`DatasetFile` for ``split`` ('train'|'test') and ``kind`` ('images'|'labels')."""
-        if split not in self.files:
-            raise ValueError(f"Invalid split: {split!r}. Must be one of {', '.join(map(repr, self.files))}.")
-        if kind not in self.files[split]:
-            raise ValueError(f"Invalid kind: {kind!r}. Must be one of {', '.join(map(repr, self.files[split]))}.")
-        return self.files[split][kind]
+        check_choice("split", split, self.files)
+        return self.files[split][check_choice("kind", kind, self.files[split])]
 
     def all_files(self) -> list[DatasetFile]:
+        """The four files: train images, train labels, test images, test labels."""
         return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
 
 
@@ -93,7 +100,7 @@ def registry() -> dict[str, DatasetSpec]:
     emnist_normalization = (0.1751, 0.3332)  # one pair for every split: computed from the training pixels / 255
     specs = [
         DatasetSpec(
-            name="mnist",
+            name="mnist", torchvision_folder="MNIST", keras_file="mnist.npz",
             files=_standard_files(hashes={
                 "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
                 "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
@@ -105,7 +112,7 @@ def registry() -> dict[str, DatasetSpec]:
             mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
         ),
         DatasetSpec(
-            name="fashion-mnist",
+            name="fashion-mnist", torchvision_folder="FashionMNIST",
             files=_standard_files(hashes={
                 "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
                 "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
@@ -119,7 +126,7 @@ def registry() -> dict[str, DatasetSpec]:
             mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         ),
         DatasetSpec(
-            name="kmnist",
+            name="kmnist", torchvision_folder="KMNIST",
             files=_standard_files(),
             classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
             normalization=(0.1918, 0.3483),  # computed from the training pixels / 255
@@ -139,7 +146,7 @@ def registry() -> dict[str, DatasetSpec]:
     for split_name, (classes, sizes) in emnist.items():
         specs.append(DatasetSpec(name=f"emnist-{split_name}", files=_emnist_files(split_name), classes=classes,
                                  normalization=emnist_normalization, split_sizes=sizes, mirrors=emnist_mirror,
-                                 transposed=True))
+                                 transposed=True, torchvision_folder="EMNIST"))
     return {spec.name: spec for spec in specs}
 
 
@@ -150,9 +157,7 @@ def get_dataset(name: str) -> DatasetSpec:
         InputError: an unknown name (the message lists the known ones).
     """
     specs = registry()
-    if name not in specs:
-        raise InputError(f"Invalid dataset: {name!r}. Must be one of {', '.join(map(repr, specs))}.")
-    return specs[name]
+    return specs[check_choice("dataset", name, specs, InputError)]
 
 
 def validate_split(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray,
@@ -191,6 +196,13 @@ def validate_layout(spec: DatasetSpec, images_shape: tuple[int, ...], images_dty
             f"{labels_name}: label {int(labels[bad])} at index {bad} is out of {spec.name}'s range "
             f"0..{spec.num_classes - 1}"
         )
+
+
+def hash_mismatch_message(dataset: str, where: str, found: str, expected: str) -> str:
+    """The one wording of a payload whose sha256 is not the registry's, for verify, download and ingest:
+    ``{where}: payload sha256 {found} differs from {dataset}'s published {expected}`` (hex digests of the
+    decompressed file, header and data)."""
+    return f"{where}: payload sha256 {found} differs from {dataset}'s published {expected}"
 
 
 def upright(spec: DatasetSpec, images: np.ndarray) -> np.ndarray:

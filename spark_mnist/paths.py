@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from spark_mnist.errors import SourceError
+from spark_mnist.errors import SourceError, invalid
 
 DBFS_FUSE_ROOT = "/dbfs"
 VOLUMES_ROOT = "/Volumes"
@@ -47,6 +47,7 @@ class Location:
 
     @property
     def name(self) -> str:
+        """The last part of the URI (the file or directory name)."""
         return posixpath.basename(self.uri.rstrip("/"))
 
     def sibling(self, name: str) -> "Location":
@@ -71,7 +72,7 @@ def normalize_uri(path: str | os.PathLike) -> Location:
     """
     text = os.fspath(path).strip()
     if not text:
-        raise SourceError("Invalid path: ''. Give a directory, file:/, dbfs:/, /dbfs/ or /Volumes/ path.")
+        raise invalid("path", text, "a directory, file:/, dbfs:/, /dbfs/ or /Volumes/ path", SourceError)
     parsed = urlparse(text)
     if parsed.scheme == "dbfs":
         rest = "/" + (parsed.netloc + parsed.path).lstrip("/")
@@ -115,12 +116,13 @@ def require_local(path: str | os.PathLike, what: str) -> str:
 
     Args:
         path: any spelling :func:`normalize_uri` accepts.
-        what: what the path is, for the message (e.g. ``"the dataset"``).
+        what: who needs the path or what it is, for the message (e.g. ``"verify"``, ``"the dataset"``).
     Raises:
         SourceError: ``path`` has no local form (``s3://...``, ``abfss://...``).
     """
     location = normalize_uri(path)
     if location.local_path is None:
-        raise SourceError(f"{os.fspath(path)}: {what} must be a local or FUSE path (/dbfs/..., /Volumes/...) that can "
-                          f"be opened as a file here; this URI has none")
+        raise SourceError(f"{os.fspath(path)}: {what} takes local paths only (local disk, file:/, /dbfs/..., "
+                          f"/Volumes/..., dbfs:/ on Databricks), opened as files on this machine; copy the files to "
+                          f"(or afterwards from) such a path")
     return location.local_path

@@ -26,9 +26,9 @@ from spark_mnist.errors import IdxFormatError, InputError
 from spark_mnist.formats.idx import (
     DTYPE_BY_CODE,
     IdxHeader,
+    IdxReader,
     ParsedIdx,
     encode_idx,
-    iter_idx_chunks,
     parse_idx,
     read_idx,
     write_idx,
@@ -88,6 +88,12 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 def raises_for(name: str, what: str):
     """pytest.raises for an IdxFormatError whose message names the file and says ``what`` (a regex)."""
     return pytest.raises(IdxFormatError, match=rf"(?s)^{re.escape(name)}: .*{what}")
+
+
+def reader_chunks(source, rows_per_chunk: int, name: str | None = None, **kwargs):
+    """The chunks of ``IdxReader(source).chunks(rows_per_chunk)``, streamed, the reader closed at the end."""
+    with IdxReader(source, name, **kwargs) as reader:
+        yield from reader.chunks(rows_per_chunk)
 
 
 def write_raw(path: Path, data: bytes) -> Path:
@@ -222,38 +228,38 @@ def test_header_dataclass():
 
 
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 4, 10, 1000])
-def test_iter_idx_chunks(tmp_path, container, rows_per_chunk):
+def test_reader_chunks(tmp_path, container, rows_per_chunk):
     suffix, _ = container
     array = sample_array(0x0B, (10, 3, 2))
     path = write_idx(tmp_path / f"a{suffix}", array)
-    chunks = list(iter_idx_chunks(path, rows_per_chunk))
+    chunks = list(reader_chunks(path, rows_per_chunk))
     assert len(chunks) == -(-10 // rows_per_chunk)
     assert all(len(c) <= rows_per_chunk and c.shape[1:] == (3, 2) for c in chunks)
     assert all(c.dtype == np.int16 and c.dtype.isnative for c in chunks)
     assert same_bits(np.concatenate(chunks), array)
     # bytes sources and 1-d files too
     labels = np.arange(7, dtype=np.uint8)
-    assert np.concatenate(list(iter_idx_chunks(encode_idx(labels), 2))).tolist() == labels.tolist()
+    assert np.concatenate(list(reader_chunks(encode_idx(labels), 2))).tolist() == labels.tolist()
 
 
-def test_iter_idx_chunks_rejects_bad_rows_per_chunk():
+def test_reader_chunks_rejects_bad_rows_per_chunk():
     with pytest.raises(ValueError, match="rows_per_chunk"):
-        next(iter_idx_chunks(encode_idx(np.zeros(2, np.uint8)), 0))
+        next(reader_chunks(encode_idx(np.zeros(2, np.uint8)), 0))
 
 
-def test_iter_idx_chunks_reports_defects_after_the_good_rows():
+def test_reader_chunks_reports_defects_after_the_good_rows():
     data = encode_idx(np.zeros((4, 2), np.uint8))
-    chunks = iter_idx_chunks(data + b"\x00", 2, name="t.idx")
+    chunks = reader_chunks(data + b"\x00", 2, name="t.idx")
     assert next(chunks).shape == (2, 2)
     assert next(chunks).shape == (2, 2)
     with raises_for("t.idx", "trailing bytes"):
         next(chunks)
-    chunks = iter_idx_chunks(gz(data[:-3]), 2, name="t.gz")
+    chunks = reader_chunks(gz(data[:-3]), 2, name="t.gz")
     assert next(chunks).shape == (2, 2)
     with raises_for("t.gz", "truncated payload"):
         next(chunks)
     with raises_for("t.gz", "wrong magic number"):
-        next(iter_idx_chunks(b"PK\x03\x04", 1, name="t.gz"))
+        next(reader_chunks(b"PK\x03\x04", 1, name="t.gz"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,7 +297,7 @@ def test_property_round_trip(tmp_path, array, compress, rows_per_chunk):
     from_bytes = parse_idx(path.read_bytes())
     assert same_bits(from_bytes.array, array) and from_bytes.sha256 == parsed.sha256
 
-    chunks = list(iter_idx_chunks(path, rows_per_chunk))
+    chunks = list(reader_chunks(path, rows_per_chunk))
     assert all(1 <= len(c) <= rows_per_chunk for c in chunks)
     assert same_bits(np.concatenate(chunks), array)
 
@@ -339,7 +345,7 @@ def test_defects_raise_idx_format_error(tmp_path, container, data, what):
     with raises_for("s3://bucket/x.gz", what):
         parse_idx(path.read_bytes(), name="s3://bucket/x.gz")
     with raises_for(str(path), what):
-        list(iter_idx_chunks(path, 1))
+        list(reader_chunks(path, 1))
 
 
 def test_absurd_dimensions_follow_max_payload_bytes(tmp_path):
@@ -347,7 +353,7 @@ def test_absurd_dimensions_follow_max_payload_bytes(tmp_path):
     with raises_for(str(path), r"absurd dimensions \(1000, 1000\).*4000000 bytes.*limit of 1000000 bytes"):
         parse_idx(path, max_payload_bytes=1_000_000)
     with raises_for(str(path), "absurd dimensions"):
-        list(iter_idx_chunks(path, 10, max_payload_bytes=1_000_000))
+        list(reader_chunks(path, 10, max_payload_bytes=1_000_000))
     # exactly at the limit is fine
     ok = write_raw(tmp_path / "b.idx", encode_idx(np.zeros(10, np.int32)))
     assert parse_idx(ok, max_payload_bytes=40).array.shape == (10,)
@@ -390,7 +396,7 @@ def test_corrupt_gzip_stream(tmp_path, fraction):
     with raises_for(str(path), what):
         parse_idx(path)
     with raises_for(str(path), what):
-        list(iter_idx_chunks(path, 7))
+        list(reader_chunks(path, 7))
 
 
 def test_corrupt_gzip_stored_block_fails_the_crc(tmp_path):
@@ -521,7 +527,7 @@ def test_gzip_bomb_50mb_from_the_brief(tmp_path, gzip_probe):
         parse_idx(path)
     assert time.perf_counter() - start < 1.0
     with raises_for(str(path), "trailing bytes"):
-        list(iter_idx_chunks(path, 3))
+        list(reader_chunks(path, 3))
     assert len(gzip_probe) == 2
     assert all(s.returned <= len(encode_idx(np.zeros(10, np.uint8))) + 1 for s in gzip_probe)
 
@@ -569,7 +575,7 @@ def test_lying_header_60000x28x28_with_tiny_body(tmp_path, container):
     with raises_for(str(path), r"truncated payload: shape \(60000, 28, 28\).*47040000 data bytes, found 1000"):
         parse_idx(path)
     with raises_for(str(path), "truncated payload"):
-        list(iter_idx_chunks(path, 10_000))
+        list(reader_chunks(path, 10_000))
     assert time.perf_counter() - start < 1.0
 
 
@@ -635,7 +641,7 @@ def test_real_mnist_files():
     # well-known MNIST facts: the first training labels and the class counts of the training set
     assert train_labels[:8].tolist() == [5, 0, 4, 1, 9, 2, 1, 3]
     assert np.bincount(train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    chunks = list(iter_idx_chunks(MNIST_DIR / "t10k-images-idx3-ubyte.gz", 4096))
+    chunks = list(reader_chunks(MNIST_DIR / "t10k-images-idx3-ubyte.gz", 4096))
     assert [len(c) for c in chunks] == [4096, 4096, 1808]
     assert np.array_equal(np.concatenate(chunks), read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz"))
 

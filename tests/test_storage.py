@@ -1,13 +1,16 @@
-"""Path normalisation: every accepted spelling of a source or output maps to one Spark URI and local path."""
+"""Path normalisation: every accepted spelling of a source or output maps to one Spark URI and local path; the one
+local/FUSE check (``require_local``), the one atomic write (``fs.replacing``) and the one "Invalid X" message form."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
-from spark_mnist.errors import SourceError
-from spark_mnist.paths import normalize_uri
+from spark_mnist.errors import InputError, SourceError, check_choice, invalid
+from spark_mnist.fs import replacing
+from spark_mnist.paths import normalize_uri, require_local
 
 
 @pytest.mark.parametrize("given, uri, local, kind", [
@@ -55,3 +58,41 @@ def test_driver_local_path_refused_on_a_cluster_master():
         check_visible_to_executors("spark://head:7077", normalize_uri("/data/mnist"))
     check_visible_to_executors("spark://head:7077", normalize_uri("dbfs:/mnt/mnist"))
     check_visible_to_executors("spark://head:7077", normalize_uri("/Volumes/main/default/raw/mnist"))
+
+
+@pytest.mark.parametrize("given, local", [
+    ("/data/mnist", "/data/mnist"), ("file:///data/mnist", "/data/mnist"), ("dbfs:/mnt/mnist", "/dbfs/mnt/mnist"),
+    ("/Volumes/main/default/raw/mnist", "/Volumes/main/default/raw/mnist"),
+])
+def test_require_local_gives_the_local_form(given, local):
+    assert require_local(given, "verify") == local
+
+
+@pytest.mark.parametrize("given", ["s3://bucket/mnist", "abfss://c@acct.dfs.core.windows.net/mnist"])
+def test_require_local_refuses_uris_without_one(given):
+    with pytest.raises(SourceError, match=rf"^{re.escape(given)}: verify takes local paths only .*/dbfs/.*/Volumes/"):
+        require_local(given, "verify")
+
+
+def test_replacing_writes_under_the_final_name_only_when_complete(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_text("old")
+    with replacing(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_text("new")
+        assert target.read_text() == "old"
+    assert target.read_text() == "new"
+    with pytest.raises(RuntimeError, match="boom"):
+        with replacing(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_invalid_and_check_choice_write_one_message_form():
+    error = invalid("retries", 0, "at least 1")
+    assert type(error) is ValueError and str(error) == "Invalid retries: 0. Must be at least 1."
+    assert check_choice("split", "test", ("train", "test")) == "test"
+    with pytest.raises(InputError, match=r"^Invalid split: 'dev'\. Must be one of 'train', 'test'\.$"):
+        check_choice("split", "dev", ("train", "test"), InputError)

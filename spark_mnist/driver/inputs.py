@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, validate_layout,
-                                  validate_split)
+from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, hash_mismatch_message,
+                                  validate_layout)
 from spark_mnist.driver.sources import SourceFile, read_files
 from spark_mnist.errors import ChecksumMismatchError
 from spark_mnist.formats.idx import IdxReader, parse_idx
@@ -102,12 +102,8 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     if content is None:  # a large archive on a driver-visible path: np.load reads it whole anyway
         with open(source.local_path, "rb") as f:
             content = f.read()
-    arrays = load_keras_npz(io.BytesIO(content), image_shape=spec.image_shape, name=source.uri)
-    inputs = []
-    for split in SPLITS:
-        images, labels = arrays[split]
-        validate_split(spec, images, labels, f"{source.uri}[x_{split}]", f"{source.uri}[y_{split}]")
-        inputs.append(SplitInput(split, labels, _slicer(images), list))
+    arrays = load_keras_npz(io.BytesIO(content), spec, name=source.uri)  # checks both splits against spec
+    inputs = [SplitInput(split, arrays[split][1], _slicer(arrays[split][0]), list) for split in SPLITS]
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
     return inputs, [file_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]
 
@@ -121,8 +117,7 @@ def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bo
     """
     for record in records:
         if record["sha256_matches"] is False:
-            message = (f"{record['uri']}: payload sha256 {record['sha256']} differs from {spec.name}'s published "
-                       f"{record['expected_sha256']}")
+            message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
             if strict:
                 raise ChecksumMismatchError(message + " (ingest.strict)")
             log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)

@@ -29,7 +29,8 @@ from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 
-from spark_mnist.errors import IdxFormatError
+from spark_mnist.errors import IdxFormatError, invalid
+from spark_mnist.fs import replacing
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAGIC_ZERO_BYTES = b"\x00\x00"
@@ -91,7 +92,6 @@ class ParsedIdx:
     payload_bytes: int
 
 
-
 def _open_stream(raw: BinaryIO, name: str) -> BinaryIO:
     """Wrap ``raw`` in a gzip reader when it starts with the gzip magic; raise on empty or non-IDX content."""
     head = raw.read(2)
@@ -113,14 +113,18 @@ def _looks_like_text(data: bytes) -> str | None:
 
 
 def read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> IdxHeader:
-    """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed).
+    """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed), as the spec on
+    the MNIST page lays them out (see the module docstring).
 
     Raises:
         IdxFormatError: wrong magic number, unknown dtype code, zero or absurd dimensions, or a header cut short.
     """
     magic = _read_exact(stream, MAGIC_BYTES, name, "the 4-byte magic number")
     if magic[:2] != MAGIC_ZERO_BYTES:
-        kind = _looks_like_text(magic + _peek(stream, 252))
+        head = magic
+        with contextlib.suppress(IdxFormatError):  # only to say what the file looks like
+            head += _guarded_read(stream, 252, name)
+        kind = _looks_like_text(head)
         found = f"found {magic.hex(' ')}" + (f", which looks like {kind}" if kind else "")
         raise IdxFormatError(f"{name}: wrong magic number: expected 00 00 <dtype code> <ndim>, {found}")
     code, ndim = magic[2], magic[3]
@@ -139,13 +143,6 @@ def read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAULT
             f"more than the limit of {max_payload_bytes} bytes"
         )
     return header
-
-
-def _peek(stream: BinaryIO, size: int) -> bytes:
-    try:
-        return stream.read(size)
-    except (OSError, EOFError, zlib.error):
-        return b""
 
 
 def _read_exact(stream: BinaryIO, size: int, name: str, what: str) -> bytes:
@@ -240,9 +237,7 @@ class IdxReader:
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
         self._source, self._name, self._max_payload_bytes = source, name, max_payload_bytes
         self._stack = contextlib.ExitStack()
-        self._digest = None
-        self._done = False
-        self._rows_read = 0
+        self._digest, self._done, self._rows_read = None, False, 0
 
     def __enter__(self) -> "IdxReader":
         try:
@@ -290,7 +285,7 @@ class IdxReader:
         """
         header = self.header
         if not 0 <= rows <= header.shape[0] - self._rows_read:
-            raise ValueError(f"Invalid rows: {rows!r}. {header.shape[0] - self._rows_read} rows are left.")
+            raise invalid("rows", rows, f"0 to the {header.shape[0] - self._rows_read} rows left")
         row_shape = header.shape[1:]
         row_bytes = math.prod(row_shape) * header.dtype.itemsize
         buffer = _allocate(rows * row_bytes, self.name, header)
@@ -331,7 +326,7 @@ class IdxReader:
         total = self.header.shape[0]
         rows_per_chunk = total if rows_per_chunk is None else rows_per_chunk
         if rows_per_chunk < 1:
-            raise ValueError(f"Invalid rows_per_chunk: {rows_per_chunk!r}. Must be at least 1.")
+            raise invalid("rows_per_chunk", rows_per_chunk, "at least 1")
         while self._rows_read < total:
             yield self.read(min(rows_per_chunk, total - self._rows_read))
         self.finish()
@@ -364,23 +359,6 @@ def read_idx(source: Source, name: str | None = None, **kwargs) -> np.ndarray:
     return parse_idx(source, name, **kwargs).array
 
 
-def iter_idx_chunks(source: Source, rows_per_chunk: int, name: str | None = None, *,
-                    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Iterator[np.ndarray]:
-    """Stream an IDX file as consecutive native-endian arrays of at most ``rows_per_chunk`` rows (first dimension).
-
-    Memory stays bounded by one chunk, so files larger than the driver's memory can be ingested.  The file's
-    structure (trailing bytes, gzip CRC) is checked when the last chunk has been read.  See :class:`IdxReader`.
-
-    Raises:
-        IdxFormatError: as :func:`parse_idx`; a truncated payload is reported when the stream ends early.
-        ValueError: ``rows_per_chunk`` below 1.
-    """
-    if rows_per_chunk < 1:
-        raise ValueError(f"Invalid rows_per_chunk: {rows_per_chunk!r}. Must be at least 1.")
-    with IdxReader(source, name, max_payload_bytes=max_payload_bytes) as reader:
-        yield from reader.chunks(rows_per_chunk)
-
-
 def encode_idx(array: np.ndarray) -> bytes:
     """The IDX encoding (uncompressed) of ``array``: header then big-endian data.
 
@@ -391,13 +369,13 @@ def encode_idx(array: np.ndarray) -> bytes:
     array = np.asarray(array)
     key = (array.dtype.kind, array.dtype.itemsize)
     if key not in CODE_BY_KIND:
-        raise ValueError(f"Invalid dtype: {array.dtype}. IDX stores uint8, int8, int16, int32, float32, float64.")
+        raise invalid("dtype", array.dtype.name, "one IDX stores: uint8, int8, int16, int32, float32, float64")
     if array.ndim == 0:
-        raise ValueError("Invalid array: 0-d. IDX needs at least one dimension.")
+        raise invalid("shape", array.shape, "at least 1-d: IDX has no 0-d arrays")
     if array.ndim > MAX_DIMENSIONS:
-        raise ValueError(f"Invalid array: {array.ndim} dimensions. IDX files here hold 1 to {MAX_DIMENSIONS}.")
+        raise invalid("shape", array.shape, f"1 to {MAX_DIMENSIONS} dimensions here, not {array.ndim} dimensions")
     if not all(1 <= d <= 0xFFFFFFFF for d in array.shape):
-        raise ValueError(f"Invalid shape: {array.shape}. Every IDX dimension must be 1 to 2**32 - 1.")
+        raise invalid("shape", array.shape, "dimensions of 1 to 2**32 - 1 each")
     header = IdxHeader(DTYPE_BY_CODE[CODE_BY_KIND[key]], array.shape)
     return header.encode() + np.ascontiguousarray(array, dtype=header.dtype).tobytes()
 
@@ -405,7 +383,7 @@ def encode_idx(array: np.ndarray) -> bytes:
 def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | None = None) -> Path:
     """Write ``array`` as an IDX file, gzip-compressed when ``compress`` is true or the name ends in ``.gz``.
 
-    The file appears under its final name only when complete (written to a temporary name, then renamed).
+    The file appears under its final name only when complete (:func:`spark_mnist.fs.replacing`).
 
     Returns:
         The path written.
@@ -417,7 +395,6 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | No
     data = encode_idx(array)
     if compress:
         data = gzip.compress(data, compresslevel=6, mtime=0)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
     return path

@@ -17,32 +17,36 @@ from typing import BinaryIO
 
 import numpy as np
 
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, validate_layout
 from spark_mnist.errors import InputError
 from spark_mnist.formats.idx import write_idx
 
 KERAS_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
-KERAS_MNIST_FILE = "mnist.npz"
 
 
-def load_keras_npz(source: str | os.PathLike | BinaryIO, *, image_shape: tuple[int, int] = (28, 28),
+def load_keras_npz(source: str | os.PathLike | BinaryIO, spec: DatasetSpec | None = None, *,
                    name: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read a Keras ``mnist.npz`` with ``np.load(source, allow_pickle=False)``.
+    """Read a Keras ``mnist.npz`` with ``np.load(source, allow_pickle=False)`` and check each split as one of
+    ``spec``'s (:func:`spark_mnist.datasets.validate_layout`, the check ingest applies to IDX files).
 
     Args:
         source: the ``.npz`` file (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``; Keras' layout), as a
             path or an open binary file (e.g. the bytes Spark's ``binaryFile`` source read, in ``io.BytesIO``).
-        image_shape: the expected (height, width) of each image in pixels.
+        spec: the dataset the arrays must form (image shape in pixels, label range); default the registry's
+            ``mnist``.
         name: how errors name the file; defaults to the path.
 
     Returns:
         ``{"train": (images, labels), "test": (images, labels)}`` with images uint8 of shape (N, H, W) and labels
-        uint8 of shape (N,), the same N within a split.
+        uint8 of shape (N,) in ``[0, spec.num_classes)``, the same N within a split.
 
     Raises:
         InputError: naming the file: not a readable ``.npz`` archive, pickled (object) content, a missing key,
-            images not (N, H, W) uint8, labels not 1-d integers in 0..255, or image and label counts that differ.
+            images not (N, H, W) of ``spec.image_shape``, labels not 1-d integers in 0..255.
+        DatasetMismatchError (an InputError): naming the file and key (``<file>[x_train]``): images not uint8,
+            image and label counts that differ, labels out of ``spec``'s range.
     """
+    spec = spec or get_dataset("mnist")
     path = Path(name or os.fspath(source)) if name or not hasattr(source, "read") else Path("<npz>")
     try:
         loaded = np.load(source, allow_pickle=False)
@@ -63,7 +67,7 @@ def load_keras_npz(source: str | os.PathLike | BinaryIO, *, image_shape: tuple[i
         for split, (x_key, y_key) in KERAS_KEYS.items():
             images = _member(loaded, path, x_key)
             labels = _member(loaded, path, y_key)
-            result[split] = _checked(path, x_key, y_key, images, labels, image_shape)
+            result[split] = _checked(spec, path, x_key, y_key, images, labels)
     return result
 
 
@@ -76,21 +80,20 @@ def _member(loaded: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise InputError(f"{path}: {key} cannot be read from the archive: {e}") from e
 
 
-def _checked(path: Path, x_key: str, y_key: str, images: np.ndarray, labels: np.ndarray,
-             image_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    if images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape):
-        raise InputError(f"{path}: {x_key} has shape {images.shape}: expected (N, {image_shape[0]}, "
-                         f"{image_shape[1]})")
-    if images.dtype != np.uint8:
-        raise InputError(f"{path}: {x_key} has dtype {images.dtype}: expected uint8 pixels")
+def _checked(spec: DatasetSpec, path: Path, x_key: str, y_key: str, images: np.ndarray,
+             labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What only an npz can get wrong (the key's shape; labels of any integer dtype, which must fit uint8), then
+    :func:`spark_mnist.datasets.validate_layout` on the arrays as IDX files would hold them."""
+    if images.ndim != 3 or tuple(images.shape[1:]) != spec.image_shape:
+        raise InputError(f"{path}: {x_key} has shape {images.shape}: expected (N, {spec.image_shape[0]}, "
+                         f"{spec.image_shape[1]})")
     if labels.ndim != 1 or labels.dtype.kind not in "ui":
         raise InputError(f"{path}: {y_key} has shape {labels.shape} and dtype {labels.dtype}: expected (N,) integers")
-    if len(labels) != len(images):
-        raise InputError(f"{path}: {len(labels)} labels in {y_key} for {len(images)} images in {x_key}: "
-                         f"counts must match")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 255):
         raise InputError(f"{path}: {y_key} has labels outside 0..255: expected uint8 class indices")
-    return np.ascontiguousarray(images), labels.astype(np.uint8, copy=False)
+    labels = labels.astype(np.uint8, copy=False)
+    validate_layout(spec, images.shape, images.dtype, labels, f"{path}[{x_key}]", f"{path}[{y_key}]")
+    return np.ascontiguousarray(images), labels
 
 
 def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -108,7 +111,7 @@ def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         InputError: as :func:`load_keras_npz`.
     """
     spec = spec or get_dataset("mnist")
-    arrays = load_keras_npz(npz_path, image_shape=spec.image_shape)
+    arrays = load_keras_npz(npz_path, spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:

@@ -14,7 +14,7 @@ import numpy as np
 from spark_mnist.shards import contract
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
-from spark_mnist.paths import normalize_uri
+from spark_mnist.paths import require_local
 
 Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -28,24 +28,20 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
         dataset: registry name, used for file names and checks (an ingested dataset names its own).
 
     Returns:
-        ``((x_train, y_train), (x_test, y_test))``: images uint8 of shape (N, 28, 28), upright (EMNIST is
-        transposed back), labels uint8 of shape (N,).
+        ``((x_train, y_train), (x_test, y_test))``: images uint8 of shape (N, H, W) (28 x 28 pixels for the
+        MNIST family), upright (EMNIST is transposed back), labels uint8 of shape (N,) in ``[0, num_classes)``.
 
     Raises:
         SourceError: a path with no local form, or one that does not exist.
         IdxFormatError, DatasetMismatchError, InputError: as ingest, for the same defects.
     """
-    location = normalize_uri(path)
-    local = location.local_path
-    if local is None or not os.path.exists(local):
+    local = require_local(path, "load_data")
+    if not os.path.exists(local):
         raise SourceError(f"{path}: not found (load_data reads local, /dbfs/ or /Volumes/ paths)")
     if local.endswith(".npz"):
         from spark_mnist.formats.keras_npz import load_keras_npz
 
-        spec = get_dataset(dataset)
-        loaded = load_keras_npz(local, image_shape=spec.image_shape)
-        for split, (images, labels) in loaded.items():
-            validate_split(spec, images, labels, f"{local}[x_{split}]", f"{local}[y_{split}]")
+        loaded = load_keras_npz(local, get_dataset(dataset))  # checked as ingest checks IDX files
         return loaded["train"], loaded["test"]
     if os.path.exists(os.path.join(local, contract.MANIFEST_NAME)):
         return _from_parquet(local)

@@ -5,14 +5,16 @@ For each file of the dataset (:mod:`spark_mnist.datasets`), in order:
 1. a copy already under the target name is kept if it verifies; one that does not (an HTML error page saved as
    ``.gz``, a truncated file) is deleted with a warning and fetched again;
 2. local copies: ``/usr/share/datasets/<dataset>/`` (Debian's ``fashion-mnist`` package), torchvision roots
-   (``<root>/<MNIST|FashionMNIST|KMNIST|EMNIST>/raw/<file>.gz`` or the un-gzipped ``<file>``) and, for ``mnist``,
-   Keras' ``~/.keras/datasets/mnist.npz`` (:mod:`spark_mnist.formats.keras_npz`);
+   (``<root>/<folder>/raw/<file>.gz`` or the un-gzipped ``<file>``, the folder being the registry's
+   ``torchvision_folder``: MNIST, FashionMNIST, KMNIST, EMNIST) and, where the registry names a ``keras_file``
+   (``mnist``), Keras' ``~/.keras/datasets/mnist.npz`` (:mod:`spark_mnist.formats.keras_npz`);
 3. the dataset's mirrors in order, each tried ``retries`` times with exponential back-off, resuming a partial
    download with an HTTP ``Range`` request (RFC 9110 section 14) from ``<name>.part``.
 
 Every candidate is verified with :func:`spark_mnist.tools.verify.verify_file` (IDX structure, published payload sha256
 where known, image shape, label range, published row count) before it appears under its final name, which happens
-by ``os.replace``: a failed or interrupted run never leaves a half-written file under a final name.
+by ``os.replace`` (:func:`spark_mnist.fs.replacing`): a failed or interrupted run never leaves a half-written file
+under a final name.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from tqdm import tqdm
 
 from spark_mnist import __version__
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset
-from spark_mnist.errors import ChecksumMismatchError, IdxFormatError, InputError, SourceError
+from spark_mnist.errors import ChecksumMismatchError, IdxFormatError, InputError, SourceError, invalid
 from spark_mnist.formats.idx import GZIP_MAGIC
-from spark_mnist.formats.keras_npz import KERAS_MNIST_FILE, npz_to_idx_dir
-from spark_mnist.paths import normalize_uri
+from spark_mnist.formats.keras_npz import npz_to_idx_dir
+from spark_mnist.fs import replacing
+from spark_mnist.paths import normalize_uri, require_local
 from spark_mnist.tools.verify import verify_file
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,6 @@ CHUNK_BYTES = 1 << 16
 # Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
 # errors.  Any other 4xx (403 Forbidden, 404 Not Found, ...) moves on to the next mirror at once.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
-TORCHVISION_CLASS_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                   ConnectionError, TimeoutError)
 
@@ -59,8 +61,8 @@ class LocalRoots:
 
     ``datasets``: directories holding ``<dataset name>/<file>`` (Debian installs Fashion-MNIST under
     ``/usr/share/datasets/fashion-mnist``); ``torchvision``: torchvision dataset roots (the ``root`` argument of
-    ``torchvision.datasets.MNIST`` and friends, files under ``<root>/<ClassName>/raw/``); ``keras``: directories
-    holding Keras' ``mnist.npz``.  ``LocalRoots()`` looks nowhere; :meth:`default` gives the usual places.
+    ``torchvision.datasets.MNIST`` and friends, files under ``<root>/<DatasetSpec.torchvision_folder>/raw/``);
+    ``keras``: directories holding Keras' npz (``DatasetSpec.keras_file``: ``mnist.npz``).  ``LocalRoots()`` looks nowhere; :meth:`default` gives the usual places.
     """
 
     datasets: Sequence[Path] = ()
@@ -124,50 +126,33 @@ def download(dataset: str | DatasetSpec, to: str | os.PathLike, *, mirrors: Iter
     """
     spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
     if retries < 1:
-        raise ValueError(f"Invalid retries: {retries!r}. Must be at least 1.")
+        raise invalid("retries", retries, "at least 1")
     if backoff < 0:
-        raise ValueError(f"Invalid backoff: {backoff!r}. Must be 0 or more seconds.")
+        raise invalid("backoff", backoff, "0 or more seconds")
     mirrors = tuple(spec.mirrors if mirrors is None else mirrors)
     roots = LocalRoots.default() if local_roots is None else local_roots
     target, staging = _target_dirs(to)
-
     wanted = [(split, kind, spec.file(split, kind)) for split in SPLITS for kind in (IMAGES, LABELS)]
-    results: dict[str, Path] = {}
-    pending = []
-    for split, kind, entry in wanted:
-        final = target / entry.name
-        if _keep_cached(spec, split, kind, final):
-            results[entry.name] = final
-        else:
-            pending.append((split, kind, entry))
-
+    pending = [(split, kind, entry) for split, kind, entry in wanted
+               if not _keep_cached(spec, split, kind, target / entry.name)]
     with contextlib.ExitStack() as stack:
         local = _LocalCopies(spec, roots, stack)
-        remaining = []
-        for split, kind, entry in pending:
-            final = target / entry.name
-            if local.install(split, kind, entry, final):
-                results[entry.name] = final
-            else:
-                remaining.append((split, kind, entry))
+        remaining = [(split, kind, entry) for split, kind, entry in pending
+                     if not local.install(split, kind, entry, target / entry.name)]
         if remaining:
             http = stack.enter_context(
                 contextlib.nullcontext(session) if session is not None else requests.Session())
             for split, kind, entry in remaining:
-                final = target / entry.name
-                _fetch(http, spec, split, kind, entry, final, staging, mirrors, retries=retries, backoff=backoff,
-                       timeout=timeout, sleep=sleep)
-                results[entry.name] = final
-    return {entry.name: results[entry.name] for _, _, entry in wanted}
+                _fetch(http, spec, split, kind, entry, target / entry.name, staging, mirrors, retries=retries,
+                       backoff=backoff, timeout=timeout, sleep=sleep)
+    return {entry.name: target / entry.name for _, _, entry in wanted}
 
 
 def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     """The target directory (created) and where ``.part`` files go: the target itself on local disk, a directory
     under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending)."""
+    require_local(to, "download")
     location = normalize_uri(to)
-    if location.local_path is None:
-        raise SourceError(f"{location.uri}: download writes to a local path (a directory, file:/, /dbfs/ or "
-                          f"/Volumes/); download there and copy to {location.uri} afterwards")
     if not location.is_local:
         raise SourceError(f"{location.local_path}: no {location.kind} mount on this machine (not on Databricks?)")
     target = Path(location.local_path)
@@ -204,17 +189,12 @@ def _install(source: Path, final: Path, *, move: bool = False) -> None:
         os.replace(source, final)
         return
     compress = not _is_gzip(source)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as out:
-            if compress:
-                with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
-                    shutil.copyfileobj(src, gz, CHUNK_BYTES)
-            else:
-                shutil.copyfileobj(src, out, CHUNK_BYTES)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(final) as tmp, open(source, "rb") as src, open(tmp, "wb") as out:
+        if compress:
+            with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
+                shutil.copyfileobj(src, gz, CHUNK_BYTES)
+        else:
+            shutil.copyfileobj(src, out, CHUNK_BYTES)
     if move:
         source.unlink(missing_ok=True)
 
@@ -231,22 +211,20 @@ class _LocalCopies:
     def _plain_candidates(self, name: str) -> Iterator[Path]:
         stem = name[:-3] if name.endswith(".gz") else name
         dirs = [root / self.spec.name for root in self.roots.datasets]
-        class_dir = (TORCHVISION_CLASS_DIRS.get(self.spec.name)
-                     or ("EMNIST" if self.spec.name.startswith("emnist-") else None))
-        if class_dir is not None:
-            dirs += [root / class_dir / "raw" for root in self.roots.torchvision]
+        if self.spec.torchvision_folder is not None:
+            dirs += [root / self.spec.torchvision_folder / "raw" for root in self.roots.torchvision]
         for directory in dirs:
             for candidate in (directory / name, directory / stem):
                 if candidate.is_file():
                     yield candidate
 
     def _keras_candidates(self, name: str) -> Iterator[Path]:
-        if self.spec.name != "mnist":
+        if self.spec.keras_file is None:
             return
         if self._keras_dirs is None:
             self._keras_dirs = []
             for root in self.roots.keras:
-                npz = root / KERAS_MNIST_FILE
+                npz = root / self.spec.keras_file
                 if not npz.is_file():
                     continue
                 scratch = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="spark-mnist-keras-")))

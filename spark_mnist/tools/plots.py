@@ -4,7 +4,7 @@ matplotlib is optional (``pip install 'spark-mnist[plots]'``) and imported only 
 built with the object API (``matplotlib.figure.Figure`` on an Agg canvas), never through ``pyplot``: nothing is
 registered in pyplot's global figure list, the process-wide backend is left as it is (a notebook keeps its inline
 backend), no display is needed, and each figure is freed when the function returns.  Every PNG is written through a
-temporary name and a rename, so a reader never sees half a file.
+temporary name and a rename (:func:`spark_mnist.fs.replacing`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from spark_mnist.shards import contract
-from spark_mnist.errors import InputError
+from spark_mnist.errors import InputError, invalid
+from spark_mnist.fs import replacing
 
 if TYPE_CHECKING:
     from spark_mnist.tools.evaluate import EvaluationResult
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'spark-mnist[plots]'"
 DPI = 100
 PREVIEW_CELL_INCHES = (1.3, 1.45)  # width, height of one image with its title
-_missing_warned = False
+MISSING_MATPLOTLIB = "matplotlib"  # the reason maybe_training_curves logs once per ``warned`` set
 
 
 def _figure(width: float, height: float, layout: str | None = None):
@@ -47,14 +48,11 @@ def _save(figure, out_png: str | os.PathLike) -> Path:
     """Write ``figure`` as PNG to ``out_png`` (parents created) atomically; release the figure."""
     path = Path(out_png)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        figure.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=DPI)
     finally:
         figure.clear()
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -108,7 +106,7 @@ def preview_grid(data_dir: str | os.PathLike, out_png: str | os.PathLike, *, spl
         InputError: matplotlib missing, an unknown ``split``, ``rows``/``cols`` below 1, an empty split.
     """
     if rows < 1 or cols < 1:
-        raise InputError(f"Invalid grid: {rows!r} x {cols!r}. rows and cols must be at least 1.")
+        raise invalid("grid", (rows, cols), "rows and cols of at least 1 each", InputError)
     index, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
     if len(labels) == 0:
         raise InputError(f"{os.fspath(data_dir)}: split {split!r} holds no images to preview")
@@ -218,19 +216,24 @@ def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike)
     return _save(figure, out_png)
 
 
-def maybe_training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any],
-                          out_png: str | os.PathLike) -> Path | None:
+def maybe_training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike,
+                          *, warned: set[str] | None = None) -> Path | None:
     """:func:`training_curves` for the end of a training run, which a picture must never fail: returns ``None``
-    and logs a warning instead of raising (the missing-matplotlib warning once per process)."""
-    global _missing_warned
+    and logs a warning instead of raising.
+
+    Args:
+        warned: the caller's record of warnings already logged, for a caller that draws more than once (one set per
+            run, say): the missing-matplotlib warning is logged only if :data:`MISSING_MATPLOTLIB` is not in it, and
+            added to it.  Default: a new set, so each call warns.
+    """
+    warned = set() if warned is None else warned
     try:
         return training_curves(history, out_png)
     except InputError as e:
-        if "matplotlib" in str(e):
-            if not _missing_warned:
-                _missing_warned = True
-                log.warning("not writing %s: %s", out_png, e)
-        else:
+        if "matplotlib" not in str(e):
+            log.warning("not writing %s: %s", out_png, e)
+        elif MISSING_MATPLOTLIB not in warned:
+            warned.add(MISSING_MATPLOTLIB)
             log.warning("not writing %s: %s", out_png, e)
     except Exception as e:  # noqa: BLE001 - the model and metrics are already saved; a picture is not worth a failure
         log.warning("could not write %s: %s: %s", out_png, type(e).__name__, e)

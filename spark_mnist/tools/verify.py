@@ -16,10 +16,11 @@ from typing import Sequence
 
 import numpy as np
 
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, validate_split
+from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, hash_mismatch_message,
+                                  validate_split)
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, InputError, SourceError
 from spark_mnist.formats.idx import ParsedIdx, parse_idx
-from spark_mnist.paths import normalize_uri
+from spark_mnist.paths import require_local
 
 STATUS_OK = "ok"
 STATUS_HASH_MISMATCH = "hash-mismatch"
@@ -52,6 +53,7 @@ class FileReport:
 
     @property
     def ok(self) -> bool:
+        """Whether ``status`` is ``"ok"``."""
         return self.status == STATUS_OK
 
 
@@ -70,6 +72,7 @@ class SplitReport:
 
     @property
     def ok(self) -> bool:
+        """Whether ``status`` is ``"ok"``."""
         return self.status == STATUS_OK
 
 
@@ -87,6 +90,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every file and split is ``"ok"`` (hash mismatches allowed when not ``strict``)."""
         allowed = {STATUS_OK} if self.strict else {STATUS_OK, STATUS_HASH_MISMATCH}
         return all(f.status in allowed for f in self.files) and all(s.ok for s in self.splits)
 
@@ -96,8 +100,7 @@ class VerifyReport:
         lines = []
         for f in self.files:
             if f.status == STATUS_HASH_MISMATCH:
-                lines.append(f"{f.path}: payload sha256 {f.sha256} differs from {self.dataset}'s published "
-                             f"{f.expected}")
+                lines.append(hash_mismatch_message(self.dataset, f.path, f.sha256, f.expected))
             elif f.status == STATUS_MISSING:
                 lines.append(f"{f.path}: file not found")
             elif not f.ok:
@@ -133,8 +136,7 @@ def verify_file(spec: DatasetSpec, split: str, kind: str, path: str | os.PathLik
     parsed = parse_idx(path, name)
     expected = spec.file(split, kind).sha256
     if expected is not None and parsed.sha256 != expected:
-        raise ChecksumMismatchError(f"{name}: payload sha256 {parsed.sha256} differs from {spec.name}'s published "
-                                    f"{expected}")
+        raise ChecksumMismatchError(hash_mismatch_message(spec.name, name, parsed.sha256, expected))
     array = parsed.array
     rows = int(array.shape[0])
     if kind == IMAGES:
@@ -149,11 +151,7 @@ def verify_file(spec: DatasetSpec, split: str, kind: str, path: str | os.PathLik
 
 
 def _local_directory(directory: str | os.PathLike) -> Path:
-    location = normalize_uri(directory)
-    if location.local_path is None:
-        raise SourceError(f"{location.uri}: verify reads local paths only (a directory, file:/, dbfs:/ on "
-                          f"Databricks, /dbfs/ or /Volumes/); copy the files somewhere this machine can read")
-    path = Path(location.local_path)
+    path = Path(require_local(directory, "verify"))
     if not path.is_dir():
         raise SourceError(f"{path}: source directory not found")
     return path
