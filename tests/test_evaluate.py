@@ -195,5 +195,5 @@ def test_the_model_name_comes_from_training_metrics_or_the_argument(data, model_
 def test_an_object_store_dataset_is_refused_with_its_uri(model_file):
     from spark_mnist.errors import SourceError
 
-    with pytest.raises(SourceError, match=r"s3://bucket/data: the dataset must be a local or FUSE path"):
+    with pytest.raises(SourceError, match=r"s3://bucket/data: the dataset takes local paths only"):
         evaluate_model("s3://bucket/data", model_file)
