@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from spark_mnist.shards import contract
 from spark_mnist.config import Settings
 from spark_mnist.driver.converter import choose_converter, make_converters
 from spark_mnist.paths import normalize_uri, require_local
+from spark_mnist.shards import contract
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ class TrainingFailedError(RuntimeError):
         others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
         tail = "".join(first["traceback"]).rstrip()
         return cls(f"rank {first['rank']} failed: {first['exception']}{others}\n{tail}")
-
-
-def _dataset_manifest(data: str) -> tuple[str, dict[str, Any]]:
-    return normalize_uri(data).uri, contract.load_manifest(require_local(data, "the dataset"))
 
 
 def train(spark, settings: Settings) -> dict[str, Any]:
@@ -62,15 +58,16 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     t = settings.train
     check_choice("train.model", t.model, MODELS, InputError)  # before Spark jobs and ranks start
     choice = choose_converter(t)
-    data_uri, manifest = _dataset_manifest(settings.data_dir)
+    dataset_dir = require_local(settings.data_dir, "the dataset")
+    manifest = contract.load_manifest(dataset_dir)
     if choice.uses_petastorm:
         log.info("converter: petastorm (%s)", choice.reason)
-        converters = make_converters(spark, data_uri, t.petastorm_cache_url, t.petastorm_row_group_bytes)
+        converters = make_converters(spark, normalize_uri(settings.data_dir).uri, t.petastorm_cache_url,
+                                     t.petastorm_row_group_bytes)
         files = {split: list(converter.file_urls) for split, converter in converters.items()}
     else:
         log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
         converters = {}
-        dataset_dir = require_local(settings.data_dir, "the dataset")
         files = {split: contract.split_files(dataset_dir, manifest, split) for split in ("train", "test")}
     try:
         job = TrainJob(settings=t, train_files=files["train"], test_files=files["test"], dataset=manifest["dataset"],
