@@ -179,8 +179,8 @@ def test_scratch_files_of_killed_attempts_are_not_committed(spark, small_source,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
 
 
-@pytest.mark.parametrize("through", ["os", "hadoop"])
-def test_remove_scratch_keeps_shards_and_manifest(spark, tmp_path, through):
+@pytest.mark.parametrize("through", ["os", "pyarrow"])
+def test_remove_scratch_keeps_shards_and_manifest(tmp_path, through):
     from spark_mnist.driver.commit import remove_scratch, scratch_name
     from spark_mnist.paths import Location, normalize_uri
 
@@ -192,13 +192,13 @@ def test_remove_scratch_keeps_shards_and_manifest(spark, tmp_path, through):
     (staging / "train" / scratch_name("part-00001.parquet", "3f2a")).write_bytes(b"")
     (staging / contract.MANIFEST_NAME).write_text("{}")
     location = normalize_uri(staging)
-    if through == "hadoop":  # the Hadoop FileSystem path that dbfs:/ and object stores take
+    if through == "pyarrow":  # the pyarrow.fs path that object stores and hdfs:// take
         location = Location(location.uri, None, "remote")
-    assert remove_scratch(spark, location) == 2
+    assert remove_scratch(location) == 2
     assert sorted(p.name for p in (staging / "train").iterdir()) == ["part-00000.parquet"]
     assert sorted(p.name for p in (staging / "test").iterdir()) == ["part-00000.parquet"]
     assert (staging / contract.MANIFEST_NAME).exists()
-    assert remove_scratch(spark, location) == 0
+    assert remove_scratch(location) == 0
 
 
 def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):

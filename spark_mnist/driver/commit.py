@@ -1,7 +1,9 @@
 """The commit of an ingest, on the driver: staging beside ``OUT``, the scratch files of killed task attempts,
 the rename into place that replaces a previous dataset, and :func:`recover` after an interrupted commit.
 
-Readers see either the previous complete dataset or the new one, never a mix.
+Readers see either the previous complete dataset or the new one, never a mix: exactly so where a rename is atomic
+(local disk, the ``/dbfs`` and ``/Volumes`` FUSE mounts, HDFS); on object stores a rename is a copy then a delete
+(:mod:`spark_mnist.fs`).  No Spark session here: every file operation goes through :mod:`spark_mnist.fs`.
 """
 
 from __future__ import annotations
@@ -10,15 +12,11 @@ import fnmatch
 import logging
 import os
 import uuid
-from typing import TYPE_CHECKING
 
+from spark_mnist import fs
 from spark_mnist.datasets import SPLITS
-from spark_mnist.driver import storage
 from spark_mnist.paths import Location
 from spark_mnist.shards import contract
-
-if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +41,22 @@ def is_scratch_name(name: str) -> bool:
     return fnmatch.fnmatchcase(name, scratch_name("*", "*"))
 
 
-def remove_scratch(spark: "SparkSession", staging: Location) -> int:
+def remove_scratch(staging: Location) -> int:
     """Delete every file in ``staging/<split>/`` named like a task attempt's scratch file (:func:`is_scratch_name`):
     what attempts killed outright (executor lost, SIGKILL) left behind.  The shards themselves are untouched.
 
     Returns:
         How many files were removed.
     Raises:
-        OSError: a local split directory could not be listed or a file in it removed (elsewhere the Hadoop
-            ``FileSystem`` error comes through Py4J).
+        OSError: a split directory could not be listed or a file in it removed.
+        SourceError: ``staging`` is on no file system this machine can reach (:func:`spark_mnist.fs.filesystem`).
     """
     removed = 0
     for split in SPLITS:
         directory = staging.join(split)
-        leftovers = [name for name in storage.list_names(spark, directory) if is_scratch_name(name)]
+        leftovers = [name for name in fs.list_names(directory) if is_scratch_name(name)]
         for name in leftovers:
-            storage.delete(spark, directory.join(name))
+            fs.delete(directory.join(name))
         if leftovers:
             log.info("%s: removed %d scratch file(s) left by killed task attempts: %s", directory.uri,
                      len(leftovers), ", ".join(leftovers))
@@ -67,7 +65,7 @@ def remove_scratch(spark: "SparkSession", staging: Location) -> int:
     return removed
 
 
-def commit(spark: "SparkSession", staging: Location, output: Location) -> None:
+def commit(staging: Location, output: Location) -> None:
     """Make the complete dataset in ``staging`` appear as ``output``, replacing what was there.
 
     First the scratch files of killed task attempts are removed from ``staging`` (:func:`remove_scratch`), so
@@ -80,27 +78,32 @@ def commit(spark: "SparkSession", staging: Location, output: Location) -> None:
     Raises:
         RuntimeError: the rename did not land in :data:`COMMIT_RETRIES` attempts (concurrent ingests).
         OSError: a scratch file could not be removed, or a rename failed.
+        SourceError: ``staging`` or ``output`` is on no file system this machine can reach.
     """
-    remove_scratch(spark, staging)
+    remove_scratch(staging)
     for _ in range(COMMIT_RETRIES):
         try:
-            storage.rename(spark, staging, output)
+            fs.rename(staging, output)
             break
         except FileExistsError:
             aside = output.sibling(f".{output.name}.old-{uuid.uuid4().hex[:12]}")
             try:
-                storage.rename(spark, output, aside)
+                fs.rename(output, aside)
             except (FileNotFoundError, FileExistsError):
                 continue  # another ingest moved it first
-            storage.delete(spark, aside)
+            fs.delete(aside)
     else:
         raise RuntimeError(f"{output.uri}: could not commit after {COMMIT_RETRIES} attempts (concurrent ingests?)")
 
 
-def recover(spark: "SparkSession", output: Location) -> None:
+def recover(output: Location) -> None:
     """Undo an interrupted :func:`commit`: when ``output`` is missing but a complete dataset was moved aside, move
-    it back.  Only local paths can be listed cheaply; elsewhere this is a no-op."""
-    if not output.is_local or storage.exists(spark, output):
+    it back.  Only local paths (local disk, ``/dbfs``, ``/Volumes``) are checked; elsewhere this is a no-op.
+
+    Raises:
+        OSError: the parent directory could not be listed or the rename back failed.
+    """
+    if not output.is_local or fs.exists(output):
         return
     parent = output.sibling("")
     prefix = f".{output.name}.old-"

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from spark_mnist import __version__
+from spark_mnist import fs as files  # not `fs`: arrow_target and write_shard import pyarrow.fs as fs
 from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
-from spark_mnist.driver import storage
 from spark_mnist.driver.commit import commit, recover, scratch_name, staging_for
 from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_npz
 from spark_mnist.driver.sources import read_files
@@ -141,7 +141,7 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, 
     shards = [(pieces[p].split, pieces[p].first_shard + k) for p, k in units]
     rows_per_group = max(1, row_group_bytes // max(1, int(np.prod(pieces[0].images.shape[1:]))))
     for piece in pieces:
-        storage.makedirs(spark, staging.join(piece.split))
+        files.makedirs(staging.join(piece.split))
     broadcast = spark.sparkContext.broadcast([(piece.images, piece.labels) for piece in pieces])
     try:
         def write_units(batches: Iterator) -> Iterator:
@@ -327,7 +327,7 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
         splits, records = read_sources(spark, spec, source_dir, stack, clock)
         log.info("checked the headers and labels of %s: %s", source_dir.uri,
                  ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits))
-        recover(spark, out)
+        recover(out)
         staging = staging_for(out)
         try:
             rows_per_shard = write_splits(spark, spec, splits, staging, num_shards=num_shards,
@@ -337,10 +337,10 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
             records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
             check_hashes(spec, records, strict=strict)
             manifest = build_manifest(spec, source_dir, records, splits, rows_per_shard)
-            storage.write_text(spark, staging.join(contract.MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
-            clock.timed("commit", commit)(spark, staging, out)
+            files.write_text(staging.join(contract.MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
+            clock.timed("commit", commit)(staging, out)
         finally:
-            storage.delete(spark, staging)
+            files.delete(staging)
     seconds = clock.close()
     if stages is not None:
         stages.update(seconds)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from spark_mnist.driver import storage
+from spark_mnist import fs
 from spark_mnist.errors import SourceError
 from spark_mnist.paths import Location, check_visible_to_executors
 
@@ -49,10 +49,10 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str],
             that the executors of a cluster could not see.
     """
     check_visible_to_executors(spark.sparkContext.master, directory)
-    if not storage.exists(spark, directory):
+    if not fs.exists(directory):
         raise SourceError(f"{directory.local_path or directory.uri}: source directory not found")
     wanted = {name: directory.join(name) for name in names}
-    missing = [loc for loc in wanted.values() if not storage.exists(spark, loc)]
+    missing = [loc for loc in wanted.values() if not fs.exists(loc)]
     if missing:
         listing = ", ".join(loc.local_path or loc.uri for loc in missing)
         raise SourceError(f"{listing}: file not found (expected {', '.join(names)} in {directory.uri})")
