@@ -2,8 +2,11 @@
 
 The bundle's ``${var.X}`` references are replaced by the variables' defaults and ``${workspace.*}`` /
 ``${bundle.*}`` by dummy strings; then every job is validated key by key against ``databricks-sdk``'s
-``JobSettings`` dataclasses (``JobSettings.from_dict`` alone ignores unknown keys and bad enum values), and its
-task parameters are parsed with the real ``spark-mnist`` argument parser.  No Spark, no network.
+``JobSettings`` dataclasses (``JobSettings.from_dict`` alone ignores unknown keys and bad enum values), where each
+task runs is checked (:func:`placement_errors`: on serverless through one of the job's environments and with no
+cluster or library, or on one of its job clusters; the ingest on serverless with the wheel in its environment's
+dependencies, the training on a dedicated GPU job cluster with the wheel as a library), and the task parameters are
+parsed with the real ``spark-mnist`` argument parser.  No Spark, no network.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from spark_mnist.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_FILE = REPO / "databricks.yml"
 JOB = "spark_mnist"
+WHEEL = "./dist/*.whl"  # what the artifact builds (pip wheel -w dist), as the tasks install it
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.\-\[\]]+)\}")
 DUMMY = {"workspace": "/Workspace/Users/someone@example.com/.bundle/spark-mnist/dev", "bundle": "spark-mnist-dev"}
@@ -200,7 +204,52 @@ def tasks_by_key(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def clusters_by_key(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
+    return {c["job_cluster_key"]: c["new_cluster"] for c in job.get("job_clusters") or []}
+
+
+def environments_by_key(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["environment_key"]: e.get("spec") or {} for e in job.get("environments") or []}
+
+
+# The keys that put a task on classic compute; a task with none of them and an environment_key runs on serverless.
+CLUSTER_KEYS = ("job_cluster_key", "existing_cluster_id", "new_cluster")
+
+
+def placement_errors(job: dict[str, Any], path: str = f"resources.jobs.{JOB}") -> list[str]:
+    """Where each task runs, beyond the types: a task runs either on serverless compute (``environment_key``, one
+    of the job's ``environments``, and no ``libraries``: a serverless task installs what its environment's
+    ``dependencies`` list) or on exactly one cluster (a job cluster of ``job_clusters``); every environment and
+    job cluster is used, and each key is defined once."""
+    errors = []
+    environments = [e.get("environment_key") for e in job.get("environments") or []]
+    clusters = [c.get("job_cluster_key") for c in job.get("job_clusters") or []]
+    for kind, keys in (("environments", environments), ("job_clusters", clusters)):
+        errors += [f"{path}.{kind}: {key!r} defined more than once" for key in sorted(
+            {k for k in keys if keys.count(k) > 1})]
+    used_environments, used_clusters = set(), set()
+    for i, task in enumerate(job.get("tasks") or []):
+        where = f"{path}.tasks[{i}] ({task.get('task_key')})"
+        on_cluster = [k for k in CLUSTER_KEYS if k in task]
+        env = task.get("environment_key")
+        if env is not None:
+            used_environments.add(env)
+            if env not in environments:
+                errors.append(f"{where}: environment_key {env!r} is not one of the job's environments {environments}")
+            if on_cluster:
+                errors.append(f"{where}: both serverless (environment_key) and a cluster ({', '.join(on_cluster)})")
+            if "libraries" in task:
+                errors.append(f"{where}: libraries on a serverless task (list them in the environment's dependencies)")
+        elif not on_cluster:
+            errors.append(f"{where}: no compute (environment_key or job_cluster_key)")
+        elif len(on_cluster) > 1:
+            errors.append(f"{where}: more than one cluster ({', '.join(on_cluster)})")
+        if "job_cluster_key" in task:
+            used_clusters.add(task["job_cluster_key"])
+            if task["job_cluster_key"] not in clusters:
+                errors.append(f"{where}: job_cluster_key {task['job_cluster_key']!r} is not one of {clusters}")
+    errors += [f"{path}.environments: {key!r} used by no task" for key in environments if key not in used_environments]
+    errors += [f"{path}.job_clusters: {key!r} used by no task" for key in clusters if key not in used_clusters]
+    return errors
 
 
 def subcommand_parser(command: str) -> argparse.ArgumentParser:
@@ -264,6 +313,7 @@ def test_artifact_builds_the_wheel_the_tasks_install(bundle):
     assert wheel["type"] == "whl"
     assert wheel["build"] == "python -m pip wheel --no-deps -w dist ."
     assert (REPO / wheel["path"] / "pyproject.toml").is_file()
+    assert WHEEL == f"./{wheel['build'].split(' -w ')[1].split()[0]}/*.whl", "the tasks install what the build writes"
 
 
 # --- the job against the Jobs API types -----------------------------------------------------------------------
@@ -285,16 +335,22 @@ def test_job_validates_against_sdk_types(bundle):
         "pyton_file", j["tasks"][1]["spark_python_task"].pop("python_file")),
      ["resources.jobs.spark_mnist.tasks[1].spark_python_task.pyton_file: unknown key",
       "resources.jobs.spark_mnist.tasks[1].spark_python_task.python_file: missing required key"]),
-    (lambda j: j["job_clusters"][1]["new_cluster"].__setitem__("num_worker", 2),
-     ["resources.jobs.spark_mnist.job_clusters[1].new_cluster.num_worker: unknown key"]),
+    (lambda j: j["job_clusters"][0]["new_cluster"].__setitem__("num_worker", 2),
+     ["resources.jobs.spark_mnist.job_clusters[0].new_cluster.num_worker: unknown key"]),
     (lambda j: j["job_clusters"][0]["new_cluster"].__setitem__("data_security_mode", "SINGLE_USR"),
      ["resources.jobs.spark_mnist.job_clusters[0].new_cluster.data_security_mode: bad value 'SINGLE_USR'"]),
-    (lambda j: j["tasks"][0].__setitem__("libraries", [{"wheel": "./dist/*.whl"}]),
-     ["resources.jobs.spark_mnist.tasks[0].libraries[0].wheel: unknown key"]),
+    (lambda j: j["tasks"][1].__setitem__("libraries", [{"wheel": "./dist/*.whl"}]),
+     ["resources.jobs.spark_mnist.tasks[1].libraries[0].wheel: unknown key"]),
     (lambda j: j["tasks"][1].__setitem__("depends_on", "ingest"),
      ["resources.jobs.spark_mnist.tasks[1].depends_on: expected a list"]),
-    (lambda j: j["job_clusters"][1]["new_cluster"].__setitem__("num_workers", "two"),
-     ["resources.jobs.spark_mnist.job_clusters[1].new_cluster.num_workers: expected int"]),
+    (lambda j: j["job_clusters"][0]["new_cluster"].__setitem__("num_workers", "two"),
+     ["resources.jobs.spark_mnist.job_clusters[0].new_cluster.num_workers: expected int"]),
+    (lambda j: j["environments"][0]["spec"].__setitem__("enviroment_version", "4"),
+     ["resources.jobs.spark_mnist.environments[0].spec.enviroment_version: unknown key"]),
+    (lambda j: j["environments"][0].__setitem__("spec", {"dependencies": "./dist/*.whl"}),
+     ["resources.jobs.spark_mnist.environments[0].spec.dependencies: expected a list"]),
+    (lambda j: j["tasks"][0].__setitem__("enviroment_key", j["tasks"][0].pop("environment_key")),
+     ["resources.jobs.spark_mnist.tasks[0].enviroment_key: unknown key"]),
     (lambda j: j.__setitem__("max_concurent_runs", 1),
      ["resources.jobs.spark_mnist.max_concurent_runs: unknown key"]),
 ])
@@ -326,20 +382,58 @@ def test_two_tasks_train_after_ingest(job):
     assert tasks["train"]["depends_on"] == [{"task_key": "ingest"}]
 
 
-def test_ingest_on_cpu_train_on_gpu(job):
-    tasks, clusters = tasks_by_key(job), clusters_by_key(job)
-    assert set(clusters) == {t["job_cluster_key"] for t in tasks.values()}
-    cpu = clusters[tasks["ingest"]["job_cluster_key"]]
-    gpu = clusters[tasks["train"]["job_cluster_key"]]
-    assert "-cpu-ml-" in cpu["spark_version"] and "-gpu-ml-" in gpu["spark_version"]
+def test_every_task_runs_on_serverless_or_one_defined_cluster(job):
+    assert placement_errors(job) == []
+
+
+def test_ingest_runs_on_serverless_with_the_wheel(job):
+    ingest = tasks_by_key(job)["ingest"]
+    assert not any(k in ingest for k in CLUSTER_KEYS), "serverless: no cluster on the ingest task"
+    assert "libraries" not in ingest, "serverless: the wheel comes from the environment's dependencies"
+    spec = environments_by_key(job)[ingest["environment_key"]]
+    assert WHEEL in spec["dependencies"]
+    # environment_version, not the deprecated ``client``; a version with Python 3.12 and Databricks Connect >= 17
+    assert "client" not in spec and str(spec["environment_version"]) in ("4", "5")
+
+
+def test_train_runs_on_a_dedicated_gpu_job_cluster_with_the_wheel(job):
+    train_task = tasks_by_key(job)["train"]
+    assert "environment_key" not in train_task
+    assert {"whl": WHEEL} in train_task["libraries"]
+    gpu = clusters_by_key(job)[train_task["job_cluster_key"]]
+    assert "-gpu-ml-" in gpu["spark_version"], "TorchDistributor needs Databricks Runtime ML"
+    assert gpu["data_security_mode"] == "SINGLE_USER", "dedicated access mode: standard mode has no ML runtime"
     assert gpu["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
-    train = parse_task(tasks["train"], "train")
+    train = parse_task(train_task, "train")
     assert gpu["num_workers"] == train.num_processes, "one rank per one-GPU worker"
 
 
-def test_both_tasks_install_the_wheel(job):
-    for key, task in tasks_by_key(job).items():
-        assert {"whl": "./dist/*.whl"} in task["libraries"], key
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda j: j["tasks"][0].__setitem__("job_cluster_key", "gpu"),
+     ["tasks[0] (ingest): both serverless (environment_key) and a cluster (job_cluster_key)"]),
+    (lambda j: j["tasks"][0].__setitem__("libraries", [{"whl": WHEEL}]),
+     ["tasks[0] (ingest): libraries on a serverless task"]),
+    (lambda j: j["tasks"][0].__setitem__("environment_key", "default"),
+     ["tasks[0] (ingest): environment_key 'default' is not one of the job's environments",
+      "environments: 'serverless' used by no task"]),
+    (lambda j: j.pop("environments"),
+     ["tasks[0] (ingest): environment_key 'serverless' is not one of the job's environments []"]),
+    (lambda j: j["tasks"][0].pop("environment_key"),
+     ["tasks[0] (ingest): no compute", "environments: 'serverless' used by no task"]),
+    (lambda j: j["tasks"][1].__setitem__("existing_cluster_id", "0123-456789-abcdef"),
+     ["tasks[1] (train): more than one cluster (job_cluster_key, existing_cluster_id)"]),
+    (lambda j: j["tasks"][1].__setitem__("job_cluster_key", "cpu"),
+     ["tasks[1] (train): job_cluster_key 'cpu' is not one of ['gpu']", "job_clusters: 'gpu' used by no task"]),
+    (lambda j: j["environments"].append(copy.deepcopy(j["environments"][0])),
+     ["environments: 'serverless' defined more than once"]),
+])
+def test_a_misplaced_task_is_caught(job, mutate, expected):
+    broken = copy.deepcopy(job)
+    mutate(broken)
+    errors = placement_errors(broken)
+    assert len(errors) == len(expected), errors
+    for error, start in zip(sorted(errors), sorted(expected)):
+        assert error.startswith(f"resources.jobs.{JOB}.{start}"), errors
 
 
 def test_python_files_exist(job):
@@ -399,11 +493,22 @@ def test_manual_job_json_in_docs_matches(job):
         JobSettings = None
     if JobSettings is not None:
         assert validate(manual, JobSettings, "docs.job") == []
+    assert placement_errors(manual, "docs.job") == []
     assert clusters_by_key(manual) == clusters_by_key(job)
+    # the same environments, but the wheel from where the manual steps upload it
+    def without_dependencies(j):
+        return {key: {k: v for k, v in spec.items() if k != "dependencies"}
+                for key, spec in environments_by_key(j).items()}
+
+    assert without_dependencies(manual) == without_dependencies(job)
+    for key, spec in environments_by_key(manual).items():
+        assert [d for d in spec["dependencies"] if d.endswith(".whl")], key
     for key, task in tasks_by_key(manual).items():
         bundled = tasks_by_key(job)[key]
         assert parse_task(task, key).__dict__ == {**vars(parse_task(bundled, key)), "config": None}, key
         assert task.get("depends_on") == bundled.get("depends_on"), key
+        assert {k: task.get(k) for k in ("environment_key", *CLUSTER_KEYS)} == {
+            k: bundled.get(k) for k in ("environment_key", *CLUSTER_KEYS)}, key
 
 
 # --- runtime and storage --------------------------------------------------------------------------------------
@@ -429,20 +534,25 @@ def volume_root(bundle: dict[str, Any]) -> str:
 
 
 def test_default_runtime_is_17_3_lts_ml(job):
-    clusters = clusters_by_key(job)
-    assert clusters["cpu"]["spark_version"] == "17.3.x-cpu-ml-scala2.13"
-    assert clusters["gpu"]["spark_version"] == "17.3.x-gpu-ml-scala2.13"
+    assert clusters_by_key(job)["gpu"]["spark_version"] == "17.3.x-gpu-ml-scala2.13"
 
 
 @pytest.mark.parametrize("runtime, scala", RUNTIMES)
-def test_runtime_is_a_variable_of_both_clusters(bundle, runtime, scala):
+def test_runtime_is_a_variable_of_the_gpu_cluster(bundle, runtime, scala):
     raw = clusters_by_key(bundle["resources"]["jobs"][JOB])
-    for key in ("cpu", "gpu"):
-        assert {"var.runtime", "var.scala"} <= references(raw[key]["spark_version"]), key
+    assert {"var.runtime", "var.scala"} <= references(raw["gpu"]["spark_version"])
     defaults = {**variable_defaults(bundle), "runtime": runtime, "scala": scala}
     clusters = clusters_by_key(substitute(bundle, defaults)["resources"]["jobs"][JOB])
-    assert clusters["cpu"]["spark_version"] == f"{runtime}-cpu-ml-scala{scala}"
     assert clusters["gpu"]["spark_version"] == f"{runtime}-gpu-ml-scala{scala}"
+
+
+@pytest.mark.parametrize("version", ["4", "5"])
+def test_serverless_environment_version_is_a_variable(bundle, version):
+    raw = environments_by_key(bundle["resources"]["jobs"][JOB])["serverless"]
+    assert references(raw["environment_version"]) == {"var.serverless_env"}
+    defaults = {**variable_defaults(bundle), "serverless_env": version}
+    spec = environments_by_key(substitute(bundle, defaults)["resources"]["jobs"][JOB])["serverless"]
+    assert spec["environment_version"] == version
 
 
 def test_dbfs_pattern():
