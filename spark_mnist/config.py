@@ -40,9 +40,13 @@ class _Section(BaseModel):
 
 
 class SparkSettings(_Section):
-    """How the driver gets its SparkSession.  ``master: null`` uses the cluster's (Databricks)."""
+    """How the driver gets its SparkSession (:func:`spark_mnist.driver.session.spark_session`).  ``master: null``
+    uses the cluster's (Databricks), or Databricks Connect's where ``databricks-connect`` is installed; ``remote``
+    (or the ``SPARK_REMOTE`` environment variable) a Spark Connect server."""
 
     master: Optional[str] = Field("local[2]", description="Spark master, e.g. local[2]; null: the cluster's session")
+    remote: Optional[str] = Field(None, description="Spark Connect server, sc://host:port (local[N]: start one here); "
+                                                    "default: the SPARK_REMOTE environment variable")
     app_name: str = Field("spark-mnist", description="Spark application name", cli=False)
     log_level: str = Field("WARN", description="Spark's log level (--verbose: INFO)", cli=False)
     conf: dict[str, str] = Field(default_factory=dict, description="extra Spark conf for sessions spark-mnist starts",

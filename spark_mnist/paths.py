@@ -95,19 +95,23 @@ def _local_location(path: str) -> Location:
     return Location(Path(absolute).as_uri(), absolute, "local")
 
 
-def check_visible_to_executors(master: str, location: Location) -> None:
+def check_visible_to_executors(master: str | None, location: Location) -> None:
     """Refuse a driver-local path when executors run on other machines and could not read it.
 
     Args:
-        master: the Spark master URL (``spark.sparkContext.master``).
+        master: the Spark master URL of a cluster whose driver runs on this machine (``local[2]``,
+            ``spark://...``), or ``None`` for a Spark Connect server elsewhere (Databricks Connect, serverless),
+            whose executors never see this machine's disk.
     Raises:
-        SourceError: a local-disk path with a cluster master (not ``local``/``local-cluster``).
+        SourceError: a local-disk path with a cluster master (not ``local``/``local-cluster``) or with ``None``.
     """
-    if location.kind == "local" and not master.startswith("local"):
-        raise SourceError(
-            f"{location.local_path}: a path on the driver's local disk, which executors of master {master!r} "
-            f"cannot see; copy the files to dbfs:/... or /Volumes/<catalog>/<schema>/<volume>/... and use that"
-        )
+    if location.kind != "local" or (master is not None and master.startswith("local")):
+        return
+    who = f"executors of master {master!r}" if master is not None else "the executors of the Spark Connect server"
+    raise SourceError(
+        f"{location.local_path}: a path on the driver's local disk, which {who} cannot see; copy the files to "
+        f"dbfs:/... or /Volumes/<catalog>/<schema>/<volume>/... and use that"
+    )
 
 
 def require_local(path: str | os.PathLike, what: str) -> str:

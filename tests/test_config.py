@@ -53,8 +53,8 @@ def test_every_setting_of_a_section_is_an_option(command, sections):
         assert "--num-shards" not in known and "--source" not in known
 
 
-def test_spark_settings_other_than_master_have_no_option():
-    assert [o.flag for o in options("spark")] == ["--master"]
+def test_spark_settings_other_than_master_and_remote_have_no_option():
+    assert [o.flag for o in options("spark")] == ["--master", "--remote"]
     with pytest.raises(ValueError, match=r"Invalid settings section: 'trian'. Must be one of 'spark', 'ingest'"):
         options("trian")
 

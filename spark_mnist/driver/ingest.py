@@ -29,6 +29,7 @@ import numpy as np
 from spark_mnist import __version__
 from spark_mnist import fs as files  # not `fs`: arrow_target and write_shard import pyarrow.fs as fs
 from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
+from spark_mnist.driver import session
 from spark_mnist.driver.commit import commit, recover, scratch_name, staging_for
 from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_npz
 from spark_mnist.driver.sources import read_files
@@ -118,57 +119,179 @@ def write_shard(target: str, split: str, shard: int, images: np.ndarray, labels:
     filesystem.move(scratch, final)
 
 
+REPORT_SCHEMA = "unit long, rows long"
+# Over Spark Connect the arrays travel as rows of at most this many bytes of images (a row group's worth of an
+# MNIST shard is ~1 MiB): serverless compute refuses local rows over 128 MiB.
+FRAGMENT_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What every write task needs besides the arrays, small enough to travel in its closure: the shards of one
+    write job (unit ``u`` of the job is shard ``shards[u]`` = rows ``[bounds[p][k], bounds[p][k+1])`` of piece ``p``,
+    where ``(p, k) = units[u]``) and where and how to write them.
+
+    Both ways of running the job (:func:`write_pieces`) end in :meth:`write`, so a classic session and a Spark
+    Connect session write the same files, byte for byte.
+    """
+
+    target: str
+    units: tuple[tuple[int, int], ...]
+    shards: tuple[tuple[str, int], ...]
+    bounds: tuple[tuple[int, ...], ...]
+    rows_per_group: int
+    image_shape: tuple[int, ...]
+    label_dtypes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pieces: list[Piece], target: str, row_group_bytes: int) -> "WritePlan":
+        units = tuple((p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1))
+        image_shape = tuple(int(n) for n in pieces[0].images.shape[1:])
+        return cls(target=target, units=units,
+                   shards=tuple((pieces[p].split, pieces[p].first_shard + k) for p, k in units),
+                   bounds=tuple(piece.bounds for piece in pieces),
+                   rows_per_group=max(1, row_group_bytes // max(1, int(np.prod(image_shape)))),
+                   image_shape=image_shape, label_dtypes=tuple(piece.labels.dtype.str for piece in pieces))
+
+    def rows(self, unit: int) -> tuple[int, int]:
+        """Unit ``unit``'s rows ``[lo, hi)``, relative to the first row of its piece."""
+        p, k = self.units[unit]
+        return self.bounds[p][k] - self.bounds[p][0], self.bounds[p][k + 1] - self.bounds[p][0]
+
+    @property
+    def fragment_rows(self) -> int:
+        """Rows of a fragment over Spark Connect: :data:`FRAGMENT_BYTES` of images, at least one image."""
+        return max(1, FRAGMENT_BYTES // max(1, int(np.prod(self.image_shape))))
+
+    def fragments(self, unit: int) -> int:
+        """How many fragments unit ``unit`` travels in over Spark Connect."""
+        lo, hi = self.rows(unit)
+        return -(-(hi - lo) // self.fragment_rows)
+
+    def expected(self) -> dict[int, int]:
+        """Rows per unit."""
+        return {unit: hi - lo for unit, (lo, hi) in ((u, self.rows(u)) for u in range(len(self.units)))}
+
+    def write(self, unit: int, images: np.ndarray, labels: np.ndarray) -> dict[str, list[int]]:
+        """Write unit ``unit``'s shard from its ``images`` (n, H, W) uint8 and ``labels`` (n,); runs in a Spark
+        task.  Returns the task's report row, ``{"unit": [unit], "rows": [n]}``."""
+        p, k = self.units[unit]
+        split, shard = self.shards[unit]
+        write_shard(self.target, split, shard, images, labels, self.bounds[p][k], self.rows_per_group)
+        return {"unit": [unit], "rows": [len(labels)]}
+
+
 def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, *,
                  row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> None:
     """Write every piece's shards with one Spark job: task ``t`` writes shard ``t`` of the job as
-    ``staging/<split>/part-NNNNN.parquet`` (:func:`write_shard`).
+    ``staging/<split>/part-NNNNN.parquet`` (:func:`write_shard`, through :meth:`WritePlan.write`).
 
-    The arrays travel to the executors once, as a broadcast; each task cuts its shard into Arrow record batches (no
-    row passes through Python one at a time) and writes them with pyarrow, one row group of ~``row_group_bytes``
-    each.  Each task writes its own part and the driver commits the whole staging directory later, the pattern of
-    mosaicml-streaming's ``dataframe_to_mds``: Spark's own Parquet writer would convert every row from Arrow to its
-    row format and run Hadoop's output committer, which measured here doubled the time of the whole write.  Spark's
-    cost is per job and per task, so all pieces share one job and each shard is one task.
+    Each task cuts its shard into Arrow record batches (no row passes through Python one at a time) and writes them
+    with pyarrow, one row group of ~``row_group_bytes`` each.  Each task writes its own part and the driver commits
+    the whole staging directory later, the pattern of mosaicml-streaming's ``dataframe_to_mds``: Spark's own Parquet
+    writer would convert every row from Arrow to its row format and run Hadoop's output committer, which measured
+    here doubled the time of the whole write.  Spark's cost is per job and per task, so all pieces share one job and
+    each shard is one task.  How the arrays reach the tasks depends on the session:
+
+    * classic: once, as a broadcast variable (:func:`spark_mnist.driver.session.shipped_to_executors`), under
+      ``spark.range(units)`` with one partition per shard;
+    * Spark Connect (no broadcast variables, no JVM): as one Arrow relation (``createDataFrame``) of rows of at most
+      :data:`FRAGMENT_BYTES` of images, joined with a broadcast hint to that same ``spark.range``, so partition ``t``
+      again receives exactly shard ``t``'s rows (:func:`_write_over_connect`).  pyspark sends a relation under
+      ``spark.sql.session.localRelationCacheThreshold`` (64 MiB) inline and uploads a larger one as chunked
+      artifacts, so no gRPC message exceeds the server's limit (128 MiB).
 
     Raises:
         SourceError: ``staging`` is somewhere pyarrow cannot write (:func:`arrow_target`).
         RuntimeError: the job did not report every shard with its rows.
     """
-    target = arrow_target(staging)
-    units = [(p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1)]
-    # What the tasks need besides the broadcast arrays (the closure must not capture ``pieces``, which hold them).
-    bounds = [piece.bounds for piece in pieces]
-    shards = [(pieces[p].split, pieces[p].first_shard + k) for p, k in units]
-    rows_per_group = max(1, row_group_bytes // max(1, int(np.prod(pieces[0].images.shape[1:]))))
-    for piece in pieces:
-        files.makedirs(staging.join(piece.split))
-    broadcast = spark.sparkContext.broadcast([(piece.images, piece.labels) for piece in pieces])
-    try:
-        def write_units(batches: Iterator) -> Iterator:
-            import pyarrow as pa
-
-            arrays = broadcast.value
-            for batch in batches:
-                for unit in batch.column(0).to_pylist():
-                    p, k = units[unit]
-                    split, shard = shards[unit]
-                    images, labels = arrays[p]
-                    lo, hi = bounds[p][k] - bounds[p][0], bounds[p][k + 1] - bounds[p][0]
-                    write_shard(target, split, shard, images[lo:hi], labels[lo:hi], bounds[p][k], rows_per_group)
-                    yield pa.RecordBatch.from_pydict({"unit": [unit], "rows": [hi - lo]})
-
-        written = (spark.range(len(units), numPartitions=len(units))
-                   .mapInArrow(write_units, "unit long, rows long")
-                   .collect())
-    finally:
-        broadcast.destroy()
-    expected = {unit: bounds[p][k + 1] - bounds[p][k] for unit, (p, k) in enumerate(units)}
+    plan = WritePlan.of(pieces, arrow_target(staging), row_group_bytes)
+    for split in dict.fromkeys(piece.split for piece in pieces):
+        files.makedirs(staging.join(split))
+    if session.is_connect(spark):
+        written = _write_over_connect(spark, pieces, plan)
+    else:
+        written = _write_with_broadcast(spark, pieces, plan)
+    expected = plan.expected()
     reported = {row.unit: row.rows for row in written}
     if reported != expected:
-        missing = [f"{split}/{contract.shard_name(shard)}" for u, (split, shard) in enumerate(shards)
+        missing = [f"{split}/{contract.shard_name(shard)}" for u, (split, shard) in enumerate(plan.shards)
                    if reported.get(u) != expected[u]]
         raise RuntimeError(f"{staging.uri}: the write job did not report these shards with their rows: "
                            f"{', '.join(missing)}")
+
+
+def _units_frame(spark: "SparkSession", plan: WritePlan):
+    """``spark.range`` over the job's units, one partition each: the write job's tasks."""
+    return spark.range(len(plan.units), numPartitions=len(plan.units))
+
+
+def _write_with_broadcast(spark: "SparkSession", pieces: list[Piece], plan: WritePlan) -> list:
+    """The classic session's write job: the arrays as one broadcast variable, the units as ``spark.range``."""
+    with session.shipped_to_executors(spark, [(piece.images, piece.labels) for piece in pieces]) as shipped:
+        def write_units(batches: Iterator) -> Iterator:
+            import pyarrow as pa
+
+            arrays = shipped.value
+            for batch in batches:
+                for unit in batch.column(0).to_pylist():
+                    images, labels = arrays[plan.units[unit][0]]
+                    lo, hi = plan.rows(unit)
+                    yield pa.RecordBatch.from_pydict(plan.write(unit, images[lo:hi], labels[lo:hi]))
+
+        return _units_frame(spark, plan).mapInArrow(write_units, REPORT_SCHEMA).collect()
+
+
+def fragments_table(pieces: list[Piece], plan: WritePlan):
+    """The job's arrays as an Arrow table of fragments: ``unit`` (long), ``part`` (int, the fragment's place in its
+    unit), ``images`` and ``labels`` (binary: consecutive rows' raw bytes, C order), :attr:`WritePlan.fragment_rows`
+    rows a fragment (fewer in a unit's last).  The binary columns are views of the arrays, not copies."""
+    import pyarrow as pa
+
+    units, parts, images, labels = [], [], [], []
+    for unit, (p, _) in enumerate(plan.units):
+        lo, hi = plan.rows(unit)
+        starts = np.append(np.arange(lo, hi, plan.fragment_rows), hi)
+        units.append(pa.array(np.full(len(starts) - 1, unit, dtype=np.int64)))
+        parts.append(pa.array(np.arange(len(starts) - 1, dtype=np.int32)))
+        for name, array, out in (("images", pieces[p].images, images), ("labels", pieces[p].labels, labels)):
+            flat = np.ascontiguousarray(array[lo:hi]).reshape(-1).view(np.uint8)
+            width = flat.size // max(1, hi - lo)
+            offsets = pa.py_buffer(((starts - lo) * width).astype(np.int32))
+            out.append(pa.Array.from_buffers(pa.binary(), len(starts) - 1, [None, offsets, pa.py_buffer(flat)]))
+    return pa.Table.from_arrays([pa.chunked_array(c) for c in (units, parts, images, labels)],
+                                names=["unit", "part", "images", "labels"])
+
+
+def _write_over_connect(spark: "SparkSession", pieces: list[Piece], plan: WritePlan) -> list:
+    """The Spark Connect write job: the arrays as one Arrow relation of fragments (:func:`fragments_table`),
+    broadcast-joined to the units, so task ``t`` gets all of unit ``t``'s fragments; it checks it has every one
+    (a unit split across tasks fails the job rather than writing a partial shard) and writes the shard."""
+    data = spark.createDataFrame(fragments_table(pieces, plan))
+    tasks = (_units_frame(spark, plan).withColumnRenamed("id", "unit")
+             .join(data.hint("broadcast"), "unit")
+             .select("unit", "part", "images", "labels"))
+
+    def write_fragments(batches: Iterator) -> Iterator:
+        import pyarrow as pa
+
+        received: dict[int, list[tuple[int, bytes, bytes]]] = {}
+        for batch in batches:
+            columns = [batch.column(name).to_pylist() for name in ("unit", "part", "images", "labels")]
+            for unit, part, images, labels in zip(*columns):
+                received.setdefault(unit, []).append((part, images, labels))
+        for unit, fragments in sorted(received.items()):
+            fragments.sort(key=lambda fragment: fragment[0])
+            parts = [part for part, _, _ in fragments]
+            if parts != list(range(plan.fragments(unit))):
+                split, shard = plan.shards[unit]
+                raise RuntimeError(f"{split}/{contract.shard_name(shard)}: the task received fragments {parts}, "
+                                   f"not all {plan.fragments(unit)}")
+            images = np.frombuffer(b"".join(f[1] for f in fragments), np.uint8).reshape(-1, *plan.image_shape)
+            labels = np.frombuffer(b"".join(f[2] for f in fragments), np.dtype(plan.label_dtypes[plan.units[unit][0]]))
+            yield pa.RecordBatch.from_pydict(plan.write(unit, images, labels))
+
+    return tasks.mapInArrow(write_fragments, REPORT_SCHEMA).collect()
 
 
 def chunk_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
@@ -315,7 +438,7 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     """
     if num_shards is None:
         # One shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.
-        num_shards = max(1, spark.sparkContext.defaultParallelism)
+        num_shards = session.default_parallelism(spark)
     for name, value in (("num_shards", num_shards), ("row_group_bytes", row_group_bytes), ("chunk_rows", chunk_rows)):
         if value < 1:
             raise invalid(name, value, "at least 1", InputError)

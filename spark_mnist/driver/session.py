@@ -1,21 +1,39 @@
-"""The session seam: the one module that starts a SparkSession and touches its ``sparkContext``; driver-side.
+"""The session seam: the one module that starts a SparkSession and touches ``sparkContext`` (or any JVM handle:
+``_jvm``, ``_jsc``, ``_jdf``, broadcast variables); driver-side.
 
-:func:`spark_session` gives the CLI, the jobs, the tests and the benchmarks their session: one it starts (local
-mode, quiet, with this interpreter as the workers' Python) or the one already there (Databricks, a notebook).
+:func:`spark_session` gives the CLI, the jobs, the tests and the benchmarks their session, classic or Spark Connect
+(:func:`is_connect`), resolved in this order:
+
+1. ``spark.remote`` (``--remote sc://host:port``): a Spark Connect session; ``local[N]`` starts a local Connect
+   server in this process, with the conf of a local session (:func:`session_conf`);
+2. the session already active (a Databricks notebook or job, serverless compute, a test suite);
+3. the ``SPARK_REMOTE`` environment variable (Spark's own): a Spark Connect session;
+4. ``databricks-connect`` installed: ``databricks.connect.DatabricksSession`` (configured the Databricks way: a
+   ``~/.databrickscfg`` profile, ``DATABRICKS_HOST`` with ``DATABRICKS_CLUSTER_ID`` or
+   ``DATABRICKS_SERVERLESS_COMPUTE_ID=auto``); its client-only pyspark cannot start a local session anyway;
+5. ``spark.master: null``: the cluster's session (``SparkSession.builder.getOrCreate()``);
+6. otherwise a classic session on ``spark.master`` (local mode, quiet, this interpreter as the workers' Python).
+
+Everything else in the package works with both kinds through the few capabilities that differ, all here:
+:func:`default_parallelism`, :func:`master`, :func:`shipped_to_executors` (classic only: a broadcast) and
+:func:`client_is_on_cluster_machine`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import sys
 import threading
 from importlib import resources
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from spark_mnist.config import SparkSettings
 from spark_mnist.envs import scoped_env
+from spark_mnist.errors import EnvironmentMismatchError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -39,6 +57,16 @@ JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
 SPARK_40_ARTIFACTS_DIR = "artifacts"
 # The Python of the workers and of the driver, where the user has not chosen one: this interpreter.
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
+# What pyspark sets in os.environ when it starts a JVM or a local Spark Connect server (and only partly unsets on
+# stop).
+CONNECT_ENV = ("SPARK_REMOTE", "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_CONNECT_AUTHENTICATE_TOKEN",
+               "SPARK_AUTH_SOCKET_TIMEOUT", "SPARK_BUFFER_SIZE")
+REMOTE_ENV = "SPARK_REMOTE"
+# Where pyspark reads the conf of a local Spark Connect server's own session (pyspark.sql.connect.session).
+INIT_CONF_LEN_ENV, INIT_CONF_ENV = "PYSPARK_REMOTE_INIT_CONF_LEN", "PYSPARK_REMOTE_INIT_CONF_0"
+# Modules whose SparkSession class is a Spark Connect client: pyspark's, and the one Databricks Connect ships.
+CONNECT_MODULES = ("pyspark.sql.connect.",)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
@@ -90,35 +118,196 @@ def session_conf(settings: SparkSettings, *, verbose: bool = False) -> dict[str,
     return conf
 
 
-@contextlib.contextmanager
-def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator["SparkSession"]:
-    """A SparkSession for the CLI and jobs.
+def is_connect(spark: Any) -> bool:
+    """Whether ``spark`` is a Spark Connect session (``--remote``, Databricks Connect, serverless compute, standard
+    access mode), which has no ``sparkContext`` and no JVM on this side."""
+    return type(spark).__module__.startswith(CONNECT_MODULES)
 
-    With ``master`` set (local mode), starts one with :func:`session_conf`, and stops it on exit.  Its workers run
-    this interpreter: ``PYSPARK_PYTHON`` and ``PYSPARK_DRIVER_PYTHON``, where unset, name it for the session's
-    life and are unset again after it.  With ``master: null`` (Databricks), or when a session is already active (a
-    notebook, a test suite), uses that session and leaves it running.
+
+def is_connect_builder(builder: Any) -> bool:
+    """Whether ``builder`` (a ``SparkSession.builder``) will give a Spark Connect session (``.remote(...)``)."""
+    return "spark.remote" in getattr(builder, "_options", {})
+
+
+def default_parallelism(spark: "SparkSession") -> int:
+    """The cluster's default parallelism (cores across its executors), at least 1.
+
+    Classic: ``sparkContext.defaultParallelism``.  Spark Connect: the partitions of ``spark.range`` without a
+    partition count, which Spark sizes by that same figure (``spark.sql.leafNodeDefaultParallelism``, else
+    ``spark.default.parallelism``); one small job.
     """
-    from pyspark.sql import SparkSession
+    if not is_connect(spark):
+        return max(1, spark.sparkContext.defaultParallelism)
+    configured = spark.conf.get("spark.default.parallelism", None)
+    if configured:
+        return max(1, int(configured))
+    cores = local_master_cores(master(spark)) if client_is_on_cluster_machine(spark) else None
+    if cores is not None:
+        return cores
+    from pyspark.sql import functions as F
 
-    active = SparkSession.getActiveSession()
-    if settings.master is None or active is not None:
-        yield active or SparkSession.builder.getOrCreate()
-        return
-    builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
-    for key, value in session_conf(settings, verbose=verbose).items():
-        builder = builder.config(key, value)
+    last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).first()[0]
+    return max(1, int(last) + 1)
+
+
+def local_master_cores(url: Optional[str]) -> Optional[int]:
+    """The cores of a local master URL, as Spark counts them: ``local`` 1, ``local[N]`` and ``local[N,F]`` N,
+    ``local[*]`` this machine's; ``None`` for any other URL."""
+    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", url or "")
+    if match is None:
+        return None
+    if match.group(1) is None:
+        return 1
+    return os.cpu_count() or 1 if match.group(1) == "*" else max(1, int(match.group(1)))
+
+
+def master(spark: "SparkSession") -> Optional[str]:
+    """The master URL of the cluster that runs the tasks (``local[2]``, ``spark://...``), or ``None`` where a Spark
+    Connect server does not say (serverless compute)."""
+    if not is_connect(spark):
+        return spark.sparkContext.master
+    try:
+        return spark.conf.get("spark.master", None)
+    except Exception:  # noqa: BLE001 - a server may refuse to show its static conf
+        return None
+
+
+def client_is_on_cluster_machine(spark: "SparkSession") -> bool:
+    """Whether this process runs on the machine of the cluster's driver: always for a classic session, and for a
+    Spark Connect session whose server listens on a loopback address (a local Connect server)."""
+    if not is_connect(spark):
+        return True
+    return str(getattr(spark.client, "host", "")).lower() in LOOPBACK_HOSTS
+
+
+@contextlib.contextmanager
+def shipped_to_executors(spark: "SparkSession", value: Any) -> Iterator[Any]:
+    """``value`` shipped once to every executor for the block, on a classic session: yields a handle whose
+    ``.value`` a task reads (a broadcast variable, destroyed after the block).  Spark Connect has no broadcast
+    variables; callers take their Connect path (see :func:`is_connect`).
+
+    Raises:
+        EnvironmentMismatchError: ``spark`` is a Spark Connect session.
+    """
+    if is_connect(spark):
+        raise EnvironmentMismatchError("broadcast variables need a classic SparkSession; this is Spark Connect")
+    handle = spark.sparkContext.broadcast(value)
+    try:
+        yield handle
+    finally:
+        handle.destroy()
+
+
+def remote_url(settings: SparkSettings) -> Optional[str]:
+    """The Spark Connect URL a session would use: ``settings.remote``, else ``SPARK_REMOTE``, else ``None``."""
+    return settings.remote or os.environ.get(REMOTE_ENV) or None
+
+
+def _databricks_session_class() -> Optional[Any]:
+    """``databricks.connect.DatabricksSession`` where ``databricks-connect`` is installed, else ``None``."""
+    try:
+        from databricks.connect import DatabricksSession
+    except ImportError:
+        return None
+    return DatabricksSession
+
+
+def connect_expected(settings: SparkSettings) -> bool:
+    """Whether :func:`spark_session` will give a Spark Connect session, as far as can be told before starting one
+    (an already active session, e.g. serverless compute's, is only known once there): a remote URL is set, or
+    Databricks Connect is installed."""
+    return remote_url(settings) is not None or _databricks_session_class() is not None
+
+
+@contextlib.contextmanager
+def _owned(spark: "SparkSession", env: tuple[str, ...] = ()) -> Iterator["SparkSession"]:
+    """Yield a session this module created; stop it afterwards and restore the variables ``env`` names."""
+    with scoped_env({}, restore=env):
+        try:
+            yield spark
+        finally:
+            spark.stop()
+
+
+@contextlib.contextmanager
+def _local_classic_session(settings: SparkSettings, builder: Any, *, verbose: bool) -> Iterator["SparkSession"]:
+    """Start the session ``builder`` describes on this machine (a classic local master, or a local Spark Connect
+    server), with :func:`session_conf`, this interpreter as the workers' Python and the JVM's start-up notices
+    dropped; stop it and clean up after the block."""
+    conf = session_conf(settings, verbose=verbose)
+    if is_connect_builder(builder):
+        # The conf of the local server's own session: pyspark reads it from these variables when it starts the
+        # server (given to the builder, it would also be set, and refused, on the Connect session itself).
+        env = {INIT_CONF_LEN_ENV: "1", INIT_CONF_ENV: json.dumps(conf)}
+    else:
+        env = {}
+        for key, value in conf.items():
+            builder = builder.config(key, value)
     # Spark 4.0.0 creates its artifact root as ./artifacts in the working directory (SPARK-52396, later releases use
     # a temporary directory): a session spark-mnist started removes it again when it did not exist before.
     artifacts = os.path.abspath(SPARK_40_ARTIFACTS_DIR)
     leave_artifacts = os.path.exists(artifacts)
-    with scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}):
-        with jvm_stderr_filtered():
+    with scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}, restore=CONNECT_ENV):
+        with jvm_stderr_filtered(), scoped_env(env):
             spark = builder.getOrCreate()
         try:
-            spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
+            if not is_connect(spark):
+                spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
             yield spark
         finally:
             spark.stop()
             if not leave_artifacts:
                 shutil.rmtree(artifacts, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator["SparkSession"]:
+    """A SparkSession for the CLI and jobs, classic or Spark Connect, in the order of the module docstring.
+
+    A session this function starts (a local master, a local Connect server, a client of a remote Connect server or
+    of Databricks Connect) is stopped on exit, and the environment variables pyspark set for it are restored; one
+    that was already active is left running.  Local sessions run this interpreter in their workers:
+    ``PYSPARK_PYTHON`` and ``PYSPARK_DRIVER_PYTHON``, where unset, name it for the session's life only.
+
+    Raises:
+        EnvironmentMismatchError: Databricks Connect is installed but could not create a session (not configured:
+            no profile, host or cluster); the message says how to configure it or to pass ``--remote``.
+    """
+    from pyspark.sql import SparkSession
+
+    if settings.remote:
+        builder = SparkSession.builder.remote(settings.remote)
+        if settings.remote.startswith("local"):  # pyspark starts a Connect server here, on a local master
+            with _local_classic_session(settings, builder, verbose=verbose) as spark:
+                yield spark
+            return
+        with _owned(builder.getOrCreate(), CONNECT_ENV) as spark:
+            yield spark
+        return
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    url = remote_url(settings)
+    if url is not None:
+        with spark_session(settings.copy(update={"remote": url}), verbose=verbose) as spark:
+            yield spark
+        return
+    databricks_session = _databricks_session_class()
+    if databricks_session is not None:
+        try:
+            spark = databricks_session.builder.getOrCreate()
+        except Exception as e:  # noqa: BLE001 - databricks-connect's configuration errors have no common type
+            raise EnvironmentMismatchError(
+                f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it (a "
+                f"~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
+                f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port") from e
+        with _owned(spark) as spark:
+            yield spark
+        return
+    if settings.master is None:
+        yield SparkSession.builder.getOrCreate()
+        return
+    with _local_classic_session(settings, SparkSession.builder.master(settings.master).appName(settings.app_name),
+                                verbose=verbose) as spark:
+        yield spark
