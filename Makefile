@@ -2,6 +2,7 @@
 #   make test               the test suite in every CI lane, one after the other (CI calls this)
 #   make test LANE=spark35  ... in one lane
 #   make run  [LANE=...]    ingest the Debian Fashion-MNIST files and train with conf/local.yaml (local[2], 2 CPU ranks)
+#   make run REMOTE=local[2]  ... the same over Spark Connect (a local server; or REMOTE=sc://host:port)
 #   make bench [LANE=...]   loader and ingest benchmarks (one table, one JSON line)
 # A lane is a runtime's library stack, locked in requirements/lanes/LANE.txt (see README "Runtimes"):
 #   spark35        as on Databricks Runtime 15.4 LTS ML: pyspark 3.5, pyarrow 14, numpy 1, pandas 1.5, pydantic 1.10,
@@ -22,11 +23,14 @@ EXTRAS_spark35 := local,petastorm,dev,plots,mlflow
 EXTRAS_spark40 := local,connect,dev,plots,mlflow
 EXTRAS_spark4-latest := local,connect,dev,plots,mlflow
 FASHION_DIR := /usr/share/datasets/fashion-mnist
+# Lanes whose pyspark has Spark Connect (the connect extra), and the server their Connect tests use.
+CONNECT_LANES := spark40 spark4-latest
+TEST_REMOTE := local[2]
 
 .PHONY: run test test-lane bench bench-scale setup venv java data lock clean
 
 run: setup
-	$(VENV)/bin/spark-mnist run --config conf/local.yaml
+	$(VENV)/bin/spark-mnist run --config conf/local.yaml $(if $(REMOTE),--remote '$(REMOTE)')
 
 # Without LANE: every lane, each in its own environment; the target fails if any lane failed.
 test:
@@ -36,8 +40,14 @@ test:
 	done; \
 	if [ -n "$$failed" ]; then echo "failed lanes:$$failed" >&2; exit 1; fi
 
+# The Spark 4 lanes run the suite classic, then the tests marked connect again over a local Spark Connect server
+# (SparkSession.builder.remote("local[2]")): one kind of session per process.
 test-lane: setup
 	$(PY) -m pytest
+	@if [ -n "$(filter $(ONE_LANE),$(CONNECT_LANES))" ]; then \
+	  echo "=== lane $(ONE_LANE), over Spark Connect (SPARK_MNIST_TEST_REMOTE=$(TEST_REMOTE))"; \
+	  SPARK_MNIST_TEST_REMOTE='$(TEST_REMOTE)' $(PY) -m pytest -m connect; \
+	fi
 
 bench: setup
 	$(PY) -m benchmarks.bench_loader

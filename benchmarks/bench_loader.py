@@ -2,7 +2,9 @@
 training split; and the ingest of the four gz IDX files against the floor of parsing them.
 
 One local[2] Spark session ingests the gz IDX files into a temporary directory (twice: the first ingest of the
-session, then a second one replacing it) and picks the files the ranks read as training does
+session, then a second one replacing it); then, in a fresh process, a local Spark Connect server
+(``--remote local[2]``) does the same, where this lane's pyspark has Spark Connect (``ingest_connect_seconds``, the
+second ingest there; its target: at most twice the classic second ingest) and picks the files the ranks read as training does
 (``spark_mnist.driver.converter.choose_converter`` with ``converter: auto``): petastorm's converters
 (``spark_mnist.driver.converter.make_converters``) where petastorm works (Spark 3.5, pyarrow < 15), else the ingested
 shards directly, and then the petastorm rows are left out with the reason.  Then each loader runs in its own ``spawn``
@@ -46,6 +48,8 @@ TARGET_OURS_COLD = 300_000
 TARGET_OURS_WARM = 1_000_000
 TARGET_WARM_RATIO = 5.0
 TARGET_INGEST_OVER_FLOOR = 5.0
+TARGET_CONNECT_OVER_CLASSIC = 2.0
+CONNECT_REMOTE = "local[2]"
 # Fashion-MNIST training-set pixel mean and standard deviation (of x / 255).
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 LOADERS = {  # name: (table label, JSON prefix)
@@ -151,6 +155,31 @@ def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], A
     return figures, converters["train"], list(converters["train"].file_urls)
 
 
+def connect_ingests(source: str, output: str, runs: int) -> dict[str, Any]:
+    """``runs`` ingests into ``output`` over a local Spark Connect server started in this process (start
+    excluded), as :func:`measure_ingest` does classic.  Run it with :func:`run_in_child` (a process holds one kind of
+    session)."""
+    with bench_spark(remote=CONNECT_REMOTE) as spark:
+        ingests = [timed_ingest(spark, source, output) for _ in range(runs)]
+    best = min(range(1, runs), key=lambda i: ingests[i]["seconds"]) if runs > 1 else 0
+    return {"ingest_connect_first_seconds": ingests[0]["seconds"], "ingest_connect_seconds": ingests[best]["seconds"],
+            "ingest_connect_runs_seconds": [i["seconds"] for i in ingests],
+            "ingest_connect_stages": ingests[best]["stages"]}
+
+
+def measure_connect_ingest(source: str, work: str, runs: int) -> dict[str, Any]:
+    """:func:`connect_ingests` in a fresh process, or the figures ``None`` with ``ingest_connect_missing`` saying
+    why (a lane whose pyspark lacks Spark Connect, e.g. spark35 without the ``connect`` extra)."""
+    try:
+        figures = run_in_child(connect_ingests, source, os.path.join(work, "data-connect"), runs)
+    except Exception as e:  # noqa: BLE001 - reported in the table and the JSON instead
+        log.info("no Spark Connect ingest: %s: %s", type(e).__name__, e)
+        return {"ingest_connect_first_seconds": None, "ingest_connect_seconds": None, "ingest_connect_stages": None,
+                "ingest_connect_missing": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return {key: figures[key] for key in ("ingest_connect_first_seconds", "ingest_connect_seconds",
+                                          "ingest_connect_runs_seconds", "ingest_connect_stages")}
+
+
 def subset_source(source: str, rows: int | None, work: str) -> str:
     """``source``, or with ``rows`` a copy of it holding only the first ``rows`` training rows (in ``work``)."""
     if rows is None:
@@ -216,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("ingesting %s into %s (%d runs), then the converters where petastorm works", source, work,
                  args.ingest_runs)
         figures, converter, train_files = measure_ingest(source, work, args.ingest_runs)
+        log.info("ingesting %s again over a local Spark Connect server (%d runs)", source, args.ingest_runs)
+        figures.update(measure_connect_ingest(source, work, args.ingest_runs))
         log.info("converter: %s (%s)", figures["converter"], figures["converter_reason"])
         if converter is None and any(name.startswith("petastorm") for name in names):
             log.info("petastorm rows left out: %s", figures["converter_reason"])
@@ -267,7 +298,14 @@ def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
          f"{figures['ingest_first_seconds'] / floor:.2f}", fmt_stages(figures["ingest_first_stages"])],
         ["second ingest, same session (replaces)", f"{figures['ingest_seconds']:.2f}",
          f"{figures['ingest_seconds'] / floor:.2f}", fmt_stages(figures["ingest_stages"])],
-    ]))
+    ] + ([
+        ["first ingest over Spark Connect (local server)", f"{figures['ingest_connect_first_seconds']:.2f}",
+         f"{figures['ingest_connect_first_seconds'] / floor:.2f}", "-"],
+        ["second ingest over Spark Connect (replaces)", f"{figures['ingest_connect_seconds']:.2f}",
+         f"{figures['ingest_connect_seconds'] / floor:.2f}", fmt_stages(figures["ingest_connect_stages"])],
+    ] if figures.get("ingest_connect_seconds") is not None else [
+        ["over Spark Connect: not in this lane", "-", "-", figures.get("ingest_connect_missing", "-")],
+    ])))
     print(f"(not in the figures above: Spark session start {figures['spark_session_start_seconds']:.2f} s; "
           f"petastorm converters, train + test, {fmt_num(figures['converters_seconds'], 2)} s; driver peak RSS during "
           f"ingest {fmt_num(figures['ingest_driver_peak_rss_mb'])} MB)")
@@ -296,6 +334,11 @@ def check_targets(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -
     checks.append((f"second ingest {figures['ingest_seconds']:.2f} s = {over:.2f} x floor "
                    f"({figures['ingest_floor_seconds']:.2f} s) <= {TARGET_INGEST_OVER_FLOOR} x",
                    over <= TARGET_INGEST_OVER_FLOOR))
+    if figures.get("ingest_connect_seconds") is not None:
+        ratio = figures["ingest_connect_seconds"] / figures["ingest_seconds"]
+        checks.append((f"second ingest over Spark Connect {figures['ingest_connect_seconds']:.2f} s = {ratio:.2f} x "
+                       f"classic ({figures['ingest_seconds']:.2f} s) <= {TARGET_CONNECT_OVER_CLASSIC} x",
+                       ratio <= TARGET_CONNECT_OVER_CLASSIC))
     return checks
 
 

@@ -19,7 +19,10 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
@@ -189,12 +192,13 @@ def parse_idx_files(source: str, names: Sequence[str] = IDX_FILES) -> dict[str, 
 # --------------------------------------------------------------------------------------------------- Spark
 
 @contextlib.contextmanager
-def bench_spark(master: str = "local[2]") -> Iterator["SparkSession"]:  # noqa: F821
-    """A fresh local SparkSession as the CLI makes it (``spark_mnist.driver.session.spark_session``)."""
+def bench_spark(master: str = "local[2]", remote: str | None = None) -> Iterator["SparkSession"]:
+    """A fresh local SparkSession as the CLI makes it (``spark_mnist.driver.session.spark_session``): classic on
+    ``master``, or over Spark Connect with ``remote`` (``local[2]``: a local Connect server in this process)."""
     from spark_mnist.config import SparkSettings
     from spark_mnist.driver.session import spark_session
 
-    with spark_session(SparkSettings(master=master, app_name="spark-mnist-bench")) as spark:
+    with spark_session(SparkSettings(master=master, remote=remote, app_name="spark-mnist-bench")) as spark:
         yield spark
 
 

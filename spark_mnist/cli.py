@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from spark_mnist import __version__
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
-from spark_mnist.driver.session import spark_session
+from spark_mnist.driver.session import connect_expected, spark_session
 from spark_mnist.errors import InputError
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
@@ -197,7 +197,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command in ("train", "run"):  # a converter this environment cannot serve fails before Spark starts
         from spark_mnist.driver.converter import choose_converter
 
-        choose_converter(settings.train)
+        choose_converter(settings.train, connect=connect_expected(settings.spark))
     with spark_session(settings.spark, verbose=args.verbose) as spark:
         if args.command in ("ingest", "run"):
             manifest = _ingest(spark, settings)

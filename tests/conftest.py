@@ -1,4 +1,11 @@
-"""Shared fixtures: a session-scoped local[2] SparkSession, small synthetic IDX datasets, an environment-leak guard."""
+"""Shared fixtures: a session-scoped local[2] SparkSession, small synthetic IDX datasets, an environment-leak guard.
+
+The session is classic unless ``SPARK_MNIST_TEST_REMOTE`` names a Spark Connect server (``local[2]``: one started in
+this process, as ``SparkSession.builder.remote("local[2]")`` does; ``sc://host:port``: one running elsewhere).  The
+Spark 4 lanes of ``make test`` run the suite once classic, then the tests marked ``connect`` (ingest, the bad-input
+command, racing ingests, training, the end-to-end run) again over a local Connect server.  A process holds one kind
+of session only: pyspark refuses to start a local Connect server beside a classic session.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +22,28 @@ from spark_mnist.formats.idx import write_idx
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-_NO_PETASTORM = petastorm_unavailable()
+TEST_REMOTE = os.environ.get("SPARK_MNIST_TEST_REMOTE") or None
+_NO_PETASTORM = petastorm_unavailable(connect=TEST_REMOTE is not None)
 requires_petastorm = pytest.mark.skipif(_NO_PETASTORM is not None,
                                         reason=f"petastorm cannot run in this lane: {_NO_PETASTORM}")
+requires_connect = pytest.mark.skipif(TEST_REMOTE is None, reason="needs a Spark Connect session: the Spark 4 lanes "
+                                      "run it with SPARK_MNIST_TEST_REMOTE=local[2] (make test)")
+
+
+def remote_args() -> list[str]:
+    """``spark-mnist`` options that make a command use this run's kind of session: ``--remote URL`` over Spark
+    Connect, none for classic."""
+    return ["--remote", TEST_REMOTE] if TEST_REMOTE else []
 
 
 @pytest.fixture(scope="session")
 def spark():
-    """One local[2] SparkSession for the whole run, quiet, stopped at the end."""
+    """One local[2] SparkSession for the whole run, quiet, stopped at the end: classic, or a Spark Connect session
+    where ``SPARK_MNIST_TEST_REMOTE`` is set."""
     from spark_mnist.config import SparkSettings
     from spark_mnist.driver.session import spark_session
 
-    with spark_session(SparkSettings(master="local[2]", app_name="spark-mnist-tests",
+    with spark_session(SparkSettings(master="local[2]", remote=TEST_REMOTE, app_name="spark-mnist-tests",
                                      conf={"spark.driver.memory": "2g"})) as session:
         yield session
 

@@ -16,7 +16,7 @@ from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, IdxF
 from spark_mnist.formats.idx import write_idx
 from spark_mnist.driver.ingest import ingest, shard_bounds
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.connect]
 
 
 def read_split(out, split):

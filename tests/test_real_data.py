@@ -1,18 +1,29 @@
-"""Real data: the Debian Fashion-MNIST files through Spark ingest."""
+"""Real data: the Debian Fashion-MNIST files through Spark ingest, and (in the Spark 4 lanes' Connect pass) the whole
+``spark-mnist run`` over a local Spark Connect server."""
 
 from __future__ import annotations
 
 import pytest
 
+import json
+import os
+import subprocess
+import sys
+
 from spark_mnist.shards import contract
 from spark_mnist.driver.ingest import ingest
-from tests.conftest import FASHION_DIR
+from spark_mnist.driver.session import default_parallelism
+from tests.conftest import FASHION_DIR, REPO, TEST_REMOTE, requires_connect
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.connect]
 
 
-@pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-                    reason="apt-get install dataset-fashion-mnist provides /usr/share/datasets/fashion-mnist")
+requires_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+                                      reason="apt-get install dataset-fashion-mnist provides "
+                                             "/usr/share/datasets/fashion-mnist")
+
+
+@requires_fashion
 def test_ingest_debian_fashion_mnist(spark, tmp_path):
     manifest = ingest(spark, str(FASHION_DIR), str(tmp_path / "fashion"), strict=True)
     splits = manifest["splits"]
@@ -20,5 +31,22 @@ def test_ingest_debian_fashion_mnist(spark, tmp_path):
     assert splits["train"]["label_histogram"] == [6_000] * 10
     assert splits["test"]["label_histogram"] == [1_000] * 10
     assert all(f["sha256_matches"] for f in manifest["source"]["files"])
-    shards = spark.sparkContext.defaultParallelism  # the default: one shard per core
+    shards = default_parallelism(spark)  # the default: one shard per core
     assert len(contract.split_files(tmp_path / "fashion", manifest, "train")) == shards
+
+
+@requires_fashion
+@requires_connect
+def test_run_over_spark_connect_reaches_the_accuracy_of_the_classic_run(tmp_path):
+    """``spark-mnist run --remote ...`` with conf/local.yaml (5 epochs, 2 CPU ranks, the shards read directly):
+    the same metrics JSON as the classic run, and its test accuracy (0.90 measured) at least 0.89."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SPARK_REMOTE", "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED")}
+    command = [sys.executable, "-m", "spark_mnist.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
+               "--remote", TEST_REMOTE, "--output", str(tmp_path / "fashion"), "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["converter"] == "none" and metrics["world_size"] == 2 and metrics["dataset"] == "fashion-mnist"
+    assert metrics["test_accuracy"] >= 0.89, metrics
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "metrics.json").exists()

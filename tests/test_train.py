@@ -12,10 +12,11 @@ from spark_mnist.config import TrainSettings, load_settings
 from spark_mnist.driver.converter import choose_converter
 from spark_mnist.driver.ingest import ingest
 from spark_mnist.driver.launch import train
+from spark_mnist.driver.session import is_connect
 from spark_mnist.rank.train import CHECKPOINT_NAME, MODEL_NAME
-from tests.conftest import requires_petastorm
+from tests.conftest import requires_connect, requires_petastorm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.connect]
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,17 @@ def test_converter_none_reads_the_ingested_shards(spark, small_dataset, tmp_path
 def test_auto_converter_says_which_path_it_took(spark, small_dataset, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="spark_mnist")
     metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1))
-    expected = choose_converter(TrainSettings())
+    expected = choose_converter(TrainSettings(), connect=is_connect(spark))
     assert metrics["converter"] == expected.name
     assert sum("converter: " in r.getMessage() for r in caplog.records) == 1 and expected.reason in caplog.text
+
+
+@requires_connect
+def test_distributed_mode_over_connect_runs_the_ranks_in_spark_tasks(spark, small_dataset, tmp_path):
+    """TorchDistributor(local_mode=False) over a Spark Connect session: the ranks run in the server's tasks."""
+    metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1, local_mode=False))
+    assert metrics["world_size"] == 2 and metrics["converter"] == "none" and metrics["steps_per_epoch"] == 10
+    assert (tmp_path / "run" / MODEL_NAME).exists()
 
 
 def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):

@@ -10,6 +10,9 @@ works on the Spark 3.5 line with pyarrow < 15 (Databricks Runtime 15.4 LTS ML) a
 * ``petastorm``: petastorm, or an :class:`~spark_mnist.errors.EnvironmentMismatchError` naming the versions;
 * ``none``: the shards directly: no second copy of the data; the same loader, exact sharding, resume and figures.
 
+Over Spark Connect (``--remote``, Databricks Connect, serverless) petastorm's converter cannot run at all, and
+``auto`` takes ``none``.
+
 petastorm is an optional extra (``pip install 'spark-mnist[petastorm]'``) and is only imported here, inside
 functions.
 """
@@ -58,17 +61,22 @@ def _installed(distribution: str) -> Optional[str]:
         return None
 
 
-def petastorm_unavailable() -> Optional[str]:
+def petastorm_unavailable(connect: bool = False) -> Optional[str]:
     """Why petastorm's converter cannot run in this environment, or ``None`` where it can.
 
-    Checks, in order: pyarrow < 15, pyspark < 4 (their ``__version__``), petastorm installed (its distribution's
-    version), then that ``petastorm.spark`` imports: petastorm is imported only where the cheap checks pass.
+    Checks, in order: a Spark Connect session (``connect``: the converter reads the classic session's JVM, its
+    ``_jdf`` and ``sparkContext``), pyarrow < 15, pyspark < 4 (their ``__version__``), petastorm installed (its
+    distribution's version), then that ``petastorm.spark`` imports: petastorm is imported only where the cheap checks
+    pass.
 
     Returns:
         One line such as ``"pyarrow 19.0.1 ≥ 15"``, or ``None``.
     """
     import pyarrow
     import pyspark
+
+    if connect:
+        return "a Spark Connect session (petastorm's converter needs the classic session's JVM)"
 
     if _major(pyarrow.__version__) >= PETASTORM_MAX_PYARROW:
         return f"pyarrow {pyarrow.__version__} ≥ {PETASTORM_MAX_PYARROW}"
@@ -84,8 +92,9 @@ def petastorm_unavailable() -> Optional[str]:
     return None
 
 
-def choose_converter(settings: "TrainSettings") -> ConverterChoice:
-    """The converter of ``settings.converter`` (``auto``, ``petastorm`` or ``none``) in this environment.
+def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> ConverterChoice:
+    """The converter of ``settings.converter`` (``auto``, ``petastorm`` or ``none``) in this environment, for a
+    classic session or (``connect``) a Spark Connect one.
 
     ``settings.loader == "petastorm"`` needs petastorm's converter (it reads through ``make_torch_dataloader``).
     Cheap and Spark-free, so the CLI calls it before starting Spark.
@@ -103,7 +112,7 @@ def choose_converter(settings: "TrainSettings") -> ConverterChoice:
         wanted = PETASTORM
     if wanted == DIRECT:
         return ConverterChoice(DIRECT, "converter 'none' set")
-    why_not = petastorm_unavailable()
+    why_not = petastorm_unavailable(connect)
     if why_not is None:
         import pyarrow
         import pyspark

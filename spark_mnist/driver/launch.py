@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from spark_mnist.config import Settings
+from spark_mnist.driver import session
 from spark_mnist.driver.converter import choose_converter, make_converters
 from spark_mnist.paths import normalize_uri, require_local
 from spark_mnist.shards import contract
@@ -57,7 +58,7 @@ def train(spark, settings: Settings) -> dict[str, Any]:
 
     t = settings.train
     check_choice("train.model", t.model, MODELS, InputError)  # before Spark jobs and ranks start
-    choice = choose_converter(t)
+    choice = choose_converter(t, connect=session.is_connect(spark))
     dataset_dir = require_local(settings.data_dir, "the dataset")
     manifest = contract.load_manifest(dataset_dir)
     if choice.uses_petastorm:

@@ -1,0 +1,190 @@
+"""Spark Connect: the session seam (the one module that touches the JVM), how a session is resolved (Databricks
+Connect faked at its import boundary), and the ingest over Connect writing the same dataset as the classic path."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from spark_mnist.config import SparkSettings, TrainSettings
+from spark_mnist.driver import session
+from spark_mnist.driver.converter import choose_converter
+from spark_mnist.errors import EnvironmentMismatchError
+from tests.conftest import REPO, requires_connect, write_dataset
+
+# Attributes that reach the classic session's JVM or its broadcast variables: none of them outside the seam.
+JVM_ATTRIBUTES = {"sparkContext", "_jvm", "_jsc", "_jdf", "_sc", "_jsparkSession", "broadcast"}
+SEAM = REPO / "spark_mnist" / "driver" / "session.py"
+
+
+def _jvm_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    uses = []
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.Attribute) and node.attr in JVM_ATTRIBUTES:
+            name = node.attr
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in JVM_ATTRIBUTES):
+            name = node.args[1].value
+        if name is not None:
+            uses.append(f"{path.relative_to(REPO)}:{node.lineno}: {name}")
+    return uses
+
+
+def test_nothing_outside_the_seam_touches_the_jvm():
+    """sparkContext, _jvm, _jsc, _jdf and broadcast variables appear in driver/session.py only (the package, the
+    Databricks jobs and the benchmarks), so everything else runs on a Spark Connect session."""
+    files = [p for folder in ("spark_mnist", "jobs", "benchmarks") for p in sorted((REPO / folder).rglob("*.py"))]
+    assert SEAM in files and len(files) > 30
+    uses = [use for path in files if path != SEAM for use in _jvm_uses(path)]
+    assert uses == []
+    assert _jvm_uses(SEAM)  # the check sees them where they are
+
+
+class FakeDatabricksSession:
+    """Stands in for databricks.connect.DatabricksSession: ``builder.getOrCreate()`` gives a fake session."""
+
+    created: list = []
+    error: Exception | None = None
+
+    class builder:  # noqa: N801 - the real API's spelling
+        @staticmethod
+        def getOrCreate():  # noqa: N802
+            if FakeDatabricksSession.error is not None:
+                raise FakeDatabricksSession.error
+            fake = types.SimpleNamespace(stopped=False)
+            fake.stop = lambda: setattr(fake, "stopped", True)
+            FakeDatabricksSession.created.append(fake)
+            return fake
+
+
+@pytest.fixture
+def fake_databricks_connect(monkeypatch):
+    """``databricks.connect`` importable, with :class:`FakeDatabricksSession`; no active session, no SPARK_REMOTE."""
+    from pyspark.sql import SparkSession
+
+    package = types.ModuleType("databricks")
+    module = types.ModuleType("databricks.connect")
+    module.DatabricksSession = FakeDatabricksSession
+    package.connect = module
+    monkeypatch.setitem(sys.modules, "databricks", package)
+    monkeypatch.setitem(sys.modules, "databricks.connect", module)
+    monkeypatch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
+    monkeypatch.delenv("SPARK_REMOTE", raising=False)
+    FakeDatabricksSession.created, FakeDatabricksSession.error = [], None
+    return FakeDatabricksSession
+
+
+def test_databricks_connect_installed_gives_a_databricks_session(fake_databricks_connect):
+    settings = SparkSettings(master=None)
+    assert session.connect_expected(settings)
+    with session.spark_session(settings) as spark:
+        assert fake_databricks_connect.created == [spark] and not spark.stopped
+    assert spark.stopped  # a session spark-mnist created is stopped on exit
+    # its client-only pyspark cannot start a local master: the installed Databricks Connect wins over it
+    with session.spark_session(SparkSettings(master="local[2]")) as spark:
+        assert fake_databricks_connect.created[-1] is spark
+
+
+def test_databricks_connect_not_configured_is_one_clear_error(fake_databricks_connect):
+    fake_databricks_connect.error = ValueError("Cluster id or serverless are required but were not specified.")
+    with pytest.raises(EnvironmentMismatchError, match=r"databricks-connect is installed but gave no session "
+                                                       r"\(ValueError: Cluster id .*DATABRICKS_CLUSTER_ID.*--remote"):
+        with session.spark_session(SparkSettings(master=None)):
+            pass
+
+
+def test_without_databricks_connect_nothing_expects_connect(monkeypatch):
+    monkeypatch.setitem(sys.modules, "databricks.connect", None)  # import raises ImportError
+    monkeypatch.delenv("SPARK_REMOTE", raising=False)
+    assert not session.connect_expected(SparkSettings(master=None))
+    assert session.connect_expected(SparkSettings(remote="sc://localhost:15002"))
+    monkeypatch.setenv("SPARK_REMOTE", "sc://localhost:15002")
+    assert session.remote_url(SparkSettings()) == "sc://localhost:15002" and session.connect_expected(SparkSettings())
+    assert session.remote_url(SparkSettings(remote="sc://other:1")) == "sc://other:1"  # --remote wins
+
+
+def test_the_real_databricks_connect_resolves_when_installed(monkeypatch):
+    pytest.importorskip("databricks.connect", reason="databricks-connect is not installed in this lane (it replaces "
+                                                     "pyspark: pip install databricks-connect in its own venv)")
+    from pyspark.sql import SparkSession
+
+    monkeypatch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
+    for key in ("SPARK_REMOTE", "DATABRICKS_HOST", "DATABRICKS_CLUSTER_ID", "DATABRICKS_CONFIG_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", "/nonexistent/.databrickscfg")
+    with pytest.raises(EnvironmentMismatchError, match="databricks-connect is installed but gave no session"):
+        with session.spark_session(SparkSettings(master=None)):
+            pass
+
+
+def test_local_master_cores():
+    assert [session.local_master_cores(url) for url in ("local", "local[3]", "local[4, 2]", "spark://h:7077",
+                                                        None)] == [1, 3, 4, None, None]
+    assert session.local_master_cores("local[*]") == (os.cpu_count() or 1)
+
+
+def test_auto_converter_takes_none_over_connect_and_petastorm_is_refused():
+    choice = choose_converter(TrainSettings(), connect=True)
+    assert choice.name == "none" and "Spark Connect" in choice.reason
+    with pytest.raises(EnvironmentMismatchError, match="Spark Connect session"):
+        choose_converter(TrainSettings(converter="petastorm"), connect=True)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@requires_connect
+@pytest.mark.slow
+@pytest.mark.connect
+@pytest.mark.parametrize("options", [
+    {"num_shards": 3, "row_group_bytes": 64 * 784},
+    # several write jobs (chunk_rows), and the relation uploaded as chunked artifacts rather than inline
+    {"num_shards": 2, "chunk_rows": 250, "cache_threshold": 2**16},
+], ids=["one-job", "chunked"])
+def test_connect_ingest_equals_the_classic_one(spark, tmp_path, options):
+    """Over Spark Connect the dataset is the classic path's, file for file and byte for byte (the manifest apart
+    from its timestamp); the classic ingest runs in a child process (one kind of session per process)."""
+    from spark_mnist.driver.ingest import ingest
+
+    options = dict(options)
+    threshold = options.pop("cache_threshold", None)
+    assert session.is_connect(spark)
+    write_dataset(tmp_path / "source", train_rows=700, test_rows=130)
+    key = "spark.sql.session.localRelationCacheThreshold"
+    previous = spark.conf.get(key, None)
+    if threshold is not None:
+        spark.conf.set(key, str(threshold))
+    try:
+        ingest(spark, str(tmp_path / "source"), str(tmp_path / "connect"), **options)
+    finally:
+        if threshold is not None and previous is not None:
+            spark.conf.set(key, previous)
+        elif threshold is not None:
+            spark.conf.unset(key)
+    env = {k: v for k, v in os.environ.items() if k not in session.CONNECT_ENV and k != "SPARK_MNIST_TEST_REMOTE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-c", "import json, sys; from spark_mnist.config import SparkSettings; "
+               "from spark_mnist.driver.session import spark_session; from spark_mnist.driver.ingest import ingest\n"
+               "with spark_session(SparkSettings(master='local[2]')) as spark:\n"
+               "    ingest(spark, sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))",
+               str(tmp_path / "source"), str(tmp_path / "classic"), json.dumps(options)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    connect, classic = _files(tmp_path / "connect"), _files(tmp_path / "classic")
+    assert sorted(connect) == sorted(classic)
+    manifests = [json.loads(files.pop("_manifest.json")) for files in (connect, classic)]
+    for manifest in manifests:
+        manifest.pop("created_unix")
+    assert manifests[0] == manifests[1]
+    assert connect == classic  # every shard, byte for byte
+    assert len(manifests[0]["splits"]["train"]["files"]) == options["num_shards"] or "chunk_rows" in options
