@@ -245,7 +245,7 @@ def _write_with_broadcast(spark: "SparkSession", pieces: list[Piece], plan: Writ
 def fragments_table(pieces: list[Piece], plan: WritePlan):
     """The job's arrays as an Arrow table of fragments: ``unit`` (long), ``part`` (int, the fragment's place in its
     unit), ``images`` and ``labels`` (binary: consecutive rows' raw bytes, C order), :attr:`WritePlan.fragment_rows`
-    rows a fragment (fewer in a unit's last).  The binary columns are views of the arrays, not copies."""
+    rows a fragment (fewer in a unit's last), in one record batch."""
     import pyarrow as pa
 
     units, parts, images, labels = [], [], [], []
@@ -259,7 +259,8 @@ def fragments_table(pieces: list[Piece], plan: WritePlan):
             width = flat.size // max(1, hi - lo)
             offsets = pa.py_buffer(((starts - lo) * width).astype(np.int32))
             out.append(pa.Array.from_buffers(pa.binary(), len(starts) - 1, [None, offsets, pa.py_buffer(flat)]))
-    return pa.Table.from_arrays([pa.chunked_array(c) for c in (units, parts, images, labels)],
+    # One chunk per column: Spark 4.0.0's Connect server reads only the first record batch of a local relation.
+    return pa.Table.from_arrays([pa.concat_arrays(c) for c in (units, parts, images, labels)],
                                 names=["unit", "part", "images", "labels"])
 
 

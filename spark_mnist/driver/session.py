@@ -29,7 +29,7 @@ import shutil
 import sys
 import threading
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from spark_mnist.config import SparkSettings
 from spark_mnist.envs import scoped_env
@@ -124,17 +124,12 @@ def is_connect(spark: Any) -> bool:
     return type(spark).__module__.startswith(CONNECT_MODULES)
 
 
-def is_connect_builder(builder: Any) -> bool:
-    """Whether ``builder`` (a ``SparkSession.builder``) will give a Spark Connect session (``.remote(...)``)."""
-    return "spark.remote" in getattr(builder, "_options", {})
-
-
 def default_parallelism(spark: "SparkSession") -> int:
     """The cluster's default parallelism (cores across its executors), at least 1.
 
-    Classic: ``sparkContext.defaultParallelism``.  Spark Connect: the partitions of ``spark.range`` without a
-    partition count, which Spark sizes by that same figure (``spark.sql.leafNodeDefaultParallelism``, else
-    ``spark.default.parallelism``); one small job.
+    Classic: ``sparkContext.defaultParallelism``.  Spark Connect: ``spark.default.parallelism`` where set, else the
+    cores of a local master on this machine (:func:`local_master_cores`), else the partitions of ``spark.range``
+    without a partition count, which Spark sizes by that same figure (one small job).
     """
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
@@ -212,6 +207,21 @@ def _databricks_session_class() -> Optional[Any]:
     return DatabricksSession
 
 
+def _databricks_session(databricks_session: Any) -> "SparkSession":
+    """``databricks_session.builder.getOrCreate()``, its configuration errors as one line.
+
+    Raises:
+        EnvironmentMismatchError: Databricks Connect gave no session (no profile, host or cluster).
+    """
+    try:
+        return databricks_session.builder.getOrCreate()
+    except Exception as e:  # noqa: BLE001 - databricks-connect's configuration errors have no common type
+        raise EnvironmentMismatchError(
+            f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it (a "
+            f"~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
+            f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port") from e
+
+
 def connect_expected(settings: SparkSettings) -> bool:
     """Whether :func:`spark_session` will give a Spark Connect session, as far as can be told before starting one
     (an already active session, e.g. serverless compute's, is only known once there): a remote URL is set, or
@@ -220,9 +230,11 @@ def connect_expected(settings: SparkSettings) -> bool:
 
 
 @contextlib.contextmanager
-def _owned(spark: "SparkSession", env: tuple[str, ...] = ()) -> Iterator["SparkSession"]:
-    """Yield a session this module created; stop it afterwards and restore the variables ``env`` names."""
-    with scoped_env({}, restore=env):
+def _owned(create: Callable[[], "SparkSession"]) -> Iterator["SparkSession"]:
+    """Yield the session ``create()`` makes; stop it afterwards, and leave the variables pyspark sets for a Spark
+    Connect client (:data:`CONNECT_ENV`) as they were before."""
+    with scoped_env({}, restore=CONNECT_ENV):
+        spark = create()
         try:
             yield spark
         finally:
@@ -230,12 +242,13 @@ def _owned(spark: "SparkSession", env: tuple[str, ...] = ()) -> Iterator["SparkS
 
 
 @contextlib.contextmanager
-def _local_classic_session(settings: SparkSettings, builder: Any, *, verbose: bool) -> Iterator["SparkSession"]:
+def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool
+                   ) -> Iterator["SparkSession"]:
     """Start the session ``builder`` describes on this machine (a classic local master, or a local Spark Connect
     server), with :func:`session_conf`, this interpreter as the workers' Python and the JVM's start-up notices
     dropped; stop it and clean up after the block."""
     conf = session_conf(settings, verbose=verbose)
-    if is_connect_builder(builder):
+    if connect:
         # The conf of the local server's own session: pyspark reads it from these variables when it starts the
         # server (given to the builder, it would also be set, and refused, on the Connect session itself).
         env = {INIT_CONF_LEN_ENV: "1", INIT_CONF_ENV: json.dumps(conf)}
@@ -278,10 +291,10 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
     if settings.remote:
         builder = SparkSession.builder.remote(settings.remote)
         if settings.remote.startswith("local"):  # pyspark starts a Connect server here, on a local master
-            with _local_classic_session(settings, builder, verbose=verbose) as spark:
+            with _local_session(settings, builder, connect=True, verbose=verbose) as spark:
                 yield spark
             return
-        with _owned(builder.getOrCreate(), CONNECT_ENV) as spark:
+        with _owned(builder.getOrCreate) as spark:
             yield spark
         return
     active = SparkSession.getActiveSession()
@@ -295,19 +308,12 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
         return
     databricks_session = _databricks_session_class()
     if databricks_session is not None:
-        try:
-            spark = databricks_session.builder.getOrCreate()
-        except Exception as e:  # noqa: BLE001 - databricks-connect's configuration errors have no common type
-            raise EnvironmentMismatchError(
-                f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it (a "
-                f"~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
-                f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port") from e
-        with _owned(spark) as spark:
+        with _owned(lambda: _databricks_session(databricks_session)) as spark:
             yield spark
         return
     if settings.master is None:
         yield SparkSession.builder.getOrCreate()
         return
-    with _local_classic_session(settings, SparkSession.builder.master(settings.master).appName(settings.app_name),
-                                verbose=verbose) as spark:
+    builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
+    with _local_session(settings, builder, connect=False, verbose=verbose) as spark:
         yield spark
