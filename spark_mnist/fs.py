@@ -246,6 +246,20 @@ def _copy_tree(fs: "FileSystem", src: str, dst: str) -> None:
             fs.copy_file(info.path, target)
 
 
+def read_bytes(location: "Location") -> bytes:
+    """The whole content of the file ``location``.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        SourceError: as :func:`filesystem`.
+    """
+    if location.is_local:
+        return Path(location.local_path).read_bytes()
+    filesystem_, path = filesystem(location)
+    with filesystem_.open_input_stream(path) as stream:
+        return stream.read()
+
+
 def write_text(location: "Location", text: str) -> None:
     """Write ``text`` (UTF-8) to the file ``location``, replacing it; a local file is never seen half-written
     (:func:`replacing`), an object is written in one upload.

@@ -30,10 +30,17 @@ requires_connect = pytest.mark.skipif(TEST_REMOTE is None, reason="needs a Spark
                                       "run it with SPARK_MNIST_TEST_REMOTE=local[2] (make test)")
 
 
-def remote_args() -> list[str]:
-    """``spark-mnist`` options that make a command use this run's kind of session: ``--remote URL`` over Spark
-    Connect, none for classic."""
-    return ["--remote", TEST_REMOTE] if TEST_REMOTE else []
+@pytest.fixture
+def remote_args(request) -> list[str]:
+    """``spark-mnist`` options that make a child command use this run's kind of session: none for classic;
+    over Spark Connect ``--remote sc://...``: the server named, or the local server the ``spark`` fixture started
+    (a machine's port has room for one: a child starting its own would collide)."""
+    if TEST_REMOTE is None:
+        return []
+    if TEST_REMOTE.startswith("sc://"):
+        return ["--remote", TEST_REMOTE]
+    port = request.getfixturevalue("spark").conf.get("spark.connect.grpc.binding.port", "15002")
+    return ["--remote", f"sc://localhost:{port}"]
 
 
 @pytest.fixture(scope="session")

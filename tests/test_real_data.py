@@ -13,7 +13,7 @@ import sys
 from spark_mnist.shards import contract
 from spark_mnist.driver.ingest import ingest
 from spark_mnist.driver.session import default_parallelism
-from tests.conftest import FASHION_DIR, REPO, TEST_REMOTE, requires_connect
+from tests.conftest import FASHION_DIR, REPO, requires_connect
 
 pytestmark = [pytest.mark.slow, pytest.mark.connect]
 
@@ -37,17 +37,14 @@ def test_ingest_debian_fashion_mnist(spark, tmp_path):
 
 @requires_fashion
 @requires_connect
-def test_run_over_spark_connect_reaches_the_accuracy_of_the_classic_run(spark, tmp_path):
+def test_run_over_spark_connect_reaches_the_accuracy_of_the_classic_run(tmp_path, remote_args):
     """``spark-mnist run --remote sc://localhost:PORT`` with conf/local.yaml (5 epochs, 2 CPU ranks, the shards
-    read directly), a client of this run's Connect server (the one local server a machine's port has room for): the
-    same metrics JSON as the classic run, and its test accuracy (0.90 measured) at least 0.89."""
-    url = TEST_REMOTE
-    if not url.startswith("sc://"):  # the local server this process started; the child authenticates as we do
-        url = f"sc://localhost:{spark.conf.get('spark.connect.grpc.binding.port', '15002')}"
+    read directly), a client of this run's Connect server (the child authenticates as this process does): the same
+    metrics JSON as the classic run, and its test accuracy (0.90 measured) at least 0.89."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("SPARK_REMOTE", "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED")}
     command = [sys.executable, "-m", "spark_mnist.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
-               "--remote", url, "--output", str(tmp_path / "fashion"), "--run-dir", str(tmp_path / "run")]
+               *remote_args, "--output", str(tmp_path / "fashion"), "--run-dir", str(tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])

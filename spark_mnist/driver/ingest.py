@@ -17,12 +17,14 @@ Readers see either the previous complete dataset or the new one, never a mix.  T
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -32,7 +34,7 @@ from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
 from spark_mnist.driver import session
 from spark_mnist.driver.commit import commit, recover, scratch_name, staging_for
 from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_npz
-from spark_mnist.driver.sources import read_files
+from spark_mnist.driver.sources import read_files, read_rows
 from spark_mnist.driver.stages import StageClock
 from spark_mnist.errors import InputError, SourceError, invalid
 from spark_mnist.paths import Location, normalize_uri
@@ -69,6 +71,20 @@ class Piece:
     bounds: tuple[int, ...]
     images: np.ndarray
     labels: np.ndarray
+    # ``reread(lo, hi)``: the split's images ``[lo, hi)`` read again from the source file in a Spark task, exactly as
+    # ``images`` holds them (:func:`rows_again`); ``None`` where the rows can only come from the driver.
+    reread: Optional[Callable[[int, int], np.ndarray]] = None
+
+
+def rows_again(spec: DatasetSpec, uri: str, lo: int, hi: int) -> np.ndarray:
+    """Images ``[lo, hi)`` of the IDX file ``uri`` in a Spark task, as the driver holds them: read again
+    (:func:`spark_mnist.driver.sources.read_rows`) and stored upright (:func:`spark_mnist.datasets.upright`)."""
+    return upright(spec, read_rows(uri, lo, hi))
+
+
+def images_checksum(images: np.ndarray) -> int:
+    """CRC-32 of ``images``' bytes in C order: what a task that read its rows again compares with the driver's."""
+    return zlib.crc32(np.ascontiguousarray(images).data)
 
 
 def arrow_target(location: Location) -> str:
@@ -195,7 +211,11 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, 
 
     * classic: once, as a broadcast variable (:func:`spark_mnist.driver.session.shipped_to_executors`), under
       ``spark.range(units)`` with one partition per shard;
-    * Spark Connect (no broadcast variables, no JVM): as one Arrow relation (``createDataFrame``) of rows of at most
+    * Spark Connect (no broadcast variables, no JVM), where the rows can be read again from IDX files (one write
+      job): not at all; each task of that same ``spark.range`` reads its rows from the source file and checks them
+      against the driver's CRC-32 (:func:`_write_from_sources`);
+    * Spark Connect otherwise (a Keras npz, or several write jobs): as one Arrow relation (``createDataFrame``) of
+      rows of at most
       :data:`FRAGMENT_BYTES` of images, joined with a broadcast hint to that same ``spark.range``, so partition ``t``
       again receives exactly shard ``t``'s rows (:func:`_write_over_connect`).  pyspark sends a relation under
       ``spark.sql.session.localRelationCacheThreshold`` (64 MiB) inline and uploads a larger one as chunked
@@ -208,7 +228,9 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], staging: Location, 
     plan = WritePlan.of(pieces, arrow_target(staging), row_group_bytes)
     for split in dict.fromkeys(piece.split for piece in pieces):
         files.makedirs(staging.join(split))
-    if session.is_connect(spark):
+    if session.is_connect(spark) and all(piece.reread is not None for piece in pieces):
+        written = _write_from_sources(spark, pieces, plan)
+    elif session.is_connect(spark):
         written = _write_over_connect(spark, pieces, plan)
     else:
         written = _write_with_broadcast(spark, pieces, plan)
@@ -240,6 +262,39 @@ def _write_with_broadcast(spark: "SparkSession", pieces: list[Piece], plan: Writ
                     yield pa.RecordBatch.from_pydict(plan.write(unit, images[lo:hi], labels[lo:hi]))
 
         return _units_frame(spark, plan).mapInArrow(write_units, REPORT_SCHEMA).collect()
+
+
+def _write_from_sources(spark: "SparkSession", pieces: list[Piece], plan: WritePlan) -> list:
+    """The Spark Connect write job where every piece can be read again (:attr:`Piece.reread`): nothing but the
+    labels and a CRC-32 per shard travel; each task of ``spark.range(units)`` reads its rows from the source file,
+    checks them against the driver's checksum, and writes its shard.
+
+    Raises (in the job):
+        SourceError: a task's rows differ from the driver's (the file changed since it was checked).
+    """
+    rereads = [piece.reread for piece in pieces]
+    labels = [piece.labels for piece in pieces]
+    checksums = []
+    for unit, (p, _) in enumerate(plan.units):
+        lo, hi = plan.rows(unit)
+        checksums.append(images_checksum(pieces[p].images[lo:hi]))
+
+    def write_units(batches: Iterator) -> Iterator:
+        import pyarrow as pa
+
+        for batch in batches:
+            for unit in batch.column(0).to_pylist():
+                p, k = plan.units[unit]
+                lo, hi = plan.rows(unit)
+                images = rereads[p](plan.bounds[p][k], plan.bounds[p][k + 1])
+                if images_checksum(images) != checksums[unit]:
+                    split, shard = plan.shards[unit]
+                    raise SourceError(f"{split}/{contract.shard_name(shard)}: rows {plan.bounds[p][k]}-"
+                                      f"{plan.bounds[p][k + 1]} of the source differ from what the driver checked "
+                                      f"(the file changed during the ingest?)")
+                yield pa.RecordBatch.from_pydict(plan.write(unit, images, labels[p][lo:hi]))
+
+    return _units_frame(spark, plan).mapInArrow(write_units, REPORT_SCHEMA).collect()
 
 
 def fragments_table(pieces: list[Piece], plan: WritePlan):
@@ -352,8 +407,12 @@ def write_splits(spark: "SparkSession", spec: DatasetSpec, splits: list[SplitInp
         for name, first, end in job:
             lo, hi = int(bounds[name][first]), int(bounds[name][end])
             images = upright(spec, clock.timed("read_images", inputs[name].take)(hi - lo))
+            # One job: each task reads its rows again once at most; over several jobs a gz file would be
+            # decompressed from its start again for every job, so those rows travel from the driver.
+            uri = inputs[name].images_uri
+            reread = functools.partial(rows_again, spec, uri) if uri is not None and len(jobs) == 1 else None
             pieces.append(Piece(name, first, tuple(int(b) for b in bounds[name][first:end + 1]), images,
-                                inputs[name].labels[lo:hi]))
+                                inputs[name].labels[lo:hi], reread))
         with clock.stage("write_pieces"):
             write_pieces(spark, pieces, staging, row_group_bytes=row_group_bytes)
         log.info("wrote %s", ", ".join(f"{p.split} rows {p.bounds[0]}-{p.bounds[-1]}" for p in pieces))
