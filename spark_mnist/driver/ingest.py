@@ -161,6 +161,8 @@ class WritePlan:
 
     @classmethod
     def of(cls, pieces: list[Piece], target: str, row_group_bytes: int) -> "WritePlan":
+        """The plan of one write job over ``pieces`` into ``target`` (:func:`arrow_target`), row groups of about
+        ``row_group_bytes`` of images."""
         units = tuple((p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1))
         image_shape = tuple(int(n) for n in pieces[0].images.shape[1:])
         return cls(target=target, units=units,
@@ -186,7 +188,7 @@ class WritePlan:
 
     def expected(self) -> dict[int, int]:
         """Rows per unit."""
-        return {unit: hi - lo for unit, (lo, hi) in ((u, self.rows(u)) for u in range(len(self.units)))}
+        return {unit: hi - lo for unit in range(len(self.units)) for lo, hi in [self.rows(unit)]}
 
     def write(self, unit: int, images: np.ndarray, labels: np.ndarray) -> dict[str, list[int]]:
         """Write unit ``unit``'s shard from its ``images`` (n, H, W) uint8 and ``labels`` (n,); runs in a Spark

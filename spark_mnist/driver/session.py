@@ -15,8 +15,7 @@
 6. otherwise a classic session on ``spark.master`` (local mode, quiet, this interpreter as the workers' Python).
 
 Everything else in the package works with both kinds through the few capabilities that differ, all here:
-:func:`default_parallelism`, :func:`master`, :func:`shipped_to_executors` (classic only: a broadcast) and
-:func:`client_is_on_cluster_machine`.
+:func:`default_parallelism`, :func:`master_here` and :func:`shipped_to_executors` (classic only: a broadcast).
 """
 
 from __future__ import annotations
@@ -128,7 +127,7 @@ def default_parallelism(spark: "SparkSession") -> int:
     """The cluster's default parallelism (cores across its executors), at least 1.
 
     Classic: ``sparkContext.defaultParallelism``.  Spark Connect: ``spark.default.parallelism`` where set, else the
-    cores of a local master on this machine (:func:`local_master_cores`), else the partitions of ``spark.range``
+    cores of a local master on this machine (:func:`local_master_cores` of :func:`master_here`), else the partitions of ``spark.range``
     without a partition count, which Spark sizes by that same figure (one small job).
     """
     if not is_connect(spark):
@@ -136,7 +135,7 @@ def default_parallelism(spark: "SparkSession") -> int:
     configured = spark.conf.get("spark.default.parallelism", None)
     if configured:
         return max(1, int(configured))
-    cores = local_master_cores(master(spark)) if client_is_on_cluster_machine(spark) else None
+    cores = local_master_cores(master_here(spark))
     if cores is not None:
         return cores
     from pyspark.sql import functions as F
@@ -156,23 +155,19 @@ def local_master_cores(url: Optional[str]) -> Optional[int]:
     return os.cpu_count() or 1 if match.group(1) == "*" else max(1, int(match.group(1)))
 
 
-def master(spark: "SparkSession") -> Optional[str]:
-    """The master URL of the cluster that runs the tasks (``local[2]``, ``spark://...``), or ``None`` where a Spark
-    Connect server does not say (serverless compute)."""
+def master_here(spark: "SparkSession") -> Optional[str]:
+    """The master URL of the cluster that runs the tasks (``local[2]``, ``spark://...``) where this process runs on
+    its driver's machine: always for a classic session, and for a Spark Connect session whose server listens on a
+    loopback address (a local Connect server).  ``None`` elsewhere (Databricks Connect, serverless), or where the
+    server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
+    if str(getattr(spark.client, "host", "")).lower() not in LOOPBACK_HOSTS:
+        return None
     try:
         return spark.conf.get("spark.master", None)
     except Exception:  # noqa: BLE001 - a server may refuse to show its static conf
         return None
-
-
-def client_is_on_cluster_machine(spark: "SparkSession") -> bool:
-    """Whether this process runs on the machine of the cluster's driver: always for a classic session, and for a
-    Spark Connect session whose server listens on a loopback address (a local Connect server)."""
-    if not is_connect(spark):
-        return True
-    return str(getattr(spark.client, "host", "")).lower() in LOOPBACK_HOSTS
 
 
 @contextlib.contextmanager

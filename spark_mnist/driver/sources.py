@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from typing import TYPE_CHECKING, Sequence
 
 from spark_mnist import fs
 from spark_mnist.driver import session
@@ -51,8 +51,7 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str],
         SourceError: a missing directory or file (the message names each missing path), or a driver-local path
             that the executors of a cluster could not see.
     """
-    check_visible_to_executors(session.master(spark) if session.client_is_on_cluster_machine(spark) else None,
-                               directory)
+    check_visible_to_executors(session.master_here(spark), directory)
     if not fs.exists(directory):
         raise SourceError(f"{directory.local_path or directory.uri}: source directory not found")
     wanted = {name: directory.join(name) for name in names}
