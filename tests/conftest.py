@@ -31,7 +31,7 @@ requires_connect = pytest.mark.skipif(TEST_REMOTE is None, reason="needs a Spark
 
 
 @pytest.fixture
-def remote_args(request) -> list[str]:
+def remote_args(spark) -> list[str]:
     """``spark-mnist`` options that make a child command use this run's kind of session: none for classic;
     over Spark Connect ``--remote sc://...``: the server named, or the local server the ``spark`` fixture started
     (a machine's port has room for one: a child starting its own would collide)."""
@@ -39,7 +39,7 @@ def remote_args(request) -> list[str]:
         return []
     if TEST_REMOTE.startswith("sc://"):
         return ["--remote", TEST_REMOTE]
-    port = request.getfixturevalue("spark").conf.get("spark.connect.grpc.binding.port", "15002")
+    port = spark.conf.get("spark.connect.grpc.binding.port", "15002")
     return ["--remote", f"sc://localhost:{port}"]
 
 
