@@ -46,7 +46,7 @@ test-lane: setup
 	$(PY) -m pytest
 	@if [ -n "$(filter $(ONE_LANE),$(CONNECT_LANES))" ]; then \
 	  echo "=== lane $(ONE_LANE), over Spark Connect (SPARK_MNIST_TEST_REMOTE=$(TEST_REMOTE))"; \
-	  SPARK_MNIST_TEST_REMOTE='$(TEST_REMOTE)' $(PY) -m pytest -m connect; \
+	  SPARK_MNIST_TEST_REMOTE='$(TEST_REMOTE)' $(PY) -m pytest -m connect --durations=5; \
 	fi
 
 bench: setup
