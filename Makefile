@@ -43,7 +43,7 @@ test:
 # The Spark 4 lanes run the suite classic, then the tests marked connect again over a local Spark Connect server
 # (SparkSession.builder.remote("local[2]")): one kind of session per process.
 test-lane: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=5
 	@if [ -n "$(filter $(ONE_LANE),$(CONNECT_LANES))" ]; then \
 	  echo "=== lane $(ONE_LANE), over Spark Connect (SPARK_MNIST_TEST_REMOTE=$(TEST_REMOTE))"; \
 	  SPARK_MNIST_TEST_REMOTE='$(TEST_REMOTE)' $(PY) -m pytest -m connect --durations=5; \
