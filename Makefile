@@ -28,7 +28,7 @@ CONNECT_LANES := spark40 spark4-latest
 TEST_REMOTE := local[2]
 comma := ,
 
-.PHONY: run test test-fast test-lane test-times bench bench-scale setup venv java data lock clean
+.PHONY: run test test-fast test-lane test-kit test-times bench bench-scale setup venv java data lock clean
 
 # uv builds the lane environments and resolves the locks (pip's wheels and indexes: requirements/uv_args.py).
 UV_VERSION := 0.13.9
@@ -51,7 +51,8 @@ test: $(UV) java data
 	lanes="$(or $(LANE),$(LANES))"; \
 	for lane in $$lanes; do $(MAKE) --no-print-directory venv LANE=$$lane || exit 1; done; \
 	echo "=== environments ready in $$(( $$(date +%s) - start )) s"; \
-	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target $$(for l in $$lanes; do echo test-lane-$$l; done); \
+	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target $$(for l in $$lanes; do echo test-lane-$$l; done) \
+	  $(if $(LANE),,test-kit); \
 	status=$$?; $(MAKE) --no-print-directory test-times; \
 	echo "=== make test: $$(( $$(date +%s) - start )) s wall, lanes: $$lanes"; exit $$status
 
@@ -62,7 +63,7 @@ test-lane: test-lane-$(ONE_LANE)
 # so the Connect passes of lanes running side by side take turns (flock).  Each pass has its own pytest base
 # temporary directory.
 test-lane-%:
-	@mkdir -p $(LOGS); t=$$(date +%s); \
+	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
 	.venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-classic; s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; \
 	if [ -n "$(filter $*,$(CONNECT_LANES))" ]; then \
@@ -71,6 +72,20 @@ test-lane-%:
 	    --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-connect || s=1; \
 	  echo "$* connect $$(( $$(date +%s) - t ))" >> $(LOGS)/times; \
 	fi; exit $$s
+
+# The example of a user's own tests (examples/user_tests) against the installed wheel, in a fresh directory outside
+# the source tree, in a fresh environment of lane KIT_LANE's stack.
+KIT_LANE := spark40
+KIT := $(TEST_TMP)/kit
+test-kit: $(UV)
+	@rm -rf $(KIT) && mkdir -p $(KIT)/project && t=$$(date +%s); \
+	$(UV) build --quiet --wheel --out-dir $(KIT)/dist . && \
+	$(UV) venv --quiet --python $(PYTHON) $(KIT)/venv && \
+	$(UV) pip sync --quiet --python $(KIT)/venv/bin/python $(UV_ARGS) requirements/lanes/$(KIT_LANE).txt && \
+	$(UV) pip install --quiet --python $(KIT)/venv/bin/python --no-deps $(KIT)/dist/*.whl && \
+	cp examples/user_tests/*.py $(KIT)/project/ && \
+	( cd $(KIT)/project && $(KIT)/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . ); s=$$?; \
+	mkdir -p $(LOGS); echo "kit $(KIT_LANE) $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
 test-times:
 	@test -f $(LOGS)/times && while read lane pass secs; do echo "=== $$lane $$pass pass: $$secs s"; done < $(LOGS)/times || true
