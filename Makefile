@@ -49,7 +49,7 @@ run: setup
 test: $(UV) java data
 	@start=$$(date +%s); rm -rf $(LOGS); mkdir -p $(LOGS); \
 	lanes="$(or $(LANE),$(LANES))"; \
-	for lane in $$lanes; do $(MAKE) --no-print-directory venv LANE=$$lane || exit 1; done; \
+	$(MAKE) --no-print-directory -j$(TEST_JOBS) $$(for l in $$lanes; do echo venv-$$l; done) || exit 1; \
 	echo "=== environments ready in $$(( $$(date +%s) - start )) s"; \
 	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target $$(for l in $$lanes; do echo test-lane-$$l; done) \
 	  $(if $(LANE),,test-kit); \
@@ -103,6 +103,10 @@ bench-scale: setup
 setup: venv java data
 
 venv: $(STAMP)
+
+# One lane's environment by name, so that make -j builds several at once (uv's cache takes concurrent installs).
+venv-%:
+	@$(MAKE) --no-print-directory venv LANE=$*
 
 $(UV):
 	$(PYTHON) -m venv $(UV_HOME)
