@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from spark_mnist.shards import contract
+from spark_mnist.shards.contract import shard_bounds
 from spark_mnist.shards.parquet import write_shard
 
 # Parquet row-group target: ~1 MiB is ~1,300 MNIST rows, so 60,000 training rows make ~45 row groups and every rank
@@ -21,13 +22,6 @@ DEFAULT_CHUNK_ROWS = 1_000_000
 # Over Spark Connect the arrays travel as rows of at most this many bytes of images (a row group's worth of an
 # MNIST shard is ~1 MiB): serverless compute refuses local rows over 128 MiB.
 FRAGMENT_BYTES = 4 * 2**20
-
-
-def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
-    """Row boundaries of ``num_shards`` contiguous shards over ``rows`` rows: shard k is ``[b[k], b[k+1])``; sizes
-    differ by at most one.  ``num_shards`` is capped at ``rows`` so that no shard is empty."""
-    shards = max(1, min(num_shards, rows))
-    return np.linspace(0, rows, shards + 1).round().astype(np.int64)
 
 
 def chunk_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:

@@ -38,6 +38,7 @@ import os
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
+from typing import Sequence
 
 from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError
@@ -147,3 +148,43 @@ def discard(out: Location, generation: str, *, created_out: bool = False) -> Non
                 pass
         else:
             fs.delete(out)
+
+
+def commit_arrays(out: Location, arrays: dict[str, tuple], *, dataset: str, classes: Sequence[str], shards: int = 1,
+                  rows_per_group: int = 1024, source: dict | None = None) -> Manifest:
+    """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset at ``out`` without Spark:
+    ``shards`` contiguous shards per split under a new generation, then :func:`publish`.  The same files and
+    protocol as ingest; for tests, small tools and the commit benchmark.  Where: one process (the driver).
+
+    Returns:
+        The manifest published (as :func:`publish`).
+    Raises:
+        OSError: a shard or the manifest could not be written (the generation is then discarded).
+    """
+    import numpy as np
+
+    from spark_mnist import __version__
+    from spark_mnist.shards.contract import ShardFile, Split, shard_bounds, shard_path
+    from spark_mnist.shards.parquet import write_shard
+
+    current = current_manifest(out)
+    generation = new_generation(after=current.generation if current is not None else None)
+    created_out = not fs.exists(out)
+    try:
+        splits = {}
+        for name, (images, labels) in arrays.items():
+            bounds = shard_bounds(len(labels), shards)
+            files = []
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                path = shard_path(generation, name, k)
+                size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
+                files.append(ShardFile(path, size, int(hi - lo)))
+            splits[name] = Split(rows=len(labels), files=tuple(files), label_histogram=tuple(
+                np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)).tolist()))
+        manifest = Manifest(generation=generation, dataset=dataset, classes=tuple(classes),
+                            image_shape=tuple(int(n) for n in next(iter(arrays.values()))[0].shape[1:]),
+                            splits=splits, source=source or {}, package_version=__version__)
+    except BaseException:
+        discard(out, generation, created_out=created_out)
+        raise
+    return publish(out, manifest)

@@ -28,7 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from spark_mnist.errors import DatasetNotFoundError, check_choice
+import numpy as np
+
+from spark_mnist.errors import DatasetNotFoundError, SourceError, check_choice
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -49,6 +51,13 @@ MANIFEST_READ_TRIES, MANIFEST_READ_PAUSE_S = 5, 0.05
 def shard_name(k: int) -> str:
     """The file name of shard ``k`` of a split."""
     return f"part-{k:05d}.parquet"
+
+
+def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
+    """Row boundaries of ``num_shards`` contiguous shards over ``rows`` rows: shard k is ``[b[k], b[k+1])``; sizes
+    differ by at most one.  ``num_shards`` is capped at ``rows`` so that no shard is empty."""
+    shards = max(1, min(num_shards, rows))
+    return np.linspace(0, rows, shards + 1).round().astype(np.int64)
 
 
 def shard_path(generation: str, split: str, k: int) -> str:
@@ -258,7 +267,7 @@ def check_files(filesystem: "FileSystem", root: str, where: "Location", files: l
 
     infos = filesystem.get_file_info([f"{root}/{f.path}" for f in files])
     for shard, info in zip(files, infos):
-        uri = where.join(*shard.path.split("/")).uri
+        uri = where.join(*shard.path.split("/")).display
         if info.type == FileType.NotFound:
             raise DatasetNotFoundError(f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
                                        f"was removed or replaced under the reader, re-run ingest or reopen it")
@@ -280,7 +289,8 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         DatasetNotFoundError: no manifest (nothing ingested there, or the first ingest still running), an
             unreadable manifest, a schema version this package cannot read (version 1: one line saying to
             re-ingest), or a named file missing or of another size (the message names the file).
-        SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`).
+        SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`), or a store that
+            fails to answer (the message names the manifest and pyarrow's error).
     """
     from spark_mnist import fs
     from spark_mnist.paths import normalize_uri
@@ -288,8 +298,11 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     location = normalize_uri(path)
     filesystem, root = fs.filesystem(location)
     root = root.rstrip("/") or root
-    where = location.join(MANIFEST_NAME).uri
-    manifest = read_manifest(filesystem, root, where)
+    where = location.join(MANIFEST_NAME).display
+    try:
+        manifest = read_manifest(filesystem, root, where)
+    except OSError as e:  # the store answered with an error, or not at all: one line, naming the place
+        raise SourceError(f"{where}: cannot read the manifest ({e})") from None
     if manifest is None:
         raise DatasetNotFoundError(f"{where}: no manifest, so no complete dataset here; run `spark-mnist ingest "
                                    f"--output {os.fspath(path)}` first")
