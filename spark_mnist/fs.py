@@ -16,8 +16,9 @@ Endpoints and credentials of object stores come from the standard variables or f
 (:func:`filesystem`): ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) and the AWS credential chain for ``s3://``
 (pyarrow 19's ``S3FileSystem()`` ignores ``AWS_ENDPOINT_URL``, so it is applied here for every pyarrow);
 ``s3://key:secret@bucket/path?endpoint_override=host:port&scheme=http`` in the URI;
-``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_KEY`` with the account of the URI, for
-``abfss://container@account.dfs.core.windows.net/path`` (else Azure's default credential chain).
+``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_KEY`` with the account of the URI, or the URI's
+``?account_key=...&blob_storage_authority=...`` for ``abfss://container@account.dfs.core.windows.net/path`` (else
+Azure's default credential chain).
 
 :func:`replacing` is the one "write to a temporary name beside the target, then ``os.replace``" of the package:
 IDX files, checkpoints, models, pictures, downloads and the manifest all go through it.  ``os.replace`` is atomic on
@@ -107,7 +108,7 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
     uri = location.uri
     scheme = urlparse(uri).scheme
     if scheme in AZURE_SCHEMES:
-        azure = _azure_from_environment(uri)
+        azure = _azure_filesystem(uri)
         if azure is not None:
             return azure
     if scheme == "s3":
@@ -135,31 +136,37 @@ def _with_s3_endpoint(uri: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def _azure_from_environment(uri: str) -> "tuple[FileSystem, str] | None":
-    """pyarrow's ``AzureFileSystem`` for ``abfss://container@account.../path`` from
-    ``AZURE_STORAGE_CONNECTION_STRING`` (account, key and endpoints: Azurite's form included) or
-    ``AZURE_STORAGE_ACCOUNT_KEY``; ``None`` where neither is set or this pyarrow has no Azure (then
-    ``FileSystem.from_uri`` or fsspec's adlfs takes the URI)."""
+AZURE_URI_OPTIONS = ("account_key", "blob_storage_authority", "dfs_storage_authority", "blob_storage_scheme",
+                     "dfs_storage_scheme")
+
+
+def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
+    """pyarrow's ``AzureFileSystem`` for ``abfss://container@account.dfs.core.windows.net/path``, with the account
+    key and endpoints from ``AZURE_STORAGE_CONNECTION_STRING`` (Azurite's form included), else
+    ``AZURE_STORAGE_ACCOUNT_KEY``, and from the URI's query (``?account_key=...&blob_storage_authority=host:port
+    &dfs_storage_authority=host:port&blob_storage_scheme=http&dfs_storage_scheme=http``, which pyarrow's own
+    ``from_uri`` refuses); ``None`` where none of them is given or this pyarrow has no Azure (then
+    ``FileSystem.from_uri``, with Azure's default credential chain, or fsspec's adlfs takes the URI)."""
+    parts = urlsplit(uri)
+    query = dict(parse_qsl(parts.query))
+    container, _, host = parts.netloc.rpartition("@")
+    options = {"account_name": host.split(".", 1)[0]}
     connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
-    key = os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
-    if not (connection or key) or not _pyarrow_has_azure():
+    if connection:
+        fields = dict(item.split("=", 1) for item in connection.split(";") if "=" in item)
+        options.update(account_name=fields.get("AccountName", options["account_name"]),
+                       account_key=fields.get("AccountKey", ""))
+        if fields.get("BlobEndpoint"):  # an emulator or a custom domain: one host serves blob and dfs
+            endpoint = urlsplit(fields["BlobEndpoint"])
+            options.update(blob_storage_authority=endpoint.netloc, dfs_storage_authority=endpoint.netloc,
+                           blob_storage_scheme=endpoint.scheme, dfs_storage_scheme=endpoint.scheme)
+    elif os.environ.get("AZURE_STORAGE_ACCOUNT_KEY"):
+        options["account_key"] = os.environ["AZURE_STORAGE_ACCOUNT_KEY"]
+    options.update({key: query[key] for key in AZURE_URI_OPTIONS if key in query})
+    if len(options) == 1 or not _pyarrow_has_azure():
         return None
     from pyarrow.fs import AzureFileSystem
 
-    parts = urlsplit(uri)
-    container, _, host = parts.netloc.rpartition("@")
-    options: dict[str, str] = {"account_name": host.split(".", 1)[0]}
-    if connection:
-        fields = dict(item.split("=", 1) for item in connection.split(";") if "=" in item)
-        options = {"account_name": fields.get("AccountName", options["account_name"]),
-                   "account_key": fields.get("AccountKey", key or "")}
-        blob = fields.get("BlobEndpoint")
-        if blob:  # an emulator (Azurite) or a custom domain: the blob and the dfs endpoint are the same host
-            endpoint = urlsplit(blob)
-            options.update(blob_storage_authority=endpoint.netloc, dfs_storage_authority=endpoint.netloc,
-                           blob_storage_scheme=endpoint.scheme, dfs_storage_scheme=endpoint.scheme)
-    else:
-        options["account_key"] = key or ""
     return AzureFileSystem(**options), f"{container}{parts.path}".rstrip("/")
 
 

@@ -89,8 +89,8 @@ def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, st
         OSError: the file could not be written.
     """
     filesystem, base = fs.filesystem(normalize_uri(root).join(*path.split("/")))
-    parent = base.rsplit("/", 1)[0]
-    filesystem.create_dir(parent, recursive=True)
+    if filesystem.type_name == "local":  # object stores have no directories to make (one request fewer a shard)
+        filesystem.create_dir(base.rsplit("/", 1)[0], recursive=True)
     try:
         with filesystem.open_output_stream(base) as sink:
             write_rows(sink, start, images, labels, rows_per_group)
