@@ -110,7 +110,8 @@ def publish(out: Location, manifest: Manifest) -> Manifest:
 
 def clean(out: Location) -> list[str]:
     """Apply the retention rule (module docstring) to ``out``: delete every generation older than the current
-    manifest's other than the one it replaced.  Reads the manifest again, so a racing ingest's newer manifest is
+    manifest's other than the one it replaced, and the temporary files of manifests whose ingest was killed before
+    its ``os.replace`` (:func:`spark_mnist.fs.replacing`).  Reads the manifest again, so a racing ingest's newer manifest is
     what counts.
 
     Returns:
@@ -122,10 +123,13 @@ def clean(out: Location) -> list[str]:
     if current is None:
         return []
     keep = {current.generation, current.previous}
-    removed = [name for name in fs.list_names(out)
-               if is_generation(name) and name not in keep and name < current.generation]
+    names = fs.list_names(out)
+    removed = [name for name in names if is_generation(name) and name not in keep and name < current.generation]
     for name in removed:
         fs.delete(out.join(name))
+    for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
+        if name.startswith(f".{MANIFEST_NAME}.tmp-"):
+            fs.delete(out.join(name))
     if removed:
         log.info("%s: removed %d generation(s) no manifest needs: %s", out.display, len(removed), ", ".join(removed))
     return removed
