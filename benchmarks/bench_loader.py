@@ -143,11 +143,11 @@ def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], A
         choice = choose_converter(TrainSettings())
         figures.update(converter=choice.name, converter_reason=choice.reason, converters_seconds=None)
         if not choice.uses_petastorm:
-            files = contract.split_files(data, contract.load_manifest(data), "train")
+            files = contract.open_dataset(data).files("train")
             figures["converter_files"] = len(files)
             return figures, None, files
         with stopwatch() as t:
-            converters = make_converters(spark, "file://" + os.path.abspath(data),
+            converters = make_converters(spark, contract.open_dataset(data),
                                          "file://" + os.path.abspath(os.path.join(work, "petastorm")),
                                          TrainSettings().petastorm_row_group_bytes)
         figures["converters_seconds"] = t["seconds"]

@@ -213,7 +213,7 @@ def timed_ingest(spark, source: str, output: str, **kwargs) -> dict[str, Any]:
     stages: dict[str, float] = {}
     with stopwatch() as t:
         manifest = ingest(spark, source, output, dataset="fashion-mnist", stages=stages, **kwargs)
-    return {"seconds": t["seconds"], "stages": stages, "train_rows": manifest["splits"]["train"]["rows"],
+    return {"seconds": t["seconds"], "stages": stages, "train_rows": manifest.splits["train"].rows,
             "driver_peak_rss_mb": vm_hwm_mb() if can_reset else None}
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from spark_mnist import __version__
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
@@ -124,16 +124,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(path, overrides)
 
 
-def _ingest(spark, settings: Settings) -> dict[str, Any]:
+def _ingest(spark, settings: Settings):
     from spark_mnist.driver.ingest import ingest
 
     s = settings.ingest
     manifest = ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
                       row_group_bytes=s.row_group_bytes, strict=s.strict)
-    splits = manifest["splits"]
     logging.getLogger("spark_mnist").info(
-        "dataset %s at %s: %s", manifest["dataset"], s.output,
-        ", ".join(f"{name} {info['rows']} rows in {len(info['files'])} shards" for name, info in splits.items()))
+        "dataset %s at %s: %s", manifest.dataset, s.output,
+        ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items()))
     return manifest
 
 
@@ -202,8 +201,8 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command in ("ingest", "run"):
             manifest = _ingest(spark, settings)
             if args.command == "ingest":
-                print(json.dumps({"output": settings.ingest.output, "dataset": manifest["dataset"],
-                                  "rows": {k: v["rows"] for k, v in manifest["splits"].items()}}))
+                print(json.dumps({"output": settings.ingest.output, "dataset": manifest.dataset,
+                                  "rows": {k: v.rows for k, v in manifest.splits.items()}}))
                 return 0
         metrics = train(spark, settings)
     metrics.pop("history", None)

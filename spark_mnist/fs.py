@@ -8,12 +8,17 @@ Every operation takes a :class:`~spark_mnist.paths.Location`.  Where :mod:`os` c
 (``s3a://`` with s3fs installed, ``memory://``, ...).  ``dbfs:/`` without the FUSE mount (Spark Connect off the
 cluster) is refused: use ``/Volumes/...`` or the ``/dbfs/...`` path on a machine that has the mount.
 
-Atomicity of :func:`rename`, which the commit of an ingest relies on (readers see the previous dataset or the new
-one, never a mix): exact on POSIX, on the ``/dbfs`` and ``/Volumes`` FUSE mounts (``os.rename``) and on HDFS (one
-namenode rename).  On object stores a "rename" is a copy of every object then a delete (pyarrow's ``move`` is
-copy+delete for one object and refuses directories on S3 and GCS, so :func:`rename` copies the tree itself;
-fsspec's ``mv`` does the same): a reader listing ``OUT`` during the commit there can see a partly copied dataset,
-and a crash in between leaves both copies.
+No directory is ever renamed here (an object store has no directory rename, a ``/Volumes`` FUSE mount answers a
+rename with ENOSYS): a dataset is committed by writing its manifest last, in one single-object write
+(:func:`write_whole`, :mod:`spark_mnist.shards.commit`).
+
+Endpoints and credentials of object stores come from the standard variables or from the URI
+(:func:`filesystem`): ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) and the AWS credential chain for ``s3://``
+(pyarrow 19's ``S3FileSystem()`` ignores ``AWS_ENDPOINT_URL``, so it is applied here for every pyarrow);
+``s3://key:secret@bucket/path?endpoint_override=host:port&scheme=http`` in the URI;
+``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_KEY`` with the account of the URI, or the URI's
+``?account_key=...&blob_storage_authority=...`` for ``abfss://container@account.dfs.core.windows.net/path`` (else
+Azure's default credential chain).
 
 :func:`replacing` is the one "write to a temporary name beside the target, then ``os.replace``" of the package:
 IDX files, checkpoints, models, pictures, downloads and the manifest all go through it.  ``os.replace`` is atomic on
@@ -25,11 +30,12 @@ No Spark here; pyarrow and fsspec are imported only when a non-local place is us
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 from spark_mnist.errors import SourceError
 
@@ -39,10 +45,19 @@ if TYPE_CHECKING:
     from spark_mnist.paths import Location
 
 
+# What a mount that cannot rename answers: ENOSYS (a Unity Catalog volume's FUSE mount, delta-io/delta-rs#2540),
+# EPERM or ENOTSUP (FUSE layers that refuse it), EXDEV (a rename across what the mount presents as devices).
+RENAME_REFUSED = frozenset({errno.ENOSYS, errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it replaces ``path`` in one rename, on any
     error it is removed and ``path`` is left as it was.
+
+    Where the file system refuses the rename (:data:`RENAME_REFUSED`: a FUSE mount over object storage) the
+    content is written to ``path`` whole, in one ``write`` call, and the temporary file removed: such a mount
+    uploads the file as one object when it is closed, so readers there still see the old or the new content.
 
     Example::
 
@@ -53,7 +68,13 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError as e:
+            if e.errno not in RENAME_REFUSED:
+                raise
+            _write_in_place(final, tmp.read_bytes())  # a mount without rename: one whole-file write
+            tmp.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -85,11 +106,68 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
         raise SourceError(f"{location.uri}: /Volumes paths need the /Volumes FUSE mount, which this machine does "
                           f"not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// URI")
     uri = location.uri
+    scheme = urlparse(uri).scheme
+    if scheme in AZURE_SCHEMES:
+        azure = _azure_filesystem(uri)
+        if azure is not None:
+            return azure
+    if scheme == "s3":
+        uri = _with_s3_endpoint(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, NotImplementedError) as e:  # pyarrow's ArrowInvalid / ArrowNotImplementedError
         pyarrow_error = e
     return _fsspec_filesystem(uri, pyarrow_error)
+
+
+AZURE_SCHEMES = ("abfs", "abfss", "az")
+
+
+def _with_s3_endpoint(uri: str) -> str:
+    """``uri`` with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (``http://host:port``) as its endpoint, where
+    the URI names none itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    parts = urlsplit(uri)
+    query = dict(parse_qsl(parts.query))
+    if not endpoint or "endpoint_override" in query:
+        return uri
+    endpoint_parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    query.update(endpoint_override=endpoint_parts.netloc, scheme=endpoint_parts.scheme)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+AZURE_URI_OPTIONS = ("account_key", "blob_storage_authority", "dfs_storage_authority", "blob_storage_scheme",
+                     "dfs_storage_scheme")
+
+
+def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
+    """pyarrow's ``AzureFileSystem`` for ``abfss://container@account.dfs.core.windows.net/path``, with the account
+    key and endpoints from ``AZURE_STORAGE_CONNECTION_STRING`` (Azurite's form included), else
+    ``AZURE_STORAGE_ACCOUNT_KEY``, and from the URI's query (``?account_key=...&blob_storage_authority=host:port
+    &dfs_storage_authority=host:port&blob_storage_scheme=http&dfs_storage_scheme=http``, which pyarrow's own
+    ``from_uri`` refuses); ``None`` where none of them is given or this pyarrow has no Azure (then
+    ``FileSystem.from_uri``, with Azure's default credential chain, or fsspec's adlfs takes the URI)."""
+    parts = urlsplit(uri)
+    query = dict(parse_qsl(parts.query))
+    container, _, host = parts.netloc.rpartition("@")
+    options = {"account_name": host.split(".", 1)[0]}
+    connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+    if connection:
+        fields = dict(item.split("=", 1) for item in connection.split(";") if "=" in item)
+        options.update(account_name=fields.get("AccountName", options["account_name"]),
+                       account_key=fields.get("AccountKey", ""))
+        if fields.get("BlobEndpoint"):  # an emulator or a custom domain: one host serves blob and dfs
+            endpoint = urlsplit(fields["BlobEndpoint"])
+            options.update(blob_storage_authority=endpoint.netloc, dfs_storage_authority=endpoint.netloc,
+                           blob_storage_scheme=endpoint.scheme, dfs_storage_scheme=endpoint.scheme)
+    elif os.environ.get("AZURE_STORAGE_ACCOUNT_KEY"):
+        options["account_key"] = os.environ["AZURE_STORAGE_ACCOUNT_KEY"]
+    options.update({key: query[key] for key in AZURE_URI_OPTIONS if key in query})
+    if len(options) == 1 or not _pyarrow_has_azure():
+        return None
+    from pyarrow.fs import AzureFileSystem
+
+    return AzureFileSystem(**options), f"{container}{parts.path}".rstrip("/")
 
 
 def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem, str]":
@@ -199,53 +277,6 @@ def makedirs(location: "Location") -> None:
     fs.create_dir(path, recursive=True)
 
 
-def rename(src: "Location", dst: "Location") -> None:
-    """Rename ``src`` to ``dst`` (both on one file system); ``dst`` must not exist.
-
-    Atomic on local paths, the FUSE mounts and HDFS; a copy then a delete on object stores (module docstring).
-
-    Raises:
-        FileExistsError: ``dst`` exists (on local paths: a non-empty directory or a file).
-        FileNotFoundError: ``src`` does not exist.
-        SourceError: a place no file system here can reach (:func:`filesystem`).
-        OSError: the rename failed.
-    """
-    if src.is_local:
-        try:
-            os.rename(src.local_path, dst.local_path)
-        except OSError as e:
-            if not isinstance(e, FileNotFoundError) and os.path.exists(dst.local_path):
-                raise FileExistsError(dst.local_path) from e
-            raise
-        return
-    from pyarrow.fs import FileType
-
-    fs, src_path = filesystem(src)
-    _, dst_path = filesystem(dst)
-    kind = fs.get_file_info(src_path).type
-    if kind == FileType.NotFound:
-        raise FileNotFoundError(src.uri)
-    if fs.get_file_info(dst_path).type != FileType.NotFound:
-        raise FileExistsError(dst.uri)
-    if kind == FileType.Directory and fs.type_name in ("s3", "gcs"):  # pyarrow moves single objects only there
-        _copy_tree(fs, src_path, dst_path)
-        fs.delete_dir(src_path)
-    else:
-        fs.move(src_path, dst_path)
-
-
-def _copy_tree(fs: "FileSystem", src: str, dst: str) -> None:
-    from pyarrow.fs import FileSelector, FileType
-
-    fs.create_dir(dst, recursive=True)
-    for info in fs.get_file_info(FileSelector(src, recursive=True)):
-        target = dst + info.path[len(src):]
-        if info.type == FileType.Directory:
-            fs.create_dir(target, recursive=True)
-        elif info.type == FileType.File:
-            fs.copy_file(info.path, target)
-
-
 def read_bytes(location: "Location") -> bytes:
     """The whole content of the file ``location``.
 
@@ -261,14 +292,32 @@ def read_bytes(location: "Location") -> bytes:
 
 
 def write_text(location: "Location", text: str) -> None:
-    """Write ``text`` (UTF-8) to the file ``location``, replacing it; a local file is never seen half-written
-    (:func:`replacing`), an object is written in one upload.
+    """Write ``text`` (UTF-8) to the file ``location``, replacing it in one single-object write
+    (:func:`write_whole`).
 
     Raises:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file could not be written (e.g. its directory is missing).
     """
-    data = text.encode("utf-8")
+    write_whole(location, text.encode("utf-8"))
+
+
+def write_whole(location: "Location", data: bytes) -> None:
+    """Make ``data`` the content of the file ``location`` in one atomic single-object write: what commits a
+    dataset (its manifest).
+
+    * local disk and FUSE mounts: a temporary file beside it, then ``os.replace`` (atomic on POSIX); where the
+      mount refuses the rename (ENOSYS, EPERM, EXDEV: a Unity Catalog volume) the file is written whole in place,
+      in one ``write`` call, which a FUSE mount over object storage uploads as one object on close
+      (:func:`replacing`);
+    * object stores (``s3://``, ``gs://``, ``abfss://``): one output stream, which pyarrow uploads as one PUT when
+      it is closed (an object under 5 MiB is never a multipart upload); a failure before the close leaves the
+      previous object as it was.
+
+    Raises:
+        SourceError: a place no file system here can reach (:func:`filesystem`).
+        OSError: the file could not be written (e.g. its directory is missing).
+    """
     if location.is_local:
         with replacing(location.local_path) as tmp:
             tmp.write_bytes(data)
@@ -276,3 +325,14 @@ def write_text(location: "Location", text: str) -> None:
     fs, path = filesystem(location)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    """``data`` as the whole content of ``path``, in one ``write`` call (a mount that cannot rename)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)

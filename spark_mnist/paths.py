@@ -23,7 +23,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from spark_mnist.errors import SourceError, invalid
 
@@ -41,27 +41,42 @@ class Location:
     kind: str  # "local", "dbfs", "volume" or "remote"
 
     def join(self, *parts: str) -> "Location":
-        """The location of ``parts`` below this one."""
+        """The location of ``parts`` below this one; a URI's query string (``?endpoint_override=...``) stays at
+        its end."""
         local = os.path.join(self.local_path, *parts) if self.local_path is not None else None
-        return Location(posixpath.join(self.uri, *parts), local, self.kind)
+        return Location(_with_path(self.uri, lambda path: posixpath.join(path, *parts)), local, self.kind)
 
     @property
     def name(self) -> str:
-        """The last part of the URI (the file or directory name)."""
-        return posixpath.basename(self.uri.rstrip("/"))
+        """The last part of the path (the file or directory name)."""
+        return posixpath.basename(urlsplit(self.uri).path.rstrip("/") if "?" in self.uri else self.uri.rstrip("/"))
 
     def sibling(self, name: str) -> "Location":
-        """A location beside this one, in the same parent directory."""
-        parent_uri = posixpath.dirname(self.uri.rstrip("/"))
+        """A location beside this one, in the same parent directory (a URI's query string stays at its end)."""
         parent_local = os.path.dirname(self.local_path.rstrip("/")) if self.local_path is not None else None
-        return Location(posixpath.join(parent_uri, name),
+        return Location(_with_path(self.uri, lambda path: posixpath.join(posixpath.dirname(path.rstrip("/")), name)),
                         os.path.join(parent_local, name) if parent_local is not None else None, self.kind)
+
+    @property
+    def display(self) -> str:
+        """How messages name the place: its local path where it has one, else its URI."""
+        return self.local_path if self.local_path is not None else self.uri
 
     @property
     def is_local(self) -> bool:
         """True where :mod:`os` can operate on the place directly (local disk, DBFS FUSE, volumes)."""
         return self.local_path is not None and (self.kind == "local" or os.path.exists(
             DBFS_FUSE_ROOT if self.kind == "dbfs" else VOLUMES_ROOT))
+
+
+def _with_path(uri: str, change) -> str:
+    """``uri`` with its path changed by ``change``; the query string (an object store's endpoint, credentials)
+    and the rest stay as they are.  URIs without a query are changed as plain strings (``dbfs:/x``, ``file:///x``
+    keep their spelling)."""
+    if "?" not in uri:
+        return change(uri)
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=change(parts.path or "/")))
 
 
 def normalize_uri(path: str | os.PathLike) -> Location:

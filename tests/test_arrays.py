@@ -59,5 +59,5 @@ def test_from_ingested_parquet_and_npz_ingest(spark, small_source, tmp_path):
     np.savez(npz, x_train=arrays["train"][0], y_train=arrays["train"][1], x_test=arrays["test"][0],
              y_test=arrays["test"][1])
     manifest = ingest(spark, str(npz), str(tmp_path / "from-npz"), dataset="mnist")
-    assert manifest["source"]["files"][0]["kind"] == "npz"
+    assert manifest.source["files"][0]["kind"] == "npz"
     check(spark_mnist.load_data(tmp_path / "from-npz"), arrays)

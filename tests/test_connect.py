@@ -140,7 +140,10 @@ def test_auto_converter_takes_none_over_connect_and_petastorm_is_refused():
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root`` by its path, the generation's name (unique to each ingest) written ``G``."""
+    generation = json.loads((root / "_manifest.json").read_text())["generation"]
+    return {str(p.relative_to(root)).replace(generation, "G"): p.read_bytes().replace(generation.encode(), b"G")
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @requires_connect
@@ -153,7 +156,7 @@ def _files(root: Path) -> dict[str, bytes]:
 ], ids=["one-job", "chunked"])
 def test_connect_ingest_equals_the_classic_one(spark, tmp_path, options):
     """Over Spark Connect the dataset is the classic path's, file for file and byte for byte (the manifest apart
-    from its timestamp); the classic ingest runs in a child process (one kind of session per process)."""
+    from its timestamp and generation); the classic ingest runs in a child process (one kind of session per process)."""
     from spark_mnist.driver.ingest import ingest
 
     options = dict(options)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist.shards import contract
+from spark_mnist.paths import normalize_uri
+from spark_mnist.shards.commit import commit_arrays
 from spark_mnist.errors import DatasetMismatchError, DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import EvaluationResult, evaluate_model, format_report, result_from_confusion
-from spark_mnist.shards.parquet import record_batch
 from spark_mnist.models import SimpleCNN, normalization_for, normalize
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -22,22 +20,13 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 def write_tiny_dataset(root, train_rows=64, test_rows=40, shards=2, row_group=9, seed=0, labels_fn=None):
     """A contract-shaped dataset: ``shards`` Parquet files per split with small row groups and a manifest."""
     rng = np.random.default_rng(seed)
-    splits, arrays = {}, {}
+    arrays = {}
     for split, rows in (("train", train_rows), ("test", test_rows)):
         images = rng.integers(0, 256, size=(rows, 28, 28), dtype=np.uint8)
         labels = (labels_fn(rows) if labels_fn else rng.integers(0, 10, size=rows)).astype(np.uint8)
-        bounds = np.linspace(0, rows, shards + 1).astype(int)
-        (root / split).mkdir(parents=True)
-        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            table = pa.Table.from_batches([record_batch(int(lo), images[lo:hi], labels[lo:hi])])
-            pq.write_table(table, root / split / contract.shard_name(k), row_group_size=row_group)
-        splits[split] = {"rows": rows, "files": [contract.shard_name(k) for k in range(shards)],
-                         "rows_per_shard": np.diff(bounds).tolist(),
-                         "label_histogram": np.bincount(labels, minlength=10).tolist()}
         arrays[split] = (images, labels)
-    manifest = {"schema_version": contract.SCHEMA_VERSION, "dataset": "fashion-mnist", "classes": CLASSES,
-                "image_shape": [28, 28], "splits": splits}
-    (root / contract.MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+    commit_arrays(normalize_uri(root), arrays, dataset="fashion-mnist", classes=CLASSES, shards=shards,
+                  rows_per_group=row_group)
     return arrays
 
 
@@ -190,10 +179,3 @@ def test_the_model_name_comes_from_training_metrics_or_the_argument(data, model_
     assert result.model == "simple-cnn" and np.array_equal(result.confusion, expected)
     (model_file.parent / "metrics.json").write_text(json.dumps({"model": "simple-cnn"}), encoding="utf-8")
     assert np.array_equal(evaluate_model(root, model_file).confusion, expected)
-
-
-def test_an_object_store_dataset_is_refused_with_its_uri(model_file):
-    from spark_mnist.errors import SourceError
-
-    with pytest.raises(SourceError, match=r"s3://bucket/data: the dataset takes local paths only"):
-        evaluate_model("s3://bucket/data", model_file)

@@ -60,25 +60,6 @@ def test_write_text_replaces_in_utf8(root):
     assert fs.list_names(root) == ["manifest.json"]  # no temporary file left beside it
 
 
-def test_rename_moves_a_tree_and_refuses_an_existing_destination(root):
-    src, dst = root.join(".out.staging-x"), root.join("out")
-    fs.makedirs(src.join("train"))
-    fs.write_text(src.join("train", "part-00000.parquet"), "shard")
-    fs.write_text(src.join("manifest.json"), "{}")
-    fs.rename(src, dst)
-    assert not fs.exists(src)
-    assert fs.list_names(dst) == ["manifest.json", "train"]
-    assert _read(dst.join("train", "part-00000.parquet")) == "shard"
-
-    fs.makedirs(src)
-    fs.write_text(src.join("manifest.json"), "{}")
-    with pytest.raises(FileExistsError):
-        fs.rename(src, dst)
-    assert fs.exists(src) and fs.list_names(dst) == ["manifest.json", "train"]  # both left as they were
-    with pytest.raises(FileNotFoundError):
-        fs.rename(root.join("missing"), root.join("elsewhere"))
-
-
 def test_delete_is_recursive_and_quiet_where_nothing_exists(root):
     fs.makedirs(root.join("a", "b"))
     fs.write_text(root.join("a", "b", "f"), "x")
@@ -125,34 +106,9 @@ def test_dbfs_and_volumes_without_their_fuse_mount_say_so():
         fs.makedirs(volume)
 
 
-def test_copy_tree_copies_files_and_empty_directories(tmp_path):
-    """The directory "rename" on S3 and GCS (copy every object, then delete), here on pyarrow's local file system."""
-    from pyarrow.fs import LocalFileSystem
-
-    (tmp_path / "src" / "train").mkdir(parents=True)
-    (tmp_path / "src" / "test").mkdir()
-    (tmp_path / "src" / "train" / "part-00000.parquet").write_bytes(b"shard")
-    (tmp_path / "src" / "manifest.json").write_text("{}")
-    fs._copy_tree(LocalFileSystem(), str(tmp_path / "src"), str(tmp_path / "dst"))
-    assert sorted(str(p.relative_to(tmp_path / "dst")) for p in (tmp_path / "dst").rglob("*")) == [
-        "manifest.json", "test", "train", os.path.join("train", "part-00000.parquet")]
-    assert (tmp_path / "dst" / "train" / "part-00000.parquet").read_bytes() == b"shard"
-
-
-def test_local_rename_is_os_rename(tmp_path):
-    """Local paths keep ``os.rename`` (atomic on POSIX): a file in the way of a directory is FileExistsError."""
-    (tmp_path / "src").mkdir()
-    (tmp_path / "dst").write_text("in the way")
-    with pytest.raises(FileExistsError):
-        fs.rename(normalize_uri(tmp_path / "src"), normalize_uri(tmp_path / "dst"))
-    os.remove(tmp_path / "dst")
-    fs.rename(normalize_uri(tmp_path / "src"), normalize_uri(tmp_path / "dst"))
-    assert sorted(os.listdir(tmp_path)) == ["dst"]
-
-
 def test_fs_and_commit_import_no_spark():
     code = ("import sys; sys.modules['pyspark'] = None\n"
-            "import spark_mnist.fs, spark_mnist.driver.commit\n"
+            "import spark_mnist.fs, spark_mnist.shards.commit\n"
             "bad = sorted(m for m, module in sys.modules.items()\n"
             "             if module is not None and m.split('.')[0] in ('pyspark', 'py4j', 'pyarrow', 'fsspec'))\n"
             "assert not bad, bad\n")
@@ -163,18 +119,53 @@ def test_fs_and_commit_import_no_spark():
 
 
 def test_commit_through_the_layer_replaces_a_previous_dataset(root):
-    """The commit protocol on top of this layer: scratch files dropped, the previous dataset replaced, nothing left
-    aside (on a local directory and on a URI served by fsspec)."""
-    from spark_mnist.driver.commit import commit, scratch_name, staging_for
+    """The commit protocol on top of this layer: each dataset a generation, the manifest written last, the previous
+    generation kept, older ones removed (on a local directory and on a URI served by fsspec)."""
+    import numpy as np
+
+    from spark_mnist.shards.commit import commit_arrays
+    from spark_mnist.shards.contract import MANIFEST_NAME, open_dataset
+    from spark_mnist.shards.parquet import plan_row_groups, read_rows
 
     output = root.join("out")
-    for text in ("first", "second"):
-        staging = staging_for(output)
-        fs.makedirs(staging.join("train"))
-        fs.write_text(staging.join("train", "part-00000.parquet"), text)
-        fs.write_text(staging.join("train", scratch_name("part-00001.parquet", 7)), "half")
-        fs.write_text(staging.join("manifest.json"), "{}")
-        commit(staging, output)
+    manifests = []
+    for value in (1, 2, 3):
+        arrays = {"train": (np.full((6, 2, 2), value, np.uint8), np.arange(6) % 3)}
+        manifests.append(commit_arrays(output, arrays, dataset="mnist", classes=["a", "b", "c"], shards=2))
         assert fs.list_names(root) == ["out"]
-        assert fs.list_names(output.join("train")) == ["part-00000.parquet"]
-        assert _read(output.join("train", "part-00000.parquet")) == text
+        kept = [m.generation for m in manifests[-2:]]
+        assert fs.list_names(output) == sorted(kept + [MANIFEST_NAME])
+        dataset = open_dataset(output.uri)
+        assert dataset.manifest.generation == manifests[-1].generation and dataset.rows("train") == 6
+        _, images, _ = read_rows(plan_row_groups(dataset.files("train")), 0, 6, 4)
+        assert (images == value).all()
+    assert manifests[-1].previous == manifests[-2].generation
+
+
+def test_manifest_write_falls_back_to_a_whole_write_where_rename_is_refused(tmp_path, monkeypatch):
+    """A mount that answers rename with ENOSYS (a Unity Catalog volume's FUSE) gets the file written whole in place,
+    and no temporary file is left."""
+    import errno
+
+    def refuse(src, dst):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    target = normalize_uri(tmp_path / "_manifest.json")
+    fs.write_text(target, "old")
+    monkeypatch.setattr(os, "replace", refuse)
+    fs.write_text(target, "new, longer")
+    assert (tmp_path / "_manifest.json").read_text() == "new, longer"
+    assert os.listdir(tmp_path) == ["_manifest.json"]
+
+
+@pytest.mark.parametrize("uri, endpoint", [
+    ("s3://bucket/out", "http://127.0.0.1:9000"),
+    ("s3://bucket/out?endpoint_override=10.0.0.1:9&scheme=http", "http://127.0.0.1:9000"),
+])
+def test_s3_endpoint_from_aws_endpoint_url_unless_the_uri_names_one(monkeypatch, uri, endpoint):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    rewritten = fs._with_s3_endpoint(uri)
+    if "endpoint_override" in uri:
+        assert rewritten == uri
+    else:
+        assert rewritten == "s3://bucket/out?endpoint_override=127.0.0.1%3A9000&scheme=http"

@@ -1,5 +1,5 @@
-"""Spark ingest: round trip, manifest, atomic replacement, races, determinism, bad input leaves nothing, killed
-attempts' scratch files are not committed."""
+"""Spark ingest: round trip, manifest, atomic replacement, races, determinism, bad input leaves nothing, what killed
+ingests leave is never part of the dataset and is removed by the next ingest."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import pytest
 from spark_mnist.shards import contract
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, IdxFormatError, SourceError
 from spark_mnist.formats.idx import write_idx
-from spark_mnist.driver.ingest import ingest, shard_bounds
+from spark_mnist.driver.ingest import ingest
+from spark_mnist.driver.plan import shard_bounds
 
 pytestmark = [pytest.mark.slow, pytest.mark.connect]
 
 
 def read_split(out, split):
     """(index, images (n, 784) uint8, labels) of a split, in shard order, and the per-shard row counts."""
-    manifest = contract.load_manifest(out)
-    tables = [pq.read_table(p) for p in contract.split_files(out, manifest, split)]
+    tables = [pq.read_table(p) for p in contract.open_dataset(out).paths(split)]
     index = np.concatenate([t.column("index").to_numpy() for t in tables])
     images = np.stack([np.frombuffer(b, dtype=np.uint8) for t in tables for b in t.column("image").to_pylist()])
     labels = np.concatenate([t.column("label").to_numpy() for t in tables])
@@ -38,19 +38,24 @@ def test_round_trip_byte_for_byte(spark, small_source, tmp_path):
         assert np.array_equal(index, np.arange(len(labels)))
         assert np.array_equal(pixels, images.reshape(len(images), -1))
         assert np.array_equal(got_labels, labels)
-        info = manifest["splits"][split]
-        assert info["rows"] == len(labels) and sum(rows) == len(labels) == sum(info["rows_per_shard"])
-        assert rows == info["rows_per_shard"] and len(rows) == 4
-        assert info["label_histogram"] == np.bincount(labels, minlength=10).tolist()
-    schema = pq.read_schema(contract.split_files(out, manifest, "train")[0])
+        info = manifest.splits[split]
+        assert info.rows == len(labels) and sum(rows) == len(labels) == sum(info.rows_per_shard)
+        assert rows == info.rows_per_shard and len(rows) == 4
+        assert list(info.label_histogram) == np.bincount(labels, minlength=10).tolist()
+        for k, shard in enumerate(info.files):  # path relative to OUT, under the generation; bytes as on disk
+            assert shard.path == f"{manifest.generation}/{split}/part-{k:05d}.parquet"
+            assert (out / shard.path).stat().st_size == shard.bytes
+    train_files = contract.open_dataset(out).paths("train")
+    schema = pq.read_schema(train_files[0])
     assert [str(schema.field(c).type) for c in contract.COLUMNS] == ["int64", "binary", "int32"]
-    metadata = pq.ParquetFile(contract.split_files(out, manifest, "train")[0]).metadata
+    metadata = pq.ParquetFile(train_files[0]).metadata
     assert metadata.num_row_groups >= 2  # 150 rows at ~64 rows per row group
     on_disk = json.loads((out / contract.MANIFEST_NAME).read_text())
-    assert on_disk == manifest
-    assert manifest["schema_version"] == contract.SCHEMA_VERSION and manifest["package_version"]
-    assert manifest["dataset"] == "fashion-mnist"
-    files = manifest["source"]["files"]
+    assert on_disk == manifest.to_dict()
+    assert on_disk["schema_version"] == contract.SCHEMA_VERSION == 2 and manifest.package_version
+    assert manifest.dataset == "fashion-mnist" and manifest.previous is None
+    assert sorted(p.name for p in out.iterdir()) == [manifest.generation, contract.MANIFEST_NAME]
+    files = manifest.source["files"]
     assert len(files) == 4 and all(f["bytes"] > 0 and len(f["sha256"]) == 64 and f["uri"] for f in files)
     assert {f["sha256_matches"] for f in files} == {False}  # synthetic data differs from the published payloads
 
@@ -65,36 +70,50 @@ def test_hash_mismatch_warns_and_strict_refuses(spark, small_source, tmp_path, c
     assert not (tmp_path / "strict").exists()
 
 
+def _shards(out: Path, manifest) -> dict:
+    """Each shard's table by its path inside the generation (``train/part-00000.parquet``)."""
+    return {f.path.split("/", 1)[1]: pq.read_table(out / f.path) for f in manifest.files()}
+
+
 def test_reingest_replaces_atomically_and_is_deterministic(spark, small_source, tmp_path):
     source, _ = small_source
     out = tmp_path / "out"
-    ingest(spark, str(source), str(out), num_shards=3)
-    first = {p.name: read_split(out, s) for s in ("train", "test") for p in [out / s]}
-    shard_bytes = {p.relative_to(out): pq.read_table(p) for p in out.rglob("*.parquet")}
-    ingest(spark, str(source), str(out), num_shards=3)
+    first_manifest = ingest(spark, str(source), str(out), num_shards=3)
+    first = {s: read_split(out, s) for s in ("train", "test")}
+    shard_bytes = _shards(out, first_manifest)
+    manifest = ingest(spark, str(source), str(out), num_shards=3)
     for split in ("train", "test"):
         for a, b in zip(first[split], read_split(out, split)):
             assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert {p.relative_to(out): pq.read_table(p) for p in out.rglob("*.parquet")} == shard_bytes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]  # no staging or old copies left
-    manifest = contract.load_manifest(out)
-    for split in ("train", "test"):  # no task attempt's scratch file beside the shards
-        assert sorted(p.name for p in (out / split).iterdir()) == manifest["splits"][split]["files"]
+    assert _shards(out, manifest) == shard_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]  # nothing beside OUT
+    # retention: the new generation and the one it replaced, which a reader of the previous manifest goes on reading
+    assert manifest.previous == first_manifest.generation != manifest.generation
+    assert sorted(p.name for p in out.iterdir()) == sorted([first_manifest.generation, manifest.generation,
+                                                           contract.MANIFEST_NAME])
+    for split in ("train", "test"):  # nothing in the generation but the shards the manifest names
+        assert sorted(p.name for p in (out / manifest.generation / split).iterdir()) == [
+            f.path.rsplit("/", 1)[1] for f in manifest.splits[split].files]
+    third = ingest(spark, str(source), str(out), num_shards=3)
+    assert sorted(p.name for p in out.iterdir()) == sorted([manifest.generation, third.generation,
+                                                           contract.MANIFEST_NAME])
 
 
 def test_shard_written_whole_or_not_at_all(tmp_path):
-    from spark_mnist.driver.ingest import write_shard
+    from spark_mnist.shards.parquet import write_shard
 
-    (tmp_path / "train").mkdir()
     images, labels = np.zeros((10, 28, 28), dtype=np.uint8), np.arange(10, dtype=np.uint8)
-    write_shard(str(tmp_path), "train", 3, images, labels, start=20, rows_per_group=4)
-    assert [p.name for p in (tmp_path / "train").iterdir()] == ["part-00003.parquet"]
-    shard = pq.ParquetFile(tmp_path / "train" / "part-00003.parquet")
+    size = write_shard(str(tmp_path), contract.shard_path("g", "train", 3), images, labels, start=20,
+                       rows_per_group=4)
+    assert [p.name for p in (tmp_path / "g" / "train").iterdir()] == ["part-00003.parquet"]
+    assert size == (tmp_path / "g" / "train" / "part-00003.parquet").stat().st_size
+    shard = pq.ParquetFile(tmp_path / "g" / "train" / "part-00003.parquet")
     assert [shard.metadata.row_group(i).num_rows for i in range(shard.metadata.num_row_groups)] == [4, 4, 2]
     assert shard.read().column("index").to_pylist() == list(range(20, 30))
     with pytest.raises(ValueError):  # images and labels disagree: nothing appears under the shard's name
-        write_shard(str(tmp_path), "train", 4, images[:5], labels, start=0, rows_per_group=4)
-    assert [p.name for p in (tmp_path / "train").iterdir()] == ["part-00003.parquet"]  # no scratch file left
+        write_shard(str(tmp_path), contract.shard_path("g", "train", 4), images[:5], labels, start=0,
+                    rows_per_group=4)
+    assert [p.name for p in (tmp_path / "g" / "train").iterdir()] == ["part-00003.parquet"]  # no partial file
 
 
 def test_output_pyarrow_cannot_write_is_refused_before_reading(spark, small_source, tmp_path):
@@ -148,57 +167,37 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
         raise RuntimeError("executor lost")
 
     monkeypatch.setattr(ingest_module, "write_pieces", writes_then_dies)
+    before = sorted(p.name for p in out.iterdir())
     with pytest.raises(RuntimeError, match="executor lost"):
         ingest(spark, str(source), str(out))
     assert np.array_equal(read_split(out, "train")[2], arrays["train"][1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+    assert sorted(p.name for p in out.iterdir()) == before  # the failed generation is gone
 
 
-def test_scratch_files_of_killed_attempts_are_not_committed(spark, small_source, tmp_path, monkeypatch, caplog):
+def test_leftovers_of_killed_ingests_are_ignored_then_removed(spark, small_source, tmp_path, caplog):
+    """What a killed ingest or task attempt leaves (a generation no manifest names, a stray file in the current
+    generation) is never read, and the next ingest removes the generation."""
+    from spark_mnist.shards.commit import new_generation
+
     source, arrays = small_source
     out = tmp_path / "out"
-    import spark_mnist.driver.ingest as ingest_module
-
-    real_write = ingest_module.write_pieces
-
-    def writes_and_an_attempt_is_killed(spark, pieces, staging, **kwargs):
-        real_write(spark, pieces, staging, **kwargs)
-        for piece in pieces:  # what an attempt SIGKILLed mid-write leaves: its scratch file, never moved
-            (Path(staging.local_path) / piece.split / ".part-00000.parquet.attempt-99").write_bytes(b"PAR1")
-
-    monkeypatch.setattr(ingest_module, "write_pieces", writes_and_an_attempt_is_killed)
-    with caplog.at_level("INFO", logger="spark_mnist"):
-        manifest = ingest(spark, str(source), str(out), num_shards=2)
-    assert "removed 1 scratch file(s) left by killed task attempts: .part-00000.parquet.attempt-99" in caplog.text
+    first = ingest(spark, str(source), str(out), num_shards=2)
+    killed = out / new_generation(after=first.generation)
+    (killed / "train").mkdir(parents=True)
+    (killed / "train" / "part-00000.parquet").write_bytes(b"PAR1")  # half written, then SIGKILL
+    (out / first.generation / "train" / "part-00007.parquet").write_bytes(b"PAR1")  # a stray file: not named
     for split, (images, labels) in arrays.items():
-        assert sorted(p.name for p in (out / split).iterdir()) == manifest["splits"][split]["files"]
         index, pixels, got_labels, _ = read_split(out, split)
         assert np.array_equal(index, np.arange(len(labels)))
         assert np.array_equal(pixels, images.reshape(len(images), -1))
         assert np.array_equal(got_labels, labels)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
-
-
-@pytest.mark.parametrize("through", ["os", "pyarrow"])
-def test_remove_scratch_keeps_shards_and_manifest(tmp_path, through):
-    from spark_mnist.driver.commit import remove_scratch, scratch_name
-    from spark_mnist.paths import Location, normalize_uri
-
-    staging = tmp_path / ".out.staging-x"
-    for split in ("train", "test"):
-        (staging / split).mkdir(parents=True)
-        (staging / split / "part-00000.parquet").write_bytes(b"shard")
-    (staging / "train" / ".part-00000.parquet.attempt-99").write_bytes(b"half")
-    (staging / "train" / scratch_name("part-00001.parquet", "3f2a")).write_bytes(b"")
-    (staging / contract.MANIFEST_NAME).write_text("{}")
-    location = normalize_uri(staging)
-    if through == "pyarrow":  # the pyarrow.fs path that object stores and hdfs:// take
-        location = Location(location.uri, None, "remote")
-    assert remove_scratch(location) == 2
-    assert sorted(p.name for p in (staging / "train").iterdir()) == ["part-00000.parquet"]
-    assert sorted(p.name for p in (staging / "test").iterdir()) == ["part-00000.parquet"]
-    assert (staging / contract.MANIFEST_NAME).exists()
-    assert remove_scratch(location) == 0
+    with caplog.at_level("INFO", logger="spark_mnist"):
+        manifest = ingest(spark, str(source), str(out), num_shards=2)
+    assert f"removed 1 generation(s) no manifest needs: {killed.name}" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == sorted([first.generation, manifest.generation,
+                                                           contract.MANIFEST_NAME])
+    assert np.array_equal(read_split(out, "train")[2], arrays["train"][1])
 
 
 def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):
@@ -229,7 +228,7 @@ def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):
 
 
 def test_plan_jobs_packs_splits_within_the_chunk():
-    from spark_mnist.driver.ingest import plan_jobs
+    from spark_mnist.driver.plan import plan_jobs
 
     bounds, jobs = plan_jobs({"train": 60_000, "test": 10_000}, 2, 1_000_000)
     assert jobs == [[("train", 0, 2), ("test", 0, 2)]]  # MNIST-sized: one Spark job
@@ -249,14 +248,14 @@ def test_streamed_ingest_in_chunks_matches_source(spark, small_source, tmp_path)
     source, arrays = small_source
     out = tmp_path / "out"
     manifest = ingest(spark, str(source), str(out), num_shards=2, chunk_rows=100)
-    info = manifest["splits"]["train"]
-    assert len(info["files"]) == 6 and max(info["rows_per_shard"]) <= 100  # shards raised to fit the chunk
+    info = manifest.splits["train"]
+    assert len(info.files) == 6 and max(info.rows_per_shard) <= 100  # shards raised to fit the chunk
     for split, (images, labels) in arrays.items():
         index, pixels, got_labels, _ = read_split(out, split)
         assert np.array_equal(index, np.arange(len(labels)))
         assert np.array_equal(pixels, images.reshape(len(images), -1))
         assert np.array_equal(got_labels, labels)
-    records = {(r["split"], r["kind"]): r for r in manifest["source"]["files"]}
+    records = {(r["split"], r["kind"]): r for r in manifest.source["files"]}
     import hashlib
     import gzip
 

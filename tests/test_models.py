@@ -75,11 +75,11 @@ def test_a_registered_model_trains_and_evaluates_by_name(tmp_path, monkeypatch):
 
     root = tmp_path / "data"
     write_tiny_dataset(root, train_rows=64, test_rows=40)
-    manifest = contract.load_manifest(str(root))
+    dataset = contract.open_dataset(root)
     run_dir = tmp_path / "run"
     settings = TrainSettings(model="tiny-linear", epochs=2, batch_size=16, threads_per_rank=1, run_dir=str(run_dir))
-    job = TrainJob(settings=settings, train_files=contract.split_files(str(root), manifest, "train"),
-                   test_files=contract.split_files(str(root), manifest, "test"), dataset="fashion-mnist",
+    job = TrainJob(settings=settings, train_files=dataset.files("train"),
+                   test_files=dataset.files("test"), dataset="fashion-mnist",
                    num_classes=10, image_shape=(28, 28), run_dir=str(run_dir))
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),

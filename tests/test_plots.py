@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from spark_mnist.shards import contract
 from spark_mnist.tools import plots
+from spark_mnist.paths import normalize_uri
+from spark_mnist.shards.commit import commit_arrays
 from spark_mnist.errors import DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import result_from_confusion
-from spark_mnist.shards.parquet import record_batch
 
 pytest.importorskip("matplotlib")
 
@@ -47,14 +44,8 @@ def data(tmp_path_factory):
     for split, rows in (("train", 64), ("test", 40)):
         labels = (np.arange(rows) % 10).astype(np.uint8)
         images = np.stack([glyph(int(y)) for y in labels])
-        (root / split).mkdir(parents=True)
-        for k, (lo, hi) in enumerate(((0, rows // 2), (rows // 2, rows))):
-            table = pa.Table.from_batches([record_batch(lo, images[lo:hi], labels[lo:hi])])
-            pq.write_table(table, root / split / contract.shard_name(k), row_group_size=9)
-        splits[split] = {"rows": rows, "files": [contract.shard_name(0), contract.shard_name(1)]}
-    manifest = {"schema_version": contract.SCHEMA_VERSION, "dataset": "fashion-mnist", "classes": CLASSES,
-                "image_shape": [28, 28], "splits": splits}
-    (root / contract.MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+        splits[split] = (images, labels)
+    commit_arrays(normalize_uri(root), splits, dataset="fashion-mnist", classes=CLASSES, shards=2, rows_per_group=9)
     return root
 
 
@@ -67,7 +58,7 @@ def png_size(path) -> tuple[int, int]:
 
 def test_sample_rows_are_the_stored_rows_and_seeded(data):
     index, images, labels, manifest = plots.sample_rows(data, "train", 20, seed=3)
-    assert len(index) == len(np.unique(index)) == 20 and manifest["classes"] == CLASSES
+    assert len(index) == len(np.unique(index)) == 20 and list(manifest.classes) == CLASSES
     assert images.shape == (20, 28, 28) and images.dtype == np.uint8
     assert labels.tolist() == (index % 10).tolist()
     assert all(np.array_equal(image, glyph(int(y))) for image, y in zip(images, labels))

@@ -26,13 +26,13 @@ requires_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyt
 @requires_fashion
 def test_ingest_debian_fashion_mnist(spark, tmp_path):
     manifest = ingest(spark, str(FASHION_DIR), str(tmp_path / "fashion"), strict=True)
-    splits = manifest["splits"]
-    assert splits["train"]["rows"] + splits["test"]["rows"] == 70_000
-    assert splits["train"]["label_histogram"] == [6_000] * 10
-    assert splits["test"]["label_histogram"] == [1_000] * 10
-    assert all(f["sha256_matches"] for f in manifest["source"]["files"])
+    splits = manifest.splits
+    assert splits["train"].rows + splits["test"].rows == 70_000
+    assert list(splits["train"].label_histogram) == [6_000] * 10
+    assert list(splits["test"].label_histogram) == [1_000] * 10
+    assert all(f["sha256_matches"] for f in manifest.source["files"])
     shards = default_parallelism(spark)  # the default: one shard per core
-    assert len(contract.split_files(tmp_path / "fashion", manifest, "train")) == shards
+    assert len(contract.open_dataset(tmp_path / "fashion").files("train")) == shards
 
 
 @requires_fashion

@@ -23,8 +23,13 @@ with spark_session(SparkSettings(master="local[1]", app_name="spark-mnist-sessio
                                  conf={"spark.driver.memory": "1g"})) as spark:
     inside = {key: os.environ.get(key) for key in PYTHON_ENV}
     worker = spark.range(1).rdd.map(lambda _: __import__("sys").executable).collect()[0]
+    for user_file in ("artifacts/mnist/_manifest.json", "artifacts/run/model.pt"):  # a dataset, a run directory
+        os.makedirs(os.path.dirname(user_file), exist_ok=True)
+        open(user_file, "w").close()
 after = {key: os.environ.get(key) for key in PYTHON_ENV}
-print(json.dumps({"inside": inside, "worker": worker, "after": after, "python": sys.executable}))
+artifacts = sorted(os.listdir("artifacts"))
+print(json.dumps({"inside": inside, "worker": worker, "after": after, "python": sys.executable,
+                  "artifacts": artifacts}))
 """
 
 
@@ -49,7 +54,9 @@ def test_scoped_env_restores_set_and_unset_variables(monkeypatch):
 
 @pytest.mark.slow
 def test_a_started_session_names_this_python_for_its_life_only(tmp_path):
-    """The workers run this interpreter, and PYSPARK_PYTHON / PYSPARK_DRIVER_PYTHON are unset again afterwards."""
+    """The workers run this interpreter, and PYSPARK_PYTHON / PYSPARK_DRIVER_PYTHON are unset again afterwards; a
+    dataset and a run directory written under ./artifacts during the session stay (SPARK-52396's clean-up takes
+    only Spark's own folders)."""
     env = {k: v for k, v in os.environ.items() if k not in PYTHON_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", SESSION_SCRIPT], capture_output=True, text=True, env=env,
@@ -59,3 +66,19 @@ def test_a_started_session_names_this_python_for_its_life_only(tmp_path):
     assert seen["inside"] == {key: seen["python"] for key in PYTHON_ENV}
     assert seen["worker"] == seen["python"]
     assert seen["after"] == {key: None for key in PYTHON_ENV}
+    assert seen["artifacts"] == ["mnist", "run"]
+
+
+def test_spark_artifacts_removed_takes_only_the_spark_folders_made_meanwhile(tmp_path, monkeypatch):
+    from spark_mnist.driver.session import spark_artifacts_removed
+
+    monkeypatch.chdir(tmp_path)
+    with spark_artifacts_removed():  # ./artifacts did not exist: Spark's folder and then the empty folder go
+        os.makedirs("artifacts/spark-1234")
+    assert not os.path.exists("artifacts")
+    os.makedirs("artifacts/spark-earlier")  # another session's: not this one's to remove
+    os.makedirs("artifacts/mnist")
+    with spark_artifacts_removed():
+        os.makedirs("artifacts/spark-5678")
+        os.makedirs("artifacts/run")
+    assert sorted(os.listdir("artifacts")) == ["mnist", "run", "spark-earlier"]

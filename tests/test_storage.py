@@ -96,3 +96,16 @@ def test_invalid_and_check_choice_write_one_message_form():
     assert check_choice("split", "test", ("train", "test")) == "test"
     with pytest.raises(InputError, match=r"^Invalid split: 'dev'\. Must be one of 'train', 'test'\.$"):
         check_choice("split", "dev", ("train", "test"), InputError)
+
+
+@pytest.mark.parametrize("uri", [
+    "abfss://c@devstoreaccount1.dfs.core.windows.net/out?blob_storage_authority=127.0.0.1:10000",
+    "s3://key:secret@bucket/out?endpoint_override=127.0.0.1:9000&scheme=http",
+])
+def test_join_and_sibling_keep_a_uris_query_at_its_end(uri):
+    """An object store's endpoint in the query string stays there: the paths below OUT go before it."""
+    location = normalize_uri(uri)
+    base, query = uri.split("?")
+    assert location.join("g", "train").uri == f"{base}/g/train?{query}"
+    assert location.sibling(".x").uri == f"{base.rsplit('/', 1)[0]}/.x?{query}"
+    assert location.name == "out"

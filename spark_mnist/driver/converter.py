@@ -28,6 +28,7 @@ from spark_mnist.errors import EnvironmentMismatchError, invalid
 
 if TYPE_CHECKING:
     from spark_mnist.config import TrainSettings
+    from spark_mnist.shards.contract import Dataset
 
 PETASTORM = "petastorm"
 DIRECT = "none"
@@ -125,8 +126,10 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
     return ConverterChoice(DIRECT, f"petastorm unavailable: {why_not}")
 
 
-def make_converters(spark, data_uri: str, cache_url: str, row_group_bytes: int) -> dict[str, Any]:
-    """petastorm Spark dataset converters of an ingested dataset's splits: ``{"train": ..., "test": ...}``.
+def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: int) -> dict[str, Any]:
+    """petastorm Spark dataset converters of an ingested dataset's splits: ``{"train": ..., "test": ...}``, read
+    from exactly the files its manifest names (``spark.read.parquet(*dataset.files(split))``,
+    :func:`spark_mnist.shards.contract.open_dataset`).
 
     Driver-side; each materialises its split under ``cache_url`` (``file:///Volumes/...`` on Databricks),
     uncompressed: reading it back is about twice as fast as snappy, for a third more disk.  Call ``.delete()`` when
@@ -135,7 +138,7 @@ def make_converters(spark, data_uri: str, cache_url: str, row_group_bytes: int) 
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
 
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_url)
-    return {split: make_spark_converter(spark.read.parquet(f"{data_uri}/{split}"),
+    return {split: make_spark_converter(spark.read.parquet(*dataset.files(split)),
                                         parquet_row_group_size_bytes=row_group_bytes,
                                         compression_codec="uncompressed")
             for split in ("train", "test")}

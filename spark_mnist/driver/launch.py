@@ -13,8 +13,8 @@ from typing import Any
 from spark_mnist.config import Settings
 from spark_mnist.driver import session
 from spark_mnist.driver.converter import choose_converter, make_converters
-from spark_mnist.paths import normalize_uri, require_local
-from spark_mnist.shards import contract
+from spark_mnist.paths import require_local
+from spark_mnist.shards.contract import open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,19 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     t = settings.train
     check_choice("train.model", t.model, MODELS, InputError)  # before Spark jobs and ranks start
     choice = choose_converter(t, connect=session.is_connect(spark))
-    dataset_dir = require_local(settings.data_dir, "the dataset")
-    manifest = contract.load_manifest(dataset_dir)
+    dataset = open_dataset(settings.data_dir)
+    manifest = dataset.manifest
     if choice.uses_petastorm:
         log.info("converter: petastorm (%s)", choice.reason)
-        converters = make_converters(spark, normalize_uri(settings.data_dir).uri, t.petastorm_cache_url,
-                                     t.petastorm_row_group_bytes)
+        converters = make_converters(spark, dataset, t.petastorm_cache_url, t.petastorm_row_group_bytes)
         files = {split: list(converter.file_urls) for split, converter in converters.items()}
     else:
         log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
         converters = {}
-        files = {split: contract.split_files(dataset_dir, manifest, split) for split in ("train", "test")}
+        files = {split: dataset.files(split) for split in ("train", "test")}
     try:
-        job = TrainJob(settings=t, train_files=files["train"], test_files=files["test"], dataset=manifest["dataset"],
-                       num_classes=len(manifest["classes"]), image_shape=tuple(manifest["image_shape"]),
+        job = TrainJob(settings=t, train_files=files["train"], test_files=files["test"], dataset=manifest.dataset,
+                       num_classes=len(manifest.classes), image_shape=tuple(manifest.image_shape),
                        run_dir=require_local(settings.run_dir, "run_dir"),
                        train_converter=converters["train"] if t.loader == "petastorm" else None)
         log.info("training %s", job.summary())
@@ -88,10 +87,10 @@ def train(spark, settings: Settings) -> dict[str, Any]:
                 converter.delete()
             except Exception as e:  # noqa: BLE001 - the run's outcome stands; a leftover cache is only disk
                 log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
-    result = {"dataset": manifest["dataset"], "converter": choice.name, **metrics}
+    result = {"dataset": manifest.dataset, "converter": choice.name, **metrics}
     from spark_mnist.tools.tracking import log_training_run
 
-    run_id = log_training_run(settings.to_dict(), manifest, result, result.get("model_path"), run_dir=job.run_dir)
+    run_id = log_training_run(settings.to_dict(), manifest.to_dict(), result, result.get("model_path"), run_dir=job.run_dir)
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result

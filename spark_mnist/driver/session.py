@@ -251,11 +251,7 @@ def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verb
         env = {}
         for key, value in conf.items():
             builder = builder.config(key, value)
-    # Spark 4.0.0 creates its artifact root as ./artifacts in the working directory (SPARK-52396, later releases use
-    # a temporary directory): a session spark-mnist started removes it again when it did not exist before.
-    artifacts = os.path.abspath(SPARK_40_ARTIFACTS_DIR)
-    leave_artifacts = os.path.exists(artifacts)
-    with scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}, restore=CONNECT_ENV):
+    with spark_artifacts_removed(), scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}, restore=CONNECT_ENV):
         with jvm_stderr_filtered(), scoped_env(env):
             spark = builder.getOrCreate()
         try:
@@ -264,8 +260,27 @@ def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verb
             yield spark
         finally:
             spark.stop()
-            if not leave_artifacts:
-                shutil.rmtree(artifacts, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def spark_artifacts_removed(directory: str = SPARK_40_ARTIFACTS_DIR) -> Iterator[None]:
+    """Remove, after the block, what Spark 4.0.0 left in ``./artifacts`` of the working directory (its artifact
+    root there, SPARK-52396; later releases use a temporary directory): the ``spark-*`` folders that appeared during
+    the block, and ``./artifacts`` itself where the block created it and nothing else is in it.  Nothing else is
+    touched: a dataset, a run directory or an MLflow store under ``./artifacts`` stays."""
+    artifacts = os.path.abspath(directory)
+    existed = os.path.isdir(artifacts)
+    before = set(os.listdir(artifacts)) if existed else set()
+    try:
+        yield
+    finally:
+        if os.path.isdir(artifacts):
+            for name in set(os.listdir(artifacts)) - before:
+                if name.startswith("spark-"):
+                    shutil.rmtree(os.path.join(artifacts, name), ignore_errors=True)
+            if not existed:
+                with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
+                    os.rmdir(artifacts)
 
 
 @contextlib.contextmanager

@@ -1,30 +1,51 @@
-"""The shard contract between ingest (writer, driver) and the loader (reader, every rank).
+"""The dataset contract between ingest (writer, driver) and every reader (the ranks' loader, petastorm's converter
+source, ``load_data``, ``evaluate``, ``preview``, the benchmarks): the manifest is the dataset.
 
-An ingested dataset directory ``OUT`` holds::
+An ingested dataset ``OUT`` holds::
 
-    OUT/_manifest.json        written last; its presence marks a complete dataset
-    OUT/train/part-NNNNN.parquet
-    OUT/test/part-NNNNN.parquet
+    OUT/_manifest.json                            the commit: written last, in one single-object write
+    OUT/<generation>/train/part-NNNNN.parquet     immutable once written; invisible until a manifest names them
+    OUT/<generation>/test/part-NNNNN.parquet
+
+A generation is one ingest's files, named ``<UTC time>-<uuid>`` (:func:`spark_mnist.shards.commit.new_generation`).
+The manifest (:class:`Manifest`) names its generation, the one it replaced (``previous``) and every shard file of
+every split with its path relative to ``OUT``, its size in bytes and its rows.  Readers open a dataset only through
+:func:`open_dataset`, which reads the manifest once and checks every named file's size before the first read; files
+under ``OUT`` that no manifest names are ignored.  Corruption inside a shard is caught by Parquet's page checksums
+(CRC-32 of every data page, written by :func:`spark_mnist.shards.parquet.write_rows`, verified on every read).
 
 Each Parquet shard has the columns below, rows in ascending ``index`` order, shard k holding the k-th contiguous
 range of the source file.  ``image`` is the raw pixels, row-major (H x W), uint8, exactly ``H*W`` bytes per row.
-Any change to this layout bumps :data:`SCHEMA_VERSION`.  No Spark and no torch here.
+Any change to this layout bumps :data:`SCHEMA_VERSION` (1: the previous release's ``OUT/train``, ``OUT/test``
+without generations; refused with one line saying to re-ingest).  No Spark and no torch here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from spark_mnist.errors import DatasetNotFoundError, check_choice
+import numpy as np
 
-SCHEMA_VERSION = 1
+from spark_mnist.errors import DatasetNotFoundError, SourceError, check_choice
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
+
+    from spark_mnist.paths import Location
+
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "_manifest.json"
 INDEX, IMAGE, LABEL = "index", "image", "label"
 COLUMNS = (INDEX, IMAGE, LABEL)
 # Column -> (Spark SQL type, Arrow type name): long, binary, int.
 COLUMN_TYPES = {INDEX: ("bigint", "int64"), IMAGE: ("binary", "binary"), LABEL: ("int", "int32")}
+# A manifest read while a mount without rename is still writing it (whole-object write, see fs.write_whole) is read
+# again this many times, this many seconds apart, before it counts as unreadable.
+MANIFEST_READ_TRIES, MANIFEST_READ_PAUSE_S = 5, 0.05
 
 
 def shard_name(k: int) -> str:
@@ -32,38 +53,258 @@ def shard_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
 
 
-def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``_manifest.json`` of an ingested dataset on a local (or FUSE-mounted) path.
+def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
+    """Row boundaries of ``num_shards`` contiguous shards over ``rows`` rows: shard k is ``[b[k], b[k+1])``; sizes
+    differ by at most one.  ``num_shards`` is capped at ``rows`` so that no shard is empty."""
+    shards = max(1, min(num_shards, rows))
+    return np.linspace(0, rows, shards + 1).round().astype(np.int64)
+
+
+def shard_path(generation: str, split: str, k: int) -> str:
+    """The path of shard ``k`` of ``split`` relative to ``OUT``: ``<generation>/<split>/part-NNNNN.parquet``."""
+    return f"{generation}/{split}/{shard_name(k)}"
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One Parquet shard: ``path`` relative to ``OUT`` (``/``-separated), its size in ``bytes`` and its ``rows``."""
+
+    path: str
+    bytes: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset: its ``rows``, its shard ``files`` in shard order and its ``label_histogram``
+    (images per class, ``len(classes)`` entries)."""
+
+    rows: int
+    files: tuple[ShardFile, ...]
+    label_histogram: tuple[int, ...] = ()
+
+    @property
+    def rows_per_shard(self) -> list[int]:
+        """Rows of each shard, in shard order."""
+        return [f.rows for f in self.files]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``OUT/_manifest.json``: what makes the files of one generation a dataset.
+
+    Attributes:
+        generation: the directory under ``OUT`` that holds this dataset's shards.
+        previous: the generation this one replaced (kept by retention, so its readers go on reading), or ``None``.
+        dataset: the registry name (:mod:`spark_mnist.datasets`).
+        classes: class names, label ``i`` is ``classes[i]``.
+        image_shape: (H, W) in pixels.
+        splits: ``{"train": Split, "test": Split}``.
+        source: ``{"uri": ..., "files": [{"uri", "bytes", "sha256", ...}, ...]}``, what was ingested.
+        package_version, created_unix, schema_version: who wrote it, when (seconds since the epoch), which layout.
+    """
+
+    generation: str
+    dataset: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, ...]
+    splits: dict[str, Split]
+    source: dict[str, Any] = field(default_factory=dict)
+    previous: str | None = None
+    package_version: str = ""
+    created_unix: float = field(default_factory=lambda: round(time.time(), 3))
+    schema_version: int = SCHEMA_VERSION
+
+    def files(self) -> list[ShardFile]:
+        """Every shard file of every split."""
+        return [f for split in self.splits.values() for f in split.files]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, as written to ``_manifest.json``."""
+        return {
+            "schema_version": self.schema_version, "package_version": self.package_version,
+            "generation": self.generation, "previous": self.previous, "dataset": self.dataset,
+            "classes": list(self.classes), "image_shape": list(self.image_shape),
+            "columns": {name: spark_type for name, (spark_type, _) in COLUMN_TYPES.items()},
+            "created_unix": self.created_unix, "source": self.source,
+            "splits": {name: {"rows": s.rows, "label_histogram": list(s.label_histogram),
+                              "files": [{"path": f.path, "bytes": f.bytes, "rows": f.rows} for f in s.files]}
+                       for name, s in self.splits.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> "Manifest":
+        """Parse a manifest read from ``where`` (named in errors).
+
+        Raises:
+            DatasetNotFoundError: not JSON, a schema version other than :data:`SCHEMA_VERSION` (version 1 says to
+                re-ingest), or a key missing.
+        """
+        try:
+            doc = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetNotFoundError(f"{where}: unreadable manifest ({e})") from e
+        version = doc.get("schema_version") if isinstance(doc, dict) else None
+        if version == 1:
+            raise DatasetNotFoundError(f"{where}: a dataset of schema version 1 (spark-mnist 0.1), which this "
+                                       f"version no longer reads; re-ingest it with `spark-mnist ingest`")
+        if version != SCHEMA_VERSION:
+            raise DatasetNotFoundError(f"{where}: schema version {version!r}, this package reads version "
+                                       f"{SCHEMA_VERSION}; re-run ingest")
+        try:
+            return cls(generation=doc["generation"], previous=doc.get("previous"), dataset=doc["dataset"],
+                       classes=tuple(str(c) for c in doc["classes"]),
+                       image_shape=tuple(int(n) for n in doc["image_shape"]),
+                       splits={name: Split(rows=int(s["rows"]), label_histogram=tuple(s.get("label_histogram", ())),
+                                           files=tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"]))
+                                                       for f in s["files"]))
+                               for name, s in doc["splits"].items()},
+                       source=doc.get("source", {}), package_version=doc.get("package_version", ""),
+                       created_unix=doc.get("created_unix", 0.0), schema_version=version)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetNotFoundError(f"{where}: manifest without a valid {e} entry; re-run ingest") from e
+
+
+def read_manifest(filesystem: "FileSystem", root: str, where: str) -> Manifest | None:
+    """The manifest at ``root/_manifest.json`` on ``filesystem`` (``where``: its URI, for messages), or ``None``
+    where there is none.  A manifest caught mid-write (a mount without rename writes it whole, in place) is read
+    again a few times before it counts as unreadable.
+
+    Raises:
+        DatasetNotFoundError: as :meth:`Manifest.from_json`.
+    """
+    for attempt in range(MANIFEST_READ_TRIES):
+        try:
+            with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}") as stream:
+                text = stream.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return Manifest.from_json(text, where)
+        except DatasetNotFoundError:
+            if attempt == MANIFEST_READ_TRIES - 1 or (text.strip() and _is_json(text)):
+                raise
+            time.sleep(MANIFEST_READ_PAUSE_S)
+    return None  # not reached
+
+
+def _is_json(text: bytes) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Dataset:
+    """An ingested dataset opened through its manifest (:func:`open_dataset`); the one way every reader gets at it.
+
+    Attributes:
+        location: ``OUT`` (:class:`~spark_mnist.paths.Location`).
+        manifest: the :class:`Manifest` read when the dataset was opened; later ingests do not change this object.
+        filesystem, root: the pyarrow file system that serves ``OUT`` and ``OUT``'s path on it
+            (:func:`spark_mnist.fs.filesystem`).
+    """
+
+    def __init__(self, location: "Location", manifest: Manifest, filesystem: "FileSystem", root: str):
+        self.location, self.manifest, self.filesystem, self.root = location, manifest, filesystem, root
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest.splits)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W) in pixels."""
+        return self.manifest.image_shape
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.manifest.classes
+
+    @property
+    def dataset(self) -> str:
+        """The registry name of the ingested dataset."""
+        return self.manifest.dataset
+
+    def split(self, split: str) -> Split:
+        """The :class:`Split` ``split``.
+
+        Raises:
+            ValueError: ``split`` is not one of the manifest's splits ("Invalid split: ... Must be one of ...").
+        """
+        check_choice("split", split, self.manifest.splits)
+        return self.manifest.splits[split]
+
+    def rows(self, split: str) -> int:
+        """Rows of ``split``."""
+        return self.split(split).rows
+
+    def files(self, split: str) -> list[str]:
+        """URIs of ``split``'s shards, in shard order, as Spark and :func:`spark_mnist.shards.parquet.plan_row_groups`
+        read them: ``spark.read.parquet(*ds.files("train"))``."""
+        return [self.location.join(*f.path.split("/")).uri for f in self.split(split).files]
+
+    def paths(self, split: str) -> list[str]:
+        """Paths of ``split``'s shards on :attr:`filesystem`, in shard order."""
+        return [f"{self.root}/{f.path}" for f in self.split(split).files]
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.location.uri!r}, {self.dataset}, generation {self.manifest.generation}, "
+                + ", ".join(f"{name} {s.rows} rows" for name, s in self.manifest.splits.items()) + ")")
+
+
+def check_files(filesystem: "FileSystem", root: str, where: "Location", files: list[ShardFile]) -> None:
+    """Check that every one of ``files`` exists under ``root`` with the size the manifest gives it.
+
+    Raises:
+        DatasetNotFoundError: the first missing or resized file, named with both sizes.
+    """
+    from pyarrow.fs import FileType
+
+    infos = filesystem.get_file_info([f"{root}/{f.path}" for f in files])
+    for shard, info in zip(files, infos):
+        uri = where.join(*shard.path.split("/")).display
+        if info.type == FileType.NotFound:
+            raise DatasetNotFoundError(f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
+                                       f"was removed or replaced under the reader, re-run ingest or reopen it")
+        if info.size != shard.bytes:
+            raise DatasetNotFoundError(f"{uri}: {info.size} bytes, the manifest says {shard.bytes}: the file was "
+                                       f"changed after the ingest; re-run ingest")
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+    """Open the dataset ingested at ``path`` (``OUT``): read its manifest once and check every file it names.
+
+    ``path`` is any spelling :func:`spark_mnist.paths.normalize_uri` accepts: a local path, ``file:/``, ``dbfs:/``,
+    ``/dbfs/``, ``/Volumes/...``, or a URI pyarrow opens (``s3://``, ``gs://``, ``abfss://``, ``hdfs://``; endpoints
+    and credentials as :func:`spark_mnist.fs.filesystem` takes them).  Where: anywhere (driver, ranks, side tools).
 
     Returns:
-        The manifest as a dict (see ``ingest.build_manifest`` for its keys).
+        The :class:`Dataset`: split files, image shape, classes, rows, the pyarrow file system.
     Raises:
-        DatasetNotFoundError: no manifest (nothing ingested there, or an ingest still running), unreadable JSON, or
-            a schema version this package cannot read.
+        DatasetNotFoundError: no manifest (nothing ingested there, or the first ingest still running), an
+            unreadable manifest, a schema version this package cannot read (version 1: one line saying to
+            re-ingest), or a named file missing or of another size (the message names the file).
+        SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`), or a store that
+            fails to answer (the message names the manifest and pyarrow's error).
     """
-    path = os.path.join(os.fspath(dataset_dir), MANIFEST_NAME)
+    from spark_mnist import fs
+    from spark_mnist.paths import normalize_uri
+
+    location = normalize_uri(path)
+    filesystem, root = fs.filesystem(location)
+    root = root.rstrip("/") or root
+    where = location.join(MANIFEST_NAME).display
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError as e:
-        raise DatasetNotFoundError(
-            f"{path}: no manifest, so no complete dataset here; run `spark-mnist ingest --output {dataset_dir}` first"
-        ) from e
-    except json.JSONDecodeError as e:
-        raise DatasetNotFoundError(f"{path}: unreadable manifest ({e})") from e
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise DatasetNotFoundError(
-            f"{path}: schema version {version!r}, this package reads version {SCHEMA_VERSION}; re-run ingest"
-        )
-    return manifest
-
-
-def split_files(dataset_dir: str | os.PathLike, manifest: dict[str, Any], split: str) -> list[str]:
-    """Local paths of the Parquet shards of ``split``, in shard order, as the manifest lists them.
-
-    Raises:
-        ValueError: ``split`` is not one of the manifest's splits.
-    """
-    check_choice("split", split, manifest["splits"])
-    return [os.path.join(os.fspath(dataset_dir), split, name) for name in manifest["splits"][split]["files"]]
+        manifest = read_manifest(filesystem, root, where)
+    except OSError as e:  # the store answered with an error, or not at all: one line, naming the place
+        raise SourceError(f"{where}: cannot read the manifest ({e})") from None
+    if manifest is None:
+        raise DatasetNotFoundError(f"{where}: no manifest, so no complete dataset here; run `spark-mnist ingest "
+                                   f"--output {os.fspath(path)}` first")
+    check_files(filesystem, root, location, manifest.files())
+    return Dataset(location, manifest, filesystem, root)

@@ -1,12 +1,21 @@
 """Parquet encode and decode of the shard contract (:mod:`spark_mnist.shards.contract`), importable anywhere.
 
-Encode (:func:`record_batch`, :func:`write_rows`) runs in the driver's Spark tasks; decode (:func:`plan_row_groups`,
-:func:`read_rows`, ...) in every rank and in the side tools.  Whole row groups are decoded at once from the binary
-column's contiguous buffer, never a row at a time.  No Spark and no torch here.
+Encode (:func:`record_batch`, :func:`write_rows`, :func:`write_shard`) runs in the driver's Spark tasks; decode
+(:func:`plan_row_groups`, :func:`read_rows`, ...) in every rank and in the side tools.  Whole row groups are decoded
+at once from the binary column's contiguous buffer, never a row at a time.  Files are opened through
+:func:`spark_mnist.fs.filesystem`: local and FUSE paths directly, object stores through ``pyarrow.fs``.
+
+Corruption inside a shard is caught by Parquet's page checksums (a CRC-32 of every data page, in the format since
+parquet-format 2.x): written where pyarrow writes them and verified on every read where pyarrow verifies them
+(pyarrow 15 on, :data:`PAGE_CHECKSUMS`; pyarrow 14, Databricks Runtime 15.4, has neither and relies on the size
+check of :func:`spark_mnist.shards.contract.open_dataset` and Snappy's own framing).  No Spark and no torch here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Sequence
@@ -15,12 +24,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spark_mnist import fs
 from spark_mnist.errors import DatasetMismatchError
-from spark_mnist.paths import require_local
+from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
 DEFAULT_READER_THREADS = 2
 PARQUET_COMPRESSION = "snappy"
+# pyarrow 15 added write_page_checksum (ParquetWriter) and page_checksum_verification (ParquetFile).
+PAGE_CHECKSUMS = "page_checksum_verification" in inspect.signature(pq.ParquetFile.__init__).parameters
+_VERIFY = {"page_checksum_verification": True} if PAGE_CHECKSUMS else {}
 
 
 def record_batch(start: int, images: np.ndarray, labels: np.ndarray) -> pa.RecordBatch:
@@ -47,13 +60,68 @@ def record_batch(start: int, images: np.ndarray, labels: np.ndarray) -> pa.Recor
 def write_rows(sink: BinaryIO, start: int, images: np.ndarray, labels: np.ndarray, rows_per_group: int) -> None:
     """Write global rows ``start ..`` of ``images`` (n, H, W) uint8 and ``labels`` (n,) to ``sink`` as one Parquet
     file, in row groups of ``rows_per_group`` rows: Snappy, no dictionary encoding (every image is a distinct
-    value), statistics on ``index`` and ``label`` only."""
+    value), statistics on ``index`` and ``label`` only, page checksums where pyarrow writes them."""
     schema = record_batch(start, images[:0], labels[:0]).schema
+    checksums = {"write_page_checksum": True} if PAGE_CHECKSUMS else {}
     with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION, use_dictionary=False,
-                          write_statistics=[contract.INDEX, contract.LABEL]) as writer:
+                          write_statistics=[contract.INDEX, contract.LABEL], **checksums) as writer:
         for lo in range(0, len(labels), rows_per_group):
             hi = min(len(labels), lo + rows_per_group)
             writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
+
+
+def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, start: int,
+                rows_per_group: int) -> int:
+    """Write one shard file, ``root/path`` (``root``: ``OUT``'s URI or local path, ``path``: the shard's path
+    relative to it, :func:`spark_mnist.shards.contract.shard_path`), from global rows ``start ..`` of ``images``
+    (n, H, W) uint8 and ``labels`` (n,) (:func:`write_rows`).  Runs in a Spark task.
+
+    The file is written under its final name, with no scratch name and no rename: it lies in a fresh generation
+    that no manifest names yet, so no reader sees it before the commit, and a store that refuses renames (a
+    ``/Volumes`` FUSE mount, Azure without hierarchical namespace) is never asked for one.  A retried attempt
+    writes the same file again; an attempt that fails with an exception removes its file; what one killed
+    outright leaves is removed with its generation (:mod:`spark_mnist.shards.commit`).
+
+    Returns:
+        The file's size in bytes, for the manifest.
+    Raises:
+        SourceError: ``root`` is on no file system this machine reaches (:func:`spark_mnist.fs.filesystem`).
+        OSError: the file could not be written.
+    """
+    filesystem, base = fs.filesystem(normalize_uri(root).join(*path.split("/")))
+    if filesystem.type_name == "local":  # object stores have no directories to make (one request fewer a shard)
+        filesystem.create_dir(base.rsplit("/", 1)[0], recursive=True)
+    try:
+        with filesystem.open_output_stream(base) as sink:
+            write_rows(sink, start, images, labels, rows_per_group)
+            size = sink.tell()
+    except BaseException:
+        with contextlib.suppress(OSError):  # the stream may have failed before creating the file
+            filesystem.delete_file(base)
+        raise
+    return size
+
+
+@functools.lru_cache(maxsize=64)
+def _opener(path: str):
+    """``(file system, path on it)`` of a shard named by a local path or a URI."""
+    location = normalize_uri(path)
+    if location.is_local:
+        return None, location.local_path
+    return fs.filesystem(location)
+
+
+def open_parquet(path: str, metadata=None) -> pq.ParquetFile:
+    """The Parquet file ``path`` (a local or FUSE path, a ``file:``/``dbfs:`` URL, or an object store's URI), with
+    page checksums verified where pyarrow can (:data:`PAGE_CHECKSUMS`).
+
+    Raises:
+        SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`).
+        OSError: the file cannot be opened (missing, or a page whose checksum fails when it is read).
+    """
+    filesystem, local = _opener(path)
+    source = local if filesystem is None else filesystem.open_input_file(local)
+    return pq.ParquetFile(source, metadata=metadata, **_VERIFY)
 
 
 @dataclass(frozen=True)
@@ -72,18 +140,24 @@ class RowGroup:
 def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
     """Every row group of ``paths`` (sorted, so every rank computes the same plan) with its global row offset.
 
-    ``paths`` are local paths or ``file:``/``dbfs:`` URLs (petastorm's converter names its files so), opened
-    through their local form (:func:`spark_mnist.paths.require_local`).
+    ``paths`` are what :meth:`spark_mnist.shards.contract.Dataset.files` gives: local paths, ``file:``/``dbfs:``
+    URLs (petastorm's converter names its files so) or object stores' URIs, each opened by :func:`open_parquet`.
     """
     plan, start = [], 0
-    for path in sorted(require_local(p, "a Parquet shard") for p in paths):
-        metadata = pq.ParquetFile(path).metadata
+    for path in sorted(paths, key=_sort_key):
+        with open_parquet(path) as f:
+            metadata = f.metadata
         for i in range(metadata.num_row_groups):
             rows = metadata.row_group(i).num_rows
             if rows:
                 plan.append(RowGroup(path, i, start, rows, metadata))
                 start += rows
     return plan
+
+
+def _sort_key(path: str) -> str:
+    location = normalize_uri(path)
+    return location.local_path if location.local_path is not None else location.uri
 
 
 def total_rows(plan: Sequence[RowGroup]) -> int:
@@ -147,7 +221,7 @@ def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, thread
 
 
 def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with pq.ParquetFile(group.path, metadata=group.metadata) as f:
+    with open_parquet(group.path, group.metadata) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
     index = int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
     labels = int_column(table.column(contract.LABEL), group.path).astype(np.int64)

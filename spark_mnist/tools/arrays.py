@@ -1,8 +1,9 @@
 """Keras-style access: ``load_data(path)`` -> ``((x_train, y_train), (x_test, y_test))`` as numpy arrays.
 
 For users coming from ``keras.datasets.mnist.load_data()``.  Reads, with the same validation as ingest, any of:
-a directory of the four gz IDX files, an ingested Parquet dataset (a directory with ``_manifest.json``), or a
-Keras ``mnist.npz``.  No Spark, no torch.
+a directory of the four gz IDX files, an ingested Parquet dataset (``OUT`` with ``_manifest.json``, on a local or
+FUSE path or an object store: :func:`spark_mnist.shards.contract.open_dataset`), or a Keras ``mnist.npz``.  No
+Spark, no torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from spark_mnist.shards import contract
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
-from spark_mnist.paths import require_local
+from spark_mnist.paths import normalize_uri
 
 Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -23,8 +24,9 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
     """Load a dataset the way ``keras.datasets.mnist.load_data()`` returns it.
 
     Args:
-        path: a local (or ``/dbfs/``, ``/Volumes/``, ``file:/``) directory of the four gz IDX files, an ingested
-            dataset directory, or a Keras ``mnist.npz``.
+        path: a local (or ``/dbfs/``, ``/Volumes/``, ``file:/``) directory of the four gz IDX files or Keras
+            ``mnist.npz``, or an ingested dataset anywhere :func:`~spark_mnist.shards.contract.open_dataset` reads
+            one (local, FUSE, ``s3://``, ``gs://``, ``abfss://``).
         dataset: registry name, used for file names and checks (an ingested dataset names its own).
 
     Returns:
@@ -32,10 +34,14 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
         MNIST family), upright (EMNIST is transposed back), labels uint8 of shape (N,) in ``[0, num_classes)``.
 
     Raises:
-        SourceError: a path with no local form, or one that does not exist.
+        SourceError: a local path that does not exist.
+        DatasetNotFoundError: a URI with no complete ingested dataset (as :func:`open_dataset`).
         IdxFormatError, DatasetMismatchError, InputError: as ingest, for the same defects.
     """
-    local = require_local(path, "load_data")
+    location = normalize_uri(path)
+    if not location.is_local:  # an object store: only an ingested dataset
+        return _from_parquet(os.fspath(path))
+    local = location.local_path
     if not os.path.exists(local):
         raise SourceError(f"{path}: not found (load_data reads local, /dbfs/ or /Volumes/ paths)")
     if local.endswith(".npz"):
@@ -67,12 +73,12 @@ def _from_idx(directory: str, dataset: str) -> Arrays:
 def _from_parquet(directory: str) -> Arrays:
     from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
-    manifest = contract.load_manifest(directory)
-    spec = get_dataset(manifest["dataset"])
-    shape = tuple(manifest["image_shape"])
+    dataset = contract.open_dataset(directory)
+    spec = get_dataset(dataset.dataset)
+    shape = dataset.image_shape
     result = []
     for split in SPLITS:
-        plan = plan_row_groups(contract.split_files(directory, manifest, split))
+        plan = plan_row_groups(dataset.files(split))
         total = total_rows(plan)
         index, pixels, labels = read_rows(plan, 0, total, int(np.prod(shape)))
         order = np.argsort(index, kind="stable")

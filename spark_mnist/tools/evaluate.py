@@ -21,7 +21,6 @@ import numpy as np
 
 from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
-from spark_mnist.paths import require_local
 
 DEFAULT_BATCH_SIZE = 1000
 METRICS_NAME = "metrics.json"  # training's metrics beside model.pt (spark_mnist.rank.train.METRICS_NAME)
@@ -147,7 +146,7 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
     Raises:
         DatasetNotFoundError: no complete dataset in ``data_dir``.
         DatasetMismatchError: the split holds no rows, or labels outside the manifest's classes.
-        SourceError: ``data_dir`` has no local or FUSE path (an object store).
+        SourceError: ``data_dir`` is on no file system this machine reaches (:func:`spark_mnist.fs.filesystem`).
         InputError: ``model_path`` missing, unreadable, or not a model for this dataset's classes and image shape;
             an unknown ``model`` or ``split``; ``batch_size`` below 1.
     """
@@ -158,13 +157,13 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
 
     if batch_size < 1:
         raise invalid("batch_size", batch_size, "at least 1", InputError)
-    local = require_local(data_dir, "the dataset")
-    manifest = contract.load_manifest(local)
-    classes = [str(c) for c in manifest["classes"]]
-    image_shape = tuple(int(n) for n in manifest["image_shape"])
-    dataset = str(manifest.get("dataset", ""))
+    opened = contract.open_dataset(data_dir)
+    local = opened.location.display
+    classes = list(opened.classes)
+    image_shape = tuple(opened.image_shape)
+    dataset = opened.dataset
     try:
-        paths = contract.split_files(local, manifest, split)
+        paths = opened.files(split)
     except ValueError as e:
         raise InputError(f"{local}: {e}") from e
     model_path = os.fspath(model_path)

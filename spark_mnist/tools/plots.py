@@ -57,26 +57,26 @@ def _save(figure, out_png: str | os.PathLike) -> Path:
 
 
 def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 32, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, "contract.Manifest"]:
     """``count`` distinct random rows of ``split`` (all of them when the split is smaller), decoding only the row
     groups that hold them.
 
     Returns:
         ``(index (n,) int64, images (n, H, W) uint8, labels (n,) int64, manifest)``, in sampled order.
     Raises:
-        DatasetNotFoundError: no complete dataset in ``data_dir``.
+        DatasetNotFoundError: no complete dataset in ``data_dir`` (local, FUSE or an object store:
+            :func:`spark_mnist.shards.contract.open_dataset`).
         InputError: an unknown ``split``.
     """
-    from spark_mnist.paths import require_local
     from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
-    local = require_local(data_dir, "the dataset")
-    manifest = contract.load_manifest(local)
+    dataset = contract.open_dataset(data_dir)
+    manifest = dataset.manifest
     try:
-        paths = contract.split_files(local, manifest, split)
+        paths = dataset.files(split)
     except ValueError as e:
-        raise InputError(f"{local}: {e}") from e
-    shape = tuple(int(n) for n in manifest["image_shape"])
+        raise InputError(f"{dataset.location.display}: {e}") from e
+    shape = tuple(dataset.image_shape)
     row_bytes = int(np.prod(shape))
     plan = plan_row_groups(paths)
     total = total_rows(plan)
@@ -110,11 +110,11 @@ def preview_grid(data_dir: str | os.PathLike, out_png: str | os.PathLike, *, spl
     index, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
     if len(labels) == 0:
         raise InputError(f"{os.fspath(data_dir)}: split {split!r} holds no images to preview")
-    classes = [str(c) for c in manifest["classes"]]
+    classes = list(manifest.classes)
     title_height = 0.4
     width, height = PREVIEW_CELL_INCHES
     figure = _figure(cols * width, rows * height + title_height)
-    figure.suptitle(f"{manifest.get('dataset', '')} {split}: {len(labels)} random images (seed {seed})".strip(),
+    figure.suptitle(f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})".strip(),
                     fontsize=11, y=1 - 0.08 / (rows * height + title_height))
     grid = figure.subplots(rows, cols, squeeze=False)
     fontsize = 9 if max(len(c) for c in classes) <= 12 else 7

@@ -1,0 +1,144 @@
+"""The ingest's plan, on the driver: shard boundaries, the Spark write jobs (each holding at most ``chunk_rows``
+images on the driver), the pieces of a job and what every write task needs (:class:`WritePlan`).  Pure: no Spark,
+no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from spark_mnist.shards import contract
+from spark_mnist.shards.contract import shard_bounds
+from spark_mnist.shards.parquet import write_shard
+
+# Parquet row-group target: ~1 MiB is ~1,300 MNIST rows, so 60,000 training rows make ~45 row groups and every rank
+# of a typical run (up to 8 x a few GPUs) has several of them.
+DEFAULT_ROW_GROUP_BYTES = 2**20
+# Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
+DEFAULT_CHUNK_ROWS = 1_000_000
+# Over Spark Connect the arrays travel as rows of at most this many bytes of images (a row group's worth of an
+# MNIST shard is ~1 MiB): serverless compute refuses local rows over 128 MiB.
+FRAGMENT_BYTES = 4 * 2**20
+
+
+def chunk_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
+    """Consecutive shards grouped so that each group holds at most ``chunk_rows`` rows (at least one shard):
+    ``[(first shard, end shard), ...]``.  A streamed split is read and written one group at a time."""
+    groups, k, shards = [], 0, len(bounds) - 1
+    while k < shards:
+        end = k + 1
+        while end < shards and bounds[end + 1] - bounds[k] <= chunk_rows:
+            end += 1
+        groups.append((k, end))
+        k = end
+    return groups
+
+
+def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int
+              ) -> tuple[dict[str, np.ndarray], list[list[tuple[str, int, int]]]]:
+    """Shard boundaries per split and the Spark write jobs: each job a list of ``(split, first shard, end shard)``
+    holding at most ``chunk_rows`` rows (at least one shard).
+
+    ``num_shards`` is raised where needed so that no shard exceeds ``chunk_rows``.  MNIST-sized datasets are one
+    job; larger splits are read from their streams and written a chunk at a time.
+    """
+    bounds = {name: shard_bounds(n, max(num_shards, -(-n // chunk_rows))) for name, n in rows.items()}
+    jobs: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    current_rows = 0
+    for name, split_bounds in bounds.items():
+        for first, end in chunk_groups(split_bounds, chunk_rows):
+            group_rows = int(split_bounds[end] - split_bounds[first])
+            if current and current_rows + group_rows > chunk_rows:
+                jobs.append(current)
+                current, current_rows = [], 0
+            current.append((name, first, end))
+            current_rows += group_rows
+    if current:
+        jobs.append(current)
+    return bounds, jobs
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive shards of one split, in memory: shard ``first_shard + k`` holds global rows
+    ``[bounds[k], bounds[k+1])``; ``images`` (n, H, W) uint8 and ``labels`` (n,) hold rows ``bounds[0] ..
+    bounds[-1]``."""
+
+    split: str
+    first_shard: int
+    bounds: tuple[int, ...]
+    images: np.ndarray
+    labels: np.ndarray
+    # ``reread(lo, hi)``: the split's images ``[lo, hi)`` read again from the source file in a Spark task, exactly as
+    # ``images`` holds them (:func:`rows_again`); ``None`` where the rows can only come from the driver.
+    reread: Optional[Callable[[int, int], np.ndarray]] = None
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What every write task needs besides the arrays, small enough to travel in its closure: the shards of one
+    write job (unit ``u`` of the job is shard ``shards[u]`` = rows ``[bounds[p][k], bounds[p][k+1])`` of piece ``p``,
+    where ``(p, k) = units[u]``) and where and how to write them.
+
+    Both ways of running the job (:func:`write_pieces`) end in :meth:`write`, so a classic session and a Spark
+    Connect session write the same files, byte for byte.
+    """
+
+    target: str
+    generation: str
+    units: tuple[tuple[int, int], ...]
+    shards: tuple[tuple[str, int], ...]
+    bounds: tuple[tuple[int, ...], ...]
+    rows_per_group: int
+    image_shape: tuple[int, ...]
+    label_dtypes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pieces: list[Piece], target: str, generation: str, row_group_bytes: int) -> "WritePlan":
+        """The plan of one write job over ``pieces`` into ``target`` (``OUT``'s URI or local path) under
+        ``generation``, row groups of about ``row_group_bytes`` of images."""
+        units = tuple((p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1))
+        image_shape = tuple(int(n) for n in pieces[0].images.shape[1:])
+        return cls(target=target, generation=generation, units=units,
+                   shards=tuple((pieces[p].split, pieces[p].first_shard + k) for p, k in units),
+                   bounds=tuple(piece.bounds for piece in pieces),
+                   rows_per_group=max(1, row_group_bytes // max(1, int(np.prod(image_shape)))),
+                   image_shape=image_shape, label_dtypes=tuple(piece.labels.dtype.str for piece in pieces))
+
+    def rows(self, unit: int) -> tuple[int, int]:
+        """Unit ``unit``'s rows ``[lo, hi)``, relative to the first row of its piece."""
+        p, k = self.units[unit]
+        return self.bounds[p][k] - self.bounds[p][0], self.bounds[p][k + 1] - self.bounds[p][0]
+
+    @property
+    def fragment_rows(self) -> int:
+        """Rows of a fragment over Spark Connect: :data:`FRAGMENT_BYTES` of images, at least one image."""
+        return max(1, FRAGMENT_BYTES // max(1, int(np.prod(self.image_shape))))
+
+    def fragments(self, unit: int) -> int:
+        """How many fragments unit ``unit`` travels in over Spark Connect."""
+        lo, hi = self.rows(unit)
+        return -(-(hi - lo) // self.fragment_rows)
+
+    def expected(self) -> dict[int, int]:
+        """Rows per unit."""
+        return {unit: hi - lo for unit in range(len(self.units)) for lo, hi in [self.rows(unit)]}
+
+    def write(self, unit: int, images: np.ndarray, labels: np.ndarray) -> dict[str, list[int]]:
+        """Write unit ``unit``'s shard from its ``images`` (n, H, W) uint8 and ``labels`` (n,) as
+        ``target/<generation>/<split>/part-NNNNN.parquet`` (:func:`spark_mnist.shards.parquet.write_shard`); runs in
+        a Spark task.  Returns the task's report row, ``{"unit": [unit], "rows": [n], "bytes": [file size]}``."""
+        p, k = self.units[unit]
+        size = write_shard(self.target, self.path(unit), images, labels, self.bounds[p][k], self.rows_per_group)
+        return {"unit": [unit], "rows": [len(labels)], "bytes": [size]}
+
+    def path(self, unit: int) -> str:
+        """Unit ``unit``'s shard, relative to ``OUT`` (:func:`spark_mnist.shards.contract.shard_path`)."""
+        split, shard = self.shards[unit]
+        return contract.shard_path(self.generation, split, shard)
+
+

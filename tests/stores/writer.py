@@ -1,0 +1,83 @@
+"""One ingest's write and commit without Spark, in its own process, for the store tests: a dataset whose every pixel
+is ``VALUE`` committed to ``OUT`` through the same functions ingest uses (:func:`spark_mnist.shards.commit.
+commit_arrays`: shards under a new generation by their final names, then the manifest, then the clean-up).
+
+``python -m tests.stores.writer OUT VALUE [KILL_POINT]``: with a kill point (:data:`KILL_POINTS`) the process
+prints ``PAUSED <point>`` when it gets there and waits to be SIGKILLed; without one it prints ``DONE <generation>``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from spark_mnist import fs
+from spark_mnist.paths import normalize_uri
+from spark_mnist.shards import commit, parquet
+
+TRAIN_ROWS, TEST_ROWS, SHARDS, ROWS_PER_GROUP = 40, 20, 2, 8
+CLASSES = [str(i) for i in range(10)]
+# Where a kill lands, spread across the write and the commit: (point, function patched, which call pauses).
+KILL_POINTS = {
+    "begin": ("current_manifest", 1),          # before anything is written
+    "shard-0": ("write_shard", 1),             # before the first shard
+    "shard-0-mid": ("record_batch", 3),        # inside the first shard: its first row group written
+    "shard-1": ("write_shard", 2),
+    "test-shard-0": ("write_shard", 3),        # the second split
+    "shard-3-mid": ("record_batch", 13),         # inside the last shard (calls 12-14)
+    "publish": ("current_manifest", 2),        # every shard written, the commit's read of the current manifest
+    "manifest-write": ("manifest_write", 1),   # the manifest's one write (before os.replace / the PUT / the write)
+    "clean": ("current_manifest", 3),          # the manifest written, before the clean-up
+    "clean-mid": ("delete", 1),                # during the clean-up's first deletion
+}
+
+
+def arrays(value: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The dataset of ``value``: every pixel ``value``, labels 0..9 repeating."""
+    return {split: (np.full((rows, 28, 28), value, np.uint8), (np.arange(rows) % 10).astype(np.uint8))
+            for split, rows in (("train", TRAIN_ROWS), ("test", TEST_ROWS))}
+
+
+def _pause_at(point: str) -> None:
+    """Patch the function of ``point`` so that its n-th call prints ``PAUSED`` and waits for the SIGKILL."""
+    name, nth = KILL_POINTS[point]
+    calls = [0]
+
+    def pausing(real):
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == nth:
+                print(f"PAUSED {point}", flush=True)
+                time.sleep(600)
+            return real(*args, **kwargs)
+        return wrapper
+
+    if name == "current_manifest":
+        commit.current_manifest = pausing(commit.current_manifest)
+    elif name == "write_shard":
+        parquet.write_shard = pausing(parquet.write_shard)
+    elif name == "record_batch":
+        parquet.record_batch = pausing(parquet.record_batch)
+    elif name == "delete":
+        commit.fs.delete = pausing(fs.delete)
+    elif name == "manifest_write":  # the step that makes the manifest visible, on each kind of store
+        os.replace = pausing(os.replace)
+        fs._write_in_place = pausing(fs._write_in_place)
+        if not normalize_uri(sys.argv[1]).is_local:
+            fs.write_whole = pausing(fs.write_whole)
+
+
+def main(argv: list[str]) -> None:
+    out, value = normalize_uri(argv[0]), int(argv[1])
+    if len(argv) > 2:
+        _pause_at(argv[2])
+    manifest = commit.commit_arrays(out, arrays(value), dataset="mnist", classes=CLASSES, shards=SHARDS,
+                                    rows_per_group=ROWS_PER_GROUP)
+    print(f"DONE {manifest.generation}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,329 @@
+"""The commit on real store APIs: local disk, S3 (moto's standalone server through pyarrow's S3FileSystem), Azure
+Blob (Azurite through pyarrow's AzureFileSystem) and two real FUSE mounts at ``/Volumes/<catalog>/<schema>/<volume>``
+paths, one whose rename answers ENOSYS and one whose rename is a copy and a delete (:mod:`tests.stores.fuse_volume`).
+
+On each store: a Spark ingest, a re-ingest and a loader that reads every row once; SIGKILL of a writer process
+(:mod:`tests.stores.writer`) mid-commit, after which ``OUT`` holds the previous complete dataset and the next
+commit cleans up.  Marked ``stores_full`` (one CI lane runs them): SIGKILL at ten points spread across the write and
+the commit, and two racing writer processes, each with a reader polling ``OUT`` throughout that must only ever see
+a complete dataset.  A store whose server or mount cannot be started here skips, with the reason;
+``tests/stores/setup.sh`` installs what they need (moto, mfusepy, fuse3, Azurite).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+
+import spark_mnist
+from spark_mnist import fs
+from spark_mnist.errors import DatasetNotFoundError
+from spark_mnist.paths import normalize_uri
+from spark_mnist.shards import commit, contract
+from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
+from tests.conftest import REPO
+from tests.stores.writer import KILL_POINTS, TEST_ROWS, TRAIN_ROWS
+
+STORES = ["local", "s3", "azure", "volume-enosys", "volume-copy"]
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_BIN = REPO / ".cache" / "stores" / "node_modules" / ".bin" / "azurite-blob"
+BUCKET = "spark-mnist"
+START_TIMEOUT_S = 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.skip(f"{what} exited at start (code {process.returncode})")
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        time.sleep(0.1)
+    process.kill()
+    pytest.skip(f"{what} did not answer on 127.0.0.1:{port} within {START_TIMEOUT_S} s")
+
+
+@contextlib.contextmanager
+def _server(command: list[str], port: int, what: str):
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, process, what)
+        yield
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_root():
+    """A bucket on moto's standalone S3 server on 127.0.0.1; yields a function of a name giving an ``s3://`` OUT
+    whose URI carries the endpoint and credentials (so Spark's workers and child processes reach it too)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (tests/stores/setup.sh)")
+    from pyarrow import fs as pafs
+
+    port = _free_port()
+    with _server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, "moto_server"):
+        pafs.S3FileSystem(access_key="testing", secret_key="testing", endpoint_override=f"127.0.0.1:{port}",
+                          scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
+        yield lambda name: (f"s3://testing:testing@{BUCKET}/{name}?endpoint_override=127.0.0.1:{port}"
+                            f"&scheme=http&region=us-east-1")
+
+
+@pytest.fixture(scope="session")
+def azure_root(tmp_path_factory):
+    """A container on Azurite's blob service on 127.0.0.1 (the project-local npm install of tests/stores/setup.sh),
+    reached through pyarrow's AzureFileSystem; yields a function of a name giving an ``abfss://`` OUT."""
+    from spark_mnist.fs import _pyarrow_has_azure
+
+    if not _pyarrow_has_azure():
+        import pyarrow
+
+        pytest.skip(f"pyarrow {pyarrow.__version__} has no AzureFileSystem (pyarrow >= 16)")
+    if not AZURITE_BIN.exists():
+        pytest.skip(f"Azurite is not installed at {AZURITE_BIN} (tests/stores/setup.sh)")
+    from pyarrow import fs as pafs
+
+    port = _free_port()
+    location = tmp_path_factory.mktemp("azurite")
+    command = [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
+               "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"]
+    with _server(command, port, "azurite-blob"):
+        endpoint = f"127.0.0.1:{port}"
+        pafs.AzureFileSystem(account_name="devstoreaccount1", account_key=AZURITE_KEY, blob_storage_authority=endpoint,
+                             dfs_storage_authority=endpoint, blob_storage_scheme="http",
+                             dfs_storage_scheme="http").create_dir(BUCKET)
+        yield lambda name: (f"abfss://{BUCKET}@devstoreaccount1.dfs.core.windows.net/{name}?account_key="
+                            f"{quote(AZURITE_KEY, safe='')}&blob_storage_authority={endpoint}&dfs_storage_authority="
+                            f"{endpoint}&blob_storage_scheme=http&dfs_storage_scheme=http")
+
+
+@pytest.fixture(scope="session")
+def volumes(tmp_path_factory):
+    """Two real FUSE mounts at ``/Volumes/spark_mnist_tests/stores/<mode>_<pid>``, one per rename mode; yields
+    ``{mode: mountpoint}``.  Needs root, /dev/fuse, fusermount3 and mfusepy (tests/stores/setup.sh)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("a FUSE mount needs root, /dev/fuse and fusermount3 (apt-get install fuse3)")
+    try:
+        import mfusepy  # noqa: F401 - its import finds libfuse
+    except (ImportError, OSError) as e:
+        pytest.skip(f"mfusepy cannot be used here: {e}")
+    made = [p for p in (Path("/Volumes"), Path("/Volumes/spark_mnist_tests"),
+                        Path("/Volumes/spark_mnist_tests/stores")) if not p.exists()]
+    mounts, processes = {}, []
+    try:
+        for mode in ("enosys", "copy"):
+            backing = tmp_path_factory.mktemp(f"volume-{mode}")
+            mountpoint = Path(f"/Volumes/spark_mnist_tests/stores/{mode}_{os.getpid()}")
+            mountpoint.mkdir(parents=True)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+            processes.append(subprocess.Popen([sys.executable, "-m", "tests.stores.fuse_volume", str(backing),
+                                               str(mountpoint), mode], env=env, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+            mounts[mode] = mountpoint
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not os.path.ismount(mountpoint):
+                if processes[-1].poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"the FUSE mount at {mountpoint} did not come up")
+                time.sleep(0.05)
+        yield mounts
+    finally:
+        for mountpoint in mounts.values():
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
+        for mountpoint in mounts.values():
+            with contextlib.suppress(OSError):
+                mountpoint.rmdir()
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+@pytest.fixture(params=STORES)
+def out(request, tmp_path) -> str:
+    """A fresh ``OUT`` on each store."""
+    name = f"out-{uuid.uuid4().hex[:8]}"
+    if request.param == "local":
+        return str(tmp_path / name)
+    if request.param == "s3":
+        return request.getfixturevalue("s3_root")(name)
+    if request.param == "azure":
+        return request.getfixturevalue("azure_root")(name)
+    mountpoint = request.getfixturevalue("volumes")[request.param.split("-")[1]]
+    return str(mountpoint / name)
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def write(out: str, value: int, kill_at: str | None = None) -> str:
+    """Commit the dataset of ``value`` to ``out`` in a child process; with ``kill_at``, SIGKILL it at that point.
+    Returns the child's last line (``DONE <generation>`` or ``PAUSED <point>``)."""
+    command = [sys.executable, "-m", "tests.stores.writer", out, str(value)] + ([kill_at] if kill_at else [])
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+    if kill_at is None:
+        stdout, stderr = child.communicate(timeout=120)
+        assert child.returncode == 0, stderr[-3000:]
+        return stdout.strip().splitlines()[-1]
+    line = child.stdout.readline().strip()
+    child.send_signal(signal.SIGKILL)
+    _, stderr = child.communicate(timeout=30)
+    assert line == f"PAUSED {kill_at}", stderr[-3000:]
+    return line
+
+
+def dataset_value(out: str) -> int:
+    """Open ``out``, read every row of both splits and return the one pixel value they all hold; fails on anything
+    but one complete dataset."""
+    dataset = spark_mnist.open_dataset(out)
+    values = set()
+    for split, rows in (("train", TRAIN_ROWS), ("test", TEST_ROWS)):
+        plan = plan_row_groups(dataset.files(split))
+        assert total_rows(plan) == rows == dataset.rows(split)
+        index, images, labels = read_rows(plan, 0, rows, 28 * 28)
+        assert np.array_equal(index, np.arange(rows)) and np.array_equal(labels, np.arange(rows) % 10)
+        values.update(np.unique(images).tolist())
+    assert len(values) == 1, f"{out}: a mix of datasets {sorted(values)}"
+    return values.pop()
+
+
+class Poller:
+    """A reader polling ``OUT`` throughout, in a thread: every dataset it opens must read back complete, as one of
+    the datasets written; ``seen`` counts the values read."""
+
+    def __init__(self, out: str):
+        self.out, self.seen, self.errors, self.vanished = out, {}, [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                value = dataset_value(self.out)
+                self.seen[value] = self.seen.get(value, 0) + 1
+            except (FileNotFoundError, DatasetNotFoundError) as e:
+                if "missing" in str(e) or isinstance(e, FileNotFoundError):
+                    self.vanished += 1  # replaced twice while it read (retention keeps one previous): reopen
+                else:
+                    self.errors.append(repr(e))
+            except Exception as e:  # noqa: BLE001 - every other failure is what this reader must never see
+                self.errors.append(repr(e))
+
+    def __enter__(self) -> "Poller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        assert not self.errors, self.errors[:3]
+        assert self.seen, "the reader never read a dataset"
+
+
+def generations(out: str) -> list[str]:
+    return [name for name in fs.list_names(normalize_uri(out)) if commit.is_generation(name)]
+
+
+@pytest.mark.slow
+@pytest.mark.connect
+def test_ingest_replace_and_read_every_row_once(spark, small_source, out):
+    """A Spark ingest and a re-ingest on the store; open_dataset, the loader, load_data and Spark read it back."""
+    import torch  # noqa: F401 - the loader's batches
+
+    from spark_mnist.driver.ingest import ingest
+    from spark_mnist.rank.loader import ShardLoader
+
+    source, arrays = small_source
+    first = ingest(spark, str(source), out, num_shards=2, row_group_bytes=64 * 784)
+    second = ingest(spark, str(source), out, num_shards=3, row_group_bytes=64 * 784)
+    assert second.previous == first.generation
+    assert sorted(fs.list_names(normalize_uri(out))) == sorted([first.generation, second.generation,
+                                                               contract.MANIFEST_NAME])
+    dataset = spark_mnist.open_dataset(out)
+    assert dataset.manifest.generation == second.generation and len(dataset.files("train")) == 3
+    with ShardLoader(dataset.files("train"), rank=0, world_size=1, batch_size=64, shuffle=False,
+                     drop_remainder=False) as loader:
+        index = np.concatenate([batch[0].numpy() for batch in loader.iter_with_index()])
+    assert np.array_equal(np.sort(index), np.arange(len(arrays["train"][1])))  # every row once
+    (x_train, y_train), (x_test, y_test) = spark_mnist.load_data(out)
+    assert np.array_equal(x_train, arrays["train"][0]) and np.array_equal(y_test, arrays["test"][1])
+    if out.startswith("/"):  # Spark reads the manifest's files where its file systems reach (local, FUSE)
+        assert spark.read.parquet(*dataset.files("test")).count() == len(arrays["test"][1])
+
+
+@pytest.mark.connect
+def test_a_kill_at_the_manifest_write_leaves_the_previous_dataset(out):
+    """SIGKILL just before the manifest's write: OUT holds the previous dataset; the next commit removes the
+    killed one's generation."""
+    write(out, 1)
+    write(out, 2, kill_at="manifest-write")
+    assert dataset_value(out) == 1
+    assert len(generations(out)) == 2  # the previous one and the killed one's
+    done = write(out, 3)
+    assert dataset_value(out) == 3
+    assert sorted(generations(out)) == sorted([done.split()[1], spark_mnist.open_dataset(out).manifest.previous])
+
+
+@pytest.mark.stores_full
+def test_sigkill_at_every_point_of_the_write_and_commit(out):
+    """Ten kill points, each with a reader polling OUT throughout: the reader only ever sees the previous complete
+    dataset or the new one, never a mix and never nothing; the next commit succeeds and cleans up."""
+    write(out, 1)
+    current = 1
+    with Poller(out) as poller:
+        for value, point in enumerate(KILL_POINTS, start=2):
+            write(out, value, kill_at=point)
+            landed = dataset_value(out)
+            assert landed in (current, value), (point, landed)
+            # the manifest's write is the commit point: a kill before it keeps the previous dataset
+            assert landed == (value if point in ("clean", "clean-mid") else current), point
+            current = landed
+        done = write(out, 99)
+    assert dataset_value(out) == 99 and set(poller.seen) <= {1, 99, *range(2, 2 + len(KILL_POINTS))}
+    kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
+    assert set(generations(out)) == kept  # what the killed writers left is gone
+    assert sorted(fs.list_names(normalize_uri(out))) == sorted(kept | {contract.MANIFEST_NAME})
+
+
+@pytest.mark.stores_full
+def test_racing_writers_leave_one_complete_dataset(out):
+    """Two writer processes racing into one OUT, a reader polling it: one complete dataset at every moment; the
+    loser's generation is gone after the next commit."""
+    write(out, 1)
+    with Poller(out) as poller:
+        command = [[sys.executable, "-m", "tests.stores.writer", out, str(v)] for v in (2, 3)]
+        children = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=_child_env()) for c in command]
+        for child in children:
+            _, stderr = child.communicate(timeout=120)
+            assert child.returncode == 0, stderr[-3000:]
+        assert dataset_value(out) in (2, 3)
+    assert set(poller.seen) <= {1, 2, 3}
+    done = write(out, 4)
+    kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
+    assert set(generations(out)) == kept
