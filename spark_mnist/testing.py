@@ -159,26 +159,32 @@ def _plant(source: IdxSource, defect: str, split: str) -> Path:
 def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", train_rows: int = 600,
                            test_rows: int = 100, num_shards: int = 2, seed: int = 0,
                            rows_per_group: Optional[int] = None) -> Path:
-    """Write a complete ingested dataset at ``output`` with no Spark session: the shards by ingest's own task-side
-    writer, then the manifest, exactly as ``spark-mnist ingest`` lays them out (:mod:`spark_mnist.shards`).
+    """Write a complete ingested dataset at ``output`` (a local path or a URI) with no Spark session: the shards by
+    ingest's own shard writer under a new generation, then the manifest, by the same commit as ``spark-mnist ingest``
+    (:func:`spark_mnist.shards.commit.commit_arrays`).
 
-    Rows are :func:`make_arrays` ``(rows, seed)`` for train and ``(rows, seed + 1)`` for test, in the registry's
-    orientation, so they equal :func:`write_idx_source`'s with the same arguments once ingested.
+    Rows are :func:`make_arrays` ``(rows, seed)`` for train and ``(rows, seed + 1)`` for test, turned upright as
+    ingest turns them (:func:`spark_mnist.datasets.upright`), so they equal what ingesting :func:`write_idx_source`'s
+    files with the same arguments gives.
 
     Returns:
         ``output`` as a Path.
     Raises:
         ValueError: an unknown dataset, or a row count below 1.
     """
-    from spark_mnist.shards.commit import write_local_dataset
+    from spark_mnist.datasets import upright
+    from spark_mnist.paths import normalize_uri
+    from spark_mnist.shards.commit import commit_arrays
 
     spec = get_dataset(dataset)
     arrays = {}
     for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
         if rows < 1:
             raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
-        arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
-    write_local_dataset(output, spec, arrays, num_shards=num_shards, rows_per_group=rows_per_group)
+        images, labels = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
+        arrays[split] = (upright(spec, images), labels)
+    commit_arrays(normalize_uri(os.fspath(output)), arrays, dataset=spec.name, classes=spec.classes,
+                  shards=num_shards, **({} if rows_per_group is None else {"rows_per_group": rows_per_group}))
     return Path(output)
 
 
