@@ -343,9 +343,12 @@ class ShardLoader:
             raise invalid("start_step", start_step, f"in 0..{self.steps_total}")
         self.epoch, self.start_step, self.step = epoch, start_step, start_step
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, epoch: int | None = None, step: int | None = None) -> dict[str, Any]:
         """Where the loader stands and everything that decides what comes next (Mosaic Streaming's pattern).
 
+        Args:
+            epoch, step: describe this position of the same order instead of the loader's own (a training loop
+                that reads the batches through another reader, or checkpoints the next epoch's start).
         Returns:
             A dict of plain values: ``epoch`` (the epoch being read, from 0), ``step`` (its steps already yielded:
             the index of the next one, ``steps_total`` once the epoch is exhausted), ``samples`` (training order:
@@ -355,7 +358,8 @@ class ShardLoader:
             given, or ``None``).  No samples and no order are held: they follow from these.
         """
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
-        return {"seed": self.seed, "epoch": self.epoch, "step": self.step, "samples": self.step * per_step,
+        epoch, step = self.epoch if epoch is None else epoch, self.step if step is None else step
+        return {"seed": self.seed, "epoch": epoch, "step": step, "samples": step * per_step,
                 "world_size": self.world_size, "batch_size": self.batch_size,
                 "global_batch_size": self.global_batch_size, "rows": self.total_rows, "shuffle": self.shuffle,
                 "drop_remainder": self.drop_remainder, "dataset": self.dataset}
