@@ -175,3 +175,13 @@ def test_elastic_resume_two_ranks_to_one_gives_the_model_of_two(one_rank, splits
     metrics = one_rank(job_for(splits, elastic_dir, batch_size=8, resume=True))
     assert metrics["world_size"] == 1 and metrics["batch_size"] == 16
     assert_same_model(trained(elastic_dir), trained(two_dir), atol=1e-4)
+
+
+def test_resume_with_another_batch_size_on_the_same_world_size_is_refused(one_rank, splits, tmp_path):
+    from spark_mnist.rank.loader import LoaderStateError
+
+    run_dir = tmp_path / "run"
+    one_rank(job_for(splits, run_dir, max_steps=5))
+    with pytest.raises(LoaderStateError, match=r"^Cannot resume: the global batch size is 16 in .*checkpoint\.pt, 32 "
+                                               r"in this run \(batch size 32 x 1 ranks\)\.$"):
+        one_rank(job_for(splits, run_dir, resume=True, batch_size=32))

@@ -164,7 +164,8 @@ def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Che
 
 
 def _checkpoint_to_resume(job: TrainJob, world: World) -> tuple[Checkpoint | None, int]:
-    """The checkpoint ``train.resume`` asks for, and the per-rank batch size this run uses."""
+    """The checkpoint ``train.resume`` asks for, and the per-rank batch size this run uses: ``train.batch_size``,
+    or on another world size than the checkpoint's, what holds its global batch."""
     settings = job.settings
     mode = settings.resume
     if mode in RESUME_NEVER:
@@ -175,6 +176,8 @@ def _checkpoint_to_resume(job: TrainJob, world: World) -> tuple[Checkpoint | Non
     if checkpoint is None:
         _say(world, f"resume: no checkpoint in {job.run_dir}, starting afresh")
         return None, settings.batch_size
+    if checkpoint.loader["world_size"] == world.world_size:  # a changed batch size is another global batch: refused
+        return checkpoint, settings.batch_size
     try:
         batch_size = checkpoint.batch_size_for(world.world_size)
     except LoaderStateError as e:
