@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
-
 from spark_mnist import runs
 
 
@@ -46,7 +44,7 @@ def test_failure_without_reports_names_the_launchers_error(tmp_path):
     assert failed.reports == [] and isinstance(failed.cause, RuntimeError)
 
 
-def test_failure_never_raises_whatever_the_run_directory_holds(tmp_path, caplog):
+def test_failure_never_raises_whatever_the_run_directory_holds(tmp_path):
     (tmp_path / runs.ERRORS_DIR).write_text("a file where the directory should be", encoding="utf-8")
     blocked = tmp_path / "blocked"
     (blocked / runs.ERRORS_DIR).mkdir(parents=True)
