@@ -323,3 +323,16 @@ def test_elastic_resume_covers_the_rest_of_the_epoch_exactly_once(elastic_paths,
     later, _ = global_batches(elastic_paths, after, streaming, epoch=2)
     again, _ = global_batches(elastic_paths, before, streaming, epoch=2)
     assert later == again and later != uninterrupted
+
+
+def test_the_order_is_pinned_so_a_checkpoint_resumes_on_another_runtime():
+    """The same (rows, seed, epoch) gives the same sequence on every numpy the runtimes ship (1.23 to 2.x): a
+    checkpoint written on one Databricks runtime resumes on another.  A change here breaks every saved position."""
+    from spark_mnist.rank.loader import BLOCK_ROWS, WINDOW_BLOCKS, epoch_windows
+
+    assert (BLOCK_ROWS, WINDOW_BLOCKS) == (8_192, 8)
+    windows = epoch_windows(20_000, seed=5, epoch=3)
+    assert [w.ranges for w in windows] == [((0, 20_000),)]
+    assert windows[0].order[:8].tolist() == [17555, 10177, 3433, 15155, 3389, 16606, 18902, 12099]
+    assert np.array_equal(np.sort(windows[0].order), np.arange(20_000))
+    assert [w.order.tolist() for w in epoch_windows(10, seed=5, epoch=3, shuffle=False)] == [list(range(10))]
