@@ -149,16 +149,19 @@ def prefetch_threads(before: frozenset = frozenset()) -> set:
 @pytest.mark.parametrize("streaming", [False, True])
 def test_state_dict_resumes_exactly_where_iteration_stopped(layouts, streaming):
     paths = layouts[0]["uneven"]
-    options = dict(rank=2, world_size=3, batch_size=8, seed=5, memory_budget_bytes=0 if streaming else 2**30)
+    options = dict(rank=2, world_size=3, batch_size=8, seed=5, memory_budget_bytes=0 if streaming else 2**30,
+                   dataset="generation:7")
     with ShardLoader(paths, **options) as loader:
         loader.set_epoch(1)
-        assert loader.state_dict() == {"epoch": 1, "step": 0}
+        assert loader.state_dict() == {"seed": 5, "epoch": 1, "step": 0, "samples": 0, "world_size": 3,
+                                       "batch_size": 8, "global_batch_size": 24, "rows": ROWS, "shuffle": True,
+                                       "drop_remainder": True, "dataset": "generation:7"}
         batches = loader.iter_with_index()
         seen = [next(batches)[0] for _ in range(4)]
         state = loader.state_dict()
-        assert state == {"epoch": 1, "step": 4}
+        assert (state["epoch"], state["step"], state["samples"]) == (1, 4, 4 * 24)
         rest = [index for index, _, _ in batches]
-        assert loader.state_dict() == {"epoch": 1, "step": loader.steps_total}
+        assert loader.state_dict()["step"] == loader.steps_total
     with ShardLoader(paths, **options) as resumed:
         resumed.load_state_dict(state)
         assert len(resumed) == resumed.steps_total - 4
@@ -166,9 +169,65 @@ def test_state_dict_resumes_exactly_where_iteration_stopped(layouts, streaming):
     assert len(again) == len(rest) and all(torch.equal(a, b) for a, b in zip(again, rest))
     assert not set(torch.cat(seen).tolist()) & set(torch.cat(again).tolist())
     with pytest.raises(ValueError, match=r"Invalid start_step: 999\. Must be in 0\.\."):
-        resumed.load_state_dict({"epoch": 0, "step": 999})
+        resumed.load_state_dict({**state, "samples": 999 * 24})
+    with pytest.raises(ValueError, match=r"Invalid samples: 25\. Must be a multiple of the samples per step 24"):
+        resumed.load_state_dict({**state, "samples": 25})
     with pytest.raises(ValueError, match="Invalid loader state"):
-        resumed.load_state_dict({"epoch": 0})
+        resumed.load_state_dict({"epoch": 0, "step": 0})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"seed": 0}, r"Cannot resume: the seed is 0 in ckpt, 5 in this run\.$"),
+    ({"dataset": "generation:1"}, r"Cannot resume: the dataset is 'generation:1' in ckpt, 'generation:7' in this run"),
+    ({"rows": 1000}, r"Cannot resume: the split's rows is 1000 in ckpt, 1003 in this run"),
+    ({"global_batch_size": 32}, r"Cannot resume: the global batch size is 32 in ckpt, 24 in this run \(batch size 8 "
+                                r"x 3 ranks\)\.$"),
+])
+def test_a_state_it_cannot_honour_is_refused_in_one_line(layouts, change, message):
+    from spark_mnist.errors import InputError
+    from spark_mnist.rank.loader import LoaderStateError
+
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=3, batch_size=8, seed=5, dataset="generation:7") as loader:
+        state = {**loader.state_dict(), **change}
+        with pytest.raises(LoaderStateError, match=message) as raised:
+            loader.load_state_dict(state, source="ckpt")
+    assert isinstance(raised.value, InputError) and "\n" not in str(raised.value)
+
+
+def test_no_dataset_identity_on_either_side_is_not_checked(layouts):
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=1, batch_size=8) as loader:
+        loader.load_state_dict({**loader.state_dict(), "dataset": "generation:1", "samples": 16})
+        assert loader.start_step == 2
+
+
+def test_resume_batch_size_holds_the_global_batch_or_says_which_world_sizes_can():
+    from spark_mnist.rank.loader import LoaderStateError, resume_batch_size
+
+    assert resume_batch_size({"global_batch_size": 96}, 3) == 32
+    with pytest.raises(LoaderStateError, match=r"Cannot resume: the global batch size 64 of ckpt does not split over "
+                                               r"3 ranks; resume on one of 1, 2, 4, 8 ranks\.$"):
+        resume_batch_size({"global_batch_size": 64}, 3, "ckpt")
+
+
+def test_evaluation_order_does_not_resume_on_another_world_size(layouts):
+    from spark_mnist.rank.loader import LoaderStateError
+
+    options = dict(batch_size=8, shuffle=False, drop_remainder=False)
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=2, **options) as loader:
+        state = loader.state_dict()
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=4, batch_size=4, shuffle=False,
+                     drop_remainder=False) as other:
+        with pytest.raises(LoaderStateError, match="the world size is 2 in the saved state, 4 in this run"):
+            other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("layout", ["even", "uneven", "single"])
+def test_order_is_the_same_streamed_or_in_memory(layouts, layout):
+    paths = layouts[0][layout]
+    orders = [[torch.cat([i for i, _, _ in b]).tolist() for b in collect(paths, 3, 8, epoch=2,
+                                                                          memory_budget_bytes=budget)]
+              for budget in (0, 2**30)]
+    assert orders[0] == orders[1]
 
 
 def test_close_stops_and_joins_the_prefetch_thread(layouts):
@@ -193,3 +252,87 @@ def test_leaving_the_context_closes_open_iterations(layouts):
         assert len(prefetch_threads(before)) == 2
     assert not prefetch_threads(before)
     assert list(first) == [] and list(second) == []
+
+
+# ------------------------------------------------------------------ elastic resume: N ranks -> M ranks, exactly once
+
+ELASTIC_ROWS = 70_001  # two windows (65,536 + 4,465 rows), and no global batch below divides it
+ELASTIC_SHAPE = (2, 2)  # tiny images: many rows, few bytes
+GLOBAL_BATCH = 48  # divisible by 1, 2, 3 and 4
+
+
+@pytest.fixture(scope="module")
+def elastic_paths(tmp_path_factory):
+    """ELASTIC_ROWS rows written by the shard writer into three files of uneven rows and uneven row groups."""
+    from spark_mnist.shards.parquet import write_rows
+
+    root = tmp_path_factory.mktemp("elastic")
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(ELASTIC_ROWS, *ELASTIC_SHAPE), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=ELASTIC_ROWS).astype(np.uint8)
+    bounds, groups = [0, 20_000, 53_333, ELASTIC_ROWS], [3_000, 7_777, 1_234]
+    paths = []
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        path = root / f"part-{k:05d}.parquet"
+        write_rows(str(path), lo, images[lo:hi], labels[lo:hi], groups[k])
+        paths.append(str(path))
+    return paths
+
+
+def elastic_loader(paths, rank, world_size, streaming):
+    return ShardLoader(paths, rank=rank, world_size=world_size, batch_size=GLOBAL_BATCH // world_size, seed=11,
+                       image_shape=ELASTIC_SHAPE, memory_budget_bytes=0 if streaming else 2**30)
+
+
+def global_batches(paths, world_size, streaming, epoch, state=None, steps=None):
+    """The global batches of ``world_size`` ranks from ``state`` (or the epoch's start): per step, the ranks'
+    sample indices in rank order; each rank stops after ``steps`` steps.  Returns (batches, the state after)."""
+    per_rank, after = [], None
+    for rank in range(world_size):
+        with elastic_loader(paths, rank, world_size, streaming) as loader:
+            loader.set_epoch(epoch)
+            if state is not None:
+                loader.load_state_dict(state)
+            iterator = loader.iter_with_index()
+            per_rank.append([next(iterator)[0] for _ in range(steps)] if steps is not None
+                            else [index for index, _, _ in iterator])
+            after = loader.state_dict() if rank == 0 else after
+    assert len({len(batches) for batches in per_rank}) == 1  # every rank the same steps: split evenly
+    for batches in per_rank:
+        assert all(len(b) == GLOBAL_BATCH // world_size for b in batches)
+    return [torch.cat(parts).tolist() for parts in zip(*per_rank)], after
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (2, 3), (3, 1), (1, 4)])
+def test_elastic_resume_covers_the_rest_of_the_epoch_exactly_once(elastic_paths, before, after, streaming):
+    steps = ELASTIC_ROWS // GLOBAL_BATCH
+    stop = 1_000  # mid-epoch, and in the first window
+    uninterrupted, _ = global_batches(elastic_paths, before, streaming, epoch=1)
+    assert len(uninterrupted) == steps
+    done, state = global_batches(elastic_paths, before, streaming, epoch=1, steps=stop)
+    assert state["samples"] == stop * GLOBAL_BATCH and state["world_size"] == before
+    rest, _ = global_batches(elastic_paths, after, streaming, epoch=0, state=state)
+    seen = [i for batch in done for i in batch]
+    unseen = [i for batch in rest for i in batch]
+    assert len(rest) == steps - stop
+    assert len(set(seen)) == len(seen) and len(set(unseen)) == len(unseen) and not set(seen) & set(unseen)
+    assert sorted(seen + unseen) == sorted(i for batch in uninterrupted for i in batch)  # exactly once
+    assert len(seen) + len(unseen) == ELASTIC_ROWS - ELASTIC_ROWS % GLOBAL_BATCH  # only the tail is dropped
+    assert done + rest == uninterrupted  # and the very global batches, in order, whatever the world size
+    later, _ = global_batches(elastic_paths, after, streaming, epoch=2)
+    again, _ = global_batches(elastic_paths, before, streaming, epoch=2)
+    assert later == again and later != uninterrupted
+
+
+def test_the_order_is_pinned_so_a_checkpoint_resumes_on_another_runtime():
+    """The same (rows, seed, epoch) gives the same sequence on every numpy the runtimes ship (1.23 to 2.x): a
+    checkpoint written on one Databricks runtime resumes on another.  A change here breaks every saved position."""
+    from spark_mnist.rank.loader import BLOCK_ROWS, WINDOW_BLOCKS, epoch_windows
+
+    assert (BLOCK_ROWS, WINDOW_BLOCKS) == (8_192, 8)
+    windows = epoch_windows(20_000, seed=5, epoch=3)
+    assert [w.ranges for w in windows] == [((0, 20_000),)]
+    assert windows[0].order[:8].tolist() == [17555, 10177, 3433, 15155, 3389, 16606, 18902, 12099]
+    assert np.array_equal(np.sort(windows[0].order), np.arange(20_000))
+    assert [w.order.tolist() for w in epoch_windows(10, seed=5, epoch=3, shuffle=False)] == [list(range(10))]

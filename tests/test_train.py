@@ -13,7 +13,7 @@ from spark_mnist.driver.converter import choose_converter
 from spark_mnist.driver.ingest import ingest
 from spark_mnist.driver.launch import train
 from spark_mnist.driver.session import is_connect
-from spark_mnist.rank.train import CHECKPOINT_NAME, MODEL_NAME
+from spark_mnist.runs import CHECKPOINT_NAME, MODEL_NAME, TrainingFailedError
 from tests.conftest import requires_connect, requires_petastorm
 
 pytestmark = [pytest.mark.slow, pytest.mark.connect]
@@ -55,16 +55,22 @@ def test_two_process_run_returns_metrics(full_run):
 
 
 def test_resume_mid_epoch_matches_uninterrupted_run(spark, small_dataset, full_run, tmp_path):
+    from spark_mnist.models import build_model
+
     full, full_dir = full_run
     run_dir = tmp_path / "interrupted"
     train(spark, settings_for(small_dataset, run_dir, max_steps=13))  # stops at step 3 of epoch 2
-    checkpoint = torch.load(run_dir / CHECKPOINT_NAME, weights_only=False)
-    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3)
+    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["loader"]
+    assert (state["epoch"], state["step"], state["seed"], state["world_size"]) == (1, 3, 1, 2)
+    assert state["dataset"].startswith(("generation:", "sha256:"))
     resumed = train(spark, settings_for(small_dataset, run_dir, resume=True))
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
     a = torch.load(full_dir / MODEL_NAME, weights_only=True)
     b = torch.load(run_dir / MODEL_NAME, weights_only=True)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    torch.manual_seed(1)  # the run's seed: the model training started from
+    untrained = build_model("simple-cnn", 10, (28, 28)).state_dict()
+    assert not all(torch.allclose(a[k], untrained[k], atol=1e-3) for k in a)  # the models compared were trained
 
 
 @requires_petastorm
@@ -100,8 +106,6 @@ def test_distributed_mode_over_connect_runs_the_ranks_in_spark_tasks(spark, smal
 
 
 def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
-    from spark_mnist.driver.launch import TrainingFailedError
-
     # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training.
     with pytest.raises(TrainingFailedError, match=r"rank \d failed: ValueError: 640 training rows cannot give"):
         train(spark, settings_for(small_dataset, tmp_path / "run", batch_size=1000))
@@ -129,8 +133,6 @@ def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dat
     import threading
     import time
 
-    from spark_mnist.driver.launch import TrainingFailedError
-
     full, _ = full_run
     run_dir = tmp_path / "killed"
     outcome = {}
@@ -151,7 +153,7 @@ def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dat
     os.kill(ranks[-1], signal.SIGKILL)
     thread.join(timeout=300)
     assert "error" in outcome, "the run finished before a rank could be killed"
-    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=False)
+    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["loader"]
     assert (state["epoch"], state["step"]) < (2, 0)
     resumed = train(spark, settings_for(small_dataset, run_dir, resume=True))
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])

@@ -8,29 +8,19 @@ petastorm works, else the ingested shards directly: :mod:`spark_mnist.driver.con
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from spark_mnist.config import Settings
 from spark_mnist.driver import session
 from spark_mnist.driver.converter import choose_converter, make_converters
 from spark_mnist.paths import require_local
+from spark_mnist.runs import CURVES_NAME, TrainingFailedError, clear_error_reports, dataset_identity, failure
 from spark_mnist.shards.contract import open_dataset
 
+__all__ = ["TrainingFailedError", "train"]
+
 log = logging.getLogger(__name__)
-
-
-class TrainingFailedError(RuntimeError):
-    """A training rank failed; the message names the rank, its exception and the tail of its traceback."""
-
-    @classmethod
-    def from_reports(cls, reports: list[dict[str, Any]], error: BaseException) -> "TrainingFailedError":
-        if not reports:
-            return cls(f"training failed and no rank left an error report (killed by a signal, out of memory?): "
-                       f"{error}")
-        first = reports[0]
-        others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
-        tail = "".join(first["traceback"]).rstrip()
-        return cls(f"rank {first['rank']} failed: {first['exception']}{others}\n{tail}")
 
 
 def train(spark, settings: Settings) -> dict[str, Any]:
@@ -52,7 +42,7 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from spark_mnist.errors import InputError, check_choice
-    from spark_mnist.job import TrainJob, clear_error_reports, read_error_reports
+    from spark_mnist.job import TrainJob
     from spark_mnist.models import MODELS
     from spark_mnist.rank.train import train_worker
 
@@ -73,14 +63,15 @@ def train(spark, settings: Settings) -> dict[str, Any]:
         job = TrainJob(settings=t, train_files=files["train"], test_files=files["test"], dataset=manifest.dataset,
                        num_classes=len(manifest.classes), image_shape=tuple(manifest.image_shape),
                        run_dir=require_local(settings.run_dir, "run_dir"),
-                       train_converter=converters["train"] if t.loader == "petastorm" else None)
+                       train_converter=converters["train"] if t.loader == "petastorm" else None,
+                       dataset_id=dataset_identity(manifest))
         log.info("training %s", job.summary())
         clear_error_reports(job.run_dir)
         distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
         try:
             metrics = distributor.run(train_worker, job)
         except Exception as e:
-            raise TrainingFailedError.from_reports(read_error_reports(job.run_dir), e) from e
+            raise failure(job.run_dir, e) from e
     finally:
         for split, converter in converters.items():
             try:
@@ -88,9 +79,13 @@ def train(spark, settings: Settings) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - the run's outcome stands; a leftover cache is only disk
                 log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
     result = {"dataset": manifest.dataset, "converter": choice.name, **metrics}
+    from spark_mnist.tools.plots import maybe_training_curves  # never raises; warns once without matplotlib
     from spark_mnist.tools.tracking import log_training_run
 
-    run_id = log_training_run(settings.to_dict(), manifest.to_dict(), result, result.get("model_path"), run_dir=job.run_dir)
+    maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))
+
+    run_id = log_training_run(settings.to_dict(), manifest.to_dict(), result, result.get("model_path"),
+                              run_dir=job.run_dir)
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result

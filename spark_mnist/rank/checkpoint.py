@@ -1,29 +1,35 @@
 """The training checkpoint: its format, and saving and loading it safely.  Runs on every rank (rank 0 saves).
 
-On disk ``run_dir/checkpoint.pt`` is ``torch.save`` of :meth:`Checkpoint.to_dict`: a plain dict of tensors, numbers,
-strings, lists and tuples, so that it loads with ``torch.load(..., weights_only=True)``, which refuses anything that
-would run code while unpickling (a checkpoint planted on a shared volume cannot run code through ``--resume``).
-Its ``"model"`` entry is the model's ``state_dict``, so the evaluating tools accept a checkpoint as a model file.
-Pattern: pytorch/examples ``mnist/main.py`` (save the ``state_dict``), torch's ``weights_only`` loading.
+On disk ``run_dir/checkpoint.pt`` (:data:`spark_mnist.runs.CHECKPOINT_NAME`) is ``torch.save`` of
+:meth:`Checkpoint.to_dict`: a plain dict of tensors, numbers, strings, lists and tuples, so that it loads with
+``torch.load(..., weights_only=True)``, which refuses anything that would run code while unpickling (a checkpoint
+planted on a shared volume cannot run code through ``--resume``).  Its ``"model"`` entry is the model's
+``state_dict``, so the evaluating tools accept a checkpoint as a model file.  Its ``"loader"`` entry is the training
+loader's :meth:`~spark_mnist.rank.loader.ShardLoader.state_dict`: the position and everything that decides what comes
+next (seed, epoch, samples, world size, global batch size, the split's rows, the dataset's identity), so the
+checkpoint describes itself and a resume that cannot honour it is refused in one line.
+Pattern: pytorch/examples ``mnist/main.py`` (save the ``state_dict``), torch's ``weights_only`` loading, Mosaic
+Streaming's ``StreamingDataset.state_dict``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from spark_mnist.errors import InputError
 from spark_mnist.fs import replacing
-
-CHECKPOINT_NAME = "checkpoint.pt"
+from spark_mnist.rank.loader import STATE_KEYS, ShardLoader, resume_batch_size
+from spark_mnist.runs import CHECKPOINT_NAME
 
 
 class CheckpointError(InputError):
-    """A checkpoint that cannot be resumed from: unreadable, refused by weights-only loading (it would run code),
-    missing entries, or written by a run of another world size or batch size."""
+    """A checkpoint that cannot be resumed from: unreadable, refused by weights-only loading (it would run code), or
+    missing entries.  (A checkpoint of another seed, dataset or global batch is refused by the loader:
+    :class:`spark_mnist.rank.loader.LoaderStateError`.)"""
 
 
 @dataclass
@@ -33,29 +39,51 @@ class Checkpoint:
     Attributes:
         model: the model's ``state_dict`` (name -> tensor; the module's, not the DDP wrapper's).
         optimizer: the optimizer's ``state_dict``.
-        epoch: the epoch to resume in, counted from 0.
-        step: steps of ``epoch`` already run (0: the epoch starts afresh), as
-            :meth:`spark_mnist.rank.loader.ShardLoader.state_dict` counts them.
-        world_size: the ranks that wrote it; resuming mid-epoch needs the same.
-        batch_size: samples per step per rank; resuming mid-epoch needs the same.
-        seed: the run's seed (orders every epoch).
+        loader: the training loader's ``state_dict`` (:meth:`spark_mnist.rank.loader.ShardLoader.state_dict`).
+        path: the file it was loaded from (not saved; ``""`` for a checkpoint built in memory).
     """
 
     model: dict[str, Any]
     optimizer: dict[str, Any]
-    epoch: int
-    step: int
-    world_size: int
-    batch_size: int
-    seed: int
+    loader: dict[str, Any]
+    path: str = field(default="", compare=False)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch to resume in, counted from 0."""
+        return int(self.loader["epoch"])
+
+    @property
+    def step(self) -> int:
+        """Steps of :attr:`epoch` already run, on the world size that wrote it (0: the epoch starts afresh)."""
+        return int(self.loader["step"])
 
     def to_dict(self) -> dict[str, Any]:
-        """The plain dict that is saved (the fields by name; tensors are not copied)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The plain dict that is saved: ``model``, ``optimizer``, ``loader`` (tensors are not copied)."""
+        return {"model": self.model, "optimizer": self.optimizer, "loader": dict(self.loader)}
 
-    def loader_state(self) -> dict[str, int]:
-        """The position as :meth:`spark_mnist.rank.loader.ShardLoader.load_state_dict` takes it."""
-        return {"epoch": self.epoch, "step": self.step}
+    def batch_size_for(self, world_size: int) -> int:
+        """The per-rank batch size that holds this checkpoint's global batch over ``world_size`` ranks.
+
+        Raises:
+            LoaderStateError: ``world_size`` does not divide the global batch (the message names the file and the
+                world sizes in 1..8 that do).
+        """
+        return resume_batch_size(self.loader, world_size, self.source)
+
+    def resume(self, loader: ShardLoader) -> None:
+        """Put ``loader`` (this run's training loader) where the checkpoint stands, on its world size.
+
+        Raises:
+            LoaderStateError: a checkpoint of another seed, dataset, row count or global batch, in one line naming
+                the setting, the file with its value and this run's value.
+        """
+        loader.load_state_dict(self.loader, source=self.source)
+
+    @property
+    def source(self) -> str:
+        """The checkpoint as messages name it: its path, or ``"the checkpoint"``."""
+        return self.path or "the checkpoint"
 
 
 def save_atomically(obj: Any, path: str | os.PathLike) -> None:
@@ -69,16 +97,16 @@ def save_checkpoint(checkpoint: Checkpoint, run_dir: str) -> None:
     save_atomically(checkpoint.to_dict(), os.path.join(run_dir, CHECKPOINT_NAME))
 
 
-def load_checkpoint(run_dir: str, *, world_size: int, batch_size: int) -> Checkpoint | None:
+def load_checkpoint(run_dir: str) -> Checkpoint | None:
     """The checkpoint in ``run_dir``, or ``None`` when there is none.
 
     Loaded on the CPU with ``torch.load(..., weights_only=True)``: a file whose unpickling would call anything
-    other than torch's tensor and container rebuilders is refused before anything in it runs.
+    other than torch's tensor and container rebuilders is refused before anything in it runs.  Whether this run can
+    honour it is for :meth:`Checkpoint.batch_size_for` and :meth:`Checkpoint.resume` to say.
 
     Raises:
-        CheckpointError: a file that weights-only loading refuses or cannot read, one that lacks a field of
-            :class:`Checkpoint`, or one written with another ``world_size`` or ``batch_size`` (resuming mid-epoch
-            depends on both).  The message names the file.
+        CheckpointError: a file that weights-only loading refuses or cannot read, or one that lacks an entry of
+            :meth:`Checkpoint.to_dict` or of the loader state.  The message names the file.
     """
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     if not os.path.exists(path):
@@ -89,12 +117,12 @@ def load_checkpoint(run_dir: str, *, world_size: int, batch_size: int) -> Checkp
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused or unreadable as a weights-only checkpoint, nothing in it was run "
                               f"({first})") from e
-    names = [f.name for f in fields(Checkpoint)]
+    names = [f.name for f in fields(Checkpoint) if f.name != "path"]
     if not isinstance(state, dict) or not set(names) <= set(state):
         found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a training checkpoint: expected the entries {names}, found {found}")
-    checkpoint = Checkpoint(**{name: state[name] for name in names})
-    if (checkpoint.world_size, checkpoint.batch_size) != (world_size, batch_size):
-        raise CheckpointError(f"{path}: written with world size {checkpoint.world_size} and batch size "
-                              f"{checkpoint.batch_size}; this run has {world_size} and {batch_size}")
-    return checkpoint
+    loader = state["loader"]
+    if not isinstance(loader, dict) or not set(STATE_KEYS) <= set(loader):
+        found = sorted(map(str, loader)) if isinstance(loader, dict) else type(loader).__name__
+        raise CheckpointError(f"{path}: its loader state lacks entries: expected {list(STATE_KEYS)}, found {found}")
+    return Checkpoint(model=state["model"], optimizer=state["optimizer"], loader=loader, path=path)

@@ -4,7 +4,8 @@ Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), joins th
 ``nccl`` on GPU with the device from ``LOCAL_RANK``), trains on its exact share of the training split
 (:class:`spark_mnist.rank.loader.ShardLoader`), evaluates on its share of the full test split (counts summed over
 ranks), and rank 0 prints per-epoch figures, checkpoints (:mod:`spark_mnist.rank.checkpoint`) and saves the model
-``state_dict``.  One step, one epoch, the evaluation and the checkpoint are functions of their own, as
+``state_dict`` and the metrics in the run directory (:mod:`spark_mnist.runs`); drawing the curves is the caller's
+(the metrics' ``history``).  One step, one epoch, the evaluation and the checkpoint are functions of their own, as
 pytorch/examples ``mnist/main.py`` keeps ``train`` and ``test`` apart from ``main``; Spark's
 ``ml/torch/distributor.py`` docs give the environment.
 """
@@ -23,18 +24,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.job import TrainJob, write_error_report
+from spark_mnist.fs import replacing
+from spark_mnist.job import TrainJob
 from spark_mnist.models import Normalization, build_model, normalization_for, normalize
-from spark_mnist.rank.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_atomically, save_checkpoint
-from spark_mnist.rank.loader import ShardLoader
+from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_atomically, save_checkpoint
+from spark_mnist.rank.loader import LoaderStateError, ShardLoader
 from spark_mnist.rank.world import World
+from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
-__all__ = ["CHECKPOINT_NAME", "MODEL_NAME", "METRICS_NAME", "train_worker", "evaluate"]
+__all__ = ["train_worker", "evaluate"]
 
-MODEL_NAME = "model.pt"
-METRICS_NAME = "metrics.json"
-CURVES_NAME = "curves.png"
 PROGRESS_LINES_PER_EPOCH = 4
+# train.resume values: resume from the checkpoint, refusing one this run cannot honour / resume when the checkpoint
+# matches, else start afresh and say why / never resume.
+RESUME_STRICT, RESUME_AUTO, RESUME_NEVER = (True, "always"), ("auto",), (False, None, "never")
 
 
 @dataclass
@@ -48,6 +51,7 @@ class _Run:
     ddp: DistributedDataParallel
     optimizer: torch.optim.Optimizer
     norm: Normalization
+    batch_size: int  # per rank: train.batch_size, or what holds a resumed checkpoint's global batch
     steps: int = 0  # steps per epoch, equal on every rank
     run_steps: int = 0  # steps this invocation ran (what train.max_steps counts)
 
@@ -69,9 +73,15 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` once (:meth:`World.from_env`), joins the
     process group and trains ``job.settings.model`` for ``job.settings.epochs`` epochs.  Every rank runs exactly
     :func:`spark_mnist.rank.loader.steps_per_epoch` steps per epoch, so DDP's collectives never wait on a rank that ran
-    out of data.  Rank 0 writes ``model.pt`` (the ``state_dict``), ``metrics.json`` and ``curves.png`` in
-    ``job.run_dir``, and ``checkpoint.pt`` (:class:`spark_mnist.rank.checkpoint.Checkpoint`) after every epoch, every
+    out of data.  Rank 0 writes ``model.pt`` (the ``state_dict``) and ``metrics.json`` in ``job.run_dir``, and
+    ``checkpoint.pt`` (:class:`spark_mnist.rank.checkpoint.Checkpoint`) after every epoch, every
     ``checkpoint_every_steps`` steps and where ``max_steps`` stops the run.
+
+    Resuming (``train.resume``: ``True``/``"always"``, or ``"auto"``): the run continues from ``checkpoint.pt``, on
+    any world size whose ranks divide the checkpoint's global batch (the per-rank batch becomes global batch / world
+    size; the loader's order makes the rest of the epoch exactly the samples not yet seen).  A checkpoint of another
+    seed, dataset or global batch is refused (``"auto"``: the run starts afresh instead, and rank 0 says why in one
+    line).
 
     Args:
         job: the driver's :class:`spark_mnist.job.TrainJob`.
@@ -87,10 +97,11 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         RuntimeError: ``use_gpu`` set where torch sees no CUDA device.
         ValueError: too few training rows for one batch on every rank; an invalid rank environment.
         InputError: an unknown model or dataset name.
-        CheckpointError: with ``resume``, a checkpoint that is unsafe, unreadable, or of another world size or
-            batch size.
+        CheckpointError: with ``resume``, a checkpoint that is unsafe or unreadable.
+        LoaderStateError: with ``resume`` (not ``"auto"``), a checkpoint of another seed, dataset, row count or
+            global batch, or a world size that does not divide its global batch.
         Any error of a rank also leaves ``run_dir/_errors/rank-N.json`` for the driver
-        (:func:`spark_mnist.job.write_error_report`).
+        (:func:`spark_mnist.runs.write_error_report`).
     Source: pytorch/examples ``mnist/main.py``; Spark's ``ml/torch/distributor.py`` (``TorchDistributor.run``).
     """
     world = World.from_env()
@@ -139,7 +150,8 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, 
 
 
 def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Checkpoint | None]:
-    """Seed, build the model and optimizer, and restore them from the checkpoint when resuming."""
+    """Seed, build the model and optimizer, and find the checkpoint to resume from (with the per-rank batch size
+    that holds its global batch on this world size)."""
     settings = job.settings
     torch.manual_seed(settings.seed)
     norm = normalization_for(job.dataset)
@@ -147,20 +159,70 @@ def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Che
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
     os.makedirs(job.run_dir, exist_ok=True)
-    checkpoint = (load_checkpoint(job.run_dir, world_size=world.world_size, batch_size=settings.batch_size)
-                  if settings.resume else None)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint.model)
-        optimizer.load_state_dict(checkpoint.optimizer)
-    return _Run(job, world, device, model, ddp, optimizer, norm), checkpoint
+    checkpoint, batch_size = _checkpoint_to_resume(job, world)
+    return _Run(job, world, device, model, ddp, optimizer, norm, batch_size), checkpoint
+
+
+def _checkpoint_to_resume(job: TrainJob, world: World) -> tuple[Checkpoint | None, int]:
+    """The checkpoint ``train.resume`` asks for, and the per-rank batch size this run uses: ``train.batch_size``,
+    or on another world size than the checkpoint's, what holds its global batch."""
+    settings = job.settings
+    mode = settings.resume
+    if mode in RESUME_NEVER:
+        return None, settings.batch_size
+    if mode not in RESUME_STRICT + RESUME_AUTO:
+        raise ValueError(f"Invalid train.resume: {mode!r}. Must be one of True, False, 'always', 'auto', 'never'.")
+    checkpoint = load_checkpoint(job.run_dir)
+    if checkpoint is None:
+        _say(world, f"resume: no checkpoint in {job.run_dir}, starting afresh")
+        return None, settings.batch_size
+    if checkpoint.loader["world_size"] == world.world_size:  # a changed batch size is another global batch: refused
+        return checkpoint, settings.batch_size
+    try:
+        batch_size = checkpoint.batch_size_for(world.world_size)
+    except LoaderStateError as e:
+        if mode in RESUME_STRICT:
+            raise
+        _say(world, f"resume: auto: starting afresh: {e}")
+        return None, settings.batch_size
+    return checkpoint, batch_size
+
+
+def _resume(run: _Run, checkpoint: Checkpoint | None, train_loader: ShardLoader) -> bool:
+    """Restore the loader's position, the model and the optimizer from ``checkpoint``; ``False`` when there is none
+    to resume from (the loader stays at the start of epoch 0)."""
+    if checkpoint is None:
+        return False
+    try:
+        checkpoint.resume(train_loader)
+    except LoaderStateError as e:
+        if run.job.settings.resume in RESUME_STRICT:
+            raise
+        _say(run.world, f"resume: auto: starting afresh: {e}")
+        return False
+    run.model.load_state_dict(checkpoint.model)
+    run.optimizer.load_state_dict(checkpoint.optimizer)
+    written = checkpoint.loader["world_size"]
+    held = (f"; written by {written} ranks, batch size {run.batch_size} per rank holds its global batch "
+            f"{checkpoint.loader['global_batch_size']}" if written != run.world.world_size else "")
+    _say(run.world, f"resume: continuing from {checkpoint.path} at epoch {train_loader.epoch + 1}, step "
+                    f"{train_loader.start_step}/{train_loader.steps_total}{held}")
+    return True
+
+
+def _say(world: World, line: str) -> None:
+    """Print ``line`` once, on rank 0 (the ranks' output is what the launcher shows)."""
+    if world.is_leader:
+        print(line, flush=True)
 
 
 def _loaders(run: _Run) -> tuple[ShardLoader, ShardLoader]:
     """The training loader (shuffled, full steps only) and the evaluation loader (file order, every row)."""
     job = run.job
-    common = dict(rank=run.world.rank, world_size=run.world.world_size, batch_size=job.settings.batch_size,
+    common = dict(rank=run.world.rank, world_size=run.world.world_size, batch_size=run.batch_size,
                   image_shape=job.image_shape, seed=job.settings.seed, memory_budget_bytes=job.memory_budget_bytes,
-                  reader_threads=job.settings.reader_threads, pin_memory=run.device.type == "cuda")
+                  reader_threads=job.settings.reader_threads, pin_memory=run.device.type == "cuda",
+                  dataset=job.dataset_id)
     return (ShardLoader(job.train_files, shuffle=True, drop_remainder=True, **common),
             ShardLoader(job.test_files, shuffle=False, drop_remainder=False, **common))
 
@@ -170,26 +232,28 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     train_loader, test_loader = _loaders(run)
+    if not _resume(run, checkpoint, train_loader) and run.batch_size != job.settings.batch_size:
+        run.batch_size = job.settings.batch_size  # "auto" refused a checkpoint of another world size: start afresh
+        train_loader, test_loader = _loaders(run)
     with train_loader, test_loader:
         run.steps = train_loader.steps_total
         if run.steps == 0:
             raise ValueError(f"{train_loader.total_rows} training rows cannot give every one of {world.world_size} "
-                             f"ranks a batch of {job.settings.batch_size}")
-        train_loader.load_state_dict(checkpoint.loader_state() if checkpoint is not None else {"epoch": 0, "step": 0})
+                             f"ranks a batch of {run.batch_size}")
         while train_loader.epoch < job.settings.epochs:
             epoch = train_loader.epoch
             figures = _train_epoch(run, train_loader)
             if figures.stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint there, end the run
-                _checkpoint(run, epoch, figures.stopped_at)
+                _checkpoint(run, train_loader.state_dict(epoch=epoch, step=figures.stopped_at))
                 break
             train_seconds += figures.seconds
             record = _epoch_record(run, epoch, figures, test_loader)
             history.append(record)
-            _checkpoint(run, epoch + 1, 0)
+            train_loader.set_epoch(epoch + 1)
+            _checkpoint(run, train_loader.state_dict())
             _print_epoch(run, record)
             if job.settings.max_steps and run.run_steps >= job.settings.max_steps:
                 break
-            train_loader.set_epoch(epoch + 1)
     metrics = _metrics(run, history, train_seconds, time.perf_counter() - started)
     if world.is_leader:
         _write_outputs(run, metrics)
@@ -206,7 +270,7 @@ def _batches(run: _Run, loader: ShardLoader) -> Iterator[tuple[torch.Tensor, tor
     from spark_mnist.rank.petastorm import petastorm_batches
 
     return petastorm_batches(run.job.train_converter, rank=run.world.rank, world_size=run.world.world_size,
-                             batch_size=settings.batch_size, steps=run.steps - loader.start_step,
+                             batch_size=run.batch_size, steps=run.steps - loader.start_step,
                              image_shape=run.job.image_shape)
 
 
@@ -241,14 +305,14 @@ def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
             run.run_steps += 1
             more = step + 1 < run.steps
             if run.world.is_leader and (step + 1) % progress_every == 0 and more:
-                done = (step + 1 - first_step) * settings.batch_size * run.world.world_size
+                done = (step + 1 - first_step) * loader.global_batch_size
                 print(f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{run.steps}, "
                       f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s", flush=True)
             if settings.max_steps and run.run_steps == settings.max_steps and more:
                 stopped_at = step + 1
                 break
             if settings.checkpoint_every_steps and (step + 1) % settings.checkpoint_every_steps == 0 and more:
-                _checkpoint(run, epoch, step + 1)
+                _checkpoint(run, loader.state_dict(epoch=epoch, step=step + 1))
         seconds = time.perf_counter() - epoch_start
     return _EpochFigures(loss_sum, samples, wait, seconds, stopped_at)
 
@@ -275,13 +339,11 @@ def _print_epoch(run: _Run, record: dict[str, Any]) -> None:
               f"{record['epoch_seconds']:.1f}s", flush=True)
 
 
-def _checkpoint(run: _Run, epoch: int, step: int) -> None:
-    """Rank 0 saves where the run stands: ``step`` steps of ``epoch`` done."""
+def _checkpoint(run: _Run, loader_state: dict[str, Any]) -> None:
+    """Rank 0 saves where the run stands: the model, the optimizer and the training loader's state."""
     if run.world.is_leader:
-        settings = run.job.settings
-        save_checkpoint(Checkpoint(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch,
-                                   step=step, world_size=run.world.world_size, batch_size=settings.batch_size,
-                                   seed=settings.seed), run.job.run_dir)
+        save_checkpoint(Checkpoint(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                                   loader=loader_state), run.job.run_dir)
 
 
 def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wall_seconds: float
@@ -289,19 +351,16 @@ def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wal
     settings, world_size = run.job.settings, run.world.world_size
     last = history[-1] if history else {}
     return {"test_accuracy": last.get("test_accuracy"), "epochs": settings.epochs, "world_size": world_size,
-            "steps_per_epoch": run.steps, "batch_size": settings.batch_size,
-            "samples_per_epoch": run.steps * settings.batch_size * world_size,
+            "steps_per_epoch": run.steps, "batch_size": run.batch_size,
+            "samples_per_epoch": run.steps * run.batch_size * world_size,
             "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
             "device": run.device.type, "loader": settings.loader, "model": settings.model,
             "model_path": os.path.join(run.job.run_dir, MODEL_NAME), "history": history}
 
 
 def _write_outputs(run: _Run, metrics: dict[str, Any]) -> None:
-    """Rank 0: ``model.pt`` (the module's ``state_dict``), ``metrics.json`` and the training curves."""
+    """Rank 0: ``model.pt`` (the module's ``state_dict``) and ``metrics.json``, each written atomically."""
     run_dir = run.job.run_dir
     save_atomically(run.model.state_dict(), os.path.join(run_dir, MODEL_NAME))
-    with open(os.path.join(run_dir, METRICS_NAME), "w", encoding="utf-8") as f:
+    with replacing(os.path.join(run_dir, METRICS_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
-    from spark_mnist.tools.plots import maybe_training_curves  # never raises; warns once without matplotlib
-
-    maybe_training_curves(metrics["history"], os.path.join(run_dir, CURVES_NAME))

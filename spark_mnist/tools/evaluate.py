@@ -21,9 +21,9 @@ import numpy as np
 
 from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
+from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
 
 DEFAULT_BATCH_SIZE = 1000
-METRICS_NAME = "metrics.json"  # training's metrics beside model.pt (spark_mnist.rank.train.METRICS_NAME)
 
 
 @dataclass

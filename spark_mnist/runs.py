@@ -1,0 +1,180 @@
+"""The run directory's contract: what training leaves in it, and the one channel through which a rank's failure
+reaches the launcher.
+
+A run directory (``train.run_dir``) holds::
+
+    model.pt             rank 0, at the end: the model's ``state_dict``
+    metrics.json         rank 0, at the end: the run's metrics (what the per-rank function returns)
+    checkpoint.pt        rank 0, during the run: where it stands (:mod:`spark_mnist.rank.checkpoint`)
+    curves.png           the launcher's picture of the metrics' history (:mod:`spark_mnist.tools.plots`)
+    _errors/rank-N.json  a failed rank's report (:func:`write_error_report`)
+
+One failure channel, as Spark's ``ml/torch/distributor.py`` keeps one (the command, its return code and the tail of
+its output): a failing rank writes its report atomically (:func:`write_error_report`); the launcher turns whatever
+it caught into one :class:`TrainingFailedError` with :func:`failure`, which reads the reports and never raises.
+
+Importable anywhere: no torch, no Spark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import traceback
+from typing import Any, Mapping
+
+from spark_mnist.fs import replacing
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model.pt"
+METRICS_NAME = "metrics.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+CURVES_NAME = "curves.png"
+ERRORS_DIR = "_errors"
+TRACEBACK_LINES = 12
+_REPORT_NAME = re.compile(r"rank-(\d+)\.json")
+
+
+def report_name(rank: int) -> str:
+    """The file name of ``rank``'s error report: ``rank-N.json``."""
+    return f"rank-{rank}.json"
+
+
+class TrainingFailedError(RuntimeError):
+    """Training failed.  The message names the first failed rank, its exception and its traceback's tail (or says
+    that no rank left a report); ``reports`` holds the readable reports, by rank; ``cause`` is what the launcher
+    caught."""
+
+    def __init__(self, message: str, reports: list[dict[str, Any]] | None = None,
+                 cause: BaseException | None = None):
+        super().__init__(message)
+        self.reports = list(reports or [])
+        self.cause = cause
+
+    @property
+    def summary(self) -> str:
+        """The message's first line: which rank failed and how (for a log line per restart)."""
+        return str(self).splitlines()[0] if str(self) else type(self).__name__
+
+
+def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
+    """The :class:`TrainingFailedError` for ``error``, which a launcher caught while the ranks ran, with the ranks'
+    reports from ``run_dir/_errors``.  Never raises: the error is built first, from ``error`` alone, and the
+    reports only improve its message; unreadable reports are skipped with a note.  Driver-side.
+
+    Use: ``except Exception as e: raise runs.failure(run_dir, e) from e``.
+    """
+    failed = TrainingFailedError(f"training failed and no rank left an error report (killed by a signal, out of "
+                                 f"memory?): {_describe(error)}", cause=error)
+    try:
+        reports, skipped = _read_reports(run_dir)
+        note = f" ({len(skipped)} unreadable report(s) skipped: {', '.join(skipped)})" if skipped else ""
+        if reports:
+            first = reports[0]
+            others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
+            tail = "".join(first["traceback"]).rstrip()
+            failed = TrainingFailedError(f"rank {first['rank']} failed: {first['exception']}{others}{note}\n{tail}",
+                                         reports, error)
+        elif note:
+            failed = TrainingFailedError(f"{failed}{note}", cause=error)
+    except Exception as e:  # noqa: BLE001 - the failure must surface whatever the reports hold
+        log.warning("could not read the ranks' error reports in %s: %s", run_dir, _describe(e))
+    return failed
+
+
+def _describe(error: BaseException) -> str:
+    """``"Type: message"``, or the type alone when the message is empty or cannot be made."""
+    try:
+        text = str(error)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error
+        text = ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
+    """Leave ``run_dir/_errors/rank-N.json`` for the launcher: ``rank`` (int), ``exception`` ("Type: message") and
+    ``traceback`` (its last :data:`TRACEBACK_LINES` lines), written atomically (:func:`spark_mnist.fs.replacing`),
+    so a reader never sees half a report.  Runs in a failing rank; never raises (the original error matters more
+    than its report): a report that cannot be written is logged as an error, with the reason."""
+    path = os.path.join(run_dir, ERRORS_DIR, report_name(rank))
+    try:
+        lines = traceback.format_exception(type(error), error, error.__traceback__)
+        report = {"rank": rank, "exception": _describe(error), "traceback": lines[-TRACEBACK_LINES:]}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f)
+    except Exception as e:  # noqa: BLE001 - logged, not raised: the rank's own error is re-raised by its caller
+        log.error("rank %s could not write its error report %s (%s); its error was %s", rank, path, _describe(e),
+                  _describe(error))
+
+
+def read_error_reports(run_dir: str) -> list[dict[str, Any]]:
+    """The reports :func:`write_error_report` left in ``run_dir``, sorted by integer rank (``rank-2`` before
+    ``rank-10``); ``[]`` when there are none.  An unreadable report (truncated, not JSON, missing entries) is
+    skipped with a warning.  Driver-side.
+
+    Raises:
+        OSError: the ``_errors`` directory exists but cannot be listed.
+    """
+    return _read_reports(run_dir)[0]
+
+
+def _read_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the readable reports by rank, the names of the unreadable ones)."""
+    directory = os.path.join(run_dir, ERRORS_DIR)
+    if not os.path.isdir(directory):
+        return [], []
+    found = sorted((int(m.group(1)), name) for name in os.listdir(directory) if (m := _REPORT_NAME.fullmatch(name)))
+    reports, skipped = [], []
+    for _, name in found:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+            if not (isinstance(report, dict) and isinstance(report.get("rank"), int)
+                    and isinstance(report.get("exception"), str) and isinstance(report.get("traceback"), list)):
+                raise ValueError("expected a JSON object with rank, exception and traceback")
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            log.warning("skipping the unreadable error report %s: %s", path, _describe(e))
+            skipped.append(name)
+            continue
+        reports.append(report)
+    return reports, skipped
+
+
+def clear_error_reports(run_dir: str) -> None:
+    """Remove earlier runs' reports from ``run_dir`` before a new run.  Driver-side."""
+    shutil.rmtree(os.path.join(run_dir, ERRORS_DIR), ignore_errors=True)
+
+
+def dataset_identity(manifest: Any) -> str:
+    """The identity of an ingested dataset, which a checkpoint records so that resuming on other data is refused.
+
+    Args:
+        manifest: the dataset's manifest, a dict (``_manifest.json``) or an object with attributes.
+    Returns:
+        ``"generation:<g>"`` when the manifest names its generation; else ``"sha256:<hex>"`` of its dataset name, its
+        splits' sorted file names with their row counts, and its source files' sha256 (the facts that decide the
+        rows and their order), so a re-ingest of the same files gives the same identity.
+    """
+    def get(obj: Any, key: str, default: Any = None) -> Any:
+        return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
+
+    generation = get(manifest, "generation")
+    if generation not in (None, ""):
+        return f"generation:{generation}"
+    splits = get(manifest, "splits") or {}
+    facts = {
+        "dataset": get(manifest, "dataset"),
+        "splits": {str(name): {"rows": get(split, "rows"), "files": sorted(map(str, get(split, "files") or [])),
+                               "rows_per_shard": get(split, "rows_per_shard")}
+                   for name, split in sorted(splits.items())},
+        "sources": sorted(str(get(f, "sha256")) for f in get(get(manifest, "source") or {}, "files") or []),
+    }
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode("utf-8"), usedforsecurity=False)
+    return f"sha256:{digest.hexdigest()}"

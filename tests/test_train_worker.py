@@ -1,0 +1,187 @@
+"""The per-rank training function without Spark, in every lane: it learns, and resuming (on another world size too)
+gives the model an uninterrupted run gives.
+
+The ranks run in this process (one rank) or in spawned processes (two ranks), on tiny learnable data: 8x8 images
+whose class k is a bright 2x2 block at the k-th place of a grid, over noise.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from spark_mnist.config import TrainSettings
+from spark_mnist.job import TrainJob
+from spark_mnist.models import build_model
+from spark_mnist.runs import CHECKPOINT_NAME, MODEL_NAME
+
+SHAPE = (8, 8)
+CLASSES = 10
+BLOCK = 2
+
+
+def learnable(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (rows, 8, 8) of noise in 0..79 with a 2x2 block in 200..255 at the place of their label."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(rows) % CLASSES).astype(np.uint8)
+    rng.shuffle(labels)
+    images = rng.integers(0, 80, size=(rows, *SHAPE), dtype=np.uint8)
+    per_row = SHAPE[1] // BLOCK
+    for k in range(CLASSES):
+        r, c = divmod(k, per_row)
+        chosen = labels == k
+        images[chosen, r * BLOCK:(r + 1) * BLOCK, c * BLOCK:(c + 1) * BLOCK] = rng.integers(
+            200, 256, size=(int(chosen.sum()), BLOCK, BLOCK), dtype=np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> dict[str, list[str]]:
+    """The training split (600 rows, three shards of uneven rows) and the test split (200 rows), as shard files."""
+    from spark_mnist.shards.parquet import write_rows
+
+    root = tmp_path_factory.mktemp("learnable")
+    files = {}
+    for split, rows, bounds in (("train", 600, [0, 150, 410, 600]), ("test", 200, [0, 200])):
+        images, labels = learnable(rows, seed=len(split))
+        (root / split).mkdir()
+        files[split] = []
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            path = str(root / split / f"part-{k:05d}.parquet")
+            write_rows(path, lo, images[lo:hi], labels[lo:hi], 64)
+            files[split].append(path)
+    return files
+
+
+def job_for(splits, run_dir, **settings) -> TrainJob:
+    options = {**dict(epochs=2, batch_size=16, lr=3e-3, seed=3, threads_per_rank=1), **settings}
+    return TrainJob(settings=TrainSettings(**options), train_files=splits["train"], test_files=splits["test"],
+                    dataset="mnist", num_classes=CLASSES, image_shape=SHAPE, run_dir=str(run_dir),
+                    dataset_id="generation:learnable")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+@pytest.fixture
+def one_rank(monkeypatch, tmp_path):
+    """Runs ``train_worker(job)`` as rank 0 of 1 in this process (environment and torch threads restored)."""
+    from spark_mnist.rank.train import train_worker
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # set by the optimizer's first step
+
+    def run(job: TrainJob):
+        with monkeypatch.context() as m:
+            for name, value in rank_environment(0, 1, free_port()).items():
+                m.setenv(name, value)
+            threads = torch.get_num_threads()
+            try:
+                return train_worker(job)
+            finally:
+                torch.set_num_threads(threads)
+
+    return run
+
+
+def _spawned_rank(rank: int, world_size: int, ports: list[int], jobs: list[TrainJob]) -> None:
+    import os
+
+    from spark_mnist.rank.train import train_worker
+
+    for port, job in zip(ports, jobs):
+        os.environ.update(rank_environment(rank, world_size, port))
+        train_worker(job)
+
+
+def two_ranks(*jobs: TrainJob) -> None:
+    """Runs ``train_worker(job)`` for each of ``jobs`` in turn, in two spawned processes, as a launcher would (one
+    pair of processes for all, since starting one costs seconds)."""
+    import torch.multiprocessing as mp
+
+    ports = [free_port() for _ in jobs]
+    mp.start_processes(_spawned_rank, args=(2, ports, list(jobs)), nprocs=2, start_method="spawn")
+
+
+def trained(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / MODEL_NAME, weights_only=True)
+
+
+def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol) for k in a)
+
+
+@pytest.fixture
+def full_run(one_rank, splits, tmp_path):
+    run_dir = tmp_path / "full"
+    return one_rank(job_for(splits, run_dir)), run_dir
+
+
+def test_training_learns(full_run):
+    metrics, run_dir = full_run
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and metrics["steps_per_epoch"] == 600 // 16
+    assert history[0]["train_loss"] < math.log(CLASSES)  # below guessing already in the first epoch
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]  # the loss falls
+    assert history[-1]["test_loss"] < history[0]["test_loss"]
+    assert metrics["test_accuracy"] >= 0.1 + 0.5 and history[-1]["test_samples"] == 200  # far above chance (0.1)
+    torch.manual_seed(3)
+    untrained = build_model("simple-cnn", CLASSES, SHAPE).state_dict()
+    assert not torch.allclose(trained(run_dir)["classifier.weight"], untrained["classifier.weight"], atol=1e-2)
+
+
+def test_resume_mid_epoch_gives_the_trained_model_of_an_uninterrupted_run(one_rank, splits, full_run, tmp_path):
+    full, full_dir = full_run
+    run_dir = tmp_path / "interrupted"
+    one_rank(job_for(splits, run_dir, max_steps=45))  # stops at step 8 of epoch 2
+    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["loader"]
+    assert (state["epoch"], state["step"], state["samples"]) == (1, 8, 8 * 16)
+    halfway = trained(run_dir)
+    resumed = one_rank(job_for(splits, run_dir, resume=True))
+    assert_same_model(trained(run_dir), trained(full_dir), atol=1e-6)
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
+    assert not torch.allclose(halfway["classifier.weight"], trained(run_dir)["classifier.weight"], atol=1e-3)
+
+
+def test_resume_with_another_seed_is_refused_in_one_line(one_rank, splits, tmp_path):
+    from spark_mnist.rank.loader import LoaderStateError
+
+    run_dir = tmp_path / "run"
+    one_rank(job_for(splits, run_dir, max_steps=5))
+    with pytest.raises(LoaderStateError, match=rf"^Cannot resume: the seed is 3 in {run_dir / CHECKPOINT_NAME}, 7 in "
+                                               r"this run\.$"):
+        one_rank(job_for(splits, run_dir, resume=True, seed=7))
+    assert (run_dir / "_errors" / "rank-0.json").exists()
+
+
+@pytest.mark.slow
+def test_elastic_resume_two_ranks_to_one_gives_the_model_of_two(one_rank, splits, tmp_path):
+    """Checkpointed mid-epoch on 2 ranks (batch 8 each), resumed on 1 (batch 16): the global batches, and so the
+    averaged gradients, are the same as an uninterrupted 2-rank run's."""
+    two_dir, elastic_dir = tmp_path / "two", tmp_path / "elastic"
+    two_ranks(job_for(splits, two_dir, batch_size=8), job_for(splits, elastic_dir, batch_size=8, max_steps=45))
+    assert torch.load(elastic_dir / CHECKPOINT_NAME, weights_only=True)["loader"]["world_size"] == 2
+    metrics = one_rank(job_for(splits, elastic_dir, batch_size=8, resume=True))
+    assert metrics["world_size"] == 1 and metrics["batch_size"] == 16
+    assert_same_model(trained(elastic_dir), trained(two_dir), atol=1e-4)
+
+
+def test_resume_with_another_batch_size_on_the_same_world_size_is_refused(one_rank, splits, tmp_path):
+    from spark_mnist.rank.loader import LoaderStateError
+
+    run_dir = tmp_path / "run"
+    one_rank(job_for(splits, run_dir, max_steps=5))
+    with pytest.raises(LoaderStateError, match=r"^Cannot resume: the global batch size is 16 in .*checkpoint\.pt, 32 "
+                                               r"in this run \(batch size 32 x 1 ranks\)\.$"):
+        one_rank(job_for(splits, run_dir, resume=True, batch_size=32))
