@@ -11,7 +11,7 @@ import torch
 from spark_mnist.config import TrainSettings, load_settings
 from spark_mnist.driver.converter import choose_converter
 from spark_mnist.driver.ingest import ingest
-from spark_mnist.driver.launch import train
+from spark_mnist.pipeline import train
 from spark_mnist.driver.session import is_connect
 from spark_mnist.rank.train import CHECKPOINT_NAME, MODEL_NAME
 from tests.conftest import requires_connect, requires_petastorm
@@ -100,7 +100,7 @@ def test_distributed_mode_over_connect_runs_the_ranks_in_spark_tasks(spark, smal
 
 
 def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
-    from spark_mnist.driver.launch import TrainingFailedError
+    from spark_mnist.launch import TrainingFailedError
 
     # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training.
     with pytest.raises(TrainingFailedError, match=r"rank \d failed: ValueError: 640 training rows cannot give"):
@@ -129,7 +129,7 @@ def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dat
     import threading
     import time
 
-    from spark_mnist.driver.launch import TrainingFailedError
+    from spark_mnist.launch import TrainingFailedError
 
     full, _ = full_run
     run_dir = tmp_path / "killed"
@@ -137,7 +137,8 @@ def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dat
 
     def run():
         try:
-            outcome["metrics"] = train(spark, settings_for(small_dataset, run_dir, checkpoint_every_steps=1))
+            outcome["metrics"] = train(spark, settings_for(small_dataset, run_dir, checkpoint_every_steps=1,
+                                                          max_restarts=0))
         except TrainingFailedError as e:
             outcome["error"] = e
 

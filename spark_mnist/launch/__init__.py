@@ -1,0 +1,151 @@
+"""Starting the ranks: one module per launcher, one failure channel, restarts from the last checkpoint.
+
+A launcher knows how to start a function on N ranks and nothing about training; :mod:`spark_mnist.pipeline` tells
+it which function (:func:`spark_mnist.rank.train.train_worker`) and hands it the :class:`~spark_mnist.job.TrainJob`.
+Every launcher runs that function in ``num_processes`` processes with torchrun's environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and returns rank 0's value:
+
+* ``torch-distributor`` (:mod:`.torch_distributor`): pyspark's ``TorchDistributor`` on a Spark session, the ranks
+  on the driver (local mode) or in Spark tasks (a classic GPU cluster);
+* ``torchrun`` (:mod:`.torchrun`): local processes through ``torch.distributed.launcher.elastic_launch``, no Spark;
+* ``ai-runtime`` (:mod:`.ai_runtime`): ``databricks.air.distributed``, on the GPUs attached (local mode) or on
+  serverless GPUs (``remote_gpu``).
+
+:func:`launcher_for` checks, before anything starts, that the launcher's package and hardware are there, and
+refuses with one line naming what is missing and the fix (:class:`LauncherUnavailableError`, exit code 2).
+:func:`launch` is the one failure channel: whatever the launcher raises becomes :class:`TrainingFailedError`, built
+from the ranks' error reports before anything else can fail.  :mod:`.restarts` relaunches from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Callable, Protocol
+
+from spark_mnist.config import LAUNCHERS, TrainSettings
+from spark_mnist.errors import EnvironmentMismatchError, check_choice
+
+log = logging.getLogger(__name__)
+
+MODULES = {"torch-distributor": "torch_distributor", "torchrun": "torchrun", "ai-runtime": "ai_runtime"}
+
+
+class LauncherUnavailableError(EnvironmentMismatchError):
+    """A launcher whose package is not installed or whose hardware is absent; the message names it and the fix."""
+
+
+class TrainingFailedError(RuntimeError):
+    """A training rank failed; the message names the rank, its exception and the tail of its traceback."""
+
+    @classmethod
+    def from_reports(cls, reports: list[dict[str, Any]], error: BaseException) -> "TrainingFailedError":
+        """The error of a failed launch: the first report's rank, exception and traceback tail, the others'
+        exceptions; without reports (a rank killed by a signal or out of memory) the launcher's own error."""
+        if not reports:
+            failed = cls(f"training failed and no rank left an error report (killed by a signal, out of memory?): "
+                         f"{error}")
+        else:
+            first = reports[0]
+            others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
+            tail = "".join(first["traceback"]).rstrip()
+            failed = cls(f"rank {first['rank']} failed: {first['exception']}{others}\n{tail}")
+        failed.exceptions = [str(r["exception"]) for r in reports]  # "Type: message" of each report
+        return failed
+
+
+class Launcher(Protocol):
+    """What :func:`launch` needs of a launcher module's class."""
+
+    name: str
+
+    def run(self, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+        """Run ``fn(job)`` in every rank; rank 0's return value."""
+
+
+def launcher_for(settings: TrainSettings, *, spark: Any = None) -> Launcher:
+    """The launcher ``settings.launcher`` names, checked: its package imports and its hardware is there.
+
+    Args:
+        settings: the run's train settings (``launcher``, ``num_processes``, ``use_gpu``, the ai-runtime ones).
+        spark: the Spark session (``torch-distributor`` only).
+    Raises:
+        InputError: an unknown launcher name.
+        LauncherUnavailableError: the launcher's package is missing (pyspark, databricks-sdk-air, torch) or its
+            hardware is absent (``use_gpu`` or ``ai-runtime`` in local mode without a GPU); one line naming it and
+            the fix.
+    """
+    module = check_launcher(settings)
+    return module.make(settings, spark=spark)
+
+
+def check_launcher(settings: TrainSettings) -> Any:
+    """Refuse, before anything starts, a launcher whose package or hardware is missing; its module.
+
+    Raises:
+        InputError: an unknown launcher name.
+        LauncherUnavailableError: see :func:`launcher_for`.
+    """
+    from spark_mnist.errors import InputError
+
+    check_choice("train.launcher", settings.launcher, LAUNCHERS, InputError)
+    module = importlib.import_module(f"{__name__}.{MODULES[settings.launcher]}")
+    module.check(settings)
+    return module
+
+
+def world_size(settings: TrainSettings) -> int:
+    """Ranks the launcher starts: ``num_processes``, or ai-runtime's ``accelerator_count`` when set."""
+    if settings.launcher == "ai-runtime" and settings.accelerator_count:
+        return settings.accelerator_count
+    return settings.num_processes
+
+
+def require_module(name: str, launcher: str, fix: str) -> Any:
+    """``import name``, or :class:`LauncherUnavailableError` naming the launcher, the package and ``fix``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise LauncherUnavailableError(f"launcher '{launcher}' needs {name}, which does not import here ({e}): "
+                                       f"{fix}") from None
+
+
+def require_gpus(launcher: str, wanted: int, fix: str) -> None:
+    """At least ``wanted`` CUDA devices visible to torch, or :class:`LauncherUnavailableError`."""
+    torch = require_module("torch", launcher, "pip install 'spark-mnist[torch]'")
+    found = torch.cuda.device_count()
+    if found < wanted:
+        raise LauncherUnavailableError(f"launcher '{launcher}' needs {wanted} GPU(s) on this machine and torch sees "
+                                       f"{found}: {fix}")
+
+
+def launch(launcher: Launcher, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+    """Run ``fn(job)`` on the ranks with ``launcher``: the one failure channel of every launcher.
+
+    The run directory's old error reports are cleared first; when the launcher raises, the ranks' reports are read
+    (a truncated or unreadable one skipped) and :class:`TrainingFailedError` is built from them and raised from the
+    launcher's error, so a failed rank reads the same under every launcher.
+
+    Returns:
+        Rank 0's return value.
+    Raises:
+        TrainingFailedError: a rank failed or was lost.
+    """
+    from spark_mnist.job import clear_error_reports
+
+    clear_error_reports(job.run_dir)
+    try:
+        return launcher.run(fn, job)
+    except Exception as e:
+        raise _failure(job.run_dir, e) from e
+
+
+def _failure(run_dir: str, error: BaseException) -> TrainingFailedError:
+    from spark_mnist.job import read_error_reports
+
+    try:
+        reports = read_error_reports(run_dir)
+    except Exception as e:  # noqa: BLE001 - an unreadable report must not hide the failure it reports
+        log.warning("could not read the ranks' error reports in %s: %s", run_dir, e)
+        reports = []
+    return TrainingFailedError.from_reports(reports, error)
