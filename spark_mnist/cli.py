@@ -152,6 +152,9 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from spark_mnist.errors import require_extra
+
+    require_extra("torch", "torch", "evaluate")
     from spark_mnist.tools.evaluate import evaluate_model, format_report
     from spark_mnist.tools.plots import confusion_matrix_png
 

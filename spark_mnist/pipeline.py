@@ -52,12 +52,12 @@ def check_training(settings: Settings, *, connect: bool = False) -> None:
         InputError: an unknown model; petastorm with a launcher other than ``torch-distributor``.
         EnvironmentMismatchError: petastorm asked for where it cannot run.
     """
-    from spark_mnist.launch import check_launcher, require_module
+    from spark_mnist.errors import require_extra
+    from spark_mnist.launch import check_launcher
 
     t = settings.train
+    require_extra("torch", "torch", "training")
     check_launcher(t)
-    require_module("torch", t.launcher, "training needs torch: pip install 'spark-mnist[torch]' (every Databricks "
-                                        "ML runtime and serverless GPU environment ships it)")
     from spark_mnist.models import MODELS
 
     check_choice("train.model", t.model, MODELS, InputError)

@@ -112,7 +112,9 @@ def require_module(name: str, launcher: str, fix: str) -> Any:
 
 def require_gpus(launcher: str, wanted: int, fix: str) -> None:
     """At least ``wanted`` CUDA devices visible to torch, or :class:`LauncherUnavailableError`."""
-    torch = require_module("torch", launcher, "pip install 'spark-mnist[torch]'")
+    from spark_mnist.errors import require_extra
+
+    torch = require_extra("torch", "torch", f"launcher '{launcher}'")
     found = torch.cuda.device_count()
     if found < wanted:
         raise LauncherUnavailableError(f"launcher '{launcher}' needs {wanted} GPU(s) on this machine and torch sees "

@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
-from spark_mnist.launch import require_gpus, require_module
+from spark_mnist.envs import scoped_env
+from spark_mnist.errors import require_extra
+from spark_mnist.launch import require_gpus
 
 NAME = "torchrun"
 STANDALONE_ENDPOINT = "localhost:0"  # torchrun --standalone: c10d on this host, a free port
+# What the elastic agent writes into this process's environment, put back after the launch.
+AGENT_ENV = ("TORCHELASTIC_SIGNALS_TO_HANDLE",)
 
 
 @dataclass
@@ -36,7 +40,8 @@ class TorchrunLauncher:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=self.settings.num_processes,
                               run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
                               rdzv_endpoint=STANDALONE_ENDPOINT, max_restarts=0, start_method="spawn")
-        return elastic_launch(config, fn)(job)[0]
+        with scoped_env({}, restore=AGENT_ENV):
+            return elastic_launch(config, fn)(job)[0]
 
 
 def check(settings: TrainSettings) -> None:
@@ -45,7 +50,7 @@ def check(settings: TrainSettings) -> None:
     Raises:
         LauncherUnavailableError: torch missing, or fewer GPUs than ranks with ``use_gpu``.
     """
-    require_module("torch.distributed.launcher.api", NAME, "pip install 'spark-mnist[torch]'")
+    require_extra("torch.distributed.launcher.api", "torch", f"launcher '{NAME}'")
     if settings.use_gpu:
         require_gpus(NAME, settings.num_processes, "one GPU per rank with use_gpu: lower --num-processes, or "
                                                    "train on CPU with --no-use-gpu")
