@@ -20,13 +20,9 @@ FAKE_AIR = REPO / "tests" / "fake_air"
 
 @pytest.fixture(scope="module")
 def dataset(spark, tmp_path_factory):
-    from spark_mnist.driver.ingest import ingest
-    from tests.conftest import write_dataset
+    from tests.test_launch import ingested
 
-    root = tmp_path_factory.mktemp("examples")
-    write_dataset(root / "source", train_rows=320, test_rows=70)
-    ingest(spark, str(root / "source"), str(root / "data"), num_shards=2)
-    return root / "data"
+    return ingested(spark, tmp_path_factory.mktemp("examples"), 320, 70, 2)
 
 
 @pytest.mark.slow

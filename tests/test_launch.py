@@ -32,15 +32,19 @@ FAKE_AIR = REPO / "tests" / "fake_air"
 TRAIN = ["--epochs", "2", "--batch-size", "32", "--num-processes", "2", "--seed", "1"]
 
 
-@pytest.fixture(scope="module")
-def dataset(spark, tmp_path_factory):
+def ingested(spark, root: Path, train_rows: int, test_rows: int, num_shards: int) -> Path:
+    """``root/data``: a small synthetic Fashion-MNIST-shaped dataset, ingested (shared by the launcher tests)."""
     from spark_mnist.driver.ingest import ingest
     from tests.conftest import write_dataset
 
-    root = tmp_path_factory.mktemp("launch")
-    write_dataset(root / "source", train_rows=640, test_rows=130)
-    ingest(spark, str(root / "source"), str(root / "data"), num_shards=3)
+    write_dataset(root / "source", train_rows=train_rows, test_rows=test_rows)
+    ingest(spark, str(root / "source"), str(root / "data"), num_shards=num_shards)
     return root / "data"
+
+
+@pytest.fixture(scope="module")
+def dataset(spark, tmp_path_factory):
+    return ingested(spark, tmp_path_factory.mktemp("launch"), 640, 130, 3)
 
 
 def blocked_env(tmp_path: Path, *modules: str, fake_air: bool = False) -> dict[str, str]:

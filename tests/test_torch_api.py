@@ -12,13 +12,9 @@ from spark_mnist.rank.world import World
 
 @pytest.fixture(scope="module")
 def dataset(spark, tmp_path_factory):
-    from spark_mnist.driver.ingest import ingest
-    from tests.conftest import write_dataset
+    from tests.test_launch import ingested
 
-    root = tmp_path_factory.mktemp("torch_api")
-    write_dataset(root / "source", train_rows=203, test_rows=57)
-    ingest(spark, str(root / "source"), str(root / "data"), num_shards=3)
-    return str(root / "data")
+    return str(ingested(spark, tmp_path_factory.mktemp("torch_api"), 203, 57, 3))
 
 
 def indices(loader) -> list[int]:
