@@ -104,3 +104,28 @@ def test_a_failed_launch_reads_the_ranks_reports_and_clears_old_ones(tmp_path):
 def test_a_launch_without_reports_says_no_rank_left_one(tmp_path):
     with pytest.raises(TrainingFailedError, match="no rank left an error report.*the launcher's own error"):
         launch(Broken(), lambda job: None, Job(str(tmp_path)))
+
+
+def test_auto_resume_continues_from_a_matching_checkpoint_and_says_so(tmp_path, caplog):
+    """A retried job (auto_resume): the run directory's checkpoint of these settings is resumed from, one of other
+    settings is not; one line says which."""
+    from spark_mnist.config import TrainSettings
+    from spark_mnist.job import TrainJob
+    from spark_mnist.pipeline import _auto_resume
+    from spark_mnist.rank.checkpoint import Checkpoint, save_checkpoint
+
+    save_checkpoint(Checkpoint(model={}, optimizer={}, epoch=1, step=3, world_size=2, batch_size=32, seed=1),
+                    str(tmp_path))
+
+    def job(**settings):
+        values = {"num_processes": 2, "batch_size": 32, "seed": 1, "auto_resume": True, **settings}
+        return TrainJob(settings=TrainSettings(**values), train_files=[], test_files=[], dataset="mnist",
+                        num_classes=10, image_shape=(28, 28), run_dir=str(tmp_path))
+
+    caplog.set_level(logging.INFO, logger="spark_mnist")
+    assert _auto_resume(job()) is True
+    assert "resume: auto, continuing from" in caplog.text and "(epoch 2, step 3)" in caplog.text
+    caplog.clear()
+    assert _auto_resume(job(seed=7)) is False
+    assert "resume: auto, starting afresh: the checkpoint does not match this run" in caplog.text
+    assert _auto_resume(job(num_processes=4)) is False
