@@ -1,7 +1,8 @@
-"""Databricks ``spark_python_task``: DDP training with TorchDistributor (GPU, ranks in executors).
+"""Databricks ``spark_python_task``: DDP training, by default with TorchDistributor (GPU, ranks in executors).
 
 Parameters are those of ``spark-mnist train`` (``--data``, ``--epochs``, ``--batch-size``, ``--num-processes``,
-``--lr``, ``--seed``, ``--resume``, ``--config``); defaults come from conf/databricks.yaml.
+``--lr``, ``--seed``, ``--resume``, ``--launcher``, ``--config``); defaults come from conf/databricks.yaml
+(``auto_resume``: a retried task continues from the run directory's checkpoint).
 """
 
 import os

@@ -1,14 +1,27 @@
 """spark-mnist: gz IDX files -> Spark -> Parquet shards -> a rank-aware PyTorch DDP loader, for Databricks.
 
 The folders read as the pipeline and say where code runs: ``formats`` (IDX parsing) and ``datasets`` (the registry)
--> ``driver`` (once, on the Spark driver: sources, ingest, commit, launch) -> ``shards`` (the Parquet contract,
-anywhere) -> ``rank`` (every rank: world, loader, training loop) -> ``tools`` (verify, download, evaluate, plots,
-tracking, load_data) -> ``cli``.  README's Architecture section names each module's job.
+-> ``driver`` (once, on the Spark driver: sources, ingest, commit) -> ``shards`` (the Parquet contract, anywhere)
+-> ``launch`` (starting the ranks: TorchDistributor, torchrun, Databricks AI Runtime) -> ``rank`` (every rank: world,
+loader, training loop) -> ``tools`` (verify, download, evaluate, plots, tracking, load_data); ``pipeline`` wires them,
+for ``cli`` and for the notebook API below.  README's Architecture section names each module's job.
 
-``spark_mnist.load_data(path)`` gives Keras-style numpy arrays (see :mod:`spark_mnist.tools.arrays`);
-``spark_mnist.open_dataset(OUT)`` opens an ingested dataset through its manifest, the one way in for every reader
-(``spark.read.parquet(*open_dataset(OUT).files("train"))``; see :mod:`spark_mnist.shards.contract`).
+The notebook API, with the settings of the command line (``spark_mnist/config.py``):
+
+* :func:`ingest` ``(spark, source, output, ...)``: gz IDX files -> Parquet shards; returns the manifest.
+* :func:`train` ``(data, ..., launcher=...)``: training on an ingested dataset; returns the metrics.
+* :func:`load_data` ``(path)``: Keras-style numpy arrays (:mod:`spark_mnist.tools.arrays`).
+* :func:`open_dataset` ``(OUT)``: an ingested dataset through its manifest, the one way in for every reader
+  (``spark.read.parquet(*open_dataset(OUT).files("train"))``; :mod:`spark_mnist.shards.contract`).
+* :mod:`spark_mnist.torch`: the loader for your own training loop.
+
+Importing the package imports neither Spark nor torch.
 """
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
 
 __version__ = "0.1.0"
 
@@ -26,3 +39,74 @@ def open_dataset(path):
     from spark_mnist.shards.contract import open_dataset as _open_dataset
 
     return _open_dataset(path)
+
+
+def _settings(config: Optional[str | os.PathLike], section: str, values: dict[str, Any]):
+    """The settings of ``config`` (``None``: the defaults) with ``values`` on top of ``section``.
+
+    Raises:
+        InputError: a key that is not a setting of ``section`` (``Invalid train setting: 'epoch'. Must be one of
+            ...``), a bad value or config file.
+    """
+    from spark_mnist.config import Settings, load_settings
+    from spark_mnist.errors import InputError, check_choice
+
+    for key in values:
+        check_choice(f"{section} setting", key, Settings.__fields__[section].type_.__fields__, InputError)
+    return load_settings(config, {section: values})
+
+
+def ingest(spark, source: str, output: str, *, config: Optional[str | os.PathLike] = None,
+           **settings: Any) -> dict[str, Any]:
+    """Ingest the four gz IDX files (or a Keras ``mnist.npz``) at ``source`` into the Parquet dataset ``output``,
+    on ``spark`` (the notebook's session, classic or Spark Connect / serverless); driver-side.
+
+    Args:
+        spark: the Spark session.
+        source, output: as ``spark-mnist ingest --source --output`` (paths, ``dbfs:/``, ``/Volumes/...``).
+        config: a settings YAML whose ``ingest`` section the keywords override (default: the defaults).
+        **settings: any ``ingest`` setting (``dataset="mnist"``, ``num_shards=8``, ``strict=True``, ...).
+    Returns:
+        The manifest (dataset, source files with sha256, rows and label histogram per split, shards).
+    Raises:
+        InputError: an unknown setting, bad input files (the message names the file and what is wrong).
+    """
+    from spark_mnist import pipeline
+
+    return pipeline.ingest(spark, _settings(config, "ingest", {"source": source, "output": output, **settings}))
+
+
+def train(data: str, *, launcher: Optional[str] = None, spark=None, config: Optional[str | os.PathLike] = None,
+          **settings: Any) -> dict[str, Any]:
+    """Train on the dataset ingested at ``data`` with ``launcher``; returns rank 0's metrics.
+
+    Args:
+        data: the ingested dataset directory (``output`` of :func:`ingest`).
+        launcher: ``"torch-distributor"`` (pyspark's TorchDistributor on ``spark``, or the notebook's active
+            session; a classic GPU cluster), ``"torchrun"`` (local processes, no Spark) or ``"ai-runtime"``
+            (``databricks.air``: the serverless GPUs attached, or submitted to with ``remote_gpu=True``);
+            default: the config's (``torch-distributor``).
+        spark: the session for ``torch-distributor``; ``None``: the active one.
+        config: a settings YAML whose ``train`` section the keywords override (default: the defaults).
+        **settings: any ``train`` setting (``epochs=5``, ``num_processes=8``, ``use_gpu=True``,
+            ``run_dir="/Volumes/..."``, ``accelerator_type="GPU_8xH100"``, ...), as on the command line.
+    Returns:
+        The metrics JSON of ``spark-mnist train`` (``test_accuracy``, ``history``, ``model_path``, ...).
+    Raises:
+        InputError: an unknown setting or bad value; a launcher whose package or GPUs are missing
+            (``LauncherUnavailableError``).
+        TrainingFailedError: a rank failed through ``max_restarts`` relaunches.
+    """
+    from spark_mnist import pipeline
+
+    values = {"data": os.fspath(data), **settings, **({"launcher": launcher} if launcher else {})}
+    resolved = _settings(config, "train", values)
+    if resolved.train.launcher != pipeline.SPARK_LAUNCHER:
+        return pipeline.train(None, resolved)
+    if spark is not None:
+        return pipeline.train(spark, resolved)
+    from spark_mnist.driver.session import spark_session
+
+    pipeline.check_training(resolved)
+    with spark_session(resolved.spark) as active:
+        return pipeline.train(active, resolved)

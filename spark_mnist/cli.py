@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     ingest = commands.add_parser("ingest", help="gz IDX files -> Parquet shards + _manifest.json")
-    train = commands.add_parser("train", help="DDP training with TorchDistributor on an ingested dataset")
+    train = commands.add_parser("train", help="DDP training on an ingested dataset (--launcher torch-distributor, "
+                                              "torchrun or ai-runtime)")
     run = commands.add_parser("run", help="ingest + train with conf/local.yaml defaults")
     config = commands.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
@@ -124,18 +126,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(path, overrides)
 
 
-def _ingest(spark, settings: Settings):
-    from spark_mnist.driver.ingest import ingest
-
-    s = settings.ingest
-    manifest = ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
-                      row_group_bytes=s.row_group_bytes, strict=s.strict)
-    logging.getLogger("spark_mnist").info(
-        "dataset %s at %s: %s", manifest.dataset, s.output,
-        ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items()))
-    return manifest
-
-
 def _verify(args: argparse.Namespace) -> int:
     from spark_mnist.tools.verify import format_table, verify_source
 
@@ -162,6 +152,9 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from spark_mnist.errors import require_extra
+
+    require_extra("torch", "torch", "evaluate")
     from spark_mnist.tools.evaluate import evaluate_model, format_report
     from spark_mnist.tools.plots import confusion_matrix_png
 
@@ -179,7 +172,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; its exit code.  The tools run without settings or Spark; the others read the
-    settings, and ``train``/``run`` check the converter choice before the session starts.
+    settings, and ``train``/``run`` check the launcher, torch and the converter choice before anything starts
+    (:func:`spark_mnist.pipeline.check_training`).  A Spark session is started for ``ingest``, ``run`` and the
+    ``torch-distributor`` launcher only: ``train --launcher torchrun`` needs no pyspark.
 
     Raises:
         InputError: bad settings or input (the caller prints one line and exits 2).
@@ -191,20 +186,21 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         sys.stdout.write(show(settings))
         return 0
-    from spark_mnist.driver.launch import train
+    from spark_mnist import pipeline
 
-    if args.command in ("train", "run"):  # a converter this environment cannot serve fails before Spark starts
-        from spark_mnist.driver.converter import choose_converter
-
-        choose_converter(settings.train, connect=connect_expected(settings.spark))
-    with spark_session(settings.spark, verbose=args.verbose) as spark:
+    training = args.command in ("train", "run")
+    on_spark = args.command in ("ingest", "run") or settings.train.launcher == pipeline.SPARK_LAUNCHER
+    if training:  # a launcher, converter or torch this environment cannot serve fails before anything starts
+        pipeline.check_training(settings, connect=connect_expected(settings.spark))
+    with spark_session(settings.spark, verbose=args.verbose) if on_spark else contextlib.nullcontext() as spark:
         if args.command in ("ingest", "run"):
-            manifest = _ingest(spark, settings)
+            manifest = pipeline.ingest(spark, settings)
             if args.command == "ingest":
                 print(json.dumps({"output": settings.ingest.output, "dataset": manifest.dataset,
                                   "rows": {k: v.rows for k, v in manifest.splits.items()}}))
                 return 0
-        metrics = train(spark, settings)
+        launcher_spark = spark if settings.train.launcher == pipeline.SPARK_LAUNCHER else None
+        metrics = pipeline.train(launcher_spark, settings, ingested=args.command == "run")
     metrics.pop("history", None)
     print(json.dumps(metrics), flush=True)
     return 0

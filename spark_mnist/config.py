@@ -66,9 +66,16 @@ class IngestSettings(_Section):
     strict: bool = Field(False, description="refuse files whose payload sha256 differs from the registry's")
 
 
+LAUNCHERS = ("torch-distributor", "torchrun", "ai-runtime")
+# The accelerator types of databricks.air (AcceleratorType) and of a bundle's ai_runtime_task (databricks-bundles'
+# ComputeSpecAcceleratorType); tests/test_launch.py and tests/test_bundle.py keep the three lists equal.
+ACCELERATOR_TYPES = ("GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300")
+
+
 class TrainSettings(_Section):
-    """Distributed training with TorchDistributor.  ``data`` defaults to ``ingest.output``; ``run_dir`` to
-    ``runs/<dataset directory's name>`` beside the dataset directory (:attr:`Settings.run_dir`)."""
+    """Distributed training: ``launcher`` starts ``num_processes`` ranks (:mod:`spark_mnist.launch`).  ``data``
+    defaults to ``ingest.output``; ``run_dir`` to ``runs/<dataset directory's name>`` beside the dataset directory
+    (:attr:`Settings.run_dir`)."""
 
     data: Optional[str] = Field(None, description="ingested dataset directory (default: ingest.output)")
     run_dir: Optional[str] = Field(None, description="where model.pt, checkpoint.pt and metrics.json go (default: "
@@ -77,7 +84,11 @@ class TrainSettings(_Section):
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
-    num_processes: int = Field(2, ge=1, description="ranks (TorchDistributor num_processes)")
+    launcher: Literal[LAUNCHERS] = Field(
+        "torch-distributor", description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a "
+                                         "Spark session), torchrun (local processes, no Spark), ai-runtime "
+                                         "(databricks.air's @distributed, serverless GPU)")
+    num_processes: int = Field(2, ge=1, description="ranks (TorchDistributor num_processes, torchrun nproc_per_node)")
     local_mode: bool = Field(True, description="run ranks on the driver (local) or in executors")
     use_gpu: bool = Field(False, description="one GPU per rank, nccl")
     bf16: bool = Field(False, description="bfloat16 autocast in the training step")
@@ -95,6 +106,19 @@ class TrainSettings(_Section):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every K steps")
     max_steps: int = Field(0, ge=0, description="stop this run after N steps (checkpointed; --resume goes on)")
     resume: bool = Field(False, description="continue from run_dir's checkpoint")
+    auto_resume: bool = Field(False, description="continue from run_dir's checkpoint when it is of this dataset and "
+                                                 "these settings, else start afresh (a retried job goes on)")
+    max_restarts: int = Field(1, ge=0, description="relaunch from the last checkpoint when a rank dies or raises, at "
+                                                   "most N times; 1: a lost worker (preemption, OOM kill) costs one "
+                                                   "relaunch, and an error that recurs fails after one retry rather "
+                                                   "than looping (a job's max_retries adds more, with auto_resume)")
+    accelerator_count: Optional[int] = Field(None, ge=1, description="ai-runtime: GPUs, databricks.air's "
+                                                                     "num_accelerators (default: num_processes)")
+    accelerator_type: Optional[Literal[ACCELERATOR_TYPES]] = Field(
+        None, description="ai-runtime: databricks.air's accelerator_type (default: the GPUs attached here; "
+                          "required with remote_gpu)")
+    remote_gpu: bool = Field(False, description="ai-runtime: submit to serverless GPUs (databricks.air remote=True) "
+                                                "from a CPU notebook or job; false: the GPUs attached here")
 
 
 class Settings(_Section):

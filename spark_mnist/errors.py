@@ -55,3 +55,16 @@ def check_choice(name: str, value: T, valid: Iterable[T], error: type[ValueError
     if value not in valid:
         raise invalid(name, value, "one of " + ", ".join(map(repr, valid)), error)
     return value
+
+
+def require_extra(module: str, extra: str, what: str):
+    """``import module``, or :class:`EnvironmentMismatchError`: ``{what} needs {module}, which is not installed
+    here: pip install 'spark-mnist[{extra}]'`` (the mosaicml-streaming way with optional dependencies)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EnvironmentMismatchError(f"{what} needs {module}, which is not installed here: pip install "
+                                       f"'spark-mnist[{extra}]' (every Databricks ML runtime and serverless GPU "
+                                       f"environment ships it)") from None

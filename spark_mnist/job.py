@@ -1,6 +1,6 @@
 """The contract between the driver and the ranks: what a training job is.
 
-The driver (:func:`spark_mnist.driver.launch.train`) builds one :class:`TrainJob` and ``TorchDistributor`` hands it
+The driver (:func:`spark_mnist.pipeline.train`) builds one :class:`TrainJob` and ``TorchDistributor`` hands it
 to :func:`spark_mnist.rank.train.train_worker` in every rank.  Every setting comes from one
 :class:`~spark_mnist.config.TrainSettings` object, carried whole: no default is restated here.  Beside it the job
 carries the facts only the driver can derive (the files of each split, the dataset's classes and image shape, the

@@ -61,6 +61,26 @@ class TrainingFailedError(RuntimeError):
         """The message's first line: which rank failed and how (for a log line per restart)."""
         return str(self).splitlines()[0] if str(self) else type(self).__name__
 
+    @property
+    def exceptions(self) -> list[str]:
+        """``"Type: message"`` of each readable report, by rank (empty when no rank left one)."""
+        return [str(r["exception"]) for r in self.reports]
+
+    @classmethod
+    def from_reports(cls, reports: list[dict[str, Any]], error: BaseException,
+                     skipped: list[str] | tuple[str, ...] = ()) -> "TrainingFailedError":
+        """The error of a failed launch: the first report's rank, exception and traceback tail, and the other
+        reports' exceptions; without reports (a rank killed by a signal or out of memory), ``error`` itself.
+        ``skipped`` names the unreadable reports, which the message mentions.  Never raises."""
+        note = f" ({len(skipped)} unreadable report(s) skipped: {', '.join(skipped)})" if skipped else ""
+        if not reports:
+            return cls(f"training failed and no rank left an error report (killed by a signal, out of memory?): "
+                       f"{_describe(error)}{note}", cause=error)
+        first = reports[0]
+        others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
+        tail = "".join(first["traceback"]).rstrip()
+        return cls(f"rank {first['rank']} failed: {first['exception']}{others}{note}\n{tail}", reports, error)
+
 
 def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
     """The :class:`TrainingFailedError` for ``error``, which a launcher caught while the ranks ran, with the ranks'
@@ -69,19 +89,11 @@ def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
 
     Use: ``except Exception as e: raise runs.failure(run_dir, e) from e``.
     """
-    failed = TrainingFailedError(f"training failed and no rank left an error report (killed by a signal, out of "
-                                 f"memory?): {_describe(error)}", cause=error)
+    failed = TrainingFailedError.from_reports([], error)
     try:
         reports, skipped = _read_reports(run_dir)
-        note = f" ({len(skipped)} unreadable report(s) skipped: {', '.join(skipped)})" if skipped else ""
-        if reports:
-            first = reports[0]
-            others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
-            tail = "".join(first["traceback"]).rstrip()
-            failed = TrainingFailedError(f"rank {first['rank']} failed: {first['exception']}{others}{note}\n{tail}",
-                                         reports, error)
-        elif note:
-            failed = TrainingFailedError(f"{failed}{note}", cause=error)
+        if reports or skipped:
+            failed = TrainingFailedError.from_reports(reports, error, skipped)
     except Exception as e:  # noqa: BLE001 - the failure must surface whatever the reports hold
         log.warning("could not read the ranks' error reports in %s: %s", run_dir, _describe(e))
     return failed

@@ -12,6 +12,7 @@ parsed with the real ``spark-mnist`` argument parser.  No Spark, no network.
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import dataclasses
 import enum
@@ -585,3 +586,110 @@ def test_every_path_written_is_in_the_volume(bundle, job):
     assert conf["train"]["data"] in (None, train.data)
     cache = conf["train"]["petastorm_cache_url"]
     assert cache.startswith("file://" + root), cache
+
+
+# --- the serverless GPU job (Databricks AI Runtime) -----------------------------------------------------------
+
+GPU_JOB = "spark_mnist_serverless_gpu"
+GPU_CONF = REPO / "conf" / "serverless-gpu.yaml"
+GPU_COMMAND = REPO / "jobs" / "serverless_gpu_train.sh"
+
+
+@pytest.fixture(scope="module")
+def gpu_job(bundle) -> dict[str, Any]:
+    return resolved_bundle(bundle)["resources"]["jobs"][GPU_JOB]
+
+
+def bundles_jobs():
+    return pytest.importorskip("databricks.bundles.jobs", reason="databricks-bundles not installed")
+
+
+def test_serverless_gpu_job_validates_against_databricks_bundles_types(gpu_job):
+    """databricks-bundles' own (strict) types: an unknown key or a bad enum value raises in from_dict."""
+    jobs = bundles_jobs()
+    job = jobs.Job.from_dict(gpu_job)
+    train = next(t for t in job.tasks if t.task_key == "train")
+    assert isinstance(train.ai_runtime_task, jobs.AiRuntimeTask)
+    (deployment,) = train.ai_runtime_task.deployments  # exactly one deployment in the Preview
+    assert isinstance(deployment, jobs.DeploymentSpec)
+    assert isinstance(deployment.compute.accelerator_type, jobs.ComputeSpecAcceleratorType)
+    assert deployment.compute.accelerator_count >= 1
+
+
+def test_our_accelerator_types_are_the_bundles(gpu_job):
+    from spark_mnist.config import ACCELERATOR_TYPES
+
+    jobs = bundles_jobs()
+    assert tuple(t.value for t in jobs.ComputeSpecAcceleratorType) == ACCELERATOR_TYPES
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda t: t["ai_runtime_task"].__setitem__("deployment", t["ai_runtime_task"].pop("deployments")),
+     "Unexpected field 'deployment'"),
+    (lambda t: t["ai_runtime_task"]["deployments"][0]["compute"].__setitem__("accelerator_type", "GPU_8xH200"),
+     "'GPU_8xH200' is not a valid ComputeSpecAcceleratorType"),
+    (lambda t: t["ai_runtime_task"]["deployments"][0].__setitem__("command", "spark-mnist train"),
+     "Unexpected field 'command'"),
+])
+def test_a_typo_in_the_ai_runtime_task_is_caught(gpu_job, mutate, match):
+    jobs = bundles_jobs()
+    broken = copy.deepcopy(gpu_job)
+    mutate(tasks_by_key(broken)["train"])
+    with pytest.raises(ValueError, match=match):
+        jobs.Job.from_dict(broken)
+
+
+def test_serverless_gpu_job_ingests_on_serverless_cpu_then_trains_on_gpu(gpu_job):
+    assert placement_errors(gpu_job, f"resources.jobs.{GPU_JOB}") == []
+    tasks = tasks_by_key(gpu_job)
+    assert list(tasks) == ["ingest", "train"] and tasks["train"]["depends_on"] == [{"task_key": "ingest"}]
+    ingest = parse_task(tasks["ingest"], "ingest")
+    assert ingest.config == f"{FILE_PATH}/conf/serverless-gpu.yaml"
+    for key in ("ingest", "train"):
+        assert WHEEL in environments_by_key(gpu_job)[tasks[key]["environment_key"]]["dependencies"], key
+    assert tasks["train"]["max_retries"] >= 1, "a retried task continues from the checkpoint (auto_resume)"
+
+
+@pytest.mark.parametrize("accelerator_type, count", [("GPU_1xA10", 1), ("GPU_1xH100", 1), ("GPU_8xH100", 8),
+                                                     ("GPU_8xB300", 8)])
+def test_accelerator_type_and_count_are_variables_on_one_node(bundle, accelerator_type, count):
+    raw = tasks_by_key(bundle["resources"]["jobs"][GPU_JOB])["train"]["ai_runtime_task"]["deployments"][0]
+    assert references(raw["compute"]) == {"var.accelerator_type", "var.accelerator_count"}
+    defaults = {**variable_defaults(bundle), "accelerator_type": accelerator_type, "accelerator_count": count}
+    job = substitute(bundle, defaults)["resources"]["jobs"][GPU_JOB]
+    compute = tasks_by_key(job)["train"]["ai_runtime_task"]["deployments"][0]["compute"]
+    assert compute == {"accelerator_type": accelerator_type, "accelerator_count": count}
+    jobs = pytest.importorskip("databricks.bundles.jobs")
+    jobs.Job.from_dict(job)
+    # The command runs once per node and starts that node's ranks: the count must fit one node.
+    per_node = int(re.fullmatch(r"GPU_(\d+)x\w+", accelerator_type).group(1))
+    assert compute["accelerator_count"] <= per_node
+    default_per_node = int(re.fullmatch(r"GPU_(\d+)x\w+", variable_defaults(bundle)["accelerator_type"]).group(1))
+    assert int(variable_defaults(bundle)["accelerator_count"]) <= default_per_node
+
+
+def command_args() -> list[str]:
+    """The `spark-mnist train` arguments of jobs/serverless_gpu_train.sh, its variables given values."""
+    import shlex
+
+    (line,) = [l for l in GPU_COMMAND.read_text().splitlines() if l.startswith("exec spark-mnist train")]
+    words = shlex.split(line.replace('"$config"', str(GPU_CONF)).replace('"$gpus"', "1").replace('"$@"', ""))
+    return words[2:]
+
+
+def test_the_command_starts_one_torchrun_rank_per_gpu_of_the_node(gpu_job):
+    from spark_mnist.cli import settings_from_args
+
+    deployment = tasks_by_key(gpu_job)["train"]["ai_runtime_task"]["deployments"][0]
+    assert deployment["command_path"] == f"{FILE_PATH}/jobs/serverless_gpu_train.sh"
+    assert GPU_COMMAND.is_file() and os.access(GPU_COMMAND, os.X_OK)
+    args = build_parser().parse_args(command_args())
+    settings = settings_from_args(args)
+    assert settings.train.launcher == "torchrun" and settings.train.use_gpu and settings.train.auto_resume
+    assert settings.train.converter == "none" and settings.train.loader == "spark-mnist"
+    ingest = parse_task(tasks_by_key(gpu_job)["ingest"], "ingest")
+    assert settings.train.data == ingest.output, "train reads what ingest wrote"
+    assert settings.train.run_dir.startswith("/Volumes/") and not DBFS.match(settings.train.run_dir)
+    with open(GPU_CONF, encoding="utf-8") as f:
+        conf = yaml.safe_load(f)
+    assert conf["ingest"]["output"] == ingest.output and conf["ingest"]["source"] == ingest.source

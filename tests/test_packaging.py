@@ -69,7 +69,7 @@ def test_petastorm_extra_admits_what_15_4_ships():
 @pytest.mark.parametrize("lock", LOCKS, ids=lambda p: p.stem)
 def test_each_lane_lock_is_inside_the_ranges(lock):
     versions = pins(lock)
-    assert out_of_range(requirements() + requirements("dev"), versions) == []
+    assert out_of_range(requirements() + requirements("dev") + requirements("torch"), versions) == []
     assert ("petastorm" in versions) == (lock.stem == "spark35")
 
 
@@ -94,3 +94,48 @@ def test_installing_the_package_here_replaces_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     installs = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
     assert installs == ["spark-mnist"]
+
+
+def test_torch_is_an_extra_not_a_dependency():
+    assert not [r for r in requirements() if canonicalize_name(r.name) == "torch"]
+    assert [r.name for r in requirements("torch")] == ["torch"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda p: p.stem)
+def test_the_torch_extra_admits_what_each_runtime_ships(runtime):
+    assert out_of_range(requirements("torch"), pins(runtime)) == []
+
+
+@pytest.mark.slow
+def test_without_torch_ingest_verify_load_data_and_preview_work_and_training_names_the_extra(small_source,
+                                                                                             tmp_path):
+    """In a process (and its Spark workers) where ``import torch`` fails: the torch-free commands work; train and
+    evaluate exit 2 with one line naming the ``torch`` extra."""
+    import os
+
+    source, _ = small_source
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(REPO)])}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "spark_mnist.cli", *args], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path, env=env)
+
+    out = tmp_path / "out"
+    assert cli("verify", "--source", str(source), "--allow-hash-mismatch").returncode == 0
+    ingested = cli("ingest", "--source", str(source), "--output", str(out), "--num-shards", "2")
+    assert ingested.returncode == 0, ingested.stderr[-3000:]
+    assert cli("preview", "--data", str(out), "--out", str(tmp_path / "grid.png")).returncode == 0
+    loaded = subprocess.run([sys.executable, "-c", f"import spark_mnist, sys; (x, y), _ = spark_mnist.load_data("
+                             f"{str(out)!r}, 'fashion-mnist'); assert 'torch' not in sys.modules or "
+                             f"sys.modules['torch'] is None; print(x.shape)"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert loaded.returncode == 0 and "(600, 28, 28)" in loaded.stdout, loaded.stderr[-3000:]
+    for command in (["train", "--data", str(out), "--launcher", "torchrun"],
+                    ["evaluate", "--data", str(out), "--model", str(tmp_path / "model.pt")]):
+        result = cli(*command)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+        assert "needs torch" in lines[0] and "spark-mnist[torch]" in lines[0], lines[0]

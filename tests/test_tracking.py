@@ -206,3 +206,25 @@ def test_a_broken_mlflow_install_is_a_warning(tmp_path, monkeypatch, caplog, qui
                                          log=quiet_log) is None
     messages = [r.getMessage() for r in caplog.records if r.name == quiet_log.name]
     assert len(messages) == 1 and "failed to import" in messages[0]
+
+
+def test_the_dataset_read_is_an_mlflow_dataset_input(tmp_path, monkeypatch, quiet_log):
+    """mlflow.log_input: the manifest's dataset name and digest, the dataset directory as source; the params of a
+    train-only run carry no ingest defaults (the pipeline leaves the ingest section out)."""
+    mlflow = pytest.importorskip("mlflow")
+    settings, manifest, metrics, model_path = fake_run(tmp_path)
+    settings = {k: v for k, v in settings.items() if k != "ingest"}
+    data_dir = tmp_path / "data" / "mnist"
+    manifest = {**manifest, "dataset": "mnist"}
+    run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
+                                       dataset_uri=str(data_dir), log=quiet_log)
+    uri = (tmp_path / "run" / "mlruns").as_uri()
+    monkeypatch.setenv(tracking.ALLOW_FILE_STORE_ENV, "true")
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "mnist"
+    assert dataset_input.dataset.digest == tracking.manifest_digest(manifest)
+    assert str(data_dir) in dataset_input.dataset.source
+    assert [t.value for t in dataset_input.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert not any(k.startswith("ingest.") for k in run.data.params)
+    assert tracking.manifest_digest(manifest) != tracking.manifest_digest({**manifest, "created_unix": 1.0})

@@ -11,7 +11,7 @@ import torch
 from spark_mnist.config import TrainSettings, load_settings
 from spark_mnist.driver.converter import choose_converter
 from spark_mnist.driver.ingest import ingest
-from spark_mnist.driver.launch import train
+from spark_mnist.pipeline import train
 from spark_mnist.driver.session import is_connect
 from spark_mnist.runs import CHECKPOINT_NAME, MODEL_NAME, TrainingFailedError
 from tests.conftest import requires_connect, requires_petastorm
@@ -111,19 +111,30 @@ def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
         train(spark, settings_for(small_dataset, tmp_path / "run", batch_size=1000))
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 def _torchrun_children() -> list[int]:
-    """The rank processes of a running local-mode TorchDistributor (children of its torch.distributed.run)."""
+    """The rank processes of this test's running local-mode TorchDistributor: the children of the
+    torch.distributed.run among this process's descendants (never another test run's, on a machine running lanes
+    side by side)."""
     import os
 
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    todo = _children(os.getpid())
+    while todo:
+        pid = todo.pop()
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"torch.distributed.run" not in f.read():
-                    continue
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                return [int(c) for c in f.read().split()]
+                if b"torch.distributed.run" in f.read():
+                    return _children(pid)
         except OSError:
             continue
+        todo.extend(_children(pid))
     return []
 
 
@@ -139,7 +150,8 @@ def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dat
 
     def run():
         try:
-            outcome["metrics"] = train(spark, settings_for(small_dataset, run_dir, checkpoint_every_steps=1))
+            outcome["metrics"] = train(spark, settings_for(small_dataset, run_dir, checkpoint_every_steps=1,
+                                                          max_restarts=0))
         except TrainingFailedError as e:
             outcome["error"] = e
 

@@ -1,7 +1,9 @@
 """MLflow tracking of a training run; driver-side, optional.
 
 :func:`log_training_run` records one finished training run: the settings as parameters, the per-epoch figures as
-metrics (``step`` = epoch), the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
+metrics (``step`` = epoch), the dataset the run read as an MLflow dataset input (``mlflow.log_input``: its registry
+name, the manifest's digest and the dataset directory as source, context ``training``; :func:`log_dataset_input`),
+the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
 and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorch_model``) with a tensor signature
 (see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``,
 an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a log line says so.
@@ -31,6 +33,7 @@ through ``mlflow.set_experiment``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +57,9 @@ MLRUNS_DIR = "mlruns"
 MANIFEST_ARTIFACT = "manifest.json"
 STATE_DICT_ARTIFACT_DIR = "model"
 MODEL_NAME = "pytorch_model"
+DATASET_CONTEXT = "training"
+# Hex digits of the manifest's sha256 kept as the MLflow dataset digest (MLflow stores at most 36 characters).
+DIGEST_CHARS = 16
 # Per-epoch figures of ``metrics["history"]`` logged as MLflow metrics with step = epoch.
 EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
 # Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
@@ -110,11 +116,13 @@ def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_l
 
 def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, Any], metrics: Mapping[str, Any],
                      model_path: str | os.PathLike | None, *, run_dir: str | os.PathLike,
-                     experiment: str = DEFAULT_EXPERIMENT, log: logging.Logger = log) -> str | None:
+                     dataset_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                     log: logging.Logger = log) -> str | None:
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
     Args:
-        settings_dict: ``Settings.to_dict()``; logged as flattened params (``train.epochs``, ...).
+        settings_dict: the run's settings by section (``Settings.to_dict()``, without ``ingest`` when the run did
+            not ingest: the dataset read is the manifest's); logged as flattened params (``train.epochs``, ...).
         manifest: the ingest manifest (``contract.load_manifest``); logged as ``manifest.json``; its ``classes``
             and ``image_shape`` size the model.
         metrics: rank 0's metrics (:func:`spark_mnist.rank.train.train_worker`): ``history`` -> per-epoch metrics,
@@ -124,6 +132,8 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
             loadable MLflow PyTorch model ``pytorch_model`` when ``mlflow.pytorch`` is available.  ``None`` or a
             missing file: no model is logged.
         run_dir: the run directory; the local file store is ``<run_dir>/mlruns`` (see :func:`tracking_uri`).
+        dataset_uri: where the ranks read the dataset (its directory); the dataset input's source.  ``None``: no
+            dataset input is logged.
         experiment: the experiment name.  On Databricks a relative name goes under the user's home folder
             (``/Users/<user>/<name>``, or ``/Shared/<name>`` when the user cannot be found).
         log: where the "not installed" line and warnings go.
@@ -141,7 +151,8 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
     uri = tracking_uri(run_dir)
     try:
         with scoped_env(_store_env(uri), restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
-            run_id = _log_run(mlflow, uri, settings_dict, manifest, metrics, model_path, experiment, log)
+            run_id = _log_run(mlflow, uri, settings_dict, manifest, metrics, model_path, experiment, log,
+                              dataset_uri)
     except Exception as e:  # noqa: BLE001 - tracking must never fail training
         log.warning("MLflow tracking to %s failed, training results are not tracked: %s: %s",
                     uri, type(e).__name__, e)
@@ -151,7 +162,8 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
 
 
 def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mapping[str, Any],
-             metrics: Mapping[str, Any], model_path, experiment: str, log: logging.Logger) -> str:
+             metrics: Mapping[str, Any], model_path, experiment: str, log: logging.Logger,
+             dataset_uri: str | None = None) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
     name = _experiment_name(experiment, uri)
     found = client.get_experiment_by_name(name)
@@ -178,12 +190,43 @@ def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mappi
         if final:
             mlflow.log_metrics(final)
         mlflow.log_dict(dict(manifest), MANIFEST_ARTIFACT)
+        if dataset_uri is not None:
+            log_dataset_input(mlflow, manifest, dataset_uri, log)
         if model_path is not None and os.path.isfile(model_path):
             mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
             _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
         else:
             log.warning("no model file at %s; the MLflow run has no model", model_path)
         return run.info.run_id
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """The first :data:`DIGEST_CHARS` hex digits of the sha256 of the manifest as canonical JSON (sorted keys): one
+    ingest's identity, as its source files, rows and shards are in it."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:DIGEST_CHARS]
+
+
+def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
+    """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
+    dataset, with :func:`manifest_digest` and ``dataset_uri`` as its source (MLflow's resolver picks the source
+    type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure is a warning.
+    Source: MLflow's ``mlflow.data`` (``MetaDataset``, ``resolve_dataset_source``), dataset tracking."""
+    import warnings
+
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(dataset_uri)
+        dataset = MetaDataset(source=source, name=str(manifest.get("dataset") or "dataset"),
+                              digest=manifest_digest(manifest))
+        mlflow.log_input(dataset, context=DATASET_CONTEXT)
+    except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
+        log.warning("could not log the dataset %s as an MLflow dataset input: %s: %s", dataset_uri,
+                    type(e).__name__, e)
 
 
 def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any],

@@ -1,0 +1,126 @@
+"""Starting the ranks: one module per launcher, one failure channel, restarts from the last checkpoint.
+
+A launcher knows how to start a function on N ranks and nothing about training; :mod:`spark_mnist.pipeline` tells
+it which function (:func:`spark_mnist.rank.train.train_worker`) and hands it the :class:`~spark_mnist.job.TrainJob`.
+Every launcher runs that function in ``num_processes`` processes with torchrun's environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and returns rank 0's value:
+
+* ``torch-distributor`` (:mod:`.torch_distributor`): pyspark's ``TorchDistributor`` on a Spark session, the ranks
+  on the driver (local mode) or in Spark tasks (a classic GPU cluster);
+* ``torchrun`` (:mod:`.torchrun`): local processes through ``torch.distributed.launcher.elastic_launch``, no Spark;
+* ``ai-runtime`` (:mod:`.ai_runtime`): ``databricks.air.distributed``, on the GPUs attached (local mode) or on
+  serverless GPUs (``remote_gpu``).
+
+:func:`launcher_for` checks, before anything starts, that the launcher's package and hardware are there, and
+refuses with one line naming what is missing and the fix (:class:`LauncherUnavailableError`, exit code 2).
+:func:`launch` is the one failure channel: whatever the launcher raises becomes
+:class:`~spark_mnist.runs.TrainingFailedError`, built before anything else can fail and then given the ranks' error
+reports (:func:`spark_mnist.runs.failure`).  :mod:`.restarts` relaunches from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Callable, Protocol
+
+from spark_mnist.config import LAUNCHERS, TrainSettings
+from spark_mnist.errors import EnvironmentMismatchError, check_choice
+from spark_mnist.runs import TrainingFailedError, clear_error_reports, failure
+
+__all__ = ["Launcher", "LauncherUnavailableError", "TrainingFailedError", "check_launcher", "launch", "launcher_for",
+           "world_size"]
+
+log = logging.getLogger(__name__)
+
+MODULES = {"torch-distributor": "torch_distributor", "torchrun": "torchrun", "ai-runtime": "ai_runtime"}
+
+
+class LauncherUnavailableError(EnvironmentMismatchError):
+    """A launcher whose package is not installed or whose hardware is absent; the message names it and the fix."""
+
+
+class Launcher(Protocol):
+    """What :func:`launch` needs of a launcher module's class."""
+
+    name: str
+
+    def run(self, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+        """Run ``fn(job)`` in every rank; rank 0's return value."""
+
+
+def launcher_for(settings: TrainSettings, *, spark: Any = None) -> Launcher:
+    """The launcher ``settings.launcher`` names, checked: its package imports and its hardware is there.
+
+    Args:
+        settings: the run's train settings (``launcher``, ``num_processes``, ``use_gpu``, the ai-runtime ones).
+        spark: the Spark session (``torch-distributor`` only).
+    Raises:
+        InputError: an unknown launcher name.
+        LauncherUnavailableError: the launcher's package is missing (pyspark, databricks-sdk-air, torch) or its
+            hardware is absent (``use_gpu`` or ``ai-runtime`` in local mode without a GPU); one line naming it and
+            the fix.
+    """
+    module = check_launcher(settings)
+    return module.make(settings, spark=spark)
+
+
+def check_launcher(settings: TrainSettings) -> Any:
+    """Refuse, before anything starts, a launcher whose package or hardware is missing; its module.
+
+    Raises:
+        InputError: an unknown launcher name.
+        LauncherUnavailableError: see :func:`launcher_for`.
+    """
+    from spark_mnist.errors import InputError
+
+    check_choice("train.launcher", settings.launcher, LAUNCHERS, InputError)
+    module = importlib.import_module(f"{__name__}.{MODULES[settings.launcher]}")
+    module.check(settings)
+    return module
+
+
+def world_size(settings: TrainSettings) -> int:
+    """Ranks the launcher starts: ``num_processes``, or ai-runtime's ``accelerator_count`` when set."""
+    if settings.launcher == "ai-runtime" and settings.accelerator_count:
+        return settings.accelerator_count
+    return settings.num_processes
+
+
+def require_module(name: str, launcher: str, fix: str) -> Any:
+    """``import name``, or :class:`LauncherUnavailableError` naming the launcher, the package and ``fix``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise LauncherUnavailableError(f"launcher '{launcher}' needs {name}, which does not import here ({e}): "
+                                       f"{fix}") from None
+
+
+def require_gpus(launcher: str, wanted: int, fix: str) -> None:
+    """At least ``wanted`` CUDA devices visible to torch, or :class:`LauncherUnavailableError`."""
+    from spark_mnist.errors import require_extra
+
+    torch = require_extra("torch", "torch", f"launcher '{launcher}'")
+    found = torch.cuda.device_count()
+    if found < wanted:
+        raise LauncherUnavailableError(f"launcher '{launcher}' needs {wanted} GPU(s) on this machine and torch sees "
+                                       f"{found}: {fix}")
+
+
+def launch(launcher: Launcher, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+    """Run ``fn(job)`` on the ranks with ``launcher``: the one failure channel of every launcher.
+
+    The run directory's old error reports are cleared first; when the launcher raises, the ranks' reports are read
+    (a truncated or unreadable one skipped) and :class:`TrainingFailedError` is built from them and raised from the
+    launcher's error, so a failed rank reads the same under every launcher.
+
+    Returns:
+        Rank 0's return value.
+    Raises:
+        TrainingFailedError: a rank failed or was lost.
+    """
+    clear_error_reports(job.run_dir)
+    try:
+        return launcher.run(fn, job)
+    except Exception as e:
+        raise failure(job.run_dir, e) from e

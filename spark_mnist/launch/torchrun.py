@@ -1,0 +1,61 @@
+"""The ``torchrun`` launcher: ``num_processes`` local processes through torch's elastic launcher, no Spark.
+
+``torch.distributed.launcher.api.elastic_launch`` is what the ``torchrun`` command runs
+(``torch.distributed.run``), here as a function: a standalone c10d rendezvous on ``localhost`` with a free port,
+``spawn``-started ranks with torchrun's environment, and the return values of the ranks by global rank.  It needs no
+Spark (pyspark need not be installed) and serves a laptop, a GPU machine and the command of a Databricks
+``ai_runtime_task`` (which runs that command once per node: README, "Databricks").  Relaunching is left to
+:mod:`spark_mnist.launch.restarts` (elastic's own ``max_restarts`` is 0), so every launcher restarts the same way:
+from the last checkpoint.  Source: torch's ``distributed/run.py`` (``--standalone``) and ``launcher/api.py``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from spark_mnist.config import TrainSettings
+from spark_mnist.envs import scoped_env
+from spark_mnist.errors import require_extra
+from spark_mnist.launch import require_gpus
+
+NAME = "torchrun"
+STANDALONE_ENDPOINT = "localhost:0"  # torchrun --standalone: c10d on this host, a free port
+# What the elastic agent writes into this process's environment, put back after the launch.
+AGENT_ENV = ("TORCHELASTIC_SIGNALS_TO_HANDLE",)
+
+
+@dataclass
+class TorchrunLauncher:
+    """``elastic_launch`` of ``settings.num_processes`` ranks on this machine."""
+
+    settings: TrainSettings
+    name: str = NAME
+
+    def run(self, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+        """Rank 0's return value of ``fn(job)``; raises elastic's ``ChildFailedError`` when a rank fails or dies."""
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=self.settings.num_processes,
+                              run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+                              rdzv_endpoint=STANDALONE_ENDPOINT, max_restarts=0, start_method="spawn")
+        with scoped_env({}, restore=AGENT_ENV):
+            return elastic_launch(config, fn)(job)[0]
+
+
+def check(settings: TrainSettings) -> None:
+    """Refuse a machine where torch does not import, or with ``use_gpu`` has fewer GPUs than ranks.
+
+    Raises:
+        LauncherUnavailableError: torch missing, or fewer GPUs than ranks with ``use_gpu``.
+    """
+    require_extra("torch.distributed.launcher.api", "torch", f"launcher '{NAME}'")
+    if settings.use_gpu:
+        require_gpus(NAME, settings.num_processes, "one GPU per rank with use_gpu: lower --num-processes, or "
+                                                   "train on CPU with --no-use-gpu")
+
+
+def make(settings: TrainSettings, *, spark: Any = None) -> TorchrunLauncher:
+    """The launcher (checked by :func:`check` first); ``spark`` is ignored."""
+    return TorchrunLauncher(settings)

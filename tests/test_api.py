@@ -1,0 +1,31 @@
+"""The notebook API: spark_mnist.ingest and spark_mnist.train at the package's top level, with the settings of the
+command line, returning the manifest and the metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import spark_mnist
+from spark_mnist.errors import InputError
+
+
+@pytest.mark.slow
+def test_ingest_then_train_with_torchrun(spark, small_source, tmp_path):
+    source, _ = small_source
+    manifest = spark_mnist.ingest(spark, str(source), str(tmp_path / "data"), dataset="fashion-mnist", num_shards=2)
+    assert manifest["dataset"] == "fashion-mnist" and manifest["splits"]["train"]["rows"] == 600
+    metrics = spark_mnist.train(str(tmp_path / "data"), launcher="torchrun", run_dir=str(tmp_path / "run"), epochs=1,
+                                batch_size=50, num_processes=2)
+    assert metrics["launcher"] == "torchrun" and metrics["world_size"] == 2 and metrics["steps_per_epoch"] == 6
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_unknown_settings_are_refused_naming_them(tmp_path):
+    with pytest.raises(InputError, match=r"Invalid train setting: 'epoch'\. Must be one of .*'epochs'"):
+        spark_mnist.train(str(tmp_path), epoch=3)
+    with pytest.raises(InputError, match=r"Invalid ingest setting: 'shards'"):
+        spark_mnist.ingest(None, "src", "out", shards=3)
+    with pytest.raises(InputError, match=r"launcher: unexpected value; permitted: .torch-distributor., .torchrun."):
+        spark_mnist.train(str(tmp_path), launcher="mpirun")

@@ -1,0 +1,131 @@
+"""launch.restarts and the one failure channel, without starting ranks: which attempt resumes, what is relaunched,
+what a failed launch reads like."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pytest
+
+from spark_mnist.launch import TrainingFailedError, launch
+from spark_mnist.launch.restarts import run_with_restarts
+
+
+def failing(*errors):
+    """An attempt that raises ``errors`` in turn, then returns metrics; records the ``resume`` of each call."""
+    calls = []
+
+    def attempt(resume):
+        calls.append(resume)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return {"test_accuracy": 0.5}
+
+    return attempt, calls
+
+
+def lost(message="rank 1 killed") -> TrainingFailedError:
+    return TrainingFailedError.from_reports([], RuntimeError(message))
+
+
+def test_a_fresh_run_resumes_only_from_a_checkpoint_it_wrote(tmp_path, caplog):
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"an earlier run's")
+    attempt, calls = failing(lost())
+    caplog.set_level(logging.WARNING, logger="spark_mnist")
+    metrics = run_with_restarts(attempt, max_restarts=1, checkpoint=str(checkpoint), resume=False)
+    assert calls == [False, False] and metrics["restarts"] == 1
+    assert "restart 1/1 from the start (no checkpoint yet) after: training failed and no rank left" in caplog.text
+
+    def writes_then_fails(resume, calls=[]):
+        calls.append(resume)
+        if len(calls) == 1:
+            time.sleep(0.01)
+            checkpoint.write_bytes(b"this run's, a bit longer")
+            raise lost()
+        return {"calls": list(calls)}
+
+    assert run_with_restarts(writes_then_fails, max_restarts=2, checkpoint=str(checkpoint),
+                             resume=False)["calls"] == [False, True]
+
+
+def test_restarts_stop_at_max_restarts_and_at_bad_input(tmp_path):
+    import spark_mnist.rank.checkpoint  # noqa: F401 - defines CheckpointError, an InputError (the pipeline imports it)
+
+    attempt, calls = failing(lost("a"), lost("b"), lost("c"))
+    with pytest.raises(TrainingFailedError, match="b"):
+        run_with_restarts(attempt, max_restarts=1, checkpoint=str(tmp_path / "c.pt"), resume=True)
+    assert calls == [True, True]
+    bad = TrainingFailedError.from_reports([{"rank": 0, "exception": "CheckpointError: other seed", "traceback": []},
+                                            {"rank": 1, "exception": "CheckpointError: other seed",
+                                             "traceback": []}], RuntimeError("x"))
+    attempt, calls = failing(bad)
+    with pytest.raises(TrainingFailedError, match="CheckpointError"):
+        run_with_restarts(attempt, max_restarts=3, checkpoint=str(tmp_path / "c.pt"), resume=True)
+    assert calls == [True], "bad input fails the same way again: no relaunch"
+
+
+class Broken:
+    """A launcher whose rank ``report_rank`` leaves a report (as rank.train does), then fails."""
+
+    name = "broken"
+
+    def __init__(self, report_rank=None):
+        self.report_rank = report_rank
+
+    def run(self, fn, job):
+        if self.report_rank is not None:
+            errors = os.path.join(job.run_dir, "_errors")
+            os.makedirs(errors, exist_ok=True)
+            with open(os.path.join(errors, f"rank-{self.report_rank}.json"), "w") as f:
+                json.dump({"rank": self.report_rank, "exception": "ValueError: bad batch",
+                           "traceback": ["Traceback\n", "ValueError: bad batch\n"]}, f)
+        raise RuntimeError("the launcher's own error")
+
+
+class Job:
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+
+
+def test_a_failed_launch_reads_the_ranks_reports_and_clears_old_ones(tmp_path):
+    stale = tmp_path / "_errors"
+    stale.mkdir()
+    (stale / "rank-0.json").write_text(json.dumps({"rank": 0, "exception": "OldError: x", "traceback": []}))
+    with pytest.raises(TrainingFailedError, match=r"rank 1 failed: ValueError: bad batch") as info:
+        launch(Broken(report_rank=1), lambda job: None, Job(str(tmp_path)))
+    assert isinstance(info.value.__cause__, RuntimeError) and "OldError" not in str(info.value)
+    assert info.value.exceptions == ["ValueError: bad batch"]
+
+
+def test_a_launch_without_reports_says_no_rank_left_one(tmp_path):
+    with pytest.raises(TrainingFailedError, match="no rank left an error report.*the launcher's own error"):
+        launch(Broken(), lambda job: None, Job(str(tmp_path)))
+
+
+def test_auto_resume_continues_from_a_matching_checkpoint_and_says_so(tmp_path, caplog):
+    """A retried job (auto_resume): the run directory's checkpoint of these settings is resumed from, one of other
+    settings is not; one line says which."""
+    from spark_mnist.config import TrainSettings
+    from spark_mnist.job import TrainJob
+    from spark_mnist.pipeline import _auto_resume
+    from spark_mnist.rank.checkpoint import Checkpoint, save_checkpoint
+
+    save_checkpoint(Checkpoint(model={}, optimizer={}, epoch=1, step=3, world_size=2, batch_size=32, seed=1),
+                    str(tmp_path))
+
+    def job(**settings):
+        values = {"num_processes": 2, "batch_size": 32, "seed": 1, "auto_resume": True, **settings}
+        return TrainJob(settings=TrainSettings(**values), train_files=[], test_files=[], dataset="mnist",
+                        num_classes=10, image_shape=(28, 28), run_dir=str(tmp_path))
+
+    caplog.set_level(logging.INFO, logger="spark_mnist")
+    assert _auto_resume(job()) is True
+    assert "resume: auto, continuing from" in caplog.text and "(epoch 2, step 3)" in caplog.text
+    caplog.clear()
+    assert _auto_resume(job(seed=7)) is False
+    assert "resume: auto, starting afresh: the checkpoint does not match this run" in caplog.text
+    assert _auto_resume(job(num_processes=4)) is False
