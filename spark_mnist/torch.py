@@ -1,8 +1,8 @@
 """The public loader API for your own training loop, under any launcher: ``spark_mnist.torch.loader``.
 
 Inside a function that torchrun, ``TorchDistributor`` or Databricks AI Runtime's ``@distributed`` runs once per
-rank, :func:`loader` opens one split of an ingested dataset (a local, ``/dbfs`` or ``/Volumes`` path) and gives this
-rank's exact share of it, as uint8 batches::
+rank, :func:`loader` opens one split of an ingested dataset through its manifest (a local, ``/dbfs`` or ``/Volumes``
+path, or an ``s3://``, ``gs://``, ``abfss://`` URI) and gives this rank's exact share of it, as uint8 batches::
 
     import spark_mnist.torch
 
@@ -23,8 +23,10 @@ What it guarantees (:class:`spark_mnist.rank.loader.ShardLoader`, whose docstrin
   ``(rows // world_size) // batch_size``, each sample at most once per epoch, reshuffled every epoch from ``seed``;
   the remainder (fewer than ``world_size * batch_size`` rows) is dropped.  Evaluation (``split="test"``): file
   order, every row exactly once across the ranks, a last short batch per rank.
-* **Resume.**  ``loader.state_dict()`` is where the loader stands (epoch, step); save it in your checkpoint and
-  ``loader.load_state_dict(state)`` after a restart: the next iteration yields exactly the samples not yet seen.
+* **Resume.**  ``loader.state_dict()`` is where the loader stands and what decides what comes next (seed, epoch,
+  step, samples, world size, global batch size, the dataset's identity); save it in your checkpoint and
+  ``loader.load_state_dict(state)`` after a restart, on the same or another number of ranks with the same global
+  batch: the next iteration yields exactly the samples not yet seen.
 * **Batches.**  ``(images, labels)``: ``images`` ``torch.uint8`` of shape (B, 1, H, W), raw pixels 0..255 (pinned
   host memory with ``pin_memory``); ``labels`` ``torch.int64`` of shape (B,), class indices.  Scale and normalise
   on the device after the copy (:func:`spark_mnist.models.normalize`).
@@ -37,10 +39,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from spark_mnist.paths import require_local
 from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
 from spark_mnist.rank.world import World
-from spark_mnist.shards import contract
+from spark_mnist.runs import dataset_identity
+from spark_mnist.shards.contract import open_dataset
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS
 
 __all__ = ["loader", "World"]
@@ -54,7 +56,7 @@ def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int,
 
     Args:
         dataset: the dataset directory ``OUT`` of ``spark-mnist ingest`` / :func:`spark_mnist.ingest`: a local path,
-            ``/dbfs/...``, ``dbfs:/...`` or ``/Volumes/...`` (read through the FUSE mount).
+            ``/dbfs/...``, ``dbfs:/...``, ``/Volumes/...`` or an object-store URI (:func:`spark_mnist.open_dataset`).
         split: ``"train"`` or ``"test"``.
         batch_size: samples per step, per rank (the global batch is ``batch_size * world_size``).
         seed: orders every epoch (with the epoch number); the same on every rank.
@@ -72,18 +74,17 @@ def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int,
         ``load_state_dict()`` save and restore the position; use it as a context manager (its exit stops its
         reader threads).
     Raises:
-        DatasetNotFoundError: no complete dataset at ``dataset``.
-        SourceError: a ``dataset`` that is not a local or mounted path.
+        DatasetNotFoundError: no complete dataset at ``dataset``, or a file its manifest names missing or resized.
+        SourceError: a ``dataset`` on no file system this machine reaches.
         ValueError: an unknown ``split``, a ``batch_size`` below 1, an invalid rank environment.
     Source: Mosaic Streaming's ``StreamingDataset`` (state, world from the environment), Databricks AI Runtime's
     ``UCVolumeDataset``.
     """
-    directory = require_local(os.fspath(dataset), "the dataset")
-    manifest = contract.load_manifest(directory)
+    opened = open_dataset(dataset)
     world = world or World.from_env()
     training = split == "train"
-    return ShardLoader(contract.split_files(directory, manifest, split), rank=world.rank, world_size=world.world_size,
-                       batch_size=batch_size, image_shape=tuple(manifest["image_shape"]), seed=seed,
-                       shuffle=training if shuffle is None else shuffle,
+    return ShardLoader(opened.files(split), rank=world.rank, world_size=world.world_size, batch_size=batch_size,
+                       image_shape=tuple(opened.image_shape), seed=seed, shuffle=training if shuffle is None else shuffle,
                        drop_remainder=training if drop_remainder is None else drop_remainder,
-                       memory_budget_bytes=memory_budget_bytes, reader_threads=reader_threads, pin_memory=pin_memory)
+                       memory_budget_bytes=memory_budget_bytes, reader_threads=reader_threads, pin_memory=pin_memory,
+                       dataset=dataset_identity(opened.manifest))

@@ -114,18 +114,24 @@ def test_auto_resume_continues_from_a_matching_checkpoint_and_says_so(tmp_path, 
     from spark_mnist.pipeline import _auto_resume
     from spark_mnist.rank.checkpoint import Checkpoint, save_checkpoint
 
-    save_checkpoint(Checkpoint(model={}, optimizer={}, epoch=1, step=3, world_size=2, batch_size=32, seed=1),
-                    str(tmp_path))
+    loader = {"seed": 1, "epoch": 1, "step": 3, "samples": 192, "world_size": 2, "batch_size": 32,
+              "global_batch_size": 64, "rows": 640, "shuffle": True, "drop_remainder": True,
+              "dataset": "generation:g1"}
+    save_checkpoint(Checkpoint(model={}, optimizer={}, loader=loader), str(tmp_path))
 
     def job(**settings):
         values = {"num_processes": 2, "batch_size": 32, "seed": 1, "auto_resume": True, **settings}
+        dataset_id = values.pop("dataset_id", "generation:g1")
         return TrainJob(settings=TrainSettings(**values), train_files=[], test_files=[], dataset="mnist",
-                        num_classes=10, image_shape=(28, 28), run_dir=str(tmp_path))
+                        num_classes=10, image_shape=(28, 28), run_dir=str(tmp_path), dataset_id=dataset_id)
 
     caplog.set_level(logging.INFO, logger="spark_mnist")
     assert _auto_resume(job()) is True
     assert "resume: auto, continuing from" in caplog.text and "(epoch 2, step 3)" in caplog.text
-    caplog.clear()
-    assert _auto_resume(job(seed=7)) is False
-    assert "resume: auto, starting afresh: the checkpoint does not match this run" in caplog.text
+    for other, said in (({"seed": 7}, "seed 1, this run 7"), ({"dataset_id": "generation:g2"}, "dataset"),
+                        ({"batch_size": 16}, "global_batch_size 64, this run 32")):
+        caplog.clear()
+        assert _auto_resume(job(**other)) is False
+        assert "resume: auto, starting afresh:" in caplog.text and said in caplog.text
+    assert _auto_resume(job(num_processes=4, batch_size=16)) is True  # the same global batch on 4 ranks
     assert _auto_resume(job(num_processes=4)) is False

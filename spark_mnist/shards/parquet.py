@@ -18,14 +18,14 @@ import functools
 import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spark_mnist import fs
-from spark_mnist.errors import DatasetMismatchError
+from spark_mnist.errors import DatasetMismatchError, invalid
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
@@ -218,6 +218,36 @@ def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, thread
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
     return read_pieces(pieces_in(plan, lo, hi), row_bytes, threads)
+
+
+def iter_batches(plan: Sequence[RowGroup], batch_size: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every row of ``plan`` once, in global row order, in batches of ``batch_size`` rows (the last one shorter):
+    ``(images (n, row_bytes) uint8, labels (n,) int64)``.  Each row group is decoded once, in plan order, with
+    ``threads`` readers; torch-free, for whoever reads a whole split in order (evaluation, the side tools).
+
+    Raises:
+        ValueError: ``batch_size`` below 1.
+        DatasetMismatchError: a row group that does not decode as the shard contract.
+    """
+    if batch_size < 1:
+        raise invalid("batch_size", batch_size, "at least 1")
+    held_images: list[np.ndarray] = []
+    held_labels: list[np.ndarray] = []
+    held = 0
+    for _, images, labels in _decode_groups(plan, row_bytes, threads):
+        held_images.append(images)
+        held_labels.append(labels)
+        held += len(labels)
+        if held < batch_size:
+            continue
+        all_images, all_labels = np.concatenate(held_images), np.concatenate(held_labels)
+        cut = held - held % batch_size
+        for lo in range(0, cut, batch_size):
+            yield all_images[lo:lo + batch_size], all_labels[lo:lo + batch_size]
+        held_images, held_labels, held = [all_images[cut:]], [all_labels[cut:]], held - cut
+    if held:
+        yield np.concatenate(held_images), np.concatenate(held_labels)
 
 
 def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

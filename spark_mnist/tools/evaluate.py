@@ -1,8 +1,8 @@
 """Evaluate a saved model on an ingested split: accuracy, per-class accuracy and a confusion matrix.
 
 Runs in one process on the driver (or any machine that sees the dataset directory): no Spark, no process group.
-The dataset is read with :class:`spark_mnist.rank.loader.ShardLoader` (world size 1, file order, every row once) and
-normalised exactly as training does (:func:`spark_mnist.models.normalization_for` of the manifest's dataset).
+The dataset is read through its manifest (:func:`spark_mnist.shards.contract.open_dataset`), every row once in file
+order (:func:`spark_mnist.shards.parquet.iter_batches`, torch-free), and normalised exactly as training does (:func:`spark_mnist.models.normalization_for` of the manifest's dataset).
 
 The model file is what training writes (``run_dir/model.pt``, the ``state_dict`` of the model ``train.model`` names,
 which ``run_dir/metrics.json`` records as ``"model"``); a training checkpoint (``checkpoint.pt``, whose ``"model"``
@@ -110,15 +110,16 @@ def _build_model(state, model_path: str, name: str, num_classes: int, image_shap
     return model
 
 
-def _confusion(model, loader, device, norm, num_classes: int, where: str, split: str) -> np.ndarray:
-    """(C, C) int64 counts of ``model``'s predictions over every batch of ``loader``, rows the true class."""
+def _confusion(model, batches, device, norm, num_classes: int, where: str, split: str) -> np.ndarray:
+    """(C, C) int64 counts of ``model``'s predictions over ``batches`` (uint8 images (n, 1, H, W), int64 labels (n,)),
+    rows the true class."""
     import torch
 
     from spark_mnist.models import normalize
 
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     with torch.no_grad():
-        for images, labels in loader:
+        for images, labels in batches:
             y = labels.to(device, non_blocking=True)
             if int(y.min()) < 0 or int(y.max()) >= num_classes:
                 raise DatasetMismatchError(f"{where}: split {split!r} has labels outside 0..{num_classes - 1}")
@@ -153,7 +154,7 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
     import torch
 
     from spark_mnist.models import normalization_for
-    from spark_mnist.rank.loader import ShardLoader
+    from spark_mnist.shards.parquet import iter_batches, plan_row_groups, total_rows
 
     if batch_size < 1:
         raise invalid("batch_size", batch_size, "at least 1", InputError)
@@ -172,11 +173,12 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     network.to(device).eval()
-    with ShardLoader(paths, rank=0, world_size=1, batch_size=batch_size, image_shape=image_shape, shuffle=False,
-                     drop_remainder=False, pin_memory=device.type == "cuda") as loader:
-        if loader.total_rows == 0:
-            raise DatasetMismatchError(f"{local}: split {split!r} holds no rows")
-        confusion = _confusion(network, loader, device, normalization_for(dataset), len(classes), local, split)
+    plan = plan_row_groups(paths)
+    if total_rows(plan) == 0:
+        raise DatasetMismatchError(f"{local}: split {split!r} holds no rows")
+    batches = ((torch.from_numpy(x).view(-1, 1, *image_shape), torch.from_numpy(y))
+               for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape))))
+    confusion = _confusion(network, batches, device, normalization_for(dataset), len(classes), local, split)
     return result_from_confusion(confusion, classes, dataset=dataset, split=split, model_path=model_path,
                                  model=model)
 
