@@ -21,7 +21,10 @@ Importing the package imports neither Spark nor torch.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from spark_mnist.shards.contract import Manifest
 
 __version__ = "0.1.0"
 
@@ -57,7 +60,7 @@ def _settings(config: Optional[str | os.PathLike], section: str, values: dict[st
 
 
 def ingest(spark, source: str, output: str, *, config: Optional[str | os.PathLike] = None,
-           **settings: Any) -> dict[str, Any]:
+           **settings: Any) -> "Manifest":
     """Ingest the four gz IDX files (or a Keras ``mnist.npz``) at ``source`` into the Parquet dataset ``output``,
     on ``spark`` (the notebook's session, classic or Spark Connect / serverless); driver-side.
 
@@ -67,7 +70,8 @@ def ingest(spark, source: str, output: str, *, config: Optional[str | os.PathLik
         config: a settings YAML whose ``ingest`` section the keywords override (default: the defaults).
         **settings: any ``ingest`` setting (``dataset="mnist"``, ``num_shards=8``, ``strict=True``, ...).
     Returns:
-        The manifest (dataset, source files with sha256, rows and label histogram per split, shards).
+        The manifest published (:class:`spark_mnist.shards.contract.Manifest`: dataset, generation, source files with
+        sha256, rows, label histogram and shard files per split; ``.to_dict()`` is ``_manifest.json``).
     Raises:
         InputError: an unknown setting, bad input files (the message names the file and what is wrong).
     """
