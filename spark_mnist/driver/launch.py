@@ -90,7 +90,8 @@ def train(spark, settings: Settings) -> dict[str, Any]:
     result = {"dataset": manifest.dataset, "converter": choice.name, **metrics}
     from spark_mnist.tools.tracking import log_training_run
 
-    run_id = log_training_run(settings.to_dict(), manifest.to_dict(), result, result.get("model_path"), run_dir=job.run_dir)
+    run_id = log_training_run(settings.to_dict(), manifest.to_dict(), result, result.get("model_path"),
+                              run_dir=job.run_dir)
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result

@@ -1,6 +1,6 @@
 """One ingest's write and commit without Spark, in its own process, for the store tests: a dataset whose every pixel
 is ``VALUE`` committed to ``OUT`` through the same functions ingest uses (:func:`spark_mnist.shards.commit.
-commit_arrays`: shards under a new generation by their final names, then the manifest, then the clean-up).
+write_local_dataset`: shards under a new generation by their final names, then the manifest, then the clean-up).
 
 ``python -m tests.stores.writer OUT VALUE [KILL_POINT]``: with a kill point (:data:`KILL_POINTS`) the process
 prints ``PAUSED <point> <pid>`` when it gets there and waits to be SIGKILLed; without one it prints
@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 from spark_mnist import fs
+from spark_mnist.datasets import get_dataset
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import commit, parquet
 
 TRAIN_ROWS, TEST_ROWS, SHARDS, ROWS_PER_GROUP = 40, 20, 2, 8
-CLASSES = [str(i) for i in range(10)]
 # Where a kill lands, spread across the write and the commit: (point, function patched, which call pauses).
 KILL_POINTS = {
     "begin": ("current_manifest", 1),          # before anything is written
@@ -77,11 +77,11 @@ def main(argv: list[str]) -> None:
     if argv == ["--serve"]:
         serve()
         return
-    out, value = normalize_uri(argv[0]), int(argv[1])
+    value = int(argv[1])
     if len(argv) > 2:
         _pause_at(argv[2], argv[0])
-    manifest = commit.commit_arrays(out, arrays(value), dataset="mnist", classes=CLASSES, shards=SHARDS,
-                                    rows_per_group=ROWS_PER_GROUP)
+    manifest = commit.write_local_dataset(argv[0], get_dataset("mnist"), arrays(value), num_shards=SHARDS,
+                                          rows_per_group=ROWS_PER_GROUP)
     print(f"DONE {manifest.generation}", flush=True)
 
 
