@@ -134,6 +134,7 @@ def report(results: dict[int, dict[str, Any]], chunk_rows: int, budget_mb: int, 
                              fmt_num(r["train_rows"] / r["ingest_seconds"]) if "ingest_seconds" in r else "-",
                              fmt_num(r.get("ingest_driver_peak_rss_mb")), fmt_stages(r.get("ingest_stages", {}))])
         payload[f"ingest_seconds_x{k}"] = r.get("ingest_seconds")
+        payload[f"commit_seconds_x{k}"] = r.get("ingest_stages", {}).get("commit")  # the manifest's write + clean-up
         payload[f"ingest_driver_peak_rss_mb_x{k}"] = r.get("ingest_driver_peak_rss_mb")
         m = r.get("ours")
         if m is None or "error" in m:

@@ -1,5 +1,5 @@
-"""The driver's file operations, with no Spark session: exists, delete, list, mkdirs, rename, small writes; and local
-file writes that never leave a half-written file under the final name.
+"""File operations with no Spark session: exists, delete, list, mkdirs, small writes, the one URI -> file system
+resolver; and writes that never leave a half-written file under the final name.
 
 Every operation takes a :class:`~spark_mnist.paths.Location`.  Where :mod:`os` can reach the place
 (:attr:`Location.is_local <spark_mnist.paths.Location.is_local>`: local disk, the ``/dbfs`` FUSE mount,

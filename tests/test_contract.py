@@ -10,9 +10,9 @@ import pytest
 
 import spark_mnist
 from spark_mnist.errors import DatasetNotFoundError
-from spark_mnist.paths import normalize_uri
+from spark_mnist.datasets import get_dataset
 from spark_mnist.shards import contract
-from spark_mnist.shards.commit import commit_arrays
+from spark_mnist.shards.commit import write_local_dataset
 from spark_mnist.shards.parquet import PAGE_CHECKSUMS, plan_row_groups, read_rows
 
 
@@ -21,8 +21,7 @@ def out(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {split: (rng.integers(0, 256, (rows, 28, 28), dtype=np.uint8), np.arange(rows) % 10)
               for split, rows in (("train", 50), ("test", 20))}
-    commit_arrays(normalize_uri(tmp_path / "out"), arrays, dataset="mnist", classes=[str(i) for i in range(10)],
-                  shards=2, rows_per_group=10)
+    write_local_dataset(tmp_path / "out", get_dataset("mnist"), arrays, num_shards=2, rows_per_group=10)
     return tmp_path / "out"
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from spark_mnist.paths import normalize_uri
-from spark_mnist.shards.commit import commit_arrays
+from spark_mnist.datasets import get_dataset
+from spark_mnist.shards.commit import write_local_dataset
 from spark_mnist.errors import DatasetMismatchError, DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import EvaluationResult, evaluate_model, format_report, result_from_confusion
 from spark_mnist.models import SimpleCNN, normalization_for, normalize
@@ -25,8 +25,7 @@ def write_tiny_dataset(root, train_rows=64, test_rows=40, shards=2, row_group=9,
         images = rng.integers(0, 256, size=(rows, 28, 28), dtype=np.uint8)
         labels = (labels_fn(rows) if labels_fn else rng.integers(0, 10, size=rows)).astype(np.uint8)
         arrays[split] = (images, labels)
-    commit_arrays(normalize_uri(root), arrays, dataset="fashion-mnist", classes=CLASSES, shards=shards,
-                  rows_per_group=row_group)
+    write_local_dataset(root, get_dataset("fashion-mnist"), arrays, num_shards=shards, rows_per_group=row_group)
     return arrays
 
 

@@ -123,7 +123,8 @@ def test_commit_through_the_layer_replaces_a_previous_dataset(root):
     generation kept, older ones removed (on a local directory and on a URI served by fsspec)."""
     import numpy as np
 
-    from spark_mnist.shards.commit import commit_arrays
+    from spark_mnist.datasets import get_dataset
+    from spark_mnist.shards.commit import write_local_dataset
     from spark_mnist.shards.contract import MANIFEST_NAME, open_dataset
     from spark_mnist.shards.parquet import plan_row_groups, read_rows
 
@@ -131,7 +132,7 @@ def test_commit_through_the_layer_replaces_a_previous_dataset(root):
     manifests = []
     for value in (1, 2, 3):
         arrays = {"train": (np.full((6, 2, 2), value, np.uint8), np.arange(6) % 3)}
-        manifests.append(commit_arrays(output, arrays, dataset="mnist", classes=["a", "b", "c"], shards=2))
+        manifests.append(write_local_dataset(output.uri, get_dataset("mnist"), arrays, num_shards=2))
         assert fs.list_names(root) == ["out"]
         kept = [m.generation for m in manifests[-2:]]
         assert fs.list_names(output) == sorted(kept + [MANIFEST_NAME])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from spark_mnist.tools import plots
-from spark_mnist.paths import normalize_uri
-from spark_mnist.shards.commit import commit_arrays
+from spark_mnist.datasets import get_dataset
+from spark_mnist.shards.commit import write_local_dataset
 from spark_mnist.errors import DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import result_from_confusion
 
@@ -45,7 +45,7 @@ def data(tmp_path_factory):
         labels = (np.arange(rows) % 10).astype(np.uint8)
         images = np.stack([glyph(int(y)) for y in labels])
         splits[split] = (images, labels)
-    commit_arrays(normalize_uri(root), splits, dataset="fashion-mnist", classes=CLASSES, shards=2, rows_per_group=9)
+    write_local_dataset(root, get_dataset("fashion-mnist"), splits, num_shards=2, rows_per_group=9)
     return root
 
 

@@ -30,7 +30,6 @@ import pytest
 
 import spark_mnist
 from spark_mnist import fs
-from spark_mnist.errors import DatasetNotFoundError
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import commit, contract
 from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
@@ -42,6 +41,7 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 AZURITE_BIN = REPO / ".cache" / "stores" / "node_modules" / ".bin" / "azurite-blob"
 BUCKET = "spark-mnist"
 START_TIMEOUT_S = 30
+POLL_PAUSE_S = 0.02  # between the polling reader's reads: it shares two cores with the writers
 
 
 def _free_port() -> int:
@@ -181,26 +181,43 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def write(out: str, value: int, kill_at: str | None = None) -> str:
-    """Commit the dataset of ``value`` to ``out`` in a child process; with ``kill_at``, SIGKILL it at that point.
-    Returns the child's last line (``DONE <generation>`` or ``PAUSED <point>``)."""
-    command = [sys.executable, "-m", "tests.stores.writer", out, str(value)] + ([kill_at] if kill_at else [])
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
-    if kill_at is None:
-        stdout, stderr = child.communicate(timeout=120)
-        assert child.returncode == 0, stderr[-3000:]
-        return stdout.strip().splitlines()[-1]
-    line = child.stdout.readline().strip()
-    child.send_signal(signal.SIGKILL)
-    _, stderr = child.communicate(timeout=30)
-    assert line == f"PAUSED {kill_at}", stderr[-3000:]
-    return line
+class Writers:
+    """Writer children forked from one process whose imports are done (``python -m tests.stores.writer --serve``):
+    :meth:`write` commits a dataset, or is SIGKILLed at a kill point."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.stores.writer", "--serve"], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env())
+
+    def write(self, out: str, value: int, kill_at: str | None = None) -> str:
+        """Commit the dataset of ``value`` to ``out``; with ``kill_at``, SIGKILL the writer at that point.
+        Returns the writer's line (``DONE <generation>`` or ``PAUSED <point> <pid>``)."""
+        self.process.stdin.write(" ".join([out, str(value)] + ([kill_at] if kill_at else [])) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline().strip()
+        if kill_at is not None and line.startswith(f"PAUSED {kill_at} "):
+            os.kill(int(line.split()[-1]), signal.SIGKILL)
+        status = self.process.stdout.readline().strip()
+        expected = f"PAUSED {kill_at}" if kill_at else "DONE"
+        assert line.startswith(expected + " ") and status.startswith("EXIT"), (line, status)
+        return line
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(30)
 
 
-def dataset_value(out: str) -> int:
-    """Open ``out``, read every row of both splits and return the one pixel value they all hold; fails on anything
-    but one complete dataset."""
-    dataset = spark_mnist.open_dataset(out)
+@pytest.fixture
+def writers():
+    pool = Writers()
+    yield pool.write
+    pool.close()
+
+
+def dataset_value(out: str, dataset: "contract.Dataset | None" = None) -> int:
+    """Open ``out`` (or take the opened ``dataset``), read every row of both splits and return the one pixel value
+    they all hold; fails on anything but one complete dataset."""
+    dataset = dataset or spark_mnist.open_dataset(out)
     values = set()
     for split, rows in (("train", TRAIN_ROWS), ("test", TEST_ROWS)):
         plan = plan_row_groups(dataset.files(split))
@@ -214,7 +231,8 @@ def dataset_value(out: str) -> int:
 
 class Poller:
     """A reader polling ``OUT`` throughout, in a thread: every dataset it opens must read back complete, as one of
-    the datasets written; ``seen`` counts the values read."""
+    the datasets written; ``seen`` counts the values read.  A read may fail only where its generation is no longer
+    kept (replaced twice while it read: retention keeps the current and the previous generation); then it reopens."""
 
     def __init__(self, out: str):
         self.out, self.seen, self.errors, self.vanished = out, {}, [], 0
@@ -224,15 +242,20 @@ class Poller:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                value = dataset_value(self.out)
+                dataset = spark_mnist.open_dataset(self.out)
+            except Exception as e:  # noqa: BLE001 - OUT never holds less than one complete dataset
+                self.errors.append(f"open: {e!r}")
+                continue
+            try:
+                value = dataset_value(self.out, dataset)
                 self.seen[value] = self.seen.get(value, 0) + 1
-            except (FileNotFoundError, DatasetNotFoundError) as e:
-                if "missing" in str(e) or isinstance(e, FileNotFoundError):
-                    self.vanished += 1  # replaced twice while it read (retention keeps one previous): reopen
+            except Exception as e:  # noqa: BLE001 - allowed only where retention removed what it read
+                now = spark_mnist.open_dataset(self.out).manifest
+                if dataset.manifest.generation in (now.generation, now.previous):
+                    self.errors.append(f"read: {e!r}")
                 else:
-                    self.errors.append(repr(e))
-            except Exception as e:  # noqa: BLE001 - every other failure is what this reader must never see
-                self.errors.append(repr(e))
+                    self.vanished += 1
+            self._stop.wait(POLL_PAUSE_S)
 
     def __enter__(self) -> "Poller":
         self._thread.start()
@@ -253,8 +276,6 @@ def generations(out: str) -> list[str]:
 @pytest.mark.connect
 def test_ingest_replace_and_read_every_row_once(spark, small_source, out):
     """A Spark ingest and a re-ingest on the store; open_dataset, the loader, load_data and Spark read it back."""
-    import torch  # noqa: F401 - the loader's batches
-
     from spark_mnist.driver.ingest import ingest
     from spark_mnist.rank.loader import ShardLoader
 
@@ -277,33 +298,33 @@ def test_ingest_replace_and_read_every_row_once(spark, small_source, out):
 
 
 @pytest.mark.connect
-def test_a_kill_at_the_manifest_write_leaves_the_previous_dataset(out):
+def test_a_kill_at_the_manifest_write_leaves_the_previous_dataset(out, writers):
     """SIGKILL just before the manifest's write: OUT holds the previous dataset; the next commit removes the
     killed one's generation."""
-    write(out, 1)
-    write(out, 2, kill_at="manifest-write")
+    writers(out, 1)
+    writers(out, 2, kill_at="manifest-write")
     assert dataset_value(out) == 1
     assert len(generations(out)) == 2  # the previous one and the killed one's
-    done = write(out, 3)
+    done = writers(out, 3)
     assert dataset_value(out) == 3
     assert sorted(generations(out)) == sorted([done.split()[1], spark_mnist.open_dataset(out).manifest.previous])
 
 
 @pytest.mark.stores_full
-def test_sigkill_at_every_point_of_the_write_and_commit(out):
+def test_sigkill_at_every_point_of_the_write_and_commit(out, writers):
     """Ten kill points, each with a reader polling OUT throughout: the reader only ever sees the previous complete
     dataset or the new one, never a mix and never nothing; the next commit succeeds and cleans up."""
-    write(out, 1)
+    writers(out, 1)
     current = 1
     with Poller(out) as poller:
         for value, point in enumerate(KILL_POINTS, start=2):
-            write(out, value, kill_at=point)
+            writers(out, value, kill_at=point)
             landed = dataset_value(out)
             assert landed in (current, value), (point, landed)
             # the manifest's write is the commit point: a kill before it keeps the previous dataset
             assert landed == (value if point in ("clean", "clean-mid") else current), point
             current = landed
-        done = write(out, 99)
+        done = writers(out, 99)
     assert dataset_value(out) == 99 and set(poller.seen) <= {1, 99, *range(2, 2 + len(KILL_POINTS))}
     kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
     assert set(generations(out)) == kept  # what the killed writers left is gone
@@ -311,10 +332,10 @@ def test_sigkill_at_every_point_of_the_write_and_commit(out):
 
 
 @pytest.mark.stores_full
-def test_racing_writers_leave_one_complete_dataset(out):
+def test_racing_writers_leave_one_complete_dataset(out, writers):
     """Two writer processes racing into one OUT, a reader polling it: one complete dataset at every moment; the
     loser's generation is gone after the next commit."""
-    write(out, 1)
+    writers(out, 1)
     with Poller(out) as poller:
         command = [[sys.executable, "-m", "tests.stores.writer", out, str(v)] for v in (2, 3)]
         children = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -324,6 +345,6 @@ def test_racing_writers_leave_one_complete_dataset(out):
             assert child.returncode == 0, stderr[-3000:]
         assert dataset_value(out) in (2, 3)
     assert set(poller.seen) <= {1, 2, 3}
-    done = write(out, 4)
+    done = writers(out, 4)
     kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
     assert set(generations(out)) == kept

@@ -14,9 +14,7 @@ from spark_mnist.shards import contract
 from spark_mnist.shards.contract import shard_bounds
 from spark_mnist.shards.parquet import write_shard
 
-# Parquet row-group target: ~1 MiB is ~1,300 MNIST rows, so 60,000 training rows make ~45 row groups and every rank
-# of a typical run (up to 8 x a few GPUs) has several of them.
-DEFAULT_ROW_GROUP_BYTES = 2**20
+DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000
 # Over Spark Connect the arrays travel as rows of at most this many bytes of images (a row group's worth of an
@@ -84,8 +82,8 @@ class WritePlan:
     write job (unit ``u`` of the job is shard ``shards[u]`` = rows ``[bounds[p][k], bounds[p][k+1])`` of piece ``p``,
     where ``(p, k) = units[u]``) and where and how to write them.
 
-    Both ways of running the job (:func:`write_pieces`) end in :meth:`write`, so a classic session and a Spark
-    Connect session write the same files, byte for byte.
+    Every way of running the job (:func:`spark_mnist.driver.write_job.write_pieces`) ends in :meth:`write`, so a
+    classic session and a Spark Connect session write the same files, byte for byte.
     """
 
     target: str

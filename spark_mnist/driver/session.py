@@ -251,7 +251,8 @@ def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verb
         env = {}
         for key, value in conf.items():
             builder = builder.config(key, value)
-    with spark_artifacts_removed(), scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}, restore=CONNECT_ENV):
+    python = {key: sys.executable for key in PYTHON_ENV if key not in os.environ}
+    with spark_artifacts_removed(), scoped_env(python, restore=CONNECT_ENV):
         with jvm_stderr_filtered(), scoped_env(env):
             spark = builder.getOrCreate()
         try:

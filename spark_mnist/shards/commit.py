@@ -38,12 +38,15 @@ import os
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError
 from spark_mnist.paths import Location
 from spark_mnist.shards.contract import MANIFEST_NAME, Manifest, read_manifest
+
+if TYPE_CHECKING:
+    from spark_mnist.datasets import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,8 @@ def publish(out: Location, manifest: Manifest) -> Manifest:
 def clean(out: Location) -> list[str]:
     """Apply the retention rule (module docstring) to ``out``: delete every generation older than the current
     manifest's other than the one it replaced, and the temporary files of manifests whose ingest was killed before
-    its ``os.replace`` (:func:`spark_mnist.fs.replacing`).  Reads the manifest again, so a racing ingest's newer manifest is
-    what counts.
+    its ``os.replace`` (:func:`spark_mnist.fs.replacing`).  Reads the manifest again, so a racing ingest's newer
+    manifest is what counts.
 
     Returns:
         The generations deleted.
@@ -154,12 +157,18 @@ def discard(out: Location, generation: str, *, created_out: bool = False) -> Non
             fs.delete(out)
 
 
-def commit_arrays(out: Location, arrays: dict[str, tuple], *, dataset: str, classes: Sequence[str], shards: int = 1,
-                  rows_per_group: int = 1024, source: dict | None = None) -> Manifest:
-    """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset at ``out`` without Spark:
-    ``shards`` contiguous shards per split under a new generation, then :func:`publish`.  The same files and
-    protocol as ingest; for tests, small tools and the commit benchmark.  Where: one process (the driver).
+def write_local_dataset(output: str | os.PathLike, spec: "DatasetSpec", arrays: dict[str, tuple], *,
+                        num_shards: int = 1, rows_per_group: int | None = None,
+                        source: dict | None = None) -> Manifest:
+    """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
+    (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
+    files and protocol as ingest, ``num_shards`` contiguous shards per split under a new generation by the
+    task-side writer, then :func:`publish`.  For the test kit (:mod:`spark_mnist.testing`), small tools and the
+    store tests.  Where: one process.
 
+    Args:
+        rows_per_group: rows per Parquet row group; default about
+            :data:`~spark_mnist.shards.contract.ROW_GROUP_BYTES` of images.
     Returns:
         The manifest published (as :func:`publish`).
     Raises:
@@ -168,26 +177,29 @@ def commit_arrays(out: Location, arrays: dict[str, tuple], *, dataset: str, clas
     import numpy as np
 
     from spark_mnist import __version__
-    from spark_mnist.shards.contract import ShardFile, Split, shard_bounds, shard_path
+    from spark_mnist.paths import normalize_uri
+    from spark_mnist.shards.contract import ROW_GROUP_BYTES, ShardFile, Split, shard_bounds, shard_path
     from spark_mnist.shards.parquet import write_shard
 
+    out = normalize_uri(output)
+    image_shape = tuple(int(n) for n in spec.image_shape)
+    rows_per_group = rows_per_group or max(1, ROW_GROUP_BYTES // int(np.prod(image_shape)))
     current = current_manifest(out)
     generation = new_generation(after=current.generation if current is not None else None)
     created_out = not fs.exists(out)
     try:
         splits = {}
         for name, (images, labels) in arrays.items():
-            bounds = shard_bounds(len(labels), shards)
+            bounds = shard_bounds(len(labels), num_shards)
             files = []
             for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
                 path = shard_path(generation, name, k)
                 size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
                 files.append(ShardFile(path, size, int(hi - lo)))
             splits[name] = Split(rows=len(labels), files=tuple(files), label_histogram=tuple(
-                np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)).tolist()))
-        manifest = Manifest(generation=generation, dataset=dataset, classes=tuple(classes),
-                            image_shape=tuple(int(n) for n in next(iter(arrays.values()))[0].shape[1:]),
-                            splits=splits, source=source or {}, package_version=__version__)
+                np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()))
+        manifest = Manifest(generation=generation, dataset=spec.name, classes=tuple(spec.classes),
+                            image_shape=image_shape, splits=splits, source=source or {}, package_version=__version__)
     except BaseException:
         discard(out, generation, created_out=created_out)
         raise

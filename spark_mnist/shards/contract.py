@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "_manifest.json"
+# Parquet row-group target: ~1 MiB is ~1,300 MNIST rows, so 60,000 training rows make ~45 row groups and every rank
+# of a typical run (up to 8 x a few GPUs) has several of them.
+ROW_GROUP_BYTES = 2**20
 INDEX, IMAGE, LABEL = "index", "image", "label"
 COLUMNS = (INDEX, IMAGE, LABEL)
 # Column -> (Spark SQL type, Arrow type name): long, binary, int.

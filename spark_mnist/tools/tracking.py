@@ -123,8 +123,8 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
     Args:
         settings_dict: the run's settings by section (``Settings.to_dict()``, without ``ingest`` when the run did
             not ingest: the dataset read is the manifest's); logged as flattened params (``train.epochs``, ...).
-        manifest: the ingest manifest (``contract.load_manifest``); logged as ``manifest.json``; its ``classes``
-            and ``image_shape`` size the model.
+        manifest: the ingest manifest (``open_dataset(OUT).manifest.to_dict()``); logged as ``manifest.json``;
+            its ``classes`` and ``image_shape`` size the model.
         metrics: rank 0's metrics (:func:`spark_mnist.rank.train.train_worker`): ``history`` -> per-epoch metrics,
             ``train_seconds``/``wall_seconds`` -> metrics, ``dataset``/``world_size``/``device``/... -> ``run.*``
             params.

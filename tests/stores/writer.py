@@ -1,9 +1,12 @@
 """One ingest's write and commit without Spark, in its own process, for the store tests: a dataset whose every pixel
 is ``VALUE`` committed to ``OUT`` through the same functions ingest uses (:func:`spark_mnist.shards.commit.
-commit_arrays`: shards under a new generation by their final names, then the manifest, then the clean-up).
+write_local_dataset`: shards under a new generation by their final names, then the manifest, then the clean-up).
 
 ``python -m tests.stores.writer OUT VALUE [KILL_POINT]``: with a kill point (:data:`KILL_POINTS`) the process
-prints ``PAUSED <point>`` when it gets there and waits to be SIGKILLed; without one it prints ``DONE <generation>``.
+prints ``PAUSED <point> <pid>`` when it gets there and waits to be SIGKILLed; without one it prints
+``DONE <generation>``.  ``python -m tests.stores.writer --serve`` reads such argument lines from stdin and runs each
+in a process forked from itself, its imports done once (:class:`Writers` in the tests), so a kill costs no
+interpreter start.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import time
 import numpy as np
 
 from spark_mnist import fs
+from spark_mnist.datasets import get_dataset
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import commit, parquet
 
 TRAIN_ROWS, TEST_ROWS, SHARDS, ROWS_PER_GROUP = 40, 20, 2, 8
-CLASSES = [str(i) for i in range(10)]
 # Where a kill lands, spread across the write and the commit: (point, function patched, which call pauses).
 KILL_POINTS = {
     "begin": ("current_manifest", 1),          # before anything is written
@@ -41,7 +44,7 @@ def arrays(value: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for split, rows in (("train", TRAIN_ROWS), ("test", TEST_ROWS))}
 
 
-def _pause_at(point: str) -> None:
+def _pause_at(point: str, out: str) -> None:
     """Patch the function of ``point`` so that its n-th call prints ``PAUSED`` and waits for the SIGKILL."""
     name, nth = KILL_POINTS[point]
     calls = [0]
@@ -50,7 +53,7 @@ def _pause_at(point: str) -> None:
         def wrapper(*args, **kwargs):
             calls[0] += 1
             if calls[0] == nth:
-                print(f"PAUSED {point}", flush=True)
+                print(f"PAUSED {point} {os.getpid()}", flush=True)
                 time.sleep(600)
             return real(*args, **kwargs)
         return wrapper
@@ -66,17 +69,39 @@ def _pause_at(point: str) -> None:
     elif name == "manifest_write":  # the step that makes the manifest visible, on each kind of store
         os.replace = pausing(os.replace)
         fs._write_in_place = pausing(fs._write_in_place)
-        if not normalize_uri(sys.argv[1]).is_local:
+        if not normalize_uri(out).is_local:
             fs.write_whole = pausing(fs.write_whole)
 
 
 def main(argv: list[str]) -> None:
-    out, value = normalize_uri(argv[0]), int(argv[1])
+    if argv == ["--serve"]:
+        serve()
+        return
+    value = int(argv[1])
     if len(argv) > 2:
-        _pause_at(argv[2])
-    manifest = commit.commit_arrays(out, arrays(value), dataset="mnist", classes=CLASSES, shards=SHARDS,
-                                    rows_per_group=ROWS_PER_GROUP)
+        _pause_at(argv[2], argv[0])
+    manifest = commit.write_local_dataset(argv[0], get_dataset("mnist"), arrays(value), num_shards=SHARDS,
+                                          rows_per_group=ROWS_PER_GROUP)
     print(f"DONE {manifest.generation}", flush=True)
+
+
+def serve() -> None:
+    """Run every argument line of stdin in a forked child, one at a time; ``EXIT <status>`` after each."""
+    for line in sys.stdin:
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                main(line.split())
+            except BaseException as e:  # noqa: BLE001 - reported to the test, which fails on it
+                print(f"ERROR {type(e).__name__}: {e}".replace("\n", " "), flush=True)
+                code = 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(f"EXIT {status}", flush=True)
 
 
 if __name__ == "__main__":
