@@ -161,7 +161,7 @@ def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", tr
                            rows_per_group: Optional[int] = None) -> Path:
     """Write a complete ingested dataset at ``output`` (a local path or a URI) with no Spark session: the shards by
     ingest's own shard writer under a new generation, then the manifest, by the same commit as ``spark-mnist ingest``
-    (:func:`spark_mnist.shards.commit.commit_arrays`).
+    (:func:`spark_mnist.shards.commit.write_local_dataset`).
 
     Rows are :func:`make_arrays` ``(rows, seed)`` for train and ``(rows, seed + 1)`` for test, turned upright as
     ingest turns them (:func:`spark_mnist.datasets.upright`), so they equal what ingesting :func:`write_idx_source`'s
@@ -173,8 +173,7 @@ def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", tr
         ValueError: an unknown dataset, or a row count below 1.
     """
     from spark_mnist.datasets import upright
-    from spark_mnist.paths import normalize_uri
-    from spark_mnist.shards.commit import commit_arrays
+    from spark_mnist.shards.commit import write_local_dataset
 
     spec = get_dataset(dataset)
     arrays = {}
@@ -183,8 +182,7 @@ def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", tr
             raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
         images, labels = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
         arrays[split] = (upright(spec, images), labels)
-    commit_arrays(normalize_uri(os.fspath(output)), arrays, dataset=spec.name, classes=spec.classes,
-                  shards=num_shards, **({} if rows_per_group is None else {"rows_per_group": rows_per_group}))
+    write_local_dataset(output, spec, arrays, num_shards=num_shards, rows_per_group=rows_per_group)
     return Path(output)
 
 
