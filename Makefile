@@ -25,10 +25,13 @@ EXTRAS_spark4-latest := local,connect,dev,plots,mlflow
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 # Lanes whose pyspark has Spark Connect (the connect extra), and the server their Connect tests use.
 CONNECT_LANES := spark40 spark4-latest
+# The lane whose classic pass runs the full store matrix (tests marked stores_full); the others run each store's
+# replace and one kill.
+STORES_FULL_LANE := spark40
 TEST_REMOTE := local[2]
 comma := ,
 
-.PHONY: run test test-fast test-lane test-kit test-times bench bench-scale setup venv java data lock clean
+.PHONY: run test test-fast test-lane test-kit test-times stores gpu-check bench bench-scale setup venv java data lock clean
 
 # uv builds the lane environments and resolves the locks (pip's wheels and indexes: requirements/uv_args.py).
 UV_VERSION := 0.13.9
@@ -46,7 +49,7 @@ run: setup
 
 # Without LANE: every lane, TEST_JOBS at a time, each in its own environment; then each pass's wall time and its
 # slowest tests.  The target fails if any lane failed.
-test: $(UV) java data
+test: $(UV) java data stores
 	@start=$$(date +%s); rm -rf $(LOGS); mkdir -p $(LOGS); \
 	lanes="$(or $(LANE),$(LANES))"; \
 	$(MAKE) --no-print-directory -j$(TEST_JOBS) $$(for l in $$lanes; do echo venv-$$l; done) || exit 1; \
@@ -64,7 +67,8 @@ test-lane: test-lane-$(ONE_LANE)
 # temporary directory.
 test-lane-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
-	.venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-classic; s=$$?; \
+	.venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-classic \
+	  $(if $(filter $*,$(STORES_FULL_LANE)),,-m "not stores_full"); s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; \
 	if [ -n "$(filter $*,$(CONNECT_LANES))" ]; then \
 	  echo "=== lane $*, over Spark Connect (--spark-remote $(TEST_REMOTE))"; t=$$(date +%s); \
@@ -93,6 +97,22 @@ test-times:
 # The development loop: one lane (default spark40), no Spark-starting or training tests (-m "not slow"), two workers.
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" -n 2 -p no:cacheprovider $(ARGS)
+
+# What tests/test_stores.py needs beside the dev extra: fuse3 (apt, as root) and Azurite (npm, into .cache/stores).
+# Never fails: a missing piece makes its store's tests skip with the reason.
+stores:
+	@bash tests/stores/setup.sh
+
+# On a machine with an NVIDIA GPU: a CUDA build of torch (from the package index: the exact pin without the CPU wheel
+# on disk) over lane GPU_LANE's stack in .venv/gpu, then scripts/gpu_check.py (GPU tests, the main job under
+# torchrun on one GPU and on all, then databricks.air's local mode; one JSON line).  Fails at once without a GPU.
+GPU_LANE := spark40
+gpu-check: $(UV) java data
+	$(UV) venv --quiet --allow-existing --seed --python $(PYTHON) .venv/gpu
+	grep -v '^torch==' requirements/lanes/$(GPU_LANE).txt > .venv/gpu/requirements.txt
+	$(UV) pip install --quiet --python .venv/gpu/bin/python -r .venv/gpu/requirements.txt '$(TORCH_SPEC)'
+	$(UV) pip install --quiet --python .venv/gpu/bin/python --no-deps -e .
+	.venv/gpu/bin/python scripts/gpu_check.py
 
 bench: setup
 	$(PY) -m benchmarks.bench_loader
