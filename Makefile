@@ -10,6 +10,10 @@
 #   spark40        as on 17.3 LTS ML: pyspark 4.0, pyarrow 19, numpy 2.1, pandas 2.2 (the shards read directly)
 #   spark4-latest  the newest pyspark 4.x, pyarrow and numpy 2 that resolve together, pandas < 3
 SHELL := /bin/bash
+# Python writes the bytecode of what it imports (into .venv and the git-ignored __pycache__ folders), so that each
+# rank, child command and test process does not compile torch's modules again: seconds of CPU each, where the
+# machine sets PYTHONDONTWRITEBYTECODE.
+unexport PYTHONDONTWRITEBYTECODE
 PYTHON ?= python3
 LANES := spark35 spark40 spark4-latest
 DEFAULT_LANE := spark40
@@ -85,7 +89,8 @@ test-kit: $(UV)
 	@rm -rf $(KIT) && mkdir -p $(KIT)/project && t=$$(date +%s); \
 	$(UV) build --quiet --wheel --out-dir $(KIT)/dist . && \
 	$(UV) venv --quiet --python $(PYTHON) $(KIT)/venv && \
-	$(UV) pip sync --quiet --python $(KIT)/venv/bin/python $(UV_ARGS) requirements/lanes/$(KIT_LANE).txt && \
+	$(UV) pip sync --quiet --python $(KIT)/venv/bin/python $(UV_ARGS) \
+	  requirements/lanes/$(KIT_LANE).txt && \
 	$(UV) pip install --quiet --python $(KIT)/venv/bin/python --no-deps $(KIT)/dist/*.whl && \
 	cp examples/user_tests/*.py $(KIT)/project/ && \
 	( cd $(KIT)/project && $(KIT)/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . ); s=$$?; \
@@ -110,7 +115,8 @@ GPU_LANE := spark40
 gpu-check: $(UV) java data
 	$(UV) venv --quiet --allow-existing --seed --python $(PYTHON) .venv/gpu
 	grep -v '^torch==' requirements/lanes/$(GPU_LANE).txt > .venv/gpu/requirements.txt
-	$(UV) pip install --quiet --python .venv/gpu/bin/python -r .venv/gpu/requirements.txt '$(TORCH_SPEC)'
+	$(UV) pip install --quiet --python .venv/gpu/bin/python -r .venv/gpu/requirements.txt \
+	  '$(TORCH_SPEC)'
 	$(UV) pip install --quiet --python .venv/gpu/bin/python --no-deps -e .
 	.venv/gpu/bin/python scripts/gpu_check.py
 
@@ -134,6 +140,8 @@ $(UV):
 
 # The lane's virtual environment, exactly its lock (torch's CPU wheel included: an exact pin, a range would pull a
 # multi-GB CUDA build), then the package itself, editable.  --seed: pip too (tests run pip's resolver).
+#, as pip does by default: uv does not, and where PYTHONDONTWRITEBYTECODE is set every process
+# (each rank, each child command) would compile torch's modules again, seconds of CPU each.
 $(STAMP): pyproject.toml $(LOCK) | $(UV)
 	@case " $(LANES) " in *" $(ONE_LANE) "*) ;; *) echo "spark-mnist: unknown LANE=$(ONE_LANE); lanes: $(LANES)" >&2; exit 2;; esac
 	$(UV) venv --quiet --allow-existing --seed --python $(PYTHON) $(VENV)
