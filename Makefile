@@ -140,8 +140,7 @@ $(UV):
 
 # The lane's virtual environment, exactly its lock (torch's CPU wheel included: an exact pin, a range would pull a
 # multi-GB CUDA build), then the package itself, editable.  --seed: pip too (tests run pip's resolver).
-#, as pip does by default: uv does not, and where PYTHONDONTWRITEBYTECODE is set every process
-# (each rank, each child command) would compile torch's modules again, seconds of CPU each.
+# uv, unlike pip, compiles no bytecode at install: Python caches what it imports instead (unexport, above).
 $(STAMP): pyproject.toml $(LOCK) | $(UV)
 	@case " $(LANES) " in *" $(ONE_LANE) "*) ;; *) echo "spark-mnist: unknown LANE=$(ONE_LANE); lanes: $(LANES)" >&2; exit 2;; esac
 	$(UV) venv --quiet --allow-existing --seed --python $(PYTHON) $(VENV)
