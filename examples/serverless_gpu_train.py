@@ -44,9 +44,9 @@ def train(data: str, run_dir: str, epochs: int = 2, batch_size: int = 64, lr: fl
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
+    import spark_mnist
     import spark_mnist.torch
     from spark_mnist.models import build_model, normalization_for, normalize
-    from spark_mnist.shards.contract import load_manifest
 
     world = spark_mnist.torch.World.from_env()
     cuda = torch.cuda.is_available()
@@ -55,10 +55,10 @@ def train(data: str, run_dir: str, epochs: int = 2, batch_size: int = 64, lr: fl
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        manifest = load_manifest(data)
-        norm = normalization_for(manifest["dataset"])
+        dataset = spark_mnist.open_dataset(data)
+        norm = normalization_for(dataset.dataset)
         torch.manual_seed(seed)
-        model = build_model("simple-cnn", len(manifest["classes"]), tuple(manifest["image_shape"])).to(device)
+        model = build_model("simple-cnn", len(dataset.classes), tuple(dataset.image_shape)).to(device)
         ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
         optimizer = torch.optim.Adam(ddp.parameters(), lr=lr)
         train_loader = spark_mnist.torch.loader(data, "train", batch_size=batch_size, seed=seed, pin_memory=cuda)

@@ -15,7 +15,7 @@ from spark_mnist.errors import InputError
 def test_ingest_then_train_with_torchrun(spark, small_source, tmp_path):
     source, _ = small_source
     manifest = spark_mnist.ingest(spark, str(source), str(tmp_path / "data"), dataset="fashion-mnist", num_shards=2)
-    assert manifest["dataset"] == "fashion-mnist" and manifest["splits"]["train"]["rows"] == 600
+    assert manifest.dataset == "fashion-mnist" and manifest.splits["train"].rows == 600
     metrics = spark_mnist.train(str(tmp_path / "data"), launcher="torchrun", run_dir=str(tmp_path / "run"), epochs=1,
                                 batch_size=50, num_processes=2)
     assert metrics["launcher"] == "torchrun" and metrics["world_size"] == 2 and metrics["steps_per_epoch"] == 6

@@ -145,7 +145,7 @@ def test_a_checkpoint_resumes_under_another_launcher(spark, dataset, torchrun_ru
                                               "converter": "none"}})
     stopped = train(spark, settings)
     assert stopped["launcher"] == "torch-distributor"
-    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)
+    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["loader"]
     assert (state["epoch"], state["step"]) == (1, 3)
     resumed, _ = run_train(tmp_path, dataset, run_dir, "--launcher", "torchrun", "--resume")
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
