@@ -26,28 +26,73 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # Lanes whose pyspark has Spark Connect (the connect extra), and the server their Connect tests use.
 CONNECT_LANES := spark40 spark4-latest
 TEST_REMOTE := local[2]
+comma := ,
 
-.PHONY: run test test-lane bench bench-scale setup venv java data lock clean
+.PHONY: run test test-fast test-lane test-kit test-times bench bench-scale setup venv java data lock clean
+
+# uv builds the lane environments and resolves the locks (pip's wheels and indexes: requirements/uv_args.py).
+UV_VERSION := 0.13.9
+UV_HOME := .venv/.uv
+UV := $(UV_HOME)/bin/uv
+UV_ARGS = $(shell $(PYTHON) requirements/uv_args.py)
+# Test passes run side by side: TEST_JOBS lanes at once (CI: the 2-core machine), each pass's log printed whole
+# when it ends.
+TEST_JOBS ?= 3
+LOGS := .venv/test-logs
+TEST_TMP := /tmp/spark-mnist-tests
 
 run: setup
 	$(VENV)/bin/spark-mnist run --config conf/local.yaml $(if $(REMOTE),--remote '$(REMOTE)')
 
-# Without LANE: every lane, each in its own environment; the target fails if any lane failed.
-test:
-	@failed=""; for lane in $(or $(LANE),$(LANES)); do \
-	  echo "=== lane $$lane"; \
-	  $(MAKE) --no-print-directory test-lane LANE=$$lane || failed="$$failed $$lane"; \
-	done; \
-	if [ -n "$$failed" ]; then echo "failed lanes:$$failed" >&2; exit 1; fi
+# Without LANE: every lane, TEST_JOBS at a time, each in its own environment; then each pass's wall time and its
+# slowest tests.  The target fails if any lane failed.
+test: $(UV) java data
+	@start=$$(date +%s); rm -rf $(LOGS); mkdir -p $(LOGS); \
+	lanes="$(or $(LANE),$(LANES))"; \
+	$(MAKE) --no-print-directory -j$(TEST_JOBS) $$(for l in $$lanes; do echo venv-$$l; done) || exit 1; \
+	echo "=== environments ready in $$(( $$(date +%s) - start )) s"; \
+	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target $$(for l in $$lanes; do echo test-lane-$$l; done) \
+	  $(if $(LANE),,test-kit); \
+	status=$$?; $(MAKE) --no-print-directory test-times; \
+	echo "=== make test: $$(( $$(date +%s) - start )) s wall, lanes: $$lanes"; exit $$status
 
-# The Spark 4 lanes run the suite classic, then the tests marked connect again over a local Spark Connect server
-# (SparkSession.builder.remote("local[2]")): one kind of session per process.
-test-lane: setup
-	$(PY) -m pytest --durations=5
-	@if [ -n "$(filter $(ONE_LANE),$(CONNECT_LANES))" ]; then \
-	  echo "=== lane $(ONE_LANE), over Spark Connect (SPARK_MNIST_TEST_REMOTE=$(TEST_REMOTE))"; \
-	  SPARK_MNIST_TEST_REMOTE='$(TEST_REMOTE)' $(PY) -m pytest -m connect --durations=5; \
-	fi
+test-lane: test-lane-$(ONE_LANE)
+
+# One lane (its environment already made): the suite classic, then (Spark 4 lanes) the tests marked connect again
+# over a local Spark Connect server (SparkSession.builder.remote("local[2]")).  A local server always takes port 15002,
+# so the Connect passes of lanes running side by side take turns (flock).  Each pass has its own pytest base
+# temporary directory.
+test-lane-%:
+	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
+	.venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-classic; s=$$?; \
+	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; \
+	if [ -n "$(filter $*,$(CONNECT_LANES))" ]; then \
+	  echo "=== lane $*, over Spark Connect (--spark-remote $(TEST_REMOTE))"; t=$$(date +%s); \
+	  flock $(TEST_TMP).connect.lock .venv/$*/bin/python -m pytest -m connect --spark-remote '$(TEST_REMOTE)' \
+	    --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-connect || s=1; \
+	  echo "$* connect $$(( $$(date +%s) - t ))" >> $(LOGS)/times; \
+	fi; exit $$s
+
+# The example of a user's own tests (examples/user_tests) against the installed wheel, in a fresh directory outside
+# the source tree, in a fresh environment of lane KIT_LANE's stack.
+KIT_LANE := spark40
+KIT := $(TEST_TMP)/kit
+test-kit: $(UV)
+	@rm -rf $(KIT) && mkdir -p $(KIT)/project && t=$$(date +%s); \
+	$(UV) build --quiet --wheel --out-dir $(KIT)/dist . && \
+	$(UV) venv --quiet --python $(PYTHON) $(KIT)/venv && \
+	$(UV) pip sync --quiet --python $(KIT)/venv/bin/python $(UV_ARGS) requirements/lanes/$(KIT_LANE).txt && \
+	$(UV) pip install --quiet --python $(KIT)/venv/bin/python --no-deps $(KIT)/dist/*.whl && \
+	cp examples/user_tests/*.py $(KIT)/project/ && \
+	( cd $(KIT)/project && $(KIT)/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . ); s=$$?; \
+	mkdir -p $(LOGS); echo "kit $(KIT_LANE) $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
+
+test-times:
+	@test -f $(LOGS)/times && while read lane pass secs; do echo "=== $$lane $$pass pass: $$secs s"; done < $(LOGS)/times || true
+
+# The development loop: one lane (default spark40), no Spark-starting or training tests (-m "not slow"), two workers.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" -n 2 -p no:cacheprovider $(ARGS)
 
 bench: setup
 	$(PY) -m benchmarks.bench_loader
@@ -59,24 +104,30 @@ setup: venv java data
 
 venv: $(STAMP)
 
-# The lane's virtual environment: torch's CPU wheel first (an exact pin; a range would pull a multi-GB CUDA build),
-# then the package with the lane's locked stack.
-$(STAMP): pyproject.toml $(LOCK)
+# One lane's environment by name, so that make -j builds several at once (uv's cache takes concurrent installs).
+venv-%:
+	@$(MAKE) --no-print-directory venv LANE=$*
+
+$(UV):
+	$(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/python -m pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
+
+# The lane's virtual environment, exactly its lock (torch's CPU wheel included: an exact pin, a range would pull a
+# multi-GB CUDA build), then the package itself, editable.  --seed: pip too (tests run pip's resolver).
+$(STAMP): pyproject.toml $(LOCK) | $(UV)
 	@case " $(LANES) " in *" $(ONE_LANE) "*) ;; *) echo "spark-mnist: unknown LANE=$(ONE_LANE); lanes: $(LANES)" >&2; exit 2;; esac
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK) -e '.[$(EXTRAS_$(ONE_LANE))]'
+	$(UV) venv --quiet --allow-existing --seed --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --python $(PY) $(UV_ARGS) $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
-# Re-resolve a lane's lock from requirements/lanes/LANE.in (the versions the lane stands for) in a scratch venv.
-lock:
-	rm -rf .venv/lock-$(ONE_LANE) && $(PYTHON) -m venv .venv/lock-$(ONE_LANE)
-	.venv/lock-$(ONE_LANE)/bin/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	.venv/lock-$(ONE_LANE)/bin/pip install --quiet --disable-pip-version-check -r requirements/lanes/$(ONE_LANE).in \
-	  -e '.[$(EXTRAS_$(ONE_LANE))]'
-	( echo "# make lock LANE=$(ONE_LANE): resolved from requirements/lanes/$(ONE_LANE).in; do not edit by hand"; \
-	  .venv/lock-$(ONE_LANE)/bin/pip freeze --exclude-editable | grep -v '^-e ' ) > $(LOCK)
-	rm -rf .venv/lock-$(ONE_LANE)
+# Re-resolve a lane's lock from requirements/lanes/LANE.in (the versions the lane stands for), torch's pin and the
+# package's extras.  uv keeps the versions already in the lock where they still fit (--upgrade to move them).
+lock: $(UV)
+	echo '$(TORCH_SPEC)' | $(UV) pip compile --quiet $(UV_ARGS) --python $(PYTHON) --no-header --no-annotate \
+	  $(foreach e,$(subst $(comma), ,$(EXTRAS_$(ONE_LANE))),--extra $(e)) \
+	  requirements/lanes/$(ONE_LANE).in pyproject.toml - -o $(LOCK)
+	sed -i '1i # make lock LANE=$(ONE_LANE): uv pip compile of requirements/lanes/$(ONE_LANE).in, torch and the extras; do not edit by hand' $(LOCK)
 
 java:
 	@command -v java >/dev/null 2>&1 || { \

@@ -1,10 +1,11 @@
-"""Shared fixtures: a session-scoped local[2] SparkSession, small synthetic IDX datasets, an environment-leak guard.
+"""The project's own test set-up, on the test kit users install with the wheel (:mod:`spark_mnist.testing`): its
+``spark`` session fixture (classic ``local[2]``; Spark Connect with ``--spark-remote local[2]``), its IDX source and
+ingested-dataset factories and ``spark_remote_args``.  Here only what is ours alone: the repository's paths, the
+``requires_*`` markers, ``small_source`` and the environment-leak guard.
 
-The session is classic unless ``SPARK_MNIST_TEST_REMOTE`` names a Spark Connect server (``local[2]``: one started in
-this process, as ``SparkSession.builder.remote("local[2]")`` does; ``sc://host:port``: one running elsewhere).  The
-Spark 4 lanes of ``make test`` run the suite once classic, then the tests marked ``connect`` (ingest, the bad-input
-command, racing ingests, training, the end-to-end run) again over a local Connect server.  A process holds one kind
-of session only: pyspark refuses to start a local Connect server beside a classic session.
+The Spark 4 lanes of ``make test`` run the suite once classic, then the tests marked ``connect`` (ingest, the
+bad-input command, racing ingests, training, the end-to-end run) again over a local Connect server.  A process holds
+one kind of session only: pyspark refuses to start a local Connect server beside a classic session.
 """
 
 from __future__ import annotations
@@ -12,70 +13,45 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from spark_mnist.driver.converter import petastorm_unavailable
-from spark_mnist.datasets import get_dataset
-from spark_mnist.formats.idx import write_idx
+from spark_mnist.testing import make_arrays, spark_remote, write_idx_source
+
+pytest_plugins = ["spark_mnist.testing"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-TEST_REMOTE = os.environ.get("SPARK_MNIST_TEST_REMOTE") or None
-_NO_PETASTORM = petastorm_unavailable(connect=TEST_REMOTE is not None)
-requires_petastorm = pytest.mark.skipif(_NO_PETASTORM is not None,
-                                        reason=f"petastorm cannot run in this lane: {_NO_PETASTORM}")
-requires_connect = pytest.mark.skipif(TEST_REMOTE is None, reason="needs a Spark Connect session: the Spark 4 lanes "
-                                      "run it with SPARK_MNIST_TEST_REMOTE=local[2] (make test)")
+# Markers decided when a test is set up, from the run's options (:func:`pytest_runtest_setup`).
+requires_petastorm = pytest.mark.requires_petastorm
+requires_connect = pytest.mark.requires_connect
+
+__all__ = ["REPO", "SHARED_DATA", "FASHION_DIR", "requires_petastorm", "requires_connect", "make_arrays",
+           "write_dataset"]
 
 
-@pytest.fixture
-def remote_args(spark) -> list[str]:
-    """``spark-mnist`` options that make a child command use this run's kind of session: none for classic;
-    over Spark Connect ``--remote sc://...``: the server named, or the local server the ``spark`` fixture started
-    (a machine's port has room for one: a child starting its own would collide)."""
-    if TEST_REMOTE is None:
-        return []
-    if TEST_REMOTE.startswith("sc://"):
-        return ["--remote", TEST_REMOTE]
-    port = spark.conf.get("spark.connect.grpc.binding.port", "15002")
-    return ["--remote", f"sc://localhost:{port}"]
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires_petastorm: skipped where petastorm's converter cannot run")
+    config.addinivalue_line("markers", "requires_connect: needs a Spark Connect session (--spark-remote)")
 
 
-@pytest.fixture(scope="session")
-def spark():
-    """One local[2] SparkSession for the whole run, quiet, stopped at the end: classic, or a Spark Connect session
-    where ``SPARK_MNIST_TEST_REMOTE`` is set."""
-    from spark_mnist.config import SparkSettings
-    from spark_mnist.driver.session import spark_session
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    connect = spark_remote(item.config) is not None
+    if item.get_closest_marker("requires_connect") and not connect:
+        pytest.skip("needs a Spark Connect session: the Spark 4 lanes run it with --spark-remote local[2] (make test)")
+    if item.get_closest_marker("requires_petastorm"):
+        from spark_mnist.driver.converter import petastorm_unavailable
 
-    with spark_session(SparkSettings(master="local[2]", remote=TEST_REMOTE, app_name="spark-mnist-tests",
-                                     conf={"spark.driver.memory": "2g"})) as session:
-        yield session
-
-
-def make_arrays(rows: int, seed: int = 0, num_classes: int = 10, shape=(28, 28)):
-    """Random uint8 images (rows, H, W) and labels (rows,) covering every class when rows allow."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(rows, *shape), dtype=np.uint8)
-    labels = (np.arange(rows) % num_classes).astype(np.uint8)
-    rng.shuffle(labels)
-    return images, labels
+        reason = petastorm_unavailable(connect=connect)
+        if reason is not None:
+            pytest.skip(f"petastorm cannot run in this lane: {reason}")
 
 
 def write_dataset(directory: Path, train_rows: int = 600, test_rows: int = 100, seed: int = 0,
-                  dataset: str = "fashion-mnist") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Write the four standard gz IDX files of a small synthetic ``dataset`` into ``directory``."""
-    spec = get_dataset(dataset)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
-        images, labels = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
-        write_idx(directory / spec.file(split, "images").name, images)
-        write_idx(directory / spec.file(split, "labels").name, labels)
-        arrays[split] = (images, labels)
-    return arrays
+                  dataset: str = "fashion-mnist") -> dict[str, tuple]:
+    """The four gz IDX files of a small synthetic ``dataset`` in ``directory`` (:func:`write_idx_source`); returns
+    ``{split: (images, labels)}``."""
+    return write_idx_source(directory, dataset, train_rows, test_rows, seed).arrays
 
 
 @pytest.fixture

@@ -50,12 +50,12 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.connect
-def test_ingest_bad_input_exits_2_one_stderr_line_and_writes_nothing(small_source, tmp_path, remote_args):
+def test_ingest_bad_input_exits_2_one_stderr_line_and_writes_nothing(small_source, tmp_path, spark_remote_args):
     source, _ = small_source
     (source / "t10k-images-idx3-ubyte.gz").write_bytes(b"<!DOCTYPE html><html>403 Forbidden</html>")
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "spark_mnist.cli", "ingest", "--source", str(source),
-                             "--output", str(out), *remote_args], capture_output=True, text=True, timeout=300,
+                             "--output", str(out), *spark_remote_args], capture_output=True, text=True, timeout=300,
                             cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

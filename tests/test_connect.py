@@ -171,7 +171,7 @@ def test_connect_ingest_equals_the_classic_one(spark, tmp_path, options):
             spark.conf.set(key, previous)
         elif threshold is not None:
             spark.conf.unset(key)
-    env = {k: v for k, v in os.environ.items() if k not in session.CONNECT_ENV and k != "SPARK_MNIST_TEST_REMOTE"}
+    env = {k: v for k, v in os.environ.items() if k not in session.CONNECT_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     command = [sys.executable, "-c", "import json, sys; from spark_mnist.config import SparkSettings; "
                "from spark_mnist.driver.session import spark_session; from spark_mnist.driver.ingest import ingest\n"

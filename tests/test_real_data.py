@@ -37,14 +37,14 @@ def test_ingest_debian_fashion_mnist(spark, tmp_path):
 
 @requires_fashion
 @requires_connect
-def test_run_over_spark_connect_reaches_the_accuracy_of_the_classic_run(tmp_path, remote_args):
+def test_run_over_spark_connect_reaches_the_accuracy_of_the_classic_run(tmp_path, spark_remote_args):
     """``spark-mnist run --remote sc://localhost:PORT`` with conf/local.yaml (5 epochs, 2 CPU ranks, the shards
     read directly), a client of this run's Connect server (the child authenticates as this process does): the same
     metrics JSON as the classic run, and its test accuracy (0.90 measured) at least 0.89."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("SPARK_REMOTE", "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED")}
     command = [sys.executable, "-m", "spark_mnist.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
-               *remote_args, "--output", str(tmp_path / "fashion"), "--run-dir", str(tmp_path / "run")]
+               *spark_remote_args, "--output", str(tmp_path / "fashion"), "--run-dir", str(tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,0 +1,350 @@
+"""A pytest plugin for testing your own pipelines on spark-mnist's sources, datasets and loaders.
+
+Installed with the wheel and registered under the ``pytest11`` entry point ``spark_mnist.testing``.  Loading it costs
+nothing: it imports neither Spark nor torch, and starts nothing until a test asks for a fixture.  Opt in explicitly
+with one line in your root ``conftest.py``::
+
+    pytest_plugins = ["spark_mnist.testing"]
+
+(or ``pytest -p spark_mnist.testing``, which also works where ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1`` is set).  The line
+keeps a test suite's dependencies written in the repository, and the plugin loads the same way on every machine.
+
+What it gives:
+
+* ``spark``: one local SparkSession for the whole run (session-scoped), quiet, configured as spark-mnist's own local
+  sessions are (:func:`spark_mnist.driver.session.spark_session`), stopped at the end.  Classic ``local[2]`` by
+  default; Spark Connect with ``--spark-remote local[2]`` (a local server started in this process) or
+  ``--spark-remote sc://host:port``, or where ``SPARK_REMOTE`` is set.  ``--spark-master`` picks the classic master.
+* ``idx_source``: a factory of small, valid gz IDX sources for any registry dataset and row count, and of named
+  defective copies (:data:`DEFECTS`) for testing error paths.  Also callable without pytest: :func:`write_idx_source`.
+* ``ingested_dataset``: a factory of ingested datasets, written by ingest's own shard writer with no JVM, for
+  rank-side tests.  Also callable without pytest: :func:`write_ingested_dataset`.
+* :func:`run_ranks`: run a function as N local ranks (torch.distributed with gloo on CPU), each in its own process
+  with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set as
+  torchrun sets them; the caller's environment is never changed.
+
+Sources followed: Lightning's and petastorm's test fixtures (a session-scoped local SparkSession stopped on
+teardown; tiny synthetic IDX files in ``tmp_path``), torch.distributed's ``init_process_group`` environment contract.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import pytest
+
+from spark_mnist.datasets import SPLITS, get_dataset
+from spark_mnist.errors import check_choice
+from spark_mnist.formats.idx import encode_idx, write_idx
+
+DEFAULT_MASTER = "local[2]"
+REMOTE_ENV = "SPARK_REMOTE"
+# The defects :func:`write_idx_source` can plant, each in one file of one split, and what it does to that file.
+DEFECTS = {
+    "truncated": "the images file cut to half its gzip bytes (an interrupted download)",
+    "html": "the images file replaced by an HTML page saved under its .gz name (a proxy's or firewall's answer)",
+    "wrong-magic": "the images file's magic number says labels (dtype uint8, 1 dimension)",
+    "labels-out-of-range": "one label equal to the dataset's number of classes",
+    "count-mismatch": "one label fewer than there are images",
+}
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head>\n"
+             b"<body><h1>This site is blocked by your organisation's proxy</h1></body></html>\n")
+
+
+# --- sources ---------------------------------------------------------------------------------------------------------
+
+def make_arrays(rows: int, seed: int = 0, num_classes: int = 10,
+                shape: Sequence[int] = (28, 28)) -> tuple[np.ndarray, np.ndarray]:
+    """Random images and labels that cover every class when ``rows`` allows.
+
+    Returns:
+        ``images`` uint8 of shape (rows, *shape) and ``labels`` uint8 of shape (rows,), values in
+        ``[0, num_classes)``, shuffled with ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(rows, *shape), dtype=np.uint8)
+    labels = (np.arange(rows) % num_classes).astype(np.uint8)
+    rng.shuffle(labels)
+    return images, labels
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """A directory of the four gz IDX files of a dataset, as :func:`write_idx_source` wrote them.
+
+    ``arrays[split]`` is ``(images, labels)`` as written (before any defect): images uint8 (n, H, W) in the file's
+    own orientation, labels uint8 (n,).  ``defect`` names the planted defect (:data:`DEFECTS`) or is ``None``.
+    """
+
+    path: Path
+    dataset: str
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]]
+    defect: Optional[str] = None
+    defect_file: Optional[Path] = None
+
+    def file(self, split: str, kind: str) -> Path:
+        """The path of ``split``'s (``train``/``test``) ``kind`` (``images``/``labels``) file."""
+        return self.path / get_dataset(self.dataset).file(split, kind).name
+
+
+def write_idx_source(directory: str | os.PathLike, dataset: str = "mnist", train_rows: int = 600,
+                     test_rows: int = 100, seed: int = 0, defect: Optional[str] = None,
+                     defect_split: str = "train") -> IdxSource:
+    """Write a small synthetic source of registry dataset ``dataset`` into ``directory``: its four gz IDX files,
+    named as the registry names them, with random images of the dataset's shape and labels covering its classes.
+
+    Args:
+        directory: created when missing.
+        dataset: a registry name (:func:`spark_mnist.datasets.get_dataset`).
+        train_rows, test_rows: rows per split.
+        seed: the train split's seed (the test split uses ``seed + 1``).
+        defect: ``None`` for a valid source, or a name in :data:`DEFECTS`, planted in ``defect_split``.
+        defect_split: ``train`` or ``test``.
+    Returns:
+        The :class:`IdxSource`.
+    Raises:
+        ValueError: an unknown dataset, defect or split.
+    """
+    spec = get_dataset(dataset)
+    if defect is not None:
+        check_choice("defect", defect, DEFECTS)
+    check_choice("defect_split", defect_split, SPLITS)
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
+        images, labels = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
+        write_idx(root / spec.file(split, "images").name, images)
+        write_idx(root / spec.file(split, "labels").name, labels)
+        arrays[split] = (images, labels)
+    source = IdxSource(root, spec.name, arrays)
+    if defect is None:
+        return source
+    target = _plant(source, defect, defect_split)
+    return IdxSource(root, spec.name, arrays, defect, target)
+
+
+def _plant(source: IdxSource, defect: str, split: str) -> Path:
+    """Overwrite one file of ``source`` with the defect ``defect``; returns that file."""
+    images, labels = source.arrays[split]
+    images_file, labels_file = source.file(split, "images"), source.file(split, "labels")
+    if defect == "truncated":
+        data = images_file.read_bytes()
+        images_file.write_bytes(data[: len(data) // 2])
+        return images_file
+    if defect == "html":
+        images_file.write_bytes(HTML_PAGE)
+        return images_file
+    if defect == "wrong-magic":
+        images_file.write_bytes(gzip.compress(encode_idx(images.reshape(-1)), mtime=0))
+        return images_file
+    bad = labels.copy()
+    if defect == "labels-out-of-range":
+        bad[0] = get_dataset(source.dataset).num_classes
+    else:  # count-mismatch
+        bad = bad[:-1]
+    write_idx(labels_file, bad)
+    return labels_file
+
+
+# --- ingested datasets -------------------------------------------------------------------------------------------------
+
+def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", train_rows: int = 600,
+                           test_rows: int = 100, num_shards: int = 2, seed: int = 0,
+                           rows_per_group: Optional[int] = None) -> Path:
+    """Write a complete ingested dataset at ``output`` with no Spark session: the shards by ingest's own task-side
+    writer, then the manifest, exactly as ``spark-mnist ingest`` lays them out (:mod:`spark_mnist.shards`).
+
+    Rows are :func:`make_arrays` ``(rows, seed)`` for train and ``(rows, seed + 1)`` for test, in the registry's
+    orientation, so they equal :func:`write_idx_source`'s with the same arguments once ingested.
+
+    Returns:
+        ``output`` as a Path.
+    Raises:
+        ValueError: an unknown dataset, or a row count below 1.
+    """
+    from spark_mnist.shards.commit import write_local_dataset
+
+    spec = get_dataset(dataset)
+    arrays = {}
+    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
+        if rows < 1:
+            raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
+        arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
+    write_local_dataset(output, spec, arrays, num_shards=num_shards, rows_per_group=rows_per_group)
+    return Path(output)
+
+
+# --- ranks -------------------------------------------------------------------------------------------------------------
+
+class RankFailedError(RuntimeError):
+    """A rank started by :func:`run_ranks` raised: the message names the rank and carries its traceback."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, backend: str,
+               results: Any) -> None:
+    """The body of one rank's process (spawned): set torchrun's environment, join the group, run ``fn``."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        try:
+            results.put((rank, True, fn(*args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as e:  # reported to the parent, which raises RankFailedError
+        results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: str = "gloo",
+              timeout: float = 300.0) -> list[Any]:
+    """Run ``fn(*args)`` as ``world_size`` local ranks of one torch.distributed group and return their results.
+
+    Each rank is a fresh process (``spawn``) with the environment torchrun gives (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), in which the default process group is
+    initialised (``gloo``: CPU) before ``fn`` runs and destroyed after.  The caller's environment is left as it was.
+    ``fn``, ``args`` and the results must be picklable (``fn`` a module-level function).
+
+    Returns:
+        ``[result of rank 0, result of rank 1, ...]``.
+    Raises:
+        ValueError: ``world_size`` below 1.
+        RankFailedError: a rank raised (the lowest such rank, with its traceback), or died, or ``timeout`` seconds
+            passed.
+    """
+    import multiprocessing
+    import queue
+
+    if world_size < 1:
+        raise ValueError(f"Invalid world_size: {world_size!r}. Must be at least 1.")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, args, backend, results),
+                                 daemon=True) for rank in range(world_size)]
+    for p in processes:
+        p.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    try:
+        while len(outcomes) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=timeout)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(processes) if r not in outcomes and p.exitcode not in (None, 0)]
+                raise RankFailedError(f"rank(s) {dead or 'unknown'} gave no result in {timeout:.0f} s "
+                                      f"(exit codes {[p.exitcode for p in processes]})") from None
+            outcomes[rank] = (ok, value)
+            if not ok:
+                break
+    finally:
+        for p in processes:
+            p.join(timeout=10 if len(outcomes) == world_size else 1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failed = sorted(r for r, (ok, _) in outcomes.items() if not ok)
+    if failed:
+        raise RankFailedError(f"rank {failed[0]} of {world_size} failed: {outcomes[failed[0]][1]}")
+    return [outcomes[r][1] for r in range(world_size)]
+
+
+# --- the pytest plugin -----------------------------------------------------------------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("spark-mnist", "spark-mnist test kit (spark_mnist.testing)")
+    group.addoption("--spark-remote", default=None, metavar="URL",
+                    help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this "
+                         "process, sc://host:port uses a running one (default: the SPARK_REMOTE variable; else "
+                         "classic)")
+    group.addoption("--spark-master", default=DEFAULT_MASTER, metavar="MASTER",
+                    help=f"the classic session's master (default {DEFAULT_MASTER})")
+
+
+def spark_remote(config: pytest.Config) -> Optional[str]:
+    """The Spark Connect URL the ``spark`` fixture uses: ``--spark-remote``, else ``SPARK_REMOTE``, else ``None``
+    (classic)."""
+    return config.getoption("--spark-remote", None) or os.environ.get(REMOTE_ENV) or None
+
+
+@pytest.fixture(scope="session")
+def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
+    """One local SparkSession for the whole test run, quiet (WARN), stopped (and its environment restored) at the
+    end: classic on ``--spark-master`` (``local[2]``), or Spark Connect where ``--spark-remote``/``SPARK_REMOTE``
+    names a server.  Configured as spark-mnist's own local sessions are, with 2 GiB of driver memory."""
+    from spark_mnist.config import SparkSettings
+    from spark_mnist.driver.session import spark_session
+
+    settings = SparkSettings(master=pytestconfig.getoption("--spark-master", DEFAULT_MASTER),
+                             remote=spark_remote(pytestconfig), app_name="spark-mnist-tests",
+                             conf={"spark.driver.memory": "2g"})
+    with spark_session(settings) as session:
+        yield session
+
+
+@pytest.fixture
+def spark_remote_args(request: pytest.FixtureRequest) -> list[str]:
+    """``spark-mnist`` command-line options that make a child command use this run's kind of session: none for
+    classic; over Spark Connect, ``--remote sc://...`` naming the server (for a local server, the one the ``spark``
+    fixture started: a machine's port has room for one, so a child must not start its own)."""
+    remote = spark_remote(request.config)
+    if remote is None:
+        return []
+    if remote.startswith("sc://"):
+        return ["--remote", remote]
+    port = request.getfixturevalue("spark").conf.get("spark.connect.grpc.binding.port", "15002")
+    return ["--remote", f"sc://localhost:{port}"]
+
+
+@dataclass
+class _Factory:
+    """Makes each product in a fresh subdirectory of one temporary directory."""
+
+    root: Path
+    made: int = field(default=0)
+
+    def next_dir(self, name: str) -> Path:
+        self.made += 1
+        return self.root / f"{name}-{self.made}"
+
+
+@pytest.fixture
+def idx_source(tmp_path: Path) -> Callable[..., IdxSource]:
+    """A factory: ``idx_source(dataset="mnist", train_rows=600, test_rows=100, seed=0, defect=None,
+    defect_split="train")`` writes a new source directory under ``tmp_path`` (:func:`write_idx_source`) and returns
+    its :class:`IdxSource`."""
+    factory = _Factory(tmp_path)
+
+    def make(dataset: str = "mnist", **kwargs: Any) -> IdxSource:
+        return write_idx_source(factory.next_dir(f"source-{dataset}"), dataset, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def ingested_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """A factory: ``ingested_dataset(dataset="mnist", train_rows=600, test_rows=100, num_shards=2, seed=0)`` writes
+    a complete ingested dataset under ``tmp_path`` with no Spark session (:func:`write_ingested_dataset`) and returns
+    its directory, ready for :func:`spark_mnist.open_dataset` and the loader."""
+    factory = _Factory(tmp_path)
+
+    def make(dataset: str = "mnist", **kwargs: Any) -> Path:
+        return write_ingested_dataset(factory.next_dir(f"dataset-{dataset}"), dataset, **kwargs)
+
+    return make
