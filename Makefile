@@ -23,9 +23,9 @@ PY = $(VENV)/bin/python
 STAMP = $(VENV)/.installed
 LOCK = requirements/lanes/$(ONE_LANE).txt
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS_spark35 := local,petastorm,dev,plots,mlflow
-EXTRAS_spark40 := local,connect,dev,plots,mlflow
-EXTRAS_spark4-latest := local,connect,dev,plots,mlflow
+EXTRAS_spark35 := torch,local,petastorm,dev,plots,mlflow
+EXTRAS_spark40 := torch,local,connect,dev,plots,mlflow,ai-runtime
+EXTRAS_spark4-latest := torch,local,connect,dev,plots,mlflow
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 # Lanes whose pyspark has Spark Connect (the connect extra), and the server their Connect tests use.
 CONNECT_LANES := spark40 spark4-latest
