@@ -303,16 +303,17 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
 
 
 @pytest.fixture
-def spark_remote_args(request: pytest.FixtureRequest) -> list[str]:
+def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
     """``spark-mnist`` command-line options that make a child command use this run's kind of session: none for
     classic; over Spark Connect, ``--remote sc://...`` naming the server (for a local server, the one the ``spark``
-    fixture started: a machine's port has room for one, so a child must not start its own)."""
+    fixture started: a machine's port has room for one, so a child must not start its own).  It asks for ``spark``
+    as a fixture, so the session (and the variables pyspark sets for it) starts before the test does."""
     remote = spark_remote(request.config)
     if remote is None:
         return []
     if remote.startswith("sc://"):
         return ["--remote", remote]
-    port = request.getfixturevalue("spark").conf.get("spark.connect.grpc.binding.port", "15002")
+    port = spark.conf.get("spark.connect.grpc.binding.port", "15002")
     return ["--remote", f"sc://localhost:{port}"]
 
 

@@ -215,6 +215,7 @@ def test_rows_read_again_that_differ_from_the_driver_fail_the_write(spark, tmp_p
     from spark_mnist.datasets import get_dataset
     from spark_mnist.driver.ingest import Piece, rows_again, write_pieces
     from spark_mnist.paths import normalize_uri
+    from spark_mnist.shards.commit import new_generation
 
     spec = get_dataset("fashion-mnist")
     arrays = write_dataset(tmp_path / "source", train_rows=100, test_rows=20)
@@ -224,4 +225,4 @@ def test_rows_read_again_that_differ_from_the_driver_fail_the_write(spark, tmp_p
     reread = functools.partial(rows_again, spec, (tmp_path / "changed" / spec.file("train", "images").name).as_uri())
     with pytest.raises(Exception, match="differ from what the driver checked"):
         write_pieces(spark, [Piece("train", 0, (0, 50, 100), images, labels, reread)],
-                     normalize_uri(tmp_path / "staging"))
+                     normalize_uri(tmp_path / "out"), new_generation())
