@@ -36,6 +36,9 @@ from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 from tests.conftest import REPO
 from tests.stores.writer import KILL_POINTS, TEST_ROWS, TRAIN_ROWS
 
+# Every test here starts store servers, FUSE mounts or writer processes: slow (still part of make test), so that
+# make test-fast stays a quick loop.
+pytestmark = pytest.mark.slow
 STORES = ["local", "s3", "azure", "volume-enosys", "volume-copy"]
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 AZURITE_BIN = REPO / ".cache" / "stores" / "node_modules" / ".bin" / "azurite-blob"
