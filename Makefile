@@ -1,6 +1,7 @@
 # spark-mnist: every target does its own set-up, idempotently, then runs.
-#   make test               the test suite in every CI lane, one after the other (CI calls this)
+#   make test               the test suite in every CI lane, side by side, and the kit's example (CI calls this)
 #   make test LANE=spark35  ... in one lane
+#   make test-fast          the tests that start no Spark job, server or training, one lane, two workers
 #   make run  [LANE=...]    ingest the Debian Fashion-MNIST files and train with conf/local.yaml (local[2], 2 CPU ranks)
 #   make run REMOTE=local[2]  ... the same over Spark Connect (a local server; or REMOTE=sc://host:port)
 #   make bench [LANE=...]   loader and ingest benchmarks (one table, one JSON line)
