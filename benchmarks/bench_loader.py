@@ -13,6 +13,8 @@ child (fresh interpreter; its peak RSS is its own):
 * ``ours``: ``spark_mnist.rank.loader.ShardLoader`` over the training files (the converter's ``file_urls``, or the
   ingested shards); cold = epoch 1 (reads the Parquet files; the constructor counts in it), warm = median of the
   later epochs (in memory);
+* ``ours_s3``: the same over the same dataset read from an S3 endpoint (``AWS_ENDPOINT_URL`` where set, else moto's
+  server started here: :func:`benchmarks.common.s3_endpoint`), the ingested dataset copied there, manifest and all;
 * ``in_memory``: torch ``DataLoader(TensorDataset(uint8 images, labels), shuffle=True)`` over the tensors parsed
   from the gz files;
 * ``per_sample``: a map-style Dataset over the same tensors whose ``__getitem__`` returns one normalised float
@@ -42,7 +44,7 @@ from typing import Any, Iterator
 
 from benchmarks.common import (BATCH_SIZE, FASHION_MNIST_DIR, IMAGE_SHAPE, TRAIN_IMAGES, TRAIN_LABELS, bench_spark,
                                emit_json, fmt_num, fmt_stages, log, parse_idx_files, quiet_logs, row_ours,
-                               run_in_child, stopwatch, table, time_epochs, timed_ingest)
+                               run_in_child, s3_endpoint, stopwatch, table, time_epochs, timed_ingest)
 
 TARGET_OURS_COLD = 300_000
 TARGET_OURS_WARM = 1_000_000
@@ -54,6 +56,7 @@ CONNECT_REMOTE = "local[2]"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 LOADERS = {  # name: (table label, JSON prefix)
     "ours": ("spark-mnist ShardLoader (ours)", "ours"),
+    "ours_s3": ("spark-mnist ShardLoader (ours), dataset on S3", "ours_s3"),
     "in_memory": ("in-memory TensorDataset + DataLoader", "in_memory_dataloader"),
     "per_sample": ("per-sample Dataset over gz tensors (float)", "per_sample_dataset"),
     "petastorm": ("petastorm converter, default DataLoader", "petastorm"),
@@ -180,6 +183,19 @@ def measure_connect_ingest(source: str, work: str, runs: int) -> dict[str, Any]:
                                           "ingest_connect_runs_seconds", "ingest_connect_stages")}
 
 
+def copy_to(dataset: str, uri: str) -> list[str]:
+    """The ingested ``dataset`` (a local directory: manifest, generation and shards) copied to ``uri`` on an object
+    store; returns the training files its manifest names there (:func:`spark_mnist.open_dataset`)."""
+    from pyarrow import fs as pafs
+
+    from spark_mnist import fs, open_dataset
+    from spark_mnist.paths import normalize_uri
+
+    store, path = fs.filesystem(normalize_uri(uri))
+    pafs.copy_files(dataset, path, destination_filesystem=store)
+    return open_dataset(uri).files("train")
+
+
 def subset_source(source: str, rows: int | None, work: str) -> str:
     """``source``, or with ``rows`` a copy of it holding only the first ``rows`` training rows (in ``work``)."""
     if rows is None:
@@ -242,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work_dir or tempfile.mkdtemp(prefix="spark-mnist-bench-")
     os.makedirs(work, exist_ok=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        if not args.keep and not args.work_dir:
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
         source = subset_source(args.source, args.rows, work)
         log.info("ingesting %s into %s (%d runs), then the converters where petastorm works", source, work,
                  args.ingest_runs)
@@ -254,17 +272,18 @@ def main(argv: list[str] | None = None) -> int:
             log.info("petastorm rows left out: %s", figures["converter_reason"])
             names = [name for name in names if not name.startswith("petastorm")]
         steps = figures["train_rows"] // BATCH_SIZE
+        s3 = s3_endpoint() if "ours_s3" in names else contextlib.nullcontext()
+        s3_root = stack.enter_context(s3)
         jobs = {
             "ours": (row_ours, train_files, args.epochs),
+            "ours_s3": (row_ours, s3_root and copy_to(os.path.join(work, "data"), f"{s3_root}/fashion-mnist"),
+                        args.epochs),
             "in_memory": (row_torch, source, args.epochs, False),
             "per_sample": (row_torch, source, args.epochs, True),
             "petastorm": (row_petastorm, converter, steps, args.petastorm_epochs, False),
             "petastorm_batched": (row_petastorm, converter, steps, args.petastorm_epochs, True),
         }
         results = dict(run_rows(names, jobs, args.repeats))
-    finally:
-        if not args.keep and not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
     report(figures, results)
     return 0
 

@@ -10,6 +10,11 @@ library's 2 GiB, i.e. up to about 2.6M rows) epoch 1 is cold and the later ones 
 loader streams row groups every epoch, and each epoch's streaming rate is reported.  A scale that fails is reported
 with its error and the others go on.
 
+The commit on an object store: the scales of ``--s3-scales`` (default 1 and 10) are ingested again, in the same
+session, into an S3 endpoint (``AWS_ENDPOINT_URL`` where set, else moto's server started here:
+:func:`benchmarks.common.s3_endpoint`), and the commit's seconds (the manifest's one PUT and the clean-up) are
+printed beside the ingest's total: a commit's cost that does not grow with the dataset.
+
 Time on this 2-core machine (a full run): generating x100 (6M rows, 2.6 GB of gz) takes about 1.5 min (once;
 cached in ``--cache-dir``), its ingest about 1 min (6 chunks of 1M rows; driver peak RSS ~1.7 GB: one chunk plus
 its pickled broadcast) and 3 streamed epochs about 40 s; x1 and x10 together under a minute.  A first full run
@@ -23,14 +28,16 @@ Full run: ``python -m benchmarks.bench_scale``.  Smoke test: ``python -m benchma
 from __future__ import annotations
 
 import argparse
-import glob
+import contextlib
 import os
 import shutil
 import sys
 from typing import Any
 
 from benchmarks.common import (FASHION_MNIST_DIR, bench_spark, emit_json, fmt_num, fmt_stages, log, quiet_logs,
-                               row_ours, run_in_child, stopwatch, table, timed_ingest)
+                               row_ours, run_in_child, s3_endpoint, stopwatch, table, timed_ingest)
+from spark_mnist import fs, open_dataset
+from spark_mnist.paths import normalize_uri
 from benchmarks.make_synthetic import ensure_synthetic
 from spark_mnist.driver.ingest import DEFAULT_CHUNK_ROWS
 from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES
@@ -44,9 +51,10 @@ def _error(e: BaseException) -> str:
 
 
 def ingest_scales(scales: list[int], cache: str, synthetic: dict[int, str], chunk_rows: int,
-                  warmup_source: str | None) -> dict[int, dict[str, Any]]:
+                  warmup_source: str | None, s3_scales: list[int], s3_root: str | None) -> dict[int, dict[str, Any]]:
     """Ingest every scale's synthetic files into ``cache/parquet-xK`` in one session; per scale: seconds, stage
-    seconds, driver peak RSS (see :func:`benchmarks.common.timed_ingest`), or ``ingest_error``."""
+    seconds, driver peak RSS (see :func:`benchmarks.common.timed_ingest`), or ``ingest_error``; then each of
+    ``s3_scales`` into ``s3_root/parquet-xK``: ``s3_ingest_seconds`` and ``s3_commit_seconds``, or ``s3_error``."""
     out: dict[int, dict[str, Any]] = {}
     with bench_spark() as spark:
         if warmup_source:
@@ -64,6 +72,17 @@ def ingest_scales(scales: list[int], cache: str, synthetic: dict[int, str], chun
                 log.warning("x%d: ingest failed: %s", k, _error(e))
                 out[k] = {"ingest_error": _error(e)}
             log.info("x%d: %s", k, out[k])
+        for k in s3_scales if s3_root else []:
+            target = f"{s3_root}/parquet-x{k}"
+            log.info("ingesting x%d into %s ...", k, target)
+            try:
+                figures = timed_ingest(spark, synthetic[k], target, chunk_rows=chunk_rows)
+                out[k].update(s3_ingest_seconds=figures["seconds"], s3_commit_seconds=figures["stages"]["commit"])
+            except Exception as e:  # noqa: BLE001
+                log.warning("x%d on S3: ingest failed: %s", k, _error(e))
+                out[k]["s3_error"] = _error(e)
+            finally:
+                fs.delete(normalize_uri(target))
     return out
 
 
@@ -82,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the loader's memory_budget_bytes, in MiB: streams past it (default "
                              f"{DEFAULT_MEMORY_BUDGET_BYTES // 2**20})")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up ingest")
+    parser.add_argument("--s3-scales", type=int, nargs="*", default=[1, 10],
+                        help="scales also ingested into the S3 endpoint, for the commit's seconds (default 1 10; "
+                             "none: no S3 row)")
     parser.add_argument("--keep-parquet", action="store_true", help="keep the ingested shards")
     args = parser.parse_args(argv)
     if min(args.scales) < 1 or args.epochs < 1 or args.chunk_rows < 1 or args.memory_budget_mb < 0:
@@ -100,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                       "train_images_gz_mb": marker["bytes"]["train-images-idx3-ubyte.gz"] / 2**20,
                       "train_rows": marker["train_rows"]}
 
-    ingested = ingest_scales(scales, args.cache_dir, synthetic, args.chunk_rows,
-                             None if args.no_warmup else args.source)
+    s3_scales = [k for k in dict.fromkeys(args.s3_scales) if k in synthetic]
+    with s3_endpoint() if s3_scales else contextlib.nullcontext() as s3_root:
+        ingested = ingest_scales(scales, args.cache_dir, synthetic, args.chunk_rows,
+                                 None if args.no_warmup else args.source, s3_scales, s3_root)
     try:
         for k in scales:
             results[k].update(ingested[k])
             if "ingest_error" in results[k]:
                 continue
-            paths = sorted(glob.glob(os.path.join(results[k]["parquet_dir"], "train", "*.parquet")))
+            paths = open_dataset(results[k]["parquet_dir"]).files("train")
             log.info("x%d: loader ...", k)
             try:
                 results[k]["ours"] = run_in_child(row_ours, paths, args.epochs, args.memory_budget_mb * 2**20)
@@ -125,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: dict[int, dict[str, Any]], chunk_rows: int, budget_mb: int, warm: bool) -> None:
     """Print the ingest and loader tables, then the JSON line."""
-    ingest_lines, loader_lines = [], []
+    ingest_lines, loader_lines, s3_lines = [], [], []
     payload: dict[str, Any] = {"chunk_rows": chunk_rows, "memory_budget_mb": budget_mb, "scales": {}}
     for k, r in results.items():
         ingest_lines.append([f"x{k}", fmt_num(r["train_rows"]), fmt_num(r["train_images_gz_mb"]),
@@ -136,6 +160,12 @@ def report(results: dict[int, dict[str, Any]], chunk_rows: int, budget_mb: int, 
         payload[f"ingest_seconds_x{k}"] = r.get("ingest_seconds")
         payload[f"commit_seconds_x{k}"] = r.get("ingest_stages", {}).get("commit")  # the manifest's write + clean-up
         payload[f"ingest_driver_peak_rss_mb_x{k}"] = r.get("ingest_driver_peak_rss_mb")
+        if "s3_ingest_seconds" in r or "s3_error" in r:
+            s3_lines.append([f"x{k}", fmt_num(r["train_rows"]), r.get("s3_error") or f"{r['s3_ingest_seconds']:.1f}",
+                             f"{r['s3_commit_seconds']:.3f}" if "s3_commit_seconds" in r else "-",
+                             f"{r['ingest_stages']['commit']:.3f}" if "ingest_stages" in r else "-"])
+            payload[f"s3_ingest_seconds_x{k}"] = r.get("s3_ingest_seconds")
+            payload[f"s3_commit_seconds_x{k}"] = r.get("s3_commit_seconds")
         m = r.get("ours")
         if m is None or "error" in m:
             loader_lines.append([f"x{k}", "-", (m or {}).get("error") or "not run (ingest failed)", "-", "-", "-"])
@@ -153,6 +183,12 @@ def report(results: dict[int, dict[str, Any]], chunk_rows: int, budget_mb: int, 
           f"that ingest")
     print(table(["scale", "train rows", "train gz MB", "generate s", "ingest s", "ingest rows/s",
                  "driver peak RSS MB", "ingest stages (s)"], ingest_lines))
+    print()
+    if s3_lines:
+        print()
+        print(f"commit on S3 ({os.environ.get('AWS_ENDPOINT_URL') or 'moto server on 127.0.0.1'}): the manifest's one "
+              f"PUT and the clean-up, beside the ingest's total and the local disk's commit")
+        print(table(["scale", "train rows", "S3 ingest s", "S3 commit s", "local commit s"], s3_lines))
     print()
     print(f"loader: ours, rank 0 of 1, batch 256, over the ingested training shards; memory budget {budget_mb:,} MiB; "
           f"{os.cpu_count()} CPUs")

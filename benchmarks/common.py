@@ -217,6 +217,44 @@ def timed_ingest(spark, source: str, output: str, **kwargs) -> dict[str, Any]:
             "driver_peak_rss_mb": vm_hwm_mb() if can_reset else None}
 
 
+@contextlib.contextmanager
+def s3_endpoint(bucket: str = "spark-mnist-bench") -> Iterator[str]:
+    """An S3 endpoint for the S3 rows, given as the standard variables give it; yields ``s3://<bucket>``.
+
+    Where ``AWS_ENDPOINT_URL`` is set (an S3-compatible store: MinIO, Ceph, a cloud endpoint), that store with its
+    credentials from the AWS chain, and ``bucket`` must exist.  Else moto's S3 server (``moto[server]``, the dev
+    extra), started here on 127.0.0.1 with a new bucket, and ``AWS_ENDPOINT_URL`` and test credentials set in this
+    process's environment while the block runs (Spark's workers started inside it inherit them).
+
+    Raises:
+        ModuleNotFoundError: no ``AWS_ENDPOINT_URL`` and moto is not installed.
+    """
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield f"s3://{bucket}"
+        return
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs as pafs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
+                          secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
 def quiet_logs() -> None:
     """INFO for the benchmarks, WARNING elsewhere; silence petastorm's and py4j's chatter and the deprecation
     warnings of petastorm/pandas (they say nothing about speed)."""

@@ -12,6 +12,7 @@ from spark_mnist.errors import InputError
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_ingest_then_train_with_torchrun(spark, small_source, tmp_path):
     source, _ = small_source
     manifest = spark_mnist.ingest(spark, str(source), str(tmp_path / "data"), dataset="fashion-mnist", num_shards=2)

@@ -26,6 +26,7 @@ def dataset(spark, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_serverless_gpu_example_trains_on_two_cpu_processes(dataset, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKE_AIR), str(REPO)])}
     command = [sys.executable, str(EXAMPLE), "--data", str(dataset), "--run-dir", str(tmp_path / "run"),

@@ -1,5 +1,7 @@
 """The launchers: torchrun without pyspark, restarts after a SIGKILLed rank, resume across launchers, ai-runtime
 through a stand-in for ``databricks.air`` at the import boundary, and the exit-2 refusals before anything starts.
+Every lane trains once under torchrun; the restarts, the resume across launchers and ai-runtime are ``full`` (one
+lane runs them).
 
 The training runs are subprocesses of ``spark-mnist train`` (torch's elastic agent installs signal handlers, which
 only a main thread may do), in an environment where ``pyspark`` and ``mlflow`` cannot be imported
@@ -108,6 +110,7 @@ def _rank_pids(parent: int) -> list[int]:
     return ranks
 
 
+@pytest.mark.full
 def test_a_sigkilled_rank_restarts_from_the_checkpoint_and_ends_with_the_same_model(dataset, torchrun_run,
                                                                                        tmp_path):
     _, full_dir, _ = torchrun_run
@@ -134,6 +137,7 @@ def test_a_sigkilled_rank_restarts_from_the_checkpoint_and_ends_with_the_same_mo
     assert same_model(run_dir, full_dir)
 
 
+@pytest.mark.full
 def test_a_checkpoint_resumes_under_another_launcher(spark, dataset, torchrun_run, tmp_path):
     """torch-distributor stops mid-epoch 2 (max_steps); torchrun resumes: the uninterrupted run's model."""
     from spark_mnist.pipeline import train
@@ -153,6 +157,7 @@ def test_a_checkpoint_resumes_under_another_launcher(spark, dataset, torchrun_ru
     assert set(resumed) == set(full), "the same metrics JSON under every launcher"
 
 
+@pytest.mark.full
 def test_ai_runtime_through_databricks_air(dataset, torchrun_run, tmp_path):
     """--launcher ai-runtime with a stand-in databricks.air (CPU processes, torchrun's environment): the same
     per-rank function, metrics and model as torchrun."""

@@ -107,6 +107,7 @@ def test_the_torch_extra_admits_what_each_runtime_ships(runtime):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_without_torch_ingest_verify_load_data_and_preview_work_and_training_names_the_extra(small_source,
                                                                                              tmp_path):
     """In a process (and its Spark workers) where ``import torch`` fails: the torch-free commands work; train and

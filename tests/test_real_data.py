@@ -37,6 +37,7 @@ def test_ingest_debian_fashion_mnist(spark, tmp_path):
 
 @requires_fashion
 @requires_connect
+@pytest.mark.full
 def test_run_over_spark_connect_reaches_the_accuracy_of_the_classic_run(tmp_path, spark_remote_args):
     """``spark-mnist run --remote sc://localhost:PORT`` with conf/local.yaml (5 epochs, 2 CPU ranks, the shards
     read directly), a client of this run's Connect server (the child authenticates as this process does): the same

@@ -4,7 +4,7 @@ paths, one whose rename answers ENOSYS and one whose rename is a copy and a dele
 
 On each store: a Spark ingest, a re-ingest and a loader that reads every row once; SIGKILL of a writer process
 (:mod:`tests.stores.writer`) mid-commit, after which ``OUT`` holds the previous complete dataset and the next
-commit cleans up.  Marked ``stores_full`` (one CI lane runs them): SIGKILL at ten points spread across the write and
+commit cleans up.  Marked ``full`` (one CI lane runs them): SIGKILL at ten points spread across the write and
 the commit, and two racing writer processes, each with a reader polling ``OUT`` throughout that must only ever see
 a complete dataset.  A store whose server or mount cannot be started here skips, with the reason;
 ``tests/stores/setup.sh`` installs what they need (moto, mfusepy, fuse3, Azurite).
@@ -313,7 +313,7 @@ def test_a_kill_at_the_manifest_write_leaves_the_previous_dataset(out, writers):
     assert sorted(generations(out)) == sorted([done.split()[1], spark_mnist.open_dataset(out).manifest.previous])
 
 
-@pytest.mark.stores_full
+@pytest.mark.full
 def test_sigkill_at_every_point_of_the_write_and_commit(out, writers):
     """Ten kill points, each with a reader polling OUT throughout: the reader only ever sees the previous complete
     dataset or the new one, never a mix and never nothing; the next commit succeeds and cleans up."""
@@ -334,7 +334,7 @@ def test_sigkill_at_every_point_of_the_write_and_commit(out, writers):
     assert sorted(fs.list_names(normalize_uri(out))) == sorted(kept | {contract.MANIFEST_NAME})
 
 
-@pytest.mark.stores_full
+@pytest.mark.full
 def test_racing_writers_leave_one_complete_dataset(out, writers):
     """Two writer processes racing into one OUT, a reader polling it: one complete dataset at every moment; the
     loser's generation is gone after the next commit."""

@@ -1,4 +1,7 @@
-"""Distributed training: a 2-process TorchDistributor run on a small subset, and resuming from a checkpoint."""
+"""Distributed training: a 2-process TorchDistributor run on a small subset, and resuming from a checkpoint.
+
+Every lane runs the uninterrupted run (with the converter ``auto`` picks there), the direct path, petastorm where it
+works and a failed rank; the lane that runs the ``full`` matrix also resumes after a stop and after a SIGKILL."""
 
 from __future__ import annotations
 
@@ -35,14 +38,36 @@ def settings_for(root, run_dir, **train):
                                           "petastorm_cache_url": (root / "cache").as_uri(), **train}})
 
 
+class _Records(logging.Handler):
+    """The log records of ``spark_mnist`` while a module-scoped run lasts (``caplog`` lives one test)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture(scope="module")
 def full_run(spark, small_dataset):
+    """The uninterrupted run, with the converter ``auto`` chooses in this lane; its metrics, run directory and the
+    driver's ``spark_mnist`` log records."""
     run_dir = small_dataset / "full"
-    return train(spark, settings_for(small_dataset, run_dir)), run_dir
+    logger, handler = logging.getLogger("spark_mnist"), _Records()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics = train(spark, settings_for(small_dataset, run_dir))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return metrics, run_dir, handler.records
 
 
 def test_two_process_run_returns_metrics(full_run):
-    metrics, run_dir = full_run
+    metrics, run_dir, _ = full_run
     assert metrics["world_size"] == 2 and metrics["epochs"] == 2
     assert metrics["steps_per_epoch"] == (640 // 2) // 32
     assert metrics["samples_per_epoch"] == metrics["steps_per_epoch"] * 32 * 2
@@ -54,10 +79,11 @@ def test_two_process_run_returns_metrics(full_run):
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.full
 def test_resume_mid_epoch_matches_uninterrupted_run(spark, small_dataset, full_run, tmp_path):
     from spark_mnist.models import build_model
 
-    full, full_dir = full_run
+    full, full_dir, _ = full_run
     run_dir = tmp_path / "interrupted"
     train(spark, settings_for(small_dataset, run_dir, max_steps=13))  # stops at step 3 of epoch 2
     state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["loader"]
@@ -89,12 +115,12 @@ def test_converter_none_reads_the_ingested_shards(spark, small_dataset, tmp_path
     assert "converter: none, the ranks read the ingested shards (converter 'none' set)" in caplog.text
 
 
-def test_auto_converter_says_which_path_it_took(spark, small_dataset, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="spark_mnist")
-    metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1))
+def test_auto_converter_says_which_path_it_took(spark, full_run):
+    metrics, _, records = full_run  # converter: auto, the default
     expected = choose_converter(TrainSettings(), connect=is_connect(spark))
     assert metrics["converter"] == expected.name
-    assert sum("converter: " in r.getMessage() for r in caplog.records) == 1 and expected.reason in caplog.text
+    messages = [r.getMessage() for r in records]
+    assert sum("converter: " in m for m in messages) == 1 and expected.reason in "\n".join(messages)
 
 
 @requires_connect
@@ -105,10 +131,13 @@ def test_distributed_mode_over_connect_runs_the_ranks_in_spark_tasks(spark, smal
     assert (tmp_path / "run" / MODEL_NAME).exists()
 
 
-def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path):
-    # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training.
-    with pytest.raises(TrainingFailedError, match=r"rank \d failed: ValueError: 640 training rows cannot give"):
-        train(spark, settings_for(small_dataset, tmp_path / "run", batch_size=1000))
+def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path, caplog):
+    # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training, with bad input
+    # (an InputError, a ValueError), which a relaunch would meet again: not relaunched (max_restarts is 1).
+    with caplog.at_level(logging.WARNING, logger="spark_mnist"):
+        with pytest.raises(TrainingFailedError, match=r"rank \d failed: InputError: 640 training rows cannot give"):
+            train(spark, settings_for(small_dataset, tmp_path / "run", batch_size=1000))
+    assert "restart" not in caplog.text
 
 
 def _children(pid: int) -> list[int]:
@@ -148,13 +177,14 @@ def _torchrun_children() -> list[int]:
     return []
 
 
+@pytest.mark.full
 def test_sigkill_one_rank_then_resume_matches_uninterrupted_run(spark, small_dataset, full_run, tmp_path):
     import os
     import signal
     import threading
     import time
 
-    full, _ = full_run
+    full, _, _ = full_run
     run_dir = tmp_path / "killed"
     outcome = {}
 

@@ -166,6 +166,7 @@ def test_resume_with_another_seed_is_refused_in_one_line(one_rank, splits, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_elastic_resume_two_ranks_to_one_gives_the_model_of_two(one_rank, splits, tmp_path):
     """Checkpointed mid-epoch on 2 ranks (batch 8 each), resumed on 1 (batch 16): the global batches, and so the
     averaged gradients, are the same as an uninterrupted 2-rank run's."""

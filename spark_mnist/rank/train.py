@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from spark_mnist.errors import InputError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
 from spark_mnist.models import Normalization, build_model, normalization_for, normalize
@@ -95,8 +96,9 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         time spent waiting for batches, in [0, 1]) and ``epoch_seconds`` (s).
     Raises:
         RuntimeError: ``use_gpu`` set where torch sees no CUDA device.
-        ValueError: too few training rows for one batch on every rank; an invalid rank environment.
-        InputError: an unknown model or dataset name.
+        ValueError: an invalid rank environment.
+        InputError: an unknown model or dataset name; too few training rows for one batch on every rank (bad
+            input: :mod:`spark_mnist.launch.restarts` does not relaunch it).
         CheckpointError: with ``resume``, a checkpoint that is unsafe or unreadable.
         LoaderStateError: with ``resume`` (not ``"auto"``), a checkpoint of another seed, dataset, row count or
             global batch, or a world size that does not divide its global batch.
@@ -238,7 +240,7 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
     with train_loader, test_loader:
         run.steps = train_loader.steps_total
         if run.steps == 0:
-            raise ValueError(f"{train_loader.total_rows} training rows cannot give every one of {world.world_size} "
+            raise InputError(f"{train_loader.total_rows} training rows cannot give every one of {world.world_size} "
                              f"ranks a batch of {run.batch_size}")
         while train_loader.epoch < job.settings.epochs:
             epoch = train_loader.epoch
