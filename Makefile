@@ -76,20 +76,22 @@ test-lane: test-lane-$(ONE_LANE)
 test-lane-%:
 	@$(MAKE) --no-print-directory -k $(call passes,$*)
 
-# A lane's classic pass: the suite on a classic local[2] session (the full matrices in FULL_LANE only).  Each pass
-# has its own pytest base temporary directory.
+# A lane's classic pass: the suite on a classic local[2] session; in FULL_LANE with the full matrices, on two
+# pytest-xdist workers (a module's tests on one worker, so its fixtures are made once).  Each pass has its own
+# pytest base temporary directory.
 test-classic-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
 	SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS)" .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
-	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),,-m "not full"); s=$$?; \
+	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile,-m "not full"); s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
 # A Spark 4 lane's Connect pass: the tests marked connect again, over a local Spark Connect server
-# (SparkSession.builder.remote("local[2]")).  A local server always takes port 15002, so the Connect passes of lanes
-# running side by side take turns (flock).
+# (SparkSession.builder.remote("local[2]")).  With SPARK_TESTING set, pyspark binds a local server to an ephemeral
+# port and its client finds it (SPARK-42272: pyspark's own tests run side by side that way), so the Connect passes
+# of the lanes run at once rather than in turn on port 15002.
 test-connect-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
-	SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS)" flock $(TEST_TMP).connect.lock .venv/$*/bin/python -m pytest \
+	SPARK_TESTING=1 SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS)" .venv/$*/bin/python -m pytest \
 	  -m "connect$(if $(filter $*,$(FULL_LANE)),, and not full)" --spark-remote '$(TEST_REMOTE)' \
 	  --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-connect; s=$$?; \
 	echo "$* connect $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s

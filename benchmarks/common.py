@@ -235,23 +235,19 @@ def s3_endpoint(bucket: str = "spark-mnist-bench") -> Iterator[str]:
     from moto.server import ThreadedMotoServer
     from pyarrow import fs as pafs
 
+    from spark_mnist.envs import scoped_env
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
-                          secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
-        yield f"s3://{bucket}"
+        with scoped_env(env):
+            pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
+                              secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
+            yield f"s3://{bucket}"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 

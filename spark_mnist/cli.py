@@ -15,7 +15,7 @@ from typing import Sequence
 
 from spark_mnist import __version__
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
-from spark_mnist.driver.session import connect_expected, spark_session
+from spark_mnist.driver.session import connect_expected, spark_session, with_executor_env
 from spark_mnist.errors import InputError
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="default: test")
     for sub in (verify, download, preview, evaluate):
         sub.add_argument("--verbose", action="store_true", help="debug output")
-    for sub, sections in ((ingest, ("spark", "ingest")), (train, ("spark", "train")), (run, SECTIONS),
-                          (config, SECTIONS)):
+    for sub, sections in ((ingest, ("spark", "storage", "ingest")), (train, ("spark", "storage", "train")),
+                          (run, SECTIONS), (config, SECTIONS)):
         _common(sub)
         _setting_options(sub, sections)
     return parser
@@ -192,7 +192,8 @@ def run_command(args: argparse.Namespace) -> int:
     on_spark = args.command in ("ingest", "run") or settings.train.launcher == pipeline.SPARK_LAUNCHER
     if training:  # a launcher, converter or torch this environment cannot serve fails before anything starts
         pipeline.check_training(settings, connect=connect_expected(settings.spark))
-    with spark_session(settings.spark, verbose=args.verbose) if on_spark else contextlib.nullcontext() as spark:
+    spark_settings = with_executor_env(settings.spark, settings.storage.environment())
+    with spark_session(spark_settings, verbose=args.verbose) if on_spark else contextlib.nullcontext() as spark:
         if args.command in ("ingest", "run"):
             manifest = pipeline.ingest(spark, settings)
             if args.command == "ingest":

@@ -1,8 +1,9 @@
 """Typed settings from ``conf/*.yaml`` with command-line overrides.
 
-A YAML file has three sections, ``spark``, ``ingest`` and ``train`` (see ``conf/local.yaml``).  Unknown keys and
-values of the wrong type are errors naming the key and the file.  Defaults are the local-mode ones, and the models
-below are their one source (``conf/local.yaml`` repeats them for reading; a test keeps the two equal).
+A YAML file has four sections, ``spark``, ``storage``, ``ingest`` and ``train`` (see ``conf/local.yaml``).
+Unknown keys and values of the wrong type are errors naming the key and the file.  Defaults are the local-mode
+ones, and the models below are their one source (``conf/local.yaml`` repeats them for reading; a test keeps the two
+equal).
 
 Each setting is defined once, as a field with a description; the ``spark-mnist`` options that override it are made
 from the field (:func:`options`): ``--kebab-case`` of its name, its type, a ``Literal``'s values as choices, its
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydanti
 
 from spark_mnist.errors import InputError, check_choice, invalid
 
-SECTIONS = ("spark", "ingest", "train")
+SECTIONS = ("spark", "storage", "ingest", "train")
 RUNS_DIR = "runs"
 
 
@@ -51,6 +52,25 @@ class SparkSettings(_Section):
     log_level: str = Field("WARN", description="Spark's log level (--verbose: INFO)", cli=False)
     conf: dict[str, str] = Field(default_factory=dict, description="extra Spark conf for sessions spark-mnist starts",
                                  cli=False)
+
+
+class StorageSettings(_Section):
+    """Where the object stores of ``s3://`` sources, outputs and datasets are, as settings: each is the standard
+    variable of its store's client (named in its description), set for what spark-mnist runs (the driver, the ranks
+    it launches, the executors of sessions it starts through ``spark.executorEnv``) and written into the URI Spark's
+    write tasks are given.  Null: the environment's variable, else the client's default.  Credentials are not
+    settings: they come from the store's own chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``,
+    an instance profile; Azure's ``AZURE_STORAGE_CONNECTION_STRING`` or ``AZURE_STORAGE_ACCOUNT_KEY``)."""
+
+    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible store (MinIO, Ceph, moto), "
+                                                             "http(s)://host:port: AWS_ENDPOINT_URL")
+
+    def environment(self) -> dict[str, str]:
+        """The standard variables these settings give: ``{"AWS_ENDPOINT_URL": ...}`` for each setting not null."""
+        return {STORAGE_VARIABLES[name]: value for name, value in self.dict().items() if value is not None}
+
+
+STORAGE_VARIABLES = {"s3_endpoint_url": "AWS_ENDPOINT_URL"}  # StorageSettings field -> its client's variable
 
 
 class IngestSettings(_Section):
@@ -125,11 +145,12 @@ class Settings(_Section):
     """All settings of one run."""
 
     spark: SparkSettings = Field(default_factory=SparkSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting as plain values: ``{"spark": {...}, "ingest": {...}, "train": {...}}``."""
+        """Every setting as plain values: ``{"spark": {...}, "storage": {...}, "ingest": {...}, "train": {...}}``."""
         return self.dict()
 
     @property
@@ -180,8 +201,8 @@ class Option:
 
 
 def options(section: str) -> list[Option]:
-    """The command-line options of one section (``spark``, ``ingest``, ``train``): every field not declared with
-    ``cli=False``, in the order of the model, so a new field is an option without more code.
+    """The command-line options of one section (``spark``, ``storage``, ``ingest``, ``train``): every field not
+    declared with ``cli=False``, in the order of the model, so a new field is an option without more code.
 
     Raises:
         ValueError: ``section`` is not a section; TypeError: a field of a type an option cannot carry (a mapping)
@@ -248,7 +269,7 @@ def load_settings(path: str | os.PathLike | None = None, overrides: dict[str, di
         except yaml.YAMLError as e:
             raise InputError(f"{source}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
-            raise InputError(f"{source}: expected a mapping of sections (spark, ingest, train)")
+            raise InputError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)})")
     try:
         settings = Settings.parse_obj(data)
     except ValidationError as e:

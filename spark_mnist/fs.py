@@ -12,8 +12,10 @@ No directory is ever renamed here (an object store has no directory rename, a ``
 rename with ENOSYS): a dataset is committed by writing its manifest last, in one single-object write
 (:func:`write_whole`, :mod:`spark_mnist.shards.commit`).
 
-Endpoints and credentials of object stores come from the standard variables or from the URI
-(:func:`filesystem`): ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) and the AWS credential chain for ``s3://``
+Endpoints and credentials of object stores come from the standard variables (which the ``storage`` settings set,
+:class:`spark_mnist.config.StorageSettings`) or from the URI (:func:`filesystem`; :func:`task_uri` writes the
+driver's S3 endpoint into the URI Spark's tasks get): ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) and the
+AWS credential chain for ``s3://``
 (pyarrow 19's ``S3FileSystem()`` ignores ``AWS_ENDPOINT_URL``, so it is applied here for every pyarrow);
 ``s3://key:secret@bucket/path?endpoint_override=host:port&scheme=http`` in the URI;
 ``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_KEY`` with the account of the URI, or the URI's
@@ -121,6 +123,17 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
 
 
 AZURE_SCHEMES = ("abfs", "abfss", "az")
+
+
+def task_uri(location: "Location") -> str:
+    """``location`` as Spark's tasks are given it: for ``s3://``, its URI with this process's endpoint
+    (``AWS_ENDPOINT_URL``, e.g. from the ``storage.s3_endpoint_url`` setting) written in where it names none, so
+    executors that lack the variable (an existing session's, a Spark Connect server's) reach the store the driver
+    reaches; else :attr:`Location.display <spark_mnist.paths.Location.display>`.  Credentials are not written in:
+    the executors' own chain gives them."""
+    if location.is_local or urlparse(location.uri).scheme != "s3":
+        return location.display
+    return _with_s3_endpoint(location.uri)
 
 
 def _with_s3_endpoint(uri: str) -> str:

@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from spark_mnist.config import Settings
+from spark_mnist.envs import scoped_env
 from spark_mnist.errors import InputError, check_choice
 from spark_mnist.paths import require_local
 
@@ -38,8 +39,9 @@ def ingest(spark, settings: Settings) -> "Manifest":
     from spark_mnist.driver.ingest import ingest as run_ingest
 
     s = settings.ingest
-    manifest = run_ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
-                          row_group_bytes=s.row_group_bytes, strict=s.strict)
+    with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver's reads and commit
+        manifest = run_ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
+                              row_group_bytes=s.row_group_bytes, strict=s.strict)
     log.info("dataset %s at %s: %s", manifest.dataset, s.output,
              ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards"
                        for name, info in manifest.splits.items()))
@@ -92,6 +94,11 @@ def train(spark, settings: Settings, *, ingested: bool = False) -> dict[str, Any
         CheckpointError: ``--resume`` with a checkpoint of another run.
         TrainingFailedError: a rank failed, and kept failing through ``train.max_restarts`` relaunches.
     """
+    with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
+        return _train(spark, settings, ingested=ingested)
+
+
+def _train(spark, settings: Settings, *, ingested: bool) -> dict[str, Any]:
     from spark_mnist.launch import launcher_for
 
     t = settings.train

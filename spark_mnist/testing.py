@@ -306,15 +306,17 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
 def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
     """``spark-mnist`` command-line options that make a child command use this run's kind of session: none for
     classic; over Spark Connect, ``--remote sc://...`` naming the server (for a local server, the one the ``spark``
-    fixture started: a machine's port has room for one, so a child must not start its own).  It asks for ``spark``
-    as a fixture, so the session (and the variables pyspark sets for it) starts before the test does."""
+    fixture started, on the port its client reached: 15002, or with ``SPARK_TESTING`` set the ephemeral port
+    pyspark then binds, so that test runs side by side each have their own server).  It asks for ``spark`` as a
+    fixture, so the session (and the variables pyspark sets for it) starts before the test does."""
     remote = spark_remote(request.config)
     if remote is None:
         return []
     if remote.startswith("sc://"):
         return ["--remote", remote]
-    port = spark.conf.get("spark.connect.grpc.binding.port", "15002")
-    return ["--remote", f"sc://localhost:{port}"]
+    from spark_mnist.driver.session import local_server_url
+
+    return ["--remote", local_server_url()]
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import write_dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]  # a driver JVM, an executor JVM and two ranks: one lane runs it
 
 
 def test_ingest_and_train_on_local_cluster(tmp_path):

@@ -36,7 +36,8 @@ def test_local_yaml_holds_the_models_defaults():
         assert yaml.safe_load(f) == Settings().to_dict()
 
 
-@pytest.mark.parametrize("command, sections", [("ingest", ("spark", "ingest")), ("train", ("spark", "train")),
+@pytest.mark.parametrize("command, sections", [("ingest", ("spark", "storage", "ingest")),
+                                               ("train", ("spark", "storage", "train")),
                                                ("run", SECTIONS), ("config", SECTIONS)])
 def test_every_setting_of_a_section_is_an_option(command, sections):
     known = set(subcommand(command)._option_string_actions)
@@ -55,7 +56,7 @@ def test_every_setting_of_a_section_is_an_option(command, sections):
 
 def test_spark_settings_other_than_master_and_remote_have_no_option():
     assert [o.flag for o in options("spark")] == ["--master", "--remote"]
-    with pytest.raises(ValueError, match=r"Invalid settings section: 'trian'. Must be one of 'spark', 'ingest'"):
+    with pytest.raises(ValueError, match=r"Invalid settings section: 'trian'. Must be one of 'spark', 'storage', 'ingest'"):
         options("trian")
 
 
@@ -113,3 +114,28 @@ def test_run_dir_defaults_to_runs_beside_the_dataset():
 def test_databricks_yaml_keeps_its_run_dir_in_the_volume():
     settings = load_settings(REPO / "conf" / "databricks.yaml")
     assert settings.train.run_dir == "/Volumes/main/default/mnist/runs/fashion-mnist"
+
+
+def test_storage_settings_are_the_stores_standard_variables(monkeypatch):
+    """storage.s3_endpoint_url is AWS_ENDPOINT_URL for what spark-mnist runs: the pipeline's block, the executors
+    of the sessions it starts (spark.executorEnv), and the URI Spark's write tasks are given."""
+    from spark_mnist import fs
+    from spark_mnist.driver.session import with_executor_env
+    from spark_mnist.envs import scoped_env
+    from spark_mnist.paths import normalize_uri
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    settings = load_settings(None, {"storage": {"s3_endpoint_url": "http://127.0.0.1:9000"}})
+    assert settings.storage.environment() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    assert Settings().storage.environment() == {}
+    spark = with_executor_env(settings.spark, settings.storage.environment())
+    assert spark.conf["spark.executorEnv.AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert with_executor_env(settings.spark, {}) == settings.spark
+    out = normalize_uri("s3://bucket/mnist")
+    assert fs.task_uri(out) == "s3://bucket/mnist"
+    with scoped_env(settings.storage.environment()):
+        assert fs.task_uri(out) == "s3://bucket/mnist?endpoint_override=127.0.0.1%3A9000&scheme=http"
+        assert fs.task_uri(normalize_uri("s3://bucket/x?endpoint_override=h:1")) == "s3://bucket/x?endpoint_override=h:1"
+    assert fs.task_uri(normalize_uri("/tmp/x")) == "/tmp/x"
+    assert parse("ingest", "--s3-endpoint-url", "http://minio:9000").storage.s3_endpoint_url == "http://minio:9000"

@@ -351,3 +351,28 @@ def test_racing_writers_leave_one_complete_dataset(out, writers):
     done = writers(out, 4)
     kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
     assert set(generations(out)) == kept
+
+
+@pytest.mark.full
+def test_an_s3_endpoint_from_the_settings_reaches_the_driver_and_the_tasks(s3_root, small_source, tmp_path):
+    """``--s3-endpoint-url`` (the ``storage.s3_endpoint_url`` setting) instead of the URI's query, credentials from
+    the standard variables: ``spark-mnist ingest`` into a plain ``s3://`` OUT (the driver's commit and the Spark
+    tasks' shards reach moto), then the dataset read back with ``AWS_ENDPOINT_URL``, the standard variable."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from spark_mnist.envs import scoped_env
+
+    source, arrays = small_source
+    endpoint = "http://" + dict(parse_qsl(urlsplit(s3_root("settings")).query))["endpoint_override"]
+    out = f"s3://{BUCKET}/settings/mnist"
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {k: v for k, v in _child_env().items() if not k.startswith("AWS_ENDPOINT_URL")}
+    result = subprocess.run([sys.executable, "-m", "spark_mnist.cli", "ingest", "--source", str(source), "--output",
+                             out, "--num-shards", "2", "--s3-endpoint-url", endpoint],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**env, **credentials})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with scoped_env({**credentials, "AWS_ENDPOINT_URL": endpoint}):
+        (x, y), _ = spark_mnist.load_data(out, "fashion-mnist")
+    np.testing.assert_array_equal(y, arrays["train"][1])
+    assert x.shape == arrays["train"][0].shape

@@ -82,7 +82,8 @@ def write_splits(spark: "SparkSession", spec: DatasetSpec, splits: list[SplitInp
             # One job: each task reads its rows again once at most; over several jobs a gz file would be
             # decompressed from its start again for every job, so those rows travel from the driver.
             uri = inputs[name].images_uri
-            reread = functools.partial(rows_again, spec, uri) if uri is not None and len(jobs) == 1 else None
+            reread = (functools.partial(rows_again, spec, fs.task_uri(normalize_uri(uri)))
+                      if uri is not None and len(jobs) == 1 else None)
             pieces.append(Piece(name, first, tuple(int(b) for b in bounds[name][first:end + 1]), images,
                                 inputs[name].labels[lo:hi], reread))
         with clock.stage("write_pieces"):

@@ -28,7 +28,7 @@ import shutil
 import sys
 import threading
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 from spark_mnist.config import SparkSettings
 from spark_mnist.envs import scoped_env
@@ -115,6 +115,21 @@ def session_conf(settings: SparkSettings, *, verbose: bool = False) -> dict[str,
         conf["spark.driver.extraJavaOptions"] = " ".join(filter(None, [conf.get("spark.driver.extraJavaOptions"),
                                                                        java_opts]))
     return conf
+
+
+def with_executor_env(settings: SparkSettings, variables: Mapping[str, str]) -> SparkSettings:
+    """``settings`` whose sessions also give ``variables`` to their executors and Python workers
+    (``spark.executorEnv.NAME``; what ``spark.conf`` sets itself wins)."""
+    conf = {f"spark.executorEnv.{name}": value for name, value in variables.items()}
+    return settings.copy(update={"conf": {**conf, **settings.conf}}) if conf else settings
+
+
+def local_server_url() -> str:
+    """``sc://localhost:PORT`` of the Spark Connect server a local remote (``remote: local[N]``) started in this
+    process, by pyspark's own lookup: 15002, or with ``SPARK_TESTING`` set the ephemeral port pyspark then binds."""
+    from pyspark.sql.connect.client import DefaultChannelBuilder
+
+    return f"sc://localhost:{DefaultChannelBuilder.default_port()}"
 
 
 def is_connect(spark: Any) -> bool:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from spark_mnist import fs
 from spark_mnist.datasets import DatasetSpec, upright
 from spark_mnist.driver import session
 from spark_mnist.driver.plan import DEFAULT_ROW_GROUP_BYTES, Piece, WritePlan
@@ -64,7 +65,7 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], out: Location, gene
     Raises:
         RuntimeError: the job did not report every shard with its rows.
     """
-    plan = WritePlan.of(pieces, out.display, generation, row_group_bytes)
+    plan = WritePlan.of(pieces, fs.task_uri(out), generation, row_group_bytes)
     if session.is_connect(spark) and all(piece.reread is not None for piece in pieces):
         written = _write_from_sources(spark, pieces, plan)
     elif session.is_connect(spark):
