@@ -262,7 +262,7 @@ def quiet_logs() -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # petastorm's, per batch
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    for name in ("py4j", "petastorm"):
+    for name in ("py4j", "petastorm", "werkzeug"):  # werkzeug: moto's server logs every request
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
