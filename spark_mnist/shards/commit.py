@@ -21,10 +21,15 @@ datasets, generations of ingests that were killed or failed, and the losers of r
 
 Racing ingests into one ``OUT``: the ingest that started last wins.  An ingest about to publish reads the current
 manifest first; when it names a generation that started later, this ingest's generation is discarded and the
-current dataset stays (:func:`publish` returns it).  So a generation older than the current one can never be
-published any more, which is what makes deleting it safe while its ingest may still be running.  The one window
-left is the milliseconds between an ingest's read of the current manifest and its write: a newer ingest that
-publishes and cleans up exactly then deletes the files of the manifest written next.
+current dataset stays (:func:`publish` returns it).  So a generation older than the current one cannot be
+published any more, except by an ingest that read the manifest before the current one was written and has not
+written its own yet (its read-then-write takes milliseconds; on a loaded machine, more).  That ingest's generation
+is newer than the one the current manifest replaced, so :func:`clean` treats those generations apart: before it
+deletes one, it waits :data:`SETTLE_S` and reads the manifest again, and deletes only what is still unnamed and
+older than the manifest then current.  An ingest that wrote meanwhile has won (its files are all there; the
+generation it replaced is kept as its ``previous`` or, being newer, left to the next ingest).  The window left: an
+ingest that stalls for more than :data:`SETTLE_S` between its read and its write, or two other ingests that both
+publish inside it.
 
 SIGKILL at any moment leaves ``OUT`` with the previous complete dataset (the kill came before the manifest's
 write landed) or the new one (after); the next ingest removes what the killed one left.  No Spark here.
@@ -36,6 +41,7 @@ import dataclasses
 import logging
 import os
 import re
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
@@ -49,6 +55,9 @@ if TYPE_CHECKING:
     from spark_mnist.datasets import DatasetSpec
 
 log = logging.getLogger(__name__)
+
+# Seconds :func:`clean` waits before deleting a generation that an ingest may be about to publish (module docstring).
+SETTLE_S = 1.0
 
 GENERATION_TIME = "%Y%m%dT%H%M%S%fZ"
 GENERATION_PATTERN = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{12}$")
@@ -115,7 +124,8 @@ def clean(out: Location) -> list[str]:
     """Apply the retention rule (module docstring) to ``out``: delete every generation older than the current
     manifest's other than the one it replaced, and the temporary files of manifests whose ingest was killed before
     its ``os.replace`` (:func:`spark_mnist.fs.replacing`).  Reads the manifest again, so a racing ingest's newer
-    manifest is what counts.
+    manifest is what counts; where a generation to delete is newer than the one the current manifest replaced (an
+    ingest may be about to publish it), waits :data:`SETTLE_S` and reads it once more first.
 
     Returns:
         The generations deleted.
@@ -125,9 +135,14 @@ def clean(out: Location) -> list[str]:
     current = current_manifest(out)
     if current is None:
         return []
-    keep = {current.generation, current.previous}
     names = fs.list_names(out)
-    removed = [name for name in names if is_generation(name) and name not in keep and name < current.generation]
+    removed = _unneeded(names, current)
+    if any(current.previous is None or name > current.previous for name in removed):
+        time.sleep(SETTLE_S)  # an ingest that read the manifest before ours was written may be writing its own
+        current = current_manifest(out)
+        if current is None:
+            return []
+        removed = _unneeded(names, current)
     for name in removed:
         fs.delete(out.join(name))
     for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
@@ -136,6 +151,12 @@ def clean(out: Location) -> list[str]:
     if removed:
         log.info("%s: removed %d generation(s) no manifest needs: %s", out.display, len(removed), ", ".join(removed))
     return removed
+
+
+def _unneeded(names: list[str], current: Manifest) -> list[str]:
+    """The generations among ``names`` that the retention rule deletes under ``current``."""
+    keep = {current.generation, current.previous}
+    return [name for name in names if is_generation(name) and name not in keep and name < current.generation]
 
 
 def discard(out: Location, generation: str, *, created_out: bool = False) -> None:

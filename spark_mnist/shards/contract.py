@@ -173,11 +173,13 @@ class Manifest:
 
 def read_manifest(filesystem: "FileSystem", root: str, where: str) -> Manifest | None:
     """The manifest at ``root/_manifest.json`` on ``filesystem`` (``where``: its URI, for messages), or ``None``
-    where there is none.  A manifest caught mid-write (a mount without rename writes it whole, in place) is read
-    again a few times before it counts as unreadable.
+    where there is none.  A manifest caught mid-write (a mount without rename writes it whole, in place), or
+    replaced while it was read (pyarrow's Azure reads a blob in ranges of the size it saw first, and a replacement
+    of another size answers 416), is read again a few times before it counts as unreadable.
 
     Raises:
         DatasetNotFoundError: as :meth:`Manifest.from_json`.
+        OSError: the store failed on every try.
     """
     for attempt in range(MANIFEST_READ_TRIES):
         try:
@@ -185,6 +187,11 @@ def read_manifest(filesystem: "FileSystem", root: str, where: str) -> Manifest |
                 text = stream.read()
         except FileNotFoundError:
             return None
+        except OSError:
+            if attempt == MANIFEST_READ_TRIES - 1:
+                raise
+            time.sleep(MANIFEST_READ_PAUSE_S)
+            continue
         try:
             return Manifest.from_json(text, where)
         except DatasetNotFoundError:
