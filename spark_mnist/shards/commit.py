@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 # Seconds :func:`clean` waits before deleting a generation that an ingest may be about to publish (module docstring).
 SETTLE_S = 1.0
+# Age in seconds past which a manifest's temporary file (:func:`spark_mnist.fs.replacing`) counts as a killed
+# ingest's: a younger one may be a racing ingest's, between its write and its os.replace.
+STALE_TEMP_S = 60.0
 
 GENERATION_TIME = "%Y%m%dT%H%M%S%fZ"
 GENERATION_PATTERN = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{12}$")
@@ -123,14 +126,16 @@ def publish(out: Location, manifest: Manifest) -> Manifest:
 def clean(out: Location) -> list[str]:
     """Apply the retention rule (module docstring) to ``out``: delete every generation older than the current
     manifest's other than the one it replaced, and the temporary files of manifests whose ingest was killed before
-    its ``os.replace`` (:func:`spark_mnist.fs.replacing`).  Reads the manifest again, so a racing ingest's newer
+    its ``os.replace`` (:func:`spark_mnist.fs.replacing`; older than :data:`STALE_TEMP_S`).  Reads the manifest again, so a racing ingest's newer
     manifest is what counts; where a generation to delete is newer than the one the current manifest replaced (an
-    ingest may be about to publish it), waits :data:`SETTLE_S` and reads it once more first.
+    ingest may be about to publish it), waits :data:`SETTLE_S` and reads it once more first.  A deletion that
+    fails is logged and left to the next ingest (the dataset is committed already); one that a racing ingest's
+    clean-up did meanwhile is no failure.
 
     Returns:
         The generations deleted.
     Raises:
-        OSError: a generation could not be listed or deleted.
+        OSError: ``out`` could not be listed, or its manifest read.
     """
     current = current_manifest(out)
     if current is None:
@@ -143,14 +148,43 @@ def clean(out: Location) -> list[str]:
         if current is None:
             return []
         removed = _unneeded(names, current)
-    for name in removed:
-        fs.delete(out.join(name))
+    removed = [name for name in removed if _remove(out.join(name))]
     for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
-        if name.startswith(f".{MANIFEST_NAME}.tmp-"):
-            fs.delete(out.join(name))
+        if name.startswith(f".{MANIFEST_NAME}.tmp-") and _age_s(out.join(name)) > STALE_TEMP_S:
+            _remove(out.join(name))
     if removed:
         log.info("%s: removed %d generation(s) no manifest needs: %s", out.display, len(removed), ", ".join(removed))
     return removed
+
+
+def _remove(location: Location) -> bool:
+    """Delete ``location`` for :func:`clean`; ``False`` (and a warning) where it could not be and is still there.
+    Two racing ingests' clean-ups may delete the same generation: the store then refuses the second one's deletes
+    of what the first removed (Azure: "Failed to delete blobs"), so a failure is retried once before it counts."""
+    for attempt in range(2):
+        try:
+            fs.delete(location)
+            return True
+        except OSError as e:
+            error = e
+        try:
+            if not fs.exists(location):
+                return True
+        except OSError:
+            pass
+        if attempt == 0:
+            time.sleep(0.1)
+    log.warning("%s: could not remove it (%s); the next ingest tries again", location.display, error)
+    return False
+
+
+def _age_s(location: Location) -> float:
+    """Seconds since ``location`` (a local or FUSE file: temporary files exist nowhere else) was last modified;
+    0 where it is gone or not local."""
+    try:
+        return time.time() - os.stat(location.local_path).st_mtime if location.is_local else 0.0
+    except OSError:
+        return 0.0
 
 
 def _unneeded(names: list[str], current: Manifest) -> list[str]:

@@ -87,8 +87,9 @@ def main(argv: list[str]) -> None:
 
 def serve() -> None:
     """Run every argument line of stdin in a forked child, one at a time; ``EXIT <status>`` after each.  These
-    writers never race (one at a time), so the clean-up's wait for a racing publisher is cut short."""
-    commit.SETTLE_S = 0.05
+    writers never race (one at a time), so the clean-up's wait for a racing publisher is cut short, and a killed
+    writer's manifest temporary file counts as stale at once."""
+    commit.SETTLE_S, commit.STALE_TEMP_S = 0.05, 0.0
     for line in sys.stdin:
         sys.stdout.flush()
         pid = os.fork()
