@@ -244,8 +244,9 @@ def s3_endpoint(bucket: str = "spark-mnist-bench") -> Iterator[str]:
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     try:
         with scoped_env(env):
-            pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
-                              secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
+            store = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
+                                      secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+            store.create_dir(bucket)
             yield f"s3://{bucket}"
     finally:
         server.stop()

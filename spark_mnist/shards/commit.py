@@ -126,9 +126,10 @@ def publish(out: Location, manifest: Manifest) -> Manifest:
 def clean(out: Location) -> list[str]:
     """Apply the retention rule (module docstring) to ``out``: delete every generation older than the current
     manifest's other than the one it replaced, and the temporary files of manifests whose ingest was killed before
-    its ``os.replace`` (:func:`spark_mnist.fs.replacing`; older than :data:`STALE_TEMP_S`).  Reads the manifest again, so a racing ingest's newer
-    manifest is what counts; where a generation to delete is newer than the one the current manifest replaced (an
-    ingest may be about to publish it), waits :data:`SETTLE_S` and reads it once more first.  A deletion that
+    its ``os.replace`` (:func:`spark_mnist.fs.replacing`; older than :data:`STALE_TEMP_S`).  Reads the manifest
+    again, so a racing ingest's newer manifest is what counts; where a generation to delete is newer than the one
+    the current manifest replaced (an ingest may be about to publish it), waits :data:`SETTLE_S` and reads it once
+    more first.  A deletion that
     fails is logged and left to the next ingest (the dataset is committed already); one that a racing ingest's
     clean-up did meanwhile is no failure.
 
