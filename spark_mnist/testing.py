@@ -209,6 +209,9 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ar
 
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
+        # Every rank has joined before any runs fn: one whose fn returns at once would otherwise tear the group
+        # down while another is still connecting (gloo: "connectFullMesh failed ... Connection closed by peer").
+        dist.barrier()
         try:
             results.put((rank, True, fn(*args)))
         finally:
