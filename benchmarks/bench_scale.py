@@ -36,9 +36,9 @@ from typing import Any
 
 from benchmarks.common import (FASHION_MNIST_DIR, bench_spark, emit_json, fmt_num, fmt_stages, log, quiet_logs,
                                row_ours, run_in_child, s3_endpoint, stopwatch, table, timed_ingest)
+from benchmarks.make_synthetic import ensure_synthetic
 from spark_mnist import fs, open_dataset
 from spark_mnist.paths import normalize_uri
-from benchmarks.make_synthetic import ensure_synthetic
 from spark_mnist.driver.ingest import DEFAULT_CHUNK_ROWS
 from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES
 
@@ -185,11 +185,10 @@ def report(results: dict[int, dict[str, Any]], chunk_rows: int, budget_mb: int, 
                  "driver peak RSS MB", "ingest stages (s)"], ingest_lines))
     print()
     if s3_lines:
-        print()
         print(f"commit on S3 ({os.environ.get('AWS_ENDPOINT_URL') or 'moto server on 127.0.0.1'}): the manifest's one "
               f"PUT and the clean-up, beside the ingest's total and the local disk's commit")
         print(table(["scale", "train rows", "S3 ingest s", "S3 commit s", "local commit s"], s3_lines))
-    print()
+        print()
     print(f"loader: ours, rank 0 of 1, batch 256, over the ingested training shards; memory budget {budget_mb:,} MiB; "
           f"{os.cpu_count()} CPUs")
     print(table(["scale", "in memory", "cold samples/s", "warm samples/s", "each epoch samples/s", "peak RSS MB"],

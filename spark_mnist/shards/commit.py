@@ -129,9 +129,8 @@ def clean(out: Location) -> list[str]:
     its ``os.replace`` (:func:`spark_mnist.fs.replacing`; older than :data:`STALE_TEMP_S`).  Reads the manifest
     again, so a racing ingest's newer manifest is what counts; where a generation to delete is newer than the one
     the current manifest replaced (an ingest may be about to publish it), waits :data:`SETTLE_S` and reads it once
-    more first.  A deletion that
-    fails is logged and left to the next ingest (the dataset is committed already); one that a racing ingest's
-    clean-up did meanwhile is no failure.
+    more first.  A deletion that fails is logged and left to the next ingest (the dataset is committed already); one
+    that a racing ingest's clean-up did meanwhile is no failure.
 
     Returns:
         The generations deleted.
