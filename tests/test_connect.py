@@ -146,44 +146,63 @@ def _files(root: Path) -> dict[str, bytes]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+INGEST_OPTIONS = {
+    "one-job": {"num_shards": 3, "row_group_bytes": 64 * 784},
+    # several write jobs (chunk_rows), and the relation uploaded as chunked artifacts rather than inline
+    "chunked": {"num_shards": 2, "chunk_rows": 250, "cache_threshold": 2**16},
+}
+
+
+def _ingest_options(name: str) -> dict:
+    """The ingest keywords of ``INGEST_OPTIONS[name]`` (without the Connect-only cache threshold)."""
+    return {k: v for k, v in INGEST_OPTIONS[name].items() if k != "cache_threshold"}
+
+
+@pytest.fixture(scope="module")
+def classic_ingests(tmp_path_factory):
+    """One source, and its classic ingest under each of ``INGEST_OPTIONS`` into ``classic-<name>``, all in one child
+    process (one kind of session per process; one JVM for every option set)."""
+    root = tmp_path_factory.mktemp("classic-ingests")
+    write_dataset(root / "source", train_rows=700, test_rows=130)
+    env = {k: v for k, v in os.environ.items() if k not in session.CONNECT_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    runs = {name: [str(root / f"classic-{name}"), _ingest_options(name)] for name in INGEST_OPTIONS}
+    command = [sys.executable, "-c", "import json, sys; from spark_mnist.config import SparkSettings; "
+               "from spark_mnist.driver.session import spark_session; from spark_mnist.driver.ingest import ingest\n"
+               "with spark_session(SparkSettings(master='local[2]')) as spark:\n"
+               "    for out, options in json.loads(sys.argv[2]).values():\n"
+               "        ingest(spark, sys.argv[1], out, **options)",
+               str(root / "source"), json.dumps(runs)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
 @requires_connect
 @pytest.mark.slow
 @pytest.mark.connect
-@pytest.mark.parametrize("options", [
-    {"num_shards": 3, "row_group_bytes": 64 * 784},
-    # several write jobs (chunk_rows), and the relation uploaded as chunked artifacts rather than inline
-    {"num_shards": 2, "chunk_rows": 250, "cache_threshold": 2**16},
-], ids=["one-job", "chunked"])
-def test_connect_ingest_equals_the_classic_one(spark, tmp_path, options):
+@pytest.mark.parametrize("name", list(INGEST_OPTIONS))
+def test_connect_ingest_equals_the_classic_one(spark, tmp_path, classic_ingests, name):
     """Over Spark Connect the dataset is the classic path's, file for file and byte for byte (the manifest apart
-    from its timestamp and generation); the classic ingest runs in a child process (one kind of session per process)."""
+    from its timestamp and generation); the classic ingests ran in a child process (one kind of session per
+    process)."""
     from spark_mnist.driver.ingest import ingest
 
-    options = dict(options)
-    threshold = options.pop("cache_threshold", None)
+    options = _ingest_options(name)
+    threshold = INGEST_OPTIONS[name].get("cache_threshold")
     assert session.is_connect(spark)
-    write_dataset(tmp_path / "source", train_rows=700, test_rows=130)
     key = "spark.sql.session.localRelationCacheThreshold"
     previous = spark.conf.get(key, None)
     if threshold is not None:
         spark.conf.set(key, str(threshold))
     try:
-        ingest(spark, str(tmp_path / "source"), str(tmp_path / "connect"), **options)
+        ingest(spark, str(classic_ingests / "source"), str(tmp_path / "connect"), **options)
     finally:
         if threshold is not None and previous is not None:
             spark.conf.set(key, previous)
         elif threshold is not None:
             spark.conf.unset(key)
-    env = {k: v for k, v in os.environ.items() if k not in session.CONNECT_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-c", "import json, sys; from spark_mnist.config import SparkSettings; "
-               "from spark_mnist.driver.session import spark_session; from spark_mnist.driver.ingest import ingest\n"
-               "with spark_session(SparkSettings(master='local[2]')) as spark:\n"
-               "    ingest(spark, sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))",
-               str(tmp_path / "source"), str(tmp_path / "classic"), json.dumps(options)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    connect, classic = _files(tmp_path / "connect"), _files(tmp_path / "classic")
+    connect, classic = _files(tmp_path / "connect"), _files(classic_ingests / f"classic-{name}")
     assert sorted(connect) == sorted(classic)
     manifests = [json.loads(files.pop("_manifest.json")) for files in (connect, classic)]
     for manifest in manifests:
