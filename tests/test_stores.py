@@ -7,8 +7,8 @@ On each store: a Spark ingest, a re-ingest and a loader that reads every row onc
 commit cleans up; the last manifest write wins, and a clean-up leaves a live ingest's generation (its lease beats)
 but removes a stalled one's, which then publishes nothing.  Marked ``full`` (one CI lane runs them): SIGKILL at
 eleven points spread across the write and the commit, and two racing writer processes, each with a reader polling
-``OUT`` throughout that must only ever see a complete dataset.  A store whose server or mount cannot be started here skips, with the reason;
-``tests/stores/setup.sh`` installs what they need (moto, mfusepy, fuse3, Azurite).
+``OUT`` throughout that must only ever see a complete dataset.  A store whose server or mount cannot be started
+here skips, with the reason; ``tests/stores/setup.sh`` installs what they need (moto, mfusepy, fuse3, Azurite).
 """
 
 from __future__ import annotations
@@ -196,7 +196,8 @@ class Writers:
 
     def start(self, out: str, value: int, point: str | None = None) -> str:
         """Start committing the dataset of ``value`` to ``out`` (``point``: a kill point, or ``hold:<point>``);
-        returns the writer's first line (``DONE <generation>``, ``PAUSED …``, ``HELD <point> <pid>``, ``ERROR …``)."""
+        returns the writer's first line (``DONE <generation>``, ``PAUSED …``, ``HELD <point> <pid>``,
+        ``ERROR …``)."""
         self.process.stdin.write(" ".join([out, str(value)] + ([point] if point else [])) + "\n")
         self.process.stdin.flush()
         return self.process.stdout.readline().strip()

@@ -377,8 +377,9 @@ def _age_s(location: Location) -> float:
 
 def discard(out: Location, generation: str, *, created_out: bool = False) -> None:
     """Remove the files of an ingest that will not publish (bad input found late, a failed write job, a reaped
-    generation), its lease's heartbeat stopped first; with ``created_out``, also ``out`` itself where the ingest created it and nothing else is there,
-    so a failed first ingest leaves nothing behind.
+    generation; the caller has stopped its lease's heartbeat, which could write the lease again); with
+    ``created_out``, also ``out`` itself where the ingest created it and nothing else is there, so a failed first
+    ingest leaves nothing behind.
 
     Raises:
         OSError: the generation could not be deleted.
