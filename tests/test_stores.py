@@ -384,7 +384,6 @@ def test_racing_writers_leave_one_complete_dataset(out, writers):
     assert set(generations(out)) == kept
 
 
-@pytest.mark.connect
 def test_the_last_manifest_write_wins(out):
     """Writer A (the older generation) holds with every shard written, its lease beating, while writer B (a newer
     generation) publishes: B's clean-up leaves A's live generation.  Released, A publishes over B (the last
