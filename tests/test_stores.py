@@ -4,10 +4,11 @@ paths, one whose rename answers ENOSYS and one whose rename is a copy and a dele
 
 On each store: a Spark ingest, a re-ingest and a loader that reads every row once; SIGKILL of a writer process
 (:mod:`tests.stores.writer`) mid-commit, after which ``OUT`` holds the previous complete dataset and the next
-commit cleans up.  Marked ``full`` (one CI lane runs them): SIGKILL at ten points spread across the write and
-the commit, and two racing writer processes, each with a reader polling ``OUT`` throughout that must only ever see
-a complete dataset.  A store whose server or mount cannot be started here skips, with the reason;
-``tests/stores/setup.sh`` installs what they need (moto, mfusepy, fuse3, Azurite).
+commit cleans up; the last manifest write wins, and a clean-up leaves a live ingest's generation (its lease beats)
+but removes a stalled one's, which then publishes nothing.  Marked ``full`` (one CI lane runs them): SIGKILL at
+eleven points spread across the write and the commit, and two racing writer processes, each with a reader polling
+``OUT`` throughout that must only ever see a complete dataset.  A store whose server or mount cannot be started
+here skips, with the reason; ``tests/stores/setup.sh`` installs what they need (moto, mfusepy, fuse3, Azurite).
 """
 
 from __future__ import annotations
@@ -186,18 +187,34 @@ def _child_env() -> dict[str, str]:
 
 class Writers:
     """Writer children forked from one process whose imports are done (``python -m tests.stores.writer --serve``):
-    :meth:`write` commits a dataset, or is SIGKILLed at a kill point."""
+    :meth:`write` commits a dataset, or is SIGKILLed at a kill point; :meth:`start` and :meth:`finish` let a test
+    act while one holds.  ``profile``: the lease's timings, ``serial`` or ``racing`` (:mod:`tests.stores.writer`)."""
 
-    def __init__(self):
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.stores.writer", "--serve"], text=True,
+    def __init__(self, profile: str = "serial"):
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.stores.writer", "--serve", profile], text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env())
+
+    def start(self, out: str, value: int, point: str | None = None) -> str:
+        """Start committing the dataset of ``value`` to ``out`` (``point``: a kill point, or ``hold:<point>``);
+        returns the writer's first line (``DONE <generation>``, ``PAUSED …``, ``HELD <point> <pid>``,
+        ``ERROR …``)."""
+        self.process.stdin.write(" ".join([out, str(value)] + ([point] if point else [])) + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def finish(self) -> str:
+        """The next line of the writer started (after a ``HELD``: its ``DONE`` or ``ERROR``), then its exit."""
+        line = self.process.stdout.readline().strip()
+        if line.startswith("EXIT"):
+            return line
+        status = self.process.stdout.readline().strip()
+        assert status.startswith("EXIT"), (line, status)
+        return line
 
     def write(self, out: str, value: int, kill_at: str | None = None) -> str:
         """Commit the dataset of ``value`` to ``out``; with ``kill_at``, SIGKILL the writer at that point.
         Returns the writer's line (``DONE <generation>`` or ``PAUSED <point> <pid>``)."""
-        self.process.stdin.write(" ".join([out, str(value)] + ([kill_at] if kill_at else [])) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline().strip()
+        line = self.start(out, value, kill_at)
         if kill_at is not None and line.startswith(f"PAUSED {kill_at} "):
             os.kill(int(line.split()[-1]), signal.SIGKILL)
         status = self.process.stdout.readline().strip()
@@ -210,11 +227,25 @@ class Writers:
         self.process.wait(30)
 
 
+@contextlib.contextmanager
+def writer_pools(*profiles: str):
+    """One :class:`Writers` per profile, closed (or killed) on the way out."""
+    pools = [Writers(profile) for profile in profiles]
+    try:
+        yield pools
+    finally:
+        for pool in pools:
+            if pool.process.poll() is None:
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    pool.close()
+            if pool.process.poll() is None:
+                pool.process.kill()
+
+
 @pytest.fixture
 def writers():
-    pool = Writers()
-    yield pool.write
-    pool.close()
+    with writer_pools("serial") as (pool,):
+        yield pool.write
 
 
 def dataset_value(out: str, dataset: "contract.Dataset | None" = None) -> int:
@@ -315,7 +346,7 @@ def test_a_kill_at_the_manifest_write_leaves_the_previous_dataset(out, writers):
 
 @pytest.mark.full
 def test_sigkill_at_every_point_of_the_write_and_commit(out, writers):
-    """Ten kill points, each with a reader polling OUT throughout: the reader only ever sees the previous complete
+    """Eleven kill points, each with a reader polling OUT throughout: the reader only ever sees the previous complete
     dataset or the new one, never a mix and never nothing; the next commit succeeds and cleans up."""
     writers(out, 1)
     current = 1
@@ -351,6 +382,49 @@ def test_racing_writers_leave_one_complete_dataset(out, writers):
     done = writers(out, 4)
     kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
     assert set(generations(out)) == kept
+
+
+def test_the_last_manifest_write_wins(out):
+    """Writer A (the older generation) holds with every shard written, its lease beating, while writer B (a newer
+    generation) publishes: B's clean-up leaves A's live generation.  Released, A publishes over B (the last
+    manifest write wins, B's generation kept as its previous); the next writer leaves just its own and A's."""
+    with writer_pools("racing", "racing") as (a, b):
+        first = a.write(out, 1).split()[1]
+        held = a.start(out, 2, "hold:publish")
+        assert held.startswith("HELD publish "), held
+        second = b.write(out, 3).split()[1]
+        assert dataset_value(out) == 3
+        (loser,) = set(generations(out)) - {first, second}  # A's, kept: its lease beats
+        os.kill(int(held.split()[-1]), signal.SIGUSR1)
+        assert a.finish() == f"DONE {loser}"
+        manifest = spark_mnist.open_dataset(out).manifest
+        assert dataset_value(out) == 2 and (manifest.generation, manifest.previous) == (loser, second)
+        assert set(generations(out)) == {loser, second}
+        third = b.write(out, 4).split()[1]
+    assert dataset_value(out) == 4 and set(generations(out)) == {third, loser}
+
+
+@pytest.mark.parametrize("out", ["local"], indirect=True)
+def test_a_stalled_ingest_is_reaped_and_publishes_nothing(out):
+    """Writer A holds with every shard written and is stopped (SIGSTOP: its lease goes silent); writer B publishes,
+    and its clean-up, finding A's lease unchanged for LEASE_EXPIRY_S, removes A's generation.  A, resumed, fails
+    with the one clear error and publishes nothing: OUT holds B's dataset."""
+    with writer_pools("serial", "serial") as (a, b):
+        a.write(out, 1)
+        held = a.start(out, 2, "hold:publish")
+        assert held.startswith("HELD publish "), held
+        pid = int(held.split()[-1])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            second = b.write(out, 3).split()[1]
+            manifest = spark_mnist.open_dataset(out).manifest
+            assert set(generations(out)) == {second, manifest.previous}  # A's is gone
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGUSR1)
+        error = a.finish()
+    assert error.startswith("ERROR ReapedError: ") and "removed by another ingest's clean-up" in error, error
+    assert dataset_value(out) == 3 and set(generations(out)) == {second, manifest.previous}
 
 
 @pytest.mark.full

@@ -151,13 +151,16 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     decompression), ``write_pieces`` (the write jobs), ``commit`` and ``other``; they add up to the call's time.
 
     Returns:
-        The manifest ``output`` holds afterwards (:class:`~spark_mnist.shards.contract.Manifest`): this ingest's, or,
-        where an ingest into the same ``output`` that started later published first, that one's.
+        The manifest published (:class:`~spark_mnist.shards.contract.Manifest`): of racing ingests into one
+        ``output``, the last manifest write wins.
     Raises:
         InputError: (``SourceError``, ``IdxFormatError``, ``DatasetMismatchError``, ``ChecksumMismatchError``) bad
             input; nothing is written to ``output``.
         InputError: ``num_shards``, ``row_group_bytes`` or ``chunk_rows`` below 1.
         SourceError: an ``output`` the write tasks cannot open with pyarrow (e.g. ``wasbs://``).
+        ReapedError: (:class:`spark_mnist.shards.commit.ReapedError`) the ingest stalled for longer than
+            :data:`~spark_mnist.shards.commit.LEASE_EXPIRY_S` and another ingest's clean-up removed its generation;
+            nothing was published.
     """
     if num_shards is None:
         # One shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.
@@ -173,23 +176,16 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
         splits, records = read_sources(spark, spec, source_dir, stack, clock)
         log.info("checked the headers and labels of %s: %s", source_dir.uri,
                  ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits))
-        created_out = not fs.exists(out)
-        current = commit.current_manifest(out)
-        generation = commit.new_generation(after=current.generation if current is not None else None)
-        published = False
-        try:
-            files = write_splits(spark, spec, splits, out, generation, num_shards=num_shards, chunk_rows=chunk_rows,
-                                 row_group_bytes=row_group_bytes, clock=clock)
-            for split in splits:
-                records.extend(split.done())
-            records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
-            check_hashes(spec, records, strict=strict)
-            manifest = build_manifest(spec, source_dir, records, splits, files, generation)
-            manifest = clock.timed("commit", commit.publish)(out, manifest)
-            published = True
-        finally:
-            if not published:
-                commit.discard(out, generation, created_out=created_out)
+        lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
+        generation = lease.generation
+        files = write_splits(spark, spec, splits, out, generation, num_shards=num_shards, chunk_rows=chunk_rows,
+                             row_group_bytes=row_group_bytes, clock=clock)
+        for split in splits:
+            records.extend(split.done())
+        records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
+        check_hashes(spec, records, strict=strict)
+        manifest = build_manifest(spec, source_dir, records, splits, files, generation)
+        manifest = clock.timed("commit", commit.publish)(out, manifest, lease)
     seconds = clock.close()
     if stages is not None:
         stages.update(seconds)

@@ -1,50 +1,67 @@
 """The commit of a dataset: its manifest, written last in one single-object write, is what makes a generation's
-files a dataset; retention and clean-up of the generations no manifest needs any more.
+files a dataset; the lease that tells a live ingest's generation from a dead one's; retention and clean-up of the
+generations no manifest needs any more.
 
 The protocol, the same on local disk, FUSE mounts (``/dbfs``, ``/Volumes``) and object stores, with no rename of a
 directory anywhere (the pattern of Mosaic Streaming's ``index.json``, TFDS's ``dataset_info.json``, Delta's log):
 
 1. an ingest picks a new generation (:func:`new_generation`: its UTC start time and a uuid, so names sort by
-   start and a leftover tells when it was made) and writes every shard under ``OUT/<generation>/`` by its final
-   name; no reader looks there, since no manifest names it;
-2. :func:`publish` writes ``OUT/_manifest.json`` naming that generation and every file, once, in one atomic
+   start and a leftover tells when it was made) and takes its :class:`Lease`: ``OUT/<generation>/_lease.json``
+   (:data:`LEASE_NAME`), the generation's first object, rewritten every :data:`HEARTBEAT_S` while the ingest lives;
+2. it writes every shard under ``OUT/<generation>/`` by its final name; no reader looks there, since no manifest
+   names it;
+3. :func:`publish` writes ``OUT/_manifest.json`` naming that generation and every file, once, in one atomic
    single-object write (:func:`spark_mnist.fs.write_whole`: one PUT on object stores, a temporary file and
    ``os.replace`` on POSIX, a whole-file write where a mount refuses rename).  Until that write lands readers see
-   the previous manifest and its files, which nothing has touched; after it, the new ones;
-3. :func:`clean` then applies the retention rule.
+   the previous manifest and its files, which nothing has touched; after it, the new ones.  Then it ends the lease
+   (stops its heartbeat, deletes the lease object);
+4. :func:`clean` then applies the retention rule.
 
 Retention rule: ``OUT`` keeps the generation its manifest names and the one that manifest replaced
 (``previous``), so a reader that opened the previous manifest goes on reading its files.  Every other directory
-named like a generation and older than the current one is deleted by the next ingest that publishes: earlier
-datasets, generations of ingests that were killed or failed, and the losers of racing ingests.  Nothing else under
-``OUT`` is touched (an old layout's ``train/`` and ``test/``, a user's own files).
+named like a generation is deleted by the next ingest that publishes, unless its lease is alive: earlier datasets,
+generations of ingests that were killed or failed, and the losers of racing ingests.  Nothing else under ``OUT``
+is touched (an old layout's ``train/`` and ``test/``, a user's own files).
 
-Racing ingests into one ``OUT``: the ingest that started last wins.  An ingest about to publish reads the current
-manifest first; when it names a generation that started later, this ingest's generation is discarded and the
-current dataset stays (:func:`publish` returns it).  So a generation older than the current one cannot be
-published any more, except by an ingest that read the manifest before the current one was written and has not
-written its own yet (its read-then-write takes milliseconds; on a loaded machine, more).  That ingest's generation
-is newer than the one the current manifest replaced, so :func:`clean` treats those generations apart: before it
-deletes one, it waits :data:`SETTLE_S` and reads the manifest again, and deletes only what is still unnamed and
-older than the manifest then current.  An ingest that wrote meanwhile has won (its files are all there; the
-generation it replaced is kept as its ``previous`` or, being newer, left to the next ingest).  The window left: an
-ingest that stalls for more than :data:`SETTLE_S` between its read and its write, or two other ingests that both
-publish inside it.
+Racing ingests into one ``OUT``: the last manifest write wins.  No ingest discards its own generation because
+another published meanwhile; each writes its manifest over whatever is there, naming that as its ``previous``.
+What keeps a racing ingest's files safe until then is its lease: :func:`clean` reads the lease of every generation
+it would delete, waits :data:`LEASE_EXPIRY_S` (once, for all of them) and reads them again.  A lease that changed
+belongs to an ingest still writing: its generation stays (a later ingest removes it if it never publishes).  One
+unchanged, or gone, is a dead ingest's (killed, or one that published meanwhile); the clean-up then reads the
+manifest again, keeps what that names (an ingest that published during the wait), and deletes the rest, each
+generation's lease object first, so that a live but stalled owner notices it was reaped: its heartbeat stops and
+its :func:`publish` raises :class:`ReapedError`, publishing nothing.  A generation without a lease is a published
+one's (superseded) or the remains of an ingest killed before its lease's first write: deleted at once.
+
+The window left (no compare-and-swap on pyarrow's file systems: S3's ``If-Match`` or Azure's ETags would close
+it): an owner stalled for longer than :data:`LEASE_EXPIRY_S` whose stall ends exactly between a clean-up's
+decision and its deletion, and which then checks its lease before the deletion of it and writes its manifest
+after the clean-up's last read of the manifest, publishes a generation whose files are being deleted.  Smaller
+ones that fail an ingest but never break ``OUT``: a clean-up that lists a local generation between its directory's
+creation and its lease's first write deletes it (that ingest is then reaped); an ingest that read the current
+manifest just before another's was written names the older one as its ``previous``, so the one it actually
+replaced is no longer kept for readers that opened it.
 
 SIGKILL at any moment leaves ``OUT`` with the previous complete dataset (the kill came before the manifest's
-write landed) or the new one (after); the next ingest removes what the killed one left.  No Spark here.
+write landed) or the new one (after); the next ingest removes what the killed one left, once its lease has been
+silent for :data:`LEASE_EXPIRY_S`.  No Spark here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
+import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError
@@ -56,8 +73,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Seconds :func:`clean` waits before deleting a generation that an ingest may be about to publish (module docstring).
-SETTLE_S = 1.0
+# The lease of a generation being written: its first object (:class:`Lease`); readers ignore it, as every file no
+# manifest names.
+LEASE_NAME = "_lease.json"
+# Seconds between two beats of a lease (its rewrite with the beat counter incremented).
+HEARTBEAT_S = 1.0
+# Seconds a lease must stay unchanged before :func:`clean` takes its ingest for dead (five missed beats: a live
+# ingest on a loaded machine still beats).  Tests set these module attributes lower; nothing else should.
+LEASE_EXPIRY_S = 5.0
 # Age in seconds past which a manifest's temporary file (:func:`spark_mnist.fs.replacing`) counts as a killed
 # ingest's: a younger one may be a racing ingest's, between its write and its os.replace.
 STALE_TEMP_S = 60.0
@@ -98,57 +121,222 @@ def current_manifest(out: Location) -> Manifest | None:
         return None
 
 
-def publish(out: Location, manifest: Manifest) -> Manifest:
-    """Commit ``manifest`` (its generation fully written under ``out``): write ``out/_manifest.json`` in one
-    single-object write, then :func:`clean`.
+class ReapedError(OSError):
+    """An ingest whose generation another ingest's clean-up removed, having found its lease silent for
+    :data:`LEASE_EXPIRY_S` (the ingest stalled); it published nothing."""
+
+
+class Lease:
+    """The lease of one ingest on its generation: ``OUT/<generation>/_lease.json`` (:data:`LEASE_NAME`), JSON
+    ``{"host", "pid", "generation", "beat", "time"}`` (``time`` UTC, ISO 8601), so a leftover tells who left it.
+
+    Entering writes it (the generation's first object) and starts a daemon thread that rewrites it every
+    :data:`HEARTBEAT_S` with ``beat`` incremented; :func:`clean` takes a lease that stayed unchanged for
+    :data:`LEASE_EXPIRY_S` for a dead ingest's.  Before each beat the thread checks that the lease still holds its
+    own last content: where it is gone (or changed), a clean-up reaped the generation, so :attr:`reaped` is set and
+    the thread stops, never writing it again.  Exiting stops the thread (and joins it); :func:`publish` ends the
+    lease after its manifest write.  Where: the driver (or the one process of :func:`write_local_dataset`).
+
+    Example::
+
+        with Lease(out, generation) as lease:
+            ...  # write the shards
+            publish(out, manifest, lease)
+
+    Raises:
+        OSError: (on entering) the lease could not be written.
+    """
+
+    def __init__(self, out: Location, generation: str):
+        self.out, self.generation = out, generation
+        self.location = out.join(generation, LEASE_NAME)
+        self.reaped = False
+        self.published = False  # set by publish once the manifest naming this generation is written
+        self._beat = 0
+        self._last: bytes | None = None
+        self._lock = threading.Lock()  # a beat's check-and-write against publish's check
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{generation}", daemon=True)
+
+    def __enter__(self) -> "Lease":
+        if self.out.is_local:
+            fs.makedirs(self.out.join(self.generation))  # object stores have no directories: the lease makes it
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the heartbeat (idempotent); the lease object stays (:meth:`release` deletes it)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease object: the generation is published (or discarded).
+
+        Raises:
+            OSError: the lease could not be deleted.
+        """
+        self.stop()
+        fs.delete(self.location)
+
+    def holds(self) -> bool:
+        """Whether the lease is still this ingest's: not reaped, and the object holds what it last wrote.
+
+        Raises:
+            OSError: the store failed.
+        """
+        with self._lock:
+            if not self.reaped and read_lease(self.location) != self._last:
+                self.reaped = True
+            return not self.reaped
+
+    def _write(self) -> None:
+        self._beat += 1
+        data = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "generation": self.generation,
+                           "beat": self._beat, "time": datetime.now(timezone.utc).isoformat()}).encode("utf-8")
+        fs.write_whole(self.location, data)
+        self._last = data
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    if read_lease(self.location) != self._last:
+                        self.reaped = True
+                        log.warning("%s: the lease is gone: another ingest's clean-up took this ingest for dead "
+                                    "and removed its generation", self.location.display)
+                        return
+                    self._write()
+            except OSError as e:  # a missed beat; LEASE_EXPIRY_S allows several
+                log.warning("%s: could not renew the lease (%s)", self.location.display, e)
+
+
+@contextlib.contextmanager
+def writing(out: Location) -> Iterator[Lease]:
+    """Begin an ingest into ``out``: pick a new generation (:func:`new_generation`, after the current one) and hold
+    its :class:`Lease` while the body writes it and calls :func:`publish`.  Where the body fails before the manifest
+    is written, the lease's heartbeat is stopped and the generation discarded (with ``out`` itself where this
+    created it and nothing else is there), so ``out`` goes on holding what it held.  Where: the driver.
+
+    Example::
+
+        with writing(out) as lease:
+            ...  # write the shards under out/<lease.generation>/
+            publish(out, manifest, lease)
+
+    Raises:
+        SourceError: ``out`` is on no file system this machine reaches.
+        OSError: the lease could not be written.
+    """
+    created_out = not fs.exists(out)
+    current = current_manifest(out)
+    lease = Lease(out, new_generation(after=current.generation if current is not None else None))
+    try:
+        with lease:
+            yield lease
+    except BaseException:
+        lease.stop()
+        if not lease.published:
+            discard(out, lease.generation, created_out=created_out)
+        raise
+
+
+def read_lease(location: Location) -> bytes | None:
+    """The content of the lease object at ``location``, or ``None`` where there is none.
+
+    Raises:
+        OSError: the store failed.
+    """
+    try:
+        return fs.read_bytes(location)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if not fs.exists(location):  # a store that words "not found" otherwise
+            return None
+        raise
+
+
+def publish(out: Location, manifest: Manifest, lease: Lease) -> Manifest:
+    """Commit ``manifest`` (its generation fully written under ``out``, held by ``lease``): write
+    ``out/_manifest.json`` naming the manifest ``out`` holds now as its ``previous``, in one single-object write;
+    then end the lease and :func:`clean`.  The last manifest write wins: whatever another ingest published
+    meanwhile is replaced.  Failures after the manifest's write (ending the lease, the clean-up) are logged and left
+    to the next ingest: the dataset is committed.
 
     Returns:
-        The manifest ``out`` holds afterwards: ``manifest`` with ``previous`` set to the generation it replaced; or,
-        where an ingest that started later has published meanwhile, that ingest's manifest (this generation is then
-        discarded and a warning logged: the last to start wins).
+        The manifest written: ``manifest`` with ``previous`` set.
     Raises:
+        ReapedError: another ingest's clean-up found the lease silent for :data:`LEASE_EXPIRY_S` and removed this
+            generation; nothing was published (``out`` holds what that ingest published).
         SourceError: ``out`` is on no file system this machine reaches.
         OSError: the manifest could not be written (``out`` then still holds the previous dataset).
     """
     current = current_manifest(out)
-    if current is not None and current.generation > manifest.generation:
-        log.warning("%s: an ingest that started later published generation %s meanwhile; it stays, and this "
-                    "ingest's generation %s is discarded", out.display, current.generation, manifest.generation)
-        discard(out, manifest.generation)
-        return current
     manifest = dataclasses.replace(manifest, previous=current.generation if current is not None else None)
+    if not lease.holds():
+        raise ReapedError(f"{out.display}: generation {manifest.generation} was removed by another ingest's "
+                          f"clean-up, which found its lease ({LEASE_NAME}) silent for {LEASE_EXPIRY_S:g} s (this "
+                          f"ingest stalled); nothing was published, {out.display} keeps what it holds: ingest again")
     fs.write_whole(out.join(MANIFEST_NAME), manifest.to_json().encode("utf-8"))
+    lease.published = True
     log.info("%s: published generation %s", out.display, manifest.generation)
-    clean(out)
+    try:
+        lease.release()
+        clean(out)
+    except OSError as e:
+        log.warning("%s: generation %s is published, but the clean-up failed (%s); the next ingest tries again",
+                    out.display, manifest.generation, e)
     return manifest
 
 
 def clean(out: Location) -> list[str]:
-    """Apply the retention rule (module docstring) to ``out``: delete every generation older than the current
-    manifest's other than the one it replaced, and the temporary files of manifests whose ingest was killed before
-    its ``os.replace`` (:func:`spark_mnist.fs.replacing`; older than :data:`STALE_TEMP_S`).  Reads the manifest
-    again, so a racing ingest's newer manifest is what counts; where a generation to delete is newer than the one
-    the current manifest replaced (an ingest may be about to publish it), waits :data:`SETTLE_S` and reads it once
-    more first.  A deletion that fails is logged and left to the next ingest (the dataset is committed already); one
-    that a racing ingest's clean-up did meanwhile is no failure.
+    """Apply the retention rule (module docstring) to ``out``: delete every generation other than the current
+    manifest's and the one it replaced, unless its lease is alive, and the temporary files of manifests whose ingest
+    was killed before its ``os.replace`` (:func:`spark_mnist.fs.replacing`; older than :data:`STALE_TEMP_S`).
+
+    Where any of those generations has a lease, waits :data:`LEASE_EXPIRY_S` once and reads the leases again: a
+    changed one's generation stays (its ingest is writing).  Then reads the manifest again and keeps what it names
+    (an ingest that published meanwhile); deletes each remaining generation's lease first, then the generation.
+    A deletion that fails is logged and left to the next ingest (the dataset is committed already); one that a
+    racing ingest's clean-up did meanwhile is no failure.
 
     Returns:
         The generations deleted.
     Raises:
-        OSError: ``out`` could not be listed, or its manifest read.
+        OSError: ``out`` could not be listed, or its manifest or a lease read.
     """
     current = current_manifest(out)
     if current is None:
         return []
     names = fs.list_names(out)
-    removed = _unneeded(names, current)
-    if any(current.previous is None or name > current.previous for name in removed):
-        time.sleep(SETTLE_S)  # an ingest that read the manifest before ours was written may be writing its own
-        current = current_manifest(out)
-        if current is None:
-            return []
-        removed = _unneeded(names, current)
-    removed = [name for name in removed if _remove(out.join(name))]
+    candidates = [name for name in names if is_generation(name) and name not in (current.generation,
+                                                                                   current.previous)]
+    leases = {name: read_lease(out.join(name, LEASE_NAME)) for name in candidates}
+    held = {name: content for name, content in leases.items() if content is not None}
+    if held:
+        time.sleep(LEASE_EXPIRY_S)
+        alive = [name for name, content in held.items()
+                 if read_lease(out.join(name, LEASE_NAME)) not in (None, content)]
+        if alive:
+            log.info("%s: left generation(s) %s, whose ingest is still writing (its lease beats)", out.display,
+                     ", ".join(alive))
+        candidates = [name for name in candidates if name not in alive]
+    current = current_manifest(out)  # an ingest that published meanwhile (its lease gone after its manifest write)
+    if current is None:
+        return []
+    removed = []
+    for name in candidates:
+        if name in (current.generation, current.previous):
+            continue
+        if (name not in held or _remove(out.join(name, LEASE_NAME))) and _remove(out.join(name)):
+            removed.append(name)
     for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
         if name.startswith(f".{MANIFEST_NAME}.tmp-") and _age_s(out.join(name)) > STALE_TEMP_S:
             _remove(out.join(name))
@@ -187,16 +375,11 @@ def _age_s(location: Location) -> float:
         return 0.0
 
 
-def _unneeded(names: list[str], current: Manifest) -> list[str]:
-    """The generations among ``names`` that the retention rule deletes under ``current``."""
-    keep = {current.generation, current.previous}
-    return [name for name in names if is_generation(name) and name not in keep and name < current.generation]
-
-
 def discard(out: Location, generation: str, *, created_out: bool = False) -> None:
-    """Remove the files of an ingest that will not publish (bad input found late, a failed write job, a superseded
-    generation); with ``created_out``, also ``out`` itself where the ingest created it and nothing else is there,
-    so a failed first ingest leaves nothing behind.
+    """Remove the files of an ingest that will not publish (bad input found late, a failed write job, a reaped
+    generation; the caller has stopped its lease's heartbeat, which could write the lease again); with
+    ``created_out``, also ``out`` itself where the ingest created it and nothing else is there, so a failed first
+    ingest leaves nothing behind.
 
     Raises:
         OSError: the generation could not be deleted.
@@ -218,8 +401,8 @@ def write_local_dataset(output: str | os.PathLike, spec: "DatasetSpec", arrays: 
     """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
     (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
     files and protocol as ingest, ``num_shards`` contiguous shards per split under a new generation by the
-    task-side writer, then :func:`publish`.  For the test kit (:mod:`spark_mnist.testing`), small tools and the
-    store tests.  Where: one process.
+    task-side writer, holding its :class:`Lease`, then :func:`publish`.  For the test kit
+    (:mod:`spark_mnist.testing`), small tools and the store tests.  Where: one process.
 
     Args:
         rows_per_group: rows per Parquet row group; default about
@@ -227,6 +410,7 @@ def write_local_dataset(output: str | os.PathLike, spec: "DatasetSpec", arrays: 
     Returns:
         The manifest published (as :func:`publish`).
     Raises:
+        ReapedError: as :func:`publish` (the generation is then discarded).
         OSError: a shard or the manifest could not be written (the generation is then discarded).
     """
     import numpy as np
@@ -239,23 +423,17 @@ def write_local_dataset(output: str | os.PathLike, spec: "DatasetSpec", arrays: 
     out = normalize_uri(output)
     image_shape = tuple(int(n) for n in spec.image_shape)
     rows_per_group = rows_per_group or max(1, ROW_GROUP_BYTES // int(np.prod(image_shape)))
-    current = current_manifest(out)
-    generation = new_generation(after=current.generation if current is not None else None)
-    created_out = not fs.exists(out)
-    try:
+    with writing(out) as lease:
         splits = {}
         for name, (images, labels) in arrays.items():
             bounds = shard_bounds(len(labels), num_shards)
             files = []
             for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                path = shard_path(generation, name, k)
+                path = shard_path(lease.generation, name, k)
                 size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
                 files.append(ShardFile(path, size, int(hi - lo)))
             splits[name] = Split(rows=len(labels), files=tuple(files), label_histogram=tuple(
                 np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()))
-        manifest = Manifest(generation=generation, dataset=spec.name, classes=tuple(spec.classes),
+        manifest = Manifest(generation=lease.generation, dataset=spec.name, classes=tuple(spec.classes),
                             image_shape=image_shape, splits=splits, source=source or {}, package_version=__version__)
-    except BaseException:
-        discard(out, generation, created_out=created_out)
-        raise
-    return publish(out, manifest)
+        return publish(out, manifest, lease)

@@ -1,17 +1,24 @@
 """One ingest's write and commit without Spark, in its own process, for the store tests: a dataset whose every pixel
 is ``VALUE`` committed to ``OUT`` through the same functions ingest uses (:func:`spark_mnist.shards.commit.
-write_local_dataset`: shards under a new generation by their final names, then the manifest, then the clean-up).
+write_local_dataset`: the lease, shards under a new generation by their final names, then the manifest, then the
+clean-up).
 
-``python -m tests.stores.writer OUT VALUE [KILL_POINT]``: with a kill point (:data:`KILL_POINTS`) the process
-prints ``PAUSED <point> <pid>`` when it gets there and waits to be SIGKILLed; without one it prints
-``DONE <generation>``.  ``python -m tests.stores.writer --serve`` reads such argument lines from stdin and runs each
-in a process forked from itself, its imports done once (:class:`Writers` in the tests), so a kill costs no
-interpreter start.
+``python -m tests.stores.writer OUT VALUE [POINT]``: with a kill point (:data:`KILL_POINTS`) the process prints
+``PAUSED <point> <pid>`` when it gets there and waits to be SIGKILLed (its lease's heartbeat thread beating on);
+with ``hold:<point>`` it prints ``HELD <point> <pid>`` there and waits for SIGUSR1, then goes on; it ends with
+``DONE <generation>``.  ``python -m tests.stores.writer --serve [racing]`` reads such argument lines from stdin and
+runs each in a process forked from itself, its imports done once (:class:`Writers` in the tests), so a kill costs
+no interpreter start.
+
+The lease's timings (:data:`SERIAL`, :data:`RACING`) are cut from the production ones so the tests stay fast; those
+of writers that run beside others (racing processes, ``--serve racing``) still leave a loaded two-core machine
+ten missed beats before a live writer is taken for dead.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -21,20 +28,25 @@ from spark_mnist import fs
 from spark_mnist.datasets import get_dataset
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import commit, parquet
+from spark_mnist.shards.contract import MANIFEST_NAME
 
 TRAIN_ROWS, TEST_ROWS, SHARDS, ROWS_PER_GROUP = 40, 20, 2, 8
-# Where a kill lands, spread across the write and the commit: (point, function patched, which call pauses).
+# (commit.HEARTBEAT_S, commit.LEASE_EXPIRY_S) of a writer that never runs beside another, and of one that may.
+SERIAL, RACING = (0.02, 0.1), (0.25, 2.5)
+# Where a kill lands, spread across the write and the commit: (point, function patched, which call pauses); the
+# manifest's write counts only calls on the manifest (the lease's heartbeat writes too).
 KILL_POINTS = {
     "begin": ("current_manifest", 1),          # before anything is written
-    "shard-0": ("write_shard", 1),             # before the first shard
+    "lease": ("lease_write", 1),               # the lease's first write (a local generation's directory exists)
+    "shard-0": ("write_shard", 1),             # the lease written, before the first shard
     "shard-0-mid": ("record_batch", 3),        # inside the first shard: its first row group written
     "shard-1": ("write_shard", 2),
     "test-shard-0": ("write_shard", 3),        # the second split
-    "shard-3-mid": ("record_batch", 13),         # inside the last shard (calls 12-14)
+    "shard-3-mid": ("record_batch", 13),       # inside the last shard (calls 12-14)
     "publish": ("current_manifest", 2),        # every shard written, the commit's read of the current manifest
     "manifest-write": ("manifest_write", 1),   # the manifest's one write (before os.replace / the PUT / the write)
-    "clean": ("current_manifest", 3),          # the manifest written, before the clean-up
-    "clean-mid": ("delete", 1),                # during the clean-up's first deletion
+    "clean": ("current_manifest", 3),          # the manifest written and the lease deleted, before the clean-up
+    "clean-mid": ("delete", 2),                # during the clean-up's first deletion (the 1st: the lease's)
 }
 
 
@@ -44,17 +56,29 @@ def arrays(value: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for split, rows in (("train", TRAIN_ROWS), ("test", TEST_ROWS))}
 
 
-def _pause_at(point: str, out: str) -> None:
-    """Patch the function of ``point`` so that its n-th call prints ``PAUSED`` and waits for the SIGKILL."""
+def _names(name: str, target) -> bool:
+    """Whether ``target`` (a path, or a Location) names the file ``name``."""
+    return str(getattr(target, "uri", target)).split("?")[0].endswith("/" + name)
+
+
+def _pause_at(point: str, out: str, hold: bool = False) -> None:
+    """Patch the function of ``point`` so that its n-th call prints ``PAUSED`` and waits for the SIGKILL; with
+    ``hold``, prints ``HELD`` and waits for SIGUSR1, then makes the call."""
     name, nth = KILL_POINTS[point]
     calls = [0]
+    released = [False]
+    if hold:
+        signal.signal(signal.SIGUSR1, lambda *_: released.__setitem__(0, True))
 
-    def pausing(real):
+    def pausing(real, counts=lambda *args: True):
         def wrapper(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == nth:
-                print(f"PAUSED {point} {os.getpid()}", flush=True)
-                time.sleep(600)
+            if counts(*args):
+                calls[0] += 1
+                if calls[0] == nth:
+                    print(f"{'HELD' if hold else 'PAUSED'} {point} {os.getpid()}", flush=True)
+                    deadline = time.monotonic() + 600
+                    while not released[0] and time.monotonic() < deadline:
+                        time.sleep(0.01)
             return real(*args, **kwargs)
         return wrapper
 
@@ -66,37 +90,49 @@ def _pause_at(point: str, out: str) -> None:
         parquet.record_batch = pausing(parquet.record_batch)
     elif name == "delete":
         commit.fs.delete = pausing(fs.delete)
+    elif name == "lease_write":
+        fs.write_whole = pausing(fs.write_whole, lambda location, *_: _names(commit.LEASE_NAME, location))
     elif name == "manifest_write":  # the step that makes the manifest visible, on each kind of store
-        os.replace = pausing(os.replace)
-        fs._write_in_place = pausing(fs._write_in_place)
+        manifest = lambda target, *_: _names(MANIFEST_NAME, target)  # noqa: E731
+        os.replace = pausing(os.replace, lambda src, dst, *_: manifest(dst))
+        fs._write_in_place = pausing(fs._write_in_place, manifest)
         if not normalize_uri(out).is_local:
-            fs.write_whole = pausing(fs.write_whole)
+            fs.write_whole = pausing(fs.write_whole, manifest)
 
 
 def main(argv: list[str]) -> None:
-    if argv == ["--serve"]:
-        serve()
+    if argv[:1] == ["--serve"]:
+        serve(RACING if argv[1:] == ["racing"] else SERIAL)
         return
+    commit.HEARTBEAT_S, commit.LEASE_EXPIRY_S = RACING  # a process of its own: racing others
+    run(argv)
+
+
+def run(argv: list[str]) -> None:
+    """One writer: ``OUT VALUE [POINT | hold:POINT]``."""
     value = int(argv[1])
     if len(argv) > 2:
-        _pause_at(argv[2], argv[0])
+        point = argv[2].removeprefix("hold:")
+        _pause_at(point, argv[0], hold=point != argv[2])
     manifest = commit.write_local_dataset(argv[0], get_dataset("mnist"), arrays(value), num_shards=SHARDS,
                                           rows_per_group=ROWS_PER_GROUP)
     print(f"DONE {manifest.generation}", flush=True)
 
 
-def serve() -> None:
-    """Run every argument line of stdin in a forked child, one at a time; ``EXIT <status>`` after each.  These
-    writers never race (one at a time), so the clean-up's wait for a racing publisher is cut short, and a killed
-    writer's manifest temporary file counts as stale at once."""
-    commit.SETTLE_S, commit.STALE_TEMP_S = 0.05, 0.0
+def serve(timings: tuple[float, float]) -> None:
+    """Run every argument line of stdin in a forked child, one at a time; ``EXIT <status>`` after each.  The
+    lease's ``timings`` are :data:`SERIAL` or :data:`RACING` (a test that races two writers runs two of these);
+    with :data:`SERIAL`, where no other writer runs, a killed writer's manifest temporary file is stale at once."""
+    commit.HEARTBEAT_S, commit.LEASE_EXPIRY_S = timings
+    if timings == SERIAL:
+        commit.STALE_TEMP_S = 0.0
     for line in sys.stdin:
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                main(line.split())
+                run(line.split())
             except BaseException as e:  # noqa: BLE001 - reported to the test, which fails on it
                 print(f"ERROR {type(e).__name__}: {e}".replace("\n", " "), flush=True)
                 code = 1
