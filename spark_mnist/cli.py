@@ -1,6 +1,7 @@
 """``spark-mnist``: thin subcommands that parse arguments and call the library.
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what is wrong), 1 anything else.
+Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what is wrong), 3 an ingest another
+ingest's clean-up removed (it stalled; one line on stderr, nothing published: ingest again), 1 anything else.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from spark_mnist.errors import InputError
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
+# An ingest another ingest's clean-up took for dead (it stalled): nothing was published; not bad input, so not 2.
+EXIT_REAPED = 3
 METAVARS = {int: "N", float: "X"}  # a str setting's option shows its name: --data DATA
 
 
@@ -216,6 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         print(f"spark-mnist: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:
+        from spark_mnist.shards.commit import ReapedError  # here, not at the top: the module brings numpy
+
+        if not isinstance(e, ReapedError):
+            raise
+        print(f"spark-mnist: error: {e}", file=sys.stderr)
+        return EXIT_REAPED
 
 
 if __name__ == "__main__":

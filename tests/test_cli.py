@@ -48,6 +48,21 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and "bad.yaml" in err[0] and "ingest.shards: unknown key" in err[0]
 
 
+def test_a_reaped_ingest_exits_3_with_one_line(monkeypatch, capsys):
+    """An ingest that another ingest's clean-up removed (it stalled) is no bad input: exit 3, one line, no
+    traceback."""
+    import spark_mnist.cli as cli
+    from spark_mnist.shards.commit import ReapedError
+
+    def reaped(args):
+        raise ReapedError("out: generation g was removed by another ingest's clean-up; nothing was published")
+
+    monkeypatch.setattr(cli, "run_command", reaped)
+    assert cli.main(["config", "show"]) == cli.EXIT_REAPED == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spark-mnist: error: out: generation g was removed"), err
+
+
 @pytest.mark.slow
 @pytest.mark.connect
 def test_ingest_bad_input_exits_2_one_stderr_line_and_writes_nothing(small_source, tmp_path, spark_remote_args):
