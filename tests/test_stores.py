@@ -185,6 +185,10 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
+# How often Writers.start runs again a writer that died natively before its first line.
+NATIVE_RETRIES = 2
+
+
 class Writers:
     """Writer children forked from one process whose imports are done (``python -m tests.stores.writer --serve``):
     :meth:`write` commits a dataset, or is SIGKILLed at a kill point; :meth:`start` and :meth:`finish` let a test
@@ -197,10 +201,21 @@ class Writers:
     def start(self, out: str, value: int, point: str | None = None) -> str:
         """Start committing the dataset of ``value`` to ``out`` (``point``: a kill point, or ``hold:<point>``);
         returns the writer's first line (``DONE <generation>``, ``PAUSED …``, ``HELD <point> <pid>``,
-        ``ERROR …``)."""
-        self.process.stdin.write(" ".join([out, str(value)] + ([point] if point else [])) + "\n")
-        self.process.stdin.flush()
-        return self.process.stdout.readline().strip()
+        ``ERROR …``).
+
+        A writer that dies before its first line, with no Python error (a native abort: pyarrow's Azure client has
+        ended the process with an uncaught ``Azure::Core::Http::TransportException`` when Azurite, loaded, closed a
+        connection mid-response), is started again, at most :data:`NATIVE_RETRIES` times: to the store that is one
+        more killed ingest, which the protocol must survive anyway."""
+        command = " ".join([out, str(value)] + ([point] if point else [])) + "\n"
+        for _ in range(1 + NATIVE_RETRIES):
+            self.process.stdin.write(command)
+            self.process.stdin.flush()
+            line = self.process.stdout.readline().strip()
+            if not line.startswith("EXIT"):
+                return line
+            print(f"writer {command.strip()!r} died with no line ({line}): started again", file=sys.stderr)
+        raise AssertionError(f"writer {command.strip()!r} died with no line {1 + NATIVE_RETRIES} times ({line})")
 
     def finish(self) -> str:
         """The next line of the writer started (after a ``HELD``: its ``DONE`` or ``ERROR``), then its exit."""
