@@ -26,7 +26,7 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so' || ! command -v fusermount
   fi
 fi
 
-azurite="$repo/.cache/stores/node_modules/.bin/azurite-blob"
+azurite="$repo/.cache/stores/node_modules/.bin/azurite"
 if [ ! -x "$azurite" ]; then
   if command -v npm >/dev/null; then
     mkdir -p "$repo/.cache/stores"
