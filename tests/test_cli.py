@@ -65,7 +65,11 @@ def test_a_reaped_ingest_exits_3_with_one_line(monkeypatch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.connect
+@pytest.mark.full
 def test_ingest_bad_input_exits_2_one_stderr_line_and_writes_nothing(small_source, tmp_path, spark_remote_args):
+    """The command in a child process of its own (a driver JVM of its own where classic: the full lane's): exit 2,
+    one line on stderr naming the file, nothing written.  Every lane checks the same error in-process
+    (test_ingest's bad input)."""
     source, _ = small_source
     (source / "t10k-images-idx3-ubyte.gz").write_bytes(b"<!DOCTYPE html><html>403 Forbidden</html>")
     out = tmp_path / "out"
