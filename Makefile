@@ -52,12 +52,11 @@ TEST_TMP := /tmp/spark-mnist-tests
 # The JVMs the tests start (sessions, Connect servers, child commands' drivers; spark-submit reads SPARK_SUBMIT_OPTS)
 # live seconds to minutes: the client compiler alone and the serial collector take a third less CPU than the defaults.
 TEST_JVM_OPTS := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
-# Each pass runs under timeout(1): in a process group of its own, so that no signal a pass's processes send to their
-# group (pyspark's daemon, torch's elastic agent and the tests signal theirs) reaches make or another pass; and for
-# at most PASS_TIMEOUT seconds, after which it gets SIGINT (pytest prints where it stood and its summary), then
-# SIGKILL 60 s later.  A hung pass fails the run in bounded time instead of holding CI to its limit.
+# Each pass runs under scripts/bounded.sh: in a process group of its own (timeout(1)'s), so that no signal a pass's
+# processes send to their group reaches make or another pass; for at most PASS_TIMEOUT seconds (then SIGINT: pytest
+# prints where it stood; SIGKILL 60 s later); Ctrl-C handed on to the whole pass.
 PASS_TIMEOUT ?= 2400
-BOUNDED = timeout --signal=INT --kill-after=60 $(PASS_TIMEOUT)
+BOUNDED = scripts/bounded.sh $(PASS_TIMEOUT)
 # The passes of a lane: classic, and over Connect where its pyspark has Connect.
 passes = test-classic-$(1) $(if $(filter $(1),$(CONNECT_LANES)),test-connect-$(1))
 
@@ -114,7 +113,7 @@ test-kit: $(UV)
 	  requirements/lanes/$(KIT_LANE).txt && \
 	$(UV) pip install --quiet --python $(KIT)/venv/bin/python --no-deps $(KIT)/dist/*.whl && \
 	cp examples/user_tests/*.py $(KIT)/project/ && \
-	( cd $(KIT)/project && $(BOUNDED) $(KIT)/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . ); s=$$?; \
+	( cd $(KIT)/project && $(CURDIR)/$(BOUNDED) $(KIT)/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . ); s=$$?; \
 	mkdir -p $(LOGS); echo "kit $(KIT_LANE) $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
 test-times:

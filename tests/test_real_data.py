@@ -38,20 +38,19 @@ def test_ingest_debian_fashion_mnist(spark, tmp_path):
 @requires_fashion
 @requires_connect
 @pytest.mark.full
-def test_run_over_spark_connect_learns_fashion_mnist(tmp_path, spark_remote_args):
+def test_run_over_spark_connect_reaches_the_accuracy_of_the_classic_run(tmp_path, spark_remote_args):
     """``spark-mnist run --remote sc://localhost:PORT`` with conf/local.yaml (2 CPU ranks, the shards read
-    directly) for 1 epoch at 64 images per rank (a global batch of 128) on the real 60,000 images, a client of this
-    run's Connect server (the child authenticates as this process does): the metrics JSON of the classic run, and a
-    test accuracy of at least 0.87 on the 10,000 test images (0.880 measured, as the classic run; 0.903 after 3
-    epochs, 0.904 after conf/local.yaml's 5)."""
+    directly) for 2 epochs at 64 images per rank (a global batch of 128: 0.880 after 1 epoch, 0.894 after 2, the
+    classic run measured; 0.903 after 3), a client of this run's Connect server (the child authenticates as this
+    process does): the same metrics JSON as the classic run, and its test accuracy at least 0.89."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("SPARK_REMOTE", "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED")}
     command = [sys.executable, "-m", "spark_mnist.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
-               "--epochs", "1", "--batch-size", "64", *spark_remote_args, "--output", str(tmp_path / "fashion"),
+               "--epochs", "2", "--batch-size", "64", *spark_remote_args, "--output", str(tmp_path / "fashion"),
                "--run-dir", str(tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["converter"] == "none" and metrics["world_size"] == 2 and metrics["dataset"] == "fashion-mnist"
-    assert metrics["epochs"] == 1 and metrics["test_accuracy"] >= 0.87, metrics
+    assert metrics["test_accuracy"] >= 0.89, metrics
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "metrics.json").exists()

@@ -44,7 +44,7 @@ STORES = ["local", "s3", "azure", "volume-enosys", "volume-copy"]
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 # Azurite's full command: azurite-blob 3.35 ignores --blobKeepAliveTimeout (its getter reads another flag).
 AZURITE_BIN = REPO / ".cache" / "stores" / "node_modules" / ".bin" / "azurite"
-AZURITE_KEEP_ALIVE_S = 600  # longer than the Azure SDK keeps an idle connection pooled (60 s)
+AZURITE_KEEP_ALIVE_S = 1  # seconds; see azure_root
 BUCKET = "spark-mnist"
 START_TIMEOUT_S = 30
 POLL_PAUSE_S = 0.02  # between the polling reader's reads: it shares two cores with the writers
@@ -114,9 +114,11 @@ def azure_root(tmp_path_factory):
 
     port = _free_port()
     location = tmp_path_factory.mktemp("azurite")
-    # Azurite closes a connection idle for 5 s (its default keep-alive); the Azure SDK's pool keeps one for 60 s,
-    # and pyarrow's Azure client, sending on the one Azurite closed, does not catch the SDK's TransportException: the
-    # process aborts (apache/arrow GH-44286).  Real Azure Storage keeps idle connections for minutes.
+    # pyarrow deletes a blob under a lease it releases afterwards; Azurite at times leaves its answer to that release
+    # (404: the blob is gone) unfinished, and the client waits until Azurite closes the connection: after its
+    # keep-alive (5 s by default; measured: such a delete takes 7 s, or 61 s with a keep-alive past the Azure SDK's
+    # 60 s timeout).  A keep-alive of 1 s makes it 3 s.  (A client that gets no answer after its retries, in the
+    # lease's release, which runs in a destructor, aborts the process: apache/arrow GH-44286.)
     command = [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
                "--blobKeepAliveTimeout", str(AZURITE_KEEP_ALIVE_S), "--queuePort", "0", "--tablePort", "0",
                "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"]
