@@ -44,7 +44,7 @@ STORES = ["local", "s3", "azure", "volume-enosys", "volume-copy"]
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 # Azurite's full command: azurite-blob 3.35 ignores --blobKeepAliveTimeout (its getter reads another flag).
 AZURITE_BIN = REPO / ".cache" / "stores" / "node_modules" / ".bin" / "azurite"
-AZURITE_KEEP_ALIVE_S = 1  # seconds; see azure_root
+AZURITE_KEEP_ALIVE_S = 600  # seconds, past the Azure SDK's 60 s; see azure_root
 BUCKET = "spark-mnist"
 START_TIMEOUT_S = 30
 POLL_PAUSE_S = 0.02  # between the polling reader's reads: it shares two cores with the writers
@@ -114,11 +114,13 @@ def azure_root(tmp_path_factory):
 
     port = _free_port()
     location = tmp_path_factory.mktemp("azurite")
-    # pyarrow deletes a blob under a lease it releases afterwards; Azurite at times leaves its answer to that release
-    # (404: the blob is gone) unfinished, and the client waits until Azurite closes the connection: after its
-    # keep-alive (5 s by default; measured: such a delete takes 7 s, or 61 s with a keep-alive past the Azure SDK's
-    # 60 s timeout).  A keep-alive of 1 s makes it 3 s.  (A client that gets no answer after its retries, in the
-    # lease's release, which runs in a destructor, aborts the process: apache/arrow GH-44286.)
+    # pyarrow deletes a blob under a lease it releases afterwards; Azurite at times (measured: 2 of ~300 deletes)
+    # leaves its answer to that release (404: the blob is gone) unfinished, and the client waits until the connection
+    # closes, then retries.  With Azurite's 5 s keep-alive, Azurite closes it (7 s), and so it also closes idle
+    # connections the Azure SDK still pools (60 s): a client whose retries all meet a closed connection, in the
+    # lease's release (a destructor), aborts the process (apache/arrow GH-44286; it aborted test passes, a writer's
+    # and pytest's own, with a keep-alive of 5 s and of 1 s).  With a keep-alive past the SDK's 60 s, Azurite never
+    # closes a connection under the client, whose own 60 s timeout ends such a wait: slower, and no abort seen.
     command = [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
                "--blobKeepAliveTimeout", str(AZURITE_KEEP_ALIVE_S), "--queuePort", "0", "--tablePort", "0",
                "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"]
@@ -395,11 +397,15 @@ def test_racing_writers_leave_one_complete_dataset(out, writers):
     writers(out, 1)
     with Poller(out) as poller:
         command = [[sys.executable, "-m", "tests.stores.writer", out, str(v)] for v in (2, 3)]
-        children = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=_child_env()) for c in command]
-        for child in children:
-            _, stderr = child.communicate(timeout=120)
-            assert child.returncode == 0, stderr[-3000:]
+        for _ in range(1 + NATIVE_RETRIES):  # a race in which a writer aborted natively is run again (Writers.start)
+            children = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=_child_env()) for c in command]
+            ended = [(child.returncode, stderr) for child in children
+                     for _, stderr in [child.communicate(timeout=120)]]
+            if not any(code == -signal.SIGABRT and "terminate called" in stderr for code, stderr in ended):
+                break
+        for code, stderr in ended:
+            assert code == 0, stderr[-3000:]
         assert dataset_value(out) in (2, 3)
     assert set(poller.seen) <= {1, 2, 3}
     done = writers(out, 4)
