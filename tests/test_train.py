@@ -140,8 +140,8 @@ def test_auto_converter_says_which_path_it_took(spark, full_run):
 @pytest.mark.full
 def test_distributed_mode_over_connect_runs_the_ranks_in_spark_tasks(spark, small_dataset, tmp_path):
     """TorchDistributor(local_mode=False) over a Spark Connect session: the ranks run in the server's tasks.  In the
-    full lane's Connect pass only: in 3 of 6 Connect passes (pyspark 4.0 and 4.3 alike) this run waited about 300 s
-    before its barrier stage trained, never when run alone (cause not found; README "CI time")."""
+    full lane's Connect pass only: in 3 of 6 Connect passes (pyspark 4.0 and 4.3 alike) this run took about 300 s
+    longer, never when run alone (likely torch's elastic agents' exit barrier; README "CI time")."""
     metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1, local_mode=False))
     assert metrics["world_size"] == 2 and metrics["converter"] == "none" and metrics["steps_per_epoch"] == 10
     assert (tmp_path / "run" / MODEL_NAME).exists()
