@@ -215,8 +215,8 @@ class Writers:
 
         A writer that dies before its first line, with no Python error (a native abort: pyarrow's Azure client has
         ended the process with an uncaught ``Azure::Core::Http::TransportException`` when Azurite, loaded, closed a
-        connection mid-response, apache/arrow GH-44286), is started again, at most :data:`NATIVE_RETRIES` times: to the store that is one
-        more killed ingest, which the protocol must survive anyway."""
+        connection mid-response, apache/arrow GH-44286), is started again, at most :data:`NATIVE_RETRIES` times: to
+        the store that is one more killed ingest, which the protocol must survive anyway."""
         command = " ".join([out, str(value)] + ([point] if point else [])) + "\n"
         for _ in range(1 + NATIVE_RETRIES):
             self.process.stdin.write(command)
@@ -400,8 +400,10 @@ def test_racing_writers_leave_one_complete_dataset(out, writers):
         for _ in range(1 + NATIVE_RETRIES):  # a race in which a writer aborted natively is run again (Writers.start)
             children = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                          env=_child_env()) for c in command]
-            ended = [(child.returncode, stderr) for child in children
-                     for _, stderr in [child.communicate(timeout=120)]]
+            ended = []
+            for child in children:
+                _, stderr = child.communicate(timeout=120)
+                ended.append((child.returncode, stderr))
             if not any(code == -signal.SIGABRT and "terminate called" in stderr for code, stderr in ended):
                 break
         for code, stderr in ended:
