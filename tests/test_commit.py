@@ -40,7 +40,8 @@ def test_a_lease_beats_until_stopped_and_says_who_holds_it(tmp_path):
     out = normalize_uri(tmp_path / "out")
     with commit.writing(out) as lease:
         content = json.loads(commit.read_lease(lease.location))
-        assert fs.list_names(out.join(lease.generation)) == [commit.LEASE_NAME]  # the generation's first object
+        assert fs.list_names(out.join(lease.generation)) == [commit.LEASE_DIR]  # the generation's first object
+        assert fs.list_names(out.join(lease.generation, commit.LEASE_DIR)) == [commit.LEASE_NAME]
         assert {"host", "pid", "time"} <= content.keys() and content["generation"] == lease.generation
         first = _beat(lease)
         _wait_for(lambda: _beat(lease) > first + 1, "the lease never beat")

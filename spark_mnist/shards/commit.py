@@ -6,15 +6,16 @@ The protocol, the same on local disk, FUSE mounts (``/dbfs``, ``/Volumes``) and 
 directory anywhere (the pattern of Mosaic Streaming's ``index.json``, TFDS's ``dataset_info.json``, Delta's log):
 
 1. an ingest picks a new generation (:func:`new_generation`: its UTC start time and a uuid, so names sort by
-   start and a leftover tells when it was made) and takes its :class:`Lease`: ``OUT/<generation>/_lease.json``
-   (:data:`LEASE_NAME`), the generation's first object, rewritten every :data:`HEARTBEAT_S` while the ingest lives;
+   start and a leftover tells when it was made) and takes its :class:`Lease`: ``OUT/<generation>/_lease/lease.json``
+   (:data:`LEASE_DIR`, :data:`LEASE_NAME`), the generation's first object, rewritten every :data:`HEARTBEAT_S` while
+   the ingest lives;
 2. it writes every shard under ``OUT/<generation>/`` by its final name; no reader looks there, since no manifest
    names it;
 3. :func:`publish` writes ``OUT/_manifest.json`` naming that generation and every file, once, in one atomic
    single-object write (:func:`spark_mnist.fs.write_whole`: one PUT on object stores, a temporary file and
    ``os.replace`` on POSIX, a whole-file write where a mount refuses rename).  Until that write lands readers see
    the previous manifest and its files, which nothing has touched; after it, the new ones.  Then it ends the lease
-   (stops its heartbeat, deletes the lease object);
+   (stops its heartbeat, deletes the lease's folder);
 4. :func:`clean` then applies the retention rule.
 
 Retention rule: ``OUT`` keeps the generation its manifest names and the one that manifest replaced
@@ -30,7 +31,7 @@ it would delete, waits :data:`LEASE_EXPIRY_S` (once, for all of them) and reads 
 belongs to an ingest still writing: its generation stays (a later ingest removes it if it never publishes).  One
 unchanged, or gone, is a dead ingest's (killed, or one that published meanwhile); the clean-up then reads the
 manifest again, keeps what that names (an ingest that published during the wait), and deletes the rest, each
-generation's lease object first, so that a live but stalled owner notices it was reaped: its heartbeat stops and
+generation's lease first, so that a live but stalled owner notices it was reaped: its heartbeat stops and
 its :func:`publish` raises :class:`ReapedError`, publishing nothing.  A generation without a lease is a published
 one's (superseded) or the remains of an ingest killed before its lease's first write: deleted at once.
 
@@ -73,9 +74,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The lease of a generation being written: its first object (:class:`Lease`); readers ignore it, as every file no
-# manifest names.
-LEASE_NAME = "_lease.json"
+# The lease of a generation being written (:class:`Lease`): its first object, ``LEASE_DIR/LEASE_NAME`` under the
+# generation; readers ignore it, as every file no manifest names.  The lease has a folder of its own so that ending or
+# reaping it deletes a folder, never a single object: pyarrow's AzureFileSystem deletes a single blob of a flat
+# namespace under a blob lease that it releases after the delete, and that release has hung on its answer until the
+# client's 60 s timeout and aborted processes (apache/arrow GH-44286); a folder's deletion takes no blob lease.
+LEASE_DIR = "_lease"
+LEASE_NAME = "lease.json"
 # Seconds between two beats of a lease (its rewrite with the beat counter incremented).
 HEARTBEAT_S = 1.0
 # Seconds a lease must stay unchanged before :func:`clean` takes its ingest for dead (five missed beats: a live
@@ -127,7 +132,7 @@ class ReapedError(OSError):
 
 
 class Lease:
-    """The lease of one ingest on its generation: ``OUT/<generation>/_lease.json`` (:data:`LEASE_NAME`), JSON
+    """The lease of one ingest on its generation: ``OUT/<generation>/_lease/lease.json`` (:data:`LEASE_DIR`), JSON
     ``{"host", "pid", "generation", "beat", "time"}`` (``time`` UTC, ISO 8601), so a leftover tells who left it.
 
     Entering writes it (the generation's first object) and starts a daemon thread that rewrites it every
@@ -149,7 +154,7 @@ class Lease:
 
     def __init__(self, out: Location, generation: str):
         self.out, self.generation = out, generation
-        self.location = out.join(generation, LEASE_NAME)
+        self.location = lease_location(out, generation)
         self.reaped = False
         self.published = False  # set by publish once the manifest naming this generation is written
         self._beat = 0
@@ -160,7 +165,7 @@ class Lease:
 
     def __enter__(self) -> "Lease":
         if self.out.is_local:
-            fs.makedirs(self.out.join(self.generation))  # object stores have no directories: the lease makes it
+            fs.makedirs(lease_folder(self.out, self.generation))  # object stores have none: the lease makes them
         self._write()
         self._thread.start()
         return self
@@ -169,19 +174,19 @@ class Lease:
         self.stop()
 
     def stop(self) -> None:
-        """Stop the heartbeat (idempotent); the lease object stays (:meth:`release` deletes it)."""
+        """Stop the heartbeat (idempotent); the lease object stays (:meth:`release` deletes its folder)."""
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease object: the generation is published (or discarded).
+        """Stop the heartbeat and delete the lease's folder: the generation is published (or discarded).
 
         Raises:
             OSError: the lease could not be deleted.
         """
         self.stop()
-        fs.delete(self.location)
+        fs.delete(lease_folder(self.out, self.generation))
 
     def holds(self) -> bool:
         """Whether the lease is still this ingest's: not reaped, and the object holds what it last wrote.
@@ -247,6 +252,16 @@ def writing(out: Location) -> Iterator[Lease]:
         raise
 
 
+def lease_location(out: Location, generation: str) -> Location:
+    """Where the lease of ``generation`` under ``out`` lives: ``OUT/<generation>/_lease/lease.json``."""
+    return lease_folder(out, generation).join(LEASE_NAME)
+
+
+def lease_folder(out: Location, generation: str) -> Location:
+    """The folder of the lease of ``generation`` under ``out`` (:data:`LEASE_DIR`), deleted whole."""
+    return out.join(generation, LEASE_DIR)
+
+
 def read_lease(location: Location) -> bytes | None:
     """The content of the lease object at ``location``, or ``None`` where there is none.
 
@@ -282,8 +297,9 @@ def publish(out: Location, manifest: Manifest, lease: Lease) -> Manifest:
     manifest = dataclasses.replace(manifest, previous=current.generation if current is not None else None)
     if not lease.holds():
         raise ReapedError(f"{out.display}: generation {manifest.generation} was removed by another ingest's "
-                          f"clean-up, which found its lease ({LEASE_NAME}) silent for {LEASE_EXPIRY_S:g} s (this "
-                          f"ingest stalled); nothing was published, {out.display} keeps what it holds: ingest again")
+                          f"clean-up, which found its lease ({LEASE_DIR}/{LEASE_NAME}) silent for "
+                          f"{LEASE_EXPIRY_S:g} s (this ingest stalled); nothing was published, {out.display} keeps "
+                          f"what it holds: ingest again")
     fs.write_whole(out.join(MANIFEST_NAME), manifest.to_json().encode("utf-8"))
     lease.published = True
     log.info("%s: published generation %s", out.display, manifest.generation)
@@ -318,12 +334,12 @@ def clean(out: Location) -> list[str]:
     names = fs.list_names(out)
     candidates = [name for name in names if is_generation(name) and name not in (current.generation,
                                                                                    current.previous)]
-    leases = {name: read_lease(out.join(name, LEASE_NAME)) for name in candidates}
+    leases = {name: read_lease(lease_location(out, name)) for name in candidates}
     held = {name: content for name, content in leases.items() if content is not None}
     if held:
         time.sleep(LEASE_EXPIRY_S)
         alive = [name for name, content in held.items()
-                 if read_lease(out.join(name, LEASE_NAME)) not in (None, content)]
+                 if read_lease(lease_location(out, name)) not in (None, content)]
         if alive:
             log.info("%s: left generation(s) %s, whose ingest is still writing (its lease beats)", out.display,
                      ", ".join(alive))
@@ -335,7 +351,7 @@ def clean(out: Location) -> list[str]:
     for name in candidates:
         if name in (current.generation, current.previous):
             continue
-        if (name not in held or _remove(out.join(name, LEASE_NAME))) and _remove(out.join(name)):
+        if (name not in held or _remove(lease_folder(out, name))) and _remove(out.join(name)):
             removed.append(name)
     for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
         if name.startswith(f".{MANIFEST_NAME}.tmp-") and _age_s(out.join(name)) > STALE_TEMP_S:
