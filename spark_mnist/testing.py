@@ -21,7 +21,8 @@ What it gives:
   rank-side tests.  Also callable without pytest: :func:`write_ingested_dataset`.
 * :func:`run_ranks`: run a function as N local ranks (torch.distributed with gloo on CPU), each in its own process
   with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set as
-  torchrun sets them; the caller's environment is never changed.
+  torchrun sets them; the caller's environment is never changed.  The ranks are forked from multiprocessing's
+  fork server, which imports torch once for the whole test run (:data:`RANK_PRELOAD`) rather than once per rank.
 
 Sources followed: Lightning's and petastorm's test fixtures (a session-scoped local SparkSession stopped on
 teardown; tiny synthetic IDX files in ``tmp_path``), torch.distributed's ``init_process_group`` environment contract.
@@ -199,9 +200,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What the fork server :func:`run_ranks` starts its ranks from imports once, before any rank (multiprocessing's
+# ``set_forkserver_preload``): torch's import is most of a rank's start (seconds of CPU each).
+RANK_PRELOAD = ["torch.distributed", "spark_mnist.testing"]
+
+
 def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, backend: str,
-               results: Any) -> None:
-    """The body of one rank's process (spawned): set torchrun's environment, join the group, run ``fn``."""
+               results: Any, environ: dict[str, str]) -> None:
+    """The body of one rank's process (forked from the fork server): the caller's environment as it was at the call
+    (the server's is its own start's), torchrun's variables on top; join the group, run ``fn``."""
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
@@ -224,10 +233,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: 
               timeout: float = 300.0) -> list[Any]:
     """Run ``fn(*args)`` as ``world_size`` local ranks of one torch.distributed group and return their results.
 
-    Each rank is a fresh process (``spawn``) with the environment torchrun gives (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), in which the default process group is
-    initialised (``gloo``: CPU) before ``fn`` runs and destroyed after.  The caller's environment is left as it was.
-    ``fn``, ``args`` and the results must be picklable (``fn`` a module-level function).
+    Each rank is a process of its own, forked from multiprocessing's fork server (``forkserver``: started once per
+    calling process, having imported :data:`RANK_PRELOAD`; ``sys.path``, the working directory and the main module
+    are the caller's, as with ``spawn``), with the caller's environment of the moment and the variables torchrun
+    gives (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), in
+    which the default process group is initialised (``gloo``: CPU) before ``fn`` runs and destroyed after.  The
+    caller's environment is left as it was.  ``fn``, ``args`` and the results must be picklable (``fn`` a
+    module-level function).  Source: Python's ``multiprocessing`` ("Contexts and start methods").
 
     Returns:
         ``[result of rank 0, result of rank 1, ...]``.
@@ -241,11 +253,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: 
 
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size!r}. Must be at least 1.")
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(RANK_PRELOAD)  # read when the server starts: this process's first call
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, args, backend, results),
-                                 daemon=True) for rank in range(world_size)]
+    environ = dict(os.environ)
+    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, args, backend, results,
+                                                          environ), daemon=True) for rank in range(world_size)]
     for p in processes:
         p.start()
     outcomes: dict[int, tuple[bool, Any]] = {}

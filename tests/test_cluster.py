@@ -25,7 +25,13 @@ def test_ingest_and_train_on_local_cluster(tmp_path):
 
     write_dataset(tmp_path / "source", train_rows=640, test_rows=130)
     env = {**os.environ, "SPARK_HOME": os.path.dirname(pyspark.__file__), "SPARK_LOCAL_IP": "127.0.0.1"}
-    command = [sys.executable, "-m", "spark_mnist.cli", "run", "--master", "local-cluster[1,2,1024]",
+    # The executor JVM takes the Java options the test run gives the driver's (SPARK_SUBMIT_OPTS, which reaches
+    # spark-submit only: Makefile TEST_JVM_OPTS), through the session's conf.
+    config = tmp_path / "executor.yaml"
+    config.write_text(json.dumps({"spark": {"conf": {"spark.executor.extraJavaOptions":
+                                                     os.environ.get("SPARK_SUBMIT_OPTS", "")}}}))
+    command = [sys.executable, "-m", "spark_mnist.cli", "run", "--config", str(config),
+               "--master", "local-cluster[1,2,1024]",
                "--source", str(tmp_path / "source"), "--output", str(tmp_path / "data"),
                "--run-dir", str(tmp_path / "run"), "--no-local-mode", "--num-processes", "2", "--epochs", "1",
                "--batch-size", "32"]
