@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Sequence
 
 from spark_mnist import __version__
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
 from spark_mnist.driver.session import connect_expected, spark_session, with_executor_env
 from spark_mnist.errors import InputError
+from spark_mnist.paths import redact
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
@@ -26,8 +28,16 @@ EXIT_REAPED = 3
 METAVARS = {int: "N", float: "X"}  # a str setting's option shows its name: --data DATA
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Every line as ``spark-mnist: message``, with the credentials of any URI in it redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def _configure_logging(verbose: bool) -> None:
-    """Progress (INFO) to stdout, warnings and errors to stderr, for the ``spark_mnist`` loggers only."""
+    """Progress (INFO) to stdout, warnings and errors to stderr, for the ``spark_mnist`` loggers only; a URI's
+    credentials never reach either (:func:`spark_mnist.paths.redact`)."""
     logger = logging.getLogger("spark_mnist")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
@@ -37,7 +47,7 @@ def _configure_logging(verbose: bool) -> None:
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     for handler in (out, err):
-        handler.setFormatter(logging.Formatter("spark-mnist: %(message)s"))
+        handler.setFormatter(_RedactingFormatter("spark-mnist: %(message)s"))
         logger.addHandler(handler)
     # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
     for name, quiet_level in (("petastorm", logging.ERROR), ("py4j", logging.ERROR),
@@ -142,7 +152,7 @@ def _download(args: argparse.Namespace) -> int:
 
     paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries,
                      local_roots=LocalRoots() if args.no_local else None)
-    print(json.dumps({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}}))
+    _print_json({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}})
     return 0
 
 
@@ -150,7 +160,7 @@ def _preview(args: argparse.Namespace) -> int:
     from spark_mnist.tools.plots import preview_grid
 
     path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
-    print(json.dumps({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed}))
+    _print_json({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed})
     return 0
 
 
@@ -200,14 +210,19 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command in ("ingest", "run"):
             manifest = pipeline.ingest(spark, settings)
             if args.command == "ingest":
-                print(json.dumps({"output": settings.ingest.output, "dataset": manifest.dataset,
-                                  "rows": {k: v.rows for k, v in manifest.splits.items()}}))
+                _print_json({"output": settings.ingest.output, "dataset": manifest.dataset,
+                             "rows": {k: v.rows for k, v in manifest.splits.items()}})
                 return 0
         launcher_spark = spark if settings.train.launcher == pipeline.SPARK_LAUNCHER else None
         metrics = pipeline.train(launcher_spark, settings, ingested=args.command == "run")
     metrics.pop("history", None)
-    print(json.dumps(metrics), flush=True)
+    _print_json(metrics)
     return 0
+
+
+def _print_json(result: dict) -> None:
+    """A command's result as one JSON line on stdout, URIs redacted."""
+    print(redact(json.dumps(result)), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,15 +232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_command(args)
     except InputError as e:
-        print(f"spark-mnist: error: {e}", file=sys.stderr)
+        print(redact(f"spark-mnist: error: {e}"), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - printed as Python would, with every URI's credentials redacted
         from spark_mnist.shards.commit import ReapedError  # here, not at the top: the module brings numpy
 
-        if not isinstance(e, ReapedError):
-            raise
-        print(f"spark-mnist: error: {e}", file=sys.stderr)
-        return EXIT_REAPED
+        if isinstance(e, ReapedError):
+            print(redact(f"spark-mnist: error: {e}"), file=sys.stderr)
+            return EXIT_REAPED
+        sys.stderr.write(redact("".join(traceback.format_exception(type(e), e, e.__traceback__))))
+        return 1
 
 
 if __name__ == "__main__":

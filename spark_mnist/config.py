@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydanti
     from pydantic import BaseModel, Extra, Field, ValidationError  # type: ignore[no-redef]
 
 from spark_mnist.errors import InputError, check_choice, invalid
+from spark_mnist.paths import normalize_uri
 
 SECTIONS = ("spark", "storage", "ingest", "train")
 RUNS_DIR = "runs"
@@ -94,12 +95,13 @@ ACCELERATOR_TYPES = ("GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300")
 
 class TrainSettings(_Section):
     """Distributed training: ``launcher`` starts ``num_processes`` ranks (:mod:`spark_mnist.launch`).  ``data``
-    defaults to ``ingest.output``; ``run_dir`` to ``runs/<dataset directory's name>`` beside the dataset directory
-    (:attr:`Settings.run_dir`)."""
+    defaults to ``ingest.output``; ``run_dir`` to ``runs/<dataset directory's name>`` beside the dataset directory,
+    or in the working directory for a dataset on an object store (:attr:`Settings.run_dir`)."""
 
     data: Optional[str] = Field(None, description="ingested dataset directory (default: ingest.output)")
     run_dir: Optional[str] = Field(None, description="where model.pt, checkpoint.pt and metrics.json go (default: "
-                                                     "runs/NAME beside the dataset directory NAME)")
+                                                     "runs/NAME beside the dataset directory NAME; "
+                                                     "./runs/NAME for a dataset on an object store)")
     epochs: int = Field(5, ge=1, description="passes over the training split")
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
@@ -171,15 +173,20 @@ class Settings(_Section):
 
 
 def default_run_dir(data_dir: str) -> str:
-    """``runs/NAME`` beside the dataset directory ``NAME``: a path, or a URI (``dbfs:/x`` -> ``dbfs:/runs/x``).
+    """``runs/NAME`` beside the dataset directory ``NAME``: a path, or a URI (``dbfs:/x`` -> ``dbfs:/runs/x``).  A
+    dataset on an object store (``s3://b/x?endpoint_override=...``), where the ranks cannot write their files,
+    gives the local ``runs/NAME`` in the working directory.
 
     Raises:
         InputError: ``data_dir`` has no last component (``/``, ``file:///``).
     """
+    location = normalize_uri(data_dir)
     trimmed = data_dir.rstrip("/")
-    name = posixpath.basename(trimmed)
+    name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
     if not name or name.endswith(":"):
         raise invalid("train.data", data_dir, "a directory with a name when train.run_dir is null", InputError)
+    if location.kind == "remote":
+        return os.path.join(RUNS_DIR, name)
     return posixpath.join(posixpath.dirname(trimmed), RUNS_DIR, name)
 
 

@@ -41,8 +41,11 @@ class EnvironmentMismatchError(InputError):
 
 def invalid(name: str, value: object, must: str, error: type[ValueError] = ValueError) -> ValueError:
     """The one form of an "Invalid X" error (mosaicml-streaming's style guide, torchvision's ``verify_str_arg``):
-    ``Invalid {name}: {value!r}. Must be {must}.``  Returns the exception for the caller to raise."""
-    return error(f"Invalid {name}: {value!r}. Must be {must}.")
+    ``Invalid {name}: {value!r}. Must be {must}.``, a URI's credentials redacted.  Returns the exception for the
+    caller to raise."""
+    from spark_mnist.paths import redact  # here: paths imports this module
+
+    return error(redact(f"Invalid {name}: {value!r}. Must be {must}."))
 
 
 def check_choice(name: str, value: T, valid: Iterable[T], error: type[ValueError] = ValueError) -> T:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Iterator
 from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 from spark_mnist.errors import SourceError
+from spark_mnist.paths import redact
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -101,11 +102,11 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
     if location.is_local:
         return pafs.LocalFileSystem(), location.local_path
     if location.kind == "dbfs":
-        raise SourceError(f"{location.uri}: dbfs:/ paths need the /dbfs FUSE mount, which this machine does not have "
+        raise SourceError(f"{redact(location.uri)}: dbfs:/ paths need the /dbfs FUSE mount, which this machine does not have "
                           f"(Spark Connect off the cluster?); use a /Volumes/<catalog>/<schema>/<volume>/... path, or "
                           f"run where /dbfs{location.uri[len('dbfs:'):]} exists")
     if location.kind == "volume":
-        raise SourceError(f"{location.uri}: /Volumes paths need the /Volumes FUSE mount, which this machine does "
+        raise SourceError(f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine does "
                           f"not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// URI")
     uri = location.uri
     scheme = urlparse(uri).scheme
@@ -196,18 +197,18 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
     except ImportError:
         package = {"s3a": "s3fs", "s3n": "s3fs", "gcs": "gcsfs", "abfs": "adlfs", "abfss": "adlfs", "az": "adlfs",
                    "adl": "adlfs", "wasbs": "adlfs"}.get(scheme, f"the fsspec package for {scheme}://")
-        raise SourceError(f"{uri}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
-                          f"({pyarrow_error}) and fsspec is not installed; pip install fsspec {package}") from None
+        raise SourceError(f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
+                          f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}") from None
     try:
         filesystem, path = fsspec.core.url_to_fs(uri)
     except ImportError as e:  # fsspec knows the scheme; its package is missing (the message names it)
-        raise SourceError(f"{uri}: pyarrow {pyarrow.__version__} has no file system for {scheme}://, and "
-                          f"fsspec's for it needs a package that is not installed: {e}") from None
+        raise SourceError(f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}://, and "
+                          f"fsspec's for it needs a package that is not installed: {redact(str(e))}") from None
     except ValueError:  # "Protocol not known"
-        raise SourceError(f"{uri}: no file system for {scheme}:// here; supported are {supported}") from None
+        raise SourceError(f"{redact(uri)}: no file system for {scheme}:// here; supported are {supported}") from None
     protocols = filesystem.protocol if isinstance(filesystem.protocol, (tuple, list)) else (filesystem.protocol,)
     if scheme not in protocols:  # e.g. "foo:/x" read as a local relative path
-        raise SourceError(f"{uri}: no file system for {scheme}:// here; supported are {supported}")
+        raise SourceError(f"{redact(uri)}: no file system for {scheme}:// here; supported are {supported}")
     return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
 
 

@@ -15,12 +15,17 @@ given                          Spark URI                   path on this machine
 
 :func:`require_local` is the one check that a path has a local form (local disk, ``/dbfs`` FUSE, ``/Volumes``)
 for code that opens it with plain file I/O: the ranks, the side tools, ``load_data``.
+
+:func:`redact` is the one way a URI is shown or recorded: every message, log record, JSON output, manifest, MLflow
+param and run file that names a place goes through it, so a credential written into a URI (``s3://KEY:SECRET@...``,
+``?account_key=...``) stays in the process.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit, urlunsplit
@@ -29,6 +34,16 @@ from spark_mnist.errors import SourceError, invalid
 
 DBFS_FUSE_ROOT = "/dbfs"
 VOLUMES_ROOT = "/Volumes"
+REDACTED = "***"
+# A URI in free text: a scheme, "://", then everything up to whitespace or a quote.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# Query parameters that carry a credential: pyarrow's S3 and Azure options (access_key, secret_key, session_token,
+# account_key, sas_token), SAS signatures (sig), presigned URLs (X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token), and any other whose name says key, secret, token, password, signature or credential.
+_SECRET_PARAM = re.compile(r"(?<=[?&;])([^=&#\s]*(?:key|secret|token|passw|sig|credential|auth(?!ority))[^=&#\s]*)=([^&#\s]*)",
+                           re.IGNORECASE)
+# Schemes whose userinfo is a container name, not a credential: abfss://container@account.dfs.core.windows.net.
+_CONTAINER_SCHEMES = ("abfs", "abfss", "az", "wasb", "wasbs")
 
 
 @dataclass(frozen=True)
@@ -59,14 +74,49 @@ class Location:
 
     @property
     def display(self) -> str:
-        """How messages name the place: its local path where it has one, else its URI."""
+        """The place as file I/O opens it: its local path where it has one, else its URI (credentials included)."""
         return self.local_path if self.local_path is not None else self.uri
+
+    @property
+    def shown(self) -> str:
+        """How messages, logs and records name the place: :attr:`display` with its credentials redacted
+        (:func:`redact`)."""
+        return redact(self.display)
 
     @property
     def is_local(self) -> bool:
         """True where :mod:`os` can operate on the place directly (local disk, DBFS FUSE, volumes)."""
         return self.local_path is not None and (self.kind == "local" or os.path.exists(
             DBFS_FUSE_ROOT if self.kind == "dbfs" else VOLUMES_ROOT))
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it shown as ``***``: the userinfo (``s3://KEY:SECRET@bucket``
+    -> ``s3://***@bucket``; for Azure's ``abfss://container@account...`` only a password after the container) and
+    the value of every query parameter that names a credential (``?account_key=***&blob_storage_authority=...``).
+    Everything else, the rest of the URI and the text around it included, stays as it was.
+
+    Args:
+        text: a URI, a path, or a message, JSON document or traceback that may name URIs.
+    Returns:
+        The redacted text (``text`` itself where it names no credential).
+    """
+    return _URI.sub(_redact_uri, text) if "://" in text else text
+
+
+def _redact_uri(match: re.Match[str]) -> str:
+    uri = match.group(0)
+    scheme, rest = uri.split("://", 1)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        if scheme.lower() not in _CONTAINER_SCHEMES:
+            userinfo = REDACTED
+        elif ":" in userinfo:
+            userinfo = f"{userinfo.split(':', 1)[0]}:{REDACTED}"
+        authority = f"{userinfo}@{host}"
+    return f"{scheme}://{authority}{_SECRET_PARAM.sub(lambda m: f'{m.group(1)}={REDACTED}', tail)}"
 
 
 def _with_path(uri: str, change) -> str:
@@ -141,7 +191,7 @@ def require_local(path: str | os.PathLike, what: str) -> str:
     """
     location = normalize_uri(path)
     if location.local_path is None:
-        raise SourceError(f"{os.fspath(path)}: {what} takes local paths only (local disk, file:/, /dbfs/..., "
+        raise SourceError(f"{redact(os.fspath(path))}: {what} takes local paths only (local disk, file:/, /dbfs/..., "
                           f"/Volumes/..., dbfs:/ on Databricks), opened as files on this machine; copy the files to "
                           f"(or afterwards from) such a path")
     return location.local_path

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from spark_mnist.config import Settings
 from spark_mnist.envs import scoped_env
 from spark_mnist.errors import InputError, check_choice
-from spark_mnist.paths import require_local
+from spark_mnist.paths import redact, require_local
 
 if TYPE_CHECKING:
     from spark_mnist.shards.contract import Dataset, Manifest
@@ -42,7 +42,7 @@ def ingest(spark, settings: Settings) -> "Manifest":
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver's reads and commit
         manifest = run_ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
                               row_group_bytes=s.row_group_bytes, strict=s.strict)
-    log.info("dataset %s at %s: %s", manifest.dataset, s.output,
+    log.info("dataset %s at %s: %s", manifest.dataset, redact(s.output),
              ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards"
                        for name, info in manifest.splits.items()))
     return manifest
@@ -123,7 +123,7 @@ def _train(spark, settings: Settings, *, ingested: bool) -> dict[str, Any]:
                        run_dir=require_local(settings.run_dir, "run_dir"),
                        train_converter=converters["train"] if t.loader == "petastorm" else None,
                        dataset_id=dataset_identity(manifest))
-        log.info("training with %s: %s", launcher.name, job.summary())
+        log.info("training with %s: %s", launcher.name, redact(str(job.summary())))
         metrics = _run(launcher, job)
     finally:
         for split, converter in converters.items():

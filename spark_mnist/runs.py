@@ -28,6 +28,7 @@ import traceback
 from typing import Any, Mapping
 
 from spark_mnist.fs import replacing
+from spark_mnist.paths import redact
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,8 @@ def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
     than its report): a report that cannot be written is logged as an error, with the reason."""
     path = os.path.join(run_dir, ERRORS_DIR, report_name(rank))
     try:
-        lines = traceback.format_exception(type(error), error, error.__traceback__)
-        report = {"rank": rank, "exception": _describe(error), "traceback": lines[-TRACEBACK_LINES:]}
+        lines = [redact(line) for line in traceback.format_exception(type(error), error, error.__traceback__)]
+        report = {"rank": rank, "exception": redact(_describe(error)), "traceback": lines[-TRACEBACK_LINES:]}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f)

@@ -106,6 +106,9 @@ def test_run_dir_defaults_to_runs_beside_the_dataset():
     assert parse("run", "--output", "/data/emnist-letters").train.run_dir == "/data/runs/emnist-letters"
     assert parse("train", "--data", "dbfs:/mnist/parquet").train.run_dir == "dbfs:/mnist/runs/parquet"
     assert parse("train", "--data", "out/mnist", "--run-dir", "here").train.run_dir == "here"
+    # the ranks write locally: a dataset on an object store trains into runs/NAME in the working directory
+    assert parse("train", "--data", "s3://K:S@b/x/mnist?endpoint_override=h:1").train.run_dir == "runs/mnist"
+    assert parse("train", "--data", "abfss://c@a.dfs.core.windows.net/fmnist/").train.run_dir == "runs/fmnist"
     settings = Settings(train=TrainSettings(data="/x/y"))
     assert settings.train.run_dir is None and settings.run_dir == "/x/runs/y"
     with pytest.raises(InputError, match=r"Invalid train.data: '/'. Must be a directory with a name"):

@@ -33,7 +33,7 @@ from spark_mnist.driver.sources import read_files
 from spark_mnist.driver.stages import StageClock
 from spark_mnist.driver.write_job import rows_again, write_pieces
 from spark_mnist.errors import InputError, SourceError, invalid
-from spark_mnist.paths import Location, normalize_uri
+from spark_mnist.paths import Location, normalize_uri, redact
 from spark_mnist.shards import commit, contract
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def check_output(location: Location) -> None:
     try:
         fs.filesystem(location)
     except (SourceError, ValueError, NotImplementedError, OSError) as e:
-        raise SourceError(f"{location.uri}: cannot write Parquet shards there ({e}); use a local path, dbfs:/..., "
+        raise SourceError(f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local path, dbfs:/..., "
                           f"/dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI") from None
 
 
@@ -98,7 +98,7 @@ def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, 
     per split its rows, label histogram and shard files (path, bytes, rows), schema and package versions."""
     return contract.Manifest(
         generation=generation, dataset=spec.name, classes=tuple(spec.classes), image_shape=tuple(spec.image_shape),
-        source={"uri": source.uri, "files": records}, package_version=__version__,
+        source={"uri": source.shown, "files": records}, package_version=__version__,
         splits={split.name: contract.Split(
             rows=int(len(split.labels)), files=tuple(files[split.name]),
             label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()))
@@ -174,7 +174,7 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     check_output(out)  # an output the write tasks could not open is refused before anything is read
     with contextlib.ExitStack() as stack:
         splits, records = read_sources(spark, spec, source_dir, stack, clock)
-        log.info("checked the headers and labels of %s: %s", source_dir.uri,
+        log.info("checked the headers and labels of %s: %s", source_dir.shown,
                  ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits))
         lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
         generation = lease.generation
@@ -189,6 +189,6 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     seconds = clock.close()
     if stages is not None:
         stages.update(seconds)
-    log.info("ingested %s into %s in %.2fs (%s)", spec.name, out.display, sum(seconds.values()),
+    log.info("ingested %s into %s in %.2fs (%s)", spec.name, out.shown, sum(seconds.values()),
              ", ".join(f"{name} {t:.2f}s" for name, t in seconds.items()))
     return manifest

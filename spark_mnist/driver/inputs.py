@@ -18,7 +18,7 @@ from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSp
 from spark_mnist.driver.sources import SourceFile, read_files
 from spark_mnist.errors import ChecksumMismatchError
 from spark_mnist.formats.idx import IdxReader, parse_idx
-from spark_mnist.paths import Location
+from spark_mnist.paths import Location, redact
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def file_record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
                 ) -> dict[str, Any]:
     """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""
-    return {"split": split, "kind": kind, "name": entry.name, "uri": source.uri, "bytes": source.length,
+    return {"split": split, "kind": kind, "name": entry.name, "uri": redact(source.uri), "bytes": source.length,
             "payload_bytes": payload_bytes, "sha256": sha256, "expected_sha256": entry.sha256,
             "sha256_matches": None if entry.sha256 is None else sha256 == entry.sha256}
 
@@ -60,10 +60,10 @@ def open_idx_split(stack: contextlib.ExitStack, spec: DatasetSpec, split: str, f
     """
     labels_entry, images_entry = spec.file(split, LABELS), spec.file(split, IMAGES)
     labels_source, images_source = files[labels_entry.name], files[images_entry.name]
-    parsed = parse_idx(labels_source.source, name=labels_source.uri)
-    reader = stack.enter_context(IdxReader(images_source.source, name=images_source.uri))
-    validate_layout(spec, reader.header.shape, reader.header.dtype, parsed.array, images_source.uri,
-                    labels_source.uri)
+    parsed = parse_idx(labels_source.source, name=redact(labels_source.uri))
+    reader = stack.enter_context(IdxReader(images_source.source, name=redact(images_source.uri)))
+    validate_layout(spec, reader.header.shape, reader.header.dtype, parsed.array, redact(images_source.uri),
+                    redact(labels_source.uri))
 
     def done() -> list[dict[str, Any]]:
         reader.finish()
@@ -104,7 +104,7 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     if content is None:  # a large archive on a driver-visible path: np.load reads it whole anyway
         with open(source.local_path, "rb") as f:
             content = f.read()
-    arrays = load_keras_npz(io.BytesIO(content), spec, name=source.uri)  # checks both splits against spec
+    arrays = load_keras_npz(io.BytesIO(content), spec, name=redact(source.uri))  # checks both splits against spec
     inputs = [SplitInput(split, arrays[split][1], _slicer(arrays[split][0]), list) for split in SPLITS]
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
     return inputs, [file_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]

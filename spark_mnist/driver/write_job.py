@@ -76,7 +76,7 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], out: Location, gene
     reported = {row.unit: (row.rows, row.bytes) for row in written}
     missing = [plan.path(u) for u in range(len(plan.units)) if reported.get(u, (None,))[0] != expected[u]]
     if missing:
-        raise RuntimeError(f"{out.display}: the write job did not report these shards with their rows: "
+        raise RuntimeError(f"{out.shown}: the write job did not report these shards with their rows: "
                            f"{', '.join(missing)}")
     return {plan.shards[u]: contract.ShardFile(plan.path(u), int(reported[u][1]), int(reported[u][0]))
             for u in range(len(plan.units))}

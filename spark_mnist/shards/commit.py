@@ -120,9 +120,9 @@ def current_manifest(out: Location) -> Manifest | None:
     """
     filesystem, root = fs.filesystem(out)
     try:
-        return read_manifest(filesystem, root.rstrip("/"), out.join(MANIFEST_NAME).display)
+        return read_manifest(filesystem, root.rstrip("/"), out.join(MANIFEST_NAME).shown)
     except DatasetNotFoundError as e:
-        log.info("%s: replacing what is there (%s)", out.display, e)
+        log.info("%s: replacing what is there (%s)", out.shown, e)
         return None
 
 
@@ -215,11 +215,11 @@ class Lease:
                     if read_lease(self.location) != self._last:
                         self.reaped = True
                         log.warning("%s: the lease is gone: another ingest's clean-up took this ingest for dead "
-                                    "and removed its generation", self.location.display)
+                                    "and removed its generation", self.location.shown)
                         return
                     self._write()
             except OSError as e:  # a missed beat; LEASE_EXPIRY_S allows several
-                log.warning("%s: could not renew the lease (%s)", self.location.display, e)
+                log.warning("%s: could not renew the lease (%s)", self.location.shown, e)
 
 
 @contextlib.contextmanager
@@ -296,19 +296,19 @@ def publish(out: Location, manifest: Manifest, lease: Lease) -> Manifest:
     current = current_manifest(out)
     manifest = dataclasses.replace(manifest, previous=current.generation if current is not None else None)
     if not lease.holds():
-        raise ReapedError(f"{out.display}: generation {manifest.generation} was removed by another ingest's "
+        raise ReapedError(f"{out.shown}: generation {manifest.generation} was removed by another ingest's "
                           f"clean-up, which found its lease ({LEASE_DIR}/{LEASE_NAME}) silent for "
-                          f"{LEASE_EXPIRY_S:g} s (this ingest stalled); nothing was published, {out.display} keeps "
+                          f"{LEASE_EXPIRY_S:g} s (this ingest stalled); nothing was published, {out.shown} keeps "
                           f"what it holds: ingest again")
     fs.write_whole(out.join(MANIFEST_NAME), manifest.to_json().encode("utf-8"))
     lease.published = True
-    log.info("%s: published generation %s", out.display, manifest.generation)
+    log.info("%s: published generation %s", out.shown, manifest.generation)
     try:
         lease.release()
         clean(out)
     except OSError as e:
         log.warning("%s: generation %s is published, but the clean-up failed (%s); the next ingest tries again",
-                    out.display, manifest.generation, e)
+                    out.shown, manifest.generation, e)
     return manifest
 
 
@@ -341,7 +341,7 @@ def clean(out: Location) -> list[str]:
         alive = [name for name, content in held.items()
                  if read_lease(lease_location(out, name)) not in (None, content)]
         if alive:
-            log.info("%s: left generation(s) %s, whose ingest is still writing (its lease beats)", out.display,
+            log.info("%s: left generation(s) %s, whose ingest is still writing (its lease beats)", out.shown,
                      ", ".join(alive))
         candidates = [name for name in candidates if name not in alive]
     current = current_manifest(out)  # an ingest that published meanwhile (its lease gone after its manifest write)
@@ -357,7 +357,7 @@ def clean(out: Location) -> list[str]:
         if name.startswith(f".{MANIFEST_NAME}.tmp-") and _age_s(out.join(name)) > STALE_TEMP_S:
             _remove(out.join(name))
     if removed:
-        log.info("%s: removed %d generation(s) no manifest needs: %s", out.display, len(removed), ", ".join(removed))
+        log.info("%s: removed %d generation(s) no manifest needs: %s", out.shown, len(removed), ", ".join(removed))
     return removed
 
 
@@ -378,7 +378,7 @@ def _remove(location: Location) -> bool:
             pass
         if attempt == 0:
             time.sleep(0.1)
-    log.warning("%s: could not remove it (%s); the next ingest tries again", location.display, error)
+    log.warning("%s: could not remove it (%s); the next ingest tries again", location.shown, error)
     return False
 
 

@@ -263,7 +263,7 @@ class Dataset:
         return [f"{self.root}/{f.path}" for f in self.split(split).files]
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.location.uri!r}, {self.dataset}, generation {self.manifest.generation}, "
+        return (f"Dataset({self.location.shown!r}, {self.dataset}, generation {self.manifest.generation}, "
                 + ", ".join(f"{name} {s.rows} rows" for name, s in self.manifest.splits.items()) + ")")
 
 
@@ -277,7 +277,7 @@ def check_files(filesystem: "FileSystem", root: str, where: "Location", files: l
 
     infos = filesystem.get_file_info([f"{root}/{f.path}" for f in files])
     for shard, info in zip(files, infos):
-        uri = where.join(*shard.path.split("/")).display
+        uri = where.join(*shard.path.split("/")).shown
         if info.type == FileType.NotFound:
             raise DatasetNotFoundError(f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
                                        f"was removed or replaced under the reader, re-run ingest or reopen it")
@@ -303,18 +303,18 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
             fails to answer (the message names the manifest and pyarrow's error).
     """
     from spark_mnist import fs
-    from spark_mnist.paths import normalize_uri
+    from spark_mnist.paths import normalize_uri, redact
 
     location = normalize_uri(path)
     filesystem, root = fs.filesystem(location)
     root = root.rstrip("/") or root
-    where = location.join(MANIFEST_NAME).display
+    where = location.join(MANIFEST_NAME).shown
     try:
         manifest = read_manifest(filesystem, root, where)
     except OSError as e:  # the store answered with an error, or not at all: one line, naming the place
-        raise SourceError(f"{where}: cannot read the manifest ({e})") from None
+        raise SourceError(f"{where}: cannot read the manifest ({redact(str(e))})") from None
     if manifest is None:
         raise DatasetNotFoundError(f"{where}: no manifest, so no complete dataset here; run `spark-mnist ingest "
-                                   f"--output {os.fspath(path)}` first")
+                                   f"--output {redact(os.fspath(path))}` first")
     check_files(filesystem, root, location, manifest.files())
     return Dataset(location, manifest, filesystem, root)

@@ -75,7 +75,7 @@ def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 
     try:
         paths = dataset.files(split)
     except ValueError as e:
-        raise InputError(f"{dataset.location.display}: {e}") from e
+        raise InputError(f"{dataset.location.shown}: {e}") from e
     shape = tuple(dataset.image_shape)
     row_bytes = int(np.prod(shape))
     plan = plan_row_groups(paths)

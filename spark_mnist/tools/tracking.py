@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from spark_mnist.envs import scoped_env
+from spark_mnist.paths import normalize_uri, redact
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ def tracking_uri(run_dir: str | os.PathLike) -> str:
         return "databricks"
     run_dir = os.fspath(run_dir)
     if run_dir.startswith("file:"):
-        from spark_mnist.paths import normalize_uri
-
         run_dir = normalize_uri(run_dir).local_path or run_dir[len("file:"):]
     return (Path(run_dir).absolute() / MLRUNS_DIR).as_uri()
 
@@ -155,7 +154,7 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
                               dataset_uri)
     except Exception as e:  # noqa: BLE001 - tracking must never fail training
         log.warning("MLflow tracking to %s failed, training results are not tracked: %s: %s",
-                    uri, type(e).__name__, e)
+                    uri, type(e).__name__, redact(str(e)))
         return None
     log.info("MLflow run %s logged to %s", run_id, uri)
     return run_id
@@ -175,6 +174,7 @@ def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mappi
     params = flatten_params(settings_dict, max_value_length=max_value_length)
     params.update(flatten_params({f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics},
                                  max_value_length=max_value_length))
+    params = {name: redact(value) for name, value in params.items()}  # a URI's credentials stay out of MLflow
     dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
     run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
@@ -189,7 +189,7 @@ def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mappi
         final = {k: float(metrics[k]) for k in FINAL_METRICS if metrics.get(k) is not None}
         if final:
             mlflow.log_metrics(final)
-        mlflow.log_dict(dict(manifest), MANIFEST_ARTIFACT)
+        mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), MANIFEST_ARTIFACT)
         if dataset_uri is not None:
             log_dataset_input(mlflow, manifest, dataset_uri, log)
         if model_path is not None and os.path.isfile(model_path):
@@ -209,8 +209,8 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 
 def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
-    dataset, with :func:`manifest_digest` and ``dataset_uri`` as its source (MLflow's resolver picks the source
-    type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure is a warning.
+    dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
+    resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure is a warning.
     Source: MLflow's ``mlflow.data`` (``MetaDataset``, ``resolve_dataset_source``), dataset tracking."""
     import warnings
 
@@ -220,13 +220,13 @@ def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            source = resolve_dataset_source(dataset_uri)
+            source = resolve_dataset_source(redact(dataset_uri))
         dataset = MetaDataset(source=source, name=str(manifest.get("dataset") or "dataset"),
                               digest=manifest_digest(manifest))
         mlflow.log_input(dataset, context=DATASET_CONTEXT)
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
-        log.warning("could not log the dataset %s as an MLflow dataset input: %s: %s", dataset_uri,
-                    type(e).__name__, e)
+        log.warning("could not log the dataset %s as an MLflow dataset input: %s: %s", redact(dataset_uri),
+                    type(e).__name__, redact(str(e)))
 
 
 def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any],
