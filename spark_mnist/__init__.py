@@ -21,12 +21,17 @@ Importing the package imports neither Spark nor torch.
 from __future__ import annotations
 
 import os
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _metadata_version
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from spark_mnist.shards.contract import Manifest
 
-__version__ = "0.1.0"
+try:  # the version is defined once, in pyproject.toml: the installed package's metadata
+    __version__ = _metadata_version("spark-mnist")
+except PackageNotFoundError:  # the source tree on sys.path without an install
+    __version__ = "0+unknown"
 
 
 def load_data(path, dataset: str = "mnist"):

@@ -75,12 +75,12 @@ class TrainingFailedError(RuntimeError):
         ``skipped`` names the unreadable reports, which the message mentions.  Never raises."""
         note = f" ({len(skipped)} unreadable report(s) skipped: {', '.join(skipped)})" if skipped else ""
         if not reports:
-            return cls(f"training failed and no rank left an error report (killed by a signal, out of memory?): "
-                       f"{_describe(error)}{note}", cause=error)
+            return cls(redact(f"training failed and no rank left an error report (killed by a signal, out of "
+                              f"memory?): {_describe(error)}{note}"), cause=error)
         first = reports[0]
         others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
         tail = "".join(first["traceback"]).rstrip()
-        return cls(f"rank {first['rank']} failed: {first['exception']}{others}{note}\n{tail}", reports, error)
+        return cls(redact(f"rank {first['rank']} failed: {first['exception']}{others}{note}\n{tail}"), reports, error)
 
 
 def failure(run_dir: str, error: BaseException) -> TrainingFailedError:

@@ -96,6 +96,25 @@ def test_installing_the_package_here_replaces_nothing(tmp_path):
     assert installs == ["spark-mnist"]
 
 
+@pytest.mark.slow
+def test_the_wheel_carries_its_package_data_licence_and_version(tmp_path):
+    """The built wheel holds ``log4j2.properties`` (which ``driver/session.py`` hands to Spark's JVM), the licence,
+    and the one version, which ``spark_mnist.__version__`` reads back from the installed metadata."""
+    import zipfile
+
+    import spark_mnist
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--disable-pip-version-check", "-w", str(tmp_path), str(REPO)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("spark_mnist-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "spark_mnist/log4j2.properties" in names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert wheel.name.startswith(f"spark_mnist-{spark_mnist.__version__}-")
+
+
 def test_torch_is_an_extra_not_a_dependency():
     assert not [r for r in requirements() if canonicalize_name(r.name) == "torch"]
     assert [r.name for r in requirements("torch")] == ["torch"]
