@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import yaml
+
 try:  # pydantic 2 keeps the v1 API under pydantic.v1; pydantic 1.10 is that API
     from pydantic.v1 import BaseModel, Extra, Field, ValidationError
 except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydantic 1.10)
-    from pydantic import BaseModel, Extra, Field, ValidationError  # type: ignore[no-redef]
+    from pydantic import BaseModel, Extra, Field, ValidationError  # type: ignore[assignment]  # the same API
 
 from spark_mnist.errors import InputError, check_choice, invalid
 from spark_mnist.paths import normalize_uri
@@ -49,8 +50,8 @@ class SparkSettings(_Section):
     master: Optional[str] = Field("local[2]", description="Spark master, e.g. local[2]; null: the cluster's session")
     remote: Optional[str] = Field(None, description="Spark Connect server, sc://host:port (local[N]: start one here); "
                                                     "default: the SPARK_REMOTE environment variable")
-    app_name: str = Field("spark-mnist", description="Spark application name", cli=False)
-    log_level: str = Field("WARN", description="Spark's log level (--verbose: INFO)", cli=False)
+    app_name: str = Field(default="spark-mnist", description="Spark application name", cli=False)
+    log_level: str = Field(default="WARN", description="Spark's log level (--verbose: INFO)", cli=False)
     conf: dict[str, str] = Field(default_factory=dict, description="extra Spark conf for sessions spark-mnist starts",
                                  cli=False)
 
@@ -87,10 +88,12 @@ class IngestSettings(_Section):
     strict: bool = Field(False, description="refuse files whose payload sha256 differs from the registry's")
 
 
-LAUNCHERS = ("torch-distributor", "torchrun", "ai-runtime")
+Launcher = Literal["torch-distributor", "torchrun", "ai-runtime"]
+LAUNCHERS = typing.get_args(Launcher)
 # The accelerator types of databricks.air (AcceleratorType) and of a bundle's ai_runtime_task (databricks-bundles'
 # ComputeSpecAcceleratorType); tests/test_launch.py and tests/test_bundle.py keep the three lists equal.
-ACCELERATOR_TYPES = ("GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300")
+AcceleratorType = Literal["GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300"]
+ACCELERATOR_TYPES = typing.get_args(AcceleratorType)
 
 
 class TrainSettings(_Section):
@@ -106,7 +109,7 @@ class TrainSettings(_Section):
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
-    launcher: Literal[LAUNCHERS] = Field(
+    launcher: Launcher = Field(
         "torch-distributor", description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a "
                                          "Spark session), torchrun (local processes, no Spark), ai-runtime "
                                          "(databricks.air's @distributed, serverless GPU)")
@@ -136,7 +139,7 @@ class TrainSettings(_Section):
                                                    "than looping (a job's max_retries adds more, with auto_resume)")
     accelerator_count: Optional[int] = Field(None, ge=1, description="ai-runtime: GPUs, databricks.air's "
                                                                      "num_accelerators (default: num_processes)")
-    accelerator_type: Optional[Literal[ACCELERATOR_TYPES]] = Field(
+    accelerator_type: Optional[AcceleratorType] = Field(
         None, description="ai-runtime: databricks.air's accelerator_type (default: the GPUs attached here; "
                           "required with remote_gpu)")
     remote_gpu: bool = Field(False, description="ai-runtime: submit to serverless GPUs (databricks.air remote=True) "
@@ -146,10 +149,10 @@ class TrainSettings(_Section):
 class Settings(_Section):
     """All settings of one run."""
 
-    spark: SparkSettings = Field(default_factory=SparkSettings)
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    ingest: IngestSettings = Field(default_factory=IngestSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)  # type: ignore[arg-type]  # Field(x, ...)
+    storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]  # Field(x, ...)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]  # Field(x, ...)
+    train: TrainSettings = Field(default_factory=TrainSettings)  # type: ignore[arg-type]  # Field(x, ...)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain values: ``{"spark": {...}, "storage": {...}, "ingest": {...}, "train": {...}}``."""

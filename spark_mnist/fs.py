@@ -99,15 +99,16 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
     """
     from pyarrow import fs as pafs
 
-    if location.is_local:
-        return pafs.LocalFileSystem(), location.local_path
+    if location.os_path is not None:
+        return pafs.LocalFileSystem(), location.os_path
     if location.kind == "dbfs":
-        raise SourceError(f"{redact(location.uri)}: dbfs:/ paths need the /dbfs FUSE mount, which this machine does not have "
-                          f"(Spark Connect off the cluster?); use a /Volumes/<catalog>/<schema>/<volume>/... path, or "
-                          f"run where /dbfs{location.uri[len('dbfs:'):]} exists")
+        raise SourceError(f"{redact(location.uri)}: dbfs:/ paths need the /dbfs FUSE mount, which this machine does "
+                          f"not have (Spark Connect off the cluster?); use a /Volumes/<catalog>/<schema>/<volume>/... "
+                          f"path, or run where /dbfs{location.uri[len('dbfs:'):]} exists")
     if location.kind == "volume":
-        raise SourceError(f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine does "
-                          f"not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// URI")
+        raise SourceError(f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine "
+                          f"does not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// "
+                          f"URI")
     uri = location.uri
     scheme = urlparse(uri).scheme
     if scheme in AZURE_SCHEMES:
@@ -198,7 +199,8 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
         package = {"s3a": "s3fs", "s3n": "s3fs", "gcs": "gcsfs", "abfs": "adlfs", "abfss": "adlfs", "az": "adlfs",
                    "adl": "adlfs", "wasbs": "adlfs"}.get(scheme, f"the fsspec package for {scheme}://")
         raise SourceError(f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
-                          f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}") from None
+                          f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}"
+                          ) from None
     try:
         filesystem, path = fsspec.core.url_to_fs(uri)
     except ImportError as e:  # fsspec knows the scheme; its package is missing (the message names it)
@@ -225,8 +227,9 @@ def exists(location: "Location") -> bool:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file system failed.
     """
-    if location.is_local:
-        return os.path.exists(location.local_path)
+    local = location.os_path
+    if local is not None:
+        return os.path.exists(local)
     from pyarrow.fs import FileType
 
     fs, path = filesystem(location)
@@ -241,12 +244,13 @@ def delete(location: "Location") -> None:
         OSError: the file system failed (on local paths, only a file that could not be removed: a directory tree
             is removed with errors ignored).
     """
-    if location.is_local:
-        if os.path.isdir(location.local_path):
-            shutil.rmtree(location.local_path, ignore_errors=True)
-        elif os.path.lexists(location.local_path):
+    local = location.os_path
+    if local is not None:
+        if os.path.isdir(local):
+            shutil.rmtree(local, ignore_errors=True)
+        elif os.path.lexists(local):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(location.local_path)
+                os.remove(local)
         return
     from pyarrow.fs import FileType
 
@@ -267,8 +271,9 @@ def list_names(location: "Location") -> list[str]:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file system failed (e.g. a directory that cannot be read).
     """
-    if location.is_local:
-        return sorted(os.listdir(location.local_path)) if os.path.isdir(location.local_path) else []
+    local = location.os_path
+    if local is not None:
+        return sorted(os.listdir(local)) if os.path.isdir(local) else []
     from pyarrow.fs import FileSelector, FileType
 
     fs, path = filesystem(location)
@@ -284,8 +289,9 @@ def makedirs(location: "Location") -> None:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the directory could not be created (e.g. a file is in the way).
     """
-    if location.is_local:
-        os.makedirs(location.local_path, exist_ok=True)
+    local = location.os_path
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
         return
     fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)
@@ -298,8 +304,9 @@ def read_bytes(location: "Location") -> bytes:
         FileNotFoundError: nothing there.
         SourceError: as :func:`filesystem`.
     """
-    if location.is_local:
-        return Path(location.local_path).read_bytes()
+    local = location.os_path
+    if local is not None:
+        return Path(local).read_bytes()
     filesystem_, path = filesystem(location)
     with filesystem_.open_input_stream(path) as stream:
         return stream.read()
@@ -332,8 +339,9 @@ def write_whole(location: "Location", data: bytes) -> None:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file could not be written (e.g. its directory is missing).
     """
-    if location.is_local:
-        with replacing(location.local_path) as tmp:
+    local = location.os_path
+    if local is not None:
+        with replacing(local) as tmp:
             tmp.write_bytes(data)
         return
     fs, path = filesystem(location)

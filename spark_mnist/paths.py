@@ -40,8 +40,8 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 # Query parameters that carry a credential: pyarrow's S3 and Azure options (access_key, secret_key, session_token,
 # account_key, sas_token), SAS signatures (sig), presigned URLs (X-Amz-Signature, X-Amz-Credential,
 # X-Amz-Security-Token), and any other whose name says key, secret, token, password, signature or credential.
-_SECRET_PARAM = re.compile(r"(?<=[?&;])([^=&#\s]*(?:key|secret|token|passw|sig|credential|auth(?!ority))[^=&#\s]*)=([^&#\s]*)",
-                           re.IGNORECASE)
+_SECRET_PARAM = re.compile(
+    r"(?<=[?&;])([^=&#\s]*(?:key|secret|token|passw|sig|credential|auth(?!ority))[^=&#\s]*)=([^&#\s]*)", re.IGNORECASE)
 # Schemes whose userinfo is a container name, not a credential: abfss://container@account.dfs.core.windows.net.
 _CONTAINER_SCHEMES = ("abfs", "abfss", "az", "wasb", "wasbs")
 
@@ -82,6 +82,11 @@ class Location:
         """How messages, logs and records name the place: :attr:`display` with its credentials redacted
         (:func:`redact`)."""
         return redact(self.display)
+
+    @property
+    def os_path(self) -> str | None:
+        """The path :mod:`os` operates on for this place where :attr:`is_local`, else ``None`` (pyarrow's)."""
+        return self.local_path if self.is_local else None
 
     @property
     def is_local(self) -> bool:

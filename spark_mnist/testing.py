@@ -155,7 +155,7 @@ def _plant(source: IdxSource, defect: str, split: str) -> Path:
     return labels_file
 
 
-# --- ingested datasets -------------------------------------------------------------------------------------------------
+# --- ingested datasets ------------------------------------------------------------------------------------------------
 
 def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", train_rows: int = 600,
                            test_rows: int = 100, num_shards: int = 2, seed: int = 0,
@@ -187,7 +187,7 @@ def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", tr
     return Path(output)
 
 
-# --- ranks -------------------------------------------------------------------------------------------------------------
+# --- ranks ------------------------------------------------------------------------------------------------------------
 
 class RankFailedError(RuntimeError):
     """A rank started by :func:`run_ranks` raised: the message names the rank and carries its traceback."""
@@ -225,7 +225,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ar
             results.put((rank, True, fn(*args)))
         finally:
             dist.destroy_process_group()
-    except BaseException as e:  # reported to the parent, which raises RankFailedError
+    except BaseException as e:  # noqa: BLE001 - every failure, KeyboardInterrupt too, goes to the parent (RankFailedError)
         results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 

@@ -104,7 +104,7 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
         EnvironmentMismatchError: petastorm asked for (``converter: petastorm`` or ``loader: petastorm``) where it
             cannot run, or ``loader: petastorm`` with ``converter: none``; one line naming the versions and the fix.
     """
-    wanted = settings.converter
+    wanted: str = settings.converter
     if settings.loader == PETASTORM:
         if wanted == DIRECT:
             raise invalid("train.converter", DIRECT, "'auto' or 'petastorm' with train.loader 'petastorm' (the "

@@ -55,8 +55,9 @@ def check_output(location: Location) -> None:
     try:
         fs.filesystem(location)
     except (SourceError, ValueError, NotImplementedError, OSError) as e:
-        raise SourceError(f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local path, dbfs:/..., "
-                          f"/dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI") from None
+        raise SourceError(f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
+                          f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
+                          ) from None
 
 
 def write_splits(spark: "SparkSession", spec: DatasetSpec, splits: list[SplitInput], out: Location,
@@ -97,7 +98,7 @@ def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, 
     """The manifest of ``generation``: dataset, classes, image shape, source files (uri, bytes, payload sha256),
     per split its rows, label histogram and shard files (path, bytes, rows), schema and package versions."""
     return contract.Manifest(
-        generation=generation, dataset=spec.name, classes=tuple(spec.classes), image_shape=tuple(spec.image_shape),
+        generation=generation, dataset=spec.name, classes=tuple(spec.classes), image_shape=spec.image_shape,
         source={"uri": source.shown, "files": records}, package_version=__version__,
         splits={split.name: contract.Split(
             rows=int(len(split.labels)), files=tuple(files[split.name]),

@@ -13,8 +13,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, hash_mismatch_message,
-                                  validate_layout)
+from spark_mnist.datasets import (
+    IMAGES,
+    LABELS,
+    SPLITS,
+    DatasetFile,
+    DatasetSpec,
+    hash_mismatch_message,
+    validate_layout,
+)
 from spark_mnist.driver.sources import SourceFile, read_files
 from spark_mnist.errors import ChecksumMismatchError
 from spark_mnist.formats.idx import IdxReader, parse_idx
@@ -102,7 +109,7 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     source = read_files(spark, npz.sibling(""), [npz.name])[npz.name]
     content = source.content
     if content is None:  # a large archive on a driver-visible path: np.load reads it whole anyway
-        with open(source.local_path, "rb") as f:
+        with open(source.source, "rb") as f:
             content = f.read()
     arrays = load_keras_npz(io.BytesIO(content), spec, name=redact(source.uri))  # checks both splits against spec
     inputs = [SplitInput(split, arrays[split][1], _slicer(arrays[split][0]), list) for split in SPLITS]

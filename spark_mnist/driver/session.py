@@ -142,8 +142,8 @@ def default_parallelism(spark: "SparkSession") -> int:
     """The cluster's default parallelism (cores across its executors), at least 1.
 
     Classic: ``sparkContext.defaultParallelism``.  Spark Connect: ``spark.default.parallelism`` where set, else the
-    cores of a local master on this machine (:func:`local_master_cores` of :func:`master_here`), else the partitions of ``spark.range``
-    without a partition count, which Spark sizes by that same figure (one small job).
+    cores of a local master on this machine (:func:`local_master_cores` of :func:`master_here`), else the partitions
+    of ``spark.range`` without a partition count, which Spark sizes by that same figure (one small job).
     """
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
@@ -155,7 +155,7 @@ def default_parallelism(spark: "SparkSession") -> int:
         return cores
     from pyspark.sql import functions as F
 
-    last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).first()[0]
+    last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).collect()[0][0]
     return max(1, int(last) + 1)
 
 
@@ -177,7 +177,7 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
-    if str(getattr(spark.client, "host", "")).lower() not in LOOPBACK_HOSTS:
+    if str(getattr(getattr(spark, "client", None), "host", "")).lower() not in LOOPBACK_HOSTS:
         return None
     try:
         return spark.conf.get("spark.master", None)
@@ -225,7 +225,7 @@ def _databricks_session(databricks_session: Any) -> "SparkSession":
     """
     try:
         return databricks_session.builder.getOrCreate()
-    except Exception as e:  # noqa: BLE001 - databricks-connect's configuration errors have no common type
+    except Exception as e:
         raise EnvironmentMismatchError(
             f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it (a "
             f"~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -46,7 +46,11 @@ class SourceFile:
     @property
     def source(self) -> bytes | str:
         """What :class:`spark_mnist.formats.idx.IdxReader` reads: the bytes, or the path to stream."""
-        return self.content if self.content is not None else self.local_path
+        if self.content is not None:
+            return self.content
+        if self.local_path is None:
+            raise ValueError(f"{self.name}: neither content nor a local path")
+        return self.local_path
 
 
 def read_files(spark: "SparkSession", directory: Location, names: Sequence[str], *,
@@ -70,7 +74,7 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str],
         raise SourceError(f"{listing}: file not found (expected {', '.join(names)} in {directory.shown})")
     found, collect = {}, []
     for name, loc in wanted.items():
-        size = os.path.getsize(loc.local_path) if loc.is_local else None
+        size = os.path.getsize(loc.os_path) if loc.os_path is not None else None
         if size is not None and size > max_collect_bytes:
             found[name] = SourceFile(name, loc.uri, size, local_path=loc.local_path)
         elif _spark_may_read(loc):
@@ -81,7 +85,7 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str],
         # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled), about twice as fast as
         # collect() for a few large binary rows.
         try:
-            frame = (spark.read.format("binaryFile")
+            frame: Any = (spark.read.format("binaryFile")
                      .load([wanted[name].uri for name in collect])
                      .select("path", "length", "content")
                      .toPandas())
@@ -138,8 +142,8 @@ def read_rows(uri: str, lo: int, hi: int) -> np.ndarray:
     from spark_mnist.formats.idx import IdxReader
 
     location = normalize_uri(uri)
-    source = location.local_path if location.is_local else fs.read_bytes(location)
-    with IdxReader(source, name=uri) as reader:
+    source = location.os_path if location.os_path is not None else fs.read_bytes(location)
+    with IdxReader(source, name=redact(uri)) as reader:
         for start in range(0, lo, SKIP_CHUNK_ROWS):
             reader.read(min(SKIP_CHUNK_ROWS, lo - start))
         return reader.read(hi - lo)

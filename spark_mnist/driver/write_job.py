@@ -6,7 +6,7 @@ from the sources (Spark Connect, one job) or as an Arrow relation (Spark Connect
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -111,7 +111,9 @@ def _write_from_sources(spark: "SparkSession", pieces: list[Piece], plan: WriteP
     Raises (in the job):
         SourceError: a task's rows differ from the driver's (the file changed since it was checked).
     """
-    rereads = [piece.reread for piece in pieces]
+    rereads = [piece.reread for piece in pieces if piece.reread is not None]
+    if len(rereads) != len(pieces):
+        raise ValueError("every piece must be readable again from its source (Piece.reread)")
     labels = [piece.labels for piece in pieces]
     checksums = []
     for unit, (p, _) in enumerate(plan.units):
@@ -141,13 +143,16 @@ def fragments_table(pieces: list[Piece], plan: WritePlan):
     rows a fragment (fewer in a unit's last), in one record batch."""
     import pyarrow as pa
 
-    units, parts, images, labels = [], [], [], []
+    units: list[Any] = []
+    parts: list[Any] = []
+    images: list[Any] = []
+    labels: list[Any] = []
     for unit, (p, _) in enumerate(plan.units):
         lo, hi = plan.rows(unit)
         starts = np.append(np.arange(lo, hi, plan.fragment_rows), hi)
         units.append(pa.array(np.full(len(starts) - 1, unit, dtype=np.int64)))
         parts.append(pa.array(np.arange(len(starts) - 1, dtype=np.int32)))
-        for name, array, out in (("images", pieces[p].images, images), ("labels", pieces[p].labels, labels)):
+        for _name, array, out in (("images", pieces[p].images, images), ("labels", pieces[p].labels, labels)):
             flat = np.ascontiguousarray(array[lo:hi]).reshape(-1).view(np.uint8)
             width = flat.size // max(1, hi - lo)
             offsets = pa.py_buffer(((starts - lo) * width).astype(np.int32))

@@ -25,7 +25,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Union, cast
 
 import numpy as np
 
@@ -99,7 +99,7 @@ def _open_stream(raw: BinaryIO, name: str) -> BinaryIO:
     if not head:
         raise IdxFormatError(f"{name}: empty file (0 bytes); expected a gzip-compressed or plain IDX file")
     if head == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
     return raw
 
 
@@ -237,7 +237,8 @@ class IdxReader:
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
         self._source, self._name, self._max_payload_bytes = source, name, max_payload_bytes
         self._stack = contextlib.ExitStack()
-        self._digest, self._done, self._rows_read = None, False, 0
+        self._digest = hashlib.sha256(usedforsecurity=False)  # restarted with the header on entry
+        self._done, self._rows_read = False, 0
 
     def __enter__(self) -> "IdxReader":
         try:
@@ -289,7 +290,7 @@ class IdxReader:
         row_shape = header.shape[1:]
         row_bytes = math.prod(row_shape) * header.dtype.itemsize
         buffer = _allocate(rows * row_bytes, self.name, header)
-        view = memoryview(buffer)
+        view = buffer.data
         filled = 0
         while filled < len(buffer):
             got = _readinto(self._stream, view[filled:filled + READ_CHUNK_BYTES], self.name)

@@ -47,7 +47,10 @@ def load_keras_npz(source: str | os.PathLike | BinaryIO, spec: DatasetSpec | Non
             image and label counts that differ, labels out of ``spec``'s range.
     """
     spec = spec or get_dataset("mnist")
-    path = Path(name or os.fspath(source)) if name or not hasattr(source, "read") else Path("<npz>")
+    if name or hasattr(source, "read"):
+        path = Path(name or "<npz>")
+    else:
+        path = Path(os.fspath(source))
     try:
         loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as e:

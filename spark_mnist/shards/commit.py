@@ -386,7 +386,7 @@ def _age_s(location: Location) -> float:
     """Seconds since ``location`` (a local or FUSE file: temporary files exist nowhere else) was last modified;
     0 where it is gone or not local."""
     try:
-        return time.time() - os.stat(location.local_path).st_mtime if location.is_local else 0.0
+        return time.time() - os.stat(location.os_path).st_mtime if location.os_path is not None else 0.0
     except OSError:
         return 0.0
 
@@ -402,9 +402,9 @@ def discard(out: Location, generation: str, *, created_out: bool = False) -> Non
     """
     fs.delete(out.join(generation))
     if created_out and not fs.list_names(out):
-        if out.is_local:
+        if out.os_path is not None:
             try:
-                os.rmdir(out.local_path)
+                os.rmdir(out.os_path)
             except OSError:  # something appeared meanwhile (a racing ingest): it stays
                 pass
         else:
@@ -437,7 +437,7 @@ def write_local_dataset(output: str | os.PathLike, spec: "DatasetSpec", arrays: 
     from spark_mnist.shards.parquet import write_shard
 
     out = normalize_uri(output)
-    image_shape = tuple(int(n) for n in spec.image_shape)
+    image_shape = spec.image_shape
     rows_per_group = rows_per_group or max(1, ROW_GROUP_BYTES // int(np.prod(image_shape)))
     with writing(out) as lease:
         splits = {}

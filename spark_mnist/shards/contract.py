@@ -110,7 +110,7 @@ class Manifest:
     generation: str
     dataset: str
     classes: tuple[str, ...]
-    image_shape: tuple[int, ...]
+    image_shape: tuple[int, int]
     splits: dict[str, Split]
     source: dict[str, Any] = field(default_factory=dict)
     previous: str | None = None
@@ -160,7 +160,7 @@ class Manifest:
         try:
             return cls(generation=doc["generation"], previous=doc.get("previous"), dataset=doc["dataset"],
                        classes=tuple(str(c) for c in doc["classes"]),
-                       image_shape=tuple(int(n) for n in doc["image_shape"]),
+                       image_shape=_height_width(doc["image_shape"]),
                        splits={name: Split(rows=int(s["rows"]), label_histogram=tuple(s.get("label_histogram", ())),
                                            files=tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"]))
                                                        for f in s["files"]))
@@ -227,7 +227,7 @@ class Dataset:
         return list(self.manifest.splits)
 
     @property
-    def image_shape(self) -> tuple[int, ...]:
+    def image_shape(self) -> tuple[int, int]:
         """(H, W) in pixels."""
         return self.manifest.image_shape
 
@@ -265,6 +265,16 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.location.shown!r}, {self.dataset}, generation {self.manifest.generation}, "
                 + ", ".join(f"{name} {s.rows} rows" for name, s in self.manifest.splits.items()) + ")")
+
+
+def _height_width(value: Any) -> tuple[int, int]:
+    """A manifest's ``image_shape``, ``[H, W]``, as a pair of ints.
+
+    Raises:
+        ValueError: not two numbers (a corrupt manifest; :meth:`Manifest.from_json` names it).
+    """
+    height, width = (int(n) for n in value)
+    return height, width
 
 
 def check_files(filesystem: "FileSystem", root: str, where: "Location", files: list[ShardFile]) -> None:

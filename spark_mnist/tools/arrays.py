@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 
-from spark_mnist.shards import contract
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
 from spark_mnist.paths import normalize_uri
+from spark_mnist.shards import contract
 
 Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -39,9 +39,9 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
         IdxFormatError, DatasetMismatchError, InputError: as ingest, for the same defects.
     """
     location = normalize_uri(path)
-    if not location.is_local:  # an object store: only an ingested dataset
+    local = location.os_path
+    if local is None:  # an object store: only an ingested dataset
         return _from_parquet(os.fspath(path))
-    local = location.local_path
     if not os.path.exists(local):
         raise SourceError(f"{path}: not found (load_data reads local, /dbfs/ or /Volumes/ paths)")
     if local.endswith(".npz"):

@@ -62,7 +62,8 @@ class LocalRoots:
     ``datasets``: directories holding ``<dataset name>/<file>`` (Debian installs Fashion-MNIST under
     ``/usr/share/datasets/fashion-mnist``); ``torchvision``: torchvision dataset roots (the ``root`` argument of
     ``torchvision.datasets.MNIST`` and friends, files under ``<root>/<DatasetSpec.torchvision_folder>/raw/``);
-    ``keras``: directories holding Keras' npz (``DatasetSpec.keras_file``: ``mnist.npz``).  ``LocalRoots()`` looks nowhere; :meth:`default` gives the usual places.
+    ``keras``: directories holding Keras' npz (``DatasetSpec.keras_file``: ``mnist.npz``).  ``LocalRoots()`` looks
+    nowhere; :meth:`default` gives the usual places.
     """
 
     datasets: Sequence[Path] = ()
@@ -153,9 +154,9 @@ def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending)."""
     require_local(to, "download")
     location = normalize_uri(to)
-    if not location.is_local:
+    if location.os_path is None:
         raise SourceError(f"{location.local_path}: no {location.kind} mount on this machine (not on Databricks?)")
-    target = Path(location.local_path)
+    target = Path(location.os_path)
     target.mkdir(parents=True, exist_ok=True)
     if location.kind == "local":
         return target, target

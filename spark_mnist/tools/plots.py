@@ -13,13 +13,13 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from spark_mnist.shards import contract
 from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
+from spark_mnist.shards import contract
 
 if TYPE_CHECKING:
     from spark_mnist.tools.evaluate import EvaluationResult
@@ -32,7 +32,7 @@ PREVIEW_CELL_INCHES = (1.3, 1.45)  # width, height of one image with its title
 MISSING_MATPLOTLIB = "matplotlib"  # the reason maybe_training_curves logs once per ``warned`` set
 
 
-def _figure(width: float, height: float, layout: str | None = None):
+def _figure(width: float, height: float, layout: Literal["constrained", "compressed", "tight"] | None = None):
     """A new figure on its own Agg canvas, not known to pyplot."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -210,7 +210,8 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
     dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
-    resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure is a warning.
+    resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure
+    is a warning.
     Source: MLflow's ``mlflow.data`` (``MetaDataset``, ``resolve_dataset_source``), dataset tracking."""
     import warnings
 
@@ -221,8 +222,8 @@ def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        dataset = MetaDataset(source=source, name=str(manifest.get("dataset") or "dataset"),
-                              digest=manifest_digest(manifest))
+        dataset = MetaDataset(source=source, name=str(manifest.get("dataset") or "dataset"),  # type: ignore[abstract]
+                              digest=manifest_digest(manifest))  # (MLflow's typing: MetaDataset is concrete)
         mlflow.log_input(dataset, context=DATASET_CONTEXT)
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
         log.warning("could not log the dataset %s as an MLflow dataset input: %s: %s", redact(dataset_uri),
@@ -254,7 +255,8 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
         import spark_mnist
         from spark_mnist.models import DEFAULT_MODEL, build_model
 
-        image_shape = tuple(int(n) for n in (manifest.get("image_shape") or (28, 28)))
+        height, width = (int(n) for n in (manifest.get("image_shape") or (28, 28)))
+        image_shape = (height, width)
         num_classes = len(manifest.get("classes") or range(10))
         model = build_model(model_name or DEFAULT_MODEL, num_classes, image_shape)
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
@@ -314,7 +316,7 @@ def _scoped_tracking_uri(mlflow, uri: str) -> Iterator[None]:
     try:
         from mlflow.tracking._tracking_service import utils as service_utils
     except ImportError:  # pragma: no cover - MLflow internals moved
-        service_utils = None
+        service_utils = None  # type: ignore[assignment]  # a module, or nothing
     previous = getattr(service_utils, "_tracking_uri", None)
     mlflow.set_tracking_uri(uri)
     try:

@@ -16,8 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from spark_mnist.datasets import (IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, hash_mismatch_message,
-                                  validate_split)
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, hash_mismatch_message, validate_split
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, InputError, SourceError
 from spark_mnist.formats.idx import ParsedIdx, parse_idx
 from spark_mnist.paths import require_local
@@ -100,7 +99,7 @@ class VerifyReport:
         lines = []
         for f in self.files:
             if f.status == STATUS_HASH_MISMATCH:
-                lines.append(hash_mismatch_message(self.dataset, f.path, f.sha256, f.expected))
+                lines.append(hash_mismatch_message(self.dataset, f.path, f.sha256 or "", f.expected or ""))
             elif f.status == STATUS_MISSING:
                 lines.append(f"{f.path}: file not found")
             elif not f.ok:
