@@ -5,6 +5,7 @@
 #   make run  [LANE=...]    ingest the Debian Fashion-MNIST files and train with conf/local.yaml (local[2], 2 CPU ranks)
 #   make run REMOTE=local[2]  ... the same over Spark Connect (a local server; or REMOTE=sc://host:port)
 #   make bench [LANE=...]   loader and ingest benchmarks (one table, one JSON line)
+#   make lint               ruff (lint and format) and mypy over spark_mnist/ (make test runs it too)
 # A lane is a runtime's library stack, locked in requirements/lanes/LANE.txt (see README "Runtimes"):
 #   spark35        as on Databricks Runtime 15.4 LTS ML: pyspark 3.5, pyarrow 14, numpy 1, pandas 1.5, pydantic 1.10,
 #                  petastorm (the petastorm path)
@@ -37,7 +38,7 @@ FULL_LANE := spark40
 TEST_REMOTE := local[2]
 comma := ,
 
-.PHONY: run test test-fast test-lane test-kit test-times stores gpu-check bench bench-scale setup venv java data lock clean
+.PHONY: lint run test test-fast test-lane test-kit test-times stores gpu-check bench bench-scale setup venv java data lock clean
 
 # uv builds the lane environments and resolves the locks (pip's wheels and indexes: requirements/uv_args.py).
 UV_VERSION := 0.13.9
@@ -71,7 +72,7 @@ test: $(UV) java data stores
 	$(MAKE) --no-print-directory -j$(TEST_JOBS) $$(for l in $$lanes; do echo venv-$$l; done) || exit 1; \
 	echo "=== environments ready in $$(( $$(date +%s) - start )) s"; \
 	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target \
-	  $(foreach l,$(or $(LANE),$(LANES)),$(call passes,$(l))) $(if $(LANE),,test-kit); \
+	  $(foreach l,$(or $(LANE),$(LANES)),$(call passes,$(l))) $(if $(LANE),,test-kit lint); \
 	status=$$?; $(MAKE) --no-print-directory test-times; \
 	echo "=== make test: $$(( $$(date +%s) - start )) s wall, lanes: $$lanes"; exit $$status
 
@@ -115,6 +116,21 @@ test-kit: $(UV)
 	cp examples/user_tests/*.py $(KIT)/project/ && \
 	( cd $(KIT)/project && $(CURDIR)/$(BOUNDED) $(KIT)/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . ); s=$$?; \
 	mkdir -p $(LOGS); echo "kit $(KIT_LANE) $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
+
+# ruff and mypy, pinned in requirements/lint.txt, in an environment of their own; mypy reads lane spark40's libraries
+# (pyspark, pyarrow, numpy, torch) for the package's imports.  Settings: pyproject.toml's [tool.ruff], [tool.mypy].
+LINT_VENV := .venv/lint
+LINT_LANE := spark40
+lint: $(LINT_VENV)/.installed
+	@$(MAKE) --no-print-directory venv LANE=$(LINT_LANE)
+	@t=$$(date +%s); $(LINT_VENV)/bin/ruff check spark_mnist && $(LINT_VENV)/bin/ruff format --check spark_mnist && \
+	$(LINT_VENV)/bin/mypy --python-executable .venv/$(LINT_LANE)/bin/python; s=$$?; \
+	mkdir -p $(LOGS); echo "lint - $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
+
+$(LINT_VENV)/.installed: requirements/lint.txt | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(LINT_VENV)
+	$(UV) pip install --quiet --python $(LINT_VENV)/bin/python $(UV_ARGS) -r requirements/lint.txt
+	touch $@
 
 test-times:
 	@test -f $(LOGS)/times && while read lane pass secs; do echo "=== $$lane $$pass pass: $$secs s"; done < $(LOGS)/times || true

@@ -69,11 +69,14 @@ def train(data: str, run_dir: str, epochs: int = 2, batch_size: int = 64, lr: fl
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             train_loader.load_state_dict(state["loader"])
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+        # The loss is summed on the device and the sample count on the host: no host-device copy or sync per step.
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        samples = 0
         with train_loader, test_loader:
             while train_loader.epoch < epochs:
                 ddp.train()
-                loss_sum.zero_()
+                loss_total.zero_()
+                samples = 0
                 for images, labels in train_loader:  # uint8 (B, 1, H, W), int64 (B,)
                     x = normalize(images.to(device, non_blocking=True), norm)
                     y = labels.to(device, non_blocking=True)
@@ -81,24 +84,28 @@ def train(data: str, run_dir: str, epochs: int = 2, batch_size: int = 64, lr: fl
                     loss = F.cross_entropy(ddp(x), y)
                     loss.backward()
                     optimizer.step()
-                    loss_sum += torch.stack([loss.detach().double() * len(y), torch.tensor(len(y), device=device)])
+                    loss_total += loss.detach().double() * len(y)
+                    samples += len(y)
                 train_loader.set_epoch(train_loader.epoch + 1)
                 if world.is_leader:
                     os.makedirs(run_dir, exist_ok=True)
                     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "loader": train_loader.state_dict()}, checkpoint_path)
+            loss_sum = torch.stack([loss_total, torch.tensor(float(samples), dtype=torch.float64, device=device)])
             dist.all_reduce(loss_sum)
             model.eval()
-            counts = torch.zeros(2, dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
             with torch.no_grad():
                 for images, labels in test_loader:
                     logits = model(normalize(images.to(device, non_blocking=True), norm))
                     y = labels.to(device, non_blocking=True)
-                    counts += torch.stack([(logits.argmax(1) == y).sum().double(),
-                                           torch.tensor(float(len(y)), device=device)])
+                    correct += (logits.argmax(1) == y).sum()
+                    seen += len(y)
+            counts = torch.stack([correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
             dist.all_reduce(counts)
-        if world.is_leader:
-            torch.save(model.state_dict(), os.path.join(run_dir, "model.pt"))
+        if world.is_leader:  # CPU tensors: the file loads on a machine without a GPU
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(run_dir, "model.pt"))
         return {"test_accuracy": counts[0].item() / max(1.0, counts[1].item()),
                 "train_loss": loss_sum[0].item() / max(1.0, loss_sum[1].item()), "world_size": world.world_size,
                 "epochs": epochs, "device": device.type}

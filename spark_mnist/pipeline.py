@@ -50,13 +50,75 @@ def ingest(spark, settings: Settings) -> "Manifest":
 
 def check_training(settings: Settings, *, connect: bool = False) -> None:
     """What can be refused before a Spark session or a rank starts: torch, the launcher's package and hardware,
-    the model's name, and the converter and loader the launcher can serve.
+    the model's name, the converter and loader the launcher can serve, and with ``train.resume`` a checkpoint this
+    run cannot continue (:func:`check_resume`, against the manifest at the data directory when there is one).
+    Reads only: nothing is written to the run directory.
 
     Raises:
         LauncherUnavailableError: torch or the launcher's package missing, its hardware absent.
         InputError: an unknown model; petastorm with a launcher other than ``torch-distributor``.
         EnvironmentMismatchError: petastorm asked for where it cannot run.
+        LoaderStateError, CheckpointError: see :func:`check_resume`.
     """
+    _check_environment(settings, connect=connect)
+    if settings.train.resume:
+        with scoped_env(settings.storage.environment()):
+            check_resume(settings, _manifest_if_any(settings.data_dir))
+
+
+def _manifest_if_any(data_dir: str) -> "Manifest | None":
+    """The manifest of the dataset at ``data_dir``, or ``None`` where none opens (yet: ``run`` ingests it later;
+    ``train`` refuses it afterwards with the dataset's own error)."""
+    from spark_mnist.shards.contract import open_dataset
+
+    try:
+        return open_dataset(data_dir).manifest
+    except InputError:
+        return None
+
+
+def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> None:
+    """With ``train.resume``, refuse on the driver a checkpoint in the run directory that the ranks would refuse:
+    the same checks as theirs (:meth:`spark_mnist.rank.checkpoint.Checkpoint.batch_size_for`, then
+    :func:`spark_mnist.rank.loader.state_mismatch` against this run's training order), before a Spark job, a
+    TorchDistributor run or a torchrun launch starts.  Reads the checkpoint only (weights-only, on the CPU).  The
+    ranks keep their own check.
+
+    Args:
+        settings: the run's settings (``run_dir``, ``train.seed``, ``batch_size``, the launcher's world size).
+        manifest: the dataset's manifest (its identity and training rows are checked too); ``None``: those are not.
+    Raises:
+        LoaderStateError: a checkpoint of another seed, dataset, row count or global batch size, or a world size that
+            does not divide its global batch; one line naming the setting, the checkpoint's value and this run's
+            (``Cannot resume: the seed is 0 in RUN/checkpoint.pt, 7 in this run.``).
+        CheckpointError: a checkpoint that weights-only loading refuses or that is not a training checkpoint.
+        SourceError: a run directory with no local form.
+    """
+    from spark_mnist.launch import world_size
+    from spark_mnist.rank.checkpoint import load_checkpoint
+    from spark_mnist.rank.loader import LoaderStateError, state_mismatch
+    from spark_mnist.runs import dataset_identity
+
+    t = settings.train
+    if not t.resume:
+        return
+    checkpoint = load_checkpoint(require_local(settings.run_dir, "run_dir"))
+    if checkpoint is None:  # the ranks start afresh and say so
+        return
+    saved, ranks = checkpoint.loader, world_size(t)
+    batch_size = t.batch_size if saved["world_size"] == ranks else checkpoint.batch_size_for(ranks)
+    train = manifest.splits.get("train") if manifest is not None else None
+    current = {"seed": t.seed, "shuffle": True, "drop_remainder": True, "world_size": ranks,
+               "batch_size": batch_size, "global_batch_size": batch_size * ranks,
+               "dataset": dataset_identity(manifest) if manifest is not None else None,
+               "rows": train.rows if train is not None else saved["rows"]}
+    mismatch = state_mismatch(saved, current, checkpoint.source)
+    if mismatch:
+        raise LoaderStateError(mismatch)
+
+
+def _check_environment(settings: Settings, *, connect: bool = False) -> None:
+    """:func:`check_training` without the checkpoint: torch, the launcher, the model, the converter and loader."""
     from spark_mnist.errors import require_extra
     from spark_mnist.launch import check_launcher
 
@@ -91,7 +153,10 @@ def train(spark, settings: Settings, *, ingested: bool = False) -> dict[str, Any
     Raises:
         DatasetNotFoundError: no complete dataset at the data directory.
         InputError, LauncherUnavailableError, EnvironmentMismatchError: see :func:`check_training`.
-        CheckpointError: ``--resume`` with a checkpoint of another run.
+        SourceError: ``torch-distributor`` with ``local_mode`` off and a run directory the executors do not share
+            (:func:`spark_mnist.launch.torch_distributor.check_shared_run_dir`).
+        LoaderStateError, CheckpointError: ``--resume`` with a checkpoint this run cannot continue
+            (:func:`check_resume`), raised before anything is launched or written.
         TrainingFailedError: a rank failed, and kept failing through ``train.max_restarts`` relaunches.
     """
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
@@ -107,13 +172,19 @@ def _train(spark, settings: Settings, *, ingested: bool) -> dict[str, Any]:
         from spark_mnist.driver import session
 
         connect = session.is_connect(spark)
-    check_training(settings, connect=connect)
+    _check_environment(settings, connect=connect)
     launcher = launcher_for(t, spark=spark)
+    if t.launcher == SPARK_LAUNCHER and not t.local_mode:
+        from spark_mnist.driver.session import master_here
+        from spark_mnist.launch.torch_distributor import check_shared_run_dir
+
+        check_shared_run_dir(settings.run_dir, master_here(spark))  # rank 0 writes it on an executor
     from spark_mnist.runs import CURVES_NAME, dataset_identity
     from spark_mnist.shards.contract import open_dataset
 
     dataset = open_dataset(settings.data_dir)
     manifest = dataset.manifest
+    check_resume(settings, manifest)  # before petastorm's Spark jobs and the launch: nothing started, nothing written
     converter_name, converters, files = _files(spark, settings, dataset)
     try:
         from spark_mnist.job import TrainJob
@@ -166,8 +237,8 @@ def _run(launcher, job) -> dict[str, Any]:
     checkpoint after a failure, at most ``max_restarts`` times."""
     from spark_mnist.launch import launch
     from spark_mnist.launch.restarts import run_with_restarts
-    from spark_mnist.runs import CHECKPOINT_NAME
     from spark_mnist.rank.train import train_worker
+    from spark_mnist.runs import CHECKPOINT_NAME
 
     t = job.settings
     resume = t.resume or (t.auto_resume and _auto_resume(job))

@@ -186,3 +186,104 @@ def test_resume_with_another_batch_size_on_the_same_world_size_is_refused(one_ra
     with pytest.raises(LoaderStateError, match=r"^Cannot resume: the global batch size is 16 in .*checkpoint\.pt, 32 "
                                                r"in this run \(batch size 32 x 1 ranks\)\.$"):
         one_rank(job_for(splits, run_dir, resume=True, batch_size=32))
+
+
+# --- set-up, devices and saved files ----------------------------------------------------------------------------
+
+
+def test_saved_files_load_with_a_plain_torch_load(full_run):
+    """model.pt and checkpoint.pt hold CPU tensors: ``torch.load(path)`` (no map_location, weights-only default)
+    works on a machine without a GPU and gives back the trained model."""
+    _, run_dir = full_run
+    state = torch.load(run_dir / MODEL_NAME)
+    assert all(t.device.type == "cpu" for t in state.values())
+    model = build_model("simple-cnn", CLASSES, SHAPE)
+    model.load_state_dict(state)
+    assert_same_model(model.state_dict(), trained(run_dir), atol=0)
+    checkpoint = torch.load(run_dir / CHECKPOINT_NAME)
+    assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
+    assert all(v.device.type == "cpu" for s in checkpoint["optimizer"]["state"].values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def test_train_seconds_are_the_epochs_reported(full_run):
+    metrics, _ = full_run
+    assert metrics["train_seconds"] == pytest.approx(sum(h["epoch_seconds"] for h in metrics["history"]), abs=2e-3)
+    assert all(h["samples_per_s"] == pytest.approx((600 // 16) * 16 / h["epoch_seconds"]) for h in metrics["history"])
+
+
+def test_to_cpu_keeps_the_structure():
+    from spark_mnist.rank.train import to_cpu
+
+    t = torch.ones(2, requires_grad=True)
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": t}}, "param_groups": [{"lr": 0.1, "params": [0]}],
+             "pair": (t, 1)}
+    moved = to_cpu(state)
+    assert moved["param_groups"] == state["param_groups"] and moved["pair"][1] == 1
+    assert torch.equal(moved["state"][0]["exp_avg"], t) and not moved["state"][0]["exp_avg"].requires_grad
+
+
+def test_a_failing_process_group_set_up_leaves_the_rank_report(one_rank, splits, tmp_path, monkeypatch):
+    import json
+
+    import torch.distributed as dist
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the rendezvous is unreachable")
+
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the rendezvous is unreachable"):
+        one_rank(job_for(splits, run_dir))
+    report = json.loads((run_dir / "_errors" / "rank-0.json").read_text())
+    assert report["exception"] == "RuntimeError: the rendezvous is unreachable"
+    assert not dist.is_initialized()
+
+
+def test_an_error_aborts_the_process_group_rather_than_waiting_on_it(one_rank, splits, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from spark_mnist.rank import train
+
+    def fail(*args, **kwargs):
+        raise ValueError("a rank's own error")
+
+    def waits(*args, **kwargs):
+        raise AssertionError("destroy_process_group waits on outstanding collectives")
+
+    monkeypatch.setattr(train, "_train", fail)
+    monkeypatch.setattr(dist, "destroy_process_group", waits)
+    with pytest.raises(ValueError, match="a rank's own error"):
+        one_rank(job_for(splits, tmp_path / "run"))
+    assert not dist.is_initialized() and (tmp_path / "run" / "_errors" / "rank-0.json").exists()
+
+
+def test_a_local_rank_without_a_gpu_of_its_own_is_refused(splits, tmp_path, monkeypatch):
+    """Two ranks on a node where one GPU is visible: rank 1 is refused in one line, with its report, before it
+    touches the device or the process group."""
+    from spark_mnist.errors import EnvironmentMismatchError
+    from spark_mnist.rank.train import train_worker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device called"))
+    for name, value in {**rank_environment(1, 2, free_port()), "CUDA_VISIBLE_DEVICES": "3"}.items():
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(EnvironmentMismatchError, match=r"^LOCAL_RANK 1 has no GPU of its own: torch sees 1 CUDA "
+                                                           r"device\(s\) on this worker \(CUDA_VISIBLE_DEVICES=3\)"):
+            train_worker(job_for(splits, tmp_path / "run", use_gpu=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "run" / "_errors" / "rank-1.json").exists()
+
+
+def test_threads_per_rank_divide_the_cores_among_the_nodes_ranks(monkeypatch):
+    import os
+
+    from spark_mnist.rank.train import threads_per_rank
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [threads_per_rank(0, n) for n in (1, 4, 16, 32)] == [16, 4, 1, 1]
+    assert threads_per_rank(3, 8) == 3

@@ -2,7 +2,9 @@
 
 The ranks run on the driver (``local_mode``, torchrun as a child process) or in Spark tasks on the executors (a
 classic GPU cluster: one rank per GPU worker, ``spark.task.resource.gpu.amount: 1``).  The only module outside
-``driver/`` that imports Spark.  Source: Spark's ``ml/torch/distributor.py``.
+``driver/`` that imports Spark.  ``TorchDistributor`` gives the ranks their GPUs through ``CUDA_VISIBLE_DEVICES``
+(local mode: ``num_processes`` of the driver's; on executors: the task's), so a rank's ``LOCAL_RANK`` indexes the
+devices it sees.  Source: Spark's ``ml/torch/distributor.py``.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
-from spark_mnist.launch import LauncherUnavailableError, require_module
+from spark_mnist.errors import SourceError
+from spark_mnist.launch import LauncherUnavailableError, require_gpus, require_module
+from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, redact
 
 NAME = "torch-distributor"
+# Where a path is the same on the driver and every executor of a Databricks cluster (FUSE mounts).
+SHARED_ROOTS = (DBFS_FUSE_ROOT, VOLUMES_ROOT)
 
 
 @dataclass
@@ -34,13 +40,19 @@ class TorchDistributorLauncher:
 
 
 def check(settings: TrainSettings) -> None:
-    """Refuse a machine where pyspark's ``ml.torch`` does not import (before a session starts).
+    """Refuse, before a session starts, a machine where pyspark's ``ml.torch`` does not import, or local mode with
+    ``use_gpu`` and fewer GPUs on this machine than ranks (``TorchDistributor`` would quietly start fewer ranks).
 
     Raises:
-        LauncherUnavailableError: pyspark missing.
+        LauncherUnavailableError: pyspark missing; local mode with ``use_gpu`` and fewer GPUs here than
+            ``num_processes``.
     """
     require_module("pyspark.ml.torch.distributor", NAME, "pip install 'spark-mnist[local]' (or run on a Databricks "
                                                          "ML runtime), or train with --launcher torchrun")
+    if settings.use_gpu and settings.local_mode:
+        require_gpus(NAME, settings.num_processes, "in local mode every rank takes one of the driver's GPUs: lower "
+                                                   "--num-processes, or run the ranks on the executors with "
+                                                   "--no-local-mode")
 
 
 def make(settings: TrainSettings, *, spark: Any = None) -> TorchDistributorLauncher:
@@ -53,3 +65,28 @@ def make(settings: TrainSettings, *, spark: Any = None) -> TorchDistributorLaunc
         raise LauncherUnavailableError(f"launcher '{NAME}' runs on a Spark session and none was given: start one "
                                        f"(spark_mnist.train(..., spark=spark)), or use --launcher torchrun")
     return TorchDistributorLauncher(settings, spark)
+
+
+def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
+    """Refuse a run directory the executors' ranks cannot share with the driver: with ``local_mode`` off, rank 0
+    writes the model, checkpoint and metrics on its executor and the driver reads them, so ``run_dir`` must be a
+    shared path (``/dbfs/...``, ``dbfs:/...``, ``/Volumes/...``).  A ``local``/``local-cluster`` master (executors on
+    this machine) accepts any path; ``master`` is :func:`spark_mnist.driver.session.master_here`'s, ``None`` where
+    the executors are not on this machine's side (Databricks Connect, serverless).  The pipeline calls it with the
+    session's master before anything launches.
+
+    Raises:
+        SourceError: a run directory on the driver's own disk (``/tmp/...``, a relative path) with executors
+            elsewhere; one line naming it and the fix.
+    """
+    if run_dir is None or (master is not None and master.startswith("local")):
+        return
+    from spark_mnist.paths import normalize_uri
+
+    local = normalize_uri(run_dir).local_path
+    if local is not None and any(local == root or local.startswith(root + "/") for root in SHARED_ROOTS):
+        return
+    where = redact(master) if master else "not on this machine"
+    raise SourceError(f"{redact(run_dir)}: run_dir must be a path the executors share with the driver when the ranks "
+                      f"run on the executors (--no-local-mode, master {where}): use /Volumes/<catalog>/<schema>/"
+                      f"<volume>/... or /dbfs/..., or train on the driver with --local-mode")

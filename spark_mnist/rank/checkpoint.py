@@ -113,7 +113,7 @@ def load_checkpoint(run_dir: str) -> Checkpoint | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused or unreadable as a weights-only checkpoint, nothing in it was run "
                               f"({first})") from e

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.errors import InputError
+from spark_mnist.errors import EnvironmentMismatchError, InputError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
 from spark_mnist.models import Normalization, build_model, normalization_for, normalize
@@ -36,6 +37,10 @@ from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 __all__ = ["train_worker", "evaluate"]
 
 PROGRESS_LINES_PER_EPOCH = 4
+# The longest a rank waits in one collective (or at the rendezvous of init_process_group) for the other ranks: a rank
+# that died or hangs then fails the others with a timeout error instead of holding the job.  Far above any step,
+# evaluation or checkpoint save of these models; torch's own default for nccl.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 # train.resume values: resume from the checkpoint, refusing one this run cannot honour / resume when the checkpoint
 # matches, else start afresh and say why / never resume.
 RESUME_STRICT, RESUME_AUTO, RESUME_NEVER = (True, "always"), ("auto",), (False, None, "never")
@@ -94,40 +99,106 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         ``history``: per finished epoch ``epoch`` (from 1), ``train_loss`` and ``test_loss`` (mean cross-entropy,
         nats), ``test_accuracy``, ``test_samples``, ``samples_per_s``, ``data_wait_fraction`` (of the epoch's
         time spent waiting for batches, in [0, 1]) and ``epoch_seconds`` (s).
+    Model and checkpoint files hold CPU tensors (a plain ``torch.load`` works without a GPU).  Collectives time out
+    after :data:`PROCESS_GROUP_TIMEOUT`; after an error the process group is aborted, not destroyed, so a rank never
+    waits on peers that are gone.
+
     Raises:
-        RuntimeError: ``use_gpu`` set where torch sees no CUDA device.
-        ValueError: an invalid rank environment.
+        RuntimeError: ``use_gpu`` set where torch sees no CUDA device; the process group failing to form.
+        EnvironmentMismatchError: ``use_gpu`` with ``LOCAL_RANK`` at or above the CUDA devices this rank sees.
+        ValueError: an invalid rank environment (raised before a report can name the rank).
         InputError: an unknown model or dataset name; too few training rows for one batch on every rank (bad
             input: :mod:`spark_mnist.launch.restarts` does not relaunch it).
         CheckpointError: with ``resume``, a checkpoint that is unsafe or unreadable.
         LoaderStateError: with ``resume`` (not ``"auto"``), a checkpoint of another seed, dataset, row count or
             global batch, or a world size that does not divide its global batch.
-        Any error of a rank also leaves ``run_dir/_errors/rank-N.json`` for the driver
-        (:func:`spark_mnist.runs.write_error_report`).
+        Any error of a rank after it read its environment (its device and the process group's set-up included)
+        also leaves ``run_dir/_errors/rank-N.json`` for the driver (:func:`spark_mnist.runs.write_error_report`).
     Source: pytorch/examples ``mnist/main.py``; Spark's ``ml/torch/distributor.py`` (``TorchDistributor.run``).
     """
     world = World.from_env()
-    device = _device(job.settings.use_gpu, world.local_rank)
-    torch.set_num_threads(job.settings.threads_per_rank or max(1, (os.cpu_count() or 1) // world.local_world_size))
     started = time.perf_counter()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(job, world, device, started)
+        torch.set_num_threads(threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
+        device = _device(job.settings.use_gpu, world.local_rank)
+        _init_process_group(device)
+        result = _train(job, world, device, started)
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
+        _abort_process_group()
         raise
-    finally:
-        dist.destroy_process_group()
+    dist.destroy_process_group()
+    return result
+
+
+def threads_per_rank(setting: int, local_world_size: int) -> int:
+    """Torch threads of one rank: ``setting`` (``train.threads_per_rank``) when set, else the cores this process may
+    run on (its CPU affinity, else the machine's) divided among the ``local_world_size`` ranks on the node, at
+    least 1."""
+    if setting:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
 
 
 def _device(use_gpu: bool, local_rank: int) -> torch.device:
-    if use_gpu:
-        if not torch.cuda.is_available():
-            raise RuntimeError("use_gpu is set but torch sees no CUDA device on this worker")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    """``cuda:local_rank`` (made the current device) with ``use_gpu``, else the CPU.
+
+    The launchers give each rank its GPUs through ``CUDA_VISIBLE_DEVICES`` (TorchDistributor: the GPUs it picked on
+    the driver, or the Spark task's), so ``LOCAL_RANK`` indexes the devices this process sees.
+
+    Raises:
+        RuntimeError: ``use_gpu`` where torch sees no CUDA device.
+        EnvironmentMismatchError: ``LOCAL_RANK`` at or above the CUDA devices this process sees (more ranks on the
+            node than GPUs).
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is set but torch sees no CUDA device on this worker")
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise EnvironmentMismatchError(
+            f"LOCAL_RANK {local_rank} has no GPU of its own: torch sees {visible} CUDA device(s) on this worker"
+            f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; one GPU per rank: start at most "
+            f"{visible} rank(s) per node (num_processes)")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def _init_process_group(device: torch.device) -> None:
+    """Join the process group from torchrun's environment: ``nccl`` bound to ``device`` on a GPU, else ``gloo``;
+    collectives time out after :data:`PROCESS_GROUP_TIMEOUT`."""
+    if device.type == "cuda":
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def _abort_process_group() -> None:
+    """Tear the process group down after an error without waiting on collectives that will never complete (other
+    ranks may be dead or stuck): ``destroy_process_group`` waits for them, aborting does not.  Never raises."""
+    if not dist.is_initialized():
+        return
+    try:
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort()
+        # Without an abort (older torch) the group is left for the process's exit to release.
+    except Exception:  # noqa: BLE001 - the rank's own error is what matters; its process ends next
+        pass
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA kernels run asynchronously), so a clock read after it counts
+    them; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, norm: Normalization
@@ -248,8 +319,8 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
             if figures.stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint there, end the run
                 _checkpoint(run, train_loader.state_dict(epoch=epoch, step=figures.stopped_at))
                 break
-            train_seconds += figures.seconds
             record = _epoch_record(run, epoch, figures, test_loader)
+            train_seconds += record["epoch_seconds"]  # the slowest rank's: the same on every rank
             history.append(record)
             train_loader.set_epoch(epoch + 1)
             _checkpoint(run, train_loader.state_dict())
@@ -307,6 +378,7 @@ def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
             run.run_steps += 1
             more = step + 1 < run.steps
             if run.world.is_leader and (step + 1) % progress_every == 0 and more:
+                _synchronize(run.device)
                 done = (step + 1 - first_step) * loader.global_batch_size
                 print(f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{run.steps}, "
                       f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s", flush=True)
@@ -315,17 +387,22 @@ def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
                 break
             if settings.checkpoint_every_steps and (step + 1) % settings.checkpoint_every_steps == 0 and more:
                 _checkpoint(run, loader.state_dict(epoch=epoch, step=step + 1))
+        _synchronize(run.device)
         seconds = time.perf_counter() - epoch_start
     return _EpochFigures(loss_sum, samples, wait, seconds, stopped_at)
 
 
 def _epoch_record(run: _Run, epoch: int, figures: _EpochFigures, test_loader: ShardLoader) -> dict[str, Any]:
-    """The epoch's figures over all ranks: training loss and throughput all-reduced, then the evaluation."""
-    device, seconds = run.device, figures.seconds
+    """The epoch's figures over all ranks: training loss and data wait summed, the epoch's seconds the slowest
+    rank's (so every rank reports the same ``epoch_seconds`` and ``samples_per_s``), then the evaluation."""
+    device = run.device
     totals = torch.stack([figures.loss_sum, torch.tensor(float(figures.samples), dtype=torch.float64, device=device)])
     dist.all_reduce(totals)
-    waits = torch.tensor([figures.wait_seconds, seconds], dtype=torch.float64, device=device)
+    waits = torch.tensor([figures.wait_seconds, figures.seconds], dtype=torch.float64, device=device)
     dist.all_reduce(waits)
+    slowest = torch.tensor([figures.seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    seconds = max(1e-9, slowest.item())
     test_loss, correct, count = evaluate(run.model, test_loader, device, run.norm)
     return {"epoch": epoch + 1, "train_loss": totals[0].item() / max(1.0, totals[1].item()),
             "test_loss": test_loss / max(1, count), "test_accuracy": correct / max(1, count),
@@ -342,10 +419,24 @@ def _print_epoch(run: _Run, record: dict[str, Any]) -> None:
 
 
 def _checkpoint(run: _Run, loader_state: dict[str, Any]) -> None:
-    """Rank 0 saves where the run stands: the model, the optimizer and the training loader's state."""
+    """Rank 0 saves where the run stands: the model, the optimizer (their tensors copied to the CPU, so the file
+    loads on a machine without a GPU) and the training loader's state."""
     if run.world.is_leader:
-        save_checkpoint(Checkpoint(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+        save_checkpoint(Checkpoint(model=to_cpu(run.model.state_dict()), optimizer=to_cpu(run.optimizer.state_dict()),
                                    loader=loader_state), run.job.run_dir)
+
+
+def to_cpu(state: Any) -> Any:
+    """``state`` (a ``state_dict``: nested dicts, lists and tuples of tensors and plain values) with every tensor
+    on the CPU, detached; CPU tensors are not copied.  What is saved, so that a plain ``torch.load`` of the file
+    works where there is no GPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return type(state)((k, to_cpu(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
 
 
 def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wall_seconds: float
@@ -361,8 +452,9 @@ def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wal
 
 
 def _write_outputs(run: _Run, metrics: dict[str, Any]) -> None:
-    """Rank 0: ``model.pt`` (the module's ``state_dict``) and ``metrics.json``, each written atomically."""
+    """Rank 0: ``model.pt`` (the module's ``state_dict``, its tensors on the CPU) and ``metrics.json``, each written
+    atomically."""
     run_dir = run.job.run_dir
-    save_atomically(run.model.state_dict(), os.path.join(run_dir, MODEL_NAME))
+    save_atomically(to_cpu(run.model.state_dict()), os.path.join(run_dir, MODEL_NAME))
     with replacing(os.path.join(run_dir, METRICS_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)

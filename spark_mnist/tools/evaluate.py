@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from spark_mnist.shards import contract
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
+from spark_mnist.shards import contract
 
 DEFAULT_BATCH_SIZE = 1000
 
@@ -65,7 +65,7 @@ def _load_state_dict(model_path: str):
         raise InputError(f"{model_path}: {what}; give the model.pt that `spark-mnist train` wrote in its run_dir")
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, IndexError...)
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{model_path}: not a loadable PyTorch state_dict ({first})") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
@@ -111,8 +111,9 @@ def _build_model(state, model_path: str, name: str, num_classes: int, image_shap
 
 
 def _confusion(model, batches, device, norm, num_classes: int, where: str, split: str) -> np.ndarray:
-    """(C, C) int64 counts of ``model``'s predictions over ``batches`` (uint8 images (n, 1, H, W), int64 labels (n,)),
-    rows the true class."""
+    """(C, C) int64 counts of ``model``'s predictions over ``batches`` (uint8 images (n, 1, H, W), int64 labels (n,),
+    both in host memory), rows the true class.  The labels are checked on the host and the counts summed on
+    ``device``, read back once at the end: no device synchronisation per batch."""
     import torch
 
     from spark_mnist.models import normalize
@@ -120,9 +121,9 @@ def _confusion(model, batches, device, norm, num_classes: int, where: str, split
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     with torch.no_grad():
         for images, labels in batches:
-            y = labels.to(device, non_blocking=True)
-            if int(y.min()) < 0 or int(y.max()) >= num_classes:
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
                 raise DatasetMismatchError(f"{where}: split {split!r} has labels outside 0..{num_classes - 1}")
+            y = labels.to(device, non_blocking=True)
             predictions = model(normalize(images.to(device, non_blocking=True), norm)).argmax(1)
             confusion += torch.bincount(y * num_classes + predictions, minlength=num_classes * num_classes)
     return confusion.cpu().numpy().reshape(num_classes, num_classes)
