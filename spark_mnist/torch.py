@@ -1,4 +1,5 @@
-"""The public loader API for your own training loop, under any launcher: ``spark_mnist.torch.loader``.
+"""The public loader API for your own training loop, under any launcher: ``spark_mnist.torch.loader``, and
+``spark_mnist.torch.MNIST``, a drop-in for torchvision's dataset class.
 
 Inside a function that torchrun, ``TorchDistributor`` or Databricks AI Runtime's ``@distributed`` runs once per
 rank, :func:`loader` opens one split of an ingested dataset through its manifest (a local, ``/dbfs`` or ``/Volumes``
@@ -10,11 +11,13 @@ path, or an ``s3://``, ``gs://``, ``abfss://`` URI) and gives this rank's exact 
                                       seed=0)
     with loader:
         for epoch in range(epochs):
-            loader.set_epoch(epoch)
             for images, labels in loader:   # images: uint8 (B, 1, 28, 28); labels: int64 (B,)
                 ...
 
-What it guarantees (:class:`spark_mnist.rank.loader.ShardLoader`, whose docstring defines the order):
+Each ``iter()`` is the next epoch, reshuffled (no ``set_epoch`` needed); ``loader.set_epoch(e)`` still wins: the next
+``iter()`` reads epoch ``e``, the one after ``e + 1``.
+
+What it guarantees (:class:`spark_mnist.rank.loader.ShardLoader`; :mod:`spark_mnist.rank.order` defines the order):
 
 * **World from the environment.**  ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``, which torchrun,
   ``TorchDistributor`` and the AI Runtime all set, read once (:class:`spark_mnist.rank.world.World`); a plain
@@ -26,26 +29,42 @@ What it guarantees (:class:`spark_mnist.rank.loader.ShardLoader`, whose docstrin
 * **Resume.**  ``loader.state_dict()`` is where the loader stands and what decides what comes next (seed, epoch,
   step, samples, world size, global batch size, the dataset's identity); save it in your checkpoint and
   ``loader.load_state_dict(state)`` after a restart, on the same or another number of ranks with the same global
-  batch: the next iteration yields exactly the samples not yet seen.
+  batch: the next iteration yields exactly the samples of the saved epoch not yet seen, the one after it the next
+  epoch (so resume the loop at ``range(state["epoch"], epochs)``).
 * **Batches.**  ``(images, labels)``: ``images`` ``torch.uint8`` of shape (B, 1, H, W), raw pixels 0..255 (pinned
   host memory with ``pin_memory``); ``labels`` ``torch.int64`` of shape (B,), class indices.  Scale and normalise
   on the device after the copy (:func:`spark_mnist.models.normalize`).
+* **A DataLoader if you need one.**  The loader is a ``torch.utils.data.IterableDataset``:
+  ``torch.utils.data.DataLoader(loader, batch_size=None)`` yields the same batches (as ``[images, labels]``).
+  Leave ``num_workers`` at 0: the loader decodes in its own threads (a worker process refuses to iterate it).
 
 This is the ``UCVolumeDataset`` of our format: no Spark on the GPU nodes, no second copy of the data.
+
+For code written against ``torchvision.datasets.MNIST``, :class:`MNIST` (and :class:`FashionMNIST`, :class:`KMNIST`,
+:class:`EMNIST`) takes the same arguments with ``root`` an ingested dataset, and returns the same items: a
+map-style dataset of ``(PIL image, int)`` for ``DataLoader(..., shuffle=True)`` or a ``DistributedSampler``.  It
+needs Pillow; torchvision is never imported.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
+import torch
+from torch.utils.data import Dataset as _TorchDataset
+
+from spark_mnist.errors import DatasetMismatchError, InputError, check_choice, require_extra
+from spark_mnist.paths import redact
 from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
 from spark_mnist.rank.world import World
 from spark_mnist.runs import dataset_identity
 from spark_mnist.shards.contract import open_dataset
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS
+from spark_mnist.tools.arrays import load_data
 
-__all__ = ["loader", "World"]
+__all__ = ["loader", "World", "ShardLoader", "MNIST", "FashionMNIST", "KMNIST", "EMNIST"]
 
 
 def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int, seed: int = 0,
@@ -69,8 +88,9 @@ def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int,
         reader_threads: row groups decoded in parallel.
         pin_memory: batches in pinned host memory, for ``non_blocking`` copies to a GPU.
     Returns:
-        A :class:`~spark_mnist.rank.loader.ShardLoader`: iterate it for ``(images, labels)`` (uint8 (B, 1, H, W),
-        int64 (B,)); ``len()`` is the steps left in the epoch, ``set_epoch(e)`` picks the epoch, ``state_dict()`` /
+        A :class:`~spark_mnist.rank.loader.ShardLoader` (a ``torch.utils.data.IterableDataset``): each ``iter()``
+        is one epoch of ``(images, labels)`` (uint8 (B, 1, H, W), int64 (B,)), the next epoch's order each time;
+        ``len()`` is the steps the next ``iter()`` yields, ``set_epoch(e)`` picks the next epoch, ``state_dict()`` /
         ``load_state_dict()`` save and restore the position; use it as a context manager (its exit stops its
         reader threads).
     Raises:
@@ -84,7 +104,126 @@ def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int,
     world = world or World.from_env()
     training = split == "train"
     return ShardLoader(opened.files(split), rank=world.rank, world_size=world.world_size, batch_size=batch_size,
-                       image_shape=tuple(opened.image_shape), seed=seed, shuffle=training if shuffle is None else shuffle,
+                       image_shape=(opened.image_shape[0], opened.image_shape[1]), seed=seed,
+                       shuffle=training if shuffle is None else shuffle,
                        drop_remainder=training if drop_remainder is None else drop_remainder,
                        memory_budget_bytes=memory_budget_bytes, reader_threads=reader_threads, pin_memory=pin_memory,
                        dataset=dataset_identity(opened.manifest))
+
+
+class MNIST(_TorchDataset):
+    """torchvision's ``MNIST`` over an ingested dataset: ``from spark_mnist.torch import MNIST`` replaces
+    ``from torchvision.datasets import MNIST``.  It serves whichever registry dataset ``root`` holds (mnist,
+    fashion-mnist, kmnist, the emnist splits); :class:`FashionMNIST`, :class:`KMNIST` and :class:`EMNIST` also
+    check which.
+
+    Args:
+        root: the dataset directory ``OUT`` of ``spark-mnist ingest``: anything :func:`spark_mnist.open_dataset`
+            opens (a local path, ``/dbfs/...``, ``/Volumes/...``, ``s3://``, ``gs://``, ``abfss://``).
+        train: the ``"train"`` split, else ``"test"``.
+        transform: applied to each PIL image (e.g. a ``ToTensor``).
+        target_transform: applied to each target (an ``int``).
+        download: accepted for torchvision's signature and ignored: nothing is downloaded, ``root`` must already
+            be ingested.
+    Attributes:
+        data: ``torch.uint8`` of shape (N, H, W), the split's images in file order, upright (EMNIST too: unlike
+            torchvision's, its images need no transposing transform).
+        targets: ``torch.int64`` of shape (N,), class indices.
+        classes: the manifest's class names, ``classes[i]`` for label ``i`` (e.g. ``"0"``..``"9"`` for mnist, not
+            torchvision's ``"0 - zero"``); ``class_to_idx`` maps them back.
+        train, root, transform, target_transform: as given; ``dataset``: the registry name ``root`` holds.
+
+    ``len(ds)`` is N; ``ds[i]`` is ``(image, target)`` as torchvision builds it: ``image`` a ``PIL.Image.Image`` of
+    mode ``"L"`` from ``data[i]``, then ``transform``; ``target`` ``int(targets[i])``, then ``target_transform``.
+    The whole split is read into memory once, when the dataset is built (:func:`spark_mnist.load_data`).
+
+    Raises:
+        DatasetNotFoundError, SourceError: as :func:`spark_mnist.open_dataset`, for a ``root`` holding no complete
+            dataset or on no file system here.
+        DatasetMismatchError: ``root`` holds another dataset than the class serves (:class:`FashionMNIST`, ...).
+        EnvironmentMismatchError: Pillow is not installed.
+    """
+
+    #: The registry names this class serves; ``None``: any.
+    dataset_names: Optional[tuple[str, ...]] = None
+
+    def __init__(self, root: str | os.PathLike, train: bool = True, transform: Optional[Callable] = None,
+                 target_transform: Optional[Callable] = None, download: bool = False) -> None:
+        require_extra("PIL.Image", "torch", f"spark_mnist.torch.{type(self).__name__}")
+        opened = open_dataset(root)
+        self._check_dataset(root, opened.dataset)
+        (train_images, train_labels), (test_images, test_labels) = load_data(root)
+        images, labels = (train_images, train_labels) if train else (test_images, test_labels)
+        self.root, self.train, self.transform, self.target_transform = root, train, transform, target_transform
+        self.dataset = opened.dataset
+        self.data = torch.from_numpy(images)
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.classes = list(opened.classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    def _check_dataset(self, root: str | os.PathLike, found: str) -> None:
+        if self.dataset_names is not None and found not in self.dataset_names:
+            raise DatasetMismatchError(
+                f"{redact(os.fspath(root))}: holds {found!r}, not {' or '.join(map(repr, self.dataset_names))} "
+                f"({type(self).__name__}); spark_mnist.torch.MNIST serves any ingested dataset")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """``(image, target)``: a mode ``"L"`` PIL image of ``data[index]`` (then ``transform``) and
+        ``int(targets[index])`` (then ``target_transform``).
+
+        Raises:
+            IndexError: ``index`` outside ``[-N, N)``.
+        """
+        from PIL import Image
+
+        img, target = self.data[index], int(self.targets[index])
+        img = Image.fromarray(img.numpy())  # a 2-D uint8 array is mode "L" (fromarray's mode= is deprecated)
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def __repr__(self) -> str:
+        lines = [f"Dataset {type(self).__name__} ({self.dataset})", f"    Number of datapoints: {len(self)}",
+                 f"    Root location: {redact(os.fspath(self.root))}",
+                 f"    Split: {'Train' if self.train else 'Test'}"]
+        lines += [f"    {name}: {value!r}" for name, value in (("Transform", self.transform),
+                                                               ("Target transform", self.target_transform)) if value]
+        return "\n".join(lines)
+
+
+class FashionMNIST(MNIST):
+    """:class:`MNIST` for a ``root`` holding fashion-mnist (torchvision's ``FashionMNIST``); another dataset raises
+    ``DatasetMismatchError``."""
+
+    dataset_names = ("fashion-mnist",)
+
+
+class KMNIST(MNIST):
+    """:class:`MNIST` for a ``root`` holding kmnist (torchvision's ``KMNIST``); another dataset raises
+    ``DatasetMismatchError``."""
+
+    dataset_names = ("kmnist",)
+
+
+class EMNIST(MNIST):
+    """:class:`MNIST` for a ``root`` holding EMNIST's ``split`` (torchvision's ``EMNIST(root, split, train)``), one
+    of :attr:`splits`: the dataset ingested as ``emnist-{split}``; another dataset raises ``DatasetMismatchError``.
+    Unlike torchvision's, the images are upright (ingest transposes EMNIST's column-major images back): drop any
+    transposing transform.  ``letters`` keeps EMNIST's labels 1..26 (``classes[0]`` is ``"N/A"``), as torchvision.
+
+    Raises:
+        InputError: an unknown ``split``; and as :class:`MNIST`.
+    """
+
+    splits = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
+
+    def __init__(self, root: str | os.PathLike, split: str, train: bool = True, transform: Optional[Callable] = None,
+                 target_transform: Optional[Callable] = None, download: bool = False) -> None:
+        self.split = check_choice("split", split, self.splits, InputError)
+        self.dataset_names = (f"emnist-{split}",)
+        super().__init__(root, train, transform, target_transform, download)

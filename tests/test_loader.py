@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist.shards.parquet import record_batch
 from spark_mnist.rank.loader import ShardLoader, rank_rows, steps_per_epoch
-from spark_mnist.shards.parquet import decode_images
+from spark_mnist.shards.parquet import decode_images, record_batch
 
 ROWS = 1_003  # prime-ish, so no world size or batch size divides it
 
@@ -336,3 +337,147 @@ def test_the_order_is_pinned_so_a_checkpoint_resumes_on_another_runtime():
     assert windows[0].order[:8].tolist() == [17555, 10177, 3433, 15155, 3389, 16606, 18902, 12099]
     assert np.array_equal(np.sort(windows[0].order), np.arange(20_000))
     assert [w.order.tolist() for w in epoch_windows(10, seed=5, epoch=3, shuffle=False)] == [list(range(10))]
+
+
+# ------------------------------------------------------------------ epochs: every iter() the next one, as a DataLoader
+
+def epoch_order(loader, epoch=None) -> list[int]:
+    """The sample indices of one iteration of ``loader`` (after ``set_epoch(epoch)`` when given)."""
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    return [int(i) for index, _, _ in loader.iter_with_index() for i in index]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_each_iteration_is_the_next_epoch_in_set_epochs_order(layouts, streaming):
+    options = dict(rank=1, world_size=2, batch_size=16, seed=7, memory_budget_bytes=0 if streaming else 2**30)
+    with ShardLoader(layouts[0]["uneven"], **options) as plain, ShardLoader(layouts[0]["uneven"], **options) as again:
+        orders = [epoch_order(plain) for _ in range(3)]
+        assert plain.epoch == 2 and plain.state_dict()["step"] == plain.steps_total
+        assert [epoch_order(again) for _ in range(3)] == orders  # deterministic
+    with ShardLoader(layouts[0]["uneven"], **options) as chosen:
+        assert [epoch_order(chosen, k) for k in range(3)] == orders  # epoch k's order is set_epoch(k)'s
+    assert orders[0] != orders[1] != orders[2] != orders[0]
+    assert all(len(order) == steps_per_epoch(ROWS, 2, 16) * 16 for order in orders)
+
+
+def test_plain_iteration_advances_the_epoch_of_iter_too(layouts):
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=1, batch_size=32, seed=7) as loader:
+        first = [index for index, _, _ in loader.iter_with_index()]
+        second = [index.clone() for index, _, _ in loader.iter_with_index()]
+        third = [labels for _, labels in loader]  # __iter__ and iter_with_index share the epoch count
+        assert loader.epoch == 2 and len(third) == len(first) == len(second)
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=1, batch_size=32, seed=7) as reference:
+        assert epoch_order(reference, 1) == torch.cat(second).tolist() != torch.cat(first).tolist()
+
+
+def test_an_explicit_set_epoch_wins_then_counting_goes_on_from_it(layouts):
+    paths = layouts[0]["uneven"]
+    with ShardLoader(paths, rank=0, world_size=3, batch_size=8, seed=2) as loader, \
+            ShardLoader(paths, rank=0, world_size=3, batch_size=8, seed=2) as reference:
+        epoch_order(loader)  # epoch 0
+        loader.set_epoch(5)
+        assert epoch_order(loader) == epoch_order(reference, 5)
+        assert epoch_order(loader) == epoch_order(reference, 6) and loader.epoch == 6
+        loader.set_epoch(1)
+        loader.set_epoch(3)  # the last one set wins
+        assert epoch_order(loader) == epoch_order(reference, 3)
+
+
+def test_an_epoch_left_early_is_not_repeated(layouts):
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=1, batch_size=16, seed=4) as loader:
+        with contextlib.closing(loader.iter_with_index()) as batches:
+            next(batches)
+        assert epoch_order(loader) == epoch_order(ShardLoader(layouts[0]["even"], rank=0, world_size=1,
+                                                              batch_size=16, seed=4), 1)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_then_plain_iteration_gives_the_rest_then_the_next_epoch(layouts, streaming):
+    paths = layouts[0]["uneven"]
+    options = dict(rank=1, world_size=2, batch_size=8, seed=9, memory_budget_bytes=0 if streaming else 2**30)
+    with ShardLoader(paths, **options) as first:
+        epoch_order(first)  # epoch 0, plainly
+        with contextlib.closing(first.iter_with_index()) as batches:  # epoch 1, stopped after 5 steps
+            head = [int(i) for _ in range(5) for i in next(batches)[0]]
+            state = first.state_dict()
+    assert (state["epoch"], state["step"]) == (1, 5)
+    with ShardLoader(paths, **options) as resumed, ShardLoader(paths, **options) as reference:
+        resumed.load_state_dict(state)
+        assert len(resumed) == resumed.steps_total - 5
+        rest = epoch_order(resumed)
+        assert len(resumed) == resumed.steps_total  # the next iter() is a whole epoch
+        after = epoch_order(resumed)
+        assert head + rest == epoch_order(reference, 1)
+        assert after == epoch_order(reference, 2) and resumed.epoch == 2
+
+
+def test_a_state_saved_at_an_epochs_end_resumes_with_an_empty_rest(layouts):
+    options = dict(rank=0, world_size=1, batch_size=16, seed=1)
+    with ShardLoader(layouts[0]["even"], **options) as first:
+        epoch_order(first)
+        state = first.state_dict()
+    with ShardLoader(layouts[0]["even"], **options) as resumed:
+        resumed.load_state_dict(state)
+        assert len(resumed) == 0 and epoch_order(resumed) == []
+        assert epoch_order(resumed) == epoch_order(ShardLoader(layouts[0]["even"], **options), 1)
+
+
+def test_train_workers_pattern_set_epoch_every_epoch_is_unchanged(layouts):
+    """rank/train.py: set_epoch(epoch, start_step) (or load_state_dict), one iteration, set_epoch(epoch + 1)."""
+    options = dict(rank=0, world_size=2, batch_size=8, seed=3)
+    with ShardLoader(layouts[0]["even"], **options) as loader, \
+            ShardLoader(layouts[0]["even"], **options) as reference:
+        loader.set_epoch(1, start_step=2)
+        seen = []
+        while loader.epoch < 4:
+            epoch = loader.epoch
+            seen.append(epoch_order(loader))
+            assert loader.state_dict(epoch=epoch, step=3)["samples"] == 3 * 16
+            loader.set_epoch(epoch + 1)
+            assert loader.state_dict()["epoch"] == epoch + 1 and loader.state_dict()["step"] == 0
+        assert seen[0] == epoch_order(reference, 1)[2 * 8:]
+        assert seen[1:] == [epoch_order(reference, k) for k in (2, 3)]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_dataloader_of_batch_size_none_gives_the_same_batches(layouts, streaming):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    options = dict(rank=2, world_size=3, batch_size=8, seed=6, memory_budget_bytes=0 if streaming else 2**30)
+    with ShardLoader(layouts[0]["uneven"], **options) as loader, \
+            ShardLoader(layouts[0]["uneven"], **options) as reference:
+        assert isinstance(loader, IterableDataset)
+        wrapped = DataLoader(loader, batch_size=None)
+        assert len(wrapped) == len(loader) == loader.steps_total
+        for _ in range(2):  # each pass over the DataLoader is the loader's next epoch
+            got, expected = list(wrapped), list(reference)
+            assert len(got) == len(expected) == loader.steps_total
+            for (images, labels), (x, y) in zip(got, expected):
+                assert images.dtype == torch.uint8 and images.shape == (8, 1, 28, 28)
+                assert torch.equal(images, x) and torch.equal(labels, y)
+        assert loader.epoch == reference.epoch == 1
+
+
+def test_dataloader_workers_are_refused_in_one_clear_error(layouts):
+    from torch.utils.data import DataLoader
+
+    from spark_mnist.errors import InputError
+
+    with ShardLoader(layouts[0]["even"], rank=0, world_size=1, batch_size=64) as loader:
+        with pytest.raises(InputError, match=r"Invalid DataLoader num_workers: 1\. Must be 0 for a spark_mnist "
+                                             r"loader \(DataLoader\(loader, batch_size=None\)\)"):
+            next(iter(DataLoader(loader, batch_size=None, num_workers=1)))
+
+
+def test_a_pickled_loader_keeps_its_settings_and_position_not_its_iterations(layouts):
+    import pickle
+
+    with ShardLoader(layouts[0]["even"], rank=1, world_size=2, batch_size=16, seed=8) as loader:
+        batches = loader.iter_with_index()
+        next(batches)  # an open iteration and decoded rows: neither travels
+        loader.set_epoch(3, start_step=2)
+        copy = pickle.loads(pickle.dumps(loader))
+        assert copy._cache is None and len(copy._iterators) == 0
+        assert epoch_order(copy) == epoch_order(loader) and copy.epoch == 3
+        batches.close()

@@ -1,5 +1,5 @@
 """spark_mnist.torch.loader, the public loader API: the world from the environment, exact sharding across ranks,
-resume through state_dict, uint8 batches."""
+resume through state_dict, uint8 batches, a new epoch every iteration, a DataLoader around it."""
 
 from __future__ import annotations
 
@@ -57,6 +57,42 @@ def test_state_dict_resumes_with_the_unseen_samples(dataset):
     resumed = smt.loader(dataset, "train", batch_size=8, seed=5, world=world)
     resumed.load_state_dict(state)
     assert head + indices(resumed) == full
+
+
+def test_a_plain_loop_reads_a_new_epoch_each_time_and_set_epoch_still_wins(dataset):
+    world = World(0, 1, 0, 1)
+    with smt.loader(dataset, "train", batch_size=8, seed=5, world=world) as loader:
+        orders = [indices(loader) for _ in range(3)]  # for epoch in range(3): for batch in loader: ...
+        assert len({tuple(o) for o in orders}) == 3 and all(len(set(o)) == len(o) == 200 for o in orders)
+        loader.set_epoch(1)
+        assert indices(loader) == orders[1] and indices(loader) == orders[2]
+    with smt.loader(dataset, "train", batch_size=8, seed=5, world=world) as again:
+        again.set_epoch(2)
+        assert indices(again) == orders[2]
+
+
+def test_resume_then_a_plain_loop_finishes_the_epoch_then_goes_on(dataset):
+    world = World(0, 1, 0, 1)
+    with smt.loader(dataset, "train", batch_size=8, seed=5, world=world) as reference:
+        epochs = [indices(reference) for _ in range(2)]
+    with smt.loader(dataset, "train", batch_size=8, seed=5, world=world) as first:
+        batches = first.iter_with_index()
+        head = [int(i) for _ in range(3) for i in next(batches)[0]]
+        state = first.state_dict()
+        batches.close()
+    with smt.loader(dataset, "train", batch_size=8, seed=5, world=world) as resumed:
+        resumed.load_state_dict(state)
+        assert [head + indices(resumed), indices(resumed)] == epochs
+
+
+def test_a_dataloader_around_the_loader_yields_the_same_batches(dataset):
+    from torch.utils.data import DataLoader
+
+    with smt.loader(dataset, "test", batch_size=16) as loader, smt.loader(dataset, "test", batch_size=16) as plain:
+        wrapped = list(DataLoader(loader, batch_size=None))
+        expected = list(plain)
+    assert len(wrapped) == len(expected) == 4  # 57 rows: 3 full batches and a short one
+    assert all(torch.equal(a, x) and torch.equal(b, y) for (a, b), (x, y) in zip(wrapped, expected))
 
 
 def test_a_missing_dataset_names_the_directory(tmp_path):

@@ -6,41 +6,13 @@ shapes:
 * :class:`ShardLoader` (ours, the default) reads the Parquet files (petastorm's converter cache or ingest's shards)
   with pyarrow, decodes whole row groups at once from the binary column's contiguous buffer, and keeps the decoded
   rows it reads in memory when they fit ``memory_budget_bytes`` (later epochs are then pure array indexing); past
-  the budget it streams them every epoch, one window (below) at a time.
+  the budget it streams them every epoch, one window at a time.  It is a ``torch.utils.data.IterableDataset``:
+  iterate it directly, or hand it to ``DataLoader(loader, batch_size=None)`` (``num_workers=0``).
 * :func:`spark_mnist.rank.petastorm.petastorm_batches` wraps petastorm's
   ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)`` (its own order; not elastic).
 
-**The training order** (``drop_remainder=True``) is defined once for every world size, so that a run checkpointed on
-``N`` ranks resumes on ``M`` (Mosaic Streaming's "elastic determinism"):
-
-1. The split's ``R`` rows are numbered in the global order: files sorted by name, rows in file order.
-2. The epoch's sequence ``S``, a permutation of ``0..R-1``, depends only on ``R``, ``seed`` and the epoch
-   (:func:`epoch_windows`): the rows are cut into blocks of :data:`BLOCK_ROWS` consecutive rows; the blocks are
-   permuted by ``(seed, epoch)``; each run of :data:`WINDOW_BLOCKS` consecutive permuted blocks is a window; the
-   rows of window ``w`` are permuted by ``(seed, epoch, w)``; ``S`` is the windows one after the other.  Without
-   ``shuffle``, ``S`` is ``0..R-1``.  (numpy's PCG64 seeded through ``SeedSequence``.)
-3. ``S`` is consumed in global batches of ``G = batch_size * world_size`` samples.  An epoch has ``R // G`` steps
-   (:func:`steps_per_epoch`); global batch ``b`` is ``S[b*G:(b+1)*G]`` and rank ``r`` takes its ``r``-th slice of
-   it, ``S[b*G + r*batch_size : b*G + (r+1)*batch_size]`` (:func:`rank_share`).  The tail ``S[(R//G)*G:]``, fewer
-   than ``G`` rows, is **dropped**: another set of rows every epoch, the same set for every world size.
-4. The position is ``(epoch, samples)``: the samples of ``S`` consumed, a multiple of ``G``
-   (:meth:`ShardLoader.state_dict`).  Held to the same ``G`` on ``M`` ranks (``batch_size = G / M``), a loader
-   resumes at global batch ``samples / G``: the rest of the epoch is exactly the samples not yet seen, each once,
-   ``batch_size`` per rank per step; later epochs are the same sequences split ``M`` ways.
-
-A window holds at most ``BLOCK_ROWS * WINDOW_BLOCKS`` (65,536) rows, 51 MB of 28x28 images, so streaming stays
-bounded; a split of one window (MNIST's 60,000 rows) gets a uniform permutation.  A rank's slices of every global
-batch spread over the whole split, so every rank reads every row: in memory it holds the whole decoded split
-(``memory_budget_bytes`` is weighed against the split, not the rank's share); streaming, it decodes each window
-once per epoch and keeps its slices of it.
-
-**The evaluation order** (``drop_remainder=False``): rank ``r`` reads its contiguous range :func:`rank_rows` (sizes
-differ by at most one) in file order, or permuted within each window-sized chunk by ``(seed, epoch, rank, chunk)``
-with ``shuffle``, in batches of ``batch_size`` and a last short one: every row once over all ranks.  Its position
-does not carry over to another world size.
-
-Neither order depends on the memory budget or the number of reader threads (row groups are decoded in parallel but
-consumed in plan order).
+The orders, training (elastic: the same global batches on every world size) and evaluation (every row once), are
+defined in :mod:`spark_mnist.rank.order`; their names are imported here too.
 """
 from __future__ import annotations
 
@@ -48,59 +20,42 @@ import contextlib
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from spark_mnist.errors import InputError, invalid
+from spark_mnist.rank.order import (
+    BLOCK_ROWS,
+    ELASTIC_WORLD_SIZES,
+    STATE_KEYS,
+    WINDOW_BLOCKS,
+    WINDOW_ROWS,
+    LoaderStateError,
+    Window,
+    _evaluation_windows,
+    _local_positions,
+    epoch_windows,
+    rank_rows,
+    rank_share,
+    resume_batch_size,
+    state_mismatch,
+    steps_per_epoch,
+)
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
-if TYPE_CHECKING:
-    import torch
+# The order's names stay importable from here (checkpoint.py, train.py and the tests import them from this module).
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "ShardLoader", "prefetched", "BLOCK_ROWS",
+           "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "ELASTIC_WORLD_SIZES", "LoaderStateError", "Window",
+           "epoch_windows", "rank_rows", "rank_share", "resume_batch_size", "state_mismatch", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30
-# Consecutive rows moved as one block by the first, coarse permutation of an epoch.
-BLOCK_ROWS = 8_192
-# Blocks whose rows are permuted together: a window, the unit streaming decodes (65,536 rows, 51 MB at 28x28).
-WINDOW_BLOCKS = 8
-WINDOW_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
 # Bytes a decoded row costs beside its pixels (index and label, int64 each).
 ROW_OVERHEAD_BYTES = 16
-# What a state_dict holds (see ShardLoader.state_dict).
-STATE_KEYS = ("seed", "epoch", "step", "samples", "world_size", "batch_size", "global_batch_size", "rows", "shuffle",
-              "drop_remainder", "dataset")
-# The world sizes a resumed run is offered when its global batch does not split over the one asked for.
-ELASTIC_WORLD_SIZES = range(1, 9)
-# Stream tags of the order's random generators (the first word of their key after seed and epoch).
-_BLOCKS, _WINDOW, _EVALUATION = 0, 1, 2
-
-
-class LoaderStateError(InputError):
-    """A loader state this loader cannot honour: another seed, dataset, row count or global batch size, or a
-    global batch that the world size does not divide."""
-
-
-def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The global row range ``[lo, hi)`` of ``rank``: contiguous, sizes differ by at most one across ranks.
-
-    Raises:
-        ValueError: ``rank`` outside ``[0, world_size)``.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise invalid("rank", rank, f"0 <= rank < world_size (world size {world_size!r})")
-    return total * rank // world_size, total * (rank + 1) // world_size
-
-
-def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
-    """Steps every rank runs per training epoch: ``total // (world_size * batch_size)``, one per global batch.
-
-    The rows left over, ``total - steps * batch_size * world_size``, are fewer than one global batch.
-    """
-    return total // (world_size * batch_size)
-
 
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
     """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
@@ -116,147 +71,27 @@ def prefetched(fn: Callable, items: Iterable) -> Iterator:
             yield pending.result()
 
 
-def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
-    """A permutation of ``0..n-1`` (int64) drawn from PCG64 seeded by ``SeedSequence((seed, *key))``."""
-    entropy = [seed % 2**64, *key]  # SeedSequence takes non-negative words; a negative seed wraps
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).permutation(n).astype(np.int64)
 
-
-@dataclass(frozen=True)
-class Window:
-    """A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in
-    ``ranges`` (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows)."""
-
-    ranges: tuple[tuple[int, int], ...]
-    order: np.ndarray
-
-
-def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Ranges sorted, with touching ones joined."""
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(ranges):
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return tuple(out)
-
-
-def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[Window]:
-    """The training order's sequence ``S`` of one epoch, as its windows (step 2 of the module docstring).
-
-    Args:
-        rows: ``R``, the split's rows.
-        seed, epoch: pick the permutations; nothing else does (not the world size, rank or batch size).
-        shuffle: ``False`` gives ``0..R-1`` (in windows of :data:`WINDOW_ROWS`).
-    Returns:
-        The windows in sequence order; their ``order`` arrays, concatenated, are a permutation of ``0..R-1``.
-    """
-    blocks = [(lo, min(rows, lo + BLOCK_ROWS)) for lo in range(0, rows, BLOCK_ROWS)]
-    if shuffle:
-        blocks = [blocks[k] for k in _permutation(len(blocks), seed, epoch, _BLOCKS)]
-    windows = []
-    for w, k in enumerate(range(0, len(blocks), WINDOW_BLOCKS)):
-        chosen = blocks[k:k + WINDOW_BLOCKS]
-        order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in chosen])
-        if shuffle:
-            order = order[_permutation(len(order), seed, epoch, _WINDOW, w)]
-        windows.append(Window(_merged(chosen), order))
-    return windows
-
-
-def rank_share(windows: Sequence[Window], rank: int, world_size: int, batch_size: int
-               ) -> list[tuple[Window, np.ndarray]]:
-    """Rank ``rank``'s part of the sequence ``windows`` make, cut into global batches (step 3 of the module
-    docstring): for each window, the rows (int64) of the rank's slices that fall in it, in sequence order.  Their
-    concatenation is the rank's epoch: ``steps_per_epoch(R, world_size, batch_size) * batch_size`` rows.
-
-    Raises:
-        ValueError: ``rank`` outside ``[0, world_size)`` or ``batch_size`` below 1.
-    """
-    rank_rows(0, rank, world_size)  # checks rank and world size
-    if batch_size < 1:
-        raise invalid("batch_size", batch_size, "at least 1")
-    total = sum(len(w.order) for w in windows)
-    global_batch = batch_size * world_size
-    steps = steps_per_epoch(total, world_size, batch_size)
-    positions = (np.arange(steps, dtype=np.int64)[:, None] * global_batch + rank * batch_size
-                 + np.arange(batch_size, dtype=np.int64)[None, :]).ravel()
-    out, start = [], 0
-    for window in windows:
-        end = start + len(window.order)
-        lo, hi = np.searchsorted(positions, [start, end])
-        out.append((window, window.order[positions[lo:hi] - start]))
-        start = end
-    return out
-
-
-def _evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
-    """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
-    windows = []
-    for c, a in enumerate(range(lo, hi, WINDOW_ROWS)):
-        b = min(hi, a + WINDOW_ROWS)
-        order = np.arange(a, b, dtype=np.int64)
-        if shuffle:
-            order = order[_permutation(b - a, seed, epoch, _EVALUATION, rank, c)]
-        windows.append(Window(((a, b),), order))
-    return windows
-
-
-def _local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
-    """Where global ``rows`` (all inside ``ranges``) sit in the rows of ``ranges`` laid end to end."""
-    starts = np.array([a for a, _ in ranges], dtype=np.int64)
-    offsets = np.cumsum([0] + [b - a for a, b in ranges[:-1]], dtype=np.int64)
-    k = np.searchsorted(starts, rows, side="right") - 1
-    return offsets[k] + rows - starts[k]
-
-
-def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "the saved state"
-                   ) -> str | None:
-    """The first fact of ``saved`` (a :meth:`ShardLoader.state_dict`) that a loader described by ``current`` cannot
-    honour, as one line naming the setting, the saved value and this run's; ``None`` when it can resume.
-
-    Refused: another dataset (when both name one), another row count, seed, ``shuffle`` or order
-    (``drop_remainder``), another global batch size; for the evaluation order also another world size or batch
-    size.  Another world size of the training order is honoured (elastic resume).
-    """
-    checks = [("dataset", "the dataset"), ("rows", "the split's rows"), ("seed", "the seed"),
-              ("shuffle", "shuffle"), ("drop_remainder", "drop_remainder (training order)"),
-              ("global_batch_size", "the global batch size")]
-    if not current["drop_remainder"]:
-        checks += [("world_size", "the world size"), ("batch_size", "the batch size")]
-    for key, label in checks:
-        a, b = saved[key], current[key]
-        if key == "dataset" and (a is None or b is None):
-            continue
-        if a != b:
-            detail = (f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
-                      if key == "global_batch_size" else "")
-            return f"Cannot resume: {label} is {a!r} in {source}, {b!r} in this run{detail}."
-    return None
-
-
-def resume_batch_size(state: Mapping[str, Any], world_size: int, source: str = "the saved state") -> int:
-    """The per-rank batch size that holds ``state``'s global batch over ``world_size`` ranks: ``G / world_size``.
-
-    Raises:
-        LoaderStateError: ``world_size`` does not divide the global batch; the message names the world sizes in
-            1..8 that do.
-    """
-    global_batch = int(state["global_batch_size"])
-    if world_size < 1 or global_batch % world_size:
-        fits = [m for m in ELASTIC_WORLD_SIZES if global_batch % m == 0]
-        raise LoaderStateError(f"Cannot resume: the global batch size {global_batch} of {source} does not split over "
-                               f"{world_size} ranks; resume on one of {', '.join(map(str, fits))} ranks.")
-    return global_batch // world_size
-
-
-class ShardLoader:
-    """Batches of one rank's exact share of a split, as uint8 tensors, in the order of the module docstring.
+class ShardLoader(IterableDataset):
+    """Batches of one rank's exact share of a split, as uint8 tensors, in the orders of :mod:`spark_mnist.rank.order`.
 
     Each iteration yields ``(images, labels)``: ``images`` uint8 of shape (B, 1, H, W) (pinned host memory when
     ``pin_memory``), ``labels`` int64 of shape (B,).  Scaling to float happens on the training device, after the
     copy (see :func:`spark_mnist.models.normalize`).
+
+    **Epochs.**  Every ``iter()`` (or :meth:`iter_with_index`) is one epoch, as with a ``DataLoader``: a plain
+    ``for epoch in range(n): for batch in loader:`` reads epochs 0, 1, ... ``n - 1``, each in its own order (epoch
+    ``k``'s is the one ``set_epoch(k)`` selects).  The position that :meth:`set_epoch` or :meth:`load_state_dict`
+    (or construction: epoch 0, step 0) sets is where the next ``iter()`` starts; each later ``iter()`` starts the
+    epoch after the last one begun, at step 0, whether that one was read to its end or not.  So ``set_epoch(e)``
+    still wins (the next ``iter()`` reads epoch ``e``, the one after ``e + 1``), and after
+    ``load_state_dict(state)`` the next ``iter()`` yields the rest of the saved epoch (nothing when it was saved at
+    its end: resume a loop at ``state["epoch"]``), the one after it the next epoch from step 0.
+
+    **As a dataset.**  A ``torch.utils.data.IterableDataset``: ``DataLoader(loader, batch_size=None)`` yields the
+    same batches (as ``[images, labels]`` lists, ``DataLoader``'s conversion of a tuple).  ``num_workers`` must stay
+    0: the loader decodes in its own reader threads, and a copy in each worker process would yield every batch once
+    per worker; iterating in a worker raises :class:`~spark_mnist.errors.InputError`.
 
     Args:
         paths: the split's Parquet files (local paths or ``file:``/``dbfs:`` URLs), e.g. ``converter.file_urls``.
@@ -282,6 +117,7 @@ class ShardLoader:
     Raises:
         ValueError: ``batch_size`` below 1, ``rank`` outside ``[0, world_size)``.
         DatasetMismatchError: an image of another size than ``image_shape`` (when its row group is decoded).
+        InputError: iterated in a ``DataLoader`` worker process (``num_workers`` above 0).
     Source: the exact sharding of Spark's ``ml/torch/distributor.py`` docs (``RANK``/``WORLD_SIZE``), the state
     and elastic determinism of Mosaic Streaming's ``StreamingDataset``.
     """
@@ -304,6 +140,9 @@ class ShardLoader:
         self.span = (0, self.total_rows) if drop_remainder else (self.lo, self.hi)
         self.in_memory = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES) <= memory_budget_bytes
         self.epoch, self.start_step, self.step = 0, 0, 0
+        # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
+        # them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
+        self._position_set = True
         self._cache = None
         self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
 
@@ -318,8 +157,9 @@ class ShardLoader:
         return self.batch_size * self.world_size
 
     def __len__(self) -> int:
-        """Steps in the current epoch (from ``start_step`` on)."""
-        return self.steps_total - self.start_step
+        """Steps the next ``iter()`` yields: the rest of the epoch :meth:`set_epoch` or :meth:`load_state_dict`
+        chose (from ``start_step`` on), else a whole epoch (``steps_total``)."""
+        return self.steps_total - (self.start_step if self._position_set else 0)
 
     @property
     def steps_total(self) -> int:
@@ -334,7 +174,8 @@ class ShardLoader:
         return self.steps_total * self.batch_size if self.drop_remainder else self.hi - self.lo
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch (its order) and the step to start from (to resume mid-epoch).
+        """Select the epoch (its order) and the step the next ``iter()`` starts from (to resume mid-epoch); the
+        ``iter()`` after that reads epoch ``epoch + 1`` from step 0 (see the class docstring).
 
         Raises:
             ValueError: ``start_step`` outside ``0..steps_total``.
@@ -342,6 +183,7 @@ class ShardLoader:
         if not 0 <= start_step <= self.steps_total:
             raise invalid("start_step", start_step, f"in 0..{self.steps_total}")
         self.epoch, self.start_step, self.step = epoch, start_step, start_step
+        self._position_set = True
 
     def state_dict(self, *, epoch: int | None = None, step: int | None = None) -> dict[str, Any]:
         """Where the loader stands and everything that decides what comes next (Mosaic Streaming's pattern).
@@ -367,7 +209,7 @@ class ShardLoader:
     def load_state_dict(self, state: Mapping[str, Any], source: str = "the saved state") -> None:
         """Resume from :meth:`state_dict`'s output, maybe written on another world size: the next iteration starts
         at global batch ``samples / global_batch_size`` of ``epoch``, yielding exactly this rank's share of the
-        samples that were not yet consumed.
+        samples that were not yet consumed; the iteration after it reads epoch ``epoch + 1`` from step 0.
 
         Args:
             state: a :meth:`state_dict`.
@@ -387,6 +229,18 @@ class ShardLoader:
         if samples % per_step:
             raise invalid("samples", samples, f"a multiple of the samples per step {per_step} (in {source})")
         self.set_epoch(int(state["epoch"]), samples // per_step)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled (or deep-copied) loader carries its settings and position, not its open iterations or its
+        decoded rows: ``DataLoader`` workers started by ``spawn`` or ``forkserver`` then reach the refusal of
+        :meth:`__iter__`, not a pickling error."""
+        state = dict(self.__dict__)
+        state["_iterators"], state["_cache"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._iterators = weakref.WeakSet()
 
     def __enter__(self) -> "ShardLoader":
         return self
@@ -408,30 +262,45 @@ class ShardLoader:
         pieces = [piece for a, b in ranges for piece in pieces_in(self.plan, a, b)]
         return read_pieces(pieces, self.row_bytes, self.reader_threads)
 
-    def _epoch_share(self) -> list[tuple[Window, np.ndarray]]:
-        """This rank's rows of the current epoch, window by window, in the order they are yielded."""
+    def _epoch_share(self, epoch: int) -> list[tuple[Window, np.ndarray]]:
+        """This rank's rows of ``epoch``, window by window, in the order they are yielded."""
         if self.drop_remainder:
-            windows = epoch_windows(self.total_rows, self.seed, self.epoch, self.shuffle)
+            windows = epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
             return rank_share(windows, self.rank, self.world_size, self.batch_size)
-        return [(w, w.order) for w in _evaluation_windows(self.lo, self.hi, self.seed, self.epoch, self.rank,
+        return [(w, w.order) for w in _evaluation_windows(self.lo, self.hi, self.seed, epoch, self.rank,
                                                            self.shuffle)]
 
-    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-        """The epoch's batches from ``start_step`` on: ``(images, labels)``, see the class docstring."""
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches, ``(images, labels)``: the position set by :meth:`set_epoch` /
+        :meth:`load_state_dict` on, else the next epoch's from step 0 (see the class docstring).
+
+        Raises:
+            InputError: called in a ``DataLoader`` worker process (``num_workers`` above 0).
+        """
         return self._open(with_index=False)
 
-    def iter_with_index(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:
-        """Like iteration, with the ``index`` column (int64, (B,)) first: which source rows each batch holds."""
+    def iter_with_index(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like iteration (one epoch, advancing as ``iter()`` does), with the ``index`` column (int64, (B,)) first:
+        which source rows each batch holds."""
         return self._open(with_index=True)
 
     def _open(self, with_index: bool) -> Iterator:
-        iterator = self._iterate(with_index)
+        """Begin an epoch's iteration now: which epoch and step are fixed here, not at the first ``next()``."""
+        worker = get_worker_info()
+        if worker is not None:
+            raise invalid("DataLoader num_workers", worker.num_workers,
+                          "0 for a spark_mnist loader (DataLoader(loader, batch_size=None)): it decodes in its own "
+                          "reader threads, and each worker would yield every batch again", InputError)
+        if not self._position_set:
+            self.epoch, self.start_step = self.epoch + 1, 0
+        self._position_set = False
+        self.step = self.start_step
+        iterator = self._iterate(with_index, self.epoch, self.start_step)
         self._iterators.add(iterator)
         return iterator
 
-    def _iterate(self, with_index: bool) -> Iterator:
-        share = self._skip(self._epoch_share(), self.start_step * self.batch_size)
-        self.step = self.start_step
+    def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Iterator:
+        share = self._skip(self._epoch_share(epoch), start_step * self.batch_size)
         batches = self._batches_from_memory(share) if self.in_memory else self._batches_streamed(share)
         with contextlib.closing(batches):  # closing this iteration closes the reader (and its thread) at once
             for batch in batches:
@@ -451,8 +320,6 @@ class ShardLoader:
 
     def _gather(self, arrays, positions: np.ndarray):
         """Rows ``positions`` of decoded ``arrays`` as tensors: (index (B,), images (B, 1, H, W), labels (B,))."""
-        import torch
-
         index, images, labels = arrays
         out = torch.empty((len(positions), 1, *self.image_shape), dtype=torch.uint8, pin_memory=self.pin_memory)
         # numpy's take is a plain copy loop; torch.index_select would go through torch's OpenMP pool, whose
@@ -487,7 +354,5 @@ class ShardLoader:
                 yield carry
 
 
-def _cat(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, b])

@@ -1,0 +1,222 @@
+"""The loaders' orders: which rows each rank reads, in which order, every epoch, and what a saved position
+must match to resume.  Pure functions of the row count, seed, epoch, world size and batch size: no I/O, no torch
+(:class:`spark_mnist.rank.loader.ShardLoader` reads the rows they name).
+
+**The training order** (``drop_remainder=True``) is defined once for every world size, so that a run checkpointed on
+``N`` ranks resumes on ``M`` (Mosaic Streaming's "elastic determinism"):
+
+1. The split's ``R`` rows are numbered in the global order: files sorted by name, rows in file order.
+2. The epoch's sequence ``S``, a permutation of ``0..R-1``, depends only on ``R``, ``seed`` and the epoch
+   (:func:`epoch_windows`): the rows are cut into blocks of :data:`BLOCK_ROWS` consecutive rows; the blocks are
+   permuted by ``(seed, epoch)``; each run of :data:`WINDOW_BLOCKS` consecutive permuted blocks is a window; the
+   rows of window ``w`` are permuted by ``(seed, epoch, w)``; ``S`` is the windows one after the other.  Without
+   ``shuffle``, ``S`` is ``0..R-1``.  (numpy's PCG64 seeded through ``SeedSequence``.)
+3. ``S`` is consumed in global batches of ``G = batch_size * world_size`` samples.  An epoch has ``R // G`` steps
+   (:func:`steps_per_epoch`); global batch ``b`` is ``S[b*G:(b+1)*G]`` and rank ``r`` takes its ``r``-th slice of
+   it, ``S[b*G + r*batch_size : b*G + (r+1)*batch_size]`` (:func:`rank_share`).  The tail ``S[(R//G)*G:]``, fewer
+   than ``G`` rows, is **dropped**: another set of rows every epoch, the same set for every world size.
+4. The position is ``(epoch, samples)``: the samples of ``S`` consumed, a multiple of ``G``
+   (:meth:`~spark_mnist.rank.loader.ShardLoader.state_dict`).  Held to the same ``G`` on ``M`` ranks
+   (``batch_size = G / M``), a loader resumes at global batch ``samples / G``: the rest of the epoch is exactly the
+   samples not yet seen, each once, ``batch_size`` per rank per step; later epochs are the same sequences split
+   ``M`` ways.
+
+A window holds at most ``BLOCK_ROWS * WINDOW_BLOCKS`` (65,536) rows, 51 MB of 28x28 images, so streaming stays
+bounded; a split of one window (MNIST's 60,000 rows) gets a uniform permutation.  A rank's slices of every global
+batch spread over the whole split, so every rank reads every row: in memory it holds the whole decoded split
+(``memory_budget_bytes`` is weighed against the split, not the rank's share); streaming, it decodes each window
+once per epoch and keeps its slices of it.
+
+**The evaluation order** (``drop_remainder=False``): rank ``r`` reads its contiguous range :func:`rank_rows` (sizes
+differ by at most one) in file order, or permuted within each window-sized chunk by ``(seed, epoch, rank, chunk)``
+with ``shuffle``, in batches of ``batch_size`` and a last short one: every row once over all ranks.  Its position
+does not carry over to another world size.
+
+Neither order depends on the memory budget or the number of reader threads (row groups are decoded in parallel but
+consumed in plan order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from spark_mnist.errors import InputError, invalid
+
+__all__ = ["BLOCK_ROWS", "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "ELASTIC_WORLD_SIZES", "LoaderStateError",
+           "Window", "rank_rows", "steps_per_epoch", "epoch_windows", "rank_share", "state_mismatch",
+           "resume_batch_size"]
+
+# Consecutive rows moved as one block by the first, coarse permutation of an epoch.
+BLOCK_ROWS = 8_192
+# Blocks whose rows are permuted together: a window, the unit streaming decodes (65,536 rows, 51 MB at 28x28).
+WINDOW_BLOCKS = 8
+WINDOW_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
+# What a state_dict holds (see ShardLoader.state_dict).
+STATE_KEYS = ("seed", "epoch", "step", "samples", "world_size", "batch_size", "global_batch_size", "rows", "shuffle",
+              "drop_remainder", "dataset")
+# The world sizes a resumed run is offered when its global batch does not split over the one asked for.
+ELASTIC_WORLD_SIZES = range(1, 9)
+# Stream tags of the order's random generators (the first word of their key after seed and epoch).
+_BLOCKS, _WINDOW, _EVALUATION = 0, 1, 2
+
+
+class LoaderStateError(InputError):
+    """A loader state this loader cannot honour: another seed, dataset, row count or global batch size, or a
+    global batch that the world size does not divide."""
+
+
+def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The global row range ``[lo, hi)`` of ``rank``: contiguous, sizes differ by at most one across ranks.
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, world_size)``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise invalid("rank", rank, f"0 <= rank < world_size (world size {world_size!r})")
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
+    """Steps every rank runs per training epoch: ``total // (world_size * batch_size)``, one per global batch.
+
+    The rows left over, ``total - steps * batch_size * world_size``, are fewer than one global batch.
+    """
+    return total // (world_size * batch_size)
+
+
+def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
+    """A permutation of ``0..n-1`` (int64) drawn from PCG64 seeded by ``SeedSequence((seed, *key))``."""
+    entropy = [seed % 2**64, *key]  # SeedSequence takes non-negative words; a negative seed wraps
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).permutation(n).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in
+    ``ranges`` (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows)."""
+
+    ranges: tuple[tuple[int, int], ...]
+    order: np.ndarray
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Ranges sorted, with touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[Window]:
+    """The training order's sequence ``S`` of one epoch, as its windows (step 2 of the module docstring).
+
+    Args:
+        rows: ``R``, the split's rows.
+        seed, epoch: pick the permutations; nothing else does (not the world size, rank or batch size).
+        shuffle: ``False`` gives ``0..R-1`` (in windows of :data:`WINDOW_ROWS`).
+    Returns:
+        The windows in sequence order; their ``order`` arrays, concatenated, are a permutation of ``0..R-1``.
+    """
+    blocks = [(lo, min(rows, lo + BLOCK_ROWS)) for lo in range(0, rows, BLOCK_ROWS)]
+    if shuffle:
+        blocks = [blocks[k] for k in _permutation(len(blocks), seed, epoch, _BLOCKS)]
+    windows = []
+    for w, k in enumerate(range(0, len(blocks), WINDOW_BLOCKS)):
+        chosen = blocks[k:k + WINDOW_BLOCKS]
+        order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in chosen])
+        if shuffle:
+            order = order[_permutation(len(order), seed, epoch, _WINDOW, w)]
+        windows.append(Window(_merged(chosen), order))
+    return windows
+
+
+def rank_share(windows: Sequence[Window], rank: int, world_size: int, batch_size: int
+               ) -> list[tuple[Window, np.ndarray]]:
+    """Rank ``rank``'s part of the sequence ``windows`` make, cut into global batches (step 3 of the module
+    docstring): for each window, the rows (int64) of the rank's slices that fall in it, in sequence order.  Their
+    concatenation is the rank's epoch: ``steps_per_epoch(R, world_size, batch_size) * batch_size`` rows.
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, world_size)`` or ``batch_size`` below 1.
+    """
+    rank_rows(0, rank, world_size)  # checks rank and world size
+    if batch_size < 1:
+        raise invalid("batch_size", batch_size, "at least 1")
+    total = sum(len(w.order) for w in windows)
+    global_batch = batch_size * world_size
+    steps = steps_per_epoch(total, world_size, batch_size)
+    positions = (np.arange(steps, dtype=np.int64)[:, None] * global_batch + rank * batch_size
+                 + np.arange(batch_size, dtype=np.int64)[None, :]).ravel()
+    out, start = [], 0
+    for window in windows:
+        end = start + len(window.order)
+        lo, hi = np.searchsorted(positions, [start, end])
+        out.append((window, window.order[positions[lo:hi] - start]))
+        start = end
+    return out
+
+
+def _evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
+    """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
+    windows = []
+    for c, a in enumerate(range(lo, hi, WINDOW_ROWS)):
+        b = min(hi, a + WINDOW_ROWS)
+        order = np.arange(a, b, dtype=np.int64)
+        if shuffle:
+            order = order[_permutation(b - a, seed, epoch, _EVALUATION, rank, c)]
+        windows.append(Window(((a, b),), order))
+    return windows
+
+
+def _local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
+    """Where global ``rows`` (all inside ``ranges``) sit in the rows of ``ranges`` laid end to end."""
+    starts = np.array([a for a, _ in ranges], dtype=np.int64)
+    offsets = np.cumsum([0] + [b - a for a, b in ranges[:-1]], dtype=np.int64)
+    k = np.searchsorted(starts, rows, side="right") - 1
+    return offsets[k] + rows - starts[k]
+
+
+def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "the saved state"
+                   ) -> str | None:
+    """The first fact of ``saved`` (a :meth:`~spark_mnist.rank.loader.ShardLoader.state_dict`) that a loader
+    described by ``current`` cannot honour, as one line naming the setting, the saved value and this run's; ``None``
+    when it can resume.
+
+    Refused: another dataset (when both name one), another row count, seed, ``shuffle`` or order
+    (``drop_remainder``), another global batch size; for the evaluation order also another world size or batch
+    size.  Another world size of the training order is honoured (elastic resume).
+    """
+    checks = [("dataset", "the dataset"), ("rows", "the split's rows"), ("seed", "the seed"),
+              ("shuffle", "shuffle"), ("drop_remainder", "drop_remainder (training order)"),
+              ("global_batch_size", "the global batch size")]
+    if not current["drop_remainder"]:
+        checks += [("world_size", "the world size"), ("batch_size", "the batch size")]
+    for key, label in checks:
+        a, b = saved[key], current[key]
+        if key == "dataset" and (a is None or b is None):
+            continue
+        if a != b:
+            detail = (f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
+                      if key == "global_batch_size" else "")
+            return f"Cannot resume: {label} is {a!r} in {source}, {b!r} in this run{detail}."
+    return None
+
+
+def resume_batch_size(state: Mapping[str, Any], world_size: int, source: str = "the saved state") -> int:
+    """The per-rank batch size that holds ``state``'s global batch over ``world_size`` ranks: ``G / world_size``.
+
+    Raises:
+        LoaderStateError: ``world_size`` does not divide the global batch; the message names the world sizes in
+            1..8 that do.
+    """
+    global_batch = int(state["global_batch_size"])
+    if world_size < 1 or global_batch % world_size:
+        fits = [m for m in ELASTIC_WORLD_SIZES if global_batch % m == 0]
+        raise LoaderStateError(f"Cannot resume: the global batch size {global_batch} of {source} does not split over "
+                               f"{world_size} ranks; resume on one of {', '.join(map(str, fits))} ranks.")
+    return global_batch // world_size
