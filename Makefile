@@ -6,6 +6,7 @@
 #   make run REMOTE=local[2]  ... the same over Spark Connect (a local server; or REMOTE=sc://host:port)
 #   make bench [LANE=...]   loader and ingest benchmarks (one table, one JSON line)
 #   make lint               ruff (lint and format) and mypy over spark_mnist/ (make test runs it too)
+#   make docs               the documentation site, docs/_build/html, warnings as errors (make test builds it too)
 # A lane is a runtime's library stack, locked in requirements/lanes/LANE.txt (see README "Runtimes"):
 #   spark35        as on Databricks Runtime 15.4 LTS ML: pyspark 3.5, pyarrow 14, numpy 1, pandas 1.5, pydantic 1.10,
 #                  petastorm (the petastorm path)
@@ -38,7 +39,7 @@ FULL_LANE := spark40
 TEST_REMOTE := local[2]
 comma := ,
 
-.PHONY: lint run test test-fast test-lane test-kit test-times stores gpu-check bench bench-scale setup venv java data lock clean
+.PHONY: docs lint run test test-fast test-lane test-kit test-times stores gpu-check gpu-bundle bench bench-scale setup venv java data lock clean
 
 # uv builds the lane environments and resolves the locks (pip's wheels and indexes: requirements/uv_args.py).
 UV_VERSION := 0.13.9
@@ -72,7 +73,7 @@ test: $(UV) java data stores
 	$(MAKE) --no-print-directory -j$(TEST_JOBS) $$(for l in $$lanes; do echo venv-$$l; done) || exit 1; \
 	echo "=== environments ready in $$(( $$(date +%s) - start )) s"; \
 	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target \
-	  $(foreach l,$(or $(LANE),$(LANES)),$(call passes,$(l))) $(if $(LANE),,test-kit lint); \
+	  $(foreach l,$(or $(LANE),$(LANES)),$(call passes,$(l))) $(if $(LANE),,test-kit lint docs); \
 	status=$$?; $(MAKE) --no-print-directory test-times; \
 	echo "=== make test: $$(( $$(date +%s) - start )) s wall, lanes: $$lanes"; exit $$status
 
@@ -132,6 +133,20 @@ $(LINT_VENV)/.installed: requirements/lint.txt | $(UV)
 	$(UV) pip install --quiet --python $(LINT_VENV)/bin/python $(UV_ARGS) -r requirements/lint.txt
 	touch $@
 
+# Sphinx over docs/ (docs/README.md): every warning, unresolved references included (-n), is an error; no network.
+DOCS_VENV := .venv/docs
+docs: $(DOCS_VENV)/.installed
+	@t=$$(date +%s); rm -rf docs/_build && \
+	$(DOCS_VENV)/bin/python -m sphinx -b html -W -n --keep-going -q docs docs/_build/html; s=$$?; \
+	mkdir -p $(LOGS); echo "docs - $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
+
+$(DOCS_VENV)/.installed: pyproject.toml requirements/lanes/$(LINT_LANE).txt requirements/docs.txt | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(DOCS_VENV)
+	$(UV) pip sync --quiet --python $(DOCS_VENV)/bin/python $(UV_ARGS) requirements/lanes/$(LINT_LANE).txt
+	$(UV) pip install --quiet --python $(DOCS_VENV)/bin/python $(UV_ARGS) -r requirements/docs.txt
+	$(UV) pip install --quiet --python $(DOCS_VENV)/bin/python --no-deps -e .
+	touch $@
+
 test-times:
 	@test -f $(LOGS)/times && while read lane pass secs; do echo "=== $$lane $$pass pass: $$secs s"; done < $(LOGS)/times || true
 
@@ -155,6 +170,16 @@ gpu-check: $(UV) java data
 	  '$(TORCH_SPEC)'
 	$(UV) pip install --quiet --python .venv/gpu/bin/python --no-deps -e .
 	.venv/gpu/bin/python scripts/gpu_check.py
+
+# For a GPU machine without network, Java or pyspark (it has Python with torch, numpy, pyarrow, pandas, pyyaml, tqdm,
+# requests and pytest): .gpu-bundle/ with the project's wheel, the wheels it lacks (pydantic's) for Python GPU_PYTHON
+# on manylinux x86_64 at lane GPU_LANE's pins, dataset DATA ingested here, and BUNDLE.json; at most 60 MiB.  Copy the
+# working tree with it there and run: python3 scripts/gpu_check.py --bundle .gpu-bundle (docs/gpu-check.md).
+GPU_PYTHON ?= 3.12
+DATA ?= fashion-mnist
+gpu-bundle: venv java data
+	$(PY) scripts/gpu_bundle.py --out .gpu-bundle --python-version $(GPU_PYTHON) --dataset $(DATA) \
+	  --ingest-python $(PY) --lock requirements/lanes/$(GPU_LANE).txt --uv $(UV)
 
 bench: setup
 	$(PY) -m benchmarks.bench_loader

@@ -13,7 +13,10 @@ The notebook API, with the settings of the command line (``spark_mnist/config.py
 * :func:`load_data` ``(path)``: Keras-style numpy arrays (:mod:`spark_mnist.tools.arrays`).
 * :func:`open_dataset` ``(OUT)``: an ingested dataset through its manifest, the one way in for every reader
   (``spark.read.parquet(*open_dataset(OUT).files("train"))``; :mod:`spark_mnist.shards.contract`).
-* :mod:`spark_mnist.torch`: the loader for your own training loop.
+* :mod:`spark_mnist.torch`: the loader for your own training loop, and ``MNIST`` (and its siblings) in
+  torchvision's shape.
+* The errors: every bad input is an :class:`InputError` (exit code 2 on the command line), whose subclasses name
+  what is wrong; :class:`TrainingFailedError` is a rank's failure after ``max_restarts`` relaunches.
 
 Importing the package imports neither Spark nor torch.
 """
@@ -25,8 +28,41 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _metadata_version
 from typing import TYPE_CHECKING, Any, Optional
 
+from spark_mnist.errors import (
+    ChecksumMismatchError,
+    CheckpointError,
+    DatasetMismatchError,
+    DatasetNotFoundError,
+    EnvironmentMismatchError,
+    IdxFormatError,
+    InputError,
+    LauncherUnavailableError,
+    ReapedError,
+    SourceError,
+)
+from spark_mnist.runs import TrainingFailedError
+
 if TYPE_CHECKING:
     from spark_mnist.shards.contract import Manifest
+
+__all__ = [
+    "CheckpointError",
+    "ChecksumMismatchError",
+    "DatasetMismatchError",
+    "DatasetNotFoundError",
+    "EnvironmentMismatchError",
+    "IdxFormatError",
+    "InputError",
+    "LauncherUnavailableError",
+    "ReapedError",
+    "SourceError",
+    "TrainingFailedError",
+    "__version__",
+    "ingest",
+    "load_data",
+    "open_dataset",
+    "train",
+]
 
 try:  # the version is defined once, in pyproject.toml: the installed package's metadata
     __version__ = _metadata_version("spark-mnist")

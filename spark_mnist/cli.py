@@ -18,7 +18,7 @@ from typing import Sequence
 from spark_mnist import __version__
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
 from spark_mnist.driver.session import connect_expected, spark_session, with_executor_env
-from spark_mnist.errors import InputError
+from spark_mnist.errors import InputError, ReapedError
 from spark_mnist.paths import redact
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
@@ -235,8 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(redact(f"spark-mnist: error: {e}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - printed as Python would, with every URI's credentials redacted
-        from spark_mnist.shards.commit import ReapedError  # here, not at the top: the module brings numpy
-
         if isinstance(e, ReapedError):
             print(redact(f"spark-mnist: error: {e}"), file=sys.stderr)
             return EXIT_REAPED

@@ -39,6 +39,21 @@ class EnvironmentMismatchError(InputError):
     """A setting this environment's installed libraries cannot serve (petastorm on Spark 4 or pyarrow >= 15)."""
 
 
+class LauncherUnavailableError(EnvironmentMismatchError):
+    """A launcher whose package is not installed or whose hardware is absent; the message names it and the fix."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be resumed from: unreadable, refused by weights-only loading (it would run code), or
+    missing entries.  (A checkpoint of another seed, dataset or global batch is refused by the loader:
+    ``LoaderStateError``.)"""
+
+
+class ReapedError(OSError):
+    """An ingest whose generation another ingest's clean-up removed, having found its lease silent for longer than
+    the lease's expiry (the ingest stalled); it published nothing.  The CLI exits 3."""
+
+
 def invalid(name: str, value: object, must: str, error: type[ValueError] = ValueError) -> ValueError:
     """The one form of an "Invalid X" error (mosaicml-streaming's style guide, torchvision's ``verify_str_arg``):
     ``Invalid {name}: {value!r}. Must be {must}.``, a URI's credentials redacted.  Returns the exception for the

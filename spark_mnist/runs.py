@@ -59,7 +59,7 @@ class TrainingFailedError(RuntimeError):
 
     @property
     def summary(self) -> str:
-        """The message's first line: which rank failed and how (for a log line per restart)."""
+        """Which rank failed and how, in one line (the message's first), for a log line per restart."""
         return str(self).splitlines()[0] if str(self) else type(self).__name__
 
     @property

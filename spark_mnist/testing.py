@@ -66,7 +66,7 @@ def make_arrays(rows: int, seed: int = 0, num_classes: int = 10,
     """Random images and labels that cover every class when ``rows`` allows.
 
     Returns:
-        ``images`` uint8 of shape (rows, *shape) and ``labels`` uint8 of shape (rows,), values in
+        ``images`` uint8 of shape ``(rows, *shape)`` and ``labels`` uint8 of shape (rows,), values in
         ``[0, num_classes)``, shuffled with ``seed``.
     """
     rng = np.random.default_rng(seed)

@@ -159,7 +159,7 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
             input; nothing is written to ``output``.
         InputError: ``num_shards``, ``row_group_bytes`` or ``chunk_rows`` below 1.
         SourceError: an ``output`` the write tasks cannot open with pyarrow (e.g. ``wasbs://``).
-        ReapedError: (:class:`spark_mnist.shards.commit.ReapedError`) the ingest stalled for longer than
+        ReapedError: (:class:`spark_mnist.errors.ReapedError`) the ingest stalled for longer than
             :data:`~spark_mnist.shards.commit.LEASE_EXPIRY_S` and another ingest's clean-up removed its generation;
             nothing was published.
     """

@@ -25,7 +25,7 @@ import logging
 from typing import Any, Callable, Protocol
 
 from spark_mnist.config import LAUNCHERS, TrainSettings
-from spark_mnist.errors import EnvironmentMismatchError, check_choice
+from spark_mnist.errors import LauncherUnavailableError, check_choice
 from spark_mnist.runs import TrainingFailedError, clear_error_reports, failure
 
 __all__ = ["Launcher", "LauncherUnavailableError", "TrainingFailedError", "check_launcher", "launch", "launcher_for",
@@ -34,10 +34,6 @@ __all__ = ["Launcher", "LauncherUnavailableError", "TrainingFailedError", "check
 log = logging.getLogger(__name__)
 
 MODULES = {"torch-distributor": "torch_distributor", "torchrun": "torchrun", "ai-runtime": "ai_runtime"}
-
-
-class LauncherUnavailableError(EnvironmentMismatchError):
-    """A launcher whose package is not installed or whose hardware is absent; the message names it and the fix."""
 
 
 class Launcher(Protocol):

@@ -20,16 +20,10 @@ from typing import Any
 
 import torch
 
-from spark_mnist.errors import InputError
+from spark_mnist.errors import CheckpointError
 from spark_mnist.fs import replacing
 from spark_mnist.rank.loader import STATE_KEYS, ShardLoader, resume_batch_size
 from spark_mnist.runs import CHECKPOINT_NAME
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be resumed from: unreadable, refused by weights-only loading (it would run code), or
-    missing entries.  (A checkpoint of another seed, dataset or global batch is refused by the loader:
-    :class:`spark_mnist.rank.loader.LoaderStateError`.)"""
 
 
 @dataclass

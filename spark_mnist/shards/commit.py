@@ -65,7 +65,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Iterator
 
 from spark_mnist import fs
-from spark_mnist.errors import DatasetNotFoundError
+from spark_mnist.errors import DatasetNotFoundError, ReapedError
 from spark_mnist.paths import Location
 from spark_mnist.shards.contract import MANIFEST_NAME, Manifest, read_manifest
 
@@ -124,11 +124,6 @@ def current_manifest(out: Location) -> Manifest | None:
     except DatasetNotFoundError as e:
         log.info("%s: replacing what is there (%s)", out.shown, e)
         return None
-
-
-class ReapedError(OSError):
-    """An ingest whose generation another ingest's clean-up removed, having found its lease silent for
-    :data:`LEASE_EXPIRY_S` (the ingest stalled); it published nothing."""
 
 
 class Lease:
