@@ -13,6 +13,9 @@ child (fresh interpreter; its peak RSS is its own):
 * ``ours``: ``spark_mnist.rank.loader.ShardLoader`` over the training files (the converter's ``file_urls``, or the
   ingested shards); cold = epoch 1 (reads the Parquet files; the constructor counts in it), warm = median of the
   later epochs (in memory);
+* ``ours_resident``: the same with ``device=`` (``--resident-device``, default the CPU standing in for a GPU): the
+  split kept on the device, every batch an index gather there (``spark_mnist.rank.resident``); cold and warm as
+  ``ours``;
 * ``ours_s3``: the same over the same dataset read from an S3 endpoint (``AWS_ENDPOINT_URL`` where set, else moto's
   server started here: :func:`benchmarks.common.s3_endpoint`), the ingested dataset copied there, manifest and all;
 * ``in_memory``: torch ``DataLoader(TensorDataset(uint8 images, labels), shuffle=True)`` over the tensors parsed
@@ -56,13 +59,14 @@ CONNECT_REMOTE = "local[2]"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 LOADERS = {  # name: (table label, JSON prefix)
     "ours": ("spark-mnist ShardLoader (ours)", "ours"),
+    "ours_resident": ("spark-mnist ShardLoader (ours), resident on the device", "ours_resident"),
     "ours_s3": ("spark-mnist ShardLoader (ours), dataset on S3", "ours_s3"),
     "in_memory": ("in-memory TensorDataset + DataLoader", "in_memory_dataloader"),
     "per_sample": ("per-sample Dataset over gz tensors (float)", "per_sample_dataset"),
     "petastorm": ("petastorm converter, default DataLoader", "petastorm"),
     "petastorm_batched": ("petastorm BatchedDataLoader", "petastorm_batched"),
 }
-REPEATED = ("ours", "in_memory")
+REPEATED = ("ours", "ours_resident", "in_memory")
 
 
 # ------------------------------------------------------------------------------------------ rows (child processes)
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                              "reported (default 3)")
     parser.add_argument("--loaders", default=",".join(LOADERS),
                         help=f"comma-separated subset of {', '.join(LOADERS)} (default all)")
+    parser.add_argument("--resident-device", default="cpu",
+                        help="device of the ours_resident row (default cpu, standing in for a GPU; e.g. cuda)")
     parser.add_argument("--work-dir", default=None, help="where to ingest (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep a temporary work directory")
     args = parser.parse_args(argv)
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         s3_root = stack.enter_context(s3)
         jobs = {
             "ours": (row_ours, train_files, args.epochs),
+            "ours_resident": (row_ours, train_files, args.epochs, None, args.resident_device),
             "ours_s3": (row_ours, s3_root and copy_to(os.path.join(work, "data"), f"{s3_root}/fashion-mnist"),
                         args.epochs),
             "in_memory": (row_torch, source, args.epochs, False),
@@ -294,6 +301,9 @@ def report(figures: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
     lines, payload = [], {}
     for name, r in results.items():
         label, prefix = LOADERS[name]
+        if name == "ours_resident":
+            label = f"{label} ({r['device']}{'' if r['resident'] else ': did not fit, copied'})"
+            payload["ours_resident_device"], payload["ours_resident_resident"] = r["device"], r["resident"]
         ratio = ours_warm / r["warm_samples_per_s"] if ours_warm and r["warm_samples_per_s"] else None
         lines.append([label, fmt_num(r["cold_samples_per_s"]), fmt_num(r["warm_samples_per_s"]), fmt_num(ratio, 2),
                       fmt_num(r["peak_rss_mb"]), f"{r['processes']} x {len(r['epoch_seconds'][0])}"])

@@ -160,24 +160,26 @@ def run_in_child(fn: Callable, *args) -> dict[str, Any]:
     return {**result, "peak_rss_mb": round(rss, 1), "torch_threads": threads}
 
 
-def row_ours(paths: Sequence[str], epochs: int, memory_budget_bytes: int | None = None) -> dict[str, Any]:
+def row_ours(paths: Sequence[str], epochs: int, memory_budget_bytes: int | None = None,
+             device: str | None = None) -> dict[str, Any]:
     """Our :class:`~spark_mnist.rank.loader.ShardLoader` over ``paths`` (rank 0 of 1, batch 256, default settings but
-    ``memory_budget_bytes``): ``epochs`` full epochs.  The first is cold (reads the Parquet files; the
-    constructor's metadata reads count in it); the later ones are warm when the shard is held in memory, and
-    streamed from the files again otherwise (no warm figure; see ``epoch_samples_per_s``).  Run it with
-    :func:`run_in_child`."""
+    ``memory_budget_bytes`` and ``device``): ``epochs`` full epochs.  The first is cold (reads the Parquet files;
+    the constructor's metadata reads count in it); the later ones are warm when the shard is held in memory (on the
+    host, or on ``device``: batches gathered there), and streamed from the files again otherwise (no warm figure;
+    see ``epoch_samples_per_s``).  Run it with :func:`run_in_child`."""
     from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
 
     budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else memory_budget_bytes
     with stopwatch() as setup:
-        loader = ShardLoader(paths, rank=0, world_size=1, batch_size=BATCH_SIZE, memory_budget_bytes=budget)
+        loader = ShardLoader(paths, rank=0, world_size=1, batch_size=BATCH_SIZE, memory_budget_bytes=budget,
+                             device=device)
     with loader:
         def epoch(e):
             loader.set_epoch(e)
             return iter(loader)
         result = time_epochs((epoch(e) for e in range(epochs)), setup_seconds=setup["seconds"])
-    return {**result.summary(warm=loader.in_memory), "in_memory": loader.in_memory, "rows": loader.rows,
-            "row_groups": len(loader.plan)}
+    return {**result.summary(warm=loader.in_memory or loader.resident), "in_memory": loader.in_memory,
+            "resident": loader.resident, "device": device, "rows": loader.rows, "row_groups": len(loader.plan)}
 
 
 # --------------------------------------------------------------------------------------------------- data

@@ -117,6 +117,14 @@ class TrainSettings(_Section):
     local_mode: bool = Field(True, description="run ranks on the driver (local) or in executors")
     use_gpu: bool = Field(False, description="one GPU per rank, nccl")
     bf16: bool = Field(False, description="bfloat16 autocast in the training step")
+    resident_data: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep each rank's decoded split on its training device and gather batches there: auto: "
+                            "with use_gpu, when it fits a quarter of the GPU's free memory; on: on the CPU too "
+                            "(within memory_budget_mb); off: batches made on the host and copied")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels_last memory format for the model and its input (auto: with use_gpu)")
+    compile: bool = Field(False, description="torch.compile the training step (falls back, with a warning naming "
+                                             "the error, where compiling or the first compiled step fails)")
     petastorm_cache_url: str = Field("file:///tmp/spark-mnist-petastorm",
                                      description="where petastorm's converter caches the dataset")
     petastorm_row_group_bytes: int = Field(2**20, ge=1, description="row-group size of petastorm's cache")

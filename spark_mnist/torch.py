@@ -34,6 +34,9 @@ What it guarantees (:class:`spark_mnist.rank.loader.ShardLoader`; :mod:`spark_mn
 * **Batches.**  ``(images, labels)``: ``images`` ``torch.uint8`` of shape (B, 1, H, W), raw pixels 0..255 (pinned
   host memory with ``pin_memory``); ``labels`` ``torch.int64`` of shape (B,), class indices.  Scale and normalise
   on the device after the copy (:func:`spark_mnist.models.normalize`).
+* **On the device.**  With ``device=``, the batches come on that device; when the split's decoded rows fit its
+  budget they stay there (loaded once) and each batch is a gather on the device, in the same order, so a training
+  step copies nothing (``loader.resident`` says which).
 * **A DataLoader if you need one.**  The loader is a ``torch.utils.data.IterableDataset``:
   ``torch.utils.data.DataLoader(loader, batch_size=None)`` yields the same batches (as ``[images, labels]``).
   Leave ``num_workers`` at 0: the loader decodes in its own threads (a worker process refuses to iterate it).
@@ -70,7 +73,8 @@ __all__ = ["loader", "World", "ShardLoader", "MNIST", "FashionMNIST", "KMNIST", 
 def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int, seed: int = 0,
            shuffle: Optional[bool] = None, drop_remainder: Optional[bool] = None, world: Optional[World] = None,
            memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, reader_threads: int = DEFAULT_READER_THREADS,
-           pin_memory: bool = False) -> ShardLoader:
+           pin_memory: bool = False, device: torch.device | str | None = None,
+           device_memory_budget_bytes: Optional[int] = None) -> ShardLoader:
     """This rank's loader of one split of the ingested dataset at ``dataset``.
 
     Args:
@@ -87,6 +91,12 @@ def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int,
             stream row groups every epoch.
         reader_threads: row groups decoded in parallel.
         pin_memory: batches in pinned host memory, for ``non_blocking`` copies to a GPU.
+        device: yield the batches on this device (e.g. ``f"cuda:{world.local_rank}"``); the rows this rank reads
+            are then kept there when they fit ``device_memory_budget_bytes`` (read once, the first epoch; every
+            batch an index gather on the device, in the same order), else each host batch is copied there
+            (``non_blocking`` from pinned memory on CUDA) and a warning says so once.  ``None``: host batches.
+        device_memory_budget_bytes: what the rows kept on ``device`` may take; default a quarter of a CUDA
+            device's free memory, ``memory_budget_bytes`` on the CPU.
     Returns:
         A :class:`~spark_mnist.rank.loader.ShardLoader` (a ``torch.utils.data.IterableDataset``): each ``iter()``
         is one epoch of ``(images, labels)`` (uint8 (B, 1, H, W), int64 (B,)), the next epoch's order each time;
@@ -108,7 +118,8 @@ def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int,
                        shuffle=training if shuffle is None else shuffle,
                        drop_remainder=training if drop_remainder is None else drop_remainder,
                        memory_budget_bytes=memory_budget_bytes, reader_threads=reader_threads, pin_memory=pin_memory,
-                       dataset=dataset_identity(opened.manifest))
+                       dataset=dataset_identity(opened.manifest), device=device,
+                       device_memory_budget_bytes=device_memory_budget_bytes)
 
 
 class MNIST(_TorchDataset):

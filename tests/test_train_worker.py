@@ -7,6 +7,7 @@ whose class k is a bright 2x2 block at the k-th place of a grid, over noise.
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 
@@ -287,3 +288,66 @@ def test_threads_per_rank_divide_the_cores_among_the_nodes_ranks(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert [threads_per_rank(0, n) for n in (1, 4, 16, 32)] == [16, 4, 1, 1]
     assert threads_per_rank(3, 8) == 3
+
+
+# --- the data on the device, faster steps --------------------------------------------------------------------------
+
+
+def test_resident_data_on_the_cpu_trains_the_model_of_host_batches(one_rank, splits, full_run, tmp_path):
+    """``resident_data: on`` (the CPU standing in for the device): the same batches, so the same model and figures
+    as the host path ("auto" is off on the CPU); past the budget it falls back to the host path."""
+    full, full_dir = full_run
+    assert full["resident_data"] is False and full["channels_last"] is False and full["compiled"] is False
+    metrics = one_rank(job_for(splits, tmp_path / "resident", resident_data="on"))
+    assert metrics["resident_data"] is True
+    assert_same_model(trained(tmp_path / "resident"), trained(full_dir), atol=0)
+    assert [h["train_loss"] for h in metrics["history"]] == [h["train_loss"] for h in full["history"]]
+    assert metrics["test_accuracy"] == full["test_accuracy"]
+    over = one_rank(job_for(splits, tmp_path / "over", resident_data="on", memory_budget_mb=0))
+    assert over["resident_data"] is False and over["test_accuracy"] == full["test_accuracy"]
+
+
+def test_channels_last_on_the_cpu_trains(one_rank, splits, full_run, tmp_path):
+    """``channels_last: on``: the model and its input in channels_last; other conv kernels, so the same model up to
+    rounding (not bit for bit)."""
+    full, full_dir = full_run
+    metrics = one_rank(job_for(splits, tmp_path / "cl", channels_last="on"))
+    assert metrics["channels_last"] is True and metrics["test_accuracy"] >= 0.1 + 0.5
+    assert metrics["test_accuracy"] == pytest.approx(full["test_accuracy"], abs=0.05)
+    assert_same_model(trained(tmp_path / "cl"), trained(full_dir), atol=1e-3)
+
+
+def test_a_failing_compile_falls_back_with_one_warning_line(one_rank, splits, full_run, tmp_path, monkeypatch,
+                                                            caplog):
+    """The compiled model's first step fails (as where inductor finds no C compiler): one warning line naming the
+    error, the step runs again uncompiled, and the run is the uncompiled one's."""
+    full, full_dir = full_run
+
+    def compile_that_fails(module, **kwargs):
+        def step(*args, **kw):
+            raise RuntimeError("InductorError: no working C compiler found\n(a long traceback follows)")
+        return step
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.train"):
+        metrics = one_rank(job_for(splits, tmp_path / "fell-back", compile=True))
+    lines = [r.getMessage() for r in caplog.records if r.name == "spark_mnist.rank.train"]
+    assert lines == ["rank 0: torch.compile failed, training uncompiled: RuntimeError: InductorError: no working C "
+                     "compiler found"]
+    assert metrics["compiled"] is False
+    assert_same_model(trained(tmp_path / "fell-back"), trained(full_dir), atol=0)
+
+
+@pytest.mark.slow
+def test_compile_on_the_cpu_trains(one_rank, splits, full_run, tmp_path, caplog, monkeypatch):
+    """``compile: true`` on the CPU (inductor with gcc; about 30 s to compile): the compiled step trains to the
+    uncompiled run's accuracy, without falling back."""
+    full, _ = full_run
+    # Inductor sets this (a pointer, for the modules it loads) in os.environ each time it loads one: not a leak.
+    monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "")  # so that monkeypatch removes it afterwards
+    monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.train"):
+        metrics = one_rank(job_for(splits, tmp_path / "compiled", compile=True))
+    assert not [r for r in caplog.records if r.name == "spark_mnist.rank.train"]
+    assert metrics["compiled"] is True and metrics["test_accuracy"] >= 0.1 + 0.5
+    assert metrics["test_accuracy"] == pytest.approx(full["test_accuracy"], abs=0.05)

@@ -44,6 +44,7 @@ from spark_mnist.rank.order import (
     state_mismatch,
     steps_per_epoch,
 )
+from spark_mnist.rank.resident import copied_to, default_device_budget, resident_batches, to_device
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
 # The order's names stay importable from here (checkpoint.py, train.py and the tests import them from this module).
@@ -77,7 +78,9 @@ class ShardLoader(IterableDataset):
 
     Each iteration yields ``(images, labels)``: ``images`` uint8 of shape (B, 1, H, W) (pinned host memory when
     ``pin_memory``), ``labels`` int64 of shape (B,).  Scaling to float happens on the training device, after the
-    copy (see :func:`spark_mnist.models.normalize`).
+    copy (see :func:`spark_mnist.models.normalize`).  With ``device``, the tensors are on that device, the decoded
+    rows kept there when they fit (``resident``: batches are gathers on the device, :mod:`spark_mnist.rank.resident`);
+    the batches are the same either way.
 
     **Epochs.**  Every ``iter()`` (or :meth:`iter_with_index`) is one epoch, as with a ``DataLoader``: a plain
     ``for epoch in range(n): for batch in loader:`` reads epochs 0, 1, ... ``n - 1``, each in its own order (epoch
@@ -106,6 +109,11 @@ class ShardLoader(IterableDataset):
             for evaluation) in memory when they fit, else stream them every epoch.
         reader_threads: row groups decoded in parallel.
         pin_memory: return batches in pinned host memory, for ``non_blocking`` copies to a GPU.
+        device: yield the batches on this device (``None``: host tensors, as without it); keep the decoded rows
+            there when they fit ``device_memory_budget_bytes``, else copy each host batch (pinned on CUDA) and log
+            that once.
+        device_memory_budget_bytes: default :func:`spark_mnist.rank.resident.default_device_budget` (CUDA: a
+            quarter of the device's free memory; CPU: ``memory_budget_bytes``).
         dataset: the dataset's identity (:func:`spark_mnist.runs.dataset_identity` of its manifest), recorded in
             :meth:`state_dict` so that a resume on other data is refused; ``None``: not checked.
 
@@ -125,7 +133,8 @@ class ShardLoader(IterableDataset):
     def __init__(self, paths: Sequence[str], *, rank: int, world_size: int, batch_size: int,
                  image_shape: tuple[int, int] = (28, 28), seed: int = 0, shuffle: bool = True,
                  drop_remainder: bool = True, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-                 reader_threads: int = DEFAULT_READER_THREADS, pin_memory: bool = False, dataset: str | None = None):
+                 reader_threads: int = DEFAULT_READER_THREADS, pin_memory: bool = False, dataset: str | None = None,
+                 device: torch.device | str | None = None, device_memory_budget_bytes: int | None = None):
         if batch_size < 1:
             raise invalid("batch_size", batch_size, "at least 1")
         self.plan = plan_row_groups(paths)
@@ -138,12 +147,24 @@ class ShardLoader(IterableDataset):
         self.reader_threads, self.pin_memory = reader_threads, pin_memory
         # The rows this loader reads: the whole split (training order) or the rank's range (evaluation order).
         self.span = (0, self.total_rows) if drop_remainder else (self.lo, self.hi)
-        self.in_memory = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES) <= memory_budget_bytes
+        need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
+        self.in_memory = need <= memory_budget_bytes
+        self.device = None if device is None else torch.device(device)
+        self.resident = False  # True: the decoded rows live on self.device, batches are gathered there
+        if self.device is not None:
+            budget = (default_device_budget(self.device, memory_budget_bytes) if device_memory_budget_bytes is None
+                      else device_memory_budget_bytes)
+            self.resident = need <= budget
+            self.pin_memory = self.pin_memory or (not self.resident and self.device.type == "cuda")
+            if not self.resident:
+                log.warning("rank %d: the %d rows read every epoch (%d MB decoded) do not fit the %d MB budget on %s: "
+                            "batches are made on the host and copied there", rank, self.rows, need // 2**20,
+                            budget // 2**20, self.device)
         self.epoch, self.start_step, self.step = 0, 0, 0
         # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
         # them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
         self._position_set = True
-        self._cache = None
+        self._cache = self._resident = None
         self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
 
     @property
@@ -235,7 +256,7 @@ class ShardLoader(IterableDataset):
         decoded rows: ``DataLoader`` workers started by ``spawn`` or ``forkserver`` then reach the refusal of
         :meth:`__iter__`, not a pickling error."""
         state = dict(self.__dict__)
-        state["_iterators"], state["_cache"] = None, None
+        state["_iterators"], state["_cache"], state["_resident"] = None, None, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -254,7 +275,7 @@ class ShardLoader(IterableDataset):
         for iterator in list(self._iterators):
             iterator.close()
         self._iterators.clear()
-        self._cache = None
+        self._cache = self._resident = None
 
     def _read(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global rows of ``ranges``, end to end: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,)
@@ -301,7 +322,12 @@ class ShardLoader(IterableDataset):
 
     def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Iterator:
         share = self._skip(self._epoch_share(epoch), start_step * self.batch_size)
-        batches = self._batches_from_memory(share) if self.in_memory else self._batches_streamed(share)
+        if self.resident:
+            batches = self._batches_resident(share)
+        else:
+            batches = self._batches_from_memory(share) if self.in_memory else self._batches_streamed(share)
+            if self.device is not None:
+                batches = copied_to(batches, self.device)
         with contextlib.closing(batches):  # closing this iteration closes the reader (and its thread) at once
             for batch in batches:
                 self.step += 1
@@ -335,6 +361,15 @@ class ShardLoader(IterableDataset):
         positions = np.concatenate([rows for _, rows in share]) - self.span[0]
         for lo in range(0, len(positions), self.batch_size):
             yield self._gather(self._cache, positions[lo:lo + self.batch_size])
+
+    def _batches_resident(self, share):
+        """The same batches as :meth:`_batches_from_memory`, gathered from the rows kept on ``device`` (decoded and
+        moved there by the first epoch, then reused)."""
+        if self._resident is None:
+            self._resident = to_device(self._read([self.span]), self.image_shape, self.device)
+        if share:
+            positions = np.concatenate([rows for _, rows in share]) - self.span[0]
+            yield from resident_batches(self._resident, positions, self.batch_size)
 
     def _batches_streamed(self, share):
         """Decode the windows one at a time (the next one in the background while the current one is cut) and

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
 __all__ = ["train_worker", "evaluate"]
+
+log = logging.getLogger(__name__)
 
 PROGRESS_LINES_PER_EPOCH = 4
 # The longest a rank waits in one collective (or at the rendezvous of init_process_group) for the other ranks: a rank
@@ -58,6 +61,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     norm: Normalization
     batch_size: int  # per rank: train.batch_size, or what holds a resumed checkpoint's global batch
+    step_model: Any = None  # what the training step calls: ``ddp``, or ``torch.compile(ddp)`` with train.compile
+    channels_last: bool = False  # model and input in channels_last (train.channels_last)
+    compiled: bool = False  # step_model is compiled and has not (yet) fallen back
+    first_compiled_step: bool = False  # the next step is the compiled model's first: a failure falls back
+    resident: bool = False  # the training loader keeps its split on the device (train.resident_data)
     steps: int = 0  # steps per epoch, equal on every rank
     run_steps: int = 0  # steps this invocation ran (what train.max_steps counts)
 
@@ -95,7 +103,9 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         The same dict on every rank (losses and counts are all-reduced): ``test_accuracy`` (float in [0, 1], the
         last epoch's; ``None`` when no epoch finished), ``epochs``, ``world_size``, ``steps_per_epoch``,
         ``batch_size`` (per rank), ``samples_per_epoch`` (all ranks), ``train_seconds`` and ``wall_seconds`` (s),
-        ``device`` (``"cpu"``/``"cuda"``), ``loader``, ``model`` (its registry name), ``model_path``, and
+        ``device`` (``"cpu"``/``"cuda"``), ``loader``, ``model`` (its registry name), ``model_path``,
+        ``resident_data`` (the training split was kept on the device, batches gathered there), ``channels_last``,
+        ``compiled`` (the training step ran compiled: ``False`` after a fallback), and
         ``history``: per finished epoch ``epoch`` (from 1), ``train_loss`` and ``test_loss`` (mean cross-entropy,
         nats), ``test_accuracy``, ``test_samples``, ``samples_per_s``, ``data_wait_fraction`` (of the epoch's
         time spent waiting for batches, in [0, 1]) and ``epoch_seconds`` (s).
@@ -201,16 +211,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, norm: Normalization
-             ) -> tuple[float, int, int]:
+def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, norm: Normalization, *,
+             channels_last: bool = False) -> tuple[float, int, int]:
     """Sum of cross-entropy (nats), correct predictions and samples over this rank's share of ``loader``'s split,
     summed over all ranks when a process group is up.  ``model.eval()`` under ``torch.no_grad()``, the loss summed
-    with ``reduction="sum"``, as pytorch/examples ``mnist/main.py``'s ``test``."""
+    with ``reduction="sum"``, as pytorch/examples ``mnist/main.py``'s ``test``; the input in ``channels_last``
+    memory format with ``channels_last``.  Batches already on ``device`` (a resident loader) are not copied."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     with torch.no_grad():
         for images, labels in loader:
-            x = normalize(images.to(device, non_blocking=True), norm)
+            x = _input(normalize(images.to(device, non_blocking=True), norm), channels_last)
             y = labels.to(device, non_blocking=True)
             logits = model(x)
             totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
@@ -228,12 +239,42 @@ def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Che
     settings = job.settings
     torch.manual_seed(settings.seed)
     norm = normalization_for(job.dataset)
+    channels_last = _resolve(settings.channels_last, device)
     model = build_model(settings.model, job.num_classes, job.image_shape).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
     os.makedirs(job.run_dir, exist_ok=True)
     checkpoint, batch_size = _checkpoint_to_resume(job, world)
-    return _Run(job, world, device, model, ddp, optimizer, norm, batch_size), checkpoint
+    run = _Run(job, world, device, model, ddp, optimizer, norm, batch_size, step_model=ddp,
+               channels_last=channels_last)
+    if settings.compile:
+        try:
+            run.step_model = torch.compile(ddp)
+            run.compiled = run.first_compiled_step = True
+        except Exception as e:  # noqa: BLE001 - compiling is an optimisation: say why and train uncompiled
+            _compile_fell_back(run, e)
+    return run, checkpoint
+
+
+def _resolve(setting: str, device: torch.device) -> bool:
+    """An ``"auto"``/``"on"``/``"off"`` setting (train.resident_data, train.channels_last): ``"auto"`` is on with
+    a GPU (``use_gpu``), off on the CPU."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def _compile_fell_back(run: _Run, error: BaseException) -> None:
+    """Train uncompiled from now on, and say why in one warning line."""
+    run.step_model, run.compiled, run.first_compiled_step = run.ddp, False, False
+    first = (str(error).strip().splitlines() or [""])[0]
+    log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", run.world.rank, type(error).__name__,
+                first)
+
+
+def _input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The normalised batch as the model takes it: in ``channels_last`` memory format when asked."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _checkpoint_to_resume(job: TrainJob, world: World) -> tuple[Checkpoint | None, int]:
@@ -292,12 +333,17 @@ def _say(world: World, line: str) -> None:
 def _loaders(run: _Run) -> tuple[ShardLoader, ShardLoader]:
     """The training loader (shuffled, full steps only) and the evaluation loader (file order, every row)."""
     job = run.job
-    common = dict(rank=run.world.rank, world_size=run.world.world_size, batch_size=run.batch_size,
-                  image_shape=job.image_shape, seed=job.settings.seed, memory_budget_bytes=job.memory_budget_bytes,
-                  reader_threads=job.settings.reader_threads, pin_memory=run.device.type == "cuda",
-                  dataset=job.dataset_id)
-    return (ShardLoader(job.train_files, shuffle=True, drop_remainder=True, **common),
-            ShardLoader(job.test_files, shuffle=False, drop_remainder=False, **common))
+    common: dict[str, Any] = dict(rank=run.world.rank, world_size=run.world.world_size, batch_size=run.batch_size,
+                                  image_shape=job.image_shape, seed=job.settings.seed,
+                                  memory_budget_bytes=job.memory_budget_bytes,
+                                  reader_threads=job.settings.reader_threads, pin_memory=run.device.type == "cuda",
+                                  dataset=job.dataset_id)
+    # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
+    # there; petastorm reads the training batches itself, so only the evaluation loader then does.
+    device = run.device if _resolve(job.settings.resident_data, run.device) else None
+    train_device = device if job.settings.loader == "spark-mnist" else None
+    return (ShardLoader(job.train_files, shuffle=True, drop_remainder=True, device=train_device, **common),
+            ShardLoader(job.test_files, shuffle=False, drop_remainder=False, device=device, **common))
 
 
 def _train(job: TrainJob, world: World, device: torch.device, started: float) -> dict[str, Any]:
@@ -308,6 +354,7 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
     if not _resume(run, checkpoint, train_loader) and run.batch_size != job.settings.batch_size:
         run.batch_size = job.settings.batch_size  # "auto" refused a checkpoint of another world size: start afresh
         train_loader, test_loader = _loaders(run)
+    run.resident = train_loader.resident
     with train_loader, test_loader:
         run.steps = train_loader.steps_total
         if run.steps == 0:
@@ -348,15 +395,31 @@ def _batches(run: _Run, loader: ShardLoader) -> Iterator[tuple[torch.Tensor, tor
 
 
 def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on a uint8 (B, 1, H, W) batch with int64 (B,) labels; returns the batch's mean loss."""
-    x = normalize(images.to(run.device, non_blocking=True), run.norm)
+    """One optimiser step on a uint8 (B, 1, H, W) batch with int64 (B,) labels (copied to the device unless a
+    resident loader yielded them there); returns the batch's mean loss.  The first step of a compiled model that
+    fails falls back to the uncompiled one (:func:`_compile_fell_back`) and is run again."""
+    x = _input(normalize(images.to(run.device, non_blocking=True), run.norm), run.channels_last)
     y = labels.to(run.device, non_blocking=True)
     run.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.job.settings.bf16):
-        loss = F.cross_entropy(run.ddp(x), y)
-    loss.backward()
+    if run.first_compiled_step:
+        try:
+            loss = _forward_backward(run, x, y)
+        except Exception as e:  # noqa: BLE001 - compiling is an optimisation: say why and train uncompiled
+            _compile_fell_back(run, e)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss = _forward_backward(run, x, y)
+        run.first_compiled_step = False
+    else:
+        loss = _forward_backward(run, x, y)
     run.optimizer.step()
     return loss.detach()
+
+
+def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.job.settings.bf16):
+        loss = F.cross_entropy(run.step_model(x), y)
+    loss.backward()
+    return loss
 
 
 def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
@@ -403,7 +466,7 @@ def _epoch_record(run: _Run, epoch: int, figures: _EpochFigures, test_loader: Sh
     slowest = torch.tensor([figures.seconds], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     seconds = max(1e-9, slowest.item())
-    test_loss, correct, count = evaluate(run.model, test_loader, device, run.norm)
+    test_loss, correct, count = evaluate(run.model, test_loader, device, run.norm, channels_last=run.channels_last)
     return {"epoch": epoch + 1, "train_loss": totals[0].item() / max(1.0, totals[1].item()),
             "test_loss": test_loss / max(1, count), "test_accuracy": correct / max(1, count),
             "test_samples": count, "samples_per_s": totals[1].item() / seconds,
@@ -448,6 +511,7 @@ def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wal
             "samples_per_epoch": run.steps * run.batch_size * world_size,
             "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
             "device": run.device.type, "loader": settings.loader, "model": settings.model,
+            "resident_data": run.resident, "channels_last": run.channels_last, "compiled": run.compiled,
             "model_path": os.path.join(run.job.run_dir, MODEL_NAME), "history": history}
 
 
