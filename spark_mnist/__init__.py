@@ -29,8 +29,8 @@ from importlib.metadata import version as _metadata_version
 from typing import TYPE_CHECKING, Any, Optional
 
 from spark_mnist.errors import (
-    ChecksumMismatchError,
     CheckpointError,
+    ChecksumMismatchError,
     DatasetMismatchError,
     DatasetNotFoundError,
     EnvironmentMismatchError,
@@ -100,8 +100,9 @@ def _settings(config: Optional[str | os.PathLike], section: str, values: dict[st
     return load_settings(config, {section: values})
 
 
-def ingest(spark, source: str, output: str, *, config: Optional[str | os.PathLike] = None,
-           **settings: Any) -> "Manifest":
+def ingest(
+    spark, source: str, output: str, *, config: Optional[str | os.PathLike] = None, **settings: Any
+) -> "Manifest":
     """Ingest the four gz IDX files (or a Keras ``mnist.npz``) at ``source`` into the Parquet dataset ``output``,
     on ``spark`` (the notebook's session, classic or Spark Connect / serverless); driver-side.
 
@@ -121,8 +122,14 @@ def ingest(spark, source: str, output: str, *, config: Optional[str | os.PathLik
     return pipeline.ingest(spark, _settings(config, "ingest", {"source": source, "output": output, **settings}))
 
 
-def train(data: str, *, launcher: Optional[str] = None, spark=None, config: Optional[str | os.PathLike] = None,
-          **settings: Any) -> dict[str, Any]:
+def train(
+    data: str,
+    *,
+    launcher: Optional[str] = None,
+    spark=None,
+    config: Optional[str | os.PathLike] = None,
+    **settings: Any,
+) -> dict[str, Any]:
     """Train on the dataset ingested at ``data`` with ``launcher``; returns rank 0's metrics.
 
     Args:

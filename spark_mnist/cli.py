@@ -50,8 +50,11 @@ def _configure_logging(verbose: bool) -> None:
         handler.setFormatter(_RedactingFormatter("spark-mnist: %(message)s"))
         logger.addHandler(handler)
     # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
-    for name, quiet_level in (("petastorm", logging.ERROR), ("py4j", logging.ERROR),
-                              ("TorchDistributor", logging.WARNING)):
+    for name, quiet_level in (
+        ("petastorm", logging.ERROR),
+        ("py4j", logging.ERROR),
+        ("TorchDistributor", logging.WARNING),
+    ):
         logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
     if not verbose:
         import warnings
@@ -76,11 +79,15 @@ def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -
                 raise TypeError(f"{section}.{option.name}: a setting of that name is already an option here")
             names.add(option.name)
             if option.type is bool:
-                group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None,
-                                   help=option.help)
+                group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
             else:
-                group.add_argument(option.flag, type=option.type, choices=option.choices, help=option.help,
-                                   metavar=None if option.choices else METAVARS.get(option.type))
+                group.add_argument(
+                    option.flag,
+                    type=option.type,
+                    choices=option.choices,
+                    help=option.help,
+                    metavar=None if option.choices else METAVARS.get(option.type),
+                )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,16 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     ingest = commands.add_parser("ingest", help="gz IDX files -> Parquet shards + _manifest.json")
-    train = commands.add_parser("train", help="DDP training on an ingested dataset (--launcher torch-distributor, "
-                                              "torchrun or ai-runtime)")
+    train = commands.add_parser(
+        "train", help="DDP training on an ingested dataset (--launcher torch-distributor, torchrun or ai-runtime)"
+    )
     run = commands.add_parser("run", help="ingest + train with conf/local.yaml defaults")
     config = commands.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
     verify = commands.add_parser("verify", help="check a directory of gz IDX files, without Spark")
     verify.add_argument("--source", required=True, help="directory, file:/, /dbfs/ or /Volumes/ path")
     verify.add_argument("--dataset", default="fashion-mnist", help="registry name (default: fashion-mnist)")
-    verify.add_argument("--allow-hash-mismatch", action="store_true",
-                        help="a subset or relabelled copy passes when its structure is right")
+    verify.add_argument(
+        "--allow-hash-mismatch",
+        action="store_true",
+        help="a subset or relabelled copy passes when its structure is right",
+    )
     download = commands.add_parser("download", help="fetch a dataset's four gz IDX files, verified")
     download.add_argument("dataset", help="registry name: mnist, fashion-mnist, kmnist, emnist-<split>")
     download.add_argument("--to", required=True, help="target directory (local, /dbfs/, /Volumes/)")
@@ -119,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="default: test")
     for sub in (verify, download, preview, evaluate):
         sub.add_argument("--verbose", action="store_true", help="debug output")
-    for sub, sections in ((ingest, ("spark", "storage", "ingest")), (train, ("spark", "storage", "train")),
-                          (run, SECTIONS), (config, SECTIONS)):
+    for sub, sections in (
+        (ingest, ("spark", "storage", "ingest")),
+        (train, ("spark", "storage", "train")),
+        (run, SECTIONS),
+        (config, SECTIONS),
+    ):
         _common(sub)
         _setting_options(sub, sections)
     return parser
@@ -134,8 +149,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         InputError: a bad config file or option value (see :func:`spark_mnist.config.load_settings`).
     """
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    overrides = {section: {option.name: getattr(args, option.name, None) for option in options(section)}
-                 for section in SECTIONS}
+    overrides = {
+        section: {option.name: getattr(args, option.name, None) for option in options(section)} for section in SECTIONS
+    }
     return load_settings(path, overrides)
 
 
@@ -150,8 +166,13 @@ def _verify(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from spark_mnist.tools.download import LocalRoots, download
 
-    paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries,
-                     local_roots=LocalRoots() if args.no_local else None)
+    paths = download(
+        args.dataset,
+        args.to,
+        mirrors=args.mirror,
+        retries=args.retries,
+        local_roots=LocalRoots() if args.no_local else None,
+    )
     _print_json({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}})
     return 0
 
@@ -210,8 +231,13 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command in ("ingest", "run"):
             manifest = pipeline.ingest(spark, settings)
             if args.command == "ingest":
-                _print_json({"output": settings.ingest.output, "dataset": manifest.dataset,
-                             "rows": {k: v.rows for k, v in manifest.splits.items()}})
+                _print_json(
+                    {
+                        "output": settings.ingest.output,
+                        "dataset": manifest.dataset,
+                        "rows": {k: v.rows for k, v in manifest.splits.items()},
+                    }
+                )
                 return 0
         launcher_spark = spark if settings.train.launcher == pipeline.SPARK_LAUNCHER else None
         metrics = pipeline.train(launcher_spark, settings, ingested=args.command == "run")

@@ -48,12 +48,16 @@ class SparkSettings(_Section):
     (or the ``SPARK_REMOTE`` environment variable) a Spark Connect server."""
 
     master: Optional[str] = Field("local[2]", description="Spark master, e.g. local[2]; null: the cluster's session")
-    remote: Optional[str] = Field(None, description="Spark Connect server, sc://host:port (local[N]: start one here); "
-                                                    "default: the SPARK_REMOTE environment variable")
+    remote: Optional[str] = Field(
+        None,
+        description="Spark Connect server, sc://host:port (local[N]: start one here); "
+        "default: the SPARK_REMOTE environment variable",
+    )
     app_name: str = Field(default="spark-mnist", description="Spark application name", cli=False)
     log_level: str = Field(default="WARN", description="Spark's log level (--verbose: INFO)", cli=False)
-    conf: dict[str, str] = Field(default_factory=dict, description="extra Spark conf for sessions spark-mnist starts",
-                                 cli=False)
+    conf: dict[str, str] = Field(
+        default_factory=dict, description="extra Spark conf for sessions spark-mnist starts", cli=False
+    )
 
 
 class StorageSettings(_Section):
@@ -64,8 +68,9 @@ class StorageSettings(_Section):
     settings: they come from the store's own chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``,
     an instance profile; Azure's ``AZURE_STORAGE_CONNECTION_STRING`` or ``AZURE_STORAGE_ACCOUNT_KEY``)."""
 
-    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible store (MinIO, Ceph, moto), "
-                                                             "http(s)://host:port: AWS_ENDPOINT_URL")
+    s3_endpoint_url: Optional[str] = Field(
+        None, description="S3-compatible store (MinIO, Ceph, moto), http(s)://host:port: AWS_ENDPOINT_URL"
+    )
 
     def environment(self) -> dict[str, str]:
         """The standard variables these settings give: ``{"AWS_ENDPOINT_URL": ...}`` for each setting not null."""
@@ -79,10 +84,12 @@ class IngestSettings(_Section):
     """gz IDX files -> Parquet shards.  ``num_shards: null`` is one shard per Spark core."""
 
     dataset: str = Field("fashion-mnist", description="registry name: mnist, fashion-mnist, kmnist, emnist-<split>")
-    source: str = Field("/usr/share/datasets/fashion-mnist",
-                        description="directory or URI holding the four gz IDX files")
-    output: str = Field("out/fashion-mnist",
-                        description="dataset directory to (re)create: OUT/train, OUT/test, OUT/_manifest.json")
+    source: str = Field(
+        "/usr/share/datasets/fashion-mnist", description="directory or URI holding the four gz IDX files"
+    )
+    output: str = Field(
+        "out/fashion-mnist", description="dataset directory to (re)create: OUT/train, OUT/test, OUT/_manifest.json"
+    )
     num_shards: Optional[int] = Field(None, ge=1, description="Parquet files per split (default: one per Spark core)")
     row_group_bytes: int = Field(2**20, ge=1, description="target bytes of images per Parquet row group")
     strict: bool = Field(False, description="refuse files whose payload sha256 differs from the registry's")
@@ -102,36 +109,50 @@ class TrainSettings(_Section):
     or in the working directory for a dataset on an object store (:attr:`Settings.run_dir`)."""
 
     data: Optional[str] = Field(None, description="ingested dataset directory (default: ingest.output)")
-    run_dir: Optional[str] = Field(None, description="where model.pt, checkpoint.pt and metrics.json go (default: "
-                                                     "runs/NAME beside the dataset directory NAME; "
-                                                     "./runs/NAME for a dataset on an object store)")
+    run_dir: Optional[str] = Field(
+        None,
+        description="where model.pt, checkpoint.pt and metrics.json go (default: "
+        "runs/NAME beside the dataset directory NAME; "
+        "./runs/NAME for a dataset on an object store)",
+    )
     epochs: int = Field(5, ge=1, description="passes over the training split")
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
     launcher: Launcher = Field(
-        "torch-distributor", description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a "
-                                         "Spark session), torchrun (local processes, no Spark), ai-runtime "
-                                         "(databricks.air's @distributed, serverless GPU)")
+        "torch-distributor",
+        description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a "
+        "Spark session), torchrun (local processes, no Spark), ai-runtime "
+        "(databricks.air's @distributed, serverless GPU)",
+    )
     num_processes: int = Field(2, ge=1, description="ranks (TorchDistributor num_processes, torchrun nproc_per_node)")
     local_mode: bool = Field(True, description="run ranks on the driver (local) or in executors")
     use_gpu: bool = Field(False, description="one GPU per rank, nccl")
     bf16: bool = Field(False, description="bfloat16 autocast in the training step")
     resident_data: Literal["auto", "on", "off"] = Field(
-        "auto", description="keep each rank's decoded split on its training device and gather batches there: auto: "
-                            "with use_gpu, when it fits a quarter of the GPU's free memory; on: on the CPU too "
-                            "(within memory_budget_mb); off: batches made on the host and copied")
+        "auto",
+        description="keep each rank's decoded split on its training device and gather batches there: auto: "
+        "with use_gpu, when it fits a quarter of the GPU's free memory; on: on the CPU too "
+        "(within memory_budget_mb); off: batches made on the host and copied",
+    )
     channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="channels_last memory format for the model and its input (auto: with use_gpu)")
-    compile: bool = Field(False, description="torch.compile the training step (falls back, with a warning naming "
-                                             "the error, where compiling or the first compiled step fails)")
-    petastorm_cache_url: str = Field("file:///tmp/spark-mnist-petastorm",
-                                     description="where petastorm's converter caches the dataset")
+        "auto", description="channels_last memory format for the model and its input (auto: with use_gpu)"
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the training step (falls back, with a warning naming "
+        "the error, where compiling or the first compiled step fails)",
+    )
+    petastorm_cache_url: str = Field(
+        "file:///tmp/spark-mnist-petastorm", description="where petastorm's converter caches the dataset"
+    )
     petastorm_row_group_bytes: int = Field(2**20, ge=1, description="row-group size of petastorm's cache")
     loader: Literal["spark-mnist", "petastorm"] = Field("spark-mnist", description="what reads the shards in a rank")
     converter: Literal["auto", "petastorm", "none"] = Field(
-        "auto", description="petastorm's Spark dataset converter, or the ingested shards directly (none); "
-                            "auto: petastorm where it works (Spark 3.5, pyarrow < 15)")
+        "auto",
+        description="petastorm's Spark dataset converter, or the ingested shards directly (none); "
+        "auto: petastorm where it works (Spark 3.5, pyarrow < 15)",
+    )
     model: str = Field("simple-cnn", description="model by registry name (spark_mnist.models)")
     memory_budget_mb: int = Field(2048, ge=0, description="decoded images a rank's loader may hold, in MiB")
     reader_threads: int = Field(2, ge=1, description="Parquet reader threads per rank")
@@ -139,19 +160,32 @@ class TrainSettings(_Section):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every K steps")
     max_steps: int = Field(0, ge=0, description="stop this run after N steps (checkpointed; --resume goes on)")
     resume: bool = Field(False, description="continue from run_dir's checkpoint")
-    auto_resume: bool = Field(False, description="continue from run_dir's checkpoint when it is of this dataset and "
-                                                 "these settings, else start afresh (a retried job goes on)")
-    max_restarts: int = Field(1, ge=0, description="relaunch from the last checkpoint when a rank dies or raises, at "
-                                                   "most N times; 1: a lost worker (preemption, OOM kill) costs one "
-                                                   "relaunch, and an error that recurs fails after one retry rather "
-                                                   "than looping (a job's max_retries adds more, with auto_resume)")
-    accelerator_count: Optional[int] = Field(None, ge=1, description="ai-runtime: GPUs, databricks.air's "
-                                                                     "num_accelerators (default: num_processes)")
+    auto_resume: bool = Field(
+        False,
+        description="continue from run_dir's checkpoint when it is of this dataset and "
+        "these settings, else start afresh (a retried job goes on)",
+    )
+    max_restarts: int = Field(
+        1,
+        ge=0,
+        description="relaunch from the last checkpoint when a rank dies or raises, at "
+        "most N times; 1: a lost worker (preemption, OOM kill) costs one "
+        "relaunch, and an error that recurs fails after one retry rather "
+        "than looping (a job's max_retries adds more, with auto_resume)",
+    )
+    accelerator_count: Optional[int] = Field(
+        None, ge=1, description="ai-runtime: GPUs, databricks.air's num_accelerators (default: num_processes)"
+    )
     accelerator_type: Optional[AcceleratorType] = Field(
-        None, description="ai-runtime: databricks.air's accelerator_type (default: the GPUs attached here; "
-                          "required with remote_gpu)")
-    remote_gpu: bool = Field(False, description="ai-runtime: submit to serverless GPUs (databricks.air remote=True) "
-                                                "from a CPU notebook or job; false: the GPUs attached here")
+        None,
+        description="ai-runtime: databricks.air's accelerator_type (default: the GPUs attached here; "
+        "required with remote_gpu)",
+    )
+    remote_gpu: bool = Field(
+        False,
+        description="ai-runtime: submit to serverless GPUs (databricks.air remote=True) "
+        "from a CPU notebook or job; false: the GPUs attached here",
+    )
 
 
 class Settings(_Section):
@@ -228,8 +262,11 @@ def options(section: str) -> list[Option]:
     """
     check_choice("settings section", section, SECTIONS)
     model = Settings.__fields__[section].type_
-    return [_option(section, name, field) for name, field in model.__fields__.items()
-            if field.field_info.extra.get("cli", True)]
+    return [
+        _option(section, name, field)
+        for name, field in model.__fields__.items()
+        if field.field_info.extra.get("cli", True)
+    ]
 
 
 def _option(section: str, name: str, field: Any) -> Option:
@@ -264,8 +301,9 @@ def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputEr
     return InputError(f"{source}: " + "; ".join(lines))
 
 
-def load_settings(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None
-                  ) -> Settings:
+def load_settings(
+    path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None
+) -> Settings:
     """Settings from the YAML file ``path`` (defaults where ``None``), then ``overrides`` (``{section: {key:
     value}}``, ``None`` values ignored) on top; a null ``train.run_dir`` becomes :attr:`Settings.run_dir`, so the
     settings shown and logged say where the run goes.

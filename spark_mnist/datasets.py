@@ -73,8 +73,12 @@ class DatasetSpec:
 
 def _standard_files(prefix: str = "", hashes: Mapping[str, str] | None = None) -> dict[str, dict[str, DatasetFile]]:
     hashes = hashes or {}
-    stems = {("train", IMAGES): "train-images-idx3-ubyte", ("train", LABELS): "train-labels-idx1-ubyte",
-             ("test", IMAGES): "t10k-images-idx3-ubyte", ("test", LABELS): "t10k-labels-idx1-ubyte"}
+    stems = {
+        ("train", IMAGES): "train-images-idx3-ubyte",
+        ("train", LABELS): "train-labels-idx1-ubyte",
+        ("test", IMAGES): "t10k-images-idx3-ubyte",
+        ("test", LABELS): "t10k-labels-idx1-ubyte",
+    }
     files: dict[str, dict[str, DatasetFile]] = {split: {} for split in SPLITS}
     for (split, kind), stem in stems.items():
         name = f"{prefix}{stem}.gz"
@@ -83,8 +87,13 @@ def _standard_files(prefix: str = "", hashes: Mapping[str, str] | None = None) -
 
 
 def _emnist_files(split_name: str) -> dict[str, dict[str, DatasetFile]]:
-    return {split: {kind: DatasetFile(f"emnist-{split_name}-{split}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz")
-                    for kind in (IMAGES, LABELS)} for split in SPLITS}
+    return {
+        split: {
+            kind: DatasetFile(f"emnist-{split_name}-{split}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz")
+            for kind in (IMAGES, LABELS)
+        }
+        for split in SPLITS
+    }
 
 
 DIGITS = tuple(str(d) for d in range(10))
@@ -100,33 +109,51 @@ def registry() -> dict[str, DatasetSpec]:
     emnist_normalization = (0.1751, 0.3332)  # one pair for every split: computed from the training pixels / 255
     specs = [
         DatasetSpec(
-            name="mnist", torchvision_folder="MNIST", keras_file="mnist.npz",
-            files=_standard_files(hashes={
-                "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-                "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-                "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            }),
+            name="mnist",
+            torchvision_folder="MNIST",
+            keras_file="mnist.npz",
+            files=_standard_files(
+                hashes={
+                    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+                    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+                }
+            ),
             classes=DIGITS,
             normalization=(0.1307, 0.3081),  # pytorch/examples mnist/main.py's Normalize((0.1307,), (0.3081,))
             split_sizes={"train": 60_000, "test": 10_000},
             mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
         ),
         DatasetSpec(
-            name="fashion-mnist", torchvision_folder="FashionMNIST",
-            files=_standard_files(hashes={
-                "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-                "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-                "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-                "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-            }),
-            classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+            name="fashion-mnist",
+            torchvision_folder="FashionMNIST",
+            files=_standard_files(
+                hashes={
+                    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+                }
+            ),
+            classes=(
+                "T-shirt/top",
+                "Trouser",
+                "Pullover",
+                "Dress",
+                "Coat",
+                "Sandal",
+                "Shirt",
+                "Sneaker",
+                "Bag",
+                "Ankle boot",
+            ),
             normalization=(0.2860, 0.3530),  # computed from the training pixels / 255 (rechecked on the 60,000)
             split_sizes={"train": 60_000, "test": 10_000},
             mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         ),
         DatasetSpec(
-            name="kmnist", torchvision_folder="KMNIST",
+            name="kmnist",
+            torchvision_folder="KMNIST",
             files=_standard_files(),
             classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
             normalization=(0.1918, 0.3483),  # computed from the training pixels / 255
@@ -144,9 +171,18 @@ def registry() -> dict[str, DatasetSpec]:
         "mnist": (DIGITS, {"train": 60_000, "test": 10_000}),
     }
     for split_name, (classes, sizes) in emnist.items():
-        specs.append(DatasetSpec(name=f"emnist-{split_name}", files=_emnist_files(split_name), classes=classes,
-                                 normalization=emnist_normalization, split_sizes=sizes, mirrors=emnist_mirror,
-                                 transposed=True, torchvision_folder="EMNIST"))
+        specs.append(
+            DatasetSpec(
+                name=f"emnist-{split_name}",
+                files=_emnist_files(split_name),
+                classes=classes,
+                normalization=emnist_normalization,
+                split_sizes=sizes,
+                mirrors=emnist_mirror,
+                transposed=True,
+                torchvision_folder="EMNIST",
+            )
+        )
     return {spec.name: spec for spec in specs}
 
 
@@ -160,8 +196,9 @@ def get_dataset(name: str) -> DatasetSpec:
     return specs[check_choice("dataset", name, specs, InputError)]
 
 
-def validate_split(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray,
-                   images_name: str, labels_name: str) -> None:
+def validate_split(
+    spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str
+) -> None:
     """Check that ``images`` (N, H, W) uint8 and ``labels`` (N,) form one split of ``spec``.
 
     Raises:
@@ -171,8 +208,14 @@ def validate_split(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray,
     validate_layout(spec, tuple(images.shape), images.dtype, labels, images_name, labels_name)
 
 
-def validate_layout(spec: DatasetSpec, images_shape: tuple[int, ...], images_dtype: np.dtype, labels: np.ndarray,
-                    images_name: str, labels_name: str) -> None:
+def validate_layout(
+    spec: DatasetSpec,
+    images_shape: tuple[int, ...],
+    images_dtype: np.dtype,
+    labels: np.ndarray,
+    images_name: str,
+    labels_name: str,
+) -> None:
     """:func:`validate_split` from the images' shape and dtype alone (an IDX header), so a streamed images file is
     checked before its data is read.  Same errors."""
     if len(images_shape) != 3 or tuple(images_shape[1:]) != spec.image_shape:

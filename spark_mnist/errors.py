@@ -83,6 +83,8 @@ def require_extra(module: str, extra: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise EnvironmentMismatchError(f"{what} needs {module}, which is not installed here: pip install "
-                                       f"'spark-mnist[{extra}]' (every Databricks ML runtime and serverless GPU "
-                                       f"environment ships it)") from None
+        raise EnvironmentMismatchError(
+            f"{what} needs {module}, which is not installed here: pip install "
+            f"'spark-mnist[{extra}]' (every Databricks ML runtime and serverless GPU "
+            f"environment ships it)"
+        ) from None

@@ -102,13 +102,17 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
     if location.os_path is not None:
         return pafs.LocalFileSystem(), location.os_path
     if location.kind == "dbfs":
-        raise SourceError(f"{redact(location.uri)}: dbfs:/ paths need the /dbfs FUSE mount, which this machine does "
-                          f"not have (Spark Connect off the cluster?); use a /Volumes/<catalog>/<schema>/<volume>/... "
-                          f"path, or run where /dbfs{location.uri[len('dbfs:'):]} exists")
+        raise SourceError(
+            f"{redact(location.uri)}: dbfs:/ paths need the /dbfs FUSE mount, which this machine does "
+            f"not have (Spark Connect off the cluster?); use a /Volumes/<catalog>/<schema>/<volume>/... "
+            f"path, or run where /dbfs{location.uri[len('dbfs:') :]} exists"
+        )
     if location.kind == "volume":
-        raise SourceError(f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine "
-                          f"does not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// "
-                          f"URI")
+        raise SourceError(
+            f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine "
+            f"does not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// "
+            f"URI"
+        )
     uri = location.uri
     scheme = urlparse(uri).scheme
     if scheme in AZURE_SCHEMES:
@@ -151,8 +155,13 @@ def _with_s3_endpoint(uri: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-AZURE_URI_OPTIONS = ("account_key", "blob_storage_authority", "dfs_storage_authority", "blob_storage_scheme",
-                     "dfs_storage_scheme")
+AZURE_URI_OPTIONS = (
+    "account_key",
+    "blob_storage_authority",
+    "dfs_storage_authority",
+    "blob_storage_scheme",
+    "dfs_storage_scheme",
+)
 
 
 def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
@@ -169,12 +178,17 @@ def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
     connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
     if connection:
         fields = dict(item.split("=", 1) for item in connection.split(";") if "=" in item)
-        options.update(account_name=fields.get("AccountName", options["account_name"]),
-                       account_key=fields.get("AccountKey", ""))
+        options.update(
+            account_name=fields.get("AccountName", options["account_name"]), account_key=fields.get("AccountKey", "")
+        )
         if fields.get("BlobEndpoint"):  # an emulator or a custom domain: one host serves blob and dfs
             endpoint = urlsplit(fields["BlobEndpoint"])
-            options.update(blob_storage_authority=endpoint.netloc, dfs_storage_authority=endpoint.netloc,
-                           blob_storage_scheme=endpoint.scheme, dfs_storage_scheme=endpoint.scheme)
+            options.update(
+                blob_storage_authority=endpoint.netloc,
+                dfs_storage_authority=endpoint.netloc,
+                blob_storage_scheme=endpoint.scheme,
+                dfs_storage_scheme=endpoint.scheme,
+            )
     elif os.environ.get("AZURE_STORAGE_ACCOUNT_KEY"):
         options["account_key"] = os.environ["AZURE_STORAGE_ACCOUNT_KEY"]
     options.update({key: query[key] for key in AZURE_URI_OPTIONS if key in query})
@@ -191,21 +205,34 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
     from pyarrow import fs as pafs
 
     scheme = urlparse(uri).scheme
-    supported = (f"local paths, /dbfs/..., /Volumes/... and the URIs pyarrow {pyarrow.__version__} opens (s3://, "
-                 f"gs://, hdfs://{', abfss://' if _pyarrow_has_azure() else ''}) or fsspec does")
+    supported = (
+        f"local paths, /dbfs/..., /Volumes/... and the URIs pyarrow {pyarrow.__version__} opens (s3://, "
+        f"gs://, hdfs://{', abfss://' if _pyarrow_has_azure() else ''}) or fsspec does"
+    )
     try:
         import fsspec
     except ImportError:
-        package = {"s3a": "s3fs", "s3n": "s3fs", "gcs": "gcsfs", "abfs": "adlfs", "abfss": "adlfs", "az": "adlfs",
-                   "adl": "adlfs", "wasbs": "adlfs"}.get(scheme, f"the fsspec package for {scheme}://")
-        raise SourceError(f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
-                          f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}"
-                          ) from None
+        package = {
+            "s3a": "s3fs",
+            "s3n": "s3fs",
+            "gcs": "gcsfs",
+            "abfs": "adlfs",
+            "abfss": "adlfs",
+            "az": "adlfs",
+            "adl": "adlfs",
+            "wasbs": "adlfs",
+        }.get(scheme, f"the fsspec package for {scheme}://")
+        raise SourceError(
+            f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
+            f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}"
+        ) from None
     try:
         filesystem, path = fsspec.core.url_to_fs(uri)
     except ImportError as e:  # fsspec knows the scheme; its package is missing (the message names it)
-        raise SourceError(f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}://, and "
-                          f"fsspec's for it needs a package that is not installed: {redact(str(e))}") from None
+        raise SourceError(
+            f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}://, and "
+            f"fsspec's for it needs a package that is not installed: {redact(str(e))}"
+        ) from None
     except ValueError:  # "Protocol not known"
         raise SourceError(f"{redact(uri)}: no file system for {scheme}:// here; supported are {supported}") from None
     protocols = filesystem.protocol if isinstance(filesystem.protocol, (tuple, list)) else (filesystem.protocol,)
@@ -355,6 +382,6 @@ def _write_in_place(path: Path, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)

@@ -40,6 +40,7 @@ def register_model(name: str) -> Callable[[ModelClass], ModelClass]:
         ValueError: ``name`` is already registered (``Invalid model name: 'x'. Must be a name not yet
             registered.``).
     """
+
     def register(cls: ModelClass) -> ModelClass:
         if name in MODELS:
             raise invalid("model name", name, "a name not yet registered")

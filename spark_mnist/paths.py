@@ -41,7 +41,8 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 # account_key, sas_token), SAS signatures (sig), presigned URLs (X-Amz-Signature, X-Amz-Credential,
 # X-Amz-Security-Token), and any other whose name says key, secret, token, password, signature or credential.
 _SECRET_PARAM = re.compile(
-    r"(?<=[?&;])([^=&#\s]*(?:key|secret|token|passw|sig|credential|auth(?!ority))[^=&#\s]*)=([^&#\s]*)", re.IGNORECASE)
+    r"(?<=[?&;])([^=&#\s]*(?:key|secret|token|passw|sig|credential|auth(?!ority))[^=&#\s]*)=([^&#\s]*)", re.IGNORECASE
+)
 # Schemes whose userinfo is a container name, not a credential: abfss://container@account.dfs.core.windows.net.
 _CONTAINER_SCHEMES = ("abfs", "abfss", "az", "wasb", "wasbs")
 
@@ -69,8 +70,11 @@ class Location:
     def sibling(self, name: str) -> "Location":
         """A location beside this one, in the same parent directory (a URI's query string stays at its end)."""
         parent_local = os.path.dirname(self.local_path.rstrip("/")) if self.local_path is not None else None
-        return Location(_with_path(self.uri, lambda path: posixpath.join(posixpath.dirname(path.rstrip("/")), name)),
-                        os.path.join(parent_local, name) if parent_local is not None else None, self.kind)
+        return Location(
+            _with_path(self.uri, lambda path: posixpath.join(posixpath.dirname(path.rstrip("/")), name)),
+            os.path.join(parent_local, name) if parent_local is not None else None,
+            self.kind,
+        )
 
     @property
     def display(self) -> str:
@@ -91,8 +95,9 @@ class Location:
     @property
     def is_local(self) -> bool:
         """True where :mod:`os` can operate on the place directly (local disk, DBFS FUSE, volumes)."""
-        return self.local_path is not None and (self.kind == "local" or os.path.exists(
-            DBFS_FUSE_ROOT if self.kind == "dbfs" else VOLUMES_ROOT))
+        return self.local_path is not None and (
+            self.kind == "local" or os.path.exists(DBFS_FUSE_ROOT if self.kind == "dbfs" else VOLUMES_ROOT)
+        )
 
 
 def redact(text: str) -> str:
@@ -158,7 +163,7 @@ def normalize_uri(path: str | os.PathLike) -> Location:
 def _local_location(path: str) -> Location:
     absolute = os.path.abspath(os.path.expanduser(path))
     if absolute == DBFS_FUSE_ROOT or absolute.startswith(DBFS_FUSE_ROOT + "/"):
-        rest = absolute[len(DBFS_FUSE_ROOT):] or "/"
+        rest = absolute[len(DBFS_FUSE_ROOT) :] or "/"
         return Location(f"dbfs:{rest}", absolute, "dbfs")
     if absolute.startswith(VOLUMES_ROOT + "/"):
         return Location(absolute, absolute, "volume")
@@ -196,7 +201,9 @@ def require_local(path: str | os.PathLike, what: str) -> str:
     """
     location = normalize_uri(path)
     if location.local_path is None:
-        raise SourceError(f"{redact(os.fspath(path))}: {what} takes local paths only (local disk, file:/, /dbfs/..., "
-                          f"/Volumes/..., dbfs:/ on Databricks), opened as files on this machine; copy the files to "
-                          f"(or afterwards from) such a path")
+        raise SourceError(
+            f"{redact(os.fspath(path))}: {what} takes local paths only (local disk, file:/, /dbfs/..., "
+            f"/Volumes/..., dbfs:/ on Databricks), opened as files on this machine; copy the files to "
+            f"(or afterwards from) such a path"
+        )
     return location.local_path

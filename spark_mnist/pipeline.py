@@ -40,11 +40,21 @@ def ingest(spark, settings: Settings) -> "Manifest":
 
     s = settings.ingest
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver's reads and commit
-        manifest = run_ingest(spark, s.source, s.output, dataset=s.dataset, num_shards=s.num_shards,
-                              row_group_bytes=s.row_group_bytes, strict=s.strict)
-    log.info("dataset %s at %s: %s", manifest.dataset, redact(s.output),
-             ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards"
-                       for name, info in manifest.splits.items()))
+        manifest = run_ingest(
+            spark,
+            s.source,
+            s.output,
+            dataset=s.dataset,
+            num_shards=s.num_shards,
+            row_group_bytes=s.row_group_bytes,
+            strict=s.strict,
+        )
+    log.info(
+        "dataset %s at %s: %s",
+        manifest.dataset,
+        redact(s.output),
+        ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items()),
+    )
     return manifest
 
 
@@ -108,10 +118,16 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> None
     saved, ranks = checkpoint.loader, world_size(t)
     batch_size = t.batch_size if saved["world_size"] == ranks else checkpoint.batch_size_for(ranks)
     train = manifest.splits.get("train") if manifest is not None else None
-    current = {"seed": t.seed, "shuffle": True, "drop_remainder": True, "world_size": ranks,
-               "batch_size": batch_size, "global_batch_size": batch_size * ranks,
-               "dataset": dataset_identity(manifest) if manifest is not None else None,
-               "rows": train.rows if train is not None else saved["rows"]}
+    current = {
+        "seed": t.seed,
+        "shuffle": True,
+        "drop_remainder": True,
+        "world_size": ranks,
+        "batch_size": batch_size,
+        "global_batch_size": batch_size * ranks,
+        "dataset": dataset_identity(manifest) if manifest is not None else None,
+        "rows": train.rows if train is not None else saved["rows"],
+    }
     mismatch = state_mismatch(saved, current, checkpoint.source)
     if mismatch:
         raise LoaderStateError(mismatch)
@@ -133,9 +149,11 @@ def _check_environment(settings: Settings, *, connect: bool = False) -> None:
 
         choose_converter(t, connect=connect)
     elif "petastorm" in (t.loader, t.converter):
-        raise InputError(f"train.loader {t.loader!r}, train.converter {t.converter!r}: petastorm's converter is a "
-                         f"Spark job and needs --launcher {SPARK_LAUNCHER}; launcher {t.launcher!r} reads the "
-                         f"ingested shards (--loader spark-mnist --converter none)")
+        raise InputError(
+            f"train.loader {t.loader!r}, train.converter {t.converter!r}: petastorm's converter is a "
+            f"Spark job and needs --launcher {SPARK_LAUNCHER}; launcher {t.launcher!r} reads the "
+            f"ingested shards (--loader spark-mnist --converter none)"
+        )
 
 
 def train(spark, settings: Settings, *, ingested: bool = False) -> dict[str, Any]:
@@ -189,11 +207,17 @@ def _train(spark, settings: Settings, *, ingested: bool) -> dict[str, Any]:
     try:
         from spark_mnist.job import TrainJob
 
-        job = TrainJob(settings=t, train_files=files["train"], test_files=files["test"], dataset=manifest.dataset,
-                       num_classes=len(manifest.classes), image_shape=tuple(manifest.image_shape),
-                       run_dir=require_local(settings.run_dir, "run_dir"),
-                       train_converter=converters["train"] if t.loader == "petastorm" else None,
-                       dataset_id=dataset_identity(manifest))
+        job = TrainJob(
+            settings=t,
+            train_files=files["train"],
+            test_files=files["test"],
+            dataset=manifest.dataset,
+            num_classes=len(manifest.classes),
+            image_shape=manifest.image_shape,
+            run_dir=require_local(settings.run_dir, "run_dir"),
+            train_converter=converters["train"] if t.loader == "petastorm" else None,
+            dataset_id=dataset_identity(manifest),
+        )
         log.info("training with %s: %s", launcher.name, redact(str(job.summary())))
         metrics = _run(launcher, job)
     finally:
@@ -208,8 +232,14 @@ def _train(spark, settings: Settings, *, ingested: bool) -> dict[str, Any]:
 
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))
     params = {k: v for k, v in settings.to_dict().items() if ingested or k != "ingest"}
-    run_id = log_training_run(params, manifest.to_dict(), result, result.get("model_path"), run_dir=job.run_dir,
-                              dataset_uri=dataset.location.uri)
+    run_id = log_training_run(
+        params,
+        manifest.to_dict(),
+        result,
+        result.get("model_path"),
+        run_dir=job.run_dir,
+        dataset_uri=dataset.location.uri,
+    )
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result
@@ -246,8 +276,9 @@ def _run(launcher, job) -> dict[str, Any]:
     def attempt(resume_now: bool) -> dict[str, Any]:
         return launch(launcher, train_worker, _with_resume(job, resume_now))
 
-    return run_with_restarts(attempt, max_restarts=t.max_restarts, checkpoint=os.path.join(job.run_dir,
-                             CHECKPOINT_NAME), resume=resume)
+    return run_with_restarts(
+        attempt, max_restarts=t.max_restarts, checkpoint=os.path.join(job.run_dir, CHECKPOINT_NAME), resume=resume
+    )
 
 
 def _with_resume(job, resume: bool):
@@ -278,6 +309,7 @@ def _auto_resume(job) -> bool:
         if value is not None and saved is not None and saved != value:
             log.info("resume: auto, starting afresh: %s has %s %r, this run %r", checkpoint.source, key, saved, value)
             return False
-    log.info("resume: auto, continuing from %s (epoch %d, step %d)", checkpoint.source, checkpoint.epoch + 1,
-             checkpoint.step)
+    log.info(
+        "resume: auto, continuing from %s (epoch %d, step %d)", checkpoint.source, checkpoint.epoch + 1, checkpoint.step
+    )
     return True

@@ -51,8 +51,7 @@ class TrainingFailedError(RuntimeError):
     that no rank left a report); ``reports`` holds the readable reports, by rank; ``cause`` is what the launcher
     caught."""
 
-    def __init__(self, message: str, reports: list[dict[str, Any]] | None = None,
-                 cause: BaseException | None = None):
+    def __init__(self, message: str, reports: list[dict[str, Any]] | None = None, cause: BaseException | None = None):
         super().__init__(message)
         self.reports = list(reports or [])
         self.cause = cause
@@ -68,15 +67,21 @@ class TrainingFailedError(RuntimeError):
         return [str(r["exception"]) for r in self.reports]
 
     @classmethod
-    def from_reports(cls, reports: list[dict[str, Any]], error: BaseException,
-                     skipped: list[str] | tuple[str, ...] = ()) -> "TrainingFailedError":
+    def from_reports(
+        cls, reports: list[dict[str, Any]], error: BaseException, skipped: list[str] | tuple[str, ...] = ()
+    ) -> "TrainingFailedError":
         """The error of a failed launch: the first report's rank, exception and traceback tail, and the other
         reports' exceptions; without reports (a rank killed by a signal or out of memory), ``error`` itself.
         ``skipped`` names the unreadable reports, which the message mentions.  Never raises."""
         note = f" ({len(skipped)} unreadable report(s) skipped: {', '.join(skipped)})" if skipped else ""
         if not reports:
-            return cls(redact(f"training failed and no rank left an error report (killed by a signal, out of "
-                              f"memory?): {_describe(error)}{note}"), cause=error)
+            return cls(
+                redact(
+                    f"training failed and no rank left an error report (killed by a signal, out of "
+                    f"memory?): {_describe(error)}{note}"
+                ),
+                cause=error,
+            )
         first = reports[0]
         others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
         tail = "".join(first["traceback"]).rstrip()
@@ -122,8 +127,13 @@ def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
         with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f)
     except Exception as e:  # noqa: BLE001 - logged, not raised: the rank's own error is re-raised by its caller
-        log.error("rank %s could not write its error report %s (%s); its error was %s", rank, path, _describe(e),
-                  _describe(error))
+        log.error(
+            "rank %s could not write its error report %s (%s); its error was %s",
+            rank,
+            path,
+            _describe(e),
+            _describe(error),
+        )
 
 
 def read_error_reports(run_dir: str) -> list[dict[str, Any]]:
@@ -149,8 +159,12 @@ def _read_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
         try:
             with open(path, encoding="utf-8") as f:
                 report = json.load(f)
-            if not (isinstance(report, dict) and isinstance(report.get("rank"), int)
-                    and isinstance(report.get("exception"), str) and isinstance(report.get("traceback"), list)):
+            if not (
+                isinstance(report, dict)
+                and isinstance(report.get("rank"), int)
+                and isinstance(report.get("exception"), str)
+                and isinstance(report.get("traceback"), list)
+            ):
                 raise ValueError("expected a JSON object with rank, exception and traceback")
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
             log.warning("skipping the unreadable error report %s: %s", path, _describe(e))
@@ -175,6 +189,7 @@ def dataset_identity(manifest: Any) -> str:
         splits' sorted file names with their row counts, and its source files' sha256 (the facts that decide the
         rows and their order), so a re-ingest of the same files gives the same identity.
     """
+
     def get(obj: Any, key: str, default: Any = None) -> Any:
         return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
 
@@ -184,9 +199,14 @@ def dataset_identity(manifest: Any) -> str:
     splits = get(manifest, "splits") or {}
     facts = {
         "dataset": get(manifest, "dataset"),
-        "splits": {str(name): {"rows": get(split, "rows"), "files": sorted(map(str, get(split, "files") or [])),
-                               "rows_per_shard": get(split, "rows_per_shard")}
-                   for name, split in sorted(splits.items())},
+        "splits": {
+            str(name): {
+                "rows": get(split, "rows"),
+                "files": sorted(map(str, get(split, "files") or [])),
+                "rows_per_shard": get(split, "rows_per_shard"),
+            }
+            for name, split in sorted(splits.items())
+        },
         "sources": sorted(str(get(f, "sha256")) for f in get(get(manifest, "source") or {}, "files") or []),
     }
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode("utf-8"), usedforsecurity=False)

@@ -55,14 +55,18 @@ DEFECTS = {
     "labels-out-of-range": "one label equal to the dataset's number of classes",
     "count-mismatch": "one label fewer than there are images",
 }
-HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head>\n"
-             b"<body><h1>This site is blocked by your organisation's proxy</h1></body></html>\n")
+HTML_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head>\n"
+    b"<body><h1>This site is blocked by your organisation's proxy</h1></body></html>\n"
+)
 
 
 # --- sources ---------------------------------------------------------------------------------------------------------
 
-def make_arrays(rows: int, seed: int = 0, num_classes: int = 10,
-                shape: Sequence[int] = (28, 28)) -> tuple[np.ndarray, np.ndarray]:
+
+def make_arrays(
+    rows: int, seed: int = 0, num_classes: int = 10, shape: Sequence[int] = (28, 28)
+) -> tuple[np.ndarray, np.ndarray]:
     """Random images and labels that cover every class when ``rows`` allows.
 
     Returns:
@@ -95,9 +99,15 @@ class IdxSource:
         return self.path / get_dataset(self.dataset).file(split, kind).name
 
 
-def write_idx_source(directory: str | os.PathLike, dataset: str = "mnist", train_rows: int = 600,
-                     test_rows: int = 100, seed: int = 0, defect: Optional[str] = None,
-                     defect_split: str = "train") -> IdxSource:
+def write_idx_source(
+    directory: str | os.PathLike,
+    dataset: str = "mnist",
+    train_rows: int = 600,
+    test_rows: int = 100,
+    seed: int = 0,
+    defect: Optional[str] = None,
+    defect_split: str = "train",
+) -> IdxSource:
     """Write a small synthetic source of registry dataset ``dataset`` into ``directory``: its four gz IDX files,
     named as the registry names them, with random images of the dataset's shape and labels covering its classes.
 
@@ -157,9 +167,16 @@ def _plant(source: IdxSource, defect: str, split: str) -> Path:
 
 # --- ingested datasets ------------------------------------------------------------------------------------------------
 
-def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", train_rows: int = 600,
-                           test_rows: int = 100, num_shards: int = 2, seed: int = 0,
-                           rows_per_group: Optional[int] = None) -> Path:
+
+def write_ingested_dataset(
+    output: str | os.PathLike,
+    dataset: str = "mnist",
+    train_rows: int = 600,
+    test_rows: int = 100,
+    num_shards: int = 2,
+    seed: int = 0,
+    rows_per_group: Optional[int] = None,
+) -> Path:
     """Write a complete ingested dataset at ``output`` (a local path or a URI) with no Spark session: the shards by
     ingest's own shard writer under a new generation, then the manifest, by the same commit as ``spark-mnist ingest``
     (:func:`spark_mnist.shards.commit.write_local_dataset`).
@@ -189,6 +206,7 @@ def write_ingested_dataset(output: str | os.PathLike, dataset: str = "mnist", tr
 
 # --- ranks ------------------------------------------------------------------------------------------------------------
 
+
 class RankFailedError(RuntimeError):
     """A rank started by :func:`run_ranks` raised: the message names the rank and carries its traceback."""
 
@@ -205,15 +223,31 @@ def free_port() -> int:
 RANK_PRELOAD = ["torch.distributed", "spark_mnist.testing"]
 
 
-def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, backend: str,
-               results: Any, environ: dict[str, str]) -> None:
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    args: tuple,
+    backend: str,
+    results: Any,
+    environ: dict[str, str],
+) -> None:
     """The body of one rank's process (forked from the fork server): the caller's environment as it was at the call
     (the server's is its own start's), torchrun's variables on top; join the group, run ``fn``."""
     os.environ.clear()
     os.environ.update(environ)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "GROUP_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     import torch.distributed as dist
 
     try:
@@ -229,8 +263,9 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ar
         results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: str = "gloo",
-              timeout: float = 300.0) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: str = "gloo", timeout: float = 300.0
+) -> list[Any]:
     """Run ``fn(*args)`` as ``world_size`` local ranks of one torch.distributed group and return their results.
 
     Each rank is a process of its own, forked from multiprocessing's fork server (``forkserver``: started once per
@@ -258,8 +293,12 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: 
     results = context.Queue()
     port = free_port()
     environ = dict(os.environ)
-    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, args, backend, results,
-                                                          environ), daemon=True) for rank in range(world_size)]
+    processes = [
+        context.Process(
+            target=_rank_main, args=(fn, rank, world_size, port, args, backend, results, environ), daemon=True
+        )
+        for rank in range(world_size)
+    ]
     for p in processes:
         p.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
@@ -269,8 +308,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: 
                 rank, ok, value = results.get(timeout=timeout)
             except queue.Empty:
                 dead = [r for r, p in enumerate(processes) if r not in outcomes and p.exitcode not in (None, 0)]
-                raise RankFailedError(f"rank(s) {dead or 'unknown'} gave no result in {timeout:.0f} s "
-                                      f"(exit codes {[p.exitcode for p in processes]})") from None
+                raise RankFailedError(
+                    f"rank(s) {dead or 'unknown'} gave no result in {timeout:.0f} s "
+                    f"(exit codes {[p.exitcode for p in processes]})"
+                ) from None
             outcomes[rank] = (ok, value)
             if not ok:
                 break
@@ -288,14 +329,23 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: 
 
 # --- the pytest plugin -----------------------------------------------------------------------------------------------
 
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("spark-mnist", "spark-mnist test kit (spark_mnist.testing)")
-    group.addoption("--spark-remote", default=None, metavar="URL",
-                    help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this "
-                         "process, sc://host:port uses a running one (default: the SPARK_REMOTE variable; else "
-                         "classic)")
-    group.addoption("--spark-master", default=DEFAULT_MASTER, metavar="MASTER",
-                    help=f"the classic session's master (default {DEFAULT_MASTER})")
+    group.addoption(
+        "--spark-remote",
+        default=None,
+        metavar="URL",
+        help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this "
+        "process, sc://host:port uses a running one (default: the SPARK_REMOTE variable; else "
+        "classic)",
+    )
+    group.addoption(
+        "--spark-master",
+        default=DEFAULT_MASTER,
+        metavar="MASTER",
+        help=f"the classic session's master (default {DEFAULT_MASTER})",
+    )
 
 
 def spark_remote(config: pytest.Config) -> Optional[str]:
@@ -312,9 +362,12 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
     from spark_mnist.config import SparkSettings
     from spark_mnist.driver.session import spark_session
 
-    settings = SparkSettings(master=pytestconfig.getoption("--spark-master", DEFAULT_MASTER),
-                             remote=spark_remote(pytestconfig), app_name="spark-mnist-tests",
-                             conf={"spark.driver.memory": "2g"})
+    settings = SparkSettings(
+        master=pytestconfig.getoption("--spark-master", DEFAULT_MASTER),
+        remote=spark_remote(pytestconfig),
+        app_name="spark-mnist-tests",
+        conf={"spark.driver.memory": "2g"},
+    )
     with spark_session(settings) as session:
         yield session
 

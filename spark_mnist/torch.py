@@ -70,11 +70,21 @@ from spark_mnist.tools.arrays import load_data
 __all__ = ["loader", "World", "ShardLoader", "MNIST", "FashionMNIST", "KMNIST", "EMNIST"]
 
 
-def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int, seed: int = 0,
-           shuffle: Optional[bool] = None, drop_remainder: Optional[bool] = None, world: Optional[World] = None,
-           memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, reader_threads: int = DEFAULT_READER_THREADS,
-           pin_memory: bool = False, device: torch.device | str | None = None,
-           device_memory_budget_bytes: Optional[int] = None) -> ShardLoader:
+def loader(
+    dataset: str | os.PathLike,
+    split: str = "train",
+    *,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: Optional[bool] = None,
+    drop_remainder: Optional[bool] = None,
+    world: Optional[World] = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    reader_threads: int = DEFAULT_READER_THREADS,
+    pin_memory: bool = False,
+    device: torch.device | str | None = None,
+    device_memory_budget_bytes: Optional[int] = None,
+) -> ShardLoader:
     """This rank's loader of one split of the ingested dataset at ``dataset``.
 
     Args:
@@ -113,13 +123,22 @@ def loader(dataset: str | os.PathLike, split: str = "train", *, batch_size: int,
     opened = open_dataset(dataset)
     world = world or World.from_env()
     training = split == "train"
-    return ShardLoader(opened.files(split), rank=world.rank, world_size=world.world_size, batch_size=batch_size,
-                       image_shape=(opened.image_shape[0], opened.image_shape[1]), seed=seed,
-                       shuffle=training if shuffle is None else shuffle,
-                       drop_remainder=training if drop_remainder is None else drop_remainder,
-                       memory_budget_bytes=memory_budget_bytes, reader_threads=reader_threads, pin_memory=pin_memory,
-                       dataset=dataset_identity(opened.manifest), device=device,
-                       device_memory_budget_bytes=device_memory_budget_bytes)
+    return ShardLoader(
+        opened.files(split),
+        rank=world.rank,
+        world_size=world.world_size,
+        batch_size=batch_size,
+        image_shape=(opened.image_shape[0], opened.image_shape[1]),
+        seed=seed,
+        shuffle=training if shuffle is None else shuffle,
+        drop_remainder=training if drop_remainder is None else drop_remainder,
+        memory_budget_bytes=memory_budget_bytes,
+        reader_threads=reader_threads,
+        pin_memory=pin_memory,
+        dataset=dataset_identity(opened.manifest),
+        device=device,
+        device_memory_budget_bytes=device_memory_budget_bytes,
+    )
 
 
 class MNIST(_TorchDataset):
@@ -158,8 +177,14 @@ class MNIST(_TorchDataset):
     #: The registry names this class serves; ``None``: any.
     dataset_names: Optional[tuple[str, ...]] = None
 
-    def __init__(self, root: str | os.PathLike, train: bool = True, transform: Optional[Callable] = None,
-                 target_transform: Optional[Callable] = None, download: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        train: bool = True,
+        transform: Optional[Callable] = None,
+        target_transform: Optional[Callable] = None,
+        download: bool = False,
+    ) -> None:
         require_extra("PIL.Image", "torch", f"spark_mnist.torch.{type(self).__name__}")
         opened = open_dataset(root)
         self._check_dataset(root, opened.dataset)
@@ -176,7 +201,8 @@ class MNIST(_TorchDataset):
         if self.dataset_names is not None and found not in self.dataset_names:
             raise DatasetMismatchError(
                 f"{redact(os.fspath(root))}: holds {found!r}, not {' or '.join(map(repr, self.dataset_names))} "
-                f"({type(self).__name__}); spark_mnist.torch.MNIST serves any ingested dataset")
+                f"({type(self).__name__}); spark_mnist.torch.MNIST serves any ingested dataset"
+            )
 
     def __len__(self) -> int:
         return len(self.data)
@@ -190,8 +216,8 @@ class MNIST(_TorchDataset):
         """
         from PIL import Image
 
-        img, target = self.data[index], int(self.targets[index])
-        img = Image.fromarray(img.numpy())  # a 2-D uint8 array is mode "L" (fromarray's mode= is deprecated)
+        img: Any = Image.fromarray(self.data[index].numpy())  # 2-D uint8: mode "L" (fromarray's mode= is deprecated)
+        target = int(self.targets[index])
         if self.transform is not None:
             img = self.transform(img)
         if self.target_transform is not None:
@@ -199,11 +225,17 @@ class MNIST(_TorchDataset):
         return img, target
 
     def __repr__(self) -> str:
-        lines = [f"Dataset {type(self).__name__} ({self.dataset})", f"    Number of datapoints: {len(self)}",
-                 f"    Root location: {redact(os.fspath(self.root))}",
-                 f"    Split: {'Train' if self.train else 'Test'}"]
-        lines += [f"    {name}: {value!r}" for name, value in (("Transform", self.transform),
-                                                               ("Target transform", self.target_transform)) if value]
+        lines = [
+            f"Dataset {type(self).__name__} ({self.dataset})",
+            f"    Number of datapoints: {len(self)}",
+            f"    Root location: {redact(os.fspath(self.root))}",
+            f"    Split: {'Train' if self.train else 'Test'}",
+        ]
+        lines += [
+            f"    {name}: {value!r}"
+            for name, value in (("Transform", self.transform), ("Target transform", self.target_transform))
+            if value
+        ]
         return "\n".join(lines)
 
 
@@ -233,8 +265,15 @@ class EMNIST(MNIST):
 
     splits = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
 
-    def __init__(self, root: str | os.PathLike, split: str, train: bool = True, transform: Optional[Callable] = None,
-                 target_transform: Optional[Callable] = None, download: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        train: bool = True,
+        transform: Optional[Callable] = None,
+        target_transform: Optional[Callable] = None,
+        download: bool = False,
+    ) -> None:
         self.split = check_choice("split", split, self.splits, InputError)
         self.dataset_names = (f"emnist-{split}",)
         super().__init__(root, train, transform, target_transform, download)

@@ -35,8 +35,10 @@ DIRECT = "none"
 # petastorm's converter needs pyarrow < 15 (pyarrow.filesystem, legacy ParquetDataset) and Spark < 4.
 PETASTORM_MAX_PYARROW = 15
 PETASTORM_MAX_SPARK = 4
-PETASTORM_FIX = ("use converter 'none' (the ranks read the ingested shards), or petastorm on Spark 3.5 with "
-                 "pyarrow < 15 (Databricks Runtime 15.4 LTS ML; pip install 'spark-mnist[petastorm]')")
+PETASTORM_FIX = (
+    "use converter 'none' (the ranks read the ingested shards), or petastorm on Spark 3.5 with "
+    "pyarrow < 15 (Databricks Runtime 15.4 LTS ML; pip install 'spark-mnist[petastorm]')"
+)
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,14 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
     wanted: str = settings.converter
     if settings.loader == PETASTORM:
         if wanted == DIRECT:
-            raise invalid("train.converter", DIRECT, "'auto' or 'petastorm' with train.loader 'petastorm' (the "
-                          "petastorm loader reads through petastorm's converter), or set train.loader to "
-                          "'spark-mnist'", EnvironmentMismatchError)
+            raise invalid(
+                "train.converter",
+                DIRECT,
+                "'auto' or 'petastorm' with train.loader 'petastorm' (the "
+                "petastorm loader reads through petastorm's converter), or set train.loader to "
+                "'spark-mnist'",
+                EnvironmentMismatchError,
+            )
         wanted = PETASTORM
     if wanted == DIRECT:
         return ConverterChoice(DIRECT, "converter 'none' set")
@@ -118,8 +125,10 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
         import pyarrow
         import pyspark
 
-        return ConverterChoice(PETASTORM, f"petastorm {_installed('petastorm')} with pyarrow {pyarrow.__version__} "
-                                          f"and Spark {pyspark.__version__}")
+        return ConverterChoice(
+            PETASTORM,
+            f"petastorm {_installed('petastorm')} with pyarrow {pyarrow.__version__} and Spark {pyspark.__version__}",
+        )
     if wanted == PETASTORM:
         what = "train.loader 'petastorm'" if settings.loader == PETASTORM else "train.converter 'petastorm'"
         raise EnvironmentMismatchError(f"{what} needs petastorm, which cannot run here ({why_not}): {PETASTORM_FIX}")
@@ -138,7 +147,11 @@ def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: 
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
 
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_url)
-    return {split: make_spark_converter(spark.read.parquet(*dataset.files(split)),
-                                        parquet_row_group_size_bytes=row_group_bytes,
-                                        compression_codec="uncompressed")
-            for split in ("train", "test")}
+    return {
+        split: make_spark_converter(
+            spark.read.parquet(*dataset.files(split)),
+            parquet_row_group_size_bytes=row_group_bytes,
+            compression_codec="uncompressed",
+        )
+        for split in ("train", "test")
+    }

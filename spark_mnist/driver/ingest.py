@@ -55,14 +55,24 @@ def check_output(location: Location) -> None:
     try:
         fs.filesystem(location)
     except (SourceError, ValueError, NotImplementedError, OSError) as e:
-        raise SourceError(f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
-                          f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
-                          ) from None
+        raise SourceError(
+            f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
+            f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
+        ) from None
 
 
-def write_splits(spark: "SparkSession", spec: DatasetSpec, splits: list[SplitInput], out: Location,
-                 generation: str, *, num_shards: int, chunk_rows: int, row_group_bytes: int,
-                 clock: StageClock | None = None) -> dict[str, list[contract.ShardFile]]:
+def write_splits(
+    spark: "SparkSession",
+    spec: DatasetSpec,
+    splits: list[SplitInput],
+    out: Location,
+    generation: str,
+    *,
+    num_shards: int,
+    chunk_rows: int,
+    row_group_bytes: int,
+    clock: StageClock | None = None,
+) -> dict[str, list[contract.ShardFile]]:
     """Write every split in contiguous shards under ``out/<generation>/<split>/``, holding at most ``chunk_rows``
     images on the driver at a time (see :func:`spark_mnist.driver.plan.plan_jobs`).
 
@@ -83,31 +93,58 @@ def write_splits(spark: "SparkSession", spec: DatasetSpec, splits: list[SplitInp
             # One job: each task reads its rows again once at most; over several jobs a gz file would be
             # decompressed from its start again for every job, so those rows travel from the driver.
             uri = inputs[name].images_uri
-            reread = (functools.partial(rows_again, spec, fs.task_uri(normalize_uri(uri)))
-                      if uri is not None and len(jobs) == 1 else None)
-            pieces.append(Piece(name, first, tuple(int(b) for b in bounds[name][first:end + 1]), images,
-                                inputs[name].labels[lo:hi], reread))
+            reread = (
+                functools.partial(rows_again, spec, fs.task_uri(normalize_uri(uri)))
+                if uri is not None and len(jobs) == 1
+                else None
+            )
+            pieces.append(
+                Piece(
+                    name,
+                    first,
+                    tuple(int(b) for b in bounds[name][first : end + 1]),
+                    images,
+                    inputs[name].labels[lo:hi],
+                    reread,
+                )
+            )
         with clock.stage("write_pieces"):
             written.update(write_pieces(spark, pieces, out, generation, row_group_bytes=row_group_bytes))
         log.info("wrote %s", ", ".join(f"{p.split} rows {p.bounds[0]}-{p.bounds[-1]}" for p in pieces))
     return {name: [written[(name, k)] for k in range(len(split_bounds) - 1)] for name, split_bounds in bounds.items()}
 
 
-def build_manifest(spec: DatasetSpec, source: Location, records: list[dict[str, Any]], splits: list[SplitInput],
-                   files: dict[str, list[contract.ShardFile]], generation: str) -> contract.Manifest:
+def build_manifest(
+    spec: DatasetSpec,
+    source: Location,
+    records: list[dict[str, Any]],
+    splits: list[SplitInput],
+    files: dict[str, list[contract.ShardFile]],
+    generation: str,
+) -> contract.Manifest:
     """The manifest of ``generation``: dataset, classes, image shape, source files (uri, bytes, payload sha256),
     per split its rows, label histogram and shard files (path, bytes, rows), schema and package versions."""
     return contract.Manifest(
-        generation=generation, dataset=spec.name, classes=tuple(spec.classes), image_shape=spec.image_shape,
-        source={"uri": source.shown, "files": records}, package_version=__version__,
-        splits={split.name: contract.Split(
-            rows=int(len(split.labels)), files=tuple(files[split.name]),
-            label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()))
-            for split in splits})
+        generation=generation,
+        dataset=spec.name,
+        classes=tuple(spec.classes),
+        image_shape=spec.image_shape,
+        source={"uri": source.shown, "files": records},
+        package_version=__version__,
+        splits={
+            split.name: contract.Split(
+                rows=int(len(split.labels)),
+                files=tuple(files[split.name]),
+                label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
+            )
+            for split in splits
+        },
+    )
 
 
-def read_sources(spark: "SparkSession", spec: DatasetSpec, source_dir: Location, stack: contextlib.ExitStack,
-                 clock: StageClock) -> tuple[list[SplitInput], list[dict[str, Any]]]:
+def read_sources(
+    spark: "SparkSession", spec: DatasetSpec, source_dir: Location, stack: contextlib.ExitStack, clock: StageClock
+) -> tuple[list[SplitInput], list[dict[str, Any]]]:
     """Both splits of ``spec`` from ``source_dir`` (a directory of IDX files, or a Keras ``mnist.npz``), checked as
     far as headers and labels allow; images files stay open as streams on ``stack``.  Driver-side.
 
@@ -128,10 +165,18 @@ def read_sources(spark: "SparkSession", spec: DatasetSpec, source_dir: Location,
     return splits, records
 
 
-def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "fashion-mnist",
-           num_shards: int | None = None, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
-           chunk_rows: int = DEFAULT_CHUNK_ROWS, strict: bool = False, stages: dict[str, float] | None = None
-           ) -> contract.Manifest:
+def ingest(
+    spark: "SparkSession",
+    source: str,
+    output: str,
+    *,
+    dataset: str = "fashion-mnist",
+    num_shards: int | None = None,
+    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    strict: bool = False,
+    stages: dict[str, float] | None = None,
+) -> contract.Manifest:
     """Ingest the four standard gz IDX files of ``dataset`` under ``source`` into Parquet shards under ``output``.
 
     Runs on the driver.  ``source`` and ``output`` may be local paths, ``file:/``, ``dbfs:/``, ``/dbfs/`` or
@@ -175,12 +220,24 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     check_output(out)  # an output the write tasks could not open is refused before anything is read
     with contextlib.ExitStack() as stack:
         splits, records = read_sources(spark, spec, source_dir, stack, clock)
-        log.info("checked the headers and labels of %s: %s", source_dir.shown,
-                 ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits))
+        log.info(
+            "checked the headers and labels of %s: %s",
+            source_dir.shown,
+            ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits),
+        )
         lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
         generation = lease.generation
-        files = write_splits(spark, spec, splits, out, generation, num_shards=num_shards, chunk_rows=chunk_rows,
-                             row_group_bytes=row_group_bytes, clock=clock)
+        files = write_splits(
+            spark,
+            spec,
+            splits,
+            out,
+            generation,
+            num_shards=num_shards,
+            chunk_rows=chunk_rows,
+            row_group_bytes=row_group_bytes,
+            clock=clock,
+        )
         for split in splits:
             records.extend(split.done())
         records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
@@ -190,6 +247,11 @@ def ingest(spark: "SparkSession", source: str, output: str, *, dataset: str = "f
     seconds = clock.close()
     if stages is not None:
         stages.update(seconds)
-    log.info("ingested %s into %s in %.2fs (%s)", spec.name, out.shown, sum(seconds.values()),
-             ", ".join(f"{name} {t:.2f}s" for name, t in seconds.items()))
+    log.info(
+        "ingested %s into %s in %.2fs (%s)",
+        spec.name,
+        out.shown,
+        sum(seconds.values()),
+        ", ".join(f"{name} {t:.2f}s" for name, t in seconds.items()),
+    )
     return manifest

@@ -33,12 +33,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def file_record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
-                ) -> dict[str, Any]:
+def file_record(
+    split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
+) -> dict[str, Any]:
     """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""
-    return {"split": split, "kind": kind, "name": entry.name, "uri": redact(source.uri), "bytes": source.length,
-            "payload_bytes": payload_bytes, "sha256": sha256, "expected_sha256": entry.sha256,
-            "sha256_matches": None if entry.sha256 is None else sha256 == entry.sha256}
+    return {
+        "split": split,
+        "kind": kind,
+        "name": entry.name,
+        "uri": redact(source.uri),
+        "bytes": source.length,
+        "payload_bytes": payload_bytes,
+        "sha256": sha256,
+        "expected_sha256": entry.sha256,
+        "sha256_matches": None if entry.sha256 is None else sha256 == entry.sha256,
+    }
 
 
 @dataclass
@@ -54,8 +63,9 @@ class SplitInput:
     images_uri: Optional[str] = None  # the IDX images file, as Spark names it, for tasks that read it again
 
 
-def open_idx_split(stack: contextlib.ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]
-                   ) -> tuple[SplitInput, list[dict[str, Any]]]:
+def open_idx_split(
+    stack: contextlib.ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]
+) -> tuple[SplitInput, list[dict[str, Any]]]:
     """Parse a split's labels file and open its images file as a stream, checking everything the headers and
     labels tell (image shape, dtype, counts, label range) before any image data is read.  Driver only.
 
@@ -69,8 +79,14 @@ def open_idx_split(stack: contextlib.ExitStack, spec: DatasetSpec, split: str, f
     labels_source, images_source = files[labels_entry.name], files[images_entry.name]
     parsed = parse_idx(labels_source.source, name=redact(labels_source.uri))
     reader = stack.enter_context(IdxReader(images_source.source, name=redact(images_source.uri)))
-    validate_layout(spec, reader.header.shape, reader.header.dtype, parsed.array, redact(images_source.uri),
-                    redact(labels_source.uri))
+    validate_layout(
+        spec,
+        reader.header.shape,
+        reader.header.dtype,
+        parsed.array,
+        redact(images_source.uri),
+        redact(labels_source.uri),
+    )
 
     def done() -> list[dict[str, Any]]:
         reader.finish()

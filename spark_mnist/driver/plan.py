@@ -35,8 +35,9 @@ def chunk_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
     return groups
 
 
-def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int
-              ) -> tuple[dict[str, np.ndarray], list[list[tuple[str, int, int]]]]:
+def plan_jobs(
+    rows: dict[str, int], num_shards: int, chunk_rows: int
+) -> tuple[dict[str, np.ndarray], list[list[tuple[str, int, int]]]]:
     """Shard boundaries per split and the Spark write jobs: each job a list of ``(split, first shard, end shard)``
     holding at most ``chunk_rows`` rows (at least one shard).
 
@@ -101,11 +102,16 @@ class WritePlan:
         ``generation``, row groups of about ``row_group_bytes`` of images."""
         units = tuple((p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1))
         image_shape = tuple(int(n) for n in pieces[0].images.shape[1:])
-        return cls(target=target, generation=generation, units=units,
-                   shards=tuple((pieces[p].split, pieces[p].first_shard + k) for p, k in units),
-                   bounds=tuple(piece.bounds for piece in pieces),
-                   rows_per_group=max(1, row_group_bytes // max(1, int(np.prod(image_shape)))),
-                   image_shape=image_shape, label_dtypes=tuple(piece.labels.dtype.str for piece in pieces))
+        return cls(
+            target=target,
+            generation=generation,
+            units=units,
+            shards=tuple((pieces[p].split, pieces[p].first_shard + k) for p, k in units),
+            bounds=tuple(piece.bounds for piece in pieces),
+            rows_per_group=max(1, row_group_bytes // max(1, int(np.prod(image_shape)))),
+            image_shape=image_shape,
+            label_dtypes=tuple(piece.labels.dtype.str for piece in pieces),
+        )
 
     def rows(self, unit: int) -> tuple[int, int]:
         """Unit ``unit``'s rows ``[lo, hi)``, relative to the first row of its piece."""
@@ -138,5 +144,3 @@ class WritePlan:
         """Unit ``unit``'s shard, relative to ``OUT`` (:func:`spark_mnist.shards.contract.shard_path`)."""
         split, shard = self.shards[unit]
         return contract.shard_path(self.generation, split, shard)
-
-

@@ -58,8 +58,14 @@ SPARK_40_ARTIFACTS_DIR = "artifacts"
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
 # What pyspark sets in os.environ when it starts a JVM or a local Spark Connect server (and only partly unsets on
 # stop).
-CONNECT_ENV = ("SPARK_REMOTE", "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_CONNECT_AUTHENTICATE_TOKEN",
-               "SPARK_AUTH_SOCKET_TIMEOUT", "SPARK_BUFFER_SIZE")
+CONNECT_ENV = (
+    "SPARK_REMOTE",
+    "SPARK_LOCAL_REMOTE",
+    "SPARK_CONNECT_MODE_ENABLED",
+    "SPARK_CONNECT_AUTHENTICATE_TOKEN",
+    "SPARK_AUTH_SOCKET_TIMEOUT",
+    "SPARK_BUFFER_SIZE",
+)
 REMOTE_ENV = "SPARK_REMOTE"
 # Where pyspark reads the conf of a local Spark Connect server's own session (pyspark.sql.connect.session).
 INIT_CONF_LEN_ENV, INIT_CONF_ENV = "PYSPARK_REMOTE_INIT_CONF_LEN", "PYSPARK_REMOTE_INIT_CONF_0"
@@ -93,8 +99,9 @@ def jvm_stderr_filtered() -> Iterator[None]:
     sys.stderr.flush()
     real = os.dup(2)
     read_fd, write_fd = os.pipe()
-    threading.Thread(target=_forward_stderr, args=(read_fd, os.dup(real)), name="spark-mnist-jvm-stderr",
-                     daemon=True).start()
+    threading.Thread(
+        target=_forward_stderr, args=(read_fd, os.dup(real)), name="spark-mnist-jvm-stderr", daemon=True
+    ).start()
     os.dup2(write_fd, 2)
     os.close(write_fd)
     try:
@@ -112,8 +119,9 @@ def session_conf(settings: SparkSettings, *, verbose: bool = False) -> dict[str,
     if not verbose:
         log4j = resources.files("spark_mnist").joinpath("log4j2.properties")
         java_opts = f"-Dlog4j2.configurationFile={log4j}"
-        conf["spark.driver.extraJavaOptions"] = " ".join(filter(None, [conf.get("spark.driver.extraJavaOptions"),
-                                                                       java_opts]))
+        conf["spark.driver.extraJavaOptions"] = " ".join(
+            filter(None, [conf.get("spark.driver.extraJavaOptions"), java_opts])
+        )
     return conf
 
 
@@ -229,7 +237,8 @@ def _databricks_session(databricks_session: Any) -> "SparkSession":
         raise EnvironmentMismatchError(
             f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it (a "
             f"~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
-            f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port") from e
+            f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port"
+        ) from e
 
 
 def connect_expected(settings: SparkSettings) -> bool:
@@ -252,8 +261,7 @@ def _owned(create: Callable[[], "SparkSession"]) -> Iterator["SparkSession"]:
 
 
 @contextlib.contextmanager
-def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool
-                   ) -> Iterator["SparkSession"]:
+def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool) -> Iterator["SparkSession"]:
     """Start the session ``builder`` describes on this machine (a classic local master, or a local Spark Connect
     server), with :func:`session_conf`, this interpreter as the workers' Python and the JVM's start-up notices
     dropped; stop it and clean up after the block."""

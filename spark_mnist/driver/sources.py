@@ -53,8 +53,9 @@ class SourceFile:
         return self.local_path
 
 
-def read_files(spark: "SparkSession", directory: Location, names: Sequence[str], *,
-               max_collect_bytes: int = MAX_COLLECT_BYTES) -> dict[str, SourceFile]:
+def read_files(
+    spark: "SparkSession", directory: Location, names: Sequence[str], *, max_collect_bytes: int = MAX_COLLECT_BYTES
+) -> dict[str, SourceFile]:
     """Read the files ``names`` under ``directory`` with Spark's ``binaryFile`` source, in one job; files over
     ``max_collect_bytes`` with a driver-visible path are left to be streamed from it instead.
 
@@ -85,26 +86,35 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str],
         # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled), about twice as fast as
         # collect() for a few large binary rows.
         try:
-            frame: Any = (spark.read.format("binaryFile")
-                     .load([wanted[name].uri for name in collect])
-                     .select("path", "length", "content")
-                     .toPandas())
+            frame: Any = (
+                spark.read.format("binaryFile")
+                .load([wanted[name].uri for name in collect])
+                .select("path", "length", "content")
+                .toPandas()
+            )
         except Exception as e:
             if not any(marker in str(e) for marker in NO_FILESYSTEM):
                 raise
-            log.info("%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver",
-                     directory.shown, urlsplit(directory.uri).scheme)
+            log.info(
+                "%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver",
+                directory.shown,
+                urlsplit(directory.uri).scheme,
+            )
             found.update((name, _read_on_driver(name, wanted[name])) for name in collect)
             return {name: found[name] for name in names}
-        rows = {path.rstrip("/").rsplit("/", 1)[-1]: (path, int(length), content)
-                for path, length, content in zip(frame["path"], frame["length"], frame["content"])}
+        rows = {
+            path.rstrip("/").rsplit("/", 1)[-1]: (path, int(length), content)
+            for path, length, content in zip(frame["path"], frame["length"], frame["content"])
+        }
         for name in collect:
             if name not in rows:
                 raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
             path, length, content = rows[name]
             if length > max_collect_bytes:
-                raise SourceError(f"{path}: {length} bytes, too large to read through Spark onto the driver; put it "
-                                  f"on a path the driver can stream from (/dbfs/..., /Volumes/..., local disk)")
+                raise SourceError(
+                    f"{path}: {length} bytes, too large to read through Spark onto the driver; put it "
+                    f"on a path the driver can stream from (/dbfs/..., /Volumes/..., local disk)"
+                )
             found[name] = SourceFile(name, path, length, content=bytes(content))
     return {name: found[name] for name in names}
 

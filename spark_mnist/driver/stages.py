@@ -37,9 +37,11 @@ class StageClock:
 
     def timed(self, name: str, fn: Callable[..., T]) -> Callable[..., T]:
         """``fn`` with every call counted under ``name``."""
+
         def call(*args, **kwargs) -> T:
             with self.stage(name):
                 return fn(*args, **kwargs)
+
         return call
 
     def close(self) -> dict[str, float]:

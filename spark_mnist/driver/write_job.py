@@ -36,8 +36,14 @@ def images_checksum(images: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(images).data)
 
 
-def write_pieces(spark: "SparkSession", pieces: list[Piece], out: Location, generation: str, *,
-                 row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> dict[tuple[str, int], contract.ShardFile]:
+def write_pieces(
+    spark: "SparkSession",
+    pieces: list[Piece],
+    out: Location,
+    generation: str,
+    *,
+    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+) -> dict[tuple[str, int], contract.ShardFile]:
     """Write every piece's shards with one Spark job: task ``t`` writes shard ``t`` of the job as
     ``out/<generation>/<split>/part-NNNNN.parquet`` (:meth:`WritePlan.write`).
 
@@ -76,10 +82,13 @@ def write_pieces(spark: "SparkSession", pieces: list[Piece], out: Location, gene
     reported = {row.unit: (row.rows, row.bytes) for row in written}
     missing = [plan.path(u) for u in range(len(plan.units)) if reported.get(u, (None,))[0] != expected[u]]
     if missing:
-        raise RuntimeError(f"{out.shown}: the write job did not report these shards with their rows: "
-                           f"{', '.join(missing)}")
-    return {plan.shards[u]: contract.ShardFile(plan.path(u), int(reported[u][1]), int(reported[u][0]))
-            for u in range(len(plan.units))}
+        raise RuntimeError(
+            f"{out.shown}: the write job did not report these shards with their rows: {', '.join(missing)}"
+        )
+    return {
+        plan.shards[u]: contract.ShardFile(plan.path(u), int(reported[u][1]), int(reported[u][0]))
+        for u in range(len(plan.units))
+    }
 
 
 def _units_frame(spark: "SparkSession", plan: WritePlan):
@@ -90,6 +99,7 @@ def _units_frame(spark: "SparkSession", plan: WritePlan):
 def _write_with_broadcast(spark: "SparkSession", pieces: list[Piece], plan: WritePlan) -> list:
     """The classic session's write job: the arrays as one broadcast variable, the units as ``spark.range``."""
     with session.shipped_to_executors(spark, [(piece.images, piece.labels) for piece in pieces]) as shipped:
+
         def write_units(batches: Iterator) -> Iterator:
             import pyarrow as pa
 
@@ -129,9 +139,11 @@ def _write_from_sources(spark: "SparkSession", pieces: list[Piece], plan: WriteP
                 lo, hi = plan.rows(unit)
                 images = rereads[p](plan.bounds[p][k], plan.bounds[p][k + 1])
                 if images_checksum(images) != checksums[unit]:
-                    raise SourceError(f"{plan.path(unit)}: rows {plan.bounds[p][k]}-"
-                                      f"{plan.bounds[p][k + 1]} of the source differ from what the driver checked "
-                                      f"(the file changed during the ingest?)")
+                    raise SourceError(
+                        f"{plan.path(unit)}: rows {plan.bounds[p][k]}-"
+                        f"{plan.bounds[p][k + 1]} of the source differ from what the driver checked "
+                        f"(the file changed during the ingest?)"
+                    )
                 yield pa.RecordBatch.from_pydict(plan.write(unit, images, labels[p][lo:hi]))
 
     return _units_frame(spark, plan).mapInArrow(write_units, REPORT_SCHEMA).collect()
@@ -158,8 +170,9 @@ def fragments_table(pieces: list[Piece], plan: WritePlan):
             offsets = pa.py_buffer(((starts - lo) * width).astype(np.int32))
             out.append(pa.Array.from_buffers(pa.binary(), len(starts) - 1, [None, offsets, pa.py_buffer(flat)]))
     # One chunk per column: Spark 4.0.0's Connect server reads only the first record batch of a local relation.
-    return pa.Table.from_arrays([pa.concat_arrays(c) for c in (units, parts, images, labels)],
-                                names=["unit", "part", "images", "labels"])
+    return pa.Table.from_arrays(
+        [pa.concat_arrays(c) for c in (units, parts, images, labels)], names=["unit", "part", "images", "labels"]
+    )
 
 
 def _write_over_connect(spark: "SparkSession", pieces: list[Piece], plan: WritePlan) -> list:
@@ -167,9 +180,12 @@ def _write_over_connect(spark: "SparkSession", pieces: list[Piece], plan: WriteP
     broadcast-joined to the units, so task ``t`` gets all of unit ``t``'s fragments; it checks it has every one
     (a unit split across tasks fails the job rather than writing a partial shard) and writes the shard."""
     data = spark.createDataFrame(fragments_table(pieces, plan))
-    tasks = (_units_frame(spark, plan).withColumnRenamed("id", "unit")
-             .join(data.hint("broadcast"), "unit")
-             .select("unit", "part", "images", "labels"))
+    tasks = (
+        _units_frame(spark, plan)
+        .withColumnRenamed("id", "unit")
+        .join(data.hint("broadcast"), "unit")
+        .select("unit", "part", "images", "labels")
+    )
 
     def write_fragments(batches: Iterator) -> Iterator:
         import pyarrow as pa
@@ -183,12 +199,11 @@ def _write_over_connect(spark: "SparkSession", pieces: list[Piece], plan: WriteP
             fragments.sort(key=lambda fragment: fragment[0])
             parts = [part for part, _, _ in fragments]
             if parts != list(range(plan.fragments(unit))):
-                raise RuntimeError(f"{plan.path(unit)}: the task received fragments {parts}, "
-                                   f"not all {plan.fragments(unit)}")
+                raise RuntimeError(
+                    f"{plan.path(unit)}: the task received fragments {parts}, not all {plan.fragments(unit)}"
+                )
             images = np.frombuffer(b"".join(f[1] for f in fragments), np.uint8).reshape(-1, *plan.image_shape)
             labels = np.frombuffer(b"".join(f[2] for f in fragments), np.dtype(plan.label_dtypes[plan.units[unit][0]]))
             yield pa.RecordBatch.from_pydict(plan.write(unit, images, labels))
 
     return tasks.mapInArrow(write_fragments, REPORT_SCHEMA).collect()
-
-

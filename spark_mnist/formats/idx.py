@@ -194,8 +194,11 @@ def _check_end(stream: BinaryIO, name: str, header: IdxHeader) -> None:
     extra = _guarded_read(stream, 1, name)
     if extra:
         # Reading on to tell these apart would mean decompressing what a gzip bomb holds; say what it can be instead.
-        why = (" (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
-               if isinstance(stream, gzip.GzipFile) else "")
+        why = (
+            " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
+            if isinstance(stream, gzip.GzipFile)
+            else ""
+        )
         raise IdxFormatError(
             f"{name}: trailing bytes after the {header.payload_bytes} data bytes that shape {header.shape} declares"
             + why
@@ -233,8 +236,7 @@ class IdxReader:
             zero or absurd dimensions, truncated payload, trailing bytes, corrupt or truncated gzip stream.
     """
 
-    def __init__(self, source: Source, name: str | None = None, *,
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
+    def __init__(self, source: Source, name: str | None = None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
         self._source, self._name, self._max_payload_bytes = source, name, max_payload_bytes
         self._stack = contextlib.ExitStack()
         self._digest = hashlib.sha256(usedforsecurity=False)  # restarted with the header on entry
@@ -262,8 +264,10 @@ class IdxReader:
 
     def _truncated(self, found: int) -> str:
         h = self.header
-        return (f"{self.name}: truncated payload: shape {h.shape} of {h.dtype.name} declares {h.payload_bytes} "
-                f"data bytes, found {found}")
+        return (
+            f"{self.name}: truncated payload: shape {h.shape} of {h.dtype.name} declares {h.payload_bytes} "
+            f"data bytes, found {found}"
+        )
 
     @property
     def sha256(self) -> str:
@@ -293,7 +297,7 @@ class IdxReader:
         view = buffer.data
         filled = 0
         while filled < len(buffer):
-            got = _readinto(self._stream, view[filled:filled + READ_CHUNK_BYTES], self.name)
+            got = _readinto(self._stream, view[filled : filled + READ_CHUNK_BYTES], self.name)
             if not got:
                 raise IdxFormatError(self._truncated(self._rows_read * row_bytes + filled))
             filled += got
@@ -301,8 +305,7 @@ class IdxReader:
         self._rows_read += rows
         # astype converts big-endian to native on any platform (byteswap + view would be wrong on big-endian
         # hosts); for one-byte dtypes it is a view, no copy.
-        return buffer.view(header.dtype).reshape((rows, *row_shape)).astype(header.dtype.newbyteorder("="),
-                                                                            copy=False)
+        return buffer.view(header.dtype).reshape((rows, *row_shape)).astype(header.dtype.newbyteorder("="), copy=False)
 
     def finish(self) -> None:
         """Check the end of the file (no trailing bytes; the gzip CRC) once every row was read.
@@ -333,8 +336,9 @@ class IdxReader:
         self.finish()
 
 
-def parse_idx(source: Source, name: str | None = None, *,
-              max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> ParsedIdx:
+def parse_idx(
+    source: Source, name: str | None = None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> ParsedIdx:
     """Parse one IDX file, gzip-compressed or plain, into a native-endian numpy array.
 
     Args:

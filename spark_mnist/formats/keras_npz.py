@@ -24,8 +24,9 @@ from spark_mnist.formats.idx import write_idx
 KERAS_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 
 
-def load_keras_npz(source: str | os.PathLike | BinaryIO, spec: DatasetSpec | None = None, *,
-                   name: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_keras_npz(
+    source: str | os.PathLike | BinaryIO, spec: DatasetSpec | None = None, *, name: str | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read a Keras ``mnist.npz`` with ``np.load(source, allow_pickle=False)`` and check each split as one of
     ``spec``'s (:func:`spark_mnist.datasets.validate_layout`, the check ingest applies to IDX files).
 
@@ -65,8 +66,10 @@ def load_keras_npz(source: str | os.PathLike | BinaryIO, spec: DatasetSpec | Non
     with loaded:
         missing = [key for keys in KERAS_KEYS.values() for key in keys if key not in loaded.files]
         if missing:
-            raise InputError(f"{path}: missing key(s) {', '.join(missing)}: expected x_train, y_train, x_test, "
-                             f"y_test (Keras' mnist.npz); found {', '.join(loaded.files) or 'none'}")
+            raise InputError(
+                f"{path}: missing key(s) {', '.join(missing)}: expected x_train, y_train, x_test, "
+                f"y_test (Keras' mnist.npz); found {', '.join(loaded.files) or 'none'}"
+            )
         for split, (x_key, y_key) in KERAS_KEYS.items():
             images = _member(loaded, path, x_key)
             labels = _member(loaded, path, y_key)
@@ -83,13 +86,15 @@ def _member(loaded: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise InputError(f"{path}: {key} cannot be read from the archive: {e}") from e
 
 
-def _checked(spec: DatasetSpec, path: Path, x_key: str, y_key: str, images: np.ndarray,
-             labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _checked(
+    spec: DatasetSpec, path: Path, x_key: str, y_key: str, images: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """What only an npz can get wrong (the key's shape; labels of any integer dtype, which must fit uint8), then
     :func:`spark_mnist.datasets.validate_layout` on the arrays as IDX files would hold them."""
     if images.ndim != 3 or tuple(images.shape[1:]) != spec.image_shape:
-        raise InputError(f"{path}: {x_key} has shape {images.shape}: expected (N, {spec.image_shape[0]}, "
-                         f"{spec.image_shape[1]})")
+        raise InputError(
+            f"{path}: {x_key} has shape {images.shape}: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
+        )
     if labels.ndim != 1 or labels.dtype.kind not in "ui":
         raise InputError(f"{path}: {y_key} has shape {labels.shape} and dtype {labels.dtype}: expected (N,) integers")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 255):
@@ -99,8 +104,7 @@ def _checked(spec: DatasetSpec, path: Path, x_key: str, y_key: str, images: np.n
     return np.ascontiguousarray(images), labels
 
 
-def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                   spec: DatasetSpec | None = None) -> Path:
+def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, spec: DatasetSpec | None = None) -> Path:
     """Write the four standard gz IDX files of ``spec`` (default: the registry's ``mnist``) from a Keras npz.
 
     Each file appears under its final name only when complete (:func:`spark_mnist.formats.idx.write_idx`).  Images are

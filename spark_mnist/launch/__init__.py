@@ -28,8 +28,15 @@ from spark_mnist.config import LAUNCHERS, TrainSettings
 from spark_mnist.errors import LauncherUnavailableError, check_choice
 from spark_mnist.runs import TrainingFailedError, clear_error_reports, failure
 
-__all__ = ["Launcher", "LauncherUnavailableError", "TrainingFailedError", "check_launcher", "launch", "launcher_for",
-           "world_size"]
+__all__ = [
+    "Launcher",
+    "LauncherUnavailableError",
+    "TrainingFailedError",
+    "check_launcher",
+    "launch",
+    "launcher_for",
+    "world_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +95,9 @@ def require_module(name: str, launcher: str, fix: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise LauncherUnavailableError(f"launcher '{launcher}' needs {name}, which does not import here ({e}): "
-                                       f"{fix}") from None
+        raise LauncherUnavailableError(
+            f"launcher '{launcher}' needs {name}, which does not import here ({e}): {fix}"
+        ) from None
 
 
 def require_gpus(launcher: str, wanted: int, fix: str) -> None:
@@ -99,8 +107,9 @@ def require_gpus(launcher: str, wanted: int, fix: str) -> None:
     torch = require_extra("torch", "torch", f"launcher '{launcher}'")
     found = torch.cuda.device_count()
     if found < wanted:
-        raise LauncherUnavailableError(f"launcher '{launcher}' needs {wanted} GPU(s) on this machine and torch sees "
-                                       f"{found}: {fix}")
+        raise LauncherUnavailableError(
+            f"launcher '{launcher}' needs {wanted} GPU(s) on this machine and torch sees {found}: {fix}"
+        )
 
 
 def launch(launcher: Launcher, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:

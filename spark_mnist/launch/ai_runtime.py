@@ -27,8 +27,11 @@ def decorator_kwargs(settings: TrainSettings) -> dict[str, Any]:
     """The keyword arguments of ``databricks.air.distributed`` for ``settings``: ``num_accelerators``
     (``accelerator_count``, else ``num_processes``), ``accelerator_type`` (``None``: the attached GPUs') and
     ``remote`` (``remote_gpu``).  The local-mode timeout is left at the package's default (3 hours)."""
-    return {"num_accelerators": world_size(settings),
-            "accelerator_type": settings.accelerator_type, "remote": settings.remote_gpu}
+    return {
+        "num_accelerators": world_size(settings),
+        "accelerator_type": settings.accelerator_type,
+        "remote": settings.remote_gpu,
+    }
 
 
 @dataclass
@@ -59,13 +62,18 @@ def check(settings: TrainSettings) -> None:
     require_module("databricks.air", NAME, PACKAGE_FIX)
     if settings.remote_gpu:
         if settings.accelerator_type is None:
-            raise InputError("train.accelerator_type: required with remote_gpu (the serverless GPUs to submit to, "
-                             "e.g. --accelerator-type GPU_8xH100)")
+            raise InputError(
+                "train.accelerator_type: required with remote_gpu (the serverless GPUs to submit to, "
+                "e.g. --accelerator-type GPU_8xH100)"
+            )
         check_one_node(settings.accelerator_type, world_size(settings))
     else:
-        require_gpus(NAME, decorator_kwargs(settings)["num_accelerators"],
-                     "attach serverless GPU compute to this notebook or job, submit from here with --remote-gpu "
-                     "--accelerator-type TYPE, or use --launcher torchrun")
+        require_gpus(
+            NAME,
+            decorator_kwargs(settings)["num_accelerators"],
+            "attach serverless GPU compute to this notebook or job, submit from here with --remote-gpu "
+            "--accelerator-type TYPE, or use --launcher torchrun",
+        )
 
 
 def gpus_per_node(accelerator_type: str) -> int | None:
@@ -86,7 +94,8 @@ def check_one_node(accelerator_type: str, ranks: int) -> None:
         raise LauncherUnavailableError(
             f"launcher '{NAME}': {ranks} accelerators of {accelerator_type} span {-(-ranks // per_node)} nodes of "
             f"{per_node} GPU(s), and multi-node runs are not supported yet: use at most {per_node} "
-            f"(--accelerator-count)")
+            f"(--accelerator-count)"
+        )
 
 
 def make(settings: TrainSettings, *, spark: Any = None) -> AiRuntimeLauncher:

@@ -45,8 +45,9 @@ def is_bad_input(error: TrainingFailedError) -> bool:
     return bool(error.exceptions) and all(e.split(":", 1)[0] in names for e in error.exceptions)
 
 
-def run_with_restarts(attempt: Callable[[bool], dict[str, Any]], *, max_restarts: int, checkpoint: str,
-                      resume: bool) -> dict[str, Any]:
+def run_with_restarts(
+    attempt: Callable[[bool], dict[str, Any]], *, max_restarts: int, checkpoint: str, resume: bool
+) -> dict[str, Any]:
     """``attempt(resume)`` (one launch), relaunched after a failure at most ``max_restarts`` times.
 
     Args:

@@ -37,9 +37,16 @@ class TorchrunLauncher:
         """Rank 0's return value of ``fn(job)``; raises elastic's ``ChildFailedError`` when a rank fails or dies."""
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=self.settings.num_processes,
-                              run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-                              rdzv_endpoint=STANDALONE_ENDPOINT, max_restarts=0, start_method="spawn")
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=self.settings.num_processes,
+            run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d",
+            rdzv_endpoint=STANDALONE_ENDPOINT,
+            max_restarts=0,
+            start_method="spawn",
+        )
         with scoped_env({}, restore=AGENT_ENV):
             return elastic_launch(config, fn)(job)[0]
 
@@ -52,8 +59,11 @@ def check(settings: TrainSettings) -> None:
     """
     require_extra("torch.distributed.launcher.api", "torch", f"launcher '{NAME}'")
     if settings.use_gpu:
-        require_gpus(NAME, settings.num_processes, "one GPU per rank with use_gpu: lower --num-processes, or "
-                                                   "train on CPU with --no-use-gpu")
+        require_gpus(
+            NAME,
+            settings.num_processes,
+            "one GPU per rank with use_gpu: lower --num-processes, or train on CPU with --no-use-gpu",
+        )
 
 
 def make(settings: TrainSettings, *, spark: Any = None) -> TorchrunLauncher:

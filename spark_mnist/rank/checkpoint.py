@@ -109,8 +109,9 @@ def load_checkpoint(run_dir: str) -> Checkpoint | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused or unreadable as a weights-only checkpoint, nothing in it was run "
-                              f"({first})") from e
+        raise CheckpointError(
+            f"{path}: refused or unreadable as a weights-only checkpoint, nothing in it was run ({first})"
+        ) from e
     names = [f.name for f in fields(Checkpoint) if f.name != "path"]
     if not isinstance(state, dict) or not set(names) <= set(state):
         found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__

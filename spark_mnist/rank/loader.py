@@ -14,6 +14,7 @@ shapes:
 The orders, training (elastic: the same global batches on every world size) and evaluation (every row once), are
 defined in :mod:`spark_mnist.rank.order`; their names are imported here too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,15 +49,32 @@ from spark_mnist.rank.resident import copied_to, default_device_budget, resident
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
 # The order's names stay importable from here (checkpoint.py, train.py and the tests import them from this module).
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "ShardLoader", "prefetched", "BLOCK_ROWS",
-           "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "ELASTIC_WORLD_SIZES", "LoaderStateError", "Window",
-           "epoch_windows", "rank_rows", "rank_share", "resume_batch_size", "state_mismatch", "steps_per_epoch"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "ROW_OVERHEAD_BYTES",
+    "ShardLoader",
+    "prefetched",
+    "BLOCK_ROWS",
+    "WINDOW_BLOCKS",
+    "WINDOW_ROWS",
+    "STATE_KEYS",
+    "ELASTIC_WORLD_SIZES",
+    "LoaderStateError",
+    "Window",
+    "epoch_windows",
+    "rank_rows",
+    "rank_share",
+    "resume_batch_size",
+    "state_mismatch",
+    "steps_per_epoch",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30
 # Bytes a decoded row costs beside its pixels (index and label, int64 each).
 ROW_OVERHEAD_BYTES = 16
+
 
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
     """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
@@ -70,7 +88,6 @@ def prefetched(fn: Callable, items: Iterable) -> Iterator:
             pending = future
         if pending is not None:
             yield pending.result()
-
 
 
 class ShardLoader(IterableDataset):
@@ -130,11 +147,24 @@ class ShardLoader(IterableDataset):
     and elastic determinism of Mosaic Streaming's ``StreamingDataset``.
     """
 
-    def __init__(self, paths: Sequence[str], *, rank: int, world_size: int, batch_size: int,
-                 image_shape: tuple[int, int] = (28, 28), seed: int = 0, shuffle: bool = True,
-                 drop_remainder: bool = True, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-                 reader_threads: int = DEFAULT_READER_THREADS, pin_memory: bool = False, dataset: str | None = None,
-                 device: torch.device | str | None = None, device_memory_budget_bytes: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        image_shape: tuple[int, int] = (28, 28),
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_remainder: bool = True,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        reader_threads: int = DEFAULT_READER_THREADS,
+        pin_memory: bool = False,
+        dataset: str | None = None,
+        device: torch.device | str | None = None,
+        device_memory_budget_bytes: int | None = None,
+    ):
         if batch_size < 1:
             raise invalid("batch_size", batch_size, "at least 1")
         self.plan = plan_row_groups(paths)
@@ -152,14 +182,23 @@ class ShardLoader(IterableDataset):
         self.device = None if device is None else torch.device(device)
         self.resident = False  # True: the decoded rows live on self.device, batches are gathered there
         if self.device is not None:
-            budget = (default_device_budget(self.device, memory_budget_bytes) if device_memory_budget_bytes is None
-                      else device_memory_budget_bytes)
+            budget = (
+                default_device_budget(self.device, memory_budget_bytes)
+                if device_memory_budget_bytes is None
+                else device_memory_budget_bytes
+            )
             self.resident = need <= budget
             self.pin_memory = self.pin_memory or (not self.resident and self.device.type == "cuda")
             if not self.resident:
-                log.warning("rank %d: the %d rows read every epoch (%d MB decoded) do not fit the %d MB budget on %s: "
-                            "batches are made on the host and copied there", rank, self.rows, need // 2**20,
-                            budget // 2**20, self.device)
+                log.warning(
+                    "rank %d: the %d rows read every epoch (%d MB decoded) do not fit the %d MB budget on %s: "
+                    "batches are made on the host and copied there",
+                    rank,
+                    self.rows,
+                    need // 2**20,
+                    budget // 2**20,
+                    self.device,
+                )
         self.epoch, self.start_step, self.step = 0, 0, 0
         # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
         # them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
@@ -222,10 +261,19 @@ class ShardLoader(IterableDataset):
         """
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         epoch, step = self.epoch if epoch is None else epoch, self.step if step is None else step
-        return {"seed": self.seed, "epoch": epoch, "step": step, "samples": step * per_step,
-                "world_size": self.world_size, "batch_size": self.batch_size,
-                "global_batch_size": self.global_batch_size, "rows": self.total_rows, "shuffle": self.shuffle,
-                "drop_remainder": self.drop_remainder, "dataset": self.dataset}
+        return {
+            "seed": self.seed,
+            "epoch": epoch,
+            "step": step,
+            "samples": step * per_step,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "global_batch_size": self.global_batch_size,
+            "rows": self.total_rows,
+            "shuffle": self.shuffle,
+            "drop_remainder": self.drop_remainder,
+            "dataset": self.dataset,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "the saved state") -> None:
         """Resume from :meth:`state_dict`'s output, maybe written on another world size: the next iteration starts
@@ -288,8 +336,7 @@ class ShardLoader(IterableDataset):
         if self.drop_remainder:
             windows = epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
             return rank_share(windows, self.rank, self.world_size, self.batch_size)
-        return [(w, w.order) for w in _evaluation_windows(self.lo, self.hi, self.seed, epoch, self.rank,
-                                                           self.shuffle)]
+        return [(w, w.order) for w in _evaluation_windows(self.lo, self.hi, self.seed, epoch, self.rank, self.shuffle)]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches, ``(images, labels)``: the position set by :meth:`set_epoch` /
@@ -309,9 +356,13 @@ class ShardLoader(IterableDataset):
         """Begin an epoch's iteration now: which epoch and step are fixed here, not at the first ``next()``."""
         worker = get_worker_info()
         if worker is not None:
-            raise invalid("DataLoader num_workers", worker.num_workers,
-                          "0 for a spark_mnist loader (DataLoader(loader, batch_size=None)): it decodes in its own "
-                          "reader threads, and each worker would yield every batch again", InputError)
+            raise invalid(
+                "DataLoader num_workers",
+                worker.num_workers,
+                "0 for a spark_mnist loader (DataLoader(loader, batch_size=None)): it decodes in its own "
+                "reader threads, and each worker would yield every batch again",
+                InputError,
+            )
         if not self._position_set:
             self.epoch, self.start_step = self.epoch + 1, 0
         self._position_set = False
@@ -360,7 +411,7 @@ class ShardLoader(IterableDataset):
             return
         positions = np.concatenate([rows for _, rows in share]) - self.span[0]
         for lo in range(0, len(positions), self.batch_size):
-            yield self._gather(self._cache, positions[lo:lo + self.batch_size])
+            yield self._gather(self._cache, positions[lo : lo + self.batch_size])
 
     def _batches_resident(self, share):
         """The same batches as :meth:`_batches_from_memory`, gathered from the rows kept on ``device`` (decoded and
@@ -383,7 +434,7 @@ class ShardLoader(IterableDataset):
                     chunk = tuple(_cat(c, p) for c, p in zip(carry, chunk))
                 full = len(chunk[0]) - len(chunk[0]) % self.batch_size
                 for lo in range(0, full, self.batch_size):
-                    yield tuple(t[lo:lo + self.batch_size] for t in chunk)
+                    yield tuple(t[lo : lo + self.batch_size] for t in chunk)
                 carry = tuple(t[full:] for t in chunk) if full < len(chunk[0]) else None
             if carry is not None:
                 yield carry

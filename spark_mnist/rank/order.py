@@ -35,6 +35,7 @@ does not carry over to another world size.
 Neither order depends on the memory budget or the number of reader threads (row groups are decoded in parallel but
 consumed in plan order).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,9 +45,21 @@ import numpy as np
 
 from spark_mnist.errors import InputError, invalid
 
-__all__ = ["BLOCK_ROWS", "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "ELASTIC_WORLD_SIZES", "LoaderStateError",
-           "Window", "rank_rows", "steps_per_epoch", "epoch_windows", "rank_share", "state_mismatch",
-           "resume_batch_size"]
+__all__ = [
+    "BLOCK_ROWS",
+    "WINDOW_BLOCKS",
+    "WINDOW_ROWS",
+    "STATE_KEYS",
+    "ELASTIC_WORLD_SIZES",
+    "LoaderStateError",
+    "Window",
+    "rank_rows",
+    "steps_per_epoch",
+    "epoch_windows",
+    "rank_share",
+    "state_mismatch",
+    "resume_batch_size",
+]
 
 # Consecutive rows moved as one block by the first, coarse permutation of an epoch.
 BLOCK_ROWS = 8_192
@@ -54,8 +67,19 @@ BLOCK_ROWS = 8_192
 WINDOW_BLOCKS = 8
 WINDOW_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
 # What a state_dict holds (see ShardLoader.state_dict).
-STATE_KEYS = ("seed", "epoch", "step", "samples", "world_size", "batch_size", "global_batch_size", "rows", "shuffle",
-              "drop_remainder", "dataset")
+STATE_KEYS = (
+    "seed",
+    "epoch",
+    "step",
+    "samples",
+    "world_size",
+    "batch_size",
+    "global_batch_size",
+    "rows",
+    "shuffle",
+    "drop_remainder",
+    "dataset",
+)
 # The world sizes a resumed run is offered when its global batch does not split over the one asked for.
 ELASTIC_WORLD_SIZES = range(1, 9)
 # Stream tags of the order's random generators (the first word of their key after seed and epoch).
@@ -127,7 +151,7 @@ def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> lis
         blocks = [blocks[k] for k in _permutation(len(blocks), seed, epoch, _BLOCKS)]
     windows = []
     for w, k in enumerate(range(0, len(blocks), WINDOW_BLOCKS)):
-        chosen = blocks[k:k + WINDOW_BLOCKS]
+        chosen = blocks[k : k + WINDOW_BLOCKS]
         order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in chosen])
         if shuffle:
             order = order[_permutation(len(order), seed, epoch, _WINDOW, w)]
@@ -135,8 +159,9 @@ def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> lis
     return windows
 
 
-def rank_share(windows: Sequence[Window], rank: int, world_size: int, batch_size: int
-               ) -> list[tuple[Window, np.ndarray]]:
+def rank_share(
+    windows: Sequence[Window], rank: int, world_size: int, batch_size: int
+) -> list[tuple[Window, np.ndarray]]:
     """Rank ``rank``'s part of the sequence ``windows`` make, cut into global batches (step 3 of the module
     docstring): for each window, the rows (int64) of the rank's slices that fall in it, in sequence order.  Their
     concatenation is the rank's epoch: ``steps_per_epoch(R, world_size, batch_size) * batch_size`` rows.
@@ -150,8 +175,11 @@ def rank_share(windows: Sequence[Window], rank: int, world_size: int, batch_size
     total = sum(len(w.order) for w in windows)
     global_batch = batch_size * world_size
     steps = steps_per_epoch(total, world_size, batch_size)
-    positions = (np.arange(steps, dtype=np.int64)[:, None] * global_batch + rank * batch_size
-                 + np.arange(batch_size, dtype=np.int64)[None, :]).ravel()
+    positions = (
+        np.arange(steps, dtype=np.int64)[:, None] * global_batch
+        + rank * batch_size
+        + np.arange(batch_size, dtype=np.int64)[None, :]
+    ).ravel()
     out, start = [], 0
     for window in windows:
         end = start + len(window.order)
@@ -181,8 +209,7 @@ def _local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.
     return offsets[k] + rows - starts[k]
 
 
-def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "the saved state"
-                   ) -> str | None:
+def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "the saved state") -> str | None:
     """The first fact of ``saved`` (a :meth:`~spark_mnist.rank.loader.ShardLoader.state_dict`) that a loader
     described by ``current`` cannot honour, as one line naming the setting, the saved value and this run's; ``None``
     when it can resume.
@@ -191,9 +218,14 @@ def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source:
     (``drop_remainder``), another global batch size; for the evaluation order also another world size or batch
     size.  Another world size of the training order is honoured (elastic resume).
     """
-    checks = [("dataset", "the dataset"), ("rows", "the split's rows"), ("seed", "the seed"),
-              ("shuffle", "shuffle"), ("drop_remainder", "drop_remainder (training order)"),
-              ("global_batch_size", "the global batch size")]
+    checks = [
+        ("dataset", "the dataset"),
+        ("rows", "the split's rows"),
+        ("seed", "the seed"),
+        ("shuffle", "shuffle"),
+        ("drop_remainder", "drop_remainder (training order)"),
+        ("global_batch_size", "the global batch size"),
+    ]
     if not current["drop_remainder"]:
         checks += [("world_size", "the world size"), ("batch_size", "the batch size")]
     for key, label in checks:
@@ -201,8 +233,11 @@ def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source:
         if key == "dataset" and (a is None or b is None):
             continue
         if a != b:
-            detail = (f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
-                      if key == "global_batch_size" else "")
+            detail = (
+                f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
+                if key == "global_batch_size"
+                else ""
+            )
             return f"Cannot resume: {label} is {a!r} in {source}, {b!r} in this run{detail}."
     return None
 
@@ -217,6 +252,8 @@ def resume_batch_size(state: Mapping[str, Any], world_size: int, source: str = "
     global_batch = int(state["global_batch_size"])
     if world_size < 1 or global_batch % world_size:
         fits = [m for m in ELASTIC_WORLD_SIZES if global_batch % m == 0]
-        raise LoaderStateError(f"Cannot resume: the global batch size {global_batch} of {source} does not split over "
-                               f"{world_size} ranks; resume on one of {', '.join(map(str, fits))} ranks.")
+        raise LoaderStateError(
+            f"Cannot resume: the global batch size {global_batch} of {source} does not split over "
+            f"{world_size} ranks; resume on one of {', '.join(map(str, fits))} ranks."
+        )
     return global_batch // world_size

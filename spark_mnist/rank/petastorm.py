@@ -16,9 +16,17 @@ if TYPE_CHECKING:
     import torch
 
 
-def petastorm_batches(converter, *, rank: int, world_size: int, batch_size: int, steps: int,
-                      image_shape: tuple[int, int] = (28, 28), batched: bool = False, workers: int = 2
-                      ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+def petastorm_batches(
+    converter,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    steps: int,
+    image_shape: tuple[int, int] = (28, 28),
+    batched: bool = False,
+    workers: int = 2,
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
     """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
 
     petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``
@@ -50,11 +58,20 @@ def petastorm_batches(converter, *, rank: int, world_size: int, batch_size: int,
         frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
         return frame[[contract.IMAGE, contract.LABEL]]
 
-    spec = TransformSpec(to_arrays, edit_fields=[(contract.IMAGE, np.uint8, (1, *image_shape), False)],
-                         selected_fields=[contract.IMAGE, contract.LABEL])
-    with converter.make_torch_dataloader(batch_size=batch_size, num_epochs=None, cur_shard=rank,
-                                         shard_count=world_size, transform_spec=spec, workers_count=workers,
-                                         data_loader_fn=BatchedDataLoader if batched else DataLoader) as loader:
+    spec = TransformSpec(
+        to_arrays,
+        edit_fields=[(contract.IMAGE, np.uint8, (1, *image_shape), False)],
+        selected_fields=[contract.IMAGE, contract.LABEL],
+    )
+    with converter.make_torch_dataloader(
+        batch_size=batch_size,
+        num_epochs=None,
+        cur_shard=rank,
+        shard_count=world_size,
+        transform_spec=spec,
+        workers_count=workers,
+        data_loader_fn=BatchedDataLoader if batched else DataLoader,
+    ) as loader:
         for step, batch in enumerate(loader):
             if step >= steps:
                 break

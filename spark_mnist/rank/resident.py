@@ -11,6 +11,7 @@ CUDA), and says so once.
 The budget's default: on CUDA a quarter of the device's free memory (``torch.cuda.mem_get_info``) when the loader is
 built; on the CPU (standing in for a device, in tests and benchmarks) the host budget, ``memory_budget_bytes``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ def default_device_budget(device: torch.device, host_budget: int) -> int:
     return host_budget
 
 
-def to_device(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], image_shape: Sequence[int], device: torch.device
-              ) -> tuple[torch.Tensor, ...]:
+def to_device(
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray], image_shape: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """Decoded ``(index (n,) int64, images (n, H*W) uint8, labels (n,) int64)`` as tensors on ``device``: index,
     images (n, 1, H, W), labels.  On the CPU they share the arrays' memory (no copy)."""
     index, images, labels = arrays
@@ -44,8 +46,9 @@ def to_device(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], image_shape: Se
     return tuple(t.to(device) for t in (torch.from_numpy(index), images_t, torch.from_numpy(labels)))
 
 
-def resident_batches(resident: tuple[torch.Tensor, ...], positions: np.ndarray, batch_size: int
-                     ) -> Iterator[tuple[torch.Tensor, ...]]:
+def resident_batches(
+    resident: tuple[torch.Tensor, ...], positions: np.ndarray, batch_size: int
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """``(index, images, labels)`` batches of ``batch_size`` rows (the last one shorter) of the ``resident`` tensors
     at ``positions`` (int64, into their rows), each an index gather on their device: the positions of the whole
     epoch go to the device once, then one ``index_select`` per tensor per batch."""
@@ -54,12 +57,13 @@ def resident_batches(resident: tuple[torch.Tensor, ...], positions: np.ndarray, 
     device = resident[0].device
     on_device = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(device)
     for lo in range(0, len(positions), batch_size):
-        chosen = on_device[lo:lo + batch_size]
+        chosen = on_device[lo : lo + batch_size]
         yield tuple(torch.index_select(t, 0, chosen) for t in resident)
 
 
-def copied_to(batches: Generator[tuple[torch.Tensor, ...], None, None], device: torch.device
-              ) -> Iterator[tuple[torch.Tensor, ...]]:
+def copied_to(
+    batches: Generator[tuple[torch.Tensor, ...], None, None], device: torch.device
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """Each batch of ``batches`` with its tensors on ``device`` (``non_blocking``: asynchronous from pinned host
     memory on CUDA; no copy when they already are there).  Closing this closes ``batches``."""
     with contextlib.closing(batches):

@@ -430,7 +430,7 @@ def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     samples, wait, stopped_at, epoch_start = 0, 0.0, None, time.perf_counter()
     progress_every = max(1, run.steps // PROGRESS_LINES_PER_EPOCH)
-    with contextlib.closing(_batches(run, loader)) as batches:
+    with contextlib.closing(_batches(run, loader)) as batches:  # type: ignore[type-var]  # generators: they close
         for step in range(first_step, run.steps):
             t = time.perf_counter()
             images, labels = next(batches)

@@ -41,8 +41,11 @@ class World:
         if self.local_world_size < 1:
             raise invalid(LOCAL_WORLD_SIZE_ENV, self.local_world_size, "at least 1")
         if not 0 <= self.local_rank < self.local_world_size:
-            raise invalid(LOCAL_RANK_ENV, self.local_rank,
-                          f"in 0..{self.local_world_size - 1} (LOCAL_WORLD_SIZE {self.local_world_size})")
+            raise invalid(
+                LOCAL_RANK_ENV,
+                self.local_rank,
+                f"in 0..{self.local_world_size - 1} (LOCAL_WORLD_SIZE {self.local_world_size})",
+            )
 
     @property
     def is_leader(self) -> bool:
@@ -72,5 +75,9 @@ class World:
                 raise invalid(name, text, "an integer") from None
 
         world_size = read(WORLD_SIZE_ENV, 1)
-        return cls(rank=read(RANK_ENV, 0), world_size=world_size, local_rank=read(LOCAL_RANK_ENV, 0),
-                   local_world_size=read(LOCAL_WORLD_SIZE_ENV, world_size))
+        return cls(
+            rank=read(RANK_ENV, 0),
+            world_size=world_size,
+            local_rank=read(LOCAL_RANK_ENV, 0),
+            local_world_size=read(LOCAL_WORLD_SIZE_ENV, world_size),
+        )

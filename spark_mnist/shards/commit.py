@@ -196,8 +196,15 @@ class Lease:
 
     def _write(self) -> None:
         self._beat += 1
-        data = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "generation": self.generation,
-                           "beat": self._beat, "time": datetime.now(timezone.utc).isoformat()}).encode("utf-8")
+        data = json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "generation": self.generation,
+                "beat": self._beat,
+                "time": datetime.now(timezone.utc).isoformat(),
+            }
+        ).encode("utf-8")
         fs.write_whole(self.location, data)
         self._last = data
 
@@ -209,8 +216,11 @@ class Lease:
                         return
                     if read_lease(self.location) != self._last:
                         self.reaped = True
-                        log.warning("%s: the lease is gone: another ingest's clean-up took this ingest for dead "
-                                    "and removed its generation", self.location.shown)
+                        log.warning(
+                            "%s: the lease is gone: another ingest's clean-up took this ingest for dead "
+                            "and removed its generation",
+                            self.location.shown,
+                        )
                         return
                     self._write()
             except OSError as e:  # a missed beat; LEASE_EXPIRY_S allows several
@@ -291,10 +301,12 @@ def publish(out: Location, manifest: Manifest, lease: Lease) -> Manifest:
     current = current_manifest(out)
     manifest = dataclasses.replace(manifest, previous=current.generation if current is not None else None)
     if not lease.holds():
-        raise ReapedError(f"{out.shown}: generation {manifest.generation} was removed by another ingest's "
-                          f"clean-up, which found its lease ({LEASE_DIR}/{LEASE_NAME}) silent for "
-                          f"{LEASE_EXPIRY_S:g} s (this ingest stalled); nothing was published, {out.shown} keeps "
-                          f"what it holds: ingest again")
+        raise ReapedError(
+            f"{out.shown}: generation {manifest.generation} was removed by another ingest's "
+            f"clean-up, which found its lease ({LEASE_DIR}/{LEASE_NAME}) silent for "
+            f"{LEASE_EXPIRY_S:g} s (this ingest stalled); nothing was published, {out.shown} keeps "
+            f"what it holds: ingest again"
+        )
     fs.write_whole(out.join(MANIFEST_NAME), manifest.to_json().encode("utf-8"))
     lease.published = True
     log.info("%s: published generation %s", out.shown, manifest.generation)
@@ -302,8 +314,12 @@ def publish(out: Location, manifest: Manifest, lease: Lease) -> Manifest:
         lease.release()
         clean(out)
     except OSError as e:
-        log.warning("%s: generation %s is published, but the clean-up failed (%s); the next ingest tries again",
-                    out.shown, manifest.generation, e)
+        log.warning(
+            "%s: generation %s is published, but the clean-up failed (%s); the next ingest tries again",
+            out.shown,
+            manifest.generation,
+            e,
+        )
     return manifest
 
 
@@ -327,17 +343,18 @@ def clean(out: Location) -> list[str]:
     if current is None:
         return []
     names = fs.list_names(out)
-    candidates = [name for name in names if is_generation(name) and name not in (current.generation,
-                                                                                   current.previous)]
+    candidates = [name for name in names if is_generation(name) and name not in (current.generation, current.previous)]
     leases = {name: read_lease(lease_location(out, name)) for name in candidates}
     held = {name: content for name, content in leases.items() if content is not None}
     if held:
         time.sleep(LEASE_EXPIRY_S)
-        alive = [name for name, content in held.items()
-                 if read_lease(lease_location(out, name)) not in (None, content)]
+        alive = [name for name, content in held.items() if read_lease(lease_location(out, name)) not in (None, content)]
         if alive:
-            log.info("%s: left generation(s) %s, whose ingest is still writing (its lease beats)", out.shown,
-                     ", ".join(alive))
+            log.info(
+                "%s: left generation(s) %s, whose ingest is still writing (its lease beats)",
+                out.shown,
+                ", ".join(alive),
+            )
         candidates = [name for name in candidates if name not in alive]
     current = current_manifest(out)  # an ingest that published meanwhile (its lease gone after its manifest write)
     if current is None:
@@ -406,9 +423,15 @@ def discard(out: Location, generation: str, *, created_out: bool = False) -> Non
             fs.delete(out)
 
 
-def write_local_dataset(output: str | os.PathLike, spec: "DatasetSpec", arrays: dict[str, tuple], *,
-                        num_shards: int = 1, rows_per_group: int | None = None,
-                        source: dict | None = None) -> Manifest:
+def write_local_dataset(
+    output: str | os.PathLike,
+    spec: "DatasetSpec",
+    arrays: dict[str, tuple],
+    *,
+    num_shards: int = 1,
+    rows_per_group: int | None = None,
+    source: dict | None = None,
+) -> Manifest:
     """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
     (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
     files and protocol as ingest, ``num_shards`` contiguous shards per split under a new generation by the
@@ -443,8 +466,20 @@ def write_local_dataset(output: str | os.PathLike, spec: "DatasetSpec", arrays: 
                 path = shard_path(lease.generation, name, k)
                 size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
                 files.append(ShardFile(path, size, int(hi - lo)))
-            splits[name] = Split(rows=len(labels), files=tuple(files), label_histogram=tuple(
-                np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()))
-        manifest = Manifest(generation=lease.generation, dataset=spec.name, classes=tuple(spec.classes),
-                            image_shape=image_shape, splits=splits, source=source or {}, package_version=__version__)
+            splits[name] = Split(
+                rows=len(labels),
+                files=tuple(files),
+                label_histogram=tuple(
+                    np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()
+                ),
+            )
+        manifest = Manifest(
+            generation=lease.generation,
+            dataset=spec.name,
+            classes=tuple(spec.classes),
+            image_shape=image_shape,
+            splits=splits,
+            source=source or {},
+            package_version=__version__,
+        )
         return publish(out, manifest, lease)

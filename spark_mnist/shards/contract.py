@@ -125,14 +125,24 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, as written to ``_manifest.json``."""
         return {
-            "schema_version": self.schema_version, "package_version": self.package_version,
-            "generation": self.generation, "previous": self.previous, "dataset": self.dataset,
-            "classes": list(self.classes), "image_shape": list(self.image_shape),
+            "schema_version": self.schema_version,
+            "package_version": self.package_version,
+            "generation": self.generation,
+            "previous": self.previous,
+            "dataset": self.dataset,
+            "classes": list(self.classes),
+            "image_shape": list(self.image_shape),
             "columns": {name: spark_type for name, (spark_type, _) in COLUMN_TYPES.items()},
-            "created_unix": self.created_unix, "source": self.source,
-            "splits": {name: {"rows": s.rows, "label_histogram": list(s.label_histogram),
-                              "files": [{"path": f.path, "bytes": f.bytes, "rows": f.rows} for f in s.files]}
-                       for name, s in self.splits.items()},
+            "created_unix": self.created_unix,
+            "source": self.source,
+            "splits": {
+                name: {
+                    "rows": s.rows,
+                    "label_histogram": list(s.label_histogram),
+                    "files": [{"path": f.path, "bytes": f.bytes, "rows": f.rows} for f in s.files],
+                }
+                for name, s in self.splits.items()
+            },
         }
 
     def to_json(self) -> str:
@@ -152,21 +162,34 @@ class Manifest:
             raise DatasetNotFoundError(f"{where}: unreadable manifest ({e})") from e
         version = doc.get("schema_version") if isinstance(doc, dict) else None
         if version == 1:
-            raise DatasetNotFoundError(f"{where}: a dataset of schema version 1 (spark-mnist 0.1), which this "
-                                       f"version no longer reads; re-ingest it with `spark-mnist ingest`")
+            raise DatasetNotFoundError(
+                f"{where}: a dataset of schema version 1 (spark-mnist 0.1), which this "
+                f"version no longer reads; re-ingest it with `spark-mnist ingest`"
+            )
         if version != SCHEMA_VERSION:
-            raise DatasetNotFoundError(f"{where}: schema version {version!r}, this package reads version "
-                                       f"{SCHEMA_VERSION}; re-run ingest")
+            raise DatasetNotFoundError(
+                f"{where}: schema version {version!r}, this package reads version {SCHEMA_VERSION}; re-run ingest"
+            )
         try:
-            return cls(generation=doc["generation"], previous=doc.get("previous"), dataset=doc["dataset"],
-                       classes=tuple(str(c) for c in doc["classes"]),
-                       image_shape=_height_width(doc["image_shape"]),
-                       splits={name: Split(rows=int(s["rows"]), label_histogram=tuple(s.get("label_histogram", ())),
-                                           files=tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"]))
-                                                       for f in s["files"]))
-                               for name, s in doc["splits"].items()},
-                       source=doc.get("source", {}), package_version=doc.get("package_version", ""),
-                       created_unix=doc.get("created_unix", 0.0), schema_version=version)
+            return cls(
+                generation=doc["generation"],
+                previous=doc.get("previous"),
+                dataset=doc["dataset"],
+                classes=tuple(str(c) for c in doc["classes"]),
+                image_shape=_height_width(doc["image_shape"]),
+                splits={
+                    name: Split(
+                        rows=int(s["rows"]),
+                        label_histogram=tuple(s.get("label_histogram", ())),
+                        files=tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"])) for f in s["files"]),
+                    )
+                    for name, s in doc["splits"].items()
+                },
+                source=doc.get("source", {}),
+                package_version=doc.get("package_version", ""),
+                created_unix=doc.get("created_unix", 0.0),
+                schema_version=version,
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetNotFoundError(f"{where}: manifest without a valid {e} entry; re-run ingest") from e
 
@@ -263,8 +286,11 @@ class Dataset:
         return [f"{self.root}/{f.path}" for f in self.split(split).files]
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.location.shown!r}, {self.dataset}, generation {self.manifest.generation}, "
-                + ", ".join(f"{name} {s.rows} rows" for name, s in self.manifest.splits.items()) + ")")
+        return (
+            f"Dataset({self.location.shown!r}, {self.dataset}, generation {self.manifest.generation}, "
+            + ", ".join(f"{name} {s.rows} rows" for name, s in self.manifest.splits.items())
+            + ")"
+        )
 
 
 def _height_width(value: Any) -> tuple[int, int]:
@@ -289,11 +315,15 @@ def check_files(filesystem: "FileSystem", root: str, where: "Location", files: l
     for shard, info in zip(files, infos):
         uri = where.join(*shard.path.split("/")).shown
         if info.type == FileType.NotFound:
-            raise DatasetNotFoundError(f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
-                                       f"was removed or replaced under the reader, re-run ingest or reopen it")
+            raise DatasetNotFoundError(
+                f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
+                f"was removed or replaced under the reader, re-run ingest or reopen it"
+            )
         if info.size != shard.bytes:
-            raise DatasetNotFoundError(f"{uri}: {info.size} bytes, the manifest says {shard.bytes}: the file was "
-                                       f"changed after the ingest; re-run ingest")
+            raise DatasetNotFoundError(
+                f"{uri}: {info.size} bytes, the manifest says {shard.bytes}: the file was "
+                f"changed after the ingest; re-run ingest"
+            )
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:
@@ -324,7 +354,9 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     except OSError as e:  # the store answered with an error, or not at all: one line, naming the place
         raise SourceError(f"{where}: cannot read the manifest ({redact(str(e))})") from None
     if manifest is None:
-        raise DatasetNotFoundError(f"{where}: no manifest, so no complete dataset here; run `spark-mnist ingest "
-                                   f"--output {redact(os.fspath(path))}` first")
+        raise DatasetNotFoundError(
+            f"{where}: no manifest, so no complete dataset here; run `spark-mnist ingest "
+            f"--output {redact(os.fspath(path))}` first"
+        )
     check_files(filesystem, root, location, manifest.files())
     return Dataset(location, manifest, filesystem, root)

@@ -64,15 +64,20 @@ def write_rows(sink: BinaryIO, start: int, images: np.ndarray, labels: np.ndarra
     value), statistics on ``index`` and ``label`` only, page checksums where pyarrow writes them."""
     schema = record_batch(start, images[:0], labels[:0]).schema
     checksums = {"write_page_checksum": True} if PAGE_CHECKSUMS else {}
-    with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION, use_dictionary=False,
-                          write_statistics=[contract.INDEX, contract.LABEL], **checksums) as writer:
+    with pq.ParquetWriter(
+        sink,
+        schema,
+        compression=PARQUET_COMPRESSION,
+        use_dictionary=False,
+        write_statistics=[contract.INDEX, contract.LABEL],
+        **checksums,
+    ) as writer:
         for lo in range(0, len(labels), rows_per_group):
             hi = min(len(labels), lo + rows_per_group)
             writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
 
 
-def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, start: int,
-                rows_per_group: int) -> int:
+def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, start: int, rows_per_group: int) -> int:
     """Write one shard file, ``root/path`` (``root``: ``OUT``'s URI or local path, ``path``: the shard's path
     relative to it, :func:`spark_mnist.shards.contract.shard_path`), from global rows ``start ..`` of ``images``
     (n, H, W) uint8 and ``labels`` (n,) (:func:`write_rows`).  Runs in a Spark task.
@@ -183,7 +188,7 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
             raise DatasetMismatchError(f"{path}: {chunk.null_count} null images in column {contract.IMAGE!r}")
         offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset:chunk.offset + n + 1]
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
         lo, hi = int(offsets[0]), int(offsets[-1])
         if hi - lo != n * row_bytes or (n > 1 and not np.all(np.diff(offsets) == row_bytes)):
             raise DatasetMismatchError(f"{path}: images are not all {row_bytes} bytes (the contract's H*W)")
@@ -198,8 +203,9 @@ def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup
     return [(g, max(lo, g.start), min(hi, g.start + g.rows)) for g in plan if g.start < hi and g.start + g.rows > lo]
 
 
-def read_pieces(pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int,
-                threads: int = DEFAULT_READER_THREADS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_pieces(
+    pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int, threads: int = DEFAULT_READER_THREADS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rows of ``(row group, a, b)`` pieces, in piece order: ``(index (n,) int64, images (n, row_bytes) uint8,
     labels (n,) int64)``.  Row groups are decoded with ``threads`` readers and copied once into the result."""
     total = sum(b - a for _, a, b in pieces)
@@ -215,14 +221,16 @@ def read_pieces(pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int,
     return index, images, labels
 
 
-def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_rows(
+    plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
     return read_pieces(pieces_in(plan, lo, hi), row_bytes, threads)
 
 
-def iter_batches(plan: Sequence[RowGroup], batch_size: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_batches(
+    plan: Sequence[RowGroup], batch_size: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every row of ``plan`` once, in global row order, in batches of ``batch_size`` rows (the last one shorter):
     ``(images (n, row_bytes) uint8, labels (n,) int64)``.  Each row group is decoded once, in plan order, with
     ``threads`` readers; torch-free, for whoever reads a whole split in order (evaluation, the side tools).
@@ -245,7 +253,7 @@ def iter_batches(plan: Sequence[RowGroup], batch_size: int, row_bytes: int, thre
         all_images, all_labels = np.concatenate(held_images), np.concatenate(held_labels)
         cut = held - held % batch_size
         for lo in range(0, cut, batch_size):
-            yield all_images[lo:lo + batch_size], all_labels[lo:lo + batch_size]
+            yield all_images[lo : lo + batch_size], all_labels[lo : lo + batch_size]
         held_images, held_labels, held = [all_images[cut:]], [all_labels[cut:]], held - cut
     if held:
         yield np.concatenate(held_images), np.concatenate(held_labels)
@@ -271,11 +279,11 @@ def int_column(column, path: str = "<parquet>") -> np.ndarray:
         raise DatasetMismatchError(f"{path}: column of type {column.type}: expected int32 or int64")
     dtype = dtypes[column.type]
     parts = []
-    for chunk in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]):
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
         if chunk.null_count:
             raise DatasetMismatchError(f"{path}: {chunk.null_count} nulls in an integer column")
         if len(chunk):
-            parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset:chunk.offset + len(chunk)])
+            parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset : chunk.offset + len(chunk)])
     if not parts:
         return np.empty(0, dtype=dtype)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -290,5 +298,3 @@ def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-reader") as pool:
         yield from pool.map(lambda g: _decode_group(g, row_bytes), groups)
-
-

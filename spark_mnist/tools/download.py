@@ -51,8 +51,13 @@ CHUNK_BYTES = 1 << 16
 # Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
 # errors.  Any other 4xx (403 Forbidden, 404 Not Found, ...) moves on to the next mirror at once.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
-NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
-                  ConnectionError, TimeoutError)
+NETWORK_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,11 @@ class LocalRoots:
         """``/usr/share/datasets``; torchvision roots ``./data`` and ``~/data`` (the ``root="data"`` of
         torchvision's tutorials); ``$KERAS_HOME/datasets`` (default ``~/.keras/datasets``)."""
         keras_home = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
-        return cls(datasets=(Path("/usr/share/datasets"),), torchvision=(Path("data"), Path("~/data")),
-                   keras=(keras_home / "datasets",))
+        return cls(
+            datasets=(Path("/usr/share/datasets"),),
+            torchvision=(Path("data"), Path("~/data")),
+            keras=(keras_home / "datasets",),
+        )
 
 
 class _Failure(Exception):
@@ -93,10 +101,18 @@ class _Failure(Exception):
         self.retryable = retryable
 
 
-def download(dataset: str | DatasetSpec, to: str | os.PathLike, *, mirrors: Iterable[str] | None = None,
-             retries: int = 3, backoff: float = 0.5, timeout: float = 30,
-             local_roots: LocalRoots | None = None, session: requests.Session | None = None,
-             sleep: Callable[[float], None] = time.sleep) -> dict[str, Path]:
+def download(
+    dataset: str | DatasetSpec,
+    to: str | os.PathLike,
+    *,
+    mirrors: Iterable[str] | None = None,
+    retries: int = 3,
+    backoff: float = 0.5,
+    timeout: float = 30,
+    local_roots: LocalRoots | None = None,
+    session: requests.Session | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Path]:
     """Make ``to`` hold the four verified gz IDX files of ``dataset``, fetching only what is missing.
 
     Args:
@@ -134,18 +150,35 @@ def download(dataset: str | DatasetSpec, to: str | os.PathLike, *, mirrors: Iter
     roots = LocalRoots.default() if local_roots is None else local_roots
     target, staging = _target_dirs(to)
     wanted = [(split, kind, spec.file(split, kind)) for split in SPLITS for kind in (IMAGES, LABELS)]
-    pending = [(split, kind, entry) for split, kind, entry in wanted
-               if not _keep_cached(spec, split, kind, target / entry.name)]
+    pending = [
+        (split, kind, entry)
+        for split, kind, entry in wanted
+        if not _keep_cached(spec, split, kind, target / entry.name)
+    ]
     with contextlib.ExitStack() as stack:
         local = _LocalCopies(spec, roots, stack)
-        remaining = [(split, kind, entry) for split, kind, entry in pending
-                     if not local.install(split, kind, entry, target / entry.name)]
+        remaining = [
+            (split, kind, entry)
+            for split, kind, entry in pending
+            if not local.install(split, kind, entry, target / entry.name)
+        ]
         if remaining:
-            http = stack.enter_context(
-                contextlib.nullcontext(session) if session is not None else requests.Session())
+            http = stack.enter_context(contextlib.nullcontext(session) if session is not None else requests.Session())
             for split, kind, entry in remaining:
-                _fetch(http, spec, split, kind, entry, target / entry.name, staging, mirrors, retries=retries,
-                       backoff=backoff, timeout=timeout, sleep=sleep)
+                _fetch(
+                    http,
+                    spec,
+                    split,
+                    kind,
+                    entry,
+                    target / entry.name,
+                    staging,
+                    mirrors,
+                    retries=retries,
+                    backoff=backoff,
+                    timeout=timeout,
+                    sleep=sleep,
+                )
     return {entry.name: target / entry.name for _, _, entry in wanted}
 
 
@@ -255,7 +288,7 @@ def _describe(error: Exception, name: str) -> str:
     """A one-line reason for a failed verification, without the file name prefix."""
     message = str(error)
     if message.startswith(f"{name}: "):
-        message = message[len(name) + 2:]
+        message = message[len(name) + 2 :]
     if isinstance(error, IdxFormatError):
         return f"not IDX: {message}"
     if isinstance(error, ChecksumMismatchError):
@@ -263,9 +296,21 @@ def _describe(error: Exception, name: str) -> str:
     return message
 
 
-def _fetch(http: requests.Session, spec: DatasetSpec, split: str, kind: str, entry: DatasetFile, final: Path,
-           staging: Path, mirrors: Sequence[str], *, retries: int, backoff: float, timeout: float,
-           sleep: Callable[[float], None]) -> None:
+def _fetch(
+    http: requests.Session,
+    spec: DatasetSpec,
+    split: str,
+    kind: str,
+    entry: DatasetFile,
+    final: Path,
+    staging: Path,
+    mirrors: Sequence[str],
+    *,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    sleep: Callable[[float], None],
+) -> None:
     """Download ``entry`` from the first mirror that yields a verified file and install it under ``final``."""
     part = staging / f"{entry.name}.part"
     tried: list[str] = []
@@ -309,7 +354,7 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     """``(first byte, total length)`` of a ``Content-Range: bytes first-last/total`` header (``None`` if absent)."""
     if not value or not value.startswith("bytes "):
         return None, None
-    span, _, total = value[len("bytes "):].partition("/")
+    span, _, total = value[len("bytes ") :].partition("/")
     first = span.partition("-")[0]
     try:
         return int(first), (int(total) if total.strip().isdigit() else None)
@@ -324,8 +369,10 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float, n
     HTTP error status, a failed connection, or a body cut short (the part is kept for the next attempt).
     """
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity",
-               "User-Agent": f"spark-mnist/{__version__} {requests.utils.default_user_agent()}"}
+    headers = {
+        "Accept-Encoding": "identity",
+        "User-Agent": f"spark-mnist/{__version__} {requests.utils.default_user_agent()}",
+    }
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
@@ -350,17 +397,30 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float, n
         length = response.headers.get("Content-Length")
         end = offset + int(length) if length and length.isdigit() else total
         written = offset
-        with open(part, "ab" if offset else "wb") as out, \
-                tqdm(total=end, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-                     disable=None, leave=False) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as out,
+            tqdm(
+                total=end,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=name,
+                disable=None,
+                leave=False,
+            ) as bar,
+        ):
             try:
                 for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
                     out.write(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
             except NETWORK_ERRORS as e:
-                raise _Failure(f"connection dropped after {written} of {end if end is not None else '?'} bytes "
-                               f"({type(e).__name__})", retryable=True) from e
+                raise _Failure(
+                    f"connection dropped after {written} of {end if end is not None else '?'} bytes "
+                    f"({type(e).__name__})",
+                    retryable=True,
+                ) from e
         if end is not None and written < end:
             raise _Failure(f"connection dropped after {written} of {end} bytes", retryable=True)
         return offset > 0

@@ -2,7 +2,8 @@
 
 Runs in one process on the driver (or any machine that sees the dataset directory): no Spark, no process group.
 The dataset is read through its manifest (:func:`spark_mnist.shards.contract.open_dataset`), every row once in file
-order (:func:`spark_mnist.shards.parquet.iter_batches`, torch-free), and normalised exactly as training does (:func:`spark_mnist.models.normalization_for` of the manifest's dataset).
+order (:func:`spark_mnist.shards.parquet.iter_batches`, torch-free), and normalised exactly as training does
+(:func:`spark_mnist.models.normalization_for` of the manifest's dataset).
 
 The model file is what training writes (``run_dir/model.pt``, the ``state_dict`` of the model ``train.model`` names,
 which ``run_dir/metrics.json`` records as ``"model"``); a training checkpoint (``checkpoint.pt``, whose ``"model"``
@@ -15,13 +16,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
 from spark_mnist.shards import contract
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_BATCH_SIZE = 1000
 
@@ -53,8 +57,14 @@ def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: An
     diagonal = np.diag(confusion)
     per_class = [float(d / t) if t else None for d, t in zip(diagonal.tolist(), per_class_total.tolist())]
     accuracy = float(diagonal.sum() / samples) if samples else 0.0
-    return EvaluationResult(accuracy=accuracy, per_class_accuracy=per_class, confusion=confusion,
-                            classes=list(classes), samples=samples, **extra)
+    return EvaluationResult(
+        accuracy=accuracy,
+        per_class_accuracy=per_class,
+        confusion=confusion,
+        classes=list(classes),
+        samples=samples,
+        **extra,
+    )
 
 
 def _load_state_dict(model_path: str):
@@ -74,7 +84,7 @@ def _load_state_dict(model_path: str):
         raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
     # A state_dict saved from the DDP wrapper rather than the module.
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -129,10 +139,15 @@ def _confusion(model, batches, device, norm, num_classes: int, where: str, split
     return confusion.cpu().numpy().reshape(num_classes, num_classes)
 
 
-def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *,
-                   batch_size: int = DEFAULT_BATCH_SIZE, split: str = "test",
-                   device: "str | torch.device | None" = None, model: str | None = None  # noqa: F821
-                   ) -> EvaluationResult:
+def evaluate_model(
+    data_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    split: str = "test",
+    device: str | torch.device | None = None,
+    model: str | None = None,
+) -> EvaluationResult:
     """Run the model in ``model_path`` over every image of ``split`` of the dataset in ``data_dir``.
 
     Args:
@@ -162,7 +177,7 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
     opened = contract.open_dataset(data_dir)
     local = opened.location.display
     classes = list(opened.classes)
-    image_shape = tuple(opened.image_shape)
+    image_shape = opened.image_shape
     dataset = opened.dataset
     try:
         paths = opened.files(split)
@@ -171,17 +186,19 @@ def evaluate_model(data_dir: str | os.PathLike, model_path: str | os.PathLike, *
     model_path = os.fspath(model_path)
     model = model or model_name_beside(model_path)
     network = _build_model(_load_state_dict(model_path), model_path, model, len(classes), image_shape, dataset)
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     network.to(device).eval()
     plan = plan_row_groups(paths)
     if total_rows(plan) == 0:
         raise DatasetMismatchError(f"{local}: split {split!r} holds no rows")
-    batches = ((torch.from_numpy(x).view(-1, 1, *image_shape), torch.from_numpy(y))
-               for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape))))
+    batches = (
+        (torch.from_numpy(x).view(-1, 1, *image_shape), torch.from_numpy(y))
+        for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape)))
+    )
     confusion = _confusion(network, batches, device, normalization_for(dataset), len(classes), local, split)
-    return result_from_confusion(confusion, classes, dataset=dataset, split=split, model_path=model_path,
-                                 model=model)
+    return result_from_confusion(confusion, classes, dataset=dataset, split=split, model_path=model_path, model=model)
 
 
 def format_report(result: EvaluationResult) -> str:

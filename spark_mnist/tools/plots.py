@@ -56,8 +56,9 @@ def _save(figure, out_png: str | os.PathLike) -> Path:
     return path
 
 
-def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 32, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, "contract.Manifest"]:
+def sample_rows(
+    data_dir: str | os.PathLike, split: str = "train", count: int = 32, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, "contract.Manifest"]:
     """``count`` distinct random rows of ``split`` (all of them when the split is smaller), decoding only the row
     groups that hold them.
 
@@ -93,8 +94,15 @@ def sample_rows(data_dir: str | os.PathLike, split: str = "train", count: int = 
     return index, images.reshape(-1, *shape), labels, manifest
 
 
-def preview_grid(data_dir: str | os.PathLike, out_png: str | os.PathLike, *, split: str = "train", rows: int = 4,
-                 cols: int = 8, seed: int = 0) -> Path:
+def preview_grid(
+    data_dir: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    split: str = "train",
+    rows: int = 4,
+    cols: int = 8,
+    seed: int = 0,
+) -> Path:
     """Draw ``rows x cols`` random images of ``split`` in grayscale, each titled with its class name.
 
     The PNG is ``cols * 130`` by ``rows * 145 + 40`` pixels.  The same ``seed`` always draws the same images.
@@ -114,8 +122,11 @@ def preview_grid(data_dir: str | os.PathLike, out_png: str | os.PathLike, *, spl
     title_height = 0.4
     width, height = PREVIEW_CELL_INCHES
     figure = _figure(cols * width, rows * height + title_height)
-    figure.suptitle(f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})".strip(),
-                    fontsize=11, y=1 - 0.08 / (rows * height + title_height))
+    figure.suptitle(
+        f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})".strip(),
+        fontsize=11,
+        y=1 - 0.08 / (rows * height + title_height),
+    )
     grid = figure.subplots(rows, cols, squeeze=False)
     fontsize = 9 if max(len(c) for c in classes) <= 12 else 7
     for k, axes in enumerate(grid.flat):
@@ -169,8 +180,14 @@ def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], ou
     accuracy_axes.plot(epochs, accuracy, marker="o", color="tab:green", label="test accuracy")
     accuracy_axes.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="accuracy")
     if accuracy and not math.isnan(accuracy[-1]):
-        accuracy_axes.annotate(f"{accuracy[-1]:.4f}", (epochs[-1], accuracy[-1]), textcoords="offset points",
-                               xytext=(0, -14), ha="center", fontsize=9)
+        accuracy_axes.annotate(
+            f"{accuracy[-1]:.4f}",
+            (epochs[-1], accuracy[-1]),
+            textcoords="offset points",
+            xytext=(0, -14),
+            ha="center",
+            fontsize=9,
+        )
     accuracy_axes.legend(loc="lower right")
     for axes in (loss_axes, accuracy_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -199,25 +216,39 @@ def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike)
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class")
     labels = [f"{i} {c}" if n <= 20 else str(c) for i, c in enumerate(classes)]
-    axes.set_xticks(range(n), labels=[str(i) if n <= 20 else c for i, c in enumerate(classes)],
-                    fontsize=9 if n <= 20 else 6)
+    axes.set_xticks(
+        range(n), labels=[str(i) if n <= 20 else c for i, c in enumerate(classes)], fontsize=9 if n <= 20 else 6
+    )
     axes.set_yticks(range(n), labels=labels, fontsize=9 if n <= 20 else 6)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     where = f"{getattr(result, 'dataset', '')} {getattr(result, 'split', '')}".strip()
-    axes.set_title(f"Confusion matrix{' - ' + where if where else ''}: accuracy {result.accuracy:.4f} "
-                   f"on {result.samples} images", fontsize=11)
+    axes.set_title(
+        f"Confusion matrix{' - ' + where if where else ''}: accuracy {result.accuracy:.4f} on {result.samples} images",
+        fontsize=11,
+    )
     if n <= 20:
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    axes.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
-                              color="white" if shares[i, j] > 0.5 else "black")
+                    axes.text(
+                        j,
+                        i,
+                        str(int(confusion[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if shares[i, j] > 0.5 else "black",
+                    )
     return _save(figure, out_png)
 
 
-def maybe_training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike,
-                          *, warned: set[str] | None = None) -> Path | None:
+def maybe_training_curves(
+    history: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    out_png: str | os.PathLike,
+    *,
+    warned: set[str] | None = None,
+) -> Path | None:
     """:func:`training_curves` for the end of a training run, which a picture must never fail: returns ``None``
     and logs a warning instead of raising.
 

@@ -65,8 +65,16 @@ DIGEST_CHARS = 16
 EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
 # Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
 FINAL_METRICS = ("train_seconds", "wall_seconds")
-RUN_PARAMS = ("dataset", "world_size", "device", "loader", "steps_per_epoch", "batch_size", "samples_per_epoch",
-              "epochs")
+RUN_PARAMS = (
+    "dataset",
+    "world_size",
+    "device",
+    "loader",
+    "steps_per_epoch",
+    "batch_size",
+    "samples_per_epoch",
+    "epochs",
+)
 # MLflow's limits: param values of at most 6000 characters (500 before MLflow 2.x), keys of at most 250 characters
 # from letters, digits, "_", "-", ".", " " and "/".
 MAX_PARAM_KEY_LENGTH = 250
@@ -88,12 +96,11 @@ def tracking_uri(run_dir: str | os.PathLike) -> str:
         return "databricks"
     run_dir = os.fspath(run_dir)
     if run_dir.startswith("file:"):
-        run_dir = normalize_uri(run_dir).local_path or run_dir[len("file:"):]
+        run_dir = normalize_uri(run_dir).local_path or run_dir[len("file:") :]
     return (Path(run_dir).absolute() / MLRUNS_DIR).as_uri()
 
 
-def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000
-                   ) -> dict[str, str]:
+def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000) -> dict[str, str]:
     """Nested settings -> ``{"train.epochs": "4", ...}``: keys joined with ".", characters MLflow rejects in keys
     replaced by "_", values as strings (lists and dicts as JSON, an empty dict as ``{}``) cut to
     ``max_value_length`` characters."""
@@ -108,15 +115,22 @@ def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_l
         else:
             text = str(value)
         if len(text) > max_value_length:
-            text = text[:max_value_length - 3] + "..."
+            text = text[: max_value_length - 3] + "..."
         out[name] = text
     return out
 
 
-def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, Any], metrics: Mapping[str, Any],
-                     model_path: str | os.PathLike | None, *, run_dir: str | os.PathLike,
-                     dataset_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                     log: logging.Logger = log) -> str | None:
+def log_training_run(
+    settings_dict: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    model_path: str | os.PathLike | None,
+    *,
+    run_dir: str | os.PathLike,
+    dataset_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    log: logging.Logger = log,
+) -> str | None:
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
     Args:
@@ -150,19 +164,30 @@ def log_training_run(settings_dict: Mapping[str, Any], manifest: Mapping[str, An
     uri = tracking_uri(run_dir)
     try:
         with scoped_env(_store_env(uri), restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
-            run_id = _log_run(mlflow, uri, settings_dict, manifest, metrics, model_path, experiment, log,
-                              dataset_uri)
+            run_id = _log_run(mlflow, uri, settings_dict, manifest, metrics, model_path, experiment, log, dataset_uri)
     except Exception as e:  # noqa: BLE001 - tracking must never fail training
-        log.warning("MLflow tracking to %s failed, training results are not tracked: %s: %s",
-                    uri, type(e).__name__, redact(str(e)))
+        log.warning(
+            "MLflow tracking to %s failed, training results are not tracked: %s: %s",
+            uri,
+            type(e).__name__,
+            redact(str(e)),
+        )
         return None
     log.info("MLflow run %s logged to %s", run_id, uri)
     return run_id
 
 
-def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mapping[str, Any],
-             metrics: Mapping[str, Any], model_path, experiment: str, log: logging.Logger,
-             dataset_uri: str | None = None) -> str:
+def _log_run(
+    mlflow,
+    uri: str,
+    settings_dict: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    model_path,
+    experiment: str,
+    log: logging.Logger,
+    dataset_uri: str | None = None,
+) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
     name = _experiment_name(experiment, uri)
     found = client.get_experiment_by_name(name)
@@ -172,15 +197,22 @@ def _log_run(mlflow, uri: str, settings_dict: Mapping[str, Any], manifest: Mappi
     except ImportError:  # pragma: no cover - very old MLflow
         max_value_length = 500
     params = flatten_params(settings_dict, max_value_length=max_value_length)
-    params.update(flatten_params({f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics},
-                                 max_value_length=max_value_length))
+    params.update(
+        flatten_params({f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics}, max_value_length=max_value_length)
+    )
     params = {name: redact(value) for name, value in params.items()}  # a URI's credentials stay out of MLflow
     dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
     run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                          nested=mlflow.active_run() is not None) as run:
-        mlflow.set_tags({"spark_mnist.dataset": str(dataset), "spark_mnist.device": str(metrics.get("device")),
-                         "spark_mnist.loader": str(metrics.get("loader"))})
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
+    ) as run:
+        mlflow.set_tags(
+            {
+                "spark_mnist.dataset": str(dataset),
+                "spark_mnist.device": str(metrics.get("device")),
+                "spark_mnist.loader": str(metrics.get("loader")),
+            }
+        )
         mlflow.log_params(params)
         for record in metrics.get("history") or []:
             values = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
@@ -222,16 +254,24 @@ def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        dataset = MetaDataset(source=source, name=str(manifest.get("dataset") or "dataset"),  # type: ignore[abstract]
-                              digest=manifest_digest(manifest))  # (MLflow's typing: MetaDataset is concrete)
+        dataset = MetaDataset(
+            source=source,
+            name=str(manifest.get("dataset") or "dataset"),  # type: ignore[abstract]
+            digest=manifest_digest(manifest),
+        )  # (MLflow's typing: MetaDataset is concrete)
         mlflow.log_input(dataset, context=DATASET_CONTEXT)
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
-        log.warning("could not log the dataset %s as an MLflow dataset input: %s: %s", redact(dataset_uri),
-                    type(e).__name__, redact(str(e)))
+        log.warning(
+            "could not log the dataset %s as an MLflow dataset input: %s: %s",
+            redact(dataset_uri),
+            type(e).__name__,
+            redact(str(e)),
+        )
 
 
-def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any],
-                       log: logging.Logger) -> None:
+def _log_pytorch_model(
+    mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any], log: logging.Logger
+) -> None:
     """Log a loadable MLflow PyTorch model built from the ``state_dict``; a failure here is a warning, the run and
     its ``state_dict`` artifact stay.  The model is built by name (:func:`spark_mnist.models.build_model`):
     ``model_name``, the one training recorded in its metrics, else :data:`spark_mnist.models.DEFAULT_MODEL`.
@@ -277,8 +317,7 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
             kwargs["code_paths"] = [os.path.dirname(spark_mnist.__file__)]
         mlflow.pytorch.log_model(model, **kwargs)
     except Exception as e:  # noqa: BLE001
-        log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only",
-                    type(e).__name__, e)
+        log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only", type(e).__name__, e)
 
 
 def _signature(image_shape: tuple[int, int], num_classes: int):
@@ -287,8 +326,10 @@ def _signature(image_shape: tuple[int, int], num_classes: int):
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *image_shape))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *image_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
 
 
 def _experiment_name(experiment: str, uri: str) -> str:

@@ -110,8 +110,15 @@ class VerifyReport:
         return lines
 
 
-def verify_file(spec: DatasetSpec, split: str, kind: str, path: str | os.PathLike, *,
-                name: str | None = None, check_rows: bool = True) -> ParsedIdx:
+def verify_file(
+    spec: DatasetSpec,
+    split: str,
+    kind: str,
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    check_rows: bool = True,
+) -> ParsedIdx:
     """Check that ``path`` is a usable copy of ``spec``'s ``split``/``kind`` file (``kind`` ``"images"`` or
     ``"labels"``), as downloads and local copies must be before they are installed under the final name.
 
@@ -161,8 +168,9 @@ def _zero_copy_like(array: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape)
 
 
-def verify_source(directory: str | os.PathLike, dataset: str | DatasetSpec = "mnist", *,
-                  strict: bool = True) -> VerifyReport:
+def verify_source(
+    directory: str | os.PathLike, dataset: str | DatasetSpec = "mnist", *, strict: bool = True
+) -> VerifyReport:
     """Parse and check the four IDX files of ``dataset`` in ``directory``, without Spark.
 
     Args:
@@ -198,29 +206,48 @@ def verify_source(directory: str | os.PathLike, dataset: str | DatasetSpec = "mn
     return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), spec.classes, strict)
 
 
-def _check_file(path: Path, split: str, kind: str, name: str,
-                expected: str | None) -> tuple[FileReport, ParsedIdx | None]:
+def _check_file(
+    path: Path, split: str, kind: str, name: str, expected: str | None
+) -> tuple[FileReport, ParsedIdx | None]:
     if not path.is_file():
         return FileReport(split, kind, name, str(path), STATUS_MISSING, expected=expected), None
     size = path.stat().st_size
     try:
         parsed = parse_idx(path)
     except InputError as e:
-        return FileReport(split, kind, name, str(path), f"{STATUS_ERROR}: {_without_prefix(str(e), path)}",
-                          expected=expected, size_bytes=size), None
+        return FileReport(
+            split,
+            kind,
+            name,
+            str(path),
+            f"{STATUS_ERROR}: {_without_prefix(str(e), path)}",
+            expected=expected,
+            size_bytes=size,
+        ), None
     except OSError as e:
-        return FileReport(split, kind, name, str(path), f"{STATUS_ERROR}: cannot read: {e}",
-                          expected=expected, size_bytes=size), None
+        return FileReport(
+            split, kind, name, str(path), f"{STATUS_ERROR}: cannot read: {e}", expected=expected, size_bytes=size
+        ), None
     status = STATUS_OK if expected is None or parsed.sha256 == expected else STATUS_HASH_MISMATCH
     shape = tuple(int(d) for d in parsed.array.shape)
-    return FileReport(split, kind, name, str(path), status, rows=shape[0], shape=shape,
-                      dtype=str(parsed.array.dtype), sha256=parsed.sha256, expected=expected,
-                      size_bytes=size), parsed
+    return FileReport(
+        split,
+        kind,
+        name,
+        str(path),
+        status,
+        rows=shape[0],
+        shape=shape,
+        dtype=str(parsed.array.dtype),
+        sha256=parsed.sha256,
+        expected=expected,
+        size_bytes=size,
+    ), parsed
 
 
 def _without_prefix(message: str, path: Path) -> str:
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def _check_split(spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray], root: Path) -> SplitReport:
@@ -233,8 +260,9 @@ def _check_split(spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray], r
     if len(arrays) < 2:
         return SplitReport(split, STATUS_INCOMPLETE, rows, expected_rows, histogram)
     try:
-        validate_split(spec, arrays[IMAGES], arrays[LABELS],
-                       spec.file(split, IMAGES).name, spec.file(split, LABELS).name)
+        validate_split(
+            spec, arrays[IMAGES], arrays[LABELS], spec.file(split, IMAGES).name, spec.file(split, LABELS).name
+        )
     except InputError as e:
         return SplitReport(split, f"{STATUS_ERROR}: {e}", rows, expected_rows, histogram)
     return SplitReport(split, STATUS_OK, rows, expected_rows, histogram)
@@ -261,17 +289,28 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
     out = [f"dataset {report.dataset} in {report.directory}", ""]
     file_rows = [("file", "rows", "shape", "status", "sha256", "expected")]
     for f in report.files:
-        file_rows.append((f.name, "-" if f.rows is None else str(f.rows),
-                          "-" if f.shape is None else "x".join(map(str, f.shape)),
-                          f.status if len(f.status) <= 40 else f.status[:37] + "...",
-                          "-" if f.sha256 is None else _short(f.sha256), _short(f.expected)))
+        file_rows.append(
+            (
+                f.name,
+                "-" if f.rows is None else str(f.rows),
+                "-" if f.shape is None else "x".join(map(str, f.shape)),
+                f.status if len(f.status) <= 40 else f.status[:37] + "...",
+                "-" if f.sha256 is None else _short(f.sha256),
+                _short(f.expected),
+            )
+        )
     out += _render(file_rows)
     out.append("")
     split_rows = [("split", "rows", "published", "status")]
     for s in report.splits:
-        split_rows.append((s.split, "-" if s.rows is None else str(s.rows),
-                           "-" if s.expected_rows is None else str(s.expected_rows),
-                           s.status if len(s.status) <= 60 else s.status[:57] + "..."))
+        split_rows.append(
+            (
+                s.split,
+                "-" if s.rows is None else str(s.rows),
+                "-" if s.expected_rows is None else str(s.expected_rows),
+                s.status if len(s.status) <= 60 else s.status[:57] + "...",
+            )
+        )
     out += _render(split_rows)
     for s in report.splits:
         if s.histogram is not None:
