@@ -37,6 +37,7 @@ from spark_mnist.errors import (
     IdxFormatError,
     InputError,
     LauncherUnavailableError,
+    LoaderStateError,
     ReapedError,
     SourceError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "IdxFormatError",
     "InputError",
     "LauncherUnavailableError",
+    "LoaderStateError",
     "ReapedError",
     "SourceError",
     "TrainingFailedError",

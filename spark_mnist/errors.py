@@ -49,6 +49,11 @@ class CheckpointError(InputError):
     ``LoaderStateError``.)"""
 
 
+class LoaderStateError(InputError):
+    """A loader state (a checkpoint's) that this run cannot honour: another seed, dataset, row count or global batch
+    size, or a global batch that the world size does not divide."""
+
+
 class ReapedError(OSError):
     """An ingest whose generation another ingest's clean-up removed, having found its lease silent for longer than
     the lease's expiry (the ingest stalled); it published nothing.  The CLI exits 3."""

@@ -208,12 +208,12 @@ class ShardLoader(IterableDataset):
 
     @property
     def rows(self) -> int:
-        """Rows this loader reads every epoch: the split's (training order) or its rank's range (evaluation)."""
+        """The rows this loader reads every epoch, the split's (training order) or its rank's range (evaluation)."""
         return self.span[1] - self.span[0]
 
     @property
     def global_batch_size(self) -> int:
-        """Samples per step over all ranks: ``batch_size * world_size``."""
+        """The samples of one step over all ranks, ``batch_size * world_size``."""
         return self.batch_size * self.world_size
 
     def __len__(self) -> int:
@@ -223,7 +223,7 @@ class ShardLoader(IterableDataset):
 
     @property
     def steps_total(self) -> int:
-        """Steps in a whole epoch: equal on every rank when ``drop_remainder``."""
+        """The steps of a whole epoch, equal on every rank when ``drop_remainder``."""
         if self.drop_remainder:
             return steps_per_epoch(self.total_rows, self.world_size, self.batch_size)
         return -(-(self.hi - self.lo) // self.batch_size)
@@ -252,7 +252,7 @@ class ShardLoader(IterableDataset):
             epoch, step: describe this position of the same order instead of the loader's own (a training loop
                 that reads the batches through another reader, or checkpoints the next epoch's start).
         Returns:
-            A dict of plain values: ``epoch`` (the epoch being read, from 0), ``step`` (its steps already yielded:
+            dict: plain values, ``epoch`` (the epoch being read, from 0), ``step`` (its steps already yielded:
             the index of the next one, ``steps_total`` once the epoch is exhausted), ``samples`` (training order:
             the epoch's samples consumed over all ranks, ``step * global_batch_size``; evaluation order: this
             rank's, ``step * batch_size``), ``seed``, ``shuffle``, ``drop_remainder`` (the order), ``world_size``,
@@ -284,9 +284,10 @@ class ShardLoader(IterableDataset):
             state: a :meth:`state_dict`.
             source: what ``state`` came from, for the messages (a checkpoint's path).
         Raises:
-            ValueError: a state without the keys of :data:`STATE_KEYS`, or a position outside the epoch.
-            LoaderStateError: a state this loader cannot honour (:func:`state_mismatch`), in one line naming the
-                setting, the saved value and this run's.
+            ValueError: a state without the keys of :data:`spark_mnist.rank.order.STATE_KEYS`, or a position
+                outside the epoch.
+            LoaderStateError: a state this loader cannot honour (:func:`spark_mnist.rank.order.state_mismatch`), in
+                one line naming the setting, the saved value and this run's.
         """
         if not isinstance(state, Mapping) or not set(STATE_KEYS) <= set(state):
             raise invalid("loader state", state, f"a dict with {', '.join(STATE_KEYS)} (ShardLoader.state_dict())")

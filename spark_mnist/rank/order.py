@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from spark_mnist.errors import InputError, invalid
+from spark_mnist.errors import LoaderStateError, invalid
 
 __all__ = [
     "BLOCK_ROWS",
@@ -84,11 +84,6 @@ STATE_KEYS = (
 ELASTIC_WORLD_SIZES = range(1, 9)
 # Stream tags of the order's random generators (the first word of their key after seed and epoch).
 _BLOCKS, _WINDOW, _EVALUATION = 0, 1, 2
-
-
-class LoaderStateError(InputError):
-    """A loader state this loader cannot honour: another seed, dataset, row count or global batch size, or a
-    global batch that the world size does not divide."""
 
 
 def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
