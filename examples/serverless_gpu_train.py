@@ -5,7 +5,8 @@ environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); :func:`spark_mnist.torch
 share of an ingested dataset on a Unity Catalog volume, and its ``state_dict`` makes the loop resumable mid-epoch.
 No Spark on the GPU nodes.
 
-In a notebook attached to serverless GPU compute (``%pip install spark-mnist databricks-sdk-air[distributed]``)::
+In a notebook attached to serverless GPU compute, with the wheel built as README says and installed with its
+``ai-runtime`` extra (``%pip install "/Volumes/.../spark_mnist-0.2.0-py3-none-any.whl[ai-runtime]"``)::
 
     from examples.serverless_gpu_train import train
     from databricks.air import distributed
