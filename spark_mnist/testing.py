@@ -1,8 +1,8 @@
 """A pytest plugin for testing your own pipelines on spark-mnist's sources, datasets and loaders.
 
-Installed with the wheel and registered under the ``pytest11`` entry point ``spark_mnist.testing``.  Loading it costs
-nothing: it imports neither Spark nor torch, and starts nothing until a test asks for a fixture.  Opt in explicitly
-with one line in your root ``conftest.py``::
+Installed with the wheel, and loaded only where a test suite opts in (no ``pytest11`` entry point: its fixtures,
+``spark`` among them, never reach a suite that did not ask).  Loading it costs nothing: it imports neither Spark nor
+torch, and starts nothing until a test asks for a fixture.  Opt in with one line in your root ``conftest.py``::
 
     pytest_plugins = ["spark_mnist.testing"]
 

@@ -115,6 +115,13 @@ def test_the_wheel_carries_its_package_data_licence_and_version(tmp_path):
     assert wheel.name.startswith(f"spark_mnist-{spark_mnist.__version__}-")
 
 
+def test_the_test_kit_is_opt_in():
+    """No pytest11 entry point: the kit's fixtures (a ``spark`` among them) reach only suites that load it."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert "pytest11" not in project.get("entry-points", {})
+
+
 def test_torch_is_an_extra_not_a_dependency():
     assert not [r for r in requirements() if canonicalize_name(r.name) == "torch"]
     assert [r.name for r in requirements("torch")] == ["torch", "pillow"]
