@@ -17,7 +17,7 @@ import pytest
 
 from spark_mnist.testing import make_arrays, spark_remote, write_idx_source
 
-pytest_plugins = ["spark_mnist.testing", "tests.stores.servers"]
+pytest_plugins = ["tests.stores.servers"]  # the kit itself: -p spark_mnist.testing (pyproject addopts)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
