@@ -104,7 +104,7 @@ def pytest_command(timeout_s: float) -> list[str]:
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     if has_module("pytest_timeout"):
         return [*command, f"--timeout={int(timeout_s)}", "tests/test_gpu.py", "tests/test_gpu_paths.py"]
-    return [*command, "-o", "addopts=-ra --strict-markers -p spark_mnist.testing", "tests/test_gpu.py",
+    return [*command, "-p", "spark_mnist.testing", "-o", "addopts=-ra --strict-markers", "tests/test_gpu.py",
             "tests/test_gpu_paths.py"]
 
 
