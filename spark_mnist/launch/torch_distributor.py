@@ -10,7 +10,7 @@ devices it sees.  Source: Spark's ``ml/torch/distributor.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from spark_mnist.config import TrainSettings
 from spark_mnist.errors import SourceError
@@ -36,7 +36,11 @@ class TorchDistributorLauncher:
         from pyspark.ml.torch.distributor import TorchDistributor
 
         t = self.settings
-        return TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu).run(fn, job)
+        # Distributed mode: torch's elastic agents wait for each other at their exit barrier, up to a fixed 300 s
+        # (torch distributed/elastic/agent/server/api.py, SimpleElasticAgent._exit_barrier; pytorch/pytorch#157318),
+        # so train_worker ends with a dist.barrier(): every rank's process exits together (docs: Launchers).
+        distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
+        return cast(dict[str, Any], distributor.run(fn, job))  # fn's return value, which pyspark types as Any
 
 
 def check(settings: TrainSettings) -> None:
@@ -47,12 +51,19 @@ def check(settings: TrainSettings) -> None:
         LauncherUnavailableError: pyspark missing; local mode with ``use_gpu`` and fewer GPUs here than
             ``num_processes``.
     """
-    require_module("pyspark.ml.torch.distributor", NAME, "pip install 'spark-mnist[local]' (or run on a Databricks "
-                                                         "ML runtime), or train with --launcher torchrun")
+    require_module(
+        "pyspark.ml.torch.distributor",
+        NAME,
+        "pip install 'spark-mnist[local]' (or run on a Databricks ML runtime), or train with --launcher torchrun",
+    )
     if settings.use_gpu and settings.local_mode:
-        require_gpus(NAME, settings.num_processes, "in local mode every rank takes one of the driver's GPUs: lower "
-                                                   "--num-processes, or run the ranks on the executors with "
-                                                   "--no-local-mode")
+        require_gpus(
+            NAME,
+            settings.num_processes,
+            "in local mode every rank takes one of the driver's GPUs: lower "
+            "--num-processes, or run the ranks on the executors with "
+            "--no-local-mode",
+        )
 
 
 def make(settings: TrainSettings, *, spark: Any = None) -> TorchDistributorLauncher:
@@ -62,8 +73,10 @@ def make(settings: TrainSettings, *, spark: Any = None) -> TorchDistributorLaunc
         LauncherUnavailableError: no session.
     """
     if spark is None:
-        raise LauncherUnavailableError(f"launcher '{NAME}' runs on a Spark session and none was given: start one "
-                                       f"(spark_mnist.train(..., spark=spark)), or use --launcher torchrun")
+        raise LauncherUnavailableError(
+            f"launcher '{NAME}' runs on a Spark session and none was given: start one "
+            f"(spark_mnist.train(..., spark=spark)), or use --launcher torchrun"
+        )
     return TorchDistributorLauncher(settings, spark)
 
 
@@ -87,6 +100,8 @@ def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
     if local is not None and any(local == root or local.startswith(root + "/") for root in SHARED_ROOTS):
         return
     where = redact(master) if master else "not on this machine"
-    raise SourceError(f"{redact(run_dir)}: run_dir must be a path the executors share with the driver when the ranks "
-                      f"run on the executors (--no-local-mode, master {where}): use /Volumes/<catalog>/<schema>/"
-                      f"<volume>/... or /dbfs/..., or train on the driver with --local-mode")
+    raise SourceError(
+        f"{redact(run_dir)}: run_dir must be a path the executors share with the driver when the ranks "
+        f"run on the executors (--no-local-mode, master {where}): use /Volumes/<catalog>/<schema>/"
+        f"<volume>/... or /dbfs/..., or train on the driver with --local-mode"
+    )

@@ -133,6 +133,9 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         device = _device(job.settings.use_gpu, world.local_rank)
         _init_process_group(device)
         result = _train(job, world, device, started)
+        # Every rank's process ends together (rank 0 writes the outputs last), so that torch's elastic agents meet at
+        # their exit barrier at once (launch/torch_distributor.py).
+        dist.barrier()
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
         _abort_process_group()
@@ -175,7 +178,8 @@ def _device(use_gpu: bool, local_rank: int) -> torch.device:
         raise EnvironmentMismatchError(
             f"LOCAL_RANK {local_rank} has no GPU of its own: torch sees {visible} CUDA device(s) on this worker"
             f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; one GPU per rank: start at most "
-            f"{visible} rank(s) per node (num_processes)")
+            f"{visible} rank(s) per node (num_processes)"
+        )
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
@@ -211,8 +215,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device, norm: Normalization, *,
-             channels_last: bool = False) -> tuple[float, int, int]:
+def evaluate(
+    model: torch.nn.Module,
+    loader: ShardLoader,
+    device: torch.device,
+    norm: Normalization,
+    *,
+    channels_last: bool = False,
+) -> tuple[float, int, int]:
     """Sum of cross-entropy (nats), correct predictions and samples over this rank's share of ``loader``'s split,
     summed over all ranks when a process group is up.  ``model.eval()`` under ``torch.no_grad()``, the loss summed
     with ``reduction="sum"``, as pytorch/examples ``mnist/main.py``'s ``test``; the input in ``channels_last``
@@ -247,8 +257,7 @@ def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Che
     optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
     os.makedirs(job.run_dir, exist_ok=True)
     checkpoint, batch_size = _checkpoint_to_resume(job, world)
-    run = _Run(job, world, device, model, ddp, optimizer, norm, batch_size, step_model=ddp,
-               channels_last=channels_last)
+    run = _Run(job, world, device, model, ddp, optimizer, norm, batch_size, step_model=ddp, channels_last=channels_last)
     if settings.compile:
         try:
             run.step_model = torch.compile(ddp)
@@ -268,8 +277,9 @@ def _compile_fell_back(run: _Run, error: BaseException) -> None:
     """Train uncompiled from now on, and say why in one warning line."""
     run.step_model, run.compiled, run.first_compiled_step = run.ddp, False, False
     first = (str(error).strip().splitlines() or [""])[0]
-    log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", run.world.rank, type(error).__name__,
-                first)
+    log.warning(
+        "rank %d: torch.compile failed, training uncompiled: %s: %s", run.world.rank, type(error).__name__, first
+    )
 
 
 def _input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -317,10 +327,17 @@ def _resume(run: _Run, checkpoint: Checkpoint | None, train_loader: ShardLoader)
     run.model.load_state_dict(checkpoint.model)
     run.optimizer.load_state_dict(checkpoint.optimizer)
     written = checkpoint.loader["world_size"]
-    held = (f"; written by {written} ranks, batch size {run.batch_size} per rank holds its global batch "
-            f"{checkpoint.loader['global_batch_size']}" if written != run.world.world_size else "")
-    _say(run.world, f"resume: continuing from {checkpoint.path} at epoch {train_loader.epoch + 1}, step "
-                    f"{train_loader.start_step}/{train_loader.steps_total}{held}")
+    held = (
+        f"; written by {written} ranks, batch size {run.batch_size} per rank holds its global batch "
+        f"{checkpoint.loader['global_batch_size']}"
+        if written != run.world.world_size
+        else ""
+    )
+    _say(
+        run.world,
+        f"resume: continuing from {checkpoint.path} at epoch {train_loader.epoch + 1}, step "
+        f"{train_loader.start_step}/{train_loader.steps_total}{held}",
+    )
     return True
 
 
@@ -333,17 +350,25 @@ def _say(world: World, line: str) -> None:
 def _loaders(run: _Run) -> tuple[ShardLoader, ShardLoader]:
     """The training loader (shuffled, full steps only) and the evaluation loader (file order, every row)."""
     job = run.job
-    common: dict[str, Any] = dict(rank=run.world.rank, world_size=run.world.world_size, batch_size=run.batch_size,
-                                  image_shape=job.image_shape, seed=job.settings.seed,
-                                  memory_budget_bytes=job.memory_budget_bytes,
-                                  reader_threads=job.settings.reader_threads, pin_memory=run.device.type == "cuda",
-                                  dataset=job.dataset_id)
+    common: dict[str, Any] = dict(
+        rank=run.world.rank,
+        world_size=run.world.world_size,
+        batch_size=run.batch_size,
+        image_shape=job.image_shape,
+        seed=job.settings.seed,
+        memory_budget_bytes=job.memory_budget_bytes,
+        reader_threads=job.settings.reader_threads,
+        pin_memory=run.device.type == "cuda",
+        dataset=job.dataset_id,
+    )
     # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
     # there; petastorm reads the training batches itself, so only the evaluation loader then does.
     device = run.device if _resolve(job.settings.resident_data, run.device) else None
     train_device = device if job.settings.loader == "spark-mnist" else None
-    return (ShardLoader(job.train_files, shuffle=True, drop_remainder=True, device=train_device, **common),
-            ShardLoader(job.test_files, shuffle=False, drop_remainder=False, device=device, **common))
+    return (
+        ShardLoader(job.train_files, shuffle=True, drop_remainder=True, device=train_device, **common),
+        ShardLoader(job.test_files, shuffle=False, drop_remainder=False, device=device, **common),
+    )
 
 
 def _train(job: TrainJob, world: World, device: torch.device, started: float) -> dict[str, Any]:
@@ -358,8 +383,10 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
     with train_loader, test_loader:
         run.steps = train_loader.steps_total
         if run.steps == 0:
-            raise InputError(f"{train_loader.total_rows} training rows cannot give every one of {world.world_size} "
-                             f"ranks a batch of {run.batch_size}")
+            raise InputError(
+                f"{train_loader.total_rows} training rows cannot give every one of {world.world_size} "
+                f"ranks a batch of {run.batch_size}"
+            )
         while train_loader.epoch < job.settings.epochs:
             epoch = train_loader.epoch
             figures = _train_epoch(run, train_loader)
@@ -389,9 +416,14 @@ def _batches(run: _Run, loader: ShardLoader) -> Iterator[tuple[torch.Tensor, tor
         return iter(loader)
     from spark_mnist.rank.petastorm import petastorm_batches
 
-    return petastorm_batches(run.job.train_converter, rank=run.world.rank, world_size=run.world.world_size,
-                             batch_size=run.batch_size, steps=run.steps - loader.start_step,
-                             image_shape=run.job.image_shape)
+    return petastorm_batches(
+        run.job.train_converter,
+        rank=run.world.rank,
+        world_size=run.world.world_size,
+        batch_size=run.batch_size,
+        steps=run.steps - loader.start_step,
+        image_shape=run.job.image_shape,
+    )
 
 
 def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -443,8 +475,11 @@ def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
             if run.world.is_leader and (step + 1) % progress_every == 0 and more:
                 _synchronize(run.device)
                 done = (step + 1 - first_step) * loader.global_batch_size
-                print(f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{run.steps}, "
-                      f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s", flush=True)
+                print(
+                    f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{run.steps}, "
+                    f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s",
+                    flush=True,
+                )
             if settings.max_steps and run.run_steps == settings.max_steps and more:
                 stopped_at = step + 1
                 break
@@ -467,26 +502,39 @@ def _epoch_record(run: _Run, epoch: int, figures: _EpochFigures, test_loader: Sh
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     seconds = max(1e-9, slowest.item())
     test_loss, correct, count = evaluate(run.model, test_loader, device, run.norm, channels_last=run.channels_last)
-    return {"epoch": epoch + 1, "train_loss": totals[0].item() / max(1.0, totals[1].item()),
-            "test_loss": test_loss / max(1, count), "test_accuracy": correct / max(1, count),
-            "test_samples": count, "samples_per_s": totals[1].item() / seconds,
-            "data_wait_fraction": waits[0].item() / max(1e-9, waits[1].item()), "epoch_seconds": seconds}
+    return {
+        "epoch": epoch + 1,
+        "train_loss": totals[0].item() / max(1.0, totals[1].item()),
+        "test_loss": test_loss / max(1, count),
+        "test_accuracy": correct / max(1, count),
+        "test_samples": count,
+        "samples_per_s": totals[1].item() / seconds,
+        "data_wait_fraction": waits[0].item() / max(1e-9, waits[1].item()),
+        "epoch_seconds": seconds,
+    }
 
 
 def _print_epoch(run: _Run, record: dict[str, Any]) -> None:
     if run.world.is_leader:
-        print(f"epoch {record['epoch']}/{run.job.settings.epochs}: train loss {record['train_loss']:.4f}, "
-              f"test accuracy {record['test_accuracy']:.4f} on {record['test_samples']} images, "
-              f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
-              f"{record['epoch_seconds']:.1f}s", flush=True)
+        print(
+            f"epoch {record['epoch']}/{run.job.settings.epochs}: train loss {record['train_loss']:.4f}, "
+            f"test accuracy {record['test_accuracy']:.4f} on {record['test_samples']} images, "
+            f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
+            f"{record['epoch_seconds']:.1f}s",
+            flush=True,
+        )
 
 
 def _checkpoint(run: _Run, loader_state: dict[str, Any]) -> None:
     """Rank 0 saves where the run stands: the model, the optimizer (their tensors copied to the CPU, so the file
     loads on a machine without a GPU) and the training loader's state."""
     if run.world.is_leader:
-        save_checkpoint(Checkpoint(model=to_cpu(run.model.state_dict()), optimizer=to_cpu(run.optimizer.state_dict()),
-                                   loader=loader_state), run.job.run_dir)
+        save_checkpoint(
+            Checkpoint(
+                model=to_cpu(run.model.state_dict()), optimizer=to_cpu(run.optimizer.state_dict()), loader=loader_state
+            ),
+            run.job.run_dir,
+        )
 
 
 def to_cpu(state: Any) -> Any:
@@ -502,17 +550,27 @@ def to_cpu(state: Any) -> Any:
     return state
 
 
-def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wall_seconds: float
-             ) -> dict[str, Any]:
+def _metrics(run: _Run, history: list[dict[str, Any]], train_seconds: float, wall_seconds: float) -> dict[str, Any]:
     settings, world_size = run.job.settings, run.world.world_size
     last = history[-1] if history else {}
-    return {"test_accuracy": last.get("test_accuracy"), "epochs": settings.epochs, "world_size": world_size,
-            "steps_per_epoch": run.steps, "batch_size": run.batch_size,
-            "samples_per_epoch": run.steps * run.batch_size * world_size,
-            "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
-            "device": run.device.type, "loader": settings.loader, "model": settings.model,
-            "resident_data": run.resident, "channels_last": run.channels_last, "compiled": run.compiled,
-            "model_path": os.path.join(run.job.run_dir, MODEL_NAME), "history": history}
+    return {
+        "test_accuracy": last.get("test_accuracy"),
+        "epochs": settings.epochs,
+        "world_size": world_size,
+        "steps_per_epoch": run.steps,
+        "batch_size": run.batch_size,
+        "samples_per_epoch": run.steps * run.batch_size * world_size,
+        "train_seconds": round(train_seconds, 3),
+        "wall_seconds": round(wall_seconds, 3),
+        "device": run.device.type,
+        "loader": settings.loader,
+        "model": settings.model,
+        "resident_data": run.resident,
+        "channels_last": run.channels_last,
+        "compiled": run.compiled,
+        "model_path": os.path.join(run.job.run_dir, MODEL_NAME),
+        "history": history,
+    }
 
 
 def _write_outputs(run: _Run, metrics: dict[str, Any]) -> None:
