@@ -105,6 +105,7 @@ def test_azure_account_key_in_uris_is_never_shown(azure_root, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_a_bare_s3_source_local_spark_cannot_read_is_read_through_pyarrow(s3_root, tmp_path):
     """``s3://bucket/raw`` with the endpoint and credentials in the environment: local Spark has no ``s3``
     file system, so the driver reads the files through pyarrow; no Java traceback."""

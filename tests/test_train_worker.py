@@ -78,14 +78,15 @@ def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
 
 @pytest.fixture
 def one_rank(monkeypatch, tmp_path):
-    """Runs ``train_worker(job)`` as rank 0 of 1 in this process (environment and torch threads restored)."""
+    """Runs ``train_worker(job)`` as rank 0 of 1 in this process (environment and torch threads restored); its store
+    binds a port of the system's choosing (MASTER_PORT 0), which no other process can take first."""
     from spark_mnist.rank.train import train_worker
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # set by the optimizer's first step
 
     def run(job: TrainJob):
         with monkeypatch.context() as m:
-            for name, value in rank_environment(0, 1, free_port()).items():
+            for name, value in rank_environment(0, 1, 0).items():
                 m.setenv(name, value)
             threads = torch.get_num_threads()
             try:
@@ -339,6 +340,7 @@ def test_a_failing_compile_falls_back_with_one_warning_line(one_rank, splits, fu
 
 
 @pytest.mark.slow
+@pytest.mark.full  # a minute of CPU to compile: one lane (the forced fallback runs in every lane)
 def test_compile_on_the_cpu_trains(one_rank, splits, full_run, tmp_path, caplog, monkeypatch):
     """``compile: true`` on the CPU (inductor with gcc; about 30 s to compile): the compiled step trains to the
     uncompiled run's accuracy, without falling back."""
