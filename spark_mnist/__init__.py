@@ -88,18 +88,21 @@ def open_dataset(path):
 
 
 def _settings(config: Optional[str | os.PathLike], section: str, values: dict[str, Any]):
-    """The settings of ``config`` (``None``: the defaults) with ``values`` on top of ``section``.
+    """The settings of ``config`` (``None``: the defaults; on Databricks, :data:`spark_mnist.config.DATABRICKS_DEFAULTS`
+    on top of them) with ``values`` on top of ``section``.
 
     Raises:
         InputError: a key that is not a setting of ``section`` (``Invalid train setting: 'epoch'. Must be one of
             ...``), a bad value or config file.
     """
-    from spark_mnist.config import Settings, load_settings
+    from spark_mnist.config import DATABRICKS_DEFAULTS, Settings, load_settings
     from spark_mnist.errors import InputError, check_choice
+    from spark_mnist.tools.tracking import on_databricks
 
     for key in values:
         check_choice(f"{section} setting", key, Settings.__fields__[section].type_.__fields__, InputError)
-    return load_settings(config, {section: values})
+    defaults = DATABRICKS_DEFAULTS if config is None and on_databricks() else None
+    return load_settings(config, {section: values}, defaults=defaults)
 
 
 def ingest(
@@ -111,7 +114,8 @@ def ingest(
     Args:
         spark: the Spark session.
         source, output: as ``spark-mnist ingest --source --output`` (paths, ``dbfs:/``, ``/Volumes/...``).
-        config: a settings YAML whose ``ingest`` section the keywords override (default: the defaults).
+        config: a settings YAML whose ``ingest`` section the keywords override (default: the defaults; on
+            Databricks, with :data:`spark_mnist.config.DATABRICKS_DEFAULTS` on top).
         **settings: any ``ingest`` setting (``dataset="mnist"``, ``num_shards=8``, ``strict=True``, ...).
     Returns:
         The manifest published (:class:`spark_mnist.shards.contract.Manifest`: dataset, generation, source files with
@@ -141,7 +145,9 @@ def train(
             (``databricks.air``: the serverless GPUs attached, or submitted to with ``remote_gpu=True``);
             default: the config's (``torch-distributor``).
         spark: the session for ``torch-distributor``; ``None``: the active one.
-        config: a settings YAML whose ``train`` section the keywords override (default: the defaults).
+        config: a settings YAML whose ``train`` section the keywords override (default: the defaults; on
+            Databricks, with :data:`spark_mnist.config.DATABRICKS_DEFAULTS` on top: the cluster's session, the
+            workers' GPUs, the shards read directly).
         **settings: any ``train`` setting (``epochs=5``, ``num_processes=8``, ``use_gpu=True``,
             ``run_dir="/Volumes/..."``, ``accelerator_type="GPU_8xH100"``, ...), as on the command line.
     Returns:

@@ -301,19 +301,31 @@ def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputEr
     return InputError(f"{source}: " + "; ".join(lines))
 
 
+# What the notebook API starts from on Databricks when no config file is given (spark_mnist.ingest, .train): the
+# cluster's session, the ranks on the workers' GPUs, and the ranks reading the ingested shards directly (petastorm's
+# cache would need a path every worker shares; conf/databricks.yaml names one).
+DATABRICKS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "spark": {"master": None},
+    "train": {"use_gpu": True, "local_mode": False, "converter": "none"},
+}
+
+
 def load_settings(
-    path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    defaults: dict[str, dict[str, Any]] | None = None,
 ) -> Settings:
-    """Settings from the YAML file ``path`` (defaults where ``None``), then ``overrides`` (``{section: {key:
-    value}}``, ``None`` values ignored) on top; a null ``train.run_dir`` becomes :attr:`Settings.run_dir`, so the
-    settings shown and logged say where the run goes.
+    """Settings from the YAML file ``path`` (where ``None``: the model's defaults, with ``defaults`` on top, e.g.
+    :data:`DATABRICKS_DEFAULTS`), then ``overrides`` (``{section: {key: value}}``, ``None`` values ignored) on top; a
+    null ``train.run_dir`` becomes :attr:`Settings.run_dir`, so the settings shown and logged say where the run goes.
 
     Raises:
         InputError: a missing or unreadable file, an unknown key, a value of the wrong type; the message names
             the file (or "command line") and the key.  A null ``train.run_dir`` with a dataset directory that has
             no name (``/``).
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = {section: dict(values) for section, values in (defaults or {}).items()}
     source = "defaults"
     if path is not None:
         source = os.fspath(path)

@@ -30,3 +30,19 @@ def test_unknown_settings_are_refused_naming_them(tmp_path):
         spark_mnist.ingest(None, "src", "out", shards=3)
     with pytest.raises(InputError, match=r"launcher: unexpected value; permitted: .torch-distributor., .torchrun."):
         spark_mnist.train(str(tmp_path), launcher="mpirun")
+
+
+def test_the_notebook_api_on_databricks_starts_from_the_databricks_defaults(monkeypatch):
+    """Without a config file the notebook API takes the cluster's session, the workers' GPUs and the shards read
+    directly on Databricks (a driver-local petastorm cache and local mode would not serve a cluster); the keywords
+    still win, and off Databricks the local defaults stand."""
+    import spark_mnist
+    from spark_mnist.config import DATABRICKS_DEFAULTS
+
+    local = spark_mnist._settings(None, "train", {"data": "/Volumes/main/default/mnist/parquet/mnist"})
+    assert local.spark.master == "local[2]" and not local.train.use_gpu and local.train.local_mode
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    settings = spark_mnist._settings(None, "train", {"data": "/Volumes/main/default/mnist/parquet/mnist"})
+    assert settings.spark.master is None
+    assert {k: getattr(settings.train, k) for k in DATABRICKS_DEFAULTS["train"]} == DATABRICKS_DEFAULTS["train"]
+    assert not spark_mnist._settings(None, "train", {"data": "/x/y", "use_gpu": False}).train.use_gpu
