@@ -13,6 +13,7 @@ pytorch/examples ``mnist/main.py`` keeps ``train`` and ``test`` apart from ``mai
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -189,7 +190,11 @@ def _init_process_group(device: torch.device) -> None:
     """Join the process group from torchrun's environment: ``nccl`` bound to ``device`` on a GPU, else ``gloo``;
     collectives time out after :data:`PROCESS_GROUP_TIMEOUT`."""
     if device.type == "cuda":
-        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+        # device_id binds the communicator to the rank's GPU at once (torch >= 2.3; the torch extra admits 2.1).
+        bound: dict[str, Any] = (
+            {"device_id": device} if "device_id" in inspect.signature(dist.init_process_group).parameters else {}
+        )
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, **bound)
     else:
         dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
