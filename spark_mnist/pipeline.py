@@ -90,7 +90,7 @@ def _manifest_if_any(data_dir: str) -> "Manifest | None":
 def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> None:
     """With ``train.resume``, refuse on the driver a checkpoint in the run directory that the ranks would refuse:
     the same checks as theirs (:meth:`spark_mnist.rank.checkpoint.Checkpoint.batch_size_for`, then
-    :func:`spark_mnist.rank.loader.state_mismatch` against this run's training order), before a Spark job, a
+    :func:`spark_mnist.rank.order.state_mismatch` against this run's training order), before a Spark job, a
     TorchDistributor run or a torchrun launch starts.  Reads the checkpoint only (weights-only, on the CPU).  The
     ranks keep their own check.
 
@@ -104,9 +104,10 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> None
         CheckpointError: a checkpoint that weights-only loading refuses or that is not a training checkpoint.
         SourceError: a run directory with no local form.
     """
+    from spark_mnist.errors import LoaderStateError
     from spark_mnist.launch import world_size
     from spark_mnist.rank.checkpoint import load_checkpoint
-    from spark_mnist.rank.loader import LoaderStateError, state_mismatch
+    from spark_mnist.rank.order import state_mismatch
     from spark_mnist.runs import dataset_identity
 
     t = settings.train

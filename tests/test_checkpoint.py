@@ -9,10 +9,10 @@ import pathlib
 import pytest
 import torch
 
-from spark_mnist.errors import InputError
+from spark_mnist.errors import InputError, LoaderStateError
 from spark_mnist.models import SimpleCNN
 from spark_mnist.rank.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from spark_mnist.rank.loader import LoaderStateError, ShardLoader
+from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.runs import CHECKPOINT_NAME
 
 

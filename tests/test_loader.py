@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spark_mnist.rank.loader import ShardLoader, rank_rows, steps_per_epoch
+from spark_mnist.rank.loader import ShardLoader
+from spark_mnist.rank.order import rank_rows, steps_per_epoch
 from spark_mnist.shards.parquet import decode_images, record_batch
 
 ROWS = 1_003  # prime-ish, so no world size or batch size divides it
@@ -185,8 +186,7 @@ def test_state_dict_resumes_exactly_where_iteration_stopped(layouts, streaming):
                                 r"x 3 ranks\)\.$"),
 ])
 def test_a_state_it_cannot_honour_is_refused_in_one_line(layouts, change, message):
-    from spark_mnist.errors import InputError
-    from spark_mnist.rank.loader import LoaderStateError
+    from spark_mnist.errors import InputError, LoaderStateError
 
     with ShardLoader(layouts[0]["even"], rank=0, world_size=3, batch_size=8, seed=5, dataset="generation:7") as loader:
         state = {**loader.state_dict(), **change}
@@ -202,7 +202,8 @@ def test_no_dataset_identity_on_either_side_is_not_checked(layouts):
 
 
 def test_resume_batch_size_holds_the_global_batch_or_says_which_world_sizes_can():
-    from spark_mnist.rank.loader import LoaderStateError, resume_batch_size
+    from spark_mnist.errors import LoaderStateError
+    from spark_mnist.rank.order import resume_batch_size
 
     assert resume_batch_size({"global_batch_size": 96}, 3) == 32
     with pytest.raises(LoaderStateError, match=r"Cannot resume: the global batch size 64 of ckpt does not split over "
@@ -211,7 +212,7 @@ def test_resume_batch_size_holds_the_global_batch_or_says_which_world_sizes_can(
 
 
 def test_evaluation_order_does_not_resume_on_another_world_size(layouts):
-    from spark_mnist.rank.loader import LoaderStateError
+    from spark_mnist.errors import LoaderStateError
 
     options = dict(batch_size=8, shuffle=False, drop_remainder=False)
     with ShardLoader(layouts[0]["even"], rank=0, world_size=2, **options) as loader:
@@ -329,7 +330,7 @@ def test_elastic_resume_covers_the_rest_of_the_epoch_exactly_once(elastic_paths,
 def test_the_order_is_pinned_so_a_checkpoint_resumes_on_another_runtime():
     """The same (rows, seed, epoch) gives the same sequence on every numpy the runtimes ship (1.23 to 2.x): a
     checkpoint written on one Databricks runtime resumes on another.  A change here breaks every saved position."""
-    from spark_mnist.rank.loader import BLOCK_ROWS, WINDOW_BLOCKS, epoch_windows
+    from spark_mnist.rank.order import BLOCK_ROWS, WINDOW_BLOCKS, epoch_windows
 
     assert (BLOCK_ROWS, WINDOW_BLOCKS) == (8_192, 8)
     windows = epoch_windows(20_000, seed=5, epoch=3)

@@ -18,10 +18,9 @@ import pytest
 
 from spark_mnist.cli import main
 from spark_mnist.config import load_settings
-from spark_mnist.errors import InputError
+from spark_mnist.errors import InputError, LoaderStateError
 from spark_mnist.launch import LauncherUnavailableError
 from spark_mnist.rank.checkpoint import Checkpoint, CheckpointError, save_checkpoint
-from spark_mnist.rank.loader import LoaderStateError
 from spark_mnist.runs import CHECKPOINT_NAME, ERRORS_DIR, dataset_identity
 from spark_mnist.testing import write_ingested_dataset
 

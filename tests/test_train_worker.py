@@ -157,7 +157,7 @@ def test_resume_mid_epoch_gives_the_trained_model_of_an_uninterrupted_run(one_ra
 
 
 def test_resume_with_another_seed_is_refused_in_one_line(one_rank, splits, tmp_path):
-    from spark_mnist.rank.loader import LoaderStateError
+    from spark_mnist.errors import LoaderStateError
 
     run_dir = tmp_path / "run"
     one_rank(job_for(splits, run_dir, max_steps=5))
@@ -181,7 +181,7 @@ def test_elastic_resume_two_ranks_to_one_gives_the_model_of_two(one_rank, splits
 
 
 def test_resume_with_another_batch_size_on_the_same_world_size_is_refused(one_rank, splits, tmp_path):
-    from spark_mnist.rank.loader import LoaderStateError
+    from spark_mnist.errors import LoaderStateError
 
     run_dir = tmp_path / "run"
     one_rank(job_for(splits, run_dir, max_steps=5))

@@ -22,7 +22,8 @@ import torch
 
 from spark_mnist.errors import CheckpointError
 from spark_mnist.fs import replacing
-from spark_mnist.rank.loader import STATE_KEYS, ShardLoader, resume_batch_size
+from spark_mnist.rank.loader import ShardLoader
+from spark_mnist.rank.order import STATE_KEYS, resume_batch_size
 from spark_mnist.runs import CHECKPOINT_NAME
 
 

@@ -27,47 +27,22 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from spark_mnist.errors import InputError, invalid
+from spark_mnist.errors import InputError, LoaderStateError, invalid
 from spark_mnist.rank.order import (
-    BLOCK_ROWS,
-    ELASTIC_WORLD_SIZES,
     STATE_KEYS,
-    WINDOW_BLOCKS,
-    WINDOW_ROWS,
-    LoaderStateError,
     Window,
     _evaluation_windows,
     _local_positions,
     epoch_windows,
     rank_rows,
     rank_share,
-    resume_batch_size,
     state_mismatch,
     steps_per_epoch,
 )
 from spark_mnist.rank.resident import copied_to, default_device_budget, resident_batches, to_device
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
-# The order's names stay importable from here (checkpoint.py, train.py and the tests import them from this module).
-__all__ = [
-    "DEFAULT_MEMORY_BUDGET_BYTES",
-    "ROW_OVERHEAD_BYTES",
-    "ShardLoader",
-    "prefetched",
-    "BLOCK_ROWS",
-    "WINDOW_BLOCKS",
-    "WINDOW_ROWS",
-    "STATE_KEYS",
-    "ELASTIC_WORLD_SIZES",
-    "LoaderStateError",
-    "Window",
-    "epoch_windows",
-    "rank_rows",
-    "rank_share",
-    "resume_batch_size",
-    "state_mismatch",
-    "steps_per_epoch",
-]
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "ShardLoader", "prefetched"]
 
 log = logging.getLogger(__name__)
 

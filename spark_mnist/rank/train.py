@@ -27,12 +27,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.errors import EnvironmentMismatchError, InputError
+from spark_mnist.errors import EnvironmentMismatchError, InputError, LoaderStateError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
 from spark_mnist.models import Normalization, build_model, normalization_for, normalize
 from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_atomically, save_checkpoint
-from spark_mnist.rank.loader import LoaderStateError, ShardLoader
+from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
@@ -87,7 +87,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` once (:meth:`World.from_env`), joins the
     process group and trains ``job.settings.model`` for ``job.settings.epochs`` epochs.  Every rank runs exactly
-    :func:`spark_mnist.rank.loader.steps_per_epoch` steps per epoch, so DDP's collectives never wait on a rank that ran
+    :func:`spark_mnist.rank.order.steps_per_epoch` steps per epoch, so DDP's collectives never wait on a rank that ran
     out of data.  Rank 0 writes ``model.pt`` (the ``state_dict``) and ``metrics.json`` in ``job.run_dir``, and
     ``checkpoint.pt`` (:class:`spark_mnist.rank.checkpoint.Checkpoint`) after every epoch, every
     ``checkpoint_every_steps`` steps and where ``max_steps`` stops the run.
