@@ -65,7 +65,7 @@ from spark_mnist.rank.world import World
 from spark_mnist.runs import dataset_identity
 from spark_mnist.shards.contract import open_dataset
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS
-from spark_mnist.tools.arrays import load_data
+from spark_mnist.tools.arrays import split_arrays
 
 __all__ = ["loader", "World", "ShardLoader", "MNIST", "FashionMNIST", "KMNIST", "EMNIST"]
 
@@ -165,7 +165,7 @@ class MNIST(_TorchDataset):
 
     ``len(ds)`` is N; ``ds[i]`` is ``(image, target)`` as torchvision builds it: ``image`` a ``PIL.Image.Image`` of
     mode ``"L"`` from ``data[i]``, then ``transform``; ``target`` ``int(targets[i])``, then ``target_transform``.
-    The whole split is read into memory once, when the dataset is built (:func:`spark_mnist.load_data`).
+    The whole split is read into memory once, when the dataset is built.
 
     Raises:
         DatasetNotFoundError, SourceError: as :func:`spark_mnist.open_dataset`, for a ``root`` holding no complete
@@ -188,8 +188,7 @@ class MNIST(_TorchDataset):
         require_extra("PIL.Image", "torch", f"spark_mnist.torch.{type(self).__name__}")
         opened = open_dataset(root)
         self._check_dataset(root, opened.dataset)
-        (train_images, train_labels), (test_images, test_labels) = load_data(root)
-        images, labels = (train_images, train_labels) if train else (test_images, test_labels)
+        images, labels = split_arrays(opened, "train" if train else "test")
         self.root, self.train, self.transform, self.target_transform = root, train, transform, target_transform
         self.dataset = opened.dataset
         self.data = torch.from_numpy(images)

@@ -71,18 +71,25 @@ def _from_idx(directory: str, dataset: str) -> Arrays:
 
 
 def _from_parquet(directory: str) -> Arrays:
+    dataset = contract.open_dataset(directory)
+    train, test = (split_arrays(dataset, split) for split in SPLITS)
+    return train, test
+
+
+def split_arrays(dataset: contract.Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split of an opened ingested dataset, whole, in file order: ``images`` uint8 (N, H, W) and ``labels``
+    uint8 (N,), checked against the registry entry of the manifest's dataset.
+
+    Raises:
+        DatasetMismatchError: images or labels that do not fit the registry entry (a damaged dataset).
+    """
     from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
-    dataset = contract.open_dataset(directory)
-    spec = get_dataset(dataset.dataset)
     shape = dataset.image_shape
-    result = []
-    for split in SPLITS:
-        plan = plan_row_groups(dataset.files(split))
-        total = total_rows(plan)
-        index, pixels, labels = read_rows(plan, 0, total, int(np.prod(shape)))
-        order = np.argsort(index, kind="stable")
-        images, labels = pixels[order].reshape(-1, *shape), labels[order].astype(np.uint8)
-        validate_split(spec, images, labels, f"{directory}/{split}", f"{directory}/{split}")
-        result.append((images, labels))
-    return result[0], result[1]
+    plan = plan_row_groups(dataset.files(split))
+    index, pixels, labels = read_rows(plan, 0, total_rows(plan), int(np.prod(shape)))
+    order = np.argsort(index, kind="stable")
+    images, labels = pixels[order].reshape(-1, *shape), labels[order].astype(np.uint8)
+    where = f"{dataset.location.shown}/{split}"
+    validate_split(get_dataset(dataset.dataset), images, labels, where, where)
+    return images, labels
