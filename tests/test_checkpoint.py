@@ -69,7 +69,7 @@ def test_round_trip(tmp_path, shards):
     model.load_state_dict(loaded.model)
     torch.optim.Adam(model.parameters(), lr=1e-3).load_state_dict(loaded.optimizer)
     with loader_for(shards) as loader:
-        loaded.resume(loader)
+        loader.load_state_dict(loaded.loader, source=loaded.source)
         assert (loader.epoch, loader.start_step) == (1, 3)
     assert load_checkpoint(str(tmp_path / "elsewhere")) is None
 
@@ -96,7 +96,7 @@ def test_resume_refuses_what_it_cannot_honour_in_one_line(tmp_path, shards, new,
     checkpoint = load_checkpoint(str(tmp_path))
     with loader_for(shards, **new) as loader:
         with pytest.raises(LoaderStateError, match="^Cannot resume: " + message.format(path=checkpoint.path)) as e:
-            checkpoint.resume(loader)
+            loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
     assert isinstance(e.value, InputError) and "\n" not in str(e.value)
 
 
@@ -104,11 +104,12 @@ def test_another_world_size_holds_the_global_batch(tmp_path, shards):
     save_checkpoint(a_checkpoint(), str(tmp_path))  # 2 ranks x 32: global batch 64
     checkpoint = load_checkpoint(str(tmp_path))
     assert [checkpoint.batch_size_for(m) for m in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    assert a_checkpoint(global_batch_size=96).batch_size_for(3) == 32
     with pytest.raises(LoaderStateError, match=rf"^Cannot resume: the global batch size 64 of {checkpoint.path} does "
                                                r"not split over 3 ranks; resume on one of 1, 2, 4, 8 ranks\.$"):
         checkpoint.batch_size_for(3)
     with loader_for(shards, world_size=4, batch_size=16, rank=3) as loader:
-        checkpoint.resume(loader)
+        loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
         assert (loader.epoch, loader.start_step) == (1, 3)  # 3 global batches consumed, on any world size
 
 

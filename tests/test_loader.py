@@ -201,16 +201,6 @@ def test_no_dataset_identity_on_either_side_is_not_checked(layouts):
         assert loader.start_step == 2
 
 
-def test_resume_batch_size_holds_the_global_batch_or_says_which_world_sizes_can():
-    from spark_mnist.errors import LoaderStateError
-    from spark_mnist.rank.order import resume_batch_size
-
-    assert resume_batch_size({"global_batch_size": 96}, 3) == 32
-    with pytest.raises(LoaderStateError, match=r"Cannot resume: the global batch size 64 of ckpt does not split over "
-                                               r"3 ranks; resume on one of 1, 2, 4, 8 ranks\.$"):
-        resume_batch_size({"global_batch_size": 64}, 3, "ckpt")
-
-
 def test_evaluation_order_does_not_resume_on_another_world_size(layouts):
     from spark_mnist.errors import LoaderStateError
 

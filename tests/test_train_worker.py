@@ -137,6 +137,7 @@ def test_training_learns(full_run):
     assert history[0]["train_loss"] < math.log(CLASSES)  # below guessing already in the first epoch
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]  # the loss falls
     assert history[-1]["test_loss"] < history[0]["test_loss"]
+    assert all(0 <= h["data_wait_fraction"] < 1 for h in history)
     assert metrics["test_accuracy"] >= 0.1 + 0.5 and history[-1]["test_samples"] == 200  # far above chance (0.1)
     torch.manual_seed(3)
     untrained = build_model("simple-cnn", CLASSES, SHAPE).state_dict()
@@ -215,7 +216,7 @@ def test_train_seconds_are_the_epochs_reported(full_run):
 
 
 def test_to_cpu_keeps_the_structure():
-    from spark_mnist.rank.train import to_cpu
+    from spark_mnist.rank.checkpoint import to_cpu
 
     t = torch.ones(2, requires_grad=True)
     state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": t}}, "param_groups": [{"lr": 0.1, "params": [0]}],
@@ -284,7 +285,7 @@ def test_a_local_rank_without_a_gpu_of_its_own_is_refused(splits, tmp_path, monk
 def test_threads_per_rank_divide_the_cores_among_the_nodes_ranks(monkeypatch):
     import os
 
-    from spark_mnist.rank.train import threads_per_rank
+    from spark_mnist.rank.process import threads_per_rank
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert [threads_per_rank(0, n) for n in (1, 4, 16, 32)] == [16, 4, 1, 1]
@@ -330,9 +331,9 @@ def test_a_failing_compile_falls_back_with_one_warning_line(one_rank, splits, fu
         return step
 
     monkeypatch.setattr(torch, "compile", compile_that_fails)
-    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.train"):
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.step"):
         metrics = one_rank(job_for(splits, tmp_path / "fell-back", compile=True))
-    lines = [r.getMessage() for r in caplog.records if r.name == "spark_mnist.rank.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "spark_mnist.rank.step"]
     assert lines == ["rank 0: torch.compile failed, training uncompiled: RuntimeError: InductorError: no working C "
                      "compiler found"]
     assert metrics["compiled"] is False
@@ -348,8 +349,45 @@ def test_compile_on_the_cpu_trains(one_rank, splits, full_run, tmp_path, caplog,
     # Inductor sets this (a pointer, for the modules it loads) in os.environ each time it loads one: not a leak.
     monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "")  # so that monkeypatch removes it afterwards
     monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
-    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.train"):
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.step"):
         metrics = one_rank(job_for(splits, tmp_path / "compiled", compile=True))
-    assert not [r for r in caplog.records if r.name == "spark_mnist.rank.train"]
+    assert not [r for r in caplog.records if r.name == "spark_mnist.rank.step"]
     assert metrics["compiled"] is True and metrics["test_accuracy"] >= 0.1 + 0.5
     assert metrics["test_accuracy"] == pytest.approx(full["test_accuracy"], abs=0.05)
+
+
+def test_data_wait_on_the_cpu_is_the_time_spent_fetching_not_computing():
+    """On the CPU the device is the host: what ``next()`` takes is what the device waited; the step between two
+    fetches does not count."""
+    import time
+
+    from spark_mnist.rank.step import DataWait
+
+    def slow_batches():
+        for _ in range(3):
+            time.sleep(0.02)
+            yield torch.zeros(2, 1, *SHAPE, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
+
+    wait, batches = DataWait(torch.device("cpu")), slow_batches()
+    for _ in range(3):
+        images, labels = wait.next(batches)
+        time.sleep(0.05)  # the step's computing
+    assert images.shape == (2, 1, *SHAPE) and labels.dtype == torch.int64
+    assert 0.06 <= wait.seconds() < 0.06 + 0.1
+
+
+def test_a_slow_loader_shows_in_the_data_wait_fraction(one_rank, splits, tmp_path, monkeypatch):
+    import time
+
+    from spark_mnist.rank import train
+
+    batches = train._batches
+
+    def slow(run, loader):
+        for batch in batches(run, loader):
+            time.sleep(0.02)
+            yield batch
+
+    monkeypatch.setattr(train, "_batches", slow)
+    metrics = one_rank(job_for(splits, tmp_path / "run", epochs=1))
+    assert 0.3 < metrics["history"][0]["data_wait_fraction"] <= 1

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
-from spark_mnist.errors import CheckpointError
+from spark_mnist.errors import CheckpointError, LoaderStateError
 from spark_mnist.fs import replacing
-from spark_mnist.rank.loader import ShardLoader
-from spark_mnist.rank.order import STATE_KEYS, resume_batch_size
+from spark_mnist.rank.order import STATE_KEYS
 from spark_mnist.runs import CHECKPOINT_NAME
+
+# The world sizes a resumed run is offered when its global batch does not split over the one asked for.
+ELASTIC_WORLD_SIZES = range(1, 9)
 
 
 @dataclass
@@ -64,16 +66,14 @@ class Checkpoint:
             LoaderStateError: ``world_size`` does not divide the global batch (the message names the file and the
                 world sizes in 1..8 that do).
         """
-        return resume_batch_size(self.loader, world_size, self.source)
-
-    def resume(self, loader: ShardLoader) -> None:
-        """Put ``loader`` (this run's training loader) where the checkpoint stands, on its world size.
-
-        Raises:
-            LoaderStateError: a checkpoint of another seed, dataset, row count or global batch, in one line naming
-                the setting, the file with its value and this run's value.
-        """
-        loader.load_state_dict(self.loader, source=self.source)
+        global_batch = int(self.loader["global_batch_size"])
+        if world_size < 1 or global_batch % world_size:
+            fits = ", ".join(str(m) for m in ELASTIC_WORLD_SIZES if global_batch % m == 0)
+            raise LoaderStateError(
+                f"Cannot resume: the global batch size {global_batch} of {self.source} does not split over "
+                f"{world_size} ranks; resume on one of {fits} ranks."
+            )
+        return global_batch // world_size
 
     @property
     def source(self) -> str:
@@ -81,15 +81,23 @@ class Checkpoint:
         return self.path or "the checkpoint"
 
 
-def save_atomically(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` through :func:`spark_mnist.fs.replacing`, so ``path`` is always complete."""
-    with replacing(path) as tmp:
-        torch.save(obj, tmp)
+def to_cpu(state: Any) -> Any:
+    """``state`` (a ``state_dict``: nested dicts, lists and tuples of tensors and plain values) with every tensor
+    on the CPU, detached; CPU tensors are not copied.  What is saved, so that a plain ``torch.load`` of the file
+    works where there is no GPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return type(state)((k, to_cpu(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
 
 
 def save_checkpoint(checkpoint: Checkpoint, run_dir: str) -> None:
     """Write ``checkpoint`` to ``run_dir/checkpoint.pt``, atomically.  Rank 0 only."""
-    save_atomically(checkpoint.to_dict(), os.path.join(run_dir, CHECKPOINT_NAME))
+    with replacing(os.path.join(run_dir, CHECKPOINT_NAME)) as tmp:
+        torch.save(checkpoint.to_dict(), tmp)
 
 
 def load_checkpoint(run_dir: str) -> Checkpoint | None:
@@ -97,7 +105,8 @@ def load_checkpoint(run_dir: str) -> Checkpoint | None:
 
     Loaded on the CPU with ``torch.load(..., weights_only=True)``: a file whose unpickling would call anything
     other than torch's tensor and container rebuilders is refused before anything in it runs.  Whether this run can
-    honour it is for :meth:`Checkpoint.batch_size_for` and :meth:`Checkpoint.resume` to say.
+    honour it is for :meth:`Checkpoint.batch_size_for` and the training loader's
+    :meth:`~spark_mnist.rank.loader.ShardLoader.load_state_dict` to say.
 
     Raises:
         CheckpointError: a file that weights-only loading refuses or cannot read, or one that lacks an entry of

@@ -43,23 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from spark_mnist.errors import LoaderStateError, invalid
-
-__all__ = [
-    "BLOCK_ROWS",
-    "WINDOW_BLOCKS",
-    "WINDOW_ROWS",
-    "STATE_KEYS",
-    "ELASTIC_WORLD_SIZES",
-    "LoaderStateError",
-    "Window",
-    "rank_rows",
-    "steps_per_epoch",
-    "epoch_windows",
-    "rank_share",
-    "state_mismatch",
-    "resume_batch_size",
-]
+from spark_mnist.errors import invalid
 
 # Consecutive rows moved as one block by the first, coarse permutation of an epoch.
 BLOCK_ROWS = 8_192
@@ -80,8 +64,6 @@ STATE_KEYS = (
     "drop_remainder",
     "dataset",
 )
-# The world sizes a resumed run is offered when its global batch does not split over the one asked for.
-ELASTIC_WORLD_SIZES = range(1, 9)
 # Stream tags of the order's random generators (the first word of their key after seed and epoch).
 _BLOCKS, _WINDOW, _EVALUATION = 0, 1, 2
 
@@ -235,20 +217,3 @@ def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source:
             )
             return f"Cannot resume: {label} is {a!r} in {source}, {b!r} in this run{detail}."
     return None
-
-
-def resume_batch_size(state: Mapping[str, Any], world_size: int, source: str = "the saved state") -> int:
-    """The per-rank batch size that holds ``state``'s global batch over ``world_size`` ranks: ``G / world_size``.
-
-    Raises:
-        LoaderStateError: ``world_size`` does not divide the global batch; the message names the world sizes in
-            1..8 that do.
-    """
-    global_batch = int(state["global_batch_size"])
-    if world_size < 1 or global_batch % world_size:
-        fits = [m for m in ELASTIC_WORLD_SIZES if global_batch % m == 0]
-        raise LoaderStateError(
-            f"Cannot resume: the global batch size {global_batch} of {source} does not split over "
-            f"{world_size} ranks; resume on one of {', '.join(map(str, fits))} ranks."
-        )
-    return global_batch // world_size
