@@ -41,11 +41,6 @@ TRACEBACK_LINES = 12
 _REPORT_NAME = re.compile(r"rank-(\d+)\.json")
 
 
-def report_name(rank: int) -> str:
-    """The file name of ``rank``'s error report: ``rank-N.json``."""
-    return f"rank-{rank}.json"
-
-
 class TrainingFailedError(RuntimeError):
     """Training failed.  The message names the first failed rank, its exception and its traceback's tail (or says
     that no rank left a report); ``reports`` holds the readable reports, by rank; ``cause`` is what the launcher
@@ -97,7 +92,7 @@ def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
     """
     failed = TrainingFailedError.from_reports([], error)
     try:
-        reports, skipped = _read_reports(run_dir)
+        reports, skipped = read_error_reports(run_dir)
         if reports or skipped:
             failed = TrainingFailedError.from_reports(reports, error, skipped)
     except Exception as e:  # noqa: BLE001 - the failure must surface whatever the reports hold
@@ -119,7 +114,7 @@ def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
     ``traceback`` (its last :data:`TRACEBACK_LINES` lines), written atomically (:func:`spark_mnist.fs.replacing`),
     so a reader never sees half a report.  Runs in a failing rank; never raises (the original error matters more
     than its report): a report that cannot be written is logged as an error, with the reason."""
-    path = os.path.join(run_dir, ERRORS_DIR, report_name(rank))
+    path = os.path.join(run_dir, ERRORS_DIR, f"rank-{rank}.json")
     try:
         lines = [redact(line) for line in traceback.format_exception(type(error), error, error.__traceback__)]
         report = {"rank": rank, "exception": redact(_describe(error)), "traceback": lines[-TRACEBACK_LINES:]}
@@ -136,19 +131,14 @@ def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
         )
 
 
-def read_error_reports(run_dir: str) -> list[dict[str, Any]]:
+def read_error_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The reports :func:`write_error_report` left in ``run_dir``, sorted by integer rank (``rank-2`` before
-    ``rank-10``); ``[]`` when there are none.  An unreadable report (truncated, not JSON, missing entries) is
-    skipped with a warning.  Driver-side.
+    ``rank-10``; ``[]`` when there are none), and the names of the unreadable ones (truncated, not JSON, missing
+    entries), each skipped with a warning.  Driver-side.
 
     Raises:
         OSError: the ``_errors`` directory exists but cannot be listed.
     """
-    return _read_reports(run_dir)[0]
-
-
-def _read_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """(the readable reports by rank, the names of the unreadable ones)."""
     directory = os.path.join(run_dir, ERRORS_DIR)
     if not os.path.isdir(directory):
         return [], []

@@ -12,7 +12,7 @@ shapes:
   ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)`` (its own order; not elastic).
 
 The orders, training (elastic: the same global batches on every world size) and evaluation (every row once), are
-defined in :mod:`spark_mnist.rank.order`; their names are imported here too.
+defined in :mod:`spark_mnist.rank.order`.
 """
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ from spark_mnist.rank.order import (
     epoch_windows,
     rank_rows,
     rank_share,
+    skip_rows,
     state_mismatch,
     steps_per_epoch,
 )
 from spark_mnist.rank.resident import copied_to, default_device_budget, resident_batches, to_device
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
-
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "ShardLoader", "prefetched"]
 
 log = logging.getLogger(__name__)
 
@@ -157,22 +156,15 @@ class ShardLoader(IterableDataset):
         self.device = None if device is None else torch.device(device)
         self.resident = False  # True: the decoded rows live on self.device, batches are gathered there
         if self.device is not None:
-            budget = (
-                default_device_budget(self.device, memory_budget_bytes)
-                if device_memory_budget_bytes is None
-                else device_memory_budget_bytes
-            )
+            budget = device_memory_budget_bytes
+            if budget is None:
+                budget = default_device_budget(self.device, memory_budget_bytes)
             self.resident = need <= budget
             self.pin_memory = self.pin_memory or (not self.resident and self.device.type == "cuda")
             if not self.resident:
                 log.warning(
-                    "rank %d: the %d rows read every epoch (%d MB decoded) do not fit the %d MB budget on %s: "
-                    "batches are made on the host and copied there",
-                    rank,
-                    self.rows,
-                    need // 2**20,
-                    budget // 2**20,
-                    self.device,
+                    f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
+                    f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
                 )
         self.epoch, self.start_step, self.step = 0, 0, 0
         # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
@@ -202,11 +194,6 @@ class ShardLoader(IterableDataset):
         if self.drop_remainder:
             return steps_per_epoch(self.total_rows, self.world_size, self.batch_size)
         return -(-(self.hi - self.lo) // self.batch_size)
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples this rank yields in a whole epoch."""
-        return self.steps_total * self.batch_size if self.drop_remainder else self.hi - self.lo
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch (its order) and the step the next ``iter()`` starts from (to resume mid-epoch); the
@@ -348,7 +335,7 @@ class ShardLoader(IterableDataset):
         return iterator
 
     def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Iterator:
-        share = self._skip(self._epoch_share(epoch), start_step * self.batch_size)
+        share = skip_rows(self._epoch_share(epoch), start_step * self.batch_size)
         if self.resident:
             batches = self._batches_resident(share)
         else:
@@ -359,17 +346,6 @@ class ShardLoader(IterableDataset):
             for batch in batches:
                 self.step += 1
                 yield batch if with_index else batch[1:]
-
-    @staticmethod
-    def _skip(share: list[tuple[Window, np.ndarray]], start: int) -> list[tuple[Window, np.ndarray]]:
-        """``share`` without its first ``start`` rows (consumed before a resume) and without empty windows."""
-        out = []
-        for window, rows in share:
-            taken = min(start, len(rows))
-            start -= taken
-            if len(rows) > taken:
-                out.append((window, rows[taken:]))
-        return out
 
     def _gather(self, arrays, positions: np.ndarray):
         """Rows ``positions`` of decoded ``arrays`` as tensors: (index (B,), images (B, 1, H, W), labels (B,))."""
@@ -407,14 +383,10 @@ class ShardLoader(IterableDataset):
             for (window, rows), arrays in zip(share, decoded):
                 chunk = self._gather(arrays, _local_positions(window.ranges, rows))
                 if carry is not None:
-                    chunk = tuple(_cat(c, p) for c, p in zip(carry, chunk))
+                    chunk = tuple(torch.cat([c, p]) for c, p in zip(carry, chunk))
                 full = len(chunk[0]) - len(chunk[0]) % self.batch_size
                 for lo in range(0, full, self.batch_size):
                     yield tuple(t[lo : lo + self.batch_size] for t in chunk)
                 carry = tuple(t[full:] for t in chunk) if full < len(chunk[0]) else None
             if carry is not None:
                 yield carry
-
-
-def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, b])

@@ -166,6 +166,18 @@ def rank_share(
     return out
 
 
+def skip_rows(share: Sequence[tuple[Window, np.ndarray]], start: int) -> list[tuple[Window, np.ndarray]]:
+    """``share`` (a rank's rows by window, as :func:`rank_share` gives them) without its first ``start`` rows (those
+    consumed before a resume) and without empty windows."""
+    out = []
+    for window, rows in share:
+        taken = min(start, len(rows))
+        start -= taken
+        if len(rows) > taken:
+            out.append((window, rows[taken:]))
+    return out
+
+
 def _evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
     """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
     windows = []

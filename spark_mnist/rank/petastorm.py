@@ -54,7 +54,8 @@ def petastorm_batches(
     row_bytes = int(np.prod(image_shape))
 
     def to_arrays(frame):
-        pixels = decode_images_from_objects(frame[contract.IMAGE].to_numpy(), row_bytes)
+        values = frame[contract.IMAGE].to_numpy()  # (n,) bytes objects, joined once
+        pixels = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), row_bytes)
         frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
         return frame[[contract.IMAGE, contract.LABEL]]
 
@@ -76,12 +77,3 @@ def petastorm_batches(
             if step >= steps:
                 break
             yield batch[contract.IMAGE].to(torch.uint8), batch[contract.LABEL].to(torch.int64)
-
-
-def decode_images_from_objects(values: np.ndarray, row_bytes: int) -> np.ndarray:
-    """(n,) object array of ``bytes`` (the image column as pandas gives it) -> (n, row_bytes) uint8, in one join.
-
-    Raises:
-        ValueError: the bytes do not split into ``n`` rows of ``row_bytes``.
-    """
-    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), row_bytes)

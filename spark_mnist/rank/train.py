@@ -52,17 +52,6 @@ class _Run:
     run_steps: int = 0  # steps this invocation ran (what train.max_steps counts)
 
 
-@dataclass
-class _EpochFigures:
-    """This rank's figures of one training epoch; ``stopped_at`` is the step ``max_steps`` stopped it at."""
-
-    loss_sum: torch.Tensor
-    samples: int
-    wait_seconds: float
-    seconds: float
-    stopped_at: int | None
-
-
 def train_worker(job: TrainJob) -> dict[str, Any]:
     """Train in this rank; return the run's metrics.  Runs in every rank, started by ``TorchDistributor``.
 
@@ -221,11 +210,11 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
             )
         while train_loader.epoch < settings.epochs:
             epoch = train_loader.epoch
-            figures = _train_epoch(run, train_loader)
-            if figures.stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint there, end the run
-                _checkpoint(run, train_loader.state_dict(epoch=epoch, step=figures.stopped_at))
+            sums, stopped_at = _train_epoch(run, train_loader)
+            if stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint there, end the run
+                _checkpoint(run, train_loader.state_dict(epoch=epoch, step=stopped_at))
                 break
-            record = _epoch_record(run, epoch, figures, test_loader)
+            record = _epoch_record(run, epoch, sums, test_loader)
             history.append(record)
             train_loader.set_epoch(epoch + 1)
             _checkpoint(run, train_loader.state_dict())
@@ -285,9 +274,11 @@ def _batches(run: _Run, loader: ShardLoader) -> Generator[tuple[torch.Tensor, to
     )
 
 
-def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
+def _train_epoch(run: _Run, loader: ShardLoader) -> tuple[torch.Tensor, int | None]:
     """Train from ``loader``'s position (epoch, start step) to the end of the epoch, or until ``max_steps``;
-    checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0)."""
+    checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0).  Returns this rank's sums, a
+    float64 (4,) tensor on the device (training loss summed over samples, samples, seconds the device waited for
+    data, seconds), and the step ``max_steps`` stopped the epoch at (``None``: it ran to its end)."""
     settings, epoch, first_step, cuda = run.job.settings, loader.epoch, loader.start_step, run.device.type == "cuda"
     run.step.ddp.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
@@ -315,17 +306,18 @@ def _train_epoch(run: _Run, loader: ShardLoader) -> _EpochFigures:
         if cuda:
             torch.cuda.synchronize(run.device)
         seconds = time.perf_counter() - epoch_start
-    return _EpochFigures(loss_sum, samples, wait.seconds(), seconds, stopped_at)
+    sums = torch.tensor([0.0, samples, wait.seconds(), seconds], dtype=torch.float64, device=run.device)
+    sums[0] = loss_sum
+    return sums, stopped_at
 
 
-def _epoch_record(run: _Run, epoch: int, figures: _EpochFigures, test_loader: ShardLoader) -> dict[str, Any]:
-    """The epoch's figures over all ranks: training loss, data wait and seconds summed, the epoch's seconds the
-    slowest rank's (so every rank reports the same ``epoch_seconds`` and ``samples_per_s``), then the evaluation."""
-    device, f = run.device, figures
-    sums = torch.tensor([0.0, f.samples, f.wait_seconds, f.seconds], dtype=torch.float64, device=device)
-    sums[0] = f.loss_sum
+def _epoch_record(run: _Run, epoch: int, sums: torch.Tensor, test_loader: ShardLoader) -> dict[str, Any]:
+    """The epoch's figures over all ranks from each rank's ``sums`` (:func:`_train_epoch`): training loss, data wait
+    and seconds summed, the epoch's seconds the slowest rank's (so every rank reports the same ``epoch_seconds`` and
+    ``samples_per_s``), then the evaluation."""
+    device = run.device
+    slowest = sums[3:].clone()
     dist.all_reduce(sums)
-    slowest = torch.tensor([f.seconds], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     loss_sum, samples, waited, busy = sums.tolist()
     seconds = max(1e-9, slowest.item())
