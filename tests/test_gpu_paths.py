@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def test_cuda_training_saves_files_a_cpu_machine_loads(one_rank, splits, tmp_pat
     run_dir = tmp_path / "run"
     metrics = one_rank(job_for(splits, run_dir, use_gpu=True, epochs=1))
     assert metrics["device"] == "cuda" and metrics["history"][0]["epoch_seconds"] > 0
+    assert 0 <= metrics["history"][0]["data_wait_fraction"] <= 1
     state = torch.load(run_dir / MODEL_NAME)
     assert all(t.device.type == "cpu" for t in state.values())
     result = subprocess.run([sys.executable, "-c", CPU_ONLY_LOAD, str(run_dir / MODEL_NAME),
@@ -55,3 +57,28 @@ def test_a_local_rank_past_the_visible_gpus_is_refused(splits, tmp_path, monkeyp
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "run" / "_errors" / f"rank-{count}.json").exists()
+
+
+def test_data_wait_on_cuda_is_the_time_the_device_sat_idle():
+    """A slow fetch while the GPU is idle counts; the same fetch while the GPU is still busy with the step (a kernel
+    of about 0.1 s) does not: only the tiny copy after the kernel does."""
+    from spark_mnist.rank.step import DataWait
+
+    device = torch.device("cuda", torch.cuda.current_device())
+
+    def slow():
+        for _ in range(3):
+            time.sleep(0.02)
+            yield (torch.zeros(2, 1, 8, 8, dtype=torch.uint8).pin_memory(),
+                   torch.zeros(2, dtype=torch.int64).pin_memory())
+
+    idle, batches = DataWait(device), slow()
+    for _ in range(3):
+        images, labels = idle.next(batches)
+    assert images.device == device and labels.device == device
+    assert 0.06 <= idle.seconds() < 0.5
+    busy, batches = DataWait(device), slow()
+    for _ in range(3):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of the device's clock cycles
+        busy.next(batches)
+    assert busy.seconds() < 0.01
