@@ -157,6 +157,13 @@ def test_resume_mid_epoch_gives_the_trained_model_of_an_uninterrupted_run(one_ra
     assert not torch.allclose(halfway["classifier.weight"], trained(run_dir)["classifier.weight"], atol=1e-3)
 
 
+def test_resume_without_a_checkpoint_starts_afresh_and_says_so(one_rank, splits, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    one_rank(job_for(splits, run_dir, resume=True, max_steps=3))
+    assert f"resume: no checkpoint in {run_dir}, starting afresh" in capsys.readouterr().out
+    assert torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["loader"]["step"] == 3
+
+
 def test_resume_with_another_seed_is_refused_in_one_line(one_rank, splits, tmp_path):
     from spark_mnist.errors import LoaderStateError
 

@@ -150,18 +150,13 @@ def _resume(run: _Run, checkpoint: Checkpoint, train_loader: ShardLoader) -> Non
     train_loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
     run.model.load_state_dict(checkpoint.model)
     run.optimizer.load_state_dict(checkpoint.optimizer)
-    written = checkpoint.loader["world_size"]
+    saved = checkpoint.loader
     held = (
-        f"; written by {written} ranks, batch size {run.batch_size} per rank holds its global batch "
-        f"{checkpoint.loader['global_batch_size']}"
-        if written != run.world.world_size
-        else ""
+        f"; the global batch {saved['global_batch_size']} of its {saved['world_size']} ranks, {run.batch_size} per rank"
     )
-    _say(
-        run.world,
-        f"resume: continuing from {checkpoint.path} at epoch {train_loader.epoch + 1}, step "
-        f"{train_loader.start_step}/{train_loader.steps_total}{held}",
-    )
+    where = f"epoch {train_loader.epoch + 1}, step {train_loader.start_step}/{train_loader.steps_total}"
+    same = saved["world_size"] == run.world.world_size
+    _say(run.world, f"resume: continuing from {checkpoint.path} at {where}{'' if same else held}")
 
 
 def _say(world: World, line: str) -> None:
