@@ -138,8 +138,9 @@ def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Che
     if settings.resume and checkpoint is None:
         _say(world, f"resume: no checkpoint in {job.run_dir}, starting afresh")
     batch_size = settings.batch_size
+    # On the checkpoint's own world size train.batch_size stays: the loader refuses another global batch.
     if checkpoint is not None and checkpoint.loader["world_size"] != world.world_size:
-        batch_size = checkpoint.batch_size_for(world.world_size)  # (on its own world size a changed one is refused)
+        batch_size = checkpoint.batch_size_for(world.world_size)
     norm = normalization_for(job.dataset)
     return _Run(job, world, device, model, optimizer, step, norm, channels_last, batch_size), checkpoint
 
