@@ -113,6 +113,18 @@ def test_the_wheel_carries_its_package_data_licence_and_version(tmp_path):
     assert "spark_mnist/log4j2.properties" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     assert wheel.name.startswith(f"spark_mnist-{spark_mnist.__version__}-")
+    # The extras a user installs from the wheel are pyproject's (tests/test_install_docs.py checks the docs' lines
+    # against pyproject): every extra, with every requirement, in the wheel's METADATA.
+    from email.parser import Parser
+
+    (metadata_name,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+    metadata = Parser().parsestr(zipfile.ZipFile(wheel).read(metadata_name).decode())
+    assert set(metadata.get_all("Provides-Extra")) == set(project()["optional-dependencies"])
+    in_wheel = {(canonicalize_name(r.name), str(r.marker)) for r in map(Requirement, metadata.get_all("Requires-Dist"))
+                if r.marker is not None}
+    for extra, reqs in project()["optional-dependencies"].items():
+        for req in map(Requirement, reqs):
+            assert (canonicalize_name(req.name), f'extra == "{extra}"') in in_wheel, (extra, str(req))
 
 
 def test_the_test_kit_is_opt_in():
