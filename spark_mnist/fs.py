@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
     from spark_mnist.paths import Location
 
+__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "makedirs", "read_bytes",
+           "write_whole"]  # fmt: skip
+
 
 # What a mount that cannot rename answers: ENOSYS (a Unity Catalog volume's FUSE mount, delta-io/delta-rs#2540),
 # EPERM or ENOTSUP (FUSE layers that refuse it), EXDEV (a rename across what the mount presents as devices).

@@ -45,6 +45,10 @@ from spark_mnist.datasets import SPLITS, get_dataset
 from spark_mnist.errors import check_choice
 from spark_mnist.formats.idx import encode_idx, write_idx
 
+__all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset", "RankFailedError",
+           "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args", "idx_source",
+           "ingested_dataset"]  # fmt: skip
+
 DEFAULT_MASTER = "local[2]"
 REMOTE_ENV = "SPARK_REMOTE"
 # The defects :func:`write_idx_source` can plant, each in one file of one split, and what it does to that file.

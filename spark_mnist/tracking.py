@@ -2,7 +2,7 @@
 
 :func:`log_training_run` records one finished training run: the settings as parameters, the per-epoch figures as
 metrics (``step`` = epoch), the dataset the run read as an MLflow dataset input (``mlflow.log_input``: its registry
-name, the manifest's digest and the dataset directory as source, context ``training``; :func:`log_dataset_input`),
+name, the manifest's digest and the dataset directory as source, context ``training``),
 the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
 and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorch_model``) with a tensor signature
 (see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``,
@@ -43,6 +43,9 @@ from typing import Any, Iterator, Mapping
 
 from spark_mnist.envs import scoped_env
 from spark_mnist.paths import normalize_uri, redact
+
+__all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", "flatten_params", "log_training_run",
+           "manifest_digest"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ def _log_run(
             mlflow.log_metrics(final)
         mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), MANIFEST_ARTIFACT)
         if dataset_uri is not None:
-            log_dataset_input(mlflow, manifest, dataset_uri, log)
+            _log_dataset_input(mlflow, manifest, dataset_uri, log)
         if model_path is not None and os.path.isfile(model_path):
             mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
             _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
@@ -239,7 +242,7 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:DIGEST_CHARS]
 
 
-def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
+def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
     dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
     resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure

@@ -17,6 +17,8 @@ from spark_mnist.errors import SourceError
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
+__all__ = ["load_data", "split_arrays"]
+
 Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 

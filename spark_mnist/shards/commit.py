@@ -72,6 +72,10 @@ from spark_mnist.shards.contract import MANIFEST_NAME, Manifest, read_manifest
 if TYPE_CHECKING:
     from spark_mnist.datasets import DatasetSpec
 
+__all__ = ["LEASE_DIR", "LEASE_NAME", "HEARTBEAT_S", "LEASE_EXPIRY_S", "STALE_TEMP_S", "Lease", "new_generation",
+           "is_generation", "current_manifest", "read_lease", "writing", "publish", "clean", "discard",
+           "write_local_dataset"]  # fmt: skip
+
 log = logging.getLogger(__name__)
 
 # The lease of a generation being written (:class:`Lease`): its first object, ``LEASE_DIR/LEASE_NAME`` under the
@@ -149,7 +153,7 @@ class Lease:
 
     def __init__(self, out: Location, generation: str):
         self.out, self.generation = out, generation
-        self.location = lease_location(out, generation)
+        self.location = _lease_location(out, generation)
         self.reaped = False
         self.published = False  # set by publish once the manifest naming this generation is written
         self._beat = 0
@@ -160,7 +164,7 @@ class Lease:
 
     def __enter__(self) -> "Lease":
         if self.out.is_local:
-            fs.makedirs(lease_folder(self.out, self.generation))  # object stores have none: the lease makes them
+            fs.makedirs(_lease_folder(self.out, self.generation))  # object stores have none: the lease makes them
         self._write()
         self._thread.start()
         return self
@@ -181,7 +185,7 @@ class Lease:
             OSError: the lease could not be deleted.
         """
         self.stop()
-        fs.delete(lease_folder(self.out, self.generation))
+        fs.delete(_lease_folder(self.out, self.generation))
 
     def holds(self) -> bool:
         """Whether the lease is still this ingest's: not reaped, and the object holds what it last wrote.
@@ -257,12 +261,12 @@ def writing(out: Location) -> Iterator[Lease]:
         raise
 
 
-def lease_location(out: Location, generation: str) -> Location:
+def _lease_location(out: Location, generation: str) -> Location:
     """Where the lease of ``generation`` under ``out`` lives: ``OUT/<generation>/_lease/lease.json``."""
-    return lease_folder(out, generation).join(LEASE_NAME)
+    return _lease_folder(out, generation).join(LEASE_NAME)
 
 
-def lease_folder(out: Location, generation: str) -> Location:
+def _lease_folder(out: Location, generation: str) -> Location:
     """The folder of the lease of ``generation`` under ``out`` (:data:`LEASE_DIR`), deleted whole."""
     return out.join(generation, LEASE_DIR)
 
@@ -344,11 +348,13 @@ def clean(out: Location) -> list[str]:
         return []
     names = fs.list_names(out)
     candidates = [name for name in names if is_generation(name) and name not in (current.generation, current.previous)]
-    leases = {name: read_lease(lease_location(out, name)) for name in candidates}
+    leases = {name: read_lease(_lease_location(out, name)) for name in candidates}
     held = {name: content for name, content in leases.items() if content is not None}
     if held:
         time.sleep(LEASE_EXPIRY_S)
-        alive = [name for name, content in held.items() if read_lease(lease_location(out, name)) not in (None, content)]
+        alive = [
+            name for name, content in held.items() if read_lease(_lease_location(out, name)) not in (None, content)
+        ]
         if alive:
             log.info(
                 "%s: left generation(s) %s, whose ingest is still writing (its lease beats)",
@@ -363,7 +369,7 @@ def clean(out: Location) -> list[str]:
     for name in candidates:
         if name in (current.generation, current.previous):
             continue
-        if (name not in held or _remove(lease_folder(out, name))) and _remove(out.join(name)):
+        if (name not in held or _remove(_lease_folder(out, name))) and _remove(out.join(name)):
             removed.append(name)
     for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
         if name.startswith(f".{MANIFEST_NAME}.tmp-") and _age_s(out.join(name)) > STALE_TEMP_S:

@@ -45,6 +45,8 @@ from spark_mnist.fs import replacing
 from spark_mnist.paths import normalize_uri, require_local
 from spark_mnist.tools.verify import verify_file
 
+__all__ = ["LocalRoots", "download"]
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16

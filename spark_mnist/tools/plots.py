@@ -24,6 +24,8 @@ from spark_mnist.shards import contract
 if TYPE_CHECKING:
     from spark_mnist.tools.evaluate import EvaluationResult
 
+__all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'spark-mnist[plots]'"

@@ -21,6 +21,8 @@ from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, Inpu
 from spark_mnist.formats.idx import ParsedIdx, parse_idx
 from spark_mnist.paths import require_local
 
+__all__ = ["FileReport", "SplitReport", "VerifyReport", "verify_source", "verify_file", "format_table"]
+
 STATUS_OK = "ok"
 STATUS_HASH_MISMATCH = "hash-mismatch"
 STATUS_MISSING = "missing"
@@ -323,6 +325,3 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
         out.append("(hash mismatches allowed: strict=False)")
     out += ["", "OK" if report.ok else "FAILED"]
     return "\n".join(out) + "\n"
-
-
-__all__ = ["FileReport", "SplitReport", "VerifyReport", "verify_source", "verify_file", "format_table"]
