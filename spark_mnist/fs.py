@@ -133,6 +133,9 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
 
 
 AZURE_SCHEMES = ("abfs", "abfss", "az")
+# The package fsspec needs for a scheme pyarrow may lack, named where fsspec itself is missing.
+_FSSPEC_PACKAGES = dict.fromkeys((*AZURE_SCHEMES, "adl", "wasbs"), "adlfs")
+_FSSPEC_PACKAGES.update(s3a="s3fs", s3n="s3fs", gcs="gcsfs")
 
 
 def task_uri(location: "Location") -> str:
@@ -216,16 +219,7 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
     try:
         import fsspec
     except ImportError:
-        package = {
-            "s3a": "s3fs",
-            "s3n": "s3fs",
-            "gcs": "gcsfs",
-            "abfs": "adlfs",
-            "abfss": "adlfs",
-            "az": "adlfs",
-            "adl": "adlfs",
-            "wasbs": "adlfs",
-        }.get(scheme, f"the fsspec package for {scheme}://")
+        package = _FSSPEC_PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
         raise SourceError(
             f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
             f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}"
