@@ -183,7 +183,7 @@ def write_ingested_dataset(
 ) -> Path:
     """Write a complete ingested dataset at ``output`` (a local path or a URI) with no Spark session: the shards by
     ingest's own shard writer under a new generation, then the manifest, by the same commit as ``spark-mnist ingest``
-    (:func:`spark_mnist.shards.commit.write_local_dataset`).
+    (:func:`spark_mnist.shards.arrays.write_local_dataset`).
 
     Rows are :func:`make_arrays` ``(rows, seed)`` for train and ``(rows, seed + 1)`` for test, turned upright as
     ingest turns them (:func:`spark_mnist.datasets.upright`), so they equal what ingesting :func:`write_idx_source`'s
@@ -195,7 +195,7 @@ def write_ingested_dataset(
         ValueError: an unknown dataset, or a row count below 1.
     """
     from spark_mnist.datasets import upright
-    from spark_mnist.shards.commit import write_local_dataset
+    from spark_mnist.shards.arrays import write_local_dataset
 
     spec = get_dataset(dataset)
     arrays = {}

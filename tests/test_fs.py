@@ -124,7 +124,7 @@ def test_commit_through_the_layer_replaces_a_previous_dataset(root):
     import numpy as np
 
     from spark_mnist.datasets import get_dataset
-    from spark_mnist.shards.commit import write_local_dataset
+    from spark_mnist.shards.arrays import write_local_dataset
     from spark_mnist.shards.contract import MANIFEST_NAME, open_dataset
     from spark_mnist.shards.parquet import plan_row_groups, read_rows
 
