@@ -53,6 +53,7 @@ __all__ = ["LocalRoots", "download"]
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16
+_BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None, "leave": False}  # tqdm's, per file
 # Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
 # errors.  Any other 4xx (403 Forbidden, 404 Not Found, ...) moves on to the next mirror at once.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
@@ -381,19 +382,7 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float, n
         length = response.headers.get("Content-Length")
         end = offset + int(length) if length and length.isdigit() else total
         written = offset
-        with (
-            open(part, "ab" if offset else "wb") as out,
-            tqdm(
-                total=end,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=name,
-                disable=None,
-                leave=False,
-            ) as bar,
-        ):
+        with open(part, "ab" if offset else "wb") as out, tqdm(total=end, initial=offset, desc=name, **_BAR) as bar:
             try:
                 for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
                     out.write(chunk)
