@@ -31,10 +31,11 @@ teardown; tiny synthetic IDX files in ``tmp_path``), torch.distributed's ``init_
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import socket
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -241,17 +242,9 @@ def _rank_main(
     (the server's is its own start's), torchrun's variables on top; join the group, run ``fn``."""
     os.environ.clear()
     os.environ.update(environ)
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "GROUP_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    torchrun = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world_size}
+    os.environ.update({k: str(v) for k, v in torchrun.items()}, GROUP_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
     import torch.distributed as dist
 
     try:
@@ -393,27 +386,15 @@ def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
     return ["--remote", local_server_url()]
 
 
-@dataclass
-class _Factory:
-    """Makes each product in a fresh subdirectory of one temporary directory."""
-
-    root: Path
-    made: int = field(default=0)
-
-    def next_dir(self, name: str) -> Path:
-        self.made += 1
-        return self.root / f"{name}-{self.made}"
-
-
 @pytest.fixture
 def idx_source(tmp_path: Path) -> Callable[..., IdxSource]:
     """A factory: ``idx_source(dataset="mnist", train_rows=600, test_rows=100, seed=0, defect=None,
     defect_split="train")`` writes a new source directory under ``tmp_path`` (:func:`write_idx_source`) and returns
     its :class:`IdxSource`."""
-    factory = _Factory(tmp_path)
+    made = itertools.count(1)  # each source in a fresh subdirectory
 
     def make(dataset: str = "mnist", **kwargs: Any) -> IdxSource:
-        return write_idx_source(factory.next_dir(f"source-{dataset}"), dataset, **kwargs)
+        return write_idx_source(tmp_path / f"source-{dataset}-{next(made)}", dataset, **kwargs)
 
     return make
 
@@ -423,9 +404,9 @@ def ingested_dataset(tmp_path: Path) -> Callable[..., Path]:
     """A factory: ``ingested_dataset(dataset="mnist", train_rows=600, test_rows=100, num_shards=2, seed=0)`` writes
     a complete ingested dataset under ``tmp_path`` with no Spark session (:func:`write_ingested_dataset`) and returns
     its directory, ready for :func:`spark_mnist.open_dataset` and the loader."""
-    factory = _Factory(tmp_path)
+    made = itertools.count(1)  # each dataset in a fresh subdirectory
 
     def make(dataset: str = "mnist", **kwargs: Any) -> Path:
-        return write_ingested_dataset(factory.next_dir(f"dataset-{dataset}"), dataset, **kwargs)
+        return write_ingested_dataset(tmp_path / f"dataset-{dataset}-{next(made)}", dataset, **kwargs)
 
     return make
