@@ -8,6 +8,7 @@ file) is compared with the registry's.  The file names are exactly the ones inge
 
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 from dataclasses import dataclass
@@ -211,40 +212,20 @@ def verify_source(
 def _check_file(
     path: Path, split: str, kind: str, name: str, expected: str | None
 ) -> tuple[FileReport, ParsedIdx | None]:
+    report = functools.partial(FileReport, split, kind, name, str(path), expected=expected)
     if not path.is_file():
-        return FileReport(split, kind, name, str(path), STATUS_MISSING, expected=expected), None
+        return report(STATUS_MISSING), None
     size = path.stat().st_size
     try:
         parsed = parse_idx(path)
     except InputError as e:
-        return FileReport(
-            split,
-            kind,
-            name,
-            str(path),
-            f"{STATUS_ERROR}: {_without_prefix(str(e), path)}",
-            expected=expected,
-            size_bytes=size,
-        ), None
+        return report(f"{STATUS_ERROR}: {_without_prefix(str(e), path)}", size_bytes=size), None
     except OSError as e:
-        return FileReport(
-            split, kind, name, str(path), f"{STATUS_ERROR}: cannot read: {e}", expected=expected, size_bytes=size
-        ), None
+        return report(f"{STATUS_ERROR}: cannot read: {e}", size_bytes=size), None
     status = STATUS_OK if expected is None or parsed.sha256 == expected else STATUS_HASH_MISMATCH
     shape = tuple(int(d) for d in parsed.array.shape)
-    return FileReport(
-        split,
-        kind,
-        name,
-        str(path),
-        status,
-        rows=shape[0],
-        shape=shape,
-        dtype=str(parsed.array.dtype),
-        sha256=parsed.sha256,
-        expected=expected,
-        size_bytes=size,
-    ), parsed
+    dtype, sha256 = str(parsed.array.dtype), parsed.sha256
+    return report(status, shape[0], shape, dtype, sha256, size_bytes=size), parsed
 
 
 def _without_prefix(message: str, path: Path) -> str:
