@@ -257,6 +257,14 @@ def _short(digest: str | None, width: int = 16) -> str:
     return digest[:width] + ("..." if len(digest) > width else "")
 
 
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _render(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -272,28 +280,14 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
     out = [f"dataset {report.dataset} in {report.directory}", ""]
     file_rows = [("file", "rows", "shape", "status", "sha256", "expected")]
     for f in report.files:
-        file_rows.append(
-            (
-                f.name,
-                "-" if f.rows is None else str(f.rows),
-                "-" if f.shape is None else "x".join(map(str, f.shape)),
-                f.status if len(f.status) <= 40 else f.status[:37] + "...",
-                "-" if f.sha256 is None else _short(f.sha256),
-                _short(f.expected),
-            )
-        )
+        shape = None if f.shape is None else "x".join(map(str, f.shape))
+        sha256 = None if f.sha256 is None else _short(f.sha256)
+        file_rows.append((f.name, _cell(f.rows), _cell(shape), _cut(f.status, 40), _cell(sha256), _short(f.expected)))
     out += _render(file_rows)
     out.append("")
     split_rows = [("split", "rows", "published", "status")]
     for s in report.splits:
-        split_rows.append(
-            (
-                s.split,
-                "-" if s.rows is None else str(s.rows),
-                "-" if s.expected_rows is None else str(s.expected_rows),
-                s.status if len(s.status) <= 60 else s.status[:57] + "...",
-            )
-        )
+        split_rows.append((s.split, _cell(s.rows), _cell(s.expected_rows), _cut(s.status, 60)))
     out += _render(split_rows)
     for s in report.splits:
         if s.histogram is not None:
