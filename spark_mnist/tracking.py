@@ -68,16 +68,7 @@ DIGEST_CHARS = 16
 EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
 # Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
 FINAL_METRICS = ("train_seconds", "wall_seconds")
-RUN_PARAMS = (
-    "dataset",
-    "world_size",
-    "device",
-    "loader",
-    "steps_per_epoch",
-    "batch_size",
-    "samples_per_epoch",
-    "epochs",
-)
+RUN_PARAMS = "dataset world_size device loader steps_per_epoch batch_size samples_per_epoch epochs".split()
 # MLflow's limits: param values of at most 6000 characters (500 before MLflow 2.x), keys of at most 250 characters
 # from letters, digits, "_", "-", ".", " " and "/".
 MAX_PARAM_KEY_LENGTH = 250
@@ -209,13 +200,8 @@ def _log_run(
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
     ) as run:
-        mlflow.set_tags(
-            {
-                "spark_mnist.dataset": str(dataset),
-                "spark_mnist.device": str(metrics.get("device")),
-                "spark_mnist.loader": str(metrics.get("loader")),
-            }
-        )
+        tags = {"dataset": dataset, "device": metrics.get("device"), "loader": metrics.get("loader")}
+        mlflow.set_tags({f"spark_mnist.{key}": str(value) for key, value in tags.items()})
         mlflow.log_params(params)
         for record in metrics.get("history") or []:
             values = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
