@@ -59,14 +59,7 @@ def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: An
     diagonal = np.diag(confusion)
     per_class = [float(d / t) if t else None for d, t in zip(diagonal.tolist(), per_class_total.tolist())]
     accuracy = float(diagonal.sum() / samples) if samples else 0.0
-    return EvaluationResult(
-        accuracy=accuracy,
-        per_class_accuracy=per_class,
-        confusion=confusion,
-        classes=list(classes),
-        samples=samples,
-        **extra,
-    )
+    return EvaluationResult(accuracy, per_class, confusion, list(classes), samples, **extra)
 
 
 def _load_state_dict(model_path: str):
