@@ -5,7 +5,7 @@
 #   make run  [LANE=...]    ingest the Debian Fashion-MNIST files and train with conf/local.yaml (local[2], 2 CPU ranks)
 #   make run REMOTE=local[2]  ... the same over Spark Connect (a local server; or REMOTE=sc://host:port)
 #   make bench [LANE=...]   loader and ingest benchmarks (one table, one JSON line)
-#   make lint               ruff (lint and format) and mypy over spark_mnist/ (make test runs it too)
+#   make lint               ruff (lint and format), mypy and import-linter over spark_mnist/ (make test runs it too)
 #   make docs               the documentation site, docs/_build/html, warnings as errors (make test builds it too)
 # A lane is a runtime's library stack, locked in requirements/lanes/LANE.txt (see README "Runtimes"):
 #   spark35        as on Databricks Runtime 15.4 LTS ML: pyspark 3.5, pyarrow 14, numpy 1, pandas 1.5, pydantic 1.10,
@@ -125,14 +125,15 @@ test-kit: $(UV)
 	( cd $(KIT)/project && $(CURDIR)/$(BOUNDED) $(KIT)/venv/bin/python -m pytest -q -p no:cacheprovider --rootdir . ); s=$$?; \
 	mkdir -p $(LOGS); echo "kit $(KIT_LANE) $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
-# ruff and mypy, pinned in requirements/lint.txt, in an environment of their own; mypy reads lane spark40's libraries
-# (pyspark, pyarrow, numpy, torch) for the package's imports.  Settings: pyproject.toml's [tool.ruff], [tool.mypy].
+# ruff, mypy and import-linter, pinned in requirements/lint.txt, in an environment of their own; mypy reads lane
+# spark40's libraries (pyspark, pyarrow, numpy, torch) for the package's imports; lint-imports checks the arrows of
+# docs/concepts/architecture.md.  Settings: pyproject.toml's [tool.ruff], [tool.mypy], [tool.importlinter].
 LINT_VENV := .venv/lint
 LINT_LANE := spark40
 lint: $(LINT_VENV)/.installed
 	@$(MAKE) --no-print-directory venv LANE=$(LINT_LANE)
 	@t=$$(date +%s); $(LINT_VENV)/bin/ruff check spark_mnist && $(LINT_VENV)/bin/ruff format --check spark_mnist && \
-	$(LINT_VENV)/bin/mypy --python-executable .venv/$(LINT_LANE)/bin/python; s=$$?; \
+	$(LINT_VENV)/bin/mypy --python-executable .venv/$(LINT_LANE)/bin/python && $(LINT_VENV)/bin/lint-imports; s=$$?; \
 	mkdir -p $(LOGS); echo "lint - $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
 $(LINT_VENV)/.installed: requirements/lint.txt | $(UV)

@@ -3,14 +3,14 @@
 The folders read as the pipeline and say where code runs: ``formats`` (IDX parsing) and ``datasets`` (the registry)
 -> ``driver`` (once, on the Spark driver: sources, ingest, commit) -> ``shards`` (the Parquet contract, anywhere)
 -> ``launch`` (starting the ranks: TorchDistributor, torchrun, Databricks AI Runtime) -> ``rank`` (every rank: world,
-loader, training loop) -> ``tools`` (verify, download, evaluate, plots, tracking, load_data); ``pipeline`` wires them,
+loader, training loop) -> ``tools`` (verify, download, evaluate, plots); ``pipeline`` wires them and ``tracking``,
 for ``cli`` and for the notebook API below.  README's Architecture section names each module's job.
 
 The notebook API, with the settings of the command line (``spark_mnist/config.py``):
 
 * :func:`ingest` ``(spark, source, output, ...)``: gz IDX files -> Parquet shards; returns the manifest.
 * :func:`train` ``(data, ..., launcher=...)``: training on an ingested dataset; returns the metrics.
-* :func:`load_data` ``(path)``: Keras-style numpy arrays (:mod:`spark_mnist.tools.arrays`).
+* :func:`load_data` ``(path)``: Keras-style numpy arrays (:mod:`spark_mnist.shards.arrays`).
 * :func:`open_dataset` ``(OUT)``: an ingested dataset through its manifest, the one way in for every reader
   (``spark.read.parquet(*open_dataset(OUT).files("train"))``; :mod:`spark_mnist.shards.contract`).
 * :mod:`spark_mnist.torch`: the loader for your own training loop, and ``MNIST`` (and its siblings) in
@@ -73,8 +73,8 @@ except PackageNotFoundError:  # the source tree on sys.path without an install
 
 
 def load_data(path, dataset: str = "mnist"):
-    """Keras-style ``((x_train, y_train), (x_test, y_test))``; see :func:`spark_mnist.tools.arrays.load_data`."""
-    from spark_mnist.tools.arrays import load_data as _load_data
+    """Keras-style ``((x_train, y_train), (x_test, y_test))``; see :func:`spark_mnist.shards.arrays.load_data`."""
+    from spark_mnist.shards.arrays import load_data as _load_data
 
     return _load_data(path, dataset)
 
@@ -97,7 +97,7 @@ def _settings(config: Optional[str | os.PathLike], section: str, values: dict[st
     """
     from spark_mnist.config import DATABRICKS_DEFAULTS, Settings, load_settings
     from spark_mnist.errors import InputError, check_choice
-    from spark_mnist.tools.tracking import on_databricks
+    from spark_mnist.tracking import on_databricks
 
     for key in values:
         check_choice(f"{section} setting", key, Settings.__fields__[section].type_.__fields__, InputError)

@@ -21,6 +21,9 @@ import numpy as np
 
 from spark_mnist.errors import DatasetMismatchError, InputError, check_choice
 
+__all__ = ["IMAGES", "LABELS", "SPLITS", "DIGITS", "DatasetFile", "DatasetSpec", "registry", "get_dataset",
+           "validate_split", "validate_layout", "hash_mismatch_message", "upright"]  # fmt: skip
+
 SPLITS = ("train", "test")
 IMAGES, LABELS = "images", "labels"
 

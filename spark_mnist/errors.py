@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Iterable, TypeVar
 
+__all__ = ["InputError", "IdxFormatError", "DatasetMismatchError", "SourceError", "ChecksumMismatchError",
+           "DatasetNotFoundError", "EnvironmentMismatchError", "LauncherUnavailableError", "CheckpointError",
+           "LoaderStateError", "ReapedError", "invalid", "check_choice", "require_extra"]  # fmt: skip
+
 T = TypeVar("T")
 
 

@@ -3,7 +3,8 @@ resolver; and writes that never leave a half-written file under the final name.
 
 Every operation takes a :class:`~spark_mnist.paths.Location`.  Where :mod:`os` can reach the place
 (:attr:`Location.is_local <spark_mnist.paths.Location.is_local>`: local disk, the ``/dbfs`` FUSE mount,
-``/Volumes``) it goes through :mod:`os`; everywhere else through :mod:`pyarrow.fs` (``s3://``, ``gs://``,
+``/Volumes``) it goes through pyarrow's ``LocalFileSystem`` (:mod:`os` for deletes and :func:`replacing`);
+everywhere else through :mod:`pyarrow.fs` (``s3://``, ``gs://``,
 ``hdfs://``, and ``abfss://`` where the installed pyarrow has it), or through fsspec for a scheme pyarrow lacks
 (``s3a://`` with s3fs installed, ``memory://``, ...).  ``dbfs:/`` without the FUSE mount (Spark Connect off the
 cluster) is refused: use ``/Volumes/...`` or the ``/dbfs/...`` path on a machine that has the mount.
@@ -26,7 +27,7 @@ Azure's default credential chain).
 IDX files, checkpoints, models, pictures, downloads and the manifest all go through it.  ``os.replace`` is atomic on
 POSIX (and on the ``/dbfs`` and ``/Volumes`` FUSE mounts, within one directory).
 
-No Spark here; pyarrow and fsspec are imported only when a non-local place is used.
+No Spark here; fsspec is imported only for a scheme pyarrow lacks.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
     from spark_mnist.paths import Location
+
+__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "makedirs", "read_bytes",
+           "write_whole"]  # fmt: skip
 
 
 # What a mount that cannot rename answers: ENOSYS (a Unity Catalog volume's FUSE mount, delta-io/delta-rs#2540),
@@ -129,6 +133,9 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
 
 
 AZURE_SCHEMES = ("abfs", "abfss", "az")
+# The package fsspec needs for a scheme pyarrow may lack, named where fsspec itself is missing.
+_FSSPEC_PACKAGES = dict.fromkeys((*AZURE_SCHEMES, "adl", "wasbs"), "adlfs")
+_FSSPEC_PACKAGES.update(s3a="s3fs", s3n="s3fs", gcs="gcsfs")
 
 
 def task_uri(location: "Location") -> str:
@@ -212,16 +219,7 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
     try:
         import fsspec
     except ImportError:
-        package = {
-            "s3a": "s3fs",
-            "s3n": "s3fs",
-            "gcs": "gcsfs",
-            "abfs": "adlfs",
-            "abfss": "adlfs",
-            "az": "adlfs",
-            "adl": "adlfs",
-            "wasbs": "adlfs",
-        }.get(scheme, f"the fsspec package for {scheme}://")
+        package = _FSSPEC_PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
         raise SourceError(
             f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
             f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}"
@@ -254,9 +252,6 @@ def exists(location: "Location") -> bool:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file system failed.
     """
-    local = location.os_path
-    if local is not None:
-        return os.path.exists(local)
     from pyarrow.fs import FileType
 
     fs, path = filesystem(location)
@@ -298,9 +293,6 @@ def list_names(location: "Location") -> list[str]:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file system failed (e.g. a directory that cannot be read).
     """
-    local = location.os_path
-    if local is not None:
-        return sorted(os.listdir(local)) if os.path.isdir(local) else []
     from pyarrow.fs import FileSelector, FileType
 
     fs, path = filesystem(location)
@@ -316,10 +308,6 @@ def makedirs(location: "Location") -> None:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the directory could not be created (e.g. a file is in the way).
     """
-    local = location.os_path
-    if local is not None:
-        os.makedirs(local, exist_ok=True)
-        return
     fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)
 
@@ -331,36 +319,16 @@ def read_bytes(location: "Location") -> bytes:
         FileNotFoundError: nothing there.
         SourceError: as :func:`filesystem`.
     """
-    local = location.os_path
-    if local is not None:
-        return Path(local).read_bytes()
     filesystem_, path = filesystem(location)
     with filesystem_.open_input_stream(path) as stream:
         return stream.read()
 
 
-def write_text(location: "Location", text: str) -> None:
-    """Write ``text`` (UTF-8) to the file ``location``, replacing it in one single-object write
-    (:func:`write_whole`).
-
-    Raises:
-        SourceError: a place no file system here can reach (:func:`filesystem`).
-        OSError: the file could not be written (e.g. its directory is missing).
-    """
-    write_whole(location, text.encode("utf-8"))
-
-
 def write_whole(location: "Location", data: bytes) -> None:
     """Make ``data`` the content of the file ``location`` in one atomic single-object write: what commits a
-    dataset (its manifest).
-
-    * local disk and FUSE mounts: a temporary file beside it, then ``os.replace`` (atomic on POSIX); where the
-      mount refuses the rename (ENOSYS, EPERM, EXDEV: a Unity Catalog volume) the file is written whole in place,
-      in one ``write`` call, which a FUSE mount over object storage uploads as one object on close
-      (:func:`replacing`);
-    * object stores (``s3://``, ``gs://``, ``abfss://``): one output stream, which pyarrow uploads as one PUT when
-      it is closed (an object under 5 MiB is never a multipart upload); a failure before the close leaves the
-      previous object as it was.
+    dataset (its manifest).  Local disk and FUSE mounts: :func:`replacing`; object stores (``s3://``, ``gs://``,
+    ``abfss://``): one output stream, which pyarrow uploads as one PUT when it is closed (an object under 5 MiB is
+    never a multipart upload), so a failure before the close leaves the previous object as it was.
 
     Raises:
         SourceError: a place no file system here can reach (:func:`filesystem`).
@@ -372,6 +340,7 @@ def write_whole(location: "Location", data: bytes) -> None:
             tmp.write_bytes(data)
         return
     fs, path = filesystem(location)
+    # No temporary object and rename: an object store's rename is a copy; one PUT is already atomic for readers.
     with fs.open_output_stream(path) as stream:
         stream.write(data)
 

@@ -32,6 +32,9 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from spark_mnist.errors import SourceError, invalid
 
+__all__ = ["DBFS_FUSE_ROOT", "VOLUMES_ROOT", "Location", "normalize_uri", "redact", "require_local",
+           "check_visible_to_executors"]  # fmt: skip
+
 DBFS_FUSE_ROOT = "/dbfs"
 VOLUMES_ROOT = "/Volumes"
 REDACTED = "***"

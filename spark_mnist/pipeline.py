@@ -5,7 +5,7 @@ The ``spark-mnist`` command (:mod:`spark_mnist.cli`) and the notebook API (:func
 ``rank/`` (torch, every rank) never import each other: this module hands :func:`spark_mnist.rank.train.train_worker`
 and a :class:`~spark_mnist.job.TrainJob` to the launcher that ``train.launcher`` names (:mod:`spark_mnist.launch`),
 relaunches it from the last checkpoint when a rank fails (:mod:`spark_mnist.launch.restarts`), and logs the run to
-MLflow (:mod:`spark_mnist.tools.tracking`).  Imports are lazy: ``torchrun`` and ``ai-runtime`` training imports no
+MLflow (:mod:`spark_mnist.tracking`).  Imports are lazy: ``torchrun`` and ``ai-runtime`` training imports no
 Spark, and ingest no torch.
 """
 
@@ -229,7 +229,7 @@ def _train(spark, settings: Settings, *, ingested: bool) -> dict[str, Any]:
                 log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
     result = {"dataset": manifest.dataset, "converter": converter_name, "launcher": launcher.name, **metrics}
     from spark_mnist.tools.plots import maybe_training_curves  # never raises; warns once without matplotlib
-    from spark_mnist.tools.tracking import log_training_run
+    from spark_mnist.tracking import log_training_run
 
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))
     params = {k: v for k, v in settings.to_dict().items() if ingested or k != "ingest"}

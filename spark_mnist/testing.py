@@ -31,10 +31,11 @@ teardown; tiny synthetic IDX files in ``tmp_path``), torch.distributed's ``init_
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import socket
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -44,6 +45,10 @@ import pytest
 from spark_mnist.datasets import SPLITS, get_dataset
 from spark_mnist.errors import check_choice
 from spark_mnist.formats.idx import encode_idx, write_idx
+
+__all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset", "RankFailedError",
+           "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args", "idx_source",
+           "ingested_dataset"]  # fmt: skip
 
 DEFAULT_MASTER = "local[2]"
 REMOTE_ENV = "SPARK_REMOTE"
@@ -179,7 +184,7 @@ def write_ingested_dataset(
 ) -> Path:
     """Write a complete ingested dataset at ``output`` (a local path or a URI) with no Spark session: the shards by
     ingest's own shard writer under a new generation, then the manifest, by the same commit as ``spark-mnist ingest``
-    (:func:`spark_mnist.shards.commit.write_local_dataset`).
+    (:func:`spark_mnist.shards.arrays.write_local_dataset`).
 
     Rows are :func:`make_arrays` ``(rows, seed)`` for train and ``(rows, seed + 1)`` for test, turned upright as
     ingest turns them (:func:`spark_mnist.datasets.upright`), so they equal what ingesting :func:`write_idx_source`'s
@@ -191,7 +196,7 @@ def write_ingested_dataset(
         ValueError: an unknown dataset, or a row count below 1.
     """
     from spark_mnist.datasets import upright
-    from spark_mnist.shards.commit import write_local_dataset
+    from spark_mnist.shards.arrays import write_local_dataset
 
     spec = get_dataset(dataset)
     arrays = {}
@@ -237,17 +242,9 @@ def _rank_main(
     (the server's is its own start's), torchrun's variables on top; join the group, run ``fn``."""
     os.environ.clear()
     os.environ.update(environ)
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "GROUP_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    torchrun = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world_size}
+    os.environ.update({k: str(v) for k, v in torchrun.items()}, GROUP_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
     import torch.distributed as dist
 
     try:
@@ -389,27 +386,15 @@ def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
     return ["--remote", local_server_url()]
 
 
-@dataclass
-class _Factory:
-    """Makes each product in a fresh subdirectory of one temporary directory."""
-
-    root: Path
-    made: int = field(default=0)
-
-    def next_dir(self, name: str) -> Path:
-        self.made += 1
-        return self.root / f"{name}-{self.made}"
-
-
 @pytest.fixture
 def idx_source(tmp_path: Path) -> Callable[..., IdxSource]:
     """A factory: ``idx_source(dataset="mnist", train_rows=600, test_rows=100, seed=0, defect=None,
     defect_split="train")`` writes a new source directory under ``tmp_path`` (:func:`write_idx_source`) and returns
     its :class:`IdxSource`."""
-    factory = _Factory(tmp_path)
+    made = itertools.count(1)  # each source in a fresh subdirectory
 
     def make(dataset: str = "mnist", **kwargs: Any) -> IdxSource:
-        return write_idx_source(factory.next_dir(f"source-{dataset}"), dataset, **kwargs)
+        return write_idx_source(tmp_path / f"source-{dataset}-{next(made)}", dataset, **kwargs)
 
     return make
 
@@ -419,9 +404,9 @@ def ingested_dataset(tmp_path: Path) -> Callable[..., Path]:
     """A factory: ``ingested_dataset(dataset="mnist", train_rows=600, test_rows=100, num_shards=2, seed=0)`` writes
     a complete ingested dataset under ``tmp_path`` with no Spark session (:func:`write_ingested_dataset`) and returns
     its directory, ready for :func:`spark_mnist.open_dataset` and the loader."""
-    factory = _Factory(tmp_path)
+    made = itertools.count(1)  # each dataset in a fresh subdirectory
 
     def make(dataset: str = "mnist", **kwargs: Any) -> Path:
-        return write_ingested_dataset(factory.next_dir(f"dataset-{dataset}"), dataset, **kwargs)
+        return write_ingested_dataset(tmp_path / f"dataset-{dataset}-{next(made)}", dataset, **kwargs)
 
     return make

@@ -63,9 +63,9 @@ from spark_mnist.paths import redact
 from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
 from spark_mnist.rank.world import World
 from spark_mnist.runs import dataset_identity
+from spark_mnist.shards.arrays import split_arrays
 from spark_mnist.shards.contract import open_dataset
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS
-from spark_mnist.tools.arrays import split_arrays
 
 __all__ = ["loader", "World", "ShardLoader", "MNIST", "FashionMNIST", "KMNIST", "EMNIST"]
 

@@ -15,6 +15,7 @@ from spark_mnist import fs
 from spark_mnist.datasets import get_dataset
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import commit
+from spark_mnist.shards.arrays import write_local_dataset
 from tests.stores.writer import SERIAL, arrays
 
 
@@ -54,7 +55,7 @@ def test_a_lease_beats_until_stopped_and_says_who_holds_it(tmp_path):
 
 def test_a_reaped_lease_stops_beating_and_its_ingest_publishes_nothing(tmp_path):
     out = normalize_uri(tmp_path / "out")
-    first = commit.write_local_dataset(out.local_path, get_dataset("mnist"), arrays(1))
+    first = write_local_dataset(out.local_path, get_dataset("mnist"), arrays(1))
     with pytest.raises(commit.ReapedError, match="removed by another ingest's clean-up.*nothing was published"):
         with commit.writing(out) as lease:
             fs.delete(lease.location)  # what a clean-up that judged this ingest dead does first
@@ -68,11 +69,11 @@ def test_a_reaped_lease_stops_beating_and_its_ingest_publishes_nothing(tmp_path)
 def test_clean_leaves_a_beating_generation_and_removes_a_silent_one(tmp_path):
     out = normalize_uri(tmp_path / "out")
     spec = get_dataset("mnist")
-    first = commit.write_local_dataset(out.local_path, spec, arrays(1))
+    first = write_local_dataset(out.local_path, spec, arrays(1))
     with commit.writing(out) as silent:
         silent.stop()  # its ingest died: the lease stays, unchanged
         with commit.writing(out) as live:
-            second = commit.write_local_dataset(out.local_path, spec, arrays(2))  # its clean-up judges both
+            second = write_local_dataset(out.local_path, spec, arrays(2))  # its clean-up judges both
             names = set(fs.list_names(out))
             assert live.generation in names and silent.generation not in names
             assert {first.generation, second.generation} <= names

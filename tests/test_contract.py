@@ -12,7 +12,7 @@ import spark_mnist
 from spark_mnist.errors import DatasetNotFoundError
 from spark_mnist.datasets import get_dataset
 from spark_mnist.shards import contract
-from spark_mnist.shards.commit import write_local_dataset
+from spark_mnist.shards.arrays import write_local_dataset
 from spark_mnist.shards.parquet import PAGE_CHECKSUMS, plan_row_groups, read_rows
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spark_mnist.datasets import get_dataset
-from spark_mnist.shards.commit import write_local_dataset
+from spark_mnist.shards.arrays import write_local_dataset
 from spark_mnist.errors import DatasetMismatchError, DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import EvaluationResult, evaluate_model, format_report, result_from_confusion
 from spark_mnist.models import SimpleCNN, normalization_for, normalize

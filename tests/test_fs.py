@@ -36,8 +36,8 @@ def test_makedirs_exists_and_list_names(root):
     fs.makedirs(root.join("train"))
     fs.makedirs(root.join("train"))  # nothing happens where it exists
     fs.makedirs(root.join("test"))
-    fs.write_text(root.join(".hidden"), "x")
-    fs.write_text(root.join("train", "part-00000.parquet"), "shard")
+    fs.write_whole(root.join(".hidden"), b"x")
+    fs.write_whole(root.join("train", "part-00000.parquet"), b"shard")
     assert fs.exists(root) and fs.exists(root.join("train")) and fs.exists(root.join(".hidden"))
     assert not fs.exists(root.join("nope"))
     assert fs.list_names(root) == [".hidden", "test", "train"]
@@ -52,18 +52,18 @@ def _read(location: Location) -> str:
         return stream.read().decode("utf-8")
 
 
-def test_write_text_replaces_in_utf8(root):
+def test_write_whole_replaces_the_file(root):
     fs.makedirs(root)
-    fs.write_text(root.join("manifest.json"), "first, longer text\n")
-    fs.write_text(root.join("manifest.json"), "zweite Fassung: é ✓\n")
+    fs.write_whole(root.join("manifest.json"), b"first, longer text\n")
+    fs.write_whole(root.join("manifest.json"), "zweite Fassung: é ✓\n".encode())
     assert _read(root.join("manifest.json")) == "zweite Fassung: é ✓\n"
     assert fs.list_names(root) == ["manifest.json"]  # no temporary file left beside it
 
 
 def test_delete_is_recursive_and_quiet_where_nothing_exists(root):
     fs.makedirs(root.join("a", "b"))
-    fs.write_text(root.join("a", "b", "f"), "x")
-    fs.write_text(root.join("g"), "y")
+    fs.write_whole(root.join("a", "b", "f"), b"x")
+    fs.write_whole(root.join("g"), b"y")
     fs.delete(root.join("g"))
     assert fs.list_names(root) == ["a"]
     fs.delete(root.join("a"))
@@ -124,7 +124,7 @@ def test_commit_through_the_layer_replaces_a_previous_dataset(root):
     import numpy as np
 
     from spark_mnist.datasets import get_dataset
-    from spark_mnist.shards.commit import write_local_dataset
+    from spark_mnist.shards.arrays import write_local_dataset
     from spark_mnist.shards.contract import MANIFEST_NAME, open_dataset
     from spark_mnist.shards.parquet import plan_row_groups, read_rows
 
@@ -152,9 +152,9 @@ def test_manifest_write_falls_back_to_a_whole_write_where_rename_is_refused(tmp_
         raise OSError(errno.ENOSYS, "Function not implemented")
 
     target = normalize_uri(tmp_path / "_manifest.json")
-    fs.write_text(target, "old")
+    fs.write_whole(target, b"old")
     monkeypatch.setattr(os, "replace", refuse)
-    fs.write_text(target, "new, longer")
+    fs.write_whole(target, b"new, longer")
     assert (tmp_path / "_manifest.json").read_text() == "new, longer"
     assert os.listdir(tmp_path) == ["_manifest.json"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from spark_mnist.tools import plots
 from spark_mnist.datasets import get_dataset
-from spark_mnist.shards.commit import write_local_dataset
+from spark_mnist.shards.arrays import write_local_dataset
 from spark_mnist.errors import DatasetNotFoundError, InputError
 from spark_mnist.tools.evaluate import result_from_confusion
 

@@ -1,4 +1,4 @@
-"""MLflow tracking (spark_mnist.tools.tracking): where runs go, what a run holds, and that tracking never fails training.
+"""MLflow tracking (spark_mnist.tracking): where runs go, what a run holds, and that tracking never fails training.
 
 No Spark here: the metrics dict is the one ``train_worker`` returns, made up, and the model a small SimpleCNN's
 ``state_dict``.  The tests that log need MLflow (``mlflow-skinny``) and are skipped without it.
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from spark_mnist.tools import tracking
+from spark_mnist import tracking
 from spark_mnist.models import SimpleCNN
 
 CLASSES = ["a", "b", "c"]

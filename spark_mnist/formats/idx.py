@@ -32,6 +32,9 @@ import numpy as np
 from spark_mnist.errors import IdxFormatError, invalid
 from spark_mnist.fs import replacing
 
+__all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader", "ParsedIdx", "IdxReader", "parse_idx",
+           "read_idx", "encode_idx", "write_idx"]  # fmt: skip
+
 GZIP_MAGIC = b"\x1f\x8b"
 MAGIC_ZERO_BYTES = b"\x00\x00"
 MAGIC_BYTES = 4
@@ -112,7 +115,7 @@ def _looks_like_text(data: bytes) -> str | None:
     return None
 
 
-def read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> IdxHeader:
+def _read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> IdxHeader:
     """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed), as the spec on
     the MNIST page lays them out (see the module docstring).
 
@@ -248,7 +251,7 @@ class IdxReader:
             self.name = self._name or default_name
             self._stack.enter_context(raw)
             self._stream = self._stack.enter_context(_open_stream(raw, self.name))
-            self.header = read_header(self._stream, self.name, max_payload_bytes=self._max_payload_bytes)
+            self.header = _read_header(self._stream, self.name, max_payload_bytes=self._max_payload_bytes)
             left = _plain_bytes_left(self._stream)
             if left is not None and left < self.header.payload_bytes:
                 # Uncompressed input: the size is known, so a lying header fails before any allocation.

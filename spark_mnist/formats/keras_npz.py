@@ -21,6 +21,8 @@ from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_datase
 from spark_mnist.errors import InputError
 from spark_mnist.formats.idx import write_idx
 
+__all__ = ["load_keras_npz", "npz_to_idx_dir"]
+
 KERAS_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 
 

@@ -1,52 +1,18 @@
 """The commit of a dataset: its manifest, written last in one single-object write, is what makes a generation's
 files a dataset; the lease that tells a live ingest's generation from a dead one's; retention and clean-up of the
-generations no manifest needs any more.
+generations no manifest needs any more.  docs/concepts/dataset.md ("The manifest is the commit") is the protocol's
+one description, its windows included; in short:
 
-The protocol, the same on local disk, FUSE mounts (``/dbfs``, ``/Volumes``) and object stores, with no rename of a
-directory anywhere (the pattern of Mosaic Streaming's ``index.json``, TFDS's ``dataset_info.json``, Delta's log):
+1. an ingest picks a new generation (:func:`new_generation`) and holds its :class:`Lease`,
+   ``OUT/<generation>/_lease/lease.json``, rewritten every :data:`HEARTBEAT_S` while the ingest lives (:func:`writing`);
+2. it writes every shard under ``OUT/<generation>/`` by its final name;
+3. :func:`publish` writes ``OUT/_manifest.json`` naming that generation, in one atomic single-object write
+   (:func:`spark_mnist.fs.write_whole`), then ends the lease;
+4. :func:`clean` keeps the generation the manifest names and its ``previous``, and deletes every other one whose
+   lease stayed unchanged for :data:`LEASE_EXPIRY_S` (or has none), lease first, so a stalled owner is reaped
+   (:class:`~spark_mnist.errors.ReapedError`).
 
-1. an ingest picks a new generation (:func:`new_generation`: its UTC start time and a uuid, so names sort by
-   start and a leftover tells when it was made) and takes its :class:`Lease`: ``OUT/<generation>/_lease/lease.json``
-   (:data:`LEASE_DIR`, :data:`LEASE_NAME`), the generation's first object, rewritten every :data:`HEARTBEAT_S` while
-   the ingest lives;
-2. it writes every shard under ``OUT/<generation>/`` by its final name; no reader looks there, since no manifest
-   names it;
-3. :func:`publish` writes ``OUT/_manifest.json`` naming that generation and every file, once, in one atomic
-   single-object write (:func:`spark_mnist.fs.write_whole`: one PUT on object stores, a temporary file and
-   ``os.replace`` on POSIX, a whole-file write where a mount refuses rename).  Until that write lands readers see
-   the previous manifest and its files, which nothing has touched; after it, the new ones.  Then it ends the lease
-   (stops its heartbeat, deletes the lease's folder);
-4. :func:`clean` then applies the retention rule.
-
-Retention rule: ``OUT`` keeps the generation its manifest names and the one that manifest replaced
-(``previous``), so a reader that opened the previous manifest goes on reading its files.  Every other directory
-named like a generation is deleted by the next ingest that publishes, unless its lease is alive: earlier datasets,
-generations of ingests that were killed or failed, and the losers of racing ingests.  Nothing else under ``OUT``
-is touched (an old layout's ``train/`` and ``test/``, a user's own files).
-
-Racing ingests into one ``OUT``: the last manifest write wins.  No ingest discards its own generation because
-another published meanwhile; each writes its manifest over whatever is there, naming that as its ``previous``.
-What keeps a racing ingest's files safe until then is its lease: :func:`clean` reads the lease of every generation
-it would delete, waits :data:`LEASE_EXPIRY_S` (once, for all of them) and reads them again.  A lease that changed
-belongs to an ingest still writing: its generation stays (a later ingest removes it if it never publishes).  One
-unchanged, or gone, is a dead ingest's (killed, or one that published meanwhile); the clean-up then reads the
-manifest again, keeps what that names (an ingest that published during the wait), and deletes the rest, each
-generation's lease first, so that a live but stalled owner notices it was reaped: its heartbeat stops and
-its :func:`publish` raises :class:`ReapedError`, publishing nothing.  A generation without a lease is a published
-one's (superseded) or the remains of an ingest killed before its lease's first write: deleted at once.
-
-The window left (no compare-and-swap on pyarrow's file systems: S3's ``If-Match`` or Azure's ETags would close
-it): an owner stalled for longer than :data:`LEASE_EXPIRY_S` whose stall ends exactly between a clean-up's
-decision and its deletion, and which then checks its lease before the deletion of it and writes its manifest
-after the clean-up's last read of the manifest, publishes a generation whose files are being deleted.  Smaller
-ones that fail an ingest but never break ``OUT``: a clean-up that lists a local generation between its directory's
-creation and its lease's first write deletes it (that ingest is then reaped); an ingest that read the current
-manifest just before another's was written names the older one as its ``previous``, so the one it actually
-replaced is no longer kept for readers that opened it.
-
-SIGKILL at any moment leaves ``OUT`` with the previous complete dataset (the kill came before the manifest's
-write landed) or the new one (after); the next ingest removes what the killed one left, once its lease has been
-silent for :data:`LEASE_EXPIRY_S`.  No Spark here.
+No directory is renamed anywhere; no Spark here.
 """
 
 from __future__ import annotations
@@ -62,15 +28,15 @@ import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError, ReapedError
 from spark_mnist.paths import Location
 from spark_mnist.shards.contract import MANIFEST_NAME, Manifest, read_manifest
 
-if TYPE_CHECKING:
-    from spark_mnist.datasets import DatasetSpec
+__all__ = ["LEASE_DIR", "LEASE_NAME", "HEARTBEAT_S", "LEASE_EXPIRY_S", "STALE_TEMP_S", "Lease", "new_generation",
+           "is_generation", "current_manifest", "read_lease", "writing", "publish", "clean", "discard"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +101,8 @@ class Lease:
     :data:`LEASE_EXPIRY_S` for a dead ingest's.  Before each beat the thread checks that the lease still holds its
     own last content: where it is gone (or changed), a clean-up reaped the generation, so :attr:`reaped` is set and
     the thread stops, never writing it again.  Exiting stops the thread (and joins it); :func:`publish` ends the
-    lease after its manifest write.  Where: the driver (or the one process of :func:`write_local_dataset`).
+    lease after its manifest write.  Where: the driver (or the one process of
+    :func:`spark_mnist.shards.arrays.write_local_dataset`).
 
     Example::
 
@@ -149,7 +116,7 @@ class Lease:
 
     def __init__(self, out: Location, generation: str):
         self.out, self.generation = out, generation
-        self.location = lease_location(out, generation)
+        self.location = _lease_location(out, generation)
         self.reaped = False
         self.published = False  # set by publish once the manifest naming this generation is written
         self._beat = 0
@@ -160,7 +127,7 @@ class Lease:
 
     def __enter__(self) -> "Lease":
         if self.out.is_local:
-            fs.makedirs(lease_folder(self.out, self.generation))  # object stores have none: the lease makes them
+            fs.makedirs(_lease_folder(self.out, self.generation))  # object stores have none: the lease makes them
         self._write()
         self._thread.start()
         return self
@@ -181,7 +148,7 @@ class Lease:
             OSError: the lease could not be deleted.
         """
         self.stop()
-        fs.delete(lease_folder(self.out, self.generation))
+        fs.delete(_lease_folder(self.out, self.generation))
 
     def holds(self) -> bool:
         """Whether the lease is still this ingest's: not reaped, and the object holds what it last wrote.
@@ -257,12 +224,12 @@ def writing(out: Location) -> Iterator[Lease]:
         raise
 
 
-def lease_location(out: Location, generation: str) -> Location:
+def _lease_location(out: Location, generation: str) -> Location:
     """Where the lease of ``generation`` under ``out`` lives: ``OUT/<generation>/_lease/lease.json``."""
-    return lease_folder(out, generation).join(LEASE_NAME)
+    return _lease_folder(out, generation).join(LEASE_NAME)
 
 
-def lease_folder(out: Location, generation: str) -> Location:
+def _lease_folder(out: Location, generation: str) -> Location:
     """The folder of the lease of ``generation`` under ``out`` (:data:`LEASE_DIR`), deleted whole."""
     return out.join(generation, LEASE_DIR)
 
@@ -344,11 +311,13 @@ def clean(out: Location) -> list[str]:
         return []
     names = fs.list_names(out)
     candidates = [name for name in names if is_generation(name) and name not in (current.generation, current.previous)]
-    leases = {name: read_lease(lease_location(out, name)) for name in candidates}
+    leases = {name: read_lease(_lease_location(out, name)) for name in candidates}
     held = {name: content for name, content in leases.items() if content is not None}
     if held:
         time.sleep(LEASE_EXPIRY_S)
-        alive = [name for name, content in held.items() if read_lease(lease_location(out, name)) not in (None, content)]
+        alive = [
+            name for name, content in held.items() if read_lease(_lease_location(out, name)) not in (None, content)
+        ]
         if alive:
             log.info(
                 "%s: left generation(s) %s, whose ingest is still writing (its lease beats)",
@@ -363,7 +332,7 @@ def clean(out: Location) -> list[str]:
     for name in candidates:
         if name in (current.generation, current.previous):
             continue
-        if (name not in held or _remove(lease_folder(out, name))) and _remove(out.join(name)):
+        if (name not in held or _remove(_lease_folder(out, name))) and _remove(out.join(name)):
             removed.append(name)
     for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
         if name.startswith(f".{MANIFEST_NAME}.tmp-") and _age_s(out.join(name)) > STALE_TEMP_S:
@@ -421,65 +390,3 @@ def discard(out: Location, generation: str, *, created_out: bool = False) -> Non
                 pass
         else:
             fs.delete(out)
-
-
-def write_local_dataset(
-    output: str | os.PathLike,
-    spec: "DatasetSpec",
-    arrays: dict[str, tuple],
-    *,
-    num_shards: int = 1,
-    rows_per_group: int | None = None,
-    source: dict | None = None,
-) -> Manifest:
-    """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
-    (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
-    files and protocol as ingest, ``num_shards`` contiguous shards per split under a new generation by the
-    task-side writer, holding its :class:`Lease`, then :func:`publish`.  For the test kit
-    (:mod:`spark_mnist.testing`), small tools and the store tests.  Where: one process.
-
-    Args:
-        rows_per_group: rows per Parquet row group; default about
-            :data:`~spark_mnist.shards.contract.ROW_GROUP_BYTES` of images.
-    Returns:
-        The manifest published (as :func:`publish`).
-    Raises:
-        ReapedError: as :func:`publish` (the generation is then discarded).
-        OSError: a shard or the manifest could not be written (the generation is then discarded).
-    """
-    import numpy as np
-
-    from spark_mnist import __version__
-    from spark_mnist.paths import normalize_uri
-    from spark_mnist.shards.contract import ROW_GROUP_BYTES, ShardFile, Split, shard_bounds, shard_path
-    from spark_mnist.shards.parquet import write_shard
-
-    out = normalize_uri(output)
-    image_shape = spec.image_shape
-    rows_per_group = rows_per_group or max(1, ROW_GROUP_BYTES // int(np.prod(image_shape)))
-    with writing(out) as lease:
-        splits = {}
-        for name, (images, labels) in arrays.items():
-            bounds = shard_bounds(len(labels), num_shards)
-            files = []
-            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                path = shard_path(lease.generation, name, k)
-                size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
-                files.append(ShardFile(path, size, int(hi - lo)))
-            splits[name] = Split(
-                rows=len(labels),
-                files=tuple(files),
-                label_histogram=tuple(
-                    np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()
-                ),
-            )
-        manifest = Manifest(
-            generation=lease.generation,
-            dataset=spec.name,
-            classes=tuple(spec.classes),
-            image_shape=image_shape,
-            splits=splits,
-            source=source or {},
-            package_version=__version__,
-        )
-        return publish(out, manifest, lease)

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
     from spark_mnist.paths import Location
 
+__all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "ROW_GROUP_BYTES", "INDEX", "IMAGE", "LABEL", "COLUMNS", "shard_bounds",
+           "shard_path", "ShardFile", "Split", "Manifest", "read_manifest", "Dataset", "open_dataset"]  # fmt: skip
+
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "_manifest.json"
 # Parquet row-group target: ~1 MiB is ~1,300 MNIST rows, so 60,000 training rows make ~45 row groups and every rank
@@ -51,7 +54,7 @@ COLUMN_TYPES = {INDEX: ("bigint", "int64"), IMAGE: ("binary", "binary"), LABEL: 
 MANIFEST_READ_TRIES, MANIFEST_READ_PAUSE_S = 5, 0.05
 
 
-def shard_name(k: int) -> str:
+def _shard_name(k: int) -> str:
     """The file name of shard ``k`` of a split."""
     return f"part-{k:05d}.parquet"
 
@@ -65,7 +68,7 @@ def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
 
 def shard_path(generation: str, split: str, k: int) -> str:
     """The path of shard ``k`` of ``split`` relative to ``OUT``: ``<generation>/<split>/part-NNNNN.parquet``."""
-    return f"{generation}/{split}/{shard_name(k)}"
+    return f"{generation}/{split}/{_shard_name(k)}"
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,7 @@ def _height_width(value: Any) -> tuple[int, int]:
     return height, width
 
 
-def check_files(filesystem: "FileSystem", root: str, where: "Location", files: list[ShardFile]) -> None:
+def _check_files(filesystem: "FileSystem", root: str, where: "Location", files: list[ShardFile]) -> None:
     """Check that every one of ``files`` exists under ``root`` with the size the manifest gives it.
 
     Raises:
@@ -358,5 +361,5 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
             f"{where}: no manifest, so no complete dataset here; run `spark-mnist ingest "
             f"--output {redact(os.fspath(path))}` first"
         )
-    check_files(filesystem, root, location, manifest.files())
+    _check_files(filesystem, root, location, manifest.files())
     return Dataset(location, manifest, filesystem, root)

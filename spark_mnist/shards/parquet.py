@@ -29,6 +29,10 @@ from spark_mnist.errors import DatasetMismatchError, invalid
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
+__all__ = ["DEFAULT_READER_THREADS", "PAGE_CHECKSUMS", "record_batch", "write_rows", "write_shard", "RowGroup",
+           "plan_row_groups", "total_rows", "decode_images", "pieces_in", "read_pieces", "read_rows",
+           "iter_batches"]  # fmt: skip
+
 DEFAULT_READER_THREADS = 2
 PARQUET_COMPRESSION = "snappy"
 # pyarrow 15 added write_page_checksum (ParquetWriter) and page_checksum_verification (ParquetFile).
@@ -117,7 +121,7 @@ def _opener(path: str):
     return fs.filesystem(location)
 
 
-def open_parquet(path: str, metadata=None) -> pq.ParquetFile:
+def _open_parquet(path: str, metadata=None) -> pq.ParquetFile:
     """The Parquet file ``path`` (a local or FUSE path, a ``file:``/``dbfs:`` URL, or an object store's URI), with
     page checksums verified where pyarrow can (:data:`PAGE_CHECKSUMS`).
 
@@ -147,11 +151,11 @@ def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
     """Every row group of ``paths`` (sorted, so every rank computes the same plan) with its global row offset.
 
     ``paths`` are what :meth:`spark_mnist.shards.contract.Dataset.files` gives: local paths, ``file:``/``dbfs:``
-    URLs (petastorm's converter names its files so) or object stores' URIs, each opened by :func:`open_parquet`.
+    URLs (petastorm's converter names its files so) or object stores' URIs, each opened by :func:`_open_parquet`.
     """
     plan, start = [], 0
     for path in sorted(paths, key=_sort_key):
-        with open_parquet(path) as f:
+        with _open_parquet(path) as f:
             metadata = f.metadata
         for i in range(metadata.num_row_groups):
             rows = metadata.row_group(i).num_rows
@@ -260,14 +264,14 @@ def iter_batches(
 
 
 def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with open_parquet(group.path, group.metadata) as f:
+    with _open_parquet(group.path, group.metadata) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
-    index = int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
-    labels = int_column(table.column(contract.LABEL), group.path).astype(np.int64)
+    index = _int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
+    labels = _int_column(table.column(contract.LABEL), group.path).astype(np.int64)
     return index, decode_images(table.column(contract.IMAGE), row_bytes, group.path), labels
 
 
-def int_column(column, path: str = "<parquet>") -> np.ndarray:
+def _int_column(column, path: str = "<parquet>") -> np.ndarray:
     """An int32/int64 Arrow column as a numpy array, straight from its buffers (``to_numpy`` would import pandas
     in pyarrow 14, which costs more than reading a whole split).
 

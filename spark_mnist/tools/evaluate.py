@@ -27,6 +27,8 @@ from spark_mnist.shards import contract
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["EvaluationResult", "result_from_confusion", "evaluate_model", "format_report"]
+
 DEFAULT_BATCH_SIZE = 1000
 
 
@@ -57,14 +59,7 @@ def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: An
     diagonal = np.diag(confusion)
     per_class = [float(d / t) if t else None for d, t in zip(diagonal.tolist(), per_class_total.tolist())]
     accuracy = float(diagonal.sum() / samples) if samples else 0.0
-    return EvaluationResult(
-        accuracy=accuracy,
-        per_class_accuracy=per_class,
-        confusion=confusion,
-        classes=list(classes),
-        samples=samples,
-        **extra,
-    )
+    return EvaluationResult(accuracy, per_class, confusion, list(classes), samples, **extra)
 
 
 def _load_state_dict(model_path: str):
@@ -88,7 +83,7 @@ def _load_state_dict(model_path: str):
     return state
 
 
-def model_name_beside(model_path: str) -> str:
+def _model_name_beside(model_path: str) -> str:
     """The registry name of the model in ``model_path``: ``"model"`` of the ``metrics.json`` training wrote beside
     it, else :data:`spark_mnist.models.DEFAULT_MODEL` (runs from before models had names, or no metrics file)."""
     from spark_mnist.models import DEFAULT_MODEL
@@ -157,7 +152,7 @@ def evaluate_model(
         split: ``"test"`` (default) or ``"train"``.
         device: where to run; default CUDA when available, else CPU.
         model: the model's registry name (:data:`spark_mnist.models.MODELS`); default the one training recorded
-            beside ``model_path`` (:func:`model_name_beside`).
+            beside ``model_path`` (:func:`_model_name_beside`).
     Returns:
         The :class:`EvaluationResult`.
     Raises:
@@ -184,7 +179,7 @@ def evaluate_model(
     except ValueError as e:
         raise InputError(f"{local}: {e}") from e
     model_path = os.fspath(model_path)
-    model = model or model_name_beside(model_path)
+    model = model or _model_name_beside(model_path)
     network = _build_model(_load_state_dict(model_path), model_path, model, len(classes), image_shape, dataset)
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

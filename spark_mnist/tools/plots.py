@@ -24,6 +24,8 @@ from spark_mnist.shards import contract
 if TYPE_CHECKING:
     from spark_mnist.tools.evaluate import EvaluationResult
 
+__all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'spark-mnist[plots]'"
@@ -180,14 +182,8 @@ def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], ou
     accuracy_axes.plot(epochs, accuracy, marker="o", color="tab:green", label="test accuracy")
     accuracy_axes.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="accuracy")
     if accuracy and not math.isnan(accuracy[-1]):
-        accuracy_axes.annotate(
-            f"{accuracy[-1]:.4f}",
-            (epochs[-1], accuracy[-1]),
-            textcoords="offset points",
-            xytext=(0, -14),
-            ha="center",
-            fontsize=9,
-        )
+        below = {"textcoords": "offset points", "xytext": (0, -14), "ha": "center", "fontsize": 9}
+        accuracy_axes.annotate(f"{accuracy[-1]:.4f}", (epochs[-1], accuracy[-1]), **below)
     accuracy_axes.legend(loc="lower right")
     for axes in (loss_axes, accuracy_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -231,15 +227,8 @@ def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike)
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    axes.text(
-                        j,
-                        i,
-                        str(int(confusion[i, j])),
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="white" if shares[i, j] > 0.5 else "black",
-                    )
+                    color = "white" if shares[i, j] > 0.5 else "black"
+                    axes.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8, color=color)
     return _save(figure, out_png)
 
 

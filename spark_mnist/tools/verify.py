@@ -8,6 +8,7 @@ file) is compared with the registry's.  The file names are exactly the ones inge
 
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_datase
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, InputError, SourceError
 from spark_mnist.formats.idx import ParsedIdx, parse_idx
 from spark_mnist.paths import require_local
+
+__all__ = ["FileReport", "SplitReport", "VerifyReport", "verify_source", "verify_file", "format_table"]
 
 STATUS_OK = "ok"
 STATUS_HASH_MISMATCH = "hash-mismatch"
@@ -209,40 +212,20 @@ def verify_source(
 def _check_file(
     path: Path, split: str, kind: str, name: str, expected: str | None
 ) -> tuple[FileReport, ParsedIdx | None]:
+    report = functools.partial(FileReport, split, kind, name, str(path), expected=expected)
     if not path.is_file():
-        return FileReport(split, kind, name, str(path), STATUS_MISSING, expected=expected), None
+        return report(STATUS_MISSING), None
     size = path.stat().st_size
     try:
         parsed = parse_idx(path)
     except InputError as e:
-        return FileReport(
-            split,
-            kind,
-            name,
-            str(path),
-            f"{STATUS_ERROR}: {_without_prefix(str(e), path)}",
-            expected=expected,
-            size_bytes=size,
-        ), None
+        return report(f"{STATUS_ERROR}: {_without_prefix(str(e), path)}", size_bytes=size), None
     except OSError as e:
-        return FileReport(
-            split, kind, name, str(path), f"{STATUS_ERROR}: cannot read: {e}", expected=expected, size_bytes=size
-        ), None
+        return report(f"{STATUS_ERROR}: cannot read: {e}", size_bytes=size), None
     status = STATUS_OK if expected is None or parsed.sha256 == expected else STATUS_HASH_MISMATCH
     shape = tuple(int(d) for d in parsed.array.shape)
-    return FileReport(
-        split,
-        kind,
-        name,
-        str(path),
-        status,
-        rows=shape[0],
-        shape=shape,
-        dtype=str(parsed.array.dtype),
-        sha256=parsed.sha256,
-        expected=expected,
-        size_bytes=size,
-    ), parsed
+    dtype, sha256 = str(parsed.array.dtype), parsed.sha256
+    return report(status, shape[0], shape, dtype, sha256, size_bytes=size), parsed
 
 
 def _without_prefix(message: str, path: Path) -> str:
@@ -274,6 +257,14 @@ def _short(digest: str | None, width: int = 16) -> str:
     return digest[:width] + ("..." if len(digest) > width else "")
 
 
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _render(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -289,28 +280,14 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
     out = [f"dataset {report.dataset} in {report.directory}", ""]
     file_rows = [("file", "rows", "shape", "status", "sha256", "expected")]
     for f in report.files:
-        file_rows.append(
-            (
-                f.name,
-                "-" if f.rows is None else str(f.rows),
-                "-" if f.shape is None else "x".join(map(str, f.shape)),
-                f.status if len(f.status) <= 40 else f.status[:37] + "...",
-                "-" if f.sha256 is None else _short(f.sha256),
-                _short(f.expected),
-            )
-        )
+        shape = None if f.shape is None else "x".join(map(str, f.shape))
+        sha256 = None if f.sha256 is None else _short(f.sha256)
+        file_rows.append((f.name, _cell(f.rows), _cell(shape), _cut(f.status, 40), _cell(sha256), _short(f.expected)))
     out += _render(file_rows)
     out.append("")
     split_rows = [("split", "rows", "published", "status")]
     for s in report.splits:
-        split_rows.append(
-            (
-                s.split,
-                "-" if s.rows is None else str(s.rows),
-                "-" if s.expected_rows is None else str(s.expected_rows),
-                s.status if len(s.status) <= 60 else s.status[:57] + "...",
-            )
-        )
+        split_rows.append((s.split, _cell(s.rows), _cell(s.expected_rows), _cut(s.status, 60)))
     out += _render(split_rows)
     for s in report.splits:
         if s.histogram is not None:
@@ -323,6 +300,3 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
         out.append("(hash mismatches allowed: strict=False)")
     out += ["", "OK" if report.ok else "FAILED"]
     return "\n".join(out) + "\n"
-
-
-__all__ = ["FileReport", "SplitReport", "VerifyReport", "verify_source", "verify_file", "format_table"]

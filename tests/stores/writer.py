@@ -1,5 +1,5 @@
 """One ingest's write and commit without Spark, in its own process, for the store tests: a dataset whose every pixel
-is ``VALUE`` committed to ``OUT`` through the same functions ingest uses (:func:`spark_mnist.shards.commit.
+is ``VALUE`` committed to ``OUT`` through the same functions ingest uses (:func:`spark_mnist.shards.arrays.
 write_local_dataset`: the lease, shards under a new generation by their final names, then the manifest, then the
 clean-up).
 
@@ -28,6 +28,7 @@ from spark_mnist import fs
 from spark_mnist.datasets import get_dataset
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import commit, parquet
+from spark_mnist.shards.arrays import write_local_dataset
 from spark_mnist.shards.contract import MANIFEST_NAME
 
 TRAIN_ROWS, TEST_ROWS, SHARDS, ROWS_PER_GROUP = 40, 20, 2, 8
@@ -114,7 +115,7 @@ def run(argv: list[str]) -> None:
     if len(argv) > 2:
         point = argv[2].removeprefix("hold:")
         _pause_at(point, argv[0], hold=point != argv[2])
-    manifest = commit.write_local_dataset(argv[0], get_dataset("mnist"), arrays(value), num_shards=SHARDS,
+    manifest = write_local_dataset(argv[0], get_dataset("mnist"), arrays(value), num_shards=SHARDS,
                                           rows_per_group=ROWS_PER_GROUP)
     print(f"DONE {manifest.generation}", flush=True)
 

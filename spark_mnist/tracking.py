@@ -2,7 +2,7 @@
 
 :func:`log_training_run` records one finished training run: the settings as parameters, the per-epoch figures as
 metrics (``step`` = epoch), the dataset the run read as an MLflow dataset input (``mlflow.log_input``: its registry
-name, the manifest's digest and the dataset directory as source, context ``training``; :func:`log_dataset_input`),
+name, the manifest's digest and the dataset directory as source, context ``training``),
 the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
 and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorch_model``) with a tensor signature
 (see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``,
@@ -44,6 +44,9 @@ from typing import Any, Iterator, Mapping
 from spark_mnist.envs import scoped_env
 from spark_mnist.paths import normalize_uri, redact
 
+__all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", "flatten_params", "log_training_run",
+           "manifest_digest"]  # fmt: skip
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "spark-mnist"
@@ -65,16 +68,7 @@ DIGEST_CHARS = 16
 EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
 # Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
 FINAL_METRICS = ("train_seconds", "wall_seconds")
-RUN_PARAMS = (
-    "dataset",
-    "world_size",
-    "device",
-    "loader",
-    "steps_per_epoch",
-    "batch_size",
-    "samples_per_epoch",
-    "epochs",
-)
+RUN_PARAMS = "dataset world_size device loader steps_per_epoch batch_size samples_per_epoch epochs".split()
 # MLflow's limits: param values of at most 6000 characters (500 before MLflow 2.x), keys of at most 250 characters
 # from letters, digits, "_", "-", ".", " " and "/".
 MAX_PARAM_KEY_LENGTH = 250
@@ -206,13 +200,8 @@ def _log_run(
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
     ) as run:
-        mlflow.set_tags(
-            {
-                "spark_mnist.dataset": str(dataset),
-                "spark_mnist.device": str(metrics.get("device")),
-                "spark_mnist.loader": str(metrics.get("loader")),
-            }
-        )
+        tags = {"dataset": dataset, "device": metrics.get("device"), "loader": metrics.get("loader")}
+        mlflow.set_tags({f"spark_mnist.{key}": str(value) for key, value in tags.items()})
         mlflow.log_params(params)
         for record in metrics.get("history") or []:
             values = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
@@ -223,7 +212,7 @@ def _log_run(
             mlflow.log_metrics(final)
         mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), MANIFEST_ARTIFACT)
         if dataset_uri is not None:
-            log_dataset_input(mlflow, manifest, dataset_uri, log)
+            _log_dataset_input(mlflow, manifest, dataset_uri, log)
         if model_path is not None and os.path.isfile(model_path):
             mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
             _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
@@ -239,7 +228,7 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:DIGEST_CHARS]
 
 
-def log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
+def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
     dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
     resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure

@@ -1,9 +1,11 @@
-"""Keras-style access: ``load_data(path)`` -> ``((x_train, y_train), (x_test, y_test))`` as numpy arrays.
+"""Numpy arrays out of a dataset and into one, with no Spark and no torch.
+
+Keras-style access: ``load_data(path)`` -> ``((x_train, y_train), (x_test, y_test))`` as numpy arrays.
 
 For users coming from ``keras.datasets.mnist.load_data()``.  Reads, with the same validation as ingest, any of:
 a directory of the four gz IDX files, an ingested Parquet dataset (``OUT`` with ``_manifest.json``, on a local or
-FUSE path or an object store: :func:`spark_mnist.shards.contract.open_dataset`), or a Keras ``mnist.npz``.  No
-Spark, no torch.
+FUSE path or an object store: :func:`spark_mnist.shards.contract.open_dataset`), or a Keras ``mnist.npz``.
+:func:`write_local_dataset` writes arrays as an ingested dataset, by ingest's own writer and commit.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import os
 
 import numpy as np
 
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, get_dataset, upright, validate_split
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
+
+__all__ = ["load_data", "split_arrays", "write_local_dataset"]
 
 Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -93,3 +97,63 @@ def split_arrays(dataset: contract.Dataset, split: str) -> tuple[np.ndarray, np.
     where = f"{dataset.location.shown}/{split}"
     validate_split(get_dataset(dataset.dataset), images, labels, where, where)
     return images, labels
+
+
+def write_local_dataset(
+    output: str | os.PathLike,
+    spec: DatasetSpec,
+    arrays: dict[str, tuple],
+    *,
+    num_shards: int = 1,
+    rows_per_group: int | None = None,
+    source: dict | None = None,
+) -> contract.Manifest:
+    """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
+    (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
+    files and protocol as ingest, ``num_shards`` contiguous shards per split under a new generation by the
+    task-side writer, holding its :class:`~spark_mnist.shards.commit.Lease`, then
+    :func:`~spark_mnist.shards.commit.publish`.  For the test kit
+    (:mod:`spark_mnist.testing`), small tools and the store tests.  Where: one process.
+
+    Args:
+        rows_per_group: rows per Parquet row group; default about
+            :data:`~spark_mnist.shards.contract.ROW_GROUP_BYTES` of images.
+    Returns:
+        The manifest published (as :func:`~spark_mnist.shards.commit.publish`).
+    Raises:
+        ReapedError: as :func:`~spark_mnist.shards.commit.publish` (the generation is then discarded).
+        OSError: a shard or the manifest could not be written (the generation is then discarded).
+    """
+    from spark_mnist import __version__
+    from spark_mnist.shards.commit import publish, writing
+    from spark_mnist.shards.parquet import write_shard
+
+    out = normalize_uri(output)
+    image_shape = spec.image_shape
+    rows_per_group = rows_per_group or max(1, contract.ROW_GROUP_BYTES // int(np.prod(image_shape)))
+    with writing(out) as lease:
+        splits = {}
+        for name, (images, labels) in arrays.items():
+            bounds = contract.shard_bounds(len(labels), num_shards)
+            files = []
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                path = contract.shard_path(lease.generation, name, k)
+                size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
+                files.append(contract.ShardFile(path, size, int(hi - lo)))
+            splits[name] = contract.Split(
+                rows=len(labels),
+                files=tuple(files),
+                label_histogram=tuple(
+                    np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()
+                ),
+            )
+        manifest = contract.Manifest(
+            generation=lease.generation,
+            dataset=spec.name,
+            classes=tuple(spec.classes),
+            image_shape=image_shape,
+            splits=splits,
+            source=source or {},
+            package_version=__version__,
+        )
+        return publish(out, manifest, lease)
