@@ -34,7 +34,8 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 CONNECT_LANES := spark40 spark4-latest
 # The lane that runs the full matrices (tests marked full: every store kill point and racing writers; SIGKILLs,
 # restarts and resumes across launchers; the end-to-end runs), classic and over Connect.  The other lanes run each
-# store's replace and one kill, and train once under each launcher they have.
+# store's replace and one kill, and train once under each launcher they have.  Tests marked one_lane need only what
+# every lane holds alike (torch, databricks-bundles): the full lane runs them.
 FULL_LANE := spark40
 TEST_REMOTE := local[2]
 comma := ,
@@ -89,7 +90,7 @@ test-lane-%:
 test-classic-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
 	SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS)" $(BOUNDED) .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
-	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile,-m "not full"); s=$$?; \
+	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile,-m "not full and not one_lane"); s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
 # A Spark 4 lane's Connect pass: the tests marked connect again, over a local Spark Connect server

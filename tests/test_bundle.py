@@ -319,6 +319,7 @@ def test_artifact_builds_the_wheel_the_tasks_install(bundle):
 
 # --- the job against the Jobs API types -----------------------------------------------------------------------
 
+@pytest.mark.one_lane
 def test_job_validates_against_sdk_types(bundle):
     pytest.importorskip("databricks.sdk")
     from databricks.sdk.service.jobs import JobSettings
@@ -604,6 +605,7 @@ def bundles_jobs():
     return pytest.importorskip("databricks.bundles.jobs", reason="databricks-bundles not installed")
 
 
+@pytest.mark.one_lane
 def test_serverless_gpu_job_validates_against_databricks_bundles_types(gpu_job):
     """databricks-bundles' own (strict) types: an unknown key or a bad enum value raises in from_dict."""
     jobs = bundles_jobs()

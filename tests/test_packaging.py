@@ -97,6 +97,7 @@ def test_installing_the_package_here_replaces_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.one_lane
 def test_the_wheel_carries_its_package_data_licence_and_version(tmp_path):
     """The built wheel holds ``log4j2.properties`` (which ``driver/session.py`` hands to Spark's JVM), the licence,
     and the one version, which ``spark_mnist.__version__`` reads back from the installed metadata."""

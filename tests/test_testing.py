@@ -94,6 +94,7 @@ def _rank_fails() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.one_lane
 def test_run_ranks_runs_a_group_with_torchruns_environment_and_leaves_ours_alone():
     before = dict(os.environ)
     facts = run_ranks(_rank_facts, 3, 10)
