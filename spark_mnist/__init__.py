@@ -112,7 +112,7 @@ def ingest(
     on ``spark`` (the notebook's session, classic or Spark Connect / serverless); driver-side.
 
     Args:
-        spark: the Spark session.
+        spark: the Spark session; ``None``: the active one, else one started from the config's ``spark`` settings.
         source, output: as ``spark-mnist ingest --source --output`` (paths, ``dbfs:/``, ``/Volumes/...``).
         config: a settings YAML whose ``ingest`` section the keywords override (default: the defaults; on
             Databricks, with :data:`spark_mnist.config.DATABRICKS_DEFAULTS` on top).
@@ -144,7 +144,8 @@ def train(
             session; a classic GPU cluster), ``"torchrun"`` (local processes, no Spark) or ``"ai-runtime"``
             (``databricks.air``: the serverless GPUs attached, or submitted to with ``remote_gpu=True``);
             default: the config's (``torch-distributor``).
-        spark: the session for ``torch-distributor``; ``None``: the active one.
+        spark: the session for ``torch-distributor``; ``None``: the active one, else one started from the config's
+            ``spark`` settings (and stopped afterwards).
         config: a settings YAML whose ``train`` section the keywords override (default: the defaults; on
             Databricks, with :data:`spark_mnist.config.DATABRICKS_DEFAULTS` on top: the cluster's session, the
             workers' GPUs, the shards read directly).
@@ -160,13 +161,4 @@ def train(
     from spark_mnist import pipeline
 
     values = {"data": os.fspath(data), **settings, **({"launcher": launcher} if launcher else {})}
-    resolved = _settings(config, "train", values)
-    if resolved.train.launcher != pipeline.SPARK_LAUNCHER:
-        return pipeline.train(None, resolved)
-    if spark is not None:
-        return pipeline.train(spark, resolved)
-    from spark_mnist.driver.session import spark_session
-
-    pipeline.check_training(resolved)
-    with spark_session(resolved.spark) as active:
-        return pipeline.train(active, resolved)
+    return pipeline.train(spark, _settings(config, "train", values))

@@ -7,7 +7,6 @@ ingest's clean-up removed (it stalled; one line on stderr, nothing published: in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ from typing import Sequence
 
 from spark_mnist import __version__
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
-from spark_mnist.driver.session import connect_expected, spark_session, with_executor_env
 from spark_mnist.errors import InputError, ReapedError
 from spark_mnist.paths import redact
 
@@ -206,9 +204,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; its exit code.  The tools run without settings or Spark; the others read the
-    settings, and ``train``/``run`` check the launcher, torch and the converter choice before anything starts
-    (:func:`spark_mnist.pipeline.check_training`).  A Spark session is started for ``ingest``, ``run`` and the
-    ``torch-distributor`` launcher only: ``train --launcher torchrun`` needs no pyspark.
+    settings and call :func:`spark_mnist.pipeline.ingest` or :func:`spark_mnist.pipeline.train`, which check what
+    they can refuse before a Spark session starts and start one only where it is needed (``train --launcher
+    torchrun`` needs no pyspark).
 
     Raises:
         InputError: bad settings or input (the caller prints one line and exits 2).
@@ -222,27 +220,17 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     from spark_mnist import pipeline
 
-    training = args.command in ("train", "run")
-    on_spark = args.command in ("ingest", "run") or settings.train.launcher == pipeline.SPARK_LAUNCHER
-    if training:  # a launcher, converter or torch this environment cannot serve fails before anything starts
-        pipeline.check_training(settings, connect=connect_expected(settings.spark))
-    spark_settings = with_executor_env(settings.spark, settings.storage.environment())
-    with spark_session(spark_settings, verbose=args.verbose) if on_spark else contextlib.nullcontext() as spark:
-        if args.command in ("ingest", "run"):
-            manifest = pipeline.ingest(spark, settings)
-            if args.command == "ingest":
-                _print_json(
-                    {
-                        "output": settings.ingest.output,
-                        "dataset": manifest.dataset,
-                        "rows": {k: v.rows for k, v in manifest.splits.items()},
-                    }
-                )
-                return 0
-        launcher_spark = spark if settings.train.launcher == pipeline.SPARK_LAUNCHER else None
-        metrics = pipeline.train(launcher_spark, settings, ingested=args.command == "run")
-    metrics.pop("history", None)
-    _print_json(metrics)
+    if args.command == "ingest":
+        manifest = pipeline.ingest(None, settings, verbose=args.verbose)
+        result = {
+            "output": settings.ingest.output,
+            "dataset": manifest.dataset,
+            "rows": {k: v.rows for k, v in manifest.splits.items()},
+        }
+    else:
+        result = pipeline.train(None, settings, ingest_first=args.command == "run", verbose=args.verbose)
+        result.pop("history", None)
+    _print_json(result)
     return 0
 
 
