@@ -61,11 +61,6 @@ def _configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
-    parser.add_argument("--verbose", action="store_true", help="Spark's and petastorm's own logs, debug output")
-
-
 def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
     """One option per setting of ``sections`` (:func:`spark_mnist.config.options`), a group per section.  Every
     option defaults to ``None``, "as the config file says"; a switch also has its ``--no-`` form."""
@@ -89,8 +84,9 @@ def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``spark-mnist`` parser: ``ingest``, ``train``, ``run`` and ``config`` take ``--config``, ``--verbose``
-    and one option per setting of their sections (:func:`_setting_options`); the tools take their own."""
+    """The ``spark-mnist`` parser: every subcommand takes ``--verbose``; ``ingest``, ``train``, ``run`` and ``config``
+    also ``--config`` and one option per setting of their sections (:func:`_setting_options`), the tools their
+    own."""
     parser = argparse.ArgumentParser(prog="spark-mnist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,16 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out-png", help="confusion-matrix PNG (default: confusion.png beside the model)")
     evaluate.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="default: test")
-    for sub in (verify, download, preview, evaluate):
-        sub.add_argument("--verbose", action="store_true", help="debug output")
     for sub, sections in (
         (ingest, ("spark", "storage", "ingest")),
         (train, ("spark", "storage", "train")),
         (run, SECTIONS),
         (config, SECTIONS),
+        *((tool, ()) for tool in (verify, download, preview, evaluate)),
     ):
-        _common(sub)
-        _setting_options(sub, sections)
+        sub.add_argument("--verbose", action="store_true", help="debug output, and Spark's and petastorm's own logs")
+        if sections:
+            sub.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
+            _setting_options(sub, sections)
     return parser
 
 
