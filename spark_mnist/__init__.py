@@ -40,6 +40,7 @@ from spark_mnist.errors import (
     LoaderStateError,
     ReapedError,
     SourceError,
+    check_choice,
 )
 from spark_mnist.runs import TrainingFailedError
 
@@ -72,6 +73,10 @@ except PackageNotFoundError:  # the source tree on sys.path without an install
     __version__ = "0+unknown"
 
 
+# The functions below import the layers they call when called: `import spark_mnist` stays light (no pyarrow,
+# pydantic, Spark or torch), and those layers, which import this package's __version__, find it initialised.
+
+
 def load_data(path, dataset: str = "mnist"):
     """Keras-style ``((x_train, y_train), (x_test, y_test))``; see :func:`spark_mnist.tools.arrays.load_data`."""
     from spark_mnist.tools.arrays import load_data as _load_data
@@ -96,7 +101,6 @@ def _settings(config: Optional[str | os.PathLike], section: str, values: dict[st
             ...``), a bad value or config file.
     """
     from spark_mnist.config import DATABRICKS_DEFAULTS, Settings, load_settings
-    from spark_mnist.errors import InputError, check_choice
     from spark_mnist.tools.tracking import on_databricks
 
     for key in values:

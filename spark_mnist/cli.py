@@ -14,10 +14,14 @@ import sys
 import traceback
 from typing import Sequence
 
-from spark_mnist import __version__
+from spark_mnist import __version__, pipeline
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
-from spark_mnist.errors import InputError, ReapedError
+from spark_mnist.errors import InputError, ReapedError, require_extra
 from spark_mnist.paths import redact
+from spark_mnist.tools.download import LocalRoots, download
+from spark_mnist.tools.evaluate import evaluate_model, format_report
+from spark_mnist.tools.plots import confusion_matrix_png, preview_grid
+from spark_mnist.tools.verify import format_table, verify_source
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
@@ -151,16 +155,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from spark_mnist.tools.verify import format_table, verify_source
-
     report = verify_source(args.source, args.dataset, strict=not args.allow_hash_mismatch)
     sys.stdout.write(format_table(report))
     return 0 if report.ok else EXIT_BAD_INPUT
 
 
 def _download(args: argparse.Namespace) -> int:
-    from spark_mnist.tools.download import LocalRoots, download
-
     paths = download(
         args.dataset,
         args.to,
@@ -173,20 +173,13 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from spark_mnist.tools.plots import preview_grid
-
     path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
     _print_json({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed})
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from spark_mnist.errors import require_extra
-
     require_extra("torch", "torch", "evaluate")
-    from spark_mnist.tools.evaluate import evaluate_model, format_report
-    from spark_mnist.tools.plots import confusion_matrix_png
-
     result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
     sys.stdout.write(format_report(result))
     out_png = args.out_png or os.path.join(os.path.dirname(os.path.abspath(args.model)), "confusion.png")
@@ -215,8 +208,6 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         sys.stdout.write(show(settings))
         return 0
-    from spark_mnist import pipeline
-
     if args.command == "ingest":
         manifest = pipeline.ingest(None, settings, verbose=args.verbose)
         result = {

@@ -8,7 +8,8 @@ launcher's package and hardware, the converter, the dataset, a checkpoint to res
 never import each other: this module hands :func:`spark_mnist.rank.train.train_worker` and a
 :class:`~spark_mnist.job.TrainJob` to :func:`spark_mnist.launch.launch`, relaunches it from the last checkpoint when
 a rank fails (:mod:`spark_mnist.launch.restarts`), and logs the run to MLflow (:mod:`spark_mnist.tools.tracking`).
-Imports are lazy: ``torchrun`` and ``ai-runtime`` training imports no Spark, and ingest no torch.
+``torchrun`` and ``ai-runtime`` training imports no Spark (a session's modules import pyspark when one starts), and
+ingest no torch (the rank modules are imported where training starts).
 """
 
 from __future__ import annotations
@@ -20,12 +21,23 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from spark_mnist.config import Settings
+from spark_mnist.driver import session as sessions
+from spark_mnist.driver.converter import ConverterChoice, choose_converter, make_converters
+from spark_mnist.driver.ingest import ingest as run_ingest
 from spark_mnist.envs import scoped_env
-from spark_mnist.errors import InputError
+from spark_mnist.errors import InputError, LoaderStateError, require_extra
+from spark_mnist.job import TrainJob
+from spark_mnist.launch import check, launch, world_size
+from spark_mnist.launch.restarts import run_with_restarts
+from spark_mnist.launch.torch_distributor import check_shared_run_dir
 from spark_mnist.paths import redact, require_local
+from spark_mnist.rank.order import state_mismatch
+from spark_mnist.runs import CHECKPOINT_NAME, CURVES_NAME, dataset_identity
+from spark_mnist.shards.contract import open_dataset
+from spark_mnist.tools.plots import maybe_training_curves
+from spark_mnist.tools.tracking import log_training_run
 
 if TYPE_CHECKING:
-    from spark_mnist.driver.converter import ConverterChoice
     from spark_mnist.shards.contract import Dataset, Manifest
 
 log = logging.getLogger(__name__)
@@ -38,9 +50,8 @@ def _session(spark, settings: Settings, *, verbose: bool):
     stores' settings (:func:`spark_mnist.driver.session.spark_session`, stopped after the block)."""
     if spark is not None:
         return contextlib.nullcontext(spark)
-    from spark_mnist.driver.session import spark_session, with_executor_env  # pyspark: only where a session is
-
-    return spark_session(with_executor_env(settings.spark, settings.storage.environment()), verbose=verbose)
+    environment = settings.storage.environment()
+    return sessions.spark_session(sessions.with_executor_env(settings.spark, environment), verbose=verbose)
 
 
 def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
@@ -60,8 +71,6 @@ def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
 
 
 def _ingest(spark, settings: Settings) -> "Manifest":
-    from spark_mnist.driver.ingest import ingest as run_ingest  # Spark: not for training alone
-
     s = settings.ingest
     manifest = run_ingest(
         spark,
@@ -109,11 +118,6 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
             (:func:`spark_mnist.launch.torch_distributor.check_shared_run_dir`).
         TrainingFailedError: a rank failed, and kept failing through ``train.max_restarts`` relaunches.
     """
-    from spark_mnist.driver import session as sessions  # no pyspark import: what a session is, and will be
-    from spark_mnist.errors import require_extra
-    from spark_mnist.launch import check
-    from spark_mnist.shards.contract import open_dataset
-
     t = settings.train
     on_spark = t.launcher == SPARK_LAUNCHER
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
@@ -135,20 +139,16 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
             if on_spark and sessions.is_connect(session) != connect:  # an active session other than foreseen
                 choice = _converter(settings, not connect)
             if on_spark and not t.local_mode:
-                from spark_mnist.launch.torch_distributor import check_shared_run_dir
-
                 check_shared_run_dir(settings.run_dir, sessions.master_here(session))  # rank 0 writes on an executor
             return _train(session, settings, dataset, choice, resume=resume, ingested=ingest_first)
 
 
-def _converter(settings: Settings, connect: bool) -> "ConverterChoice | None":
+def _converter(settings: Settings, connect: bool) -> ConverterChoice | None:
     """petastorm's converter or the shards (``torch-distributor`` only: the one launcher on a Spark session), as
     :func:`spark_mnist.driver.converter.choose_converter` decides; ``None`` for the other launchers, which read the
     shards and refuse petastorm."""
     t = settings.train
     if t.launcher == SPARK_LAUNCHER:
-        from spark_mnist.driver.converter import choose_converter  # pyspark's version: Spark launcher only
-
         return choose_converter(t, connect=connect)
     if "petastorm" in (t.loader, t.converter):
         raise InputError(
@@ -183,11 +183,7 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool
             checkpoint.
         SourceError: a run directory with no local form.
     """
-    from spark_mnist.errors import LoaderStateError
-    from spark_mnist.launch import world_size
-    from spark_mnist.rank.checkpoint import load_checkpoint  # torch: training only
-    from spark_mnist.rank.order import state_mismatch
-    from spark_mnist.runs import dataset_identity
+    from spark_mnist.rank.checkpoint import load_checkpoint  # torch: not for ingest
 
     t = settings.train
     if not (t.resume or t.auto_resume):
@@ -224,21 +220,15 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool
 
 
 def _train(
-    spark, settings: Settings, dataset: "Dataset", choice: "ConverterChoice | None", *, resume: bool, ingested: bool
+    spark, settings: Settings, dataset: "Dataset", choice: ConverterChoice | None, *, resume: bool, ingested: bool
 ) -> dict[str, Any]:
     """The checked run: petastorm's converters or the shards, the launch and its restarts, the curves and tracking."""
-    from spark_mnist.job import TrainJob
-    from spark_mnist.launch import launch
-    from spark_mnist.launch.restarts import run_with_restarts
-    from spark_mnist.rank.train import train_worker  # torch: training only
-    from spark_mnist.runs import CHECKPOINT_NAME, CURVES_NAME, dataset_identity
+    from spark_mnist.rank.train import train_worker  # torch: not for ingest
 
     t, manifest = settings.train, dataset.manifest
     converters: dict[str, Any] = {}
     files = {split: dataset.files(split) for split in ("train", "test")}
     if choice is not None and choice.uses_petastorm:
-        from spark_mnist.driver.converter import make_converters  # petastorm: torch-distributor only
-
         log.info("converter: petastorm (%s)", choice.reason)
         converters = make_converters(spark, dataset, t.petastorm_cache_url, t.petastorm_row_group_bytes)
         files = {split: list(c.file_urls) for split, c in converters.items()}
@@ -271,10 +261,7 @@ def _train(
                 log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
     result = {"dataset": manifest.dataset, "converter": choice.name if choice else "none", "launcher": t.launcher}
     result.update(metrics)
-    from spark_mnist.tools.plots import maybe_training_curves  # never raises; warns once without matplotlib
-    from spark_mnist.tools.tracking import log_training_run
-
-    maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))
+    maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))  # warns without matplotlib
     params = {k: v for k, v in settings.to_dict().items() if ingested or k != "ingest"}
     run_id = log_training_run(
         params,

@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
-from spark_mnist.errors import LauncherUnavailableError
+from spark_mnist.errors import LauncherUnavailableError, require_extra
 from spark_mnist.runs import TrainingFailedError, clear_error_reports, failure
 
 __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch", "world_size"]
@@ -72,8 +72,6 @@ def require_module(name: str, launcher: str, fix: str) -> Any:
 
 def require_gpus(launcher: str, wanted: int, fix: str) -> None:
     """At least ``wanted`` CUDA devices visible to torch, or :class:`LauncherUnavailableError`."""
-    from spark_mnist.errors import require_extra
-
     torch = require_extra("torch", "torch", f"launcher '{launcher}'")
     found = torch.cuda.device_count()
     if found < wanted:

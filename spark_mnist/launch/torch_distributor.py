@@ -14,7 +14,7 @@ from typing import Any, Callable, cast
 from spark_mnist.config import TrainSettings
 from spark_mnist.errors import SourceError
 from spark_mnist.launch import require_gpus, require_module
-from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, redact
+from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, normalize_uri, redact
 
 NAME = "torch-distributor"
 # Where a path is the same on the driver and every executor of a Databricks cluster (FUSE mounts).
@@ -72,8 +72,6 @@ def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
     """
     if run_dir is None or (master is not None and master.startswith("local")):
         return
-    from spark_mnist.paths import normalize_uri
-
     local = normalize_uri(run_dir).local_path
     if local is not None and any(local == root or local.startswith(root + "/") for root in SHARED_ROOTS):
         return
