@@ -40,6 +40,7 @@ from spark_mnist.errors import (
     LoaderStateError,
     ReapedError,
     SourceError,
+    check_choice,
 )
 from spark_mnist.runs import TrainingFailedError
 
@@ -72,6 +73,10 @@ except PackageNotFoundError:  # the source tree on sys.path without an install
     __version__ = "0+unknown"
 
 
+# The functions below import the layers they call when called: `import spark_mnist` stays light (no pyarrow,
+# pydantic, Spark or torch), and those layers, which import this package's __version__, find it initialised.
+
+
 def load_data(path, dataset: str = "mnist"):
     """Keras-style ``((x_train, y_train), (x_test, y_test))``; see :func:`spark_mnist.shards.arrays.load_data`."""
     from spark_mnist.shards.arrays import load_data as _load_data
@@ -96,7 +101,6 @@ def _settings(config: Optional[str | os.PathLike], section: str, values: dict[st
             ...``), a bad value or config file.
     """
     from spark_mnist.config import DATABRICKS_DEFAULTS, Settings, load_settings
-    from spark_mnist.errors import InputError, check_choice
     from spark_mnist.tracking import on_databricks
 
     for key in values:
@@ -112,7 +116,7 @@ def ingest(
     on ``spark`` (the notebook's session, classic or Spark Connect / serverless); driver-side.
 
     Args:
-        spark: the Spark session.
+        spark: the Spark session; ``None``: the active one, else one started from the config's ``spark`` settings.
         source, output: as ``spark-mnist ingest --source --output`` (paths, ``dbfs:/``, ``/Volumes/...``).
         config: a settings YAML whose ``ingest`` section the keywords override (default: the defaults; on
             Databricks, with :data:`spark_mnist.config.DATABRICKS_DEFAULTS` on top).
@@ -144,7 +148,8 @@ def train(
             session; a classic GPU cluster), ``"torchrun"`` (local processes, no Spark) or ``"ai-runtime"``
             (``databricks.air``: the serverless GPUs attached, or submitted to with ``remote_gpu=True``);
             default: the config's (``torch-distributor``).
-        spark: the session for ``torch-distributor``; ``None``: the active one.
+        spark: the session for ``torch-distributor``; ``None``: the active one, else one started from the config's
+            ``spark`` settings (and stopped afterwards).
         config: a settings YAML whose ``train`` section the keywords override (default: the defaults; on
             Databricks, with :data:`spark_mnist.config.DATABRICKS_DEFAULTS` on top: the cluster's session, the
             workers' GPUs, the shards read directly).
@@ -160,13 +165,4 @@ def train(
     from spark_mnist import pipeline
 
     values = {"data": os.fspath(data), **settings, **({"launcher": launcher} if launcher else {})}
-    resolved = _settings(config, "train", values)
-    if resolved.train.launcher != pipeline.SPARK_LAUNCHER:
-        return pipeline.train(None, resolved)
-    if spark is not None:
-        return pipeline.train(spark, resolved)
-    from spark_mnist.driver.session import spark_session
-
-    pipeline.check_training(resolved)
-    with spark_session(resolved.spark) as active:
-        return pipeline.train(active, resolved)
+    return pipeline.train(spark, _settings(config, "train", values))

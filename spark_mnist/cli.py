@@ -7,7 +7,6 @@ ingest's clean-up removed (it stalled; one line on stderr, nothing published: in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -15,11 +14,14 @@ import sys
 import traceback
 from typing import Sequence
 
-from spark_mnist import __version__
+from spark_mnist import __version__, pipeline
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
-from spark_mnist.driver.session import connect_expected, spark_session, with_executor_env
-from spark_mnist.errors import InputError, ReapedError
+from spark_mnist.errors import InputError, ReapedError, require_extra
 from spark_mnist.paths import redact
+from spark_mnist.tools.download import LocalRoots, download
+from spark_mnist.tools.evaluate import evaluate_model, format_report
+from spark_mnist.tools.plots import confusion_matrix_png, preview_grid
+from spark_mnist.tools.verify import format_table, verify_source
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
@@ -63,11 +65,6 @@ def _configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
-    parser.add_argument("--verbose", action="store_true", help="Spark's and petastorm's own logs, debug output")
-
-
 def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
     """One option per setting of ``sections`` (:func:`spark_mnist.config.options`), a group per section.  Every
     option defaults to ``None``, "as the config file says"; a switch also has its ``--no-`` form."""
@@ -91,8 +88,9 @@ def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``spark-mnist`` parser: ``ingest``, ``train``, ``run`` and ``config`` take ``--config``, ``--verbose``
-    and one option per setting of their sections (:func:`_setting_options`); the tools take their own."""
+    """The ``spark-mnist`` parser: every subcommand takes ``--verbose``; ``ingest``, ``train``, ``run`` and ``config``
+    also ``--config`` and one option per setting of their sections (:func:`_setting_options`), the tools their
+    own."""
     parser = argparse.ArgumentParser(prog="spark-mnist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,16 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out-png", help="confusion-matrix PNG (default: confusion.png beside the model)")
     evaluate.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="default: test")
-    for sub in (verify, download, preview, evaluate):
-        sub.add_argument("--verbose", action="store_true", help="debug output")
     for sub, sections in (
         (ingest, ("spark", "storage", "ingest")),
         (train, ("spark", "storage", "train")),
         (run, SECTIONS),
         (config, SECTIONS),
+        *((tool, ()) for tool in (verify, download, preview, evaluate)),
     ):
-        _common(sub)
-        _setting_options(sub, sections)
+        sub.add_argument("--verbose", action="store_true", help="debug output, and Spark's and petastorm's own logs")
+        if sections:
+            sub.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
+            _setting_options(sub, sections)
     return parser
 
 
@@ -156,16 +155,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from spark_mnist.tools.verify import format_table, verify_source
-
     report = verify_source(args.source, args.dataset, strict=not args.allow_hash_mismatch)
     sys.stdout.write(format_table(report))
     return 0 if report.ok else EXIT_BAD_INPUT
 
 
 def _download(args: argparse.Namespace) -> int:
-    from spark_mnist.tools.download import LocalRoots, download
-
     paths = download(
         args.dataset,
         args.to,
@@ -178,20 +173,13 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from spark_mnist.tools.plots import preview_grid
-
     path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
     _print_json({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed})
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from spark_mnist.errors import require_extra
-
     require_extra("torch", "torch", "evaluate")
-    from spark_mnist.tools.evaluate import evaluate_model, format_report
-    from spark_mnist.tools.plots import confusion_matrix_png
-
     result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
     sys.stdout.write(format_report(result))
     out_png = args.out_png or os.path.join(os.path.dirname(os.path.abspath(args.model)), "confusion.png")
@@ -206,9 +194,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; its exit code.  The tools run without settings or Spark; the others read the
-    settings, and ``train``/``run`` check the launcher, torch and the converter choice before anything starts
-    (:func:`spark_mnist.pipeline.check_training`).  A Spark session is started for ``ingest``, ``run`` and the
-    ``torch-distributor`` launcher only: ``train --launcher torchrun`` needs no pyspark.
+    settings and call :func:`spark_mnist.pipeline.ingest` or :func:`spark_mnist.pipeline.train`, which check what
+    they can refuse before a Spark session starts and start one only where it is needed (``train --launcher
+    torchrun`` needs no pyspark).
 
     Raises:
         InputError: bad settings or input (the caller prints one line and exits 2).
@@ -220,29 +208,17 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         sys.stdout.write(show(settings))
         return 0
-    from spark_mnist import pipeline
-
-    training = args.command in ("train", "run")
-    on_spark = args.command in ("ingest", "run") or settings.train.launcher == pipeline.SPARK_LAUNCHER
-    if training:  # a launcher, converter or torch this environment cannot serve fails before anything starts
-        pipeline.check_training(settings, connect=connect_expected(settings.spark))
-    spark_settings = with_executor_env(settings.spark, settings.storage.environment())
-    with spark_session(spark_settings, verbose=args.verbose) if on_spark else contextlib.nullcontext() as spark:
-        if args.command in ("ingest", "run"):
-            manifest = pipeline.ingest(spark, settings)
-            if args.command == "ingest":
-                _print_json(
-                    {
-                        "output": settings.ingest.output,
-                        "dataset": manifest.dataset,
-                        "rows": {k: v.rows for k, v in manifest.splits.items()},
-                    }
-                )
-                return 0
-        launcher_spark = spark if settings.train.launcher == pipeline.SPARK_LAUNCHER else None
-        metrics = pipeline.train(launcher_spark, settings, ingested=args.command == "run")
-    metrics.pop("history", None)
-    _print_json(metrics)
+    if args.command == "ingest":
+        manifest = pipeline.ingest(None, settings, verbose=args.verbose)
+        result = {
+            "output": settings.ingest.output,
+            "dataset": manifest.dataset,
+            "rows": {k: v.rows for k, v in manifest.splits.items()},
+        }
+    else:
+        result = pipeline.train(None, settings, ingest_first=args.command == "run", verbose=args.verbose)
+        result.pop("history", None)
+    _print_json(result)
     return 0
 
 

@@ -101,6 +101,8 @@ LAUNCHERS = typing.get_args(Launcher)
 # ComputeSpecAcceleratorType); tests/test_launch.py and tests/test_bundle.py keep the three lists equal.
 AcceleratorType = Literal["GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300"]
 ACCELERATOR_TYPES = typing.get_args(AcceleratorType)
+Model = Literal["simple-cnn"]  # spark_mnist.models.build_model builds each
+MODELS = typing.get_args(Model)
 
 
 class TrainSettings(_Section):
@@ -153,7 +155,7 @@ class TrainSettings(_Section):
         description="petastorm's Spark dataset converter, or the ingested shards directly (none); "
         "auto: petastorm where it works (Spark 3.5, pyarrow < 15)",
     )
-    model: str = Field("simple-cnn", description="model by registry name (spark_mnist.models)")
+    model: Model = Field("simple-cnn", description="the model: simple-cnn (spark_mnist.models.SimpleCNN)")
     memory_budget_mb: int = Field(2048, ge=0, description="decoded images a rank's loader may hold, in MiB")
     reader_threads: int = Field(2, ge=1, description="Parquet reader threads per rank")
     threads_per_rank: int = Field(0, ge=0, description="torch threads per rank; 0: cores / ranks on the node")

@@ -1,9 +1,8 @@
-"""Models by name, and the input normalisation they expect.  Runs on every rank and in the evaluating tools.
+"""The model by name, and the input normalisation it expects.  Runs on every rank and in the evaluating tools.
 
-A model is an ``nn.Module`` class whose constructor takes ``(num_classes, image_shape)`` and whose ``forward`` maps
-float32 normalised images (B, 1, H, W) to float32 logits (B, num_classes).  Adding one is the class plus one line,
-the :func:`register_model` decorator; training, evaluation and tracking then build it by name
-(:func:`build_model`, setting ``train.model``).
+The model maps float32 normalised images (B, 1, H, W) to float32 logits (B, num_classes); training, evaluation and
+tracking build it by its name (:func:`build_model`, setting ``train.model``, whose values are
+:data:`spark_mnist.config.MODELS`).
 
 SimpleCNN (``"simple-cnn"``) is the network of the common Databricks MNIST how-to (and of pytorch/examples
 ``mnist/main.py`` in spirit): two 3x3 convolutions with ReLU and 2x2 max-pooling, then one linear layer to the
@@ -16,49 +15,31 @@ source); :func:`normalization_for` reads them there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
+from spark_mnist.config import MODELS
 from spark_mnist.datasets import get_dataset
-from spark_mnist.errors import InputError, check_choice, invalid
+from spark_mnist.errors import InputError, check_choice
 
 PIXEL_MAX = 255.0
-# The model runs whose metrics.json names no model trained; TrainSettings.model's default.
-DEFAULT_MODEL = "simple-cnn"
-
-ModelClass = TypeVar("ModelClass", bound=Callable[..., nn.Module])
-# Registered models by name.  Filled by @register_model when their module is imported, never changed afterwards.
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str) -> Callable[[ModelClass], ModelClass]:
-    """Class decorator: register a model class under ``name`` for :func:`build_model`.
-
-    Raises:
-        ValueError: ``name`` is already registered (``Invalid model name: 'x'. Must be a name not yet
-            registered.``).
-    """
-
-    def register(cls: ModelClass) -> ModelClass:
-        if name in MODELS:
-            raise invalid("model name", name, "a name not yet registered")
-        MODELS[name] = cls
-        return cls
-
-    return register
+# The model of runs whose metrics.json names none; TrainSettings.model's default.
+DEFAULT_MODEL = MODELS[0]
 
 
 def build_model(name: str, num_classes: int, image_shape: tuple[int, int]) -> nn.Module:
-    """A fresh model ``name`` for ``num_classes`` classes and images of ``image_shape`` (H, W) pixels.
+    """A fresh model ``name`` (:class:`SimpleCNN`, the one model) for ``num_classes`` classes and images of
+    ``image_shape`` (H, W) pixels.
 
     The model maps float32 (B, 1, H, W) images normalised by :func:`normalize` to float32 logits (B, num_classes).
 
     Raises:
-        InputError: an unknown ``name`` (``Invalid model: 'x'. Must be one of 'simple-cnn', ...``).
+        InputError: an unknown ``name`` (``Invalid model: 'x'. Must be one of 'simple-cnn'.``), e.g. one a
+            metrics file names.
     """
-    return MODELS[check_choice("model", name, MODELS, InputError)](num_classes, tuple(image_shape))
+    check_choice("model", name, MODELS, InputError)
+    return SimpleCNN(num_classes, image_shape)
 
 
 @dataclass(frozen=True)
@@ -88,7 +69,6 @@ def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
     return images.to(torch.float32).mul_(scale).sub_(norm.mean / norm.std)
 
 
-@register_model(DEFAULT_MODEL)
 class SimpleCNN(nn.Module):
     """conv 3x3 1->32, ReLU, max-pool 2x2, conv 3x3 32->64, ReLU, max-pool 2x2, linear 64*(H/4)*(W/4) -> classes.
 

@@ -695,3 +695,30 @@ def test_the_command_starts_one_torchrun_rank_per_gpu_of_the_node(gpu_job):
     with open(GPU_CONF, encoding="utf-8") as f:
         conf = yaml.safe_load(f)
     assert conf["ingest"]["output"] == ingest.output and conf["ingest"]["source"] == ingest.source
+
+
+@pytest.mark.parametrize("node_env, refused", [
+    ({}, False),
+    ({"WORLD_SIZE": "2", "NODE_RANK": "0"}, False),  # one node of 2 GPUs: its ranks are the run's
+    ({"WORLD_SIZE": "16", "NODE_RANK": "0"}, True),  # accelerator_count 16 on nodes of 2 GPUs
+    ({"WORLD_SIZE": "16", "NODE_RANK": "1"}, True),
+])
+def test_the_command_refuses_a_run_beyond_one_node(tmp_path, node_env, refused):
+    """The script's guard, on CPU: ``python`` says the node has 2 GPUs and ``spark-mnist`` records its arguments."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("python", "echo 2"), ("spark-mnist", f'echo "$@" > {tmp_path / "args"}')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "NODE_RANK")}
+    env.update(node_env, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    result = subprocess.run(["bash", str(GPU_COMMAND)], capture_output=True, text=True, env=env, timeout=60)
+    if refused:
+        assert result.returncode == 2 and not (tmp_path / "args").exists()
+        (line,) = result.stderr.strip().splitlines()
+        assert "multi-node serverless runs are not supported yet" in line and "at most 2" in line
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "--launcher torchrun --use-gpu --num-processes 2" in (tmp_path / "args").read_text()

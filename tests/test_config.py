@@ -69,7 +69,7 @@ def test_every_option_sets_its_setting():
             if option.type is bool:
                 argv, expected = [option.flag if not default else "--no-" + option.flag[2:]], not default
             elif option.choices:
-                expected = next(c for c in option.choices if c != default)
+                expected = next((c for c in option.choices if c != default), default)  # model: one choice
                 argv = [option.flag, expected]
             else:
                 expected = {int: 3, float: 0.5, str: "/tmp/elsewhere"}[option.type]

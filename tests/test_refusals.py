@@ -56,15 +56,14 @@ def run_dir(tmp_path, identity) -> Path:
 
 @pytest.fixture
 def nothing_launches(monkeypatch):
-    """Every launcher's ``run`` and the CLI's Spark session fail the test when reached (in-process ``main``)."""
+    """Every launcher's ``run`` and the pipeline's Spark session fail the test when reached (in-process ``main``)."""
     from spark_mnist.launch import ai_runtime, torch_distributor, torchrun
 
     def reached(*args, **kwargs):
         raise AssertionError("a launcher or a Spark session was started")
 
-    for cls in (torchrun.TorchrunLauncher, torch_distributor.TorchDistributorLauncher, ai_runtime.AiRuntimeLauncher):
-        monkeypatch.setattr(cls, "run", reached)
-    monkeypatch.setattr("spark_mnist.cli.spark_session", reached)
+    for module in (torchrun, torch_distributor, ai_runtime):
+        monkeypatch.setattr(module, "run", reached)
     monkeypatch.setattr("spark_mnist.driver.session.spark_session", reached)
 
 
@@ -254,13 +253,13 @@ def test_a_serverless_run_across_nodes_is_refused(data, tmp_path, stand_in_air, 
 
 
 def test_one_serverless_node_is_accepted(stand_in_air):
-    from spark_mnist.launch import check_launcher
+    from spark_mnist.launch import check
 
     for kind, count in (("GPU_8xH100", 8), ("GPU_1xA10", 1), ("GPU_8xB300", 2)):
         settings = load_settings(None, {"train": {"launcher": "ai-runtime", "remote_gpu": True,
                                                   "accelerator_type": kind, "accelerator_count": count}}).train
-        check_launcher(settings)
+        check(settings)
     settings = load_settings(None, {"train": {"launcher": "ai-runtime", "remote_gpu": True,
                                               "accelerator_type": "GPU_1xA10", "accelerator_count": 2}}).train
     with pytest.raises(LauncherUnavailableError, match="span 2 nodes of 1 GPU"):
-        check_launcher(settings)
+        check(settings)

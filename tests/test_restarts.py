@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from spark_mnist.launch import TrainingFailedError, launch
+from spark_mnist.launch import TrainingFailedError, launch, torchrun
 from spark_mnist.launch.restarts import run_with_restarts
 
 
@@ -68,50 +69,51 @@ def test_restarts_stop_at_max_restarts_and_at_bad_input(tmp_path):
     assert calls == [True], "bad input fails the same way again: no relaunch"
 
 
-class Broken:
-    """A launcher whose rank ``report_rank`` leaves a report (as rank.train does), then fails."""
+def broken(report_rank=None):
+    """A launcher's ``run`` whose rank ``report_rank`` leaves a report (as rank.train does), then fails."""
 
-    name = "broken"
-
-    def __init__(self, report_rank=None):
-        self.report_rank = report_rank
-
-    def run(self, fn, job):
-        if self.report_rank is not None:
+    def run(fn, job):
+        if report_rank is not None:
             errors = os.path.join(job.run_dir, "_errors")
             os.makedirs(errors, exist_ok=True)
-            with open(os.path.join(errors, f"rank-{self.report_rank}.json"), "w") as f:
-                json.dump({"rank": self.report_rank, "exception": "ValueError: bad batch",
+            with open(os.path.join(errors, f"rank-{report_rank}.json"), "w") as f:
+                json.dump({"rank": report_rank, "exception": "ValueError: bad batch",
                            "traceback": ["Traceback\n", "ValueError: bad batch\n"]}, f)
         raise RuntimeError("the launcher's own error")
 
-
-class Job:
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
+    return run
 
 
-def test_a_failed_launch_reads_the_ranks_reports_and_clears_old_ones(tmp_path):
+def job(run_dir):
+    """What launch reads of a TrainJob: its settings (the launcher) and run directory."""
+    from spark_mnist.config import TrainSettings
+
+    return SimpleNamespace(settings=TrainSettings(launcher="torchrun"), run_dir=str(run_dir))
+
+
+def test_a_failed_launch_reads_the_ranks_reports_and_clears_old_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchrun, "run", broken(report_rank=1))
     stale = tmp_path / "_errors"
     stale.mkdir()
     (stale / "rank-0.json").write_text(json.dumps({"rank": 0, "exception": "OldError: x", "traceback": []}))
     with pytest.raises(TrainingFailedError, match=r"rank 1 failed: ValueError: bad batch") as info:
-        launch(Broken(report_rank=1), lambda job: None, Job(str(tmp_path)))
+        launch(lambda job: None, job(tmp_path))
     assert isinstance(info.value.__cause__, RuntimeError) and "OldError" not in str(info.value)
     assert info.value.exceptions == ["ValueError: bad batch"]
 
 
-def test_a_launch_without_reports_says_no_rank_left_one(tmp_path):
+def test_a_launch_without_reports_says_no_rank_left_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchrun, "run", broken())
     with pytest.raises(TrainingFailedError, match="no rank left an error report.*the launcher's own error"):
-        launch(Broken(), lambda job: None, Job(str(tmp_path)))
+        launch(lambda job: None, job(tmp_path))
 
 
 def test_auto_resume_continues_from_a_matching_checkpoint_and_says_so(tmp_path, caplog):
-    """A retried job (auto_resume): the run directory's checkpoint of these settings is resumed from, one of other
-    settings is not; one line says which."""
-    from spark_mnist.config import TrainSettings
-    from spark_mnist.job import TrainJob
-    from spark_mnist.pipeline import _auto_resume
+    """A retried job (auto_resume): the run directory's checkpoint is resumed from by the rule an explicit resume
+    refuses by (elastic world size included); one of another run is left, in one line, for a fresh start."""
+    from spark_mnist.config import load_settings
+    from spark_mnist.errors import LoaderStateError
+    from spark_mnist.pipeline import check_resume
     from spark_mnist.rank.checkpoint import Checkpoint, save_checkpoint
 
     loader = {"seed": 1, "epoch": 1, "step": 3, "samples": 192, "world_size": 2, "batch_size": 32,
@@ -119,19 +121,24 @@ def test_auto_resume_continues_from_a_matching_checkpoint_and_says_so(tmp_path, 
               "dataset": "generation:g1"}
     save_checkpoint(Checkpoint(model={}, optimizer={}, loader=loader), str(tmp_path))
 
-    def job(**settings):
-        values = {"num_processes": 2, "batch_size": 32, "seed": 1, "auto_resume": True, **settings}
-        dataset_id = values.pop("dataset_id", "generation:g1")
-        return TrainJob(settings=TrainSettings(**values), train_files=[], test_files=[], dataset="mnist",
-                        num_classes=10, image_shape=(28, 28), run_dir=str(tmp_path), dataset_id=dataset_id)
+    def resumes(generation="g1", **train):
+        values = {"run_dir": str(tmp_path), "num_processes": 2, "batch_size": 32, "seed": 1, "auto_resume": True,
+                  **train}
+        manifest = SimpleNamespace(generation=generation, splits={"train": SimpleNamespace(rows=640)})
+        return check_resume(load_settings(None, {"train": values}), manifest)
 
     caplog.set_level(logging.INFO, logger="spark_mnist")
-    assert _auto_resume(job()) is True
-    assert "resume: auto, continuing from" in caplog.text and "(epoch 2, step 3)" in caplog.text
-    for other, said in (({"seed": 7}, "seed 1, this run 7"), ({"dataset_id": "generation:g2"}, "dataset"),
-                        ({"batch_size": 16}, "global_batch_size 64, this run 32")):
+    assert resumes() is True
+    assert "resume: continuing from" in caplog.text and "(epoch 2, step 3)" in caplog.text
+    for other, said in (({"seed": 7}, "the seed is 1 in"), ({"generation": "g2"}, "the dataset is 'generation:g1'"),
+                        ({"batch_size": 16}, "the global batch size is 64"),
+                        ({"num_processes": 3}, "does not split over 3 ranks")):
         caplog.clear()
-        assert _auto_resume(job(**other)) is False
-        assert "resume: auto, starting afresh:" in caplog.text and said in caplog.text
-    assert _auto_resume(job(num_processes=4, batch_size=16)) is True  # the same global batch on 4 ranks
-    assert _auto_resume(job(num_processes=4)) is False
+        assert resumes(**other) is False
+        assert "resume: starting afresh: Cannot resume: " in caplog.text and said in caplog.text
+        with pytest.raises(LoaderStateError, match=said):
+            resumes(**other, resume=True)  # the same check, refused with --resume
+    assert resumes(num_processes=4, batch_size=16) is True  # the same global batch on 4 ranks
+    assert resumes(num_processes=4) is True  # elastic: the checkpoint's global batch over 4 ranks
+    caplog.clear()
+    assert resumes(run_dir=str(tmp_path / "none")) is False and "no checkpoint in" in caplog.text

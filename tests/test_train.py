@@ -145,18 +145,18 @@ def test_distributed_mode_over_connect_ends_with_its_last_epoch(spark, small_dat
     import os
     import time
 
-    from spark_mnist.launch.torch_distributor import TorchDistributorLauncher
+    from spark_mnist.launch import torch_distributor
 
     returned = {}
-    launch = TorchDistributorLauncher.run
+    launch = torch_distributor.run
 
-    def timed(self, fn, job):
+    def timed(fn, job):
         try:
-            return launch(self, fn, job)
+            return launch(fn, job)
         finally:
             returned["at"] = time.time()
 
-    monkeypatch.setattr(TorchDistributorLauncher, "run", timed)
+    monkeypatch.setattr(torch_distributor, "run", timed)
     run_dir = tmp_path / "run"
     metrics = train(spark, settings_for(small_dataset, run_dir, epochs=1, local_mode=False))
     assert metrics["world_size"] == 2 and metrics["converter"] == "none" and metrics["steps_per_epoch"] == 10

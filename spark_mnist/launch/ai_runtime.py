@@ -12,7 +12,6 @@ with its ``distributed`` extra (``pip install 'spark-mnist[ai-runtime]'``); Beta
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
@@ -34,19 +33,13 @@ def decorator_kwargs(settings: TrainSettings) -> dict[str, Any]:
     }
 
 
-@dataclass
-class AiRuntimeLauncher:
-    """``databricks.air.distributed(**decorator_kwargs(settings))(fn).distributed(job)``."""
+def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+    """``databricks.air.distributed(**decorator_kwargs(job.settings))(fn).distributed(job)``: rank 0's return value
+    of ``fn(job)``; raises what ``databricks.air`` raises when a rank fails."""
+    from databricks.air import distributed
 
-    settings: TrainSettings
-    name: str = NAME
-
-    def run(self, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
-        """Rank 0's return value of ``fn(job)``; raises what ``databricks.air`` raises when a rank fails."""
-        from databricks.air import distributed
-
-        outputs = distributed(**decorator_kwargs(self.settings))(fn).distributed(job)
-        return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    outputs = distributed(**decorator_kwargs(job.settings))(fn).distributed(job)
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
 def check(settings: TrainSettings) -> None:
@@ -56,8 +49,8 @@ def check(settings: TrainSettings) -> None:
         LauncherUnavailableError: ``databricks.air`` does not import (databricks-sdk-air missing), or local mode
             on a machine where torch sees fewer GPUs than ranks (none at all: a CPU machine).
         InputError: ``remote_gpu`` without ``accelerator_type`` (the serverless GPU type must be named).
-        LauncherUnavailableError: ``remote_gpu`` with more accelerators than one node of the type has (multi-node
-            runs are not supported yet: :func:`check_one_node`).
+        LauncherUnavailableError: ``remote_gpu`` with more accelerators than one node of the type has (``GPU_8xH100``:
+            8); multi-node runs are not supported yet.
     """
     require_module("databricks.air", NAME, PACKAGE_FIX)
     if settings.remote_gpu:
@@ -66,38 +59,18 @@ def check(settings: TrainSettings) -> None:
                 "train.accelerator_type: required with remote_gpu (the serverless GPUs to submit to, "
                 "e.g. --accelerator-type GPU_8xH100)"
             )
-        check_one_node(settings.accelerator_type, world_size(settings))
+        ranks, match = world_size(settings), re.fullmatch(r"GPU_(\d+)x\w+", settings.accelerator_type)
+        per_node = int(match.group(1)) if match else ranks
+        if ranks > per_node:  # the rendezvous, run directory and checkpoint are those of one node's ranks
+            raise LauncherUnavailableError(
+                f"launcher '{NAME}': {ranks} accelerators of {settings.accelerator_type} span "
+                f"{-(-ranks // per_node)} nodes of {per_node} GPU(s), and multi-node runs are not supported yet: "
+                f"use at most {per_node} (--accelerator-count)"
+            )
     else:
         require_gpus(
             NAME,
-            decorator_kwargs(settings)["num_accelerators"],
+            world_size(settings),
             "attach serverless GPU compute to this notebook or job, submit from here with --remote-gpu "
             "--accelerator-type TYPE, or use --launcher torchrun",
         )
-
-
-def gpus_per_node(accelerator_type: str) -> int | None:
-    """GPUs of one node of ``accelerator_type`` (``GPU_8xH100``: 8), or ``None`` for a name without ``GPU_<n>x``."""
-    match = re.fullmatch(r"GPU_(\d+)x\w+", accelerator_type)
-    return int(match.group(1)) if match else None
-
-
-def check_one_node(accelerator_type: str, ranks: int) -> None:
-    """Refuse a run that would span several nodes of ``accelerator_type``: the ranks' rendezvous, the run directory
-    and the checkpoint are those of one node's ranks, and spark-mnist does not yet run across serverless nodes.
-
-    Raises:
-        LauncherUnavailableError: ``ranks`` above the GPUs of one node, in one line naming both and the fix.
-    """
-    per_node = gpus_per_node(accelerator_type)
-    if per_node is not None and ranks > per_node:
-        raise LauncherUnavailableError(
-            f"launcher '{NAME}': {ranks} accelerators of {accelerator_type} span {-(-ranks // per_node)} nodes of "
-            f"{per_node} GPU(s), and multi-node runs are not supported yet: use at most {per_node} "
-            f"(--accelerator-count)"
-        )
-
-
-def make(settings: TrainSettings, *, spark: Any = None) -> AiRuntimeLauncher:
-    """The launcher (checked by :func:`check` first); ``spark`` is ignored."""
-    return AiRuntimeLauncher(settings)

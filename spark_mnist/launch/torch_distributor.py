@@ -9,38 +9,30 @@ devices it sees.  Source: Spark's ``ml/torch/distributor.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, cast
 
 from spark_mnist.config import TrainSettings
 from spark_mnist.errors import SourceError
-from spark_mnist.launch import LauncherUnavailableError, require_gpus, require_module
-from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, redact
+from spark_mnist.launch import require_gpus, require_module
+from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, normalize_uri, redact
 
 NAME = "torch-distributor"
 # Where a path is the same on the driver and every executor of a Databricks cluster (FUSE mounts).
 SHARED_ROOTS = (DBFS_FUSE_ROOT, VOLUMES_ROOT)
 
 
-@dataclass
-class TorchDistributorLauncher:
-    """``TorchDistributor(num_processes, local_mode, use_gpu).run(fn, job)``; ``spark`` is the session it runs on
-    (classic or Spark Connect)."""
+def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+    """``TorchDistributor(num_processes, local_mode, use_gpu).run(fn, job)`` on the active session (classic or
+    Spark Connect: the pipeline starts one); rank 0's return value.  Raises what ``TorchDistributor.run`` raises
+    when a rank fails."""
+    from pyspark.ml.torch.distributor import TorchDistributor
 
-    settings: TrainSettings
-    spark: Any
-    name: str = NAME
-
-    def run(self, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
-        """Rank 0's return value of ``fn(job)``; raises what ``TorchDistributor.run`` raises when a rank fails."""
-        from pyspark.ml.torch.distributor import TorchDistributor
-
-        t = self.settings
-        # Distributed mode: torch's elastic agents wait for each other at their exit barrier, up to a fixed 300 s
-        # (torch distributed/elastic/agent/server/api.py, SimpleElasticAgent._exit_barrier; pytorch/pytorch#157318),
-        # so train_worker ends with a dist.barrier(): every rank's process exits together (docs: Launchers).
-        distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
-        return cast(dict[str, Any], distributor.run(fn, job))  # fn's return value, which pyspark types as Any
+    t = job.settings
+    # Distributed mode: torch's elastic agents wait for each other at their exit barrier, up to a fixed 300 s
+    # (torch distributed/elastic/agent/server/api.py, SimpleElasticAgent._exit_barrier; pytorch/pytorch#157318),
+    # so train_worker ends with a dist.barrier(): every rank's process exits together (docs: Launchers).
+    distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
+    return cast(dict[str, Any], distributor.run(fn, job))  # fn's return value, which pyspark types as Any
 
 
 def check(settings: TrainSettings) -> None:
@@ -66,20 +58,6 @@ def check(settings: TrainSettings) -> None:
         )
 
 
-def make(settings: TrainSettings, *, spark: Any = None) -> TorchDistributorLauncher:
-    """The launcher on ``spark`` (checked by :func:`check` first).
-
-    Raises:
-        LauncherUnavailableError: no session.
-    """
-    if spark is None:
-        raise LauncherUnavailableError(
-            f"launcher '{NAME}' runs on a Spark session and none was given: start one "
-            f"(spark_mnist.train(..., spark=spark)), or use --launcher torchrun"
-        )
-    return TorchDistributorLauncher(settings, spark)
-
-
 def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
     """Refuse a run directory the executors' ranks cannot share with the driver: with ``local_mode`` off, rank 0
     writes the model, checkpoint and metrics on its executor and the driver reads them, so ``run_dir`` must be a
@@ -94,8 +72,6 @@ def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
     """
     if run_dir is None or (master is not None and master.startswith("local")):
         return
-    from spark_mnist.paths import normalize_uri
-
     local = normalize_uri(run_dir).local_path
     if local is not None and any(local == root or local.startswith(root + "/") for root in SHARED_ROOTS):
         return

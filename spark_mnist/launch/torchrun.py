@@ -12,7 +12,6 @@ from the last checkpoint.  Source: torch's ``distributed/run.py`` (``--standalon
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
@@ -26,29 +25,23 @@ STANDALONE_ENDPOINT = "localhost:0"  # torchrun --standalone: c10d on this host,
 AGENT_ENV = ("TORCHELASTIC_SIGNALS_TO_HANDLE",)
 
 
-@dataclass
-class TorchrunLauncher:
-    """``elastic_launch`` of ``settings.num_processes`` ranks on this machine."""
+def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
+    """``elastic_launch`` of ``job.settings.num_processes`` ranks on this machine running ``fn(job)``; rank 0's
+    return value.  Raises elastic's ``ChildFailedError`` when a rank fails or dies."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    settings: TrainSettings
-    name: str = NAME
-
-    def run(self, fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
-        """Rank 0's return value of ``fn(job)``; raises elastic's ``ChildFailedError`` when a rank fails or dies."""
-        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-        config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
-            nproc_per_node=self.settings.num_processes,
-            run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}",
-            rdzv_backend="c10d",
-            rdzv_endpoint=STANDALONE_ENDPOINT,
-            max_restarts=0,
-            start_method="spawn",
-        )
-        with scoped_env({}, restore=AGENT_ENV):
-            return elastic_launch(config, fn)(job)[0]
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=job.settings.num_processes,
+        run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=STANDALONE_ENDPOINT,
+        max_restarts=0,
+        start_method="spawn",
+    )
+    with scoped_env({}, restore=AGENT_ENV):
+        return elastic_launch(config, fn)(job)[0]
 
 
 def check(settings: TrainSettings) -> None:
@@ -64,8 +57,3 @@ def check(settings: TrainSettings) -> None:
             settings.num_processes,
             "one GPU per rank with use_gpu: lower --num-processes, or train on CPU with --no-use-gpu",
         )
-
-
-def make(settings: TrainSettings, *, spark: Any = None) -> TorchrunLauncher:
-    """The launcher (checked by :func:`check` first); ``spark`` is ignored."""
-    return TorchrunLauncher(settings)
