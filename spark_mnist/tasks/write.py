@@ -68,9 +68,9 @@ def write_shards(plan: WritePlan, batches: Iterator[pa.RecordBatch]) -> Iterator
             received.setdefault(unit, []).append((part, images, labels))
     for unit, fragments in sorted(received.items()):
         fragments.sort(key=lambda fragment: fragment[0])
-        parts = [part for part, _, _ in fragments]
-        if parts != list(range(plan.fragments(unit))):
-            raise RuntimeError(f"{plan.path(unit)}: the task received fragments {parts}, not all {plan.fragments(unit)}")
+        parts, expected = [part for part, _, _ in fragments], plan.fragments(unit)
+        if parts != list(range(expected)):
+            raise RuntimeError(f"{plan.path(unit)}: the task received fragments {parts}, not all {expected}")
         p, k = plan.units[unit]
         images = np.frombuffer(b"".join(f[1] for f in fragments), np.uint8).reshape(-1, *plan.image_shape)
         labels = np.frombuffer(b"".join(f[2] for f in fragments), np.dtype(plan.label_dtypes[p]))
