@@ -52,12 +52,7 @@ def write_pieces(
     takes_arrow = session.is_connect(spark) or int(pyspark.__version__.split(".")[0]) >= 4
     data = spark.createDataFrame(table if takes_arrow else table.to_pandas())
     units = len(plan.units)
-    tasks = (
-        spark.range(units, numPartitions=units)
-        .withColumnRenamed("id", "unit")
-        .join(data.hint("broadcast"), "unit")
-        .select("unit", "part", "images", "labels")
-    )
+    tasks = spark.range(units, numPartitions=units).withColumnRenamed("id", "unit").join(data.hint("broadcast"), "unit")
     report = {row.unit: row for row in tasks.mapInArrow(functools.partial(write_shards, plan), REPORT_SCHEMA).collect()}
     rows = [hi - lo for lo, hi in map(plan.rows, range(units))]
     missing = [plan.path(u) for u in range(units) if u not in report or report[u].rows != rows[u]]
