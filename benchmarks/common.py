@@ -204,17 +204,52 @@ def bench_spark(master: str = "local[2]", remote: str | None = None) -> Iterator
         yield spark
 
 
+@contextlib.contextmanager
+def ingest_stages(stages: dict[str, float]) -> Iterator[None]:
+    """While the block runs, add to ``stages`` the seconds of what ingest calls: ``read_files`` (Spark's binaryFile
+    job), ``open_idx_split`` (headers and labels), ``read_images`` (``IdxReader.read``: the streamed decompression),
+    ``write_pieces`` (the write jobs) and ``commit``; exclusive, a call nested in another counts only in itself."""
+    from unittest import mock
+
+    from spark_mnist.driver import ingest as module
+    from spark_mnist.formats.idx import IdxReader
+
+    inner = [0.0]  # seconds of the calls nested in the open one, one entry per open call (and the block)
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            inner.append(0.0)
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                stages[name] = stages.get(name, 0.0) + elapsed - inner.pop()
+                inner[-1] += elapsed
+        return call
+
+    targets = [(module, "read_files"), (module, "open_idx_split"), (module, "write_pieces"),
+               (module.commit, "publish"), (IdxReader, "read")]
+    names = {"publish": "commit", "read": "read_images"}
+    with contextlib.ExitStack() as stack:
+        for owner, attribute in targets:
+            name = names.get(attribute, attribute)
+            stack.enter_context(mock.patch.object(owner, attribute, timed(name, getattr(owner, attribute))))
+        yield
+
+
 def timed_ingest(spark, source: str, output: str, **kwargs) -> dict[str, Any]:
-    """``spark_mnist.driver.ingest.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)``, timed: seconds, the
-    stages ingest reports (``read_images`` is the decompression of the IDX payloads, streamed chunk by chunk), the
-    training split's rows and the driver's peak RSS during it (this Python process only: the JVM and Spark's Python
-    workers are other processes; None where it cannot be reset)."""
+    """``spark_mnist.driver.ingest.ingest(spark, source, output, dataset="fashion-mnist", **kwargs)``, timed: seconds, its
+    stages (:func:`ingest_stages`, plus ``other``: the rest of the call), the training split's rows and the
+    driver's peak RSS during it (this Python process only: the JVM and Spark's Python workers are other processes;
+    None where it cannot be reset)."""
     from spark_mnist.driver.ingest import ingest
 
     can_reset = reset_peak_rss()
     stages: dict[str, float] = {}
-    with stopwatch() as t:
-        manifest = ingest(spark, source, output, dataset="fashion-mnist", stages=stages, **kwargs)
+    with stopwatch() as t, ingest_stages(stages):
+        manifest = ingest(spark, source, output, dataset="fashion-mnist", **kwargs)
+    stages["other"] = max(0.0, t["seconds"] - sum(stages.values()))
     return {"seconds": t["seconds"], "stages": stages, "train_rows": manifest.splits["train"].rows,
             "driver_peak_rss_mb": vm_hwm_mb() if can_reset else None}
 

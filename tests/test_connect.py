@@ -147,6 +147,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 INGEST_OPTIONS = {
+    # one write job, the relation sent inline
     "one-job": {"num_shards": 3, "row_group_bytes": 64 * 784},
     # several write jobs (chunk_rows), and the relation uploaded as chunked artifacts rather than inline
     "chunked": {"num_shards": 2, "chunk_rows": 250, "cache_threshold": 2**16},
@@ -210,38 +211,3 @@ def test_connect_ingest_equals_the_classic_one(spark, tmp_path, classic_ingests,
     assert manifests[0] == manifests[1]
     assert connect == classic  # every shard, byte for byte
     assert len(manifests[0]["splits"]["train"]["files"]) == options["num_shards"] or "chunk_rows" in options
-
-
-@pytest.mark.parametrize("lo, hi", [(0, 0), (0, 70), (33, 34), (20, 100)])
-def test_read_rows_reads_a_range_of_a_gz_file_again(tmp_path, lo, hi, monkeypatch):
-    from spark_mnist.driver import sources
-    from spark_mnist.formats.idx import write_idx
-    from tests.conftest import make_arrays
-
-    monkeypatch.setattr(sources, "SKIP_CHUNK_ROWS", 7)  # several skips before lo
-    images, _ = make_arrays(100)
-    write_idx(tmp_path / "images.gz", images)
-    assert (sources.read_rows((tmp_path / "images.gz").as_uri(), lo, hi) == images[lo:hi]).all()
-
-
-@requires_connect
-@pytest.mark.slow
-@pytest.mark.connect
-def test_rows_read_again_that_differ_from_the_driver_fail_the_write(spark, tmp_path):
-    """A task whose rows read again from the source differ from what the driver checked fails the job."""
-    import functools
-
-    from spark_mnist.datasets import get_dataset
-    from spark_mnist.driver.ingest import Piece, rows_again, write_pieces
-    from spark_mnist.paths import normalize_uri
-    from spark_mnist.shards.commit import new_generation
-
-    spec = get_dataset("fashion-mnist")
-    arrays = write_dataset(tmp_path / "source", train_rows=100, test_rows=20)
-    other = write_dataset(tmp_path / "changed", train_rows=100, test_rows=20, seed=5)
-    images, labels = arrays["train"]
-    assert not (other["train"][0] == images).all()
-    reread = functools.partial(rows_again, spec, (tmp_path / "changed" / spec.file("train", "images").name).as_uri())
-    with pytest.raises(Exception, match="differ from what the driver checked"):
-        write_pieces(spark, [Piece("train", 0, (0, 50, 100), images, labels, reread)],
-                     normalize_uri(tmp_path / "out"), new_generation())

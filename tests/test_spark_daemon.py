@@ -7,7 +7,7 @@ import sys
 
 import pyspark
 
-from spark_mnist.driver.spark_daemon import spark_archives
+from spark_mnist.tasks.spark_daemon import spark_archives
 
 SITE = os.path.dirname(os.path.dirname(pyspark.__file__))  # where the installed pyspark (and py4j) live
 

@@ -18,8 +18,8 @@ stores alike; no directory is ever renamed.  The layout is the contract in :mod:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,8 +30,7 @@ from spark_mnist.driver import session
 from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_npz
 from spark_mnist.driver.plan import DEFAULT_CHUNK_ROWS, DEFAULT_ROW_GROUP_BYTES, Piece, plan_jobs
 from spark_mnist.driver.sources import read_files
-from spark_mnist.driver.stages import StageClock
-from spark_mnist.driver.write_job import rows_again, write_pieces
+from spark_mnist.driver.write_job import write_pieces
 from spark_mnist.errors import InputError, SourceError, invalid
 from spark_mnist.paths import Location, normalize_uri, redact
 from spark_mnist.shards import commit, contract
@@ -71,17 +70,13 @@ def write_splits(
     num_shards: int,
     chunk_rows: int,
     row_group_bytes: int,
-    clock: StageClock | None = None,
 ) -> dict[str, list[contract.ShardFile]]:
     """Write every split in contiguous shards under ``out/<generation>/<split>/``, holding at most ``chunk_rows``
     images on the driver at a time (see :func:`spark_mnist.driver.plan.plan_jobs`).
 
-    ``clock`` counts the decompression of the images (``read_images``) and the write jobs (``write_pieces``).
-
     Returns:
         The shard files of each split, in shard order.
     """
-    clock = clock or StageClock()
     inputs = {split.name: split for split in splits}
     bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
     written: dict[tuple[str, int], contract.ShardFile] = {}
@@ -89,27 +84,10 @@ def write_splits(
         pieces = []
         for name, first, end in job:
             lo, hi = int(bounds[name][first]), int(bounds[name][end])
-            images = upright(spec, clock.timed("read_images", inputs[name].take)(hi - lo))
-            # One job: each task reads its rows again once at most; over several jobs a gz file would be
-            # decompressed from its start again for every job, so those rows travel from the driver.
-            uri = inputs[name].images_uri
-            reread = (
-                functools.partial(rows_again, spec, fs.task_uri(normalize_uri(uri)))
-                if uri is not None and len(jobs) == 1
-                else None
-            )
-            pieces.append(
-                Piece(
-                    name,
-                    first,
-                    tuple(int(b) for b in bounds[name][first : end + 1]),
-                    images,
-                    inputs[name].labels[lo:hi],
-                    reread,
-                )
-            )
-        with clock.stage("write_pieces"):
-            written.update(write_pieces(spark, pieces, out, generation, row_group_bytes=row_group_bytes))
+            piece_bounds = tuple(int(b) for b in bounds[name][first : end + 1])
+            images = upright(spec, inputs[name].take(hi - lo))
+            pieces.append(Piece(name, first, piece_bounds, images, inputs[name].labels[lo:hi]))
+        written.update(write_pieces(spark, pieces, out, generation, row_group_bytes=row_group_bytes))
         log.info("wrote %s", ", ".join(f"{p.split} rows {p.bounds[0]}-{p.bounds[-1]}" for p in pieces))
     return {name: [written[(name, k)] for k in range(len(split_bounds) - 1)] for name, split_bounds in bounds.items()}
 
@@ -143,7 +121,7 @@ def build_manifest(
 
 
 def read_sources(
-    spark: "SparkSession", spec: DatasetSpec, source_dir: Location, stack: contextlib.ExitStack, clock: StageClock
+    spark: "SparkSession", spec: DatasetSpec, source_dir: Location, stack: contextlib.ExitStack
 ) -> tuple[list[SplitInput], list[dict[str, Any]]]:
     """Both splits of ``spec`` from ``source_dir`` (a directory of IDX files, or a Keras ``mnist.npz``), checked as
     far as headers and labels allow; images files stay open as streams on ``stack``.  Driver-side.
@@ -156,10 +134,10 @@ def read_sources(
     """
     if source_dir.uri.endswith(".npz"):
         return read_npz(spark, spec, source_dir)
-    files = clock.timed("read_files", read_files)(spark, source_dir, [f.name for f in spec.all_files()])
+    files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
     splits, records = [], []
     for split in SPLITS:
-        split_input, split_records = clock.timed("open_idx_split", open_idx_split)(stack, spec, split, files)
+        split_input, split_records = open_idx_split(stack, spec, split, files)
         splits.append(split_input)
         records.extend(split_records)
     return splits, records
@@ -175,7 +153,6 @@ def ingest(
     row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     strict: bool = False,
-    stages: dict[str, float] | None = None,
 ) -> contract.Manifest:
     """Ingest the four standard gz IDX files of ``dataset`` under ``source`` into Parquet shards under ``output``.
 
@@ -191,10 +168,6 @@ def ingest(
     under ``output`` and the manifest is written last (:mod:`spark_mnist.shards.commit`); a defect found later in a
     streamed file (truncation, a bad gzip CRC), a hash mismatch under ``strict`` or a failed write job discards the
     generation, so ``output`` goes on holding what it held (nothing, where this ingest created it).
-
-    ``stages``, when given, receives the seconds of each stage (:class:`~spark_mnist.driver.stages.StageClock`):
-    ``read_files`` (Spark's binaryFile job), ``open_idx_split`` (headers and labels), ``read_images`` (the streamed
-    decompression), ``write_pieces`` (the write jobs), ``commit`` and ``other``; they add up to the call's time.
 
     Returns:
         The manifest published (:class:`~spark_mnist.shards.contract.Manifest`): of racing ingests into one
@@ -214,12 +187,12 @@ def ingest(
     for name, value in (("num_shards", num_shards), ("row_group_bytes", row_group_bytes), ("chunk_rows", chunk_rows)):
         if value < 1:
             raise invalid(name, value, "at least 1", InputError)
-    clock = StageClock()
+    started = time.perf_counter()
     spec = get_dataset(dataset)
     source_dir, out = normalize_uri(source), normalize_uri(output)
     check_output(out)  # an output the write tasks could not open is refused before anything is read
     with contextlib.ExitStack() as stack:
-        splits, records = read_sources(spark, spec, source_dir, stack, clock)
+        splits, records = read_sources(spark, spec, source_dir, stack)
         log.info(
             "checked the headers and labels of %s: %s",
             source_dir.shown,
@@ -236,22 +209,12 @@ def ingest(
             num_shards=num_shards,
             chunk_rows=chunk_rows,
             row_group_bytes=row_group_bytes,
-            clock=clock,
         )
         for split in splits:
             records.extend(split.done())
         records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
         check_hashes(spec, records, strict=strict)
         manifest = build_manifest(spec, source_dir, records, splits, files, generation)
-        manifest = clock.timed("commit", commit.publish)(out, manifest, lease)
-    seconds = clock.close()
-    if stages is not None:
-        stages.update(seconds)
-    log.info(
-        "ingested %s into %s in %.2fs (%s)",
-        spec.name,
-        out.shown,
-        sum(seconds.values()),
-        ", ".join(f"{name} {t:.2f}s" for name, t in seconds.items()),
-    )
+        manifest = commit.publish(out, manifest, lease)
+    log.info("ingested %s into %s in %.2fs", spec.name, out.shown, time.perf_counter() - started)
     return manifest

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -53,14 +53,12 @@ def file_record(
 @dataclass
 class SplitInput:
     """One split ready to write: all ``labels`` (N,) uint8, and ``take(rows)`` giving the next ``rows`` images
-    (rows, H, W) uint8 as stored; ``done()`` checks the end of the images file and returns its manifest record;
-    ``images_uri`` names an IDX images file that write tasks can read again (``None`` for a Keras npz)."""
+    (rows, H, W) uint8 as stored; ``done()`` checks the end of the images file and returns its manifest record."""
 
     name: str
     labels: np.ndarray
     take: Callable[[int], np.ndarray]
     done: Callable[[], list[dict[str, Any]]]
-    images_uri: Optional[str] = None  # the IDX images file, as Spark names it, for tasks that read it again
 
 
 def open_idx_split(
@@ -93,7 +91,7 @@ def open_idx_split(
         return [file_record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes)]
 
     labels_record = file_record(split, LABELS, labels_entry, labels_source, parsed.sha256, parsed.payload_bytes)
-    return SplitInput(split, parsed.array, reader.read, done, images_source.uri), [labels_record]
+    return SplitInput(split, parsed.array, reader.read, done), [labels_record]
 
 
 def _slicer(images: np.ndarray) -> Callable[[int], np.ndarray]:

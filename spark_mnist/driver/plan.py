@@ -1,23 +1,22 @@
 """The ingest's plan, on the driver: shard boundaries, the Spark write jobs (each holding at most ``chunk_rows``
-images on the driver), the pieces of a job and what every write task needs (:class:`WritePlan`).  Pure: no Spark,
-no I/O.
+images on the driver), the pieces of a job and what every write task needs
+(:class:`~spark_mnist.tasks.write.WritePlan`).  Pure: no Spark, no I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
 from spark_mnist.shards import contract
 from spark_mnist.shards.contract import shard_bounds
-from spark_mnist.shards.parquet import write_shard
+from spark_mnist.tasks.write import WritePlan
 
 DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000
-# Over Spark Connect the arrays travel as rows of at most this many bytes of images (a row group's worth of an
+# The arrays travel to the write tasks as rows of at most this many bytes of images (a row group's worth of an
 # MNIST shard is ~1 MiB): serverless compute refuses local rows over 128 MiB.
 FRAGMENT_BYTES = 4 * 2**20
 
@@ -72,75 +71,23 @@ class Piece:
     bounds: tuple[int, ...]
     images: np.ndarray
     labels: np.ndarray
-    # ``reread(lo, hi)``: the split's images ``[lo, hi)`` read again from the source file in a Spark task, exactly as
-    # ``images`` holds them (:func:`rows_again`); ``None`` where the rows can only come from the driver.
-    reread: Optional[Callable[[int, int], np.ndarray]] = None
 
 
-@dataclass(frozen=True)
-class WritePlan:
-    """What every write task needs besides the arrays, small enough to travel in its closure: the shards of one
-    write job (unit ``u`` of the job is shard ``shards[u]`` = rows ``[bounds[p][k], bounds[p][k+1])`` of piece ``p``,
-    where ``(p, k) = units[u]``) and where and how to write them.
-
-    Every way of running the job (:func:`spark_mnist.driver.write_job.write_pieces`) ends in :meth:`write`, so a
-    classic session and a Spark Connect session write the same files, byte for byte.
-    """
-
-    target: str
-    generation: str
-    units: tuple[tuple[int, int], ...]
-    shards: tuple[tuple[str, int], ...]
-    bounds: tuple[tuple[int, ...], ...]
-    rows_per_group: int
-    image_shape: tuple[int, ...]
-    label_dtypes: tuple[str, ...]
-
-    @classmethod
-    def of(cls, pieces: list[Piece], target: str, generation: str, row_group_bytes: int) -> "WritePlan":
-        """The plan of one write job over ``pieces`` into ``target`` (``OUT``'s URI or local path) under
-        ``generation``, row groups of about ``row_group_bytes`` of images."""
-        units = tuple((p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1))
-        image_shape = tuple(int(n) for n in pieces[0].images.shape[1:])
-        return cls(
-            target=target,
-            generation=generation,
-            units=units,
-            shards=tuple((pieces[p].split, pieces[p].first_shard + k) for p, k in units),
-            bounds=tuple(piece.bounds for piece in pieces),
-            rows_per_group=max(1, row_group_bytes // max(1, int(np.prod(image_shape)))),
-            image_shape=image_shape,
-            label_dtypes=tuple(piece.labels.dtype.str for piece in pieces),
-        )
-
-    def rows(self, unit: int) -> tuple[int, int]:
-        """Unit ``unit``'s rows ``[lo, hi)``, relative to the first row of its piece."""
-        p, k = self.units[unit]
-        return self.bounds[p][k] - self.bounds[p][0], self.bounds[p][k + 1] - self.bounds[p][0]
-
-    @property
-    def fragment_rows(self) -> int:
-        """Rows of a fragment over Spark Connect: :data:`FRAGMENT_BYTES` of images, at least one image."""
-        return max(1, FRAGMENT_BYTES // max(1, int(np.prod(self.image_shape))))
-
-    def fragments(self, unit: int) -> int:
-        """How many fragments unit ``unit`` travels in over Spark Connect."""
-        lo, hi = self.rows(unit)
-        return -(-(hi - lo) // self.fragment_rows)
-
-    def expected(self) -> dict[int, int]:
-        """Rows per unit."""
-        return {unit: hi - lo for unit in range(len(self.units)) for lo, hi in [self.rows(unit)]}
-
-    def write(self, unit: int, images: np.ndarray, labels: np.ndarray) -> dict[str, list[int]]:
-        """Write unit ``unit``'s shard from its ``images`` (n, H, W) uint8 and ``labels`` (n,) as
-        ``target/<generation>/<split>/part-NNNNN.parquet`` (:func:`spark_mnist.shards.parquet.write_shard`); runs in
-        a Spark task.  Returns the task's report row, ``{"unit": [unit], "rows": [n], "bytes": [file size]}``."""
-        p, k = self.units[unit]
-        size = write_shard(self.target, self.path(unit), images, labels, self.bounds[p][k], self.rows_per_group)
-        return {"unit": [unit], "rows": [len(labels)], "bytes": [size]}
-
-    def path(self, unit: int) -> str:
-        """Unit ``unit``'s shard, relative to ``OUT`` (:func:`spark_mnist.shards.contract.shard_path`)."""
-        split, shard = self.shards[unit]
-        return contract.shard_path(self.generation, split, shard)
+def write_plan(pieces: list[Piece], target: str, generation: str, row_group_bytes: int) -> WritePlan:
+    """The plan of one write job over ``pieces`` into ``target`` (``OUT``'s URI or local path) under
+    ``generation``: one unit per shard, row groups of about ``row_group_bytes`` of images, fragments of at most
+    :data:`FRAGMENT_BYTES` of images (at least one image)."""
+    units = tuple((p, k) for p, piece in enumerate(pieces) for k in range(len(piece.bounds) - 1))
+    image_shape = tuple(int(n) for n in pieces[0].images.shape[1:])
+    image_bytes = max(1, int(np.prod(image_shape)))
+    return WritePlan(
+        target=target,
+        generation=generation,
+        units=units,
+        shards=tuple((pieces[p].split, pieces[p].first_shard + k) for p, k in units),
+        bounds=tuple(piece.bounds for piece in pieces),
+        rows_per_group=max(1, row_group_bytes // image_bytes),
+        image_shape=image_shape,
+        label_dtypes=tuple(piece.labels.dtype.str for piece in pieces),
+        fragment_rows=max(1, FRAGMENT_BYTES // image_bytes),
+    )

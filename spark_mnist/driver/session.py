@@ -1,5 +1,5 @@
 """The session seam: the one module that starts a SparkSession and touches ``sparkContext`` (or any JVM handle:
-``_jvm``, ``_jsc``, ``_jdf``, broadcast variables); driver-side.
+``_jvm``, ``_jsc``, ``_jdf``); driver-side.
 
 :func:`spark_session` gives the CLI, the jobs, the tests and the benchmarks their session, classic or Spark Connect
 (:func:`is_connect`), resolved in this order:
@@ -15,7 +15,7 @@
 6. otherwise a classic session on ``spark.master`` (local mode, quiet, this interpreter as the workers' Python).
 
 Everything else in the package works with both kinds through the few capabilities that differ, all here:
-:func:`default_parallelism`, :func:`master_here` and :func:`shipped_to_executors` (classic only: a broadcast).
+:func:`default_parallelism` and :func:`master_here`.
 """
 
 from __future__ import annotations
@@ -43,16 +43,15 @@ LOCAL_SPARK_CONF = {
     "spark.driver.memory": "4g",
     "spark.sql.shuffle.partitions": "4",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
-    # Spark's daemon minus the archives whose re-reading cost ~0.15 s per Python task (see spark_daemon).
-    "spark.python.daemon.module": "spark_mnist.driver.spark_daemon",
-    # Local masters keep broadcasts and task results on this machine: compressing broadcasts, and routing task
-    # results over 1 MiB (the source files' bytes in ingest) through the block manager, cost time and save nothing.
+    # Measured ~0.15 s less per Python task on Python 3.10/3.11 (CPython gh-103200; docs/development.md).
+    "spark.python.daemon.module": "spark_mnist.tasks.spark_daemon",
+    # Measured about -0.2 s of a warm ingest on local masters, where nothing leaves the machine (docs/benchmarks.md).
     "spark.broadcast.compress": "false",
     "spark.task.maxDirectResultSize": "64m",
 }
-# What the driver JVM prints on its stderr at start-up that says nothing to a user: Spark 4 starts Java with
-# --add-modules=jdk.incubator.vector, and Java announces that on stderr whatever the log configuration.
+# Spark 4's JVM announces --add-modules=jdk.incubator.vector on stderr; bad input's error stays one line (test_cli).
 JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
+# Spark 4.0.0 leaves its artifact root in ./artifacts of the working directory (SPARK-52396; docs/development.md).
 SPARK_40_ARTIFACTS_DIR = "artifacts"
 # The Python of the workers and of the driver, where the user has not chosen one: this interpreter.
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
@@ -90,12 +89,9 @@ def _forward_stderr(read_fd: int, out_fd: int) -> None:
 @contextlib.contextmanager
 def jvm_stderr_filtered() -> Iterator[None]:
     """While the block starts the driver JVM, point file descriptor 2 at a pipe that drops the JVM's start-up
-    notices (:data:`JVM_START_NOTICES`) and forwards everything else to the real stderr.
-
-    The JVM keeps the pipe as its stderr for its whole life, so a daemon thread forwards until the JVM exits; this
-    process's own stderr is restored when the block ends.  This keeps the one-line error of bad input one line on
-    Spark 4.
-    """
+    notices (:data:`JVM_START_NOTICES`) and forwards everything else to the real stderr.  The JVM keeps the pipe as
+    its stderr for its whole life, so a daemon thread forwards until the JVM exits; this process's own stderr is
+    restored when the block ends."""
     sys.stderr.flush()
     real = os.dup(2)
     read_fd, write_fd = os.pipe()
@@ -193,24 +189,6 @@ def master_here(spark: "SparkSession") -> Optional[str]:
         return None
 
 
-@contextlib.contextmanager
-def shipped_to_executors(spark: "SparkSession", value: Any) -> Iterator[Any]:
-    """``value`` shipped once to every executor for the block, on a classic session: yields a handle whose
-    ``.value`` a task reads (a broadcast variable, destroyed after the block).  Spark Connect has no broadcast
-    variables; callers take their Connect path (see :func:`is_connect`).
-
-    Raises:
-        EnvironmentMismatchError: ``spark`` is a Spark Connect session.
-    """
-    if is_connect(spark):
-        raise EnvironmentMismatchError("broadcast variables need a classic SparkSession; this is Spark Connect")
-    handle = spark.sparkContext.broadcast(value)
-    try:
-        yield handle
-    finally:
-        handle.destroy()
-
-
 def remote_url(settings: SparkSettings) -> Optional[str]:
     """The Spark Connect URL a session would use: ``settings.remote``, else ``SPARK_REMOTE``, else ``None``."""
     return settings.remote or os.environ.get(REMOTE_ENV) or None
@@ -288,10 +266,8 @@ def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verb
 
 @contextlib.contextmanager
 def spark_artifacts_removed(directory: str = SPARK_40_ARTIFACTS_DIR) -> Iterator[None]:
-    """Remove, after the block, what Spark 4.0.0 left in ``./artifacts`` of the working directory (its artifact
-    root there, SPARK-52396; later releases use a temporary directory): the ``spark-*`` folders that appeared during
-    the block, and ``./artifacts`` itself where the block created it and nothing else is in it.  Nothing else is
-    touched: a dataset, a run directory or an MLflow store under ``./artifacts`` stays."""
+    """Remove, after the block, the ``spark-*`` folders that appeared in ``./artifacts`` during it, and
+    ``./artifacts`` itself where the block created it and left it empty; a user's files there stay."""
     artifacts = os.path.abspath(directory)
     existed = os.path.isdir(artifacts)
     before = set(os.listdir(artifacts)) if existed else set()

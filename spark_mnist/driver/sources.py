@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit
 
-import numpy as np
-
 from spark_mnist import fs
 from spark_mnist.driver import session
 from spark_mnist.errors import SourceError
-from spark_mnist.paths import Location, check_visible_to_executors, normalize_uri, redact
+from spark_mnist.paths import Location, check_visible_to_executors, redact
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -133,27 +131,3 @@ def _read_on_driver(name: str, location: Location) -> SourceFile:
     """One source file's bytes through :mod:`pyarrow.fs`, on the driver."""
     content = fs.read_bytes(location)
     return SourceFile(name, location.uri, len(content), content=content)
-
-
-# Rows skipped per read while seeking to a task's first row in a gz stream (bounded memory).
-SKIP_CHUNK_ROWS = 65536
-
-
-def read_rows(uri: str, lo: int, hi: int) -> np.ndarray:
-    """Rows ``[lo, hi)`` of the IDX file ``uri`` (gz or not), as stored: (hi - lo, ...) native-endian.  Runs in a
-    Spark task, where the file is opened again: a local or FUSE path (``/dbfs``, ``/Volumes``) directly, any other
-    URI through :mod:`spark_mnist.fs`.  A gz stream has no random access, so the rows before ``lo`` are
-    decompressed and dropped, a chunk at a time.
-
-    Raises:
-        IdxFormatError: the file's structure (as :class:`~spark_mnist.formats.idx.IdxReader`).
-        ValueError: ``[lo, hi)`` is not within the rows the header declares.
-    """
-    from spark_mnist.formats.idx import IdxReader
-
-    location = normalize_uri(uri)
-    source = location.os_path if location.os_path is not None else fs.read_bytes(location)
-    with IdxReader(source, name=redact(uri)) as reader:
-        for start in range(0, lo, SKIP_CHUNK_ROWS):
-            reader.read(min(SKIP_CHUNK_ROWS, lo - start))
-        return reader.read(hi - lo)

@@ -1,15 +1,7 @@
-"""Spark's Python worker daemon, for the local-mode sessions :func:`spark_mnist.driver.session.spark_session` starts
-(``spark.python.daemon.module``): Spark's own ``pyspark.daemon`` with the Spark archives taken off ``sys.path``.
-
-Why: Spark puts its core jar and ``SPARK_HOME/python/lib``'s ``pyspark.zip`` and ``py4j-*-src.zip`` on the Python
-workers' ``PYTHONPATH``, and every Python task starts with ``importlib.invalidate_caches()``.  On Python 3.10 and
-3.11 that re-reads the central directory of every zip archive on the path, in pure Python (CPython gh-103200, fixed
-in 3.12): measured here, ~0.1 s per task for the 5,000-entry jar (which holds no Python at all) and ~0.05 s for
-``pyspark.zip``.  Ingest's write job runs one Python task per shard, so this was a large share of its time.
-
-The archives are dropped only where the installed ``pyspark`` and ``py4j`` packages (the ones the driver imported,
-in the same interpreter) are importable without them, so the workers run exactly the same code.  Runs in every
-Spark Python worker process, never in the driver.
+"""Spark's Python worker daemon for the local sessions :func:`spark_mnist.driver.session.spark_session` starts
+(``spark.python.daemon.module``): ``pyspark.daemon`` with Spark's archives taken off ``sys.path``, where the
+installed ``pyspark`` and ``py4j`` make them redundant.  Runs in every Spark Python worker process, never in the
+driver; why it exists: docs/development.md (Versions).
 """
 
 from __future__ import annotations

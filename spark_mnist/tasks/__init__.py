@@ -1,0 +1,1 @@
+"""Runs inside Spark tasks on executors; imports neither driver/ nor rank/."""
