@@ -15,7 +15,7 @@
 6. otherwise a classic session on ``spark.master`` (local mode, quiet, this interpreter as the workers' Python).
 
 Everything else in the package works with both kinds through the few capabilities that differ, all here:
-:func:`default_parallelism` and :func:`master_here`.
+:func:`default_parallelism`, :func:`master_here` and :func:`shipped_to_executors` (classic only: a broadcast).
 """
 
 from __future__ import annotations
@@ -187,6 +187,23 @@ def master_here(spark: "SparkSession") -> Optional[str]:
         return spark.conf.get("spark.master", None)
     except Exception:  # noqa: BLE001 - a server may refuse to show its static conf
         return None
+
+
+@contextlib.contextmanager
+def shipped_to_executors(spark: "SparkSession", value: Any) -> Iterator[Any]:
+    """``value`` shipped once to every executor for the block, on a classic session: yields a handle whose
+    ``.value`` a task reads (a broadcast variable, destroyed after the block).
+
+    Raises:
+        EnvironmentMismatchError: ``spark`` is a Spark Connect session (it has no broadcast variables).
+    """
+    if is_connect(spark):
+        raise EnvironmentMismatchError("broadcast variables need a classic SparkSession; this is Spark Connect")
+    handle = spark.sparkContext.broadcast(value)
+    try:
+        yield handle
+    finally:
+        handle.destroy()
 
 
 def remote_url(settings: SparkSettings) -> Optional[str]:

@@ -6,10 +6,11 @@ the shard with pyarrow.  The driver plans the job (:mod:`spark_mnist.driver.plan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spark_mnist.shards import contract
 from spark_mnist.shards.parquet import write_shard
@@ -76,3 +77,14 @@ def write_shards(plan: WritePlan, batches: Iterator[pa.RecordBatch]) -> Iterator
         labels = np.frombuffer(b"".join(f[2] for f in fragments), np.dtype(plan.label_dtypes[p]))
         size = write_shard(plan.target, plan.path(unit), images, labels, plan.bounds[p][k], plan.rows_per_group)
         yield pa.RecordBatch.from_pydict({"unit": [unit], "rows": [len(labels)], "bytes": [size]})
+
+
+def write_broadcast_shards(
+    plan: WritePlan, shipped: Any, batches: Iterator[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
+    """The ``mapInArrow`` function of the classic session's write job: ``batches`` carry the task's units (``id``
+    long, ``spark.range``), ``shipped.value`` is the job's whole table of fragments (a broadcast variable); writes
+    those units' shards as :func:`write_shards` does, with its reports and errors."""
+    units = pa.array([unit for batch in batches for unit in batch.column(0).to_pylist()], pa.int64())
+    table = shipped.value
+    yield from write_shards(plan, iter(table.filter(pc.is_in(table["unit"], value_set=units)).to_batches()))
