@@ -47,25 +47,10 @@ from spark_mnist.runs import TrainingFailedError
 if TYPE_CHECKING:
     from spark_mnist.shards.contract import Manifest
 
-__all__ = [
-    "CheckpointError",
-    "ChecksumMismatchError",
-    "DatasetMismatchError",
-    "DatasetNotFoundError",
-    "EnvironmentMismatchError",
-    "IdxFormatError",
-    "InputError",
-    "LauncherUnavailableError",
-    "LoaderStateError",
-    "ReapedError",
-    "SourceError",
-    "TrainingFailedError",
-    "__version__",
-    "ingest",
-    "load_data",
-    "open_dataset",
-    "train",
-]
+__all__ = ["CheckpointError", "ChecksumMismatchError", "DatasetMismatchError", "DatasetNotFoundError",
+           "EnvironmentMismatchError", "IdxFormatError", "InputError", "LauncherUnavailableError", "LoaderStateError",
+           "ReapedError", "SourceError", "TrainingFailedError", "__version__", "ingest", "load_data", "open_dataset",
+           "train"]  # fmt: skip
 
 try:  # the version is defined once, in pyproject.toml: the installed package's metadata
     __version__ = _metadata_version("spark-mnist")

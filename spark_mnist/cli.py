@@ -23,6 +23,9 @@ from spark_mnist.tools.evaluate import evaluate_model, format_report
 from spark_mnist.tools.plots import confusion_matrix_png, preview_grid
 from spark_mnist.tools.verify import format_table, verify_source
 
+__all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "EXIT_REAPED", "METAVARS", "build_parser", "settings_from_args",
+           "run_command", "main"]  # fmt: skip
+
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
 # An ingest another ingest's clean-up took for dead (it stalled): nothing was published; not bad input, so not 2.

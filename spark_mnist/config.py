@@ -32,6 +32,10 @@ except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydanti
 from spark_mnist.errors import InputError, check_choice, invalid
 from spark_mnist.paths import normalize_uri
 
+__all__ = ["SECTIONS", "RUNS_DIR", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", "IngestSettings",
+           "LAUNCHERS", "ACCELERATOR_TYPES", "MODELS", "TrainSettings", "Settings", "default_run_dir", "Option",
+           "options", "DATABRICKS_DEFAULTS", "load_settings", "show"]  # fmt: skip
+
 SECTIONS = ("spark", "storage", "ingest", "train")
 RUNS_DIR = "runs"
 

@@ -7,6 +7,8 @@ import contextlib
 import os
 from typing import Iterator, Mapping
 
+__all__ = ["scoped_env"]
+
 
 @contextlib.contextmanager
 def scoped_env(values: Mapping[str, str], restore: tuple[str, ...] = ()) -> Iterator[None]:

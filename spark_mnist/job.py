@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from spark_mnist.config import TrainSettings
 
+__all__ = ["MIB", "TrainJob"]
+
 MIB = 2**20
 
 

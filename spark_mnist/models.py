@@ -23,6 +23,8 @@ from spark_mnist.config import MODELS
 from spark_mnist.datasets import get_dataset
 from spark_mnist.errors import InputError, check_choice
 
+__all__ = ["PIXEL_MAX", "DEFAULT_MODEL", "build_model", "Normalization", "normalization_for", "normalize", "SimpleCNN"]
+
 PIXEL_MAX = 255.0
 # The model of runs whose metrics.json names none; TrainSettings.model's default.
 DEFAULT_MODEL = MODELS[0]

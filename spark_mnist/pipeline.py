@@ -40,6 +40,8 @@ from spark_mnist.tracking import log_training_run
 if TYPE_CHECKING:
     from spark_mnist.shards.contract import Dataset, Manifest
 
+__all__ = ["SPARK_LAUNCHER", "ingest", "train", "check_resume"]
+
 log = logging.getLogger(__name__)
 
 SPARK_LAUNCHER = "torch-distributor"  # the one launcher that runs on a Spark session (and petastorm's converter)

@@ -30,6 +30,10 @@ from typing import Any, Mapping
 from spark_mnist.fs import replacing
 from spark_mnist.paths import redact
 
+__all__ = ["MODEL_NAME", "METRICS_NAME", "CHECKPOINT_NAME", "CURVES_NAME", "ERRORS_DIR", "TRACEBACK_LINES",
+           "TrainingFailedError", "failure", "write_error_report", "read_error_reports", "clear_error_reports",
+           "dataset_identity"]  # fmt: skip
+
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model.pt"

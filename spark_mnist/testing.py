@@ -46,9 +46,9 @@ from spark_mnist.datasets import SPLITS, get_dataset
 from spark_mnist.errors import check_choice
 from spark_mnist.formats.idx import encode_idx, write_idx
 
-__all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset", "RankFailedError",
-           "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args", "idx_source",
-           "ingested_dataset"]  # fmt: skip
+__all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset",
+           "RankFailedError", "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args",
+           "idx_source", "ingested_dataset"]  # fmt: skip
 
 DEFAULT_MASTER = "local[2]"
 REMOTE_ENV = "SPARK_REMOTE"

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from spark_mnist.config import TrainSettings
     from spark_mnist.shards.contract import Dataset
 
+__all__ = ["PETASTORM", "DIRECT", "PETASTORM_MAX_PYARROW", "PETASTORM_MAX_SPARK", "PETASTORM_FIX", "ConverterChoice",
+           "petastorm_unavailable", "choose_converter", "make_converters"]  # fmt: skip
+
 PETASTORM = "petastorm"
 DIRECT = "none"
 # petastorm's converter needs pyarrow < 15 (pyarrow.filesystem, legacy ParquetDataset) and Spark < 4.

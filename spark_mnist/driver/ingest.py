@@ -38,6 +38,8 @@ from spark_mnist.shards import commit, contract
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+__all__ = ["check_output", "write_splits", "build_manifest", "read_sources", "ingest"]
+
 log = logging.getLogger(__name__)
 
 

@@ -30,6 +30,8 @@ from spark_mnist.paths import Location, redact
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+__all__ = ["file_record", "SplitInput", "open_idx_split", "read_npz", "check_hashes"]
+
 log = logging.getLogger(__name__)
 
 

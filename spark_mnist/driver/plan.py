@@ -13,6 +13,9 @@ from spark_mnist.shards import contract
 from spark_mnist.shards.contract import shard_bounds
 from spark_mnist.tasks.write import WritePlan
 
+__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "FRAGMENT_BYTES", "chunk_groups", "plan_jobs", "Piece",
+           "write_plan"]  # fmt: skip
+
 DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000

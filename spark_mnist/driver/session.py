@@ -37,6 +37,12 @@ from spark_mnist.errors import EnvironmentMismatchError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+__all__ = ["LOCAL_SPARK_CONF", "JVM_START_NOTICES", "SPARK_40_ARTIFACTS_DIR", "PYTHON_ENV", "CONNECT_ENV",
+           "REMOTE_ENV", "CONNECT_MODULES", "LOOPBACK_HOSTS", "jvm_stderr_filtered", "session_conf",
+           "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "local_master_cores",
+           "master_here", "shipped_to_executors", "remote_url", "connect_expected", "spark_artifacts_removed",
+           "spark_session"]  # fmt: skip
+
 LOCAL_SPARK_CONF = {
     "spark.ui.enabled": "false",
     "spark.ui.showConsoleProgress": "false",

@@ -23,6 +23,8 @@ from spark_mnist.paths import Location, check_visible_to_executors, redact
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+__all__ = ["MAX_COLLECT_BYTES", "SourceFile", "read_files", "NO_FILESYSTEM"]
+
 log = logging.getLogger(__name__)
 
 # Files up to this size travel to the driver through Spark's binaryFile source; larger ones (binaryFile stops at

@@ -21,6 +21,8 @@ from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_broadcast_sh
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+__all__ = ["write_pieces", "fragments_table"]
+
 
 def write_pieces(
     spark: "SparkSession",

@@ -32,8 +32,8 @@ import numpy as np
 from spark_mnist.errors import IdxFormatError, invalid
 from spark_mnist.fs import replacing
 
-__all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader", "ParsedIdx", "IdxReader", "parse_idx",
-           "read_idx", "encode_idx", "write_idx"]  # fmt: skip
+__all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader", "ParsedIdx", "IdxReader",
+           "parse_idx", "read_idx", "encode_idx", "write_idx"]  # fmt: skip
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAGIC_ZERO_BYTES = b"\x00\x00"

@@ -18,6 +18,8 @@ from spark_mnist.config import TrainSettings
 from spark_mnist.errors import InputError
 from spark_mnist.launch import LauncherUnavailableError, require_gpus, require_module, world_size
 
+__all__ = ["NAME", "PACKAGE_FIX", "decorator_kwargs", "run", "check"]
+
 NAME = "ai-runtime"
 PACKAGE_FIX = "pip install 'spark-mnist[ai-runtime]' (databricks-sdk-air[distributed]), or use --launcher torchrun"
 

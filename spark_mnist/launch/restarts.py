@@ -18,6 +18,8 @@ from typing import Any, Callable
 from spark_mnist.errors import InputError
 from spark_mnist.launch import TrainingFailedError
 
+__all__ = ["is_bad_input", "run_with_restarts"]
+
 log = logging.getLogger(__name__)
 
 

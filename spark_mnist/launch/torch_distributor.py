@@ -16,6 +16,8 @@ from spark_mnist.errors import SourceError
 from spark_mnist.launch import require_gpus, require_module
 from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, normalize_uri, redact
 
+__all__ = ["NAME", "SHARED_ROOTS", "run", "check", "check_shared_run_dir"]
+
 NAME = "torch-distributor"
 # Where a path is the same on the driver and every executor of a Databricks cluster (FUSE mounts).
 SHARED_ROOTS = (DBFS_FUSE_ROOT, VOLUMES_ROOT)

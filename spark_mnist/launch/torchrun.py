@@ -19,6 +19,8 @@ from spark_mnist.envs import scoped_env
 from spark_mnist.errors import require_extra
 from spark_mnist.launch import require_gpus
 
+__all__ = ["NAME", "STANDALONE_ENDPOINT", "AGENT_ENV", "run", "check"]
+
 NAME = "torchrun"
 STANDALONE_ENDPOINT = "localhost:0"  # torchrun --standalone: c10d on this host, a free port
 # What the elastic agent writes into this process's environment, put back after the launch.

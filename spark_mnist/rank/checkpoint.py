@@ -25,6 +25,8 @@ from spark_mnist.fs import replacing
 from spark_mnist.rank.order import STATE_KEYS
 from spark_mnist.runs import CHECKPOINT_NAME
 
+__all__ = ["ELASTIC_WORLD_SIZES", "Checkpoint", "to_cpu", "save_checkpoint", "load_checkpoint"]
+
 # The world sizes a resumed run is offered when its global batch does not split over the one asked for.
 ELASTIC_WORLD_SIZES = range(1, 9)
 

@@ -43,6 +43,8 @@ from spark_mnist.rank.order import (
 from spark_mnist.rank.resident import copied_to, default_device_budget, resident_batches, to_device
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "prefetched", "ShardLoader"]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30

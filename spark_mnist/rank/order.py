@@ -45,6 +45,9 @@ import numpy as np
 
 from spark_mnist.errors import invalid
 
+__all__ = ["BLOCK_ROWS", "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "rank_rows", "steps_per_epoch", "Window",
+           "epoch_windows", "rank_share", "skip_rows", "state_mismatch"]  # fmt: skip
+
 # Consecutive rows moved as one block by the first, coarse permutation of an epoch.
 BLOCK_ROWS = 8_192
 # Blocks whose rows are permuted together: a window, the unit streaming decodes (65,536 rows, 51 MB at 28x28).

@@ -15,6 +15,8 @@ from spark_mnist.shards import contract
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["petastorm_batches"]
+
 
 def petastorm_batches(
     converter,

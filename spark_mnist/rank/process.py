@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 from spark_mnist.errors import EnvironmentMismatchError
 
+__all__ = ["PROCESS_GROUP_TIMEOUT", "threads_per_rank", "rank_device", "init_process_group", "abort_process_group"]
+
 # The longest a rank waits in one collective (or at the rendezvous of init_process_group) for the other ranks: a rank
 # that died or hangs then fails the others with a timeout error instead of holding the job.  Far above any step,
 # evaluation or checkpoint save of these models; torch's own default for nccl.

@@ -20,6 +20,8 @@ from typing import Generator, Iterator, Sequence
 import numpy as np
 import torch
 
+__all__ = ["CUDA_FREE_MEMORY_FRACTION", "default_device_budget", "to_device", "resident_batches", "copied_to"]
+
 # The share of a CUDA device's free memory a loader may fill with its resident split by default: the model, its
 # activations and the optimizer need the rest.
 CUDA_FREE_MEMORY_FRACTION = 0.25

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from spark_mnist.models import Normalization, normalize
 
+__all__ = ["to_input", "DataWait", "TrainStep", "evaluate"]
+
 log = logging.getLogger(__name__)
 
 

@@ -32,6 +32,8 @@ from spark_mnist.rank.step import DataWait, TrainStep, evaluate, to_input
 from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
+__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker"]
+
 PROGRESS_LINES_PER_EPOCH = 4
 
 

@@ -13,6 +13,8 @@ from typing import Mapping
 
 from spark_mnist.errors import invalid
 
+__all__ = ["World"]
+
 RANK_ENV, WORLD_SIZE_ENV = "RANK", "WORLD_SIZE"
 LOCAL_RANK_ENV, LOCAL_WORLD_SIZE_ENV = "LOCAL_RANK", "LOCAL_WORLD_SIZE"
 

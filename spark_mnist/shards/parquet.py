@@ -29,9 +29,9 @@ from spark_mnist.errors import DatasetMismatchError, invalid
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
-__all__ = ["DEFAULT_READER_THREADS", "PAGE_CHECKSUMS", "record_batch", "write_rows", "write_shard", "RowGroup",
-           "plan_row_groups", "total_rows", "decode_images", "pieces_in", "read_pieces", "read_rows",
-           "iter_batches"]  # fmt: skip
+__all__ = ["DEFAULT_READER_THREADS", "PAGE_CHECKSUMS", "record_batch", "write_rows", "write_shard",
+           "RowGroup", "plan_row_groups", "total_rows", "decode_images", "pieces_in", "read_pieces",
+           "read_rows", "iter_batches"]  # fmt: skip
 
 DEFAULT_READER_THREADS = 2
 PARQUET_COMPRESSION = "snappy"

@@ -10,6 +10,8 @@ import importlib.machinery
 import os
 import sys
 
+__all__ = ["SPARK_PYTHON_PACKAGES", "spark_archives", "main"]
+
 # Packages the workers import from Spark's archives when those come first on the path.
 SPARK_PYTHON_PACKAGES = ("pyspark", "py4j")
 

@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 from spark_mnist.shards import contract
 from spark_mnist.shards.parquet import write_shard
 
+__all__ = ["REPORT_SCHEMA", "WritePlan", "write_shards", "write_broadcast_shards"]
+
 # What each task reports, one row per shard written.
 REPORT_SCHEMA = "unit long, rows long, bytes long"
 
