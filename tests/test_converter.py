@@ -7,7 +7,7 @@ import pyarrow
 import pyspark
 import pytest
 
-from spark_mnist import cli
+from spark_mnist.driver import session
 from spark_mnist.cli import main
 from spark_mnist.config import TrainSettings
 from spark_mnist.driver.converter import choose_converter, petastorm_unavailable
@@ -72,7 +72,7 @@ def test_cli_fails_before_spark_starts_with_one_line(monkeypatch, tmp_path, caps
     def no_spark(*args, **kwargs):
         raise AssertionError("Spark was started")
 
-    monkeypatch.setattr(cli, "spark_session", no_spark)
+    monkeypatch.setattr(session, "spark_session", no_spark)
     assert main(["train", "--data", str(tmp_path), "--converter", "petastorm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "petastorm" in err[0] and "converter 'none'" in err[0]
