@@ -31,7 +31,7 @@ def test_pinned_batches_copy_non_blocking(shard, streaming):
     with ShardLoader(paths, rank=0, world_size=1, batch_size=32, pin_memory=True,
                      memory_budget_bytes=0 if streaming else 2**30) as loader:
         for index, x, y in loader.iter_with_index():
-            assert x.is_pinned()
+            assert x.is_pinned() and y.is_pinned() and index.is_pinned()  # batches across windows too
             on_device = x.to(device, non_blocking=True)
             torch.cuda.synchronize()
             assert torch.equal(on_device.cpu()[:, 0], torch.from_numpy(images[index.numpy()]))

@@ -356,7 +356,11 @@ class ShardLoader(IterableDataset):
         # numpy's take is a plain copy loop; torch.index_select would go through torch's OpenMP pool, whose
         # barrier stalls each batch when the other cores are busy (training, other ranks).
         np.take(images, positions, axis=0, out=out.numpy().reshape(len(positions), -1))
-        return torch.from_numpy(index[positions]), out, torch.from_numpy(labels[positions])
+        return self._pinned(torch.from_numpy(index[positions])), out, self._pinned(torch.from_numpy(labels[positions]))
+
+    def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in pinned host memory where batches are pinned (so its ``non_blocking`` copy stays async)."""
+        return tensor.pin_memory() if self.pin_memory else tensor
 
     def _batches_from_memory(self, share):
         if self._cache is None:
@@ -385,7 +389,7 @@ class ShardLoader(IterableDataset):
             for (window, rows), arrays in zip(share, decoded):
                 chunk = self._gather(arrays, _local_positions(window.ranges, rows))
                 if carry is not None:
-                    chunk = tuple(torch.cat([c, p]) for c, p in zip(carry, chunk))
+                    chunk = tuple(self._pinned(torch.cat([c, p])) for c, p in zip(carry, chunk))
                 full = len(chunk[0]) - len(chunk[0]) % self.batch_size
                 for lo in range(0, full, self.batch_size):
                     yield tuple(t[lo : lo + self.batch_size] for t in chunk)
