@@ -246,7 +246,7 @@ def _rank_main(
 
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        # Every rank joins before fn runs, or one whose fn returns at once tears the group down (how-to/testing.md).
+        # All ranks join before fn runs: an fn that returns at once would tear the group down (how-to/testing).
         dist.barrier()
         try:
             results.put((rank, True, fn(*args)))
