@@ -9,9 +9,7 @@ and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorc
 an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a log line says so.
 
 Where runs go (:func:`tracking_uri`): ``MLFLOW_TRACKING_URI`` when set; the workspace's tracking server
-(``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns`` (read it with
-``MlflowClient``, or browse it with ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <run_dir>/mlruns``,
-which needs the full ``mlflow`` package: mlflow-skinny has no server).
+(``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns``.
 
 MLflow is an optional extra (``pip install 'spark-mnist[mlflow]'``; Databricks ML runtimes ship it): without it
 training runs as before and one log line says tracking is off.  Tracking never fails training: an MLflow error
