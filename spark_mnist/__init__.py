@@ -1,10 +1,7 @@
 """spark-mnist: gz IDX files -> Spark -> Parquet shards -> a rank-aware PyTorch DDP loader, for Databricks.
 
-The folders read as the pipeline and say where code runs: ``formats`` (IDX parsing) and ``datasets`` (the registry)
--> ``driver`` (once, on the Spark driver: sources, ingest, commit) -> ``shards`` (the Parquet contract, anywhere)
--> ``launch`` (starting the ranks: TorchDistributor, torchrun, Databricks AI Runtime) -> ``rank`` (every rank: world,
-loader, training loop) -> ``tools`` (verify, download, evaluate, plots); ``pipeline`` wires them and ``tracking``,
-for ``cli`` and for the notebook API below.  README's Architecture section names each module's job.
+The subpackages follow the pipeline and say where their code runs (driver, Spark task, launcher, rank);
+docs/concepts/architecture.md names each module's job.
 
 The notebook API, with the settings of the command line (``spark_mnist/config.py``):
 

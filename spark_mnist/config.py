@@ -1,4 +1,4 @@
-"""Typed settings from ``conf/*.yaml`` with command-line overrides.
+"""Typed settings from ``conf/*.yaml`` with command-line overrides; read on the driver, handed to the ranks in the job.
 
 A YAML file has four sections, ``spark``, ``storage``, ``ingest`` and ``train`` (see ``conf/local.yaml``).
 Unknown keys and values of the wrong type are errors naming the key and the file.  Defaults are the local-mode
@@ -9,9 +9,8 @@ Each setting is defined once, as a field with a description; the ``spark-mnist``
 from the field (:func:`options`): ``--kebab-case`` of its name, its type, a ``Literal``'s values as choices, its
 description as help.  A field declared with ``cli=False`` has no option.
 
-The models are written against pydantic's v1 API, which pydantic 1.10 (Databricks Runtime 15.4 ML ships 1.10.6)
-provides as ``pydantic`` and pydantic 2 as ``pydantic.v1``: one code path for both majors, so installing this
-package never replaces the runtime's pydantic.
+The models are written against pydantic's v1 API (``pydantic`` in 1.10, ``pydantic.v1`` in 2), one code path for both
+majors; why: docs/development.md (the package table).
 """
 
 from __future__ import annotations

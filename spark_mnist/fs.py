@@ -1,5 +1,6 @@
-"""File operations with no Spark session: exists, delete, list, mkdirs, small writes, the one URI -> file system
-resolver; and writes that never leave a half-written file under the final name.
+"""File operations with no Spark session, anywhere (driver, Spark tasks, ranks, tools): exists, delete, list, mkdirs,
+small writes, the one URI -> file system resolver; and writes that never leave a half-written file under the final
+name.
 
 Every operation takes a :class:`~spark_mnist.paths.Location`.  Where :mod:`os` can reach the place
 (:attr:`Location.is_local <spark_mnist.paths.Location.is_local>`: local disk, the ``/dbfs`` FUSE mount,
@@ -9,19 +10,13 @@ everywhere else through :mod:`pyarrow.fs` (``s3://``, ``gs://``,
 (``s3a://`` with s3fs installed, ``memory://``, ...).  ``dbfs:/`` without the FUSE mount (Spark Connect off the
 cluster) is refused: use ``/Volumes/...`` or the ``/dbfs/...`` path on a machine that has the mount.
 
-No directory is ever renamed here (an object store has no directory rename, a ``/Volumes`` FUSE mount answers a
-rename with ENOSYS): a dataset is committed by writing its manifest last, in one single-object write
-(:func:`write_whole`, :mod:`spark_mnist.shards.commit`).
+No directory is ever renamed here: a dataset is committed by writing its manifest last, in one single-object write
+(:func:`write_whole`, :mod:`spark_mnist.shards.commit`; why: docs/concepts/dataset.md).
 
 Endpoints and credentials of object stores come from the standard variables (which the ``storage`` settings set,
 :class:`spark_mnist.config.StorageSettings`) or from the URI (:func:`filesystem`; :func:`task_uri` writes the
-driver's S3 endpoint into the URI Spark's tasks get): ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) and the
-AWS credential chain for ``s3://``
-(pyarrow 19's ``S3FileSystem()`` ignores ``AWS_ENDPOINT_URL``, so it is applied here for every pyarrow);
-``s3://key:secret@bucket/path?endpoint_override=host:port&scheme=http`` in the URI;
-``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_KEY`` with the account of the URI, or the URI's
-``?account_key=...&blob_storage_authority=...`` for ``abfss://container@account.dfs.core.windows.net/path`` (else
-Azure's default credential chain).
+driver's S3 endpoint into the URI Spark's tasks get); ``AWS_ENDPOINT_URL`` applies on every pyarrow.  Which
+variables and URI options each store takes: docs/how-to/object-stores.md.
 
 :func:`replacing` is the one "write to a temporary name beside the target, then ``os.replace``" of the package:
 IDX files, checkpoints, models, pictures, downloads and the manifest all go through it.  ``os.replace`` is atomic on

@@ -1,4 +1,5 @@
-"""Where datasets live: URI normalisation, pure (no Spark, no I/O but existence checks).
+"""Where datasets live: URI normalisation, pure (no Spark, no I/O but existence checks), anywhere.  Object stores'
+URIs: docs/how-to/object-stores.md.
 
 One function, :func:`normalize_uri`, turns every accepted spelling into a :class:`Location`:
 

@@ -1,5 +1,5 @@
 """The run directory's contract: what training leaves in it, and the one channel through which a rank's failure
-reaches the launcher.
+reaches the launcher; written by the ranks, read by the launchers and the tools.  See docs/concepts/launchers.md.
 
 A run directory (``train.run_dir``) holds::
 
@@ -9,9 +9,9 @@ A run directory (``train.run_dir``) holds::
     curves.png           the launcher's picture of the metrics' history (:mod:`spark_mnist.tools.plots`)
     _errors/rank-N.json  a failed rank's report (:func:`write_error_report`)
 
-One failure channel, as Spark's ``ml/torch/distributor.py`` keeps one (the command, its return code and the tail of
-its output): a failing rank writes its report atomically (:func:`write_error_report`); the launcher turns whatever
-it caught into one :class:`TrainingFailedError` with :func:`failure`, which reads the reports and never raises.
+One failure channel: a failing rank writes its report atomically (:func:`write_error_report`); the launcher turns
+whatever it caught into one :class:`TrainingFailedError` with :func:`failure`, which reads the reports and never
+raises.
 
 Importable anywhere: no torch, no Spark.
 """

@@ -1,4 +1,5 @@
-"""A pytest plugin for testing your own pipelines on spark-mnist's sources, datasets and loaders.
+"""A pytest plugin for testing your own pipelines on spark-mnist's sources, datasets and loaders, in the test
+process and the local ranks it starts.  The guide: docs/how-to/testing.md.
 
 Installed with the wheel, and loaded only where a test suite opts in (no ``pytest11`` entry point: its fixtures,
 ``spark`` among them, never reach a suite that did not ask).  Loading it costs nothing: it imports neither Spark nor
@@ -6,8 +7,7 @@ torch, and starts nothing until a test asks for a fixture.  Opt in with one line
 
     pytest_plugins = ["spark_mnist.testing"]
 
-(or ``pytest -p spark_mnist.testing``, which also works where ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1`` is set).  The line
-keeps a test suite's dependencies written in the repository, and the plugin loads the same way on every machine.
+(or ``pytest -p spark_mnist.testing``, which also works where ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1`` is set).
 
 What it gives:
 
@@ -23,9 +23,6 @@ What it gives:
   with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set as
   torchrun sets them; the caller's environment is never changed.  The ranks are forked from multiprocessing's
   fork server, which imports torch once for the whole test run (:data:`RANK_PRELOAD`) rather than once per rank.
-
-Sources followed: Lightning's and petastorm's test fixtures (a session-scoped local SparkSession stopped on
-teardown; tiny synthetic IDX files in ``tmp_path``), torch.distributed's ``init_process_group`` environment contract.
 """
 
 from __future__ import annotations
@@ -224,7 +221,7 @@ def free_port() -> int:
 
 
 # What the fork server :func:`run_ranks` starts its ranks from imports once, before any rank (multiprocessing's
-# ``set_forkserver_preload``): torch's import is most of a rank's start (seconds of CPU each).
+# ``set_forkserver_preload``): torch's import is most of a rank's start.
 RANK_PRELOAD = ["torch.distributed", "spark_mnist.testing"]
 
 
@@ -249,8 +246,7 @@ def _rank_main(
 
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        # Every rank has joined before any runs fn: one whose fn returns at once would otherwise tear the group
-        # down while another is still connecting (gloo: "connectFullMesh failed ... Connection closed by peer").
+        # All ranks join before fn runs: an fn that returns at once would tear the group down (how-to/testing).
         dist.barrier()
         try:
             results.put((rank, True, fn(*args)))

@@ -1,5 +1,5 @@
-"""The public loader API for your own training loop, under any launcher: ``spark_mnist.torch.loader``, and
-``spark_mnist.torch.MNIST``, a drop-in for torchvision's dataset class.
+"""The public loader API for your own training loop, on every rank under any launcher: ``spark_mnist.torch.loader``,
+and ``spark_mnist.torch.MNIST``, a drop-in for torchvision's dataset class.  See docs/concepts/training.md.
 
 Inside a function that torchrun, ``TorchDistributor`` or Databricks AI Runtime's ``@distributed`` runs once per
 rank, :func:`loader` opens one split of an ingested dataset through its manifest (a local, ``/dbfs`` or ``/Volumes``
@@ -40,8 +40,6 @@ What it guarantees (:class:`spark_mnist.rank.loader.ShardLoader`; :mod:`spark_mn
 * **A DataLoader if you need one.**  The loader is a ``torch.utils.data.IterableDataset``:
   ``torch.utils.data.DataLoader(loader, batch_size=None)`` yields the same batches (as ``[images, labels]``).
   Leave ``num_workers`` at 0: the loader decodes in its own threads (a worker process refuses to iterate it).
-
-This is the ``UCVolumeDataset`` of our format: no Spark on the GPU nodes, no second copy of the data.
 
 For code written against ``torchvision.datasets.MNIST``, :class:`MNIST` (and :class:`FashionMNIST`, :class:`KMNIST`,
 :class:`EMNIST`) takes the same arguments with ``root`` an ingested dataset, and returns the same items: a

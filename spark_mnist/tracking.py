@@ -1,4 +1,4 @@
-"""MLflow tracking of a training run; driver-side, optional.
+"""MLflow tracking of a training run; driver-side, optional.  See docs/concepts/launchers.md (Tracking).
 
 :func:`log_training_run` records one finished training run: the settings as parameters, the per-epoch figures as
 metrics (``step`` = epoch), the dataset the run read as an MLflow dataset input (``mlflow.log_input``: its registry
@@ -9,20 +9,18 @@ and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorc
 an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a log line says so.
 
 Where runs go (:func:`tracking_uri`): ``MLFLOW_TRACKING_URI`` when set; the workspace's tracking server
-(``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns`` (read it with
-``MlflowClient``, or browse it with ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <run_dir>/mlruns``,
-which needs the full ``mlflow`` package: mlflow-skinny has no server).
+(``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns``.
 
 MLflow is an optional extra (``pip install 'spark-mnist[mlflow]'``; Databricks ML runtimes ship it): without it
 training runs as before and one log line says tracking is off.  Tracking never fails training: an MLflow error
 (an unreachable server, a permission error, a broken install) is logged as a warning and the run id is ``None``.
-An unreachable HTTP server costs MLflow's own retries first, about four minutes with MLflow 3.17's defaults
-(``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
+An unreachable HTTP server costs MLflow's own retries first (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
 
-The local file store is MLflow's ``file:`` backend, in maintenance mode since MLflow 3 and refused by MLflow >= 3.13
-unless ``MLFLOW_ALLOW_FILE_STORE=true``; this module sets that variable for the duration of the call when it is not
-set, so reading the store back (``MlflowClient``, ``mlflow ui``) needs it set too.  Set ``MLFLOW_TRACKING_URI``
-(``sqlite:///...`` with the full ``mlflow`` package, or a server) to use another backend.
+The local file store is MLflow's ``file:`` backend, refused by MLflow >= 3.13 unless ``MLFLOW_ALLOW_FILE_STORE=true``;
+this module sets that variable for the duration of the call when it is not set, so reading the store back
+(``MlflowClient``, ``mlflow ui``) needs it set too.  Set ``MLFLOW_TRACKING_URI`` (``sqlite:///...`` with the full
+``mlflow`` package, or a server) to use another backend.
 
 Nothing global is left changed: the tracking URI is set for the duration of the call and restored (with the
 ``MLFLOW_TRACKING_URI`` variable that ``mlflow.set_tracking_uri`` also writes), as are ``MLFLOW_ALLOW_FILE_STORE``
@@ -52,7 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "spark-mnist"
 NOT_INSTALLED = "MLflow is not installed; tracking is off (pip install 'spark-mnist[mlflow]')"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-# MLflow >= 3.13 refuses the file store unless this is "true" (the store is in maintenance mode, not removed).
+# MLflow >= 3.13 refuses the file store unless this is "true".
 ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 DATABRICKS_ENV = "DATABRICKS_RUNTIME_VERSION"
 # Variables put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.

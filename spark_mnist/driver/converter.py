@@ -1,10 +1,8 @@
 """Which files the ranks read: petastorm's Spark dataset converter where petastorm works, the ingested shards
-directly everywhere else.  Driver-side.
+directly everywhere else.  Driver-side.  See docs/concepts/training.md.
 
-petastorm's last release (0.13.1) imports ``pyarrow.filesystem`` (removed in pyarrow 16) and the legacy
-``ParquetDataset`` (rejected from pyarrow 15), and its converter reaches into the classic SparkSession's JVM; it
-works on the Spark 3.5 line with pyarrow < 15 (Databricks Runtime 15.4 LTS ML) and nowhere newer.  The setting
-``train.converter`` picks the path:
+petastorm works only with pyarrow < 15 and a classic session: the Spark 3.5 line (Databricks Runtime 15.4 LTS ML);
+why: docs/development.md.  The setting ``train.converter`` picks the path:
 
 * ``auto``: petastorm where :func:`petastorm_unavailable` finds nothing against it, else the shards directly;
 * ``petastorm``: petastorm, or an :class:`~spark_mnist.errors.EnvironmentMismatchError` naming the versions;
@@ -144,8 +142,8 @@ def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: 
     :func:`spark_mnist.shards.contract.open_dataset`).
 
     Driver-side; each materialises its split under ``cache_url`` (``file:///Volumes/...`` on Databricks),
-    uncompressed: reading it back is about twice as fast as snappy, for a third more disk.  Call ``.delete()`` when
-    done.  Only where :func:`petastorm_unavailable` is ``None``.
+    uncompressed (docs/benchmarks.md).  Call ``.delete()`` when done.  Only where :func:`petastorm_unavailable` is
+    ``None``.
     """
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
 

@@ -12,7 +12,8 @@ The order of work is what makes bad input cheap and failures harmless:
    needs (:mod:`spark_mnist.shards.commit`).
 
 Readers see either the previous complete dataset or the new one, never a mix, on local disk, FUSE mounts and object
-stores alike; no directory is ever renamed.  The layout is the contract in :mod:`spark_mnist.shards.contract`.
+stores alike; no directory is ever renamed.  The layout is the contract in :mod:`spark_mnist.shards.contract`;
+the protocol and why: docs/concepts/dataset.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The session seam: the one module that starts a SparkSession and touches ``sparkContext`` (or any JVM handle:
-``_jvm``, ``_jsc``, ``_jdf``); driver-side.
+``_jvm``, ``_jsc``, ``_jdf``); driver-side.  Connecting from elsewhere: docs/how-to/databricks-connect.md; the local
+sessions' work-arounds: docs/development.md.
 
 :func:`spark_session` gives the CLI, the jobs, the tests and the benchmarks their session, classic or Spark Connect
 (:func:`is_connect`), resolved in this order:

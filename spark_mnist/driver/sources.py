@@ -83,8 +83,7 @@ def read_files(
         else:
             found[name] = _read_on_driver(name, loc)
     if collect:
-        # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled), about twice as fast as
-        # collect() for a few large binary rows.
+        # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled): faster than collect() here.
         try:
             frame: Any = (
                 spark.read.format("binaryFile")

@@ -1,5 +1,6 @@
-"""The ingest's one Spark write job per chunk, on the driver: the arrays travel to the tasks as one Arrow relation
-of fragments, and every task writes its own shard with pyarrow (:func:`spark_mnist.tasks.write.write_shards`).
+"""The ingest's one Spark write job per chunk, on the driver: the arrays travel to the tasks as one Arrow table of
+fragments (a broadcast variable on a classic session, a relation over Spark Connect), and every task writes its own
+shard with pyarrow (:func:`spark_mnist.tasks.write.write_shards`).
 """
 
 from __future__ import annotations

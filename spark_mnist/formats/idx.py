@@ -1,4 +1,5 @@
-"""IDX files: read and write, gzip-compressed or plain.  Pure numpy, no Spark.
+"""IDX files: read and write, gzip-compressed or plain.  Pure numpy, no Spark; used anywhere (the driver, the
+side tools, ``load_data``, the test kit).  See docs/concepts/inputs.md.
 
 The format follows the spec on the MNIST page (LeCun, Cortes, Burges, "THE MNIST DATABASE of handwritten digits",
 section "FILE FORMATS FOR THE MNIST DATABASE")::

@@ -4,7 +4,7 @@
 (``torch.distributed.run``), here as a function: a standalone c10d rendezvous on ``localhost`` with a free port,
 ``spawn``-started ranks with torchrun's environment, and the return values of the ranks by global rank.  It needs no
 Spark (pyspark need not be installed) and serves a laptop, a GPU machine and the command of a Databricks
-``ai_runtime_task`` (which runs that command once per node: README, "Databricks").  Relaunching is left to
+``ai_runtime_task`` (which runs that command once per node: docs/how-to/serverless-gpu-job.md).  Relaunching is left to
 :mod:`spark_mnist.launch.restarts` (elastic's own ``max_restarts`` is 0), so every launcher restarts the same way:
 from the last checkpoint.  Source: torch's ``distributed/run.py`` (``--standalone``) and ``launcher/api.py``.
 """

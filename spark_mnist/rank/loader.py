@@ -1,6 +1,7 @@
 """Per-rank loading: Parquet shards -> uint8 ``torch.Tensor`` batches, in one order for every world size.
 
-Runs on every rank (inside ``TorchDistributor`` or any launcher); never touches Spark.  Two loaders yield the same
+Runs on every rank (inside ``TorchDistributor`` or any launcher); never touches Spark.  See
+docs/concepts/training.md.  Two loaders yield the same
 shapes:
 
 * :class:`ShardLoader` (ours, the default) reads the Parquet files (petastorm's converter cache or ingest's shards)

@@ -1,9 +1,10 @@
 """The loaders' orders: which rows each rank reads, in which order, every epoch, and what a saved position
-must match to resume.  Pure functions of the row count, seed, epoch, world size and batch size: no I/O, no torch
-(:class:`spark_mnist.rank.loader.ShardLoader` reads the rows they name).
+must match to resume; used on every rank.  Pure functions of the row count, seed, epoch, world size and batch size:
+no I/O, no torch (:class:`spark_mnist.rank.loader.ShardLoader` reads the rows they name).  Why the order is built
+this way, and what it costs a rank's memory: docs/concepts/training.md.
 
 **The training order** (``drop_remainder=True``) is defined once for every world size, so that a run checkpointed on
-``N`` ranks resumes on ``M`` (Mosaic Streaming's "elastic determinism"):
+``N`` ranks resumes on ``M``:
 
 1. The split's ``R`` rows are numbered in the global order: files sorted by name, rows in file order.
 2. The epoch's sequence ``S``, a permutation of ``0..R-1``, depends only on ``R``, ``seed`` and the epoch
@@ -21,11 +22,7 @@ must match to resume.  Pure functions of the row count, seed, epoch, world size 
    samples not yet seen, each once, ``batch_size`` per rank per step; later epochs are the same sequences split
    ``M`` ways.
 
-A window holds at most ``BLOCK_ROWS * WINDOW_BLOCKS`` (65,536) rows, 51 MB of 28x28 images, so streaming stays
-bounded; a split of one window (MNIST's 60,000 rows) gets a uniform permutation.  A rank's slices of every global
-batch spread over the whole split, so every rank reads every row: in memory it holds the whole decoded split
-(``memory_budget_bytes`` is weighed against the split, not the rank's share); streaming, it decodes each window
-once per epoch and keeps its slices of it.
+A rank's slices of every global batch spread over the whole split: every rank reads every row.
 
 **The evaluation order** (``drop_remainder=False``): rank ``r`` reads its contiguous range :func:`rank_rows` (sizes
 differ by at most one) in file order, or permuted within each window-sized chunk by ``(seed, epoch, rank, chunk)``

@@ -1,7 +1,7 @@
 """Spark's Python worker daemon for the local sessions :func:`spark_mnist.driver.session.spark_session` starts
 (``spark.python.daemon.module``): ``pyspark.daemon`` with Spark's archives taken off ``sys.path``, where the
 installed ``pyspark`` and ``py4j`` make them redundant.  Runs in every Spark Python worker process, never in the
-driver; why it exists: docs/development.md (Versions).
+driver; why it exists: docs/development.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Fetch a dataset's four gz IDX files into a directory, verified, reusing what this machine already has.
+"""Fetch a dataset's four gz IDX files into a directory, verified, reusing what this machine already has; a side
+tool, run where the files are wanted, no Spark.  See docs/concepts/inputs.md.
 
 For each file of the dataset (:mod:`spark_mnist.datasets`), in order:
 
@@ -14,10 +15,7 @@ For each file of the dataset (:mod:`spark_mnist.datasets`), in order:
 Every candidate is verified with :func:`spark_mnist.tools.verify.verify_file` (IDX structure, published payload sha256
 where known, image shape, label range, published row count) before it appears under its final name, which happens
 by ``os.replace`` (:func:`spark_mnist.fs.replacing`): a failed or interrupted run never leaves a half-written file
-under a final name.
-
-Not pooch: it would remove about 100 code lines but restarts interrupted downloads from byte 0, retries 403/404 at a
-fixed pace, has no mirror list and checks the gz file's hash, not the payload's (docs/development.md).
+under a final name.  Why not pooch: docs/development.md.
 """
 
 from __future__ import annotations
