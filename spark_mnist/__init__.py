@@ -38,7 +38,6 @@ from spark_mnist.errors import (
     InputError,
     LauncherUnavailableError,
     LoaderStateError,
-    ReapedError,
     SourceError,
 )
 from spark_mnist.runs import TrainingFailedError
@@ -56,7 +55,6 @@ __all__ = [
     "InputError",
     "LauncherUnavailableError",
     "LoaderStateError",
-    "ReapedError",
     "SourceError",
     "TrainingFailedError",
     "__version__",

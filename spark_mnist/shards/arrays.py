@@ -111,8 +111,7 @@ def write_local_dataset(
     """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
     (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
     files and protocol as ingest, ``num_shards`` contiguous shards per split under a new generation by the
-    task-side writer, holding its :class:`~spark_mnist.shards.commit.Lease`, then
-    :func:`~spark_mnist.shards.commit.publish`.  For the test kit
+    task-side writer, then :func:`~spark_mnist.shards.commit.publish`.  For the test kit
     (:mod:`spark_mnist.testing`), small tools and the store tests.  Where: one process.
 
     Args:
@@ -121,8 +120,8 @@ def write_local_dataset(
     Returns:
         The manifest published (as :func:`~spark_mnist.shards.commit.publish`).
     Raises:
-        ReapedError: as :func:`~spark_mnist.shards.commit.publish` (the generation is then discarded).
-        OSError: a shard or the manifest could not be written (the generation is then discarded).
+        OSError: as :func:`~spark_mnist.shards.commit.publish`, or a shard could not be written (the generation is
+            then discarded).
     """
     from spark_mnist import __version__
     from spark_mnist.shards.commit import publish, writing
