@@ -14,8 +14,8 @@ No directory is renamed anywhere, nothing is written but shards and the manifest
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import logging
 import os
 import re
