@@ -130,13 +130,13 @@ def write_local_dataset(
     out = normalize_uri(output)
     image_shape = spec.image_shape
     rows_per_group = rows_per_group or max(1, contract.ROW_GROUP_BYTES // int(np.prod(image_shape)))
-    with writing(out) as lease:
+    with writing(out) as ingest:
         splits = {}
         for name, (images, labels) in arrays.items():
             bounds = contract.shard_bounds(len(labels), num_shards)
             files = []
             for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                path = contract.shard_path(lease.generation, name, k)
+                path = contract.shard_path(ingest.generation, name, k)
                 size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
                 files.append(contract.ShardFile(path, size, int(hi - lo)))
             splits[name] = contract.Split(
@@ -147,7 +147,7 @@ def write_local_dataset(
                 ),
             )
         manifest = contract.Manifest(
-            generation=lease.generation,
+            generation=ingest.generation,
             dataset=spec.name,
             classes=tuple(spec.classes),
             image_shape=image_shape,
@@ -155,4 +155,4 @@ def write_local_dataset(
             source=source or {},
             package_version=__version__,
         )
-        return publish(out, manifest, lease)
+        return publish(out, manifest, ingest)
