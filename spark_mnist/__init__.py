@@ -35,7 +35,6 @@ from spark_mnist.errors import (
     InputError,
     LauncherUnavailableError,
     LoaderStateError,
-    ReapedError,
     SourceError,
     check_choice,
 )
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointError", "ChecksumMismatchError", "DatasetMismatchError", "DatasetNotFoundError",
            "EnvironmentMismatchError", "IdxFormatError", "InputError", "LauncherUnavailableError", "LoaderStateError",
-           "ReapedError", "SourceError", "TrainingFailedError", "__version__", "ingest", "load_data", "open_dataset",
+           "SourceError", "TrainingFailedError", "__version__", "ingest", "load_data", "open_dataset",
            "train"]  # fmt: skip
 
 try:  # the version is defined once, in pyproject.toml: the installed package's metadata

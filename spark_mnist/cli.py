@@ -1,7 +1,6 @@
 """``spark-mnist``: thin subcommands that parse arguments and call the library.
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what is wrong), 3 an ingest another
-ingest's clean-up removed (it stalled; one line on stderr, nothing published: ingest again), 1 anything else.
+Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what is wrong), 1 anything else.
 """
 
 from __future__ import annotations
@@ -16,20 +15,19 @@ from typing import Sequence
 
 from spark_mnist import __version__, pipeline
 from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
-from spark_mnist.errors import InputError, ReapedError, require_extra
-from spark_mnist.paths import redact
+from spark_mnist.errors import InputError, require_extra
+from spark_mnist.paths import normalize_uri, redact
+from spark_mnist.shards.commit import clean
 from spark_mnist.tools.download import LocalRoots, download
 from spark_mnist.tools.evaluate import evaluate_model, format_report
 from spark_mnist.tools.plots import confusion_matrix_png, preview_grid
 from spark_mnist.tools.verify import format_table, verify_source
 
-__all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "EXIT_REAPED", "METAVARS", "build_parser", "settings_from_args",
+__all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "METAVARS", "build_parser", "settings_from_args",
            "run_command", "main"]  # fmt: skip
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
-# An ingest another ingest's clean-up took for dead (it stalled): nothing was published; not bad input, so not 2.
-EXIT_REAPED = 3
 METAVARS = {int: "N", float: "X"}  # a str setting's option shows its name: --data DATA
 
 
@@ -129,12 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out-png", help="confusion-matrix PNG (default: confusion.png beside the model)")
     evaluate.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="default: test")
+    gc = commands.add_parser("gc", help="remove the generations no manifest names, older than --older-than, now")
+    gc.add_argument("output", metavar="OUT", help="ingested dataset directory or URI (OUT of ingest)")
+    gc.add_argument("--older-than", type=float, help="seconds since their start (default: the retention, 1 day)")
     for sub, sections in (
         (ingest, ("spark", "storage", "ingest")),
         (train, ("spark", "storage", "train")),
         (run, SECTIONS),
         (config, SECTIONS),
-        *((tool, ()) for tool in (verify, download, preview, evaluate)),
+        *((tool, ()) for tool in (verify, download, preview, evaluate, gc)),
     ):
         sub.add_argument("--verbose", action="store_true", help="debug output, and Spark's and petastorm's own logs")
         if sections:
@@ -181,6 +182,11 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    _print_json({"output": args.output, "removed": clean(normalize_uri(args.output), args.older_than)})
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     require_extra("torch", "torch", "evaluate")
     result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
@@ -204,7 +210,7 @@ def run_command(args: argparse.Namespace) -> int:
     Raises:
         InputError: bad settings or input (the caller prints one line and exits 2).
     """
-    handlers = {"verify": _verify, "download": _download, "preview": _preview, "evaluate": _evaluate}
+    handlers = {"verify": _verify, "download": _download, "preview": _preview, "evaluate": _evaluate, "gc": _gc}
     if args.command in handlers:  # no Spark, no settings file
         return handlers[args.command](args)
     settings = settings_from_args(args)
@@ -240,9 +246,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(redact(f"spark-mnist: error: {e}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - printed as Python would, with every URI's credentials redacted
-        if isinstance(e, ReapedError):
-            print(redact(f"spark-mnist: error: {e}"), file=sys.stderr)
-            return EXIT_REAPED
         sys.stderr.write(redact("".join(traceback.format_exception(type(e), e, e.__traceback__))))
         return 1
 

@@ -10,7 +10,7 @@ from typing import Iterable, TypeVar
 
 __all__ = ["InputError", "IdxFormatError", "DatasetMismatchError", "SourceError", "ChecksumMismatchError",
            "DatasetNotFoundError", "EnvironmentMismatchError", "LauncherUnavailableError", "CheckpointError",
-           "LoaderStateError", "ReapedError", "invalid", "check_choice", "require_extra"]  # fmt: skip
+           "LoaderStateError", "invalid", "check_choice", "require_extra"]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -56,11 +56,6 @@ class CheckpointError(InputError):
 class LoaderStateError(InputError):
     """A loader state (a checkpoint's) that this run cannot honour: another seed, dataset, row count or global batch
     size, or a global batch that the world size does not divide."""
-
-
-class ReapedError(OSError):
-    """An ingest whose generation another ingest's clean-up removed, having found its lease silent for longer than
-    the lease's expiry (the ingest stalled); it published nothing.  The CLI exits 3."""
 
 
 def invalid(name: str, value: object, must: str, error: type[ValueError] = ValueError) -> ValueError:

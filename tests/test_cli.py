@@ -48,19 +48,19 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and "bad.yaml" in err[0] and "ingest.shards: unknown key" in err[0]
 
 
-def test_a_reaped_ingest_exits_3_with_one_line(monkeypatch, capsys):
-    """An ingest that another ingest's clean-up removed (it stalled) is no bad input: exit 3, one line, no
-    traceback."""
-    import spark_mnist.cli as cli
-    from spark_mnist.shards.commit import ReapedError
+def test_gc_removes_what_no_manifest_names_older_than_asked(tmp_path, capsys):
+    """``spark-mnist gc OUT --older-than 0``: a killed ingest's generation goes now; one JSON line names it."""
+    from spark_mnist.datasets import get_dataset
+    from spark_mnist.shards.arrays import write_local_dataset
+    from tests.stores.writer import arrays
 
-    def reaped(args):
-        raise ReapedError("out: generation g was removed by another ingest's clean-up; nothing was published")
-
-    monkeypatch.setattr(cli, "run_command", reaped)
-    assert cli.main(["config", "show"]) == cli.EXIT_REAPED == 3
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("spark-mnist: error: out: generation g was removed"), err
+    out = tmp_path / "out"
+    for value in (1, 2, 3):
+        write_local_dataset(out, get_dataset("mnist"), arrays(value))
+    assert main(["gc", str(out)]) == 0 and json.loads(capsys.readouterr().out)["removed"] == []  # within a day
+    assert main(["gc", str(out), "--older-than", "0"]) == 0
+    removed = json.loads(capsys.readouterr().out.splitlines()[-1])["removed"]  # after the log line
+    assert len(removed) == 1 and len(list(out.iterdir())) == 3
 
 
 @pytest.mark.slow

@@ -3,11 +3,11 @@ Blob (Azurite through pyarrow's AzureFileSystem) and two real FUSE mounts at ``/
 paths, one whose rename answers ENOSYS and one whose rename is a copy and a delete (:mod:`tests.stores.fuse_volume`).
 
 On each store: a Spark ingest, a re-ingest and a loader that reads every row once; SIGKILL of a writer process
-(:mod:`tests.stores.writer`) mid-commit, after which ``OUT`` holds the previous complete dataset and the next
-commit cleans up; the last manifest write wins, and a clean-up leaves a live ingest's generation (its lease beats)
-but removes a stalled one's, which then publishes nothing.  Marked ``full`` (one CI lane runs them): SIGKILL at
-eleven points spread across the write and the commit, and two racing writer processes, each with a reader polling
-``OUT`` throughout that must only ever see a complete dataset.  A store whose server or mount cannot be started
+(:mod:`tests.stores.writer`) mid-commit, after which ``OUT`` holds the previous complete dataset and what the
+killed writer left stays until its retention ends (or ``commit.clean`` with ``older_than``: ``spark-mnist gc``);
+the last manifest write wins.  Marked ``full`` (one CI lane runs them): SIGKILL at ten points spread across the
+write and the commit, and two racing writer processes, each with a reader polling ``OUT`` throughout that must
+only ever see a complete dataset.  A store whose server or mount cannot be started
 here skips, with the reason; ``tests/stores/setup.sh`` installs what they need (moto, mfusepy, fuse3, Azurite).
 """
 
@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +112,10 @@ NATIVE_RETRIES = 2
 class Writers:
     """Writer children forked from one process whose imports are done (``python -m tests.stores.writer --serve``):
     :meth:`write` commits a dataset, or is SIGKILLed at a kill point; :meth:`start` and :meth:`finish` let a test
-    act while one holds.  ``profile``: the lease's timings, ``serial`` or ``racing`` (:mod:`tests.stores.writer`)."""
+    act while one holds."""
 
-    def __init__(self, profile: str = "serial"):
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.stores.writer", "--serve", profile], text=True,
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.stores.writer", "--serve"], text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env())
 
     def start(self, out: str, value: int, point: str | None = None) -> str:
@@ -162,9 +163,9 @@ class Writers:
 
 
 @contextlib.contextmanager
-def writer_pools(*profiles: str):
-    """One :class:`Writers` per profile, closed (or killed) on the way out."""
-    pools = [Writers(profile) for profile in profiles]
+def writer_pools(count: int):
+    """``count`` :class:`Writers`, closed (or killed) on the way out."""
+    pools = [Writers() for _ in range(count)]
     try:
         yield pools
     finally:
@@ -178,7 +179,7 @@ def writer_pools(*profiles: str):
 
 @pytest.fixture
 def writers():
-    with writer_pools("serial") as (pool,):
+    with writer_pools(1) as (pool,):
         yield pool.write
 
 
@@ -240,6 +241,23 @@ def generations(out: str) -> list[str]:
     return [name for name in fs.list_names(normalize_uri(out)) if commit.is_generation(name)]
 
 
+def gc(out: str) -> set[str]:
+    """``spark-mnist gc OUT --older-than 0``: what killed or racing writers left goes; the generations left."""
+    commit.clean(normalize_uri(out), older_than=0)
+    return set(generations(out))
+
+
+def past_retention(out: str) -> str:
+    """A generation no manifest names, started twice the retention ago (a killed ingest's, a day old)."""
+    start = datetime.now(timezone.utc) - timedelta(seconds=2 * commit.RETENTION_S)
+    name = f"{start.strftime(commit.GENERATION_TIME)}_0123456789ab"
+    location = normalize_uri(out).join(name, "train")
+    if location.is_local:
+        fs.makedirs(location)
+    fs.write_whole(location.join("part-00000.parquet"), b"shard")
+    return name
+
+
 @pytest.mark.slow
 @pytest.mark.connect
 def test_ingest_replace_and_read_every_row_once(spark, small_source, out):
@@ -267,25 +285,28 @@ def test_ingest_replace_and_read_every_row_once(spark, small_source, out):
 
 @pytest.mark.connect
 def test_a_kill_at_the_manifest_write_leaves_the_previous_dataset(out, writers):
-    """SIGKILL just before the manifest's write: OUT holds the previous dataset; the next commit removes the
-    killed one's generation."""
+    """SIGKILL just before the manifest's write: OUT holds the previous dataset; the killed one's generation stays
+    through the next commit (younger than the retention), and gc removes it."""
     writers(out, 1)
     writers(out, 2, kill_at="manifest-write")
     assert dataset_value(out) == 1
-    assert len(generations(out)) == 2  # the previous one and the killed one's
-    done = writers(out, 3)
-    assert dataset_value(out) == 3
-    assert sorted(generations(out)) == sorted([done.split()[1], spark_mnist.open_dataset(out).manifest.previous])
+    (killed,) = set(generations(out)) - {spark_mnist.open_dataset(out).manifest.generation}
+    done = writers(out, 3).split()[1]
+    assert dataset_value(out) == 3 and killed in generations(out)
+    assert gc(out) == {done, spark_mnist.open_dataset(out).manifest.previous}
 
 
 @pytest.mark.full
 def test_sigkill_at_every_point_of_the_write_and_commit(out, writers):
-    """Eleven kill points, each with a reader polling OUT throughout: the reader only ever sees the previous complete
-    dataset or the new one, never a mix and never nothing; the next commit succeeds and cleans up."""
+    """Ten kill points, each with a reader polling OUT throughout: the reader only ever sees the previous complete
+    dataset or the new one, never a mix and never nothing; the next commit succeeds, and gc leaves only it and its
+    previous."""
     writers(out, 1)
     current = 1
     with Poller(out) as poller:
         for value, point in enumerate(KILL_POINTS, start=2):
+            if point == "clean-mid":  # something past the retention for the clean-up to delete
+                past_retention(out)
             writers(out, value, kill_at=point)
             landed = dataset_value(out)
             assert landed in (current, value), (point, landed)
@@ -295,14 +316,14 @@ def test_sigkill_at_every_point_of_the_write_and_commit(out, writers):
         done = writers(out, 99)
     assert dataset_value(out) == 99 and set(poller.seen) <= {1, 99, *range(2, 2 + len(KILL_POINTS))}
     kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
-    assert set(generations(out)) == kept  # what the killed writers left is gone
+    assert kept < set(generations(out)) and gc(out) == kept  # what the killed writers left, until gc
     assert sorted(fs.list_names(normalize_uri(out))) == sorted(kept | {contract.MANIFEST_NAME})
 
 
 @pytest.mark.full
 def test_racing_writers_leave_one_complete_dataset(out, writers):
     """Two writer processes racing into one OUT, a reader polling it: one complete dataset at every moment; the
-    loser's generation is gone after the next commit."""
+    loser's generation stays until gc."""
     writers(out, 1)
     with Poller(out) as poller:
         command = [[sys.executable, "-m", "tests.stores.writer", out, str(v)] for v in (2, 3)]
@@ -320,51 +341,25 @@ def test_racing_writers_leave_one_complete_dataset(out, writers):
         assert dataset_value(out) in (2, 3)
     assert set(poller.seen) <= {1, 2, 3}
     done = writers(out, 4)
-    kept = {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
-    assert set(generations(out)) == kept
+    assert gc(out) == {done.split()[1], spark_mnist.open_dataset(out).manifest.previous}
 
 
 def test_the_last_manifest_write_wins(out):
-    """Writer A (the older generation) holds with every shard written, its lease beating, while writer B (a newer
-    generation) publishes: B's clean-up leaves A's live generation.  Released, A publishes over B (the last
-    manifest write wins, B's generation kept as its previous); the next writer leaves just its own and A's."""
-    with writer_pools("racing", "racing") as (a, b):
+    """Writer A (the older generation) holds with every shard written while writer B (a newer generation)
+    publishes: B's clean-up leaves A's generation (younger than the retention).  Released, A publishes over B (the
+    last manifest write wins, B's generation kept as its previous); gc then leaves just those two."""
+    with writer_pools(2) as (a, b):
         first = a.write(out, 1).split()[1]
         held = a.start(out, 2, "hold:publish")
         assert held.startswith("HELD publish "), held
         second = b.write(out, 3).split()[1]
         assert dataset_value(out) == 3
-        (loser,) = set(generations(out)) - {first, second}  # A's, kept: its lease beats
+        (loser,) = set(generations(out)) - {first, second}  # A's, kept
         os.kill(int(held.split()[-1]), signal.SIGUSR1)
         assert a.finish() == f"DONE {loser}"
-        manifest = spark_mnist.open_dataset(out).manifest
-        assert dataset_value(out) == 2 and (manifest.generation, manifest.previous) == (loser, second)
-        assert set(generations(out)) == {loser, second}
-        third = b.write(out, 4).split()[1]
-    assert dataset_value(out) == 4 and set(generations(out)) == {third, loser}
-
-
-@pytest.mark.parametrize("out", ["local"], indirect=True)
-def test_a_stalled_ingest_is_reaped_and_publishes_nothing(out):
-    """Writer A holds with every shard written and is stopped (SIGSTOP: its lease goes silent); writer B publishes,
-    and its clean-up, finding A's lease unchanged for LEASE_EXPIRY_S, removes A's generation.  A, resumed, fails
-    with the one clear error and publishes nothing: OUT holds B's dataset."""
-    with writer_pools("serial", "serial") as (a, b):
-        a.write(out, 1)
-        held = a.start(out, 2, "hold:publish")
-        assert held.startswith("HELD publish "), held
-        pid = int(held.split()[-1])
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            second = b.write(out, 3).split()[1]
-            manifest = spark_mnist.open_dataset(out).manifest
-            assert set(generations(out)) == {second, manifest.previous}  # A's is gone
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        os.kill(pid, signal.SIGUSR1)
-        error = a.finish()
-    assert error.startswith("ERROR ReapedError: ") and "removed by another ingest's clean-up" in error, error
-    assert dataset_value(out) == 3 and set(generations(out)) == {second, manifest.previous}
+    manifest = spark_mnist.open_dataset(out).manifest
+    assert dataset_value(out) == 2 and (manifest.generation, manifest.previous) == (loser, second)
+    assert gc(out) == {loser, second}
 
 
 @pytest.mark.full

@@ -180,9 +180,8 @@ def ingest(
             input; nothing is written to ``output``.
         InputError: ``num_shards``, ``row_group_bytes`` or ``chunk_rows`` below 1.
         SourceError: an ``output`` the write tasks cannot open with pyarrow (e.g. ``wasbs://``).
-        ReapedError: (:class:`spark_mnist.errors.ReapedError`) the ingest stalled for longer than
-            :data:`~spark_mnist.shards.commit.LEASE_EXPIRY_S` and another ingest's clean-up removed its generation;
-            nothing was published.
+        OSError: the ingest took longer than :data:`~spark_mnist.shards.commit.RETENTION_S`; nothing was
+            published.
     """
     if num_shards is None:
         # One shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.

@@ -111,8 +111,7 @@ def write_local_dataset(
     """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
     (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
     files and protocol as ingest, ``num_shards`` contiguous shards per split under a new generation by the
-    task-side writer, holding its :class:`~spark_mnist.shards.commit.Lease`, then
-    :func:`~spark_mnist.shards.commit.publish`.  For the test kit
+    task-side writer, then :func:`~spark_mnist.shards.commit.publish`.  For the test kit
     (:mod:`spark_mnist.testing`), small tools and the store tests.  Where: one process.
 
     Args:
@@ -121,8 +120,8 @@ def write_local_dataset(
     Returns:
         The manifest published (as :func:`~spark_mnist.shards.commit.publish`).
     Raises:
-        ReapedError: as :func:`~spark_mnist.shards.commit.publish` (the generation is then discarded).
-        OSError: a shard or the manifest could not be written (the generation is then discarded).
+        OSError: as :func:`~spark_mnist.shards.commit.publish`, or a shard could not be written (the generation is
+            then discarded).
     """
     from spark_mnist import __version__
     from spark_mnist.shards.commit import publish, writing
@@ -131,13 +130,13 @@ def write_local_dataset(
     out = normalize_uri(output)
     image_shape = spec.image_shape
     rows_per_group = rows_per_group or max(1, contract.ROW_GROUP_BYTES // int(np.prod(image_shape)))
-    with writing(out) as lease:
+    with writing(out) as ingest:
         splits = {}
         for name, (images, labels) in arrays.items():
             bounds = contract.shard_bounds(len(labels), num_shards)
             files = []
             for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                path = contract.shard_path(lease.generation, name, k)
+                path = contract.shard_path(ingest.generation, name, k)
                 size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
                 files.append(contract.ShardFile(path, size, int(hi - lo)))
             splits[name] = contract.Split(
@@ -148,7 +147,7 @@ def write_local_dataset(
                 ),
             )
         manifest = contract.Manifest(
-            generation=lease.generation,
+            generation=ingest.generation,
             dataset=spec.name,
             classes=tuple(spec.classes),
             image_shape=image_shape,
@@ -156,4 +155,4 @@ def write_local_dataset(
             source=source or {},
             package_version=__version__,
         )
-        return publish(out, manifest, lease)
+        return publish(out, manifest, ingest)

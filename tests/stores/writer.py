@@ -1,18 +1,14 @@
 """One ingest's write and commit without Spark, in its own process, for the store tests: a dataset whose every pixel
 is ``VALUE`` committed to ``OUT`` through the same functions ingest uses (:func:`spark_mnist.shards.arrays.
-write_local_dataset`: the lease, shards under a new generation by their final names, then the manifest, then the
-clean-up).
+write_local_dataset`: shards under a new generation by their final names, then the manifest, then the clean-up).
 
 ``python -m tests.stores.writer OUT VALUE [POINT]``: with a kill point (:data:`KILL_POINTS`) the process prints
-``PAUSED <point> <pid>`` when it gets there and waits to be SIGKILLed (its lease's heartbeat thread beating on);
+``PAUSED <point> <pid>`` when it gets there and waits to be SIGKILLed;
 with ``hold:<point>`` it prints ``HELD <point> <pid>`` there and waits for SIGUSR1, then goes on; it ends with
-``DONE <generation>``.  ``python -m tests.stores.writer --serve [racing]`` reads such argument lines from stdin and
-runs each in a process forked from itself, its imports done once (:class:`Writers` in the tests), so a kill costs
-no interpreter start.
-
-The lease's timings (:data:`SERIAL`, :data:`RACING`) are cut from the production ones so the tests stay fast; those
-of writers that run beside others (racing processes, ``--serve racing``) still leave a loaded two-core machine
-ten missed beats before a live writer is taken for dead.
+``DONE <generation>``.  ``python -m tests.stores.writer --serve`` reads such argument lines from stdin and runs
+each in a process forked from itself, its imports done once (:class:`Writers` in the tests), so a kill costs no
+interpreter start.  The retention is the production one: what a killed writer leaves stays until ``commit.clean``
+with ``older_than`` (``spark-mnist gc``).
 """
 
 from __future__ import annotations
@@ -32,22 +28,18 @@ from spark_mnist.shards.arrays import write_local_dataset
 from spark_mnist.shards.contract import MANIFEST_NAME
 
 TRAIN_ROWS, TEST_ROWS, SHARDS, ROWS_PER_GROUP = 40, 20, 2, 8
-# (commit.HEARTBEAT_S, commit.LEASE_EXPIRY_S) of a writer that never runs beside another, and of one that may.
-SERIAL, RACING = (0.02, 0.1), (0.25, 2.5)
-# Where a kill lands, spread across the write and the commit: (point, function patched, which call pauses); the
-# manifest's write counts only calls on the manifest (the lease's heartbeat writes too).
+# Where a kill lands, spread across the write and the commit: (point, function patched, which call pauses).
 KILL_POINTS = {
     "begin": ("current_manifest", 1),          # before anything is written
-    "lease": ("lease_write", 1),               # the lease's first write (a local generation's directory exists)
-    "shard-0": ("write_shard", 1),             # the lease written, before the first shard
+    "shard-0": ("write_shard", 1),             # before the first shard
     "shard-0-mid": ("record_batch", 3),        # inside the first shard: its first row group written
     "shard-1": ("write_shard", 2),
     "test-shard-0": ("write_shard", 3),        # the second split
     "shard-3-mid": ("record_batch", 13),       # inside the last shard (calls 12-14)
     "publish": ("current_manifest", 2),        # every shard written, the commit's read of the current manifest
     "manifest-write": ("manifest_write", 1),   # the manifest's one write (before os.replace / the PUT / the write)
-    "clean": ("current_manifest", 3),          # the manifest written and the lease deleted, before the clean-up
-    "clean-mid": ("delete", 2),                # during the clean-up's first deletion (the 1st: the lease's)
+    "clean": ("current_manifest", 3),          # the manifest written, before the clean-up
+    "clean-mid": ("delete", 1),                # during the clean-up's first deletion (of a generation past retention)
 }
 
 
@@ -91,8 +83,6 @@ def _pause_at(point: str, out: str, hold: bool = False) -> None:
         parquet.record_batch = pausing(parquet.record_batch)
     elif name == "delete":
         commit.fs.delete = pausing(fs.delete)
-    elif name == "lease_write":
-        fs.write_whole = pausing(fs.write_whole, lambda location, *_: _names(commit.LEASE_NAME, location))
     elif name == "manifest_write":  # the step that makes the manifest visible, on each kind of store
         manifest = lambda target, *_: _names(MANIFEST_NAME, target)  # noqa: E731
         os.replace = pausing(os.replace, lambda src, dst, *_: manifest(dst))
@@ -102,11 +92,7 @@ def _pause_at(point: str, out: str, hold: bool = False) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--serve"]:
-        serve(RACING if argv[1:] == ["racing"] else SERIAL)
-        return
-    commit.HEARTBEAT_S, commit.LEASE_EXPIRY_S = RACING  # a process of its own: racing others
-    run(argv)
+    serve() if argv[:1] == ["--serve"] else run(argv)
 
 
 def run(argv: list[str]) -> None:
@@ -120,13 +106,8 @@ def run(argv: list[str]) -> None:
     print(f"DONE {manifest.generation}", flush=True)
 
 
-def serve(timings: tuple[float, float]) -> None:
-    """Run every argument line of stdin in a forked child, one at a time; ``EXIT <status>`` after each.  The
-    lease's ``timings`` are :data:`SERIAL` or :data:`RACING` (a test that races two writers runs two of these);
-    with :data:`SERIAL`, where no other writer runs, a killed writer's manifest temporary file is stale at once."""
-    commit.HEARTBEAT_S, commit.LEASE_EXPIRY_S = timings
-    if timings == SERIAL:
-        commit.STALE_TEMP_S = 0.0
+def serve() -> None:
+    """Run every argument line of stdin in a forked child, one at a time; ``EXIT <status>`` after each."""
     for line in sys.stdin:
         sys.stdout.flush()
         pid = os.fork()
