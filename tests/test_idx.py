@@ -551,13 +551,14 @@ def test_lying_header_with_tiny_gzip_body_fails_fast_without_touching_memory(tmp
     """Header declares 1 GiB; the body is 100 bytes.  Untouched np.empty pages are fine, touched ones are not."""
     path = write_raw(tmp_path / "liar.gz", gz(header_bytes(0x08, (1024, 1024, 1024)) + bytes(100)))
     rss_during = []
-    real_readinto = idx._readinto
+    real_read = idx._guarded_read
 
-    def probing_readinto(stream, view, name):
-        rss_during.append(_rss_bytes())
-        return real_readinto(stream, view, name)
+    def probing_read(stream, size, name):
+        if not isinstance(size, int):  # a readinto of the data
+            rss_during.append(_rss_bytes())
+        return real_read(stream, size, name)
 
-    monkeypatch.setattr(idx, "_readinto", probing_readinto)
+    monkeypatch.setattr(idx, "_guarded_read", probing_read)
     before = _rss_bytes()
     start = time.perf_counter()
     with raises_for(str(path), r"truncated payload: shape \(1024, 1024, 1024\).*1073741824 data bytes, found 100"):

@@ -26,7 +26,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union, cast
+from typing import Any, BinaryIO, Iterator, Union, cast
 
 import numpy as np
 
@@ -47,12 +47,8 @@ READ_CHUNK_BYTES = 4 * 2**20
 
 # dtype code -> big-endian numpy dtype, from the IDX spec.
 DTYPE_BY_CODE: dict[int, np.dtype] = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
+    code: np.dtype(f">{t}")
+    for code, t in ((0x08, "u1"), (0x09, "i1"), (0x0B, "i2"), (0x0C, "i4"), (0x0D, "f4"), (0x0E, "f8"))
 }
 CODE_BY_KIND = {(dt.kind, dt.itemsize): code for code, dt in DTYPE_BY_CODE.items()}
 
@@ -156,16 +152,12 @@ def _read_exact(stream: BinaryIO, size: int, name: str, what: str) -> bytes:
     return data
 
 
-def _guarded_read(stream: BinaryIO, size: int, name: str) -> bytes:
+def _guarded_read(stream: BinaryIO, size: int | memoryview, name: str) -> Any:
+    """``stream.read(size)``, or ``stream.readinto(size)`` for a buffer; a corrupt gzip stream as IdxFormatError."""
     try:
-        return stream.read(size)
-    except (OSError, EOFError, zlib.error) as e:
-        raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
-
-
-def _readinto(stream: BinaryIO, view: memoryview, name: str) -> int:
-    try:
-        return stream.readinto(view)  # type: ignore[attr-defined]
+        if isinstance(size, int):
+            return stream.read(size)
+        return stream.readinto(size)  # type: ignore[attr-defined]  # BinaryIO's stub lacks readinto
     except (OSError, EOFError, zlib.error) as e:
         raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
 
@@ -195,18 +187,14 @@ def _plain_bytes_left(stream: BinaryIO) -> int | None:
 
 
 def _check_end(stream: BinaryIO, name: str, header: IdxHeader) -> None:
-    extra = _guarded_read(stream, 1, name)
-    if extra:
-        # Reading on to tell these apart would mean decompressing what a gzip bomb holds; say what it can be instead.
-        why = (
-            " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
-            if isinstance(stream, gzip.GzipFile)
-            else ""
-        )
-        raise IdxFormatError(
-            f"{name}: trailing bytes after the {header.payload_bytes} data bytes that shape {header.shape} declares"
-            + why
-        )
+    if not _guarded_read(stream, 1, name):
+        return
+    # Reading on to tell these apart would mean decompressing what a gzip bomb holds; say what it can be instead.
+    why = " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
+    raise IdxFormatError(
+        f"{name}: trailing bytes after the {header.payload_bytes} data bytes that shape {header.shape} declares"
+        + (why if isinstance(stream, gzip.GzipFile) else "")
+    )
 
 
 def _as_stream(source: Source) -> tuple[BinaryIO, str]:
@@ -301,7 +289,7 @@ class IdxReader:
         view = buffer.data
         filled = 0
         while filled < len(buffer):
-            got = _readinto(self._stream, view[filled : filled + READ_CHUNK_BYTES], self.name)
+            got = _guarded_read(self._stream, view[filled : filled + READ_CHUNK_BYTES], self.name)
             if not got:
                 raise IdxFormatError(self._truncated(self._rows_read * row_bytes + filled))
             filled += got
