@@ -1,0 +1,1 @@
+"""Internal (not public API; docs/reference/api.md): the side commands, which never start training."""
