@@ -1,5 +1,6 @@
 """Internal (not public API; docs/reference/api.md).  Starting the ranks: one module per launcher, one failure
-channel, restarts from the last checkpoint; runs where the command or notebook runs (the driver).  See docs/concepts/launchers.md.
+channel, restarts from the last checkpoint; runs where the command or notebook runs (the driver).
+See docs/concepts/launchers.md.
 
 A launcher knows how to start a function on N ranks and nothing about training; :mod:`spark_mnist.pipeline` tells
 it which function (:func:`spark_mnist.rank.train.train_worker`) and hands it the :class:`~spark_mnist.job.TrainJob`.
