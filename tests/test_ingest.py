@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from spark_mnist.shards import contract
+from spark_mnist.paths import normalize_uri
+from spark_mnist.shards import commit, contract
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, IdxFormatError, SourceError
 from spark_mnist.formats.idx import write_idx
 from spark_mnist.driver.ingest import ingest
@@ -95,6 +97,11 @@ def test_reingest_replaces_atomically_and_is_deterministic(spark, small_source, 
         assert sorted(p.name for p in (out / manifest.generation / split).iterdir()) == [
             f.path.rsplit("/", 1)[1] for f in manifest.splits[split].files]
     third = ingest(spark, str(source), str(out), num_shards=3)
+    assert third.previous == manifest.generation
+    # the generation no manifest names any more stays until it is older than the retention, or gc removes it
+    assert sorted(p.name for p in out.iterdir()) == sorted([first_manifest.generation, manifest.generation,
+                                                           third.generation, contract.MANIFEST_NAME])
+    assert commit.clean(normalize_uri(str(out)), older_than=0) == [first_manifest.generation]
     assert sorted(p.name for p in out.iterdir()) == sorted([manifest.generation, third.generation,
                                                            contract.MANIFEST_NAME])
 
@@ -177,13 +184,12 @@ def test_failure_mid_write_keeps_previous_dataset(spark, small_source, tmp_path,
 
 def test_leftovers_of_killed_ingests_are_ignored_then_removed(spark, small_source, tmp_path, caplog):
     """What a killed ingest or task attempt leaves (a generation no manifest names, a stray file in the current
-    generation) is never read, and the next ingest removes the generation."""
-    from spark_mnist.shards.commit import new_generation
-
+    generation) is never read, and the next ingest removes the generation once it is older than the retention."""
     source, arrays = small_source
     out = tmp_path / "out"
     first = ingest(spark, str(source), str(out), num_shards=2)
-    killed = out / new_generation(after=first.generation)
+    started = datetime.now(timezone.utc) - timedelta(seconds=2 * commit.RETENTION_S)
+    killed = out / f"{started.strftime(commit.GENERATION_TIME)}_0123456789ab"
     (killed / "train").mkdir(parents=True)
     (killed / "train" / "part-00000.parquet").write_bytes(b"PAR1")  # half written, then SIGKILL
     (out / first.generation / "train" / "part-00007.parquet").write_bytes(b"PAR1")  # a stray file: not named
