@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import multiprocessing
 import os
+import queue
 import socket
 import traceback
 from dataclasses import dataclass
@@ -39,9 +41,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import pytest
 
-from spark_mnist.datasets import SPLITS, get_dataset
+from spark_mnist.config import SparkSettings
+from spark_mnist.datasets import SPLITS, get_dataset, upright
+from spark_mnist.driver.session import local_server_url, spark_session
 from spark_mnist.errors import check_choice
 from spark_mnist.formats.idx import encode_idx, write_idx
+from spark_mnist.shards.arrays import write_local_dataset
 
 __all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset",
            "RankFailedError", "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args",
@@ -192,9 +197,6 @@ def write_ingested_dataset(
     Raises:
         ValueError: an unknown dataset, or a row count below 1.
     """
-    from spark_mnist.datasets import upright
-    from spark_mnist.shards.arrays import write_local_dataset
-
     spec = get_dataset(dataset)
     arrays = {}
     for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
@@ -242,7 +244,7 @@ def _rank_main(
     torchrun = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world_size}
     os.environ.update({k: str(v) for k, v in torchrun.items()}, GROUP_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    import torch.distributed as dist
+    import torch.distributed as dist  # the torch extra: the kit's Spark and dataset fixtures work without it
 
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
@@ -276,9 +278,6 @@ def run_ranks(
         RankFailedError: a rank raised (the lowest such rank, with its traceback), or died, or ``timeout`` seconds
             passed.
     """
-    import multiprocessing
-    import queue
-
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size!r}. Must be at least 1.")
     context = multiprocessing.get_context("forkserver")
@@ -352,9 +351,6 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
     """One local SparkSession for the whole test run, quiet (WARN), stopped (and its environment restored) at the
     end: classic on ``--spark-master`` (``local[2]``), or Spark Connect where ``--spark-remote``/``SPARK_REMOTE``
     names a server.  Configured as spark-mnist's own local sessions are, with 2 GiB of driver memory."""
-    from spark_mnist.config import SparkSettings
-    from spark_mnist.driver.session import spark_session
-
     settings = SparkSettings(
         master=pytestconfig.getoption("--spark-master", DEFAULT_MASTER),
         remote=spark_remote(pytestconfig),
@@ -377,8 +373,6 @@ def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
         return []
     if remote.startswith("sc://"):
         return ["--remote", remote]
-    from spark_mnist.driver.session import local_server_url
-
     return ["--remote", local_server_url()]
 
 
