@@ -20,6 +20,7 @@ import numpy as np
 from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
+from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
 if TYPE_CHECKING:
     from spark_mnist.tools.evaluate import EvaluationResult
@@ -36,7 +37,7 @@ MISSING_MATPLOTLIB = "matplotlib"  # the reason maybe_training_curves logs once 
 
 def _figure(width: float, height: float, layout: Literal["constrained", "compressed", "tight"] | None = None):
     """A new figure on its own Agg canvas, not known to pyplot."""
-    try:
+    try:  # matplotlib: the plots extra; training and the other commands run without it
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -71,8 +72,6 @@ def sample_rows(
             :func:`spark_mnist.shards.contract.open_dataset`).
         InputError: an unknown ``split``.
     """
-    from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
-
     dataset = contract.open_dataset(data_dir)
     manifest = dataset.manifest
     try:
@@ -166,7 +165,7 @@ def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], ou
     """
     history = _history(history)
     figure = _figure(10, 4)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
 
     epochs = [int(h.get("epoch", i + 1)) for i, h in enumerate(history)]
 
