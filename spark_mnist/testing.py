@@ -43,7 +43,7 @@ import pytest
 
 from spark_mnist.config import SparkSettings
 from spark_mnist.datasets import SPLITS, get_dataset, upright
-from spark_mnist.driver.session import local_server_url, spark_session
+from spark_mnist.driver.session import REMOTE_ENV, local_server_url, spark_session
 from spark_mnist.errors import check_choice
 from spark_mnist.formats.idx import encode_idx, write_idx
 from spark_mnist.shards.arrays import write_local_dataset
@@ -53,7 +53,6 @@ __all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ing
            "idx_source", "ingested_dataset"]  # fmt: skip
 
 DEFAULT_MASTER = "local[2]"
-REMOTE_ENV = "SPARK_REMOTE"
 # The defects :func:`write_idx_source` can plant, each in one file of one split, and what it does to that file.
 DEFECTS = {
     "truncated": "the images file cut to half its gzip bytes (an interrupted download)",
@@ -142,34 +141,24 @@ def write_idx_source(
         write_idx(root / spec.file(split, "images").name, images)
         write_idx(root / spec.file(split, "labels").name, labels)
         arrays[split] = (images, labels)
-    source = IdxSource(root, spec.name, arrays)
     if defect is None:
-        return source
-    target = _plant(source, defect, defect_split)
-    return IdxSource(root, spec.name, arrays, defect, target)
-
-
-def _plant(source: IdxSource, defect: str, split: str) -> Path:
-    """Overwrite one file of ``source`` with the defect ``defect``; returns that file."""
-    images, labels = source.arrays[split]
-    images_file, labels_file = source.file(split, "images"), source.file(split, "labels")
+        return IdxSource(root, spec.name, arrays)
+    # Plant the defect: overwrite one file of ``defect_split``.
+    images, labels = arrays[defect_split]
+    on_labels = defect in ("labels-out-of-range", "count-mismatch")
+    target = root / spec.file(defect_split, "labels" if on_labels else "images").name
     if defect == "truncated":
-        data = images_file.read_bytes()
-        images_file.write_bytes(data[: len(data) // 2])
-        return images_file
-    if defect == "html":
-        images_file.write_bytes(HTML_PAGE)
-        return images_file
-    if defect == "wrong-magic":
-        images_file.write_bytes(gzip.compress(encode_idx(images.reshape(-1)), mtime=0))
-        return images_file
-    bad = labels.copy()
-    if defect == "labels-out-of-range":
-        bad[0] = get_dataset(source.dataset).num_classes
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif defect == "html":
+        target.write_bytes(HTML_PAGE)
+    elif defect == "wrong-magic":
+        target.write_bytes(gzip.compress(encode_idx(images.reshape(-1)), mtime=0))
+    elif defect == "labels-out-of-range":
+        write_idx(target, np.concatenate([[spec.num_classes], labels[1:]]).astype(np.uint8))
     else:  # count-mismatch
-        bad = bad[:-1]
-    write_idx(labels_file, bad)
-    return labels_file
+        write_idx(target, labels[:-1])
+    return IdxSource(root, spec.name, arrays, defect, target)
 
 
 # --- ingested datasets ------------------------------------------------------------------------------------------------
