@@ -143,15 +143,6 @@ def preview_grid(
     return _save(figure, out_png)
 
 
-def _history(history: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    if isinstance(history, Mapping):  # the whole metrics dict (metrics.json)
-        history = history.get("history") or []
-    history = list(history)
-    if not history:
-        raise InputError("no epochs to plot: the training history is empty")
-    return history
-
-
 def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike) -> Path:
     """Two panels: train and test loss per epoch; test accuracy per epoch.
 
@@ -163,7 +154,10 @@ def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], ou
     Raises:
         InputError: matplotlib missing, an empty history.
     """
-    history = _history(history)
+    if isinstance(history, Mapping):  # the whole metrics dict (metrics.json)
+        history = history.get("history") or []
+    if not history:
+        raise InputError("no epochs to plot: the training history is empty")
     figure = _figure(10, 4)
     from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
 
