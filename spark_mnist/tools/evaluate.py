@@ -63,27 +63,6 @@ def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: An
     return EvaluationResult(accuracy, per_class, confusion, list(classes), samples, **extra)
 
 
-def _load_state_dict(model_path: str):
-    import torch  # the torch extra: the CLI imports this module for its torch-free commands too
-
-    if not os.path.isfile(model_path):
-        what = "is a directory, not a model file" if os.path.isdir(model_path) else "no such model file"
-        raise InputError(f"{model_path}: {what}; give the model.pt that `spark-mnist train` wrote in its run_dir")
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{model_path}: not a loadable PyTorch state_dict ({first})") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
-    # A state_dict saved from the DDP wrapper rather than the module.
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
 def _model_name_beside(model_path: str) -> str | None:
     """The registry name of the model in ``model_path``: ``"model"`` of the ``metrics.json`` training wrote beside
     it, else ``None`` (runs from before models had names, or no metrics file)."""
@@ -144,7 +123,21 @@ def evaluate_model(
     model_path = os.fspath(model_path)
     model = model or _model_name_beside(model_path) or DEFAULT_MODEL
     num_classes = len(classes)
-    state = _load_state_dict(model_path)
+    if not os.path.isfile(model_path):
+        what = "is a directory, not a model file" if os.path.isdir(model_path) else "no such model file"
+        raise InputError(f"{model_path}: {what}; give the model.pt that `spark-mnist train` wrote in its run_dir")
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{model_path}: not a loadable PyTorch state_dict ({first})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
+    # A state_dict saved from the DDP wrapper rather than the module.
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     network = build_model(model, num_classes, image_shape)
     try:
         network.load_state_dict(state)
