@@ -263,7 +263,7 @@ def _log_pytorch_model(
         log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
         return
     try:
-        # torch (and models, which imports it): the torch extra; the CLI's torch-free commands import this module.
+        # torch (and models, which imports it) and mlflow: extras; the CLI's torch-free commands import this module.
         import torch
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
