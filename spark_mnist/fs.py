@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -96,7 +97,7 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
             missing.  Each message names the URI and what to do.
         OSError: pyarrow could not set up the file system (e.g. ``hdfs://`` without libhdfs, no credentials).
     """
-    from pyarrow import fs as pafs
+    from pyarrow import fs as pafs  # pyarrow here, not at the top: `import spark_mnist` imports this module (runs)
 
     if location.os_path is not None:
         return pafs.LocalFileSystem(), location.os_path
@@ -196,13 +197,14 @@ def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
     options.update({key: query[key] for key in AZURE_URI_OPTIONS if key in query})
     if len(options) == 1 or not _pyarrow_has_azure():
         return None
-    from pyarrow.fs import AzureFileSystem
+    from pyarrow.fs import AzureFileSystem  # pyarrow >= 16 only (checked just above)
 
     return AzureFileSystem(**options), f"{container}{parts.path}".rstrip("/")
 
 
 def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem, str]":
     """fsspec's file system for ``uri`` (a scheme pyarrow refused with ``pyarrow_error``), wrapped for pyarrow."""
+    # pyarrow here, not at the top: `import spark_mnist` imports this module (runs); fsspec: optional, below.
     import pyarrow
     from pyarrow import fs as pafs
 
@@ -212,7 +214,7 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
         f"gs://, hdfs://{', abfss://' if _pyarrow_has_azure() else ''}) or fsspec does"
     )
     try:
-        import fsspec
+        import fsspec  # optional: only for a scheme pyarrow lacks
     except ImportError:
         package = _FSSPEC_PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
         raise SourceError(
@@ -235,8 +237,6 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
 
 
 def _pyarrow_has_azure() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("pyarrow._azurefs") is not None
 
 
@@ -247,7 +247,7 @@ def exists(location: "Location") -> bool:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file system failed.
     """
-    from pyarrow.fs import FileType
+    from pyarrow.fs import FileType  # not at the top: `import spark_mnist` imports this module (runs)
 
     fs, path = filesystem(location)
     return fs.get_file_info(path).type != FileType.NotFound
@@ -269,7 +269,7 @@ def delete(location: "Location") -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(local)
         return
-    from pyarrow.fs import FileType
+    from pyarrow.fs import FileType  # not at the top: `import spark_mnist` imports this module (runs)
 
     fs, path = filesystem(location)
     kind = fs.get_file_info(path).type
@@ -288,7 +288,7 @@ def list_names(location: "Location") -> list[str]:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file system failed (e.g. a directory that cannot be read).
     """
-    from pyarrow.fs import FileSelector, FileType
+    from pyarrow.fs import FileSelector, FileType  # not at the top: `import spark_mnist` imports this module (runs)
 
     fs, path = filesystem(location)
     if fs.get_file_info(path).type != FileType.Directory:

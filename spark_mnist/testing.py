@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import multiprocessing
 import os
+import queue
 import socket
 import traceback
 from dataclasses import dataclass
@@ -39,16 +41,18 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import pytest
 
-from spark_mnist.datasets import SPLITS, get_dataset
+from spark_mnist.config import SparkSettings
+from spark_mnist.datasets import SPLITS, get_dataset, upright
+from spark_mnist.driver.session import REMOTE_ENV, local_server_url, spark_session
 from spark_mnist.errors import check_choice
 from spark_mnist.formats.idx import encode_idx, write_idx
+from spark_mnist.shards.arrays import write_local_dataset
 
 __all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset",
            "RankFailedError", "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args",
            "idx_source", "ingested_dataset"]  # fmt: skip
 
 DEFAULT_MASTER = "local[2]"
-REMOTE_ENV = "SPARK_REMOTE"
 # The defects :func:`write_idx_source` can plant, each in one file of one split, and what it does to that file.
 DEFECTS = {
     "truncated": "the images file cut to half its gzip bytes (an interrupted download)",
@@ -137,34 +141,24 @@ def write_idx_source(
         write_idx(root / spec.file(split, "images").name, images)
         write_idx(root / spec.file(split, "labels").name, labels)
         arrays[split] = (images, labels)
-    source = IdxSource(root, spec.name, arrays)
     if defect is None:
-        return source
-    target = _plant(source, defect, defect_split)
-    return IdxSource(root, spec.name, arrays, defect, target)
-
-
-def _plant(source: IdxSource, defect: str, split: str) -> Path:
-    """Overwrite one file of ``source`` with the defect ``defect``; returns that file."""
-    images, labels = source.arrays[split]
-    images_file, labels_file = source.file(split, "images"), source.file(split, "labels")
+        return IdxSource(root, spec.name, arrays)
+    # Plant the defect: overwrite one file of ``defect_split``.
+    images, labels = arrays[defect_split]
+    on_labels = defect in ("labels-out-of-range", "count-mismatch")
+    target = root / spec.file(defect_split, "labels" if on_labels else "images").name
     if defect == "truncated":
-        data = images_file.read_bytes()
-        images_file.write_bytes(data[: len(data) // 2])
-        return images_file
-    if defect == "html":
-        images_file.write_bytes(HTML_PAGE)
-        return images_file
-    if defect == "wrong-magic":
-        images_file.write_bytes(gzip.compress(encode_idx(images.reshape(-1)), mtime=0))
-        return images_file
-    bad = labels.copy()
-    if defect == "labels-out-of-range":
-        bad[0] = get_dataset(source.dataset).num_classes
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif defect == "html":
+        target.write_bytes(HTML_PAGE)
+    elif defect == "wrong-magic":
+        target.write_bytes(gzip.compress(encode_idx(images.reshape(-1)), mtime=0))
+    elif defect == "labels-out-of-range":
+        write_idx(target, np.concatenate([[spec.num_classes], labels[1:]]).astype(np.uint8))
     else:  # count-mismatch
-        bad = bad[:-1]
-    write_idx(labels_file, bad)
-    return labels_file
+        write_idx(target, labels[:-1])
+    return IdxSource(root, spec.name, arrays, defect, target)
 
 
 # --- ingested datasets ------------------------------------------------------------------------------------------------
@@ -192,9 +186,6 @@ def write_ingested_dataset(
     Raises:
         ValueError: an unknown dataset, or a row count below 1.
     """
-    from spark_mnist.datasets import upright
-    from spark_mnist.shards.arrays import write_local_dataset
-
     spec = get_dataset(dataset)
     arrays = {}
     for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
@@ -242,7 +233,7 @@ def _rank_main(
     torchrun = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world_size}
     os.environ.update({k: str(v) for k, v in torchrun.items()}, GROUP_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    import torch.distributed as dist
+    import torch.distributed as dist  # the torch extra: the kit's Spark and dataset fixtures work without it
 
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
@@ -276,9 +267,6 @@ def run_ranks(
         RankFailedError: a rank raised (the lowest such rank, with its traceback), or died, or ``timeout`` seconds
             passed.
     """
-    import multiprocessing
-    import queue
-
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size!r}. Must be at least 1.")
     context = multiprocessing.get_context("forkserver")
@@ -352,9 +340,6 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
     """One local SparkSession for the whole test run, quiet (WARN), stopped (and its environment restored) at the
     end: classic on ``--spark-master`` (``local[2]``), or Spark Connect where ``--spark-remote``/``SPARK_REMOTE``
     names a server.  Configured as spark-mnist's own local sessions are, with 2 GiB of driver memory."""
-    from spark_mnist.config import SparkSettings
-    from spark_mnist.driver.session import spark_session
-
     settings = SparkSettings(
         master=pytestconfig.getoption("--spark-master", DEFAULT_MASTER),
         remote=spark_remote(pytestconfig),
@@ -377,8 +362,6 @@ def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
         return []
     if remote.startswith("sc://"):
         return ["--remote", remote]
-    from spark_mnist.driver.session import local_server_url
-
     return ["--remote", local_server_url()]
 
 

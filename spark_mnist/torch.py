@@ -211,7 +211,7 @@ class MNIST(_TorchDataset):
         Raises:
             IndexError: ``index`` outside ``[-N, N)``.
         """
-        from PIL import Image
+        from PIL import Image  # pillow: only MNIST's PIL images need it; the loader imports without it
 
         img: Any = Image.fromarray(self.data[index].numpy())  # 2-D uint8: mode "L" (fromarray's mode= is deprecated)
         target = int(self.targets[index])

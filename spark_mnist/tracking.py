@@ -32,13 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
+
+import spark_mnist
 from spark_mnist.envs import scoped_env
 from spark_mnist.paths import normalize_uri, redact
 
@@ -146,7 +151,7 @@ def log_training_run(
         The MLflow run id; ``None`` when MLflow is not installed or tracking failed (logged as a warning).
     """
     try:
-        import mlflow
+        import mlflow  # an optional extra: training runs without it
     except ImportError:
         log.info(NOT_INSTALLED)
         return None
@@ -154,9 +159,45 @@ def log_training_run(
         log.warning("MLflow failed to import, tracking is off: %s: %s", type(e).__name__, e)
         return None
     uri = tracking_uri(run_dir)
+    # The file store's opt-in (MLflow >= 3.13), unless the user set it either way.
+    allow = {ALLOW_FILE_STORE_ENV: "true"} if uri.startswith("file:") and ALLOW_FILE_STORE_ENV not in os.environ else {}
     try:
-        with scoped_env(_store_env(uri), restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
-            run_id = _log_run(mlflow, uri, settings_dict, manifest, metrics, model_path, experiment, log, dataset_uri)
+        try:  # mlflow: the optional extra, imported where tracking runs
+            from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as max_value_length
+        except ImportError:  # pragma: no cover - very old MLflow
+            max_value_length = 500
+        run_facts = {f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics}
+        params = flatten_params({**settings_dict, **run_facts}, max_value_length=max_value_length)
+        params = {name: redact(value) for name, value in params.items()}  # a URI's credentials stay out of MLflow
+        dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
+        run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
+        with scoped_env(allow, restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            name = _experiment_name(experiment, uri)
+            found = client.get_experiment_by_name(name)
+            experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
+            ) as run:
+                tags = {"dataset": dataset, "device": metrics.get("device"), "loader": metrics.get("loader")}
+                mlflow.set_tags({f"spark_mnist.{key}": str(value) for key, value in tags.items()})
+                mlflow.log_params(params)
+                for record in metrics.get("history") or []:
+                    values = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
+                    if values:
+                        mlflow.log_metrics(values, step=int(record["epoch"]))
+                final = {k: float(metrics[k]) for k in FINAL_METRICS if metrics.get(k) is not None}
+                if final:
+                    mlflow.log_metrics(final)
+                mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), MANIFEST_ARTIFACT)
+                if dataset_uri is not None:
+                    _log_dataset_input(mlflow, manifest, dataset_uri, log)
+                if model_path is not None and os.path.isfile(model_path):
+                    mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
+                    _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
+                else:
+                    log.warning("no model file at %s; the MLflow run has no model", model_path)
+                run_id = run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking must never fail training
         log.warning(
             "MLflow tracking to %s failed, training results are not tracked: %s: %s",
@@ -167,56 +208,6 @@ def log_training_run(
         return None
     log.info("MLflow run %s logged to %s", run_id, uri)
     return run_id
-
-
-def _log_run(
-    mlflow,
-    uri: str,
-    settings_dict: Mapping[str, Any],
-    manifest: Mapping[str, Any],
-    metrics: Mapping[str, Any],
-    model_path,
-    experiment: str,
-    log: logging.Logger,
-    dataset_uri: str | None = None,
-) -> str:
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    name = _experiment_name(experiment, uri)
-    found = client.get_experiment_by_name(name)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
-    try:
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as max_value_length
-    except ImportError:  # pragma: no cover - very old MLflow
-        max_value_length = 500
-    params = flatten_params(settings_dict, max_value_length=max_value_length)
-    params.update(
-        flatten_params({f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics}, max_value_length=max_value_length)
-    )
-    params = {name: redact(value) for name, value in params.items()}  # a URI's credentials stay out of MLflow
-    dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
-    run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
-    ) as run:
-        tags = {"dataset": dataset, "device": metrics.get("device"), "loader": metrics.get("loader")}
-        mlflow.set_tags({f"spark_mnist.{key}": str(value) for key, value in tags.items()})
-        mlflow.log_params(params)
-        for record in metrics.get("history") or []:
-            values = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
-            if values:
-                mlflow.log_metrics(values, step=int(record["epoch"]))
-        final = {k: float(metrics[k]) for k in FINAL_METRICS if metrics.get(k) is not None}
-        if final:
-            mlflow.log_metrics(final)
-        mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), MANIFEST_ARTIFACT)
-        if dataset_uri is not None:
-            _log_dataset_input(mlflow, manifest, dataset_uri, log)
-        if model_path is not None and os.path.isfile(model_path):
-            mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
-            _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
-        else:
-            log.warning("no model file at %s; the MLflow run has no model", model_path)
-        return run.info.run_id
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -232,9 +223,7 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, lo
     resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure
     is a warning.
     Source: MLflow's ``mlflow.data`` (``MetaDataset``, ``resolve_dataset_source``), dataset tracking."""
-    import warnings
-
-    try:
+    try:  # mlflow: the optional extra, imported where tracking runs
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
@@ -269,17 +258,16 @@ def _log_pytorch_model(
     The signature is written out rather than inferred: MLflow's inference imports scipy, which mlflow-skinny lacks.
     """
     try:
-        import mlflow.pytorch
+        import mlflow.pytorch  # mlflow: the optional extra; its pytorch flavour may be missing
     except ImportError as e:
         log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
         return
     try:
-        import inspect
-
-        import numpy as np
+        # torch (and models, which imports it) and mlflow: extras; the CLI's torch-free commands import this module.
         import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
-        import spark_mnist
         from spark_mnist.models import DEFAULT_MODEL, build_model
 
         height, width = (int(n) for n in (manifest.get("image_shape") or (28, 28)))
@@ -292,7 +280,11 @@ def _log_pytorch_model(
         kwargs: dict[str, Any] = {
             # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
             "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
-            "signature": _signature(image_shape, num_classes),
+            # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
+            "signature": ModelSignature(
+                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *image_shape))]),
+                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+            ),
         }
         kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
         torch_version = tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
@@ -307,18 +299,6 @@ def _log_pytorch_model(
         log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only", type(e).__name__, e)
 
 
-def _signature(image_shape: tuple[int, int], num_classes: int):
-    """Tensor signature: float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *image_shape))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
-    )
-
-
 def _experiment_name(experiment: str, uri: str) -> str:
     """On Databricks experiments are workspace paths: a relative name goes under the user's home folder."""
     if not uri.startswith("databricks") or experiment.startswith("/"):
@@ -330,7 +310,7 @@ def _experiment_name(experiment: str, uri: str) -> str:
 def _databricks_user() -> str | None:
     """The workspace user this process runs as (databricks-sdk, an mlflow-skinny dependency), or ``None``."""
     try:
-        from databricks.sdk import WorkspaceClient
+        from databricks.sdk import WorkspaceClient  # on Databricks only: mlflow-skinny brings it there
 
         return WorkspaceClient().current_user.me().user_name
     except Exception:  # noqa: BLE001
@@ -341,7 +321,7 @@ def _databricks_user() -> str | None:
 def _scoped_tracking_uri(mlflow, uri: str) -> Iterator[None]:
     """``mlflow.set_tracking_uri(uri)`` for the block, then MLflow's previous module-level URI back (``None`` where
     none was set).  ``set_tracking_uri`` also writes, or unsets, ``MLFLOW_TRACKING_URI``: the caller restores it."""
-    try:
+    try:  # mlflow: the optional extra, imported where tracking runs
         from mlflow.tracking._tracking_service import utils as service_utils
     except ImportError:  # pragma: no cover - MLflow internals moved
         service_utils = None  # type: ignore[assignment]  # a module, or nothing
@@ -355,10 +335,3 @@ def _scoped_tracking_uri(mlflow, uri: str) -> Iterator[None]:
         except Exception:  # noqa: BLE001 - an MLflow that refuses None
             if service_utils is not None:
                 service_utils._tracking_uri = previous
-
-
-def _store_env(uri: str) -> dict[str, str]:
-    """The variables the store of ``uri`` needs: the file store's opt-in, unless the user set it either way."""
-    if uri.startswith("file:") and ALLOW_FILE_STORE_ENV not in os.environ:
-        return {ALLOW_FILE_STORE_ENV: "true"}
-    return {}

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Optional
 
+import pyarrow
+
 from spark_mnist.errors import EnvironmentMismatchError, invalid
 
 if TYPE_CHECKING:
@@ -76,8 +78,7 @@ def petastorm_unavailable(connect: bool = False) -> Optional[str]:
     Returns:
         One line such as ``"pyarrow 19.0.1 ≥ 15"``, or ``None``.
     """
-    import pyarrow
-    import pyspark
+    import pyspark  # the CLI imports this module for its Spark-free commands too (verify, preview, download)
 
     if connect:
         return "a Spark Connect session (petastorm's converter needs the classic session's JVM)"
@@ -123,8 +124,7 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
         return ConverterChoice(DIRECT, "converter 'none' set")
     why_not = petastorm_unavailable(connect)
     if why_not is None:
-        import pyarrow
-        import pyspark
+        import pyspark  # as in petastorm_unavailable: the CLI's Spark-free commands import this module
 
         return ConverterChoice(
             PETASTORM,
@@ -145,7 +145,7 @@ def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: 
     uncompressed (docs/benchmarks.md).  Call ``.delete()`` when done.  Only where :func:`petastorm_unavailable` is
     ``None``.
     """
-    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter  # optional: where it can run only
 
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_url)
     return {

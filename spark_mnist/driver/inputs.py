@@ -7,6 +7,8 @@ Nothing here writes: every structural check that the headers and labels allow ru
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -25,6 +27,7 @@ from spark_mnist.datasets import (
 from spark_mnist.driver.sources import SourceFile, read_files
 from spark_mnist.errors import ChecksumMismatchError
 from spark_mnist.formats.idx import IdxReader, parse_idx
+from spark_mnist.formats.keras_npz import load_keras_npz
 from spark_mnist.paths import Location, redact
 
 if TYPE_CHECKING:
@@ -117,11 +120,6 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
         InputError: not a Keras npz archive (see :func:`spark_mnist.formats.keras_npz.load_keras_npz`).
         DatasetMismatchError: shapes, label range or counts that do not fit ``spec``.
     """
-    import hashlib
-    import io
-
-    from spark_mnist.formats.keras_npz import load_keras_npz
-
     source = read_files(spark, npz.sibling(""), [npz.name])[npz.name]
     content = source.content
     if content is None:  # a large archive on a driver-visible path: np.load reads it whole anyway

@@ -138,6 +138,7 @@ def with_executor_env(settings: SparkSettings, variables: Mapping[str, str]) -> 
 def local_server_url() -> str:
     """``sc://localhost:PORT`` of the Spark Connect server a local remote (``remote: local[N]``) started in this
     process, by pyspark's own lookup: 15002, or with ``SPARK_TESTING`` set the ephemeral port pyspark then binds."""
+    # pyspark here: the CLI and the test kit import this module without Spark.
     from pyspark.sql.connect.client import DefaultChannelBuilder
 
     return f"sc://localhost:{DefaultChannelBuilder.default_port()}"
@@ -164,7 +165,7 @@ def default_parallelism(spark: "SparkSession") -> int:
     cores = local_master_cores(master_here(spark))
     if cores is not None:
         return cores
-    from pyspark.sql import functions as F
+    from pyspark.sql import functions as F  # pyspark here: the CLI and the test kit import this module without Spark
 
     last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).collect()[0][0]
     return max(1, int(last) + 1)
@@ -221,7 +222,7 @@ def remote_url(settings: SparkSettings) -> Optional[str]:
 def _databricks_session_class() -> Optional[Any]:
     """``databricks.connect.DatabricksSession`` where ``databricks-connect`` is installed, else ``None``."""
     try:
-        from databricks.connect import DatabricksSession
+        from databricks.connect import DatabricksSession  # optional: databricks-connect, off the cluster
     except ImportError:
         return None
     return DatabricksSession
@@ -320,7 +321,7 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
         EnvironmentMismatchError: Databricks Connect is installed but could not create a session (not configured:
             no profile, host or cluster); the message says how to configure it or to pass ``--remote``.
     """
-    from pyspark.sql import SparkSession
+    from pyspark.sql import SparkSession  # pyspark here: the CLI and the test kit import this module without Spark
 
     if settings.remote:
         builder = SparkSession.builder.remote(settings.remote)

@@ -38,7 +38,7 @@ def decorator_kwargs(settings: TrainSettings) -> dict[str, Any]:
 def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
     """``databricks.air.distributed(**decorator_kwargs(job.settings))(fn).distributed(job)``: rank 0's return value
     of ``fn(job)``; raises what ``databricks.air`` raises when a rank fails."""
-    from databricks.air import distributed
+    from databricks.air import distributed  # the ai-runtime extra: every launcher module imports without it
 
     outputs = distributed(**decorator_kwargs(job.settings))(fn).distributed(job)
     return outputs[0] if isinstance(outputs, (list, tuple)) else outputs

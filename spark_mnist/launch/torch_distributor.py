@@ -27,7 +27,7 @@ def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
     """``TorchDistributor(num_processes, local_mode, use_gpu).run(fn, job)`` on the active session (classic or
     Spark Connect: the pipeline starts one); rank 0's return value.  Raises what ``TorchDistributor.run`` raises
     when a rank fails."""
-    from pyspark.ml.torch.distributor import TorchDistributor
+    from pyspark.ml.torch.distributor import TorchDistributor  # pyspark: torchrun and ai-runtime run without it
 
     t = job.settings
     # Distributed mode: torch's elastic agents wait for each other at their exit barrier, up to a fixed 300 s

@@ -30,6 +30,7 @@ AGENT_ENV = ("TORCHELASTIC_SIGNALS_TO_HANDLE",)
 def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
     """``elastic_launch`` of ``job.settings.num_processes`` ranks on this machine running ``fn(job)``; rank 0's
     return value.  Raises elastic's ``ChildFailedError`` when a rank fails or dies."""
+    # torch here: the pipeline imports every launcher module, and a run without torch must reach check()'s message.
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(

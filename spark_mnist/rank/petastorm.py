@@ -6,14 +6,12 @@ need it, so this module imports where petastorm is not installed (Spark 4, pyarr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
+import torch
 
 from spark_mnist.shards import contract
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["petastorm_batches"]
 
@@ -49,7 +47,7 @@ def petastorm_batches(
         ImportError: petastorm is not installed.
     Source: petastorm ``spark/spark_dataset_converter.py`` ``make_torch_dataloader``.
     """
-    import torch
+    # petastorm: optional (Spark 3.5 with pyarrow < 15 only); this module imports without it.
     from petastorm import TransformSpec
     from petastorm.pytorch import BatchedDataLoader, DataLoader
 

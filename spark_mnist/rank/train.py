@@ -27,6 +27,7 @@ from spark_mnist.job import TrainJob
 from spark_mnist.models import Normalization, build_model, normalization_for
 from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, to_cpu
 from spark_mnist.rank.loader import ShardLoader
+from spark_mnist.rank.petastorm import petastorm_batches
 from spark_mnist.rank.process import abort_process_group, init_process_group, rank_device, threads_per_rank
 from spark_mnist.rank.step import DataWait, TrainStep, evaluate, to_input
 from spark_mnist.rank.world import World
@@ -260,8 +261,6 @@ def _batches(run: _Run, loader: ShardLoader) -> Generator[tuple[torch.Tensor, to
     if run.job.settings.loader == "spark-mnist":
         yield from loader
         return
-    from spark_mnist.rank.petastorm import petastorm_batches
-
     yield from petastorm_batches(
         run.job.train_converter,
         rank=run.world.rank,

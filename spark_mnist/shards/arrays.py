@@ -14,10 +14,15 @@ import os
 
 import numpy as np
 
+from spark_mnist import __version__
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
+from spark_mnist.formats.idx import read_idx
+from spark_mnist.formats.keras_npz import load_keras_npz
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
+from spark_mnist.shards.commit import publish, writing
+from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows, write_shard
 
 __all__ = ["load_data", "split_arrays", "write_local_dataset"]
 
@@ -49,8 +54,6 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
     if not os.path.exists(local):
         raise SourceError(f"{path}: not found (load_data reads local, /dbfs/ or /Volumes/ paths)")
     if local.endswith(".npz"):
-        from spark_mnist.formats.keras_npz import load_keras_npz
-
         loaded = load_keras_npz(local, get_dataset(dataset))  # checked as ingest checks IDX files
         return loaded["train"], loaded["test"]
     if os.path.exists(os.path.join(local, contract.MANIFEST_NAME)):
@@ -59,8 +62,6 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
 
 
 def _from_idx(directory: str, dataset: str) -> Arrays:
-    from spark_mnist.formats.idx import read_idx
-
     spec = get_dataset(dataset)
     result = []
     for split in SPLITS:
@@ -87,8 +88,6 @@ def split_arrays(dataset: contract.Dataset, split: str) -> tuple[np.ndarray, np.
     Raises:
         DatasetMismatchError: images or labels that do not fit the registry entry (a damaged dataset).
     """
-    from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
-
     shape = dataset.image_shape
     plan = plan_row_groups(dataset.files(split))
     index, pixels, labels = read_rows(plan, 0, total_rows(plan), int(np.prod(shape)))
@@ -123,10 +122,6 @@ def write_local_dataset(
         OSError: as :func:`~spark_mnist.shards.commit.publish`, or a shard could not be written (the generation is
             then discarded).
     """
-    from spark_mnist import __version__
-    from spark_mnist.shards.commit import publish, writing
-    from spark_mnist.shards.parquet import write_shard
-
     out = normalize_uri(output)
     image_shape = spec.image_shape
     rows_per_group = rows_per_group or max(1, contract.ROW_GROUP_BYTES // int(np.prod(image_shape)))

@@ -33,7 +33,7 @@ def main() -> None:
     for entry in spark_archives(sys.path):
         sys.path.remove(entry)
         sys.path_importer_cache.pop(entry, None)
-    from pyspark import daemon
+    from pyspark import daemon  # after the archives are off sys.path: the installed pyspark
 
     daemon.manager()
 

@@ -271,9 +271,7 @@ class _LocalCopies:
 
 def _describe(error: Exception, name: str) -> str:
     """A one-line reason for a failed verification, without the file name prefix."""
-    message = str(error)
-    if message.startswith(f"{name}: "):
-        message = message[len(name) + 2 :]
+    message = str(error).removeprefix(f"{name}: ")
     if isinstance(error, IdxFormatError):
         return f"not IDX: {message}"
     if isinstance(error, ChecksumMismatchError):

@@ -23,6 +23,7 @@ import numpy as np
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
 from spark_mnist.shards import contract
+from spark_mnist.shards.parquet import iter_batches, plan_row_groups, total_rows
 
 if TYPE_CHECKING:
     import torch
@@ -62,76 +63,17 @@ def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: An
     return EvaluationResult(accuracy, per_class, confusion, list(classes), samples, **extra)
 
 
-def _load_state_dict(model_path: str):
-    import torch
-
-    if not os.path.isfile(model_path):
-        what = "is a directory, not a model file" if os.path.isdir(model_path) else "no such model file"
-        raise InputError(f"{model_path}: {what}; give the model.pt that `spark-mnist train` wrote in its run_dir")
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{model_path}: not a loadable PyTorch state_dict ({first})") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
-    # A state_dict saved from the DDP wrapper rather than the module.
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def _model_name_beside(model_path: str) -> str:
+def _model_name_beside(model_path: str) -> str | None:
     """The registry name of the model in ``model_path``: ``"model"`` of the ``metrics.json`` training wrote beside
-    it, else :data:`spark_mnist.models.DEFAULT_MODEL` (runs from before models had names, or no metrics file)."""
-    from spark_mnist.models import DEFAULT_MODEL
-
+    it, else ``None`` (runs from before models had names, or no metrics file)."""
     metrics_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), METRICS_NAME)
     try:
         with open(metrics_path, encoding="utf-8") as f:
             metrics = json.load(f)
     except (OSError, ValueError):
-        return DEFAULT_MODEL
+        return None
     name = metrics.get("model") if isinstance(metrics, dict) else None
-    return name if isinstance(name, str) and name else DEFAULT_MODEL
-
-
-def _build_model(state, model_path: str, name: str, num_classes: int, image_shape: tuple[int, int], dataset: str):
-    from spark_mnist.models import build_model
-
-    model = build_model(name, num_classes, image_shape)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        bias = state.get("classifier.bias")
-        found = f" (the model has {bias.shape[0]} classes)" if bias is not None and bias.dim() == 1 else ""
-        detail = str(e).strip().splitlines()
-        raise InputError(
-            f"{model_path}: does not fit a {type(model).__name__} for {dataset} ({num_classes} classes, images "
-            f"{image_shape[0]}x{image_shape[1]}){found}: {detail[1].strip() if len(detail) > 1 else detail[0]}"
-        ) from e
-    return model
-
-
-def _confusion(model, batches, device, norm, num_classes: int, where: str, split: str) -> np.ndarray:
-    """(C, C) int64 counts of ``model``'s predictions over ``batches`` (uint8 images (n, 1, H, W), int64 labels (n,),
-    both in host memory), rows the true class.  The labels are checked on the host and the counts summed on
-    ``device``, read back once at the end: no device synchronisation per batch."""
-    import torch
-
-    from spark_mnist.models import normalize
-
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    with torch.no_grad():
-        for images, labels in batches:
-            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-                raise DatasetMismatchError(f"{where}: split {split!r} has labels outside 0..{num_classes - 1}")
-            y = labels.to(device, non_blocking=True)
-            predictions = model(normalize(images.to(device, non_blocking=True), norm)).argmax(1)
-            confusion += torch.bincount(y * num_classes + predictions, minlength=num_classes * num_classes)
-    return confusion.cpu().numpy().reshape(num_classes, num_classes)
+    return name if isinstance(name, str) and name else None
 
 
 def evaluate_model(
@@ -152,7 +94,7 @@ def evaluate_model(
         split: ``"test"`` (default) or ``"train"``.
         device: where to run; default CUDA when available, else CPU.
         model: the model's registry name (:data:`spark_mnist.models.MODELS`); default the one training recorded
-            beside ``model_path`` (:func:`_model_name_beside`).
+            beside ``model_path`` (:func:`_model_name_beside`), else :data:`spark_mnist.models.DEFAULT_MODEL`.
     Returns:
         The :class:`EvaluationResult`.
     Raises:
@@ -162,10 +104,10 @@ def evaluate_model(
         InputError: ``model_path`` missing, unreadable, or not a model for this dataset's classes and image shape;
             an unknown ``model`` or ``split``; ``batch_size`` below 1.
     """
+    # torch (and models, which imports it): the torch extra; the CLI imports this module for its torch-free commands.
     import torch
 
-    from spark_mnist.models import normalization_for
-    from spark_mnist.shards.parquet import iter_batches, plan_row_groups, total_rows
+    from spark_mnist.models import DEFAULT_MODEL, build_model, normalization_for, normalize
 
     if batch_size < 1:
         raise invalid("batch_size", batch_size, "at least 1", InputError)
@@ -179,8 +121,34 @@ def evaluate_model(
     except ValueError as e:
         raise InputError(f"{local}: {e}") from e
     model_path = os.fspath(model_path)
-    model = model or _model_name_beside(model_path)
-    network = _build_model(_load_state_dict(model_path), model_path, model, len(classes), image_shape, dataset)
+    model = model or _model_name_beside(model_path) or DEFAULT_MODEL
+    num_classes = len(classes)
+    if not os.path.isfile(model_path):
+        what = "is a directory, not a model file" if os.path.isdir(model_path) else "no such model file"
+        raise InputError(f"{model_path}: {what}; give the model.pt that `spark-mnist train` wrote in its run_dir")
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{model_path}: not a loadable PyTorch state_dict ({first})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
+    # A state_dict saved from the DDP wrapper rather than the module.
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    network = build_model(model, num_classes, image_shape)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        bias = state.get("classifier.bias")
+        found = f" (the model has {bias.shape[0]} classes)" if bias is not None and bias.dim() == 1 else ""
+        detail = str(e).strip().splitlines()
+        raise InputError(
+            f"{model_path}: does not fit a {type(network).__name__} for {dataset} ({num_classes} classes, images "
+            f"{image_shape[0]}x{image_shape[1]}){found}: {detail[1].strip() if len(detail) > 1 else detail[0]}"
+        ) from e
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -188,11 +156,21 @@ def evaluate_model(
     plan = plan_row_groups(paths)
     if total_rows(plan) == 0:
         raise DatasetMismatchError(f"{local}: split {split!r} holds no rows")
-    batches = (
-        (torch.from_numpy(x).view(-1, 1, *image_shape), torch.from_numpy(y))
-        for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape)))
-    )
-    confusion = _confusion(network, batches, device, normalization_for(dataset), len(classes), local, split)
+    norm = normalization_for(dataset)
+    # (C, C) int64 counts, rows the true class: the labels are checked on the host and the counts summed on
+    # ``device``, read back once at the end (no device synchronisation per batch).
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape))):
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise DatasetMismatchError(f"{local}: split {split!r} has labels outside 0..{num_classes - 1}")
+            images = torch.from_numpy(x).view(-1, 1, *image_shape).to(device, non_blocking=True)
+            predictions = network(normalize(images, norm)).argmax(1)
+            counts += torch.bincount(
+                torch.from_numpy(y).to(device, non_blocking=True) * num_classes + predictions,
+                minlength=num_classes * num_classes,
+            )
+    confusion = counts.cpu().numpy().reshape(num_classes, num_classes)
     return result_from_confusion(confusion, classes, dataset=dataset, split=split, model_path=model_path, model=model)
 
 

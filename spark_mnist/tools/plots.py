@@ -20,6 +20,7 @@ import numpy as np
 from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
+from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
 
 if TYPE_CHECKING:
     from spark_mnist.tools.evaluate import EvaluationResult
@@ -36,7 +37,7 @@ MISSING_MATPLOTLIB = "matplotlib"  # the reason maybe_training_curves logs once 
 
 def _figure(width: float, height: float, layout: Literal["constrained", "compressed", "tight"] | None = None):
     """A new figure on its own Agg canvas, not known to pyplot."""
-    try:
+    try:  # matplotlib: the plots extra; training and the other commands run without it
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -71,8 +72,6 @@ def sample_rows(
             :func:`spark_mnist.shards.contract.open_dataset`).
         InputError: an unknown ``split``.
     """
-    from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
-
     dataset = contract.open_dataset(data_dir)
     manifest = dataset.manifest
     try:
@@ -144,15 +143,6 @@ def preview_grid(
     return _save(figure, out_png)
 
 
-def _history(history: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    if isinstance(history, Mapping):  # the whole metrics dict (metrics.json)
-        history = history.get("history") or []
-    history = list(history)
-    if not history:
-        raise InputError("no epochs to plot: the training history is empty")
-    return history
-
-
 def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike) -> Path:
     """Two panels: train and test loss per epoch; test accuracy per epoch.
 
@@ -164,9 +154,12 @@ def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], ou
     Raises:
         InputError: matplotlib missing, an empty history.
     """
-    history = _history(history)
+    if isinstance(history, Mapping):  # the whole metrics dict (metrics.json)
+        history = history.get("history") or []
+    if not history:
+        raise InputError("no epochs to plot: the training history is empty")
     figure = _figure(10, 4)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
 
     epochs = [int(h.get("epoch", i + 1)) for i, h in enumerate(history)]
 

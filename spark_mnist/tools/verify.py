@@ -159,18 +159,6 @@ def verify_file(
     return parsed
 
 
-def _local_directory(directory: str | os.PathLike) -> Path:
-    path = Path(require_local(directory, "verify"))
-    if not path.is_dir():
-        raise SourceError(f"{path}: source directory not found")
-    return path
-
-
-def _zero_copy_like(array: np.ndarray) -> np.ndarray:
-    """An array of ``array``'s shape and dtype that takes no memory, for shape/dtype/count checks."""
-    return np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape)
-
-
 def verify_source(
     directory: str | os.PathLike, dataset: str | DatasetSpec = "mnist", *, strict: bool = True
 ) -> VerifyReport:
@@ -192,7 +180,9 @@ def verify_source(
         SourceError: ``directory`` is not a local directory (missing, or an object-store URI).
     """
     spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
-    root = _local_directory(directory)
+    root = Path(require_local(directory, "verify"))
+    if not root.is_dir():
+        raise SourceError(f"{root}: source directory not found")
     files: list[FileReport] = []
     splits: list[SplitReport] = []
     for split in SPLITS:
@@ -203,9 +193,10 @@ def verify_source(
             files.append(report)
             if parsed is not None:
                 # Only shape, dtype and count matter from here on for images; labels are kept for the histogram.
-                arrays[kind] = parsed.array if kind == LABELS else _zero_copy_like(parsed.array)
+                shape, dtype = parsed.array.shape, parsed.array.dtype
+                arrays[kind] = parsed.array if kind == LABELS else np.broadcast_to(np.zeros((), dtype), shape)
             del parsed
-        splits.append(_check_split(spec, split, arrays, root))
+        splits.append(_check_split(spec, split, arrays))
     return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), spec.classes, strict)
 
 
@@ -219,7 +210,7 @@ def _check_file(
     try:
         parsed = parse_idx(path)
     except InputError as e:
-        return report(f"{STATUS_ERROR}: {_without_prefix(str(e), path)}", size_bytes=size), None
+        return report(f"{STATUS_ERROR}: {str(e).removeprefix(f'{path}: ')}", size_bytes=size), None
     except OSError as e:
         return report(f"{STATUS_ERROR}: cannot read: {e}", size_bytes=size), None
     status = STATUS_OK if expected is None or parsed.sha256 == expected else STATUS_HASH_MISMATCH
@@ -228,12 +219,7 @@ def _check_file(
     return report(status, shape[0], shape, dtype, sha256, size_bytes=size), parsed
 
 
-def _without_prefix(message: str, path: Path) -> str:
-    prefix = f"{path}: "
-    return message[len(prefix) :] if message.startswith(prefix) else message
-
-
-def _check_split(spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray], root: Path) -> SplitReport:
+def _check_split(spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray]) -> SplitReport:
     expected_rows = spec.split_sizes.get(split)
     labels = arrays.get(LABELS)
     histogram = None
