@@ -230,11 +230,8 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, lo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        dataset = MetaDataset(
-            source=source,
-            name=str(manifest.get("dataset") or "dataset"),  # type: ignore[abstract]
-            digest=manifest_digest(manifest),
-        )  # (MLflow's typing: MetaDataset is concrete)
+        name, digest = str(manifest.get("dataset") or "dataset"), manifest_digest(manifest)
+        dataset = MetaDataset(source=source, name=name, digest=digest)  # type: ignore[abstract]  # it is concrete
         mlflow.log_input(dataset, context=DATASET_CONTEXT)
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
         log.warning(
@@ -295,7 +292,7 @@ def _log_pytorch_model(
         else:
             kwargs["code_paths"] = [os.path.dirname(spark_mnist.__file__)]
         mlflow.pytorch.log_model(model, **kwargs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the model flavour is optional: the state_dict is logged anyway
         log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only", type(e).__name__, e)
 
 
@@ -313,7 +310,7 @@ def _databricks_user() -> str | None:
         from databricks.sdk import WorkspaceClient  # on Databricks only: mlflow-skinny brings it there
 
         return WorkspaceClient().current_user.me().user_name
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no workspace user (off Databricks, no auth): the /Shared folder instead
         return None
 
 
