@@ -120,8 +120,11 @@ def test_fs_and_commit_import_no_spark():
 
 def test_commit_through_the_layer_replaces_a_previous_dataset(root):
     """The commit protocol on top of this layer: each dataset a generation, the manifest written last, the previous
-    generation kept, older ones removed (on a local directory and on a URI served by fsspec)."""
+    generation kept, older ones removed by the clean-up (here ``gc``'s, with no retention; on a local directory and
+    on a URI served by fsspec)."""
     import numpy as np
+
+    from spark_mnist.shards import commit
 
     from spark_mnist.datasets import get_dataset
     from spark_mnist.shards.arrays import write_local_dataset
@@ -134,6 +137,7 @@ def test_commit_through_the_layer_replaces_a_previous_dataset(root):
         arrays = {"train": (np.full((6, 2, 2), value, np.uint8), np.arange(6) % 3)}
         manifests.append(write_local_dataset(output.uri, get_dataset("mnist"), arrays, num_shards=2))
         assert fs.list_names(root) == ["out"]
+        commit.clean(output, older_than=0)
         kept = [m.generation for m in manifests[-2:]]
         assert fs.list_names(output) == sorted(kept + [MANIFEST_NAME])
         dataset = open_dataset(output.uri)
