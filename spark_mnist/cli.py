@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from typing import Sequence
 
 from spark_mnist import __version__, pipeline
@@ -60,8 +61,6 @@ def _configure_logging(verbose: bool) -> None:
     ):
         logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
     if not verbose:
-        import warnings
-
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 

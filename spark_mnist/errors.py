@@ -6,6 +6,7 @@ expected and what was found.  The CLI turns any :class:`InputError` into one lin
 
 from __future__ import annotations
 
+import importlib
 from typing import Iterable, TypeVar
 
 __all__ = ["InputError", "IdxFormatError", "DatasetMismatchError", "SourceError", "ChecksumMismatchError",
@@ -82,8 +83,6 @@ def check_choice(name: str, value: T, valid: Iterable[T], error: type[ValueError
 def require_extra(module: str, extra: str, what: str):
     """``import module``, or :class:`EnvironmentMismatchError`: ``{what} needs {module}, which is not installed
     here: pip install 'spark-mnist[{extra}]'`` (the mosaicml-streaming way with optional dependencies)."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

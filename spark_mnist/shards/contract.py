@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pyarrow.fs import FileType
 
+from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError, SourceError, check_choice
+from spark_mnist.paths import normalize_uri, redact
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -312,8 +315,6 @@ def _check_files(filesystem: "FileSystem", root: str, where: "Location", files: 
     Raises:
         DatasetNotFoundError: the first missing or resized file, named with both sizes.
     """
-    from pyarrow.fs import FileType
-
     infos = filesystem.get_file_info([f"{root}/{f.path}" for f in files])
     for shard, info in zip(files, infos):
         uri = where.join(*shard.path.split("/")).shown
@@ -345,9 +346,6 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`), or a store that
             fails to answer (the message names the manifest and pyarrow's error).
     """
-    from spark_mnist import fs
-    from spark_mnist.paths import normalize_uri, redact
-
     location = normalize_uri(path)
     filesystem, root = fs.filesystem(location)
     root = root.rstrip("/") or root

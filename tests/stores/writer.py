@@ -23,6 +23,7 @@ import numpy as np
 from spark_mnist import fs
 from spark_mnist.datasets import get_dataset
 from spark_mnist.paths import normalize_uri
+from spark_mnist.shards import arrays as shard_arrays
 from spark_mnist.shards import commit, parquet
 from spark_mnist.shards.arrays import write_local_dataset
 from spark_mnist.shards.contract import MANIFEST_NAME
@@ -77,8 +78,8 @@ def _pause_at(point: str, out: str, hold: bool = False) -> None:
 
     if name == "current_manifest":
         commit.current_manifest = pausing(commit.current_manifest)
-    elif name == "write_shard":
-        parquet.write_shard = pausing(parquet.write_shard)
+    elif name == "write_shard":  # the name write_local_dataset calls
+        shard_arrays.write_shard = pausing(parquet.write_shard)
     elif name == "record_batch":
         parquet.record_batch = pausing(parquet.record_batch)
     elif name == "delete":
