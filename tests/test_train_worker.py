@@ -398,3 +398,19 @@ def test_a_slow_loader_shows_in_the_data_wait_fraction(one_rank, splits, tmp_pat
     monkeypatch.setattr(train, "_batches", slow)
     metrics = one_rank(job_for(splits, tmp_path / "run", epochs=1))
     assert 0.3 < metrics["history"][0]["data_wait_fraction"] <= 1
+
+
+def test_no_ddp_model_outlives_the_rank_function(one_rank, splits, tmp_path):
+    """train_worker frees the run's DDP model (a reference cycle, with the process group) before it returns, so no
+    process group is left for the interpreter's teardown, where gloo's threads can abort the rank (SIGABRT)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    gc.disable()  # only train_worker's own collection may free the cycle
+    try:
+        one_rank(job_for(splits, tmp_path / "run", epochs=1))
+        alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+    finally:
+        gc.enable()
+    assert alive == []

@@ -11,6 +11,7 @@ of the full test split (counts summed over ranks), and rank 0 prints per-epoch f
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import time
@@ -114,6 +115,9 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         write_error_report(job.run_dir, world.rank, e)
         abort_process_group()
         raise
+    # DDP lives in a reference cycle, with the process group: freed now, while the interpreter lives, not at its
+    # teardown, where gloo's threads can abort the process (SIGABRT; pytorch/pytorch#179291) and fail the launch.
+    gc.collect()
     dist.destroy_process_group()
     return result
 

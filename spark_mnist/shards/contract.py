@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pyarrow.fs import FileType
 
 from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError, SourceError, check_choice
@@ -315,6 +314,8 @@ def _check_files(filesystem: "FileSystem", root: str, where: "Location", files: 
     Raises:
         DatasetNotFoundError: the first missing or resized file, named with both sizes.
     """
+    from pyarrow.fs import FileType  # pyarrow where a dataset is opened: fs and the commit import without it
+
     infos = filesystem.get_file_info([f"{root}/{f.path}" for f in files])
     for shard, info in zip(files, infos):
         uri = where.join(*shard.path.split("/")).shown
