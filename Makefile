@@ -84,14 +84,13 @@ test-lane: test-lane-$(ONE_LANE)
 test-lane-%:
 	@$(MAKE) --no-print-directory -k $(call passes,$*)
 
-# A lane's classic pass: the suite on a classic local[2] session; in FULL_LANE with the full matrices, on three
-# pytest-xdist workers (a module's tests on one worker, so its fixtures are made once; three, so that the pass that
-# ends last takes a larger share of the cores while the others run).  Each pass has its own
+# A lane's classic pass: the suite on a classic local[2] session; in FULL_LANE with the full matrices, on two
+# pytest-xdist workers (a module's tests on one worker, so its fixtures are made once).  Each pass has its own
 # pytest base temporary directory.
 test-classic-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
 	SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS)" $(BOUNDED) .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
-	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 3 --dist loadfile,-m "not full and not one_lane"); s=$$?; \
+	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile,-m "not full and not one_lane"); s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
 # A Spark 4 lane's Connect pass: the tests marked connect again, over a local Spark Connect server
