@@ -76,25 +76,25 @@ def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
-@pytest.fixture
-def one_rank(monkeypatch, tmp_path):
-    """Runs ``train_worker(job)`` as rank 0 of 1 in this process (environment and torch threads restored); its store
+def run_one_rank(job: TrainJob, inductor_dir):
+    """``train_worker(job)`` as rank 0 of 1 in this process (environment and torch threads restored); its store
     binds a port of the system's choosing (MASTER_PORT 0), which no other process can take first."""
     from spark_mnist.rank.train import train_worker
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # set by the optimizer's first step
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))  # set by the optimizer's first step
+        for name, value in rank_environment(0, 1, 0).items():
+            m.setenv(name, value)
+        threads = torch.get_num_threads()
+        try:
+            return train_worker(job)
+        finally:
+            torch.set_num_threads(threads)
 
-    def run(job: TrainJob):
-        with monkeypatch.context() as m:
-            for name, value in rank_environment(0, 1, 0).items():
-                m.setenv(name, value)
-            threads = torch.get_num_threads()
-            try:
-                return train_worker(job)
-            finally:
-                torch.set_num_threads(threads)
 
-    return run
+@pytest.fixture
+def one_rank(tmp_path):
+    return lambda job: run_one_rank(job, tmp_path / "inductor")
 
 
 def _spawned_rank(rank: int, world_size: int, ports: list[int], jobs: list[TrainJob]) -> None:
@@ -124,10 +124,12 @@ def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol) for k in a)
 
 
-@pytest.fixture
-def full_run(one_rank, splits, tmp_path):
-    run_dir = tmp_path / "full"
-    return one_rank(job_for(splits, run_dir)), run_dir
+@pytest.fixture(scope="module")
+def full_run(splits, tmp_path_factory):
+    """The uncompiled two-epoch run the other runs are compared with, made once for the module (tests only read
+    its run directory)."""
+    run_dir = tmp_path_factory.mktemp("full")
+    return run_one_rank(job_for(splits, run_dir), run_dir / "inductor"), run_dir
 
 
 def test_training_learns(full_run):
