@@ -21,9 +21,11 @@ under a final name.  Why not pooch: docs/development.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import gzip
 import hashlib
-import http.client
+import itertools
 import logging
 import os
 import shutil
@@ -38,7 +40,7 @@ import urllib3
 from tqdm import tqdm
 
 from spark_mnist import __version__
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, get_dataset
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset
 from spark_mnist.errors import ChecksumMismatchError, IdxFormatError, InputError, SourceError, invalid
 from spark_mnist.formats.idx import GZIP_MAGIC
 from spark_mnist.formats.keras_npz import npz_to_idx_dir
@@ -52,16 +54,15 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 16
 _BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None, "leave": False}  # tqdm's, per file
+USER_AGENT = f"spark-mnist/{__version__} {requests.utils.default_user_agent()}"
 # Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
 # errors.  Any other 4xx (403 Forbidden, 404 Not Found, ...) moves on to the next mirror at once.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
-NETWORK_ERRORS = (
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
-    ConnectionError,
-    TimeoutError,
-)
+# requests wraps what its GET raises, and urllib3 what reading the body raises (socket errors, timeouts, http.client's
+# IncompleteRead), in exceptions of their own.
+NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
+# How a failed verification's one-line reason starts, by the error's class.
+_REASON = {IdxFormatError: "not IDX: ", ChecksumMismatchError: "sha256 mismatch: "}
 
 
 @dataclass(frozen=True)
@@ -80,29 +81,23 @@ class LocalRoots:
     keras: Sequence[Path] = ()
 
     def __post_init__(self) -> None:
-        for field_name in ("datasets", "torchvision", "keras"):
-            paths = tuple(Path(p).expanduser() for p in getattr(self, field_name))
-            object.__setattr__(self, field_name, paths)
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, tuple(Path(p).expanduser() for p in getattr(self, field.name)))
 
     @classmethod
     def default(cls) -> "LocalRoots":
         """``/usr/share/datasets``; torchvision roots ``./data`` and ``~/data`` (the ``root="data"`` of
         torchvision's tutorials); ``$KERAS_HOME/datasets`` (default ``~/.keras/datasets``)."""
         keras_home = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
-        return cls(
-            datasets=(Path("/usr/share/datasets"),),
-            torchvision=(Path("data"), Path("~/data")),
-            keras=(keras_home / "datasets",),
-        )
+        return cls((Path("/usr/share/datasets"),), (Path("data"), Path("~/data")), (keras_home / "datasets",))
 
 
 class _Failure(Exception):
-    """One failed attempt: ``message`` for the final report; ``retryable`` whether the same mirror may help."""
+    """A failed attempt after which the next mirror is tried; its message is for the final report."""
 
-    def __init__(self, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retryable = retryable
+
+class _Retryable(_Failure):
+    """A failed attempt that the same mirror may get right (a dropped connection, a 503)."""
 
 
 def download(
@@ -151,20 +146,48 @@ def download(
     if backoff < 0:
         raise invalid("backoff", backoff, "0 or more seconds")
     mirrors = tuple(spec.mirrors if mirrors is None else mirrors)
-    roots = LocalRoots.default() if local_roots is None else local_roots
     target, staging = _target_dirs(to)
-    wanted = [(split, kind, spec.file(split, kind)) for split in SPLITS for kind in (IMAGES, LABELS)]
+
+    def fetch(split: str, kind: str, final: Path, http: requests.Session) -> None:
+        """Download ``final``'s file from the first mirror that yields a verified copy, through a ``.part`` file in
+        ``staging``, and install it under ``final``."""
+        part, tried = staging / f"{final.name}.part", []
+        for url in (mirror.rstrip("/") + "/" + final.name for mirror in mirrors):
+            for attempt in range(retries):
+                if attempt:
+                    delay = backoff * 2 ** (attempt - 1)
+                    log.info("%s: attempt %d of %d in %.2f s", url, attempt + 1, retries, delay)
+                    sleep(delay)
+                try:
+                    resumed = _get_to_part(http, url, part, timeout)
+                    try:
+                        verify_file(spec, split, kind, part, name=url)
+                    except InputError as e:
+                        part.unlink(missing_ok=True)  # a resumed part's kept prefix may be what was wrong: from byte 0
+                        raise (_Retryable if resumed else _Failure)(_reason(e, url)) from e
+                except _Failure as failure:
+                    last = str(failure)
+                    log.warning("%s: %s", url, last)
+                    if isinstance(failure, _Retryable):
+                        continue
+                    break
+                _install(part, final)
+                part.unlink()
+                log.info("%s: downloaded from %s (verified)", final, url)
+                return
+            tried.append(f"{url}: {last} ({attempt + 1} attempt{'s' if attempt else ''})")
+        if not tried:
+            raise SourceError(f"{final.name}: no local copy verified and no mirror to download {spec.name} from")
+        raise SourceError(f"{final.name}: could not download a verified copy from any mirror: " + "; ".join(tried))
+
+    wanted = [(split, kind, target / spec.file(split, kind).name) for split in SPLITS for kind in (IMAGES, LABELS)]
     with contextlib.ExitStack() as stack:
-        local, fetch = _LocalCopies(spec, roots, stack), None  # the network only for a file no local copy has
-        for split, kind, entry in wanted:
-            final = target / entry.name
-            if _keep_cached(spec, split, kind, final) or local.install(split, kind, entry, final):
-                continue
-            if fetch is None:
-                http = session if session is not None else stack.enter_context(requests.Session())
-                fetch = _Fetch(http, staging, mirrors, retries, backoff, timeout, sleep)
-            fetch(spec, split, kind, entry, final)
-    return {entry.name: target / entry.name for _, _, entry in wanted}
+        http = session if session is not None else stack.enter_context(requests.Session())
+        local_copies = _local_copies(spec, LocalRoots.default() if local_roots is None else local_roots, stack)
+        for split, kind, final in wanted:
+            if not _install_local(spec, split, kind, final, itertools.chain([final], local_copies(final.name))):
+                fetch(split, kind, final, http)
+    return {final.name: final for _, _, final in wanted}
 
 
 def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
@@ -184,212 +207,111 @@ def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     return target, staging
 
 
-def _keep_cached(spec: DatasetSpec, split: str, kind: str, final: Path) -> bool:
-    if not final.exists():
-        return False
-    try:
-        verify_file(spec, split, kind, final)
-    except InputError as e:
-        log.warning("%s: existing file fails verification (%s); fetching it again", final, _describe(e, str(final)))
-        final.unlink()
-        return False
-    log.info("%s: already present and verified", final)
-    return True
+def _local_copies(spec: DatasetSpec, roots: LocalRoots, stack: contextlib.ExitStack) -> Callable[[str], Iterator[Path]]:
+    """Where copies of a file of ``spec`` already on this machine may be, by file name: ``roots``' dataset and
+    torchvision directories (gz or not), then the IDX files of Keras' npz, converted at most once per download (into
+    temporary directories that ``stack`` removes)."""
+    dirs = [root / spec.name for root in roots.datasets]
+    if spec.torchvision_folder is not None:
+        dirs += [root / spec.torchvision_folder / "raw" for root in roots.torchvision]
+    keras_file = spec.keras_file
 
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP_MAGIC
-
-
-def _install(source: Path, final: Path, *, move: bool = False) -> None:
-    """Put the verified ``source`` under ``final`` atomically, gzip-compressing a plain IDX file."""
-    if move and final.parent == source.parent and _is_gzip(source):
-        os.replace(source, final)
-        return
-    compress = not _is_gzip(source)
-    with replacing(final) as tmp, open(source, "rb") as src, open(tmp, "wb") as out:
-        if compress:
-            with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
-                shutil.copyfileobj(src, gz, CHUNK_BYTES)
-        else:
-            shutil.copyfileobj(src, out, CHUNK_BYTES)
-    if move:
-        source.unlink(missing_ok=True)
-
-
-class _LocalCopies:
-    """Copies of the dataset already on this machine; Keras' npz is converted at most once per download."""
-
-    def __init__(self, spec: DatasetSpec, roots: LocalRoots, stack: contextlib.ExitStack) -> None:
-        self.spec = spec
-        self.roots = roots
-        self.stack = stack
-        self._keras_dirs: list[Path] | None = None
-
-    def _plain_candidates(self, name: str) -> Iterator[Path]:
-        stem = name[:-3] if name.endswith(".gz") else name
-        dirs = [root / self.spec.name for root in self.roots.datasets]
-        if self.spec.torchvision_folder is not None:
-            dirs += [root / self.spec.torchvision_folder / "raw" for root in self.roots.torchvision]
-        for directory in dirs:
-            for candidate in (directory / name, directory / stem):
-                if candidate.is_file():
-                    yield candidate
-
-    def _keras_candidates(self, name: str) -> Iterator[Path]:
-        if self.spec.keras_file is None:
-            return
-        if self._keras_dirs is None:
-            self._keras_dirs = []
-            for root in self.roots.keras:
-                npz = root / self.spec.keras_file
-                if not npz.is_file():
-                    continue
-                scratch = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="spark-mnist-keras-")))
-                try:
-                    self._keras_dirs.append(npz_to_idx_dir(npz, scratch, spec=self.spec))
-                    log.info("%s: converted Keras' MNIST arrays to IDX files", npz)
-                except InputError as e:
-                    log.warning("ignoring %s: %s", npz, e)
-        for directory in self._keras_dirs:
-            yield directory / name
-
-    def install(self, split: str, kind: str, entry: DatasetFile, final: Path) -> bool:
-        """Install the first local copy of ``entry`` that verifies under ``final``; whether one did."""
-        for candidate in (*self._plain_candidates(entry.name), *self._keras_candidates(entry.name)):
+    @functools.cache
+    def keras_dirs() -> list[Path]:
+        converted = []
+        for npz in filter(Path.is_file, (root / keras_file for root in roots.keras if keras_file is not None)):
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spark-mnist-keras-")))
             try:
-                verify_file(self.spec, split, kind, candidate)
+                converted.append(npz_to_idx_dir(npz, scratch, spec=spec))
+                log.info("%s: converted Keras' MNIST arrays to IDX files", npz)
             except InputError as e:
-                log.warning("ignoring local copy %s: %s", candidate, _describe(e, str(candidate)))
-                continue
+                log.warning("ignoring %s: %s", npz, e)
+        return converted
+
+    def copies(name: str) -> Iterator[Path]:
+        yield from (directory / file for directory in dirs for file in (name, name.removesuffix(".gz")))
+        yield from (directory / name for directory in keras_dirs())
+
+    return copies
+
+
+def _install_local(spec: DatasetSpec, split: str, kind: str, final: Path, candidates: Iterable[Path]) -> bool:
+    """Install under ``final`` the first of ``candidates`` that is a file and verifies (``final`` itself stays where
+    it is one; where it fails verification, it is deleted); whether one did."""
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            verify_file(spec, split, kind, candidate)
+        except InputError as e:
+            log.warning("ignoring local copy %s: fails verification (%s)", candidate, _reason(e, str(candidate)))
+            if candidate == final:
+                final.unlink()
+            continue
+        if candidate != final:
             _install(candidate, final)
-            log.info("%s: copied from local copy %s (verified)", final, candidate)
-            return True
-        return False
+        log.info("%s: verified, from %s", final, candidate)
+        return True
+    return False
 
 
-def _describe(error: Exception, name: str) -> str:
+def _install(source: Path, final: Path) -> None:
+    """Copy the verified ``source`` to ``final`` atomically, gzip-compressing a plain IDX file."""
+    with open(source, "rb") as src, replacing(final) as tmp:
+        gzipped = src.read(2) == GZIP_MAGIC
+        src.seek(0)
+        with open(tmp, "wb") if gzipped else gzip.GzipFile(tmp, "wb", compresslevel=6, mtime=0) as out:
+            shutil.copyfileobj(src, out, CHUNK_BYTES)
+
+
+def _reason(error: InputError, name: str) -> str:
     """A one-line reason for a failed verification, without the file name prefix."""
-    message = str(error).removeprefix(f"{name}: ")
-    if isinstance(error, IdxFormatError):
-        return f"not IDX: {message}"
-    if isinstance(error, ChecksumMismatchError):
-        return f"sha256 mismatch: {message}"
-    return message
+    return _REASON.get(type(error), "") + str(error).removeprefix(f"{name}: ")
 
 
-@dataclass(frozen=True)
-class _Fetch:
-    """Downloads over ``http`` into ``.part`` files under ``staging``, with :func:`download`'s mirrors and retries."""
-
-    http: requests.Session
-    staging: Path
-    mirrors: Sequence[str]
-    retries: int
-    backoff: float
-    timeout: float
-    sleep: Callable[[float], None]
-
-    def __call__(self, spec: DatasetSpec, split: str, kind: str, entry: DatasetFile, final: Path) -> None:
-        """Download ``entry`` from the first mirror that yields a verified file and install it under ``final``."""
-        part = self.staging / f"{entry.name}.part"
-        tried: list[str] = []
-        for mirror in self.mirrors:
-            url = mirror.rstrip("/") + "/" + entry.name
-            last = "not tried"
-            attempts = 0
-            for attempt in range(self.retries):
-                if attempt:
-                    delay = self.backoff * 2 ** (attempt - 1)
-                    log.info("%s: attempt %d of %d in %.2f s", url, attempt + 1, self.retries, delay)
-                    self.sleep(delay)
-                attempts += 1
-                try:
-                    resumed = _get_to_part(self.http, url, part, self.timeout, entry.name)
-                except _Failure as failure:
-                    last = failure.message
-                    log.warning("%s: %s", url, failure.message)
-                    if failure.retryable:
-                        continue
-                    break
-                try:
-                    verify_file(spec, split, kind, part, name=url)
-                except InputError as e:
-                    part.unlink(missing_ok=True)
-                    last = _describe(e, url)
-                    log.warning("%s: downloaded file fails verification, deleted: %s", url, last)
-                    if resumed:  # the kept prefix may be what was wrong: start again from byte 0
-                        continue
-                    break
-                _install(part, final, move=True)
-                log.info("%s: downloaded from %s (verified)", final, url)
-                return
-            tried.append(f"{url}: {last} ({attempts} attempt{'s' if attempts != 1 else ''})")
-        if not tried:
-            raise SourceError(f"{entry.name}: no local copy verified and no mirror to download {spec.name} from")
-        raise SourceError(f"{entry.name}: could not download a verified copy from any mirror: " + "; ".join(tried))
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """``(first byte, total length)`` of a ``Content-Range: bytes first-last/total`` header (``None`` if absent)."""
-    if not value or not value.startswith("bytes "):
-        return None, None
-    span, _, total = value[len("bytes ") :].partition("/")
-    first = span.partition("-")[0]
-    try:
-        return int(first), (int(total) if total.strip().isdigit() else None)
-    except ValueError:
-        return None, None
-
-
-def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float, name: str) -> bool:
+def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -> bool:
     """One GET of ``url`` into ``part``, resuming from its current size with a ``Range`` request.
 
-    Returns whether the bytes now in ``part`` include some from an earlier attempt.  Raises :class:`_Failure` for an
-    HTTP error status, a failed connection, or a body cut short (the part is kept for the next attempt).
+    Returns whether the bytes now in ``part`` include some from an earlier attempt.  Raises :class:`_Retryable` for a
+    failed connection, a retryable status or a body cut short (the part is kept for the next attempt);
+    :class:`_Failure` for another HTTP error status.
     """
     offset = part.stat().st_size if part.exists() else 0
-    headers = {
-        "Accept-Encoding": "identity",
-        "User-Agent": f"spark-mnist/{__version__} {requests.utils.default_user_agent()}",
-    }
+    headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
         response = http.get(url, headers=headers, stream=True, timeout=timeout)
     except NETWORK_ERRORS as e:
-        raise _Failure(f"connection failed: {e}", retryable=True) from e
+        raise _Retryable(f"connection failed: {e}") from e
     with response:
-        status = response.status_code
+        status, content_range = response.status_code, response.headers.get("Content-Range", "")
         if status == 416 and offset:  # nothing after ``offset``: the part may be complete already
             log.info("%s: range from byte %d not satisfiable; checking the %d bytes already here", url, offset, offset)
             return True
         if status not in (200, 206):
-            retryable = status in RETRYABLE_STATUS or status >= 500
-            raise _Failure(f"{status} {response.reason}".strip(), retryable=retryable)
-        first, total = _content_range(response.headers.get("Content-Range"))
-        if status == 206 and (not offset or first != offset):
+            retry = status in RETRYABLE_STATUS or status >= 500
+            raise (_Retryable if retry else _Failure)(f"{status} {response.reason}".strip())
+        if status == 206 and not (offset and content_range.startswith(f"bytes {offset}-")):
             part.unlink(missing_ok=True)
-            raise _Failure(f"206 for bytes from {first}, not the {offset} asked for; restarting", retryable=True)
+            raise _Retryable(f"206 for {content_range!r}, not the bytes from {offset} asked for; restarting")
         if status == 200 and offset:
             log.info("%s: server ignored the Range request (200); restarting from byte 0", url)
             offset = 0
         length = response.headers.get("Content-Length")
-        end = offset + int(length) if length and length.isdigit() else total
+        end = offset + int(length) if length and length.isdigit() else None
         written = offset
-        with open(part, "ab" if offset else "wb") as out, tqdm(total=end, initial=offset, desc=name, **_BAR) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as out,
+            tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar,
+        ):
             try:
                 for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
-                    out.write(chunk)
-                    written += len(chunk)
+                    written += out.write(chunk)
                     bar.update(len(chunk))
             except NETWORK_ERRORS as e:
-                raise _Failure(
-                    f"connection dropped after {written} of {end if end is not None else '?'} bytes "
-                    f"({type(e).__name__})",
-                    retryable=True,
-                ) from e
+                dropped = f"connection dropped after {written} of {end or '?'} bytes"
+                raise _Retryable(f"{dropped} ({type(e).__name__})") from e
         if end is not None and written < end:
-            raise _Failure(f"connection dropped after {written} of {end} bytes", retryable=True)
+            raise _Retryable(f"connection dropped after {written} of {end} bytes")
         return offset > 0
