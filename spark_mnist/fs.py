@@ -31,6 +31,7 @@ import contextlib
 import errno
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -76,11 +77,10 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         except OSError as e:
             if e.errno not in RENAME_REFUSED:
                 raise
-            _write_in_place(final, tmp.read_bytes())  # a mount without rename: one whole-file write
+            final.write_bytes(tmp.read_bytes())  # a mount without rename: one whole-file write
             tmp.unlink()
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -113,19 +113,14 @@ def filesystem(location: "Location") -> "tuple[FileSystem, str]":
             f"does not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// "
             f"URI"
         )
-    uri = location.uri
-    scheme = urlparse(uri).scheme
-    if scheme in AZURE_SCHEMES:
-        azure = _azure_filesystem(uri)
-        if azure is not None:
-            return azure
-    if scheme == "s3":
-        uri = _with_s3_endpoint(uri)
+    uri = _with_s3_endpoint(location.uri)
+    azure = _azure_filesystem(uri)
+    if azure is not None:
+        return azure
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, NotImplementedError) as e:  # pyarrow's ArrowInvalid / ArrowNotImplementedError
-        pyarrow_error = e
-    return _fsspec_filesystem(uri, pyarrow_error)
+        return _fsspec_filesystem(uri, e)
 
 
 AZURE_SCHEMES = ("abfs", "abfss", "az")
@@ -140,31 +135,24 @@ def task_uri(location: "Location") -> str:
     executors that lack the variable (an existing session's, a Spark Connect server's) reach the store the driver
     reaches; else :attr:`Location.display <spark_mnist.paths.Location.display>`.  Credentials are not written in:
     the executors' own chain gives them."""
-    if location.is_local or urlparse(location.uri).scheme != "s3":
-        return location.display
-    return _with_s3_endpoint(location.uri)
+    return _with_s3_endpoint(location.display)
 
 
 def _with_s3_endpoint(uri: str) -> str:
     """``uri`` with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (``http://host:port``) as its endpoint, where
-    the URI names none itself."""
+    it is an ``s3://`` URI that names none itself; else ``uri`` as it is."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     parts = urlsplit(uri)
     query = dict(parse_qsl(parts.query))
-    if not endpoint or "endpoint_override" in query:
+    if parts.scheme != "s3" or not endpoint or "endpoint_override" in query:
         return uri
     endpoint_parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     query.update(endpoint_override=endpoint_parts.netloc, scheme=endpoint_parts.scheme)
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-AZURE_URI_OPTIONS = (
-    "account_key",
-    "blob_storage_authority",
-    "dfs_storage_authority",
-    "blob_storage_scheme",
-    "dfs_storage_scheme",
-)
+# The AzureFileSystem options a URI's query may give (pyarrow's own from_uri refuses them).
+AZURE_URI_OPTION = re.compile(r"account_key|(blob|dfs)_storage_(authority|scheme)")
 
 
 def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
@@ -172,32 +160,28 @@ def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
     key and endpoints from ``AZURE_STORAGE_CONNECTION_STRING`` (Azurite's form included), else
     ``AZURE_STORAGE_ACCOUNT_KEY``, and from the URI's query (``?account_key=...&blob_storage_authority=host:port
     &dfs_storage_authority=host:port&blob_storage_scheme=http&dfs_storage_scheme=http``, which pyarrow's own
-    ``from_uri`` refuses); ``None`` where none of them is given or this pyarrow has no Azure (then
-    ``FileSystem.from_uri``, with Azure's default credential chain, or fsspec's adlfs takes the URI)."""
+    ``from_uri`` refuses); ``None`` for another scheme, where none of them is given or where this pyarrow has no
+    Azure (then ``FileSystem.from_uri``, with Azure's default credential chain, or fsspec's adlfs takes the URI)."""
     parts = urlsplit(uri)
-    query = dict(parse_qsl(parts.query))
+    if parts.scheme not in AZURE_SCHEMES or not _pyarrow_has_azure():
+        return None
     container, _, host = parts.netloc.rpartition("@")
     options = {"account_name": host.split(".", 1)[0]}
     connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
     if connection:
         fields = dict(item.split("=", 1) for item in connection.split(";") if "=" in item)
-        options.update(
-            account_name=fields.get("AccountName", options["account_name"]), account_key=fields.get("AccountKey", "")
-        )
+        options["account_name"] = fields.get("AccountName", options["account_name"])
+        options["account_key"] = fields.get("AccountKey", "")
         if fields.get("BlobEndpoint"):  # an emulator or a custom domain: one host serves blob and dfs
             endpoint = urlsplit(fields["BlobEndpoint"])
-            options.update(
-                blob_storage_authority=endpoint.netloc,
-                dfs_storage_authority=endpoint.netloc,
-                blob_storage_scheme=endpoint.scheme,
-                dfs_storage_scheme=endpoint.scheme,
-            )
+            options.update(dict.fromkeys(("blob_storage_authority", "dfs_storage_authority"), endpoint.netloc))
+            options.update(dict.fromkeys(("blob_storage_scheme", "dfs_storage_scheme"), endpoint.scheme))
     elif os.environ.get("AZURE_STORAGE_ACCOUNT_KEY"):
         options["account_key"] = os.environ["AZURE_STORAGE_ACCOUNT_KEY"]
-    options.update({key: query[key] for key in AZURE_URI_OPTIONS if key in query})
-    if len(options) == 1 or not _pyarrow_has_azure():
+    options.update((k, v) for k, v in parse_qsl(parts.query) if AZURE_URI_OPTION.fullmatch(k))
+    if len(options) == 1:
         return None
-    from pyarrow.fs import AzureFileSystem  # pyarrow >= 16 only (checked just above)
+    from pyarrow.fs import AzureFileSystem  # pyarrow >= 16 only (checked above)
 
     return AzureFileSystem(**options), f"{container}{parts.path}".rstrip("/")
 
@@ -209,31 +193,29 @@ def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> "tuple[FileSystem,
     from pyarrow import fs as pafs
 
     scheme = urlparse(uri).scheme
-    supported = (
-        f"local paths, /dbfs/..., /Volumes/... and the URIs pyarrow {pyarrow.__version__} opens (s3://, "
-        f"gs://, hdfs://{', abfss://' if _pyarrow_has_azure() else ''}) or fsspec does"
-    )
+    lacks = f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}://"
     try:
         import fsspec  # optional: only for a scheme pyarrow lacks
     except ImportError:
         package = _FSSPEC_PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
         raise SourceError(
-            f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}:// "
-            f"({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}"
+            f"{lacks} ({redact(str(pyarrow_error))}) and fsspec is not installed; pip install fsspec {package}"
         ) from None
     try:
-        filesystem, path = fsspec.core.url_to_fs(uri)
+        if fsspec.core.split_protocol(uri)[0] == scheme:  # not for "foo:/x", which fsspec reads as a local path
+            filesystem, path = fsspec.core.url_to_fs(uri)
+            return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
     except ImportError as e:  # fsspec knows the scheme; its package is missing (the message names it)
         raise SourceError(
-            f"{redact(uri)}: pyarrow {pyarrow.__version__} has no file system for {scheme}://, and "
-            f"fsspec's for it needs a package that is not installed: {redact(str(e))}"
+            f"{lacks}, and fsspec's for it needs a package that is not installed: {redact(str(e))}"
         ) from None
     except ValueError:  # "Protocol not known"
-        raise SourceError(f"{redact(uri)}: no file system for {scheme}:// here; supported are {supported}") from None
-    protocols = filesystem.protocol if isinstance(filesystem.protocol, (tuple, list)) else (filesystem.protocol,)
-    if scheme not in protocols:  # e.g. "foo:/x" read as a local relative path
-        raise SourceError(f"{redact(uri)}: no file system for {scheme}:// here; supported are {supported}")
-    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+        pass
+    raise SourceError(
+        f"{redact(uri)}: no file system for {scheme}:// here; supported are local paths, /dbfs/..., /Volumes/... "
+        f"and the URIs pyarrow {pyarrow.__version__} opens (s3://, gs://, hdfs://"
+        f"{', abfss://' if _pyarrow_has_azure() else ''}) or fsspec does"
+    )
 
 
 def _pyarrow_has_azure() -> bool:
@@ -263,10 +245,10 @@ def delete(location: "Location") -> None:
     """
     local = location.os_path
     if local is not None:
-        if os.path.isdir(local):
-            shutil.rmtree(local, ignore_errors=True)
-        elif os.path.lexists(local):
-            with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(local):
+                shutil.rmtree(local, ignore_errors=True)
+            else:
                 os.remove(local)
         return
     from pyarrow.fs import FileType  # not at the top: `import spark_mnist` imports this module (runs)
@@ -338,14 +320,3 @@ def write_whole(location: "Location", data: bytes) -> None:
     # No temporary object and rename: an object store's rename is a copy; one PUT is already atomic for readers.
     with fs.open_output_stream(path) as stream:
         stream.write(data)
-
-
-def _write_in_place(path: Path, data: bytes) -> None:
-    """``data`` as the whole content of ``path``, in one ``write`` call (a mount that cannot rename)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
