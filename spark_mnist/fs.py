@@ -243,20 +243,14 @@ def delete(location: "Location") -> None:
         OSError: the file system failed (on local paths, only a file that could not be removed: a directory tree
             is removed with errors ignored).
     """
-    local = location.os_path
-    if local is not None:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isdir(local):
-                shutil.rmtree(local, ignore_errors=True)
-            else:
-                os.remove(local)
-        return
     from pyarrow.fs import FileType  # not at the top: `import spark_mnist` imports this module (runs)
 
     fs, path = filesystem(location)
     kind = fs.get_file_info(path).type
     with contextlib.suppress(FileNotFoundError):  # removed meanwhile by someone else
-        if kind == FileType.Directory:
+        if kind == FileType.Directory and location.os_path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+        elif kind == FileType.Directory:
             fs.delete_dir(path)
         elif kind != FileType.NotFound:
             fs.delete_file(path)

@@ -29,6 +29,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from spark_mnist.errors import SourceError, invalid
@@ -63,8 +64,7 @@ class Location:
     def join(self, *parts: str) -> "Location":
         """The location of ``parts`` below this one; a URI's query string (``?endpoint_override=...``) stays at
         its end."""
-        local = os.path.join(self.local_path, *parts) if self.local_path is not None else None
-        return Location(_with_path(self.uri, lambda path: posixpath.join(path, *parts)), local, self.kind)
+        return self._moved(lambda path: posixpath.join(path, *parts))
 
     @property
     def name(self) -> str:
@@ -73,17 +73,20 @@ class Location:
 
     def sibling(self, name: str) -> "Location":
         """A location beside this one, in the same parent directory (a URI's query string stays at its end)."""
-        parent_local = os.path.dirname(self.local_path.rstrip("/")) if self.local_path is not None else None
-        return Location(
-            _with_path(self.uri, lambda path: posixpath.join(posixpath.dirname(path.rstrip("/")), name)),
-            os.path.join(parent_local, name) if parent_local is not None else None,
-            self.kind,
-        )
+        return self._moved(lambda path: posixpath.join(posixpath.dirname(path.rstrip("/")), name))
+
+    def _moved(self, change: Callable[[str], str]) -> "Location":
+        """This location with its path (and local path) changed by ``change``; a URI's query string (an object
+        store's endpoint, credentials) and the rest stay as they are.  URIs without a query are changed as plain
+        strings (``dbfs:/x``, ``file:///x`` keep their spelling)."""
+        parts = urlsplit(self.uri)
+        uri = urlunsplit(parts._replace(path=change(parts.path or "/"))) if "?" in self.uri else change(self.uri)
+        return Location(uri, change(self.local_path) if self.local_path is not None else None, self.kind)
 
     @property
     def display(self) -> str:
         """The place as file I/O opens it: its local path where it has one, else its URI (credentials included)."""
-        return self.local_path if self.local_path is not None else self.uri
+        return self.local_path or self.uri
 
     @property
     def shown(self) -> str:
@@ -133,16 +136,6 @@ def _redact_uri(match: re.Match[str]) -> str:
     return f"{scheme}://{authority}{_SECRET_PARAM.sub(lambda m: f'{m.group(1)}={REDACTED}', tail)}"
 
 
-def _with_path(uri: str, change) -> str:
-    """``uri`` with its path changed by ``change``; the query string (an object store's endpoint, credentials)
-    and the rest stay as they are.  URIs without a query are changed as plain strings (``dbfs:/x``, ``file:///x``
-    keep their spelling)."""
-    if "?" not in uri:
-        return change(uri)
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path=change(parts.path or "/")))
-
-
 def normalize_uri(path: str | os.PathLike) -> Location:
     """Normalise any accepted spelling of a directory or file (see the module docstring's table).
 
@@ -154,8 +147,7 @@ def normalize_uri(path: str | os.PathLike) -> Location:
         raise invalid("path", text, "a directory, file:/, dbfs:/, /dbfs/ or /Volumes/ path", SourceError)
     parsed = urlparse(text)
     if parsed.scheme == "dbfs":
-        rest = "/" + (parsed.netloc + parsed.path).lstrip("/")
-        return Location(f"dbfs:{rest}", DBFS_FUSE_ROOT + rest, "dbfs")
+        return _local_location(DBFS_FUSE_ROOT + "/" + (parsed.netloc + parsed.path).lstrip("/"))
     if parsed.scheme == "file":
         local = "/" + (parsed.netloc + parsed.path).lstrip("/") if parsed.netloc else parsed.path
         return _local_location(local)

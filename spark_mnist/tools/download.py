@@ -285,26 +285,21 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
     except NETWORK_ERRORS as e:
         raise _Retryable(f"connection failed: {e}") from e
     with response:
-        status, content_range = response.status_code, response.headers.get("Content-Range", "")
+        status = response.status_code
         if status == 416 and offset:  # nothing after ``offset``: the part may be complete already
             log.info("%s: range from byte %d not satisfiable; checking the %d bytes already here", url, offset, offset)
             return True
         if status not in (200, 206):
             retry = status in RETRYABLE_STATUS or status >= 500
             raise (_Retryable if retry else _Failure)(f"{status} {response.reason}".strip())
-        if status == 206 and not (offset and content_range.startswith(f"bytes {offset}-")):
-            part.unlink(missing_ok=True)
-            raise _Retryable(f"206 for {content_range!r}, not the bytes from {offset} asked for; restarting")
         if status == 200 and offset:
             log.info("%s: server ignored the Range request (200); restarting from byte 0", url)
+            part.unlink()
             offset = 0
         length = response.headers.get("Content-Length")
         end = offset + int(length) if length and length.isdigit() else None
         written = offset
-        with (
-            open(part, "ab" if offset else "wb") as out,
-            tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar,
-        ):
+        with open(part, "ab") as out, tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar:
             try:
                 for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
                     written += out.write(chunk)
