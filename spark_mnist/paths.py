@@ -40,6 +40,7 @@ __all__ = ["DBFS_FUSE_ROOT", "VOLUMES_ROOT", "Location", "normalize_uri", "redac
 DBFS_FUSE_ROOT = "/dbfs"
 VOLUMES_ROOT = "/Volumes"
 REDACTED = "***"
+_MOUNTS = {"dbfs": DBFS_FUSE_ROOT, "volume": VOLUMES_ROOT}  # the FUSE mount each kind of place needs
 # A URI in free text: a scheme, "://", then everything up to whitespace or a quote.
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 # Query parameters that carry a credential: pyarrow's S3 and Azure options (access_key, secret_key, session_token,
@@ -48,6 +49,8 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _SECRET_PARAM = re.compile(
     r"(?<=[?&;])([^=&#\s]*(?:key|secret|token|passw|sig|credential|auth(?!ority))[^=&#\s]*)=([^&#\s]*)", re.IGNORECASE
 )
+# A URI's scheme and userinfo: what comes before the last "@" ahead of its path, query or fragment.
+_USERINFO = re.compile(r"^([^:/?#]+)://([^/?#]*)@")
 # Schemes whose userinfo is a container name, not a credential: abfss://container@account.dfs.core.windows.net.
 _CONTAINER_SCHEMES = ("abfs", "abfss", "az", "wasb", "wasbs")
 
@@ -102,9 +105,7 @@ class Location:
     @property
     def is_local(self) -> bool:
         """True where :mod:`os` can operate on the place directly (local disk, DBFS FUSE, volumes)."""
-        return self.local_path is not None and (
-            self.kind == "local" or os.path.exists(DBFS_FUSE_ROOT if self.kind == "dbfs" else VOLUMES_ROOT)
-        )
+        return self.local_path is not None and (self.kind == "local" or os.path.exists(_MOUNTS[self.kind]))
 
 
 def redact(text: str) -> str:
@@ -122,18 +123,13 @@ def redact(text: str) -> str:
 
 
 def _redact_uri(match: re.Match[str]) -> str:
-    uri = match.group(0)
-    scheme, rest = uri.split("://", 1)
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
-    if "@" in authority:
-        userinfo, host = authority.rsplit("@", 1)
-        if scheme.lower() not in _CONTAINER_SCHEMES:
-            userinfo = REDACTED
-        elif ":" in userinfo:
-            userinfo = f"{userinfo.split(':', 1)[0]}:{REDACTED}"
-        authority = f"{userinfo}@{host}"
-    return f"{scheme}://{authority}{_SECRET_PARAM.sub(lambda m: f'{m.group(1)}={REDACTED}', tail)}"
+    uri, userinfo = match.group(0), _USERINFO.match(match.group(0))
+    if userinfo is not None:
+        scheme, user = userinfo.groups()
+        # Azure's abfss://container@account...: the container name stays, a password after it does not.
+        user = re.sub(":.*", f":{REDACTED}", user) if scheme.lower() in _CONTAINER_SCHEMES else REDACTED
+        uri = f"{scheme}://{user}@{uri[userinfo.end() :]}"
+    return _SECRET_PARAM.sub(rf"\g<1>={REDACTED}", uri)
 
 
 def normalize_uri(path: str | os.PathLike) -> Location:
@@ -147,20 +143,14 @@ def normalize_uri(path: str | os.PathLike) -> Location:
         raise invalid("path", text, "a directory, file:/, dbfs:/, /dbfs/ or /Volumes/ path", SourceError)
     parsed = urlparse(text)
     if parsed.scheme == "dbfs":
-        return _local_location(DBFS_FUSE_ROOT + "/" + (parsed.netloc + parsed.path).lstrip("/"))
-    if parsed.scheme == "file":
-        local = "/" + (parsed.netloc + parsed.path).lstrip("/") if parsed.netloc else parsed.path
-        return _local_location(local)
-    if parsed.scheme and len(parsed.scheme) > 1:  # s3://, abfss://, gs://, ... (a one-letter scheme is a drive)
+        text = DBFS_FUSE_ROOT + "/" + (parsed.netloc + parsed.path).lstrip("/")
+    elif parsed.scheme == "file":
+        text = "/" + (parsed.netloc + parsed.path).lstrip("/") if parsed.netloc else parsed.path
+    elif len(parsed.scheme) > 1:  # s3://, abfss://, gs://, ... (a one-letter scheme is a drive)
         return Location(text, None, "remote")
-    return _local_location(text)
-
-
-def _local_location(path: str) -> Location:
-    absolute = os.path.abspath(os.path.expanduser(path))
+    absolute = os.path.abspath(os.path.expanduser(text))
     if absolute == DBFS_FUSE_ROOT or absolute.startswith(DBFS_FUSE_ROOT + "/"):
-        rest = absolute[len(DBFS_FUSE_ROOT) :] or "/"
-        return Location(f"dbfs:{rest}", absolute, "dbfs")
+        return Location(f"dbfs:{absolute[len(DBFS_FUSE_ROOT) :] or '/'}", absolute, "dbfs")
     if absolute.startswith(VOLUMES_ROOT + "/"):
         return Location(absolute, absolute, "volume")
     return Location(Path(absolute).as_uri(), absolute, "local")
