@@ -38,12 +38,10 @@ from typing import TYPE_CHECKING, Iterator
 from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 from spark_mnist.errors import SourceError
-from spark_mnist.paths import redact
+from spark_mnist.paths import Location, redact
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
-
-    from spark_mnist.paths import Location
 
 __all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "makedirs", "read_bytes",
            "write_whole"]  # fmt: skip
@@ -84,7 +82,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def filesystem(location: "Location") -> "tuple[FileSystem, str]":
+def filesystem(location: Location) -> "tuple[FileSystem, str]":
     """The pyarrow file system that serves ``location`` and the path of ``location`` on it.
 
     A local place gives pyarrow's ``LocalFileSystem`` and its local path; a URI gives what
@@ -129,7 +127,7 @@ _FSSPEC_PACKAGES = dict.fromkeys((*AZURE_SCHEMES, "adl", "wasbs"), "adlfs")
 _FSSPEC_PACKAGES.update(s3a="s3fs", s3n="s3fs", gcs="gcsfs")
 
 
-def task_uri(location: "Location") -> str:
+def task_uri(location: Location) -> str:
     """``location`` as Spark's tasks are given it: for ``s3://``, its URI with this process's endpoint
     (``AWS_ENDPOINT_URL``, e.g. from the ``storage.s3_endpoint_url`` setting) written in where it names none, so
     executors that lack the variable (an existing session's, a Spark Connect server's) reach the store the driver
@@ -222,7 +220,7 @@ def _pyarrow_has_azure() -> bool:
     return importlib.util.find_spec("pyarrow._azurefs") is not None
 
 
-def exists(location: "Location") -> bool:
+def exists(location: Location) -> bool:
     """Whether anything (file or directory) exists at ``location``.
 
     Raises:
@@ -235,7 +233,7 @@ def exists(location: "Location") -> bool:
     return fs.get_file_info(path).type != FileType.NotFound
 
 
-def delete(location: "Location") -> None:
+def delete(location: Location) -> None:
     """Remove ``location`` recursively; nothing happens where nothing exists.
 
     Raises:
@@ -256,7 +254,7 @@ def delete(location: "Location") -> None:
             fs.delete_file(path)
 
 
-def list_names(location: "Location") -> list[str]:
+def list_names(location: Location) -> list[str]:
     """Names of the entries directly in the directory ``location`` (files and directories, hidden ones included),
     sorted; empty where nothing exists there.
 
@@ -272,7 +270,7 @@ def list_names(location: "Location") -> list[str]:
     return sorted(info.base_name for info in fs.get_file_info(FileSelector(path, allow_not_found=True)))
 
 
-def makedirs(location: "Location") -> None:
+def makedirs(location: Location) -> None:
     """Create the directory ``location`` and its parents; nothing happens where it exists.
 
     Raises:
@@ -283,7 +281,7 @@ def makedirs(location: "Location") -> None:
     fs.create_dir(path, recursive=True)
 
 
-def read_bytes(location: "Location") -> bytes:
+def read_bytes(location: Location) -> bytes:
     """The whole content of the file ``location``.
 
     Raises:
@@ -295,7 +293,7 @@ def read_bytes(location: "Location") -> bytes:
         return stream.read()
 
 
-def write_whole(location: "Location", data: bytes) -> None:
+def write_whole(location: Location, data: bytes) -> None:
     """Make ``data`` the content of the file ``location`` in one atomic single-object write: what commits a
     dataset (its manifest).  Local disk and FUSE mounts: :func:`replacing`; object stores (``s3://``, ``gs://``,
     ``abfss://``): one output stream, which pyarrow uploads as one PUT when it is closed (an object under 5 MiB is

@@ -198,12 +198,10 @@ def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     if location.os_path is None:
         raise SourceError(f"{location.local_path}: no {location.kind} mount on this machine (not on Databricks?)")
     target = Path(location.os_path)
-    target.mkdir(parents=True, exist_ok=True)
-    if location.kind == "local":
-        return target, target
     digest = hashlib.sha256(str(target).encode(), usedforsecurity=False).hexdigest()[:16]
-    staging = Path(tempfile.gettempdir()) / "spark-mnist-download" / digest
-    staging.mkdir(parents=True, exist_ok=True)
+    staging = target if location.kind == "local" else Path(tempfile.gettempdir()) / "spark-mnist-download" / digest
+    for directory in (target, staging):
+        directory.mkdir(parents=True, exist_ok=True)
     return target, staging
 
 
@@ -238,9 +236,7 @@ def _local_copies(spec: DatasetSpec, roots: LocalRoots, stack: contextlib.ExitSt
 def _install_local(spec: DatasetSpec, split: str, kind: str, final: Path, candidates: Iterable[Path]) -> bool:
     """Install under ``final`` the first of ``candidates`` that is a file and verifies (``final`` itself stays where
     it is one; where it fails verification, it is deleted); whether one did."""
-    for candidate in candidates:
-        if not candidate.is_file():
-            continue
+    for candidate in filter(Path.is_file, candidates):
         try:
             verify_file(spec, split, kind, candidate)
         except InputError as e:
