@@ -262,11 +262,9 @@ def list_names(location: Location) -> list[str]:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file system failed (e.g. a directory that cannot be read).
     """
-    from pyarrow.fs import FileSelector, FileType  # not at the top: `import spark_mnist` imports this module (runs)
+    from pyarrow.fs import FileSelector  # not at the top: `import spark_mnist` imports this module (runs)
 
     fs, path = filesystem(location)
-    if fs.get_file_info(path).type != FileType.Directory:
-        return []
     return sorted(info.base_name for info in fs.get_file_info(FileSelector(path, allow_not_found=True)))
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gzip
 import hashlib
-import itertools
 import logging
 import os
 import shutil
@@ -33,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import requests
 import urllib3
@@ -57,7 +55,7 @@ _BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None, 
 USER_AGENT = f"spark-mnist/{__version__} {requests.utils.default_user_agent()}"
 # Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
 # errors.  Any other 4xx (403 Forbidden, 404 Not Found, ...) moves on to the next mirror at once.
-RETRYABLE_STATUS = frozenset({408, 425, 429})
+RETRYABLE_STATUS = frozenset({408, 425, 429, *range(500, 600)})
 # requests wraps what its GET raises, and urllib3 what reading the body raises (socket errors, timeouts, http.client's
 # IncompleteRead), in exceptions of their own.
 NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
@@ -180,12 +178,20 @@ def download(
             raise SourceError(f"{final.name}: no local copy verified and no mirror to download {spec.name} from")
         raise SourceError(f"{final.name}: could not download a verified copy from any mirror: " + "; ".join(tried))
 
+    roots = LocalRoots.default() if local_roots is None else local_roots
+    dirs = [root / spec.name for root in roots.datasets]
+    if spec.torchvision_folder is not None:
+        dirs += [root / spec.torchvision_folder / "raw" for root in roots.torchvision]
     wanted = [(split, kind, target / spec.file(split, kind).name) for split in SPLITS for kind in (IMAGES, LABELS)]
+    keras_dirs: list[Path] | None = None  # Keras' npz is converted at most once, and only for a file still missing
     with contextlib.ExitStack() as stack:
         http = session if session is not None else stack.enter_context(requests.Session())
-        local_copies = _local_copies(spec, LocalRoots.default() if local_roots is None else local_roots, stack)
         for split, kind, final in wanted:
-            if not _install_local(spec, split, kind, final, itertools.chain([final], local_copies(final.name))):
+            names = (final.name, final.name.removesuffix(".gz"))  # torchvision keeps the extracted file too
+            if _install_local(spec, split, kind, final, [final, *(d / name for d in dirs for name in names)]):
+                continue
+            keras_dirs = _keras_dirs(spec, roots, stack) if keras_dirs is None else keras_dirs
+            if not _install_local(spec, split, kind, final, [d / final.name for d in keras_dirs]):
                 fetch(split, kind, final, http)
     return {final.name: final for _, _, final in wanted}
 
@@ -205,32 +211,18 @@ def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     return target, staging
 
 
-def _local_copies(spec: DatasetSpec, roots: LocalRoots, stack: contextlib.ExitStack) -> Callable[[str], Iterator[Path]]:
-    """Where copies of a file of ``spec`` already on this machine may be, by file name: ``roots``' dataset and
-    torchvision directories (gz or not), then the IDX files of Keras' npz, converted at most once per download (into
-    temporary directories that ``stack`` removes)."""
-    dirs = [root / spec.name for root in roots.datasets]
-    if spec.torchvision_folder is not None:
-        dirs += [root / spec.torchvision_folder / "raw" for root in roots.torchvision]
-    keras_file = spec.keras_file
-
-    @functools.cache
-    def keras_dirs() -> list[Path]:
-        converted = []
-        for npz in filter(Path.is_file, (root / keras_file for root in roots.keras if keras_file is not None)):
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spark-mnist-keras-")))
-            try:
-                converted.append(npz_to_idx_dir(npz, scratch, spec=spec))
-                log.info("%s: converted Keras' MNIST arrays to IDX files", npz)
-            except InputError as e:
-                log.warning("ignoring %s: %s", npz, e)
-        return converted
-
-    def copies(name: str) -> Iterator[Path]:
-        yield from (directory / file for directory in dirs for file in (name, name.removesuffix(".gz")))
-        yield from (directory / name for directory in keras_dirs())
-
-    return copies
+def _keras_dirs(spec: DatasetSpec, roots: LocalRoots, stack: contextlib.ExitStack) -> list[Path]:
+    """The IDX files of ``spec``'s Keras npz under ``roots.keras``, converted into temporary directories that
+    ``stack`` removes; an npz that cannot be converted is ignored with a warning."""
+    converted = []
+    for npz in filter(Path.is_file, (root / spec.keras_file for root in roots.keras if spec.keras_file is not None)):
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spark-mnist-keras-")))
+        try:
+            converted.append(npz_to_idx_dir(npz, scratch, spec=spec))
+            log.info("%s: converted Keras' MNIST arrays to IDX files", npz)
+        except InputError as e:
+            log.warning("ignoring %s: %s", npz, e)
+    return converted
 
 
 def _install_local(spec: DatasetSpec, split: str, kind: str, final: Path, candidates: Iterable[Path]) -> bool:
@@ -286,8 +278,7 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
             log.info("%s: range from byte %d not satisfiable; checking the %d bytes already here", url, offset, offset)
             return True
         if status not in (200, 206):
-            retry = status in RETRYABLE_STATUS or status >= 500
-            raise (_Retryable if retry else _Failure)(f"{status} {response.reason}".strip())
+            raise (_Retryable if status in RETRYABLE_STATUS else _Failure)(f"{status} {response.reason}".strip())
         if status == 200 and offset:
             log.info("%s: server ignored the Range request (200); restarting from byte 0", url)
             part.unlink()
