@@ -4,7 +4,7 @@ name.
 
 Every operation takes a :class:`~spark_mnist.paths.Location`.  Where :mod:`os` can reach the place
 (:attr:`Location.is_local <spark_mnist.paths.Location.is_local>`: local disk, the ``/dbfs`` FUSE mount,
-``/Volumes``) it goes through pyarrow's ``LocalFileSystem`` (:mod:`os` for deletes and :func:`replacing`);
+``/Volumes``) it goes through pyarrow's ``LocalFileSystem`` (:mod:`shutil` for directory deletes, :func:`replacing`);
 everywhere else through :mod:`pyarrow.fs` (``s3://``, ``gs://``,
 ``hdfs://``, and ``abfss://`` where the installed pyarrow has it), or through fsspec for a scheme pyarrow lacks
 (``s3a://`` with s3fs installed, ``memory://``, ...).  ``dbfs:/`` without the FUSE mount (Spark Connect off the
