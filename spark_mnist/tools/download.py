@@ -199,8 +199,7 @@ def download(
 def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     """The target directory (created) and where ``.part`` files go: the target itself on local disk, a directory
     under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending)."""
-    require_local(to, "download")
-    location = normalize_uri(to)
+    location = normalize_uri(require_local(to, "download"))
     if location.os_path is None:
         raise SourceError(f"{location.local_path}: no {location.kind} mount on this machine (not on Databricks?)")
     target = Path(location.os_path)
