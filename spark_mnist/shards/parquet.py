@@ -34,10 +34,14 @@ __all__ = ["DEFAULT_READER_THREADS", "PAGE_CHECKSUMS", "record_batch", "write_ro
            "read_rows", "iter_batches"]  # fmt: skip
 
 DEFAULT_READER_THREADS = 2
-PARQUET_COMPRESSION = "snappy"
 # pyarrow 15 added write_page_checksum (ParquetWriter) and page_checksum_verification (ParquetFile).
 PAGE_CHECKSUMS = "page_checksum_verification" in inspect.signature(pq.ParquetFile.__init__).parameters
+# (index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64): rows read back.
+_Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
 _VERIFY = {"page_checksum_verification": True} if PAGE_CHECKSUMS else {}
+# Snappy, no dictionary encoding (every image is a distinct value), statistics on index and label only.
+_WRITE = dict(compression="snappy", use_dictionary=False, write_statistics=[contract.INDEX, contract.LABEL])
+_WRITE.update({"write_page_checksum": True} if PAGE_CHECKSUMS else {})
 
 
 def record_batch(start: int, images: np.ndarray, labels: np.ndarray) -> pa.RecordBatch:
@@ -66,19 +70,8 @@ def write_rows(sink: BinaryIO, start: int, images: np.ndarray, labels: np.ndarra
     """Write global rows ``start ..`` of ``images`` (n, H, W) uint8 and ``labels`` (n,) to ``sink`` as one Parquet
     file, in row groups of ``rows_per_group`` rows: Snappy, no dictionary encoding (every image is a distinct
     value), statistics on ``index`` and ``label`` only, page checksums where pyarrow writes them."""
-    schema = record_batch(start, images[:0], labels[:0]).schema
-    checksums = {"write_page_checksum": True} if PAGE_CHECKSUMS else {}
-    with pq.ParquetWriter(
-        sink,
-        schema,
-        compression=PARQUET_COMPRESSION,
-        use_dictionary=False,
-        write_statistics=[contract.INDEX, contract.LABEL],
-        **checksums,
-    ) as writer:
-        for lo in range(0, len(labels), rows_per_group):
-            hi = min(len(labels), lo + rows_per_group)
-            writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
+    table = pa.Table.from_batches([record_batch(start, images, labels)])
+    pq.write_table(table, sink, row_group_size=rows_per_group, **_WRITE)
 
 
 def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, start: int, rows_per_group: int) -> int:
@@ -182,24 +175,17 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
     Raises:
         DatasetMismatchError: a null or a row whose length is not ``row_bytes``.
     """
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if column.null_count:
+        raise DatasetMismatchError(f"{path}: {column.null_count} null images in column {contract.IMAGE!r}")
     parts = []
-    for chunk in chunks:
-        n = len(chunk)
-        if n == 0:
-            continue
-        if chunk.null_count:
-            raise DatasetMismatchError(f"{path}: {chunk.null_count} null images in column {contract.IMAGE!r}")
+    for chunk in _chunks(column):
         offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        if hi - lo != n * row_bytes or (n > 1 and not np.all(np.diff(offsets) == row_bytes)):
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        if np.any(np.diff(offsets) != row_bytes):
             raise DatasetMismatchError(f"{path}: images are not all {row_bytes} bytes (the contract's H*W)")
-        parts.append(np.frombuffer(data_buf, dtype=np.uint8)[lo:hi].reshape(n, row_bytes))
-    if not parts:
-        return np.empty((0, row_bytes), dtype=np.uint8)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts.append(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(-1, row_bytes))
+    return parts[0] if len(parts) == 1 else np.concatenate([np.empty((0, row_bytes), dtype=np.uint8), *parts])
 
 
 def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup, int, int]]:
@@ -209,25 +195,22 @@ def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup
 
 def read_pieces(
     pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int, threads: int = DEFAULT_READER_THREADS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> _Rows:
     """The rows of ``(row group, a, b)`` pieces, in piece order: ``(index (n,) int64, images (n, row_bytes) uint8,
     labels (n,) int64)``.  Row groups are decoded with ``threads`` readers and copied once into the result."""
     total = sum(b - a for _, a, b in pieces)
-    index = np.empty(total, dtype=np.int64)
-    images = np.empty((total, row_bytes), dtype=np.uint8)
-    labels = np.empty(total, dtype=np.int64)
+    result: _Rows = (np.empty(total, np.int64), np.empty((total, row_bytes), np.uint8), np.empty(total, np.int64))
     position = 0
-    groups = [g for g, _, _ in pieces]
-    for (group, a, b), (gi, gx, gy) in zip(pieces, _decode_groups(groups, row_bytes, threads)):
-        src, dst = slice(a - group.start, b - group.start), slice(position, position + b - a)
-        index[dst], images[dst], labels[dst] = gi[src], gx[src], gy[src]
+    for (group, a, b), decoded in zip(pieces, _decode_groups([g for g, _, _ in pieces], row_bytes, threads)):
+        for out, column in zip(result, decoded):
+            out[position : position + b - a] = column[a - group.start : b - group.start]
         position += b - a
-    return index, images, labels
+    return result
 
 
 def read_rows(
     plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> _Rows:
     """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
     return read_pieces(pieces_in(plan, lo, hi), row_bytes, threads)
 
@@ -245,25 +228,17 @@ def iter_batches(
     """
     if batch_size < 1:
         raise invalid("batch_size", batch_size, "at least 1")
-    held_images: list[np.ndarray] = []
-    held_labels: list[np.ndarray] = []
-    held = 0
-    for _, images, labels in _decode_groups(plan, row_bytes, threads):
-        held_images.append(images)
-        held_labels.append(labels)
-        held += len(labels)
-        if held < batch_size:
-            continue
-        all_images, all_labels = np.concatenate(held_images), np.concatenate(held_labels)
-        cut = held - held % batch_size
-        for lo in range(0, cut, batch_size):
-            yield all_images[lo : lo + batch_size], all_labels[lo : lo + batch_size]
-        held_images, held_labels, held = [all_images[cut:]], [all_labels[cut:]], held - cut
-    if held:
-        yield np.concatenate(held_images), np.concatenate(held_labels)
+    images, labels = np.empty((0, row_bytes), dtype=np.uint8), np.empty(0, dtype=np.int64)
+    for _, group_images, group_labels in _decode_groups(plan, row_bytes, threads):
+        images, labels = np.concatenate([images, group_images]), np.concatenate([labels, group_labels])
+        cut = len(labels) - len(labels) % batch_size
+        yield from ((images[lo : lo + batch_size], labels[lo : lo + batch_size]) for lo in range(0, cut, batch_size))
+        images, labels = images[cut:], labels[cut:]
+    if len(labels):
+        yield images, labels
 
 
-def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode_group(group: RowGroup, row_bytes: int) -> _Rows:
     with _open_parquet(group.path, group.metadata) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
     index = _int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
@@ -278,19 +253,18 @@ def _int_column(column, path: str = "<parquet>") -> np.ndarray:
     Raises:
         DatasetMismatchError: nulls, or a column that is not int32/int64.
     """
-    dtypes = {pa.int32(): np.int32, pa.int64(): np.int64}
-    if column.type not in dtypes:
+    dtype = {pa.int32(): np.int32, pa.int64(): np.int64}.get(column.type)
+    if dtype is None:
         raise DatasetMismatchError(f"{path}: column of type {column.type}: expected int32 or int64")
-    dtype = dtypes[column.type]
-    parts = []
-    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        if chunk.null_count:
-            raise DatasetMismatchError(f"{path}: {chunk.null_count} nulls in an integer column")
-        if len(chunk):
-            parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset : chunk.offset + len(chunk)])
-    if not parts:
-        return np.empty(0, dtype=dtype)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if column.null_count:
+        raise DatasetMismatchError(f"{path}: {column.null_count} nulls in an integer column")
+    parts = [np.frombuffer(c.buffers()[1], dtype=dtype)[c.offset : c.offset + len(c)] for c in _chunks(column)]
+    return parts[0] if len(parts) == 1 else np.concatenate([np.empty(0, dtype=dtype), *parts])
+
+
+def _chunks(column) -> list:
+    """The non-empty chunks of an Arrow array or chunked array."""
+    return [chunk for chunk in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]) if len(chunk)]
 
 
 def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
