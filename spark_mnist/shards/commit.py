@@ -174,18 +174,12 @@ def clean(out: Location, older_than: float | None = None) -> list[str]:
     current = current_manifest(out)
     if current is None:
         return []
-    names = fs.list_names(out)
-    removed = [
-        name
-        for name in names
-        if is_generation(name)
-        and name not in (current.generation, current.previous)
-        and _age_s(name) > older_than
-        and _remove(out.join(name))
-    ]
-    for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
-        if name.startswith(f".{MANIFEST_NAME}.tmp-") and _modified_s_ago(out.join(name)) > older_than:
-            _remove(out.join(name))
+    kept, removed = (current.generation, current.previous), []
+    for name in fs.list_names(out):
+        if is_generation(name) and name not in kept and _age_s(name) > older_than and _remove(out.join(name)):
+            removed.append(name)
+        elif name.startswith(f".{MANIFEST_NAME}.tmp-") and _modified_s_ago(out.join(name)) > older_than:
+            _remove(out.join(name))  # a manifest's temporary file, left by an ingest killed before its os.replace
     if removed:
         log.info("%s: removed %d generation(s) no manifest needs: %s", out.shown, len(removed), ", ".join(removed))
     return removed
@@ -196,6 +190,7 @@ def _remove(location: Location) -> bool:
     Two racing clean-ups may delete the same generation: the store then refuses the second one's deletes of what
     the first removed (Azure: "Failed to delete blobs"), so a failure is retried once before it counts."""
     for attempt in range(2):
+        time.sleep(0.1 * attempt)  # before the second try
         try:
             fs.delete(location)
             return True
@@ -204,8 +199,6 @@ def _remove(location: Location) -> bool:
         with contextlib.suppress(OSError):
             if not fs.exists(location):
                 return True
-        if attempt == 0:
-            time.sleep(0.1)
     log.warning("%s: could not remove it (%s); the next clean-up tries again", location.shown, error)
     return False
 
