@@ -32,12 +32,10 @@ import numpy as np
 
 from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError, SourceError, check_choice
-from spark_mnist.paths import normalize_uri, redact
+from spark_mnist.paths import Location, normalize_uri, redact
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
-
-    from spark_mnist.paths import Location
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "ROW_GROUP_BYTES", "INDEX", "IMAGE", "LABEL", "COLUMNS", "shard_bounds",
            "shard_path", "ShardFile", "Split", "Manifest", "read_manifest", "Dataset", "open_dataset"]  # fmt: skip
@@ -143,14 +141,12 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetNotFoundError(f"{where}: unreadable manifest ({e})") from e
         version = doc.get("schema_version") if isinstance(doc, dict) else None
-        if version == 1:
-            raise DatasetNotFoundError(
-                f"{where}: a dataset of schema version 1 (spark-mnist 0.1), which this "
-                f"version no longer reads; re-ingest it with `spark-mnist ingest`"
-            )
         if version != SCHEMA_VERSION:
             raise DatasetNotFoundError(
-                f"{where}: schema version {version!r}, this package reads version {SCHEMA_VERSION}; re-run ingest"
+                f"{where}: a dataset of schema version 1 (spark-mnist 0.1), which this version no longer reads; "
+                "re-ingest it with `spark-mnist ingest`"
+                if version == 1
+                else f"{where}: schema version {version!r}, this package reads version {SCHEMA_VERSION}; re-run ingest"
             )
         try:
             height, width = (int(n) for n in doc["image_shape"])
@@ -202,28 +198,16 @@ class Dataset:
         manifest: the :class:`Manifest` read when the dataset was opened; later ingests do not change this object.
         filesystem, root: the pyarrow file system that serves ``OUT`` and ``OUT``'s path on it
             (:func:`spark_mnist.fs.filesystem`).
+        splits: the manifest's split names (``["train", "test"]``).
+        image_shape: (H, W) in pixels.
+        classes: class names, label ``i`` is ``classes[i]``.
+        dataset: the registry name of the ingested dataset.
     """
 
-    def __init__(self, location: "Location", manifest: Manifest, filesystem: "FileSystem", root: str):
+    def __init__(self, location: Location, manifest: Manifest, filesystem: "FileSystem", root: str):
         self.location, self.manifest, self.filesystem, self.root = location, manifest, filesystem, root
-
-    @property
-    def splits(self) -> list[str]:
-        return list(self.manifest.splits)
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """(H, W) in pixels."""
-        return self.manifest.image_shape
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.manifest.classes
-
-    @property
-    def dataset(self) -> str:
-        """The registry name of the ingested dataset."""
-        return self.manifest.dataset
+        self.splits = list(manifest.splits)
+        self.image_shape, self.classes, self.dataset = manifest.image_shape, manifest.classes, manifest.dataset
 
     def split(self, split: str) -> Split:
         """The :class:`Split` ``split``.

@@ -56,10 +56,9 @@ def record_batch(start: int, images: np.ndarray, labels: np.ndarray) -> pa.Recor
         A record batch with the columns ``index`` (int64), ``image`` (binary), ``label`` (int32).
     """
     n = len(labels)
-    row_bytes = int(np.prod(images.shape[1:]))
-    pixels = np.ascontiguousarray(images).reshape(-1)
-    offsets = np.arange(0, (n + 1) * row_bytes, row_bytes, dtype=np.int32)
-    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(pixels)])
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(np.prod(images.shape[1:]))  # H*W bytes a row
+    pixels = pa.py_buffer(np.ascontiguousarray(images))
+    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pixels])
     # Arrays straight from their buffers: pa.array(ndarray) imports pandas, seconds in a fresh task or process.
     index = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(np.arange(start, start + n, dtype=np.int64))])
     label = pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(np.ascontiguousarray(labels, dtype=np.int32))])
@@ -97,21 +96,18 @@ def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, st
     try:
         with filesystem.open_output_stream(base) as sink:
             write_rows(sink, start, images, labels, rows_per_group)
-            size = sink.tell()
+            return sink.tell()
     except BaseException:
         with contextlib.suppress(OSError):  # the stream may have failed before creating the file
             filesystem.delete_file(base)
         raise
-    return size
 
 
 @functools.lru_cache(maxsize=64)
 def _opener(path: str):
     """``(file system, path on it)`` of a shard named by a local path or a URI."""
     location = normalize_uri(path)
-    if location.is_local:
-        return None, location.local_path
-    return fs.filesystem(location)
+    return (None, location.local_path) if location.is_local else fs.filesystem(location)
 
 
 def _open_parquet(path: str, metadata=None) -> pq.ParquetFile:
@@ -147,7 +143,7 @@ def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
     URLs (petastorm's converter names its files so) or object stores' URIs, each opened by :func:`_open_parquet`.
     """
     plan, start = [], 0
-    for path in sorted(paths, key=_sort_key):
+    for path in sorted(paths, key=lambda path: normalize_uri(path).local_path or normalize_uri(path).uri):
         with _open_parquet(path) as f:
             metadata = f.metadata
         for i in range(metadata.num_row_groups):
@@ -156,11 +152,6 @@ def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
                 plan.append(RowGroup(path, i, start, rows, metadata))
                 start += rows
     return plan
-
-
-def _sort_key(path: str) -> str:
-    location = normalize_uri(path)
-    return location.local_path if location.local_path is not None else location.uri
 
 
 def total_rows(plan: Sequence[RowGroup]) -> int:
