@@ -70,17 +70,17 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
 
 
 def split_arrays(dataset: contract.Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """One split of an opened ingested dataset, whole, in file order: ``images`` uint8 (N, H, W) and ``labels``
-    uint8 (N,), checked against the registry entry of the manifest's dataset.
+    """One split of an opened ingested dataset, whole, in index order (the order its shards hold):
+    ``images`` uint8 (N, H, W) and ``labels`` uint8 (N,), checked against the registry entry of the manifest's
+    dataset.
 
     Raises:
         DatasetMismatchError: images or labels that do not fit the registry entry (a damaged dataset).
     """
     shape = dataset.image_shape
     plan = plan_row_groups(dataset.files(split))
-    index, pixels, labels = read_rows(plan, 0, total_rows(plan), int(np.prod(shape)))
-    order = np.argsort(index, kind="stable")
-    images, labels = pixels[order].reshape(-1, *shape), labels[order].astype(np.uint8)
+    _, pixels, labels = read_rows(plan, 0, total_rows(plan), int(np.prod(shape)))
+    images, labels = pixels.reshape(-1, *shape), labels.astype(np.uint8)
     where = f"{dataset.location.shown}/{split}"
     validate_split(get_dataset(dataset.dataset), images, labels, where, where)
     return images, labels

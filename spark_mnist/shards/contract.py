@@ -57,8 +57,7 @@ MANIFEST_READ_TRIES, MANIFEST_READ_PAUSE_S = 5, 0.05
 def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
     """Row boundaries of ``num_shards`` contiguous shards over ``rows`` rows: shard k is ``[b[k], b[k+1])``; sizes
     differ by at most one.  ``num_shards`` is capped at ``rows`` so that no shard is empty."""
-    shards = max(1, min(num_shards, rows))
-    return np.linspace(0, rows, shards + 1).round().astype(np.int64)
+    return np.linspace(0, rows, max(1, min(num_shards, rows)) + 1).round().astype(np.int64)
 
 
 def shard_path(generation: str, split: str, k: int) -> str:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spark_mnist import fs
-from spark_mnist.errors import DatasetMismatchError, invalid
+from spark_mnist.errors import DatasetMismatchError
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
@@ -213,12 +213,11 @@ def iter_batches(
     ``(images (n, row_bytes) uint8, labels (n,) int64)``.  Each row group is decoded once, in plan order, with
     ``threads`` readers; torch-free, for whoever reads a whole split in order (evaluation, the side tools).
 
+    ``batch_size`` is at least 1 (:func:`spark_mnist.tools.evaluate.evaluate_model` checks it first).
+
     Raises:
-        ValueError: ``batch_size`` below 1.
         DatasetMismatchError: a row group that does not decode as the shard contract.
     """
-    if batch_size < 1:
-        raise invalid("batch_size", batch_size, "at least 1")
     images, labels = np.empty((0, row_bytes), dtype=np.uint8), np.empty(0, dtype=np.int64)
     for _, group_images, group_labels in _decode_groups(plan, row_bytes, threads):
         images, labels = np.concatenate([images, group_images]), np.concatenate([labels, group_labels])
@@ -232,13 +231,12 @@ def iter_batches(
 def _decode_group(group: RowGroup, row_bytes: int) -> _Rows:
     with _open_parquet(group.path, group.metadata) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
-    index = _int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
-    labels = _int_column(table.column(contract.LABEL), group.path).astype(np.int64)
+    index, labels = (_int_column(table.column(name), group.path) for name in (contract.INDEX, contract.LABEL))
     return index, decode_images(table.column(contract.IMAGE), row_bytes, group.path), labels
 
 
 def _int_column(column, path: str = "<parquet>") -> np.ndarray:
-    """An int32/int64 Arrow column as a numpy array, straight from its buffers (``to_numpy`` would import pandas
+    """An int32/int64 Arrow column as an int64 numpy array, straight from its buffers (``to_numpy`` would import pandas
     in pyarrow 14, which costs more than reading a whole split).
 
     Raises:
@@ -250,7 +248,7 @@ def _int_column(column, path: str = "<parquet>") -> np.ndarray:
     if column.null_count:
         raise DatasetMismatchError(f"{path}: {column.null_count} nulls in an integer column")
     parts = [np.frombuffer(c.buffers()[1], dtype=dtype)[c.offset : c.offset + len(c)] for c in _chunks(column)]
-    return parts[0] if len(parts) == 1 else np.concatenate([np.empty(0, dtype=dtype), *parts])
+    return np.concatenate([np.empty(0, dtype=np.int64), *parts])  # int64, a copy the caller owns
 
 
 def _chunks(column) -> list:
