@@ -69,8 +69,11 @@ def write_rows(sink: BinaryIO, start: int, images: np.ndarray, labels: np.ndarra
     """Write global rows ``start ..`` of ``images`` (n, H, W) uint8 and ``labels`` (n,) to ``sink`` as one Parquet
     file, in row groups of ``rows_per_group`` rows: Snappy, no dictionary encoding (every image is a distinct
     value), statistics on ``index`` and ``label`` only, page checksums where pyarrow writes them."""
-    table = pa.Table.from_batches([record_batch(start, images, labels)])
-    pq.write_table(table, sink, row_group_size=rows_per_group, **_WRITE)
+    schema = record_batch(start, images[:0], labels[:0]).schema
+    with pq.ParquetWriter(sink, schema, **_WRITE) as writer:
+        for lo in range(0, len(labels), rows_per_group):  # one record batch a row group, written as it is made
+            hi = lo + rows_per_group
+            writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
 
 
 def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, start: int, rows_per_group: int) -> int:
