@@ -263,8 +263,7 @@ def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
     """Decode ``groups`` with ``threads`` readers, yielding results in ``groups`` order (so order never depends on
     the thread count)."""
     if threads <= 1 or len(groups) <= 1:
-        for g in groups:
-            yield _decode_group(g, row_bytes)
+        yield from (_decode_group(g, row_bytes) for g in groups)
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-reader") as pool:
         yield from pool.map(lambda g: _decode_group(g, row_bytes), groups)
