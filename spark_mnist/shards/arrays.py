@@ -47,25 +47,19 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
         DatasetNotFoundError: a URI with no complete ingested dataset (as :func:`open_dataset`).
         IdxFormatError, DatasetMismatchError, InputError: as ingest, for the same defects.
     """
-    location = normalize_uri(path)
-    local = location.os_path
-    if local is None:  # an object store: only an ingested dataset
-        return _from_parquet(os.fspath(path))
-    if not os.path.exists(local):
+    local = normalize_uri(path).os_path
+    if local is not None and not os.path.exists(local):
         raise SourceError(f"{path}: not found (load_data reads local, /dbfs/ or /Volumes/ paths)")
-    if local.endswith(".npz"):
+    if local is not None and local.endswith(".npz"):
         loaded = load_keras_npz(local, get_dataset(dataset))  # checked as ingest checks IDX files
         return loaded["train"], loaded["test"]
-    if os.path.exists(os.path.join(local, contract.MANIFEST_NAME)):
-        return _from_parquet(local)
-    return _from_idx(local, dataset)
-
-
-def _from_idx(directory: str, dataset: str) -> Arrays:
+    if local is None or os.path.exists(os.path.join(local, contract.MANIFEST_NAME)):  # object stores: ingested only
+        opened = contract.open_dataset(os.fspath(path) if local is None else local)
+        return split_arrays(opened, "train"), split_arrays(opened, "test")
     spec = get_dataset(dataset)
     result = []
     for split in SPLITS:
-        paths = {kind: os.path.join(directory, spec.file(split, kind).name) for kind in (IMAGES, LABELS)}
+        paths = {kind: os.path.join(local, spec.file(split, kind).name) for kind in (IMAGES, LABELS)}
         missing = [p for p in paths.values() if not os.path.exists(p)]
         if missing:
             raise SourceError(f"{', '.join(missing)}: file not found")
@@ -75,24 +69,18 @@ def _from_idx(directory: str, dataset: str) -> Arrays:
     return result[0], result[1]
 
 
-def _from_parquet(directory: str) -> Arrays:
-    dataset = contract.open_dataset(directory)
-    train, test = (split_arrays(dataset, split) for split in SPLITS)
-    return train, test
-
-
 def split_arrays(dataset: contract.Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """One split of an opened ingested dataset, whole, in file order: ``images`` uint8 (N, H, W) and ``labels``
-    uint8 (N,), checked against the registry entry of the manifest's dataset.
+    """One split of an opened ingested dataset, whole, in index order (the order its shards hold):
+    ``images`` uint8 (N, H, W) and ``labels`` uint8 (N,), checked against the registry entry of the manifest's
+    dataset.
 
     Raises:
         DatasetMismatchError: images or labels that do not fit the registry entry (a damaged dataset).
     """
     shape = dataset.image_shape
     plan = plan_row_groups(dataset.files(split))
-    index, pixels, labels = read_rows(plan, 0, total_rows(plan), int(np.prod(shape)))
-    order = np.argsort(index, kind="stable")
-    images, labels = pixels[order].reshape(-1, *shape), labels[order].astype(np.uint8)
+    _, pixels, labels = read_rows(plan, 0, total_rows(plan), int(np.prod(shape)))
+    images, labels = pixels.reshape(-1, *shape), labels.astype(np.uint8)
     where = f"{dataset.location.shown}/{split}"
     validate_split(get_dataset(dataset.dataset), images, labels, where, where)
     return images, labels
@@ -105,7 +93,6 @@ def write_local_dataset(
     *,
     num_shards: int = 1,
     rows_per_group: int | None = None,
-    source: dict | None = None,
 ) -> contract.Manifest:
     """Write ``arrays`` (``{split: (images (n, H, W) uint8, labels (n,))}``) as a dataset of ``spec`` at ``output``
     (any spelling :func:`spark_mnist.paths.normalize_uri` accepts, object stores included) without Spark: the same
@@ -123,8 +110,7 @@ def write_local_dataset(
             then discarded).
     """
     out = normalize_uri(output)
-    image_shape = spec.image_shape
-    rows_per_group = rows_per_group or max(1, contract.ROW_GROUP_BYTES // int(np.prod(image_shape)))
+    rows_per_group = rows_per_group or max(1, contract.ROW_GROUP_BYTES // int(np.prod(spec.image_shape)))
     with writing(out) as ingest:
         splits = {}
         for name, (images, labels) in arrays.items():
@@ -134,20 +120,8 @@ def write_local_dataset(
                 path = contract.shard_path(ingest.generation, name, k)
                 size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
                 files.append(contract.ShardFile(path, size, int(hi - lo)))
-            splits[name] = contract.Split(
-                rows=len(labels),
-                files=tuple(files),
-                label_histogram=tuple(
-                    np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()
-                ),
-            )
-        manifest = contract.Manifest(
-            generation=ingest.generation,
-            dataset=spec.name,
-            classes=tuple(spec.classes),
-            image_shape=image_shape,
-            splits=splits,
-            source=source or {},
-            package_version=__version__,
-        )
+            histogram = np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()
+            splits[name] = contract.Split(len(labels), tuple(files), tuple(histogram))
+        classes, shape = tuple(spec.classes), spec.image_shape
+        manifest = contract.Manifest(ingest.generation, spec.name, classes, shape, splits, package_version=__version__)
         return publish(out, manifest, ingest)

@@ -49,8 +49,7 @@ def new_generation(after: str | None = None) -> str:
     """A new generation name, ``<UTC time, microseconds>Z_<12 hex digits>``, e.g.
     ``20261203T141352123456Z_3f2a9c01b7d4``; later than ``after`` (the current manifest's generation) even where
     this machine's clock is behind the one that wrote it, so names sort by start."""
-    now = datetime.now(timezone.utc)
-    previous = generation_start(after) if after is not None else None
+    now, previous = datetime.now(timezone.utc), generation_start(after or "")
     if previous is not None:
         now = max(now, previous + timedelta(microseconds=1))
     return f"{now.strftime(GENERATION_TIME)}_{uuid.uuid4().hex[:12]}"
@@ -174,18 +173,12 @@ def clean(out: Location, older_than: float | None = None) -> list[str]:
     current = current_manifest(out)
     if current is None:
         return []
-    names = fs.list_names(out)
-    removed = [
-        name
-        for name in names
-        if is_generation(name)
-        and name not in (current.generation, current.previous)
-        and _age_s(name) > older_than
-        and _remove(out.join(name))
-    ]
-    for name in names:  # a manifest's temporary file, left by an ingest killed before its os.replace
-        if name.startswith(f".{MANIFEST_NAME}.tmp-") and _modified_s_ago(out.join(name)) > older_than:
-            _remove(out.join(name))
+    kept, removed = (current.generation, current.previous), []
+    for name in fs.list_names(out):
+        if is_generation(name) and name not in kept and _age_s(name) > older_than and _remove(out.join(name)):
+            removed.append(name)
+        elif name.startswith(f".{MANIFEST_NAME}.tmp-") and _modified_s_ago(out.join(name)) > older_than:
+            _remove(out.join(name))  # a manifest's temporary file, left by an ingest killed before its os.replace
     if removed:
         log.info("%s: removed %d generation(s) no manifest needs: %s", out.shown, len(removed), ", ".join(removed))
     return removed
@@ -196,6 +189,7 @@ def _remove(location: Location) -> bool:
     Two racing clean-ups may delete the same generation: the store then refuses the second one's deletes of what
     the first removed (Azure: "Failed to delete blobs"), so a failure is retried once before it counts."""
     for attempt in range(2):
+        time.sleep(0.1 * attempt)  # before the second try
         try:
             fs.delete(location)
             return True
@@ -204,8 +198,6 @@ def _remove(location: Location) -> bool:
         with contextlib.suppress(OSError):
             if not fs.exists(location):
                 return True
-        if attempt == 0:
-            time.sleep(0.1)
     log.warning("%s: could not remove it (%s); the next clean-up tries again", location.shown, error)
     return False
 

@@ -25,19 +25,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spark_mnist import fs
 from spark_mnist.errors import DatasetNotFoundError, SourceError, check_choice
-from spark_mnist.paths import normalize_uri, redact
+from spark_mnist.paths import Location, normalize_uri, redact
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
-
-    from spark_mnist.paths import Location
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "ROW_GROUP_BYTES", "INDEX", "IMAGE", "LABEL", "COLUMNS", "shard_bounds",
            "shard_path", "ShardFile", "Split", "Manifest", "read_manifest", "Dataset", "open_dataset"]  # fmt: skip
@@ -49,28 +47,22 @@ MANIFEST_NAME = "_manifest.json"
 ROW_GROUP_BYTES = 2**20
 INDEX, IMAGE, LABEL = "index", "image", "label"
 COLUMNS = (INDEX, IMAGE, LABEL)
-# Column -> (Spark SQL type, Arrow type name): long, binary, int.
-COLUMN_TYPES = {INDEX: ("bigint", "int64"), IMAGE: ("binary", "binary"), LABEL: ("int", "int32")}
+# Column -> Spark SQL type (long, binary, int), as the manifest records it.
+COLUMN_TYPES = {INDEX: "bigint", IMAGE: "binary", LABEL: "int"}
 # A manifest read while a mount without rename is still writing it (whole-object write, see fs.write_whole) is read
 # again this many times, this many seconds apart, before it counts as unreadable.
 MANIFEST_READ_TRIES, MANIFEST_READ_PAUSE_S = 5, 0.05
 
 
-def _shard_name(k: int) -> str:
-    """The file name of shard ``k`` of a split."""
-    return f"part-{k:05d}.parquet"
-
-
 def shard_bounds(rows: int, num_shards: int) -> np.ndarray:
     """Row boundaries of ``num_shards`` contiguous shards over ``rows`` rows: shard k is ``[b[k], b[k+1])``; sizes
     differ by at most one.  ``num_shards`` is capped at ``rows`` so that no shard is empty."""
-    shards = max(1, min(num_shards, rows))
-    return np.linspace(0, rows, shards + 1).round().astype(np.int64)
+    return np.linspace(0, rows, max(1, min(num_shards, rows)) + 1).round().astype(np.int64)
 
 
 def shard_path(generation: str, split: str, k: int) -> str:
     """The path of shard ``k`` of ``split`` relative to ``OUT``: ``<generation>/<split>/part-NNNNN.parquet``."""
-    return f"{generation}/{split}/{_shard_name(k)}"
+    return f"{generation}/{split}/part-{k:05d}.parquet"
 
 
 @dataclass(frozen=True)
@@ -127,31 +119,13 @@ class Manifest:
         """Every shard file of every split."""
         return [f for split in self.splits.values() for f in split.files]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON document, as written to ``_manifest.json``."""
-        return {
-            "schema_version": self.schema_version,
-            "package_version": self.package_version,
-            "generation": self.generation,
-            "previous": self.previous,
-            "dataset": self.dataset,
-            "classes": list(self.classes),
-            "image_shape": list(self.image_shape),
-            "columns": {name: spark_type for name, (spark_type, _) in COLUMN_TYPES.items()},
-            "created_unix": self.created_unix,
-            "source": self.source,
-            "splits": {
-                name: {
-                    "rows": s.rows,
-                    "label_histogram": list(s.label_histogram),
-                    "files": [{"path": f.path, "bytes": f.bytes, "rows": f.rows} for f in s.files],
-                }
-                for name, s in self.splits.items()
-            },
-        }
-
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        """The JSON document written to ``_manifest.json``: the fields above and the columns' Spark SQL types."""
+        return json.dumps({**asdict(self), "columns": COLUMN_TYPES}, indent=2) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, as written to ``_manifest.json`` (:meth:`to_json`) and read back."""
+        return json.loads(self.to_json())
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> "Manifest":
@@ -166,35 +140,26 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetNotFoundError(f"{where}: unreadable manifest ({e})") from e
         version = doc.get("schema_version") if isinstance(doc, dict) else None
-        if version == 1:
-            raise DatasetNotFoundError(
-                f"{where}: a dataset of schema version 1 (spark-mnist 0.1), which this "
-                f"version no longer reads; re-ingest it with `spark-mnist ingest`"
-            )
         if version != SCHEMA_VERSION:
             raise DatasetNotFoundError(
-                f"{where}: schema version {version!r}, this package reads version {SCHEMA_VERSION}; re-run ingest"
+                f"{where}: a dataset of schema version 1 (spark-mnist 0.1), which this version no longer reads; "
+                "re-ingest it with `spark-mnist ingest`"
+                if version == 1
+                else f"{where}: schema version {version!r}, this package reads version {SCHEMA_VERSION}; re-run ingest"
             )
         try:
-            return cls(
-                generation=doc["generation"],
-                previous=doc.get("previous"),
-                dataset=doc["dataset"],
-                classes=tuple(str(c) for c in doc["classes"]),
-                image_shape=_height_width(doc["image_shape"]),
-                splits={
-                    name: Split(
-                        rows=int(s["rows"]),
-                        label_histogram=tuple(s.get("label_histogram", ())),
-                        files=tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"])) for f in s["files"]),
-                    )
-                    for name, s in doc["splits"].items()
-                },
-                source=doc.get("source", {}),
-                package_version=doc.get("package_version", ""),
-                created_unix=doc.get("created_unix", 0.0),
-                schema_version=version,
-            )
+            height, width = (int(n) for n in doc["image_shape"])
+            splits = {
+                name: Split(
+                    int(s["rows"]),
+                    tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"])) for f in s["files"]),
+                    tuple(s.get("label_histogram", ())),
+                )
+                for name, s in doc["splits"].items()
+            }
+            kept = {k: doc[k] for k in ("source", "previous", "package_version", "created_unix") if k in doc}
+            classes = tuple(str(c) for c in doc["classes"])
+            return cls(doc["generation"], doc["dataset"], classes, (height, width), splits, **kept)
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetNotFoundError(f"{where}: manifest without a valid {e} entry; re-run ingest") from e
 
@@ -209,32 +174,19 @@ def read_manifest(filesystem: "FileSystem", root: str, where: str) -> Manifest |
         DatasetNotFoundError: as :meth:`Manifest.from_json`.
         OSError: the store failed on every try.
     """
-    for attempt in range(MANIFEST_READ_TRIES):
+    for attempt in range(1, MANIFEST_READ_TRIES + 1):
         try:
             with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}") as stream:
-                text = stream.read()
+                return Manifest.from_json(stream.read(), where)
         except FileNotFoundError:
             return None
-        except OSError:
-            if attempt == MANIFEST_READ_TRIES - 1:
+        except (OSError, DatasetNotFoundError) as e:
+            # Tried again: a failing store, or text that is no JSON (a write caught midway); not a JSON manifest.
+            torn = isinstance(e, OSError) or isinstance(e.__cause__, (json.JSONDecodeError, UnicodeDecodeError))
+            if attempt == MANIFEST_READ_TRIES or not torn:
                 raise
-            time.sleep(MANIFEST_READ_PAUSE_S)
-            continue
-        try:
-            return Manifest.from_json(text, where)
-        except DatasetNotFoundError:
-            if attempt == MANIFEST_READ_TRIES - 1 or (text.strip() and _is_json(text)):
-                raise
-            time.sleep(MANIFEST_READ_PAUSE_S)
-    return None  # not reached
-
-
-def _is_json(text: bytes) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
+        time.sleep(MANIFEST_READ_PAUSE_S)
+    return None  # not reached: the last try returns or raises
 
 
 class Dataset:
@@ -245,28 +197,16 @@ class Dataset:
         manifest: the :class:`Manifest` read when the dataset was opened; later ingests do not change this object.
         filesystem, root: the pyarrow file system that serves ``OUT`` and ``OUT``'s path on it
             (:func:`spark_mnist.fs.filesystem`).
+        splits: the manifest's split names (``["train", "test"]``).
+        image_shape: (H, W) in pixels.
+        classes: class names, label ``i`` is ``classes[i]``.
+        dataset: the registry name of the ingested dataset.
     """
 
-    def __init__(self, location: "Location", manifest: Manifest, filesystem: "FileSystem", root: str):
+    def __init__(self, location: Location, manifest: Manifest, filesystem: "FileSystem", root: str):
         self.location, self.manifest, self.filesystem, self.root = location, manifest, filesystem, root
-
-    @property
-    def splits(self) -> list[str]:
-        return list(self.manifest.splits)
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """(H, W) in pixels."""
-        return self.manifest.image_shape
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.manifest.classes
-
-    @property
-    def dataset(self) -> str:
-        """The registry name of the ingested dataset."""
-        return self.manifest.dataset
+        self.splits = list(manifest.splits)
+        self.image_shape, self.classes, self.dataset = manifest.image_shape, manifest.classes, manifest.dataset
 
     def split(self, split: str) -> Split:
         """The :class:`Split` ``split``.
@@ -291,44 +231,8 @@ class Dataset:
         return [f"{self.root}/{f.path}" for f in self.split(split).files]
 
     def __repr__(self) -> str:
-        return (
-            f"Dataset({self.location.shown!r}, {self.dataset}, generation {self.manifest.generation}, "
-            + ", ".join(f"{name} {s.rows} rows" for name, s in self.manifest.splits.items())
-            + ")"
-        )
-
-
-def _height_width(value: Any) -> tuple[int, int]:
-    """A manifest's ``image_shape``, ``[H, W]``, as a pair of ints.
-
-    Raises:
-        ValueError: not two numbers (a corrupt manifest; :meth:`Manifest.from_json` names it).
-    """
-    height, width = (int(n) for n in value)
-    return height, width
-
-
-def _check_files(filesystem: "FileSystem", root: str, where: "Location", files: list[ShardFile]) -> None:
-    """Check that every one of ``files`` exists under ``root`` with the size the manifest gives it.
-
-    Raises:
-        DatasetNotFoundError: the first missing or resized file, named with both sizes.
-    """
-    from pyarrow.fs import FileType  # pyarrow where a dataset is opened: fs and the commit import without it
-
-    infos = filesystem.get_file_info([f"{root}/{f.path}" for f in files])
-    for shard, info in zip(files, infos):
-        uri = where.join(*shard.path.split("/")).shown
-        if info.type == FileType.NotFound:
-            raise DatasetNotFoundError(
-                f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
-                f"was removed or replaced under the reader, re-run ingest or reopen it"
-            )
-        if info.size != shard.bytes:
-            raise DatasetNotFoundError(
-                f"{uri}: {info.size} bytes, the manifest says {shard.bytes}: the file was "
-                f"changed after the ingest; re-run ingest"
-            )
+        rows = ", ".join(f"{name} {s.rows} rows" for name, s in self.manifest.splits.items())
+        return f"Dataset({self.location.shown!r}, {self.dataset}, generation {self.manifest.generation}, {rows})"
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:
@@ -347,6 +251,8 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`), or a store that
             fails to answer (the message names the manifest and pyarrow's error).
     """
+    from pyarrow.fs import FileType  # pyarrow where a dataset is opened: fs and the commit import without it
+
     location = normalize_uri(path)
     filesystem, root = fs.filesystem(location)
     root = root.rstrip("/") or root
@@ -360,5 +266,17 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
             f"{where}: no manifest, so no complete dataset here; run `spark-mnist ingest "
             f"--output {redact(os.fspath(path))}` first"
         )
-    _check_files(filesystem, root, location, manifest.files())
+    files = manifest.files()
+    for shard, info in zip(files, filesystem.get_file_info([f"{root}/{f.path}" for f in files])):
+        uri = location.join(*shard.path.split("/")).shown
+        if info.type == FileType.NotFound:
+            raise DatasetNotFoundError(
+                f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
+                f"was removed or replaced under the reader, re-run ingest or reopen it"
+            )
+        if info.size != shard.bytes:
+            raise DatasetNotFoundError(
+                f"{uri}: {info.size} bytes, the manifest says {shard.bytes}: the file was "
+                f"changed after the ingest; re-run ingest"
+            )
     return Dataset(location, manifest, filesystem, root)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spark_mnist import fs
-from spark_mnist.errors import DatasetMismatchError, invalid
+from spark_mnist.errors import DatasetMismatchError
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
@@ -34,10 +34,14 @@ __all__ = ["DEFAULT_READER_THREADS", "PAGE_CHECKSUMS", "record_batch", "write_ro
            "read_rows", "iter_batches"]  # fmt: skip
 
 DEFAULT_READER_THREADS = 2
-PARQUET_COMPRESSION = "snappy"
 # pyarrow 15 added write_page_checksum (ParquetWriter) and page_checksum_verification (ParquetFile).
 PAGE_CHECKSUMS = "page_checksum_verification" in inspect.signature(pq.ParquetFile.__init__).parameters
+# (index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64): rows read back.
+_Rows = tuple[np.ndarray, np.ndarray, np.ndarray]
 _VERIFY = {"page_checksum_verification": True} if PAGE_CHECKSUMS else {}
+# Snappy, no dictionary encoding (every image is a distinct value), statistics on index and label only.
+_WRITE = dict(compression="snappy", use_dictionary=False, write_statistics=[contract.INDEX, contract.LABEL])
+_WRITE.update({"write_page_checksum": True} if PAGE_CHECKSUMS else {})
 
 
 def record_batch(start: int, images: np.ndarray, labels: np.ndarray) -> pa.RecordBatch:
@@ -52,10 +56,9 @@ def record_batch(start: int, images: np.ndarray, labels: np.ndarray) -> pa.Recor
         A record batch with the columns ``index`` (int64), ``image`` (binary), ``label`` (int32).
     """
     n = len(labels)
-    row_bytes = int(np.prod(images.shape[1:]))
-    pixels = np.ascontiguousarray(images).reshape(-1)
-    offsets = np.arange(0, (n + 1) * row_bytes, row_bytes, dtype=np.int32)
-    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(pixels)])
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(np.prod(images.shape[1:]))  # H*W bytes a row
+    pixels = pa.py_buffer(np.ascontiguousarray(images))
+    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pixels])
     # Arrays straight from their buffers: pa.array(ndarray) imports pandas, seconds in a fresh task or process.
     index = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(np.arange(start, start + n, dtype=np.int64))])
     label = pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(np.ascontiguousarray(labels, dtype=np.int32))])
@@ -67,17 +70,9 @@ def write_rows(sink: BinaryIO, start: int, images: np.ndarray, labels: np.ndarra
     file, in row groups of ``rows_per_group`` rows: Snappy, no dictionary encoding (every image is a distinct
     value), statistics on ``index`` and ``label`` only, page checksums where pyarrow writes them."""
     schema = record_batch(start, images[:0], labels[:0]).schema
-    checksums = {"write_page_checksum": True} if PAGE_CHECKSUMS else {}
-    with pq.ParquetWriter(
-        sink,
-        schema,
-        compression=PARQUET_COMPRESSION,
-        use_dictionary=False,
-        write_statistics=[contract.INDEX, contract.LABEL],
-        **checksums,
-    ) as writer:
-        for lo in range(0, len(labels), rows_per_group):
-            hi = min(len(labels), lo + rows_per_group)
+    with pq.ParquetWriter(sink, schema, **_WRITE) as writer:
+        for lo in range(0, len(labels), rows_per_group):  # one record batch a row group, written as it is made
+            hi = lo + rows_per_group
             writer.write_batch(record_batch(start + lo, images[lo:hi], labels[lo:hi]))
 
 
@@ -104,21 +99,18 @@ def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, st
     try:
         with filesystem.open_output_stream(base) as sink:
             write_rows(sink, start, images, labels, rows_per_group)
-            size = sink.tell()
+            return sink.tell()
     except BaseException:
         with contextlib.suppress(OSError):  # the stream may have failed before creating the file
             filesystem.delete_file(base)
         raise
-    return size
 
 
 @functools.lru_cache(maxsize=64)
 def _opener(path: str):
     """``(file system, path on it)`` of a shard named by a local path or a URI."""
     location = normalize_uri(path)
-    if location.is_local:
-        return None, location.local_path
-    return fs.filesystem(location)
+    return (None, location.local_path) if location.is_local else fs.filesystem(location)
 
 
 def _open_parquet(path: str, metadata=None) -> pq.ParquetFile:
@@ -154,7 +146,7 @@ def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
     URLs (petastorm's converter names its files so) or object stores' URIs, each opened by :func:`_open_parquet`.
     """
     plan, start = [], 0
-    for path in sorted(paths, key=_sort_key):
+    for path in sorted(paths, key=lambda path: normalize_uri(path).local_path or normalize_uri(path).uri):
         with _open_parquet(path) as f:
             metadata = f.metadata
         for i in range(metadata.num_row_groups):
@@ -163,11 +155,6 @@ def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
                 plan.append(RowGroup(path, i, start, rows, metadata))
                 start += rows
     return plan
-
-
-def _sort_key(path: str) -> str:
-    location = normalize_uri(path)
-    return location.local_path if location.local_path is not None else location.uri
 
 
 def total_rows(plan: Sequence[RowGroup]) -> int:
@@ -182,24 +169,17 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
     Raises:
         DatasetMismatchError: a null or a row whose length is not ``row_bytes``.
     """
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if column.null_count:
+        raise DatasetMismatchError(f"{path}: {column.null_count} null images in column {contract.IMAGE!r}")
     parts = []
-    for chunk in chunks:
-        n = len(chunk)
-        if n == 0:
-            continue
-        if chunk.null_count:
-            raise DatasetMismatchError(f"{path}: {chunk.null_count} null images in column {contract.IMAGE!r}")
+    for chunk in _chunks(column):
         offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        if hi - lo != n * row_bytes or (n > 1 and not np.all(np.diff(offsets) == row_bytes)):
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        if np.any(np.diff(offsets) != row_bytes):
             raise DatasetMismatchError(f"{path}: images are not all {row_bytes} bytes (the contract's H*W)")
-        parts.append(np.frombuffer(data_buf, dtype=np.uint8)[lo:hi].reshape(n, row_bytes))
-    if not parts:
-        return np.empty((0, row_bytes), dtype=np.uint8)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts.append(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(-1, row_bytes))
+    return parts[0] if len(parts) == 1 else np.concatenate([np.empty((0, row_bytes), dtype=np.uint8), *parts])
 
 
 def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup, int, int]]:
@@ -209,25 +189,22 @@ def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup
 
 def read_pieces(
     pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int, threads: int = DEFAULT_READER_THREADS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> _Rows:
     """The rows of ``(row group, a, b)`` pieces, in piece order: ``(index (n,) int64, images (n, row_bytes) uint8,
     labels (n,) int64)``.  Row groups are decoded with ``threads`` readers and copied once into the result."""
     total = sum(b - a for _, a, b in pieces)
-    index = np.empty(total, dtype=np.int64)
-    images = np.empty((total, row_bytes), dtype=np.uint8)
-    labels = np.empty(total, dtype=np.int64)
+    result: _Rows = (np.empty(total, np.int64), np.empty((total, row_bytes), np.uint8), np.empty(total, np.int64))
     position = 0
-    groups = [g for g, _, _ in pieces]
-    for (group, a, b), (gi, gx, gy) in zip(pieces, _decode_groups(groups, row_bytes, threads)):
-        src, dst = slice(a - group.start, b - group.start), slice(position, position + b - a)
-        index[dst], images[dst], labels[dst] = gi[src], gx[src], gy[src]
+    for (group, a, b), decoded in zip(pieces, _decode_groups([g for g, _, _ in pieces], row_bytes, threads)):
+        for out, column in zip(result, decoded):
+            out[position : position + b - a] = column[a - group.start : b - group.start]
         position += b - a
-    return index, images, labels
+    return result
 
 
 def read_rows(
     plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> _Rows:
     """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
     return read_pieces(pieces_in(plan, lo, hi), row_bytes, threads)
 
@@ -239,66 +216,54 @@ def iter_batches(
     ``(images (n, row_bytes) uint8, labels (n,) int64)``.  Each row group is decoded once, in plan order, with
     ``threads`` readers; torch-free, for whoever reads a whole split in order (evaluation, the side tools).
 
+    ``batch_size`` is at least 1 (:func:`spark_mnist.tools.evaluate.evaluate_model` checks it first).
+
     Raises:
-        ValueError: ``batch_size`` below 1.
         DatasetMismatchError: a row group that does not decode as the shard contract.
     """
-    if batch_size < 1:
-        raise invalid("batch_size", batch_size, "at least 1")
-    held_images: list[np.ndarray] = []
-    held_labels: list[np.ndarray] = []
-    held = 0
-    for _, images, labels in _decode_groups(plan, row_bytes, threads):
-        held_images.append(images)
-        held_labels.append(labels)
-        held += len(labels)
-        if held < batch_size:
-            continue
-        all_images, all_labels = np.concatenate(held_images), np.concatenate(held_labels)
-        cut = held - held % batch_size
-        for lo in range(0, cut, batch_size):
-            yield all_images[lo : lo + batch_size], all_labels[lo : lo + batch_size]
-        held_images, held_labels, held = [all_images[cut:]], [all_labels[cut:]], held - cut
-    if held:
-        yield np.concatenate(held_images), np.concatenate(held_labels)
+    images, labels = np.empty((0, row_bytes), dtype=np.uint8), np.empty(0, dtype=np.int64)
+    for _, group_images, group_labels in _decode_groups(plan, row_bytes, threads):
+        images, labels = np.concatenate([images, group_images]), np.concatenate([labels, group_labels])
+        cut = len(labels) - len(labels) % batch_size
+        yield from ((images[lo : lo + batch_size], labels[lo : lo + batch_size]) for lo in range(0, cut, batch_size))
+        images, labels = images[cut:], labels[cut:]
+    if len(labels):
+        yield images, labels
 
 
-def _decode_group(group: RowGroup, row_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode_group(group: RowGroup, row_bytes: int) -> _Rows:
     with _open_parquet(group.path, group.metadata) as f:
         table = f.read_row_group(group.row_group, columns=list(contract.COLUMNS))
-    index = _int_column(table.column(contract.INDEX), group.path).astype(np.int64, copy=False)
-    labels = _int_column(table.column(contract.LABEL), group.path).astype(np.int64)
+    index, labels = (_int_column(table.column(name), group.path) for name in (contract.INDEX, contract.LABEL))
     return index, decode_images(table.column(contract.IMAGE), row_bytes, group.path), labels
 
 
 def _int_column(column, path: str = "<parquet>") -> np.ndarray:
-    """An int32/int64 Arrow column as a numpy array, straight from its buffers (``to_numpy`` would import pandas
+    """An int32/int64 Arrow column as an int64 numpy array, straight from its buffers (``to_numpy`` would import pandas
     in pyarrow 14, which costs more than reading a whole split).
 
     Raises:
         DatasetMismatchError: nulls, or a column that is not int32/int64.
     """
-    dtypes = {pa.int32(): np.int32, pa.int64(): np.int64}
-    if column.type not in dtypes:
+    dtype = {pa.int32(): np.int32, pa.int64(): np.int64}.get(column.type)
+    if dtype is None:
         raise DatasetMismatchError(f"{path}: column of type {column.type}: expected int32 or int64")
-    dtype = dtypes[column.type]
-    parts = []
-    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        if chunk.null_count:
-            raise DatasetMismatchError(f"{path}: {chunk.null_count} nulls in an integer column")
-        if len(chunk):
-            parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset : chunk.offset + len(chunk)])
-    if not parts:
-        return np.empty(0, dtype=dtype)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if column.null_count:
+        raise DatasetMismatchError(f"{path}: {column.null_count} nulls in an integer column")
+    parts = [np.frombuffer(c.buffers()[1], dtype=dtype)[c.offset : c.offset + len(c)] for c in _chunks(column)]
+    return np.concatenate([np.empty(0, dtype=np.int64), *parts])  # int64, a copy the caller owns
+
+
+def _chunks(column) -> list:
+    """The non-empty chunks of an Arrow array or chunked array."""
+    return [chunk for chunk in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]) if len(chunk)]
 
 
 def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
     """Decode ``groups`` with ``threads`` readers, yielding results in ``groups`` order (so order never depends on
     the thread count)."""
     if threads <= 1 or len(groups) <= 1:
-        for g in groups:
-            yield _decode_group(g, row_bytes)
+        yield from (_decode_group(g, row_bytes) for g in groups)
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-reader") as pool:
         yield from pool.map(lambda g: _decode_group(g, row_bytes), groups)
