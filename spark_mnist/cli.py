@@ -14,8 +14,10 @@ import traceback
 import warnings
 from typing import Sequence
 
+import yaml
+
 from spark_mnist import __version__, pipeline
-from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
+from spark_mnist.config import SECTIONS, Settings, load_settings, options
 from spark_mnist.errors import InputError, require_extra
 from spark_mnist.paths import normalize_uri, redact
 from spark_mnist.shards.commit import clean
@@ -46,19 +48,15 @@ def _configure_logging(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     logger.handlers.clear()
-    out = logging.StreamHandler(sys.stdout)
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(_RedactingFormatter("spark-mnist: %(message)s"))
         logger.addHandler(handler)
     # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
-    for name, quiet_level in (
-        ("petastorm", logging.ERROR),
-        ("py4j", logging.ERROR),
-        ("TorchDistributor", logging.WARNING),
-    ):
+    quiet = {"petastorm": logging.ERROR, "py4j": logging.ERROR, "TorchDistributor": logging.WARNING}
+    for name, quiet_level in quiet.items():
         logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -68,23 +66,14 @@ def _configure_logging(verbose: bool) -> None:
 def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
     """One option per setting of ``sections`` (:func:`spark_mnist.config.options`), a group per section.  Every
     option defaults to ``None``, "as the config file says"; a switch also has its ``--no-`` form."""
-    names: set[str] = set()
-    for section in sections:
+    for section in sections:  # the overrides are read back by name: argparse refuses two options of one name
         group = parser.add_argument_group(f"{section} settings", f"override the config file's {section}.* keys")
-        for option in options(section):
-            if option.name in names:  # the overrides are read back by name: two sections may not share one
-                raise TypeError(f"{section}.{option.name}: a setting of that name is already an option here")
-            names.add(option.name)
-            if option.type is bool:
-                group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
+        for o in options(section):
+            if o.type is bool:
+                group.add_argument(o.flag, action=argparse.BooleanOptionalAction, default=None, help=o.help)
             else:
-                group.add_argument(
-                    option.flag,
-                    type=option.type,
-                    choices=option.choices,
-                    help=option.help,
-                    metavar=None if option.choices else METAVARS.get(option.type),
-                )
+                metavar = None if o.choices else METAVARS.get(o.type)
+                group.add_argument(o.flag, type=o.type, choices=o.choices, help=o.help, metavar=metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,17 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="remove the generations no manifest names, older than --older-than, now")
     gc.add_argument("output", metavar="OUT", help="ingested dataset directory or URI (OUT of ingest)")
     gc.add_argument("--older-than", type=float, help="seconds since their start (default: the retention, 1 day)")
-    for sub, sections in (
-        (ingest, ("spark", "storage", "ingest")),
-        (train, ("spark", "storage", "train")),
-        (run, SECTIONS),
-        (config, SECTIONS),
-        *((tool, ()) for tool in (verify, download, preview, evaluate, gc)),
-    ):
+    for sub in (ingest, train, run, config, verify, download, preview, evaluate, gc):
         sub.add_argument("--verbose", action="store_true", help="debug output, and Spark's and petastorm's own logs")
-        if sections:
-            sub.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
-            _setting_options(sub, sections)
+    sections = {ingest: ("spark", "storage", "ingest"), train: ("spark", "storage", "train")}  # run, config: all
+    for sub in (ingest, train, run, config):
+        sub.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
+        _setting_options(sub, sections.get(sub, SECTIONS))
     return parser
 
 
@@ -151,9 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         InputError: a bad config file or option value (see :func:`spark_mnist.config.load_settings`).
     """
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    overrides = {
-        section: {option.name: getattr(args, option.name, None) for option in options(section)} for section in SECTIONS
-    }
+    overrides = {s: {option.name: getattr(args, option.name, None) for option in options(s)} for s in SECTIONS}
     return load_settings(path, overrides)
 
 
@@ -164,13 +146,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    paths = download(
-        args.dataset,
-        args.to,
-        mirrors=args.mirror,
-        retries=args.retries,
-        local_roots=LocalRoots() if args.no_local else None,
-    )
+    local_roots = LocalRoots() if args.no_local else None
+    paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries, local_roots=local_roots)
     _print_json({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}})
     return 0
 
@@ -214,15 +191,12 @@ def run_command(args: argparse.Namespace) -> int:
         return handlers[args.command](args)
     settings = settings_from_args(args)
     if args.command == "config":
-        sys.stdout.write(show(settings))
+        sys.stdout.write(yaml.safe_dump(settings.to_dict(), sort_keys=False))
         return 0
     if args.command == "ingest":
         manifest = pipeline.ingest(None, settings, verbose=args.verbose)
-        result = {
-            "output": settings.ingest.output,
-            "dataset": manifest.dataset,
-            "rows": {k: v.rows for k, v in manifest.splits.items()},
-        }
+        rows = {k: v.rows for k, v in manifest.splits.items()}
+        result = {"output": settings.ingest.output, "dataset": manifest.dataset, "rows": rows}
     else:
         result = pipeline.train(None, settings, ingest_first=args.command == "run", verbose=args.verbose)
         result.pop("history", None)

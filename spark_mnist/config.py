@@ -18,8 +18,7 @@ from __future__ import annotations
 import os
 import posixpath
 import typing
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import yaml
 
@@ -31,12 +30,11 @@ except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydanti
 from spark_mnist.errors import InputError, check_choice, invalid
 from spark_mnist.paths import normalize_uri
 
-__all__ = ["SECTIONS", "RUNS_DIR", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", "IngestSettings",
-           "LAUNCHERS", "ACCELERATOR_TYPES", "MODELS", "TrainSettings", "Settings", "default_run_dir", "Option",
-           "options", "DATABRICKS_DEFAULTS", "load_settings", "show"]  # fmt: skip
+__all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", "IngestSettings", "LAUNCHERS",
+           "ACCELERATOR_TYPES", "MODELS", "TrainSettings", "Settings", "Option", "options", "DATABRICKS_DEFAULTS",
+           "load_settings"]  # fmt: skip
 
 SECTIONS = ("spark", "storage", "ingest", "train")
-RUNS_DIR = "runs"
 
 
 class _Section(BaseModel):
@@ -213,43 +211,32 @@ class Settings(_Section):
     @property
     def run_dir(self) -> str:
         """Where training writes: ``train.run_dir``, else ``runs/NAME`` beside the dataset directory ``NAME``
-        (``out/fashion-mnist`` -> ``out/runs/fashion-mnist``), so that training on another dataset keeps this one's
-        model.
+        (``out/fashion-mnist`` -> ``out/runs/fashion-mnist``, ``dbfs:/x`` -> ``dbfs:/runs/x``), so that training on
+        another dataset keeps this one's model.  A dataset on an object store (``s3://b/x?endpoint_override=...``),
+        where the ranks cannot write their files, gives the local ``runs/NAME`` in the working directory.
 
         Raises:
-            InputError: ``train.run_dir`` is null and the dataset directory has no name (``/``).
+            InputError: ``train.run_dir`` is null and the dataset directory has no name (``/``, ``file:///``).
         """
-        return self.train.run_dir or default_run_dir(self.data_dir)
+        if self.train.run_dir:
+            return self.train.run_dir
+        location, trimmed = normalize_uri(self.data_dir), self.data_dir.rstrip("/")
+        name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
+        if not name or name.endswith(":"):
+            raise invalid("train.data", self.data_dir, "a directory with a name when train.run_dir is null", InputError)
+        if location.kind == "remote":
+            return os.path.join("runs", name)
+        return posixpath.join(posixpath.dirname(trimmed), "runs", name)
 
 
-def default_run_dir(data_dir: str) -> str:
-    """``runs/NAME`` beside the dataset directory ``NAME``: a path, or a URI (``dbfs:/x`` -> ``dbfs:/runs/x``).  A
-    dataset on an object store (``s3://b/x?endpoint_override=...``), where the ranks cannot write their files,
-    gives the local ``runs/NAME`` in the working directory.
+class Option(NamedTuple):
+    """One setting as a command-line option: its field's name, the value's type (``bool`` for a switch), the allowed
+    values of a ``Literal`` and the field's description as help."""
 
-    Raises:
-        InputError: ``data_dir`` has no last component (``/``, ``file:///``).
-    """
-    location = normalize_uri(data_dir)
-    trimmed = data_dir.rstrip("/")
-    name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
-    if not name or name.endswith(":"):
-        raise invalid("train.data", data_dir, "a directory with a name when train.run_dir is null", InputError)
-    if location.kind == "remote":
-        return os.path.join(RUNS_DIR, name)
-    return posixpath.join(posixpath.dirname(trimmed), RUNS_DIR, name)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting as a command-line option: ``--kebab-case`` of the field name, the value's type (``bool`` for a
-    switch), the allowed values of a ``Literal`` and the field's description as help."""
-
-    section: str
     name: str
     type: type
     choices: Optional[tuple]
-    help: str
+    help: Optional[str]
 
     @property
     def flag(self) -> str:
@@ -266,43 +253,28 @@ def options(section: str) -> list[Option]:
             lacks ``cli=False``.
     """
     check_choice("settings section", section, SECTIONS)
-    model = Settings.__fields__[section].type_
-    return [
-        _option(section, name, field)
-        for name, field in model.__fields__.items()
-        if field.field_info.extra.get("cli", True)
-    ]
-
-
-def _option(section: str, name: str, field: Any) -> Option:
-    tp = field.outer_type_
-    choices = None
-    if typing.get_origin(tp) is Literal:
-        choices = typing.get_args(tp)
-        tp = type(choices[0])
-    base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
-    if base is None:
-        raise TypeError(f"{section}.{name}: a {tp} cannot be a command-line option; declare it with cli=False")
-    return Option(section, name, base, choices, field.field_info.description or f"{section}.{name}")
-
-
-def _value_at(data: Any, loc: tuple) -> Any:
-    """The value at ``loc`` in ``data`` (pydantic's v1 errors carry the location, not the value)."""
-    for part in loc:
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
+    found = []
+    for name, field in Settings.__fields__[section].type_.__fields__.items():
+        if not field.field_info.extra.get("cli", True):
+            continue
+        choices = typing.get_args(field.outer_type_) if typing.get_origin(field.outer_type_) is Literal else None
+        tp = type(choices[0]) if choices else field.outer_type_  # a constrained int (ge=1) is an int subclass
+        base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
+        if base is None:
+            raise TypeError(f"{section}.{name}: a {tp} cannot be a command-line option; declare it with cli=False")
+        found.append(Option(name, base, choices, field.field_info.description))
+    return found
 
 
 def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputError:
     lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "value_error.extra":
-            lines.append(f"{key}: unknown key")
-        else:
-            lines.append(f"{key}: {item['msg']} (got {_value_at(data, item['loc'])!r})")
+        key, value = ".".join(str(p) for p in item["loc"]), data
+        for part in item["loc"]:  # pydantic's v1 errors carry the location, not the value
+            value = value.get(part) if isinstance(value, dict) else None
+        lines.append(
+            f"{key}: unknown key" if item["type"] == "value_error.extra" else f"{key}: {item['msg']} (got {value!r})"
+        )
     return InputError(f"{source}: " + "; ".join(lines))
 
 
@@ -357,8 +329,3 @@ def load_settings(
                 raise _error("command line", e, {key: value}) from None
     settings.train.run_dir = settings.run_dir
     return settings
-
-
-def show(settings: Settings) -> str:
-    """The effective settings as YAML."""
-    return yaml.safe_dump(settings.to_dict(), sort_keys=False)
