@@ -145,25 +145,22 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_BAD_INPUT
 
 
-def _download(args: argparse.Namespace) -> int:
+def _download(args: argparse.Namespace) -> None:
     local_roots = LocalRoots() if args.no_local else None
     paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries, local_roots=local_roots)
     _print_json({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}})
-    return 0
 
 
-def _preview(args: argparse.Namespace) -> int:
+def _preview(args: argparse.Namespace) -> None:
     path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
     _print_json({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed})
-    return 0
 
 
-def _gc(args: argparse.Namespace) -> int:
+def _gc(args: argparse.Namespace) -> None:
     _print_json({"output": args.output, "removed": clean(normalize_uri(args.output), args.older_than)})
-    return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace) -> None:
     require_extra("torch", "torch", "evaluate")
     result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
     sys.stdout.write(format_report(result))
@@ -174,7 +171,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.out_png:
             raise
         logging.getLogger("spark_mnist").warning("no confusion-matrix PNG: %s", e)
-    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -187,8 +183,8 @@ def run_command(args: argparse.Namespace) -> int:
         InputError: bad settings or input (the caller prints one line and exits 2).
     """
     handlers = {"verify": _verify, "download": _download, "preview": _preview, "evaluate": _evaluate, "gc": _gc}
-    if args.command in handlers:  # no Spark, no settings file
-        return handlers[args.command](args)
+    if args.command in handlers:  # no Spark, no settings file; only verify's exit code says more than 0
+        return handlers[args.command](args) or 0
     settings = settings_from_args(args)
     if args.command == "config":
         sys.stdout.write(yaml.safe_dump(settings.to_dict(), sort_keys=False))

@@ -32,7 +32,7 @@ from spark_mnist.paths import normalize_uri
 
 __all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", "IngestSettings", "LAUNCHERS",
            "ACCELERATOR_TYPES", "MODELS", "TrainSettings", "Settings", "Option", "options", "DATABRICKS_DEFAULTS",
-           "load_settings"]  # fmt: skip
+           "load_settings", "Values"]  # fmt: skip
 
 SECTIONS = ("spark", "storage", "ingest", "train")
 
@@ -266,7 +266,7 @@ def options(section: str) -> list[Option]:
     return found
 
 
-def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputError:
+def _error(source: str, error: ValidationError, data: Any) -> InputError:
     lines = []
     for item in error.errors():
         key, value = ".".join(str(p) for p in item["loc"]), data
@@ -278,20 +278,19 @@ def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputEr
     return InputError(f"{source}: " + "; ".join(lines))
 
 
+Values = dict[str, dict[str, Any]]  # {section: {key: value}}
+
 # What the notebook API starts from on Databricks when no config file is given (spark_mnist.ingest, .train): the
 # cluster's session, the ranks on the workers' GPUs, and the ranks reading the ingested shards directly (petastorm's
 # cache would need a path every worker shares; conf/databricks.yaml names one).
-DATABRICKS_DEFAULTS: dict[str, dict[str, Any]] = {
+DATABRICKS_DEFAULTS: Values = {
     "spark": {"master": None},
     "train": {"use_gpu": True, "local_mode": False, "converter": "none"},
 }
 
 
 def load_settings(
-    path: str | os.PathLike | None = None,
-    overrides: dict[str, dict[str, Any]] | None = None,
-    *,
-    defaults: dict[str, dict[str, Any]] | None = None,
+    path: str | os.PathLike | None = None, overrides: Values | None = None, *, defaults: Values | None = None
 ) -> Settings:
     """Settings from the YAML file ``path`` (where ``None``: the model's defaults, with ``defaults`` on top, e.g.
     :data:`DATABRICKS_DEFAULTS`), then ``overrides`` (``{section: {key: value}}``, ``None`` values ignored) on top; a
@@ -303,9 +302,8 @@ def load_settings(
             no name (``/``).
     """
     data: dict[str, Any] = {section: dict(values) for section, values in (defaults or {}).items()}
-    source = "defaults"
+    source = "defaults" if path is None else os.fspath(path)
     if path is not None:
-        source = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
@@ -321,10 +319,9 @@ def load_settings(
         raise _error(source, e, data) from None
     for section, values in (overrides or {}).items():
         for key, value in values.items():
-            if value is None:
-                continue
             try:
-                setattr(getattr(settings, section), key, value)
+                if value is not None:
+                    setattr(getattr(settings, section), key, value)
             except ValidationError as e:
                 raise _error("command line", e, {key: value}) from None
     settings.train.run_dir = settings.run_dir

@@ -73,22 +73,10 @@ def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
 
 
 def _ingest(spark, settings: Settings) -> "Manifest":
-    s = settings.ingest
-    manifest = run_ingest(
-        spark,
-        s.source,
-        s.output,
-        dataset=s.dataset,
-        num_shards=s.num_shards,
-        row_group_bytes=s.row_group_bytes,
-        strict=s.strict,
-    )
-    log.info(
-        "dataset %s at %s: %s",
-        manifest.dataset,
-        redact(s.output),
-        ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items()),
-    )
+    s = settings.ingest  # its other settings are run_ingest's keywords: dataset, num_shards, row_group_bytes, strict
+    manifest = run_ingest(spark, s.source, s.output, **s.dict(exclude={"source", "output"}))
+    splits = ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items())
+    log.info("dataset %s at %s: %s", manifest.dataset, redact(s.output), splits)
     return manifest
 
 
@@ -161,7 +149,7 @@ def _converter(settings: Settings, connect: bool) -> ConverterChoice | None:
     return None
 
 
-def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool:
+def check_resume(settings: Settings, manifest: "Manifest") -> bool:
     """Whether this run continues from the checkpoint in its run directory: the driver's one resume check, the
     ranks' own rule (:meth:`spark_mnist.rank.checkpoint.Checkpoint.batch_size_for`, then
     :func:`spark_mnist.rank.order.state_mismatch` against this run's training order), before anything starts.
@@ -173,7 +161,7 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool
 
     Args:
         settings: the run's settings (``run_dir``, ``train.seed``, ``batch_size``, the launcher's world size).
-        manifest: the dataset's manifest (its identity and training rows are checked too); ``None``: those are not.
+        manifest: the dataset's manifest (its identity and training rows are checked too).
     Returns:
         ``True`` to resume; ``False`` with neither setting, without a checkpoint, or (``auto_resume``) with one of
         another run.
@@ -198,18 +186,9 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool
             return False
         saved, ranks = checkpoint.loader, world_size(t)
         batch_size = t.batch_size if saved["world_size"] == ranks else checkpoint.batch_size_for(ranks)
-        train = manifest.splits.get("train") if manifest is not None else None
-        current = {
-            "seed": t.seed,
-            "shuffle": True,
-            "drop_remainder": True,
-            "world_size": ranks,
-            "batch_size": batch_size,
-            "global_batch_size": batch_size * ranks,
-            "dataset": dataset_identity(manifest) if manifest is not None else None,
-            "rows": train.rows if train is not None else saved["rows"],
-        }
-        mismatch = state_mismatch(saved, current, checkpoint.source)
+        current = {"seed": t.seed, "shuffle": True, "drop_remainder": True, "dataset": dataset_identity(manifest)}
+        current.update(rows=manifest.splits["train"].rows, world_size=ranks, batch_size=batch_size)
+        mismatch = state_mismatch(saved, {**current, "global_batch_size": batch_size * ranks}, checkpoint.source)
         if mismatch:
             raise LoaderStateError(mismatch)
     except InputError as e:
@@ -265,14 +244,8 @@ def _train(
     result.update(metrics)
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))  # warns without matplotlib
     params = {k: v for k, v in settings.to_dict().items() if ingested or k != "ingest"}
-    run_id = log_training_run(
-        params,
-        manifest.to_dict(),
-        result,
-        result.get("model_path"),
-        run_dir=job.run_dir,
-        dataset_uri=dataset.location.uri,
-    )
+    model_path, uri = result.get("model_path"), dataset.location.uri
+    run_id = log_training_run(params, manifest.to_dict(), result, model_path, run_dir=job.run_dir, dataset_uri=uri)
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import traceback
-from typing import Any
+from typing import Any, Sequence
 
 from spark_mnist.fs import replacing
 from spark_mnist.paths import redact
@@ -67,8 +67,8 @@ class TrainingFailedError(RuntimeError):
 
     @classmethod
     def from_reports(
-        cls, reports: list[dict[str, Any]], error: BaseException, skipped: list[str] | tuple[str, ...] = ()
-    ) -> "TrainingFailedError":
+        cls, reports: list[dict[str, Any]], error: BaseException, skipped: Sequence[str] = ()
+    ) -> TrainingFailedError:
         """The error of a failed launch: the first report's rank, exception and traceback tail, and the other
         reports' exceptions; without reports (a rank killed by a signal or out of memory), ``error`` itself.
         ``skipped`` names the unreadable reports, which the message mentions.  Never raises."""
@@ -120,13 +120,8 @@ def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
         with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f)
     except Exception as e:  # noqa: BLE001 - logged, not raised: the rank's own error is re-raised by its caller
-        log.error(
-            "rank %s could not write its error report %s (%s); its error was %s",
-            rank,
-            path,
-            _describe(e),
-            _describe(error),
-        )
+        why, was = _describe(e), _describe(error)
+        log.error("rank %s could not write its error report %s (%s); its error was %s", rank, path, why, was)
 
 
 def read_error_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
