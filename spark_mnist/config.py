@@ -56,9 +56,7 @@ class SparkSettings(_Section):
     )
     app_name: str = Field(default="spark-mnist", description="Spark application name", cli=False)
     log_level: str = Field(default="WARN", description="Spark's log level (--verbose: INFO)", cli=False)
-    conf: dict[str, str] = Field(
-        default_factory=dict, description="extra Spark conf for sessions spark-mnist starts", cli=False
-    )
+    conf: dict[str, str] = Field({}, description="extra Spark conf for sessions spark-mnist starts", cli=False)
 
 
 class StorageSettings(_Section):
@@ -114,9 +112,8 @@ class TrainSettings(_Section):
     data: Optional[str] = Field(None, description="ingested dataset directory (default: ingest.output)")
     run_dir: Optional[str] = Field(
         None,
-        description="where model.pt, checkpoint.pt and metrics.json go (default: "
-        "runs/NAME beside the dataset directory NAME; "
-        "./runs/NAME for a dataset on an object store)",
+        description="where model.pt, checkpoint.pt and metrics.json go (default: runs/NAME beside the dataset "
+        "directory NAME; ./runs/NAME for a dataset on an object store)",
     )
     epochs: int = Field(5, ge=1, description="passes over the training split")
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
@@ -124,9 +121,8 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
     launcher: Launcher = Field(
         "torch-distributor",
-        description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a "
-        "Spark session), torchrun (local processes, no Spark), ai-runtime "
-        "(databricks.air's @distributed, serverless GPU)",
+        description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a Spark session), "
+        "torchrun (local processes, no Spark), ai-runtime (databricks.air's @distributed, serverless GPU)",
     )
     num_processes: int = Field(2, ge=1, description="ranks (TorchDistributor num_processes, torchrun nproc_per_node)")
     local_mode: bool = Field(True, description="run ranks on the driver (local) or in executors")
@@ -171,9 +167,8 @@ class TrainSettings(_Section):
     max_restarts: int = Field(
         1,
         ge=0,
-        description="relaunch from the last checkpoint when a rank dies or raises, at "
-        "most N times; 1: a lost worker (preemption, OOM kill) costs one "
-        "relaunch, and an error that recurs fails after one retry rather "
+        description="relaunch from the last checkpoint when a rank dies or raises, at most N times; 1: a lost "
+        "worker (preemption, OOM kill) costs one relaunch, and an error that recurs fails after one retry rather "
         "than looping (a job's max_retries adds more, with auto_resume)",
     )
     accelerator_count: Optional[int] = Field(

@@ -58,12 +58,6 @@ class TrainJob:
 
     def summary(self) -> dict[str, Any]:
         """The job for logging: the settings and the derived facts, without file lists or converters."""
-        return {
-            **self.settings.dict(),
-            "dataset": self.dataset,
-            "num_classes": self.num_classes,
-            "image_shape": tuple(self.image_shape),
-            "run_dir": self.run_dir,
-            "train_files": len(self.train_files),
-            "test_files": len(self.test_files),
-        }
+        facts = {"dataset": self.dataset, "num_classes": self.num_classes, "image_shape": tuple(self.image_shape)}
+        files = {"train_files": len(self.train_files), "test_files": len(self.test_files)}
+        return {**self.settings.dict(), **facts, "run_dir": self.run_dir, **files}
