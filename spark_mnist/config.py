@@ -37,10 +37,8 @@ __all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", 
 SECTIONS = ("spark", "storage", "ingest", "train")
 
 
-class _Section(BaseModel):
-    class Config:
-        extra = Extra.forbid
-        validate_assignment = True
+class _Section(BaseModel, extra=Extra.forbid, validate_assignment=True):
+    """A section of the settings: an unknown key is an error, and so is a bad value assigned (an override)."""
 
 
 class SparkSettings(_Section):

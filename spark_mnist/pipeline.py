@@ -47,10 +47,11 @@ log = logging.getLogger(__name__)
 SPARK_LAUNCHER = "torch-distributor"  # the one launcher that runs on a Spark session (and petastorm's converter)
 
 
-def _session(spark, settings: Settings, *, verbose: bool):
-    """``spark``, or where it is ``None`` a session started from ``settings.spark`` whose executors also get the
-    stores' settings (:func:`spark_mnist.driver.session.spark_session`, stopped after the block)."""
-    if spark is not None:
+def _session(spark, settings: Settings, *, verbose: bool, needed: bool = True):
+    """``spark``, or where it is ``None`` and a session is ``needed``, one started from ``settings.spark`` whose
+    executors also get the stores' settings (:func:`spark_mnist.driver.session.spark_session`, stopped after the
+    block)."""
+    if spark is not None or not needed:
         return contextlib.nullcontext(spark)
     environment = settings.storage.environment()
     return sessions.spark_session(sessions.with_executor_env(settings.spark, environment), verbose=verbose)
@@ -120,8 +121,7 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
         if not ingest_first:
             dataset = open_dataset(settings.data_dir)
             resume = check_resume(settings, dataset.manifest)
-        needed = on_spark or ingest_first
-        with _session(spark, settings, verbose=verbose) if needed else contextlib.nullcontext(spark) as session:
+        with _session(spark, settings, verbose=verbose, needed=on_spark or ingest_first) as session:
             if ingest_first:
                 _ingest(session, settings)
                 dataset = open_dataset(settings.data_dir)
