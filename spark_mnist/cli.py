@@ -26,12 +26,10 @@ from spark_mnist.tools.evaluate import evaluate_model, format_report
 from spark_mnist.tools.plots import confusion_matrix_png, preview_grid
 from spark_mnist.tools.verify import format_table, verify_source
 
-__all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "METAVARS", "build_parser", "settings_from_args",
-           "run_command", "main"]  # fmt: skip
+__all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "build_parser", "settings_from_args", "run_command", "main"]
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
-METAVARS = {int: "N", float: "X"}  # a str setting's option shows its name: --data DATA
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -63,23 +61,10 @@ def _configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
-    """One option per setting of ``sections`` (:func:`spark_mnist.config.options`), a group per section.  Every
-    option defaults to ``None``, "as the config file says"; a switch also has its ``--no-`` form."""
-    for section in sections:  # the overrides are read back by name: argparse refuses two options of one name
-        group = parser.add_argument_group(f"{section} settings", f"override the config file's {section}.* keys")
-        for o in options(section):
-            if o.type is bool:
-                group.add_argument(o.flag, action=argparse.BooleanOptionalAction, default=None, help=o.help)
-            else:
-                metavar = None if o.choices else METAVARS.get(o.type)
-                group.add_argument(o.flag, type=o.type, choices=o.choices, help=o.help, metavar=metavar)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``spark-mnist`` parser: every subcommand takes ``--verbose``; ``ingest``, ``train``, ``run`` and ``config``
-    also ``--config`` and one option per setting of their sections (:func:`_setting_options`), the tools their
-    own."""
+    also ``--config`` and one option per setting of their sections (:func:`spark_mnist.config.options`), the tools
+    their own."""
     parser = argparse.ArgumentParser(prog="spark-mnist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,7 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     sections = {ingest: ("spark", "storage", "ingest"), train: ("spark", "storage", "train")}  # run, config: all
     for sub in (ingest, train, run, config):
         sub.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
-        _setting_options(sub, sections.get(sub, SECTIONS))
+        # One option per setting (spark_mnist.config.options), a group per section, every one defaulting to None,
+        # "as the config file says"; a switch also has its --no- form.  The overrides are read back by name, and
+        # argparse refuses two options of one name.
+        for section in sections.get(sub, SECTIONS):
+            group = sub.add_argument_group(f"{section} settings", f"override the config file's {section}.* keys")
+            for o in options(section):
+                if o.type is bool:
+                    group.add_argument(o.flag, action=argparse.BooleanOptionalAction, default=None, help=o.help)
+                else:
+                    metavar = None if o.choices else {int: "N", float: "X"}.get(o.type)  # str: --data DATA
+                    group.add_argument(o.flag, type=o.type, choices=o.choices, help=o.help, metavar=metavar)
     return parser
 
 

@@ -188,8 +188,7 @@ def check_resume(settings: Settings, manifest: "Manifest") -> bool:
         batch_size = t.batch_size if saved["world_size"] == ranks else checkpoint.batch_size_for(ranks)
         current = {"seed": t.seed, "shuffle": True, "drop_remainder": True, "dataset": dataset_identity(manifest)}
         current.update(rows=manifest.splits["train"].rows, world_size=ranks, batch_size=batch_size)
-        mismatch = state_mismatch(saved, {**current, "global_batch_size": batch_size * ranks}, checkpoint.source)
-        if mismatch:
+        if mismatch := state_mismatch(saved, {**current, "global_batch_size": batch_size * ranks}, checkpoint.source):
             raise LoaderStateError(mismatch)
     except InputError as e:
         if t.resume:
