@@ -265,9 +265,8 @@ def _error(source: str, error: ValidationError, data: Any) -> InputError:
         key, value = ".".join(str(p) for p in item["loc"]), data
         for part in item["loc"]:  # pydantic's v1 errors carry the location, not the value
             value = value.get(part) if isinstance(value, dict) else None
-        lines.append(
-            f"{key}: unknown key" if item["type"] == "value_error.extra" else f"{key}: {item['msg']} (got {value!r})"
-        )
+        unknown = item["type"] == "value_error.extra"
+        lines.append(f"{key}: unknown key" if unknown else f"{key}: {item['msg']} (got {value!r})")
     return InputError(f"{source}: " + "; ".join(lines))
 
 

@@ -89,12 +89,11 @@ def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
 
     Use: ``except Exception as e: raise runs.failure(run_dir, e) from e``.
     """
-    reports: list[dict[str, Any]] = []
-    skipped: list[str] = []
     try:
         reports, skipped = read_error_reports(run_dir)
     except Exception as e:  # noqa: BLE001 - the failure must surface whatever the reports hold
         log.warning("could not read the ranks' error reports in %s: %s", run_dir, _describe(e))
+        reports, skipped = [], []
     return TrainingFailedError.from_reports(reports, error, skipped)
 
 
