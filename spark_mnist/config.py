@@ -217,24 +217,20 @@ class Settings(_Section):
         name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
         if not name or name.endswith(":"):
             raise invalid("train.data", self.data_dir, "a directory with a name when train.run_dir is null", InputError)
-        if location.kind == "remote":
-            return os.path.join("runs", name)
-        return posixpath.join(posixpath.dirname(trimmed), "runs", name)
+        parent = "" if location.kind == "remote" else posixpath.dirname(trimmed)  # remote: the working directory
+        return posixpath.join(parent, "runs", name)
 
 
 class Option(NamedTuple):
-    """One setting as a command-line option: its field's name, the value's type (``bool`` for a switch), the allowed
-    values of a ``Literal`` and the field's description as help."""
+    """One setting as a command-line option: its field's name, its spelling (``--num-shards`` for ``num_shards``),
+    the value's type (``bool`` for a switch), the allowed values of a ``Literal`` and the field's description as
+    help."""
 
     name: str
+    flag: str
     type: type
     choices: Optional[tuple]
     help: Optional[str]
-
-    @property
-    def flag(self) -> str:
-        """The option's spelling: ``--num-shards`` for ``num_shards``."""
-        return "--" + self.name.replace("_", "-")
 
 
 def options(section: str) -> list[Option]:
@@ -255,7 +251,7 @@ def options(section: str) -> list[Option]:
         base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
         if base is None:
             raise TypeError(f"{section}.{name}: a {tp} cannot be a command-line option; declare it with cli=False")
-        found.append(Option(name, base, choices, field.field_info.description))
+        found.append(Option(name, "--" + name.replace("_", "-"), base, choices, field.field_info.description))
     return found
 
 
