@@ -45,13 +45,12 @@ def _configure_logging(verbose: bool) -> None:
     logger = logging.getLogger("spark_mnist")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    logger.handlers.clear()
     out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(lambda record: record.levelno < logging.WARNING)
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(_RedactingFormatter("spark-mnist: %(message)s"))
-        logger.addHandler(handler)
+    logger.handlers = [out, err]  # replacing those of an earlier main() in this process
     # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
     quiet = {"petastorm": logging.ERROR, "py4j": logging.ERROR, "TorchDistributor": logging.WARNING}
     for name, quiet_level in quiet.items():

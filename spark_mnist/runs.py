@@ -76,8 +76,7 @@ class TrainingFailedError(RuntimeError):
         if not reports:
             lost = "training failed and no rank left an error report (killed by a signal, out of memory?): "
             return cls(redact(f"{lost}{_describe(error)}{note}"), cause=error)
-        first = reports[0]
-        others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
+        first, others = reports[0], "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
         tail = "".join(first["traceback"]).rstrip()
         return cls(redact(f"rank {first['rank']} failed: {first['exception']}{others}{note}\n{tail}"), reports, error)
 
