@@ -181,7 +181,7 @@ def run_command(args: argparse.Namespace) -> int:
         return handlers[args.command](args) or 0
     settings = settings_from_args(args)
     if args.command == "config":
-        sys.stdout.write(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+        sys.stdout.write(yaml.safe_dump(settings.dict(), sort_keys=False))
         return 0
     if args.command == "ingest":
         manifest = pipeline.ingest(None, settings, verbose=args.verbose)

@@ -192,10 +192,6 @@ class Settings(_Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]  # Field(x, ...)
     train: TrainSettings = Field(default_factory=TrainSettings)  # type: ignore[arg-type]  # Field(x, ...)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every setting as plain values: ``{"spark": {...}, "storage": {...}, "ingest": {...}, "train": {...}}``."""
-        return self.dict()
-
     @property
     def data_dir(self) -> str:
         """Where training reads the ingested dataset: ``train.data``, else ``ingest.output``."""

@@ -242,7 +242,7 @@ def _train(
     result = {"dataset": manifest.dataset, "converter": choice.name if choice else "none", "launcher": t.launcher}
     result.update(metrics)
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))  # warns without matplotlib
-    params = {k: v for k, v in settings.to_dict().items() if ingested or k != "ingest"}
+    params = {k: v for k, v in settings.dict().items() if ingested or k != "ingest"}
     model_path, uri = result.get("model_path"), dataset.location.uri
     run_id = log_training_run(params, manifest.to_dict(), result, model_path, run_dir=job.run_dir, dataset_uri=uri)
     if run_id is not None:
