@@ -114,9 +114,7 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
         require_extra("torch", "torch", "training")
         check(t)
-        connect = on_spark and (
-            sessions.is_connect(spark) if spark is not None else sessions.connect_expected(settings.spark)
-        )
+        connect = on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark))
         choice = _converter(settings, connect)
         if not ingest_first:
             dataset = open_dataset(settings.data_dir)
