@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _metadata_version
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from spark_mnist.errors import (
     CheckpointError,
@@ -73,7 +73,7 @@ def open_dataset(path):
     return _open_dataset(path)
 
 
-def _settings(config: Optional[str | os.PathLike], section: str, values: dict[str, Any]):
+def _settings(config: str | os.PathLike | None, section: str, values: dict[str, Any]):
     """The settings of ``config`` (``None``: the defaults; on Databricks, :data:`spark_mnist.config.DATABRICKS_DEFAULTS`
     on top of them) with ``values`` on top of ``section``.
 
@@ -90,9 +90,7 @@ def _settings(config: Optional[str | os.PathLike], section: str, values: dict[st
     return load_settings(config, {section: values}, defaults=defaults)
 
 
-def ingest(
-    spark, source: str, output: str, *, config: Optional[str | os.PathLike] = None, **settings: Any
-) -> "Manifest":
+def ingest(spark, source: str, output: str, *, config: str | os.PathLike | None = None, **settings: Any) -> "Manifest":
     """Ingest the four gz IDX files (or a Keras ``mnist.npz``) at ``source`` into the Parquet dataset ``output``,
     on ``spark`` (the notebook's session, classic or Spark Connect / serverless); driver-side.
 
@@ -114,12 +112,7 @@ def ingest(
 
 
 def train(
-    data: str,
-    *,
-    launcher: Optional[str] = None,
-    spark=None,
-    config: Optional[str | os.PathLike] = None,
-    **settings: Any,
+    data: str, *, launcher: str | None = None, spark=None, config: str | os.PathLike | None = None, **settings: Any
 ) -> dict[str, Any]:
     """Train on the dataset ingested at ``data`` with ``launcher``; returns rank 0's metrics.
 

@@ -14,8 +14,10 @@ import traceback
 import warnings
 from typing import Sequence
 
+import yaml
+
 from spark_mnist import __version__, pipeline
-from spark_mnist.config import SECTIONS, Settings, load_settings, options, show
+from spark_mnist.config import SECTIONS, Settings, load_settings, options
 from spark_mnist.errors import InputError, require_extra
 from spark_mnist.paths import normalize_uri, redact
 from spark_mnist.shards.commit import clean
@@ -24,12 +26,10 @@ from spark_mnist.tools.evaluate import evaluate_model, format_report
 from spark_mnist.tools.plots import confusion_matrix_png, preview_grid
 from spark_mnist.tools.verify import format_table, verify_source
 
-__all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "METAVARS", "build_parser", "settings_from_args",
-           "run_command", "main"]  # fmt: skip
+__all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "build_parser", "settings_from_args", "run_command", "main"]
 
 DEFAULT_CONFIG = os.path.join("conf", "local.yaml")
 EXIT_BAD_INPUT = 2
-METAVARS = {int: "N", float: "X"}  # a str setting's option shows its name: --data DATA
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -45,52 +45,25 @@ def _configure_logging(verbose: bool) -> None:
     logger = logging.getLogger("spark_mnist")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    logger.handlers.clear()
-    out = logging.StreamHandler(sys.stdout)
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(_RedactingFormatter("spark-mnist: %(message)s"))
-        logger.addHandler(handler)
+    logger.handlers = [out, err]  # replacing those of an earlier main() in this process
     # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
-    for name, quiet_level in (
-        ("petastorm", logging.ERROR),
-        ("py4j", logging.ERROR),
-        ("TorchDistributor", logging.WARNING),
-    ):
+    quiet = {"petastorm": logging.ERROR, "py4j": logging.ERROR, "TorchDistributor": logging.WARNING}
+    for name, quiet_level in quiet.items():
         logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _setting_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
-    """One option per setting of ``sections`` (:func:`spark_mnist.config.options`), a group per section.  Every
-    option defaults to ``None``, "as the config file says"; a switch also has its ``--no-`` form."""
-    names: set[str] = set()
-    for section in sections:
-        group = parser.add_argument_group(f"{section} settings", f"override the config file's {section}.* keys")
-        for option in options(section):
-            if option.name in names:  # the overrides are read back by name: two sections may not share one
-                raise TypeError(f"{section}.{option.name}: a setting of that name is already an option here")
-            names.add(option.name)
-            if option.type is bool:
-                group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
-            else:
-                group.add_argument(
-                    option.flag,
-                    type=option.type,
-                    choices=option.choices,
-                    help=option.help,
-                    metavar=None if option.choices else METAVARS.get(option.type),
-                )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``spark-mnist`` parser: every subcommand takes ``--verbose``; ``ingest``, ``train``, ``run`` and ``config``
-    also ``--config`` and one option per setting of their sections (:func:`_setting_options`), the tools their
-    own."""
+    also ``--config`` and one option per setting of their sections (:func:`spark_mnist.config.options`), the tools
+    their own."""
     parser = argparse.ArgumentParser(prog="spark-mnist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spark-mnist {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,17 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="remove the generations no manifest names, older than --older-than, now")
     gc.add_argument("output", metavar="OUT", help="ingested dataset directory or URI (OUT of ingest)")
     gc.add_argument("--older-than", type=float, help="seconds since their start (default: the retention, 1 day)")
-    for sub, sections in (
-        (ingest, ("spark", "storage", "ingest")),
-        (train, ("spark", "storage", "train")),
-        (run, SECTIONS),
-        (config, SECTIONS),
-        *((tool, ()) for tool in (verify, download, preview, evaluate, gc)),
-    ):
+    for sub in (ingest, train, run, config, verify, download, preview, evaluate, gc):
         sub.add_argument("--verbose", action="store_true", help="debug output, and Spark's and petastorm's own logs")
-        if sections:
-            sub.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
-            _setting_options(sub, sections)
+    sections = {ingest: ("spark", "storage", "ingest"), train: ("spark", "storage", "train")}  # run, config: all
+    for sub in (ingest, train, run, config):
+        sub.add_argument("--config", help=f"settings YAML (default: {DEFAULT_CONFIG} when present)")
+        # One option per setting (spark_mnist.config.options), a group per section, every one defaulting to None,
+        # "as the config file says"; a switch also has its --no- form.  The overrides are read back by name, and
+        # argparse refuses two options of one name.
+        for section in sections.get(sub, SECTIONS):
+            group = sub.add_argument_group(f"{section} settings", f"override the config file's {section}.* keys")
+            for o in options(section):
+                if o.type is bool:
+                    group.add_argument(o.flag, action=argparse.BooleanOptionalAction, default=None, help=o.help)
+                else:
+                    metavar = None if o.choices else {int: "N", float: "X"}.get(o.type)  # str: --data DATA
+                    group.add_argument(o.flag, type=o.type, choices=o.choices, help=o.help, metavar=metavar)
     return parser
 
 
@@ -151,9 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         InputError: a bad config file or option value (see :func:`spark_mnist.config.load_settings`).
     """
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    overrides = {
-        section: {option.name: getattr(args, option.name, None) for option in options(section)} for section in SECTIONS
-    }
+    overrides = {s: {option.name: getattr(args, option.name, None) for option in options(s)} for s in SECTIONS}
     return load_settings(path, overrides)
 
 
@@ -163,30 +139,22 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_BAD_INPUT
 
 
-def _download(args: argparse.Namespace) -> int:
-    paths = download(
-        args.dataset,
-        args.to,
-        mirrors=args.mirror,
-        retries=args.retries,
-        local_roots=LocalRoots() if args.no_local else None,
-    )
+def _download(args: argparse.Namespace) -> None:
+    local_roots = LocalRoots() if args.no_local else None
+    paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries, local_roots=local_roots)
     _print_json({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}})
-    return 0
 
 
-def _preview(args: argparse.Namespace) -> int:
+def _preview(args: argparse.Namespace) -> None:
     path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
     _print_json({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed})
-    return 0
 
 
-def _gc(args: argparse.Namespace) -> int:
+def _gc(args: argparse.Namespace) -> None:
     _print_json({"output": args.output, "removed": clean(normalize_uri(args.output), args.older_than)})
-    return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace) -> None:
     require_extra("torch", "torch", "evaluate")
     result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
     sys.stdout.write(format_report(result))
@@ -197,7 +165,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.out_png:
             raise
         logging.getLogger("spark_mnist").warning("no confusion-matrix PNG: %s", e)
-    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -210,19 +177,16 @@ def run_command(args: argparse.Namespace) -> int:
         InputError: bad settings or input (the caller prints one line and exits 2).
     """
     handlers = {"verify": _verify, "download": _download, "preview": _preview, "evaluate": _evaluate, "gc": _gc}
-    if args.command in handlers:  # no Spark, no settings file
-        return handlers[args.command](args)
+    if args.command in handlers:  # no Spark, no settings file; only verify's exit code says more than 0
+        return handlers[args.command](args) or 0
     settings = settings_from_args(args)
     if args.command == "config":
-        sys.stdout.write(show(settings))
+        sys.stdout.write(yaml.safe_dump(settings.dict(), sort_keys=False))
         return 0
     if args.command == "ingest":
         manifest = pipeline.ingest(None, settings, verbose=args.verbose)
-        result = {
-            "output": settings.ingest.output,
-            "dataset": manifest.dataset,
-            "rows": {k: v.rows for k, v in manifest.splits.items()},
-        }
+        rows = {k: v.rows for k, v in manifest.splits.items()}
+        result = {"output": settings.ingest.output, "dataset": manifest.dataset, "rows": rows}
     else:
         result = pipeline.train(None, settings, ingest_first=args.command == "run", verbose=args.verbose)
         result.pop("history", None)

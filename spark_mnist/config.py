@@ -18,8 +18,7 @@ from __future__ import annotations
 import os
 import posixpath
 import typing
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import yaml
 
@@ -31,18 +30,15 @@ except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydanti
 from spark_mnist.errors import InputError, check_choice, invalid
 from spark_mnist.paths import normalize_uri
 
-__all__ = ["SECTIONS", "RUNS_DIR", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", "IngestSettings",
-           "LAUNCHERS", "ACCELERATOR_TYPES", "MODELS", "TrainSettings", "Settings", "default_run_dir", "Option",
-           "options", "DATABRICKS_DEFAULTS", "load_settings", "show"]  # fmt: skip
+__all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", "IngestSettings", "LAUNCHERS",
+           "ACCELERATOR_TYPES", "MODELS", "TrainSettings", "Settings", "Option", "options", "DATABRICKS_DEFAULTS",
+           "load_settings", "Values"]  # fmt: skip
 
 SECTIONS = ("spark", "storage", "ingest", "train")
-RUNS_DIR = "runs"
 
 
-class _Section(BaseModel):
-    class Config:
-        extra = Extra.forbid
-        validate_assignment = True
+class _Section(BaseModel, extra=Extra.forbid, validate_assignment=True):
+    """A section of the settings: an unknown key is an error, and so is a bad value assigned (an override)."""
 
 
 class SparkSettings(_Section):
@@ -58,9 +54,7 @@ class SparkSettings(_Section):
     )
     app_name: str = Field(default="spark-mnist", description="Spark application name", cli=False)
     log_level: str = Field(default="WARN", description="Spark's log level (--verbose: INFO)", cli=False)
-    conf: dict[str, str] = Field(
-        default_factory=dict, description="extra Spark conf for sessions spark-mnist starts", cli=False
-    )
+    conf: dict[str, str] = Field({}, description="extra Spark conf for sessions spark-mnist starts", cli=False)
 
 
 class StorageSettings(_Section):
@@ -116,9 +110,8 @@ class TrainSettings(_Section):
     data: Optional[str] = Field(None, description="ingested dataset directory (default: ingest.output)")
     run_dir: Optional[str] = Field(
         None,
-        description="where model.pt, checkpoint.pt and metrics.json go (default: "
-        "runs/NAME beside the dataset directory NAME; "
-        "./runs/NAME for a dataset on an object store)",
+        description="where model.pt, checkpoint.pt and metrics.json go (default: runs/NAME beside the dataset "
+        "directory NAME; ./runs/NAME for a dataset on an object store)",
     )
     epochs: int = Field(5, ge=1, description="passes over the training split")
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
@@ -126,9 +119,8 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
     launcher: Launcher = Field(
         "torch-distributor",
-        description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a "
-        "Spark session), torchrun (local processes, no Spark), ai-runtime "
-        "(databricks.air's @distributed, serverless GPU)",
+        description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a Spark session), "
+        "torchrun (local processes, no Spark), ai-runtime (databricks.air's @distributed, serverless GPU)",
     )
     num_processes: int = Field(2, ge=1, description="ranks (TorchDistributor num_processes, torchrun nproc_per_node)")
     local_mode: bool = Field(True, description="run ranks on the driver (local) or in executors")
@@ -173,9 +165,8 @@ class TrainSettings(_Section):
     max_restarts: int = Field(
         1,
         ge=0,
-        description="relaunch from the last checkpoint when a rank dies or raises, at "
-        "most N times; 1: a lost worker (preemption, OOM kill) costs one "
-        "relaunch, and an error that recurs fails after one retry rather "
+        description="relaunch from the last checkpoint when a rank dies or raises, at most N times; 1: a lost "
+        "worker (preemption, OOM kill) costs one relaunch, and an error that recurs fails after one retry rather "
         "than looping (a job's max_retries adds more, with auto_resume)",
     )
     accelerator_count: Optional[int] = Field(
@@ -201,10 +192,6 @@ class Settings(_Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)  # type: ignore[arg-type]  # Field(x, ...)
     train: TrainSettings = Field(default_factory=TrainSettings)  # type: ignore[arg-type]  # Field(x, ...)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every setting as plain values: ``{"spark": {...}, "storage": {...}, "ingest": {...}, "train": {...}}``."""
-        return self.dict()
-
     @property
     def data_dir(self) -> str:
         """Where training reads the ingested dataset: ``train.data``, else ``ingest.output``."""
@@ -213,48 +200,33 @@ class Settings(_Section):
     @property
     def run_dir(self) -> str:
         """Where training writes: ``train.run_dir``, else ``runs/NAME`` beside the dataset directory ``NAME``
-        (``out/fashion-mnist`` -> ``out/runs/fashion-mnist``), so that training on another dataset keeps this one's
-        model.
+        (``out/fashion-mnist`` -> ``out/runs/fashion-mnist``, ``dbfs:/x`` -> ``dbfs:/runs/x``), so that training on
+        another dataset keeps this one's model.  A dataset on an object store (``s3://b/x?endpoint_override=...``),
+        where the ranks cannot write their files, gives the local ``runs/NAME`` in the working directory.
 
         Raises:
-            InputError: ``train.run_dir`` is null and the dataset directory has no name (``/``).
+            InputError: ``train.run_dir`` is null and the dataset directory has no name (``/``, ``file:///``).
         """
-        return self.train.run_dir or default_run_dir(self.data_dir)
+        if self.train.run_dir:
+            return self.train.run_dir
+        location, trimmed = normalize_uri(self.data_dir), self.data_dir.rstrip("/")
+        name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
+        if not name or name.endswith(":"):
+            raise invalid("train.data", self.data_dir, "a directory with a name when train.run_dir is null", InputError)
+        parent = "" if location.kind == "remote" else posixpath.dirname(trimmed)  # remote: the working directory
+        return posixpath.join(parent, "runs", name)
 
 
-def default_run_dir(data_dir: str) -> str:
-    """``runs/NAME`` beside the dataset directory ``NAME``: a path, or a URI (``dbfs:/x`` -> ``dbfs:/runs/x``).  A
-    dataset on an object store (``s3://b/x?endpoint_override=...``), where the ranks cannot write their files,
-    gives the local ``runs/NAME`` in the working directory.
+class Option(NamedTuple):
+    """One setting as a command-line option: its field's name, its spelling (``--num-shards`` for ``num_shards``),
+    the value's type (``bool`` for a switch), the allowed values of a ``Literal`` and the field's description as
+    help."""
 
-    Raises:
-        InputError: ``data_dir`` has no last component (``/``, ``file:///``).
-    """
-    location = normalize_uri(data_dir)
-    trimmed = data_dir.rstrip("/")
-    name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
-    if not name or name.endswith(":"):
-        raise invalid("train.data", data_dir, "a directory with a name when train.run_dir is null", InputError)
-    if location.kind == "remote":
-        return os.path.join(RUNS_DIR, name)
-    return posixpath.join(posixpath.dirname(trimmed), RUNS_DIR, name)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting as a command-line option: ``--kebab-case`` of the field name, the value's type (``bool`` for a
-    switch), the allowed values of a ``Literal`` and the field's description as help."""
-
-    section: str
     name: str
+    flag: str
     type: type
     choices: Optional[tuple]
-    help: str
-
-    @property
-    def flag(self) -> str:
-        """The option's spelling: ``--num-shards`` for ``num_shards``."""
-        return "--" + self.name.replace("_", "-")
+    help: Optional[str]
 
 
 def options(section: str) -> list[Option]:
@@ -266,60 +238,43 @@ def options(section: str) -> list[Option]:
             lacks ``cli=False``.
     """
     check_choice("settings section", section, SECTIONS)
-    model = Settings.__fields__[section].type_
-    return [
-        _option(section, name, field)
-        for name, field in model.__fields__.items()
-        if field.field_info.extra.get("cli", True)
-    ]
+    found = []
+    for name, field in Settings.__fields__[section].type_.__fields__.items():
+        if not field.field_info.extra.get("cli", True):
+            continue
+        choices = typing.get_args(field.outer_type_) if typing.get_origin(field.outer_type_) is Literal else None
+        tp = type(choices[0]) if choices else field.outer_type_  # a constrained int (ge=1) is an int subclass
+        base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
+        if base is None:
+            raise TypeError(f"{section}.{name}: a {tp} cannot be a command-line option; declare it with cli=False")
+        found.append(Option(name, "--" + name.replace("_", "-"), base, choices, field.field_info.description))
+    return found
 
 
-def _option(section: str, name: str, field: Any) -> Option:
-    tp = field.outer_type_
-    choices = None
-    if typing.get_origin(tp) is Literal:
-        choices = typing.get_args(tp)
-        tp = type(choices[0])
-    base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
-    if base is None:
-        raise TypeError(f"{section}.{name}: a {tp} cannot be a command-line option; declare it with cli=False")
-    return Option(section, name, base, choices, field.field_info.description or f"{section}.{name}")
-
-
-def _value_at(data: Any, loc: tuple) -> Any:
-    """The value at ``loc`` in ``data`` (pydantic's v1 errors carry the location, not the value)."""
-    for part in loc:
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
-
-
-def _error(source: str, error: ValidationError, data: dict[str, Any]) -> InputError:
+def _error(source: str, error: ValidationError, data: Any) -> InputError:
     lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "value_error.extra":
-            lines.append(f"{key}: unknown key")
-        else:
-            lines.append(f"{key}: {item['msg']} (got {_value_at(data, item['loc'])!r})")
+        key, value = ".".join(str(p) for p in item["loc"]), data
+        for part in item["loc"]:  # pydantic's v1 errors carry the location, not the value
+            value = value.get(part) if isinstance(value, dict) else None
+        unknown = item["type"] == "value_error.extra"
+        lines.append(f"{key}: unknown key" if unknown else f"{key}: {item['msg']} (got {value!r})")
     return InputError(f"{source}: " + "; ".join(lines))
 
+
+Values = dict[str, dict[str, Any]]  # {section: {key: value}}
 
 # What the notebook API starts from on Databricks when no config file is given (spark_mnist.ingest, .train): the
 # cluster's session, the ranks on the workers' GPUs, and the ranks reading the ingested shards directly (petastorm's
 # cache would need a path every worker shares; conf/databricks.yaml names one).
-DATABRICKS_DEFAULTS: dict[str, dict[str, Any]] = {
+DATABRICKS_DEFAULTS: Values = {
     "spark": {"master": None},
     "train": {"use_gpu": True, "local_mode": False, "converter": "none"},
 }
 
 
 def load_settings(
-    path: str | os.PathLike | None = None,
-    overrides: dict[str, dict[str, Any]] | None = None,
-    *,
-    defaults: dict[str, dict[str, Any]] | None = None,
+    path: str | os.PathLike | None = None, overrides: Values | None = None, *, defaults: Values | None = None
 ) -> Settings:
     """Settings from the YAML file ``path`` (where ``None``: the model's defaults, with ``defaults`` on top, e.g.
     :data:`DATABRICKS_DEFAULTS`), then ``overrides`` (``{section: {key: value}}``, ``None`` values ignored) on top; a
@@ -331,9 +286,8 @@ def load_settings(
             no name (``/``).
     """
     data: dict[str, Any] = {section: dict(values) for section, values in (defaults or {}).items()}
-    source = "defaults"
+    source = "defaults" if path is None else os.fspath(path)
     if path is not None:
-        source = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
@@ -349,16 +303,10 @@ def load_settings(
         raise _error(source, e, data) from None
     for section, values in (overrides or {}).items():
         for key, value in values.items():
-            if value is None:
-                continue
             try:
-                setattr(getattr(settings, section), key, value)
+                if value is not None:
+                    setattr(getattr(settings, section), key, value)
             except ValidationError as e:
                 raise _error("command line", e, {key: value}) from None
     settings.train.run_dir = settings.run_dir
     return settings
-
-
-def show(settings: Settings) -> str:
-    """The effective settings as YAML."""
-    return yaml.safe_dump(settings.to_dict(), sort_keys=False)

@@ -19,8 +19,6 @@ def scoped_env(values: Mapping[str, str], restore: tuple[str, ...] = ()) -> Iter
     try:
         yield
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        for key in (key for key, value in previous.items() if value is None):
+            os.environ.pop(key, None)
+        os.environ.update({key: value for key, value in previous.items() if value is not None})

@@ -87,7 +87,6 @@ def require_extra(module: str, extra: str, what: str):
         return importlib.import_module(module)
     except ImportError:
         raise EnvironmentMismatchError(
-            f"{what} needs {module}, which is not installed here: pip install "
-            f"'spark-mnist[{extra}]' (every Databricks ML runtime and serverless GPU "
-            f"environment ships it)"
+            f"{what} needs {module}, which is not installed here: pip install 'spark-mnist[{extra}]' (every "
+            f"Databricks ML runtime and serverless GPU environment ships it)"
         ) from None

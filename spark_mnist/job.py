@@ -19,9 +19,7 @@ from typing import Any, Optional
 
 from spark_mnist.config import TrainSettings
 
-__all__ = ["MIB", "TrainJob"]
-
-MIB = 2**20
+__all__ = ["TrainJob"]
 
 
 @dataclass
@@ -54,16 +52,10 @@ class TrainJob:
     @property
     def memory_budget_bytes(self) -> int:
         """``settings.memory_budget_mb`` in bytes: a rank keeps its decoded shard in memory when it fits."""
-        return self.settings.memory_budget_mb * MIB
+        return self.settings.memory_budget_mb * 2**20  # MiB
 
     def summary(self) -> dict[str, Any]:
         """The job for logging: the settings and the derived facts, without file lists or converters."""
-        return {
-            **self.settings.dict(),
-            "dataset": self.dataset,
-            "num_classes": self.num_classes,
-            "image_shape": tuple(self.image_shape),
-            "run_dir": self.run_dir,
-            "train_files": len(self.train_files),
-            "test_files": len(self.test_files),
-        }
+        facts = {"dataset": self.dataset, "num_classes": self.num_classes, "image_shape": tuple(self.image_shape)}
+        files = {"train_files": len(self.train_files), "test_files": len(self.test_files)}
+        return {**self.settings.dict(), **facts, "run_dir": self.run_dir, **files}

@@ -47,10 +47,11 @@ log = logging.getLogger(__name__)
 SPARK_LAUNCHER = "torch-distributor"  # the one launcher that runs on a Spark session (and petastorm's converter)
 
 
-def _session(spark, settings: Settings, *, verbose: bool):
-    """``spark``, or where it is ``None`` a session started from ``settings.spark`` whose executors also get the
-    stores' settings (:func:`spark_mnist.driver.session.spark_session`, stopped after the block)."""
-    if spark is not None:
+def _session(spark, settings: Settings, *, verbose: bool, needed: bool = True):
+    """``spark``, or where it is ``None`` and a session is ``needed``, one started from ``settings.spark`` whose
+    executors also get the stores' settings (:func:`spark_mnist.driver.session.spark_session`, stopped after the
+    block)."""
+    if spark is not None or not needed:
         return contextlib.nullcontext(spark)
     environment = settings.storage.environment()
     return sessions.spark_session(sessions.with_executor_env(settings.spark, environment), verbose=verbose)
@@ -73,22 +74,10 @@ def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
 
 
 def _ingest(spark, settings: Settings) -> "Manifest":
-    s = settings.ingest
-    manifest = run_ingest(
-        spark,
-        s.source,
-        s.output,
-        dataset=s.dataset,
-        num_shards=s.num_shards,
-        row_group_bytes=s.row_group_bytes,
-        strict=s.strict,
-    )
-    log.info(
-        "dataset %s at %s: %s",
-        manifest.dataset,
-        redact(s.output),
-        ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items()),
-    )
+    s = settings.ingest  # its other settings are run_ingest's keywords: dataset, num_shards, row_group_bytes, strict
+    manifest = run_ingest(spark, s.source, s.output, **s.dict(exclude={"source", "output"}))
+    splits = ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items())
+    log.info("dataset %s at %s: %s", manifest.dataset, redact(s.output), splits)
     return manifest
 
 
@@ -125,15 +114,12 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
         require_extra("torch", "torch", "training")
         check(t)
-        connect = on_spark and (
-            sessions.is_connect(spark) if spark is not None else sessions.connect_expected(settings.spark)
-        )
+        connect = on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark))
         choice = _converter(settings, connect)
         if not ingest_first:
             dataset = open_dataset(settings.data_dir)
             resume = check_resume(settings, dataset.manifest)
-        needed = on_spark or ingest_first
-        with _session(spark, settings, verbose=verbose) if needed else contextlib.nullcontext(spark) as session:
+        with _session(spark, settings, verbose=verbose, needed=on_spark or ingest_first) as session:
             if ingest_first:
                 _ingest(session, settings)
                 dataset = open_dataset(settings.data_dir)
@@ -161,7 +147,7 @@ def _converter(settings: Settings, connect: bool) -> ConverterChoice | None:
     return None
 
 
-def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool:
+def check_resume(settings: Settings, manifest: "Manifest") -> bool:
     """Whether this run continues from the checkpoint in its run directory: the driver's one resume check, the
     ranks' own rule (:meth:`spark_mnist.rank.checkpoint.Checkpoint.batch_size_for`, then
     :func:`spark_mnist.rank.order.state_mismatch` against this run's training order), before anything starts.
@@ -173,7 +159,7 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool
 
     Args:
         settings: the run's settings (``run_dir``, ``train.seed``, ``batch_size``, the launcher's world size).
-        manifest: the dataset's manifest (its identity and training rows are checked too); ``None``: those are not.
+        manifest: the dataset's manifest (its identity and training rows are checked too).
     Returns:
         ``True`` to resume; ``False`` with neither setting, without a checkpoint, or (``auto_resume``) with one of
         another run.
@@ -198,19 +184,9 @@ def check_resume(settings: Settings, manifest: "Manifest | None" = None) -> bool
             return False
         saved, ranks = checkpoint.loader, world_size(t)
         batch_size = t.batch_size if saved["world_size"] == ranks else checkpoint.batch_size_for(ranks)
-        train = manifest.splits.get("train") if manifest is not None else None
-        current = {
-            "seed": t.seed,
-            "shuffle": True,
-            "drop_remainder": True,
-            "world_size": ranks,
-            "batch_size": batch_size,
-            "global_batch_size": batch_size * ranks,
-            "dataset": dataset_identity(manifest) if manifest is not None else None,
-            "rows": train.rows if train is not None else saved["rows"],
-        }
-        mismatch = state_mismatch(saved, current, checkpoint.source)
-        if mismatch:
+        current = {"seed": t.seed, "shuffle": True, "drop_remainder": True, "dataset": dataset_identity(manifest)}
+        current.update(rows=manifest.splits["train"].rows, world_size=ranks, batch_size=batch_size)
+        if mismatch := state_mismatch(saved, {**current, "global_batch_size": batch_size * ranks}, checkpoint.source):
             raise LoaderStateError(mismatch)
     except InputError as e:
         if t.resume:
@@ -264,15 +240,9 @@ def _train(
     result = {"dataset": manifest.dataset, "converter": choice.name if choice else "none", "launcher": t.launcher}
     result.update(metrics)
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))  # warns without matplotlib
-    params = {k: v for k, v in settings.to_dict().items() if ingested or k != "ingest"}
-    run_id = log_training_run(
-        params,
-        manifest.to_dict(),
-        result,
-        result.get("model_path"),
-        run_dir=job.run_dir,
-        dataset_uri=dataset.location.uri,
-    )
+    params = {k: v for k, v in settings.dict().items() if ingested or k != "ingest"}
+    model_path, uri = result.get("model_path"), dataset.location.uri
+    run_id = log_training_run(params, manifest.to_dict(), result, model_path, run_dir=job.run_dir, dataset_uri=uri)
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result

@@ -18,14 +18,13 @@ Importable anywhere: no torch, no Spark.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import traceback
-from typing import Any, Mapping
+from typing import Any, Sequence
 
 from spark_mnist.fs import replacing
 from spark_mnist.paths import redact
@@ -43,6 +42,7 @@ CURVES_NAME = "curves.png"
 ERRORS_DIR = "_errors"
 TRACEBACK_LINES = 12
 _REPORT_NAME = re.compile(r"rank-(\d+)\.json")
+_REPORT_TYPES = {"rank": int, "exception": str, "traceback": list}  # a readable report's entries
 
 
 class TrainingFailedError(RuntimeError):
@@ -67,41 +67,33 @@ class TrainingFailedError(RuntimeError):
 
     @classmethod
     def from_reports(
-        cls, reports: list[dict[str, Any]], error: BaseException, skipped: list[str] | tuple[str, ...] = ()
-    ) -> "TrainingFailedError":
+        cls, reports: list[dict[str, Any]], error: BaseException, skipped: Sequence[str] = ()
+    ) -> TrainingFailedError:
         """The error of a failed launch: the first report's rank, exception and traceback tail, and the other
         reports' exceptions; without reports (a rank killed by a signal or out of memory), ``error`` itself.
         ``skipped`` names the unreadable reports, which the message mentions.  Never raises."""
         note = f" ({len(skipped)} unreadable report(s) skipped: {', '.join(skipped)})" if skipped else ""
         if not reports:
-            return cls(
-                redact(
-                    f"training failed and no rank left an error report (killed by a signal, out of "
-                    f"memory?): {_describe(error)}{note}"
-                ),
-                cause=error,
-            )
-        first = reports[0]
-        others = "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
+            lost = "training failed and no rank left an error report (killed by a signal, out of memory?): "
+            return cls(redact(f"{lost}{_describe(error)}{note}"), cause=error)
+        first, others = reports[0], "".join(f"; rank {r['rank']}: {r['exception']}" for r in reports[1:])
         tail = "".join(first["traceback"]).rstrip()
         return cls(redact(f"rank {first['rank']} failed: {first['exception']}{others}{note}\n{tail}"), reports, error)
 
 
 def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
     """The :class:`TrainingFailedError` for ``error``, which a launcher caught while the ranks ran, with the ranks'
-    reports from ``run_dir/_errors``.  Never raises: the error is built first, from ``error`` alone, and the
-    reports only improve its message; unreadable reports are skipped with a note.  Driver-side.
+    reports from ``run_dir/_errors``.  Never raises: reports that cannot be read only leave the message as ``error``
+    alone gives it; unreadable reports are skipped with a note.  Driver-side.
 
     Use: ``except Exception as e: raise runs.failure(run_dir, e) from e``.
     """
-    failed = TrainingFailedError.from_reports([], error)
     try:
         reports, skipped = read_error_reports(run_dir)
-        if reports or skipped:
-            failed = TrainingFailedError.from_reports(reports, error, skipped)
     except Exception as e:  # noqa: BLE001 - the failure must surface whatever the reports hold
         log.warning("could not read the ranks' error reports in %s: %s", run_dir, _describe(e))
-    return failed
+        reports, skipped = [], []
+    return TrainingFailedError.from_reports(reports, error, skipped)
 
 
 def _describe(error: BaseException) -> str:
@@ -126,13 +118,8 @@ def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
         with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f)
     except Exception as e:  # noqa: BLE001 - logged, not raised: the rank's own error is re-raised by its caller
-        log.error(
-            "rank %s could not write its error report %s (%s); its error was %s",
-            rank,
-            path,
-            _describe(e),
-            _describe(error),
-        )
+        why, was = _describe(e), _describe(error)
+        log.error("rank %s could not write its error report %s (%s); its error was %s", rank, path, why, was)
 
 
 def read_error_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -153,18 +140,12 @@ def read_error_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
         try:
             with open(path, encoding="utf-8") as f:
                 report = json.load(f)
-            if not (
-                isinstance(report, dict)
-                and isinstance(report.get("rank"), int)
-                and isinstance(report.get("exception"), str)
-                and isinstance(report.get("traceback"), list)
-            ):
+            if not (isinstance(report, dict) and all(isinstance(report.get(k), t) for k, t in _REPORT_TYPES.items())):
                 raise ValueError("expected a JSON object with rank, exception and traceback")
+            reports.append(report)
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
             log.warning("skipping the unreadable error report %s: %s", path, _describe(e))
             skipped.append(name)
-            continue
-        reports.append(report)
     return reports, skipped
 
 
@@ -177,31 +158,8 @@ def dataset_identity(manifest: Any) -> str:
     """The identity of an ingested dataset, which a checkpoint records so that resuming on other data is refused.
 
     Args:
-        manifest: the dataset's manifest, a dict (``_manifest.json``) or an object with attributes.
+        manifest: the dataset's manifest (:class:`spark_mnist.shards.contract.Manifest`).
     Returns:
-        ``"generation:<g>"`` when the manifest names its generation; else ``"sha256:<hex>"`` of its dataset name, its
-        splits' sorted file names with their row counts, and its source files' sha256 (the facts that decide the
-        rows and their order), so a re-ingest of the same files gives the same identity.
+        ``"generation:<g>"``: every ingest writes a generation of its own, which its manifest names.
     """
-
-    def get(obj: Any, key: str, default: Any = None) -> Any:
-        return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
-
-    generation = get(manifest, "generation")
-    if generation not in (None, ""):
-        return f"generation:{generation}"
-    splits = get(manifest, "splits") or {}
-    facts = {
-        "dataset": get(manifest, "dataset"),
-        "splits": {
-            str(name): {
-                "rows": get(split, "rows"),
-                "files": sorted(map(str, get(split, "files") or [])),
-                "rows_per_shard": get(split, "rows_per_shard"),
-            }
-            for name, split in sorted(splits.items())
-        },
-        "sources": sorted(str(get(f, "sha256")) for f in get(get(manifest, "source") or {}, "files") or []),
-    }
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode("utf-8"), usedforsecurity=False)
-    return f"sha256:{digest.hexdigest()}"
+    return f"generation:{manifest.generation}"

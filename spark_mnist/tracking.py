@@ -131,7 +131,7 @@ def log_training_run(
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
     Args:
-        settings_dict: the run's settings by section (``Settings.to_dict()``, without ``ingest`` when the run did
+        settings_dict: the run's settings by section (``Settings.dict()``, without ``ingest`` when the run did
             not ingest: the dataset read is the manifest's); logged as flattened params (``train.epochs``, ...).
         manifest: the ingest manifest (``open_dataset(OUT).manifest.to_dict()``); logged as ``manifest.json``;
             its ``classes`` and ``image_shape`` size the model.

@@ -33,7 +33,7 @@ def parse(*argv: str) -> Settings:
 def test_local_yaml_holds_the_models_defaults():
     """conf/local.yaml spells out the defaults; the model is their source, and the two agree key by key."""
     with open(REPO / "conf" / "local.yaml", encoding="utf-8") as f:
-        assert yaml.safe_load(f) == Settings().to_dict()
+        assert yaml.safe_load(f) == Settings().dict()
 
 
 @pytest.mark.parametrize("command, sections", [("ingest", ("spark", "storage", "ingest")),

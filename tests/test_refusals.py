@@ -173,9 +173,9 @@ def test_check_resume_accepts_what_the_ranks_accept(data, run_dir, settings, res
     else:
         with pytest.raises(LoaderStateError):
             check_resume(resolved, manifest)
-    check_resume(resolved.copy(update={"train": resolved.train.copy(update={"resume": False, "seed": 9})}))
+    check_resume(resolved.copy(update={"train": resolved.train.copy(update={"resume": False, "seed": 9})}), manifest)
     empty = load_settings(None, {"train": {"data": str(data), "run_dir": str(run_dir / "none"), "resume": True}})
-    check_resume(empty)  # no checkpoint: the ranks start afresh
+    check_resume(empty, manifest)  # no checkpoint: the ranks start afresh
 
 
 def test_a_checkpoint_error_is_an_input_error():

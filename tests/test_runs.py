@@ -75,23 +75,8 @@ def test_reports_are_written_whole_and_cleared(tmp_path):
     assert runs.read_error_reports(str(tmp_path))[0] == []
 
 
-MANIFEST = {"dataset": "mnist", "source": {"uri": "file:/a", "files": [{"sha256": "b" * 64}, {"sha256": "a" * 64}]},
-            "splits": {"train": {"rows": 10, "files": ["part-00000.parquet"], "rows_per_shard": [10]},
-                       "test": {"rows": 4, "files": ["part-00000.parquet"], "rows_per_shard": [4]}},
-            "created_unix": 1.0}
-
-
-def test_dataset_identity_is_the_generation_or_a_fingerprint_of_what_decides_the_rows():
-    identity = runs.dataset_identity(MANIFEST)
-    assert identity.startswith("sha256:") and len(identity) == len("sha256:") + 64
-    assert runs.dataset_identity({**MANIFEST, "created_unix": 2.0, "source": {**MANIFEST["source"], "uri": "b"}}) == (
-        identity)  # a re-ingest of the same files, from elsewhere
-    other = {**MANIFEST, "splits": {**MANIFEST["splits"], "test": {"rows": 5, "files": ["part-00000.parquet"],
-                                                                  "rows_per_shard": [5]}}}
-    assert runs.dataset_identity(other) != identity
-    assert runs.dataset_identity({**MANIFEST, "generation": "g-0007"}) == "generation:g-0007"
-
-    class Manifest:  # an object with attributes, as a typed manifest would be
+def test_dataset_identity_is_the_generation():
+    class Manifest:  # the typed manifest names its generation
         generation = "g-0008"
 
     assert runs.dataset_identity(Manifest()) == "generation:g-0008"
