@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class EvaluationResult:
     model: str = ""
 
 
-def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: Any) -> EvaluationResult:
+def result_from_confusion(confusion: np.ndarray, classes: Sequence[str], **extra: Any) -> EvaluationResult:
     """An :class:`EvaluationResult` whose figures all derive from ``confusion``."""
     confusion = np.asarray(confusion, dtype=np.int64)
     samples, correct, totals = int(confusion.sum()), np.diag(confusion).tolist(), confusion.sum(axis=1).tolist()
