@@ -69,7 +69,6 @@ FINAL_METRICS = ("train_seconds", "wall_seconds")
 RUN_PARAMS = "dataset world_size device loader steps_per_epoch batch_size samples_per_epoch epochs".split()
 # MLflow's limits (every MLflow from 2.9 on): param values of at most 6000 characters, keys of at most 250 characters
 # from letters, digits, "_", "-", ".", " " and "/".
-MAX_PARAM_VALUE_LENGTH = 6000
 MAX_PARAM_KEY_LENGTH = 250
 _KEY_CHARS = re.compile(r"[^\w\-. /]")
 
@@ -89,9 +88,7 @@ def tracking_uri(run_dir: str | os.PathLike) -> str:
     return (Path(require_local(run_dir, "run_dir")) / "mlruns").as_uri()
 
 
-def flatten_params(
-    settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = MAX_PARAM_VALUE_LENGTH
-) -> dict[str, str]:
+def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000) -> dict[str, str]:
     """Nested settings -> ``{"train.epochs": "4", ...}``: keys joined with ".", characters MLflow rejects in keys
     replaced by "_", values as strings (lists and dicts as JSON, an empty dict as ``{}``) cut to
     ``max_value_length`` characters."""
@@ -101,9 +98,7 @@ def flatten_params(
         if isinstance(value, Mapping) and value:
             out.update(flatten_params(value, f"{name}.", max_value_length=max_value_length))
             continue
-        text = (
-            json.dumps(value, default=str, sort_keys=True) if isinstance(value, (Mapping, list, tuple)) else str(value)
-        )
+        text = json.dumps(value, default=str, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
         out[name] = text if len(text) <= max_value_length else text[: max_value_length - 3] + "..."
     return out
 
@@ -117,7 +112,6 @@ def log_training_run(
     run_dir: str | os.PathLike,
     dataset_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
-    log: logging.Logger = log,
 ) -> str | None:
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
@@ -137,7 +131,6 @@ def log_training_run(
             dataset input is logged.
         experiment: the experiment name.  On Databricks a relative name goes under the user's home folder
             (``/Users/<user>/<name>``, or ``/Shared/<name>`` when the user cannot be found).
-        log: where the "not installed" line and warnings go.
     Returns:
         The MLflow run id; ``None`` when MLflow is not installed or tracking failed (logged as a warning).
     """
@@ -178,10 +171,10 @@ def log_training_run(
                 mlflow.log_metrics(_figures(metrics, FINAL_METRICS))
                 mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), "manifest.json")
                 if dataset_uri is not None:
-                    _log_dataset_input(mlflow, manifest, dataset_uri, log)
+                    _log_dataset_input(mlflow, manifest, dataset_uri)
                 if model_path is not None and os.path.isfile(model_path):
                     mlflow.log_artifact(os.fspath(model_path), "model")
-                    _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
+                    _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest)
                 else:
                     log.warning("no model file at %s; the MLflow run has no model", model_path)
                 run_id = run.info.run_id
@@ -204,7 +197,7 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:DIGEST_CHARS]
 
 
-def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger) -> None:
+def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
     dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
     resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure
@@ -225,9 +218,7 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, lo
         log.warning("could not log the dataset %s as an MLflow dataset input: %s", redact(dataset_uri), error)
 
 
-def _log_pytorch_model(
-    mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any], log: logging.Logger
-) -> None:
+def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any]) -> None:
     """Log a loadable MLflow PyTorch model built from the ``state_dict``; a failure here is a warning, the run and
     its ``state_dict`` artifact stay.  The model is built by name (:func:`spark_mnist.models.build_model`):
     ``model_name``, the one training recorded in its metrics, else :data:`spark_mnist.models.DEFAULT_MODEL`.
@@ -253,24 +244,20 @@ def _log_pytorch_model(
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         model.eval()
         accepted = inspect.signature(mlflow.pytorch.log_model).parameters
-        kwargs: dict[str, Any] = {
-            # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
-            "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
-            # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
-            "signature": ModelSignature(
-                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, height, width))]),
-                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
-            ),
-        }
-        kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
+        # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
+        images = TensorSpec(np.dtype(np.float32), (-1, 1, height, width))
+        signature = ModelSignature(Schema([images]), Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
         # torch.__version__ is a TorchVersion, compared as a version, not as a string.
         if "serialization_format" in accepted and torch.__version__ >= "2.4":
-            kwargs["serialization_format"] = "pt2"
             # A batch of 2: torch.export makes a size-1 dimension static, and the batch must stay dynamic.
-            kwargs["input_example"] = np.zeros((2, 1, height, width), dtype=np.float32)
+            example = np.zeros((2, 1, height, width), dtype=np.float32)
+            kwargs: dict[str, Any] = {"serialization_format": "pt2", "input_example": example}
         else:
-            kwargs["code_paths"] = [os.path.dirname(spark_mnist.__file__)]
-        mlflow.pytorch.log_model(model, **kwargs)
+            kwargs = {"code_paths": [os.path.dirname(spark_mnist.__file__)]}
+        kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
+        # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
+        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+        mlflow.pytorch.log_model(model, signature=signature, pip_requirements=requirements, **kwargs)
     except ImportError as e:
         log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
     except Exception as e:  # noqa: BLE001 - the model flavour is optional: the state_dict is logged anyway

@@ -29,7 +29,6 @@ __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_p
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'spark-mnist[plots]'"
 DPI = 100
 PREVIEW_CELL_INCHES = (1.3, 1.45)  # width, height of one image with its title
 PREVIEW_TITLE_INCHES = 0.4
@@ -41,7 +40,9 @@ def _figure(width: float, height: float, layout: Literal["compressed", "constrai
     try:  # matplotlib: the plots extra; training and the other commands run without it
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise InputError(f"drawing pictures needs matplotlib, which is not installed: {INSTALL_HINT}") from e
+        raise InputError(
+            "drawing pictures needs matplotlib, which is not installed: pip install 'spark-mnist[plots]'"
+        ) from e
     return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
@@ -124,25 +125,23 @@ def preview_grid(
     return _save(figure, out_png)
 
 
-def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike) -> Path:
+def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path:
     """Two panels: train and test loss per epoch; test accuracy per epoch.
 
     Args:
         history: the ``"history"`` list of training's metrics (dicts with ``epoch``, ``train_loss``, ``test_loss``,
-            ``test_accuracy``), or the whole metrics dict.
+            ``test_accuracy``).
     Returns:
         The path written.
     Raises:
         InputError: matplotlib missing, an empty history.
     """
-    if isinstance(history, Mapping):  # the whole metrics dict (metrics.json)
-        history = history.get("history") or []
     if not history:
         raise InputError("no epochs to plot: the training history is empty")
     figure = _figure(10, 4, "tight")
     from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
 
-    epochs = [int(h.get("epoch", i + 1)) for i, h in enumerate(history)]
+    epochs = [int(h["epoch"]) for h in history]
     train_loss, test_loss, accuracy = (
         [float(h[key]) if h.get(key) is not None else math.nan for h in history]
         for key in ("train_loss", "test_loss", "test_accuracy")
@@ -197,9 +196,7 @@ def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike)
     return _save(figure, out_png)
 
 
-def maybe_training_curves(
-    history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike
-) -> Path | None:
+def maybe_training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path | None:
     """:func:`training_curves` for the end of a training run, which a picture must never fail: returns ``None``
     and logs a warning (the missing matplotlib with its install hint, an empty history, ...) instead of raising."""
     try:

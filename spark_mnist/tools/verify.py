@@ -96,20 +96,14 @@ class VerifyReport:
 
 
 def verify_file(
-    spec: DatasetSpec,
-    split: str,
-    kind: str,
-    path: str | os.PathLike,
-    *,
-    name: str | None = None,
-    check_rows: bool = True,
+    spec: DatasetSpec, split: str, kind: str, path: str | os.PathLike, *, name: str | None = None
 ) -> ParsedIdx:
     """Check that ``path`` is a usable copy of ``spec``'s ``split``/``kind`` file (``kind`` ``"images"`` or
     ``"labels"``), as downloads and local copies must be before they are installed under the final name.
 
     Checks, in order: the file parses as IDX (:func:`spark_mnist.formats.idx.parse_idx`); its payload sha256 equals the
     registry's where one is published; images are (N, H, W) uint8 of ``spec.image_shape`` and labels (N,) uint8
-    below ``spec.num_classes`` (:func:`spark_mnist.datasets.validate_split`); with ``check_rows``, N equals the
+    below ``spec.num_classes`` (:func:`spark_mnist.datasets.validate_split`); N equals the
     published ``spec.split_sizes[split]`` where known (a download is the whole published split, not a subset).
 
     Args:
@@ -134,7 +128,7 @@ def verify_file(
     else:
         validate_split(spec, np.broadcast_to(np.uint8(0), (rows, *spec.image_shape)), array, "(images)", name)
     expected_rows = spec.split_sizes.get(split)
-    if check_rows and expected_rows is not None and rows != expected_rows:
+    if expected_rows is not None and rows != expected_rows:
         raise DatasetMismatchError(f"{name}: {rows} rows: {spec.name}'s published {split} split has {expected_rows}")
     return parsed
 
