@@ -57,8 +57,6 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow >= 3.13 refuses the file store unless this is "true".
 ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 DATABRICKS_ENV = "DATABRICKS_RUNTIME_VERSION"
-# Variables put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
-RESTORED_ENV = (TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")
 MODEL_NAME = "pytorch_model"
 # Hex digits of the manifest's sha256 kept as the MLflow dataset digest (MLflow stores at most 36 characters).
 DIGEST_CHARS = 16
@@ -155,7 +153,8 @@ def log_training_run(
         # the block, then the previous one back.  It also writes MLFLOW_TRACKING_URI, which scoped_env restores.
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        with scoped_env(allow, restore=RESTORED_ENV), _use_tracking_uri(uri):
+        # Put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
+        with scoped_env(allow, restore=(TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")), _use_tracking_uri(uri):
             client = mlflow.MlflowClient(tracking_uri=uri)
             name = _experiment_name(experiment, uri)
             found = client.get_experiment_by_name(name)

@@ -71,7 +71,7 @@ def test_missing_file(tmp_path):
     report = verify_source(tmp_path, spec)
     assert not report.ok
     assert statuses(report)["t10k-labels-idx1-ubyte.gz"] == "missing"
-    assert report.splits[1].status == "incomplete" and report.splits[0].ok
+    assert report.splits[1].status == "incomplete" and report.splits[0].status == "ok"
     table = format_table(report)
     assert "t10k-labels-idx1-ubyte.gz" in table and "missing" in table and table.rstrip().endswith("FAILED")
 

@@ -48,7 +48,6 @@ class EvaluationResult:
     samples: int
     dataset: str = ""
     split: str = "test"
-    model_path: str = ""
     model: str = ""
 
 
@@ -159,9 +158,7 @@ def evaluate_model(
             predictions = network(normalize(images, norm)).argmax(1)
             counts += torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
     confusion = counts.cpu().numpy().reshape(num_classes, num_classes)
-    return result_from_confusion(
-        confusion, opened.classes, dataset=dataset, split=split, model_path=model_path, model=model
-    )
+    return result_from_confusion(confusion, opened.classes, dataset=dataset, split=split, model=model)
 
 
 def format_report(result: EvaluationResult) -> str:

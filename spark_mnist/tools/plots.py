@@ -10,7 +10,6 @@ written through a temporary name and a rename (:func:`spark_mnist.fs.replacing`)
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
@@ -29,9 +28,8 @@ __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_p
 
 log = logging.getLogger(__name__)
 
+INSTALL_HINT = "pip install 'spark-mnist[plots]'"
 DPI = 100
-PREVIEW_CELL_INCHES = (1.3, 1.45)  # width, height of one image with its title
-PREVIEW_TITLE_INCHES = 0.4
 MAX_LABELLED_CLASSES = 20  # the confusion matrix writes counts in its cells up to this many classes
 
 
@@ -40,9 +38,7 @@ def _figure(width: float, height: float, layout: Literal["compressed", "constrai
     try:  # matplotlib: the plots extra; training and the other commands run without it
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise InputError(
-            "drawing pictures needs matplotlib, which is not installed: pip install 'spark-mnist[plots]'"
-        ) from e
+        raise InputError(f"drawing pictures needs matplotlib, which is not installed: {INSTALL_HINT}") from e
     return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
@@ -113,8 +109,8 @@ def preview_grid(
     _, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
     if len(labels) == 0:
         raise InputError(f"{os.fspath(data_dir)}: split {split!r} holds no images to preview")
-    width, height = PREVIEW_CELL_INCHES
-    figure = _figure(cols * width, rows * height + PREVIEW_TITLE_INCHES, "compressed")
+    # Inches: 1.3 x 1.45 for each image with its title, 0.4 for the figure's title.
+    figure = _figure(cols * 1.3, rows * 1.45 + 0.4, "compressed")
     figure.suptitle(f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})", fontsize=11)
     fontsize = 9 if max(len(c) for c in manifest.classes) <= 12 else 7
     for k, axes in enumerate(figure.subplots(rows, cols, squeeze=False).flat):
@@ -142,17 +138,16 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
     from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
 
     epochs = [int(h["epoch"]) for h in history]
-    train_loss, test_loss, accuracy = (
-        [float(h[key]) if h.get(key) is not None else math.nan for h in history]
-        for key in ("train_loss", "test_loss", "test_accuracy")
-    )
+    # A figure missing from an epoch (None) is a gap in its line (NaN).
+    series = np.array([[h.get(k) for k in ("train_loss", "test_loss", "test_accuracy")] for h in history], dtype=float)
+    train_loss, test_loss, accuracy = series.T
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, train_loss, marker="o", label="train loss")
     loss_axes.plot(epochs, test_loss, marker="s", label="test loss")
     loss_axes.set(title="Loss per epoch", xlabel="epoch", ylabel="cross-entropy")
     accuracy_axes.plot(epochs, accuracy, marker="o", color="tab:green", label="test accuracy")
     accuracy_axes.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="accuracy")
-    if not math.isnan(accuracy[-1]):
+    if not np.isnan(accuracy[-1]):
         below = {"textcoords": "offset points", "xytext": (0, -14), "ha": "center", "fontsize": 9}
         accuracy_axes.annotate(f"{accuracy[-1]:.4f}", (epochs[-1], accuracy[-1]), **below)
     for axes, corner in ((loss_axes, "best"), (accuracy_axes, "lower right")):
