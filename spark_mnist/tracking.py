@@ -79,11 +79,8 @@ def on_databricks() -> bool:
 def tracking_uri(run_dir: str | os.PathLike) -> str:
     """Where MLflow runs go: ``MLFLOW_TRACKING_URI`` when set, ``databricks`` on Databricks, else the local file
     store ``file:///<absolute run_dir>/mlruns``.  ``run_dir`` may be a path or a ``file:`` URI."""
-    if os.environ.get(TRACKING_URI_ENV):
-        return os.environ[TRACKING_URI_ENV]
-    if on_databricks():
-        return "databricks"
-    return (Path(require_local(run_dir, "run_dir")) / "mlruns").as_uri()
+    default = "databricks" if on_databricks() else (Path(require_local(run_dir, "run_dir")) / "mlruns").as_uri()
+    return os.environ.get(TRACKING_URI_ENV) or default
 
 
 def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000) -> dict[str, str]:
@@ -264,18 +261,13 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
 
 
 def _experiment_name(experiment: str, uri: str) -> str:
-    """On Databricks experiments are workspace paths: a relative name goes under the user's home folder."""
+    """On Databricks experiments are workspace paths: a relative name goes under the home folder of the workspace
+    user this process runs as (databricks-sdk, an mlflow-skinny dependency), else under ``/Shared``."""
     if not uri.startswith("databricks") or experiment.startswith("/"):
         return experiment
-    user = _databricks_user()
-    return f"/Users/{user}/{experiment}" if user else f"/Shared/{experiment}"
-
-
-def _databricks_user() -> str | None:
-    """The workspace user this process runs as (databricks-sdk, an mlflow-skinny dependency), or ``None``."""
     try:
         from databricks.sdk import WorkspaceClient  # on Databricks only: mlflow-skinny brings it there
 
-        return WorkspaceClient().current_user.me().user_name
+        return f"/Users/{WorkspaceClient().current_user.me().user_name}/{experiment}"
     except Exception:  # noqa: BLE001 - no workspace user (off Databricks, no auth): the /Shared folder instead
-        return None
+        return f"/Shared/{experiment}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -79,11 +80,13 @@ def test_explicit_tracking_uri_wins(tmp_path, monkeypatch):
 
 
 def test_databricks_experiment_names_are_workspace_paths(monkeypatch):
-    monkeypatch.setattr(tracking, "_databricks_user", lambda: "someone@example.com")
+    me = types.SimpleNamespace(user_name="someone@example.com")
+    workspace = types.SimpleNamespace(current_user=types.SimpleNamespace(me=lambda: me))
+    monkeypatch.setitem(sys.modules, "databricks.sdk", types.SimpleNamespace(WorkspaceClient=lambda: workspace))
     assert tracking._experiment_name("spark-mnist", "databricks") == "/Users/someone@example.com/spark-mnist"
     assert tracking._experiment_name("/Shared/x", "databricks") == "/Shared/x"
     assert tracking._experiment_name("spark-mnist", "file:///tmp/mlruns") == "spark-mnist"
-    monkeypatch.setattr(tracking, "_databricks_user", lambda: None)
+    monkeypatch.setitem(sys.modules, "databricks.sdk", None)  # no workspace user to be found
     assert tracking._experiment_name("spark-mnist", "databricks://profile") == "/Shared/spark-mnist"
 
 

@@ -108,7 +108,7 @@ def evaluate_model(
     if batch_size < 1:
         raise invalid("batch_size", batch_size, "at least 1", InputError)
     opened = contract.open_dataset(data_dir)
-    local, dataset, image_shape = opened.location.display, opened.dataset, opened.image_shape
+    local, dataset, image_shape = opened.location.shown, opened.dataset, opened.image_shape
     try:
         paths = opened.files(split)
     except ValueError as e:
