@@ -236,9 +236,8 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
 
         height, width = manifest["image_shape"]
         num_classes = len(manifest["classes"])
-        model = build_model(model_name or DEFAULT_MODEL, num_classes, (height, width))
+        model = build_model(model_name or DEFAULT_MODEL, num_classes, (height, width)).eval()
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-        model.eval()
         accepted = inspect.signature(mlflow.pytorch.log_model).parameters
         # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
         images = TensorSpec(np.dtype(np.float32), (-1, 1, height, width))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -20,9 +20,7 @@ from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
 from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
-
-if TYPE_CHECKING:
-    from spark_mnist.tools.evaluate import EvaluationResult
+from spark_mnist.tools.evaluate import EvaluationResult
 
 __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
 
@@ -73,9 +71,8 @@ def sample_rows(
     plan = plan_row_groups(paths)
     total = total_rows(plan)
     chosen = np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).astype(np.int64)
-    index = np.empty(len(chosen), dtype=np.int64)
+    index, labels = np.empty(len(chosen), dtype=np.int64), np.empty(len(chosen), dtype=np.int64)
     images = np.empty((len(chosen), row_bytes), dtype=np.uint8)
-    labels = np.empty(len(chosen), dtype=np.int64)
     for group in plan:
         mine = np.flatnonzero((chosen >= group.start) & (chosen < group.start + group.rows))
         if len(mine):
@@ -157,7 +154,7 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
     return _save(figure, out_png)
 
 
-def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike) -> Path:
+def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -> Path:
     """The confusion matrix as a heat map (colour: share of each true class's images), with counts written in the
     cells when there are at most 20 classes.
 

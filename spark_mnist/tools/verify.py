@@ -151,8 +151,7 @@ def verify_source(
     root = Path(require_local(directory, "verify"))
     if not root.is_dir():
         raise SourceError(f"{root}: source directory not found")
-    files: list[FileReport] = []
-    splits: list[SplitReport] = []
+    files, splits = [], []
     for split in SPLITS:
         arrays: dict[str, np.ndarray] = {}
         for kind in (IMAGES, LABELS):
@@ -188,12 +187,8 @@ def verify_source(
     return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), strict)
 
 
-def _short(digest: str | None) -> str | None:
-    return None if digest is None else digest[:16] + "..."  # the problems list gives them whole
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _cut(text: str | None, width: int) -> str | None:
+    return text if text is None or len(text) <= width else text[: width - 3] + "..."
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[object, ...]]) -> list[str]:
@@ -212,8 +207,9 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
     files = []
     for f in report.files:
         shape = None if f.shape is None else "x".join(map(str, f.shape))
-        expected = _short(f.expected) or "(none published)"
-        files.append((f.name, f.rows, shape, _cut(f.status, 40), _short(f.sha256), expected))
+        # Digests shortened to 16 hex digits: the problems list gives them whole.
+        expected = _cut(f.expected, 19) or "(none published)"
+        files.append((f.name, f.rows, shape, _cut(f.status, 40), _cut(f.sha256, 19), expected))
     out = [f"dataset {report.dataset} in {report.directory}", ""]
     out += _table(("file", "rows", "shape", "status", "sha256", "expected"), files)
     splits = [(s.split, s.rows, s.expected_rows, _cut(s.status, 60)) for s in report.splits]
