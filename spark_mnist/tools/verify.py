@@ -158,13 +158,10 @@ def verify_source(
             entry = spec.file(split, kind)
             path = root / entry.name
             report = functools.partial(FileReport, entry.name, str(path), expected=entry.sha256)
-            if not path.is_file():
-                files.append(report("missing"))
-                continue
             try:
                 parsed = parse_idx(path)
-            except InputError as e:
-                files.append(report(f"error: {str(e).removeprefix(f'{path}: ')}"))
+            except InputError as e:  # "missing" where there is no such file (or a directory of its name)
+                files.append(report("missing" if not path.is_file() else f"error: {str(e).removeprefix(f'{path}: ')}"))
                 continue
             array = parsed.array
             status = OK if entry.sha256 in (None, parsed.sha256) else HASH_MISMATCH
