@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EvaluationResult", "result_from_confusion", "evaluate_model", "format_report"]
 
-DEFAULT_BATCH_SIZE = 1000
-
 
 @dataclass
 class EvaluationResult:
@@ -75,7 +73,7 @@ def evaluate_model(
     data_dir: str | os.PathLike,
     model_path: str | os.PathLike,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = 1000,
     split: str = "test",
     device: str | torch.device | None = None,
     model: str | None = None,
