@@ -78,9 +78,14 @@ def on_databricks() -> bool:
 
 def tracking_uri(run_dir: str | os.PathLike) -> str:
     """Where MLflow runs go: ``MLFLOW_TRACKING_URI`` when set, ``databricks`` on Databricks, else the local file
-    store ``file:///<absolute run_dir>/mlruns``.  ``run_dir`` may be a path or a ``file:`` URI."""
-    default = "databricks" if on_databricks() else (Path(require_local(run_dir, "run_dir")) / "mlruns").as_uri()
-    return os.environ.get(TRACKING_URI_ENV) or default
+    store ``file:///<absolute run_dir>/mlruns``.  ``run_dir`` may be a path or a ``file:`` URI.
+
+    Raises:
+        SourceError: for the file store, a ``run_dir`` with no local path (``s3://...``).
+    """
+    if os.environ.get(TRACKING_URI_ENV):
+        return os.environ[TRACKING_URI_ENV]
+    return "databricks" if on_databricks() else (Path(require_local(run_dir, "run_dir")) / "mlruns").as_uri()
 
 
 def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000) -> dict[str, str]:
