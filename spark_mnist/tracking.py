@@ -30,7 +30,6 @@ through ``mlflow.set_experiment``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
@@ -39,13 +38,13 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 import spark_mnist
 from spark_mnist.envs import scoped_env
-from spark_mnist.paths import normalize_uri, redact
+from spark_mnist.paths import redact, require_local
 
 __all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", "flatten_params", "log_training_run",
            "manifest_digest"]  # fmt: skip
@@ -58,13 +57,7 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow >= 3.13 refuses the file store unless this is "true".
 ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 DATABRICKS_ENV = "DATABRICKS_RUNTIME_VERSION"
-# Variables put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
-RESTORED_ENV = (TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")
-MLRUNS_DIR = "mlruns"
-MANIFEST_ARTIFACT = "manifest.json"
-STATE_DICT_ARTIFACT_DIR = "model"
 MODEL_NAME = "pytorch_model"
-DATASET_CONTEXT = "training"
 # Hex digits of the manifest's sha256 kept as the MLflow dataset digest (MLflow stores at most 36 characters).
 DIGEST_CHARS = 16
 # Per-epoch figures of ``metrics["history"]`` logged as MLflow metrics with step = epoch.
@@ -72,7 +65,7 @@ EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "d
 # Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
 FINAL_METRICS = ("train_seconds", "wall_seconds")
 RUN_PARAMS = "dataset world_size device loader steps_per_epoch batch_size samples_per_epoch epochs".split()
-# MLflow's limits: param values of at most 6000 characters (500 before MLflow 2.x), keys of at most 250 characters
+# MLflow's limits (every MLflow from 2.9 on): param values of at most 6000 characters, keys of at most 250 characters
 # from letters, digits, "_", "-", ".", " " and "/".
 MAX_PARAM_KEY_LENGTH = 250
 _KEY_CHARS = re.compile(r"[^\w\-. /]")
@@ -85,16 +78,14 @@ def on_databricks() -> bool:
 
 def tracking_uri(run_dir: str | os.PathLike) -> str:
     """Where MLflow runs go: ``MLFLOW_TRACKING_URI`` when set, ``databricks`` on Databricks, else the local file
-    store ``file:///<absolute run_dir>/mlruns``.  ``run_dir`` may be a path or a ``file:`` URI."""
-    explicit = os.environ.get(TRACKING_URI_ENV)
-    if explicit:
-        return explicit
-    if on_databricks():
-        return "databricks"
-    run_dir = os.fspath(run_dir)
-    if run_dir.startswith("file:"):
-        run_dir = normalize_uri(run_dir).local_path or run_dir[len("file:") :]
-    return (Path(run_dir).absolute() / MLRUNS_DIR).as_uri()
+    store ``file:///<absolute run_dir>/mlruns``.  ``run_dir`` may be a path or a ``file:`` URI.
+
+    Raises:
+        SourceError: for the file store, a ``run_dir`` with no local path (``s3://...``).
+    """
+    if os.environ.get(TRACKING_URI_ENV):
+        return os.environ[TRACKING_URI_ENV]
+    return "databricks" if on_databricks() else (Path(require_local(run_dir, "run_dir")) / "mlruns").as_uri()
 
 
 def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000) -> dict[str, str]:
@@ -107,13 +98,8 @@ def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_l
         if isinstance(value, Mapping) and value:
             out.update(flatten_params(value, f"{name}.", max_value_length=max_value_length))
             continue
-        if isinstance(value, (Mapping, list, tuple)):
-            text = json.dumps(value, default=str, sort_keys=True)
-        else:
-            text = str(value)
-        if len(text) > max_value_length:
-            text = text[: max_value_length - 3] + "..."
-        out[name] = text
+        text = json.dumps(value, default=str, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
+        out[name] = text if len(text) <= max_value_length else text[: max_value_length - 3] + "..."
     return out
 
 
@@ -126,7 +112,6 @@ def log_training_run(
     run_dir: str | os.PathLike,
     dataset_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
-    log: logging.Logger = log,
 ) -> str | None:
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
@@ -146,7 +131,6 @@ def log_training_run(
             dataset input is logged.
         experiment: the experiment name.  On Databricks a relative name goes under the user's home folder
             (``/Users/<user>/<name>``, or ``/Shared/<name>`` when the user cannot be found).
-        log: where the "not installed" line and warnings go.
     Returns:
         The MLflow run id; ``None`` when MLflow is not installed or tracking failed (logged as a warning).
     """
@@ -162,52 +146,49 @@ def log_training_run(
     # The file store's opt-in (MLflow >= 3.13), unless the user set it either way.
     allow = {ALLOW_FILE_STORE_ENV: "true"} if uri.startswith("file:") and ALLOW_FILE_STORE_ENV not in os.environ else {}
     try:
-        try:  # mlflow: the optional extra, imported where tracking runs
-            from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as max_value_length
-        except ImportError:  # pragma: no cover - very old MLflow
-            max_value_length = 500
         run_facts = {f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics}
-        params = flatten_params({**settings_dict, **run_facts}, max_value_length=max_value_length)
-        params = {name: redact(value) for name, value in params.items()}  # a URI's credentials stay out of MLflow
+        # A URI's credentials stay out of MLflow.
+        params = {name: redact(value) for name, value in flatten_params({**settings_dict, **run_facts}).items()}
         dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
         run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
-        with scoped_env(allow, restore=RESTORED_ENV), _scoped_tracking_uri(mlflow, uri):
+        # MLflow's own scope for its module-level tracking URI (private; in every MLflow from 2.9 to 3.x): set for
+        # the block, then the previous one back.  It also writes MLFLOW_TRACKING_URI, which scoped_env restores.
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        # Put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
+        with scoped_env(allow, restore=(TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")), _use_tracking_uri(uri):
             client = mlflow.MlflowClient(tracking_uri=uri)
             name = _experiment_name(experiment, uri)
             found = client.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
-            with mlflow.start_run(
-                experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
-            ) as run:
+            nested = mlflow.active_run() is not None
+            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as run:
                 tags = {"dataset": dataset, "device": metrics.get("device"), "loader": metrics.get("loader")}
                 mlflow.set_tags({f"spark_mnist.{key}": str(value) for key, value in tags.items()})
                 mlflow.log_params(params)
+                # An empty dict logs nothing (MLflow's log_batch returns early).
                 for record in metrics.get("history") or []:
-                    values = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
-                    if values:
-                        mlflow.log_metrics(values, step=int(record["epoch"]))
-                final = {k: float(metrics[k]) for k in FINAL_METRICS if metrics.get(k) is not None}
-                if final:
-                    mlflow.log_metrics(final)
-                mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), MANIFEST_ARTIFACT)
+                    mlflow.log_metrics(_figures(record, EPOCH_METRICS), step=int(record["epoch"]))
+                mlflow.log_metrics(_figures(metrics, FINAL_METRICS))
+                mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), "manifest.json")
                 if dataset_uri is not None:
-                    _log_dataset_input(mlflow, manifest, dataset_uri, log)
+                    _log_dataset_input(mlflow, manifest, dataset_uri)
                 if model_path is not None and os.path.isfile(model_path):
-                    mlflow.log_artifact(os.fspath(model_path), STATE_DICT_ARTIFACT_DIR)
-                    _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest, log)
+                    mlflow.log_artifact(os.fspath(model_path), "model")
+                    _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest)
                 else:
                     log.warning("no model file at %s; the MLflow run has no model", model_path)
                 run_id = run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking must never fail training
-        log.warning(
-            "MLflow tracking to %s failed, training results are not tracked: %s: %s",
-            uri,
-            type(e).__name__,
-            redact(str(e)),
-        )
+        error = f"{type(e).__name__}: {redact(str(e))}"
+        log.warning("MLflow tracking to %s failed, training results are not tracked: %s", uri, error)
         return None
     log.info("MLflow run %s logged to %s", run_id, uri)
     return run_id
+
+
+def _figures(record: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: float(record[k]) for k in keys if record.get(k) is not None}
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -217,7 +198,7 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:DIGEST_CHARS]
 
 
-def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, log: logging.Logger = log) -> None:
+def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
     dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
     resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure
@@ -232,19 +213,13 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str, lo
             source = resolve_dataset_source(redact(dataset_uri))
         name, digest = str(manifest.get("dataset") or "dataset"), manifest_digest(manifest)
         dataset = MetaDataset(source=source, name=name, digest=digest)  # type: ignore[abstract]  # it is concrete
-        mlflow.log_input(dataset, context=DATASET_CONTEXT)
+        mlflow.log_input(dataset, context="training")
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
-        log.warning(
-            "could not log the dataset %s as an MLflow dataset input: %s: %s",
-            redact(dataset_uri),
-            type(e).__name__,
-            redact(str(e)),
-        )
+        error = f"{type(e).__name__}: {redact(str(e))}"
+        log.warning("could not log the dataset %s as an MLflow dataset input: %s", redact(dataset_uri), error)
 
 
-def _log_pytorch_model(
-    mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any], log: logging.Logger
-) -> None:
+def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest: Mapping[str, Any]) -> None:
     """Log a loadable MLflow PyTorch model built from the ``state_dict``; a failure here is a warning, the run and
     its ``state_dict`` artifact stay.  The model is built by name (:func:`spark_mnist.models.build_model`):
     ``model_name``, the one training recorded in its metrics, else :data:`spark_mnist.models.DEFAULT_MODEL`.
@@ -255,80 +230,48 @@ def _log_pytorch_model(
     The signature is written out rather than inferred: MLflow's inference imports scipy, which mlflow-skinny lacks.
     """
     try:
-        import mlflow.pytorch  # mlflow: the optional extra; its pytorch flavour may be missing
-    except ImportError as e:
-        log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
-        return
-    try:
-        # torch (and models, which imports it) and mlflow: extras; the CLI's torch-free commands import this module.
+        # torch (and models, which imports it) and mlflow's pytorch flavour: extras, and the CLI's torch-free
+        # commands import this module.
+        import mlflow.pytorch
         import torch
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         from spark_mnist.models import DEFAULT_MODEL, build_model
 
-        height, width = (int(n) for n in (manifest.get("image_shape") or (28, 28)))
-        image_shape = (height, width)
-        num_classes = len(manifest.get("classes") or range(10))
-        model = build_model(model_name or DEFAULT_MODEL, num_classes, image_shape)
+        height, width = manifest["image_shape"]
+        num_classes = len(manifest["classes"])
+        model = build_model(model_name or DEFAULT_MODEL, num_classes, (height, width)).eval()
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-        model.eval()
         accepted = inspect.signature(mlflow.pytorch.log_model).parameters
-        kwargs: dict[str, Any] = {
-            # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
-            "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
-            # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
-            "signature": ModelSignature(
-                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *image_shape))]),
-                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
-            ),
-        }
-        kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
-        torch_version = tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
-        if "serialization_format" in accepted and torch_version >= (2, 4):
-            kwargs["serialization_format"] = "pt2"
+        # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
+        images = TensorSpec(np.dtype(np.float32), (-1, 1, height, width))
+        signature = ModelSignature(Schema([images]), Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+        # torch.__version__ is a TorchVersion, compared as a version, not as a string.
+        if "serialization_format" in accepted and torch.__version__ >= "2.4":
             # A batch of 2: torch.export makes a size-1 dimension static, and the batch must stay dynamic.
-            kwargs["input_example"] = np.zeros((2, 1, *image_shape), dtype=np.float32)
+            example = np.zeros((2, 1, height, width), dtype=np.float32)
+            kwargs: dict[str, Any] = {"serialization_format": "pt2", "input_example": example}
         else:
-            kwargs["code_paths"] = [os.path.dirname(spark_mnist.__file__)]
-        mlflow.pytorch.log_model(model, **kwargs)
+            kwargs = {"code_paths": [os.path.dirname(spark_mnist.__file__)]}
+        kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
+        # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
+        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+        mlflow.pytorch.log_model(model, signature=signature, pip_requirements=requirements, **kwargs)
+    except ImportError as e:
+        log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
     except Exception as e:  # noqa: BLE001 - the model flavour is optional: the state_dict is logged anyway
         log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only", type(e).__name__, e)
 
 
 def _experiment_name(experiment: str, uri: str) -> str:
-    """On Databricks experiments are workspace paths: a relative name goes under the user's home folder."""
+    """On Databricks experiments are workspace paths: a relative name goes under the home folder of the workspace
+    user this process runs as (databricks-sdk, an mlflow-skinny dependency), else under ``/Shared``."""
     if not uri.startswith("databricks") or experiment.startswith("/"):
         return experiment
-    user = _databricks_user()
-    return f"/Users/{user}/{experiment}" if user else f"/Shared/{experiment}"
-
-
-def _databricks_user() -> str | None:
-    """The workspace user this process runs as (databricks-sdk, an mlflow-skinny dependency), or ``None``."""
     try:
         from databricks.sdk import WorkspaceClient  # on Databricks only: mlflow-skinny brings it there
 
-        return WorkspaceClient().current_user.me().user_name
+        return f"/Users/{WorkspaceClient().current_user.me().user_name}/{experiment}"
     except Exception:  # noqa: BLE001 - no workspace user (off Databricks, no auth): the /Shared folder instead
-        return None
-
-
-@contextlib.contextmanager
-def _scoped_tracking_uri(mlflow, uri: str) -> Iterator[None]:
-    """``mlflow.set_tracking_uri(uri)`` for the block, then MLflow's previous module-level URI back (``None`` where
-    none was set).  ``set_tracking_uri`` also writes, or unsets, ``MLFLOW_TRACKING_URI``: the caller restores it."""
-    try:  # mlflow: the optional extra, imported where tracking runs
-        from mlflow.tracking._tracking_service import utils as service_utils
-    except ImportError:  # pragma: no cover - MLflow internals moved
-        service_utils = None  # type: ignore[assignment]  # a module, or nothing
-    previous = getattr(service_utils, "_tracking_uri", None)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        try:
-            mlflow.set_tracking_uri(previous)
-        except Exception:  # noqa: BLE001 - an MLflow that refuses None
-            if service_utils is not None:
-                service_utils._tracking_uri = previous
+        return f"/Shared/{experiment}"

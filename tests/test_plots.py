@@ -90,8 +90,8 @@ def test_preview_grid_errors(data, tmp_path):
 def test_training_curves_png(tmp_path):
     out = plots.training_curves(HISTORY, tmp_path / "curves.png")
     assert png_size(out) == (1000, 400) and out.stat().st_size > 5_000
-    from_metrics = plots.training_curves({"test_accuracy": 0.885, "history": HISTORY[:1]}, tmp_path / "one.png")
-    assert png_size(from_metrics) == (1000, 400)
+    one_epoch = plots.training_curves(HISTORY[:1], tmp_path / "one.png")
+    assert png_size(one_epoch) == (1000, 400)
     with pytest.raises(InputError, match="empty"):
         plots.training_curves([], tmp_path / "none.png")
 
@@ -111,10 +111,8 @@ def test_missing_matplotlib_is_an_input_error_with_the_install_hint(monkeypatch,
     with pytest.raises(InputError, match=r"pip install 'spark-mnist\[plots\]'"):
         plots.training_curves(HISTORY, tmp_path / "curves.png")
     warnings = []
-    warned: set[str] = set()  # the caller's record: one missing-matplotlib warning per run, not per picture
     monkeypatch.setattr(plots.log, "warning", lambda *args: warnings.append(args[0] % args[1:]))
-    assert plots.maybe_training_curves(HISTORY, tmp_path / "a.png", warned=warned) is None
-    assert plots.maybe_training_curves(HISTORY, tmp_path / "b.png", warned=warned) is None
+    assert plots.maybe_training_curves(HISTORY, tmp_path / "a.png") is None
     assert len(warnings) == 1 and "spark-mnist[plots]" in warnings[0]
     assert not (tmp_path / "a.png").exists()
 

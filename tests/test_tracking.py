@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -29,8 +30,9 @@ def clean_tracking_env(monkeypatch):
 
 
 @pytest.fixture
-def quiet_log():
-    return logging.getLogger("tests.tracking")
+def tracking_log():
+    """The logger tracking writes its lines and warnings to."""
+    return tracking.log
 
 
 def fake_run(tmp_path):
@@ -78,11 +80,13 @@ def test_explicit_tracking_uri_wins(tmp_path, monkeypatch):
 
 
 def test_databricks_experiment_names_are_workspace_paths(monkeypatch):
-    monkeypatch.setattr(tracking, "_databricks_user", lambda: "someone@example.com")
+    me = types.SimpleNamespace(user_name="someone@example.com")
+    workspace = types.SimpleNamespace(current_user=types.SimpleNamespace(me=lambda: me))
+    monkeypatch.setitem(sys.modules, "databricks.sdk", types.SimpleNamespace(WorkspaceClient=lambda: workspace))
     assert tracking._experiment_name("spark-mnist", "databricks") == "/Users/someone@example.com/spark-mnist"
     assert tracking._experiment_name("/Shared/x", "databricks") == "/Shared/x"
     assert tracking._experiment_name("spark-mnist", "file:///tmp/mlruns") == "spark-mnist"
-    monkeypatch.setattr(tracking, "_databricks_user", lambda: None)
+    monkeypatch.setitem(sys.modules, "databricks.sdk", None)  # no workspace user to be found
     assert tracking._experiment_name("spark-mnist", "databricks://profile") == "/Shared/spark-mnist"
 
 
@@ -97,28 +101,26 @@ def test_flatten_params():
 # --- without MLflow -----------------------------------------------------------------------------------------------
 
 
-def test_without_mlflow_training_goes_on_and_says_so_once(tmp_path, monkeypatch, caplog, quiet_log):
+def test_without_mlflow_training_goes_on_and_says_so_once(tmp_path, monkeypatch, caplog, tracking_log):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
     settings, manifest, metrics, model_path = fake_run(tmp_path)
-    with caplog.at_level(logging.DEBUG, logger=quiet_log.name):
-        run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
-                                           log=quiet_log)
+    with caplog.at_level(logging.DEBUG, logger=tracking_log.name):
+        run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run")
     assert run_id is None
-    assert [r.getMessage() for r in caplog.records if r.name == quiet_log.name] == [tracking.NOT_INSTALLED]
+    assert [r.getMessage() for r in caplog.records if r.name == tracking_log.name] == [tracking.NOT_INSTALLED]
     assert not (tmp_path / "run" / "mlruns").exists()
 
 
 # --- with MLflow --------------------------------------------------------------------------------------------------
 
 
-def test_logs_params_epoch_metrics_manifest_and_model(tmp_path, monkeypatch, quiet_log):
+def test_logs_params_epoch_metrics_manifest_and_model(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     from mlflow.tracking._tracking_service import utils as service_utils
 
     settings, manifest, metrics, model_path = fake_run(tmp_path)
     previous_uri = service_utils._tracking_uri
-    run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
-                                       log=quiet_log)
+    run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run")
     assert run_id is not None
     # Nothing global changed: MLflow's URI and the variables are as before (the conftest guard checks the latter).
     assert service_utils._tracking_uri == previous_uri
@@ -160,12 +162,12 @@ def test_logs_params_epoch_metrics_manifest_and_model(tmp_path, monkeypatch, qui
         torch.testing.assert_close(loaded(x), reference(x))
 
 
-def test_missing_model_file_still_logs_the_run(tmp_path, monkeypatch, caplog, quiet_log):
+def test_missing_model_file_still_logs_the_run(tmp_path, monkeypatch, caplog, tracking_log):
     mlflow = pytest.importorskip("mlflow")
     settings, manifest, metrics, _ = fake_run(tmp_path)
-    with caplog.at_level(logging.WARNING, logger=quiet_log.name):
+    with caplog.at_level(logging.WARNING, logger=tracking_log.name):
         run_id = tracking.log_training_run(settings, manifest, {**metrics, "history": []}, None,
-                                           run_dir=tmp_path / "run", experiment="other", log=quiet_log)
+                                           run_dir=tmp_path / "run", experiment="other")
     assert run_id is not None
     assert any("no model file" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv(tracking.ALLOW_FILE_STORE_ENV, "true")
@@ -174,22 +176,21 @@ def test_missing_model_file_still_logs_the_run(tmp_path, monkeypatch, caplog, qu
     assert client.get_experiment(client.get_run(run_id).info.experiment_id).name == "other"
 
 
-def test_unreachable_server_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog, quiet_log):
+def test_unreachable_server_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog, tracking_log):
     pytest.importorskip("mlflow")
     monkeypatch.setenv(tracking.TRACKING_URI_ENV, "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     settings, manifest, metrics, model_path = fake_run(tmp_path)
-    with caplog.at_level(logging.WARNING, logger=quiet_log.name):
-        run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
-                                           log=quiet_log)
+    with caplog.at_level(logging.WARNING, logger=tracking_log.name):
+        run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run")
     assert run_id is None
-    warnings = [r.getMessage() for r in caplog.records if r.name == quiet_log.name]
+    warnings = [r.getMessage() for r in caplog.records if r.name == tracking_log.name]
     assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0]
     assert os.environ[tracking.TRACKING_URI_ENV] == "http://127.0.0.1:9"
 
 
-def test_a_broken_mlflow_install_is_a_warning(tmp_path, monkeypatch, caplog, quiet_log):
+def test_a_broken_mlflow_install_is_a_warning(tmp_path, monkeypatch, caplog, tracking_log):
     import builtins
 
     real_import = builtins.__import__
@@ -201,14 +202,13 @@ def test_a_broken_mlflow_install_is_a_warning(tmp_path, monkeypatch, caplog, qui
 
     monkeypatch.setattr(builtins, "__import__", broken)
     settings, manifest, metrics, model_path = fake_run(tmp_path)
-    with caplog.at_level(logging.INFO, logger=quiet_log.name):
-        assert tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
-                                         log=quiet_log) is None
-    messages = [r.getMessage() for r in caplog.records if r.name == quiet_log.name]
+    with caplog.at_level(logging.INFO, logger=tracking_log.name):
+        assert tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run") is None
+    messages = [r.getMessage() for r in caplog.records if r.name == tracking_log.name]
     assert len(messages) == 1 and "failed to import" in messages[0]
 
 
-def test_the_dataset_read_is_an_mlflow_dataset_input(tmp_path, monkeypatch, quiet_log):
+def test_the_dataset_read_is_an_mlflow_dataset_input(tmp_path, monkeypatch):
     """mlflow.log_input: the manifest's dataset name and digest, the dataset directory as source; the params of a
     train-only run carry no ingest defaults (the pipeline leaves the ingest section out)."""
     mlflow = pytest.importorskip("mlflow")
@@ -217,7 +217,7 @@ def test_the_dataset_read_is_an_mlflow_dataset_input(tmp_path, monkeypatch, quie
     data_dir = tmp_path / "data" / "mnist"
     manifest = {**manifest, "dataset": "mnist"}
     run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
-                                       dataset_uri=str(data_dir), log=quiet_log)
+                                       dataset_uri=str(data_dir))
     uri = (tmp_path / "run" / "mlruns").as_uri()
     monkeypatch.setenv(tracking.ALLOW_FILE_STORE_ENV, "true")
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)

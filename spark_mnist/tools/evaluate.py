@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["EvaluationResult", "result_from_confusion", "evaluate_model", "format_report"]
-
-DEFAULT_BATCH_SIZE = 1000
 
 
 @dataclass
@@ -48,31 +46,26 @@ class EvaluationResult:
     samples: int
     dataset: str = ""
     split: str = "test"
-    model_path: str = ""
     model: str = ""
 
 
-def result_from_confusion(confusion: np.ndarray, classes: list[str], **extra: Any) -> EvaluationResult:
+def result_from_confusion(confusion: np.ndarray, classes: Sequence[str], **extra: Any) -> EvaluationResult:
     """An :class:`EvaluationResult` whose figures all derive from ``confusion``."""
     confusion = np.asarray(confusion, dtype=np.int64)
-    samples = int(confusion.sum())
-    per_class_total = confusion.sum(axis=1)
-    diagonal = np.diag(confusion)
-    per_class = [float(d / t) if t else None for d, t in zip(diagonal.tolist(), per_class_total.tolist())]
-    accuracy = float(diagonal.sum() / samples) if samples else 0.0
+    samples, correct, totals = int(confusion.sum()), np.diag(confusion).tolist(), confusion.sum(axis=1).tolist()
+    per_class = [c / t if t else None for c, t in zip(correct, totals)]
+    accuracy = sum(correct) / samples if samples else 0.0
     return EvaluationResult(accuracy, per_class, confusion, list(classes), samples, **extra)
 
 
 def _model_name_beside(model_path: str) -> str | None:
     """The registry name of the model in ``model_path``: ``"model"`` of the ``metrics.json`` training wrote beside
     it, else ``None`` (runs from before models had names, or no metrics file)."""
-    metrics_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), METRICS_NAME)
     try:
-        with open(metrics_path, encoding="utf-8") as f:
-            metrics = json.load(f)
-    except (OSError, ValueError):
+        with open(os.path.join(os.path.dirname(os.path.abspath(model_path)), METRICS_NAME), encoding="utf-8") as f:
+            name = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object
         return None
-    name = metrics.get("model") if isinstance(metrics, dict) else None
     return name if isinstance(name, str) and name else None
 
 
@@ -80,7 +73,7 @@ def evaluate_model(
     data_dir: str | os.PathLike,
     model_path: str | os.PathLike,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = 1000,
     split: str = "test",
     device: str | torch.device | None = None,
     model: str | None = None,
@@ -106,38 +99,34 @@ def evaluate_model(
     """
     # torch (and models, which imports it): the torch extra; the CLI imports this module for its torch-free commands.
     import torch
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
     from spark_mnist.models import DEFAULT_MODEL, build_model, normalization_for, normalize
 
     if batch_size < 1:
         raise invalid("batch_size", batch_size, "at least 1", InputError)
     opened = contract.open_dataset(data_dir)
-    local = opened.location.display
-    classes = list(opened.classes)
-    image_shape = opened.image_shape
-    dataset = opened.dataset
+    local, dataset, image_shape = opened.location.shown, opened.dataset, opened.image_shape
     try:
         paths = opened.files(split)
     except ValueError as e:
         raise InputError(f"{local}: {e}") from e
     model_path = os.fspath(model_path)
     model = model or _model_name_beside(model_path) or DEFAULT_MODEL
-    num_classes = len(classes)
+    num_classes = len(opened.classes)
     if not os.path.isfile(model_path):
         what = "is a directory, not a model file" if os.path.isdir(model_path) else "no such model file"
         raise InputError(f"{model_path}: {what}; give the model.pt that `spark-mnist train` wrote in its run_dir")
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(f"{model_path}: not a loadable PyTorch state_dict ({first})") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
-    # A state_dict saved from the DDP wrapper rather than the module.
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    consume_prefix_in_state_dict_if_present(state, "module.")  # saved from the DDP wrapper rather than the module
     network = build_model(model, num_classes, image_shape)
     try:
         network.load_state_dict(state)
@@ -149,9 +138,7 @@ def evaluate_model(
             f"{model_path}: does not fit a {type(network).__name__} for {dataset} ({num_classes} classes, images "
             f"{image_shape[0]}x{image_shape[1]}){found}: {detail[1].strip() if len(detail) > 1 else detail[0]}"
         ) from e
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network.to(device).eval()
     plan = plan_row_groups(paths)
     if total_rows(plan) == 0:
@@ -162,39 +149,31 @@ def evaluate_model(
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     with torch.no_grad():
         for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape))):
-            if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            if int(y.min()) < 0 or int(y.max()) >= num_classes:
                 raise DatasetMismatchError(f"{local}: split {split!r} has labels outside 0..{num_classes - 1}")
             images = torch.from_numpy(x).view(-1, 1, *image_shape).to(device, non_blocking=True)
+            labels = torch.from_numpy(y).to(device, non_blocking=True)
             predictions = network(normalize(images, norm)).argmax(1)
-            counts += torch.bincount(
-                torch.from_numpy(y).to(device, non_blocking=True) * num_classes + predictions,
-                minlength=num_classes * num_classes,
-            )
+            counts += torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
     confusion = counts.cpu().numpy().reshape(num_classes, num_classes)
-    return result_from_confusion(confusion, classes, dataset=dataset, split=split, model_path=model_path, model=model)
+    return result_from_confusion(confusion, opened.classes, dataset=dataset, split=split, model=model)
 
 
 def format_report(result: EvaluationResult) -> str:
     """A plain-text report: overall accuracy, a per-class table and the confusion matrix, columns aligned."""
-    classes, confusion = result.classes, result.confusion
-    correct = int(np.trace(confusion))
+    confusion = result.confusion
     where = f"{result.dataset} {result.split}".strip() or "evaluation"
-    lines = [f"accuracy: {result.accuracy:.4f} ({correct}/{result.samples} images, {where})", ""]
-
-    index_width = len(str(len(classes) - 1))
-    name_width = max([len("class")] + [index_width + 1 + len(c) for c in classes])
-    labels = [f"{i:>{index_width}} {c}" for i, c in enumerate(classes)]
-    lines.append(f"{'class':<{name_width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}")
-    for i, label in enumerate(labels):
-        accuracy = result.per_class_accuracy[i]
-        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
-        lines.append(f"{label:<{name_width}}  {int(confusion[i].sum()):>7}  {int(confusion[i, i]):>7}  {shown:>8}")
-
+    lines = [f"accuracy: {result.accuracy:.4f} ({np.trace(confusion)}/{result.samples} images, {where})", ""]
+    index_width = len(str(len(result.classes) - 1))
+    labels = [f"{i:>{index_width}} {c}" for i, c in enumerate(result.classes)]
+    width = max(len("class"), *map(len, labels))
+    lines.append(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}")
+    for i, (label, accuracy) in enumerate(zip(labels, result.per_class_accuracy)):
+        shown = "-" if accuracy is None else f"{accuracy:.4f}"
+        lines.append(f"{label:<{width}}  {confusion[i].sum():>7}  {confusion[i, i]:>7}  {shown:>8}")
     lines += ["", "confusion matrix (rows: true class, columns: predicted class index)"]
-    cell = max(len(str(int(confusion.max()))) if confusion.size else 1, index_width)
-    header = " " * name_width + " |" + "".join(f" {j:>{cell}}" for j in range(len(classes)))
-    lines.append(header)
-    lines.append("-" * name_width + "-+" + "-" * (len(header) - name_width - 2))
-    for i, label in enumerate(labels):
-        lines.append(f"{label:<{name_width}} |" + "".join(f" {int(v):>{cell}}" for v in confusion[i]))
+    cell = max(len(str(confusion.max())), index_width)
+    header = " " * width + " |" + "".join(f" {j:>{cell}}" for j in range(len(labels)))
+    lines += [header, "-" * width + "-+" + "-" * (len(header) - width - 2)]
+    lines += [f"{label:<{width}} |" + "".join(f" {v:>{cell}}" for v in row) for label, row in zip(labels, confusion)]
     return "\n".join(lines) + "\n"

@@ -1,19 +1,18 @@
 """Pictures: a grid of sample images, training curves and a confusion matrix, as PNG files.
 
 matplotlib is optional (``pip install 'spark-mnist[plots]'``) and imported only when a picture is drawn.  Figures are
-built with the object API (``matplotlib.figure.Figure`` on an Agg canvas), never through ``pyplot``: nothing is
-registered in pyplot's global figure list, the process-wide backend is left as it is (a notebook keeps its inline
-backend), no display is needed, and each figure is freed when the function returns.  Every PNG is written through a
-temporary name and a rename (:func:`spark_mnist.fs.replacing`), so a reader never sees half a file.
+built with the object API (``matplotlib.figure.Figure``, which ``savefig`` renders with Agg), never through
+``pyplot``: nothing is registered in pyplot's global figure list, the process-wide backend is left as it is (a notebook
+keeps its inline backend), no display is needed, and nothing holds a figure once the function returns.  Every PNG is
+written through a temporary name and a rename (:func:`spark_mnist.fs.replacing`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -21,9 +20,7 @@ from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
 from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
-
-if TYPE_CHECKING:
-    from spark_mnist.tools.evaluate import EvaluationResult
+from spark_mnist.tools.evaluate import EvaluationResult
 
 __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
 
@@ -31,31 +28,24 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'spark-mnist[plots]'"
 DPI = 100
-PREVIEW_CELL_INCHES = (1.3, 1.45)  # width, height of one image with its title
-MISSING_MATPLOTLIB = "matplotlib"  # the reason maybe_training_curves logs once per ``warned`` set
+MAX_LABELLED_CLASSES = 20  # the confusion matrix writes counts in its cells up to this many classes
 
 
-def _figure(width: float, height: float, layout: Literal["constrained", "compressed", "tight"] | None = None):
-    """A new figure on its own Agg canvas, not known to pyplot."""
+def _figure(width: float, height: float, layout: Literal["compressed", "constrained", "tight"]):
+    """A new figure, not known to pyplot."""
     try:  # matplotlib: the plots extra; training and the other commands run without it
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
         raise InputError(f"drawing pictures needs matplotlib, which is not installed: {INSTALL_HINT}") from e
-    figure = Figure(figsize=(width, height), dpi=DPI, layout=layout)
-    FigureCanvasAgg(figure)
-    return figure
+    return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
 def _save(figure, out_png: str | os.PathLike) -> Path:
-    """Write ``figure`` as PNG to ``out_png`` (parents created) atomically; release the figure."""
+    """Write ``figure`` as PNG to ``out_png`` (parents created) atomically."""
     path = Path(out_png)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with replacing(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=DPI)
-    finally:
-        figure.clear()
+    with replacing(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
     return path
 
 
@@ -73,26 +63,23 @@ def sample_rows(
         InputError: an unknown ``split``.
     """
     dataset = contract.open_dataset(data_dir)
-    manifest = dataset.manifest
     try:
         paths = dataset.files(split)
     except ValueError as e:
         raise InputError(f"{dataset.location.shown}: {e}") from e
-    shape = tuple(dataset.image_shape)
-    row_bytes = int(np.prod(shape))
+    row_bytes = int(np.prod(dataset.image_shape))
     plan = plan_row_groups(paths)
     total = total_rows(plan)
     chosen = np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).astype(np.int64)
-    index = np.empty(len(chosen), dtype=np.int64)
+    index, labels = np.empty(len(chosen), dtype=np.int64), np.empty(len(chosen), dtype=np.int64)
     images = np.empty((len(chosen), row_bytes), dtype=np.uint8)
-    labels = np.empty(len(chosen), dtype=np.int64)
     for group in plan:
         mine = np.flatnonzero((chosen >= group.start) & (chosen < group.start + group.rows))
         if len(mine):
             gi, gx, gy = read_rows([group], group.start, group.start + group.rows, row_bytes, threads=1)
             rows = chosen[mine] - group.start
             index[mine], images[mine], labels[mine] = gi[rows], gx[rows], gy[rows]
-    return index, images.reshape(-1, *shape), labels, manifest
+    return index, images.reshape(-1, *dataset.image_shape), labels, dataset.manifest
 
 
 def preview_grid(
@@ -116,76 +103,58 @@ def preview_grid(
     """
     if rows < 1 or cols < 1:
         raise invalid("grid", (rows, cols), "rows and cols of at least 1 each", InputError)
-    index, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
+    _, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
     if len(labels) == 0:
         raise InputError(f"{os.fspath(data_dir)}: split {split!r} holds no images to preview")
-    classes = list(manifest.classes)
-    title_height = 0.4
-    width, height = PREVIEW_CELL_INCHES
-    figure = _figure(cols * width, rows * height + title_height)
-    figure.suptitle(
-        f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})".strip(),
-        fontsize=11,
-        y=1 - 0.08 / (rows * height + title_height),
-    )
-    grid = figure.subplots(rows, cols, squeeze=False)
-    fontsize = 9 if max(len(c) for c in classes) <= 12 else 7
-    for k, axes in enumerate(grid.flat):
+    # Inches: 1.3 x 1.45 for each image with its title, 0.4 for the figure's title.
+    figure = _figure(cols * 1.3, rows * 1.45 + 0.4, "compressed")
+    figure.suptitle(f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})", fontsize=11)
+    fontsize = 9 if max(len(c) for c in manifest.classes) <= 12 else 7
+    for k, axes in enumerate(figure.subplots(rows, cols, squeeze=False).flat):
         axes.set_axis_off()
-        if k >= len(labels):
-            continue
-        axes.imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        label = int(labels[k])
-        name = classes[label] if 0 <= label < len(classes) else f"label {label}"
-        axes.set_title(name, fontsize=fontsize, pad=3)
-    top = 1 - title_height / (rows * height + title_height)
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top - 0.01, wspace=0.1, hspace=0.3)
+        if k < len(labels):
+            axes.imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            axes.set_title(manifest.classes[labels[k]], fontsize=fontsize, pad=3)
     return _save(figure, out_png)
 
 
-def training_curves(history: Sequence[Mapping[str, Any]] | Mapping[str, Any], out_png: str | os.PathLike) -> Path:
+def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path:
     """Two panels: train and test loss per epoch; test accuracy per epoch.
 
     Args:
         history: the ``"history"`` list of training's metrics (dicts with ``epoch``, ``train_loss``, ``test_loss``,
-            ``test_accuracy``), or the whole metrics dict.
+            ``test_accuracy``).
     Returns:
         The path written.
     Raises:
         InputError: matplotlib missing, an empty history.
     """
-    if isinstance(history, Mapping):  # the whole metrics dict (metrics.json)
-        history = history.get("history") or []
     if not history:
         raise InputError("no epochs to plot: the training history is empty")
-    figure = _figure(10, 4)
+    figure = _figure(10, 4, "tight")
     from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
 
-    epochs = [int(h.get("epoch", i + 1)) for i, h in enumerate(history)]
-
-    def series(key: str) -> list[float]:
-        return [float(h[key]) if h.get(key) is not None else math.nan for h in history]
-
+    epochs = [int(h["epoch"]) for h in history]
+    # A figure missing from an epoch (None) is a gap in its line (NaN).
+    series = np.array([[h.get(k) for k in ("train_loss", "test_loss", "test_accuracy")] for h in history], dtype=float)
+    train_loss, test_loss, accuracy = series.T
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    loss_axes.plot(epochs, series("train_loss"), marker="o", label="train loss")
-    loss_axes.plot(epochs, series("test_loss"), marker="s", label="test loss")
+    loss_axes.plot(epochs, train_loss, marker="o", label="train loss")
+    loss_axes.plot(epochs, test_loss, marker="s", label="test loss")
     loss_axes.set(title="Loss per epoch", xlabel="epoch", ylabel="cross-entropy")
-    loss_axes.legend()
-    accuracy = series("test_accuracy")
     accuracy_axes.plot(epochs, accuracy, marker="o", color="tab:green", label="test accuracy")
     accuracy_axes.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="accuracy")
-    if accuracy and not math.isnan(accuracy[-1]):
+    if not np.isnan(accuracy[-1]):
         below = {"textcoords": "offset points", "xytext": (0, -14), "ha": "center", "fontsize": 9}
         accuracy_axes.annotate(f"{accuracy[-1]:.4f}", (epochs[-1], accuracy[-1]), **below)
-    accuracy_axes.legend(loc="lower right")
-    for axes in (loss_axes, accuracy_axes):
+    for axes, corner in ((loss_axes, "best"), (accuracy_axes, "lower right")):
+        axes.legend(loc=corner)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-    figure.tight_layout()
     return _save(figure, out_png)
 
 
-def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike) -> Path:
+def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -> Path:
     """The confusion matrix as a heat map (colour: share of each true class's images), with counts written in the
     cells when there are at most 20 classes.
 
@@ -195,59 +164,35 @@ def confusion_matrix_png(result: "EvaluationResult", out_png: str | os.PathLike)
         InputError: matplotlib missing.
     """
     confusion = np.asarray(result.confusion, dtype=np.int64)
-    n = confusion.shape[0]
-    classes = list(result.classes) or [str(i) for i in range(n)]
+    n = len(confusion)
     totals = confusion.sum(axis=1, keepdims=True)
     shares = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=np.float64), where=totals > 0)
     side = min(24.0, max(6.0, 0.55 * n + 3))
-    figure = _figure(side + 1.2, side, layout="constrained")
+    figure = _figure(side + 1.2, side, "constrained")
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class")
-    labels = [f"{i} {c}" if n <= 20 else str(c) for i, c in enumerate(classes)]
-    axes.set_xticks(
-        range(n), labels=[str(i) if n <= 20 else c for i, c in enumerate(classes)], fontsize=9 if n <= 20 else 6
-    )
-    axes.set_yticks(range(n), labels=labels, fontsize=9 if n <= 20 else 6)
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
-    where = f"{getattr(result, 'dataset', '')} {getattr(result, 'split', '')}".strip()
-    axes.set_title(
-        f"Confusion matrix{' - ' + where if where else ''}: accuracy {result.accuracy:.4f} on {result.samples} images",
-        fontsize=11,
-    )
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if confusion[i, j]:
-                    color = "white" if shares[i, j] > 0.5 else "black"
-                    axes.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8, color=color)
+    if n <= MAX_LABELLED_CLASSES:  # indices below, "index name" on the left, the counts in the cells
+        axes.set_xticks(range(n), labels=[str(i) for i in range(n)], fontsize=9)
+        axes.set_yticks(range(n), labels=[f"{i} {c}" for i, c in enumerate(result.classes)], fontsize=9)
+        for i, j in zip(*np.nonzero(confusion)):
+            color = "white" if shares[i, j] > 0.5 else "black"
+            axes.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8, color=color)
+    else:
+        axes.set_xticks(range(n), labels=result.classes, fontsize=6)
+        axes.set_yticks(range(n), labels=result.classes, fontsize=6)
+    axes.set(xlabel="predicted class", ylabel="true class")
+    where = f"{result.dataset} {result.split}".strip()
+    title = f"accuracy {result.accuracy:.4f} on {result.samples} images"
+    axes.set_title(f"Confusion matrix - {where}: {title}" if where else f"Confusion matrix: {title}", fontsize=11)
     return _save(figure, out_png)
 
 
-def maybe_training_curves(
-    history: Sequence[Mapping[str, Any]] | Mapping[str, Any],
-    out_png: str | os.PathLike,
-    *,
-    warned: set[str] | None = None,
-) -> Path | None:
+def maybe_training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path | None:
     """:func:`training_curves` for the end of a training run, which a picture must never fail: returns ``None``
-    and logs a warning instead of raising.
-
-    Args:
-        warned: the caller's record of warnings already logged, for a caller that draws more than once (one set per
-            run, say): the missing-matplotlib warning is logged only if :data:`MISSING_MATPLOTLIB` is not in it, and
-            added to it.  Default: a new set, so each call warns.
-    """
-    warned = set() if warned is None else warned
+    and logs a warning (the missing matplotlib with its install hint, an empty history, ...) instead of raising."""
     try:
         return training_curves(history, out_png)
-    except InputError as e:
-        if "matplotlib" not in str(e):
-            log.warning("not writing %s: %s", out_png, e)
-        elif MISSING_MATPLOTLIB not in warned:
-            warned.add(MISSING_MATPLOTLIB)
-            log.warning("not writing %s: %s", out_png, e)
     except Exception as e:  # noqa: BLE001 - the model and metrics are already saved; a picture is not worth a failure
-        log.warning("could not write %s: %s: %s", out_png, type(e).__name__, e)
-    return None
+        log.warning("not writing %s: %s: %s", out_png, type(e).__name__, e)
+        return None

@@ -24,11 +24,8 @@ from spark_mnist.paths import require_local
 
 __all__ = ["FileReport", "SplitReport", "VerifyReport", "verify_source", "verify_file", "format_table"]
 
-STATUS_OK = "ok"
-STATUS_HASH_MISMATCH = "hash-mismatch"
-STATUS_MISSING = "missing"
-STATUS_ERROR = "error"  # reported as "error: <message>"
-STATUS_INCOMPLETE = "incomplete"  # a split one of whose files is missing or unreadable
+OK = "ok"
+HASH_MISMATCH = "hash-mismatch"
 
 
 @dataclass(frozen=True)
@@ -37,26 +34,16 @@ class FileReport:
 
     ``status`` is ``"ok"``, ``"hash-mismatch"``, ``"missing"`` or ``"error: <message>"``; ``rows`` the first
     dimension and ``shape`` the full IDX shape (``None`` when unreadable); ``sha256`` the hex sha256 of the
-    decompressed payload; ``expected`` the registry's (``None`` where none is published); ``size_bytes`` the file's
-    size on disk (gzip-compressed), ``None`` when missing.
+    decompressed payload; ``expected`` the registry's (``None`` where none is published).
     """
 
-    split: str
-    kind: str
     name: str
     path: str
     status: str
     rows: int | None = None
     shape: tuple[int, ...] | None = None
-    dtype: str | None = None
     sha256: str | None = None
     expected: str | None = None
-    size_bytes: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether ``status`` is ``"ok"``."""
-        return self.status == STATUS_OK
 
 
 @dataclass(frozen=True)
@@ -72,11 +59,6 @@ class SplitReport:
     expected_rows: int | None = None
     histogram: tuple[int, ...] | None = None
 
-    @property
-    def ok(self) -> bool:
-        """Whether ``status`` is ``"ok"``."""
-        return self.status == STATUS_OK
-
 
 @dataclass(frozen=True)
 class VerifyReport:
@@ -87,47 +69,35 @@ class VerifyReport:
     directory: str
     files: tuple[FileReport, ...]
     splits: tuple[SplitReport, ...]
-    classes: tuple[str, ...] = ()
     strict: bool = True
 
     @property
     def ok(self) -> bool:
         """Whether every file and split is ``"ok"`` (hash mismatches allowed when not ``strict``)."""
-        allowed = {STATUS_OK} if self.strict else {STATUS_OK, STATUS_HASH_MISMATCH}
-        return all(f.status in allowed for f in self.files) and all(s.ok for s in self.splits)
+        allowed = {OK} if self.strict else {OK, HASH_MISMATCH}
+        return all(f.status in allowed for f in self.files) and all(s.status == OK for s in self.splits)
 
     @property
     def problems(self) -> list[str]:
         """One line per file or split that is not ``"ok"``, with the full message (and full hashes)."""
         lines = []
         for f in self.files:
-            if f.status == STATUS_HASH_MISMATCH:
+            if f.status == HASH_MISMATCH:
                 lines.append(hash_mismatch_message(self.dataset, f.path, f.sha256 or "", f.expected or ""))
-            elif f.status == STATUS_MISSING:
-                lines.append(f"{f.path}: file not found")
-            elif not f.ok:
-                lines.append(f"{f.path}: {f.status}")
-        for s in self.splits:
-            if s.status.startswith(STATUS_ERROR):
-                lines.append(f"split {s.split}: {s.status}")
-        return lines
+            elif f.status != OK:
+                lines.append(f"{f.path}: {'file not found' if f.status == 'missing' else f.status}")
+        return lines + [f"split {s.split}: {s.status}" for s in self.splits if s.status.startswith("error")]
 
 
 def verify_file(
-    spec: DatasetSpec,
-    split: str,
-    kind: str,
-    path: str | os.PathLike,
-    *,
-    name: str | None = None,
-    check_rows: bool = True,
+    spec: DatasetSpec, split: str, kind: str, path: str | os.PathLike, *, name: str | None = None
 ) -> ParsedIdx:
     """Check that ``path`` is a usable copy of ``spec``'s ``split``/``kind`` file (``kind`` ``"images"`` or
     ``"labels"``), as downloads and local copies must be before they are installed under the final name.
 
     Checks, in order: the file parses as IDX (:func:`spark_mnist.formats.idx.parse_idx`); its payload sha256 equals the
     registry's where one is published; images are (N, H, W) uint8 of ``spec.image_shape`` and labels (N,) uint8
-    below ``spec.num_classes`` (:func:`spark_mnist.datasets.validate_split`); with ``check_rows``, N equals the
+    below ``spec.num_classes`` (:func:`spark_mnist.datasets.validate_split`); N equals the
     published ``spec.split_sizes[split]`` where known (a download is the whole published split, not a subset).
 
     Args:
@@ -146,15 +116,13 @@ def verify_file(
     expected = spec.file(split, kind).sha256
     if expected is not None and parsed.sha256 != expected:
         raise ChecksumMismatchError(hash_mismatch_message(spec.name, name, parsed.sha256, expected))
-    array = parsed.array
-    rows = int(array.shape[0])
+    array, rows = parsed.array, len(parsed.array)
     if kind == IMAGES:
         validate_split(spec, array, np.zeros(rows, dtype=np.uint8), name, "(labels)")
     else:
-        images = np.broadcast_to(np.zeros((), dtype=np.uint8), (rows, *spec.image_shape))
-        validate_split(spec, images, array, "(images)", name)
+        validate_split(spec, np.broadcast_to(np.uint8(0), (rows, *spec.image_shape)), array, "(images)", name)
     expected_rows = spec.split_sizes.get(split)
-    if check_rows and expected_rows is not None and rows != expected_rows:
+    if expected_rows is not None and rows != expected_rows:
         raise DatasetMismatchError(f"{name}: {rows} rows: {spec.name}'s published {split} split has {expected_rows}")
     return parsed
 
@@ -183,79 +151,49 @@ def verify_source(
     root = Path(require_local(directory, "verify"))
     if not root.is_dir():
         raise SourceError(f"{root}: source directory not found")
-    files: list[FileReport] = []
-    splits: list[SplitReport] = []
+    files, splits = [], []
     for split in SPLITS:
         arrays: dict[str, np.ndarray] = {}
         for kind in (IMAGES, LABELS):
             entry = spec.file(split, kind)
-            report, parsed = _check_file(root / entry.name, split, kind, entry.name, entry.sha256)
-            files.append(report)
-            if parsed is not None:
-                # Only shape, dtype and count matter from here on for images; labels are kept for the histogram.
-                shape, dtype = parsed.array.shape, parsed.array.dtype
-                arrays[kind] = parsed.array if kind == LABELS else np.broadcast_to(np.zeros((), dtype), shape)
-            del parsed
-        splits.append(_check_split(spec, split, arrays))
-    return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), spec.classes, strict)
+            path = root / entry.name
+            report = functools.partial(FileReport, entry.name, str(path), expected=entry.sha256)
+            try:
+                parsed = parse_idx(path)
+            except InputError as e:  # "missing" where there is no such file (or a directory of its name)
+                files.append(report("missing" if not path.is_file() else f"error: {str(e).removeprefix(f'{path}: ')}"))
+                continue
+            array = parsed.array
+            status = OK if entry.sha256 in (None, parsed.sha256) else HASH_MISMATCH
+            files.append(report(status, len(array), tuple(array.shape), parsed.sha256))
+            # Of the images only shape and dtype matter from here on (a view of one zero); labels make the histogram.
+            arrays[kind] = array if kind == LABELS else np.broadcast_to(np.zeros((), array.dtype), array.shape)
+        labels = arrays.get(LABELS)
+        histogram = None
+        if labels is not None and labels.ndim == 1 and labels.dtype.kind in "ui" and (labels >= 0).all():
+            histogram = tuple(int(c) for c in np.bincount(labels.astype(np.int64), minlength=spec.num_classes))
+        status = OK if len(arrays) == 2 else "incomplete"  # a file missing or unreadable
+        try:
+            if status == OK:
+                names = (spec.file(split, IMAGES).name, spec.file(split, LABELS).name)
+                validate_split(spec, arrays[IMAGES], arrays[LABELS], *names)
+        except InputError as e:
+            status = f"error: {e}"
+        rows = None if labels is None else len(labels)
+        splits.append(SplitReport(split, status, rows, spec.split_sizes.get(split), histogram))
+    return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), strict)
 
 
-def _check_file(
-    path: Path, split: str, kind: str, name: str, expected: str | None
-) -> tuple[FileReport, ParsedIdx | None]:
-    report = functools.partial(FileReport, split, kind, name, str(path), expected=expected)
-    if not path.is_file():
-        return report(STATUS_MISSING), None
-    size = path.stat().st_size
-    try:
-        parsed = parse_idx(path)
-    except InputError as e:
-        return report(f"{STATUS_ERROR}: {str(e).removeprefix(f'{path}: ')}", size_bytes=size), None
-    except OSError as e:
-        return report(f"{STATUS_ERROR}: cannot read: {e}", size_bytes=size), None
-    status = STATUS_OK if expected is None or parsed.sha256 == expected else STATUS_HASH_MISMATCH
-    shape = tuple(int(d) for d in parsed.array.shape)
-    dtype, sha256 = str(parsed.array.dtype), parsed.sha256
-    return report(status, shape[0], shape, dtype, sha256, size_bytes=size), parsed
+def _cut(text: str | None, width: int) -> str | None:
+    return text if text is None or len(text) <= width else text[: width - 3] + "..."
 
 
-def _check_split(spec: DatasetSpec, split: str, arrays: dict[str, np.ndarray]) -> SplitReport:
-    expected_rows = spec.split_sizes.get(split)
-    labels = arrays.get(LABELS)
-    histogram = None
-    if labels is not None and labels.ndim == 1 and labels.dtype.kind in "ui" and (not len(labels) or labels.min() >= 0):
-        histogram = tuple(int(c) for c in np.bincount(labels.astype(np.int64), minlength=spec.num_classes))
-    rows = int(len(labels)) if labels is not None else None
-    if len(arrays) < 2:
-        return SplitReport(split, STATUS_INCOMPLETE, rows, expected_rows, histogram)
-    try:
-        validate_split(
-            spec, arrays[IMAGES], arrays[LABELS], spec.file(split, IMAGES).name, spec.file(split, LABELS).name
-        )
-    except InputError as e:
-        return SplitReport(split, f"{STATUS_ERROR}: {e}", rows, expected_rows, histogram)
-    return SplitReport(split, STATUS_OK, rows, expected_rows, histogram)
-
-
-def _short(digest: str | None, width: int = 16) -> str:
-    if digest is None:
-        return "(none published)"
-    return digest[:width] + ("..." if len(digest) > width else "")
-
-
-def _cell(value: object) -> str:
-    return "-" if value is None else str(value)
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _render(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
+def _table(header: tuple[str, ...], rows: Sequence[tuple[object, ...]]) -> list[str]:
+    """Left-aligned columns under a rule; ``None`` shown as ``-``."""
+    cells = [header, *(tuple("-" if value is None else str(value) for value in row) for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
+    return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
 
 
 def format_table(report: VerifyReport, *, width: int = 100) -> str:
@@ -263,26 +201,23 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
     shortened to 16 hex digits), a table of splits with their label histograms (``label:count``, wrapped at
     ``width`` characters), then one line per problem with full messages and hashes, then ``OK`` or ``FAILED``.
     """
-    out = [f"dataset {report.dataset} in {report.directory}", ""]
-    file_rows = [("file", "rows", "shape", "status", "sha256", "expected")]
+    files = []
     for f in report.files:
         shape = None if f.shape is None else "x".join(map(str, f.shape))
-        sha256 = None if f.sha256 is None else _short(f.sha256)
-        file_rows.append((f.name, _cell(f.rows), _cell(shape), _cut(f.status, 40), _cell(sha256), _short(f.expected)))
-    out += _render(file_rows)
-    out.append("")
-    split_rows = [("split", "rows", "published", "status")]
-    for s in report.splits:
-        split_rows.append((s.split, _cell(s.rows), _cell(s.expected_rows), _cut(s.status, 60)))
-    out += _render(split_rows)
+        # Digests shortened to 16 hex digits: the problems list gives them whole.
+        expected = _cut(f.expected, 19) or "(none published)"
+        files.append((f.name, f.rows, shape, _cut(f.status, 40), _cut(f.sha256, 19), expected))
+    out = [f"dataset {report.dataset} in {report.directory}", ""]
+    out += _table(("file", "rows", "shape", "status", "sha256", "expected"), files)
+    splits = [(s.split, s.rows, s.expected_rows, _cut(s.status, 60)) for s in report.splits]
+    out += ["", *_table(("split", "rows", "published", "status"), splits)]
     for s in report.splits:
         if s.histogram is not None:
             counts = " ".join(f"{label}:{count}" for label, count in enumerate(s.histogram))
             out += textwrap.wrap(f"{s.split} labels: {counts}", width=width, subsequent_indent="    ")
-    problems = report.problems
-    if problems:
-        out += ["", "problems:"] + [f"  {line}" for line in problems]
-    if not report.strict and any(f.status == STATUS_HASH_MISMATCH for f in report.files):
+    if report.problems:
+        out += ["", "problems:", *(f"  {line}" for line in report.problems)]
+    if not report.strict and any(f.status == HASH_MISMATCH for f in report.files):
         out.append("(hash mismatches allowed: strict=False)")
     out += ["", "OK" if report.ok else "FAILED"]
     return "\n".join(out) + "\n"
