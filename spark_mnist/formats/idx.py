@@ -43,6 +43,8 @@ MAX_DIMENSIONS = 16
 # A single IDX payload larger than this is treated as a lying header rather than data (64 GiB).
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 2**30
 READ_CHUNK_BYTES = 4 * 2**20
+# What trailing bytes in a gzip stream can be: reading on to tell these apart would decompress what a bomb holds.
+GZIP_TRAILING = " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
 
 # dtype code -> big-endian numpy dtype, from the IDX spec.
 DTYPE_BY_CODE: dict[int, np.dtype] = {
@@ -263,13 +265,9 @@ class IdxReader:
         if self._rows_read != self.header.shape[0]:
             raise ValueError(f"{self.name}: {self.header.shape[0] - self._rows_read} rows left unread")
         if _guarded_read(self._stream, 1, self.name):
-            # Reading on to tell these apart would mean decompressing what a gzip bomb holds; say what it can be.
-            why = (
-                " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
-            )
             raise IdxFormatError(
                 f"{self.name}: trailing bytes after the {self.header.payload_bytes} data bytes that shape "
-                f"{self.header.shape} declares" + (why if self._gzipped else "")
+                f"{self.header.shape} declares" + (GZIP_TRAILING if self._gzipped else "")
             )
         self._done = True
 
@@ -314,10 +312,9 @@ def encode_idx(array: np.ndarray) -> bytes:
     key = (array.dtype.kind, array.dtype.itemsize)
     if key not in CODE_BY_KIND:
         raise invalid("dtype", array.dtype.name, "one IDX stores: uint8, int8, int16, int32, float32, float64")
-    if array.ndim == 0:
-        raise invalid("shape", array.shape, "at least 1-d: IDX has no 0-d arrays")
-    if array.ndim > MAX_DIMENSIONS:
-        raise invalid("shape", array.shape, f"1 to {MAX_DIMENSIONS} dimensions here, not {array.ndim} dimensions")
+    if not 1 <= array.ndim <= MAX_DIMENSIONS:
+        must = f"1 to {MAX_DIMENSIONS} dimensions (IDX has no 0-d arrays), not {array.ndim} dimensions"
+        raise invalid("shape", array.shape, must)
     if not all(1 <= d <= 0xFFFFFFFF for d in array.shape):
         raise invalid("shape", array.shape, "dimensions of 1 to 2**32 - 1 each")
     header = IdxHeader(DTYPE_BY_CODE[CODE_BY_KIND[key]], array.shape)
@@ -334,10 +331,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | No
     Raises:
         ValueError: as :func:`encode_idx`.
     """
-    path = Path(path)
-    compress = path.suffix == ".gz" if compress is None else compress
-    data = encode_idx(array)
-    if compress:
+    path, data = Path(path), encode_idx(array)
+    if path.suffix == ".gz" if compress is None else compress:
         data = gzip.compress(data, compresslevel=6, mtime=0)
     with replacing(path) as tmp:
         tmp.write_bytes(data)
