@@ -26,7 +26,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Union, cast
 
 import numpy as np
 
@@ -172,6 +172,7 @@ class IdxReader:
 
     def __init__(self, source: Source, name: str | None = None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
         self._done, self._rows_read = False, 0
+        raw: BinaryIO
         with contextlib.ExitStack() as stack:  # closes what was opened when a check fails
             if isinstance(source, (bytes, bytearray, memoryview)):
                 self.name, raw = name or "<bytes>", io.BytesIO(bytes(source))
@@ -189,7 +190,8 @@ class IdxReader:
                 raise IdxFormatError(f"{self.name}: empty file (0 bytes); expected a gzip-compressed or plain IDX file")
             self._gzipped = raw.read(2) == GZIP_MAGIC
             raw.seek(0)
-            self._stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")) if self._gzipped else raw
+            gz = cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb")) if self._gzipped else None
+            self._stream = stack.enter_context(gz) if gz else raw
             self.header = _read_header(self._stream, self.name, max_payload_bytes)
             if not self._gzipped and size - self.header.header_bytes < self.header.payload_bytes:
                 # Uncompressed input: the size is known, so a lying header fails before any allocation.
