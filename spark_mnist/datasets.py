@@ -74,14 +74,12 @@ class DatasetSpec:
         return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
 
 
-def _files(
-    emnist_split: str | None = None, hashes: Mapping[str, str] | None = None
-) -> dict[str, dict[str, DatasetFile]]:
+def _files(emnist: str | None = None, hashes: Mapping[str, str] | None = None) -> dict[str, dict[str, DatasetFile]]:
     """The four gz IDX files by split and kind: the MNIST page's names (``train-images-idx3-ubyte.gz``,
     ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...)."""
     files: dict[str, dict[str, DatasetFile]] = {split: {} for split in SPLITS}
     for split in SPLITS:
-        stem = f"emnist-{emnist_split}-{split}" if emnist_split else {"train": "train", "test": "t10k"}[split]
+        stem = f"emnist-{emnist}-{split}" if emnist else {"train": "train", "test": "t10k"}[split]
         for kind in (IMAGES, LABELS):
             name = f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz"
             files[split][kind] = DatasetFile(name, (hashes or {}).get(name))

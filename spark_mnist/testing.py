@@ -204,8 +204,7 @@ class RankFailedError(RuntimeError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+    with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
 
 
@@ -297,9 +296,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spark-remote",
         metavar="URL",
-        help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this "
-        "process, sc://host:port uses a running one (default: the SPARK_REMOTE variable; else "
-        "classic)",
+        help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this process, "
+        "sc://host:port uses a running one (default: the SPARK_REMOTE variable; else classic)",
     )
     group.addoption(
         "--spark-master",
@@ -320,12 +318,9 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
     """One local SparkSession for the whole test run, quiet (WARN), stopped (and its environment restored) at the
     end: classic on ``--spark-master`` (``local[2]``), or Spark Connect where ``--spark-remote``/``SPARK_REMOTE``
     names a server.  Configured as spark-mnist's own local sessions are, with 2 GiB of driver memory."""
-    settings = SparkSettings(
-        master=pytestconfig.getoption("--spark-master", DEFAULT_MASTER),
-        remote=spark_remote(pytestconfig),
-        app_name="spark-mnist-tests",
-        conf={"spark.driver.memory": "2g"},
-    )
+    master = pytestconfig.getoption("--spark-master", DEFAULT_MASTER)
+    conf = {"spark.driver.memory": "2g"}
+    settings = SparkSettings(master=master, remote=spark_remote(pytestconfig), app_name="spark-mnist-tests", conf=conf)
     with spark_session(settings) as session:
         yield session
 

@@ -93,15 +93,6 @@ class ParsedIdx:
     payload_bytes: int
 
 
-def _looks_like_text(data: bytes) -> str | None:
-    stripped = data.lstrip().lower()
-    if stripped.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in stripped[:256]:
-        return "an HTML page (a mirror's error or login page saved under the file's name?)"
-    if stripped[:1] in (b"<", b"{", b"["):
-        return "text, not binary IDX data"
-    return None
-
-
 def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHeader:
     """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed), as the spec on
     the MNIST page lays them out (see the module docstring).
@@ -114,8 +105,12 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
         head = magic
         with contextlib.suppress(IdxFormatError):  # only to say what the file looks like
             head += _guarded_read(stream, 252, name)
-        kind = _looks_like_text(head)
-        found = f"found {magic.hex(' ')}" + (f", which looks like {kind}" if kind else "")
+        head = head.lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in head[:256]:
+            kind = ", which looks like an HTML page (a mirror's error or login page saved under the file's name?)"
+        else:
+            kind = ", which looks like text, not binary IDX data" if head[:1] in (b"<", b"{", b"[") else ""
+        found = f"found {magic.hex(' ')}{kind}"
         raise IdxFormatError(f"{name}: wrong magic number: expected 00 00 <dtype code> <ndim>, {found}")
     code, ndim = magic[2], magic[3]
     if code not in DTYPE_BY_CODE:
@@ -163,7 +158,9 @@ class IdxReader:
             reader.finish()              # every row read: checks the end of the file
             reader.sha256                # of the whole decompressed payload
 
-    Memory is bounded by one block; nothing past the header-declared size plus one byte is decompressed.
+    ``name`` is how errors name the file, ``header`` the :class:`IdxHeader`, ``payload_bytes`` the size of the
+    decompressed file, header included, in bytes.  Memory is bounded by one block; nothing past the header-declared
+    size plus one byte is decompressed.
 
     Raises (on opening or while reading):
         IdxFormatError: empty file, non-IDX content (e.g. an HTML page), wrong magic number, unknown dtype code,
@@ -184,12 +181,11 @@ class IdxReader:
                     raise IdxFormatError(f"{self.name}: file not found") from e
                 except OSError as e:  # a directory, no permission, ...
                     raise IdxFormatError(f"{self.name}: cannot open: {e.strerror or e}") from e
+            self._gzipped = raw.read(2) == GZIP_MAGIC
             size = raw.seek(0, io.SEEK_END)
             raw.seek(0)
             if not size:
                 raise IdxFormatError(f"{self.name}: empty file (0 bytes); expected a gzip-compressed or plain IDX file")
-            self._gzipped = raw.read(2) == GZIP_MAGIC
-            raw.seek(0)
             gz = cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb")) if self._gzipped else None
             self._stream = stack.enter_context(gz) if gz else raw
             self.header = _read_header(self._stream, self.name, max_payload_bytes)
@@ -198,6 +194,7 @@ class IdxReader:
                 raise IdxFormatError(self._truncated(size - self.header.header_bytes))
             self._stack = stack.pop_all()
         self._digest = hashlib.sha256(self.header.encode(), usedforsecurity=False)
+        self.payload_bytes = self.header.header_bytes + self.header.payload_bytes
 
     def __enter__(self) -> "IdxReader":
         return self
@@ -218,11 +215,6 @@ class IdxReader:
         if not self._done:
             raise RuntimeError(f"{self.name}: sha256 is known only after the last chunk was read")
         return self._digest.hexdigest()
-
-    @property
-    def payload_bytes(self) -> int:
-        """Size of the decompressed file, header included, in bytes."""
-        return self.header.header_bytes + self.header.payload_bytes
 
     def read(self, rows: int) -> np.ndarray:
         """The next ``rows`` rows (first dimension) as a native-endian array.

@@ -63,8 +63,7 @@ def load_keras_npz(
         raise InputError(f"{path}: a single .npy array, not an .npz archive with x_train, y_train, x_test, y_test")
     result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with loaded:
-        missing = [key for keys in KERAS_KEYS.values() for key in keys if key not in loaded.files]
-        if missing:
+        if missing := [key for keys in KERAS_KEYS.values() for key in keys if key not in loaded.files]:
             raise InputError(
                 f"{path}: missing key(s) {', '.join(missing)}: expected x_train, y_train, x_test, "
                 f"y_test (Keras' mnist.npz); found {', '.join(loaded.files) or 'none'}"
