@@ -159,8 +159,8 @@ class IdxReader:
             reader.sha256                # of the whole decompressed payload
 
     ``name`` is how errors name the file, ``header`` the :class:`IdxHeader`, ``payload_bytes`` the size of the
-    decompressed file, header included, in bytes.  Memory is bounded by one block; nothing past the header-declared
-    size plus one byte is decompressed.
+    decompressed file, header included, in bytes; ``sha256`` its hex digest, set by :meth:`finish`.  Memory is
+    bounded by one block; nothing past the header-declared size plus one byte is decompressed.
 
     Raises (on opening or while reading):
         IdxFormatError: empty file, non-IDX content (e.g. an HTML page), wrong magic number, unknown dtype code,
@@ -168,7 +168,7 @@ class IdxReader:
     """
 
     def __init__(self, source: Source, name: str | None = None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
-        self._done, self._rows_read = False, 0
+        self._rows_read = 0
         raw: BinaryIO
         with contextlib.ExitStack() as stack:  # closes what was opened when a check fails
             if isinstance(source, (bytes, bytearray, memoryview)):
@@ -208,13 +208,6 @@ class IdxReader:
             f"{self.name}: truncated payload: shape {h.shape} of {h.dtype.name} declares {h.payload_bytes} "
             f"data bytes, found {found}"
         )
-
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of the decompressed file (header and data), available once :meth:`finish` passed."""
-        if not self._done:
-            raise RuntimeError(f"{self.name}: sha256 is known only after the last chunk was read")
-        return self._digest.hexdigest()
 
     def read(self, rows: int) -> np.ndarray:
         """The next ``rows`` rows (first dimension) as a native-endian array.
@@ -263,7 +256,7 @@ class IdxReader:
                 f"{self.name}: trailing bytes after the {self.header.payload_bytes} data bytes that shape "
                 f"{self.header.shape} declares" + (GZIP_TRAILING if self._gzipped else "")
             )
-        self._done = True
+        self.sha256 = self._digest.hexdigest()
 
 
 def parse_idx(
