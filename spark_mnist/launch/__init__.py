@@ -36,11 +36,9 @@ __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch",
 
 def _launcher(name: str) -> ModuleType:
     """The module of the launcher ``name`` (a :data:`spark_mnist.config.LAUNCHERS` value, checked by the
-    settings)."""
-    # Imported here: the launcher modules import this module's helpers below.
-    from spark_mnist.launch import ai_runtime, torch_distributor, torchrun
-
-    return {"torch-distributor": torch_distributor, "torchrun": torchrun, "ai-runtime": ai_runtime}[name]
+    settings), named after it: ``torch-distributor`` -> :mod:`.torch_distributor`.  Imported when first asked for:
+    the launcher modules import this module's helpers below."""
+    return importlib.import_module(f"spark_mnist.launch.{name.replace('-', '_')}")
 
 
 def check(settings: TrainSettings) -> None:
