@@ -128,10 +128,10 @@ def write_idx_source(
     Raises:
         ValueError: an unknown dataset, defect or split, or a row count below 1.
     """
-    spec, arrays = _split_arrays(dataset, train_rows, test_rows, seed)
     if defect is not None:
         check_choice("defect", defect, DEFECTS)
     check_choice("defect_split", defect_split, SPLITS)
+    spec, arrays = _split_arrays(dataset, train_rows, test_rows, seed)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
@@ -141,7 +141,8 @@ def write_idx_source(
         return IdxSource(root, spec.name, arrays)
     # Plant the defect: overwrite one file of ``defect_split``.
     images, labels = arrays[defect_split]
-    target = root / spec.file(defect_split, "labels" if defect.startswith(("labels", "count")) else "images").name
+    on_labels = defect in ("labels-out-of-range", "count-mismatch")
+    target = root / spec.file(defect_split, "labels" if on_labels else "images").name
     if defect in ("truncated", "html"):
         data = target.read_bytes()
         target.write_bytes(HTML_PAGE if defect == "html" else data[: len(data) // 2])
