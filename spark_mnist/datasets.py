@@ -74,119 +74,77 @@ class DatasetSpec:
         return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
 
 
-def _standard_files(prefix: str = "", hashes: Mapping[str, str] | None = None) -> dict[str, dict[str, DatasetFile]]:
-    hashes = hashes or {}
-    stems = {
-        ("train", IMAGES): "train-images-idx3-ubyte",
-        ("train", LABELS): "train-labels-idx1-ubyte",
-        ("test", IMAGES): "t10k-images-idx3-ubyte",
-        ("test", LABELS): "t10k-labels-idx1-ubyte",
-    }
+def _files(emnist: str | None = None, hashes: Mapping[str, str] | None = None) -> dict[str, dict[str, DatasetFile]]:
+    """The four gz IDX files by split and kind: the MNIST page's names (``train-images-idx3-ubyte.gz``,
+    ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...)."""
     files: dict[str, dict[str, DatasetFile]] = {split: {} for split in SPLITS}
-    for (split, kind), stem in stems.items():
-        name = f"{prefix}{stem}.gz"
-        files[split][kind] = DatasetFile(name, hashes.get(stem))
+    for split in SPLITS:
+        stem = f"emnist-{emnist}-{split}" if emnist else {"train": "train", "test": "t10k"}[split]
+        for kind in (IMAGES, LABELS):
+            name = f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz"
+            files[split][kind] = DatasetFile(name, (hashes or {}).get(name))
     return files
 
 
-def _emnist_files(split_name: str) -> dict[str, dict[str, DatasetFile]]:
-    return {
-        split: {
-            kind: DatasetFile(f"emnist-{split_name}-{split}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz")
-            for kind in (IMAGES, LABELS)
-        }
-        for split in SPLITS
-    }
-
-
-DIGITS = tuple(str(d) for d in range(10))
-LETTERS = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
-LOWER = tuple(chr(c) for c in range(ord("a"), ord("z") + 1))
+DIGITS = tuple("0123456789")
+LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+LOWER = tuple("abcdefghijklmnopqrstuvwxyz")
 # EMNIST balanced/bymerge merge the lowercase letters that look like their uppercase (c i j k l m o p s u v w x y z).
 MERGED_LOWER = tuple(c for c in LOWER if c not in "cijklmopsuvwxyz")
+FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 def registry() -> dict[str, DatasetSpec]:
     """All known datasets by name.  Built on each call: no module-level mutable state."""
-    emnist_mirror = ("https://biometrics.nist.gov/cs_links/EMNIST/",)
-    emnist_normalization = (0.1751, 0.3332)  # one pair for every split: computed from the training pixels / 255
-    specs = [
-        DatasetSpec(
-            name="mnist",
-            torchvision_folder="MNIST",
-            keras_file="mnist.npz",
-            files=_standard_files(
-                hashes={
-                    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-                    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-                    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-                }
-            ),
-            classes=DIGITS,
-            normalization=(0.1307, 0.3081),  # pytorch/examples mnist/main.py's Normalize((0.1307,), (0.3081,))
-            split_sizes={"train": 60_000, "test": 10_000},
-            mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        ),
-        DatasetSpec(
-            name="fashion-mnist",
-            torchvision_folder="FashionMNIST",
-            files=_standard_files(
-                hashes={
-                    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-                    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-                    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-                    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-                }
-            ),
-            classes=(
-                "T-shirt/top",
-                "Trouser",
-                "Pullover",
-                "Dress",
-                "Coat",
-                "Sandal",
-                "Shirt",
-                "Sneaker",
-                "Bag",
-                "Ankle boot",
-            ),
-            normalization=(0.2860, 0.3530),  # computed from the training pixels / 255 (rechecked on the 60,000)
-            split_sizes={"train": 60_000, "test": 10_000},
-            mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        ),
-        DatasetSpec(
-            name="kmnist",
-            torchvision_folder="KMNIST",
-            files=_standard_files(),
-            classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
-            normalization=(0.1918, 0.3483),  # computed from the training pixels / 255
-            split_sizes={"train": 60_000, "test": 10_000},
-            mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
-        ),
-    ]
-    emnist = {
-        "balanced": (DIGITS + LETTERS + MERGED_LOWER, {"train": 112_800, "test": 18_800}),
-        "byclass": (DIGITS + LETTERS + LOWER, {"train": 697_932, "test": 116_323}),
-        "bymerge": (DIGITS + LETTERS + MERGED_LOWER, {"train": 697_932, "test": 116_323}),
-        "digits": (DIGITS, {"train": 240_000, "test": 40_000}),
-        # EMNIST letters labels run 1..26 (0 is unused, "N/A").
-        "letters": (("N/A",) + LETTERS, {"train": 124_800, "test": 20_800}),
-        "mnist": (DIGITS, {"train": 60_000, "test": 10_000}),
+    emnist = (0.1751, 0.3332)  # one pair for every EMNIST split: computed from the training pixels / 255
+    # name: classes, (mean, std) of the training split's pixels / 255, train rows, test rows
+    table = {
+        "mnist": (DIGITS, (0.1307, 0.3081), 60_000, 10_000),  # pytorch/examples mnist/main.py's Normalize
+        "fashion-mnist": (FASHION, (0.2860, 0.3530), 60_000, 10_000),  # computed (rechecked on the 60,000)
+        # computed from the training pixels / 255
+        "kmnist": (("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), (0.1918, 0.3483), 60_000, 10_000),
+        "emnist-balanced": (DIGITS + LETTERS + MERGED_LOWER, emnist, 112_800, 18_800),
+        "emnist-byclass": (DIGITS + LETTERS + LOWER, emnist, 697_932, 116_323),
+        "emnist-bymerge": (DIGITS + LETTERS + MERGED_LOWER, emnist, 697_932, 116_323),
+        "emnist-digits": (DIGITS, emnist, 240_000, 40_000),
+        "emnist-letters": (("N/A",) + LETTERS, emnist, 124_800, 20_800),  # labels run 1..26 (0 is unused, "N/A")
+        "emnist-mnist": (DIGITS, emnist, 60_000, 10_000),
     }
-    for split_name, (classes, sizes) in emnist.items():
-        specs.append(
-            DatasetSpec(
-                name=f"emnist-{split_name}",
-                files=_emnist_files(split_name),
-                classes=classes,
-                normalization=emnist_normalization,
-                split_sizes=sizes,
-                mirrors=emnist_mirror,
-                transposed=True,
-                torchvision_folder="EMNIST",
-            )
+    # Payload sha256 (of the decompressed file) by file name, as shared/data/README.md lists them.
+    hashes = {
+        "mnist": {
+            "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+            "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        },
+        "fashion-mnist": {
+            "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+    }
+    mirrors = {
+        "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        "kmnist": ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+    }
+    folders = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+    specs = {}
+    for name, (classes, normalization, train, test) in table.items():
+        emnist_split = name.removeprefix("emnist-") if name.startswith("emnist-") else None
+        specs[name] = DatasetSpec(
+            name,
+            _files(emnist_split, hashes.get(name)),
+            classes,
+            normalization,
+            split_sizes={"train": train, "test": test},
+            mirrors=mirrors.get(name, ("https://biometrics.nist.gov/cs_links/EMNIST/",)),
+            transposed=emnist_split is not None,
+            torchvision_folder=folders.get(name, "EMNIST"),
+            keras_file="mnist.npz" if name == "mnist" else None,
         )
-    return {spec.name: spec for spec in specs}
+    return specs
 
 
 def get_dataset(name: str) -> DatasetSpec:
@@ -212,29 +170,24 @@ def validate_split(
 
 
 def validate_layout(
-    spec: DatasetSpec,
-    images_shape: tuple[int, ...],
-    images_dtype: np.dtype,
-    labels: np.ndarray,
-    images_name: str,
-    labels_name: str,
+    spec: DatasetSpec, shape: tuple[int, ...], dtype: np.dtype, labels: np.ndarray, images_name: str, labels_name: str
 ) -> None:
     """:func:`validate_split` from the images' shape and dtype alone (an IDX header), so a streamed images file is
     checked before its data is read.  Same errors."""
-    if len(images_shape) != 3 or tuple(images_shape[1:]) != spec.image_shape:
+    if len(shape) != 3 or tuple(shape[1:]) != spec.image_shape:
         raise DatasetMismatchError(
-            f"{images_name}: image shape {tuple(images_shape[1:]) if len(images_shape) == 3 else images_shape} "
+            f"{images_name}: image shape {tuple(shape[1:]) if len(shape) == 3 else shape} "
             f"is not {spec.name}'s: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
         )
-    if images_dtype != np.uint8:
-        raise DatasetMismatchError(f"{images_name}: dtype {images_dtype}: expected uint8 pixels")
+    if dtype != np.uint8:
+        raise DatasetMismatchError(f"{images_name}: dtype {dtype}: expected uint8 pixels")
     if labels.ndim != 1:
         raise DatasetMismatchError(f"{labels_name}: labels of shape {labels.shape}: expected one dimension (N,)")
     if labels.dtype != np.uint8:
         raise DatasetMismatchError(f"{labels_name}: dtype {labels.dtype}: expected uint8 labels")
-    if images_shape[0] != len(labels):
+    if shape[0] != len(labels):
         raise DatasetMismatchError(
-            f"{labels_name}: {len(labels)} labels for {images_shape[0]} images in {images_name}: counts must match"
+            f"{labels_name}: {len(labels)} labels for {shape[0]} images in {images_name}: counts must match"
         )
     if len(labels) and int(labels.max()) >= spec.num_classes:
         bad = int(np.argmax(labels >= spec.num_classes))

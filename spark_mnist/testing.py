@@ -27,7 +27,6 @@ What it gives:
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import multiprocessing
 import os
@@ -42,10 +41,10 @@ import numpy as np
 import pytest
 
 from spark_mnist.config import SparkSettings
-from spark_mnist.datasets import SPLITS, get_dataset, upright
+from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
 from spark_mnist.driver.session import REMOTE_ENV, local_server_url, spark_session
 from spark_mnist.errors import check_choice
-from spark_mnist.formats.idx import encode_idx, write_idx
+from spark_mnist.formats.idx import write_idx
 from spark_mnist.shards.arrays import write_local_dataset
 
 __all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset",
@@ -127,38 +126,43 @@ def write_idx_source(
     Returns:
         The :class:`IdxSource`.
     Raises:
-        ValueError: an unknown dataset, defect or split.
+        ValueError: an unknown dataset, defect or split, or a row count below 1.
     """
-    spec = get_dataset(dataset)
     if defect is not None:
         check_choice("defect", defect, DEFECTS)
     check_choice("defect_split", defect_split, SPLITS)
+    spec, arrays = _split_arrays(dataset, train_rows, test_rows, seed)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
-        images, labels = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
-        write_idx(root / spec.file(split, "images").name, images)
-        write_idx(root / spec.file(split, "labels").name, labels)
-        arrays[split] = (images, labels)
+    for split in SPLITS:
+        for kind, array in zip(("images", "labels"), arrays[split]):
+            write_idx(root / spec.file(split, kind).name, array)
     if defect is None:
         return IdxSource(root, spec.name, arrays)
     # Plant the defect: overwrite one file of ``defect_split``.
     images, labels = arrays[defect_split]
     on_labels = defect in ("labels-out-of-range", "count-mismatch")
     target = root / spec.file(defect_split, "labels" if on_labels else "images").name
-    if defect == "truncated":
+    if defect in ("truncated", "html"):
         data = target.read_bytes()
-        target.write_bytes(data[: len(data) // 2])
-    elif defect == "html":
-        target.write_bytes(HTML_PAGE)
-    elif defect == "wrong-magic":
-        target.write_bytes(gzip.compress(encode_idx(images.reshape(-1)), mtime=0))
-    elif defect == "labels-out-of-range":
-        write_idx(target, np.concatenate([[spec.num_classes], labels[1:]]).astype(np.uint8))
-    else:  # count-mismatch
-        write_idx(target, labels[:-1])
+        target.write_bytes(HTML_PAGE if defect == "html" else data[: len(data) // 2])
+    else:  # valid IDX that does not fit the split
+        out_of_range = np.concatenate([[spec.num_classes], labels[1:]]).astype(np.uint8)
+        bad = {"wrong-magic": images.reshape(-1), "labels-out-of-range": out_of_range, "count-mismatch": labels[:-1]}
+        write_idx(target, bad[defect])
     return IdxSource(root, spec.name, arrays, defect, target)
+
+
+def _split_arrays(dataset: str, train_rows: int, test_rows: int, seed: int) -> tuple[DatasetSpec, dict[str, Any]]:
+    """``dataset``'s registry entry and :func:`make_arrays` of its shape and classes: ``(train_rows, seed)`` for
+    train, ``(test_rows, seed + 1)`` for test."""
+    spec = get_dataset(dataset)
+    arrays = {}
+    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
+        if rows < 1:
+            raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
+        arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
+    return spec, arrays
 
 
 # --- ingested datasets ------------------------------------------------------------------------------------------------
@@ -186,13 +190,8 @@ def write_ingested_dataset(
     Raises:
         ValueError: an unknown dataset, or a row count below 1.
     """
-    spec = get_dataset(dataset)
-    arrays = {}
-    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
-        if rows < 1:
-            raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
-        images, labels = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
-        arrays[split] = (upright(spec, images), labels)
+    spec, arrays = _split_arrays(dataset, train_rows, test_rows, seed)
+    arrays = {split: (upright(spec, images), labels) for split, (images, labels) in arrays.items()}
     write_local_dataset(output, spec, arrays, num_shards=num_shards, rows_per_group=rows_per_group)
     return Path(output)
 
@@ -206,8 +205,7 @@ class RankFailedError(RuntimeError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+    with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
 
 
@@ -216,27 +214,16 @@ def free_port() -> int:
 RANK_PRELOAD = ["torch.distributed", "spark_mnist.testing"]
 
 
-def _rank_main(
-    fn: Callable[..., Any],
-    rank: int,
-    world_size: int,
-    port: int,
-    args: tuple,
-    backend: str,
-    results: Any,
-    environ: dict[str, str],
-) -> None:
-    """The body of one rank's process (forked from the fork server): the caller's environment as it was at the call
-    (the server's is its own start's), torchrun's variables on top; join the group, run ``fn``."""
+def _rank_main(fn: Callable[..., Any], args: tuple, backend: str, results: Any, environ: dict[str, str]) -> None:
+    """The body of one rank's process (forked from the fork server): the environment ``environ`` (the caller's at
+    the call, as the server's is its own start's, with torchrun's variables on top); join the group, run ``fn``."""
     os.environ.clear()
     os.environ.update(environ)
-    torchrun = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world_size}
-    os.environ.update({k: str(v) for k, v in torchrun.items()}, GROUP_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
+    rank = int(environ["RANK"])
     import torch.distributed as dist  # the torch extra: the kit's Spark and dataset fixtures work without it
 
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend)  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
         # All ranks join before fn runs: an fn that returns at once would tear the group down (how-to/testing).
         dist.barrier()
         try:
@@ -264,7 +251,7 @@ def run_ranks(
         ``[result of rank 0, result of rank 1, ...]``.
     Raises:
         ValueError: ``world_size`` below 1.
-        RankFailedError: a rank raised (the lowest such rank, with its traceback), or died, or ``timeout`` seconds
+        RankFailedError: a rank raised (the first to report, with its traceback), or died, or ``timeout`` seconds
             passed.
     """
     if world_size < 1:
@@ -272,17 +259,14 @@ def run_ranks(
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(RANK_PRELOAD)  # read when the server starts: this process's first call
     results = context.Queue()
-    port = free_port()
-    environ = dict(os.environ)
-    processes = [
-        context.Process(
-            target=_rank_main, args=(fn, rank, world_size, port, args, backend, results, environ), daemon=True
-        )
-        for rank in range(world_size)
-    ]
-    for p in processes:
-        p.start()
-    outcomes: dict[int, tuple[bool, Any]] = {}
+    world = {"WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": world_size, "GROUP_RANK": 0, "MASTER_PORT": free_port()}
+    environ = {**os.environ, **{k: str(v) for k, v in world.items()}, "MASTER_ADDR": "127.0.0.1"}
+    processes = []
+    for rank in range(world_size):
+        rank_env = {**environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        processes.append(context.Process(target=_rank_main, args=(fn, args, backend, results, rank_env), daemon=True))
+        processes[-1].start()
+    outcomes: dict[int, Any] = {}
     try:
         while len(outcomes) < world_size:
             try:
@@ -293,19 +277,16 @@ def run_ranks(
                     f"rank(s) {dead or 'unknown'} gave no result in {timeout:.0f} s "
                     f"(exit codes {[p.exitcode for p in processes]})"
                 ) from None
-            outcomes[rank] = (ok, value)
             if not ok:
-                break
+                raise RankFailedError(f"rank {rank} of {world_size} failed: {value}")
+            outcomes[rank] = value
     finally:
         for p in processes:
             p.join(timeout=10 if len(outcomes) == world_size else 1)
             if p.is_alive():
                 p.kill()
                 p.join()
-    failed = sorted(r for r, (ok, _) in outcomes.items() if not ok)
-    if failed:
-        raise RankFailedError(f"rank {failed[0]} of {world_size} failed: {outcomes[failed[0]][1]}")
-    return [outcomes[r][1] for r in range(world_size)]
+    return [outcomes[r] for r in range(world_size)]
 
 
 # --- the pytest plugin -----------------------------------------------------------------------------------------------
@@ -315,11 +296,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("spark-mnist", "spark-mnist test kit (spark_mnist.testing)")
     group.addoption(
         "--spark-remote",
-        default=None,
         metavar="URL",
-        help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this "
-        "process, sc://host:port uses a running one (default: the SPARK_REMOTE variable; else "
-        "classic)",
+        help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this process, "
+        "sc://host:port uses a running one (default: the SPARK_REMOTE variable; else classic)",
     )
     group.addoption(
         "--spark-master",
@@ -340,12 +319,9 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
     """One local SparkSession for the whole test run, quiet (WARN), stopped (and its environment restored) at the
     end: classic on ``--spark-master`` (``local[2]``), or Spark Connect where ``--spark-remote``/``SPARK_REMOTE``
     names a server.  Configured as spark-mnist's own local sessions are, with 2 GiB of driver memory."""
-    settings = SparkSettings(
-        master=pytestconfig.getoption("--spark-master", DEFAULT_MASTER),
-        remote=spark_remote(pytestconfig),
-        app_name="spark-mnist-tests",
-        conf={"spark.driver.memory": "2g"},
-    )
+    master = pytestconfig.getoption("--spark-master", DEFAULT_MASTER)
+    conf = {"spark.driver.memory": "2g"}
+    settings = SparkSettings(master=master, remote=spark_remote(pytestconfig), app_name="spark-mnist-tests", conf=conf)
     with spark_session(settings) as session:
         yield session
 
@@ -360,9 +336,7 @@ def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
     remote = spark_remote(request.config)
     if remote is None:
         return []
-    if remote.startswith("sc://"):
-        return ["--remote", remote]
-    return ["--remote", local_server_url()]
+    return ["--remote", remote if remote.startswith("sc://") else local_server_url()]
 
 
 @pytest.fixture

@@ -91,9 +91,12 @@ def raises_for(name: str, what: str):
 
 
 def reader_chunks(source, rows_per_chunk: int, name: str | None = None, **kwargs):
-    """The chunks of ``IdxReader(source).chunks(rows_per_chunk)``, streamed, the reader closed at the end."""
+    """``IdxReader(source).read`` of at most ``rows_per_chunk`` rows until the end, then ``finish()``, streamed, the
+    reader closed at the end."""
     with IdxReader(source, name, **kwargs) as reader:
-        yield from reader.chunks(rows_per_chunk)
+        for start in range(0, reader.header.shape[0], rows_per_chunk):
+            yield reader.read(min(rows_per_chunk, reader.header.shape[0] - start))
+        reader.finish()
 
 
 def write_raw(path: Path, data: bytes) -> Path:
@@ -242,9 +245,14 @@ def test_reader_chunks(tmp_path, container, rows_per_chunk):
     assert np.concatenate(list(reader_chunks(encode_idx(labels), 2))).tolist() == labels.tolist()
 
 
-def test_reader_chunks_rejects_bad_rows_per_chunk():
-    with pytest.raises(ValueError, match="rows_per_chunk"):
-        next(reader_chunks(encode_idx(np.zeros(2, np.uint8)), 0))
+def test_reader_read_rejects_rows_out_of_bounds_and_finish_rows_left():
+    with IdxReader(encode_idx(np.zeros(2, np.uint8))) as reader:
+        for bad in (-1, 3):
+            with pytest.raises(ValueError, match=rf"Invalid rows: {bad}. Must be 0 to the 2 rows left"):
+                reader.read(bad)
+        reader.read(1)
+        with pytest.raises(ValueError, match="1 rows left unread"):
+            reader.finish()
 
 
 def test_reader_chunks_reports_defects_after_the_good_rows():

@@ -26,7 +26,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Union, cast
+from typing import Any, BinaryIO, Union, cast
 
 import numpy as np
 
@@ -37,13 +37,14 @@ __all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader",
            "parse_idx", "read_idx", "encode_idx", "write_idx"]  # fmt: skip
 
 GZIP_MAGIC = b"\x1f\x8b"
-MAGIC_ZERO_BYTES = b"\x00\x00"
 MAGIC_BYTES = 4
 DIM_BYTES = 4
 MAX_DIMENSIONS = 16
 # A single IDX payload larger than this is treated as a lying header rather than data (64 GiB).
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 2**30
 READ_CHUNK_BYTES = 4 * 2**20
+# What trailing bytes in a gzip stream can be: reading on to tell these apart would decompress what a bomb holds.
+GZIP_TRAILING = " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
 
 # dtype code -> big-endian numpy dtype, from the IDX spec.
 DTYPE_BY_CODE: dict[int, np.dtype] = {
@@ -92,27 +93,7 @@ class ParsedIdx:
     payload_bytes: int
 
 
-def _open_stream(raw: BinaryIO, name: str) -> BinaryIO:
-    """Wrap ``raw`` in a gzip reader when it starts with the gzip magic; raise on empty or non-IDX content."""
-    head = raw.read(2)
-    raw.seek(0)
-    if not head:
-        raise IdxFormatError(f"{name}: empty file (0 bytes); expected a gzip-compressed or plain IDX file")
-    if head == GZIP_MAGIC:
-        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
-    return raw
-
-
-def _looks_like_text(data: bytes) -> str | None:
-    stripped = data.lstrip().lower()
-    if stripped.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in stripped[:256]:
-        return "an HTML page (a mirror's error or login page saved under the file's name?)"
-    if stripped[:1] in (b"<", b"{", b"["):
-        return "text, not binary IDX data"
-    return None
-
-
-def _read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> IdxHeader:
+def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHeader:
     """Read and check the IDX magic number and dimensions from ``stream`` (already decompressed), as the spec on
     the MNIST page lays them out (see the module docstring).
 
@@ -120,12 +101,16 @@ def _read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAUL
         IdxFormatError: wrong magic number, unknown dtype code, zero or absurd dimensions, or a header cut short.
     """
     magic = _read_exact(stream, MAGIC_BYTES, name, "the 4-byte magic number")
-    if magic[:2] != MAGIC_ZERO_BYTES:
+    if magic[:2] != b"\x00\x00":
         head = magic
         with contextlib.suppress(IdxFormatError):  # only to say what the file looks like
             head += _guarded_read(stream, 252, name)
-        kind = _looks_like_text(head)
-        found = f"found {magic.hex(' ')}" + (f", which looks like {kind}" if kind else "")
+        head = head.lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in head[:256]:
+            kind = ", which looks like an HTML page (a mirror's error or login page saved under the file's name?)"
+        else:
+            kind = ", which looks like text, not binary IDX data" if head[:1] in (b"<", b"{", b"[") else ""
+        found = f"found {magic.hex(' ')}{kind}"
         raise IdxFormatError(f"{name}: wrong magic number: expected 00 00 <dtype code> <ndim>, {found}")
     code, ndim = magic[2], magic[3]
     if code not in DTYPE_BY_CODE:
@@ -136,7 +121,7 @@ def _read_header(stream: BinaryIO, name: str, *, max_payload_bytes: int = DEFAUL
     dims = struct.unpack(f">{ndim}I", _read_exact(stream, DIM_BYTES * ndim, name, f"{ndim} dimension sizes"))
     if 0 in dims:
         raise IdxFormatError(f"{name}: zero dimension in shape {dims}: every dimension must be at least 1")
-    header = IdxHeader(DTYPE_BY_CODE[code], tuple(int(d) for d in dims))
+    header = IdxHeader(DTYPE_BY_CODE[code], dims)
     if header.payload_bytes > max_payload_bytes:
         raise IdxFormatError(
             f"{name}: absurd dimensions {header.shape}: they declare {header.payload_bytes} bytes of data, "
@@ -162,93 +147,56 @@ def _guarded_read(stream: BinaryIO, size: int | memoryview, name: str) -> Any:
         raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
 
 
-def _allocate(nbytes: int, name: str, header: IdxHeader) -> np.ndarray:
-    """An uninitialised uint8 buffer; a header declaring more than the machine can allocate is an input error."""
-    try:
-        return np.empty(nbytes, dtype=np.uint8)
-    except MemoryError as e:
-        raise IdxFormatError(
-            f"{name}: shape {header.shape} of {header.dtype.name} declares {header.payload_bytes} data bytes, "
-            f"more than this machine can allocate ({nbytes} bytes needed); a lying header or a file too large"
-        ) from e
-
-
-def _plain_bytes_left(stream: BinaryIO) -> int | None:
-    """Bytes left in an uncompressed, seekable ``stream``; None for gzip streams (size unknown until read)."""
-    if isinstance(stream, gzip.GzipFile):
-        return None
-    try:
-        here = stream.tell()
-        end = stream.seek(0, io.SEEK_END)
-        stream.seek(here)
-    except (OSError, ValueError):
-        return None
-    return end - here
-
-
-def _check_end(stream: BinaryIO, name: str, header: IdxHeader) -> None:
-    if not _guarded_read(stream, 1, name):
-        return
-    # Reading on to tell these apart would mean decompressing what a gzip bomb holds; say what it can be instead.
-    why = " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
-    raise IdxFormatError(
-        f"{name}: trailing bytes after the {header.payload_bytes} data bytes that shape {header.shape} declares"
-        + (why if isinstance(stream, gzip.GzipFile) else "")
-    )
-
-
-def _as_stream(source: Source) -> tuple[BinaryIO, str]:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return io.BytesIO(bytes(source)), "<bytes>"
-    path = Path(source)
-    try:
-        return open(path, "rb"), str(path)
-    except FileNotFoundError as e:
-        raise IdxFormatError(f"{path}: file not found") from e
-    except OSError as e:  # a directory, no permission, ...
-        raise IdxFormatError(f"{path}: cannot open: {e.strerror or e}") from e
-
-
 class IdxReader:
-    """A streaming IDX reader: the header on entry, then the data in chunks of rows, hashed as it goes.
+    """A streaming IDX reader: the header on opening, then the data in blocks of rows, hashed as it goes.
 
     Use as a context manager (it closes the file)::
 
         with IdxReader(path_or_bytes) as reader:
             reader.header.shape          # from the header, before any data is decompressed
-            for chunk in reader.chunks(rows_per_chunk):
-                ...                      # native-endian arrays of at most rows_per_chunk rows
-            reader.sha256                # of the whole decompressed payload, once every chunk was read
+            block = reader.read(rows)    # a native-endian array of the next rows, as often as wanted
+            reader.finish()              # every row read: checks the end of the file
+            reader.sha256                # of the whole decompressed payload
 
-    The end of the file (trailing bytes, the gzip CRC) is checked after the last chunk.  Memory is bounded by one
-    chunk; nothing past the header-declared size plus one byte is decompressed.
+    ``name`` is how errors name the file, ``header`` the :class:`IdxHeader`, ``payload_bytes`` the size of the
+    decompressed file, header included, in bytes; ``sha256`` its hex digest, set by :meth:`finish`.  Memory is
+    bounded by one block; nothing past the header-declared size plus one byte is decompressed.
 
-    Raises (on entry or while reading):
+    Raises (on opening or while reading):
         IdxFormatError: empty file, non-IDX content (e.g. an HTML page), wrong magic number, unknown dtype code,
             zero or absurd dimensions, truncated payload, trailing bytes, corrupt or truncated gzip stream.
     """
 
     def __init__(self, source: Source, name: str | None = None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
-        self._source, self._name, self._max_payload_bytes = source, name, max_payload_bytes
-        self._stack = contextlib.ExitStack()
-        self._digest = hashlib.sha256(usedforsecurity=False)  # restarted with the header on entry
-        self._done, self._rows_read = False, 0
+        self._rows_read = 0
+        raw: BinaryIO
+        with contextlib.ExitStack() as stack:  # closes what was opened when a check fails
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                self.name, raw = name or "<bytes>", io.BytesIO(bytes(source))
+            else:
+                self.name = name or str(Path(source))
+                try:
+                    raw = stack.enter_context(open(source, "rb"))
+                except FileNotFoundError as e:
+                    raise IdxFormatError(f"{self.name}: file not found") from e
+                except OSError as e:  # a directory, no permission, ...
+                    raise IdxFormatError(f"{self.name}: cannot open: {e.strerror or e}") from e
+            self._gzipped = raw.read(2) == GZIP_MAGIC
+            size = raw.seek(0, io.SEEK_END)
+            raw.seek(0)
+            if not size:
+                raise IdxFormatError(f"{self.name}: empty file (0 bytes); expected a gzip-compressed or plain IDX file")
+            gz = cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb")) if self._gzipped else None
+            self._stream = stack.enter_context(gz) if gz else raw
+            self.header = _read_header(self._stream, self.name, max_payload_bytes)
+            if not self._gzipped and size - self.header.header_bytes < self.header.payload_bytes:
+                # Uncompressed input: the size is known, so a lying header fails before any allocation.
+                raise IdxFormatError(self._truncated(size - self.header.header_bytes))
+            self._stack = stack.pop_all()
+        self._digest = hashlib.sha256(self.header.encode(), usedforsecurity=False)
+        self.payload_bytes = self.header.header_bytes + self.header.payload_bytes
 
     def __enter__(self) -> "IdxReader":
-        try:
-            raw, default_name = _as_stream(self._source)
-            self.name = self._name or default_name
-            self._stack.enter_context(raw)
-            self._stream = self._stack.enter_context(_open_stream(raw, self.name))
-            self.header = _read_header(self._stream, self.name, max_payload_bytes=self._max_payload_bytes)
-            left = _plain_bytes_left(self._stream)
-            if left is not None and left < self.header.payload_bytes:
-                # Uncompressed input: the size is known, so a lying header fails before any allocation.
-                raise IdxFormatError(self._truncated(left))
-        except BaseException:
-            self._stack.close()
-            raise
-        self._digest = hashlib.sha256(self.header.encode(), usedforsecurity=False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -261,43 +209,38 @@ class IdxReader:
             f"data bytes, found {found}"
         )
 
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of the decompressed file (header and data), available once every chunk was read."""
-        if not self._done:
-            raise RuntimeError(f"{self.name}: sha256 is known only after the last chunk was read")
-        return self._digest.hexdigest()
-
-    @property
-    def payload_bytes(self) -> int:
-        """Size of the decompressed file, header included, in bytes."""
-        return self.header.header_bytes + self.header.payload_bytes
-
     def read(self, rows: int) -> np.ndarray:
         """The next ``rows`` rows (first dimension) as a native-endian array.
 
         Raises:
             ValueError: ``rows`` below 0 or past the end the header declares.
-            IdxFormatError: a truncated payload or a corrupt gzip stream.
+            IdxFormatError: a truncated payload, a header declaring more than this machine can allocate, or a
+                corrupt gzip stream.
         """
-        header = self.header
-        if not 0 <= rows <= header.shape[0] - self._rows_read:
-            raise invalid("rows", rows, f"0 to the {header.shape[0] - self._rows_read} rows left")
-        row_shape = header.shape[1:]
-        row_bytes = math.prod(row_shape) * header.dtype.itemsize
-        buffer = _allocate(rows * row_bytes, self.name, header)
-        view = buffer.data
+        header, left = self.header, self.header.shape[0] - self._rows_read
+        if not 0 <= rows <= left:
+            raise invalid("rows", rows, f"0 to the {left} rows left")
+        row_bytes = math.prod(header.shape[1:]) * header.dtype.itemsize
+        try:
+            buffer = np.empty(rows * row_bytes, dtype=np.uint8)
+        except MemoryError as e:
+            raise IdxFormatError(
+                f"{self.name}: shape {header.shape} of {header.dtype.name} declares {header.payload_bytes} data "
+                f"bytes, more than this machine can allocate ({rows * row_bytes} bytes needed); a lying header or a "
+                f"file too large"
+            ) from e
         filled = 0
         while filled < len(buffer):
-            got = _guarded_read(self._stream, view[filled : filled + READ_CHUNK_BYTES], self.name)
+            got = _guarded_read(self._stream, buffer.data[filled : filled + READ_CHUNK_BYTES], self.name)
             if not got:
                 raise IdxFormatError(self._truncated(self._rows_read * row_bytes + filled))
             filled += got
-        self._digest.update(view)
+        self._digest.update(buffer.data)
         self._rows_read += rows
         # astype converts big-endian to native on any platform (byteswap + view would be wrong on big-endian
         # hosts); for one-byte dtypes it is a view, no copy.
-        return buffer.view(header.dtype).reshape((rows, *row_shape)).astype(header.dtype.newbyteorder("="), copy=False)
+        array = buffer.view(header.dtype).reshape((rows, *header.shape[1:]))
+        return array.astype(header.dtype.newbyteorder("="), copy=False)
 
     def finish(self) -> None:
         """Check the end of the file (no trailing bytes; the gzip CRC) once every row was read.
@@ -308,24 +251,12 @@ class IdxReader:
         """
         if self._rows_read != self.header.shape[0]:
             raise ValueError(f"{self.name}: {self.header.shape[0] - self._rows_read} rows left unread")
-        _check_end(self._stream, self.name, self.header)
-        self._done = True
-
-    def chunks(self, rows_per_chunk: int | None = None) -> Iterator[np.ndarray]:
-        """Native-endian arrays of at most ``rows_per_chunk`` rows (first dimension; ``None``: all at once), then
-        :meth:`finish`.
-
-        Raises:
-            ValueError: ``rows_per_chunk`` below 1.
-            IdxFormatError: as the class.
-        """
-        total = self.header.shape[0]
-        rows_per_chunk = total if rows_per_chunk is None else rows_per_chunk
-        if rows_per_chunk < 1:
-            raise invalid("rows_per_chunk", rows_per_chunk, "at least 1")
-        while self._rows_read < total:
-            yield self.read(min(rows_per_chunk, total - self._rows_read))
-        self.finish()
+        if _guarded_read(self._stream, 1, self.name):
+            raise IdxFormatError(
+                f"{self.name}: trailing bytes after the {self.header.payload_bytes} data bytes that shape "
+                f"{self.header.shape} declares" + (GZIP_TRAILING if self._gzipped else "")
+            )
+        self.sha256 = self._digest.hexdigest()
 
 
 def parse_idx(
@@ -347,7 +278,8 @@ def parse_idx(
             or absurd dimensions, truncated payload, trailing bytes, corrupt or truncated gzip stream.
     """
     with IdxReader(source, name, max_payload_bytes=max_payload_bytes) as reader:
-        (array,) = reader.chunks()
+        array = reader.read(reader.header.shape[0])
+        reader.finish()
         return ParsedIdx(array, reader.sha256, reader.payload_bytes)
 
 
@@ -367,10 +299,9 @@ def encode_idx(array: np.ndarray) -> bytes:
     key = (array.dtype.kind, array.dtype.itemsize)
     if key not in CODE_BY_KIND:
         raise invalid("dtype", array.dtype.name, "one IDX stores: uint8, int8, int16, int32, float32, float64")
-    if array.ndim == 0:
-        raise invalid("shape", array.shape, "at least 1-d: IDX has no 0-d arrays")
-    if array.ndim > MAX_DIMENSIONS:
-        raise invalid("shape", array.shape, f"1 to {MAX_DIMENSIONS} dimensions here, not {array.ndim} dimensions")
+    if not 1 <= array.ndim <= MAX_DIMENSIONS:
+        must = f"1 to {MAX_DIMENSIONS} dimensions (IDX has no 0-d arrays), not {array.ndim} dimensions"
+        raise invalid("shape", array.shape, must)
     if not all(1 <= d <= 0xFFFFFFFF for d in array.shape):
         raise invalid("shape", array.shape, "dimensions of 1 to 2**32 - 1 each")
     header = IdxHeader(DTYPE_BY_CODE[CODE_BY_KIND[key]], array.shape)
@@ -387,10 +318,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | No
     Raises:
         ValueError: as :func:`encode_idx`.
     """
-    path = Path(path)
-    compress = path.suffix == ".gz" if compress is None else compress
-    data = encode_idx(array)
-    if compress:
+    path, data = Path(path), encode_idx(array)
+    if path.suffix == ".gz" if compress is None else compress:
         data = gzip.compress(data, compresslevel=6, mtime=0)
     with replacing(path) as tmp:
         tmp.write_bytes(data)

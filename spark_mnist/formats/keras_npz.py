@@ -50,10 +50,7 @@ def load_keras_npz(
             image and label counts that differ, labels out of ``spec``'s range.
     """
     spec = spec or get_dataset("mnist")
-    if name or hasattr(source, "read"):
-        path = Path(name or "<npz>")
-    else:
-        path = Path(os.fspath(source))
+    path = Path(name or ("<npz>" if hasattr(source, "read") else os.fspath(source)))
     try:
         loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as e:
@@ -66,16 +63,29 @@ def load_keras_npz(
         raise InputError(f"{path}: a single .npy array, not an .npz archive with x_train, y_train, x_test, y_test")
     result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with loaded:
-        missing = [key for keys in KERAS_KEYS.values() for key in keys if key not in loaded.files]
-        if missing:
+        if missing := [key for keys in KERAS_KEYS.values() for key in keys if key not in loaded.files]:
             raise InputError(
                 f"{path}: missing key(s) {', '.join(missing)}: expected x_train, y_train, x_test, "
                 f"y_test (Keras' mnist.npz); found {', '.join(loaded.files) or 'none'}"
             )
         for split, (x_key, y_key) in KERAS_KEYS.items():
-            images = _member(loaded, path, x_key)
-            labels = _member(loaded, path, y_key)
-            result[split] = _checked(spec, path, x_key, y_key, images, labels)
+            images, labels = (_member(loaded, path, key) for key in (x_key, y_key))
+            # What only an npz can get wrong (the key's shape; labels of any integer dtype, which must fit uint8),
+            # then validate_layout on the arrays as IDX files would hold them.
+            if images.ndim != 3 or tuple(images.shape[1:]) != spec.image_shape:
+                raise InputError(
+                    f"{path}: {x_key} has shape {images.shape}: expected (N, {spec.image_shape[0]}, "
+                    f"{spec.image_shape[1]})"
+                )
+            if labels.ndim != 1 or labels.dtype.kind not in "ui":
+                raise InputError(
+                    f"{path}: {y_key} has shape {labels.shape} and dtype {labels.dtype}: expected (N,) integers"
+                )
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 255):
+                raise InputError(f"{path}: {y_key} has labels outside 0..255: expected uint8 class indices")
+            labels = labels.astype(np.uint8, copy=False)
+            validate_layout(spec, images.shape, images.dtype, labels, f"{path}[{x_key}]", f"{path}[{y_key}]")
+            result[split] = (np.ascontiguousarray(images), labels)
     return result
 
 
@@ -86,24 +96,6 @@ def _member(loaded: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise InputError(f"{path}: {key} holds pickled objects, refused (allow_pickle=False): {e}") from e
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise InputError(f"{path}: {key} cannot be read from the archive: {e}") from e
-
-
-def _checked(
-    spec: DatasetSpec, path: Path, x_key: str, y_key: str, images: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """What only an npz can get wrong (the key's shape; labels of any integer dtype, which must fit uint8), then
-    :func:`spark_mnist.datasets.validate_layout` on the arrays as IDX files would hold them."""
-    if images.ndim != 3 or tuple(images.shape[1:]) != spec.image_shape:
-        raise InputError(
-            f"{path}: {x_key} has shape {images.shape}: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
-        )
-    if labels.ndim != 1 or labels.dtype.kind not in "ui":
-        raise InputError(f"{path}: {y_key} has shape {labels.shape} and dtype {labels.dtype}: expected (N,) integers")
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 255):
-        raise InputError(f"{path}: {y_key} has labels outside 0..255: expected uint8 class indices")
-    labels = labels.astype(np.uint8, copy=False)
-    validate_layout(spec, images.shape, images.dtype, labels, f"{path}[{x_key}]", f"{path}[{y_key}]")
-    return np.ascontiguousarray(images), labels
 
 
 def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, spec: DatasetSpec | None = None) -> Path:
@@ -124,7 +116,6 @@ def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        images, labels = arrays[split]
-        write_idx(out / spec.file(split, IMAGES).name, images, compress=True)
-        write_idx(out / spec.file(split, LABELS).name, labels, compress=True)
+        for kind, array in zip((IMAGES, LABELS), arrays[split]):
+            write_idx(out / spec.file(split, kind).name, array, compress=True)
     return out

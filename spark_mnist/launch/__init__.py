@@ -36,11 +36,9 @@ __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch",
 
 def _launcher(name: str) -> ModuleType:
     """The module of the launcher ``name`` (a :data:`spark_mnist.config.LAUNCHERS` value, checked by the
-    settings)."""
-    # Imported here: the launcher modules import this module's helpers below.
-    from spark_mnist.launch import ai_runtime, torch_distributor, torchrun
-
-    return {"torch-distributor": torch_distributor, "torchrun": torchrun, "ai-runtime": ai_runtime}[name]
+    settings), named after it: ``torch-distributor`` -> :mod:`.torch_distributor`.  Imported when first asked for:
+    the launcher modules import this module's helpers below."""
+    return importlib.import_module(f"spark_mnist.launch.{name.replace('-', '_')}")
 
 
 def check(settings: TrainSettings) -> None:
@@ -57,9 +55,7 @@ def check(settings: TrainSettings) -> None:
 
 def world_size(settings: TrainSettings) -> int:
     """Ranks the launcher starts: ``num_processes``, or ai-runtime's ``accelerator_count`` when set."""
-    if settings.launcher == "ai-runtime" and settings.accelerator_count:
-        return settings.accelerator_count
-    return settings.num_processes
+    return (settings.launcher == "ai-runtime" and settings.accelerator_count) or settings.num_processes
 
 
 def require_module(name: str, launcher: str, fix: str) -> Any:
@@ -67,19 +63,16 @@ def require_module(name: str, launcher: str, fix: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise LauncherUnavailableError(
-            f"launcher '{launcher}' needs {name}, which does not import here ({e}): {fix}"
-        ) from None
+        message = f"launcher '{launcher}' needs {name}, which does not import here ({e}): {fix}"
+        raise LauncherUnavailableError(message) from None
 
 
 def require_gpus(launcher: str, wanted: int, fix: str) -> None:
     """At least ``wanted`` CUDA devices visible to torch, or :class:`LauncherUnavailableError`."""
     torch = require_extra("torch", "torch", f"launcher '{launcher}'")
-    found = torch.cuda.device_count()
-    if found < wanted:
-        raise LauncherUnavailableError(
-            f"launcher '{launcher}' needs {wanted} GPU(s) on this machine and torch sees {found}: {fix}"
-        )
+    if (found := torch.cuda.device_count()) < wanted:
+        message = f"launcher '{launcher}' needs {wanted} GPU(s) on this machine and torch sees {found}: {fix}"
+        raise LauncherUnavailableError(message)
 
 
 def launch(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ with its ``distributed`` extra (``pip install 'spark-mnist[ai-runtime]'``); Beta
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
@@ -55,24 +54,19 @@ def check(settings: TrainSettings) -> None:
             8); multi-node runs are not supported yet.
     """
     require_module("databricks.air", NAME, PACKAGE_FIX)
-    if settings.remote_gpu:
-        if settings.accelerator_type is None:
-            raise InputError(
-                "train.accelerator_type: required with remote_gpu (the serverless GPUs to submit to, "
-                "e.g. --accelerator-type GPU_8xH100)"
-            )
-        ranks, match = world_size(settings), re.fullmatch(r"GPU_(\d+)x\w+", settings.accelerator_type)
-        per_node = int(match.group(1)) if match else ranks
-        if ranks > per_node:  # the rendezvous, run directory and checkpoint are those of one node's ranks
-            raise LauncherUnavailableError(
-                f"launcher '{NAME}': {ranks} accelerators of {settings.accelerator_type} span "
-                f"{-(-ranks // per_node)} nodes of {per_node} GPU(s), and multi-node runs are not supported yet: "
-                f"use at most {per_node} (--accelerator-count)"
-            )
-    else:
-        require_gpus(
-            NAME,
-            world_size(settings),
-            "attach serverless GPU compute to this notebook or job, submit from here with --remote-gpu "
-            "--accelerator-type TYPE, or use --launcher torchrun",
+    ranks = world_size(settings)
+    if not settings.remote_gpu:
+        fix = "attach serverless GPU compute to this notebook or job, submit from here with --remote-gpu"
+        require_gpus(NAME, ranks, f"{fix} --accelerator-type TYPE, or use --launcher torchrun")
+    elif settings.accelerator_type is None:
+        raise InputError(
+            "train.accelerator_type: required with remote_gpu (the serverless GPUs to submit to, "
+            "e.g. --accelerator-type GPU_8xH100)"
+        )
+    # The rendezvous, run directory and checkpoint are those of one node's ranks (GPU_<per node>x<kind>).
+    elif ranks > (per_node := int(settings.accelerator_type.removeprefix("GPU_").split("x")[0])):
+        raise LauncherUnavailableError(
+            f"launcher '{NAME}': {ranks} accelerators of {settings.accelerator_type} span "
+            f"{-(-ranks // per_node)} nodes of {per_node} GPU(s), and multi-node runs are not supported yet: "
+            f"use at most {per_node} (--accelerator-count)"
         )

@@ -11,6 +11,7 @@ from its start; this restarts it from where the last checkpoint stands.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Callable
@@ -24,26 +25,21 @@ log = logging.getLogger(__name__)
 
 
 def _stat(path: str) -> tuple[int, int] | None:
-    try:
+    with contextlib.suppress(OSError):
         st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
+        return st.st_mtime_ns, st.st_size
+    return None
 
 
-def _input_error_names() -> set[str]:
-    names, todo = set(), [InputError]
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo.extend(cls.__subclasses__())
-    return names
+def _names(cls: type) -> set[str]:
+    """The names of ``cls`` and its subclasses, at any depth."""
+    return {cls.__name__}.union(*map(_names, cls.__subclasses__()))
 
 
 def is_bad_input(error: TrainingFailedError) -> bool:
     """Whether every rank reported an :class:`~spark_mnist.errors.InputError` (by type name): a relaunch would
     fail the same way."""
-    names = _input_error_names()
+    names = _names(InputError)
     return bool(error.exceptions) and all(e.split(":", 1)[0] in names for e in error.exceptions)
 
 
@@ -64,11 +60,10 @@ def run_with_restarts(
     Raises:
         TrainingFailedError: the last attempt's failure, or a bad-input failure at once.
     """
-    before = _stat(checkpoint)
-    restarts = 0
+    before, restarts = _stat(checkpoint), 0
     while True:
         try:
-            metrics = attempt(resume)
+            return {**attempt(resume), "restarts": restarts}
         except TrainingFailedError as e:
             cause = str(e).splitlines()[0]
             if restarts >= max_restarts or is_bad_input(e):
@@ -79,5 +74,3 @@ def run_with_restarts(
             resume = resume or _stat(checkpoint) != before
             where = f"from the last checkpoint, {checkpoint}" if resume else "from the start (no checkpoint yet)"
             log.warning("restart %d/%d %s after: %s", restarts, max_restarts, where, cause)
-            continue
-        return {**metrics, "restarts": restarts}

@@ -16,11 +16,7 @@ from spark_mnist.errors import SourceError
 from spark_mnist.launch import require_gpus, require_module
 from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, normalize_uri, redact
 
-__all__ = ["NAME", "SHARED_ROOTS", "run", "check", "check_shared_run_dir"]
-
-NAME = "torch-distributor"
-# Where a path is the same on the driver and every executor of a Databricks cluster (FUSE mounts).
-SHARED_ROOTS = (DBFS_FUSE_ROOT, VOLUMES_ROOT)
+__all__ = ["run", "check", "check_shared_run_dir"]
 
 
 def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
@@ -45,19 +41,11 @@ def check(settings: TrainSettings) -> None:
         LauncherUnavailableError: pyspark missing; local mode with ``use_gpu`` and fewer GPUs here than
             ``num_processes``.
     """
-    require_module(
-        "pyspark.ml.torch.distributor",
-        NAME,
-        "pip install 'spark-mnist[local]' (or run on a Databricks ML runtime), or train with --launcher torchrun",
-    )
+    fix = "pip install 'spark-mnist[local]' (or run on a Databricks ML runtime), or train with --launcher torchrun"
+    require_module("pyspark.ml.torch.distributor", "torch-distributor", fix)
     if settings.use_gpu and settings.local_mode:
-        require_gpus(
-            NAME,
-            settings.num_processes,
-            "in local mode every rank takes one of the driver's GPUs: lower "
-            "--num-processes, or run the ranks on the executors with "
-            "--no-local-mode",
-        )
+        fix = "in local mode every rank takes one of the driver's GPUs: lower --num-processes, or run the ranks on"
+        require_gpus("torch-distributor", settings.num_processes, f"{fix} the executors with --no-local-mode")
 
 
 def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
@@ -75,7 +63,8 @@ def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
     if run_dir is None or (master is not None and master.startswith("local")):
         return
     local = normalize_uri(run_dir).local_path
-    if local is not None and any(local == root or local.startswith(root + "/") for root in SHARED_ROOTS):
+    # Where a path is the same on the driver and every executor of a Databricks cluster (FUSE mounts).
+    if local is not None and any((local + "/").startswith(root + "/") for root in (DBFS_FUSE_ROOT, VOLUMES_ROOT)):
         return
     where = redact(master) if master else "not on this machine"
     raise SourceError(

@@ -19,12 +19,7 @@ from spark_mnist.envs import scoped_env
 from spark_mnist.errors import require_extra
 from spark_mnist.launch import require_gpus
 
-__all__ = ["NAME", "STANDALONE_ENDPOINT", "AGENT_ENV", "run", "check"]
-
-NAME = "torchrun"
-STANDALONE_ENDPOINT = "localhost:0"  # torchrun --standalone: c10d on this host, a free port
-# What the elastic agent writes into this process's environment, put back after the launch.
-AGENT_ENV = ("TORCHELASTIC_SIGNALS_TO_HANDLE",)
+__all__ = ["run", "check"]
 
 
 def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
@@ -39,11 +34,11 @@ def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
         nproc_per_node=job.settings.num_processes,
         run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint=STANDALONE_ENDPOINT,
+        rdzv_endpoint="localhost:0",  # torchrun --standalone: c10d on this host, a free port
         max_restarts=0,
-        start_method="spawn",
-    )
-    with scoped_env({}, restore=AGENT_ENV):
+    )  # start_method: LaunchConfig's default, spawn
+    # What the elastic agent writes into this process's environment is put back after the launch.
+    with scoped_env({}, restore=("TORCHELASTIC_SIGNALS_TO_HANDLE",)):
         return elastic_launch(config, fn)(job)[0]
 
 
@@ -53,10 +48,7 @@ def check(settings: TrainSettings) -> None:
     Raises:
         LauncherUnavailableError: torch missing, or fewer GPUs than ranks with ``use_gpu``.
     """
-    require_extra("torch.distributed.launcher.api", "torch", f"launcher '{NAME}'")
+    require_extra("torch.distributed.launcher.api", "torch", "launcher 'torchrun'")
     if settings.use_gpu:
-        require_gpus(
-            NAME,
-            settings.num_processes,
-            "one GPU per rank with use_gpu: lower --num-processes, or train on CPU with --no-use-gpu",
-        )
+        fix = "one GPU per rank with use_gpu: lower --num-processes, or train on CPU with --no-use-gpu"
+        require_gpus("torchrun", settings.num_processes, fix)
