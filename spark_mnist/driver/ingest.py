@@ -2,12 +2,11 @@
 
 The order of work is what makes bad input cheap and failures harmless:
 
-1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.driver.sources`);
+1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.driver.inputs`);
 2. parse and check every file on the driver (:mod:`spark_mnist.driver.inputs`, :mod:`spark_mnist.formats.idx`,
    :func:`spark_mnist.datasets.validate_split`), before anything is written;
-3. plan the shards and write jobs (:mod:`spark_mnist.driver.plan`) and write both splits under a new generation
-   ``OUT/<generation>/`` with one Spark job per chunk, each task writing its own shard
-   (:mod:`spark_mnist.driver.write_job`);
+3. plan the shards and write jobs and write both splits under a new generation ``OUT/<generation>/`` with one Spark
+   job per chunk, each task writing its own shard (:mod:`spark_mnist.driver.write_job`);
 4. commit: write ``OUT/_manifest.json`` last, in one single-object write, then remove the generations no manifest
    needs (:mod:`spark_mnist.shards.commit`).
 
@@ -19,19 +18,18 @@ the protocol and why: docs/concepts/dataset.md.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spark_mnist import __version__, fs
 from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
 from spark_mnist.driver import session
-from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_npz
-from spark_mnist.driver.plan import DEFAULT_CHUNK_ROWS, DEFAULT_ROW_GROUP_BYTES, Piece, plan_jobs
-from spark_mnist.driver.sources import read_files
-from spark_mnist.driver.write_job import write_pieces
+from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_files, read_npz
+from spark_mnist.driver.write_job import Shard, plan_jobs, write_pieces
 from spark_mnist.errors import InputError, SourceError, invalid
 from spark_mnist.paths import Location, normalize_uri, redact
 from spark_mnist.shards import commit, contract
@@ -39,9 +37,13 @@ from spark_mnist.shards import commit, contract
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["check_output", "write_splits", "build_manifest", "read_sources", "ingest"]
+__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "check_output", "write_splits", "ingest"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
+# Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
+DEFAULT_CHUNK_ROWS = 1_000_000
 
 
 def check_output(location: Location) -> None:
@@ -75,75 +77,27 @@ def write_splits(
     row_group_bytes: int,
 ) -> dict[str, list[contract.ShardFile]]:
     """Write every split in contiguous shards under ``out/<generation>/<split>/``, holding at most ``chunk_rows``
-    images on the driver at a time (see :func:`spark_mnist.driver.plan.plan_jobs`).
+    images on the driver at a time (see :func:`spark_mnist.driver.write_job.plan_jobs`).
 
     Returns:
         The shard files of each split, in shard order.
     """
     inputs = {split.name: split for split in splits}
     bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
-    written: dict[tuple[str, int], contract.ShardFile] = {}
+    written: list[contract.ShardFile] = []
     for job in jobs:
-        pieces = []
+        shards = []
         for name, first, end in job:
-            lo, hi = int(bounds[name][first]), int(bounds[name][end])
-            piece_bounds = tuple(int(b) for b in bounds[name][first : end + 1])
-            images = upright(spec, inputs[name].take(hi - lo))
-            pieces.append(Piece(name, first, piece_bounds, images, inputs[name].labels[lo:hi]))
-        written.update(write_pieces(spark, pieces, out, generation, row_group_bytes=row_group_bytes))
-        log.info("wrote %s", ", ".join(f"{p.split} rows {p.bounds[0]}-{p.bounds[-1]}" for p in pieces))
-    return {name: [written[(name, k)] for k in range(len(split_bounds) - 1)] for name, split_bounds in bounds.items()}
-
-
-def build_manifest(
-    spec: DatasetSpec,
-    source: Location,
-    records: list[dict[str, Any]],
-    splits: list[SplitInput],
-    files: dict[str, list[contract.ShardFile]],
-    generation: str,
-) -> contract.Manifest:
-    """The manifest of ``generation``: dataset, classes, image shape, source files (uri, bytes, payload sha256),
-    per split its rows, label histogram and shard files (path, bytes, rows), schema and package versions."""
-    return contract.Manifest(
-        generation=generation,
-        dataset=spec.name,
-        classes=tuple(spec.classes),
-        image_shape=spec.image_shape,
-        source={"uri": source.shown, "files": records},
-        package_version=__version__,
-        splits={
-            split.name: contract.Split(
-                rows=int(len(split.labels)),
-                files=tuple(files[split.name]),
-                label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
-            )
-            for split in splits
-        },
-    )
-
-
-def read_sources(
-    spark: "SparkSession", spec: DatasetSpec, source_dir: Location, stack: contextlib.ExitStack
-) -> tuple[list[SplitInput], list[dict[str, Any]]]:
-    """Both splits of ``spec`` from ``source_dir`` (a directory of IDX files, or a Keras ``mnist.npz``), checked as
-    far as headers and labels allow; images files stay open as streams on ``stack``.  Driver-side.
-
-    Returns:
-        The splits (train, test) and the manifest records of the files read so far.
-    Raises:
-        InputError: as :func:`~spark_mnist.driver.inputs.open_idx_split` and
-            :func:`~spark_mnist.driver.inputs.read_npz`.
-    """
-    if source_dir.uri.endswith(".npz"):
-        return read_npz(spark, spec, source_dir)
-    files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
-    splits, records = [], []
-    for split in SPLITS:
-        split_input, split_records = open_idx_split(stack, spec, split, files)
-        splits.append(split_input)
-        records.extend(split_records)
-    return splits, records
+            b, labels = bounds[name], inputs[name].labels
+            images = upright(spec, inputs[name].take(slice(b[first], b[end])))
+            for k in range(first, end):
+                lo, hi = b[k] - b[first], b[k + 1] - b[first]  # in the images taken
+                path = contract.shard_path(generation, name, k)
+                shards.append(Shard(path, b[k], images[lo:hi], labels[b[k] : b[k + 1]]))
+        written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
+        log.info("wrote %s", ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job))
+    in_order = iter(written)  # the jobs take the splits' shards in order
+    return {name: list(itertools.islice(in_order, len(b) - 1)) for name, b in bounds.items()}
 
 
 def ingest(
@@ -194,29 +148,46 @@ def ingest(
     source_dir, out = normalize_uri(source), normalize_uri(output)
     check_output(out)  # an output the write tasks could not open is refused before anything is read
     with contextlib.ExitStack() as stack:
-        splits, records = read_sources(spark, spec, source_dir, stack)
+        # Both splits, checked as far as headers and labels allow; images files stay open as streams on the stack.
+        if source_dir.uri.endswith(".npz"):
+            splits, records = read_npz(spark, spec, source_dir)
+        else:
+            files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
+            splits, records = [open_idx_split(stack, spec, split, files) for split in SPLITS], []
         log.info(
             "checked the headers and labels of %s: %s",
             source_dir.shown,
             ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits),
         )
         lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
-        generation = lease.generation
-        files = write_splits(
+        shards = write_splits(
             spark,
             spec,
             splits,
             out,
-            generation,
+            lease.generation,
             num_shards=num_shards,
             chunk_rows=chunk_rows,
             row_group_bytes=row_group_bytes,
         )
-        for split in splits:
-            records.extend(split.done())
-        records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
+        records += [record for split in splits for record in split.done()]
         check_hashes(spec, records, strict=strict)
-        manifest = build_manifest(spec, source_dir, records, splits, files, generation)
+        manifest = contract.Manifest(
+            generation=lease.generation,
+            dataset=spec.name,
+            classes=tuple(spec.classes),
+            image_shape=spec.image_shape,
+            source={"uri": source_dir.shown, "files": records},
+            package_version=__version__,
+            splits={
+                split.name: contract.Split(
+                    rows=int(len(split.labels)),
+                    files=tuple(shards[split.name]),
+                    label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
+                )
+                for split in splits
+            },
+        )
         manifest = commit.publish(out, manifest, lease)
     log.info("ingested %s into %s in %.2fs", spec.name, out.shown, time.perf_counter() - started)
     return manifest
