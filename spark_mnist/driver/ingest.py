@@ -95,7 +95,9 @@ def write_splits(
                 path = contract.shard_path(generation, name, k)
                 shards.append(Shard(path, b[k], images[lo:hi], labels[b[k] : b[k + 1]]))
         written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
-        log.info("wrote %s", ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job))
+        log.info(
+            "wrote %s", ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
+        )
     in_order = iter(written)  # the jobs take the splits' shards in order
     return {name: list(itertools.islice(in_order, len(b) - 1)) for name, b in bounds.items()}
 

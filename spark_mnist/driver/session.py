@@ -22,6 +22,7 @@ Everything else in the package works with both kinds through the few capabilitie
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import shutil
 import sys
 import threading
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from spark_mnist.config import SparkSettings
 from spark_mnist.envs import scoped_env
@@ -39,10 +40,9 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 __all__ = ["LOCAL_SPARK_CONF", "JVM_START_NOTICES", "SPARK_40_ARTIFACTS_DIR", "PYTHON_ENV", "CONNECT_ENV",
-           "REMOTE_ENV", "CONNECT_MODULES", "LOOPBACK_HOSTS", "jvm_stderr_filtered", "session_conf",
-           "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "local_master_cores",
-           "master_here", "shipped_to_executors", "remote_url", "connect_expected", "spark_artifacts_removed",
-           "spark_session"]  # fmt: skip
+           "REMOTE_ENV", "jvm_stderr_filtered", "session_conf", "with_executor_env", "local_server_url", "is_connect",
+           "default_parallelism", "local_master_cores", "master_here", "shipped_to_executors", "remote_url",
+           "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
 
 LOCAL_SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -75,22 +75,14 @@ CONNECT_ENV = (
 REMOTE_ENV = "SPARK_REMOTE"
 # Where pyspark reads the conf of a local Spark Connect server's own session (pyspark.sql.connect.session).
 INIT_CONF_LEN_ENV, INIT_CONF_ENV = "PYSPARK_REMOTE_INIT_CONF_LEN", "PYSPARK_REMOTE_INIT_CONF_0"
-# Modules whose SparkSession class is a Spark Connect client: pyspark's, and the one Databricks Connect ships.
-CONNECT_MODULES = ("pyspark.sql.connect.",)
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
     """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`JVM_START_NOTICES`."""
-    with open(read_fd, "rb", buffering=0) as pipe, open(out_fd, "wb", buffering=0) as out:
-        pending = b""
-        while chunk := pipe.read(65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            kept = [line for line in lines if not line.startswith(JVM_START_NOTICES)]
-            if kept:
-                out.write(b"".join(line + b"\n" for line in kept))
-        if pending and not pending.startswith(JVM_START_NOTICES):
-            out.write(pending)
+    with open(read_fd, "rb") as pipe, open(out_fd, "wb", buffering=0) as out:
+        for line in pipe:
+            if not line.startswith(JVM_START_NOTICES):
+                out.write(line)
 
 
 @contextlib.contextmanager
@@ -121,10 +113,8 @@ def session_conf(settings: SparkSettings, *, verbose: bool = False) -> dict[str,
     conf = {**LOCAL_SPARK_CONF, **settings.conf}
     if not verbose:
         log4j = resources.files("spark_mnist").joinpath("log4j2.properties")
-        java_opts = f"-Dlog4j2.configurationFile={log4j}"
-        conf["spark.driver.extraJavaOptions"] = " ".join(
-            filter(None, [conf.get("spark.driver.extraJavaOptions"), java_opts])
-        )
+        java_opts = f"{conf.get('spark.driver.extraJavaOptions', '')} -Dlog4j2.configurationFile={log4j}"
+        conf["spark.driver.extraJavaOptions"] = java_opts.strip()
     return conf
 
 
@@ -147,7 +137,8 @@ def local_server_url() -> str:
 def is_connect(spark: Any) -> bool:
     """Whether ``spark`` is a Spark Connect session (``--remote``, Databricks Connect, serverless compute, standard
     access mode), which has no ``sparkContext`` and no JVM on this side."""
-    return type(spark).__module__.startswith(CONNECT_MODULES)
+    # pyspark's Spark Connect client, which Databricks Connect ships too
+    return type(spark).__module__.startswith("pyspark.sql.connect.")
 
 
 def default_parallelism(spark: "SparkSession") -> int:
@@ -160,11 +151,9 @@ def default_parallelism(spark: "SparkSession") -> int:
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
     configured = spark.conf.get("spark.default.parallelism", None)
-    if configured:
-        return max(1, int(configured))
-    cores = local_master_cores(master_here(spark))
+    cores = int(configured) if configured else local_master_cores(master_here(spark))
     if cores is not None:
-        return cores
+        return max(1, cores)
     from pyspark.sql import functions as F  # pyspark here: the CLI and the test kit import this module without Spark
 
     last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).collect()[0][0]
@@ -177,9 +166,8 @@ def local_master_cores(url: Optional[str]) -> Optional[int]:
     match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", url or "")
     if match is None:
         return None
-    if match.group(1) is None:
-        return 1
-    return os.cpu_count() or 1 if match.group(1) == "*" else max(1, int(match.group(1)))
+    cores = match.group(1) or "1"
+    return os.cpu_count() or 1 if cores == "*" else max(1, int(cores))
 
 
 def master_here(spark: "SparkSession") -> Optional[str]:
@@ -189,7 +177,12 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
-    if str(getattr(getattr(spark, "client", None), "host", "")).lower() not in LOOPBACK_HOSTS:
+    if str(getattr(getattr(spark, "client", None), "host", "")).lower() not in (
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "[::1]",
+    ):
         return None
     try:
         return spark.conf.get("spark.master", None)
@@ -199,14 +192,9 @@ def master_here(spark: "SparkSession") -> Optional[str]:
 
 @contextlib.contextmanager
 def shipped_to_executors(spark: "SparkSession", value: Any) -> Iterator[Any]:
-    """``value`` shipped once to every executor for the block, on a classic session: yields a handle whose
-    ``.value`` a task reads (a broadcast variable, destroyed after the block).
-
-    Raises:
-        EnvironmentMismatchError: ``spark`` is a Spark Connect session (it has no broadcast variables).
-    """
-    if is_connect(spark):
-        raise EnvironmentMismatchError("broadcast variables need a classic SparkSession; this is Spark Connect")
+    """``value`` shipped once to every executor for the block, on a classic session (only: Spark Connect has no
+    broadcast variables): yields a handle whose ``.value`` a task reads (a broadcast variable, destroyed after the
+    block)."""
     handle = spark.sparkContext.broadcast(value)
     try:
         yield handle
@@ -251,42 +239,23 @@ def connect_expected(settings: SparkSettings) -> bool:
     return remote_url(settings) is not None or _databricks_session_class() is not None
 
 
-@contextlib.contextmanager
-def _owned(create: Callable[[], "SparkSession"]) -> Iterator["SparkSession"]:
-    """Yield the session ``create()`` makes; stop it afterwards, and leave the variables pyspark sets for a Spark
-    Connect client (:data:`CONNECT_ENV`) as they were before."""
-    with scoped_env({}, restore=CONNECT_ENV):
-        spark = create()
-        try:
-            yield spark
-        finally:
-            spark.stop()
-
-
-@contextlib.contextmanager
-def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool) -> Iterator["SparkSession"]:
+def _start_local(
+    stack: contextlib.ExitStack, settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool
+) -> "SparkSession":
     """Start the session ``builder`` describes on this machine (a classic local master, or a local Spark Connect
     server), with :func:`session_conf`, this interpreter as the workers' Python and the JVM's start-up notices
-    dropped; stop it and clean up after the block."""
+    dropped; ``stack`` cleans up after it and restores the variables."""
     conf = session_conf(settings, verbose=verbose)
-    if connect:
-        # The conf of the local server's own session: pyspark reads it from these variables when it starts the
-        # server (given to the builder, it would also be set, and refused, on the Connect session itself).
-        env = {INIT_CONF_LEN_ENV: "1", INIT_CONF_ENV: json.dumps(conf)}
-    else:
-        env = {}
-        for key, value in conf.items():
-            builder = builder.config(key, value)
-    python = {key: sys.executable for key in PYTHON_ENV if key not in os.environ}
-    with spark_artifacts_removed(), scoped_env(python, restore=CONNECT_ENV):
-        with jvm_stderr_filtered(), scoped_env(env):
-            spark = builder.getOrCreate()
-        try:
-            if not is_connect(spark):
-                spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
-            yield spark
-        finally:
-            spark.stop()
+    stack.enter_context(spark_artifacts_removed())
+    stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
+    # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts the
+    # server (given to the builder, it would also be set, and refused, on the Connect session itself).
+    env = {INIT_CONF_LEN_ENV: "1", INIT_CONF_ENV: json.dumps(conf)} if connect else {}
+    with jvm_stderr_filtered(), scoped_env(env):
+        spark = (builder if connect else builder.config(map=conf)).getOrCreate()
+    if not connect:
+        spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
+    return spark
 
 
 @contextlib.contextmanager
@@ -295,17 +264,15 @@ def spark_artifacts_removed(directory: str = SPARK_40_ARTIFACTS_DIR) -> Iterator
     ``./artifacts`` itself where the block created it and left it empty; a user's files there stay."""
     artifacts = os.path.abspath(directory)
     existed = os.path.isdir(artifacts)
-    before = set(os.listdir(artifacts)) if existed else set()
+    before = set(glob.glob(os.path.join(artifacts, "spark-*")))
     try:
         yield
     finally:
-        if os.path.isdir(artifacts):
-            for name in set(os.listdir(artifacts)) - before:
-                if name.startswith("spark-"):
-                    shutil.rmtree(os.path.join(artifacts, name), ignore_errors=True)
-            if not existed:
-                with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
-                    os.rmdir(artifacts)
+        for path in set(glob.glob(os.path.join(artifacts, "spark-*"))) - before:
+            shutil.rmtree(path, ignore_errors=True)
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
+                os.rmdir(artifacts)
 
 
 @contextlib.contextmanager
@@ -323,32 +290,24 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
     """
     from pyspark.sql import SparkSession  # pyspark here: the CLI and the test kit import this module without Spark
 
-    if settings.remote:
-        builder = SparkSession.builder.remote(settings.remote)
-        if settings.remote.startswith("local"):  # pyspark starts a Connect server here, on a local master
-            with _local_session(settings, builder, connect=True, verbose=verbose) as spark:
-                yield spark
-            return
-        with _owned(builder.getOrCreate) as spark:
-            yield spark
-        return
-    active = SparkSession.getActiveSession()
-    if active is not None:
+    active = None if settings.remote else SparkSession.getActiveSession()
+    url = remote_url(settings)
+    databricks_session = _databricks_session_class() if active is None and url is None else None
+    if active is None and url is None and databricks_session is None and settings.master is None:
+        active = SparkSession.builder.getOrCreate()  # the cluster's session
+    if active is not None:  # not this function's to stop
         yield active
         return
-    url = remote_url(settings)
-    if url is not None:
-        with spark_session(settings.copy(update={"remote": url}), verbose=verbose) as spark:
-            yield spark
-        return
-    databricks_session = _databricks_session_class()
-    if databricks_session is not None:
-        with _owned(lambda: _databricks_session(databricks_session)) as spark:
-            yield spark
-        return
-    if settings.master is None:
-        yield SparkSession.builder.getOrCreate()
-        return
-    builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
-    with _local_session(settings, builder, connect=False, verbose=verbose) as spark:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(scoped_env({}, restore=CONNECT_ENV))
+        if url is not None and url.startswith("local"):  # pyspark starts a Connect server here, on a local master
+            spark = _start_local(stack, settings, SparkSession.builder.remote(url), connect=True, verbose=verbose)
+        elif url is not None:
+            spark = SparkSession.builder.remote(url).getOrCreate()
+        elif databricks_session is not None:
+            spark = _databricks_session(databricks_session)
+        else:
+            builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
+            spark = _start_local(stack, settings, builder, connect=False, verbose=verbose)
+        stack.callback(spark.stop)
         yield spark
