@@ -289,5 +289,5 @@ def test_large_local_files_are_streamed_from_their_path(spark, small_source):
     files = read_files(spark, normalize_uri(source), ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"],
                        max_collect_bytes=1000)
     big, small = files["train-images-idx3-ubyte.gz"], files["t10k-labels-idx1-ubyte.gz"]
-    assert big.content is None and big.source == str(source / "train-images-idx3-ubyte.gz")
-    assert small.content is not None and small.length == len(small.content)
+    assert big.source == str(source / "train-images-idx3-ubyte.gz")  # a path to stream from, not the bytes
+    assert isinstance(small.source, bytes) and small.length == len(small.source)

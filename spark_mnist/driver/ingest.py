@@ -15,8 +15,6 @@ stores alike; no directory is ever renamed.  The layout is the contract in :mod:
 the protocol and why: docs/concepts/dataset.md.
 """
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import logging
@@ -26,9 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from spark_mnist import __version__, fs
-from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
+from spark_mnist.datasets import SPLITS, get_dataset, upright
 from spark_mnist.driver import session
-from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_files, read_npz
+from spark_mnist.driver.inputs import check_hashes, open_idx_split, read_files, read_npz
 from spark_mnist.driver.write_job import Shard, plan_jobs, write_pieces
 from spark_mnist.errors import InputError, SourceError, invalid
 from spark_mnist.paths import Location, normalize_uri, redact
@@ -37,7 +35,7 @@ from spark_mnist.shards import commit, contract
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "check_output", "write_splits", "ingest"]
+__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "check_output", "ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -63,43 +61,6 @@ def check_output(location: Location) -> None:
             f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
             f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
         ) from None
-
-
-def write_splits(
-    spark: "SparkSession",
-    spec: DatasetSpec,
-    splits: list[SplitInput],
-    out: Location,
-    generation: str,
-    *,
-    num_shards: int,
-    chunk_rows: int,
-    row_group_bytes: int,
-) -> dict[str, list[contract.ShardFile]]:
-    """Write every split in contiguous shards under ``out/<generation>/<split>/``, holding at most ``chunk_rows``
-    images on the driver at a time (see :func:`spark_mnist.driver.write_job.plan_jobs`).
-
-    Returns:
-        The shard files of each split, in shard order.
-    """
-    inputs = {split.name: split for split in splits}
-    bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
-    written: list[contract.ShardFile] = []
-    for job in jobs:
-        shards = []
-        for name, first, end in job:
-            b, labels = bounds[name], inputs[name].labels
-            images = upright(spec, inputs[name].take(slice(b[first], b[end])))
-            for k in range(first, end):
-                lo, hi = b[k] - b[first], b[k + 1] - b[first]  # in the images taken
-                path = contract.shard_path(generation, name, k)
-                shards.append(Shard(path, b[k], images[lo:hi], labels[b[k] : b[k + 1]]))
-        written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
-        log.info(
-            "wrote %s", ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
-        )
-    in_order = iter(written)  # the jobs take the splits' shards in order
-    return {name: list(itertools.islice(in_order, len(b) - 1)) for name, b in bounds.items()}
 
 
 def ingest(
@@ -154,24 +115,30 @@ def ingest(
         if source_dir.uri.endswith(".npz"):
             splits, records = read_npz(spark, spec, source_dir)
         else:
-            files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
-            splits, records = [open_idx_split(stack, spec, split, files) for split in SPLITS], []
-        log.info(
-            "checked the headers and labels of %s: %s",
-            source_dir.shown,
-            ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits),
-        )
+            sources = read_files(spark, source_dir, [f.name for f in spec.all_files()])
+            splits, records = [open_idx_split(stack, spec, split, sources) for split in SPLITS], []
+        counts = ", ".join(f"{split.name} {len(split.labels)} rows" for split in splits)
+        log.info("checked the headers and labels of %s: %s", source_dir.shown, counts)
         lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
-        shards = write_splits(
-            spark,
-            spec,
-            splits,
-            out,
-            lease.generation,
-            num_shards=num_shards,
-            chunk_rows=chunk_rows,
-            row_group_bytes=row_group_bytes,
-        )
+        inputs = {split.name: split for split in splits}
+        bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
+        written: list[contract.ShardFile] = []
+        for job in jobs:  # contiguous shards, at most chunk_rows images on the driver at a time
+            shards = []
+            for name, first, end in job:
+                b, labels = bounds[name], inputs[name].labels
+                images = upright(spec, inputs[name].take(slice(b[first], b[end])))
+                for k in range(first, end):
+                    lo, hi = b[k] - b[first], b[k + 1] - b[first]  # in the images taken
+                    path = contract.shard_path(lease.generation, name, k)
+                    shards.append(Shard(path, b[k], images[lo:hi], labels[b[k] : b[k + 1]]))
+            written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
+            log.info(
+                "wrote %s",
+                ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job),
+            )
+        in_order = iter(written)  # the jobs took the splits' shards in order
+        files = {name: tuple(itertools.islice(in_order, len(b) - 1)) for name, b in bounds.items()}
         records += [record for split in splits for record in split.done()]
         check_hashes(spec, records, strict=strict)
         manifest = contract.Manifest(
@@ -184,7 +151,7 @@ def ingest(
             splits={
                 split.name: contract.Split(
                     rows=int(len(split.labels)),
-                    files=tuple(shards[split.name]),
+                    files=files[split.name],
                     label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
                 )
                 for split in splits

@@ -11,8 +11,6 @@ a bare URI whose scheme this session's Spark has no file system for (local Spark
 Databricks, Spark reads it.
 """
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import io
@@ -65,11 +63,6 @@ class SourceFile:
     uri: str
     length: int
     source: bytes | str
-
-    @property
-    def content(self) -> bytes | None:
-        """The bytes, where they were read; ``None`` for a file to stream from its path."""
-        return self.source if isinstance(self.source, bytes) else None
 
 
 def _read_on_driver(location: Location) -> SourceFile:
@@ -205,7 +198,7 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     """
     source = read_files(spark, npz.sibling(""), [npz.name])[npz.name]
     # A large archive on a driver-visible path is streamed by nothing: np.load reads it whole anyway.
-    content = source.content if source.content is not None else Path(source.source).read_bytes()
+    content = source.source if isinstance(source.source, bytes) else Path(source.source).read_bytes()
     arrays = load_keras_npz(io.BytesIO(content), spec, name=redact(source.uri))  # checks both splits against spec
     inputs = [SplitInput(split, arrays[split][1], arrays[split][0].__getitem__, list) for split in SPLITS]
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()

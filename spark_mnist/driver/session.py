@@ -19,8 +19,6 @@ Everything else in the package works with both kinds through the few capabilitie
 :func:`default_parallelism`, :func:`master_here` and :func:`shipped_to_executors` (classic only: a broadcast).
 """
 
-from __future__ import annotations
-
 import contextlib
 import glob
 import json
@@ -304,10 +302,10 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
             spark = _start_local(stack, settings, SparkSession.builder.remote(url), connect=True, verbose=verbose)
         elif url is not None:
             spark = SparkSession.builder.remote(url).getOrCreate()
-        elif databricks_session is not None:
-            spark = _databricks_session(databricks_session)
-        else:
+        elif databricks_session is None and settings.master is not None:  # a classic local master
             builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
             spark = _start_local(stack, settings, builder, connect=False, verbose=verbose)
+        else:
+            spark = _databricks_session(databricks_session)
         stack.callback(spark.stop)
         yield spark

@@ -5,8 +5,6 @@ classic session, a relation over Spark Connect), and every task writes its own s
 (:func:`spark_mnist.tasks.write.write_shards`).
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 from typing import TYPE_CHECKING, NamedTuple

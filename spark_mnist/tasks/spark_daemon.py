@@ -4,8 +4,6 @@ installed ``pyspark`` and ``py4j`` make them redundant.  Runs in every Spark Pyt
 driver; why it exists: docs/development.md.
 """
 
-from __future__ import annotations
-
 import importlib.machinery
 import os
 import sys

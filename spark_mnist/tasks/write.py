@@ -3,8 +3,6 @@ the shard with pyarrow.  The driver plans and runs the job (:mod:`spark_mnist.dr
 travels in the task's closure.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any, Iterator
 
