@@ -24,17 +24,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from spark_mnist import fs
-from spark_mnist.datasets import (
-    IMAGES,
-    LABELS,
-    SPLITS,
-    DatasetFile,
-    DatasetSpec,
-    hash_mismatch_message,
-    validate_layout,
-)
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, validate_layout
 from spark_mnist.driver import session
-from spark_mnist.errors import ChecksumMismatchError, SourceError
+from spark_mnist.errors import SourceError
 from spark_mnist.formats.idx import IdxReader, parse_idx
 from spark_mnist.formats.keras_npz import load_keras_npz
 from spark_mnist.paths import Location, check_visible_to_executors, redact
@@ -43,7 +35,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 __all__ = ["MAX_COLLECT_BYTES", "NO_FILESYSTEM", "SourceFile", "read_files", "file_record", "SplitInput",
-           "open_idx_split", "read_npz", "check_hashes"]  # fmt: skip
+           "open_idx_split", "read_npz"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +93,8 @@ def read_files(
     if collect:
         # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled): faster than collect() here.
         try:
-            frame: Any = (
-                spark.read.format("binaryFile")
-                .load([wanted[name].uri for name in collect])
-                .select("path", "length", "content")
-                .toPandas()
-            )
+            paths = [wanted[name].uri for name in collect]
+            frame: Any = spark.read.format("binaryFile").load(paths).select("path", "length", "content").toPandas()
         except Exception as e:
             if not any(marker in str(e) for marker in NO_FILESYSTEM):
                 raise
@@ -203,18 +191,3 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     inputs = [SplitInput(split, arrays[split][1], arrays[split][0].__getitem__, list) for split in SPLITS]
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
     return inputs, [file_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]
-
-
-def check_hashes(spec: DatasetSpec, records: list[dict[str, Any]], *, strict: bool) -> None:
-    """Warn about (or, with ``strict``, refuse) payloads whose sha256 differs from the registry's.  A subset or a
-    relabelled copy in the same format is legitimate input, so this is a warning by default.
-
-    Raises:
-        ChecksumMismatchError: with ``strict``, the first mismatching file.
-    """
-    for record in records:
-        if record["sha256_matches"] is False:
-            message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
-            if strict:
-                raise ChecksumMismatchError(message + " (ingest.strict)")
-            log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)

@@ -71,8 +71,7 @@ CONNECT_ENV = (
     "SPARK_BUFFER_SIZE",
 )
 REMOTE_ENV = "SPARK_REMOTE"
-# Where pyspark reads the conf of a local Spark Connect server's own session (pyspark.sql.connect.session).
-INIT_CONF_LEN_ENV, INIT_CONF_ENV = "PYSPARK_REMOTE_INIT_CONF_LEN", "PYSPARK_REMOTE_INIT_CONF_0"
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
@@ -92,9 +91,7 @@ def jvm_stderr_filtered() -> Iterator[None]:
     sys.stderr.flush()
     real = os.dup(2)
     read_fd, write_fd = os.pipe()
-    threading.Thread(
-        target=_forward_stderr, args=(read_fd, os.dup(real)), name="spark-mnist-jvm-stderr", daemon=True
-    ).start()
+    threading.Thread(target=_forward_stderr, args=(read_fd, os.dup(real)), daemon=True).start()
     os.dup2(write_fd, 2)
     os.close(write_fd)
     try:
@@ -142,16 +139,15 @@ def is_connect(spark: Any) -> bool:
 def default_parallelism(spark: "SparkSession") -> int:
     """The cluster's default parallelism (cores across its executors), at least 1.
 
-    Classic: ``sparkContext.defaultParallelism``.  Spark Connect: ``spark.default.parallelism`` where set, else the
-    cores of a local master on this machine (:func:`local_master_cores` of :func:`master_here`), else the partitions
-    of ``spark.range`` without a partition count, which Spark sizes by that same figure (one small job).
+    Classic: ``sparkContext.defaultParallelism``.  Spark Connect: the cores of a local master on this machine
+    (:func:`local_master_cores` of :func:`master_here`), else the partitions of ``spark.range`` without a partition
+    count, which Spark sizes by ``spark.default.parallelism`` or the cores across the executors (one small job).
     """
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
-    configured = spark.conf.get("spark.default.parallelism", None)
-    cores = int(configured) if configured else local_master_cores(master_here(spark))
+    cores = local_master_cores(master_here(spark))
     if cores is not None:
-        return max(1, cores)
+        return cores
     from pyspark.sql import functions as F  # pyspark here: the CLI and the test kit import this module without Spark
 
     last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).collect()[0][0]
@@ -175,12 +171,7 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
-    if str(getattr(getattr(spark, "client", None), "host", "")).lower() not in (
-        "localhost",
-        "127.0.0.1",
-        "::1",
-        "[::1]",
-    ):
+    if str(getattr(getattr(spark, "client", None), "host", "")).lower() not in _LOOPBACK_HOSTS:
         return None
     try:
         return spark.conf.get("spark.master", None)
@@ -188,16 +179,10 @@ def master_here(spark: "SparkSession") -> Optional[str]:
         return None
 
 
-@contextlib.contextmanager
-def shipped_to_executors(spark: "SparkSession", value: Any) -> Iterator[Any]:
-    """``value`` shipped once to every executor for the block, on a classic session (only: Spark Connect has no
-    broadcast variables): yields a handle whose ``.value`` a task reads (a broadcast variable, destroyed after the
-    block)."""
-    handle = spark.sparkContext.broadcast(value)
-    try:
-        yield handle
-    finally:
-        handle.destroy()
+def shipped_to_executors(spark: "SparkSession", value: Any) -> Any:
+    """``value`` shipped once to every executor, on a classic session (only: Spark Connect has no broadcast
+    variables): a handle whose ``.value`` a task reads (a broadcast variable; ``.destroy()`` it when done)."""
+    return spark.sparkContext.broadcast(value)
 
 
 def remote_url(settings: SparkSettings) -> Optional[str]:
@@ -205,29 +190,13 @@ def remote_url(settings: SparkSettings) -> Optional[str]:
     return settings.remote or os.environ.get(REMOTE_ENV) or None
 
 
-def _databricks_session_class() -> Optional[Any]:
+def _databricks_session_class() -> Any:
     """``databricks.connect.DatabricksSession`` where ``databricks-connect`` is installed, else ``None``."""
     try:
         from databricks.connect import DatabricksSession  # optional: databricks-connect, off the cluster
     except ImportError:
         return None
     return DatabricksSession
-
-
-def _databricks_session(databricks_session: Any) -> "SparkSession":
-    """``databricks_session.builder.getOrCreate()``, its configuration errors as one line.
-
-    Raises:
-        EnvironmentMismatchError: Databricks Connect gave no session (no profile, host or cluster).
-    """
-    try:
-        return databricks_session.builder.getOrCreate()
-    except Exception as e:
-        raise EnvironmentMismatchError(
-            f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it (a "
-            f"~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
-            f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port"
-        ) from e
 
 
 def connect_expected(settings: SparkSettings) -> bool:
@@ -247,8 +216,9 @@ def _start_local(
     stack.enter_context(spark_artifacts_removed())
     stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
     # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts the
-    # server (given to the builder, it would also be set, and refused, on the Connect session itself).
-    env = {INIT_CONF_LEN_ENV: "1", INIT_CONF_ENV: json.dumps(conf)} if connect else {}
+    # server (pyspark.sql.connect.session; given to the builder, it would also be set, and refused, on the Connect
+    # session itself).
+    env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if connect else {}
     with jvm_stderr_filtered(), scoped_env(env):
         spark = (builder if connect else builder.config(map=conf)).getOrCreate()
     if not connect:
@@ -290,7 +260,7 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
 
     active = None if settings.remote else SparkSession.getActiveSession()
     url = remote_url(settings)
-    databricks_session = _databricks_session_class() if active is None and url is None else None
+    databricks_session: Any = _databricks_session_class() if active is None and url is None else None
     if active is None and url is None and databricks_session is None and settings.master is None:
         active = SparkSession.builder.getOrCreate()  # the cluster's session
     if active is not None:  # not this function's to stop
@@ -306,6 +276,13 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
             builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
             spark = _start_local(stack, settings, builder, connect=False, verbose=verbose)
         else:
-            spark = _databricks_session(databricks_session)
+            try:
+                spark = databricks_session.builder.getOrCreate()
+            except Exception as e:
+                raise EnvironmentMismatchError(
+                    f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it "
+                    f"(a ~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
+                    f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port"
+                ) from e
         stack.callback(spark.stop)
         yield spark
