@@ -3,7 +3,6 @@ task missing a fragment writes nothing."""
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import types
 
@@ -12,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spark_mnist.driver.write_job import Shard, fragments_table, write_plan
+from spark_mnist.driver.write_job import Shard, fragments_table
 from spark_mnist.tasks import write as write_module
-from spark_mnist.tasks.write import write_broadcast_shards, write_shards
+from spark_mnist.tasks.write import WritePlan, write_shards
 from tests.conftest import make_arrays
 
 
@@ -22,8 +21,7 @@ def _plan_and_batches(tmp_path, fragment_rows):
     images, labels = make_arrays(100)
     shards = [Shard(f"G/train/part-0000{k}.parquet", lo, images[lo:hi], labels[lo:hi])
               for k, (lo, hi) in enumerate([(0, 40), (40, 100)])]
-    plan = write_plan(shards, str(tmp_path), row_group_bytes=16 * 784)
-    plan = dataclasses.replace(plan, fragment_rows=fragment_rows)
+    plan = WritePlan(str(tmp_path), tuple((s.path, s.start, len(s.labels)) for s in shards), (28, 28), 16, fragment_rows)
     return (images, labels), plan, fragments_table(shards, plan).to_batches()
 
 
@@ -62,7 +60,7 @@ def test_the_broadcast_table_is_written_without_copying_its_bytes(tmp_path, monk
     monkeypatch.setattr(write_module, "write_shard", write_shard)
     shipped = types.SimpleNamespace(value=table)  # a broadcast variable's handle
     units = [pa.record_batch([pa.array([unit], pa.int64())], names=["id"]) for unit in (1, 0)]  # the tasks' units
-    reports = sorted((b.to_pylist()[0] for b in write_broadcast_shards(plan, shipped, iter(units))),
+    reports = sorted((b.to_pylist()[0] for b in write_shards(plan, iter(units), shipped=shipped)),
                      key=lambda r: r["unit"])
     _check_shards(tmp_path, plan, arrays, reports)
     assert views == [True, True]

@@ -72,10 +72,9 @@ def petastorm_unavailable(connect: bool = False) -> Optional[str]:
             return f"{name} {version} ≥ {first_refused}"
     try:
         petastorm = metadata.version("petastorm")
+        importlib.import_module("petastorm.spark")
     except metadata.PackageNotFoundError:
         return "petastorm is not installed"
-    try:
-        importlib.import_module("petastorm.spark")
     except Exception as e:  # noqa: BLE001 - any import failure means petastorm cannot run here
         return f"petastorm {petastorm} does not import: {type(e).__name__}: {e}"
     return None

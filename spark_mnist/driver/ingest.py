@@ -29,38 +29,19 @@ from spark_mnist.driver import session
 from spark_mnist.driver.inputs import open_idx_split, read_files, read_npz
 from spark_mnist.driver.write_job import Shard, plan_jobs, write_pieces
 from spark_mnist.errors import ChecksumMismatchError, InputError, SourceError, invalid
-from spark_mnist.paths import Location, normalize_uri, redact
+from spark_mnist.paths import normalize_uri, redact
 from spark_mnist.shards import commit, contract
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "check_output", "ingest"]
+__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "ingest"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000
-
-
-def check_output(location: Location) -> None:
-    """Refuse an ``OUT`` that the write tasks could not open with pyarrow, before anything is read: a local path,
-    ``/dbfs``, ``/Volumes`` or a URI pyarrow (or fsspec) opens (``s3://``, ``gs://``, ``hdfs://``, ``abfss://``
-    where pyarrow has Azure) passes.
-
-    Raises:
-        SourceError: a URI no file system here can write to (e.g. ``wasbs://``); the message says what to use.
-    """
-    if location.local_path is not None:
-        return
-    try:
-        fs.filesystem(location)
-    except (SourceError, ValueError, NotImplementedError, OSError) as e:
-        raise SourceError(
-            f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
-            f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
-        ) from None
 
 
 def ingest(
@@ -109,7 +90,14 @@ def ingest(
     started = time.perf_counter()
     spec = get_dataset(dataset)
     source_dir, out = normalize_uri(source), normalize_uri(output)
-    check_output(out)  # an output the write tasks could not open is refused before anything is read
+    if out.local_path is None:  # an OUT the write tasks could not open with pyarrow is refused before reading
+        try:
+            fs.filesystem(out)
+        except (SourceError, ValueError, NotImplementedError, OSError) as e:
+            raise SourceError(
+                f"{out.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
+                f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
+            ) from None
     with contextlib.ExitStack() as stack:
         # Both splits, checked as far as headers and labels allow; images files stay open as streams on the stack.
         if source_dir.uri.endswith(".npz"):
@@ -126,15 +114,13 @@ def ingest(
         for job in jobs:  # contiguous shards, at most chunk_rows images on the driver at a time
             shards = []
             for name, first, end in job:
-                b, labels = bounds[name], inputs[name].labels
-                images = upright(spec, inputs[name].take(slice(b[first], b[end])))
                 for k in range(first, end):
-                    lo, hi = b[k] - b[first], b[k + 1] - b[first]  # in the images taken
+                    rows, split = slice(bounds[name][k], bounds[name][k + 1]), inputs[name]
                     path = contract.shard_path(lease.generation, name, k)
-                    shards.append(Shard(path, b[k], images[lo:hi], labels[b[k] : b[k + 1]]))
+                    shards.append(Shard(path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
             written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
-            rows = ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
-            log.info("wrote %s", rows)
+            wrote = ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
+            log.info("wrote %s", wrote)
         in_order = iter(written)  # the jobs took the splits' shards in order
         files = {name: tuple(itertools.islice(in_order, len(b) - 1)) for name, b in bounds.items()}
         records += [record for split in splits for record in split.done()]

@@ -98,15 +98,11 @@ def read_files(
         except Exception as e:
             if not any(marker in str(e) for marker in NO_FILESYSTEM):
                 raise
-            log.info(
-                "%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver",
-                directory.shown,
-                urlsplit(directory.uri).scheme,
-            )
+            message = "%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver"
+            log.info(message, directory.shown, urlsplit(directory.uri).scheme)
             return {name: found.get(name) or _read_on_driver(wanted[name]) for name in names}
-        rows = {
-            row[0].rstrip("/").rsplit("/", 1)[-1]: row for row in zip(frame["path"], frame["length"], frame["content"])
-        }
+        columns = zip(frame["path"], frame["length"], frame["content"])
+        rows = {row[0].rstrip("/").rsplit("/", 1)[-1]: row for row in columns}  # by file name
         for name in collect:
             if name not in rows:
                 raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")

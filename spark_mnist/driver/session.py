@@ -148,10 +148,7 @@ def default_parallelism(spark: "SparkSession") -> int:
     cores = local_master_cores(master_here(spark))
     if cores is not None:
         return cores
-    from pyspark.sql import functions as F  # pyspark here: the CLI and the test kit import this module without Spark
-
-    last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).collect()[0][0]
-    return max(1, int(last) + 1)
+    return max(1, int(spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]) + 1)
 
 
 def local_master_cores(url: Optional[str]) -> Optional[int]:
@@ -171,12 +168,10 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
-    if str(getattr(getattr(spark, "client", None), "host", "")).lower() not in _LOOPBACK_HOSTS:
-        return None
-    try:
-        return spark.conf.get("spark.master", None)
-    except Exception:  # noqa: BLE001 - a server may refuse to show its static conf
-        return None
+    if str(getattr(getattr(spark, "client", None), "host", "")).lower() in _LOOPBACK_HOSTS:
+        with contextlib.suppress(Exception):  # a server may refuse to show its static conf
+            return spark.conf.get("spark.master", None)
+    return None
 
 
 def shipped_to_executors(spark: "SparkSession", value: Any) -> Any:
@@ -192,11 +187,11 @@ def remote_url(settings: SparkSettings) -> Optional[str]:
 
 def _databricks_session_class() -> Any:
     """``databricks.connect.DatabricksSession`` where ``databricks-connect`` is installed, else ``None``."""
-    try:
+    with contextlib.suppress(ImportError):
         from databricks.connect import DatabricksSession  # optional: databricks-connect, off the cluster
-    except ImportError:
-        return None
-    return DatabricksSession
+
+        return DatabricksSession
+    return None
 
 
 def connect_expected(settings: SparkSettings) -> bool:

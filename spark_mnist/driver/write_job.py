@@ -17,12 +17,12 @@ from spark_mnist import fs
 from spark_mnist.driver import session
 from spark_mnist.paths import Location
 from spark_mnist.shards import contract
-from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_broadcast_shards, write_shards
+from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_shards
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["FRAGMENT_BYTES", "plan_jobs", "Shard", "write_plan", "fragments_table", "write_pieces"]
+__all__ = ["FRAGMENT_BYTES", "plan_jobs", "Shard", "fragments_table", "write_pieces"]
 
 # The arrays travel to the write tasks as rows of at most this many bytes of images (a row group's worth of an
 # MNIST shard is ~1 MiB): serverless compute refuses local rows over 128 MiB.
@@ -63,21 +63,6 @@ class Shard(NamedTuple):
     labels: np.ndarray
 
 
-def write_plan(shards: list[Shard], target: str, row_group_bytes: int) -> WritePlan:
-    """The plan of one write job over ``shards`` into ``target`` (``OUT``'s URI or local path): one unit per shard,
-    row groups of about ``row_group_bytes`` of images, fragments of at most :data:`FRAGMENT_BYTES` of images (at
-    least one image)."""
-    image_shape = tuple(int(n) for n in shards[0].images.shape[1:])
-    image_bytes = int(np.prod(image_shape))
-    return WritePlan(
-        target=target,
-        shards=tuple((shard.path, shard.start, len(shard.labels)) for shard in shards),
-        image_shape=image_shape,
-        rows_per_group=max(1, row_group_bytes // image_bytes),
-        fragment_rows=max(1, FRAGMENT_BYTES // image_bytes),
-    )
-
-
 def fragments_table(shards: list[Shard], plan: WritePlan) -> pa.Table:
     """The job's arrays as an Arrow table of fragments, in unit order: ``unit`` (long), ``part`` (int, the fragment's
     place in its unit), ``images`` and ``labels`` (binary: consecutive rows' raw bytes, C order),
@@ -105,7 +90,7 @@ def write_pieces(
     The arrays become one Arrow table of fragments (:func:`fragments_table`).  On Spark Connect it is a relation
     joined with a broadcast hint to ``spark.range(units)`` (one partition per shard), so partition ``t`` receives
     exactly shard ``t``'s rows; on a classic session it is a broadcast variable that each task of that
-    ``spark.range`` slices for its unit (:func:`spark_mnist.tasks.write.write_broadcast_shards`).  Either way
+    ``spark.range`` slices for its unit (:func:`spark_mnist.tasks.write.write_shards`).  Either way
     the tasks write with pyarrow and the driver commits the manifest later (mosaicml-streaming's
     ``dataframe_to_mds`` pattern), rather than through Spark's Parquet writer and Hadoop's output committer.  pyspark
     sends a relation under ``spark.sql.session.localRelationCacheThreshold`` (64 MiB) inline and uploads a larger
@@ -117,17 +102,23 @@ def write_pieces(
     Raises:
         RuntimeError: the job did not report every shard with its rows.
     """
-    plan = write_plan(shards, fs.task_uri(out), row_group_bytes)
+    # One unit per shard, row groups of about row_group_bytes of images, fragments of at most FRAGMENT_BYTES of
+    # images (at least one image).
+    image_shape = shards[0].images.shape[1:]
+    image_bytes = int(np.prod(image_shape))
+    units = tuple((shard.path, shard.start, len(shard.labels)) for shard in shards)
+    rows_per_group, fragment_rows = max(1, row_group_bytes // image_bytes), max(1, FRAGMENT_BYTES // image_bytes)
+    plan = WritePlan(fs.task_uri(out), units, image_shape, rows_per_group, fragment_rows)
     table = fragments_table(shards, plan)
     tasks = spark.range(len(shards), numPartitions=len(shards))
     with contextlib.ExitStack() as stack:
         if session.is_connect(spark):
             tasks = tasks.withColumnRenamed("id", "unit").join(spark.createDataFrame(table).hint("broadcast"), "unit")
-            write = functools.partial(write_shards, plan)
+            shipped = None
         else:  # a broadcast variable: warm ingest 1.05 s against the relation's 1.81 s (docs/benchmarks.md)
             shipped = session.shipped_to_executors(spark, table)
             stack.callback(shipped.destroy)
-            write = functools.partial(write_broadcast_shards, plan, shipped)
+        write = functools.partial(write_shards, plan, shipped=shipped)
         report = {row.unit: row for row in tasks.mapInArrow(write, REPORT_SCHEMA).collect()}
     missing = [shard.path for u, shard in enumerate(shards) if u not in report or report[u].rows != len(shard.labels)]
     if missing:

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from spark_mnist.shards.parquet import write_shard
 
-__all__ = ["REPORT_SCHEMA", "WritePlan", "write_shards", "write_broadcast_shards"]
+__all__ = ["REPORT_SCHEMA", "WritePlan", "write_shards"]
 
 # What each task reports, one row per shard written.
 REPORT_SCHEMA = "unit long, rows long, bytes long"
@@ -54,17 +54,25 @@ def _joined(spans: list[Span]) -> np.ndarray:
     return np.concatenate([data[lo:hi] for data, lo, hi in spans])
 
 
-def write_shards(plan: WritePlan, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def write_shards(plan: WritePlan, batches: Iterator[pa.RecordBatch], shipped: Any = None) -> Iterator[pa.RecordBatch]:
     """The ``mapInArrow`` function of the write job: from record batches of fragments (``unit`` long, ``part`` int,
     ``images`` and ``labels`` binary: consecutive rows' raw bytes, C order), write each unit's shard as
     ``target/<path>`` (:func:`spark_mnist.shards.parquet.write_shard`), images (n, H, W) uint8, labels (n,) uint8,
     without copying the bytes through Python objects.
+
+    On a classic session ``batches`` carry the task's units instead (``id`` long, ``spark.range``) and
+    ``shipped.value`` is the job's whole table of fragments in unit order (a broadcast variable): the units'
+    fragments are slices of it (no copy).
 
     Yields:
         One report row per shard, :data:`REPORT_SCHEMA`: its unit, rows and file size.
     Raises:
         RuntimeError: the task did not receive every fragment of a unit (it writes no partial shard).
     """
+    if shipped is not None:
+        table, units = shipped.value, [unit for batch in batches for unit in batch.column(0).to_pylist()]
+        first = np.searchsorted(table["unit"].to_numpy(), np.arange(len(plan.shards) + 1))
+        batches = iter([b for u in units for b in table.slice(first[u], first[u + 1] - first[u]).to_batches()])
     received: dict[int, list[tuple[int, Span, Span]]] = {}
     for batch in batches:
         units, parts = batch.column("unit").to_pylist(), batch.column("part").to_pylist()
@@ -79,15 +87,3 @@ def write_shards(plan: WritePlan, batches: Iterator[pa.RecordBatch]) -> Iterator
         labels = _joined([labels for _, _, labels in fragments])
         size = write_shard(plan.target, path, images, labels, start, plan.rows_per_group)
         yield pa.RecordBatch.from_pydict({"unit": [unit], "rows": [len(labels)], "bytes": [size]})
-
-
-def write_broadcast_shards(
-    plan: WritePlan, shipped: Any, batches: Iterator[pa.RecordBatch]
-) -> Iterator[pa.RecordBatch]:
-    """The ``mapInArrow`` function of the classic session's write job: ``batches`` carry the task's units (``id``
-    long, ``spark.range``), ``shipped.value`` is the job's whole table of fragments in unit order (a broadcast
-    variable); writes those units' shards as :func:`write_shards` does, from slices of the table (no copy)."""
-    table = shipped.value
-    first = np.searchsorted(table["unit"].to_numpy(), np.arange(len(plan.shards) + 1))
-    for unit in (unit for batch in batches for unit in batch.column(0).to_pylist()):
-        yield from write_shards(plan, iter(table.slice(first[unit], first[unit + 1] - first[unit]).to_batches()))
