@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spark_mnist.driver.write_job import Shard, fragments_table
+from spark_mnist.driver.write_job import fragments_table
 from spark_mnist.tasks import write as write_module
 from spark_mnist.tasks.write import WritePlan, write_shards
 from tests.conftest import make_arrays
@@ -19,9 +19,10 @@ from tests.conftest import make_arrays
 
 def _plan_and_batches(tmp_path, fragment_rows):
     images, labels = make_arrays(100)
-    shards = [Shard(f"G/train/part-0000{k}.parquet", lo, images[lo:hi], labels[lo:hi])
-              for k, (lo, hi) in enumerate([(0, 40), (40, 100)])]
-    plan = WritePlan(str(tmp_path), tuple((s.path, s.start, len(s.labels)) for s in shards), (28, 28), 16, fragment_rows)
+    shards = [(f"G/train/part-0000{k}.parquet", lo, images[lo:hi], labels[lo:hi])
+              for k, (lo, hi) in enumerate([(0, 40), (40, 100)])]  # path, first global row, images, labels
+    plan = WritePlan(str(tmp_path), (("G/train/part-00000.parquet", 0, 40), ("G/train/part-00001.parquet", 40, 60)),
+                     (28, 28), 16, fragment_rows)
     return (images, labels), plan, fragments_table(shards, plan).to_batches()
 
 

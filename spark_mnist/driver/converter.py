@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pyarrow
 
+from spark_mnist.datasets import SPLITS
 from spark_mnist.errors import EnvironmentMismatchError, invalid
 
 if TYPE_CHECKING:
@@ -123,11 +124,5 @@ def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: 
     from petastorm.spark import SparkDatasetConverter, make_spark_converter  # optional: where it can run only
 
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_url)
-    return {
-        split: make_spark_converter(
-            spark.read.parquet(*dataset.files(split)),
-            parquet_row_group_size_bytes=row_group_bytes,
-            compression_codec="uncompressed",
-        )
-        for split in ("train", "test")
-    }
+    options = {"parquet_row_group_size_bytes": row_group_bytes, "compression_codec": "uncompressed"}
+    return {split: make_spark_converter(spark.read.parquet(*dataset.files(split)), **options) for split in SPLITS}

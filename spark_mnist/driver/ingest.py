@@ -27,7 +27,7 @@ from spark_mnist import __version__, fs
 from spark_mnist.datasets import SPLITS, get_dataset, hash_mismatch_message, upright
 from spark_mnist.driver import session
 from spark_mnist.driver.inputs import open_idx_split, read_files, read_npz
-from spark_mnist.driver.write_job import Shard, plan_jobs, write_pieces
+from spark_mnist.driver.write_job import plan_jobs, write_pieces
 from spark_mnist.errors import ChecksumMismatchError, InputError, SourceError, invalid
 from spark_mnist.paths import normalize_uri, redact
 from spark_mnist.shards import commit, contract
@@ -117,12 +117,11 @@ def ingest(
                 for k in range(first, end):
                     rows, split = slice(bounds[name][k], bounds[name][k + 1]), inputs[name]
                     path = contract.shard_path(lease.generation, name, k)
-                    shards.append(Shard(path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
+                    shards.append((path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
             written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
             wrote = ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
             log.info("wrote %s", wrote)
         in_order = iter(written)  # the jobs took the splits' shards in order
-        files = {name: tuple(itertools.islice(in_order, len(b) - 1)) for name, b in bounds.items()}
         records += [record for split in splits for record in split.done()]
         for record in records:  # a subset or a relabelled copy is legitimate input: a warning, unless strict
             if record["sha256_matches"] is False:
@@ -139,8 +138,8 @@ def ingest(
             package_version=__version__,
             splits={
                 split.name: contract.Split(
-                    rows=int(len(split.labels)),
-                    files=files[split.name],
+                    rows=len(split.labels),
+                    files=tuple(itertools.islice(in_order, len(bounds[split.name]) - 1)),
                     label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
                 )
                 for split in splits

@@ -77,9 +77,7 @@ _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
     """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`JVM_START_NOTICES`."""
     with open(read_fd, "rb") as pipe, open(out_fd, "wb", buffering=0) as out:
-        for line in pipe:
-            if not line.startswith(JVM_START_NOTICES):
-                out.write(line)
+        out.writelines(line for line in pipe if not line.startswith(JVM_START_NOTICES))
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ classic session, a relation over Spark Connect), and every task writes its own s
 import bisect
 import contextlib
 import functools
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,8 @@ __all__ = ["FRAGMENT_BYTES", "plan_jobs", "Shard", "fragments_table", "write_pie
 # The arrays travel to the write tasks as rows of at most this many bytes of images (a row group's worth of an
 # MNIST shard is ~1 MiB): serverless compute refuses local rows over 128 MiB.
 FRAGMENT_BYTES = 4 * 2**20
+# One shard to write: its path relative to OUT, its first global row, images (n, H, W) uint8 and labels (n,) uint8.
+Shard = tuple[str, int, np.ndarray, np.ndarray]
 
 
 def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int) -> tuple[dict[str, list[int]], list[list]]:
@@ -53,27 +55,17 @@ def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int) -> tuple[d
     return bounds, jobs
 
 
-class Shard(NamedTuple):
-    """One shard to write: its ``path`` relative to ``OUT``, its first global row ``start``, ``images`` (n, H, W)
-    uint8 and ``labels`` (n,) uint8."""
-
-    path: str
-    start: int
-    images: np.ndarray
-    labels: np.ndarray
-
-
 def fragments_table(shards: list[Shard], plan: WritePlan) -> pa.Table:
     """The job's arrays as an Arrow table of fragments, in unit order: ``unit`` (long), ``part`` (int, the fragment's
     place in its unit), ``images`` and ``labels`` (binary: consecutive rows' raw bytes, C order),
     :attr:`~spark_mnist.tasks.write.WritePlan.fragment_rows` rows a fragment (fewer in a unit's last)."""
     columns: dict[str, list[pa.Array]] = {"unit": [], "part": [], "images": [], "labels": []}
-    for unit, shard in enumerate(shards):
-        rows, n = len(shard.labels), plan.fragments(unit)
+    for unit, (_, _, images, labels) in enumerate(shards):
+        rows, n = len(labels), plan.fragments(unit)
         starts = np.minimum(np.arange(n + 1) * plan.fragment_rows, rows)
         columns["unit"].append(pa.array(np.full(n, unit, dtype=np.int64)))
         columns["part"].append(pa.array(np.arange(n, dtype=np.int32)))
-        for name, array in (("images", shard.images), ("labels", shard.labels)):
+        for name, array in (("images", images), ("labels", labels)):
             flat = np.ascontiguousarray(array).reshape(-1)
             offsets = pa.py_buffer((starts * (flat.size // max(1, rows))).astype(np.int32))
             columns[name].append(pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(flat)]))
@@ -104,9 +96,9 @@ def write_pieces(
     """
     # One unit per shard, row groups of about row_group_bytes of images, fragments of at most FRAGMENT_BYTES of
     # images (at least one image).
-    image_shape = shards[0].images.shape[1:]
+    image_shape = shards[0][2].shape[1:]
     image_bytes = int(np.prod(image_shape))
-    units = tuple((shard.path, shard.start, len(shard.labels)) for shard in shards)
+    units = tuple((path, start, len(labels)) for path, start, _, labels in shards)
     rows_per_group, fragment_rows = max(1, row_group_bytes // image_bytes), max(1, FRAGMENT_BYTES // image_bytes)
     plan = WritePlan(fs.task_uri(out), units, image_shape, rows_per_group, fragment_rows)
     table = fragments_table(shards, plan)
@@ -120,9 +112,9 @@ def write_pieces(
             stack.callback(shipped.destroy)
         write = functools.partial(write_shards, plan, shipped=shipped)
         report = {row.unit: row for row in tasks.mapInArrow(write, REPORT_SCHEMA).collect()}
-    missing = [shard.path for u, shard in enumerate(shards) if u not in report or report[u].rows != len(shard.labels)]
+    missing = [path for u, (path, _, rows) in enumerate(plan.shards) if u not in report or report[u].rows != rows]
     if missing:
         raise RuntimeError(
             f"{out.shown}: the write job did not report these shards with their rows: {', '.join(missing)}"
         )
-    return [contract.ShardFile(shard.path, int(report[u].bytes), len(shard.labels)) for u, shard in enumerate(shards)]
+    return [contract.ShardFile(path, int(report[u].bytes), rows) for u, (path, _, rows) in enumerate(plan.shards)]

@@ -38,11 +38,10 @@ class WritePlan:
 
 def _spans(column: pa.Array) -> list[Span]:
     """Each row of a binary column as a :data:`Span` of the column's own data buffer."""
-    if not len(column):
-        return []
+    buffers = [buffer or b"" for buffer in column.buffers()]  # an empty column may have none
     offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
-    offsets = np.frombuffer(column.buffers()[1], offset_type)[column.offset : column.offset + len(column) + 1]
-    data = np.frombuffer(column.buffers()[2], np.uint8)
+    offsets = np.frombuffer(buffers[1], offset_type)[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(buffers[2], np.uint8)
     return [(data, lo, hi) for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
