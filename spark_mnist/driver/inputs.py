@@ -115,9 +115,7 @@ def read_files(
     return {name: found[name] for name in names}
 
 
-def _file_record(
-    split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int
-) -> dict:
+def _record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int) -> dict:
     """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""
     return {
         "split": split,
@@ -160,11 +158,11 @@ def open_idx_split(
     parsed = parse_idx(labels_source.source, name=labels_name)
     reader = stack.enter_context(IdxReader(images_source.source, name=images_name))
     validate_layout(spec, reader.header.shape, reader.header.dtype, parsed.array, images_name, labels_name)
-    labels_record = _file_record(split, LABELS, labels_entry, labels_source, parsed.sha256, parsed.payload_bytes)
+    labels_record = _record(split, LABELS, labels_entry, labels_source, parsed.sha256, parsed.payload_bytes)
 
     def done() -> list[dict[str, Any]]:
         reader.finish()
-        images_record = _file_record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes)
+        images_record = _record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes)
         return [images_record, labels_record]
 
     return SplitInput(split, parsed.array, lambda rows: reader.read(rows.stop - rows.start), done)
@@ -187,4 +185,4 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     arrays = load_keras_npz(io.BytesIO(content), spec, name=redact(source.uri))  # checks both splits against spec
     inputs = [SplitInput(split, arrays[split][1], arrays[split][0].__getitem__, list) for split in SPLITS]
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
-    return inputs, [_file_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]
+    return inputs, [_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]

@@ -96,7 +96,7 @@ def write_pieces(
     """
     # One unit per shard, row groups of about row_group_bytes of images, fragments of at most FRAGMENT_BYTES of
     # images (at least one image).
-    image_shape = shards[0][2].shape[1:]
+    image_shape = shards[0][2].shape[1:]  # the first shard's images' (H, W)
     image_bytes = int(np.prod(image_shape))
     units = tuple((path, start, len(labels)) for path, start, _, labels in shards)
     rows_per_group, fragment_rows = max(1, row_group_bytes // image_bytes), max(1, FRAGMENT_BYTES // image_bytes)

@@ -69,9 +69,9 @@ def write_shards(plan: WritePlan, batches: Iterator[pa.RecordBatch], shipped: An
         RuntimeError: the task did not receive every fragment of a unit (it writes no partial shard).
     """
     if shipped is not None:
-        table, units = shipped.value, [unit for batch in batches for unit in batch.column(0).to_pylist()]
-        first = np.searchsorted(table["unit"].to_numpy(), np.arange(len(plan.shards) + 1))
-        batches = iter([b for u in units for b in table.slice(first[u], first[u + 1] - first[u]).to_batches()])
+        table, mine = shipped.value, [unit for batch in batches for unit in batch.column(0).to_pylist()]
+        first = np.searchsorted(table["unit"].to_numpy(), np.arange(len(plan.shards) + 1))  # each unit's first row
+        batches = iter([b for u in mine for b in table.slice(first[u], first[u + 1] - first[u]).to_batches()])
     received: dict[int, list[tuple[int, Span, Span]]] = {}
     for batch in batches:
         units, parts = batch.column("unit").to_pylist(), batch.column("part").to_pylist()
