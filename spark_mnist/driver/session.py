@@ -146,7 +146,8 @@ def default_parallelism(spark: "SparkSession") -> int:
     cores = local_master_cores(master_here(spark))
     if cores is not None:
         return cores
-    return max(1, int(spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]) + 1)
+    last = spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]
+    return max(1, int(last) + 1)
 
 
 def local_master_cores(url: Optional[str]) -> Optional[int]:
