@@ -215,7 +215,7 @@ def _start_local(
     env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if connect else {}
     with jvm_stderr_filtered(), scoped_env(env):
         spark = (builder if connect else builder.config(map=conf)).getOrCreate()
-    if not connect:
+    if not is_connect(spark):
         spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
     return spark
 
@@ -225,12 +225,12 @@ def spark_artifacts_removed(directory: str = SPARK_40_ARTIFACTS_DIR) -> Iterator
     """Remove, after the block, the ``spark-*`` folders that appeared in ``./artifacts`` during it, and
     ``./artifacts`` itself where the block created it and left it empty; a user's files there stay."""
     artifacts = os.path.abspath(directory)
-    existed = os.path.isdir(artifacts)
-    before = set(glob.glob(os.path.join(artifacts, "spark-*")))
+    existed, spark_dirs = os.path.isdir(artifacts), os.path.join(glob.escape(artifacts), "spark-*")
+    before = set(glob.glob(spark_dirs))
     try:
         yield
     finally:
-        for path in set(glob.glob(os.path.join(artifacts, "spark-*"))) - before:
+        for path in set(glob.glob(spark_dirs)) - before:
             shutil.rmtree(path, ignore_errors=True)
         if not existed:
             with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
