@@ -17,7 +17,7 @@ from spark_mnist.shards import commit, contract
 from spark_mnist.errors import ChecksumMismatchError, DatasetMismatchError, IdxFormatError, SourceError
 from spark_mnist.formats.idx import write_idx
 from spark_mnist.driver.ingest import ingest
-from spark_mnist.driver.plan import shard_bounds
+from spark_mnist.shards.contract import shard_bounds
 
 pytestmark = [pytest.mark.slow, pytest.mark.connect]
 
@@ -234,7 +234,7 @@ def test_racing_ingests_leave_one_complete_dataset(spark, tmp_path):
 
 
 def test_plan_jobs_packs_splits_within_the_chunk():
-    from spark_mnist.driver.plan import plan_jobs
+    from spark_mnist.driver.write_job import plan_jobs
 
     bounds, jobs = plan_jobs({"train": 60_000, "test": 10_000}, 2, 1_000_000)
     assert jobs == [[("train", 0, 2), ("test", 0, 2)]]  # MNIST-sized: one Spark job
@@ -282,12 +282,12 @@ def test_defect_late_in_a_streamed_file_leaves_nothing(spark, small_source, tmp_
 
 
 def test_large_local_files_are_streamed_from_their_path(spark, small_source):
-    from spark_mnist.driver.sources import read_files
+    from spark_mnist.driver.inputs import read_files
     from spark_mnist.paths import normalize_uri
 
     source, _ = small_source
     files = read_files(spark, normalize_uri(source), ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"],
                        max_collect_bytes=1000)
     big, small = files["train-images-idx3-ubyte.gz"], files["t10k-labels-idx1-ubyte.gz"]
-    assert big.content is None and big.source == str(source / "train-images-idx3-ubyte.gz")
-    assert small.content is not None and small.length == len(small.content)
+    assert big.source == str(source / "train-images-idx3-ubyte.gz")  # a path to stream from, not the bytes
+    assert isinstance(small.source, bytes) and small.length == len(small.source)

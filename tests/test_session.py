@@ -73,7 +73,8 @@ def test_a_started_session_names_this_python_for_its_life_only(tmp_path):
 def test_spark_artifacts_removed_takes_only_the_spark_folders_made_meanwhile(tmp_path, monkeypatch):
     from spark_mnist.driver.session import spark_artifacts_removed
 
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work [1]").mkdir()  # a working directory whose name globs would misread
+    monkeypatch.chdir(tmp_path / "work [1]")
     with spark_artifacts_removed():  # ./artifacts did not exist: Spark's folder and then the empty folder go
         os.makedirs("artifacts/spark-1234")
     assert not os.path.exists("artifacts")

@@ -15,8 +15,6 @@ petastorm is an optional extra (``pip install 'spark-mnist[petastorm]'``) and is
 functions.
 """
 
-from __future__ import annotations
-
 import importlib
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,20 +22,18 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pyarrow
 
+from spark_mnist.datasets import SPLITS
 from spark_mnist.errors import EnvironmentMismatchError, invalid
 
 if TYPE_CHECKING:
     from spark_mnist.config import TrainSettings
     from spark_mnist.shards.contract import Dataset
 
-__all__ = ["PETASTORM", "DIRECT", "PETASTORM_MAX_PYARROW", "PETASTORM_MAX_SPARK", "PETASTORM_FIX", "ConverterChoice",
-           "petastorm_unavailable", "choose_converter", "make_converters"]  # fmt: skip
+__all__ = ["PETASTORM", "DIRECT", "PETASTORM_FIX", "ConverterChoice", "petastorm_unavailable", "choose_converter",
+           "make_converters"]  # fmt: skip
 
 PETASTORM = "petastorm"
 DIRECT = "none"
-# petastorm's converter needs pyarrow < 15 (pyarrow.filesystem, legacy ParquetDataset) and Spark < 4.
-PETASTORM_MAX_PYARROW = 15
-PETASTORM_MAX_SPARK = 4
 PETASTORM_FIX = (
     "use converter 'none' (the ranks read the ingested shards), or petastorm on Spark 3.5 with "
     "pyarrow < 15 (Databricks Runtime 15.4 LTS ML; pip install 'spark-mnist[petastorm]')"
@@ -56,17 +52,6 @@ class ConverterChoice:
         return self.name == PETASTORM
 
 
-def _major(version: str) -> int:
-    return int(version.split(".", 1)[0])
-
-
-def _installed(distribution: str) -> Optional[str]:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def petastorm_unavailable(connect: bool = False) -> Optional[str]:
     """Why petastorm's converter cannot run in this environment, or ``None`` where it can.
 
@@ -82,16 +67,15 @@ def petastorm_unavailable(connect: bool = False) -> Optional[str]:
 
     if connect:
         return "a Spark Connect session (petastorm's converter needs the classic session's JVM)"
-
-    if _major(pyarrow.__version__) >= PETASTORM_MAX_PYARROW:
-        return f"pyarrow {pyarrow.__version__} ≥ {PETASTORM_MAX_PYARROW}"
-    if _major(pyspark.__version__) >= PETASTORM_MAX_SPARK:
-        return f"Spark {pyspark.__version__} ≥ {PETASTORM_MAX_SPARK}"
-    petastorm = _installed("petastorm")
-    if petastorm is None:
-        return "petastorm is not installed"
+    # petastorm's converter needs pyarrow < 15 (pyarrow.filesystem, legacy ParquetDataset) and Spark < 4.
+    for name, version, first_refused in (("pyarrow", pyarrow.__version__, 15), ("Spark", pyspark.__version__, 4)):
+        if int(version.split(".", 1)[0]) >= first_refused:
+            return f"{name} {version} ≥ {first_refused}"
     try:
+        petastorm = metadata.version("petastorm")
         importlib.import_module("petastorm.spark")
+    except metadata.PackageNotFoundError:
+        return "petastorm is not installed"
     except Exception as e:  # noqa: BLE001 - any import failure means petastorm cannot run here
         return f"petastorm {petastorm} does not import: {type(e).__name__}: {e}"
     return None
@@ -108,29 +92,21 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
         EnvironmentMismatchError: petastorm asked for (``converter: petastorm`` or ``loader: petastorm``) where it
             cannot run, or ``loader: petastorm`` with ``converter: none``; one line naming the versions and the fix.
     """
-    wanted: str = settings.converter
-    if settings.loader == PETASTORM:
-        if wanted == DIRECT:
-            raise invalid(
-                "train.converter",
-                DIRECT,
-                "'auto' or 'petastorm' with train.loader 'petastorm' (the "
-                "petastorm loader reads through petastorm's converter), or set train.loader to "
-                "'spark-mnist'",
-                EnvironmentMismatchError,
-            )
-        wanted = PETASTORM
-    if wanted == DIRECT:
+    if settings.loader == PETASTORM and settings.converter == DIRECT:
+        must = (
+            "'auto' or 'petastorm' with train.loader 'petastorm' (the petastorm loader reads through petastorm's "
+            "converter), or set train.loader to 'spark-mnist'"
+        )
+        raise invalid("train.converter", DIRECT, must, EnvironmentMismatchError)
+    if settings.converter == DIRECT:
         return ConverterChoice(DIRECT, "converter 'none' set")
     why_not = petastorm_unavailable(connect)
     if why_not is None:
         import pyspark  # as in petastorm_unavailable: the CLI's Spark-free commands import this module
 
-        return ConverterChoice(
-            PETASTORM,
-            f"petastorm {_installed('petastorm')} with pyarrow {pyarrow.__version__} and Spark {pyspark.__version__}",
-        )
-    if wanted == PETASTORM:
+        versions = f"pyarrow {pyarrow.__version__} and Spark {pyspark.__version__}"
+        return ConverterChoice(PETASTORM, f"petastorm {metadata.version('petastorm')} with {versions}")
+    if settings.loader == PETASTORM or settings.converter == PETASTORM:
         what = "train.loader 'petastorm'" if settings.loader == PETASTORM else "train.converter 'petastorm'"
         raise EnvironmentMismatchError(f"{what} needs petastorm, which cannot run here ({why_not}): {PETASTORM_FIX}")
     return ConverterChoice(DIRECT, f"petastorm unavailable: {why_not}")
@@ -148,11 +124,5 @@ def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: 
     from petastorm.spark import SparkDatasetConverter, make_spark_converter  # optional: where it can run only
 
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_url)
-    return {
-        split: make_spark_converter(
-            spark.read.parquet(*dataset.files(split)),
-            parquet_row_group_size_bytes=row_group_bytes,
-            compression_codec="uncompressed",
-        )
-        for split in ("train", "test")
-    }
+    options = {"parquet_row_group_size_bytes": row_group_bytes, "compression_codec": "uncompressed"}
+    return {split: make_spark_converter(spark.read.parquet(*dataset.files(split)), **options) for split in SPLITS}

@@ -2,12 +2,11 @@
 
 The order of work is what makes bad input cheap and failures harmless:
 
-1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.driver.sources`);
+1. read the four files' bytes with Spark's ``binaryFile`` source (:mod:`spark_mnist.driver.inputs`);
 2. parse and check every file on the driver (:mod:`spark_mnist.driver.inputs`, :mod:`spark_mnist.formats.idx`,
    :func:`spark_mnist.datasets.validate_split`), before anything is written;
-3. plan the shards and write jobs (:mod:`spark_mnist.driver.plan`) and write both splits under a new generation
-   ``OUT/<generation>/`` with one Spark job per chunk, each task writing its own shard
-   (:mod:`spark_mnist.driver.write_job`);
+3. plan the shards and write jobs and write both splits under a new generation ``OUT/<generation>/`` with one Spark
+   job per chunk, each task writing its own shard (:mod:`spark_mnist.driver.write_job`);
 4. commit: write ``OUT/_manifest.json`` last, in one single-object write, then remove the generations no manifest
    needs (:mod:`spark_mnist.shards.commit`).
 
@@ -16,134 +15,33 @@ stores alike; no directory is ever renamed.  The layout is the contract in :mod:
 the protocol and why: docs/concepts/dataset.md.
 """
 
-from __future__ import annotations
-
 import contextlib
+import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spark_mnist import __version__, fs
-from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
+from spark_mnist.datasets import SPLITS, get_dataset, hash_mismatch_message, upright
 from spark_mnist.driver import session
-from spark_mnist.driver.inputs import SplitInput, check_hashes, open_idx_split, read_npz
-from spark_mnist.driver.plan import DEFAULT_CHUNK_ROWS, DEFAULT_ROW_GROUP_BYTES, Piece, plan_jobs
-from spark_mnist.driver.sources import read_files
-from spark_mnist.driver.write_job import write_pieces
-from spark_mnist.errors import InputError, SourceError, invalid
-from spark_mnist.paths import Location, normalize_uri, redact
+from spark_mnist.driver.inputs import open_idx_split, read_files, read_npz
+from spark_mnist.driver.write_job import plan_jobs, write_pieces
+from spark_mnist.errors import ChecksumMismatchError, InputError, SourceError, invalid
+from spark_mnist.paths import normalize_uri, redact
 from spark_mnist.shards import commit, contract
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["check_output", "write_splits", "build_manifest", "read_sources", "ingest"]
+__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "ingest"]
 
 log = logging.getLogger(__name__)
 
-
-def check_output(location: Location) -> None:
-    """Refuse an ``OUT`` that the write tasks could not open with pyarrow, before anything is read: a local path,
-    ``/dbfs``, ``/Volumes`` or a URI pyarrow (or fsspec) opens (``s3://``, ``gs://``, ``hdfs://``, ``abfss://``
-    where pyarrow has Azure) passes.
-
-    Raises:
-        SourceError: a URI no file system here can write to (e.g. ``wasbs://``); the message says what to use.
-    """
-    if location.local_path is not None:
-        return
-    try:
-        fs.filesystem(location)
-    except (SourceError, ValueError, NotImplementedError, OSError) as e:
-        raise SourceError(
-            f"{location.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
-            f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
-        ) from None
-
-
-def write_splits(
-    spark: "SparkSession",
-    spec: DatasetSpec,
-    splits: list[SplitInput],
-    out: Location,
-    generation: str,
-    *,
-    num_shards: int,
-    chunk_rows: int,
-    row_group_bytes: int,
-) -> dict[str, list[contract.ShardFile]]:
-    """Write every split in contiguous shards under ``out/<generation>/<split>/``, holding at most ``chunk_rows``
-    images on the driver at a time (see :func:`spark_mnist.driver.plan.plan_jobs`).
-
-    Returns:
-        The shard files of each split, in shard order.
-    """
-    inputs = {split.name: split for split in splits}
-    bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
-    written: dict[tuple[str, int], contract.ShardFile] = {}
-    for job in jobs:
-        pieces = []
-        for name, first, end in job:
-            lo, hi = int(bounds[name][first]), int(bounds[name][end])
-            piece_bounds = tuple(int(b) for b in bounds[name][first : end + 1])
-            images = upright(spec, inputs[name].take(hi - lo))
-            pieces.append(Piece(name, first, piece_bounds, images, inputs[name].labels[lo:hi]))
-        written.update(write_pieces(spark, pieces, out, generation, row_group_bytes=row_group_bytes))
-        log.info("wrote %s", ", ".join(f"{p.split} rows {p.bounds[0]}-{p.bounds[-1]}" for p in pieces))
-    return {name: [written[(name, k)] for k in range(len(split_bounds) - 1)] for name, split_bounds in bounds.items()}
-
-
-def build_manifest(
-    spec: DatasetSpec,
-    source: Location,
-    records: list[dict[str, Any]],
-    splits: list[SplitInput],
-    files: dict[str, list[contract.ShardFile]],
-    generation: str,
-) -> contract.Manifest:
-    """The manifest of ``generation``: dataset, classes, image shape, source files (uri, bytes, payload sha256),
-    per split its rows, label histogram and shard files (path, bytes, rows), schema and package versions."""
-    return contract.Manifest(
-        generation=generation,
-        dataset=spec.name,
-        classes=tuple(spec.classes),
-        image_shape=spec.image_shape,
-        source={"uri": source.shown, "files": records},
-        package_version=__version__,
-        splits={
-            split.name: contract.Split(
-                rows=int(len(split.labels)),
-                files=tuple(files[split.name]),
-                label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
-            )
-            for split in splits
-        },
-    )
-
-
-def read_sources(
-    spark: "SparkSession", spec: DatasetSpec, source_dir: Location, stack: contextlib.ExitStack
-) -> tuple[list[SplitInput], list[dict[str, Any]]]:
-    """Both splits of ``spec`` from ``source_dir`` (a directory of IDX files, or a Keras ``mnist.npz``), checked as
-    far as headers and labels allow; images files stay open as streams on ``stack``.  Driver-side.
-
-    Returns:
-        The splits (train, test) and the manifest records of the files read so far.
-    Raises:
-        InputError: as :func:`~spark_mnist.driver.inputs.open_idx_split` and
-            :func:`~spark_mnist.driver.inputs.read_npz`.
-    """
-    if source_dir.uri.endswith(".npz"):
-        return read_npz(spark, spec, source_dir)
-    files = read_files(spark, source_dir, [f.name for f in spec.all_files()])
-    splits, records = [], []
-    for split in SPLITS:
-        split_input, split_records = open_idx_split(stack, spec, split, files)
-        splits.append(split_input)
-        records.extend(split_records)
-    return splits, records
+DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
+# Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
+DEFAULT_CHUNK_ROWS = 1_000_000
 
 
 def ingest(
@@ -192,31 +90,61 @@ def ingest(
     started = time.perf_counter()
     spec = get_dataset(dataset)
     source_dir, out = normalize_uri(source), normalize_uri(output)
-    check_output(out)  # an output the write tasks could not open is refused before anything is read
+    if out.local_path is None:  # an OUT the write tasks could not open with pyarrow is refused before reading
+        try:
+            fs.filesystem(out)
+        except (SourceError, ValueError, NotImplementedError, OSError) as e:
+            raise SourceError(
+                f"{out.shown}: cannot write Parquet shards there ({redact(str(e))}); use a local "
+                f"path, dbfs:/..., /dbfs/..., /Volumes/... or an s3://, gs://, abfss:// or hdfs:// URI"
+            ) from None
     with contextlib.ExitStack() as stack:
-        splits, records = read_sources(spark, spec, source_dir, stack)
-        log.info(
-            "checked the headers and labels of %s: %s",
-            source_dir.shown,
-            ", ".join(f"{s.name} {len(s.labels)} rows" for s in splits),
-        )
+        # Both splits, checked as far as headers and labels allow; images files stay open as streams on the stack.
+        if source_dir.uri.endswith(".npz"):
+            splits, records = read_npz(spark, spec, source_dir)
+        else:
+            sources = read_files(spark, source_dir, [f.name for f in spec.all_files()])
+            splits, records = [open_idx_split(stack, spec, split, sources) for split in SPLITS], []
+        counts = ", ".join(f"{split.name} {len(split.labels)} rows" for split in splits)
+        log.info("checked the headers and labels of %s: %s", source_dir.shown, counts)
         lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
-        generation = lease.generation
-        files = write_splits(
-            spark,
-            spec,
-            splits,
-            out,
-            generation,
-            num_shards=num_shards,
-            chunk_rows=chunk_rows,
-            row_group_bytes=row_group_bytes,
+        inputs = {split.name: split for split in splits}
+        bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
+        written: list[contract.ShardFile] = []
+        for job in jobs:  # contiguous shards, at most chunk_rows images on the driver at a time
+            shards = []
+            for name, first, end in job:
+                for k in range(first, end):
+                    rows, split = slice(bounds[name][k], bounds[name][k + 1]), inputs[name]
+                    path = contract.shard_path(lease.generation, name, k)
+                    shards.append((path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
+            written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
+            wrote = ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
+            log.info("wrote %s", wrote)
+        in_order = iter(written)  # the jobs took the splits' shards in order
+        records += [record for split in splits for record in split.done()]
+        for record in records:  # a subset or a relabelled copy is legitimate input: a warning, unless strict
+            if record["sha256_matches"] is False:
+                message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
+                if strict:
+                    raise ChecksumMismatchError(message + " (ingest.strict)")
+                log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
+        manifest = contract.Manifest(
+            generation=lease.generation,
+            dataset=spec.name,
+            classes=tuple(spec.classes),
+            image_shape=spec.image_shape,
+            source={"uri": source_dir.shown, "files": records},
+            package_version=__version__,
+            splits={
+                split.name: contract.Split(
+                    rows=len(split.labels),
+                    files=tuple(itertools.islice(in_order, len(bounds[split.name]) - 1)),
+                    label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
+                )
+                for split in splits
+            },
         )
-        for split in splits:
-            records.extend(split.done())
-        records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else -1, r["kind"]))
-        check_hashes(spec, records, strict=strict)
-        manifest = build_manifest(spec, source_dir, records, splits, files, generation)
         manifest = commit.publish(out, manifest, lease)
     log.info("ingested %s into %s in %.2fs", spec.name, out.shown, time.perf_counter() - started)
     return manifest

@@ -19,9 +19,8 @@ Everything else in the package works with both kinds through the few capabilitie
 :func:`default_parallelism`, :func:`master_here` and :func:`shipped_to_executors` (classic only: a broadcast).
 """
 
-from __future__ import annotations
-
 import contextlib
+import glob
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import shutil
 import sys
 import threading
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from spark_mnist.config import SparkSettings
 from spark_mnist.envs import scoped_env
@@ -39,10 +38,9 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 __all__ = ["LOCAL_SPARK_CONF", "JVM_START_NOTICES", "SPARK_40_ARTIFACTS_DIR", "PYTHON_ENV", "CONNECT_ENV",
-           "REMOTE_ENV", "CONNECT_MODULES", "LOOPBACK_HOSTS", "jvm_stderr_filtered", "session_conf",
-           "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "local_master_cores",
-           "master_here", "shipped_to_executors", "remote_url", "connect_expected", "spark_artifacts_removed",
-           "spark_session"]  # fmt: skip
+           "REMOTE_ENV", "jvm_stderr_filtered", "session_conf", "with_executor_env", "local_server_url", "is_connect",
+           "default_parallelism", "local_master_cores", "master_here", "shipped_to_executors", "remote_url",
+           "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
 
 LOCAL_SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -73,24 +71,13 @@ CONNECT_ENV = (
     "SPARK_BUFFER_SIZE",
 )
 REMOTE_ENV = "SPARK_REMOTE"
-# Where pyspark reads the conf of a local Spark Connect server's own session (pyspark.sql.connect.session).
-INIT_CONF_LEN_ENV, INIT_CONF_ENV = "PYSPARK_REMOTE_INIT_CONF_LEN", "PYSPARK_REMOTE_INIT_CONF_0"
-# Modules whose SparkSession class is a Spark Connect client: pyspark's, and the one Databricks Connect ships.
-CONNECT_MODULES = ("pyspark.sql.connect.",)
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
     """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`JVM_START_NOTICES`."""
-    with open(read_fd, "rb", buffering=0) as pipe, open(out_fd, "wb", buffering=0) as out:
-        pending = b""
-        while chunk := pipe.read(65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            kept = [line for line in lines if not line.startswith(JVM_START_NOTICES)]
-            if kept:
-                out.write(b"".join(line + b"\n" for line in kept))
-        if pending and not pending.startswith(JVM_START_NOTICES):
-            out.write(pending)
+    with open(read_fd, "rb") as pipe, open(out_fd, "wb", buffering=0) as out:
+        out.writelines(line for line in pipe if not line.startswith(JVM_START_NOTICES))
 
 
 @contextlib.contextmanager
@@ -102,9 +89,7 @@ def jvm_stderr_filtered() -> Iterator[None]:
     sys.stderr.flush()
     real = os.dup(2)
     read_fd, write_fd = os.pipe()
-    threading.Thread(
-        target=_forward_stderr, args=(read_fd, os.dup(real)), name="spark-mnist-jvm-stderr", daemon=True
-    ).start()
+    threading.Thread(target=_forward_stderr, args=(read_fd, os.dup(real)), daemon=True).start()
     os.dup2(write_fd, 2)
     os.close(write_fd)
     try:
@@ -121,10 +106,8 @@ def session_conf(settings: SparkSettings, *, verbose: bool = False) -> dict[str,
     conf = {**LOCAL_SPARK_CONF, **settings.conf}
     if not verbose:
         log4j = resources.files("spark_mnist").joinpath("log4j2.properties")
-        java_opts = f"-Dlog4j2.configurationFile={log4j}"
-        conf["spark.driver.extraJavaOptions"] = " ".join(
-            filter(None, [conf.get("spark.driver.extraJavaOptions"), java_opts])
-        )
+        java_opts = f"{conf.get('spark.driver.extraJavaOptions', '')} -Dlog4j2.configurationFile={log4j}"
+        conf["spark.driver.extraJavaOptions"] = java_opts.strip()
     return conf
 
 
@@ -147,27 +130,23 @@ def local_server_url() -> str:
 def is_connect(spark: Any) -> bool:
     """Whether ``spark`` is a Spark Connect session (``--remote``, Databricks Connect, serverless compute, standard
     access mode), which has no ``sparkContext`` and no JVM on this side."""
-    return type(spark).__module__.startswith(CONNECT_MODULES)
+    # pyspark's Spark Connect client, which Databricks Connect ships too
+    return type(spark).__module__.startswith("pyspark.sql.connect.")
 
 
 def default_parallelism(spark: "SparkSession") -> int:
     """The cluster's default parallelism (cores across its executors), at least 1.
 
-    Classic: ``sparkContext.defaultParallelism``.  Spark Connect: ``spark.default.parallelism`` where set, else the
-    cores of a local master on this machine (:func:`local_master_cores` of :func:`master_here`), else the partitions
-    of ``spark.range`` without a partition count, which Spark sizes by that same figure (one small job).
+    Classic: ``sparkContext.defaultParallelism``.  Spark Connect: the cores of a local master on this machine
+    (:func:`local_master_cores` of :func:`master_here`), else the partitions of ``spark.range`` without a partition
+    count, which Spark sizes by ``spark.default.parallelism`` or the cores across the executors (one small job).
     """
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
-    configured = spark.conf.get("spark.default.parallelism", None)
-    if configured:
-        return max(1, int(configured))
     cores = local_master_cores(master_here(spark))
     if cores is not None:
         return cores
-    from pyspark.sql import functions as F  # pyspark here: the CLI and the test kit import this module without Spark
-
-    last = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("p")).agg(F.max("p")).collect()[0][0]
+    last = spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]
     return max(1, int(last) + 1)
 
 
@@ -177,9 +156,8 @@ def local_master_cores(url: Optional[str]) -> Optional[int]:
     match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", url or "")
     if match is None:
         return None
-    if match.group(1) is None:
-        return 1
-    return os.cpu_count() or 1 if match.group(1) == "*" else max(1, int(match.group(1)))
+    cores = match.group(1) or "1"
+    return os.cpu_count() or 1 if cores == "*" else max(1, int(cores))
 
 
 def master_here(spark: "SparkSession") -> Optional[str]:
@@ -189,29 +167,16 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
-    if str(getattr(getattr(spark, "client", None), "host", "")).lower() not in LOOPBACK_HOSTS:
-        return None
-    try:
-        return spark.conf.get("spark.master", None)
-    except Exception:  # noqa: BLE001 - a server may refuse to show its static conf
-        return None
+    if str(getattr(getattr(spark, "client", None), "host", "")).lower() in _LOOPBACK_HOSTS:
+        with contextlib.suppress(Exception):  # a server may refuse to show its static conf
+            return spark.conf.get("spark.master", None)
+    return None
 
 
-@contextlib.contextmanager
-def shipped_to_executors(spark: "SparkSession", value: Any) -> Iterator[Any]:
-    """``value`` shipped once to every executor for the block, on a classic session: yields a handle whose
-    ``.value`` a task reads (a broadcast variable, destroyed after the block).
-
-    Raises:
-        EnvironmentMismatchError: ``spark`` is a Spark Connect session (it has no broadcast variables).
-    """
-    if is_connect(spark):
-        raise EnvironmentMismatchError("broadcast variables need a classic SparkSession; this is Spark Connect")
-    handle = spark.sparkContext.broadcast(value)
-    try:
-        yield handle
-    finally:
-        handle.destroy()
+def shipped_to_executors(spark: "SparkSession", value: Any) -> Any:
+    """``value`` shipped once to every executor, on a classic session (only: Spark Connect has no broadcast
+    variables): a handle whose ``.value`` a task reads (a broadcast variable; ``.destroy()`` it when done)."""
+    return spark.sparkContext.broadcast(value)
 
 
 def remote_url(settings: SparkSettings) -> Optional[str]:
@@ -219,29 +184,13 @@ def remote_url(settings: SparkSettings) -> Optional[str]:
     return settings.remote or os.environ.get(REMOTE_ENV) or None
 
 
-def _databricks_session_class() -> Optional[Any]:
+def _databricks_session_class() -> Any:
     """``databricks.connect.DatabricksSession`` where ``databricks-connect`` is installed, else ``None``."""
-    try:
+    with contextlib.suppress(ImportError):
         from databricks.connect import DatabricksSession  # optional: databricks-connect, off the cluster
-    except ImportError:
-        return None
-    return DatabricksSession
 
-
-def _databricks_session(databricks_session: Any) -> "SparkSession":
-    """``databricks_session.builder.getOrCreate()``, its configuration errors as one line.
-
-    Raises:
-        EnvironmentMismatchError: Databricks Connect gave no session (no profile, host or cluster).
-    """
-    try:
-        return databricks_session.builder.getOrCreate()
-    except Exception as e:
-        raise EnvironmentMismatchError(
-            f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it (a "
-            f"~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
-            f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port"
-        ) from e
+        return DatabricksSession
+    return None
 
 
 def connect_expected(settings: SparkSettings) -> bool:
@@ -251,42 +200,24 @@ def connect_expected(settings: SparkSettings) -> bool:
     return remote_url(settings) is not None or _databricks_session_class() is not None
 
 
-@contextlib.contextmanager
-def _owned(create: Callable[[], "SparkSession"]) -> Iterator["SparkSession"]:
-    """Yield the session ``create()`` makes; stop it afterwards, and leave the variables pyspark sets for a Spark
-    Connect client (:data:`CONNECT_ENV`) as they were before."""
-    with scoped_env({}, restore=CONNECT_ENV):
-        spark = create()
-        try:
-            yield spark
-        finally:
-            spark.stop()
-
-
-@contextlib.contextmanager
-def _local_session(settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool) -> Iterator["SparkSession"]:
+def _start_local(
+    stack: contextlib.ExitStack, settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool
+) -> "SparkSession":
     """Start the session ``builder`` describes on this machine (a classic local master, or a local Spark Connect
     server), with :func:`session_conf`, this interpreter as the workers' Python and the JVM's start-up notices
-    dropped; stop it and clean up after the block."""
+    dropped; ``stack`` cleans up after it and restores the variables."""
     conf = session_conf(settings, verbose=verbose)
-    if connect:
-        # The conf of the local server's own session: pyspark reads it from these variables when it starts the
-        # server (given to the builder, it would also be set, and refused, on the Connect session itself).
-        env = {INIT_CONF_LEN_ENV: "1", INIT_CONF_ENV: json.dumps(conf)}
-    else:
-        env = {}
-        for key, value in conf.items():
-            builder = builder.config(key, value)
-    python = {key: sys.executable for key in PYTHON_ENV if key not in os.environ}
-    with spark_artifacts_removed(), scoped_env(python, restore=CONNECT_ENV):
-        with jvm_stderr_filtered(), scoped_env(env):
-            spark = builder.getOrCreate()
-        try:
-            if not is_connect(spark):
-                spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
-            yield spark
-        finally:
-            spark.stop()
+    stack.enter_context(spark_artifacts_removed())
+    stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
+    # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts the
+    # server (pyspark.sql.connect.session; given to the builder, it would also be set, and refused, on the Connect
+    # session itself).
+    env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if connect else {}
+    with jvm_stderr_filtered(), scoped_env(env):
+        spark = (builder if connect else builder.config(map=conf)).getOrCreate()
+    if not is_connect(spark):
+        spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
+    return spark
 
 
 @contextlib.contextmanager
@@ -294,18 +225,16 @@ def spark_artifacts_removed(directory: str = SPARK_40_ARTIFACTS_DIR) -> Iterator
     """Remove, after the block, the ``spark-*`` folders that appeared in ``./artifacts`` during it, and
     ``./artifacts`` itself where the block created it and left it empty; a user's files there stay."""
     artifacts = os.path.abspath(directory)
-    existed = os.path.isdir(artifacts)
-    before = set(os.listdir(artifacts)) if existed else set()
+    existed, spark_dirs = os.path.isdir(artifacts), os.path.join(glob.escape(artifacts), "spark-*")
+    before = set(glob.glob(spark_dirs))
     try:
         yield
     finally:
-        if os.path.isdir(artifacts):
-            for name in set(os.listdir(artifacts)) - before:
-                if name.startswith("spark-"):
-                    shutil.rmtree(os.path.join(artifacts, name), ignore_errors=True)
-            if not existed:
-                with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
-                    os.rmdir(artifacts)
+        for path in set(glob.glob(spark_dirs)) - before:
+            shutil.rmtree(path, ignore_errors=True)
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
+                os.rmdir(artifacts)
 
 
 @contextlib.contextmanager
@@ -323,32 +252,31 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
     """
     from pyspark.sql import SparkSession  # pyspark here: the CLI and the test kit import this module without Spark
 
-    if settings.remote:
-        builder = SparkSession.builder.remote(settings.remote)
-        if settings.remote.startswith("local"):  # pyspark starts a Connect server here, on a local master
-            with _local_session(settings, builder, connect=True, verbose=verbose) as spark:
-                yield spark
-            return
-        with _owned(builder.getOrCreate) as spark:
-            yield spark
-        return
-    active = SparkSession.getActiveSession()
-    if active is not None:
+    active = None if settings.remote else SparkSession.getActiveSession()
+    url = remote_url(settings)
+    databricks_session: Any = _databricks_session_class() if active is None and url is None else None
+    if active is None and url is None and databricks_session is None and settings.master is None:
+        active = SparkSession.builder.getOrCreate()  # the cluster's session
+    if active is not None:  # not this function's to stop
         yield active
         return
-    url = remote_url(settings)
-    if url is not None:
-        with spark_session(settings.copy(update={"remote": url}), verbose=verbose) as spark:
-            yield spark
-        return
-    databricks_session = _databricks_session_class()
-    if databricks_session is not None:
-        with _owned(lambda: _databricks_session(databricks_session)) as spark:
-            yield spark
-        return
-    if settings.master is None:
-        yield SparkSession.builder.getOrCreate()
-        return
-    builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
-    with _local_session(settings, builder, connect=False, verbose=verbose) as spark:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(scoped_env({}, restore=CONNECT_ENV))
+        if url is not None and url.startswith("local"):  # pyspark starts a Connect server here, on a local master
+            spark = _start_local(stack, settings, SparkSession.builder.remote(url), connect=True, verbose=verbose)
+        elif url is not None:
+            spark = SparkSession.builder.remote(url).getOrCreate()
+        elif databricks_session is None and settings.master is not None:  # a classic local master
+            builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
+            spark = _start_local(stack, settings, builder, connect=False, verbose=verbose)
+        else:
+            try:
+                spark = databricks_session.builder.getOrCreate()
+            except Exception as e:
+                raise EnvironmentMismatchError(
+                    f"databricks-connect is installed but gave no session ({type(e).__name__}: {e}); configure it "
+                    f"(a ~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
+                    f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port"
+                ) from e
+        stack.callback(spark.stop)
         yield spark

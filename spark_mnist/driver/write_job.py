@@ -1,10 +1,11 @@
-"""The ingest's one Spark write job per chunk, on the driver: the arrays travel to the tasks as one Arrow table of
-fragments (a broadcast variable on a classic session, a relation over Spark Connect), and every task writes its own
-shard with pyarrow (:func:`spark_mnist.tasks.write.write_shards`).
+"""The ingest's write jobs, on the driver: the plan (shard boundaries, the Spark write jobs, each holding at most
+``chunk_rows`` images on the driver, and what every write task needs, :class:`~spark_mnist.tasks.write.WritePlan`),
+and one Spark job per chunk: the arrays travel to the tasks as one Arrow table of fragments (a broadcast variable on a
+classic session, a relation over Spark Connect), and every task writes its own shard with pyarrow
+(:func:`spark_mnist.tasks.write.write_shards`).
 """
 
-from __future__ import annotations
-
+import bisect
 import contextlib
 import functools
 from typing import TYPE_CHECKING
@@ -14,77 +15,106 @@ import pyarrow as pa
 
 from spark_mnist import fs
 from spark_mnist.driver import session
-from spark_mnist.driver.plan import DEFAULT_ROW_GROUP_BYTES, Piece, write_plan
 from spark_mnist.paths import Location
 from spark_mnist.shards import contract
-from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_broadcast_shards, write_shards
+from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_shards
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["write_pieces", "fragments_table"]
+__all__ = ["FRAGMENT_BYTES", "plan_jobs", "Shard", "fragments_table", "write_pieces"]
+
+# The arrays travel to the write tasks as rows of at most this many bytes of images (a row group's worth of an
+# MNIST shard is ~1 MiB): serverless compute refuses local rows over 128 MiB.
+FRAGMENT_BYTES = 4 * 2**20
+# One shard to write: its path relative to OUT, its first global row, images (n, H, W) uint8 and labels (n,) uint8.
+Shard = tuple[str, int, np.ndarray, np.ndarray]
+
+
+def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int) -> tuple[dict[str, list[int]], list[list]]:
+    """Shard boundaries per split (shard ``k`` is rows ``[b[k], b[k+1])``) and the Spark write jobs: each job a list
+    of ``(split, first shard, end shard)``, consecutive shards of one split, holding at most ``chunk_rows`` rows (at
+    least one shard).
+
+    ``num_shards`` is raised where needed so that no shard exceeds ``chunk_rows``.  MNIST-sized datasets are one
+    job; larger splits are read from their streams and written a chunk at a time.
+    """
+    bounds = {name: contract.shard_bounds(n, max(num_shards, -(-n // chunk_rows))).tolist() for name, n in rows.items()}
+    jobs: list[list] = [[]]
+    job_rows = 0
+    for name, b in bounds.items():
+        first = 0
+        while first < len(b) - 1:  # the most consecutive shards within the chunk, at least one
+            end = max(first + 1, bisect.bisect_right(b, b[first] + chunk_rows) - 1)
+            if job_rows + b[end] - b[first] > chunk_rows:
+                jobs.append([])
+                job_rows = 0
+            jobs[-1].append((name, first, end))
+            job_rows += b[end] - b[first]
+            first = end
+    return bounds, jobs
+
+
+def fragments_table(shards: list[Shard], plan: WritePlan) -> pa.Table:
+    """The job's arrays as an Arrow table of fragments, in unit order: ``unit`` (long), ``part`` (int, the fragment's
+    place in its unit), ``images`` and ``labels`` (binary: consecutive rows' raw bytes, C order),
+    :attr:`~spark_mnist.tasks.write.WritePlan.fragment_rows` rows a fragment (fewer in a unit's last)."""
+    columns: dict[str, list[pa.Array]] = {"unit": [], "part": [], "images": [], "labels": []}
+    for unit, (_, _, images, labels) in enumerate(shards):
+        rows, n = len(labels), plan.fragments(unit)
+        starts = np.minimum(np.arange(n + 1) * plan.fragment_rows, rows)
+        columns["unit"].append(pa.array(np.full(n, unit, dtype=np.int64)))
+        columns["part"].append(pa.array(np.arange(n, dtype=np.int32)))
+        for name, array in (("images", images), ("labels", labels)):
+            flat = np.ascontiguousarray(array).reshape(-1)
+            offsets = pa.py_buffer((starts * (flat.size // max(1, rows))).astype(np.int32))
+            columns[name].append(pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(flat)]))
+    # One chunk per column: Spark 4.0.0's Connect server reads only the first record batch of a local relation.
+    return pa.table({name: pa.concat_arrays(arrays) for name, arrays in columns.items()})
 
 
 def write_pieces(
-    spark: "SparkSession",
-    pieces: list[Piece],
-    out: Location,
-    generation: str,
-    *,
-    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
-) -> dict[tuple[str, int], contract.ShardFile]:
-    """Write every piece's shards with one Spark job: task ``t`` writes shard ``t`` of the job as
-    ``out/<generation>/<split>/part-NNNNN.parquet``, in row groups of ~``row_group_bytes``.
+    spark: "SparkSession", shards: list[Shard], out: Location, *, row_group_bytes: int
+) -> list[contract.ShardFile]:
+    """Write ``shards`` with one Spark job: task ``t`` writes shard ``t`` as ``out/<path>``, in row groups of
+    ~``row_group_bytes``.
 
     The arrays become one Arrow table of fragments (:func:`fragments_table`).  On Spark Connect it is a relation
     joined with a broadcast hint to ``spark.range(units)`` (one partition per shard), so partition ``t`` receives
     exactly shard ``t``'s rows; on a classic session it is a broadcast variable that each task of that
-    ``spark.range`` filters for its unit (:func:`spark_mnist.tasks.write.write_broadcast_shards`).  Either way
+    ``spark.range`` slices for its unit (:func:`spark_mnist.tasks.write.write_shards`).  Either way
     the tasks write with pyarrow and the driver commits the manifest later (mosaicml-streaming's
     ``dataframe_to_mds`` pattern), rather than through Spark's Parquet writer and Hadoop's output committer.  pyspark
     sends a relation under ``spark.sql.session.localRelationCacheThreshold`` (64 MiB) inline and uploads a larger
     one as chunked artifacts, so no gRPC message exceeds the server's limit (128 MiB).
 
     Returns:
-        ``{(split, shard): ShardFile}`` of the shards written, with their bytes and rows as the tasks reported.
+        The :class:`~spark_mnist.shards.contract.ShardFile` of each shard, in order, with its bytes and rows as the
+        tasks reported.
     Raises:
         RuntimeError: the job did not report every shard with its rows.
     """
-    plan = write_plan(pieces, fs.task_uri(out), generation, row_group_bytes)
-    table = fragments_table(pieces, plan)
-    units = len(plan.units)
-    tasks = spark.range(units, numPartitions=units)
+    # One unit per shard, row groups of about row_group_bytes of images, fragments of at most FRAGMENT_BYTES of
+    # images (at least one image).
+    image_shape = shards[0][2].shape[1:]  # the first shard's images' (H, W)
+    image_bytes = int(np.prod(image_shape))
+    units = tuple((path, start, len(labels)) for path, start, _, labels in shards)
+    rows_per_group, fragment_rows = max(1, row_group_bytes // image_bytes), max(1, FRAGMENT_BYTES // image_bytes)
+    plan = WritePlan(fs.task_uri(out), units, image_shape, rows_per_group, fragment_rows)
+    table = fragments_table(shards, plan)
+    tasks = spark.range(len(shards), numPartitions=len(shards))
     with contextlib.ExitStack() as stack:
         if session.is_connect(spark):
             tasks = tasks.withColumnRenamed("id", "unit").join(spark.createDataFrame(table).hint("broadcast"), "unit")
-            write = functools.partial(write_shards, plan)
+            shipped = None
         else:  # a broadcast variable: warm ingest 1.05 s against the relation's 1.81 s (docs/benchmarks.md)
-            shipped = stack.enter_context(session.shipped_to_executors(spark, table))
-            write = functools.partial(write_broadcast_shards, plan, shipped)
+            shipped = session.shipped_to_executors(spark, table)
+            stack.callback(shipped.destroy)
+        write = functools.partial(write_shards, plan, shipped=shipped)
         report = {row.unit: row for row in tasks.mapInArrow(write, REPORT_SCHEMA).collect()}
-    rows = [hi - lo for lo, hi in map(plan.rows, range(units))]
-    missing = [plan.path(u) for u in range(units) if u not in report or report[u].rows != rows[u]]
+    missing = [path for u, (path, _, rows) in enumerate(plan.shards) if u not in report or report[u].rows != rows]
     if missing:
         raise RuntimeError(
             f"{out.shown}: the write job did not report these shards with their rows: {', '.join(missing)}"
         )
-    return {plan.shards[u]: contract.ShardFile(plan.path(u), int(report[u].bytes), rows[u]) for u in range(units)}
-
-
-def fragments_table(pieces: list[Piece], plan: WritePlan) -> pa.Table:
-    """The job's arrays as an Arrow table of fragments: ``unit`` (long), ``part`` (int, the fragment's place in its
-    unit), ``images`` and ``labels`` (binary: consecutive rows' raw bytes, C order), :attr:`WritePlan.fragment_rows`
-    rows a fragment (fewer in a unit's last), without copying the arrays' bytes."""
-    columns: dict[str, list[pa.Array]] = {"unit": [], "part": [], "images": [], "labels": []}
-    for unit, (p, _) in enumerate(plan.units):
-        lo, hi = plan.rows(unit)
-        starts = np.append(np.arange(lo, hi, plan.fragment_rows), hi)
-        n = len(starts) - 1
-        columns["unit"].append(pa.array(np.full(n, unit, dtype=np.int64)))
-        columns["part"].append(pa.array(np.arange(n, dtype=np.int32)))
-        for name, array in (("images", pieces[p].images), ("labels", pieces[p].labels)):
-            flat = np.ascontiguousarray(array[lo:hi]).reshape(-1).view(np.uint8)
-            offsets = pa.py_buffer(((starts - lo) * (flat.size // max(1, hi - lo))).astype(np.int32))
-            columns[name].append(pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(flat)]))
-    # One chunk per column: Spark 4.0.0's Connect server reads only the first record batch of a local relation.
-    return pa.table({name: pa.concat_arrays(arrays) for name, arrays in columns.items()})
+    return [contract.ShardFile(path, int(report[u].bytes), rows) for u, (path, _, rows) in enumerate(plan.shards)]

@@ -4,8 +4,6 @@ installed ``pyspark`` and ``py4j`` make them redundant.  Runs in every Spark Pyt
 driver; why it exists: docs/development.md.
 """
 
-from __future__ import annotations
-
 import importlib.machinery
 import os
 import sys
@@ -23,9 +21,8 @@ def spark_archives(path: list[str]) -> list[str]:
     jars = [p for p in path if p.endswith(".jar")]
     zips = [p for p in path if p.endswith(".zip") and os.path.basename(p).startswith(SPARK_PYTHON_PACKAGES)]
     rest = [p for p in path if p not in jars and p not in zips]
-    if all(importlib.machinery.PathFinder.find_spec(name, rest) is not None for name in SPARK_PYTHON_PACKAGES):
-        return jars + zips
-    return jars
+    installed = all(importlib.machinery.PathFinder.find_spec(name, rest) is not None for name in SPARK_PYTHON_PACKAGES)
+    return jars + zips if installed else jars
 
 
 def main() -> None:
