@@ -29,28 +29,25 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from spark_mnist.errors import InputError, LoaderStateError, invalid
-from spark_mnist.rank.order import (
-    STATE_KEYS,
-    Window,
-    _evaluation_windows,
-    _local_positions,
-    epoch_windows,
-    rank_rows,
-    rank_share,
-    skip_rows,
-    state_mismatch,
-    steps_per_epoch,
-)
-from spark_mnist.rank.resident import copied_to, default_device_budget, resident_batches, to_device
+from spark_mnist.rank import order
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "prefetched", "ShardLoader"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "ROW_OVERHEAD_BYTES",
+    "CUDA_FREE_MEMORY_FRACTION",
+    "prefetched",
+    "ShardLoader",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30
 # Bytes a decoded row costs beside its pixels (index and label, int64 each).
 ROW_OVERHEAD_BYTES = 16
+# The share of a CUDA device's free memory a loader may fill with its resident split by default: the model, its
+# activations and the optimizer need the rest.
+CUDA_FREE_MEMORY_FRACTION = 0.25
 
 
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
@@ -73,8 +70,9 @@ class ShardLoader(IterableDataset):
     Each iteration yields ``(images, labels)``: ``images`` uint8 of shape (B, 1, H, W) (pinned host memory when
     ``pin_memory``), ``labels`` int64 of shape (B,).  Scaling to float happens on the training device, after the
     copy (see :func:`spark_mnist.models.normalize`).  With ``device``, the tensors are on that device, the decoded
-    rows kept there when they fit (``resident``: batches are gathers on the device, :mod:`spark_mnist.rank.resident`);
-    the batches are the same either way.
+    rows kept there when they fit (``resident``: decoded once, the first epoch, then every batch an index gather on
+    the device, with no host-to-device copy per step), else each host batch copied there (``non_blocking`` from pinned
+    memory on CUDA), which a warning says once; the batches are the same either way.
 
     **Epochs.**  Every ``iter()`` (or :meth:`iter_with_index`) is one epoch, as with a ``DataLoader``: a plain
     ``for epoch in range(n): for batch in loader:`` reads epochs 0, 1, ... ``n - 1``, each in its own order (epoch
@@ -106,8 +104,9 @@ class ShardLoader(IterableDataset):
         device: yield the batches on this device (``None``: host tensors, as without it); keep the decoded rows
             there when they fit ``device_memory_budget_bytes``, else copy each host batch (pinned on CUDA) and log
             that once.
-        device_memory_budget_bytes: default :func:`spark_mnist.rank.resident.default_device_budget` (CUDA: a
-            quarter of the device's free memory; CPU: ``memory_budget_bytes``).
+        device_memory_budget_bytes: default on CUDA :data:`CUDA_FREE_MEMORY_FRACTION` of the device's free memory
+            (``torch.cuda.mem_get_info``) when the loader is built; on the CPU (standing in for a device, in tests
+            and benchmarks) or another device type ``memory_budget_bytes``.
         dataset: the dataset's identity (:func:`spark_mnist.runs.dataset_identity` of its manifest), recorded in
             :meth:`state_dict` so that a resume on other data is refused; ``None``: not checked.
 
@@ -147,7 +146,7 @@ class ShardLoader(IterableDataset):
         self.plan = plan_row_groups(paths)
         self.total_rows = total_rows(self.plan)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.lo, self.hi = rank_rows(self.total_rows, rank, world_size)
+        self.lo, self.hi = order.rank_rows(self.total_rows, rank, world_size)
         self.image_shape = tuple(image_shape)
         self.row_bytes = int(np.prod(self.image_shape))
         self.seed, self.shuffle, self.drop_remainder, self.dataset = seed, shuffle, drop_remainder, dataset
@@ -159,12 +158,12 @@ class ShardLoader(IterableDataset):
         self.device = None if device is None else torch.device(device)
         self.resident = False  # True: the decoded rows live on self.device, batches are gathered there
         if self.device is not None:
-            budget = device_memory_budget_bytes
-            if budget is None:
-                budget = default_device_budget(self.device, memory_budget_bytes)
+            budget = memory_budget_bytes if device_memory_budget_bytes is None else device_memory_budget_bytes
+            if device_memory_budget_bytes is None and self.device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_FRACTION)
             self.resident = need <= budget
-            self.pin_memory = self.pin_memory or (not self.resident and self.device.type == "cuda")
             if not self.resident:
+                self.pin_memory = self.pin_memory or self.device.type == "cuda"
                 log.warning(
                     f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
                     f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
@@ -173,7 +172,8 @@ class ShardLoader(IterableDataset):
         # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
         # them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
         self._position_set = True
-        self._cache = self._resident = None
+        # The decoded rows kept between epochs: host arrays (in_memory), or tensors on the device (resident).
+        self._cache: Any = None
         self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
 
     @property
@@ -195,7 +195,7 @@ class ShardLoader(IterableDataset):
     def steps_total(self) -> int:
         """The steps of a whole epoch, equal on every rank when ``drop_remainder``."""
         if self.drop_remainder:
-            return steps_per_epoch(self.total_rows, self.world_size, self.batch_size)
+            return order.steps_per_epoch(self.total_rows, self.world_size, self.batch_size)
         return -(-(self.hi - self.lo) // self.batch_size)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -254,9 +254,11 @@ class ShardLoader(IterableDataset):
             LoaderStateError: a state this loader cannot honour (:func:`spark_mnist.rank.order.state_mismatch`), in
                 one line naming the setting, the saved value and this run's.
         """
-        if not isinstance(state, Mapping) or not set(STATE_KEYS) <= set(state):
-            raise invalid("loader state", state, f"a dict with {', '.join(STATE_KEYS)} (ShardLoader.state_dict())")
-        mismatch = state_mismatch(state, self.state_dict(), source)
+        if not isinstance(state, Mapping) or not set(order.STATE_KEYS) <= set(state):
+            raise invalid(
+                "loader state", state, f"a dict with {', '.join(order.STATE_KEYS)} (ShardLoader.state_dict())"
+            )
+        mismatch = order.state_mismatch(state, self.state_dict(), source)
         if mismatch:
             raise LoaderStateError(mismatch)
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
@@ -269,13 +271,10 @@ class ShardLoader(IterableDataset):
         """A pickled (or deep-copied) loader carries its settings and position, not its open iterations or its
         decoded rows: ``DataLoader`` workers started by ``spawn`` or ``forkserver`` then reach the refusal of
         :meth:`__iter__`, not a pickling error."""
-        state = dict(self.__dict__)
-        state["_iterators"], state["_cache"], state["_resident"] = None, None, None
-        return state
+        return {**self.__dict__, "_iterators": None, "_cache": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._iterators = weakref.WeakSet()
+        self.__dict__.update(state, _iterators=weakref.WeakSet())
 
     def __enter__(self) -> "ShardLoader":
         return self
@@ -289,7 +288,7 @@ class ShardLoader(IterableDataset):
         for iterator in list(self._iterators):
             iterator.close()
         self._iterators.clear()
-        self._cache = self._resident = None
+        self._cache = None
 
     def _read(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global rows of ``ranges``, end to end: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,)
@@ -297,12 +296,15 @@ class ShardLoader(IterableDataset):
         pieces = [piece for a, b in ranges for piece in pieces_in(self.plan, a, b)]
         return read_pieces(pieces, self.row_bytes, self.reader_threads)
 
-    def _epoch_share(self, epoch: int) -> list[tuple[Window, np.ndarray]]:
-        """This rank's rows of ``epoch``, window by window, in the order they are yielded."""
+    def _epoch_share(self, epoch: int, start: int) -> list[tuple[order.Window, np.ndarray]]:
+        """This rank's rows of ``epoch`` from its ``start``-th on, window by window, in the order they are yielded."""
         if self.drop_remainder:
-            windows = epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
-            return rank_share(windows, self.rank, self.world_size, self.batch_size)
-        return [(w, w.order) for w in _evaluation_windows(self.lo, self.hi, self.seed, epoch, self.rank, self.shuffle)]
+            windows = order.epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
+            positions = order.rank_positions(self.total_rows, self.rank, self.world_size, self.batch_size)
+        else:
+            windows = order.evaluation_windows(self.lo, self.hi, self.seed, epoch, self.rank, self.shuffle)
+            positions = np.arange(self.hi - self.lo)
+        return order.rank_share(windows, positions[start:])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches, ``(images, labels)``: the position set by :meth:`set_epoch` /
@@ -338,16 +340,13 @@ class ShardLoader(IterableDataset):
         return iterator
 
     def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Iterator:
-        share = skip_rows(self._epoch_share(epoch), start_step * self.batch_size)
-        if self.resident:
-            batches = self._batches_resident(share)
-        else:
-            batches = self._batches_from_memory(share) if self.in_memory else self._batches_streamed(share)
-            if self.device is not None:
-                batches = copied_to(batches, self.device)
+        share = self._epoch_share(epoch, start_step * self.batch_size)
+        batches = self._batches_kept(share) if self.in_memory or self.resident else self._batches_streamed(share)
         with contextlib.closing(batches):  # closing this iteration closes the reader (and its thread) at once
             for batch in batches:
                 self.step += 1
+                if self.device is not None:  # host batches copied (no copy for resident ones, already there)
+                    batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                 yield batch if with_index else batch[1:]
 
     def _gather(self, arrays, positions: np.ndarray):
@@ -363,23 +362,27 @@ class ShardLoader(IterableDataset):
         """``tensor`` in pinned host memory where batches are pinned (so its ``non_blocking`` copy stays async)."""
         return tensor.pin_memory() if self.pin_memory else tensor
 
-    def _batches_from_memory(self, share):
+    def _batches_kept(self, share):
+        """Batches of the rows read once (the first epoch) and kept: gathered on the host (``in_memory``), or on
+        ``device`` (``resident``: the rows moved there as one uint8 image tensor and two int64 tensors, the epoch's
+        positions too, then one ``index_select`` per tensor per batch: no host-to-device copy per step)."""
         if self._cache is None:
             self._cache = self._read([self.span])
+            if self.resident:
+                index, images, labels = map(torch.from_numpy, self._cache)  # on the CPU: the arrays' memory
+                images = images.view(len(images), 1, *self.image_shape)
+                self._cache = tuple(t.to(self.device) for t in (index, images, labels))
         if not share:
             return
-        positions = np.concatenate([rows for _, rows in share]) - self.span[0]
+        positions: Any = np.concatenate([rows for _, rows in share]) - self.span[0]
+        if self.resident:
+            positions = torch.from_numpy(positions).to(self.device)
         for lo in range(0, len(positions), self.batch_size):
-            yield self._gather(self._cache, positions[lo : lo + self.batch_size])
-
-    def _batches_resident(self, share):
-        """The same batches as :meth:`_batches_from_memory`, gathered from the rows kept on ``device`` (decoded and
-        moved there by the first epoch, then reused)."""
-        if self._resident is None:
-            self._resident = to_device(self._read([self.span]), self.image_shape, self.device)
-        if share:
-            positions = np.concatenate([rows for _, rows in share]) - self.span[0]
-            yield from resident_batches(self._resident, positions, self.batch_size)
+            chosen = positions[lo : lo + self.batch_size]
+            if self.resident:
+                yield tuple(torch.index_select(t, 0, chosen) for t in self._cache)
+            else:
+                yield self._gather(self._cache, chosen)
 
     def _batches_streamed(self, share):
         """Decode the windows one at a time (the next one in the background while the current one is cut) and
@@ -388,7 +391,7 @@ class ShardLoader(IterableDataset):
         with contextlib.closing(decoded):  # stops and joins the prefetch thread when this generator is closed
             carry = None
             for (window, rows), arrays in zip(share, decoded):
-                chunk = self._gather(arrays, _local_positions(window.ranges, rows))
+                chunk = self._gather(arrays, order.local_positions(window.ranges, rows))
                 if carry is not None:
                     chunk = tuple(self._pinned(torch.cat([c, p])) for c, p in zip(carry, chunk))
                 full = len(chunk[0]) - len(chunk[0]) % self.batch_size

@@ -43,7 +43,7 @@ import numpy as np
 from spark_mnist.errors import invalid
 
 __all__ = ["BLOCK_ROWS", "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "rank_rows", "steps_per_epoch", "Window",
-           "epoch_windows", "rank_share", "skip_rows", "state_mismatch"]  # fmt: skip
+           "epoch_windows", "evaluation_windows", "rank_positions", "rank_share", "local_positions", "state_mismatch"]  # fmt: skip
 
 # Consecutive rows moved as one block by the first, coarse permutation of an epoch.
 BLOCK_ROWS = 8_192
@@ -51,18 +51,8 @@ BLOCK_ROWS = 8_192
 WINDOW_BLOCKS = 8
 WINDOW_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
 # What a state_dict holds (see ShardLoader.state_dict).
-STATE_KEYS = (
-    "seed",
-    "epoch",
-    "step",
-    "samples",
-    "world_size",
-    "batch_size",
-    "global_batch_size",
-    "rows",
-    "shuffle",
-    "drop_remainder",
-    "dataset",
+STATE_KEYS = tuple(
+    "seed epoch step samples world_size batch_size global_batch_size rows shuffle drop_remainder dataset".split()
 )
 # Stream tags of the order's random generators (the first word of their key after seed and epoch).
 _BLOCKS, _WINDOW, _EVALUATION = 0, 1, 2
@@ -136,49 +126,7 @@ def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> lis
     return windows
 
 
-def rank_share(
-    windows: Sequence[Window], rank: int, world_size: int, batch_size: int
-) -> list[tuple[Window, np.ndarray]]:
-    """Rank ``rank``'s part of the sequence ``windows`` make, cut into global batches (step 3 of the module
-    docstring): for each window, the rows (int64) of the rank's slices that fall in it, in sequence order.  Their
-    concatenation is the rank's epoch: ``steps_per_epoch(R, world_size, batch_size) * batch_size`` rows.
-
-    Raises:
-        ValueError: ``rank`` outside ``[0, world_size)`` or ``batch_size`` below 1.
-    """
-    rank_rows(0, rank, world_size)  # checks rank and world size
-    if batch_size < 1:
-        raise invalid("batch_size", batch_size, "at least 1")
-    total = sum(len(w.order) for w in windows)
-    global_batch = batch_size * world_size
-    steps = steps_per_epoch(total, world_size, batch_size)
-    positions = (
-        np.arange(steps, dtype=np.int64)[:, None] * global_batch
-        + rank * batch_size
-        + np.arange(batch_size, dtype=np.int64)[None, :]
-    ).ravel()
-    out, start = [], 0
-    for window in windows:
-        end = start + len(window.order)
-        lo, hi = np.searchsorted(positions, [start, end])
-        out.append((window, window.order[positions[lo:hi] - start]))
-        start = end
-    return out
-
-
-def skip_rows(share: Sequence[tuple[Window, np.ndarray]], start: int) -> list[tuple[Window, np.ndarray]]:
-    """``share`` (a rank's rows by window, as :func:`rank_share` gives them) without its first ``start`` rows (those
-    consumed before a resume) and without empty windows."""
-    out = []
-    for window, rows in share:
-        taken = min(start, len(rows))
-        start -= taken
-        if len(rows) > taken:
-            out.append((window, rows[taken:]))
-    return out
-
-
-def _evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
+def evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
     """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
     windows = []
     for c, a in enumerate(range(lo, hi, WINDOW_ROWS)):
@@ -190,7 +138,31 @@ def _evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuf
     return windows
 
 
-def _local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
+def rank_positions(total: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """Where rank ``rank``'s slices of the global batches lie in the training order's sequence ``S`` of ``total``
+    rows (step 3 of the module docstring): int64, ascending, ``steps_per_epoch(total, world_size, batch_size) *
+    batch_size`` of them, the rank's epoch in the order it reads it."""
+    steps, global_batch = steps_per_epoch(total, world_size, batch_size), batch_size * world_size
+    return (
+        np.arange(steps, dtype=np.int64)[:, None] * global_batch + rank * batch_size + np.arange(batch_size)
+    ).ravel()
+
+
+def rank_share(windows: Sequence[Window], positions: np.ndarray) -> list[tuple[Window, np.ndarray]]:
+    """The rows (int64) at ``positions`` (ascending indices into the sequence ``windows`` make: a rank's
+    :func:`rank_positions`, or ``arange`` in the evaluation order, less those consumed before a resume), window by
+    window in sequence order; windows that hold none of them are left out."""
+    out, start = [], 0
+    for window in windows:
+        end = start + len(window.order)
+        lo, hi = np.searchsorted(positions, [start, end])
+        if hi > lo:
+            out.append((window, window.order[positions[lo:hi] - start]))
+        start = end
+    return out
+
+
+def local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
     """Where global ``rows`` (all inside ``ranges``) sit in the rows of ``ranges`` laid end to end."""
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
     offsets = np.cumsum([0] + [b - a for a, b in ranges[:-1]], dtype=np.int64)
@@ -219,13 +191,8 @@ def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source:
         checks += [("world_size", "the world size"), ("batch_size", "the batch size")]
     for key, label in checks:
         a, b = saved[key], current[key]
-        if key == "dataset" and (a is None or b is None):
-            continue
-        if a != b:
-            detail = (
-                f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
-                if key == "global_batch_size"
-                else ""
-            )
+        if a != b and not (key == "dataset" and None in (a, b)):
+            ranks = f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
+            detail = ranks if key == "global_batch_size" else ""
             return f"Cannot resume: {label} is {a!r} in {source}, {b!r} in this run{detail}."
     return None
