@@ -58,8 +58,7 @@ def normalization_for(dataset: str) -> Normalization:
     Raises:
         InputError: ``dataset`` is not in the registry (the message lists the known ones).
     """
-    mean, std = get_dataset(dataset).normalization
-    return Normalization(mean=mean, std=std)
+    return Normalization(*get_dataset(dataset).normalization)
 
 
 def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:

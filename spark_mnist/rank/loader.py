@@ -374,7 +374,7 @@ class ShardLoader(IterableDataset):
                 self._cache = tuple(t.to(self.device) for t in (index, images, labels))
         if not share:
             return
-        positions: Any = np.concatenate([rows for _, rows in share]) - self.span[0]
+        positions = np.concatenate([rows for _, rows in share]) - self.span[0]
         if self.resident:
             positions = torch.from_numpy(positions).to(self.device)
         for lo in range(0, len(positions), self.batch_size):

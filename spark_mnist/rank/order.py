@@ -43,7 +43,8 @@ import numpy as np
 from spark_mnist.errors import invalid
 
 __all__ = ["BLOCK_ROWS", "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "rank_rows", "steps_per_epoch", "Window",
-           "epoch_windows", "evaluation_windows", "rank_positions", "rank_share", "local_positions", "state_mismatch"]  # fmt: skip
+           "epoch_windows", "evaluation_windows", "rank_positions", "rank_share", "local_positions",
+           "state_mismatch"]  # fmt: skip
 
 # Consecutive rows moved as one block by the first, coarse permutation of an epoch.
 BLOCK_ROWS = 8_192

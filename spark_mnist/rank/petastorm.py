@@ -6,6 +6,7 @@ need it, so this module imports where petastorm is not installed (Spark 4, pyarr
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import numpy as np
@@ -51,12 +52,9 @@ def petastorm_batches(
     from petastorm import TransformSpec
     from petastorm.pytorch import BatchedDataLoader, DataLoader
 
-    row_bytes = int(np.prod(image_shape))
-
     def to_arrays(frame):
         values = frame[contract.IMAGE].to_numpy()  # (n,) bytes objects, joined once
-        pixels = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), row_bytes)
-        frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
+        frame[contract.IMAGE] = list(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, 1, *image_shape))
         return frame[[contract.IMAGE, contract.LABEL]]
 
     spec = TransformSpec(
@@ -73,7 +71,5 @@ def petastorm_batches(
         workers_count=workers,
         data_loader_fn=BatchedDataLoader if batched else DataLoader,
     ) as loader:
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
+        for batch in itertools.islice(loader, steps):
             yield batch[contract.IMAGE].to(torch.uint8), batch[contract.LABEL].to(torch.int64)

@@ -133,12 +133,7 @@ class TrainStep:
 
 
 def evaluate(
-    model: torch.nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    norm: Normalization,
-    *,
-    channels_last: bool = False,
+    model: torch.nn.Module, loader: Iterable, device: torch.device, norm: Normalization, channels_last: bool = False
 ) -> tuple[float, int, int]:
     """Sum of cross-entropy (nats), correct predictions and samples over this rank's share of ``loader``'s split
     (uint8 (B, 1, H, W) images, int64 (B,) labels), summed over all ranks when a process group is up.
