@@ -390,14 +390,14 @@ def test_a_slow_loader_shows_in_the_data_wait_fraction(one_rank, splits, tmp_pat
 
     from spark_mnist.rank import train
 
-    batches = train._batches
+    batches = train._Run.batches
 
-    def slow(run, loader):
-        for batch in batches(run, loader):
+    def slow(run):
+        for batch in batches(run):
             time.sleep(0.02)
             yield batch
 
-    monkeypatch.setattr(train, "_batches", slow)
+    monkeypatch.setattr(train._Run, "batches", slow)
     metrics = one_rank(job_for(splits, tmp_path / "run", epochs=1))
     assert 0.3 < metrics["history"][0]["data_wait_fraction"] <= 1
 
