@@ -22,7 +22,7 @@ import contextlib
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -306,7 +306,7 @@ class ShardLoader(IterableDataset):
             positions = np.arange(self.hi - self.lo)
         return order.rank_share(windows, positions[start:])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """One epoch's batches, ``(images, labels)``: the position set by :meth:`set_epoch` /
         :meth:`load_state_dict` on, else the next epoch's from step 0 (see the class docstring).
 
@@ -315,12 +315,12 @@ class ShardLoader(IterableDataset):
         """
         return self._open(with_index=False)
 
-    def iter_with_index(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def iter_with_index(self) -> Generator[tuple[torch.Tensor, torch.Tensor, torch.Tensor], None, None]:
         """Like iteration (one epoch, advancing as ``iter()`` does), with the ``index`` column (int64, (B,)) first:
         which source rows each batch holds."""
         return self._open(with_index=True)
 
-    def _open(self, with_index: bool) -> Iterator:
+    def _open(self, with_index: bool) -> Generator:
         """Begin an epoch's iteration now: which epoch and step are fixed here, not at the first ``next()``."""
         worker = get_worker_info()
         if worker is not None:
@@ -339,7 +339,7 @@ class ShardLoader(IterableDataset):
         self._iterators.add(iterator)
         return iterator
 
-    def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Iterator:
+    def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Generator:
         share = self._epoch_share(epoch, start_step * self.batch_size)
         batches = self._batches_kept(share) if self.in_memory or self.resident else self._batches_streamed(share)
         with contextlib.closing(batches):  # closing this iteration closes the reader (and its thread) at once

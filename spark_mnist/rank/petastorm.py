@@ -7,7 +7,7 @@ need it, so this module imports where petastorm is not installed (Spark 4, pyarr
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Generator
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ def petastorm_batches(
     image_shape: tuple[int, int] = (28, 28),
     batched: bool = False,
     workers: int = 2,
-) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
 
     petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``
