@@ -84,15 +84,15 @@ class SimpleCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, image_shape: tuple[int, int] = (28, 28)):
         super().__init__()
-        pooled = (image_shape[0] // self.POOL // self.POOL, image_shape[1] // self.POOL // self.POOL)
-        self.features = nn.Sequential(
-            nn.Conv2d(1, self.CONV1_CHANNELS, self.KERNEL, padding=self.KERNEL // 2),
-            nn.ReLU(),
-            nn.MaxPool2d(self.POOL),
-            nn.Conv2d(self.CONV1_CHANNELS, self.CONV2_CHANNELS, self.KERNEL, padding=self.KERNEL // 2),
-            nn.ReLU(),
-            nn.MaxPool2d(self.POOL),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((1, self.CONV1_CHANNELS), (self.CONV1_CHANNELS, self.CONV2_CHANNELS)):
+            layers += [
+                nn.Conv2d(c_in, c_out, self.KERNEL, padding=self.KERNEL // 2),
+                nn.ReLU(),
+                nn.MaxPool2d(self.POOL),
+            ]
+        self.features = nn.Sequential(*layers)
+        pooled = (image_shape[0] // self.POOL**2, image_shape[1] // self.POOL**2)  # two 2x2 poolings
         self.classifier = nn.Linear(self.CONV2_CHANNELS * pooled[0] * pooled[1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

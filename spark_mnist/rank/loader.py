@@ -19,6 +19,7 @@ defined in :mod:`spark_mnist.rank.order`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -32,13 +33,7 @@ from spark_mnist.errors import InputError, LoaderStateError, invalid
 from spark_mnist.rank import order
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
-__all__ = [
-    "DEFAULT_MEMORY_BUDGET_BYTES",
-    "ROW_OVERHEAD_BYTES",
-    "CUDA_FREE_MEMORY_FRACTION",
-    "prefetched",
-    "ShardLoader",
-]
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "CUDA_FREE_MEMORY_SHARE", "prefetched", "ShardLoader"]
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +42,19 @@ DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30
 ROW_OVERHEAD_BYTES = 16
 # The share of a CUDA device's free memory a loader may fill with its resident split by default: the model, its
 # activations and the optimizer need the rest.
-CUDA_FREE_MEMORY_FRACTION = 0.25
+CUDA_FREE_MEMORY_SHARE = 0.25
 
 
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
     """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
     consumed (one item ahead, never more).  Closing the iterator waits for the one in flight."""
+    items = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
-        pending = None
+        pending = [pool.submit(fn, item) for item in itertools.islice(items, 1)]
         for item in items:
-            future = pool.submit(fn, item)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
+            pending.append(pool.submit(fn, item))
+            yield pending.pop(0).result()
+        yield from (future.result() for future in pending)
 
 
 class ShardLoader(IterableDataset):
@@ -104,7 +97,7 @@ class ShardLoader(IterableDataset):
         device: yield the batches on this device (``None``: host tensors, as without it); keep the decoded rows
             there when they fit ``device_memory_budget_bytes``, else copy each host batch (pinned on CUDA) and log
             that once.
-        device_memory_budget_bytes: default on CUDA :data:`CUDA_FREE_MEMORY_FRACTION` of the device's free memory
+        device_memory_budget_bytes: default on CUDA :data:`CUDA_FREE_MEMORY_SHARE` of the device's free memory
             (``torch.cuda.mem_get_info``) when the loader is built; on the CPU (standing in for a device, in tests
             and benchmarks) or another device type ``memory_budget_bytes``.
         dataset: the dataset's identity (:func:`spark_mnist.runs.dataset_identity` of its manifest), recorded in
@@ -160,7 +153,7 @@ class ShardLoader(IterableDataset):
         if self.device is not None:
             budget = memory_budget_bytes if device_memory_budget_bytes is None else device_memory_budget_bytes
             if device_memory_budget_bytes is None and self.device.type == "cuda":
-                budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_FRACTION)
+                budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_SHARE)
             self.resident = need <= budget
             if not self.resident:
                 self.pin_memory = self.pin_memory or self.device.type == "cuda"

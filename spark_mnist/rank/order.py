@@ -55,6 +55,8 @@ WINDOW_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
 STATE_KEYS = tuple(
     "seed epoch step samples world_size batch_size global_batch_size rows shuffle drop_remainder dataset".split()
 )
+# How the messages of state_mismatch name the facts of a state whose key does not say it as is ("the seed", ...).
+_LABELS = {"rows": "the split's rows", "shuffle": "shuffle", "drop_remainder": "drop_remainder (training order)"}
 # Stream tags of the order's random generators (the first word of their key after seed and epoch).
 _BLOCKS, _WINDOW, _EVALUATION = 0, 1, 2
 
@@ -98,9 +100,8 @@ def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     out: list[tuple[int, int]] = []
     for a, b in sorted(ranges):
         if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
+            a = out.pop()[0]
+        out.append((a, b))
     return tuple(out)
 
 
@@ -180,19 +181,13 @@ def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source:
     (``drop_remainder``), another global batch size; for the evaluation order also another world size or batch
     size.  Another world size of the training order is honoured (elastic resume).
     """
-    checks = [
-        ("dataset", "the dataset"),
-        ("rows", "the split's rows"),
-        ("seed", "the seed"),
-        ("shuffle", "shuffle"),
-        ("drop_remainder", "drop_remainder (training order)"),
-        ("global_batch_size", "the global batch size"),
-    ]
+    checked = ["dataset", "rows", "seed", "shuffle", "drop_remainder", "global_batch_size"]
     if not current["drop_remainder"]:
-        checks += [("world_size", "the world size"), ("batch_size", "the batch size")]
-    for key, label in checks:
+        checked += ["world_size", "batch_size"]
+    for key in checked:
         a, b = saved[key], current[key]
         if a != b and not (key == "dataset" and None in (a, b)):
+            label = _LABELS.get(key, f"the {key.replace('_', ' ')}")
             ranks = f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
             detail = ranks if key == "global_batch_size" else ""
             return f"Cannot resume: {label} is {a!r} in {source}, {b!r} in this run{detail}."
