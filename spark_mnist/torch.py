@@ -212,10 +212,8 @@ class MNIST(_TorchDataset):
 
     def __repr__(self) -> str:
         lines = [f"Dataset {type(self).__name__} ({self.dataset})", f"    Number of datapoints: {len(self)}"]
-        lines += [
-            f"    Root location: {redact(os.fspath(self.root))}",
-            f"    Split: {'Train' if self.train else 'Test'}",
-        ]
+        lines.append(f"    Root location: {redact(os.fspath(self.root))}")
+        lines.append(f"    Split: {'Train' if self.train else 'Test'}")
         for name, value in (("Transform", self.transform), ("Target transform", self.target_transform)):
             if value:
                 lines.append(f"    {name}: {value!r}")

@@ -251,8 +251,7 @@ class ShardLoader(IterableDataset):
             raise invalid(
                 "loader state", state, f"a dict with {', '.join(order.STATE_KEYS)} (ShardLoader.state_dict())"
             )
-        mismatch = order.state_mismatch(state, self.state_dict(), source)
-        if mismatch:
+        if mismatch := order.state_mismatch(state, self.state_dict(), source):
             raise LoaderStateError(mismatch)
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         samples = int(state["samples"])

@@ -285,7 +285,29 @@ class _Run:
         elastic = checkpoint is not None and checkpoint.loader["world_size"] != world.world_size
         if checkpoint is not None and elastic:
             self.batch_size = checkpoint.batch_size_for(world.world_size)
-        self.train_loader, self.test_loader = self._loaders()
+        # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
+        # there; petastorm reads the training batches itself, so only the evaluation loader then does.
+        resident = device if _resolve(self.settings.resident_data, device) else None
+        loaders = []  # the training loader (shuffled, full steps only), the evaluation loader (file order, every row)
+        for files, training in ((job.train_files, True), (job.test_files, False)):
+            loaders.append(
+                ShardLoader(
+                    files,
+                    rank=world.rank,
+                    world_size=world.world_size,
+                    batch_size=self.batch_size,
+                    image_shape=job.image_shape,
+                    seed=self.settings.seed,
+                    shuffle=training,
+                    drop_remainder=training,
+                    memory_budget_bytes=job.memory_budget_bytes,
+                    reader_threads=self.settings.reader_threads,
+                    pin_memory=device.type == "cuda",
+                    dataset=job.dataset_id,
+                    device=None if training and self.settings.loader != "spark-mnist" else resident,
+                )
+            )
+        self.train_loader, self.test_loader = loaders
         self.steps = self.train_loader.steps_total
         if checkpoint is not None:
             self.train_loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
@@ -302,33 +324,6 @@ class _Run:
         """Print ``line`` once, on rank 0 (the ranks' output is what the launcher shows)."""
         if self.world.is_leader:
             print(line, flush=True)
-
-    def _loaders(self) -> tuple[ShardLoader, ShardLoader]:
-        """The training loader (shuffled, full steps only) and the evaluation loader (file order, every row)."""
-        job, world = self.job, self.world
-        # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
-        # there; petastorm reads the training batches itself, so only the evaluation loader then does.
-        device = self.device if _resolve(self.settings.resident_data, self.device) else None
-        loaders = []
-        for files, training in ((job.train_files, True), (job.test_files, False)):
-            loaders.append(
-                ShardLoader(
-                    files,
-                    rank=world.rank,
-                    world_size=world.world_size,
-                    batch_size=self.batch_size,
-                    image_shape=job.image_shape,
-                    seed=self.settings.seed,
-                    shuffle=training,
-                    drop_remainder=training,
-                    memory_budget_bytes=job.memory_budget_bytes,
-                    reader_threads=self.settings.reader_threads,
-                    pin_memory=self.device.type == "cuda",
-                    dataset=job.dataset_id,
-                    device=None if training and self.settings.loader != "spark-mnist" else device,
-                )
-            )
-        return loaders[0], loaders[1]
 
     def batches(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """The epoch's batches from the training loader's position: its own, or petastorm's reader of the same
