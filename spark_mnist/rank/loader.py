@@ -103,6 +103,17 @@ class ShardLoader(IterableDataset):
         dataset: the dataset's identity (:func:`spark_mnist.runs.dataset_identity` of its manifest), recorded in
             :meth:`state_dict` so that a resume on other data is refused; ``None``: not checked.
 
+    Attributes:
+        rank, world_size, batch_size, seed, shuffle, drop_remainder, dataset, device: as given.
+        total_rows: the split's rows.
+        rows: the rows this loader reads every epoch: the whole split (training order, ``[0, total_rows)``) or the
+            rank's range (evaluation order, ``span``).
+        global_batch_size: the samples of one step over all ranks, ``batch_size * world_size``.
+        steps_total: the steps of a whole epoch, equal on every rank when ``drop_remainder``.
+        in_memory, resident: the rows read are kept between epochs on the host, or on ``device``.
+        epoch, start_step, step: the epoch being (or next to be) read, the step its iteration starts at, and its
+            steps already yielded.
+
     Where it runs: on every rank.  Use it as a context manager: ``close`` (on exit) ends open iterations, stopping
     and joining their background decoding thread, and releases the in-memory rows.  :meth:`state_dict` and
     :meth:`load_state_dict` save and restore the position and what decides the order, to resume mid-epoch, on
@@ -144,8 +155,13 @@ class ShardLoader(IterableDataset):
         self.row_bytes = int(np.prod(self.image_shape))
         self.seed, self.shuffle, self.drop_remainder, self.dataset = seed, shuffle, drop_remainder, dataset
         self.reader_threads, self.pin_memory = reader_threads, pin_memory
-        # The rows this loader reads: the whole split (training order) or the rank's range (evaluation order).
         self.span = (0, self.total_rows) if drop_remainder else (self.lo, self.hi)
+        self.rows = self.span[1] - self.span[0]
+        self.global_batch_size = batch_size * world_size
+        if drop_remainder:
+            self.steps_total = order.steps_per_epoch(self.total_rows, world_size, batch_size)
+        else:
+            self.steps_total = -(-self.rows // batch_size)
         need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
         self.in_memory = need <= memory_budget_bytes
         self.device = None if device is None else torch.device(device)
@@ -169,27 +185,10 @@ class ShardLoader(IterableDataset):
         self._cache: Any = None
         self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
 
-    @property
-    def rows(self) -> int:
-        """The rows this loader reads every epoch, the split's (training order) or its rank's range (evaluation)."""
-        return self.span[1] - self.span[0]
-
-    @property
-    def global_batch_size(self) -> int:
-        """The samples of one step over all ranks, ``batch_size * world_size``."""
-        return self.batch_size * self.world_size
-
     def __len__(self) -> int:
         """Steps the next ``iter()`` yields: the rest of the epoch :meth:`set_epoch` or :meth:`load_state_dict`
         chose (from ``start_step`` on), else a whole epoch (``steps_total``)."""
         return self.steps_total - (self.start_step if self._position_set else 0)
-
-    @property
-    def steps_total(self) -> int:
-        """The steps of a whole epoch, equal on every rank when ``drop_remainder``."""
-        if self.drop_remainder:
-            return order.steps_per_epoch(self.total_rows, self.world_size, self.batch_size)
-        return -(-(self.hi - self.lo) // self.batch_size)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch (its order) and the step the next ``iter()`` starts from (to resume mid-epoch); the
