@@ -287,16 +287,6 @@ class ShardLoader(IterableDataset):
         pieces = [piece for a, b in ranges for piece in pieces_in(self.plan, a, b)]
         return read_pieces(pieces, self.row_bytes, self.reader_threads)
 
-    def _epoch_share(self, epoch: int, start: int) -> list[tuple[order.Window, np.ndarray]]:
-        """This rank's rows of ``epoch`` from its ``start``-th on, window by window, in the order they are yielded."""
-        if self.drop_remainder:
-            windows = order.epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
-            positions = order.rank_positions(self.total_rows, self.rank, self.world_size, self.batch_size)
-        else:
-            windows = order.evaluation_windows(self.lo, self.hi, self.seed, epoch, self.rank, self.shuffle)
-            positions = np.arange(self.hi - self.lo)
-        return order.rank_share(windows, positions[start:])
-
     def __iter__(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """One epoch's batches, ``(images, labels)``: the position set by :meth:`set_epoch` /
         :meth:`load_state_dict` on, else the next epoch's from step 0 (see the class docstring).
@@ -331,7 +321,14 @@ class ShardLoader(IterableDataset):
         return iterator
 
     def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Generator:
-        share = self._epoch_share(epoch, start_step * self.batch_size)
+        # This rank's rows of the epoch from the start step on, window by window, in the order they are yielded.
+        if self.drop_remainder:
+            windows = order.epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
+            positions = order.rank_positions(self.total_rows, self.rank, self.world_size, self.batch_size)
+        else:
+            windows = order.evaluation_windows(*self.span, self.seed, epoch, self.rank, self.shuffle)
+            positions = np.arange(self.rows)
+        share = order.rank_share(windows, positions[start_step * self.batch_size :])
         batches = self._batches_kept(share) if self.in_memory or self.resident else self._batches_streamed(share)
         with contextlib.closing(batches):  # closing this iteration closes the reader (and its thread) at once
             for batch in batches:
@@ -340,8 +337,11 @@ class ShardLoader(IterableDataset):
                     batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                 yield batch if with_index else batch[1:]
 
-    def _gather(self, arrays, positions: np.ndarray):
-        """Rows ``positions`` of decoded ``arrays`` as tensors: (index (B,), images (B, 1, H, W), labels (B,))."""
+    def _gather(self, arrays, positions: Any):
+        """Rows ``positions`` of decoded ``arrays`` as tensors: (index (B,), images (B, 1, H, W), labels (B,)).  Of the
+        rows kept on the device (``resident``), one ``index_select`` per tensor, there."""
+        if self.resident:
+            return tuple(torch.index_select(t, 0, positions) for t in arrays)
         index, images, labels = arrays
         out = torch.empty((len(positions), 1, *self.image_shape), dtype=torch.uint8, pin_memory=self.pin_memory)
         # numpy's take is a plain copy loop; torch.index_select would go through torch's OpenMP pool, whose
@@ -369,11 +369,7 @@ class ShardLoader(IterableDataset):
         if self.resident:
             positions = torch.from_numpy(positions).to(self.device)
         for lo in range(0, len(positions), self.batch_size):
-            chosen = positions[lo : lo + self.batch_size]
-            if self.resident:
-                yield tuple(torch.index_select(t, 0, chosen) for t in self._cache)
-            else:
-                yield self._gather(self._cache, chosen)
+            yield self._gather(self._cache, positions[lo : lo + self.batch_size])
 
     def _batches_streamed(self, share):
         """Decode the windows one at a time (the next one in the background while the current one is cut) and

@@ -363,9 +363,8 @@ class _Run:
                     if cuda:  # the steps queued so far count in the rate
                         torch.cuda.synchronize(self.device)
                     rate = (step + 1 - first_step) * loader.global_batch_size / (time.perf_counter() - epoch_start)
-                    print(
-                        f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{self.steps}, {rate:,.0f} samples/s",
-                        flush=True,
+                    self.say(
+                        f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{self.steps}, {rate:,.0f} samples/s"
                     )
                 stop = settings.max_steps and self.run_steps == settings.max_steps
                 every = settings.checkpoint_every_steps
