@@ -352,24 +352,22 @@ class _Run:
         samples, wait, epoch_start = 0, DataWait(self.device), time.perf_counter()
         progress_every = max(1, self.steps // PROGRESS_LINES_PER_EPOCH)
         with contextlib.closing(self.batches()) as batches:
-            for step in range(first_step, self.steps):
+            for done in range(first_step + 1, self.steps + 1):  # done: the epoch's steps run once this one is
                 images, labels = wait.next(batches)
                 loss = self.step(to_input(images, self.norm, self.channels_last), labels)
                 loss_sum += loss.double() * len(labels)
                 samples += len(labels)
                 self.run_steps += 1
-                more = step + 1 < self.steps
-                if self.world.is_leader and (step + 1) % progress_every == 0 and more:
+                more = done < self.steps
+                if self.world.is_leader and done % progress_every == 0 and more:
                     if cuda:  # the steps queued so far count in the rate
                         torch.cuda.synchronize(self.device)
-                    rate = (step + 1 - first_step) * loader.global_batch_size / (time.perf_counter() - epoch_start)
-                    self.say(
-                        f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{self.steps}, {rate:,.0f} samples/s"
-                    )
+                    rate = (done - first_step) * loader.global_batch_size / (time.perf_counter() - epoch_start)
+                    self.say(f"epoch {epoch + 1}/{settings.epochs}: step {done}/{self.steps}, {rate:,.0f} samples/s")
                 stop = settings.max_steps and self.run_steps == settings.max_steps
                 every = settings.checkpoint_every_steps
-                if more and (stop or (every and (step + 1) % every == 0)):
-                    self.checkpoint(loader.state_dict(epoch=epoch, step=step + 1))
+                if more and (stop or (every and done % every == 0)):
+                    self.checkpoint(loader.state_dict(epoch=epoch, step=done))
                     if stop:
                         return None
             if cuda:
