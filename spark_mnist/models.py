@@ -14,7 +14,7 @@ source); :func:`normalization_for` reads them there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,8 +44,7 @@ def build_model(name: str, num_classes: int, image_shape: tuple[int, int]) -> nn
     return SimpleCNN(num_classes, image_shape)
 
 
-@dataclass(frozen=True)
-class Normalization:
+class Normalization(NamedTuple):
     """Per-channel ``mean`` and ``std`` of the training pixels scaled to [0, 1]."""
 
     mean: float

@@ -35,8 +35,7 @@ consumed in plan order).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -86,8 +85,7 @@ def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).permutation(n).astype(np.int64)
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):
     """A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in
     ``ranges`` (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows)."""
 
