@@ -32,11 +32,9 @@ def threads_per_rank(setting: int, local_world_size: int) -> int:
     least 1."""
     if setting:
         return setting
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size))
+    # sched_getaffinity: not on macOS or Windows.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size)
 
 
 def rank_device(use_gpu: bool, local_rank: int) -> torch.device:
