@@ -97,7 +97,7 @@ class ShardLoader(IterableDataset):
         device: yield the batches on this device (``None``: host tensors, as without it); keep the decoded rows
             there when they fit ``device_memory_budget_bytes``, else copy each host batch (pinned on CUDA) and log
             that once.
-        device_memory_budget_bytes: default on CUDA :data:`CUDA_FREE_MEMORY_SHARE` of the device's free memory
+        device_memory_budget_bytes: default on CUDA ``CUDA_FREE_MEMORY_SHARE`` (a quarter) of the device's free memory
             (``torch.cuda.mem_get_info``) when the loader is built; on the CPU (standing in for a device, in tests
             and benchmarks) or another device type ``memory_budget_bytes``.
         dataset: the dataset's identity (:func:`spark_mnist.runs.dataset_identity` of its manifest), recorded in
