@@ -54,7 +54,9 @@ def petastorm_batches(
 
     def to_arrays(frame):
         values = frame[contract.IMAGE].to_numpy()  # (n,) bytes objects, joined once
-        frame[contract.IMAGE] = list(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, 1, *image_shape))
+        frame[contract.IMAGE] = list(
+            np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), 1, *image_shape)
+        )
         return frame[[contract.IMAGE, contract.LABEL]]
 
     spec = TransformSpec(
