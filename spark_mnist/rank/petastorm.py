@@ -54,9 +54,8 @@ def petastorm_batches(
 
     def to_arrays(frame):
         values = frame[contract.IMAGE].to_numpy()  # (n,) bytes objects, joined once
-        frame[contract.IMAGE] = list(
-            np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), 1, *image_shape)
-        )
+        pixels = np.frombuffer(b"".join(values), dtype=np.uint8)
+        frame[contract.IMAGE] = list(pixels.reshape(len(values), 1, *image_shape))
         return frame[[contract.IMAGE, contract.LABEL]]
 
     spec = TransformSpec(
