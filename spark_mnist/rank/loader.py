@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from spark_mnist.errors import InputError, LoaderStateError, invalid
 from spark_mnist.rank import order
+from spark_mnist.rank.order import STATE_KEYS
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
 __all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "CUDA_FREE_MEMORY_SHARE", "prefetched", "ShardLoader"]
@@ -246,10 +247,8 @@ class ShardLoader(IterableDataset):
             LoaderStateError: a state this loader cannot honour (:func:`spark_mnist.rank.order.state_mismatch`), in
                 one line naming the setting, the saved value and this run's.
         """
-        if not isinstance(state, Mapping) or not set(order.STATE_KEYS) <= set(state):
-            raise invalid(
-                "loader state", state, f"a dict with {', '.join(order.STATE_KEYS)} (ShardLoader.state_dict())"
-            )
+        if not isinstance(state, Mapping) or not set(STATE_KEYS) <= set(state):
+            raise invalid("loader state", state, f"a dict with {', '.join(STATE_KEYS)} (ShardLoader.state_dict())")
         if mismatch := order.state_mismatch(state, self.state_dict(), source):
             raise LoaderStateError(mismatch)
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
