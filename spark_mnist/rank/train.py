@@ -214,10 +214,8 @@ class TrainStep:
 
     def _fall_back(self, error: BaseException) -> None:
         self.model, self.compiled, self._first = self.ddp, False, False
-        first = (str(error).strip().splitlines() or [""])[0]
-        log.warning(
-            "rank %d: torch.compile failed, training uncompiled: %s: %s", self.rank, type(error).__name__, first
-        )
+        line = (str(error).strip().splitlines() or [""])[0]
+        log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.rank, type(error).__name__, line)
 
 
 def evaluate(
@@ -263,31 +261,30 @@ class _Run:
         """Seed, build the model, optimizer, step and loaders, and resume from the checkpoint (with the per-rank
         batch size that holds its global batch on this world size; one the loader cannot honour raises
         :class:`~spark_mnist.errors.LoaderStateError` before anything is restored)."""
-        self.job, self.world, self.device, self.settings = job, world, device, job.settings
-        torch.manual_seed(self.settings.seed)
-        self.channels_last = _resolve(self.settings.channels_last, device)
-        self.model = build_model(self.settings.model, job.num_classes, job.image_shape).to(device)
+        self.job, self.world, self.device = job, world, device
+        settings = self.settings = job.settings
+        torch.manual_seed(settings.seed)
+        self.channels_last = _resolve(settings.channels_last, device)
+        self.model = build_model(settings.model, job.num_classes, job.image_shape).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
         ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(ddp.parameters(), lr=self.settings.lr)
-        self.step = TrainStep(
-            ddp, self.optimizer, compile=self.settings.compile, bf16=self.settings.bf16, rank=world.rank
-        )
+        self.optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
+        self.step = TrainStep(ddp, self.optimizer, compile=settings.compile, bf16=settings.bf16, rank=world.rank)
         self.norm = normalization_for(job.dataset)
         self.run_steps = 0
         os.makedirs(job.run_dir, exist_ok=True)
-        checkpoint = load_checkpoint(job.run_dir) if self.settings.resume else None
-        if self.settings.resume and checkpoint is None:
+        checkpoint = load_checkpoint(job.run_dir) if settings.resume else None
+        if settings.resume and checkpoint is None:
             self.say(f"resume: no checkpoint in {job.run_dir}, starting afresh")
-        self.batch_size = self.settings.batch_size
+        self.batch_size = settings.batch_size
         # On the checkpoint's own world size train.batch_size stays: the loader refuses another global batch.
         elastic = checkpoint is not None and checkpoint.loader["world_size"] != world.world_size
         if checkpoint is not None and elastic:
             self.batch_size = checkpoint.batch_size_for(world.world_size)
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
-        resident = device if _resolve(self.settings.resident_data, device) else None
+        resident = device if _resolve(settings.resident_data, device) else None
         loaders = []  # the training loader (shuffled, full steps only), the evaluation loader (file order, every row)
         for files, training in ((job.train_files, True), (job.test_files, False)):
             loaders.append(
@@ -297,14 +294,14 @@ class _Run:
                     world_size=world.world_size,
                     batch_size=self.batch_size,
                     image_shape=job.image_shape,
-                    seed=self.settings.seed,
+                    seed=settings.seed,
                     shuffle=training,
                     drop_remainder=training,
                     memory_budget_bytes=job.memory_budget_bytes,
-                    reader_threads=self.settings.reader_threads,
+                    reader_threads=settings.reader_threads,
                     pin_memory=device.type == "cuda",
                     dataset=job.dataset_id,
-                    device=None if training and self.settings.loader != "spark-mnist" else resident,
+                    device=None if training and settings.loader != "spark-mnist" else resident,
                 )
             )
         self.train_loader, self.test_loader = loaders
