@@ -35,7 +35,7 @@ consumed in plan order).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -93,14 +93,16 @@ class Window(NamedTuple):
     order: np.ndarray
 
 
-def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Ranges sorted, with touching ones joined."""
-    out: list[tuple[int, int]] = []
+def _window(ranges: Sequence[tuple[int, int]], shuffle: bool, seed: int, *key: int) -> Window:
+    """The window of the rows of ``ranges``: in their order, or (``shuffle``) permuted by ``(seed, *key)``; its
+    ``ranges`` sorted, with touching ones joined."""
+    order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
+    merged: list[tuple[int, int]] = []
     for a, b in sorted(ranges):
-        if out and out[-1][1] == a:
-            a = out.pop()[0]
-        out.append((a, b))
-    return tuple(out)
+        if merged and merged[-1][1] == a:
+            a = merged.pop()[0]
+        merged.append((a, b))
+    return Window(tuple(merged), order[_permutation(len(order), seed, *key)] if shuffle else order)
 
 
 def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[Window]:
@@ -116,26 +118,17 @@ def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> lis
     blocks = [(lo, min(rows, lo + BLOCK_ROWS)) for lo in range(0, rows, BLOCK_ROWS)]
     if shuffle:
         blocks = [blocks[k] for k in _permutation(len(blocks), seed, epoch, _BLOCKS)]
-    windows = []
-    for w, k in enumerate(range(0, len(blocks), WINDOW_BLOCKS)):
-        chosen = blocks[k : k + WINDOW_BLOCKS]
-        order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in chosen])
-        if shuffle:
-            order = order[_permutation(len(order), seed, epoch, _WINDOW, w)]
-        windows.append(Window(_merged(chosen), order))
-    return windows
+    starts = range(0, len(blocks), WINDOW_BLOCKS)
+    return [_window(blocks[k : k + WINDOW_BLOCKS], shuffle, seed, epoch, _WINDOW, w) for w, k in enumerate(starts)]
 
 
 def evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
     """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
-    windows = []
-    for c, a in enumerate(range(lo, hi, WINDOW_ROWS)):
-        b = min(hi, a + WINDOW_ROWS)
-        order = np.arange(a, b, dtype=np.int64)
-        if shuffle:
-            order = order[_permutation(b - a, seed, epoch, _EVALUATION, rank, c)]
-        windows.append(Window(((a, b),), order))
-    return windows
+    starts = range(lo, hi, WINDOW_ROWS)
+    return [
+        _window([(a, min(hi, a + WINDOW_ROWS))], shuffle, seed, epoch, _EVALUATION, rank, c)
+        for c, a in enumerate(starts)
+    ]
 
 
 def rank_positions(total: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
