@@ -219,19 +219,9 @@ class ShardLoader(IterableDataset):
         """
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         epoch, step = self.epoch if epoch is None else epoch, self.step if step is None else step
-        return {
-            "seed": self.seed,
-            "epoch": epoch,
-            "step": step,
-            "samples": step * per_step,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "global_batch_size": self.global_batch_size,
-            "rows": self.total_rows,
-            "shuffle": self.shuffle,
-            "drop_remainder": self.drop_remainder,
-            "dataset": self.dataset,
-        }
+        # The facts that are not the loader's attribute of the same name; STATE_KEYS orders them all.
+        position = {"epoch": epoch, "step": step, "samples": step * per_step, "rows": self.total_rows}
+        return {key: position[key] if key in position else getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "the saved state") -> None:
         """Resume from :meth:`state_dict`'s output, maybe written on another world size: the next iteration starts
