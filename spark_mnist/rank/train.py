@@ -148,10 +148,9 @@ class DataWait:
             images, labels = next(batches)
             self.waited += time.perf_counter() - started
             return images, labels
-        asked = torch.cuda.Event(enable_timing=True)
+        asked, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         asked.record()
         images, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
-        ready = torch.cuda.Event(enable_timing=True)
         ready.record()
         self._pending.append((asked, ready))
         self._read(done_only=True)
