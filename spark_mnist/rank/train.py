@@ -13,6 +13,7 @@ apart from the loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -284,26 +285,22 @@ class _Run:
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
         resident = device if _resolve(settings.resident_data, device) else None
-        loaders = []  # the training loader (shuffled, full steps only), the evaluation loader (file order, every row)
-        for files, training in ((job.train_files, True), (job.test_files, False)):
-            loaders.append(
-                ShardLoader(
-                    files,
-                    rank=world.rank,
-                    world_size=world.world_size,
-                    batch_size=self.batch_size,
-                    image_shape=job.image_shape,
-                    seed=settings.seed,
-                    shuffle=training,
-                    drop_remainder=training,
-                    memory_budget_bytes=job.memory_budget_bytes,
-                    reader_threads=settings.reader_threads,
-                    pin_memory=device.type == "cuda",
-                    dataset=job.dataset_id,
-                    device=None if training and settings.loader != "spark-mnist" else resident,
-                )
-            )
-        self.train_loader, self.test_loader = loaders
+        shard_loader = functools.partial(
+            ShardLoader,
+            rank=world.rank,
+            world_size=world.world_size,
+            batch_size=self.batch_size,
+            image_shape=job.image_shape,
+            seed=settings.seed,
+            memory_budget_bytes=job.memory_budget_bytes,
+            reader_threads=settings.reader_threads,
+            pin_memory=device.type == "cuda",
+            dataset=job.dataset_id,
+        )
+        # The training loader (shuffled, full steps only) and the evaluation loader (file order, every row).
+        train_device = resident if settings.loader == "spark-mnist" else None
+        self.train_loader = shard_loader(job.train_files, shuffle=True, drop_remainder=True, device=train_device)
+        self.test_loader = shard_loader(job.test_files, shuffle=False, drop_remainder=False, device=resident)
         self.steps = self.train_loader.steps_total
         if checkpoint is not None:
             self.train_loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
