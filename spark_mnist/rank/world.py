@@ -33,10 +33,8 @@ class World:
     local_world_size: int = 1
 
     def __post_init__(self) -> None:
-        for name, value, size_name, size in (
-            ("RANK", self.rank, "WORLD_SIZE", self.world_size),
-            ("LOCAL_RANK", self.local_rank, "LOCAL_WORLD_SIZE", self.local_world_size),
-        ):
+        for name, size_name in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+            value, size = getattr(self, name.lower()), getattr(self, size_name.lower())  # the variables' fields
             if size < 1:
                 raise invalid(size_name, size, "at least 1")
             if not 0 <= value < size:
