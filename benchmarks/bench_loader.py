@@ -14,7 +14,7 @@ child (fresh interpreter; its peak RSS is its own):
   ingested shards); cold = epoch 1 (reads the Parquet files; the constructor counts in it), warm = median of the
   later epochs (in memory);
 * ``ours_resident``: the same with ``device=`` (``--resident-device``, default the CPU standing in for a GPU): the
-  split kept on the device, every batch an index gather there (``spark_mnist.rank.resident``); cold and warm as
+  split kept on the device, every batch an index gather there (``spark_mnist.rank.loader``); cold and warm as
   ``ours``;
 * ``ours_s3``: the same over the same dataset read from an S3 endpoint (``AWS_ENDPOINT_URL`` where set, else moto's
   server started here: :func:`benchmarks.common.s3_endpoint`), the ingested dataset copied there, manifest and all;

@@ -14,7 +14,7 @@ source); :func:`normalization_for` reads them there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,8 +44,7 @@ def build_model(name: str, num_classes: int, image_shape: tuple[int, int]) -> nn
     return SimpleCNN(num_classes, image_shape)
 
 
-@dataclass(frozen=True)
-class Normalization:
+class Normalization(NamedTuple):
     """Per-channel ``mean`` and ``std`` of the training pixels scaled to [0, 1]."""
 
     mean: float
@@ -58,8 +57,7 @@ def normalization_for(dataset: str) -> Normalization:
     Raises:
         InputError: ``dataset`` is not in the registry (the message lists the known ones).
     """
-    mean, std = get_dataset(dataset).normalization
-    return Normalization(mean=mean, std=std)
+    return Normalization(*get_dataset(dataset).normalization)
 
 
 def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
@@ -85,15 +83,15 @@ class SimpleCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, image_shape: tuple[int, int] = (28, 28)):
         super().__init__()
-        pooled = (image_shape[0] // self.POOL // self.POOL, image_shape[1] // self.POOL // self.POOL)
-        self.features = nn.Sequential(
-            nn.Conv2d(1, self.CONV1_CHANNELS, self.KERNEL, padding=self.KERNEL // 2),
-            nn.ReLU(),
-            nn.MaxPool2d(self.POOL),
-            nn.Conv2d(self.CONV1_CHANNELS, self.CONV2_CHANNELS, self.KERNEL, padding=self.KERNEL // 2),
-            nn.ReLU(),
-            nn.MaxPool2d(self.POOL),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((1, self.CONV1_CHANNELS), (self.CONV1_CHANNELS, self.CONV2_CHANNELS)):
+            layers += [
+                nn.Conv2d(c_in, c_out, self.KERNEL, padding=self.KERNEL // 2),
+                nn.ReLU(),
+                nn.MaxPool2d(self.POOL),
+            ]
+        self.features = nn.Sequential(*layers)
+        pooled = (image_shape[0] // self.POOL**2, image_shape[1] // self.POOL**2)  # two 2x2 poolings
         self.classifier = nn.Linear(self.CONV2_CHANNELS * pooled[0] * pooled[1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

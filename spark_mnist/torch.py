@@ -58,12 +58,11 @@ from torch.utils.data import Dataset as _TorchDataset
 
 from spark_mnist.errors import DatasetMismatchError, InputError, check_choice, require_extra
 from spark_mnist.paths import redact
-from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
+from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.rank.world import World
 from spark_mnist.runs import dataset_identity
 from spark_mnist.shards.arrays import split_arrays
 from spark_mnist.shards.contract import open_dataset
-from spark_mnist.shards.parquet import DEFAULT_READER_THREADS
 
 __all__ = ["loader", "World", "ShardLoader", "MNIST", "FashionMNIST", "KMNIST", "EMNIST"]
 
@@ -77,11 +76,7 @@ def loader(
     shuffle: Optional[bool] = None,
     drop_remainder: Optional[bool] = None,
     world: Optional[World] = None,
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-    reader_threads: int = DEFAULT_READER_THREADS,
-    pin_memory: bool = False,
-    device: torch.device | str | None = None,
-    device_memory_budget_bytes: Optional[int] = None,
+    **options: Any,
 ) -> ShardLoader:
     """This rank's loader of one split of the ingested dataset at ``dataset``.
 
@@ -95,6 +90,7 @@ def loader(
         drop_remainder: equal full steps on every rank (training); default ``True`` for ``"train"``, ``False``
             (every row once) for ``"test"``.
         world: this rank's place; default :meth:`World.from_env` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
+        options: :class:`~spark_mnist.rank.loader.ShardLoader`'s own, passed on as given:
         memory_budget_bytes: keep the rank's decoded share in memory when it fits (later epochs index it), else
             stream row groups every epoch.
         reader_threads: row groups decoded in parallel.
@@ -130,12 +126,8 @@ def loader(
         seed=seed,
         shuffle=training if shuffle is None else shuffle,
         drop_remainder=training if drop_remainder is None else drop_remainder,
-        memory_budget_bytes=memory_budget_bytes,
-        reader_threads=reader_threads,
-        pin_memory=pin_memory,
         dataset=dataset_identity(opened.manifest),
-        device=device,
-        device_memory_budget_bytes=device_memory_budget_bytes,
+        **options,
     )
 
 
@@ -185,21 +177,18 @@ class MNIST(_TorchDataset):
     ) -> None:
         require_extra("PIL.Image", "torch", f"spark_mnist.torch.{type(self).__name__}")
         opened = open_dataset(root)
-        self._check_dataset(root, opened.dataset)
+        self.dataset = opened.dataset
+        if self.dataset_names is not None and self.dataset not in self.dataset_names:
+            raise DatasetMismatchError(
+                f"{redact(os.fspath(root))}: holds {self.dataset!r}, not {' or '.join(map(repr, self.dataset_names))} "
+                f"({type(self).__name__}); spark_mnist.torch.MNIST serves any ingested dataset"
+            )
         images, labels = split_arrays(opened, "train" if train else "test")
         self.root, self.train, self.transform, self.target_transform = root, train, transform, target_transform
-        self.dataset = opened.dataset
         self.data = torch.from_numpy(images)
         self.targets = torch.from_numpy(labels.astype(np.int64))
         self.classes = list(opened.classes)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-    def _check_dataset(self, root: str | os.PathLike, found: str) -> None:
-        if self.dataset_names is not None and found not in self.dataset_names:
-            raise DatasetMismatchError(
-                f"{redact(os.fspath(root))}: holds {found!r}, not {' or '.join(map(repr, self.dataset_names))} "
-                f"({type(self).__name__}); spark_mnist.torch.MNIST serves any ingested dataset"
-            )
 
     def __len__(self) -> int:
         return len(self.data)
@@ -222,17 +211,12 @@ class MNIST(_TorchDataset):
         return img, target
 
     def __repr__(self) -> str:
-        lines = [
-            f"Dataset {type(self).__name__} ({self.dataset})",
-            f"    Number of datapoints: {len(self)}",
-            f"    Root location: {redact(os.fspath(self.root))}",
-            f"    Split: {'Train' if self.train else 'Test'}",
-        ]
-        lines += [
-            f"    {name}: {value!r}"
-            for name, value in (("Transform", self.transform), ("Target transform", self.target_transform))
-            if value
-        ]
+        lines = [f"Dataset {type(self).__name__} ({self.dataset})", f"    Number of datapoints: {len(self)}"]
+        lines.append(f"    Root location: {redact(os.fspath(self.root))}")
+        lines.append(f"    Split: {'Train' if self.train else 'Test'}")
+        for name, value in (("Transform", self.transform), ("Target transform", self.target_transform)):
+            if value:
+                lines.append(f"    {name}: {value!r}")
         return "\n".join(lines)
 
 
@@ -262,15 +246,9 @@ class EMNIST(MNIST):
 
     splits = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str,
-        train: bool = True,
-        transform: Optional[Callable] = None,
-        target_transform: Optional[Callable] = None,
-        download: bool = False,
-    ) -> None:
+    def __init__(self, root: str | os.PathLike, split: str, *args: Any, **kwargs: Any) -> None:
+        """``EMNIST(root, split, train=True, transform=None, target_transform=None, download=False)``: the
+        arguments after ``split`` are :class:`MNIST`'s."""
         self.split = check_choice("split", split, self.splits, InputError)
         self.dataset_names = (f"emnist-{split}",)
-        super().__init__(root, train, transform, target_transform, download)
+        super().__init__(root, *args, **kwargs)

@@ -81,7 +81,7 @@ def test_resident_batches_are_the_host_loaders_for_two_epochs(paths, world_size,
         assert images.dtype == torch.uint8 and images.shape[1:] == (1, *SHAPE) and labels.dtype == torch.int64
     for loader in host + resident:
         loader.close()
-    assert resident[0]._resident is None, "close releases the rows on the device"
+    assert resident[0]._cache is None, "close releases the rows on the device"
 
 
 def test_resume_from_four_ranks_on_two_resident_loaders(paths):
@@ -120,7 +120,8 @@ def test_past_its_budget_it_falls_back_to_host_batches_and_says_so_once(paths, c
                              device_memory_budget_bytes=1000)
         for _ in range(2):
             assert_same_batches(epoch(loader), epoch(host))
-    assert not loader.resident and loader.device == torch.device("cpu") and loader._resident is None
+    assert not loader.resident and loader.device == torch.device("cpu")
+    assert isinstance(loader._cache[1], np.ndarray), "the rows kept are the host's, none on the device"
     lines = [r.getMessage() for r in caplog.records if r.name == "spark_mnist.rank.loader"]
     assert len(lines) == 1 and "do not fit" in lines[0] and "copied" in lines[0]
 
@@ -138,7 +139,7 @@ def test_without_a_device_nothing_changes_and_a_pickled_loader_carries_no_rows(p
     loader = ShardLoader(paths, rank=0, world_size=2, batch_size=8, seed=11, **RESIDENT)
     epoch(loader)
     copy = pickle.loads(pickle.dumps(loader))
-    assert copy._resident is None and copy.resident and copy.device == torch.device("cpu")
+    assert copy._cache is None and copy.resident and copy.device == torch.device("cpu")
     assert_same_batches(epoch(copy), epoch(loader))
     plain = ShardLoader(paths, rank=0, world_size=2, batch_size=8, seed=11)
     assert plain.device is None and not plain.resident and not plain.pin_memory

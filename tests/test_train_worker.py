@@ -340,9 +340,9 @@ def test_a_failing_compile_falls_back_with_one_warning_line(one_rank, splits, fu
         return step
 
     monkeypatch.setattr(torch, "compile", compile_that_fails)
-    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.step"):
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.train"):
         metrics = one_rank(job_for(splits, tmp_path / "fell-back", compile=True))
-    lines = [r.getMessage() for r in caplog.records if r.name == "spark_mnist.rank.step"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "spark_mnist.rank.train"]
     assert lines == ["rank 0: torch.compile failed, training uncompiled: RuntimeError: InductorError: no working C "
                      "compiler found"]
     assert metrics["compiled"] is False
@@ -358,9 +358,9 @@ def test_compile_on_the_cpu_trains(one_rank, splits, full_run, tmp_path, caplog,
     # Inductor sets this (a pointer, for the modules it loads) in os.environ each time it loads one: not a leak.
     monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "")  # so that monkeypatch removes it afterwards
     monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
-    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.step"):
+    with caplog.at_level(logging.WARNING, logger="spark_mnist.rank.train"):
         metrics = one_rank(job_for(splits, tmp_path / "compiled", compile=True))
-    assert not [r for r in caplog.records if r.name == "spark_mnist.rank.step"]
+    assert not [r for r in caplog.records if r.name == "spark_mnist.rank.train"]
     assert metrics["compiled"] is True and metrics["test_accuracy"] >= 0.1 + 0.5
     assert metrics["test_accuracy"] == pytest.approx(full["test_accuracy"], abs=0.05)
 
@@ -370,7 +370,7 @@ def test_data_wait_on_the_cpu_is_the_time_spent_fetching_not_computing():
     fetches does not count."""
     import time
 
-    from spark_mnist.rank.step import DataWait
+    from spark_mnist.rank.train import DataWait
 
     def slow_batches():
         for _ in range(3):
@@ -390,14 +390,14 @@ def test_a_slow_loader_shows_in_the_data_wait_fraction(one_rank, splits, tmp_pat
 
     from spark_mnist.rank import train
 
-    batches = train._batches
+    batches = train._Run.batches
 
-    def slow(run, loader):
-        for batch in batches(run, loader):
+    def slow(run):
+        for batch in batches(run):
             time.sleep(0.02)
             yield batch
 
-    monkeypatch.setattr(train, "_batches", slow)
+    monkeypatch.setattr(train._Run, "batches", slow)
     metrics = one_rank(job_for(splits, tmp_path / "run", epochs=1))
     assert 0.3 < metrics["history"][0]["data_wait_fraction"] <= 1
 

@@ -15,7 +15,7 @@ Streaming's ``StreamingDataset.state_dict``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -124,12 +124,13 @@ def load_checkpoint(run_dir: str) -> Checkpoint | None:
         raise CheckpointError(
             f"{path}: refused or unreadable as a weights-only checkpoint, nothing in it was run ({first})"
         ) from e
-    names = [f.name for f in fields(Checkpoint) if f.name != "path"]
-    if not isinstance(state, dict) or not set(names) <= set(state):
-        found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: not a training checkpoint: expected the entries {names}, found {found}")
-    loader = state["loader"]
-    if not isinstance(loader, dict) or not set(STATE_KEYS) <= set(loader):
-        found = sorted(map(str, loader)) if isinstance(loader, dict) else type(loader).__name__
-        raise CheckpointError(f"{path}: its loader state lacks entries: expected {list(STATE_KEYS)}, found {found}")
+
+    def check(entries: Any, expected: list[str], what: str) -> dict[str, Any]:
+        if not isinstance(entries, dict) or not set(expected) <= set(entries):
+            found = sorted(map(str, entries)) if isinstance(entries, dict) else type(entries).__name__
+            raise CheckpointError(f"{path}: {what} {expected}, found {found}")
+        return entries
+
+    state = check(state, ["model", "optimizer", "loader"], "not a training checkpoint: expected the entries")
+    loader = check(state["loader"], list(STATE_KEYS), "its loader state lacks entries: expected")
     return Checkpoint(model=state["model"], optimizer=state["optimizer"], loader=loader, path=path)

@@ -19,52 +19,43 @@ defined in :mod:`spark_mnist.rank.order`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from spark_mnist.errors import InputError, LoaderStateError, invalid
-from spark_mnist.rank.order import (
-    STATE_KEYS,
-    Window,
-    _evaluation_windows,
-    _local_positions,
-    epoch_windows,
-    rank_rows,
-    rank_share,
-    skip_rows,
-    state_mismatch,
-    steps_per_epoch,
-)
-from spark_mnist.rank.resident import copied_to, default_device_budget, resident_batches, to_device
+from spark_mnist.rank import order
+from spark_mnist.rank.order import STATE_KEYS
 from spark_mnist.shards.parquet import DEFAULT_READER_THREADS, pieces_in, plan_row_groups, read_pieces, total_rows
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "prefetched", "ShardLoader"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ROW_OVERHEAD_BYTES", "CUDA_FREE_MEMORY_SHARE", "prefetched", "ShardLoader"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 2**30
 # Bytes a decoded row costs beside its pixels (index and label, int64 each).
 ROW_OVERHEAD_BYTES = 16
+# The share of a CUDA device's free memory a loader may fill with its resident split by default: the model, its
+# activations and the optimizer need the rest.
+CUDA_FREE_MEMORY_SHARE = 0.25
 
 
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
     """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
     consumed (one item ahead, never more).  Closing the iterator waits for the one in flight."""
+    items = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
-        pending = None
+        pending = [pool.submit(fn, item) for item in itertools.islice(items, 1)]
         for item in items:
-            future = pool.submit(fn, item)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
+            pending.append(pool.submit(fn, item))
+            yield pending.pop(0).result()
+        yield from (future.result() for future in pending)
 
 
 class ShardLoader(IterableDataset):
@@ -73,8 +64,9 @@ class ShardLoader(IterableDataset):
     Each iteration yields ``(images, labels)``: ``images`` uint8 of shape (B, 1, H, W) (pinned host memory when
     ``pin_memory``), ``labels`` int64 of shape (B,).  Scaling to float happens on the training device, after the
     copy (see :func:`spark_mnist.models.normalize`).  With ``device``, the tensors are on that device, the decoded
-    rows kept there when they fit (``resident``: batches are gathers on the device, :mod:`spark_mnist.rank.resident`);
-    the batches are the same either way.
+    rows kept there when they fit (``resident``: decoded once, the first epoch, then every batch an index gather on
+    the device, with no host-to-device copy per step), else each host batch copied there (``non_blocking`` from pinned
+    memory on CUDA), which a warning says once; the batches are the same either way.
 
     **Epochs.**  Every ``iter()`` (or :meth:`iter_with_index`) is one epoch, as with a ``DataLoader``: a plain
     ``for epoch in range(n): for batch in loader:`` reads epochs 0, 1, ... ``n - 1``, each in its own order (epoch
@@ -106,10 +98,22 @@ class ShardLoader(IterableDataset):
         device: yield the batches on this device (``None``: host tensors, as without it); keep the decoded rows
             there when they fit ``device_memory_budget_bytes``, else copy each host batch (pinned on CUDA) and log
             that once.
-        device_memory_budget_bytes: default :func:`spark_mnist.rank.resident.default_device_budget` (CUDA: a
-            quarter of the device's free memory; CPU: ``memory_budget_bytes``).
+        device_memory_budget_bytes: default on CUDA ``CUDA_FREE_MEMORY_SHARE`` (a quarter) of the device's free memory
+            (``torch.cuda.mem_get_info``) when the loader is built; on the CPU (standing in for a device, in tests
+            and benchmarks) or another device type ``memory_budget_bytes``.
         dataset: the dataset's identity (:func:`spark_mnist.runs.dataset_identity` of its manifest), recorded in
             :meth:`state_dict` so that a resume on other data is refused; ``None``: not checked.
+
+    Attributes:
+        rank, world_size, batch_size, seed, shuffle, drop_remainder, dataset, device: as given.
+        total_rows: the split's rows.
+        rows: the rows this loader reads every epoch: the whole split (training order, ``[0, total_rows)``) or the
+            rank's range (evaluation order, ``span``).
+        global_batch_size: the samples of one step over all ranks, ``batch_size * world_size``.
+        steps_total: the steps of a whole epoch, equal on every rank when ``drop_remainder``.
+        in_memory, resident: the rows read are kept between epochs on the host, or on ``device``.
+        epoch, start_step, step: the epoch being (or next to be) read, the step its iteration starts at, and its
+            steps already yielded.
 
     Where it runs: on every rank.  Use it as a context manager: ``close`` (on exit) ends open iterations, stopping
     and joining their background decoding thread, and releases the in-memory rows.  :meth:`state_dict` and
@@ -147,24 +151,29 @@ class ShardLoader(IterableDataset):
         self.plan = plan_row_groups(paths)
         self.total_rows = total_rows(self.plan)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.lo, self.hi = rank_rows(self.total_rows, rank, world_size)
+        self.lo, self.hi = order.rank_rows(self.total_rows, rank, world_size)
         self.image_shape = tuple(image_shape)
         self.row_bytes = int(np.prod(self.image_shape))
         self.seed, self.shuffle, self.drop_remainder, self.dataset = seed, shuffle, drop_remainder, dataset
         self.reader_threads, self.pin_memory = reader_threads, pin_memory
-        # The rows this loader reads: the whole split (training order) or the rank's range (evaluation order).
         self.span = (0, self.total_rows) if drop_remainder else (self.lo, self.hi)
+        self.rows = self.span[1] - self.span[0]
+        self.global_batch_size = batch_size * world_size
+        if drop_remainder:
+            self.steps_total = order.steps_per_epoch(self.total_rows, world_size, batch_size)
+        else:
+            self.steps_total = -(-self.rows // batch_size)
         need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
         self.in_memory = need <= memory_budget_bytes
         self.device = None if device is None else torch.device(device)
         self.resident = False  # True: the decoded rows live on self.device, batches are gathered there
         if self.device is not None:
-            budget = device_memory_budget_bytes
-            if budget is None:
-                budget = default_device_budget(self.device, memory_budget_bytes)
+            budget = memory_budget_bytes if device_memory_budget_bytes is None else device_memory_budget_bytes
+            if device_memory_budget_bytes is None and self.device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_SHARE)
             self.resident = need <= budget
-            self.pin_memory = self.pin_memory or (not self.resident and self.device.type == "cuda")
             if not self.resident:
+                self.pin_memory = self.pin_memory or self.device.type == "cuda"
                 log.warning(
                     f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
                     f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
@@ -173,30 +182,14 @@ class ShardLoader(IterableDataset):
         # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
         # them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
         self._position_set = True
-        self._cache = self._resident = None
+        # The decoded rows kept between epochs: host arrays (in_memory), or tensors on the device (resident).
+        self._cache: Any = None
         self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
-
-    @property
-    def rows(self) -> int:
-        """The rows this loader reads every epoch, the split's (training order) or its rank's range (evaluation)."""
-        return self.span[1] - self.span[0]
-
-    @property
-    def global_batch_size(self) -> int:
-        """The samples of one step over all ranks, ``batch_size * world_size``."""
-        return self.batch_size * self.world_size
 
     def __len__(self) -> int:
         """Steps the next ``iter()`` yields: the rest of the epoch :meth:`set_epoch` or :meth:`load_state_dict`
         chose (from ``start_step`` on), else a whole epoch (``steps_total``)."""
         return self.steps_total - (self.start_step if self._position_set else 0)
-
-    @property
-    def steps_total(self) -> int:
-        """The steps of a whole epoch, equal on every rank when ``drop_remainder``."""
-        if self.drop_remainder:
-            return steps_per_epoch(self.total_rows, self.world_size, self.batch_size)
-        return -(-(self.hi - self.lo) // self.batch_size)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch (its order) and the step the next ``iter()`` starts from (to resume mid-epoch); the
@@ -226,19 +219,9 @@ class ShardLoader(IterableDataset):
         """
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         epoch, step = self.epoch if epoch is None else epoch, self.step if step is None else step
-        return {
-            "seed": self.seed,
-            "epoch": epoch,
-            "step": step,
-            "samples": step * per_step,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "global_batch_size": self.global_batch_size,
-            "rows": self.total_rows,
-            "shuffle": self.shuffle,
-            "drop_remainder": self.drop_remainder,
-            "dataset": self.dataset,
-        }
+        # The facts that are not the loader's attribute of the same name; STATE_KEYS orders them all.
+        position = {"epoch": epoch, "step": step, "samples": step * per_step, "rows": self.total_rows}
+        return {key: position[key] if key in position else getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "the saved state") -> None:
         """Resume from :meth:`state_dict`'s output, maybe written on another world size: the next iteration starts
@@ -256,8 +239,7 @@ class ShardLoader(IterableDataset):
         """
         if not isinstance(state, Mapping) or not set(STATE_KEYS) <= set(state):
             raise invalid("loader state", state, f"a dict with {', '.join(STATE_KEYS)} (ShardLoader.state_dict())")
-        mismatch = state_mismatch(state, self.state_dict(), source)
-        if mismatch:
+        if mismatch := order.state_mismatch(state, self.state_dict(), source):
             raise LoaderStateError(mismatch)
         per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         samples = int(state["samples"])
@@ -269,13 +251,10 @@ class ShardLoader(IterableDataset):
         """A pickled (or deep-copied) loader carries its settings and position, not its open iterations or its
         decoded rows: ``DataLoader`` workers started by ``spawn`` or ``forkserver`` then reach the refusal of
         :meth:`__iter__`, not a pickling error."""
-        state = dict(self.__dict__)
-        state["_iterators"], state["_cache"], state["_resident"] = None, None, None
-        return state
+        return {**self.__dict__, "_iterators": None, "_cache": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._iterators = weakref.WeakSet()
+        self.__dict__.update(state, _iterators=weakref.WeakSet())
 
     def __enter__(self) -> "ShardLoader":
         return self
@@ -289,7 +268,7 @@ class ShardLoader(IterableDataset):
         for iterator in list(self._iterators):
             iterator.close()
         self._iterators.clear()
-        self._cache = self._resident = None
+        self._cache = None
 
     def _read(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global rows of ``ranges``, end to end: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,)
@@ -297,14 +276,7 @@ class ShardLoader(IterableDataset):
         pieces = [piece for a, b in ranges for piece in pieces_in(self.plan, a, b)]
         return read_pieces(pieces, self.row_bytes, self.reader_threads)
 
-    def _epoch_share(self, epoch: int) -> list[tuple[Window, np.ndarray]]:
-        """This rank's rows of ``epoch``, window by window, in the order they are yielded."""
-        if self.drop_remainder:
-            windows = epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
-            return rank_share(windows, self.rank, self.world_size, self.batch_size)
-        return [(w, w.order) for w in _evaluation_windows(self.lo, self.hi, self.seed, epoch, self.rank, self.shuffle)]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """One epoch's batches, ``(images, labels)``: the position set by :meth:`set_epoch` /
         :meth:`load_state_dict` on, else the next epoch's from step 0 (see the class docstring).
 
@@ -313,12 +285,12 @@ class ShardLoader(IterableDataset):
         """
         return self._open(with_index=False)
 
-    def iter_with_index(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def iter_with_index(self) -> Generator[tuple[torch.Tensor, torch.Tensor, torch.Tensor], None, None]:
         """Like iteration (one epoch, advancing as ``iter()`` does), with the ``index`` column (int64, (B,)) first:
         which source rows each batch holds."""
         return self._open(with_index=True)
 
-    def _open(self, with_index: bool) -> Iterator:
+    def _open(self, with_index: bool) -> Generator:
         """Begin an epoch's iteration now: which epoch and step are fixed here, not at the first ``next()``."""
         worker = get_worker_info()
         if worker is not None:
@@ -337,21 +309,28 @@ class ShardLoader(IterableDataset):
         self._iterators.add(iterator)
         return iterator
 
-    def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Iterator:
-        share = skip_rows(self._epoch_share(epoch), start_step * self.batch_size)
-        if self.resident:
-            batches = self._batches_resident(share)
+    def _iterate(self, with_index: bool, epoch: int, start_step: int) -> Generator:
+        # This rank's rows of the epoch from the start step on, window by window, in the order they are yielded.
+        if self.drop_remainder:
+            windows = order.epoch_windows(self.total_rows, self.seed, epoch, self.shuffle)
+            positions = order.rank_positions(self.total_rows, self.rank, self.world_size, self.batch_size)
         else:
-            batches = self._batches_from_memory(share) if self.in_memory else self._batches_streamed(share)
-            if self.device is not None:
-                batches = copied_to(batches, self.device)
+            windows = order.evaluation_windows(*self.span, self.seed, epoch, self.rank, self.shuffle)
+            positions = np.arange(self.rows)
+        share = order.rank_share(windows, positions[start_step * self.batch_size :])
+        batches = self._batches_kept(share) if self.in_memory or self.resident else self._batches_streamed(share)
         with contextlib.closing(batches):  # closing this iteration closes the reader (and its thread) at once
             for batch in batches:
                 self.step += 1
+                if self.device is not None:  # host batches copied (no copy for resident ones, already there)
+                    batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                 yield batch if with_index else batch[1:]
 
-    def _gather(self, arrays, positions: np.ndarray):
-        """Rows ``positions`` of decoded ``arrays`` as tensors: (index (B,), images (B, 1, H, W), labels (B,))."""
+    def _gather(self, arrays, positions: Any):
+        """Rows ``positions`` of decoded ``arrays`` as tensors: (index (B,), images (B, 1, H, W), labels (B,)).  Of the
+        rows kept on the device (``resident``), one ``index_select`` per tensor, there."""
+        if self.resident:
+            return tuple(torch.index_select(t, 0, positions) for t in arrays)
         index, images, labels = arrays
         out = torch.empty((len(positions), 1, *self.image_shape), dtype=torch.uint8, pin_memory=self.pin_memory)
         # numpy's take is a plain copy loop; torch.index_select would go through torch's OpenMP pool, whose
@@ -363,23 +342,23 @@ class ShardLoader(IterableDataset):
         """``tensor`` in pinned host memory where batches are pinned (so its ``non_blocking`` copy stays async)."""
         return tensor.pin_memory() if self.pin_memory else tensor
 
-    def _batches_from_memory(self, share):
+    def _batches_kept(self, share):
+        """Batches of the rows read once (the first epoch) and kept: gathered on the host (``in_memory``), or on
+        ``device`` (``resident``: the rows moved there as one uint8 image tensor and two int64 tensors, the epoch's
+        positions too, then one ``index_select`` per tensor per batch: no host-to-device copy per step)."""
         if self._cache is None:
             self._cache = self._read([self.span])
+            if self.resident:
+                index, images, labels = map(torch.from_numpy, self._cache)  # on the CPU: the arrays' memory
+                images = images.view(len(images), 1, *self.image_shape)
+                self._cache = tuple(t.to(self.device) for t in (index, images, labels))
         if not share:
             return
         positions = np.concatenate([rows for _, rows in share]) - self.span[0]
+        if self.resident:
+            positions = torch.from_numpy(positions).to(self.device)
         for lo in range(0, len(positions), self.batch_size):
             yield self._gather(self._cache, positions[lo : lo + self.batch_size])
-
-    def _batches_resident(self, share):
-        """The same batches as :meth:`_batches_from_memory`, gathered from the rows kept on ``device`` (decoded and
-        moved there by the first epoch, then reused)."""
-        if self._resident is None:
-            self._resident = to_device(self._read([self.span]), self.image_shape, self.device)
-        if share:
-            positions = np.concatenate([rows for _, rows in share]) - self.span[0]
-            yield from resident_batches(self._resident, positions, self.batch_size)
 
     def _batches_streamed(self, share):
         """Decode the windows one at a time (the next one in the background while the current one is cut) and
@@ -388,7 +367,7 @@ class ShardLoader(IterableDataset):
         with contextlib.closing(decoded):  # stops and joins the prefetch thread when this generator is closed
             carry = None
             for (window, rows), arrays in zip(share, decoded):
-                chunk = self._gather(arrays, _local_positions(window.ranges, rows))
+                chunk = self._gather(arrays, order.local_positions(window.ranges, rows))
                 if carry is not None:
                     chunk = tuple(self._pinned(torch.cat([c, p])) for c, p in zip(carry, chunk))
                 full = len(chunk[0]) - len(chunk[0]) % self.batch_size

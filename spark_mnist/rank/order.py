@@ -35,15 +35,15 @@ consumed in plan order).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from spark_mnist.errors import invalid
 
 __all__ = ["BLOCK_ROWS", "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "rank_rows", "steps_per_epoch", "Window",
-           "epoch_windows", "rank_share", "skip_rows", "state_mismatch"]  # fmt: skip
+           "epoch_windows", "evaluation_windows", "rank_positions", "rank_share", "local_positions",
+           "state_mismatch"]  # fmt: skip
 
 # Consecutive rows moved as one block by the first, coarse permutation of an epoch.
 BLOCK_ROWS = 8_192
@@ -51,19 +51,11 @@ BLOCK_ROWS = 8_192
 WINDOW_BLOCKS = 8
 WINDOW_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
 # What a state_dict holds (see ShardLoader.state_dict).
-STATE_KEYS = (
-    "seed",
-    "epoch",
-    "step",
-    "samples",
-    "world_size",
-    "batch_size",
-    "global_batch_size",
-    "rows",
-    "shuffle",
-    "drop_remainder",
-    "dataset",
+STATE_KEYS = tuple(
+    "seed epoch step samples world_size batch_size global_batch_size rows shuffle drop_remainder dataset".split()
 )
+# How the messages of state_mismatch name the facts of a state whose key does not say it as is ("the seed", ...).
+_LABELS = {"rows": "the split's rows", "shuffle": "shuffle", "drop_remainder": "drop_remainder (training order)"}
 # Stream tags of the order's random generators (the first word of their key after seed and epoch).
 _BLOCKS, _WINDOW, _EVALUATION = 0, 1, 2
 
@@ -93,8 +85,7 @@ def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).permutation(n).astype(np.int64)
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):
     """A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in
     ``ranges`` (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows)."""
 
@@ -102,15 +93,16 @@ class Window:
     order: np.ndarray
 
 
-def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Ranges sorted, with touching ones joined."""
-    out: list[tuple[int, int]] = []
+def _window(ranges: Sequence[tuple[int, int]], shuffle: bool, seed: int, *key: int) -> Window:
+    """The window of the rows of ``ranges``: in their order, or (``shuffle``) permuted by ``(seed, *key)``; its
+    ``ranges`` sorted, with touching ones joined."""
+    order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
+    merged: list[tuple[int, int]] = []
     for a, b in sorted(ranges):
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return tuple(out)
+        if merged and merged[-1][1] == a:
+            a = merged.pop()[0]
+        merged.append((a, b))
+    return Window(tuple(merged), order[_permutation(len(order), seed, *key)] if shuffle else order)
 
 
 def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[Window]:
@@ -126,71 +118,44 @@ def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> lis
     blocks = [(lo, min(rows, lo + BLOCK_ROWS)) for lo in range(0, rows, BLOCK_ROWS)]
     if shuffle:
         blocks = [blocks[k] for k in _permutation(len(blocks), seed, epoch, _BLOCKS)]
-    windows = []
-    for w, k in enumerate(range(0, len(blocks), WINDOW_BLOCKS)):
-        chosen = blocks[k : k + WINDOW_BLOCKS]
-        order = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in chosen])
-        if shuffle:
-            order = order[_permutation(len(order), seed, epoch, _WINDOW, w)]
-        windows.append(Window(_merged(chosen), order))
-    return windows
+    starts = range(0, len(blocks), WINDOW_BLOCKS)
+    return [_window(blocks[k : k + WINDOW_BLOCKS], shuffle, seed, epoch, _WINDOW, w) for w, k in enumerate(starts)]
 
 
-def rank_share(
-    windows: Sequence[Window], rank: int, world_size: int, batch_size: int
-) -> list[tuple[Window, np.ndarray]]:
-    """Rank ``rank``'s part of the sequence ``windows`` make, cut into global batches (step 3 of the module
-    docstring): for each window, the rows (int64) of the rank's slices that fall in it, in sequence order.  Their
-    concatenation is the rank's epoch: ``steps_per_epoch(R, world_size, batch_size) * batch_size`` rows.
+def evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
+    """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
+    starts = range(lo, hi, WINDOW_ROWS)
+    return [
+        _window([(a, min(hi, a + WINDOW_ROWS))], shuffle, seed, epoch, _EVALUATION, rank, c)
+        for c, a in enumerate(starts)
+    ]
 
-    Raises:
-        ValueError: ``rank`` outside ``[0, world_size)`` or ``batch_size`` below 1.
-    """
-    rank_rows(0, rank, world_size)  # checks rank and world size
-    if batch_size < 1:
-        raise invalid("batch_size", batch_size, "at least 1")
-    total = sum(len(w.order) for w in windows)
-    global_batch = batch_size * world_size
-    steps = steps_per_epoch(total, world_size, batch_size)
-    positions = (
-        np.arange(steps, dtype=np.int64)[:, None] * global_batch
-        + rank * batch_size
-        + np.arange(batch_size, dtype=np.int64)[None, :]
+
+def rank_positions(total: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """Where rank ``rank``'s slices of the global batches lie in the training order's sequence ``S`` of ``total``
+    rows (step 3 of the module docstring): int64, ascending, ``steps_per_epoch(total, world_size, batch_size) *
+    batch_size`` of them, the rank's epoch in the order it reads it."""
+    steps, global_batch = steps_per_epoch(total, world_size, batch_size), batch_size * world_size
+    return (
+        np.arange(steps, dtype=np.int64)[:, None] * global_batch + rank * batch_size + np.arange(batch_size)
     ).ravel()
+
+
+def rank_share(windows: Sequence[Window], positions: np.ndarray) -> list[tuple[Window, np.ndarray]]:
+    """The rows (int64) at ``positions`` (ascending indices into the sequence ``windows`` make: a rank's
+    :func:`rank_positions`, or ``arange`` in the evaluation order, less those consumed before a resume), window by
+    window in sequence order; windows that hold none of them are left out."""
     out, start = [], 0
     for window in windows:
         end = start + len(window.order)
         lo, hi = np.searchsorted(positions, [start, end])
-        out.append((window, window.order[positions[lo:hi] - start]))
+        if hi > lo:
+            out.append((window, window.order[positions[lo:hi] - start]))
         start = end
     return out
 
 
-def skip_rows(share: Sequence[tuple[Window, np.ndarray]], start: int) -> list[tuple[Window, np.ndarray]]:
-    """``share`` (a rank's rows by window, as :func:`rank_share` gives them) without its first ``start`` rows (those
-    consumed before a resume) and without empty windows."""
-    out = []
-    for window, rows in share:
-        taken = min(start, len(rows))
-        start -= taken
-        if len(rows) > taken:
-            out.append((window, rows[taken:]))
-    return out
-
-
-def _evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
-    """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
-    windows = []
-    for c, a in enumerate(range(lo, hi, WINDOW_ROWS)):
-        b = min(hi, a + WINDOW_ROWS)
-        order = np.arange(a, b, dtype=np.int64)
-        if shuffle:
-            order = order[_permutation(b - a, seed, epoch, _EVALUATION, rank, c)]
-        windows.append(Window(((a, b),), order))
-    return windows
-
-
-def _local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
+def local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
     """Where global ``rows`` (all inside ``ranges``) sit in the rows of ``ranges`` laid end to end."""
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
     offsets = np.cumsum([0] + [b - a for a, b in ranges[:-1]], dtype=np.int64)
@@ -207,25 +172,14 @@ def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source:
     (``drop_remainder``), another global batch size; for the evaluation order also another world size or batch
     size.  Another world size of the training order is honoured (elastic resume).
     """
-    checks = [
-        ("dataset", "the dataset"),
-        ("rows", "the split's rows"),
-        ("seed", "the seed"),
-        ("shuffle", "shuffle"),
-        ("drop_remainder", "drop_remainder (training order)"),
-        ("global_batch_size", "the global batch size"),
-    ]
+    checked = ["dataset", "rows", "seed", "shuffle", "drop_remainder", "global_batch_size"]
     if not current["drop_remainder"]:
-        checks += [("world_size", "the world size"), ("batch_size", "the batch size")]
-    for key, label in checks:
+        checked += ["world_size", "batch_size"]
+    for key in checked:
         a, b = saved[key], current[key]
-        if key == "dataset" and (a is None or b is None):
-            continue
-        if a != b:
-            detail = (
-                f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
-                if key == "global_batch_size"
-                else ""
-            )
+        if a != b and not (key == "dataset" and None in (a, b)):
+            label = _LABELS.get(key, f"the {key.replace('_', ' ')}")
+            ranks = f" (batch size {current['batch_size']} x {current['world_size']} ranks)"
+            detail = ranks if key == "global_batch_size" else ""
             return f"Cannot resume: {label} is {a!r} in {source}, {b!r} in this run{detail}."
     return None

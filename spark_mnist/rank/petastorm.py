@@ -6,7 +6,8 @@ need it, so this module imports where petastorm is not installed (Spark 4, pyarr
 
 from __future__ import annotations
 
-from typing import Iterator
+import itertools
+from typing import Generator
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ def petastorm_batches(
     image_shape: tuple[int, int] = (28, 28),
     batched: bool = False,
     workers: int = 2,
-) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
 
     petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``
@@ -51,12 +52,10 @@ def petastorm_batches(
     from petastorm import TransformSpec
     from petastorm.pytorch import BatchedDataLoader, DataLoader
 
-    row_bytes = int(np.prod(image_shape))
-
     def to_arrays(frame):
         values = frame[contract.IMAGE].to_numpy()  # (n,) bytes objects, joined once
-        pixels = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), row_bytes)
-        frame[contract.IMAGE] = list(pixels.reshape(-1, 1, *image_shape))
+        pixels = np.frombuffer(b"".join(values), dtype=np.uint8)
+        frame[contract.IMAGE] = list(pixels.reshape(len(values), 1, *image_shape))
         return frame[[contract.IMAGE, contract.LABEL]]
 
     spec = TransformSpec(
@@ -73,7 +72,5 @@ def petastorm_batches(
         workers_count=workers,
         data_loader_fn=BatchedDataLoader if batched else DataLoader,
     ) as loader:
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
+        for batch in itertools.islice(loader, steps):
             yield batch[contract.IMAGE].to(torch.uint8), batch[contract.LABEL].to(torch.int64)

@@ -7,6 +7,7 @@ torchrun's environment (Spark's ``ml/torch/distributor.py`` docs give it).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from datetime import timedelta
@@ -31,11 +32,9 @@ def threads_per_rank(setting: int, local_world_size: int) -> int:
     least 1."""
     if setting:
         return setting
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size))
+    # sched_getaffinity: not on macOS or Windows.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size)
 
 
 def rank_device(use_gpu: bool, local_rank: int) -> torch.device:
@@ -70,13 +69,11 @@ def init_process_group(device: torch.device) -> None:
     Raises:
         RuntimeError: the group fails to form (the rendezvous unreachable, a timeout).
     """
-    if device.type != "cuda":
-        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
-        return
+    bound: dict[str, Any] = {}
     # device_id binds the communicator to the rank's GPU at once (torch >= 2.3; the torch extra admits 2.1).
-    takes_device = "device_id" in inspect.signature(dist.init_process_group).parameters
-    bound: dict[str, Any] = {"device_id": device} if takes_device else {}
-    dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, **bound)
+    if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        bound["device_id"] = device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **bound)
 
 
 def abort_process_group() -> None:
@@ -84,9 +81,6 @@ def abort_process_group() -> None:
     ranks may be dead or stuck): ``destroy_process_group`` waits for them, aborting does not.  Without an abort
     (older torch) the group is left for the process's exit to release.  Never raises."""
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if not dist.is_initialized() or abort is None:
-        return
-    try:
-        abort()
-    except Exception:  # noqa: BLE001 - the rank's own error is what matters; its process ends next
-        pass
+    if dist.is_initialized() and abort is not None:
+        with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
+            abort()

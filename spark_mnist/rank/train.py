@@ -2,58 +2,46 @@
 
 Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), joins the process group
 (:mod:`spark_mnist.rank.process`), trains on its exact share of the training split
-(:class:`spark_mnist.rank.loader.ShardLoader`) with the steps of :mod:`spark_mnist.rank.step`, evaluates on its share
-of the full test split (counts summed over ranks), and rank 0 prints per-epoch figures, checkpoints
-(:mod:`spark_mnist.rank.checkpoint`) and saves the model ``state_dict`` and the metrics in the run directory
-(:mod:`spark_mnist.runs`); drawing the curves is the caller's (the metrics' ``history``).
+(:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time (:class:`TrainStep`, fetching each batch
+through :class:`DataWait`), evaluates on its share of the full test split (:func:`evaluate`, counts summed over
+ranks), and rank 0 prints per-epoch figures, checkpoints (:mod:`spark_mnist.rank.checkpoint`) and saves the model
+``state_dict`` and the metrics in the run directory (:mod:`spark_mnist.runs`); drawing the curves is the caller's
+(the metrics' ``history``).  As pytorch/examples ``mnist/main.py``, the step and the evaluation are short functions
+apart from the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any, Generator, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from spark_mnist.errors import InputError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
-from spark_mnist.models import Normalization, build_model, normalization_for
+from spark_mnist.models import Normalization, build_model, normalization_for, normalize
+from spark_mnist.rank import process
 from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, to_cpu
 from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.rank.petastorm import petastorm_batches
-from spark_mnist.rank.process import abort_process_group, init_process_group, rank_device, threads_per_rank
-from spark_mnist.rank.step import DataWait, TrainStep, evaluate, to_input
 from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
-__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker"]
+__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker", "to_input", "DataWait", "TrainStep", "evaluate"]
+
+log = logging.getLogger(__name__)
 
 PROGRESS_LINES_PER_EPOCH = 4
-
-
-@dataclass
-class _Run:
-    """One rank's training state: what the epoch and checkpoint functions share."""
-
-    job: TrainJob
-    world: World
-    device: torch.device
-    model: torch.nn.Module  # the module, not the DDP wrapper (what is saved)
-    optimizer: torch.optim.Optimizer
-    step: TrainStep
-    norm: Normalization
-    channels_last: bool  # model and input in channels_last (train.channels_last)
-    batch_size: int  # per rank: train.batch_size, or what holds a resumed checkpoint's global batch
-    steps: int = 0  # steps per epoch, equal on every rank
-    run_steps: int = 0  # steps this invocation ran (what train.max_steps counts)
 
 
 def train_worker(job: TrainJob) -> dict[str, Any]:
@@ -83,7 +71,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         ``history``: per finished epoch ``epoch`` (from 1), ``train_loss`` and ``test_loss`` (mean cross-entropy,
         nats), ``test_accuracy``, ``test_samples``, ``samples_per_s``, ``data_wait_fraction`` (of the epoch's
         time, the share the device waited for batches, summed over ranks, in [0, 1]:
-        :class:`spark_mnist.rank.step.DataWait`) and ``epoch_seconds`` (s).
+        :class:`DataWait`) and ``epoch_seconds`` (s).
     Model and checkpoint files hold CPU tensors (a plain ``torch.load`` works without a GPU).  Collectives time out
     after :data:`spark_mnist.rank.process.PROCESS_GROUP_TIMEOUT`; after an error the process group is aborted, not
     destroyed, so a rank never waits on peers that are gone.
@@ -104,16 +92,16 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     world = World.from_env()
     started = time.perf_counter()
     try:
-        torch.set_num_threads(threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
-        device = rank_device(job.settings.use_gpu, world.local_rank)
-        init_process_group(device)
+        torch.set_num_threads(process.threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
+        device = process.rank_device(job.settings.use_gpu, world.local_rank)
+        process.init_process_group(device)
         result = _train(job, world, device, started)
         # Every rank's process ends together (rank 0 writes the outputs last), so that torch's elastic agents meet at
         # their exit barrier at once (launch/torch_distributor.py).
         dist.barrier()
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
-        abort_process_group()
+        process.abort_process_group()
         raise
     # DDP lives in a reference cycle, with the process group: freed now, while the interpreter lives, not at its
     # teardown, where gloo's threads can abort the process (SIGABRT; pytorch/pytorch#179291) and fail the launch.
@@ -122,107 +110,306 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     return result
 
 
+def to_input(images: torch.Tensor, norm: Normalization, channels_last: bool) -> torch.Tensor:
+    """A uint8 (B, 1, H, W) batch on the device as the model takes it: float, normalised with ``norm``, in
+    ``channels_last`` memory format when asked."""
+    x = normalize(images, norm)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class DataWait:
+    """Fetches batches onto ``device`` and counts the seconds the device waited for them.
+
+    The data wait is the time the device sat idle for want of the next batch, not the host's time in ``next()``:
+
+    * on CUDA, an event is recorded when the batch is asked for (the device reaches it once the work queued before,
+      the previous step, is done) and another once the batch's copy to the device (or its gather there) is queued;
+      the time between them on the device is the host's fetch beyond what the device still had to do, plus the copy.
+      While the host runs ahead of the device, only the copy counts.  The events are read once they have completed
+      (:meth:`seconds` waits for the last ones), so no step waits for them;
+    * on the CPU, the device is the host: the time spent in ``next()`` is the time the device waited.
+
+    Attributes:
+        waited: the seconds counted so far (the CUDA events not yet read excluded).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.waited = device, 0.0
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def next(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(images, labels)`` of ``batches`` on the device (``non_blocking`` copies; no copy for tensors
+        already there).
+
+        Raises:
+            StopIteration: ``batches`` is exhausted.
+        """
+        if self.device.type != "cuda":
+            started = time.perf_counter()
+            images, labels = next(batches)
+            self.waited += time.perf_counter() - started
+            return images, labels
+        asked, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        asked.record()
+        images, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
+        ready.record()
+        self._pending.append((asked, ready))
+        self._read(done_only=True)
+        return images, labels
+
+    def seconds(self) -> float:
+        """All the seconds the device waited so far (on CUDA, after the last batch's copy has completed)."""
+        self._read(done_only=False)
+        return self.waited
+
+    def _read(self, done_only: bool) -> None:
+        while self._pending and (not done_only or self._pending[0][1].query()):
+            asked, ready = self._pending.pop(0)
+            ready.synchronize()
+            self.waited += asked.elapsed_time(ready) / 1000
+
+
+class TrainStep:
+    """One optimiser step of ``ddp`` with ``optimizer``: cross-entropy, under bfloat16 autocast with ``bf16``.
+
+    With ``compile``, the step runs ``torch.compile(ddp)``; where compiling fails, at once or in the compiled
+    model's first step (as where inductor finds no C compiler), it says why in one warning line and runs
+    uncompiled from then on (that first step again).
+
+    Attributes:
+        compiled: the step runs compiled (``False`` after a fallback).
+    """
+
+    def __init__(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, *, compile: bool, bf16: bool, rank: int):
+        self.ddp, self.optimizer, self.bf16, self.rank = ddp, optimizer, bf16, rank
+        self.model: Any = ddp
+        self.compiled = self._first = False
+        if compile:
+            try:
+                self.model, self.compiled, self._first = torch.compile(ddp), True, True
+            except Exception as e:  # noqa: BLE001 - compiling is an optimisation: say why and train uncompiled
+                self._fall_back(e)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Step on the model input ``x`` (float (B, 1, H, W), on the device) and int64 (B,) labels ``y``; returns
+        the batch's mean loss (detached, a 0-d tensor on the device)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = self._forward_backward(x, y)
+        except Exception as e:
+            if not self._first:
+                raise
+            self._fall_back(e)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._forward_backward(x, y)
+        self._first = False
+        self.optimizer.step()
+        return loss.detach()
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        return loss
+
+    def _fall_back(self, error: BaseException) -> None:
+        self.model, self.compiled, self._first = self.ddp, False, False
+        line = (str(error).strip().splitlines() or [""])[0]
+        log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.rank, type(error).__name__, line)
+
+
+def evaluate(
+    model: torch.nn.Module, loader: Iterable, device: torch.device, norm: Normalization, channels_last: bool = False
+) -> tuple[float, int, int]:
+    """Sum of cross-entropy (nats), correct predictions and samples over this rank's share of ``loader``'s split
+    (uint8 (B, 1, H, W) images, int64 (B,) labels), summed over all ranks when a process group is up.
+    ``model.eval()`` under ``torch.no_grad()``, the loss summed with ``reduction="sum"``, as pytorch/examples
+    ``mnist/main.py``'s ``test``.  Batches already on ``device`` (a resident loader) are not copied."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for images, labels in loader:
+            y = labels.to(device, non_blocking=True)
+            logits = model(to_input(images.to(device, non_blocking=True), norm, channels_last))
+            totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += len(y)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, correct, count = totals.tolist()
+    return loss, int(correct), int(count)
+
+
 def _resolve(setting: str, device: torch.device) -> bool:
     """An ``"auto"``/``"on"``/``"off"`` setting (train.resident_data, train.channels_last): ``"auto"`` is on with
     a GPU (``use_gpu``), off on the CPU."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def _setup(job: TrainJob, world: World, device: torch.device) -> tuple[_Run, Checkpoint | None]:
-    """Seed, build the model, optimizer and step, and load the checkpoint to resume from (with the per-rank batch
-    size that holds its global batch on this world size)."""
-    settings = job.settings
-    torch.manual_seed(settings.seed)
-    channels_last = _resolve(settings.channels_last, device)
-    model = build_model(settings.model, job.num_classes, job.image_shape).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
-    step = TrainStep(ddp, optimizer, compile=settings.compile, bf16=settings.bf16, rank=world.rank)
-    os.makedirs(job.run_dir, exist_ok=True)
-    checkpoint = load_checkpoint(job.run_dir) if settings.resume else None
-    if settings.resume and checkpoint is None:
-        _say(world, f"resume: no checkpoint in {job.run_dir}, starting afresh")
-    batch_size = settings.batch_size
-    # On the checkpoint's own world size train.batch_size stays: the loader refuses another global batch.
-    if checkpoint is not None and checkpoint.loader["world_size"] != world.world_size:
-        batch_size = checkpoint.batch_size_for(world.world_size)
-    norm = normalization_for(job.dataset)
-    return _Run(job, world, device, model, optimizer, step, norm, channels_last, batch_size), checkpoint
+class _Run:
+    """One rank's training state (its model, optimizer, step and loaders) and what an epoch does with it.
 
+    Attributes:
+        model: the module, not the DDP wrapper (what is saved).
+        channels_last: model and input in channels_last (train.channels_last).
+        batch_size: per rank: train.batch_size, or what holds a resumed checkpoint's global batch.
+        steps: steps per epoch, equal on every rank.
+        run_steps: steps this invocation ran (what train.max_steps counts).
+    """
 
-def _resume(run: _Run, checkpoint: Checkpoint, train_loader: ShardLoader) -> None:
-    """Restore the loader's position, the model and the optimizer from ``checkpoint``; a checkpoint the loader
-    cannot honour raises :class:`~spark_mnist.errors.LoaderStateError` before anything is restored."""
-    train_loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
-    run.model.load_state_dict(checkpoint.model)
-    run.optimizer.load_state_dict(checkpoint.optimizer)
-    saved = checkpoint.loader
-    held = (
-        f"; the global batch {saved['global_batch_size']} of its {saved['world_size']} ranks, {run.batch_size} per rank"
-    )
-    where = f"epoch {train_loader.epoch + 1}, step {train_loader.start_step}/{train_loader.steps_total}"
-    same = saved["world_size"] == run.world.world_size
-    _say(run.world, f"resume: continuing from {checkpoint.path} at {where}{'' if same else held}")
+    def __init__(self, job: TrainJob, world: World, device: torch.device):
+        """Seed, build the model, optimizer, step and loaders, and resume from the checkpoint (with the per-rank
+        batch size that holds its global batch on this world size; one the loader cannot honour raises
+        :class:`~spark_mnist.errors.LoaderStateError` before anything is restored)."""
+        self.job, self.world, self.device = job, world, device
+        settings = self.settings = job.settings
+        torch.manual_seed(settings.seed)
+        self.channels_last = _resolve(settings.channels_last, device)
+        self.model = build_model(settings.model, job.num_classes, job.image_shape).to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
+        ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
+        self.step = TrainStep(ddp, self.optimizer, compile=settings.compile, bf16=settings.bf16, rank=world.rank)
+        self.norm = normalization_for(job.dataset)
+        self.run_steps = 0
+        os.makedirs(job.run_dir, exist_ok=True)
+        checkpoint = load_checkpoint(job.run_dir) if settings.resume else None
+        if settings.resume and checkpoint is None:
+            self.say(f"resume: no checkpoint in {job.run_dir}, starting afresh")
+        self.batch_size = settings.batch_size
+        # On the checkpoint's own world size train.batch_size stays: the loader refuses another global batch.
+        elastic = checkpoint is not None and checkpoint.loader["world_size"] != world.world_size
+        if checkpoint is not None and elastic:
+            self.batch_size = checkpoint.batch_size_for(world.world_size)
+        # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
+        # there; petastorm reads the training batches itself, so only the evaluation loader then does.
+        resident = device if _resolve(settings.resident_data, device) else None
+        shard_loader = functools.partial(
+            ShardLoader,
+            rank=world.rank,
+            world_size=world.world_size,
+            batch_size=self.batch_size,
+            image_shape=job.image_shape,
+            seed=settings.seed,
+            memory_budget_bytes=job.memory_budget_bytes,
+            reader_threads=settings.reader_threads,
+            pin_memory=device.type == "cuda",
+            dataset=job.dataset_id,
+        )
+        # The training loader (shuffled, full steps only) and the evaluation loader (file order, every row).
+        train_device = resident if settings.loader == "spark-mnist" else None
+        self.train_loader = shard_loader(job.train_files, shuffle=True, drop_remainder=True, device=train_device)
+        self.test_loader = shard_loader(job.test_files, shuffle=False, drop_remainder=False, device=resident)
+        self.steps = self.train_loader.steps_total
+        if checkpoint is not None:
+            self.train_loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            saved, loader = checkpoint.loader, self.train_loader
+            where = f"epoch {loader.epoch + 1}, step {loader.start_step}/{self.steps}"
+            if elastic:
+                where += f"; the global batch {saved['global_batch_size']} of its {saved['world_size']} ranks, "
+                where += f"{self.batch_size} per rank"
+            self.say(f"resume: continuing from {checkpoint.path} at {where}")
 
+    def say(self, line: str) -> None:
+        """Print ``line`` once, on rank 0 (the ranks' output is what the launcher shows)."""
+        if self.world.is_leader:
+            print(line, flush=True)
 
-def _say(world: World, line: str) -> None:
-    """Print ``line`` once, on rank 0 (the ranks' output is what the launcher shows)."""
-    if world.is_leader:
-        print(line, flush=True)
+    def batches(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
+        """The epoch's batches from the training loader's position: its own, or petastorm's reader of the same
+        steps.  Closing it closes the reader."""
+        if self.settings.loader == "spark-mnist":
+            return iter(self.train_loader)
+        return petastorm_batches(
+            self.job.train_converter,
+            rank=self.world.rank,
+            world_size=self.world.world_size,
+            batch_size=self.batch_size,
+            steps=self.steps - self.train_loader.start_step,
+            image_shape=self.job.image_shape,
+        )
 
+    def train_epoch(self) -> dict[str, Any] | None:
+        """Train from the training loader's position (epoch, start step) to the end of the epoch, then evaluate;
+        checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0).  Returns the epoch's figures
+        over all ranks: training loss, data wait and seconds summed, the epoch's seconds the slowest rank's (so
+        every rank reports the same ``epoch_seconds`` and ``samples_per_s``), then the evaluation; ``None`` where
+        ``max_steps`` stopped the epoch (checkpointed there)."""
+        loader, settings, cuda = self.train_loader, self.settings, self.device.type == "cuda"
+        epoch, first_step = loader.epoch, loader.start_step
+        self.step.ddp.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        samples, wait, epoch_start = 0, DataWait(self.device), time.perf_counter()
+        progress_every = max(1, self.steps // PROGRESS_LINES_PER_EPOCH)
+        with contextlib.closing(self.batches()) as batches:
+            for done in range(first_step + 1, self.steps + 1):  # done: the epoch's steps run once this one is
+                images, labels = wait.next(batches)
+                loss = self.step(to_input(images, self.norm, self.channels_last), labels)
+                loss_sum += loss.double() * len(labels)
+                samples += len(labels)
+                self.run_steps += 1
+                more = done < self.steps
+                if self.world.is_leader and done % progress_every == 0 and more:
+                    if cuda:  # the steps queued so far count in the rate
+                        torch.cuda.synchronize(self.device)
+                    rate = (done - first_step) * loader.global_batch_size / (time.perf_counter() - epoch_start)
+                    self.say(f"epoch {epoch + 1}/{settings.epochs}: step {done}/{self.steps}, {rate:,.0f} samples/s")
+                stop = settings.max_steps and self.run_steps == settings.max_steps
+                every = settings.checkpoint_every_steps
+                if more and (stop or (every and done % every == 0)):
+                    self.checkpoint(loader.state_dict(epoch=epoch, step=done))
+                    if stop:
+                        return None
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - epoch_start
+        sums = torch.tensor([0.0, samples, wait.seconds(), seconds], dtype=torch.float64, device=self.device)
+        sums[0] = loss_sum
+        slowest = sums[3:].clone()
+        dist.all_reduce(sums)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        loss_sum, samples, waited, busy = sums.tolist()
+        seconds = max(1e-9, slowest.item())
+        test_loss, correct, count = evaluate(self.model, self.test_loader, self.device, self.norm, self.channels_last)
+        return {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(1.0, samples),
+            "test_loss": test_loss / max(1, count),
+            "test_accuracy": correct / max(1, count),
+            "test_samples": count,
+            "samples_per_s": samples / seconds,
+            "data_wait_fraction": min(1.0, waited / max(1e-9, busy)),
+            "epoch_seconds": seconds,
+        }
 
-def _loaders(run: _Run) -> tuple[ShardLoader, ShardLoader]:
-    """The training loader (shuffled, full steps only) and the evaluation loader (file order, every row)."""
-    job = run.job
-    common: dict[str, Any] = dict(
-        rank=run.world.rank,
-        world_size=run.world.world_size,
-        batch_size=run.batch_size,
-        image_shape=job.image_shape,
-        seed=job.settings.seed,
-        memory_budget_bytes=job.memory_budget_bytes,
-        reader_threads=job.settings.reader_threads,
-        pin_memory=run.device.type == "cuda",
-        dataset=job.dataset_id,
-    )
-    # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
-    # there; petastorm reads the training batches itself, so only the evaluation loader then does.
-    device = run.device if _resolve(job.settings.resident_data, run.device) else None
-    train_device = device if job.settings.loader == "spark-mnist" else None
-    return (
-        ShardLoader(job.train_files, shuffle=True, drop_remainder=True, device=train_device, **common),
-        ShardLoader(job.test_files, shuffle=False, drop_remainder=False, device=device, **common),
-    )
+    def checkpoint(self, loader_state: dict[str, Any]) -> None:
+        """Rank 0 saves where the run stands: the model, the optimizer (their tensors copied to the CPU, so the file
+        loads on a machine without a GPU) and the training loader's state."""
+        if self.world.is_leader:
+            model, optimizer = to_cpu(self.model.state_dict()), to_cpu(self.optimizer.state_dict())
+            save_checkpoint(Checkpoint(model=model, optimizer=optimizer, loader=loader_state), self.job.run_dir)
 
 
 def _train(job: TrainJob, world: World, device: torch.device, started: float) -> dict[str, Any]:
-    run, checkpoint = _setup(job, world, device)
-    settings = job.settings
+    run, settings = _Run(job, world, device), job.settings
     history: list[dict[str, Any]] = []
-    train_loader, test_loader = _loaders(run)
-    if checkpoint is not None:
-        _resume(run, checkpoint, train_loader)
-    with train_loader, test_loader:
-        run.steps = train_loader.steps_total
+    with run.train_loader as loader, run.test_loader:
         if run.steps == 0:
             raise InputError(
-                f"{train_loader.total_rows} training rows cannot give every one of {world.world_size} "
+                f"{loader.total_rows} training rows cannot give every one of {world.world_size} "
                 f"ranks a batch of {run.batch_size}"
             )
-        while train_loader.epoch < settings.epochs:
-            epoch = train_loader.epoch
-            sums, stopped_at = _train_epoch(run, train_loader)
-            if stopped_at is not None:  # stopped by max_steps mid-epoch: checkpoint there, end the run
-                _checkpoint(run, train_loader.state_dict(epoch=epoch, step=stopped_at))
+        while loader.epoch < settings.epochs:
+            record = run.train_epoch()
+            if record is None:  # stopped by max_steps mid-epoch, checkpointed there: the run ends
                 break
-            record = _epoch_record(run, epoch, sums, test_loader)
             history.append(record)
-            train_loader.set_epoch(epoch + 1)
-            _checkpoint(run, train_loader.state_dict())
-            _say(
-                world,
+            loader.set_epoch(loader.epoch + 1)
+            run.checkpoint(loader.state_dict())
+            run.say(
                 f"epoch {record['epoch']}/{settings.epochs}: train loss {record['train_loss']:.4f}, "
                 f"test accuracy {record['test_accuracy']:.4f} on {record['test_samples']} images, "
                 f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
@@ -245,7 +432,7 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
         "device": device.type,
         "loader": settings.loader,
         "model": settings.model,
-        "resident_data": train_loader.resident,
+        "resident_data": loader.resident,
         "channels_last": run.channels_last,
         "compiled": run.step.compiled,
         "model_path": model_path,
@@ -257,87 +444,3 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
         with replacing(os.path.join(job.run_dir, METRICS_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
     return metrics
-
-
-def _batches(run: _Run, loader: ShardLoader) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
-    """The epoch's batches from ``loader``'s position: ``loader``'s, or petastorm's reader of the same steps.
-    Closing it closes the reader."""
-    if run.job.settings.loader == "spark-mnist":
-        yield from loader
-        return
-    yield from petastorm_batches(
-        run.job.train_converter,
-        rank=run.world.rank,
-        world_size=run.world.world_size,
-        batch_size=run.batch_size,
-        steps=run.steps - loader.start_step,
-        image_shape=run.job.image_shape,
-    )
-
-
-def _train_epoch(run: _Run, loader: ShardLoader) -> tuple[torch.Tensor, int | None]:
-    """Train from ``loader``'s position (epoch, start step) to the end of the epoch, or until ``max_steps``;
-    checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0).  Returns this rank's sums, a
-    float64 (4,) tensor on the device (training loss summed over samples, samples, seconds the device waited for
-    data, seconds), and the step ``max_steps`` stopped the epoch at (``None``: it ran to its end)."""
-    settings, epoch, first_step, cuda = run.job.settings, loader.epoch, loader.start_step, run.device.type == "cuda"
-    run.step.ddp.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    samples, stopped_at, wait, epoch_start = 0, None, DataWait(run.device), time.perf_counter()
-    progress_every = max(1, run.steps // PROGRESS_LINES_PER_EPOCH)
-    with contextlib.closing(_batches(run, loader)) as batches:
-        for step in range(first_step, run.steps):
-            images, labels = wait.next(batches)
-            loss = run.step(to_input(images, run.norm, run.channels_last), labels)
-            loss_sum += loss.double() * len(labels)
-            samples += len(labels)
-            run.run_steps += 1
-            more = step + 1 < run.steps
-            if run.world.is_leader and (step + 1) % progress_every == 0 and more:
-                if cuda:  # the steps queued so far count in the rate
-                    torch.cuda.synchronize(run.device)
-                done = (step + 1 - first_step) * loader.global_batch_size
-                rate = f"{done / (time.perf_counter() - epoch_start):,.0f} samples/s"
-                print(f"epoch {epoch + 1}/{settings.epochs}: step {step + 1}/{run.steps}, {rate}", flush=True)
-            if settings.max_steps and run.run_steps == settings.max_steps and more:
-                stopped_at = step + 1
-                break
-            if settings.checkpoint_every_steps and (step + 1) % settings.checkpoint_every_steps == 0 and more:
-                _checkpoint(run, loader.state_dict(epoch=epoch, step=step + 1))
-        if cuda:
-            torch.cuda.synchronize(run.device)
-        seconds = time.perf_counter() - epoch_start
-    sums = torch.tensor([0.0, samples, wait.seconds(), seconds], dtype=torch.float64, device=run.device)
-    sums[0] = loss_sum
-    return sums, stopped_at
-
-
-def _epoch_record(run: _Run, epoch: int, sums: torch.Tensor, test_loader: ShardLoader) -> dict[str, Any]:
-    """The epoch's figures over all ranks from each rank's ``sums`` (:func:`_train_epoch`): training loss, data wait
-    and seconds summed, the epoch's seconds the slowest rank's (so every rank reports the same ``epoch_seconds`` and
-    ``samples_per_s``), then the evaluation."""
-    device = run.device
-    slowest = sums[3:].clone()
-    dist.all_reduce(sums)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    loss_sum, samples, waited, busy = sums.tolist()
-    seconds = max(1e-9, slowest.item())
-    test_loss, correct, count = evaluate(run.model, test_loader, device, run.norm, channels_last=run.channels_last)
-    return {
-        "epoch": epoch + 1,
-        "train_loss": loss_sum / max(1.0, samples),
-        "test_loss": test_loss / max(1, count),
-        "test_accuracy": correct / max(1, count),
-        "test_samples": count,
-        "samples_per_s": samples / seconds,
-        "data_wait_fraction": min(1.0, waited / max(1e-9, busy)),
-        "epoch_seconds": seconds,
-    }
-
-
-def _checkpoint(run: _Run, loader_state: dict[str, Any]) -> None:
-    """Rank 0 saves where the run stands: the model, the optimizer (their tensors copied to the CPU, so the file
-    loads on a machine without a GPU) and the training loader's state."""
-    if run.world.is_leader:
-        model, optimizer = to_cpu(run.model.state_dict()), to_cpu(run.optimizer.state_dict())
-        save_checkpoint(Checkpoint(model=model, optimizer=optimizer, loader=loader_state), run.job.run_dir)

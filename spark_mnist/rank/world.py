@@ -15,9 +15,6 @@ from spark_mnist.errors import invalid
 
 __all__ = ["World"]
 
-RANK_ENV, WORLD_SIZE_ENV = "RANK", "WORLD_SIZE"
-LOCAL_RANK_ENV, LOCAL_WORLD_SIZE_ENV = "LOCAL_RANK", "LOCAL_WORLD_SIZE"
-
 
 @dataclass(frozen=True)
 class World:
@@ -36,18 +33,12 @@ class World:
     local_world_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.world_size < 1:
-            raise invalid(WORLD_SIZE_ENV, self.world_size, "at least 1")
-        if not 0 <= self.rank < self.world_size:
-            raise invalid(RANK_ENV, self.rank, f"in 0..{self.world_size - 1} (WORLD_SIZE {self.world_size})")
-        if self.local_world_size < 1:
-            raise invalid(LOCAL_WORLD_SIZE_ENV, self.local_world_size, "at least 1")
-        if not 0 <= self.local_rank < self.local_world_size:
-            raise invalid(
-                LOCAL_RANK_ENV,
-                self.local_rank,
-                f"in 0..{self.local_world_size - 1} (LOCAL_WORLD_SIZE {self.local_world_size})",
-            )
+        for name, size_name in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+            value, size = getattr(self, name.lower()), getattr(self, size_name.lower())  # the variables' fields
+            if size < 1:
+                raise invalid(size_name, size, "at least 1")
+            if not 0 <= value < size:
+                raise invalid(name, value, f"in 0..{size - 1} ({size_name} {size})")
 
     @property
     def is_leader(self) -> bool:
@@ -66,20 +57,11 @@ class World:
                 (``Invalid RANK: 2. Must be in 0..1 (WORLD_SIZE 2).``).
         """
         env = os.environ if environ is None else environ
-
-        def read(name: str, default: int) -> int:
-            text = env.get(name)
-            if text is None:
-                return default
+        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": env.get("WORLD_SIZE", "1")}
+        values = []
+        for name, default in defaults.items():  # in the order of the fields
             try:
-                return int(text)
+                values.append(int(env.get(name, default)))
             except ValueError:
-                raise invalid(name, text, "an integer") from None
-
-        world_size = read(WORLD_SIZE_ENV, 1)
-        return cls(
-            rank=read(RANK_ENV, 0),
-            world_size=world_size,
-            local_rank=read(LOCAL_RANK_ENV, 0),
-            local_world_size=read(LOCAL_WORLD_SIZE_ENV, world_size),
-        )
+                raise invalid(name, env[name], "an integer") from None
+        return cls(*values)
