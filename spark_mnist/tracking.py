@@ -58,16 +58,12 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 DATABRICKS_ENV = "DATABRICKS_RUNTIME_VERSION"
 MODEL_NAME = "pytorch_model"
-# Hex digits of the manifest's sha256 kept as the MLflow dataset digest (MLflow stores at most 36 characters).
-DIGEST_CHARS = 16
 # Per-epoch figures of ``metrics["history"]`` logged as MLflow metrics with step = epoch.
 EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
-# Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
-FINAL_METRICS = ("train_seconds", "wall_seconds")
+# The facts of the run logged as ``run.*`` params.
 RUN_PARAMS = "dataset world_size device loader steps_per_epoch batch_size samples_per_epoch epochs".split()
 # MLflow's limits (every MLflow from 2.9 on): param values of at most 6000 characters, keys of at most 250 characters
 # from letters, digits, "_", "-", ".", " " and "/".
-MAX_PARAM_KEY_LENGTH = 250
 _KEY_CHARS = re.compile(r"[^\w\-. /]")
 
 
@@ -90,15 +86,16 @@ def tracking_uri(run_dir: str | os.PathLike) -> str:
 
 def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000) -> dict[str, str]:
     """Nested settings -> ``{"train.epochs": "4", ...}``: keys joined with ".", characters MLflow rejects in keys
-    replaced by "_", values as strings (lists and dicts as JSON, an empty dict as ``{}``) cut to
-    ``max_value_length`` characters."""
+    replaced by "_", values as strings (lists and dicts as JSON, an empty dict as ``{}``) with a URI's credentials
+    redacted (:func:`spark_mnist.paths.redact`), then cut to ``max_value_length`` characters."""
     out: dict[str, str] = {}
     for key, value in settings.items():
-        name = _KEY_CHARS.sub("_", f"{prefix}{key}")[:MAX_PARAM_KEY_LENGTH]
+        name = _KEY_CHARS.sub("_", f"{prefix}{key}")[:250]
         if isinstance(value, Mapping) and value:
             out.update(flatten_params(value, f"{name}.", max_value_length=max_value_length))
             continue
         text = json.dumps(value, default=str, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
+        text = redact(text)  # a URI's credentials stay out of MLflow
         out[name] = text if len(text) <= max_value_length else text[: max_value_length - 3] + "..."
     return out
 
@@ -146,11 +143,8 @@ def log_training_run(
     # The file store's opt-in (MLflow >= 3.13), unless the user set it either way.
     allow = {ALLOW_FILE_STORE_ENV: "true"} if uri.startswith("file:") and ALLOW_FILE_STORE_ENV not in os.environ else {}
     try:
-        run_facts = {f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics}
-        # A URI's credentials stay out of MLflow.
-        params = {name: redact(value) for name, value in flatten_params({**settings_dict, **run_facts}).items()}
-        dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
-        run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
+        params = flatten_params({**settings_dict, "run": {k: metrics[k] for k in RUN_PARAMS if k in metrics}})
+        run_name = f"{manifest['dataset']}-{metrics['world_size']}x{metrics['device']}"
         # MLflow's own scope for its module-level tracking URI (private; in every MLflow from 2.9 to 3.x): set for
         # the block, then the previous one back.  It also writes MLFLOW_TRACKING_URI, which scoped_env restores.
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -163,13 +157,12 @@ def log_training_run(
             experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
             nested = mlflow.active_run() is not None
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as run:
-                tags = {"dataset": dataset, "device": metrics.get("device"), "loader": metrics.get("loader")}
-                mlflow.set_tags({f"spark_mnist.{key}": str(value) for key, value in tags.items()})
+                mlflow.set_tags({f"spark_mnist.{key}": metrics.get(key) for key in ("dataset", "device", "loader")})
                 mlflow.log_params(params)
                 # An empty dict logs nothing (MLflow's log_batch returns early).
-                for record in metrics.get("history") or []:
+                for record in metrics["history"]:
                     mlflow.log_metrics(_figures(record, EPOCH_METRICS), step=int(record["epoch"]))
-                mlflow.log_metrics(_figures(metrics, FINAL_METRICS))
+                mlflow.log_metrics(_figures(metrics, ("train_seconds", "wall_seconds")))  # whole-run figures
                 mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), "manifest.json")
                 if dataset_uri is not None:
                     _log_dataset_input(mlflow, manifest, dataset_uri)
@@ -192,10 +185,10 @@ def _figures(record: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, floa
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """The first :data:`DIGEST_CHARS` hex digits of the sha256 of the manifest as canonical JSON (sorted keys): one
-    ingest's identity, as its source files, rows and shards are in it."""
+    """The first 16 hex digits (MLflow stores at most 36 characters) of the sha256 of the manifest as canonical
+    JSON (sorted keys): one ingest's identity, as its source files, rows and shards are in it."""
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:DIGEST_CHARS]
+    return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]
 
 
 def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) -> None:
@@ -211,8 +204,8 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        name, digest = str(manifest.get("dataset") or "dataset"), manifest_digest(manifest)
-        dataset = MetaDataset(source=source, name=name, digest=digest)  # type: ignore[abstract]  # it is concrete
+        digest = manifest_digest(manifest)
+        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=digest)  # type: ignore[abstract]  # concrete
         mlflow.log_input(dataset, context="training")
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
         error = f"{type(e).__name__}: {redact(str(e))}"
