@@ -19,8 +19,8 @@ import numpy as np
 from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
-from spark_mnist.tools.evaluate import EvaluationResult
+from spark_mnist.shards.parquet import read_rows, total_rows
+from spark_mnist.tools.evaluate import EvaluationResult, open_split
 
 __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'spark-mnist[plots]'"
 DPI = 100
-MAX_LABELLED_CLASSES = 20  # the confusion matrix writes counts in its cells up to this many classes
 
 
 def _figure(width: float, height: float, layout: Literal["compressed", "constrained", "tight"]):
@@ -61,15 +60,10 @@ def sample_rows(
         DatasetNotFoundError: no complete dataset in ``data_dir`` (local, FUSE or an object store:
             :func:`spark_mnist.shards.contract.open_dataset`).
         InputError: an unknown ``split``.
+        DatasetMismatchError: an empty split.
     """
-    dataset = contract.open_dataset(data_dir)
-    try:
-        paths = dataset.files(split)
-    except ValueError as e:
-        raise InputError(f"{dataset.location.shown}: {e}") from e
-    row_bytes = int(np.prod(dataset.image_shape))
-    plan = plan_row_groups(paths)
-    total = total_rows(plan)
+    dataset, plan = open_split(data_dir, split)
+    row_bytes, total = int(np.prod(dataset.image_shape)), total_rows(plan)
     chosen = np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).astype(np.int64)
     index, labels = np.empty(len(chosen), dtype=np.int64), np.empty(len(chosen), dtype=np.int64)
     images = np.empty((len(chosen), row_bytes), dtype=np.uint8)
@@ -99,13 +93,12 @@ def preview_grid(
         The path written.
     Raises:
         DatasetNotFoundError: no complete dataset in ``data_dir``.
-        InputError: matplotlib missing, an unknown ``split``, ``rows``/``cols`` below 1, an empty split.
+        InputError: matplotlib missing, an unknown ``split``, ``rows``/``cols`` below 1.
+        DatasetMismatchError: an empty split.
     """
     if rows < 1 or cols < 1:
         raise invalid("grid", (rows, cols), "rows and cols of at least 1 each", InputError)
     _, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
-    if len(labels) == 0:
-        raise InputError(f"{os.fspath(data_dir)}: split {split!r} holds no images to preview")
     # Inches: 1.3 x 1.45 for each image with its title, 0.4 for the figure's title.
     figure = _figure(cols * 1.3, rows * 1.45 + 0.4, "compressed")
     figure.suptitle(f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})", fontsize=11)
@@ -136,8 +129,8 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
 
     epochs = [int(h["epoch"]) for h in history]
     # A figure missing from an epoch (None) is a gap in its line (NaN).
-    series = np.array([[h.get(k) for k in ("train_loss", "test_loss", "test_accuracy")] for h in history], dtype=float)
-    train_loss, test_loss, accuracy = series.T
+    figures = [[h.get(k) for k in ("train_loss", "test_loss", "test_accuracy")] for h in history]
+    train_loss, test_loss, accuracy = np.array(figures, dtype=float).T
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, train_loss, marker="o", label="train loss")
     loss_axes.plot(epochs, test_loss, marker="s", label="test loss")
@@ -172,7 +165,7 @@ def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class")
-    if n <= MAX_LABELLED_CLASSES:  # indices below, "index name" on the left, the counts in the cells
+    if n <= 20:  # up to 20 classes: indices below, "index name" on the left, the counts in the cells
         axes.set_xticks(range(n), labels=[str(i) for i in range(n)], fontsize=9)
         axes.set_yticks(range(n), labels=[f"{i} {c}" for i, c in enumerate(result.classes)], fontsize=9)
         for i, j in zip(*np.nonzero(confusion)):
@@ -182,9 +175,8 @@ def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -
         axes.set_xticks(range(n), labels=result.classes, fontsize=6)
         axes.set_yticks(range(n), labels=result.classes, fontsize=6)
     axes.set(xlabel="predicted class", ylabel="true class")
-    where = f"{result.dataset} {result.split}".strip()
-    title = f"accuracy {result.accuracy:.4f} on {result.samples} images"
-    axes.set_title(f"Confusion matrix - {where}: {title}" if where else f"Confusion matrix: {title}", fontsize=11)
+    title = f"{result.dataset} {result.split}: accuracy {result.accuracy:.4f} on {result.samples} images"
+    axes.set_title(f"Confusion matrix - {title}", fontsize=11)
     return _save(figure, out_png)
 
 
