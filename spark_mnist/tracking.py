@@ -42,7 +42,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import spark_mnist
 from spark_mnist.envs import scoped_env
 from spark_mnist.paths import redact, require_local
 
@@ -160,9 +159,10 @@ def log_training_run(
                 mlflow.set_tags({f"spark_mnist.{key}": metrics.get(key) for key in ("dataset", "device", "loader")})
                 mlflow.log_params(params)
                 # An empty dict logs nothing (MLflow's log_batch returns early).
-                for record in metrics["history"]:
-                    mlflow.log_metrics(_figures(record, EPOCH_METRICS), step=int(record["epoch"]))
-                mlflow.log_metrics(_figures(metrics, ("train_seconds", "wall_seconds")))  # whole-run figures
+                for record in metrics["history"]:  # a figure an epoch lacks (None) is not logged for it
+                    figures = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
+                    mlflow.log_metrics(figures, step=int(record["epoch"]))
+                mlflow.log_metrics({k: float(metrics[k]) for k in ("train_seconds", "wall_seconds")})  # whole run
                 mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), "manifest.json")
                 if dataset_uri is not None:
                     _log_dataset_input(mlflow, manifest, dataset_uri)
@@ -178,10 +178,6 @@ def log_training_run(
         return None
     log.info("MLflow run %s logged to %s", run_id, uri)
     return run_id
-
-
-def _figures(record: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
-    return {k: float(record[k]) for k in keys if record.get(k) is not None}
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -246,7 +242,7 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
             example = np.zeros((2, 1, height, width), dtype=np.float32)
             kwargs: dict[str, Any] = {"serialization_format": "pt2", "input_example": example}
         else:
-            kwargs = {"code_paths": [os.path.dirname(spark_mnist.__file__)]}
+            kwargs = {"code_paths": [os.path.dirname(__file__)]}  # this module's folder: the spark_mnist package
         kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
         # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
         requirements = [f"torch=={torch.__version__.split('+')[0]}"]

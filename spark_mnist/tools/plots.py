@@ -19,7 +19,7 @@ import numpy as np
 from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import read_rows, total_rows
+from spark_mnist.shards.parquet import read_pieces, total_rows
 from spark_mnist.tools.evaluate import EvaluationResult, open_split
 
 __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
@@ -52,7 +52,7 @@ def sample_rows(
     data_dir: str | os.PathLike, split: str = "train", count: int = 32, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, "contract.Manifest"]:
     """``count`` distinct random rows of ``split`` (all of them when the split is smaller), decoding only the row
-    groups that hold them.
+    groups that hold them (at most ``count`` of them, ~1 MiB each, read together).
 
     Returns:
         ``(index (n,) int64, images (n, H, W) uint8, labels (n,) int64, manifest)``, in sampled order.
@@ -65,15 +65,11 @@ def sample_rows(
     dataset, plan = open_split(data_dir, split)
     row_bytes, total = int(np.prod(dataset.image_shape)), total_rows(plan)
     chosen = np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).astype(np.int64)
-    index, labels = np.empty(len(chosen), dtype=np.int64), np.empty(len(chosen), dtype=np.int64)
-    images = np.empty((len(chosen), row_bytes), dtype=np.uint8)
-    for group in plan:
-        mine = np.flatnonzero((chosen >= group.start) & (chosen < group.start + group.rows))
-        if len(mine):
-            gi, gx, gy = read_rows([group], group.start, group.start + group.rows, row_bytes, threads=1)
-            rows = chosen[mine] - group.start
-            index[mine], images[mine], labels[mine] = gi[rows], gx[rows], gy[rows]
-    return index, images.reshape(-1, *dataset.image_shape), labels, dataset.manifest
+    groups = [g for g in plan if np.any((chosen >= g.start) & (chosen < g.start + g.rows))]
+    index, images, labels = read_pieces([(g, g.start, g.start + g.rows) for g in groups], row_bytes)
+    # Each chosen row's place among the rows read: the global rows of the groups read, in ascending order.
+    at = np.searchsorted(np.concatenate([np.arange(g.start, g.start + g.rows) for g in groups]), chosen)
+    return index[at], images[at].reshape(-1, *dataset.image_shape), labels[at], dataset.manifest
 
 
 def preview_grid(
