@@ -116,7 +116,6 @@ def evaluate_model(
         raise invalid("batch_size", batch_size, "at least 1", InputError)
     opened, plan = open_split(data_dir, split)
     local, dataset, image_shape = opened.location.shown, opened.dataset, opened.image_shape
-    model_path = os.fspath(model_path)
     try:  # the model training recorded beside model.pt; runs from before models had names recorded none
         with open(os.path.join(os.path.dirname(os.path.abspath(model_path)), METRICS_NAME), encoding="utf-8") as f:
             recorded = json.load(f).get("model")

@@ -121,8 +121,6 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
     if not history:
         raise InputError("no epochs to plot: the training history is empty")
     figure = _figure(10, 4, "tight")
-    from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
-
     epochs = [int(h["epoch"]) for h in history]
     # A figure missing from an epoch (None) is a gap in its line (NaN).
     figures = [[h.get(k) for k in ("train_loss", "test_loss", "test_accuracy")] for h in history]
@@ -138,7 +136,7 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
         accuracy_axes.annotate(f"{accuracy[-1]:.4f}", (epochs[-1], accuracy[-1]), **below)
     for axes, corner in ((loss_axes, "best"), (accuracy_axes, "lower right")):
         axes.legend(loc=corner)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.locator_params(axis="x", integer=True)  # whole epochs only
         axes.grid(alpha=0.3)
     return _save(figure, out_png)
 

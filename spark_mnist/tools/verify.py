@@ -173,8 +173,8 @@ def verify_source(
                 status = OK
             except InputError as e:
                 status = f"error: {e}"
-        rows = None if labels is None else len(labels)
-        splits.append(SplitReport(split, status, rows, spec.split_sizes.get(split), histogram))
+        # The split's rows are its labels file's (the last report made), None where that could not be read.
+        splits.append(SplitReport(split, status, files[-1].rows, spec.split_sizes.get(split), histogram))
     return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), strict)
 
 
