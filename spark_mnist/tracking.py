@@ -150,10 +150,9 @@ def log_training_run(
 
         # Put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
         with scoped_env(allow, restore=(TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")), _use_tracking_uri(uri):
-            client = mlflow.MlflowClient(tracking_uri=uri)
-            name = _experiment_name(experiment, uri)
-            found = client.get_experiment_by_name(name)
-            experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
+            name = _experiment_name(experiment, uri)  # looked up and made at ``uri``, which the block has set
+            found = mlflow.get_experiment_by_name(name)
+            experiment_id = found.experiment_id if found is not None else mlflow.create_experiment(name)
             nested = mlflow.active_run() is not None
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as run:
                 mlflow.set_tags({f"spark_mnist.{key}": metrics.get(key) for key in ("dataset", "device", "loader")})

@@ -152,8 +152,7 @@ def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -
     """
     confusion = np.asarray(result.confusion, dtype=np.int64)
     n = len(confusion)
-    totals = confusion.sum(axis=1, keepdims=True)
-    shares = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=np.float64), where=totals > 0)
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)  # a class with no images: all 0
     side = min(24.0, max(6.0, 0.55 * n + 3))
     figure = _figure(side + 1.2, side, "constrained")
     axes = figure.subplots()
