@@ -54,8 +54,7 @@ def result_from_confusion(confusion: np.ndarray, classes: Sequence[str], **extra
     confusion = np.asarray(confusion, dtype=np.int64)
     samples, correct, totals = int(confusion.sum()), np.diag(confusion).tolist(), confusion.sum(axis=1).tolist()
     per_class = [c / t if t else None for c, t in zip(correct, totals)]
-    accuracy = sum(correct) / samples if samples else 0.0
-    return EvaluationResult(accuracy, per_class, confusion, list(classes), samples, **extra)
+    return EvaluationResult(sum(correct) / max(samples, 1), per_class, confusion, list(classes), samples, **extra)
 
 
 def open_split(data_dir: str | os.PathLike, split: str) -> tuple[contract.Dataset, list[RowGroup]]:

@@ -121,10 +121,9 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
     if not history:
         raise InputError("no epochs to plot: the training history is empty")
     figure = _figure(10, 4, "tight")
-    epochs = [int(h["epoch"]) for h in history]
     # A figure missing from an epoch (None) is a gap in its line (NaN).
-    figures = [[h.get(k) for k in ("train_loss", "test_loss", "test_accuracy")] for h in history]
-    train_loss, test_loss, accuracy = np.array(figures, dtype=float).T
+    figures = [[h["epoch"], *(h.get(k) for k in ("train_loss", "test_loss", "test_accuracy"))] for h in history]
+    epochs, train_loss, test_loss, accuracy = np.array(figures, dtype=float).T
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, train_loss, marker="o", label="train loss")
     loss_axes.plot(epochs, test_loss, marker="s", label="test loss")
