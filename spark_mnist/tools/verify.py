@@ -182,7 +182,7 @@ def _cut(text: str | None, width: int) -> str | None:
     return text if text is None or len(text) <= width else text[: width - 3] + "..."
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     """Left-aligned columns under a rule; ``None`` shown as ``-``."""
     cells = [header, *(tuple("-" if value is None else str(value) for value in row) for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
