@@ -227,8 +227,7 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
 
         from spark_mnist.models import DEFAULT_MODEL, build_model
 
-        height, width = manifest["image_shape"]
-        num_classes = len(manifest["classes"])
+        (height, width), num_classes = manifest["image_shape"], len(manifest["classes"])
         model = build_model(model_name or DEFAULT_MODEL, num_classes, (height, width)).eval()
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         accepted = inspect.signature(mlflow.pytorch.log_model).parameters

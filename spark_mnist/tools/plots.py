@@ -149,8 +149,7 @@ def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -
     Raises:
         InputError: matplotlib missing.
     """
-    confusion = np.asarray(result.confusion, dtype=np.int64)
-    n = len(confusion)
+    confusion, n = result.confusion, len(result.confusion)  # int64 counts (:func:`result_from_confusion`)
     shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)  # a class with no images: all 0
     side = min(24.0, max(6.0, 0.55 * n + 3))
     figure = _figure(side + 1.2, side, "constrained")
