@@ -42,7 +42,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import spark_mnist
 from spark_mnist.envs import scoped_env
 from spark_mnist.paths import redact, require_local
 
@@ -58,16 +57,12 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 DATABRICKS_ENV = "DATABRICKS_RUNTIME_VERSION"
 MODEL_NAME = "pytorch_model"
-# Hex digits of the manifest's sha256 kept as the MLflow dataset digest (MLflow stores at most 36 characters).
-DIGEST_CHARS = 16
 # Per-epoch figures of ``metrics["history"]`` logged as MLflow metrics with step = epoch.
 EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
-# Whole-run figures of the metrics dict logged once as metrics, and the facts of the run logged as ``run.*`` params.
-FINAL_METRICS = ("train_seconds", "wall_seconds")
+# The facts of the run logged as ``run.*`` params.
 RUN_PARAMS = "dataset world_size device loader steps_per_epoch batch_size samples_per_epoch epochs".split()
 # MLflow's limits (every MLflow from 2.9 on): param values of at most 6000 characters, keys of at most 250 characters
 # from letters, digits, "_", "-", ".", " " and "/".
-MAX_PARAM_KEY_LENGTH = 250
 _KEY_CHARS = re.compile(r"[^\w\-. /]")
 
 
@@ -90,15 +85,16 @@ def tracking_uri(run_dir: str | os.PathLike) -> str:
 
 def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_length: int = 6000) -> dict[str, str]:
     """Nested settings -> ``{"train.epochs": "4", ...}``: keys joined with ".", characters MLflow rejects in keys
-    replaced by "_", values as strings (lists and dicts as JSON, an empty dict as ``{}``) cut to
-    ``max_value_length`` characters."""
+    replaced by "_", values as strings (lists and dicts as JSON, an empty dict as ``{}``) with a URI's credentials
+    redacted (:func:`spark_mnist.paths.redact`), then cut to ``max_value_length`` characters."""
     out: dict[str, str] = {}
     for key, value in settings.items():
-        name = _KEY_CHARS.sub("_", f"{prefix}{key}")[:MAX_PARAM_KEY_LENGTH]
+        name = _KEY_CHARS.sub("_", f"{prefix}{key}")[:250]
         if isinstance(value, Mapping) and value:
             out.update(flatten_params(value, f"{name}.", max_value_length=max_value_length))
             continue
         text = json.dumps(value, default=str, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
+        text = redact(text)  # a URI's credentials stay out of MLflow
         out[name] = text if len(text) <= max_value_length else text[: max_value_length - 3] + "..."
     return out
 
@@ -146,30 +142,26 @@ def log_training_run(
     # The file store's opt-in (MLflow >= 3.13), unless the user set it either way.
     allow = {ALLOW_FILE_STORE_ENV: "true"} if uri.startswith("file:") and ALLOW_FILE_STORE_ENV not in os.environ else {}
     try:
-        run_facts = {f"run.{k}": metrics[k] for k in RUN_PARAMS if k in metrics}
-        # A URI's credentials stay out of MLflow.
-        params = {name: redact(value) for name, value in flatten_params({**settings_dict, **run_facts}).items()}
-        dataset = metrics.get("dataset") or manifest.get("dataset") or "dataset"
-        run_name = f"{dataset}-{metrics.get('world_size', '?')}x{metrics.get('device', '?')}"
+        params = flatten_params({**settings_dict, "run": {k: metrics[k] for k in RUN_PARAMS if k in metrics}})
+        run_name = f"{manifest['dataset']}-{metrics['world_size']}x{metrics['device']}"
         # MLflow's own scope for its module-level tracking URI (private; in every MLflow from 2.9 to 3.x): set for
         # the block, then the previous one back.  It also writes MLFLOW_TRACKING_URI, which scoped_env restores.
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         # Put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
         with scoped_env(allow, restore=(TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")), _use_tracking_uri(uri):
-            client = mlflow.MlflowClient(tracking_uri=uri)
-            name = _experiment_name(experiment, uri)
-            found = client.get_experiment_by_name(name)
-            experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
+            name = _experiment_name(experiment, uri)  # looked up and made at ``uri``, which the block has set
+            found = mlflow.get_experiment_by_name(name)
+            experiment_id = found.experiment_id if found is not None else mlflow.create_experiment(name)
             nested = mlflow.active_run() is not None
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as run:
-                tags = {"dataset": dataset, "device": metrics.get("device"), "loader": metrics.get("loader")}
-                mlflow.set_tags({f"spark_mnist.{key}": str(value) for key, value in tags.items()})
+                mlflow.set_tags({f"spark_mnist.{key}": metrics.get(key) for key in ("dataset", "device", "loader")})
                 mlflow.log_params(params)
                 # An empty dict logs nothing (MLflow's log_batch returns early).
-                for record in metrics.get("history") or []:
-                    mlflow.log_metrics(_figures(record, EPOCH_METRICS), step=int(record["epoch"]))
-                mlflow.log_metrics(_figures(metrics, FINAL_METRICS))
+                for record in metrics["history"]:  # a figure an epoch lacks (None) is not logged for it
+                    figures = {k: float(record[k]) for k in EPOCH_METRICS if record.get(k) is not None}
+                    mlflow.log_metrics(figures, step=int(record["epoch"]))
+                mlflow.log_metrics({k: float(metrics[k]) for k in ("train_seconds", "wall_seconds")})  # whole run
                 mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), "manifest.json")
                 if dataset_uri is not None:
                     _log_dataset_input(mlflow, manifest, dataset_uri)
@@ -187,15 +179,11 @@ def log_training_run(
     return run_id
 
 
-def _figures(record: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
-    return {k: float(record[k]) for k in keys if record.get(k) is not None}
-
-
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """The first :data:`DIGEST_CHARS` hex digits of the sha256 of the manifest as canonical JSON (sorted keys): one
-    ingest's identity, as its source files, rows and shards are in it."""
+    """The first 16 hex digits (MLflow stores at most 36 characters) of the sha256 of the manifest as canonical
+    JSON (sorted keys): one ingest's identity, as its source files, rows and shards are in it."""
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:DIGEST_CHARS]
+    return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]
 
 
 def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) -> None:
@@ -211,8 +199,8 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        name, digest = str(manifest.get("dataset") or "dataset"), manifest_digest(manifest)
-        dataset = MetaDataset(source=source, name=name, digest=digest)  # type: ignore[abstract]  # it is concrete
+        digest = manifest_digest(manifest)
+        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=digest)  # type: ignore[abstract]  # concrete
         mlflow.log_input(dataset, context="training")
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
         error = f"{type(e).__name__}: {redact(str(e))}"
@@ -239,8 +227,7 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
 
         from spark_mnist.models import DEFAULT_MODEL, build_model
 
-        height, width = manifest["image_shape"]
-        num_classes = len(manifest["classes"])
+        (height, width), num_classes = manifest["image_shape"], len(manifest["classes"])
         model = build_model(model_name or DEFAULT_MODEL, num_classes, (height, width)).eval()
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         accepted = inspect.signature(mlflow.pytorch.log_model).parameters
@@ -253,7 +240,7 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
             example = np.zeros((2, 1, height, width), dtype=np.float32)
             kwargs: dict[str, Any] = {"serialization_format": "pt2", "input_example": example}
         else:
-            kwargs = {"code_paths": [os.path.dirname(spark_mnist.__file__)]}
+            kwargs = {"code_paths": [os.path.dirname(__file__)]}  # this module's folder: the spark_mnist package
         kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
         # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
         requirements = [f"torch=={torch.__version__.split('+')[0]}"]

@@ -102,7 +102,8 @@ def test_confusion_matrix_png(tmp_path):
     result = result_from_confusion(confusion, CLASSES, dataset="fashion-mnist", split="test")
     out = plots.confusion_matrix_png(result, tmp_path / "confusion.png")
     assert png_size(out)[0] > 500 and out.stat().st_size > 5_000
-    many = result_from_confusion(np.eye(25, dtype=np.int64) * 3, [chr(65 + i) for i in range(25)])
+    many = result_from_confusion(np.eye(25, dtype=np.int64) * 3, [chr(65 + i) for i in range(25)], dataset="x",
+                                 split="test")
     assert png_size(plots.confusion_matrix_png(many, tmp_path / "big.png"))[0] > png_size(out)[0]
 
 

@@ -23,12 +23,12 @@ import numpy as np
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
 from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import iter_batches, plan_row_groups, total_rows
+from spark_mnist.shards.parquet import RowGroup, iter_batches, plan_row_groups, total_rows
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EvaluationResult", "result_from_confusion", "evaluate_model", "format_report"]
+__all__ = ["EvaluationResult", "result_from_confusion", "open_split", "evaluate_model", "format_report"]
 
 
 @dataclass
@@ -44,8 +44,8 @@ class EvaluationResult:
     confusion: np.ndarray
     classes: list[str]
     samples: int
-    dataset: str = ""
-    split: str = "test"
+    dataset: str
+    split: str
     model: str = ""
 
 
@@ -54,19 +54,27 @@ def result_from_confusion(confusion: np.ndarray, classes: Sequence[str], **extra
     confusion = np.asarray(confusion, dtype=np.int64)
     samples, correct, totals = int(confusion.sum()), np.diag(confusion).tolist(), confusion.sum(axis=1).tolist()
     per_class = [c / t if t else None for c, t in zip(correct, totals)]
-    accuracy = sum(correct) / samples if samples else 0.0
-    return EvaluationResult(accuracy, per_class, confusion, list(classes), samples, **extra)
+    return EvaluationResult(sum(correct) / max(samples, 1), per_class, confusion, list(classes), samples, **extra)
 
 
-def _model_name_beside(model_path: str) -> str | None:
-    """The registry name of the model in ``model_path``: ``"model"`` of the ``metrics.json`` training wrote beside
-    it, else ``None`` (runs from before models had names, or no metrics file)."""
+def open_split(data_dir: str | os.PathLike, split: str) -> tuple[contract.Dataset, list[RowGroup]]:
+    """The dataset in ``data_dir`` (:func:`spark_mnist.shards.contract.open_dataset`) and the row groups of its
+    ``split`` (:func:`spark_mnist.shards.parquet.plan_row_groups`), for the side tools that read one split.
+
+    Raises:
+        DatasetNotFoundError: no complete dataset in ``data_dir`` (local, FUSE or an object store).
+        InputError: an unknown ``split``.
+        DatasetMismatchError: the split holds no rows.
+    """
+    dataset = contract.open_dataset(data_dir)
     try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(model_path)), METRICS_NAME), encoding="utf-8") as f:
-            name = json.load(f).get("model")
-    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object
-        return None
-    return name if isinstance(name, str) and name else None
+        paths = dataset.files(split)
+    except ValueError as e:  # "Invalid split: ... Must be one of ...", said with the dataset's place
+        raise InputError(f"{dataset.location.shown}: {e}") from e
+    plan = plan_row_groups(paths)
+    if total_rows(plan) == 0:
+        raise DatasetMismatchError(f"{dataset.location.shown}: split {split!r} holds no rows")
+    return dataset, plan
 
 
 def evaluate_model(
@@ -87,7 +95,7 @@ def evaluate_model(
         split: ``"test"`` (default) or ``"train"``.
         device: where to run; default CUDA when available, else CPU.
         model: the model's registry name (:data:`spark_mnist.models.MODELS`); default the one training recorded
-            beside ``model_path`` (:func:`_model_name_beside`), else :data:`spark_mnist.models.DEFAULT_MODEL`.
+            as ``"model"`` in the ``metrics.json`` beside ``model_path``, else :data:`spark_mnist.models.DEFAULT_MODEL`.
     Returns:
         The :class:`EvaluationResult`.
     Raises:
@@ -105,14 +113,14 @@ def evaluate_model(
 
     if batch_size < 1:
         raise invalid("batch_size", batch_size, "at least 1", InputError)
-    opened = contract.open_dataset(data_dir)
+    opened, plan = open_split(data_dir, split)
     local, dataset, image_shape = opened.location.shown, opened.dataset, opened.image_shape
-    try:
-        paths = opened.files(split)
-    except ValueError as e:
-        raise InputError(f"{local}: {e}") from e
-    model_path = os.fspath(model_path)
-    model = model or _model_name_beside(model_path) or DEFAULT_MODEL
+    try:  # the model training recorded beside model.pt; runs from before models had names recorded none
+        with open(os.path.join(os.path.dirname(os.path.abspath(model_path)), METRICS_NAME), encoding="utf-8") as f:
+            recorded = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object
+        recorded = None
+    model = model or (recorded if isinstance(recorded, str) else None) or DEFAULT_MODEL
     num_classes = len(opened.classes)
     if not os.path.isfile(model_path):
         what = "is a directory, not a model file" if os.path.isdir(model_path) else "no such model file"
@@ -140,9 +148,6 @@ def evaluate_model(
         ) from e
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network.to(device).eval()
-    plan = plan_row_groups(paths)
-    if total_rows(plan) == 0:
-        raise DatasetMismatchError(f"{local}: split {split!r} holds no rows")
     norm = normalization_for(dataset)
     # (C, C) int64 counts, rows the true class: the labels are checked on the host and the counts summed on
     # ``device``, read back once at the end (no device synchronisation per batch).
@@ -162,7 +167,7 @@ def evaluate_model(
 def format_report(result: EvaluationResult) -> str:
     """A plain-text report: overall accuracy, a per-class table and the confusion matrix, columns aligned."""
     confusion = result.confusion
-    where = f"{result.dataset} {result.split}".strip() or "evaluation"
+    where = f"{result.dataset} {result.split}"
     lines = [f"accuracy: {result.accuracy:.4f} ({np.trace(confusion)}/{result.samples} images, {where})", ""]
     index_width = len(str(len(result.classes) - 1))
     labels = [f"{i:>{index_width}} {c}" for i, c in enumerate(result.classes)]

@@ -19,8 +19,8 @@ import numpy as np
 from spark_mnist.errors import InputError, invalid
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import plan_row_groups, read_rows, total_rows
-from spark_mnist.tools.evaluate import EvaluationResult
+from spark_mnist.shards.parquet import read_pieces, total_rows
+from spark_mnist.tools.evaluate import EvaluationResult, open_split
 
 __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'spark-mnist[plots]'"
 DPI = 100
-MAX_LABELLED_CLASSES = 20  # the confusion matrix writes counts in its cells up to this many classes
 
 
 def _figure(width: float, height: float, layout: Literal["compressed", "constrained", "tight"]):
@@ -53,7 +52,7 @@ def sample_rows(
     data_dir: str | os.PathLike, split: str = "train", count: int = 32, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, "contract.Manifest"]:
     """``count`` distinct random rows of ``split`` (all of them when the split is smaller), decoding only the row
-    groups that hold them.
+    groups that hold them (at most ``count`` of them, ~1 MiB each, read together).
 
     Returns:
         ``(index (n,) int64, images (n, H, W) uint8, labels (n,) int64, manifest)``, in sampled order.
@@ -61,25 +60,16 @@ def sample_rows(
         DatasetNotFoundError: no complete dataset in ``data_dir`` (local, FUSE or an object store:
             :func:`spark_mnist.shards.contract.open_dataset`).
         InputError: an unknown ``split``.
+        DatasetMismatchError: an empty split.
     """
-    dataset = contract.open_dataset(data_dir)
-    try:
-        paths = dataset.files(split)
-    except ValueError as e:
-        raise InputError(f"{dataset.location.shown}: {e}") from e
-    row_bytes = int(np.prod(dataset.image_shape))
-    plan = plan_row_groups(paths)
-    total = total_rows(plan)
+    dataset, plan = open_split(data_dir, split)
+    row_bytes, total = int(np.prod(dataset.image_shape)), total_rows(plan)
     chosen = np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).astype(np.int64)
-    index, labels = np.empty(len(chosen), dtype=np.int64), np.empty(len(chosen), dtype=np.int64)
-    images = np.empty((len(chosen), row_bytes), dtype=np.uint8)
-    for group in plan:
-        mine = np.flatnonzero((chosen >= group.start) & (chosen < group.start + group.rows))
-        if len(mine):
-            gi, gx, gy = read_rows([group], group.start, group.start + group.rows, row_bytes, threads=1)
-            rows = chosen[mine] - group.start
-            index[mine], images[mine], labels[mine] = gi[rows], gx[rows], gy[rows]
-    return index, images.reshape(-1, *dataset.image_shape), labels, dataset.manifest
+    groups = [g for g in plan if np.any((chosen >= g.start) & (chosen < g.start + g.rows))]
+    index, images, labels = read_pieces([(g, g.start, g.start + g.rows) for g in groups], row_bytes)
+    # Each chosen row's place among the rows read: the global rows of the groups read, in ascending order.
+    at = np.searchsorted(np.concatenate([np.arange(g.start, g.start + g.rows) for g in groups]), chosen)
+    return index[at], images[at].reshape(-1, *dataset.image_shape), labels[at], dataset.manifest
 
 
 def preview_grid(
@@ -99,13 +89,12 @@ def preview_grid(
         The path written.
     Raises:
         DatasetNotFoundError: no complete dataset in ``data_dir``.
-        InputError: matplotlib missing, an unknown ``split``, ``rows``/``cols`` below 1, an empty split.
+        InputError: matplotlib missing, an unknown ``split``, ``rows``/``cols`` below 1.
+        DatasetMismatchError: an empty split.
     """
     if rows < 1 or cols < 1:
         raise invalid("grid", (rows, cols), "rows and cols of at least 1 each", InputError)
     _, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
-    if len(labels) == 0:
-        raise InputError(f"{os.fspath(data_dir)}: split {split!r} holds no images to preview")
     # Inches: 1.3 x 1.45 for each image with its title, 0.4 for the figure's title.
     figure = _figure(cols * 1.3, rows * 1.45 + 0.4, "compressed")
     figure.suptitle(f"{manifest.dataset} {split}: {len(labels)} random images (seed {seed})", fontsize=11)
@@ -132,12 +121,9 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
     if not history:
         raise InputError("no epochs to plot: the training history is empty")
     figure = _figure(10, 4, "tight")
-    from matplotlib.ticker import MaxNLocator  # the plots extra: _figure just found matplotlib
-
-    epochs = [int(h["epoch"]) for h in history]
     # A figure missing from an epoch (None) is a gap in its line (NaN).
-    series = np.array([[h.get(k) for k in ("train_loss", "test_loss", "test_accuracy")] for h in history], dtype=float)
-    train_loss, test_loss, accuracy = series.T
+    figures = [[h["epoch"], *(h.get(k) for k in ("train_loss", "test_loss", "test_accuracy"))] for h in history]
+    epochs, train_loss, test_loss, accuracy = np.array(figures, dtype=float).T
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, train_loss, marker="o", label="train loss")
     loss_axes.plot(epochs, test_loss, marker="s", label="test loss")
@@ -149,7 +135,7 @@ def training_curves(history: Sequence[Mapping[str, Any]], out_png: str | os.Path
         accuracy_axes.annotate(f"{accuracy[-1]:.4f}", (epochs[-1], accuracy[-1]), **below)
     for axes, corner in ((loss_axes, "best"), (accuracy_axes, "lower right")):
         axes.legend(loc=corner)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.locator_params(axis="x", integer=True)  # whole epochs only
         axes.grid(alpha=0.3)
     return _save(figure, out_png)
 
@@ -163,16 +149,14 @@ def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -
     Raises:
         InputError: matplotlib missing.
     """
-    confusion = np.asarray(result.confusion, dtype=np.int64)
-    n = len(confusion)
-    totals = confusion.sum(axis=1, keepdims=True)
-    shares = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=np.float64), where=totals > 0)
+    confusion, n = result.confusion, len(result.confusion)  # int64 counts (:func:`result_from_confusion`)
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)  # a class with no images: all 0
     side = min(24.0, max(6.0, 0.55 * n + 3))
     figure = _figure(side + 1.2, side, "constrained")
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class")
-    if n <= MAX_LABELLED_CLASSES:  # indices below, "index name" on the left, the counts in the cells
+    if n <= 20:  # up to 20 classes: indices below, "index name" on the left, the counts in the cells
         axes.set_xticks(range(n), labels=[str(i) for i in range(n)], fontsize=9)
         axes.set_yticks(range(n), labels=[f"{i} {c}" for i, c in enumerate(result.classes)], fontsize=9)
         for i, j in zip(*np.nonzero(confusion)):
@@ -182,9 +166,8 @@ def confusion_matrix_png(result: EvaluationResult, out_png: str | os.PathLike) -
         axes.set_xticks(range(n), labels=result.classes, fontsize=6)
         axes.set_yticks(range(n), labels=result.classes, fontsize=6)
     axes.set(xlabel="predicted class", ylabel="true class")
-    where = f"{result.dataset} {result.split}".strip()
-    title = f"accuracy {result.accuracy:.4f} on {result.samples} images"
-    axes.set_title(f"Confusion matrix - {where}: {title}" if where else f"Confusion matrix: {title}", fontsize=11)
+    title = f"{result.dataset} {result.split}: accuracy {result.accuracy:.4f} on {result.samples} images"
+    axes.set_title(f"Confusion matrix - {title}", fontsize=11)
     return _save(figure, out_png)
 
 

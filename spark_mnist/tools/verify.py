@@ -8,12 +8,10 @@ file) is compared with the registry's.  The file names are exactly the ones inge
 
 from __future__ import annotations
 
-import functools
 import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,7 +36,6 @@ class FileReport:
     """
 
     name: str
-    path: str
     status: str
     rows: int | None = None
     shape: tuple[int, ...] | None = None
@@ -82,10 +79,11 @@ class VerifyReport:
         """One line per file or split that is not ``"ok"``, with the full message (and full hashes)."""
         lines = []
         for f in self.files:
+            path = os.path.join(self.directory, f.name)
             if f.status == HASH_MISMATCH:
-                lines.append(hash_mismatch_message(self.dataset, f.path, f.sha256 or "", f.expected or ""))
+                lines.append(hash_mismatch_message(self.dataset, path, f.sha256 or "", f.expected or ""))
             elif f.status != OK:
-                lines.append(f"{f.path}: {'file not found' if f.status == 'missing' else f.status}")
+                lines.append(f"{path}: {'file not found' if f.status == 'missing' else f.status}")
         return lines + [f"split {s.split}: {s.status}" for s in self.splits if s.status.startswith("error")]
 
 
@@ -153,34 +151,30 @@ def verify_source(
         raise SourceError(f"{root}: source directory not found")
     files, splits = [], []
     for split in SPLITS:
-        arrays: dict[str, np.ndarray] = {}
-        for kind in (IMAGES, LABELS):
-            entry = spec.file(split, kind)
-            path = root / entry.name
-            report = functools.partial(FileReport, entry.name, str(path), expected=entry.sha256)
+        names, arrays = {kind: spec.file(split, kind).name for kind in (IMAGES, LABELS)}, {}
+        for kind, name in names.items():
+            path, expected = root / name, spec.file(split, kind).sha256
             try:
                 parsed = parse_idx(path)
             except InputError as e:  # "missing" where there is no such file (or a directory of its name)
-                files.append(report("missing" if not path.is_file() else f"error: {str(e).removeprefix(f'{path}: ')}"))
+                status = "missing" if not path.is_file() else f"error: {str(e).removeprefix(f'{path}: ')}"
+                files.append(FileReport(name, status, expected=expected))
                 continue
-            array = parsed.array
-            status = OK if entry.sha256 in (None, parsed.sha256) else HASH_MISMATCH
-            files.append(report(status, len(array), tuple(array.shape), parsed.sha256))
+            array, status = parsed.array, OK if expected in (None, parsed.sha256) else HASH_MISMATCH
+            files.append(FileReport(name, status, len(array), tuple(array.shape), parsed.sha256, expected))
             # Of the images only shape and dtype matter from here on (a view of one zero); labels make the histogram.
             arrays[kind] = array if kind == LABELS else np.broadcast_to(np.zeros((), array.dtype), array.shape)
-        labels = arrays.get(LABELS)
-        histogram = None
+        labels, histogram, status = arrays.get(LABELS), None, "incomplete"  # "incomplete": a file missing or unreadable
         if labels is not None and labels.ndim == 1 and labels.dtype.kind in "ui" and (labels >= 0).all():
             histogram = tuple(int(c) for c in np.bincount(labels.astype(np.int64), minlength=spec.num_classes))
-        status = OK if len(arrays) == 2 else "incomplete"  # a file missing or unreadable
-        try:
-            if status == OK:
-                names = (spec.file(split, IMAGES).name, spec.file(split, LABELS).name)
-                validate_split(spec, arrays[IMAGES], arrays[LABELS], *names)
-        except InputError as e:
-            status = f"error: {e}"
-        rows = None if labels is None else len(labels)
-        splits.append(SplitReport(split, status, rows, spec.split_sizes.get(split), histogram))
+        if len(arrays) == 2:
+            try:
+                validate_split(spec, arrays[IMAGES], arrays[LABELS], names[IMAGES], names[LABELS])
+                status = OK
+            except InputError as e:
+                status = f"error: {e}"
+        # The split's rows are its labels file's (the last report made), None where that could not be read.
+        splits.append(SplitReport(split, status, files[-1].rows, spec.split_sizes.get(split), histogram))
     return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), strict)
 
 
@@ -188,7 +182,7 @@ def _cut(text: str | None, width: int) -> str | None:
     return text if text is None or len(text) <= width else text[: width - 3] + "..."
 
 
-def _table(header: tuple[str, ...], rows: Sequence[tuple[object, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     """Left-aligned columns under a rule; ``None`` shown as ``-``."""
     cells = [header, *(tuple("-" if value is None else str(value) for value in row) for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
