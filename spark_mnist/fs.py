@@ -3,7 +3,7 @@ small writes, the one URI -> file system resolver; and writes that never leave a
 name.
 
 Every operation takes a :class:`~spark_mnist.paths.Location`.  Where :mod:`os` can reach the place
-(:attr:`Location.is_local <spark_mnist.paths.Location.is_local>`: local disk, the ``/dbfs`` FUSE mount,
+(:attr:`Location.os_path <spark_mnist.paths.Location.os_path>`: local disk, the ``/dbfs`` FUSE mount,
 ``/Volumes``) it goes through pyarrow's ``LocalFileSystem`` (:mod:`shutil` for directory deletes, :func:`replacing`);
 everywhere else through :mod:`pyarrow.fs` (``s3://``, ``gs://``,
 ``hdfs://``, and ``abfss://`` where the installed pyarrow has it), or through fsspec for a scheme pyarrow lacks

@@ -46,7 +46,7 @@ def test_a_generation_name_carries_its_start_and_sorts_after_the_current():
     later = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime(commit.GENERATION_TIME) + "-0123456789ab"
     name = commit.new_generation(after=later)
     assert commit.generation_start(name) == commit.generation_start(later) + timedelta(microseconds=1)
-    assert abs(commit._age_s(commit.new_generation())) < 60 and not commit.is_generation("_manifest.json")
+    assert abs(commit._age_s(commit.new_generation())) < 60 and commit.generation_start("_manifest.json") is None
 
 
 def test_clean_removes_by_age_only_what_no_manifest_names(tmp_path):

@@ -25,7 +25,7 @@ def root(request, tmp_path) -> Location:
         return
     pytest.importorskip("fsspec")
     location = normalize_uri(f"memory://spark-mnist-{uuid.uuid4().hex[:12]}/root")
-    assert location.kind == "remote" and not location.is_local
+    assert location.kind == "remote" and location.os_path is None
     yield location
     fs.delete(location.sibling(""))
 
@@ -98,7 +98,7 @@ def test_missing_fsspec_names_the_fix(monkeypatch):
 def test_dbfs_and_volumes_without_their_fuse_mount_say_so():
     dbfs = Location("dbfs:/mnt/out", "/dbfs/mnt/out", "dbfs")
     volume = Location("/Volumes/c/s/v/out", "/Volumes/c/s/v/out", "volume")
-    if dbfs.is_local or volume.is_local:
+    if dbfs.os_path is not None or volume.os_path is not None:
         pytest.skip("this machine has the Databricks FUSE mounts")
     with pytest.raises(SourceError, match=r"^dbfs:/mnt/out: dbfs:/ paths need the /dbfs FUSE mount.*/Volumes/"):
         fs.exists(dbfs)

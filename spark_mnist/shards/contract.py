@@ -149,14 +149,10 @@ class Manifest:
             )
         try:
             height, width = (int(n) for n in doc["image_shape"])
-            splits = {
-                name: Split(
-                    int(s["rows"]),
-                    tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"])) for f in s["files"]),
-                    tuple(s.get("label_histogram", ())),
-                )
-                for name, s in doc["splits"].items()
-            }
+            splits = {}
+            for name, s in doc["splits"].items():
+                files = tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"])) for f in s["files"])
+                splits[name] = Split(int(s["rows"]), files, tuple(s.get("label_histogram", ())))
             kept = {k: doc[k] for k in ("source", "previous", "package_version", "created_unix") if k in doc}
             classes = tuple(str(c) for c in doc["classes"])
             return cls(doc["generation"], doc["dataset"], classes, (height, width), splits, **kept)

@@ -76,7 +76,7 @@ def sample_rows(
     for group in plan:
         mine = np.flatnonzero((chosen >= group.start) & (chosen < group.start + group.rows))
         if len(mine):
-            gi, gx, gy = read_rows([group], group.start, group.start + group.rows, row_bytes, threads=1)
+            gi, gx, gy = read_rows([group], group.start, group.start + group.rows, row_bytes)
             rows = chosen[mine] - group.start
             index[mine], images[mine], labels[mine] = gi[rows], gx[rows], gy[rows]
     return index, images.reshape(-1, *dataset.image_shape), labels, dataset.manifest
