@@ -1,4 +1,4 @@
-"""File operations with no Spark session, anywhere (driver, Spark tasks, ranks, tools): exists, delete, list, mkdirs,
+"""File operations with no Spark session, anywhere (driver, Spark tasks, ranks, tools): exists, delete, list,
 small writes, the one URI -> file system resolver; and writes that never leave a half-written file under the final
 name.
 
@@ -43,8 +43,7 @@ from spark_mnist.paths import Location, redact
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
-__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "makedirs", "read_bytes",
-           "write_whole"]  # fmt: skip
+__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "read_bytes", "write_whole"]
 
 
 # What a mount that cannot rename answers: ENOSYS (a Unity Catalog volume's FUSE mount, delta-io/delta-rs#2540),
@@ -107,13 +106,11 @@ def filesystem(location: Location) -> "tuple[FileSystem, str]":
         )
     if location.kind == "volume":
         raise SourceError(
-            f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine "
-            f"does not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// "
-            f"URI"
+            f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine does not have; "
+            f"run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// URI"
         )
     uri = _with_s3_endpoint(location.uri)
-    azure = _azure_filesystem(uri)
-    if azure is not None:
+    if (azure := _azure_filesystem(uri)) is not None:
         return azure
     try:
         return pafs.FileSystem.from_uri(uri)
@@ -266,17 +263,6 @@ def list_names(location: Location) -> list[str]:
 
     fs, path = filesystem(location)
     return sorted(info.base_name for info in fs.get_file_info(FileSelector(path, allow_not_found=True)))
-
-
-def makedirs(location: Location) -> None:
-    """Create the directory ``location`` and its parents; nothing happens where it exists.
-
-    Raises:
-        SourceError: a place no file system here can reach (:func:`filesystem`).
-        OSError: the directory could not be created (e.g. a file is in the way).
-    """
-    fs, path = filesystem(location)
-    fs.create_dir(path, recursive=True)
 
 
 def read_bytes(location: Location) -> bytes:

@@ -253,7 +253,7 @@ def past_retention(out: str) -> str:
     name = f"{start.strftime(commit.GENERATION_TIME)}_0123456789ab"
     location = normalize_uri(out).join(name, "train")
     if location.os_path is not None:
-        fs.makedirs(location)
+        os.makedirs(location.os_path, exist_ok=True)
     fs.write_whole(location.join("part-00000.parquet"), b"shard")
     return name
 

@@ -247,8 +247,6 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`), or a store that
             fails to answer (the message names the manifest and pyarrow's error).
     """
-    from pyarrow.fs import FileType  # pyarrow where a dataset is opened: fs and the commit import without it
-
     location = normalize_uri(path)
     filesystem, root = fs.filesystem(location)
     root = root.rstrip("/") or root
@@ -265,7 +263,7 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     files = manifest.files()
     for shard, info in zip(files, filesystem.get_file_info([f"{root}/{f.path}" for f in files])):
         uri = location.join(*shard.path.split("/")).shown
-        if info.type == FileType.NotFound:
+        if info.size is None:  # nothing there (or a directory): no file of the manifest's
             raise DatasetNotFoundError(
                 f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
                 f"was removed or replaced under the reader, re-run ingest or reopen it"

@@ -171,9 +171,8 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
         raise DatasetMismatchError(f"{path}: {column.null_count} null images in column {contract.IMAGE!r}")
     parts = []
     for chunk in _chunks(column):
-        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        _, offsets_buf, data_buf = chunk.buffers()  # binary: int32 offsets (what the contract's writers write)
+        offsets = np.frombuffer(offsets_buf, dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
         if np.any(np.diff(offsets) != row_bytes):
             raise DatasetMismatchError(f"{path}: images are not all {row_bytes} bytes (the contract's H*W)")
         parts.append(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(-1, row_bytes))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import logging
 import os
 import shutil
@@ -192,13 +191,13 @@ def download(
 
 def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     """The target directory (created) and where ``.part`` files go: the target itself on local disk, a directory
-    under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending)."""
+    under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending), the
+    target's own path below ``spark-mnist-download/`` (so a later run resumes there)."""
     location = normalize_uri(require_local(to, "download"))
     if location.os_path is None:
         raise SourceError(f"{location.local_path}: no {location.kind} mount on this machine (not on Databricks?)")
     target = Path(location.os_path)
-    digest = hashlib.sha256(str(target).encode(), usedforsecurity=False).hexdigest()[:16]
-    staging = target if location.kind == "local" else Path(tempfile.gettempdir()) / "spark-mnist-download" / digest
+    staging = target if location.kind == "local" else Path(tempfile.gettempdir(), f"spark-mnist-download{target}")
     for directory in (target, staging):
         directory.mkdir(parents=True, exist_ok=True)
     return target, staging
