@@ -47,8 +47,6 @@ MANIFEST_NAME = "_manifest.json"
 ROW_GROUP_BYTES = 2**20
 INDEX, IMAGE, LABEL = "index", "image", "label"
 COLUMNS = (INDEX, IMAGE, LABEL)
-# Column -> Spark SQL type (long, binary, int), as the manifest records it.
-COLUMN_TYPES = {INDEX: "bigint", IMAGE: "binary", LABEL: "int"}
 # A manifest read while a mount without rename is still writing it (whole-object write, see fs.write_whole) is read
 # again this many times, this many seconds apart, before it counts as unreadable.
 MANIFEST_READ_TRIES, MANIFEST_READ_PAUSE_S = 5, 0.05
@@ -120,8 +118,10 @@ class Manifest:
         return [f for split in self.splits.values() for f in split.files]
 
     def to_json(self) -> str:
-        """The JSON document written to ``_manifest.json``: the fields above and the columns' Spark SQL types."""
-        return json.dumps({**asdict(self), "columns": COLUMN_TYPES}, indent=2) + "\n"
+        """The JSON document written to ``_manifest.json``: the fields above and the columns' Spark SQL types (long,
+        binary, int)."""
+        columns = {INDEX: "bigint", IMAGE: "binary", LABEL: "int"}
+        return json.dumps({**asdict(self), "columns": columns}, indent=2) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, as written to ``_manifest.json`` (:meth:`to_json`) and read back."""

@@ -48,7 +48,6 @@ __all__ = ["LocalRoots", "download"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 16
 _BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None, "leave": False}  # tqdm's, per file
 USER_AGENT = f"spark-mnist/{__version__} {requests.utils.default_user_agent()}"
 # Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
@@ -241,7 +240,7 @@ def _install(source: Path, final: Path) -> None:
         gzipped = src.read(2) == GZIP_MAGIC
         src.seek(0)
         with open(tmp, "wb") if gzipped else gzip.GzipFile(tmp, "wb", compresslevel=6, mtime=0) as out:
-            shutil.copyfileobj(src, out, CHUNK_BYTES)
+            shutil.copyfileobj(src, out)
 
 
 def _reason(error: InputError, name: str) -> str:
@@ -278,7 +277,7 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
         end = offset + int(length) if length and length.isdigit() else None
         with open(part, "ab") as out, tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar:
             try:
-                for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
+                for chunk in response.raw.stream(decode_content=False):  # 64 KiB at a time (urllib3's default)
                     bar.update(out.write(chunk))
             except NETWORK_ERRORS as e:
                 dropped = f"connection dropped after {out.tell()} of {end or '?'} bytes"
