@@ -162,8 +162,7 @@ def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
         return None
     container, _, host = parts.netloc.rpartition("@")
     options = {"account_name": host.split(".", 1)[0]}
-    connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
-    if connection:
+    if connection := os.environ.get("AZURE_STORAGE_CONNECTION_STRING"):
         fields = dict(item.split("=", 1) for item in connection.split(";") if "=" in item)
         options["account_name"] = fields.get("AccountName", options["account_name"])
         options["account_key"] = fields.get("AccountKey", "")
@@ -287,9 +286,8 @@ def write_whole(location: Location, data: bytes) -> None:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file could not be written (e.g. its directory is missing).
     """
-    local = location.os_path
-    if local is not None:
-        with replacing(local) as tmp:
+    if location.os_path is not None:
+        with replacing(location.os_path) as tmp:
             tmp.write_bytes(data)
         return
     fs, path = filesystem(location)

@@ -79,8 +79,8 @@ class LocalRoots:
     def default(cls) -> "LocalRoots":
         """``/usr/share/datasets``; torchvision roots ``./data`` and ``~/data`` (the ``root="data"`` of
         torchvision's tutorials); ``$KERAS_HOME/datasets`` (default ``~/.keras/datasets``)."""
-        keras_home = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
-        return cls(("/usr/share/datasets",), ("data", "~/data"), (keras_home / "datasets",))
+        keras_home = os.environ.get("KERAS_HOME") or "~/.keras"
+        return cls(("/usr/share/datasets",), ("data", "~/data"), (Path(keras_home, "datasets"),))
 
 
 class _Failure(Exception):
