@@ -1,9 +1,9 @@
-"""File operations with no Spark session, anywhere (driver, Spark tasks, ranks, tools): exists, delete, list, mkdirs,
+"""File operations with no Spark session, anywhere (driver, Spark tasks, ranks, tools): exists, delete, list,
 small writes, the one URI -> file system resolver; and writes that never leave a half-written file under the final
 name.
 
 Every operation takes a :class:`~spark_mnist.paths.Location`.  Where :mod:`os` can reach the place
-(:attr:`Location.is_local <spark_mnist.paths.Location.is_local>`: local disk, the ``/dbfs`` FUSE mount,
+(:attr:`Location.os_path <spark_mnist.paths.Location.os_path>`: local disk, the ``/dbfs`` FUSE mount,
 ``/Volumes``) it goes through pyarrow's ``LocalFileSystem`` (:mod:`shutil` for directory deletes, :func:`replacing`);
 everywhere else through :mod:`pyarrow.fs` (``s3://``, ``gs://``,
 ``hdfs://``, and ``abfss://`` where the installed pyarrow has it), or through fsspec for a scheme pyarrow lacks
@@ -43,8 +43,7 @@ from spark_mnist.paths import Location, redact
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
-__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "makedirs", "read_bytes",
-           "write_whole"]  # fmt: skip
+__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "read_bytes", "write_whole"]
 
 
 # What a mount that cannot rename answers: ENOSYS (a Unity Catalog volume's FUSE mount, delta-io/delta-rs#2540),
@@ -107,13 +106,11 @@ def filesystem(location: Location) -> "tuple[FileSystem, str]":
         )
     if location.kind == "volume":
         raise SourceError(
-            f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine "
-            f"does not have; run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// "
-            f"URI"
+            f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine does not have; "
+            f"run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// URI"
         )
     uri = _with_s3_endpoint(location.uri)
-    azure = _azure_filesystem(uri)
-    if azure is not None:
+    if (azure := _azure_filesystem(uri)) is not None:
         return azure
     try:
         return pafs.FileSystem.from_uri(uri)
@@ -165,8 +162,7 @@ def _azure_filesystem(uri: str) -> "tuple[FileSystem, str] | None":
         return None
     container, _, host = parts.netloc.rpartition("@")
     options = {"account_name": host.split(".", 1)[0]}
-    connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
-    if connection:
+    if connection := os.environ.get("AZURE_STORAGE_CONNECTION_STRING"):
         fields = dict(item.split("=", 1) for item in connection.split(";") if "=" in item)
         options["account_name"] = fields.get("AccountName", options["account_name"])
         options["account_key"] = fields.get("AccountKey", "")
@@ -268,17 +264,6 @@ def list_names(location: Location) -> list[str]:
     return sorted(info.base_name for info in fs.get_file_info(FileSelector(path, allow_not_found=True)))
 
 
-def makedirs(location: Location) -> None:
-    """Create the directory ``location`` and its parents; nothing happens where it exists.
-
-    Raises:
-        SourceError: a place no file system here can reach (:func:`filesystem`).
-        OSError: the directory could not be created (e.g. a file is in the way).
-    """
-    fs, path = filesystem(location)
-    fs.create_dir(path, recursive=True)
-
-
 def read_bytes(location: Location) -> bytes:
     """The whole content of the file ``location``.
 
@@ -301,9 +286,8 @@ def write_whole(location: Location, data: bytes) -> None:
         SourceError: a place no file system here can reach (:func:`filesystem`).
         OSError: the file could not be written (e.g. its directory is missing).
     """
-    local = location.os_path
-    if local is not None:
-        with replacing(local) as tmp:
+    if location.os_path is not None:
+        with replacing(location.os_path) as tmp:
             tmp.write_bytes(data)
         return
     fs, path = filesystem(location)

@@ -99,13 +99,10 @@ class Location:
 
     @property
     def os_path(self) -> str | None:
-        """The path :mod:`os` operates on for this place where :attr:`is_local`, else ``None`` (pyarrow's)."""
-        return self.local_path if self.is_local else None
-
-    @property
-    def is_local(self) -> bool:
-        """True where :mod:`os` can operate on the place directly (local disk, DBFS FUSE, volumes)."""
-        return self.local_path is not None and (self.kind == "local" or os.path.exists(_MOUNTS[self.kind]))
+        """The path :mod:`os` operates on for this place where it can operate on it directly (local disk, and DBFS
+        or a volume where this machine has their FUSE mount), else ``None`` (pyarrow's)."""
+        mounted = self.kind == "local" or (self.local_path is not None and os.path.exists(_MOUNTS[self.kind]))
+        return self.local_path if mounted else None
 
 
 def redact(text: str) -> str:

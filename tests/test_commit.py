@@ -5,6 +5,7 @@ left alone.  The same on every store, with writer processes: tests/test_stores.p
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from datetime import datetime, timedelta, timezone
@@ -30,10 +31,10 @@ def leftover(out, age_s: float, sep: str = "_", lease: bool = False) -> str:
     with that release's lease, as its ingest writes it)."""
     start = datetime.now(timezone.utc) - timedelta(seconds=age_s)
     name = f"{start.strftime(commit.GENERATION_TIME)}{sep}0123456789ab"
-    fs.makedirs(out.join(name, "train"))
+    os.makedirs(out.join(name, "train").os_path)
     fs.write_whole(out.join(name, "train", "part-00000.parquet"), b"shard")
     if lease:
-        fs.makedirs(out.join(name, "_lease"))
+        os.makedirs(out.join(name, "_lease").os_path)
         fs.write_whole(out.join(name, "_lease", "lease.json"), json.dumps({"generation": name, "beat": 1}).encode())
     return name
 
@@ -46,7 +47,7 @@ def test_a_generation_name_carries_its_start_and_sorts_after_the_current():
     later = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime(commit.GENERATION_TIME) + "-0123456789ab"
     name = commit.new_generation(after=later)
     assert commit.generation_start(name) == commit.generation_start(later) + timedelta(microseconds=1)
-    assert abs(commit._age_s(commit.new_generation())) < 60 and not commit.is_generation("_manifest.json")
+    assert abs(commit._age_s(commit.new_generation())) < 60 and commit.generation_start("_manifest.json") is None
 
 
 def test_clean_removes_by_age_only_what_no_manifest_names(tmp_path):

@@ -238,7 +238,7 @@ class Poller:
 
 
 def generations(out: str) -> list[str]:
-    return [name for name in fs.list_names(normalize_uri(out)) if commit.is_generation(name)]
+    return [name for name in fs.list_names(normalize_uri(out)) if commit.generation_start(name)]
 
 
 def gc(out: str) -> set[str]:
@@ -252,8 +252,8 @@ def past_retention(out: str) -> str:
     start = datetime.now(timezone.utc) - timedelta(seconds=2 * commit.RETENTION_S)
     name = f"{start.strftime(commit.GENERATION_TIME)}_0123456789ab"
     location = normalize_uri(out).join(name, "train")
-    if location.is_local:
-        fs.makedirs(location)
+    if location.os_path is not None:
+        os.makedirs(location.os_path, exist_ok=True)
     fs.write_whole(location.join("part-00000.parquet"), b"shard")
     return name
 

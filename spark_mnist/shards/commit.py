@@ -29,8 +29,8 @@ from spark_mnist.errors import DatasetNotFoundError
 from spark_mnist.paths import Location
 from spark_mnist.shards.contract import MANIFEST_NAME, Manifest, read_manifest
 
-__all__ = ["RETENTION_S", "Ingest", "new_generation", "generation_start", "is_generation", "current_manifest",
-           "writing", "publish", "clean", "discard"]  # fmt: skip
+__all__ = ["RETENTION_S", "Ingest", "new_generation", "generation_start", "current_manifest", "writing", "publish",
+           "clean"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,10 @@ def new_generation(after: str | None = None) -> str:
 
 
 def generation_start(name: str) -> datetime | None:
-    """The UTC start time in a generation's name (this release's or the previous one's), ``None`` for another name."""
+    """The UTC start time in a generation's name (this release's or the previous one's), ``None`` for another name
+    (so also the test of whether ``name`` is a generation's)."""
     match = GENERATION_PATTERN.match(name)
     return datetime.strptime(match[1], GENERATION_TIME).replace(tzinfo=timezone.utc) if match else None
-
-
-def is_generation(name: str) -> bool:
-    """Whether ``name`` is a generation's name (:func:`generation_start`)."""
-    return generation_start(name) is not None
 
 
 def _age_s(generation: str) -> float:
@@ -89,10 +85,9 @@ def current_manifest(out: Location) -> Manifest | None:
 
 @dataclasses.dataclass
 class Ingest:
-    """One ingest's new generation under ``out`` (:func:`writing`); ``published`` once :func:`publish` wrote the
-    manifest naming it."""
+    """One ingest's new generation (:func:`writing`); ``published`` once :func:`publish` wrote the manifest naming
+    it."""
 
-    out: Location
     generation: str
     published: bool = False
 
@@ -116,12 +111,18 @@ def writing(out: Location) -> Iterator[Ingest]:
     """
     created_out = not fs.exists(out)
     current = current_manifest(out)
-    ingest = Ingest(out, new_generation(after=current.generation if current is not None else None))
+    ingest = Ingest(new_generation(after=current.generation if current is not None else None))
     try:
         yield ingest
     except BaseException:
-        if not ingest.published:
-            discard(out, ingest.generation, created_out=created_out)
+        if not ingest.published:  # nothing of it is visible: its files go, and ``out`` where this created it
+            fs.delete(out.join(ingest.generation))
+            if created_out and not fs.list_names(out):
+                if out.os_path is not None:
+                    with contextlib.suppress(OSError):  # something appeared meanwhile (a racing ingest): it stays
+                        os.rmdir(out.os_path)
+                else:
+                    fs.delete(out)
         raise
 
 
@@ -175,7 +176,7 @@ def clean(out: Location, older_than: float | None = None) -> list[str]:
         return []
     kept, removed = (current.generation, current.previous), []
     for name in fs.list_names(out):
-        if is_generation(name) and name not in kept and _age_s(name) > older_than and _remove(out.join(name)):
+        if generation_start(name) and name not in kept and _age_s(name) > older_than and _remove(out.join(name)):
             removed.append(name)
         elif name.startswith(f".{MANIFEST_NAME}.tmp-") and _modified_s_ago(out.join(name)) > older_than:
             _remove(out.join(name))  # a manifest's temporary file, left by an ingest killed before its os.replace
@@ -209,20 +210,3 @@ def _modified_s_ago(location: Location) -> float:
         return time.time() - os.stat(location.os_path).st_mtime if location.os_path is not None else 0.0
     except OSError:
         return 0.0
-
-
-def discard(out: Location, generation: str, *, created_out: bool = False) -> None:
-    """Remove the files of an ingest that will not publish (bad input found late, a failed write job); with
-    ``created_out``, also ``out`` itself where the ingest created it and nothing else is there, so a failed first
-    ingest leaves nothing behind.
-
-    Raises:
-        OSError: the generation could not be deleted.
-    """
-    fs.delete(out.join(generation))
-    if created_out and not fs.list_names(out):
-        if out.os_path is not None:
-            with contextlib.suppress(OSError):  # something appeared meanwhile (a racing ingest): it stays
-                os.rmdir(out.os_path)
-        else:
-            fs.delete(out)

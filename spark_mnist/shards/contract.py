@@ -47,8 +47,6 @@ MANIFEST_NAME = "_manifest.json"
 ROW_GROUP_BYTES = 2**20
 INDEX, IMAGE, LABEL = "index", "image", "label"
 COLUMNS = (INDEX, IMAGE, LABEL)
-# Column -> Spark SQL type (long, binary, int), as the manifest records it.
-COLUMN_TYPES = {INDEX: "bigint", IMAGE: "binary", LABEL: "int"}
 # A manifest read while a mount without rename is still writing it (whole-object write, see fs.write_whole) is read
 # again this many times, this many seconds apart, before it counts as unreadable.
 MANIFEST_READ_TRIES, MANIFEST_READ_PAUSE_S = 5, 0.05
@@ -120,8 +118,10 @@ class Manifest:
         return [f for split in self.splits.values() for f in split.files]
 
     def to_json(self) -> str:
-        """The JSON document written to ``_manifest.json``: the fields above and the columns' Spark SQL types."""
-        return json.dumps({**asdict(self), "columns": COLUMN_TYPES}, indent=2) + "\n"
+        """The JSON document written to ``_manifest.json``: the fields above and the columns' Spark SQL types (long,
+        binary, int)."""
+        columns = {INDEX: "bigint", IMAGE: "binary", LABEL: "int"}
+        return json.dumps({**asdict(self), "columns": columns}, indent=2) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, as written to ``_manifest.json`` (:meth:`to_json`) and read back."""
@@ -149,14 +149,10 @@ class Manifest:
             )
         try:
             height, width = (int(n) for n in doc["image_shape"])
-            splits = {
-                name: Split(
-                    int(s["rows"]),
-                    tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"])) for f in s["files"]),
-                    tuple(s.get("label_histogram", ())),
-                )
-                for name, s in doc["splits"].items()
-            }
+            splits = {}
+            for name, s in doc["splits"].items():
+                files = tuple(ShardFile(str(f["path"]), int(f["bytes"]), int(f["rows"])) for f in s["files"])
+                splits[name] = Split(int(s["rows"]), files, tuple(s.get("label_histogram", ())))
             kept = {k: doc[k] for k in ("source", "previous", "package_version", "created_unix") if k in doc}
             classes = tuple(str(c) for c in doc["classes"])
             return cls(doc["generation"], doc["dataset"], classes, (height, width), splits, **kept)
@@ -251,8 +247,6 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`), or a store that
             fails to answer (the message names the manifest and pyarrow's error).
     """
-    from pyarrow.fs import FileType  # pyarrow where a dataset is opened: fs and the commit import without it
-
     location = normalize_uri(path)
     filesystem, root = fs.filesystem(location)
     root = root.rstrip("/") or root
@@ -269,7 +263,7 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     files = manifest.files()
     for shard, info in zip(files, filesystem.get_file_info([f"{root}/{f.path}" for f in files])):
         uri = location.join(*shard.path.split("/")).shown
-        if info.type == FileType.NotFound:
+        if info.size is None:  # nothing there (or a directory): no file of the manifest's
             raise DatasetNotFoundError(
                 f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
                 f"was removed or replaced under the reader, re-run ingest or reopen it"

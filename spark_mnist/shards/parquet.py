@@ -108,9 +108,8 @@ def write_shard(root: str, path: str, images: np.ndarray, labels: np.ndarray, st
 
 @functools.lru_cache(maxsize=64)
 def _opener(path: str):
-    """``(file system, path on it)`` of a shard named by a local path or a URI."""
-    location = normalize_uri(path)
-    return (None, location.local_path) if location.is_local else fs.filesystem(location)
+    """``(file system, path on it)`` of a shard named by a local path or a URI (:func:`spark_mnist.fs.filesystem`)."""
+    return fs.filesystem(normalize_uri(path))
 
 
 def _open_parquet(path: str, metadata=None) -> pq.ParquetFile:
@@ -121,9 +120,8 @@ def _open_parquet(path: str, metadata=None) -> pq.ParquetFile:
         SourceError: a place no file system here reaches (:func:`spark_mnist.fs.filesystem`).
         OSError: the file cannot be opened (missing, or a page whose checksum fails when it is read).
     """
-    filesystem, local = _opener(path)
-    source = local if filesystem is None else filesystem.open_input_file(local)
-    return pq.ParquetFile(source, metadata=metadata, **_VERIFY)
+    filesystem, located = _opener(path)
+    return pq.ParquetFile(filesystem.open_input_file(located), metadata=metadata, **_VERIFY)
 
 
 @dataclass(frozen=True)
@@ -173,9 +171,8 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
         raise DatasetMismatchError(f"{path}: {column.null_count} null images in column {contract.IMAGE!r}")
     parts = []
     for chunk in _chunks(column):
-        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        _, offsets_buf, data_buf = chunk.buffers()  # binary: int32 offsets (what the contract's writers write)
+        offsets = np.frombuffer(offsets_buf, dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
         if np.any(np.diff(offsets) != row_bytes):
             raise DatasetMismatchError(f"{path}: images are not all {row_bytes} bytes (the contract's H*W)")
         parts.append(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(-1, row_bytes))
@@ -202,19 +199,17 @@ def read_pieces(
     return result
 
 
-def read_rows(
-    plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
-) -> _Rows:
-    """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``."""
-    return read_pieces(pieces_in(plan, lo, hi), row_bytes, threads)
+def read_rows(plan: Sequence[RowGroup], lo: int, hi: int, row_bytes: int) -> _Rows:
+    """Global rows ``[lo, hi)``: ``(index (n,) int64, images (n, row_bytes) uint8, labels (n,) int64)``, decoded
+    with :data:`DEFAULT_READER_THREADS` readers."""
+    return read_pieces(pieces_in(plan, lo, hi), row_bytes)
 
 
-def iter_batches(
-    plan: Sequence[RowGroup], batch_size: int, row_bytes: int, threads: int = DEFAULT_READER_THREADS
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_batches(plan: Sequence[RowGroup], batch_size: int, row_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every row of ``plan`` once, in global row order, in batches of ``batch_size`` rows (the last one shorter):
     ``(images (n, row_bytes) uint8, labels (n,) int64)``.  Each row group is decoded once, in plan order, with
-    ``threads`` readers; torch-free, for whoever reads a whole split in order (evaluation, the side tools).
+    :data:`DEFAULT_READER_THREADS` readers; torch-free, for whoever reads a whole split in order (evaluation, the
+    side tools).
 
     ``batch_size`` is at least 1 (:func:`spark_mnist.tools.evaluate.evaluate_model` checks it first).
 
@@ -222,7 +217,7 @@ def iter_batches(
         DatasetMismatchError: a row group that does not decode as the shard contract.
     """
     images, labels = np.empty((0, row_bytes), dtype=np.uint8), np.empty(0, dtype=np.int64)
-    for _, group_images, group_labels in _decode_groups(plan, row_bytes, threads):
+    for _, group_images, group_labels in _decode_groups(plan, row_bytes, DEFAULT_READER_THREADS):
         images, labels = np.concatenate([images, group_images]), np.concatenate([labels, group_labels])
         cut = len(labels) - len(labels) % batch_size
         yield from ((images[lo : lo + batch_size], labels[lo : lo + batch_size]) for lo in range(0, cut, batch_size))

@@ -21,9 +21,7 @@ under a final name.  Why not pooch: docs/development.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gzip
-import hashlib
 import logging
 import os
 import shutil
@@ -50,7 +48,6 @@ __all__ = ["LocalRoots", "download"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 16
 _BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None, "leave": False}  # tqdm's, per file
 USER_AGENT = f"spark-mnist/{__version__} {requests.utils.default_user_agent()}"
 # Statuses worth asking the same mirror again (RFC 9110 section 15, RFC 6585, RFC 8470): timeouts, rate limits, server
@@ -74,20 +71,16 @@ class LocalRoots:
     nowhere; :meth:`default` gives the usual places.
     """
 
-    datasets: Sequence[Path] = ()
-    torchvision: Sequence[Path] = ()
-    keras: Sequence[Path] = ()
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, tuple(Path(p).expanduser() for p in getattr(self, field.name)))
+    datasets: Sequence[str | os.PathLike] = ()
+    torchvision: Sequence[str | os.PathLike] = ()
+    keras: Sequence[str | os.PathLike] = ()
 
     @classmethod
     def default(cls) -> "LocalRoots":
         """``/usr/share/datasets``; torchvision roots ``./data`` and ``~/data`` (the ``root="data"`` of
         torchvision's tutorials); ``$KERAS_HOME/datasets`` (default ``~/.keras/datasets``)."""
-        keras_home = Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser()
-        return cls((Path("/usr/share/datasets"),), (Path("data"), Path("~/data")), (keras_home / "datasets",))
+        keras_home = os.environ.get("KERAS_HOME") or "~/.keras"
+        return cls(("/usr/share/datasets",), ("data", "~/data"), (Path(keras_home, "datasets"),))
 
 
 class _Failure(Exception):
@@ -164,8 +157,7 @@ def download(
                         part.unlink(missing_ok=True)  # a resumed part's kept prefix may be what was wrong: from byte 0
                         raise (_Retryable if resumed else _Failure)(_reason(e, url)) from e
                 except _Failure as failure:
-                    last = str(failure)
-                    log.warning("%s: %s", url, last)
+                    log.warning("%s: %s", url, last := str(failure))
                     if isinstance(failure, _Retryable):
                         continue
                     break
@@ -179,9 +171,9 @@ def download(
         raise SourceError(f"{final.name}: could not download a verified copy from any mirror: " + "; ".join(tried))
 
     roots = LocalRoots.default() if local_roots is None else local_roots
-    dirs = [root / spec.name for root in roots.datasets]
+    dirs = [Path(root).expanduser() / spec.name for root in roots.datasets]
     if spec.torchvision_folder is not None:
-        dirs += [root / spec.torchvision_folder / "raw" for root in roots.torchvision]
+        dirs += [Path(root).expanduser() / spec.torchvision_folder / "raw" for root in roots.torchvision]
     wanted = [(split, kind, target / spec.file(split, kind).name) for split in SPLITS for kind in (IMAGES, LABELS)]
     keras_dirs: list[Path] | None = None  # Keras' npz is converted at most once, and only for a file still missing
     with contextlib.ExitStack() as stack:
@@ -198,13 +190,13 @@ def download(
 
 def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     """The target directory (created) and where ``.part`` files go: the target itself on local disk, a directory
-    under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending)."""
+    under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending), the
+    target's own path below ``spark-mnist-download/`` (so a later run resumes there)."""
     location = normalize_uri(require_local(to, "download"))
     if location.os_path is None:
         raise SourceError(f"{location.local_path}: no {location.kind} mount on this machine (not on Databricks?)")
     target = Path(location.os_path)
-    digest = hashlib.sha256(str(target).encode(), usedforsecurity=False).hexdigest()[:16]
-    staging = target if location.kind == "local" else Path(tempfile.gettempdir()) / "spark-mnist-download" / digest
+    staging = target if location.kind == "local" else Path(tempfile.gettempdir(), f"spark-mnist-download{target}")
     for directory in (target, staging):
         directory.mkdir(parents=True, exist_ok=True)
     return target, staging
@@ -214,7 +206,7 @@ def _keras_dirs(spec: DatasetSpec, roots: LocalRoots, stack: contextlib.ExitStac
     """The IDX files of ``spec``'s Keras npz under ``roots.keras``, converted into temporary directories that
     ``stack`` removes; an npz that cannot be converted is ignored with a warning."""
     converted = []
-    for npz in filter(Path.is_file, (root / spec.keras_file for root in roots.keras if spec.keras_file is not None)):
+    for npz in filter(Path.is_file, (Path(r).expanduser() / spec.keras_file for r in roots.keras if spec.keras_file)):
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spark-mnist-keras-")))
         try:
             converted.append(npz_to_idx_dir(npz, scratch, spec=spec))
@@ -248,7 +240,7 @@ def _install(source: Path, final: Path) -> None:
         gzipped = src.read(2) == GZIP_MAGIC
         src.seek(0)
         with open(tmp, "wb") if gzipped else gzip.GzipFile(tmp, "wb", compresslevel=6, mtime=0) as out:
-            shutil.copyfileobj(src, out, CHUNK_BYTES)
+            shutil.copyfileobj(src, out)
 
 
 def _reason(error: InputError, name: str) -> str:
@@ -264,9 +256,8 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
     :class:`_Failure` for another HTTP error status.
     """
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
+    ranged = {"Range": f"bytes={offset}-"} if offset else {}  # resume after the bytes already in ``part``
+    headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT, **ranged}
     try:
         response = http.get(url, headers=headers, stream=True, timeout=timeout)
     except NETWORK_ERRORS as e:
@@ -284,15 +275,14 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
             offset = 0
         length = response.headers.get("Content-Length")
         end = offset + int(length) if length and length.isdigit() else None
-        written = offset
         with open(part, "ab") as out, tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar:
             try:
-                for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
-                    written += out.write(chunk)
-                    bar.update(len(chunk))
+                for chunk in response.raw.stream(decode_content=False):  # 64 KiB at a time (urllib3's default)
+                    bar.update(out.write(chunk))
             except NETWORK_ERRORS as e:
-                dropped = f"connection dropped after {written} of {end or '?'} bytes"
+                dropped = f"connection dropped after {out.tell()} of {end or '?'} bytes"
                 raise _Retryable(f"{dropped} ({type(e).__name__})") from e
+            written = out.tell()
         if end is not None and written < end:
             raise _Retryable(f"connection dropped after {written} of {end} bytes")
         return offset > 0

@@ -88,7 +88,7 @@ def _pause_at(point: str, out: str, hold: bool = False) -> None:
         manifest = lambda target, *_: _names(MANIFEST_NAME, target)  # noqa: E731
         os.replace = pausing(os.replace, lambda src, dst, *_: manifest(dst))
         fs._write_in_place = pausing(fs._write_in_place, manifest)
-        if not normalize_uri(out).is_local:
+        if normalize_uri(out).os_path is None:
             fs.write_whole = pausing(fs.write_whole, manifest)
 
 
