@@ -15,14 +15,14 @@ Fashion-MNIST are the ones in shared/data/README.md.  torchvision folder names a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from spark_mnist.errors import DatasetMismatchError, InputError, check_choice
 
 __all__ = ["IMAGES", "LABELS", "SPLITS", "DIGITS", "DatasetFile", "DatasetSpec", "registry", "get_dataset",
-           "validate_split", "validate_layout", "hash_mismatch_message", "upright"]  # fmt: skip
+           "validate_split", "hash_mismatch_message", "upright"]  # fmt: skip
 
 SPLITS = ("train", "test")
 IMAGES, LABELS = "images", "labels"
@@ -157,30 +157,24 @@ def get_dataset(name: str) -> DatasetSpec:
     return specs[check_choice("dataset", name, specs, InputError)]
 
 
-def validate_split(
-    spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str
-) -> None:
+def validate_split(spec: DatasetSpec, images: Any, labels: np.ndarray, images_name: str, labels_name: str) -> None:
     """Check that ``images`` (N, H, W) uint8 and ``labels`` (N,) form one split of ``spec``.
+
+    ``images`` is the array, or anything with its ``shape`` and ``dtype`` (an IDX header,
+    :class:`spark_mnist.formats.idx.IdxHeader`), so a streamed images file is checked before its data is read.
 
     Raises:
         DatasetMismatchError: image shape other than the dataset's, a non-uint8 dtype, labels that are not 1-d,
             images and labels of different counts, labels out of ``[0, num_classes)``.
     """
-    validate_layout(spec, tuple(images.shape), images.dtype, labels, images_name, labels_name)
-
-
-def validate_layout(
-    spec: DatasetSpec, shape: tuple[int, ...], dtype: np.dtype, labels: np.ndarray, images_name: str, labels_name: str
-) -> None:
-    """:func:`validate_split` from the images' shape and dtype alone (an IDX header), so a streamed images file is
-    checked before its data is read.  Same errors."""
-    if len(shape) != 3 or tuple(shape[1:]) != spec.image_shape:
+    shape = tuple(images.shape)
+    if len(shape) != 3 or shape[1:] != spec.image_shape:
         raise DatasetMismatchError(
-            f"{images_name}: image shape {tuple(shape[1:]) if len(shape) == 3 else shape} "
+            f"{images_name}: image shape {shape[1:] if len(shape) == 3 else shape} "
             f"is not {spec.name}'s: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
         )
-    if dtype != np.uint8:
-        raise DatasetMismatchError(f"{images_name}: dtype {dtype}: expected uint8 pixels")
+    if images.dtype != np.uint8:
+        raise DatasetMismatchError(f"{images_name}: dtype {images.dtype}: expected uint8 pixels")
     if labels.ndim != 1:
         raise DatasetMismatchError(f"{labels_name}: labels of shape {labels.shape}: expected one dimension (N,)")
     if labels.dtype != np.uint8:

@@ -22,7 +22,7 @@ from spark_mnist.datasets import (
     DatasetFile,
     DatasetSpec,
     hash_mismatch_message,
-    validate_layout,
+    validate_split,
 )
 from spark_mnist.driver.sources import SourceFile, read_files
 from spark_mnist.errors import ChecksumMismatchError
@@ -82,14 +82,7 @@ def open_idx_split(
     labels_source, images_source = files[labels_entry.name], files[images_entry.name]
     parsed = parse_idx(labels_source.source, name=redact(labels_source.uri))
     reader = stack.enter_context(IdxReader(images_source.source, name=redact(images_source.uri)))
-    validate_layout(
-        spec,
-        reader.header.shape,
-        reader.header.dtype,
-        parsed.array,
-        redact(images_source.uri),
-        redact(labels_source.uri),
-    )
+    validate_split(spec, reader.header, parsed.array, redact(images_source.uri), redact(labels_source.uri))
 
     def done() -> list[dict[str, Any]]:
         reader.finish()
