@@ -74,15 +74,15 @@ class DatasetSpec:
         return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
 
 
-def _files(emnist: str | None = None, hashes: Mapping[str, str] | None = None) -> dict[str, dict[str, DatasetFile]]:
+def _files(emnist: str | None, hashes: Mapping[str, str]) -> dict[str, dict[str, DatasetFile]]:
     """The four gz IDX files by split and kind: the MNIST page's names (``train-images-idx3-ubyte.gz``,
-    ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...)."""
-    files: dict[str, dict[str, DatasetFile]] = {split: {} for split in SPLITS}
-    for split in SPLITS:
-        stem = f"emnist-{emnist}-{split}" if emnist else {"train": "train", "test": "t10k"}[split]
-        for kind in (IMAGES, LABELS):
-            name = f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz"
-            files[split][kind] = DatasetFile(name, (hashes or {}).get(name))
+    ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...), each with
+    its payload sha256 from ``hashes`` where known."""
+    stems = {"train": "train", "test": "t10k"} if emnist is None else {s: f"emnist-{emnist}-{s}" for s in SPLITS}
+    files: dict[str, dict[str, DatasetFile]] = {}
+    for split, stem in stems.items():
+        names = {kind: f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz" for kind in (IMAGES, LABELS)}
+        files[split] = {kind: DatasetFile(name, hashes.get(name)) for kind, name in names.items()}
     return files
 
 
@@ -135,7 +135,7 @@ def registry() -> dict[str, DatasetSpec]:
         emnist_split = name.removeprefix("emnist-") if name.startswith("emnist-") else None
         specs[name] = DatasetSpec(
             name,
-            _files(emnist_split, hashes.get(name)),
+            _files(emnist_split, hashes.get(name, {})),
             classes,
             normalization,
             split_sizes={"train": train, "test": test},

@@ -141,7 +141,7 @@ def _guarded_read(stream: BinaryIO, size: int | memoryview, name: str) -> Any:
         raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
 
 
-class IdxReader:
+class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
     """A streaming IDX reader: the header on opening, then the data in blocks of rows, hashed as it goes.
 
     Use as a context manager (it closes the file)::
@@ -189,9 +189,6 @@ class IdxReader:
                 raise IdxFormatError(self._truncated(size - len(encoded)))
             self._stack = stack.pop_all()
         self._digest = hashlib.sha256(encoded, usedforsecurity=False)
-
-    def __enter__(self) -> "IdxReader":
-        return self
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
