@@ -204,12 +204,12 @@ def free_port() -> int:
 RANK_PRELOAD = ["torch.distributed", "spark_mnist.testing"]
 
 
-def _rank_main(fn: Callable[..., Any], args: tuple, backend: str, results: Any, environ: dict[str, str]) -> None:
-    """The body of one rank's process (forked from the fork server): the environment ``environ`` (the caller's at
-    the call, as the server's is its own start's, with torchrun's variables on top); join the group, run ``fn``."""
+def _run_rank(fn: Callable[..., Any], args: tuple, backend: str, results: Any, environ: dict, rank: int) -> None:
+    """The body of rank ``rank``'s process (forked from the fork server): the environment ``environ`` (the caller's
+    at the call, as the server's is its own start's, with torchrun's variables on top) and the rank's ``RANK`` and
+    ``LOCAL_RANK``; join the group, run ``fn``."""
     os.environ.clear()
-    os.environ.update(environ)
-    rank = int(environ["RANK"])
+    os.environ.update(environ, RANK=str(rank), LOCAL_RANK=str(rank))
     import torch.distributed as dist  # the torch extra: the kit's Spark and dataset fixtures work without it
 
     try:
@@ -252,9 +252,8 @@ def run_ranks(
     world = {"WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": world_size, "GROUP_RANK": 0, "MASTER_PORT": free_port()}
     environ = {**os.environ, **{k: str(v) for k, v in world.items()}, "MASTER_ADDR": "127.0.0.1"}
     processes = []
-    for rank in range(world_size):
-        rank_env = {**environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        processes.append(context.Process(target=_rank_main, args=(fn, args, backend, results, rank_env), daemon=True))
+    for r in range(world_size):
+        processes.append(context.Process(target=_run_rank, args=(fn, args, backend, results, environ, r), daemon=True))
         processes[-1].start()
     outcomes: dict[int, Any] = {}
     try:
