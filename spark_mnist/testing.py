@@ -283,18 +283,13 @@ def run_ranks(
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("spark-mnist", "spark-mnist test kit (spark_mnist.testing)")
-    group.addoption(
-        "--spark-remote",
-        metavar="URL",
-        help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this process, "
-        "sc://host:port uses a running one (default: the SPARK_REMOTE variable; else classic)",
+    remote = (
+        "run the `spark` fixture over Spark Connect: local[N] starts a local server in this process, "
+        "sc://host:port uses a running one (default: the SPARK_REMOTE variable; else classic)"
     )
-    group.addoption(
-        "--spark-master",
-        default=DEFAULT_MASTER,
-        metavar="MASTER",
-        help=f"the classic session's master (default {DEFAULT_MASTER})",
-    )
+    group.addoption("--spark-remote", metavar="URL", help=remote)
+    master = f"the classic session's master (default {DEFAULT_MASTER})"
+    group.addoption("--spark-master", default=DEFAULT_MASTER, metavar="MASTER", help=master)
 
 
 def spark_remote(config: pytest.Config) -> Optional[str]:
