@@ -80,17 +80,13 @@ def check(settings: TrainSettings) -> None:
     elif name == "torch-distributor":
         _require_module("pyspark.ml.torch.distributor", name, PYSPARK_FIX)
         if settings.use_gpu and settings.local_mode:
-            gpu_fix = (
-                "in local mode every rank takes one of the driver's GPUs: lower --num-processes, or run the ranks on "
-                "the executors with --no-local-mode"
-            )
+            gpu_fix = "in local mode every rank takes one of the driver's GPUs: lower --num-processes, or run the ranks"
+            gpu_fix += " on the executors with --no-local-mode"
     else:
         _require_module("databricks.air", name, AIR_FIX)
         if not settings.remote_gpu:
-            gpu_fix = (
-                "attach serverless GPU compute to this notebook or job, submit from here with --remote-gpu "
-                "--accelerator-type TYPE, or use --launcher torchrun"
-            )
+            gpu_fix = "attach serverless GPU compute to this notebook or job, submit from here with --remote-gpu"
+            gpu_fix += " --accelerator-type TYPE, or use --launcher torchrun"
         elif settings.accelerator_type is None:
             raise InputError(
                 "train.accelerator_type: required with remote_gpu (the serverless GPUs to submit to, "
@@ -142,11 +138,9 @@ def decorator_kwargs(settings: TrainSettings) -> dict[str, Any]:
     """The keyword arguments of ``databricks.air.distributed`` for ``settings``: ``num_accelerators``
     (``accelerator_count``, else ``num_processes``), ``accelerator_type`` (``None``: the attached GPUs') and
     ``remote`` (``remote_gpu``).  The local-mode timeout is left at the package's default (3 hours)."""
-    return {
-        "num_accelerators": world_size(settings),
-        "accelerator_type": settings.accelerator_type,
-        "remote": settings.remote_gpu,
-    }
+    return dict(
+        num_accelerators=world_size(settings), accelerator_type=settings.accelerator_type, remote=settings.remote_gpu
+    )
 
 
 def run_ai_runtime(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
