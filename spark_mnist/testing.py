@@ -318,9 +318,7 @@ def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
     pyspark then binds, so that test runs side by side each have their own server).  It asks for ``spark`` as a
     fixture, so the session (and the variables pyspark sets for it) starts before the test does."""
     remote = spark_remote(request.config)
-    if remote is None:
-        return []
-    return ["--remote", remote if remote.startswith("sc://") else local_server_url()]
+    return [] if remote is None else ["--remote", remote if remote.startswith("sc://") else local_server_url()]
 
 
 @pytest.fixture
