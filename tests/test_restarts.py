@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spark_mnist.launch import TrainingFailedError, launch
-from spark_mnist.launch.restarts import run_with_restarts
+from spark_mnist.launch import TrainingFailedError, launch, run_with_restarts
 
 
 def failing(*errors):

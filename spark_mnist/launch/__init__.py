@@ -1,6 +1,6 @@
 """Internal (not public API; docs/reference/api.md).  Starting the ranks: the three launchers, one failure channel,
-restarts from the last checkpoint (:mod:`.restarts`); runs where the command or notebook runs (the driver).
-See docs/concepts/launchers.md.
+restarts from the last checkpoint (:func:`run_with_restarts`); runs where the command or notebook runs (the
+driver).  See docs/concepts/launchers.md.
 
 A launcher knows how to start a function on N ranks and nothing about training; :mod:`spark_mnist.pipeline` tells
 it which function (:func:`spark_mnist.rank.train.train_worker`) and hands it the :class:`~spark_mnist.job.TrainJob`.
@@ -20,11 +20,24 @@ Each ``run`` imports its heavy package (pyspark, torch's elastic launcher, ``dat
 it and the fix (:class:`LauncherUnavailableError`, exit code 2).  :func:`launch` is the one failure channel: whatever
 the launcher raises becomes :class:`~spark_mnist.runs.TrainingFailedError`, built before anything else can fail and
 then given the ranks' error reports (:func:`spark_mnist.runs.failure`).
+
+Restarts: relaunching training from the last checkpoint when a rank dies or raises (``train.max_restarts``).
+
+Every launcher is relaunched the same way, around one launch (:func:`run_with_restarts`): a failed attempt
+(:class:`TrainingFailedError`) is logged with its cause and relaunched, at most
+``max_restarts`` times, resuming from the run directory's checkpoint when this run wrote one (a checkpoint that was
+there before a fresh run started is not this run's and is not resumed from).  A failure that is bad input (every
+rank's report is an :class:`~spark_mnist.errors.InputError`, e.g. a checkpoint of another run) would fail the same
+way again and is not relaunched.  torchelastic's ``max_restarts`` and Spark's task retries restart a worker group
+from its start; this restarts it from where the last checkpoint stands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import os
 import uuid
 from typing import Any, Callable
 
@@ -35,7 +48,9 @@ from spark_mnist.launch import torch_distributor
 from spark_mnist.runs import TrainingFailedError, clear_error_reports, failure
 
 __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch", "world_size", "decorator_kwargs",
-           "run_torchrun", "run_ai_runtime"]  # fmt: skip
+           "run_torchrun", "run_ai_runtime", "is_bad_input", "run_with_restarts"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 AIR_FIX = "pip install 'spark-mnist[ai-runtime]' (databricks-sdk-air[distributed]), or use --launcher torchrun"
 PYSPARK_FIX = "pip install 'spark-mnist[local]' (or run on a Databricks ML runtime), or train with --launcher torchrun"
@@ -113,7 +128,7 @@ def run_torchrun(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any
     here as a function: a standalone c10d rendezvous on ``localhost`` with a free port, ``spawn``-started ranks with
     torchrun's environment, and the return values of the ranks by global rank.  It needs no Spark and serves a
     laptop, a GPU machine and the command of a Databricks ``ai_runtime_task`` (which runs that command once per node:
-    docs/how-to/serverless-gpu-job.md).  Relaunching is left to :mod:`spark_mnist.launch.restarts` (elastic's own
+    docs/how-to/serverless-gpu-job.md).  Relaunching is left to :func:`run_with_restarts` (elastic's own
     ``max_restarts`` is 0), so every launcher restarts the same way: from the last checkpoint.  Source: torch's
     ``distributed/run.py`` (``--standalone``) and ``launcher/api.py``.
     """
@@ -181,3 +196,55 @@ def launch(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
         return runs[job.settings.launcher](fn, job)
     except Exception as e:
         raise failure(job.run_dir, e) from e
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        return st.st_mtime_ns, st.st_size
+    return None
+
+
+def _names(cls: type) -> set[str]:
+    """The names of ``cls`` and its subclasses, at any depth."""
+    return {cls.__name__}.union(*map(_names, cls.__subclasses__()))
+
+
+def is_bad_input(error: TrainingFailedError) -> bool:
+    """Whether every rank reported an :class:`~spark_mnist.errors.InputError` (by type name): a relaunch would
+    fail the same way."""
+    names = _names(InputError)
+    return bool(error.exceptions) and all(e.split(":", 1)[0] in names for e in error.exceptions)
+
+
+def run_with_restarts(
+    attempt: Callable[[bool], dict[str, Any]], *, max_restarts: int, checkpoint: str, resume: bool
+) -> dict[str, Any]:
+    """``attempt(resume)`` (one launch), relaunched after a failure at most ``max_restarts`` times.
+
+    Args:
+        attempt: runs the ranks once; ``True`` resumes from ``checkpoint``.  Returns rank 0's metrics, raises
+            :class:`TrainingFailedError` when a rank fails.
+        max_restarts: relaunches allowed (``train.max_restarts``); 0: none.
+        checkpoint: the run directory's checkpoint file.
+        resume: whether the run resumes (``--resume`` or ``resume: auto``); a fresh run resumes after a failure
+            only from a checkpoint it wrote itself.
+    Returns:
+        The metrics of the attempt that finished, with ``restarts`` (relaunches it took).
+    Raises:
+        TrainingFailedError: the last attempt's failure, or a bad-input failure at once.
+    """
+    before, restarts = _stat(checkpoint), 0
+    while True:
+        try:
+            return {**attempt(resume), "restarts": restarts}
+        except TrainingFailedError as e:
+            cause = str(e).splitlines()[0]
+            if restarts >= max_restarts or is_bad_input(e):
+                if restarts:
+                    log.warning("training failed after %d restart(s) of %d: %s", restarts, max_restarts, cause)
+                raise
+            restarts += 1
+            resume = resume or _stat(checkpoint) != before
+            where = f"from the last checkpoint, {checkpoint}" if resume else "from the start (no checkpoint yet)"
+            log.warning("restart %d/%d %s after: %s", restarts, max_restarts, where, cause)
