@@ -93,8 +93,8 @@ def _member(loaded: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise InputError(f"{path}: {key} cannot be read from the archive: {e}") from e
 
 
-def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, spec: DatasetSpec | None = None) -> Path:
-    """Write the four standard gz IDX files of ``spec`` (default: the registry's ``mnist``) from a Keras npz.
+def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, spec: DatasetSpec) -> Path:
+    """Write the four standard gz IDX files of ``spec`` from a Keras npz.
 
     Each file appears under its final name only when complete (:func:`spark_mnist.formats.idx.write_idx`).  Images are
     written (N, H, W) uint8 (IDX dtype code 0x08, 3 dimensions), labels (N,) uint8 (1 dimension), as on the MNIST
@@ -106,7 +106,6 @@ def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, s
     Raises:
         InputError: as :func:`load_keras_npz`.
     """
-    spec = spec or get_dataset("mnist")
     arrays = load_keras_npz(npz_path, spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
