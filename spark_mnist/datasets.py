@@ -15,14 +15,14 @@ Fashion-MNIST are the ones in shared/data/README.md.  torchvision folder names a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from spark_mnist.errors import DatasetMismatchError, InputError, check_choice
 
 __all__ = ["IMAGES", "LABELS", "SPLITS", "DIGITS", "DatasetFile", "DatasetSpec", "registry", "get_dataset",
-           "validate_split", "validate_layout", "hash_mismatch_message", "upright"]  # fmt: skip
+           "validate_split", "hash_mismatch_message", "upright"]  # fmt: skip
 
 SPLITS = ("train", "test")
 IMAGES, LABELS = "images", "labels"
@@ -74,15 +74,15 @@ class DatasetSpec:
         return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
 
 
-def _files(emnist: str | None = None, hashes: Mapping[str, str] | None = None) -> dict[str, dict[str, DatasetFile]]:
+def _files(emnist: str | None, hashes: Mapping[str, str]) -> dict[str, dict[str, DatasetFile]]:
     """The four gz IDX files by split and kind: the MNIST page's names (``train-images-idx3-ubyte.gz``,
-    ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...)."""
-    files: dict[str, dict[str, DatasetFile]] = {split: {} for split in SPLITS}
-    for split in SPLITS:
-        stem = f"emnist-{emnist}-{split}" if emnist else {"train": "train", "test": "t10k"}[split]
-        for kind in (IMAGES, LABELS):
-            name = f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz"
-            files[split][kind] = DatasetFile(name, (hashes or {}).get(name))
+    ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...), each with
+    its payload sha256 from ``hashes`` where known."""
+    stems = {"train": "train", "test": "t10k"} if emnist is None else {s: f"emnist-{emnist}-{s}" for s in SPLITS}
+    files: dict[str, dict[str, DatasetFile]] = {}
+    for split, stem in stems.items():
+        names = {kind: f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz" for kind in (IMAGES, LABELS)}
+        files[split] = {kind: DatasetFile(name, hashes.get(name)) for kind, name in names.items()}
     return files
 
 
@@ -135,7 +135,7 @@ def registry() -> dict[str, DatasetSpec]:
         emnist_split = name.removeprefix("emnist-") if name.startswith("emnist-") else None
         specs[name] = DatasetSpec(
             name,
-            _files(emnist_split, hashes.get(name)),
+            _files(emnist_split, hashes.get(name, {})),
             classes,
             normalization,
             split_sizes={"train": train, "test": test},
@@ -157,30 +157,24 @@ def get_dataset(name: str) -> DatasetSpec:
     return specs[check_choice("dataset", name, specs, InputError)]
 
 
-def validate_split(
-    spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str
-) -> None:
+def validate_split(spec: DatasetSpec, images: Any, labels: np.ndarray, images_name: str, labels_name: str) -> None:
     """Check that ``images`` (N, H, W) uint8 and ``labels`` (N,) form one split of ``spec``.
+
+    ``images`` is the array, or anything with its ``shape`` and ``dtype`` (an IDX header,
+    :class:`spark_mnist.formats.idx.IdxHeader`), so a streamed images file is checked before its data is read.
 
     Raises:
         DatasetMismatchError: image shape other than the dataset's, a non-uint8 dtype, labels that are not 1-d,
             images and labels of different counts, labels out of ``[0, num_classes)``.
     """
-    validate_layout(spec, tuple(images.shape), images.dtype, labels, images_name, labels_name)
-
-
-def validate_layout(
-    spec: DatasetSpec, shape: tuple[int, ...], dtype: np.dtype, labels: np.ndarray, images_name: str, labels_name: str
-) -> None:
-    """:func:`validate_split` from the images' shape and dtype alone (an IDX header), so a streamed images file is
-    checked before its data is read.  Same errors."""
-    if len(shape) != 3 or tuple(shape[1:]) != spec.image_shape:
+    shape = tuple(images.shape)
+    if len(shape) != 3 or shape[1:] != spec.image_shape:
         raise DatasetMismatchError(
-            f"{images_name}: image shape {tuple(shape[1:]) if len(shape) == 3 else shape} "
+            f"{images_name}: image shape {shape[1:] if len(shape) == 3 else shape} "
             f"is not {spec.name}'s: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
         )
-    if dtype != np.uint8:
-        raise DatasetMismatchError(f"{images_name}: dtype {dtype}: expected uint8 pixels")
+    if images.dtype != np.uint8:
+        raise DatasetMismatchError(f"{images_name}: dtype {images.dtype}: expected uint8 pixels")
     if labels.ndim != 1:
         raise DatasetMismatchError(f"{labels_name}: labels of shape {labels.shape}: expected one dimension (N,)")
     if labels.dtype != np.uint8:

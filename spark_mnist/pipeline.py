@@ -7,7 +7,7 @@ launcher's package and hardware, the converter, the dataset, a checkpoint to res
 ``torch-distributor`` or an ingest needs when none is given.  ``driver/`` (Spark) and ``rank/`` (torch, every rank)
 never import each other: this module hands :func:`spark_mnist.rank.train.train_worker` and a
 :class:`~spark_mnist.job.TrainJob` to :func:`spark_mnist.launch.launch`, relaunches it from the last checkpoint when
-a rank fails (:mod:`spark_mnist.launch.restarts`), and logs the run to MLflow (:mod:`spark_mnist.tracking`).
+a rank fails (:func:`spark_mnist.launch.run_with_restarts`), and logs the run to MLflow (:mod:`spark_mnist.tracking`).
 ``torchrun`` and ``ai-runtime`` training imports no Spark (a session's modules import pyspark when one starts), and
 ingest no torch (the rank modules are imported where training starts).
 """
@@ -27,8 +27,7 @@ from spark_mnist.driver.ingest import ingest as run_ingest
 from spark_mnist.envs import scoped_env
 from spark_mnist.errors import InputError, LoaderStateError, require_extra
 from spark_mnist.job import TrainJob
-from spark_mnist.launch import check, launch, world_size
-from spark_mnist.launch.restarts import run_with_restarts
+from spark_mnist.launch import check, launch, run_with_restarts, world_size
 from spark_mnist.launch.torch_distributor import check_shared_run_dir
 from spark_mnist.paths import redact, require_local
 from spark_mnist.rank.order import state_mismatch

@@ -27,11 +27,11 @@ What it gives:
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import queue
 import socket
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,11 @@ import numpy as np
 import pytest
 
 from spark_mnist.config import SparkSettings
-from spark_mnist.datasets import SPLITS, DatasetSpec, get_dataset, upright
+from spark_mnist.datasets import SPLITS, get_dataset
 from spark_mnist.driver.session import REMOTE_ENV, local_server_url, spark_session
 from spark_mnist.errors import check_choice
 from spark_mnist.formats.idx import write_idx
-from spark_mnist.shards.arrays import write_local_dataset
+from spark_mnist.shards.arrays import load_data, write_local_dataset
 
 __all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ingested_dataset",
            "RankFailedError", "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args",
@@ -60,10 +60,7 @@ DEFECTS = {
     "labels-out-of-range": "one label equal to the dataset's number of classes",
     "count-mismatch": "one label fewer than there are images",
 }
-HTML_PAGE = (
-    b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head>\n"
-    b"<body><h1>This site is blocked by your organisation's proxy</h1></body></html>\n"
-)
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head><body>Blocked by a proxy</body></html>\n"
 
 
 # --- sources ---------------------------------------------------------------------------------------------------------
@@ -131,7 +128,11 @@ def write_idx_source(
     if defect is not None:
         check_choice("defect", defect, DEFECTS)
     check_choice("defect_split", defect_split, SPLITS)
-    spec, arrays = _split_arrays(dataset, train_rows, test_rows, seed)
+    spec, arrays = get_dataset(dataset), {}
+    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
+        if rows < 1:
+            raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
+        arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
@@ -153,18 +154,6 @@ def write_idx_source(
     return IdxSource(root, spec.name, arrays, defect, target)
 
 
-def _split_arrays(dataset: str, train_rows: int, test_rows: int, seed: int) -> tuple[DatasetSpec, dict[str, Any]]:
-    """``dataset``'s registry entry and :func:`make_arrays` of its shape and classes: ``(train_rows, seed)`` for
-    train, ``(test_rows, seed + 1)`` for test."""
-    spec = get_dataset(dataset)
-    arrays = {}
-    for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):
-        if rows < 1:
-            raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
-        arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
-    return spec, arrays
-
-
 # --- ingested datasets ------------------------------------------------------------------------------------------------
 
 
@@ -181,18 +170,19 @@ def write_ingested_dataset(
     ingest's own shard writer under a new generation, then the manifest, by the same commit as ``spark-mnist ingest``
     (:func:`spark_mnist.shards.arrays.write_local_dataset`).
 
-    Rows are :func:`make_arrays` ``(rows, seed)`` for train and ``(rows, seed + 1)`` for test, turned upright as
-    ingest turns them (:func:`spark_mnist.datasets.upright`), so they equal what ingesting :func:`write_idx_source`'s
-    files with the same arguments gives.
+    Rows are those of :func:`write_idx_source`'s files with the same arguments (:func:`make_arrays` ``(rows, seed)``
+    for train, ``(rows, seed + 1)`` for test), read back by :func:`spark_mnist.load_data`, which turns them upright
+    as ingest does (:func:`spark_mnist.datasets.upright`): what ingesting those files gives.
 
     Returns:
         ``output`` as a Path.
     Raises:
         ValueError: an unknown dataset, or a row count below 1.
     """
-    spec, arrays = _split_arrays(dataset, train_rows, test_rows, seed)
-    arrays = {split: (upright(spec, images), labels) for split, (images, labels) in arrays.items()}
-    write_local_dataset(output, spec, arrays, num_shards=num_shards, rows_per_group=rows_per_group)
+    with tempfile.TemporaryDirectory() as scratch:
+        train, test = load_data(write_idx_source(scratch, dataset, train_rows, test_rows, seed).path, dataset)
+    arrays = {"train": train, "test": test}
+    write_local_dataset(output, get_dataset(dataset), arrays, num_shards=num_shards, rows_per_group=rows_per_group)
     return Path(output)
 
 
@@ -214,12 +204,12 @@ def free_port() -> int:
 RANK_PRELOAD = ["torch.distributed", "spark_mnist.testing"]
 
 
-def _rank_main(fn: Callable[..., Any], args: tuple, backend: str, results: Any, environ: dict[str, str]) -> None:
-    """The body of one rank's process (forked from the fork server): the environment ``environ`` (the caller's at
-    the call, as the server's is its own start's, with torchrun's variables on top); join the group, run ``fn``."""
+def _run_rank(fn: Callable[..., Any], args: tuple, backend: str, results: Any, environ: dict, rank: int) -> None:
+    """The body of rank ``rank``'s process (forked from the fork server): the environment ``environ`` (the caller's
+    at the call, as the server's is its own start's, with torchrun's variables on top) and the rank's ``RANK`` and
+    ``LOCAL_RANK``; join the group, run ``fn``."""
     os.environ.clear()
-    os.environ.update(environ)
-    rank = int(environ["RANK"])
+    os.environ.update(environ, RANK=str(rank), LOCAL_RANK=str(rank))
     import torch.distributed as dist  # the torch extra: the kit's Spark and dataset fixtures work without it
 
     try:
@@ -262,9 +252,8 @@ def run_ranks(
     world = {"WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": world_size, "GROUP_RANK": 0, "MASTER_PORT": free_port()}
     environ = {**os.environ, **{k: str(v) for k, v in world.items()}, "MASTER_ADDR": "127.0.0.1"}
     processes = []
-    for rank in range(world_size):
-        rank_env = {**environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        processes.append(context.Process(target=_rank_main, args=(fn, args, backend, results, rank_env), daemon=True))
+    for r in range(world_size):
+        processes.append(context.Process(target=_run_rank, args=(fn, args, backend, results, environ, r), daemon=True))
         processes[-1].start()
     outcomes: dict[int, Any] = {}
     try:
@@ -294,18 +283,13 @@ def run_ranks(
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("spark-mnist", "spark-mnist test kit (spark_mnist.testing)")
-    group.addoption(
-        "--spark-remote",
-        metavar="URL",
-        help="run the `spark` fixture over Spark Connect: local[N] starts a local server in this process, "
-        "sc://host:port uses a running one (default: the SPARK_REMOTE variable; else classic)",
+    remote = (
+        "run the `spark` fixture over Spark Connect: local[N] starts a local server in this process, "
+        "sc://host:port uses a running one (default: the SPARK_REMOTE variable; else classic)"
     )
-    group.addoption(
-        "--spark-master",
-        default=DEFAULT_MASTER,
-        metavar="MASTER",
-        help=f"the classic session's master (default {DEFAULT_MASTER})",
-    )
+    group.addoption("--spark-remote", metavar="URL", help=remote)
+    master = f"the classic session's master (default {DEFAULT_MASTER})"
+    group.addoption("--spark-master", default=DEFAULT_MASTER, metavar="MASTER", help=master)
 
 
 def spark_remote(config: pytest.Config) -> Optional[str]:
@@ -334,9 +318,7 @@ def spark_remote_args(request: pytest.FixtureRequest, spark: Any) -> list[str]:
     pyspark then binds, so that test runs side by side each have their own server).  It asks for ``spark`` as a
     fixture, so the session (and the variables pyspark sets for it) starts before the test does."""
     remote = spark_remote(request.config)
-    if remote is None:
-        return []
-    return ["--remote", remote if remote.startswith("sc://") else local_server_url()]
+    return [] if remote is None else ["--remote", remote if remote.startswith("sc://") else local_server_url()]
 
 
 @pytest.fixture
@@ -344,10 +326,9 @@ def idx_source(tmp_path: Path) -> Callable[..., IdxSource]:
     """A factory: ``idx_source(dataset="mnist", train_rows=600, test_rows=100, seed=0, defect=None,
     defect_split="train")`` writes a new source directory under ``tmp_path`` (:func:`write_idx_source`) and returns
     its :class:`IdxSource`."""
-    made = itertools.count(1)  # each source in a fresh subdirectory
 
-    def make(dataset: str = "mnist", **kwargs: Any) -> IdxSource:
-        return write_idx_source(tmp_path / f"source-{dataset}-{next(made)}", dataset, **kwargs)
+    def make(dataset: str = "mnist", **kwargs: Any) -> IdxSource:  # each source in a fresh subdirectory
+        return write_idx_source(tempfile.mkdtemp(prefix=f"source-{dataset}-", dir=tmp_path), dataset, **kwargs)
 
     return make
 
@@ -357,9 +338,8 @@ def ingested_dataset(tmp_path: Path) -> Callable[..., Path]:
     """A factory: ``ingested_dataset(dataset="mnist", train_rows=600, test_rows=100, num_shards=2, seed=0)`` writes
     a complete ingested dataset under ``tmp_path`` with no Spark session (:func:`write_ingested_dataset`) and returns
     its directory, ready for :func:`spark_mnist.open_dataset` and the loader."""
-    made = itertools.count(1)  # each dataset in a fresh subdirectory
 
-    def make(dataset: str = "mnist", **kwargs: Any) -> Path:
-        return write_ingested_dataset(tmp_path / f"dataset-{dataset}-{next(made)}", dataset, **kwargs)
+    def make(dataset: str = "mnist", **kwargs: Any) -> Path:  # each dataset in a fresh subdirectory
+        return write_ingested_dataset(tempfile.mkdtemp(prefix=f"dataset-{dataset}-", dir=tmp_path), dataset, **kwargs)
 
     return make

@@ -470,7 +470,7 @@ def test_load_keras_npz_and_convert(files, tmp_path):
 @pytest.mark.parametrize("arrays, match", [
     (dict(x_train=np.zeros((2, 28, 28), np.uint8), y_train=np.zeros(2, np.uint8)), "missing key"),
     (dict(x_train=np.zeros((2, 28, 27), np.uint8), y_train=np.zeros(2, np.uint8),
-          x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.zeros(1, np.uint8)), "x_train has shape"),
+          x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.zeros(1, np.uint8)), r"x_train\]: image shape"),
     (dict(x_train=np.zeros((2, 28, 28), np.float32), y_train=np.zeros(2, np.uint8),
           x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.zeros(1, np.uint8)), "dtype float32"),
     (dict(x_train=np.zeros((2, 28, 28), np.uint8), y_train=np.zeros(3, np.uint8),

@@ -234,7 +234,7 @@ def test_our_call_binds_to_the_real_databricks_air_signature(monkeypatch):
     launcher = pytest.importorskip("databricks.air.launcher", reason="databricks-sdk-air[distributed] not installed")
     from databricks.air.compute import AcceleratorType
 
-    from spark_mnist.launch.ai_runtime import decorator_kwargs
+    from spark_mnist.launch import decorator_kwargs
 
     settings = load_settings(None, {"train": {"launcher": "ai-runtime", "remote_gpu": True,
                                               "accelerator_type": "GPU_8xH100", "accelerator_count": 8}})

@@ -57,13 +57,11 @@ def run_dir(tmp_path, identity) -> Path:
 @pytest.fixture
 def nothing_launches(monkeypatch):
     """Every launcher's ``run`` and the pipeline's Spark session fail the test when reached (in-process ``main``)."""
-    from spark_mnist.launch import ai_runtime, torch_distributor, torchrun
-
     def reached(*args, **kwargs):
         raise AssertionError("a launcher or a Spark session was started")
 
-    for module in (torchrun, torch_distributor, ai_runtime):
-        monkeypatch.setattr(module, "run", reached)
+    for run in ("run_torchrun", "torch_distributor.run", "run_ai_runtime"):
+        monkeypatch.setattr(f"spark_mnist.launch.{run}", reached)
     monkeypatch.setattr("spark_mnist.driver.session.spark_session", reached)
 
 

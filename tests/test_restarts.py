@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spark_mnist.launch import TrainingFailedError, launch, torchrun
-from spark_mnist.launch.restarts import run_with_restarts
+from spark_mnist.launch import TrainingFailedError, launch, run_with_restarts
 
 
 def failing(*errors):
@@ -92,7 +91,7 @@ def job(run_dir):
 
 
 def test_a_failed_launch_reads_the_ranks_reports_and_clears_old_ones(tmp_path, monkeypatch):
-    monkeypatch.setattr(torchrun, "run", broken(report_rank=1))
+    monkeypatch.setattr("spark_mnist.launch.run_torchrun", broken(report_rank=1))
     stale = tmp_path / "_errors"
     stale.mkdir()
     (stale / "rank-0.json").write_text(json.dumps({"rank": 0, "exception": "OldError: x", "traceback": []}))
@@ -103,7 +102,7 @@ def test_a_failed_launch_reads_the_ranks_reports_and_clears_old_ones(tmp_path, m
 
 
 def test_a_launch_without_reports_says_no_rank_left_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(torchrun, "run", broken())
+    monkeypatch.setattr("spark_mnist.launch.run_torchrun", broken())
     with pytest.raises(TrainingFailedError, match="no rank left an error report.*the launcher's own error"):
         launch(lambda job: None, job(tmp_path))
 

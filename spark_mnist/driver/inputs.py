@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from spark_mnist import fs
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, validate_layout
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetFile, DatasetSpec, validate_split
 from spark_mnist.driver import session
 from spark_mnist.errors import SourceError
 from spark_mnist.formats.idx import IdxReader, parse_idx
@@ -157,7 +157,7 @@ def open_idx_split(
     labels_name, images_name = redact(labels_source.uri), redact(images_source.uri)
     parsed = parse_idx(labels_source.source, name=labels_name)
     reader = stack.enter_context(IdxReader(images_source.source, name=images_name))
-    validate_layout(spec, reader.header.shape, reader.header.dtype, parsed.array, images_name, labels_name)
+    validate_split(spec, reader.header, parsed.array, images_name, labels_name)
     labels_record = _record(split, LABELS, labels_entry, labels_source, parsed.sha256, parsed.payload_bytes)
 
     def done() -> list[dict[str, Any]]:

@@ -64,11 +64,6 @@ class IdxHeader:
     shape: tuple[int, ...]
 
     @property
-    def header_bytes(self) -> int:
-        """Size of the magic number plus dimensions, in bytes."""
-        return MAGIC_BYTES + DIM_BYTES * len(self.shape)
-
-    @property
     def payload_bytes(self) -> int:
         """Size of the data section, in bytes."""
         # Python ints: numpy's int64 product silently wraps for absurd headers (e.g. three dimensions of 2**32 - 1).
@@ -106,10 +101,9 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
         with contextlib.suppress(IdxFormatError):  # only to say what the file looks like
             head += _guarded_read(stream, 252, name)
         head = head.lstrip().lower()
-        if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in head[:256]:
+        kind = ", which looks like text, not binary IDX data" if head[:1] in (b"<", b"{", b"[") else ""
+        if head.startswith((b"<!doctype html", b"<?xml", b"<head", b"<body")) or b"<html" in head:
             kind = ", which looks like an HTML page (a mirror's error or login page saved under the file's name?)"
-        else:
-            kind = ", which looks like text, not binary IDX data" if head[:1] in (b"<", b"{", b"[") else ""
         found = f"found {magic.hex(' ')}{kind}"
         raise IdxFormatError(f"{name}: wrong magic number: expected 00 00 <dtype code> <ndim>, {found}")
     code, ndim = magic[2], magic[3]
@@ -147,7 +141,7 @@ def _guarded_read(stream: BinaryIO, size: int | memoryview, name: str) -> Any:
         raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
 
 
-class IdxReader:
+class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
     """A streaming IDX reader: the header on opening, then the data in blocks of rows, hashed as it goes.
 
     Use as a context manager (it closes the file)::
@@ -186,18 +180,15 @@ class IdxReader:
             raw.seek(0)
             if not size:
                 raise IdxFormatError(f"{self.name}: empty file (0 bytes); expected a gzip-compressed or plain IDX file")
-            gz = cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb")) if self._gzipped else None
-            self._stream = stack.enter_context(gz) if gz else raw
+            self._stream = cast(BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=raw))) if self._gzipped else raw
             self.header = _read_header(self._stream, self.name, max_payload_bytes)
-            if not self._gzipped and size - self.header.header_bytes < self.header.payload_bytes:
+            encoded = self.header.encode()
+            self.payload_bytes = len(encoded) + self.header.payload_bytes
+            if not self._gzipped and size < self.payload_bytes:
                 # Uncompressed input: the size is known, so a lying header fails before any allocation.
-                raise IdxFormatError(self._truncated(size - self.header.header_bytes))
+                raise IdxFormatError(self._truncated(size - len(encoded)))
             self._stack = stack.pop_all()
-        self._digest = hashlib.sha256(self.header.encode(), usedforsecurity=False)
-        self.payload_bytes = self.header.header_bytes + self.header.payload_bytes
-
-    def __enter__(self) -> "IdxReader":
-        return self
+        self._digest = hashlib.sha256(encoded, usedforsecurity=False)
 
     def __exit__(self, *exc) -> None:
         self._stack.close()

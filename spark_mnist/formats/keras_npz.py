@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, validate_layout
+from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, validate_split
 from spark_mnist.errors import InputError
 from spark_mnist.formats.idx import write_idx
 
@@ -30,7 +30,7 @@ def load_keras_npz(
     source: str | os.PathLike | BinaryIO, spec: DatasetSpec | None = None, *, name: str | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read a Keras ``mnist.npz`` with ``np.load(source, allow_pickle=False)`` and check each split as one of
-    ``spec``'s (:func:`spark_mnist.datasets.validate_layout`, the check ingest applies to IDX files).
+    ``spec``'s (:func:`spark_mnist.datasets.validate_split`, the check ingest applies to IDX files).
 
     Args:
         source: the ``.npz`` file (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``; Keras' layout), as a
@@ -45,9 +45,9 @@ def load_keras_npz(
 
     Raises:
         InputError: naming the file: not a readable ``.npz`` archive, pickled (object) content, a missing key,
-            images not (N, H, W) of ``spec.image_shape``, labels not 1-d integers in 0..255.
-        DatasetMismatchError (an InputError): naming the file and key (``<file>[x_train]``): images not uint8,
-            image and label counts that differ, labels out of ``spec``'s range.
+            labels not 1-d integers in 0..255.
+        DatasetMismatchError (an InputError): naming the file and key (``<file>[x_train]``): images not (N, H, W)
+            of ``spec.image_shape`` or not uint8, image and label counts that differ, labels out of ``spec``'s range.
     """
     spec = spec or get_dataset("mnist")
     path = Path(name or ("<npz>" if hasattr(source, "read") else os.fspath(source)))
@@ -70,13 +70,8 @@ def load_keras_npz(
             )
         for split, (x_key, y_key) in KERAS_KEYS.items():
             images, labels = (_member(loaded, path, key) for key in (x_key, y_key))
-            # What only an npz can get wrong (the key's shape; labels of any integer dtype, which must fit uint8),
-            # then validate_layout on the arrays as IDX files would hold them.
-            if images.ndim != 3 or tuple(images.shape[1:]) != spec.image_shape:
-                raise InputError(
-                    f"{path}: {x_key} has shape {images.shape}: expected (N, {spec.image_shape[0]}, "
-                    f"{spec.image_shape[1]})"
-                )
+            # What only an npz can get wrong (labels of any integer dtype, which must fit uint8), then the check
+            # ingest applies to IDX files.
             if labels.ndim != 1 or labels.dtype.kind not in "ui":
                 raise InputError(
                     f"{path}: {y_key} has shape {labels.shape} and dtype {labels.dtype}: expected (N,) integers"
@@ -84,7 +79,7 @@ def load_keras_npz(
             if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > 255):
                 raise InputError(f"{path}: {y_key} has labels outside 0..255: expected uint8 class indices")
             labels = labels.astype(np.uint8, copy=False)
-            validate_layout(spec, images.shape, images.dtype, labels, f"{path}[{x_key}]", f"{path}[{y_key}]")
+            validate_split(spec, images, labels, f"{path}[{x_key}]", f"{path}[{y_key}]")
             result[split] = (np.ascontiguousarray(images), labels)
     return result
 
@@ -98,8 +93,8 @@ def _member(loaded: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise InputError(f"{path}: {key} cannot be read from the archive: {e}") from e
 
 
-def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, spec: DatasetSpec | None = None) -> Path:
-    """Write the four standard gz IDX files of ``spec`` (default: the registry's ``mnist``) from a Keras npz.
+def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, spec: DatasetSpec) -> Path:
+    """Write the four standard gz IDX files of ``spec`` from a Keras npz.
 
     Each file appears under its final name only when complete (:func:`spark_mnist.formats.idx.write_idx`).  Images are
     written (N, H, W) uint8 (IDX dtype code 0x08, 3 dimensions), labels (N,) uint8 (1 dimension), as on the MNIST
@@ -111,7 +106,6 @@ def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, s
     Raises:
         InputError: as :func:`load_keras_npz`.
     """
-    spec = spec or get_dataset("mnist")
     arrays = load_keras_npz(npz_path, spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, cast
 
-from spark_mnist.config import TrainSettings
 from spark_mnist.errors import SourceError
-from spark_mnist.launch import require_gpus, require_module
 from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, normalize_uri, redact
 
-__all__ = ["run", "check", "check_shared_run_dir"]
+__all__ = ["run", "check_shared_run_dir"]
 
 
 def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
@@ -31,21 +29,6 @@ def run(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
     # so train_worker ends with a dist.barrier(): every rank's process exits together (docs: Launchers).
     distributor = TorchDistributor(num_processes=t.num_processes, local_mode=t.local_mode, use_gpu=t.use_gpu)
     return cast(dict[str, Any], distributor.run(fn, job))  # fn's return value, which pyspark types as Any
-
-
-def check(settings: TrainSettings) -> None:
-    """Refuse, before a session starts, a machine where pyspark's ``ml.torch`` does not import, or local mode with
-    ``use_gpu`` and fewer GPUs on this machine than ranks (``TorchDistributor`` would quietly start fewer ranks).
-
-    Raises:
-        LauncherUnavailableError: pyspark missing; local mode with ``use_gpu`` and fewer GPUs here than
-            ``num_processes``.
-    """
-    fix = "pip install 'spark-mnist[local]' (or run on a Databricks ML runtime), or train with --launcher torchrun"
-    require_module("pyspark.ml.torch.distributor", "torch-distributor", fix)
-    if settings.use_gpu and settings.local_mode:
-        fix = "in local mode every rank takes one of the driver's GPUs: lower --num-processes, or run the ranks on"
-        require_gpus("torch-distributor", settings.num_processes, f"{fix} the executors with --no-local-mode")
 
 
 def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:

@@ -81,7 +81,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         EnvironmentMismatchError: ``use_gpu`` with ``LOCAL_RANK`` at or above the CUDA devices this rank sees.
         ValueError: an invalid rank environment (raised before a report can name the rank).
         InputError: an unknown model or dataset name; too few training rows for one batch on every rank (bad
-            input: :mod:`spark_mnist.launch.restarts` does not relaunch it).
+            input: :func:`spark_mnist.launch.run_with_restarts` does not relaunch it).
         CheckpointError: with ``resume``, a checkpoint that is unsafe or unreadable.
         LoaderStateError: with ``resume``, a checkpoint of another seed, dataset, row count or global batch, or a
             world size that does not divide its global batch.
