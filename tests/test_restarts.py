@@ -1,4 +1,4 @@
-"""launch.restarts and the one failure channel, without starting ranks: which attempt resumes, what is relaunched,
+"""launch.run_with_restarts and the one failure channel, without starting ranks: which attempt resumes, what is relaunched,
 what a failed launch reads like."""
 
 from __future__ import annotations
