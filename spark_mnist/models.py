@@ -60,13 +60,15 @@ def normalization_for(dataset: str) -> Normalization:
     return Normalization(*get_dataset(dataset).normalization)
 
 
-def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """uint8 images (B, 1, H, W) -> float32 ``(x / 255 - mean) / std``, on ``images``' device.
+def normalize(images: torch.Tensor, norm: Normalization, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (B, 1, H, W) -> float32 ``(x / 255 - mean) / std``, on ``images``' device, in
+    ``torch.channels_last`` memory format with ``channels_last`` (for a model in that format).
 
     Source: pytorch/examples ``mnist/main.py`` (``ToTensor`` then ``Normalize``), done on the device in one pass.
     """
     scale = 1.0 / (PIXEL_MAX * norm.std)
-    return images.to(torch.float32).mul_(scale).sub_(norm.mean / norm.std)
+    x = images.to(torch.float32).mul_(scale).sub_(norm.mean / norm.std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 class SimpleCNN(nn.Module):
