@@ -87,11 +87,8 @@ class SimpleCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for c_in, c_out in ((1, self.CONV1_CHANNELS), (self.CONV1_CHANNELS, self.CONV2_CHANNELS)):
-            layers += [
-                nn.Conv2d(c_in, c_out, self.KERNEL, padding=self.KERNEL // 2),
-                nn.ReLU(),
-                nn.MaxPool2d(self.POOL),
-            ]
+            conv = nn.Conv2d(c_in, c_out, self.KERNEL, padding=self.KERNEL // 2)
+            layers += [conv, nn.ReLU(), nn.MaxPool2d(self.POOL)]
         self.features = nn.Sequential(*layers)
         pooled = (image_shape[0] // self.POOL**2, image_shape[1] // self.POOL**2)  # two 2x2 poolings
         self.classifier = nn.Linear(self.CONV2_CHANNELS * pooled[0] * pooled[1], num_classes)
