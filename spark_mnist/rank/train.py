@@ -147,19 +147,17 @@ class DataWait:
         images, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
         ready.record()
         self._pending.append((asked, ready))
-        self._read(done_only=True)
+        self.seconds(done_only=True)
         return images, labels
 
-    def seconds(self) -> float:
-        """All the seconds the device waited so far (on CUDA, after the last batch's copy has completed)."""
-        self._read(done_only=False)
-        return self.waited
-
-    def _read(self, done_only: bool) -> None:
+    def seconds(self, done_only: bool = False) -> float:
+        """All the seconds the device waited so far (on CUDA, after the last batch's copy has completed); with
+        ``done_only``, only the CUDA events already completed are read (no wait)."""
         while self._pending and (not done_only or self._pending[0][1].query()):
             asked, ready = self._pending.pop(0)
             ready.synchronize()
             self.waited += asked.elapsed_time(ready) / 1000
+        return self.waited
 
 
 def _resolve(setting: str, device: torch.device) -> bool:
@@ -226,7 +224,7 @@ class _Run:
             batch_size=self.batch_size,
             image_shape=job.image_shape,
             seed=settings.seed,
-            memory_budget_bytes=job.memory_budget_bytes,
+            memory_budget_bytes=settings.memory_budget_mb * 2**20,  # MiB
             reader_threads=settings.reader_threads,
             pin_memory=device.type == "cuda",
             dataset=job.dataset_id,
@@ -385,10 +383,9 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
             loader.set_epoch(loader.epoch + 1)
             run.checkpoint(loader.state_dict())
             run.say(
-                f"epoch {record['epoch']}/{settings.epochs}: train loss {record['train_loss']:.4f}, "
-                f"test accuracy {record['test_accuracy']:.4f} on {record['test_samples']} images, "
-                f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
-                f"{record['epoch_seconds']:.1f}s",
+                "epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test accuracy {test_accuracy:.4f} on "
+                "{test_samples} images, {samples_per_s:,.0f} samples/s, data wait {data_wait_fraction:.1%}, "
+                "{epoch_seconds:.1f}s".format(epochs=settings.epochs, **record)
             )
             if settings.max_steps and run.run_steps >= settings.max_steps:
                 break
