@@ -309,9 +309,10 @@ class _Run:
 
     def train_epoch(self) -> dict[str, Any] | None:
         """Train from the training loader's position (epoch, start step) to the end of the epoch, then evaluate;
-        checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0).  Returns the epoch's figures
-        over all ranks: training loss, data wait and seconds summed, the epoch's seconds the slowest rank's (so
-        every rank reports the same ``epoch_seconds`` and ``samples_per_s``), then the evaluation; ``None`` where
+        checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0); at the epoch's end, set the
+        loader to the next epoch, checkpoint there and print the epoch's figures (rank 0).  Returns the epoch's
+        figures over all ranks: training loss, data wait and seconds summed, the epoch's seconds the slowest rank's
+        (so every rank reports the same ``epoch_seconds`` and ``samples_per_s``), then the evaluation; ``None`` where
         ``max_steps`` stopped the epoch (checkpointed there)."""
         loader, settings, cuda = self.train_loader, self.settings, self.device.type == "cuda"
         epoch, first_step = loader.epoch, loader.start_step
@@ -347,7 +348,7 @@ class _Run:
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
         loss_sum, waited, busy, test_loss, correct, count = sums.tolist()
         seconds, samples = max(1e-9, times[1].item()), (self.steps - first_step) * loader.global_batch_size
-        return {
+        record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(1, samples),
             "test_loss": test_loss / max(1.0, count),
@@ -357,6 +358,14 @@ class _Run:
             "data_wait_fraction": min(1.0, waited / max(1e-9, busy)),
             "epoch_seconds": seconds,
         }
+        loader.set_epoch(epoch + 1)
+        self.checkpoint(loader.state_dict())
+        self.say(
+            "epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test accuracy {test_accuracy:.4f} on "
+            "{test_samples} images, {samples_per_s:,.0f} samples/s, data wait {data_wait_fraction:.1%}, "
+            "{epoch_seconds:.1f}s".format(epochs=settings.epochs, **record)
+        )
+        return record
 
     def checkpoint(self, loader_state: dict[str, Any]) -> None:
         """Rank 0 saves where the run stands: the model, the optimizer (their tensors copied to the CPU, so the file
@@ -375,18 +384,9 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
                 f"{loader.total_rows} training rows cannot give every one of {world.world_size} "
                 f"ranks a batch of {run.batch_size}"
             )
-        while loader.epoch < settings.epochs:
-            record = run.train_epoch()
-            if record is None:  # stopped by max_steps mid-epoch, checkpointed there: the run ends
-                break
+        # None: stopped by max_steps mid-epoch, checkpointed there: the run ends.
+        while loader.epoch < settings.epochs and (record := run.train_epoch()) is not None:
             history.append(record)
-            loader.set_epoch(loader.epoch + 1)
-            run.checkpoint(loader.state_dict())
-            run.say(
-                "epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test accuracy {test_accuracy:.4f} on "
-                "{test_samples} images, {samples_per_s:,.0f} samples/s, data wait {data_wait_fraction:.1%}, "
-                "{epoch_seconds:.1f}s".format(epochs=settings.epochs, **record)
-            )
             if settings.max_steps and run.run_steps >= settings.max_steps:
                 break
     model_path = os.path.join(job.run_dir, MODEL_NAME)
