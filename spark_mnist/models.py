@@ -60,13 +60,15 @@ def normalization_for(dataset: str) -> Normalization:
     return Normalization(*get_dataset(dataset).normalization)
 
 
-def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """uint8 images (B, 1, H, W) -> float32 ``(x / 255 - mean) / std``, on ``images``' device.
+def normalize(images: torch.Tensor, norm: Normalization, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (B, 1, H, W) -> float32 ``(x / 255 - mean) / std``, on ``images``' device, in
+    ``torch.channels_last`` memory format with ``channels_last`` (for a model in that format).
 
     Source: pytorch/examples ``mnist/main.py`` (``ToTensor`` then ``Normalize``), done on the device in one pass.
     """
     scale = 1.0 / (PIXEL_MAX * norm.std)
-    return images.to(torch.float32).mul_(scale).sub_(norm.mean / norm.std)
+    x = images.to(torch.float32).mul_(scale).sub_(norm.mean / norm.std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 class SimpleCNN(nn.Module):
@@ -85,11 +87,8 @@ class SimpleCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for c_in, c_out in ((1, self.CONV1_CHANNELS), (self.CONV1_CHANNELS, self.CONV2_CHANNELS)):
-            layers += [
-                nn.Conv2d(c_in, c_out, self.KERNEL, padding=self.KERNEL // 2),
-                nn.ReLU(),
-                nn.MaxPool2d(self.POOL),
-            ]
+            conv = nn.Conv2d(c_in, c_out, self.KERNEL, padding=self.KERNEL // 2)
+            layers += [conv, nn.ReLU(), nn.MaxPool2d(self.POOL)]
         self.features = nn.Sequential(*layers)
         pooled = (image_shape[0] // self.POOL**2, image_shape[1] // self.POOL**2)  # two 2x2 poolings
         self.classifier = nn.Linear(self.CONV2_CHANNELS * pooled[0] * pooled[1], num_classes)

@@ -62,7 +62,7 @@ def test_round_trip(tmp_path, shards):
     save_checkpoint(saved, str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temporary file left
     loaded = load_checkpoint(str(tmp_path))
-    assert loaded.path == str(tmp_path / CHECKPOINT_NAME) and loaded.loader == saved.loader
+    assert loaded.source == str(tmp_path / CHECKPOINT_NAME) and loaded.loader == saved.loader
     assert (loaded.epoch, loaded.step) == (1, 3)
     assert all(torch.equal(loaded.model[k], v) for k, v in saved.model.items())
     model = SimpleCNN(10)
@@ -95,7 +95,7 @@ def test_resume_refuses_what_it_cannot_honour_in_one_line(tmp_path, shards, new,
     save_checkpoint(a_checkpoint(), str(tmp_path))
     checkpoint = load_checkpoint(str(tmp_path))
     with loader_for(shards, **new) as loader:
-        with pytest.raises(LoaderStateError, match="^Cannot resume: " + message.format(path=checkpoint.path)) as e:
+        with pytest.raises(LoaderStateError, match="^Cannot resume: " + message.format(path=checkpoint.source)) as e:
             loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
     assert isinstance(e.value, InputError) and "\n" not in str(e.value)
 
@@ -105,7 +105,7 @@ def test_another_world_size_holds_the_global_batch(tmp_path, shards):
     checkpoint = load_checkpoint(str(tmp_path))
     assert [checkpoint.batch_size_for(m) for m in (1, 2, 4, 8)] == [64, 32, 16, 8]
     assert a_checkpoint(global_batch_size=96).batch_size_for(3) == 32
-    with pytest.raises(LoaderStateError, match=rf"^Cannot resume: the global batch size 64 of {checkpoint.path} does "
+    with pytest.raises(LoaderStateError, match=rf"^Cannot resume: the global batch size 64 of {checkpoint.source} does "
                                                r"not split over 3 ranks; resume on one of 1, 2, 4, 8 ranks\.$"):
         checkpoint.batch_size_for(3)
     with loader_for(shards, world_size=4, batch_size=16, rank=3) as loader:

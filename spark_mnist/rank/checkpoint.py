@@ -39,13 +39,14 @@ class Checkpoint:
         model: the model's ``state_dict`` (name -> tensor; the module's, not the DDP wrapper's).
         optimizer: the optimizer's ``state_dict``.
         loader: the training loader's ``state_dict`` (:meth:`spark_mnist.rank.loader.ShardLoader.state_dict`).
-        path: the file it was loaded from (not saved; ``""`` for a checkpoint built in memory).
+        source: the checkpoint as messages name it: the file it was loaded from (not saved), or
+            ``"the checkpoint"`` for one built in memory.
     """
 
     model: dict[str, Any]
     optimizer: dict[str, Any]
     loader: dict[str, Any]
-    path: str = field(default="", compare=False)
+    source: str = field(default="the checkpoint", compare=False)
 
     @property
     def epoch(self) -> int:
@@ -76,11 +77,6 @@ class Checkpoint:
                 f"{world_size} ranks; resume on one of {fits} ranks."
             )
         return global_batch // world_size
-
-    @property
-    def source(self) -> str:
-        """The checkpoint as messages name it: its path, or ``"the checkpoint"``."""
-        return self.path or "the checkpoint"
 
 
 def to_cpu(state: Any) -> Any:
@@ -133,4 +129,4 @@ def load_checkpoint(run_dir: str) -> Checkpoint | None:
 
     state = check(state, ["model", "optimizer", "loader"], "not a training checkpoint: expected the entries")
     loader = check(state["loader"], list(STATE_KEYS), "its loader state lacks entries: expected")
-    return Checkpoint(model=state["model"], optimizer=state["optimizer"], loader=loader, path=path)
+    return Checkpoint(model=state["model"], optimizer=state["optimizer"], loader=loader, source=path)

@@ -159,10 +159,8 @@ class ShardLoader(IterableDataset):
         self.span = (0, self.total_rows) if drop_remainder else (self.lo, self.hi)
         self.rows = self.span[1] - self.span[0]
         self.global_batch_size = batch_size * world_size
-        if drop_remainder:
-            self.steps_total = order.steps_per_epoch(self.total_rows, world_size, batch_size)
-        else:
-            self.steps_total = -(-self.rows // batch_size)
+        steps = order.steps_per_epoch(self.total_rows, world_size, batch_size)
+        self.steps_total = steps if drop_remainder else -(-self.rows // batch_size)
         need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
         self.in_memory = need <= memory_budget_bytes
         self.device = None if device is None else torch.device(device)
@@ -292,15 +290,10 @@ class ShardLoader(IterableDataset):
 
     def _open(self, with_index: bool) -> Generator:
         """Begin an epoch's iteration now: which epoch and step are fixed here, not at the first ``next()``."""
-        worker = get_worker_info()
-        if worker is not None:
-            raise invalid(
-                "DataLoader num_workers",
-                worker.num_workers,
-                "0 for a spark_mnist loader (DataLoader(loader, batch_size=None)): it decodes in its own "
-                "reader threads, and each worker would yield every batch again",
-                InputError,
-            )
+        if (worker := get_worker_info()) is not None:
+            must = "0 for a spark_mnist loader (DataLoader(loader, batch_size=None)): it decodes in its own "
+            must += "reader threads, and each worker would yield every batch again"
+            raise invalid("DataLoader num_workers", worker.num_workers, must, InputError)
         if not self._position_set:
             self.epoch, self.start_step = self.epoch + 1, 0
         self._position_set = False

@@ -124,21 +124,16 @@ def epoch_windows(rows: int, seed: int, epoch: int, shuffle: bool = True) -> lis
 
 def evaluation_windows(lo: int, hi: int, seed: int, epoch: int, rank: int, shuffle: bool) -> list[Window]:
     """The evaluation order of rows ``[lo, hi)``: chunks of :data:`WINDOW_ROWS`, each permuted with ``shuffle``."""
-    starts = range(lo, hi, WINDOW_ROWS)
-    return [
-        _window([(a, min(hi, a + WINDOW_ROWS))], shuffle, seed, epoch, _EVALUATION, rank, c)
-        for c, a in enumerate(starts)
-    ]
+    chunks = [(a, min(hi, a + WINDOW_ROWS)) for a in range(lo, hi, WINDOW_ROWS)]
+    return [_window([chunk], shuffle, seed, epoch, _EVALUATION, rank, c) for c, chunk in enumerate(chunks)]
 
 
 def rank_positions(total: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
     """Where rank ``rank``'s slices of the global batches lie in the training order's sequence ``S`` of ``total``
     rows (step 3 of the module docstring): int64, ascending, ``steps_per_epoch(total, world_size, batch_size) *
     batch_size`` of them, the rank's epoch in the order it reads it."""
-    steps, global_batch = steps_per_epoch(total, world_size, batch_size), batch_size * world_size
-    return (
-        np.arange(steps, dtype=np.int64)[:, None] * global_batch + rank * batch_size + np.arange(batch_size)
-    ).ravel()
+    starts = np.arange(steps_per_epoch(total, world_size, batch_size), dtype=np.int64) * (batch_size * world_size)
+    return (starts[:, None] + rank * batch_size + np.arange(batch_size)).ravel()
 
 
 def rank_share(windows: Sequence[Window], positions: np.ndarray) -> list[tuple[Window, np.ndarray]]:

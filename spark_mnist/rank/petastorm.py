@@ -26,7 +26,6 @@ def petastorm_batches(
     steps: int,
     image_shape: tuple[int, int] = (28, 28),
     batched: bool = False,
-    workers: int = 2,
 ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
 
@@ -41,7 +40,6 @@ def petastorm_batches(
         steps: batches to yield.
         image_shape: (H, W) of the contract's image column.
         batched: use petastorm's ``BatchedDataLoader`` (``data_loader_fn``) instead of its ``DataLoader``.
-        workers: petastorm's reader threads (``workers_count``).
     Yields:
         ``(images, labels)``: uint8 (B, 1, H, W) and int64 (B,), as :class:`spark_mnist.rank.loader.ShardLoader`.
     Raises:
@@ -69,7 +67,7 @@ def petastorm_batches(
         cur_shard=rank,
         shard_count=world_size,
         transform_spec=spec,
-        workers_count=workers,
+        workers_count=2,  # petastorm's reader threads
         data_loader_fn=BatchedDataLoader if batched else DataLoader,
     ) as loader:
         for batch in itertools.islice(loader, steps):

@@ -2,12 +2,12 @@
 
 Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), joins the process group
 (:mod:`spark_mnist.rank.process`), trains on its exact share of the training split
-(:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time (:class:`TrainStep`, fetching each batch
-through :class:`DataWait`), evaluates on its share of the full test split (:func:`evaluate`, counts summed over
-ranks), and rank 0 prints per-epoch figures, checkpoints (:mod:`spark_mnist.rank.checkpoint`) and saves the model
-``state_dict`` and the metrics in the run directory (:mod:`spark_mnist.runs`); drawing the curves is the caller's
-(the metrics' ``history``).  As pytorch/examples ``mnist/main.py``, the step and the evaluation are short functions
-apart from the loop.
+(:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time (``_Run.train_step``, fetching each
+batch through :class:`DataWait`), evaluates on its share of the full test split (``_Run.evaluate``, counts summed
+over ranks), and rank 0 prints per-epoch figures, checkpoints (:mod:`spark_mnist.rank.checkpoint`) and saves the
+model ``state_dict`` and the metrics in the run directory (:mod:`spark_mnist.runs`); drawing the curves is the
+caller's (the metrics' ``history``).  As pytorch/examples ``mnist/main.py``, the step and the evaluation are short
+functions apart from the loop.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Generator, Iterable, Iterator
+from typing import Any, Generator, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from spark_mnist.errors import InputError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
-from spark_mnist.models import Normalization, build_model, normalization_for, normalize
+from spark_mnist.models import build_model, normalization_for, normalize
 from spark_mnist.rank import process
 from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, to_cpu
 from spark_mnist.rank.loader import ShardLoader
@@ -37,7 +37,7 @@ from spark_mnist.rank.petastorm import petastorm_batches
 from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
-__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker", "to_input", "DataWait", "TrainStep", "evaluate"]
+__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker", "DataWait"]
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,6 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     return result
 
 
-def to_input(images: torch.Tensor, norm: Normalization, channels_last: bool) -> torch.Tensor:
-    """A uint8 (B, 1, H, W) batch on the device as the model takes it: float, normalised with ``norm``, in
-    ``channels_last`` memory format when asked."""
-    x = normalize(images, norm)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 class DataWait:
     """Fetches batches onto ``device`` and counts the seconds the device waited for them.
 
@@ -154,90 +147,17 @@ class DataWait:
         images, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
         ready.record()
         self._pending.append((asked, ready))
-        self._read(done_only=True)
+        self.seconds(done_only=True)
         return images, labels
 
-    def seconds(self) -> float:
-        """All the seconds the device waited so far (on CUDA, after the last batch's copy has completed)."""
-        self._read(done_only=False)
-        return self.waited
-
-    def _read(self, done_only: bool) -> None:
+    def seconds(self, done_only: bool = False) -> float:
+        """All the seconds the device waited so far (on CUDA, after the last batch's copy has completed); with
+        ``done_only``, only the CUDA events already completed are read (no wait)."""
         while self._pending and (not done_only or self._pending[0][1].query()):
             asked, ready = self._pending.pop(0)
             ready.synchronize()
             self.waited += asked.elapsed_time(ready) / 1000
-
-
-class TrainStep:
-    """One optimiser step of ``ddp`` with ``optimizer``: cross-entropy, under bfloat16 autocast with ``bf16``.
-
-    With ``compile``, the step runs ``torch.compile(ddp)``; where compiling fails, at once or in the compiled
-    model's first step (as where inductor finds no C compiler), it says why in one warning line and runs
-    uncompiled from then on (that first step again).
-
-    Attributes:
-        compiled: the step runs compiled (``False`` after a fallback).
-    """
-
-    def __init__(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, *, compile: bool, bf16: bool, rank: int):
-        self.ddp, self.optimizer, self.bf16, self.rank = ddp, optimizer, bf16, rank
-        self.model: Any = ddp
-        self.compiled = self._first = False
-        if compile:
-            try:
-                self.model, self.compiled, self._first = torch.compile(ddp), True, True
-            except Exception as e:  # noqa: BLE001 - compiling is an optimisation: say why and train uncompiled
-                self._fall_back(e)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Step on the model input ``x`` (float (B, 1, H, W), on the device) and int64 (B,) labels ``y``; returns
-        the batch's mean loss (detached, a 0-d tensor on the device)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        try:
-            loss = self._forward_backward(x, y)
-        except Exception as e:
-            if not self._first:
-                raise
-            self._fall_back(e)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self._forward_backward(x, y)
-        self._first = False
-        self.optimizer.step()
-        return loss.detach()
-
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        return loss
-
-    def _fall_back(self, error: BaseException) -> None:
-        self.model, self.compiled, self._first = self.ddp, False, False
-        line = (str(error).strip().splitlines() or [""])[0]
-        log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.rank, type(error).__name__, line)
-
-
-def evaluate(
-    model: torch.nn.Module, loader: Iterable, device: torch.device, norm: Normalization, channels_last: bool = False
-) -> tuple[float, int, int]:
-    """Sum of cross-entropy (nats), correct predictions and samples over this rank's share of ``loader``'s split
-    (uint8 (B, 1, H, W) images, int64 (B,) labels), summed over all ranks when a process group is up.
-    ``model.eval()`` under ``torch.no_grad()``, the loss summed with ``reduction="sum"``, as pytorch/examples
-    ``mnist/main.py``'s ``test``.  Batches already on ``device`` (a resident loader) are not copied."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for images, labels in loader:
-            y = labels.to(device, non_blocking=True)
-            logits = model(to_input(images.to(device, non_blocking=True), norm, channels_last))
-            totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            totals[1] += (logits.argmax(1) == y).sum()
-            totals[2] += len(y)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    loss, correct, count = totals.tolist()
-    return loss, int(correct), int(count)
+        return self.waited
 
 
 def _resolve(setting: str, device: torch.device) -> bool:
@@ -247,10 +167,17 @@ def _resolve(setting: str, device: torch.device) -> bool:
 
 
 class _Run:
-    """One rank's training state (its model, optimizer, step and loaders) and what an epoch does with it.
+    """One rank's training state (its model, optimizer, step and loaders) and what a step and an epoch do with it.
+
+    A step (:meth:`train_step`) is one optimiser step of the DDP model: cross-entropy, under bfloat16 autocast with
+    ``train.bf16``.  With ``train.compile`` it runs ``torch.compile`` of the DDP model; where compiling fails, at
+    once or in the compiled model's first step (as where inductor finds no C compiler), it says why in one warning
+    line and runs uncompiled from then on (that first step again).
 
     Attributes:
-        model: the module, not the DDP wrapper (what is saved).
+        model: the module, not the DDP wrapper (what is saved); ddp: the wrapper.
+        forward: what a step runs: ``torch.compile(ddp)``, or ``ddp``.
+        compiled: the step runs compiled (``False`` after a fallback).
         channels_last: model and input in channels_last (train.channels_last).
         batch_size: per rank: train.batch_size, or what holds a resumed checkpoint's global batch.
         steps: steps per epoch, equal on every rank.
@@ -258,7 +185,7 @@ class _Run:
     """
 
     def __init__(self, job: TrainJob, world: World, device: torch.device):
-        """Seed, build the model, optimizer, step and loaders, and resume from the checkpoint (with the per-rank
+        """Seed, build the model, optimizer and loaders, and resume from the checkpoint (with the per-rank
         batch size that holds its global batch on this world size; one the loader cannot honour raises
         :class:`~spark_mnist.errors.LoaderStateError` before anything is restored)."""
         self.job, self.world, self.device = job, world, device
@@ -268,9 +195,15 @@ class _Run:
         self.model = build_model(settings.model, job.num_classes, job.image_shape).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
-        ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(ddp.parameters(), lr=settings.lr)
-        self.step = TrainStep(ddp, self.optimizer, compile=settings.compile, bf16=settings.bf16, rank=world.rank)
+        self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.ddp.parameters(), lr=settings.lr)
+        self.forward: Any = self.ddp
+        self.compiled = False
+        if settings.compile:
+            try:
+                self.forward, self.compiled = torch.compile(self.ddp), True
+            except Exception as e:  # noqa: BLE001 - compiling is an optimisation: say why and train uncompiled
+                self._fall_back(e)
         self.norm = normalization_for(job.dataset)
         self.run_steps = 0
         os.makedirs(job.run_dir, exist_ok=True)
@@ -279,8 +212,7 @@ class _Run:
             self.say(f"resume: no checkpoint in {job.run_dir}, starting afresh")
         self.batch_size = settings.batch_size
         # On the checkpoint's own world size train.batch_size stays: the loader refuses another global batch.
-        elastic = checkpoint is not None and checkpoint.loader["world_size"] != world.world_size
-        if checkpoint is not None and elastic:
+        if checkpoint is not None and checkpoint.loader["world_size"] != world.world_size:
             self.batch_size = checkpoint.batch_size_for(world.world_size)
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
@@ -292,7 +224,7 @@ class _Run:
             batch_size=self.batch_size,
             image_shape=job.image_shape,
             seed=settings.seed,
-            memory_budget_bytes=job.memory_budget_bytes,
+            memory_budget_bytes=settings.memory_budget_mb * 2**20,  # MiB
             reader_threads=settings.reader_threads,
             pin_memory=device.type == "cuda",
             dataset=job.dataset_id,
@@ -308,15 +240,58 @@ class _Run:
             self.optimizer.load_state_dict(checkpoint.optimizer)
             saved, loader = checkpoint.loader, self.train_loader
             where = f"epoch {loader.epoch + 1}, step {loader.start_step}/{self.steps}"
-            if elastic:
+            if saved["world_size"] != world.world_size:
                 where += f"; the global batch {saved['global_batch_size']} of its {saved['world_size']} ranks, "
                 where += f"{self.batch_size} per rank"
-            self.say(f"resume: continuing from {checkpoint.path} at {where}")
+            self.say(f"resume: continuing from {checkpoint.source} at {where}")
 
     def say(self, line: str) -> None:
         """Print ``line`` once, on rank 0 (the ranks' output is what the launcher shows)."""
         if self.world.is_leader:
             print(line, flush=True)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on uint8 (B, 1, H, W) ``images`` and int64 (B,) ``labels``, both on the device;
+        returns the batch's mean loss (detached, a 0-d tensor on the device)."""
+        x = normalize(images, self.norm, self.channels_last)
+        try:
+            loss = self._forward_backward(x, labels)
+        except Exception as e:
+            if not (self.compiled and self.run_steps == 0):  # only the compiled model's first step falls back
+                raise
+            self._fall_back(e)
+            loss = self._forward_backward(x, labels)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16):
+            loss = F.cross_entropy(self.forward(x), y)
+        loss.backward()
+        return loss
+
+    def _fall_back(self, error: BaseException) -> None:
+        self.forward, self.compiled = self.ddp, False
+        line = (str(error).strip().splitlines() or [""])[0]
+        name = type(error).__name__
+        log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.world.rank, name, line)
+
+    def evaluate(self) -> torch.Tensor:
+        """This rank's sums over its share of the test split (uint8 (B, 1, H, W) images, int64 (B,) labels):
+        cross-entropy (nats), correct predictions and samples, float64 (3,) on the device.  ``model.eval()`` under
+        ``torch.no_grad()``, the loss summed with ``reduction="sum"``, as pytorch/examples ``mnist/main.py``'s
+        ``test``.  Batches already on the device (a resident loader) are not copied."""
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for images, labels in self.test_loader:
+                y = labels.to(self.device, non_blocking=True)
+                logits = self.model(normalize(images.to(self.device, non_blocking=True), self.norm, self.channels_last))
+                totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+                totals[1] += (logits.argmax(1) == y).sum()
+                totals[2] += len(y)
+        return totals
 
     def batches(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """The epoch's batches from the training loader's position: its own, or petastorm's reader of the same
@@ -334,22 +309,21 @@ class _Run:
 
     def train_epoch(self) -> dict[str, Any] | None:
         """Train from the training loader's position (epoch, start step) to the end of the epoch, then evaluate;
-        checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0).  Returns the epoch's figures
-        over all ranks: training loss, data wait and seconds summed, the epoch's seconds the slowest rank's (so
-        every rank reports the same ``epoch_seconds`` and ``samples_per_s``), then the evaluation; ``None`` where
+        checkpoint every ``checkpoint_every_steps`` steps and print progress (rank 0); at the epoch's end, set the
+        loader to the next epoch, checkpoint there and print the epoch's figures (rank 0).  Returns the epoch's
+        figures over all ranks: training loss, data wait and seconds summed, the epoch's seconds the slowest rank's
+        (so every rank reports the same ``epoch_seconds`` and ``samples_per_s``), then the evaluation; ``None`` where
         ``max_steps`` stopped the epoch (checkpointed there)."""
         loader, settings, cuda = self.train_loader, self.settings, self.device.type == "cuda"
         epoch, first_step = loader.epoch, loader.start_step
-        self.step.ddp.train()
+        self.ddp.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        samples, wait, epoch_start = 0, DataWait(self.device), time.perf_counter()
+        wait, epoch_start = DataWait(self.device), time.perf_counter()
         progress_every = max(1, self.steps // PROGRESS_LINES_PER_EPOCH)
         with contextlib.closing(self.batches()) as batches:
             for done in range(first_step + 1, self.steps + 1):  # done: the epoch's steps run once this one is
                 images, labels = wait.next(batches)
-                loss = self.step(to_input(images, self.norm, self.channels_last), labels)
-                loss_sum += loss.double() * len(labels)
-                samples += len(labels)
+                loss_sum += self.train_step(images, labels).double() * len(labels)
                 self.run_steps += 1
                 more = done < self.steps
                 if self.world.is_leader and done % progress_every == 0 and more:
@@ -366,24 +340,32 @@ class _Run:
             if cuda:
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - epoch_start
-        sums = torch.tensor([0.0, samples, wait.seconds(), seconds], dtype=torch.float64, device=self.device)
-        sums[0] = loss_sum
-        slowest = sums[3:].clone()
+        # Summed over the ranks: the training loss, the data wait, the seconds and the evaluation; the seconds also
+        # the slowest rank's.  Every batch is full: the epoch's samples over all ranks follow from its steps.
+        times = torch.tensor([wait.seconds(), seconds], dtype=torch.float64, device=self.device)
+        sums = torch.cat([loss_sum.view(1), times, self.evaluate()])
         dist.all_reduce(sums)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        loss_sum, samples, waited, busy = sums.tolist()
-        seconds = max(1e-9, slowest.item())
-        test_loss, correct, count = evaluate(self.model, self.test_loader, self.device, self.norm, self.channels_last)
-        return {
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        loss_sum, waited, busy, test_loss, correct, count = sums.tolist()
+        seconds, samples = max(1e-9, times[1].item()), (self.steps - first_step) * loader.global_batch_size
+        record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / max(1.0, samples),
-            "test_loss": test_loss / max(1, count),
-            "test_accuracy": correct / max(1, count),
-            "test_samples": count,
+            "train_loss": loss_sum / max(1, samples),
+            "test_loss": test_loss / max(1.0, count),
+            "test_accuracy": correct / max(1.0, count),
+            "test_samples": int(count),
             "samples_per_s": samples / seconds,
             "data_wait_fraction": min(1.0, waited / max(1e-9, busy)),
             "epoch_seconds": seconds,
         }
+        loader.set_epoch(epoch + 1)
+        self.checkpoint(loader.state_dict())
+        self.say(
+            "epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test accuracy {test_accuracy:.4f} on "
+            "{test_samples} images, {samples_per_s:,.0f} samples/s, data wait {data_wait_fraction:.1%}, "
+            "{epoch_seconds:.1f}s".format(epochs=settings.epochs, **record)
+        )
+        return record
 
     def checkpoint(self, loader_state: dict[str, Any]) -> None:
         """Rank 0 saves where the run stands: the model, the optimizer (their tensors copied to the CPU, so the file
@@ -402,19 +384,9 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
                 f"{loader.total_rows} training rows cannot give every one of {world.world_size} "
                 f"ranks a batch of {run.batch_size}"
             )
-        while loader.epoch < settings.epochs:
-            record = run.train_epoch()
-            if record is None:  # stopped by max_steps mid-epoch, checkpointed there: the run ends
-                break
+        # None: stopped by max_steps mid-epoch, checkpointed there: the run ends.
+        while loader.epoch < settings.epochs and (record := run.train_epoch()) is not None:
             history.append(record)
-            loader.set_epoch(loader.epoch + 1)
-            run.checkpoint(loader.state_dict())
-            run.say(
-                f"epoch {record['epoch']}/{settings.epochs}: train loss {record['train_loss']:.4f}, "
-                f"test accuracy {record['test_accuracy']:.4f} on {record['test_samples']} images, "
-                f"{record['samples_per_s']:,.0f} samples/s, data wait {record['data_wait_fraction']:.1%}, "
-                f"{record['epoch_seconds']:.1f}s",
-            )
             if settings.max_steps and run.run_steps >= settings.max_steps:
                 break
     model_path = os.path.join(job.run_dir, MODEL_NAME)
@@ -434,7 +406,7 @@ def _train(job: TrainJob, world: World, device: torch.device, started: float) ->
         "model": settings.model,
         "resident_data": loader.resident,
         "channels_last": run.channels_last,
-        "compiled": run.step.compiled,
+        "compiled": run.compiled,
         "model_path": model_path,
         "history": history,
     }
