@@ -36,7 +36,6 @@ from spark_mnist.errors import (
     LauncherUnavailableError,
     LoaderStateError,
     SourceError,
-    check_choice,
 )
 from spark_mnist.runs import TrainingFailedError
 
@@ -81,11 +80,9 @@ def _settings(config: str | os.PathLike | None, section: str, values: dict[str, 
         InputError: a key that is not a setting of ``section`` (``Invalid train setting: 'epoch'. Must be one of
             ...``), a bad value or config file.
     """
-    from spark_mnist.config import DATABRICKS_DEFAULTS, Settings, load_settings
+    from spark_mnist.config import DATABRICKS_DEFAULTS, load_settings
     from spark_mnist.tracking import on_databricks
 
-    for key in values:
-        check_choice(f"{section} setting", key, Settings.__fields__[section].type_.__fields__, InputError)
     defaults = DATABRICKS_DEFAULTS if config is None and on_databricks() else None
     return load_settings(config, {section: values}, defaults=defaults)
 
@@ -138,5 +135,5 @@ def train(
     """
     from spark_mnist import pipeline
 
-    values = {"data": os.fspath(data), **settings, **({"launcher": launcher} if launcher else {})}
+    values = {"data": os.fspath(data), "launcher": launcher, **settings}  # launcher None: the config's
     return pipeline.train(spark, _settings(config, "train", values))
