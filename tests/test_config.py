@@ -14,27 +14,9 @@ from tests.conftest import REPO
 
 # The options `spark-mnist` had before they were made from the model: each keeps its name and meaning.
 INGEST_FLAGS = {"--source", "--output", "--dataset", "--num-shards", "--strict", "--master", "--config", "--verbose"}
-TRAIN_FLAGS = {
-    "--data",
-    "--run-dir",
-    "--epochs",
-    "--batch-size",
-    "--num-processes",
-    "--lr",
-    "--seed",
-    "--loader",
-    "--converter",
-    "--use-gpu",
-    "--no-use-gpu",
-    "--local-mode",
-    "--no-local-mode",
-    "--resume",
-    "--checkpoint-every-steps",
-    "--max-steps",
-    "--master",
-    "--config",
-    "--verbose",
-}
+TRAIN_FLAGS = {"--data", "--run-dir", "--epochs", "--batch-size", "--num-processes", "--lr", "--seed", "--loader",
+               "--converter", "--use-gpu", "--no-use-gpu", "--local-mode", "--no-local-mode", "--resume",
+               "--checkpoint-every-steps", "--max-steps", "--master", "--config", "--verbose"}
 
 
 def subcommand(command: str) -> argparse.ArgumentParser:
@@ -54,15 +36,9 @@ def test_local_yaml_holds_the_models_defaults():
         assert yaml.safe_load(f) == Settings().dict()
 
 
-@pytest.mark.parametrize(
-    "command, sections",
-    [
-        ("ingest", ("spark", "storage", "ingest")),
-        ("train", ("spark", "storage", "train")),
-        ("run", SECTIONS),
-        ("config", SECTIONS),
-    ],
-)
+@pytest.mark.parametrize("command, sections", [("ingest", ("spark", "storage", "ingest")),
+                                               ("train", ("spark", "storage", "train")),
+                                               ("run", SECTIONS), ("config", SECTIONS)])
 def test_every_setting_of_a_section_is_an_option(command, sections):
     known = set(subcommand(command)._option_string_actions)
     for section in sections:
@@ -70,9 +46,8 @@ def test_every_setting_of_a_section_is_an_option(command, sections):
         exposed = {name for name, field in model.__fields__.items() if field.field_info.extra.get("cli", True)}
         assert {o.name for o in options(section)} == exposed
         assert {"--" + name.replace("_", "-") for name in exposed} <= known, section
-    assert (
-        INGEST_FLAGS if command == "ingest" else TRAIN_FLAGS if command == "train" else INGEST_FLAGS | TRAIN_FLAGS
-    ) <= known
+    assert (INGEST_FLAGS if command == "ingest" else TRAIN_FLAGS if command == "train" else
+            INGEST_FLAGS | TRAIN_FLAGS) <= known
     if command == "ingest":
         assert "--epochs" not in known and "--data" not in known
     if command == "train":
@@ -81,11 +56,8 @@ def test_every_setting_of_a_section_is_an_option(command, sections):
 
 def test_spark_settings_other_than_master_and_remote_have_no_option():
     assert [o.flag for o in options("spark")] == ["--master", "--remote"]
-    with pytest.raises(
-        ValueError,
-        match=r"Invalid settings section: 'trian'. Must be one of 'spark', 'storage', "
-        r"'ingest'",
-    ):
+    with pytest.raises(ValueError, match=r"Invalid settings section: 'trian'. Must be one of 'spark', 'storage', "
+                                         r"'ingest'"):
         list(options("trian"))
 
 
