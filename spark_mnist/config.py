@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydanti
 from spark_mnist.errors import InputError, check_choice, invalid
 from spark_mnist.paths import normalize_uri
 
-__all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "IngestSettings", "LAUNCHERS", "ACCELERATOR_TYPES",
-           "MODELS", "TrainSettings", "Settings", "Option", "options", "DATABRICKS_DEFAULTS", "load_settings",
+__all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "IngestSettings", "ACCELERATOR_TYPES", "MODELS",
+           "TrainSettings", "Settings", "Option", "options", "DATABRICKS_DEFAULTS", "load_settings",
            "Values"]  # fmt: skip
 
 SECTIONS = ("spark", "storage", "ingest", "train")
@@ -90,8 +90,6 @@ class IngestSettings(_Section):
     strict: bool = Field(False, description="refuse files whose payload sha256 differs from the registry's")
 
 
-Launcher = Literal["torch-distributor", "torchrun", "ai-runtime"]
-LAUNCHERS = typing.get_args(Launcher)
 # The accelerator types of databricks.air (AcceleratorType) and of a bundle's ai_runtime_task (databricks-bundles'
 # ComputeSpecAcceleratorType); tests/test_launch.py and tests/test_bundle.py keep the three lists equal.
 AcceleratorType = Literal["GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300"]
@@ -115,7 +113,7 @@ class TrainSettings(_Section):
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
-    launcher: Launcher = Field(
+    launcher: Literal["torch-distributor", "torchrun", "ai-runtime"] = Field(
         "torch-distributor",
         description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a Spark session), "
         "torchrun (local processes, no Spark), ai-runtime (databricks.air's @distributed, serverless GPU)",

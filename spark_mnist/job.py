@@ -48,14 +48,3 @@ class TrainJob:
     run_dir: str
     train_converter: Any = field(default=None, repr=False)
     dataset_id: Optional[str] = None
-
-    @property
-    def memory_budget_bytes(self) -> int:
-        """``settings.memory_budget_mb`` in bytes: a rank keeps its decoded shard in memory when it fits."""
-        return self.settings.memory_budget_mb * 2**20  # MiB
-
-    def summary(self) -> dict[str, Any]:
-        """The job for logging: the settings and the derived facts, without file lists or converters."""
-        facts = {"dataset": self.dataset, "num_classes": self.num_classes, "image_shape": tuple(self.image_shape)}
-        files = {"train_files": len(self.train_files), "test_files": len(self.test_files)}
-        return {**self.settings.dict(), **facts, "run_dir": self.run_dir, **files}

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from spark_mnist.config import Settings
 from spark_mnist.driver import session as sessions
@@ -33,12 +33,9 @@ from spark_mnist.launch.torch_distributor import check_shared_run_dir
 from spark_mnist.paths import redact, require_local
 from spark_mnist.rank.order import state_mismatch
 from spark_mnist.runs import CHECKPOINT_NAME, CURVES_NAME, dataset_identity
-from spark_mnist.shards.contract import open_dataset
+from spark_mnist.shards.contract import Dataset, Manifest, open_dataset
 from spark_mnist.tools.plots import maybe_training_curves
 from spark_mnist.tracking import log_training_run
-
-if TYPE_CHECKING:
-    from spark_mnist.shards.contract import Dataset, Manifest
 
 __all__ = ["SPARK_LAUNCHER", "ingest", "train", "check_resume"]
 
@@ -57,7 +54,7 @@ def _session(spark, settings: Settings, *, verbose: bool, needed: bool = True):
     return sessions.spark_session(sessions.with_executor_env(settings.spark, environment), verbose=verbose)
 
 
-def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
+def ingest(spark, settings: Settings, *, verbose: bool = False) -> Manifest:
     """Ingest ``settings.ingest`` (source -> Parquet shards + manifest) on ``spark``; driver-side.
 
     Args:
@@ -73,7 +70,7 @@ def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
         return _ingest(session, settings)
 
 
-def _ingest(spark, settings: Settings) -> "Manifest":
+def _ingest(spark, settings: Settings) -> Manifest:
     s = settings.ingest  # its other settings are run_ingest's keywords: dataset, num_shards, row_group_bytes, strict
     manifest = run_ingest(spark, s.source, s.output, **s.dict(exclude={"source", "output"}))
     splits = ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items())
@@ -147,7 +144,7 @@ def _converter(settings: Settings, connect: bool) -> ConverterChoice | None:
     return None
 
 
-def check_resume(settings: Settings, manifest: "Manifest") -> bool:
+def check_resume(settings: Settings, manifest: Manifest) -> bool:
     """Whether this run continues from the checkpoint in its run directory: the driver's one resume check, the
     ranks' own rule (:meth:`spark_mnist.rank.checkpoint.Checkpoint.batch_size_for`, then
     :func:`spark_mnist.rank.order.state_mismatch` against this run's training order), before anything starts.
@@ -198,7 +195,7 @@ def check_resume(settings: Settings, manifest: "Manifest") -> bool:
 
 
 def _train(
-    spark, settings: Settings, dataset: "Dataset", choice: ConverterChoice | None, *, resume: bool, ingested: bool
+    spark, settings: Settings, dataset: Dataset, choice: ConverterChoice | None, *, resume: bool, ingested: bool
 ) -> dict[str, Any]:
     """The checked run: petastorm's converters or the shards, the launch and its restarts, the curves and tracking."""
     from spark_mnist.rank.train import train_worker  # torch: not for ingest
@@ -224,7 +221,10 @@ def _train(
             train_converter=converters["train"] if t.loader == "petastorm" else None,
             dataset_id=dataset_identity(manifest),
         )
-        log.info("training with %s: %s", t.launcher, redact(str(job.summary())))
+        # the job for the log: the settings and the derived facts, without file lists or converters
+        facts = {"dataset": manifest.dataset, "num_classes": job.num_classes, "image_shape": tuple(job.image_shape)}
+        facts.update(run_dir=job.run_dir, train_files=len(files["train"]), test_files=len(files["test"]))
+        log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts})))
         metrics = run_with_restarts(
             lambda resume_now: launch(train_worker, replace(job, settings=t.copy(update={"resume": resume_now}))),
             max_restarts=t.max_restarts,

@@ -35,9 +35,9 @@ __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch",
 
 
 def _launcher(name: str) -> ModuleType:
-    """The module of the launcher ``name`` (a :data:`spark_mnist.config.LAUNCHERS` value, checked by the
-    settings), named after it: ``torch-distributor`` -> :mod:`.torch_distributor`.  Imported when first asked for:
-    the launcher modules import this module's helpers below."""
+    """The module of the launcher ``name`` (a ``train.launcher`` value, checked by the settings), named after it:
+    ``torch-distributor`` -> :mod:`.torch_distributor`.  Imported when first asked for: the launcher modules import
+    this module's helpers below."""
     return importlib.import_module(f"spark_mnist.launch.{name.replace('-', '_')}")
 
 

@@ -182,7 +182,7 @@ def _loaders(run: _Run) -> tuple[ShardLoader, ShardLoader]:
         batch_size=run.batch_size,
         image_shape=job.image_shape,
         seed=job.settings.seed,
-        memory_budget_bytes=job.memory_budget_bytes,
+        memory_budget_bytes=job.settings.memory_budget_mb * 2**20,  # MiB
         reader_threads=job.settings.reader_threads,
         pin_memory=run.device.type == "cuda",
         dataset=job.dataset_id,
