@@ -20,7 +20,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from spark_mnist.config import Settings
+from spark_mnist.config import Settings, TrainSettings
 from spark_mnist.driver import session as sessions
 from spark_mnist.driver.converter import ConverterChoice, choose_converter, make_converters
 from spark_mnist.driver.ingest import ingest as run_ingest
@@ -112,7 +112,7 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
         require_extra("torch", "torch", "training")
         check(t)
         connect = on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark))
-        choice = _converter(settings, connect)
+        choice = _converter(t, connect)
         if not ingest_first:
             dataset = open_dataset(settings.data_dir)
             resume = check_resume(settings, dataset.manifest)
@@ -122,17 +122,16 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
                 dataset = open_dataset(settings.data_dir)
                 resume = check_resume(settings, dataset.manifest)
             if on_spark and sessions.is_connect(session) != connect:  # an active session other than foreseen
-                choice = _converter(settings, not connect)
+                choice = _converter(t, not connect)
             if on_spark and not t.local_mode:
                 check_shared_run_dir(settings.run_dir, sessions.master_here(session))  # rank 0 writes on an executor
             return _train(session, settings, dataset, choice, resume=resume, ingested=ingest_first)
 
 
-def _converter(settings: Settings, connect: bool) -> ConverterChoice | None:
+def _converter(t: TrainSettings, connect: bool) -> ConverterChoice | None:
     """petastorm's converter or the shards (``torch-distributor`` only: the one launcher on a Spark session), as
     :func:`spark_mnist.driver.converter.choose_converter` decides; ``None`` for the other launchers, which read the
     shards and refuse petastorm."""
-    t = settings.train
     if t.launcher == SPARK_LAUNCHER:
         return choose_converter(t, connect=connect)
     if "petastorm" in (t.loader, t.converter):
@@ -201,6 +200,10 @@ def _train(
     from spark_mnist.rank.train import train_worker  # torch: not for ingest
 
     t, manifest = settings.train, dataset.manifest
+    # what the ranks get beside the settings and the files (:class:`~spark_mnist.job.TrainJob`), and the log shows
+    facts: dict[str, Any] = {"dataset": manifest.dataset, "num_classes": len(manifest.classes)}
+    facts.update(image_shape=manifest.image_shape, run_dir=require_local(settings.run_dir, "run_dir"))
+    facts["dataset_id"] = dataset_identity(manifest)
     converters: dict[str, Any] = {}
     files = {split: dataset.files(split) for split in ("train", "test")}
     if choice is not None and choice.uses_petastorm:
@@ -210,21 +213,10 @@ def _train(
     elif choice is not None:
         log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
     try:
-        job = TrainJob(
-            settings=t,
-            train_files=files["train"],
-            test_files=files["test"],
-            dataset=manifest.dataset,
-            num_classes=len(manifest.classes),
-            image_shape=manifest.image_shape,
-            run_dir=require_local(settings.run_dir, "run_dir"),
-            train_converter=converters["train"] if t.loader == "petastorm" else None,
-            dataset_id=dataset_identity(manifest),
-        )
-        # the job for the log: the settings and the derived facts, without file lists or converters
-        facts = {"dataset": manifest.dataset, "num_classes": job.num_classes, "image_shape": tuple(job.image_shape)}
-        facts.update(run_dir=job.run_dir, train_files=len(files["train"]), test_files=len(files["test"]))
-        log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts})))
+        counts = {"train_files": len(files["train"]), "test_files": len(files["test"])}
+        log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts, **counts})))
+        converter = converters["train"] if t.loader == "petastorm" else None
+        job = TrainJob(t, files["train"], files["test"], train_converter=converter, **facts)
         metrics = run_with_restarts(
             lambda resume_now: launch(train_worker, replace(job, settings=t.copy(update={"resume": resume_now}))),
             max_restarts=t.max_restarts,
