@@ -206,10 +206,10 @@ class Settings(_Section):
         if self.train.run_dir:
             return self.train.run_dir
         location, trimmed = normalize_uri(self.data_dir), self.data_dir.rstrip("/")
-        name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
+        # remote: runs/NAME in the working directory
+        parent, name = ("", location.name) if location.kind == "remote" else posixpath.split(trimmed)
         if not name or name.endswith(":"):
             raise invalid("train.data", self.data_dir, "a directory with a name when train.run_dir is null", InputError)
-        parent = "" if location.kind == "remote" else posixpath.dirname(trimmed)  # remote: the working directory
         return posixpath.join(parent, "runs", name)
 
 

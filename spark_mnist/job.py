@@ -15,7 +15,6 @@ Importable anywhere: no torch, no Spark.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
 
 from spark_mnist.config import TrainSettings
 
@@ -46,5 +45,5 @@ class TrainJob:
     num_classes: int
     image_shape: tuple[int, int]
     run_dir: str
-    train_converter: Any = field(default=None, repr=False)
-    dataset_id: Optional[str] = None
+    train_converter: object = field(default=None, repr=False)  # petastorm's, opaque here
+    dataset_id: str | None = None
