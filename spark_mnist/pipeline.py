@@ -66,16 +66,9 @@ def ingest(spark, settings: Settings, *, verbose: bool = False) -> Manifest:
     Raises:
         InputError: bad sources or output (its subclasses name the file and what is wrong).
     """
-    with _session(spark, settings, verbose=verbose) as session, scoped_env(settings.storage.environment()):
-        return _ingest(session, settings)
-
-
-def _ingest(spark, settings: Settings) -> Manifest:
     s = settings.ingest  # its other settings are run_ingest's keywords: dataset, num_shards, row_group_bytes, strict
-    manifest = run_ingest(spark, s.source, s.output, **s.dict(exclude={"source", "output"}))
-    splits = ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items())
-    log.info("dataset %s at %s: %s", manifest.dataset, redact(s.output), splits)
-    return manifest
+    with _session(spark, settings, verbose=verbose) as session, scoped_env(settings.storage.environment()):
+        return run_ingest(session, s.source, s.output, **s.dict(exclude={"source", "output"}))
 
 
 def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -118,7 +111,7 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
             resume = check_resume(settings, dataset.manifest)
         with _session(spark, settings, verbose=verbose, needed=on_spark or ingest_first) as session:
             if ingest_first:
-                _ingest(session, settings)
+                ingest(session, settings)
                 dataset = open_dataset(settings.data_dir)
                 resume = check_resume(settings, dataset.manifest)
             if on_spark and sessions.is_connect(session) != connect:  # an active session other than foreseen
