@@ -20,9 +20,8 @@ Importing the package imports neither Spark nor torch.
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
 import os
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _metadata_version
 from typing import TYPE_CHECKING, Any
 
 from spark_mnist.errors import (
@@ -48,8 +47,8 @@ __all__ = ["CheckpointError", "ChecksumMismatchError", "DatasetMismatchError", "
            "train"]  # fmt: skip
 
 try:  # the version is defined once, in pyproject.toml: the installed package's metadata
-    __version__ = _metadata_version("spark-mnist")
-except PackageNotFoundError:  # the source tree on sys.path without an install
+    __version__ = _metadata.version("spark-mnist")
+except _metadata.PackageNotFoundError:  # the source tree on sys.path without an install
     __version__ = "0+unknown"
 
 
