@@ -276,8 +276,9 @@ def load_settings(
 
     Raises:
         InputError: a missing or unreadable file, an unknown key, a value of the wrong type; the message names
-            the file (or "command line") and the key.  A null ``train.run_dir`` with a dataset directory that has
-            no name (``/``).
+            the file (or "command line") and the key (an unknown key of ``overrides``: ``Invalid train setting:
+            'epoch'. Must be one of ...``).  A null ``train.run_dir`` with a dataset directory that has no name
+            (``/``).
     """
     data: dict[str, Any] = {section: dict(values) for section, values in (defaults or {}).items()}
     source = "defaults" if path is None else os.fspath(path)
