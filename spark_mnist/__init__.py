@@ -20,9 +20,8 @@ Importing the package imports neither Spark nor torch.
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
 import os
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _metadata_version
 from typing import TYPE_CHECKING, Any
 
 from spark_mnist.errors import (
@@ -36,7 +35,6 @@ from spark_mnist.errors import (
     LauncherUnavailableError,
     LoaderStateError,
     SourceError,
-    check_choice,
 )
 from spark_mnist.runs import TrainingFailedError
 
@@ -49,8 +47,8 @@ __all__ = ["CheckpointError", "ChecksumMismatchError", "DatasetMismatchError", "
            "train"]  # fmt: skip
 
 try:  # the version is defined once, in pyproject.toml: the installed package's metadata
-    __version__ = _metadata_version("spark-mnist")
-except PackageNotFoundError:  # the source tree on sys.path without an install
+    __version__ = _metadata.version("spark-mnist")
+except _metadata.PackageNotFoundError:  # the source tree on sys.path without an install
     __version__ = "0+unknown"
 
 
@@ -81,11 +79,9 @@ def _settings(config: str | os.PathLike | None, section: str, values: dict[str, 
         InputError: a key that is not a setting of ``section`` (``Invalid train setting: 'epoch'. Must be one of
             ...``), a bad value or config file.
     """
-    from spark_mnist.config import DATABRICKS_DEFAULTS, Settings, load_settings
+    from spark_mnist.config import DATABRICKS_DEFAULTS, load_settings
     from spark_mnist.tracking import on_databricks
 
-    for key in values:
-        check_choice(f"{section} setting", key, Settings.__fields__[section].type_.__fields__, InputError)
     defaults = DATABRICKS_DEFAULTS if config is None and on_databricks() else None
     return load_settings(config, {section: values}, defaults=defaults)
 
@@ -138,5 +134,5 @@ def train(
     """
     from spark_mnist import pipeline
 
-    values = {"data": os.fspath(data), **settings, **({"launcher": launcher} if launcher else {})}
+    values = {"data": os.fspath(data), "launcher": launcher, **settings}  # launcher None: the config's
     return pipeline.train(spark, _settings(config, "train", values))

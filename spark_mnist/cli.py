@@ -182,15 +182,13 @@ def run_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.command == "config":
         sys.stdout.write(yaml.safe_dump(settings.dict(), sort_keys=False))
-        return 0
-    if args.command == "ingest":
+    elif args.command == "ingest":
         manifest = pipeline.ingest(None, settings, verbose=args.verbose)
         rows = {k: v.rows for k, v in manifest.splits.items()}
-        result = {"output": settings.ingest.output, "dataset": manifest.dataset, "rows": rows}
+        _print_json({"output": settings.ingest.output, "dataset": manifest.dataset, "rows": rows})
     else:
         result = pipeline.train(None, settings, ingest_first=args.command == "run", verbose=args.verbose)
-        result.pop("history", None)
-    _print_json(result)
+        _print_json({k: v for k, v in result.items() if k != "history"})
     return 0
 
 

@@ -16,9 +16,10 @@ majors; why: docs/development.md (the package table).
 from __future__ import annotations
 
 import os
+import pathlib
 import posixpath
 import typing
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Iterator, Literal, NamedTuple, Optional
 
 import yaml
 
@@ -30,9 +31,9 @@ except ImportError:  # pragma: no cover - exercised in the spark35 lane (pydanti
 from spark_mnist.errors import InputError, check_choice, invalid
 from spark_mnist.paths import normalize_uri
 
-__all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "STORAGE_VARIABLES", "IngestSettings", "LAUNCHERS",
-           "ACCELERATOR_TYPES", "MODELS", "TrainSettings", "Settings", "Option", "options", "DATABRICKS_DEFAULTS",
-           "load_settings", "Values"]  # fmt: skip
+__all__ = ["SECTIONS", "SparkSettings", "StorageSettings", "IngestSettings", "ACCELERATOR_TYPES", "MODELS",
+           "TrainSettings", "Settings", "Option", "options", "DATABRICKS_DEFAULTS", "load_settings",
+           "Values"]  # fmt: skip
 
 SECTIONS = ("spark", "storage", "ingest", "train")
 
@@ -71,10 +72,7 @@ class StorageSettings(_Section):
 
     def environment(self) -> dict[str, str]:
         """The standard variables these settings give: ``{"AWS_ENDPOINT_URL": ...}`` for each setting not null."""
-        return {STORAGE_VARIABLES[name]: value for name, value in self.dict().items() if value is not None}
-
-
-STORAGE_VARIABLES = {"s3_endpoint_url": "AWS_ENDPOINT_URL"}  # StorageSettings field -> its client's variable
+        return {"AWS_ENDPOINT_URL": self.s3_endpoint_url} if self.s3_endpoint_url is not None else {}
 
 
 class IngestSettings(_Section):
@@ -92,8 +90,6 @@ class IngestSettings(_Section):
     strict: bool = Field(False, description="refuse files whose payload sha256 differs from the registry's")
 
 
-Launcher = Literal["torch-distributor", "torchrun", "ai-runtime"]
-LAUNCHERS = typing.get_args(Launcher)
 # The accelerator types of databricks.air (AcceleratorType) and of a bundle's ai_runtime_task (databricks-bundles'
 # ComputeSpecAcceleratorType); tests/test_launch.py and tests/test_bundle.py keep the three lists equal.
 AcceleratorType = Literal["GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300"]
@@ -117,7 +113,7 @@ class TrainSettings(_Section):
     batch_size: int = Field(128, ge=1, description="samples per step per rank")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     seed: int = Field(0, description="seed of the model's initialisation and of the shuffle")
-    launcher: Launcher = Field(
+    launcher: Literal["torch-distributor", "torchrun", "ai-runtime"] = Field(
         "torch-distributor",
         description="what starts the ranks: torch-distributor (pyspark's TorchDistributor, on a Spark session), "
         "torchrun (local processes, no Spark), ai-runtime (databricks.air's @distributed, serverless GPU)",
@@ -210,10 +206,10 @@ class Settings(_Section):
         if self.train.run_dir:
             return self.train.run_dir
         location, trimmed = normalize_uri(self.data_dir), self.data_dir.rstrip("/")
-        name = location.name if location.kind == "remote" else posixpath.basename(trimmed)
+        # remote: runs/NAME in the working directory
+        parent, name = ("", location.name) if location.kind == "remote" else posixpath.split(trimmed)
         if not name or name.endswith(":"):
             raise invalid("train.data", self.data_dir, "a directory with a name when train.run_dir is null", InputError)
-        parent = "" if location.kind == "remote" else posixpath.dirname(trimmed)  # remote: the working directory
         return posixpath.join(parent, "runs", name)
 
 
@@ -229,16 +225,15 @@ class Option(NamedTuple):
     help: Optional[str]
 
 
-def options(section: str) -> list[Option]:
+def options(section: str) -> Iterator[Option]:
     """The command-line options of one section (``spark``, ``storage``, ``ingest``, ``train``): every field not
     declared with ``cli=False``, in the order of the model, so a new field is an option without more code.
 
-    Raises:
+    Raises (when iterated):
         ValueError: ``section`` is not a section; TypeError: a field of a type an option cannot carry (a mapping)
             lacks ``cli=False``.
     """
     check_choice("settings section", section, SECTIONS)
-    found = []
     for name, field in Settings.__fields__[section].type_.__fields__.items():
         if not field.field_info.extra.get("cli", True):
             continue
@@ -247,8 +242,7 @@ def options(section: str) -> list[Option]:
         base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
         if base is None:
             raise TypeError(f"{section}.{name}: a {tp} cannot be a command-line option; declare it with cli=False")
-        found.append(Option(name, "--" + name.replace("_", "-"), base, choices, field.field_info.description))
-    return found
+        yield Option(name, "--" + name.replace("_", "-"), base, choices, field.field_info.description)
 
 
 def _error(source: str, error: ValidationError, data: Any) -> InputError:
@@ -282,15 +276,15 @@ def load_settings(
 
     Raises:
         InputError: a missing or unreadable file, an unknown key, a value of the wrong type; the message names
-            the file (or "command line") and the key.  A null ``train.run_dir`` with a dataset directory that has
-            no name (``/``).
+            the file (or "command line") and the key (an unknown key of ``overrides``: ``Invalid train setting:
+            'epoch'. Must be one of ...``).  A null ``train.run_dir`` with a dataset directory that has no name
+            (``/``).
     """
     data: dict[str, Any] = {section: dict(values) for section, values in (defaults or {}).items()}
     source = "defaults" if path is None else os.fspath(path)
     if path is not None:
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError as e:
             raise InputError(f"{source}: config file not found") from e
         except yaml.YAMLError as e:
@@ -303,6 +297,7 @@ def load_settings(
         raise _error(source, e, data) from None
     for section, values in (overrides or {}).items():
         for key, value in values.items():
+            check_choice(f"{section} setting", key, Settings.__fields__[section].type_.__fields__, InputError)
             try:
                 if value is not None:
                     setattr(getattr(settings, section), key, value)

@@ -7,13 +7,11 @@ expected and what was found.  The CLI turns any :class:`InputError` into one lin
 from __future__ import annotations
 
 import importlib
-from typing import Iterable, TypeVar
+from typing import Any, Iterable
 
 __all__ = ["InputError", "IdxFormatError", "DatasetMismatchError", "SourceError", "ChecksumMismatchError",
            "DatasetNotFoundError", "EnvironmentMismatchError", "LauncherUnavailableError", "CheckpointError",
            "LoaderStateError", "invalid", "check_choice", "require_extra"]  # fmt: skip
-
-T = TypeVar("T")
 
 
 class InputError(ValueError):
@@ -68,7 +66,7 @@ def invalid(name: str, value: object, must: str, error: type[ValueError] = Value
     return error(redact(f"Invalid {name}: {value!r}. Must be {must}."))
 
 
-def check_choice(name: str, value: T, valid: Iterable[T], error: type[ValueError] = ValueError) -> T:
+def check_choice(name: str, value: Any, valid: Iterable, error: type[ValueError] = ValueError) -> Any:
     """``value`` when it is one of ``valid``.
 
     Raises:

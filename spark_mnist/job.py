@@ -15,7 +15,6 @@ Importable anywhere: no torch, no Spark.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
 
 from spark_mnist.config import TrainSettings
 
@@ -46,16 +45,5 @@ class TrainJob:
     num_classes: int
     image_shape: tuple[int, int]
     run_dir: str
-    train_converter: Any = field(default=None, repr=False)
-    dataset_id: Optional[str] = None
-
-    @property
-    def memory_budget_bytes(self) -> int:
-        """``settings.memory_budget_mb`` in bytes: a rank keeps its decoded shard in memory when it fits."""
-        return self.settings.memory_budget_mb * 2**20  # MiB
-
-    def summary(self) -> dict[str, Any]:
-        """The job for logging: the settings and the derived facts, without file lists or converters."""
-        facts = {"dataset": self.dataset, "num_classes": self.num_classes, "image_shape": tuple(self.image_shape)}
-        files = {"train_files": len(self.train_files), "test_files": len(self.test_files)}
-        return {**self.settings.dict(), **facts, "run_dir": self.run_dir, **files}
+    train_converter: object = field(default=None, repr=False)  # petastorm's, opaque here
+    dataset_id: str | None = None

@@ -18,9 +18,9 @@ import contextlib
 import logging
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from spark_mnist.config import Settings
+from spark_mnist.config import Settings, TrainSettings
 from spark_mnist.driver import session as sessions
 from spark_mnist.driver.converter import ConverterChoice, choose_converter, make_converters
 from spark_mnist.driver.ingest import ingest as run_ingest
@@ -32,12 +32,9 @@ from spark_mnist.launch.torch_distributor import check_shared_run_dir
 from spark_mnist.paths import redact, require_local
 from spark_mnist.rank.order import state_mismatch
 from spark_mnist.runs import CHECKPOINT_NAME, CURVES_NAME, dataset_identity
-from spark_mnist.shards.contract import open_dataset
+from spark_mnist.shards.contract import Dataset, Manifest, open_dataset
 from spark_mnist.tools.plots import maybe_training_curves
 from spark_mnist.tracking import log_training_run
-
-if TYPE_CHECKING:
-    from spark_mnist.shards.contract import Dataset, Manifest
 
 __all__ = ["SPARK_LAUNCHER", "ingest", "train", "check_resume"]
 
@@ -56,7 +53,7 @@ def _session(spark, settings: Settings, *, verbose: bool, needed: bool = True):
     return sessions.spark_session(sessions.with_executor_env(settings.spark, environment), verbose=verbose)
 
 
-def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
+def ingest(spark, settings: Settings, *, verbose: bool = False) -> Manifest:
     """Ingest ``settings.ingest`` (source -> Parquet shards + manifest) on ``spark``; driver-side.
 
     Args:
@@ -68,16 +65,9 @@ def ingest(spark, settings: Settings, *, verbose: bool = False) -> "Manifest":
     Raises:
         InputError: bad sources or output (its subclasses name the file and what is wrong).
     """
-    with _session(spark, settings, verbose=verbose) as session, scoped_env(settings.storage.environment()):
-        return _ingest(session, settings)
-
-
-def _ingest(spark, settings: Settings) -> "Manifest":
     s = settings.ingest  # its other settings are run_ingest's keywords: dataset, num_shards, row_group_bytes, strict
-    manifest = run_ingest(spark, s.source, s.output, **s.dict(exclude={"source", "output"}))
-    splits = ", ".join(f"{name} {info.rows} rows in {len(info.files)} shards" for name, info in manifest.splits.items())
-    log.info("dataset %s at %s: %s", manifest.dataset, redact(s.output), splits)
-    return manifest
+    with _session(spark, settings, verbose=verbose) as session, scoped_env(settings.storage.environment()):
+        return run_ingest(session, s.source, s.output, **s.dict(exclude={"source", "output"}))
 
 
 def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -114,27 +104,26 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
         require_extra("torch", "torch", "training")
         check(t)
         connect = on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark))
-        choice = _converter(settings, connect)
+        choice = _converter(t, connect)
         if not ingest_first:
             dataset = open_dataset(settings.data_dir)
             resume = check_resume(settings, dataset.manifest)
         with _session(spark, settings, verbose=verbose, needed=on_spark or ingest_first) as session:
             if ingest_first:
-                _ingest(session, settings)
+                ingest(session, settings)
                 dataset = open_dataset(settings.data_dir)
                 resume = check_resume(settings, dataset.manifest)
             if on_spark and sessions.is_connect(session) != connect:  # an active session other than foreseen
-                choice = _converter(settings, not connect)
+                choice = _converter(t, not connect)
             if on_spark and not t.local_mode:
                 check_shared_run_dir(settings.run_dir, sessions.master_here(session))  # rank 0 writes on an executor
             return _train(session, settings, dataset, choice, resume=resume, ingested=ingest_first)
 
 
-def _converter(settings: Settings, connect: bool) -> ConverterChoice | None:
+def _converter(t: TrainSettings, connect: bool) -> ConverterChoice | None:
     """petastorm's converter or the shards (``torch-distributor`` only: the one launcher on a Spark session), as
     :func:`spark_mnist.driver.converter.choose_converter` decides; ``None`` for the other launchers, which read the
     shards and refuse petastorm."""
-    t = settings.train
     if t.launcher == SPARK_LAUNCHER:
         return choose_converter(t, connect=connect)
     if "petastorm" in (t.loader, t.converter):
@@ -146,7 +135,7 @@ def _converter(settings: Settings, connect: bool) -> ConverterChoice | None:
     return None
 
 
-def check_resume(settings: Settings, manifest: "Manifest") -> bool:
+def check_resume(settings: Settings, manifest: Manifest) -> bool:
     """Whether this run continues from the checkpoint in its run directory: the driver's one resume check, the
     ranks' own rule (:meth:`spark_mnist.rank.checkpoint.Checkpoint.batch_size_for`, then
     :func:`spark_mnist.rank.order.state_mismatch` against this run's training order), before anything starts.
@@ -197,12 +186,16 @@ def check_resume(settings: Settings, manifest: "Manifest") -> bool:
 
 
 def _train(
-    spark, settings: Settings, dataset: "Dataset", choice: ConverterChoice | None, *, resume: bool, ingested: bool
+    spark, settings: Settings, dataset: Dataset, choice: ConverterChoice | None, *, resume: bool, ingested: bool
 ) -> dict[str, Any]:
     """The checked run: petastorm's converters or the shards, the launch and its restarts, the curves and tracking."""
     from spark_mnist.rank.train import train_worker  # torch: not for ingest
 
     t, manifest = settings.train, dataset.manifest
+    # what the ranks get beside the settings and the files (:class:`~spark_mnist.job.TrainJob`), and the log shows
+    facts: dict[str, Any] = {"dataset": manifest.dataset, "num_classes": len(manifest.classes)}
+    facts.update(image_shape=manifest.image_shape, run_dir=require_local(settings.run_dir, "run_dir"))
+    facts["dataset_id"] = dataset_identity(manifest)
     converters: dict[str, Any] = {}
     files = {split: dataset.files(split) for split in ("train", "test")}
     if choice is not None and choice.uses_petastorm:
@@ -212,18 +205,10 @@ def _train(
     elif choice is not None:
         log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
     try:
-        job = TrainJob(
-            settings=t,
-            train_files=files["train"],
-            test_files=files["test"],
-            dataset=manifest.dataset,
-            num_classes=len(manifest.classes),
-            image_shape=manifest.image_shape,
-            run_dir=require_local(settings.run_dir, "run_dir"),
-            train_converter=converters["train"] if t.loader == "petastorm" else None,
-            dataset_id=dataset_identity(manifest),
-        )
-        log.info("training with %s: %s", t.launcher, redact(str(job.summary())))
+        counts = {"train_files": len(files["train"]), "test_files": len(files["test"])}
+        log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts, **counts})))
+        converter = converters["train"] if t.loader == "petastorm" else None
+        job = TrainJob(t, files["train"], files["test"], train_converter=converter, **facts)
         metrics = run_with_restarts(
             lambda resume_now: launch(train_worker, replace(job, settings=t.copy(update={"resume": resume_now}))),
             max_restarts=t.max_restarts,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import traceback
@@ -30,7 +31,7 @@ from spark_mnist.fs import replacing
 from spark_mnist.paths import redact
 
 __all__ = ["MODEL_NAME", "METRICS_NAME", "CHECKPOINT_NAME", "CURVES_NAME", "ERRORS_DIR", "TRACEBACK_LINES",
-           "TrainingFailedError", "failure", "write_error_report", "read_error_reports", "clear_error_reports",
+           "TrainingFailedError", "failure", "write_error_report", "clear_error_reports",
            "dataset_identity"]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,29 @@ class TrainingFailedError(RuntimeError):
 
 
 def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
-    """The :class:`TrainingFailedError` for ``error``, which a launcher caught while the ranks ran, with the ranks'
-    reports from ``run_dir/_errors``.  Never raises: reports that cannot be read only leave the message as ``error``
-    alone gives it; unreadable reports are skipped with a note.  Driver-side.
+    """The :class:`TrainingFailedError` for ``error``, which a launcher caught while the ranks ran, with the reports
+    :func:`write_error_report` left in ``run_dir/_errors``, sorted by integer rank (``rank-2`` before ``rank-10``).
+    Never raises: a directory that cannot be listed leaves the message as ``error`` alone gives it, with a warning;
+    an unreadable report (truncated, not JSON, missing entries) is skipped with a warning and named in the message.
+    Driver-side.
 
     Use: ``except Exception as e: raise runs.failure(run_dir, e) from e``.
     """
+    directory, names, reports, skipped = os.path.join(run_dir, ERRORS_DIR), [], [], []
     try:
-        reports, skipped = read_error_reports(run_dir)
-    except Exception as e:  # noqa: BLE001 - the failure must surface whatever the reports hold
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+    except OSError as e:  # the failure must surface whatever the reports hold
         log.warning("could not read the ranks' error reports in %s: %s", run_dir, _describe(e))
-        reports, skipped = [], []
+    for _, name in sorted((int(m.group(1)), name) for name in names if (m := _REPORT_NAME.fullmatch(name))):
+        path = os.path.join(directory, name)
+        try:
+            report = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+            if not (isinstance(report, dict) and all(isinstance(report.get(k), t) for k, t in _REPORT_TYPES.items())):
+                raise ValueError("expected a JSON object with rank, exception and traceback")
+            reports.append(report)
+        except Exception as e:  # noqa: BLE001 - skipped, whatever broke it: the failure must surface
+            log.warning("skipping the unreadable error report %s: %s", path, _describe(e))
+            skipped.append(name)
     return TrainingFailedError.from_reports(reports, error, skipped)
 
 
@@ -120,33 +133,6 @@ def write_error_report(run_dir: str, rank: int, error: BaseException) -> None:
     except Exception as e:  # noqa: BLE001 - logged, not raised: the rank's own error is re-raised by its caller
         why, was = _describe(e), _describe(error)
         log.error("rank %s could not write its error report %s (%s); its error was %s", rank, path, why, was)
-
-
-def read_error_reports(run_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The reports :func:`write_error_report` left in ``run_dir``, sorted by integer rank (``rank-2`` before
-    ``rank-10``; ``[]`` when there are none), and the names of the unreadable ones (truncated, not JSON, missing
-    entries), each skipped with a warning.  Driver-side.
-
-    Raises:
-        OSError: the ``_errors`` directory exists but cannot be listed.
-    """
-    directory = os.path.join(run_dir, ERRORS_DIR)
-    if not os.path.isdir(directory):
-        return [], []
-    found = sorted((int(m.group(1)), name) for name in os.listdir(directory) if (m := _REPORT_NAME.fullmatch(name)))
-    reports, skipped = [], []
-    for _, name in found:
-        path = os.path.join(directory, name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                report = json.load(f)
-            if not (isinstance(report, dict) and all(isinstance(report.get(k), t) for k, t in _REPORT_TYPES.items())):
-                raise ValueError("expected a JSON object with rank, exception and traceback")
-            reports.append(report)
-        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            log.warning("skipping the unreadable error report %s: %s", path, _describe(e))
-            skipped.append(name)
-    return reports, skipped
 
 
 def clear_error_reports(run_dir: str) -> None:

@@ -58,7 +58,7 @@ def test_spark_settings_other_than_master_and_remote_have_no_option():
     assert [o.flag for o in options("spark")] == ["--master", "--remote"]
     with pytest.raises(ValueError, match=r"Invalid settings section: 'trian'. Must be one of 'spark', 'storage', "
                                          r"'ingest'"):
-        options("trian")
+        list(options("trian"))
 
 
 def test_every_option_sets_its_setting():

@@ -26,12 +26,11 @@ def test_reports_sort_by_integer_rank_and_a_truncated_one_is_skipped_with_a_note
     assert sorted(p.name for p in errors.iterdir()) == [".rank-4.json.tmp-123", "rank-10.json", "rank-2.json",
                                                         "rank-3.json"]
     caplog.set_level(logging.WARNING, logger="spark_mnist")
-    reports = runs.read_error_reports(run_dir)[0]
-    assert [r["rank"] for r in reports] == [2, 10]
+    failed = runs.failure(run_dir, RuntimeError("torchrun exited with code 1"))
+    reports = failed.reports
+    assert isinstance(failed, runs.TrainingFailedError) and [r["rank"] for r in reports] == [2, 10]
     assert reports[0]["exception"] == "RuntimeError: two" and "raise error" in "".join(reports[0]["traceback"])
     assert "skipping the unreadable error report" in caplog.text and "rank-3.json" in caplog.text
-    failed = runs.failure(run_dir, RuntimeError("torchrun exited with code 1"))
-    assert isinstance(failed, runs.TrainingFailedError) and [r["rank"] for r in failed.reports] == [2, 10]
     assert failed.summary == ("rank 2 failed: RuntimeError: two; rank 10: ValueError: ten (1 unreadable report(s) "
                               "skipped: rank-3.json)")
     assert str(failed).splitlines()[-1] == "RuntimeError: two"  # the tail of rank 2's traceback
@@ -70,9 +69,9 @@ def test_a_report_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog):
 def test_reports_are_written_whole_and_cleared(tmp_path):
     runs.write_error_report(str(tmp_path), 0, raised(KeyError("k")))
     assert [p.name for p in (tmp_path / runs.ERRORS_DIR).iterdir()] == ["rank-0.json"]  # no temporary left
-    assert runs.read_error_reports(str(tmp_path))[0][0]["exception"] == "KeyError: 'k'"
+    assert runs.failure(str(tmp_path), RuntimeError("x")).reports[0]["exception"] == "KeyError: 'k'"
     runs.clear_error_reports(str(tmp_path))
-    assert runs.read_error_reports(str(tmp_path))[0] == []
+    assert runs.failure(str(tmp_path), RuntimeError("x")).reports == []
 
 
 def test_dataset_identity_is_the_generation():
