@@ -35,11 +35,10 @@ from spark_mnist.shards import commit, contract
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "ingest"]
+__all__ = ["DEFAULT_CHUNK_ROWS", "ingest"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000
 
@@ -51,7 +50,7 @@ def ingest(
     *,
     dataset: str = "fashion-mnist",
     num_shards: int | None = None,
-    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+    row_group_bytes: int = contract.ROW_GROUP_BYTES,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     strict: bool = False,
 ) -> contract.Manifest:
@@ -119,8 +118,7 @@ def ingest(
                     path = contract.shard_path(lease.generation, name, k)
                     shards.append((path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
             written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
-            wrote = ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
-            log.info("wrote %s", wrote)
+            log.info("wrote %s", ", ".join(f"{name} rows {bounds[name][a]}-{bounds[name][b]}" for name, a, b in job))
         in_order = iter(written)  # the jobs took the splits' shards in order
         records += [record for split in splits for record in split.done()]
         for record in records:  # a subset or a relabelled copy is legitimate input: a warning, unless strict

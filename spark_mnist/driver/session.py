@@ -37,10 +37,10 @@ from spark_mnist.errors import EnvironmentMismatchError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["LOCAL_SPARK_CONF", "JVM_START_NOTICES", "SPARK_40_ARTIFACTS_DIR", "PYTHON_ENV", "CONNECT_ENV",
-           "REMOTE_ENV", "jvm_stderr_filtered", "session_conf", "with_executor_env", "local_server_url", "is_connect",
-           "default_parallelism", "local_master_cores", "master_here", "shipped_to_executors", "remote_url",
-           "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
+__all__ = ["LOCAL_SPARK_CONF", "PYTHON_ENV", "CONNECT_ENV", "REMOTE_ENV", "jvm_stderr_filtered", "session_conf",
+           "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "local_master_cores",
+           "master_here", "shipped_to_executors", "remote_url", "connect_expected", "spark_artifacts_removed",
+           "spark_session"]  # fmt: skip
 
 LOCAL_SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -55,9 +55,7 @@ LOCAL_SPARK_CONF = {
     "spark.task.maxDirectResultSize": "64m",
 }
 # Spark 4's JVM announces --add-modules=jdk.incubator.vector on stderr; bad input's error stays one line (test_cli).
-JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
-# Spark 4.0.0 leaves its artifact root in ./artifacts of the working directory (SPARK-52396; docs/development.md).
-SPARK_40_ARTIFACTS_DIR = "artifacts"
+_JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
 # The Python of the workers and of the driver, where the user has not chosen one: this interpreter.
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
 # What pyspark sets in os.environ when it starts a JVM or a local Spark Connect server (and only partly unsets on
@@ -71,19 +69,18 @@ CONNECT_ENV = (
     "SPARK_BUFFER_SIZE",
 )
 REMOTE_ENV = "SPARK_REMOTE"
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
-    """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`JVM_START_NOTICES`."""
+    """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`_JVM_START_NOTICES`."""
     with open(read_fd, "rb") as pipe, open(out_fd, "wb", buffering=0) as out:
-        out.writelines(line for line in pipe if not line.startswith(JVM_START_NOTICES))
+        out.writelines(line for line in pipe if not line.startswith(_JVM_START_NOTICES))
 
 
 @contextlib.contextmanager
 def jvm_stderr_filtered() -> Iterator[None]:
     """While the block starts the driver JVM, point file descriptor 2 at a pipe that drops the JVM's start-up
-    notices (:data:`JVM_START_NOTICES`) and forwards everything else to the real stderr.  The JVM keeps the pipe as
+    notices (:data:`_JVM_START_NOTICES`) and forwards everything else to the real stderr.  The JVM keeps the pipe as
     its stderr for its whole life, so a daemon thread forwards until the JVM exits; this process's own stderr is
     restored when the block ends."""
     sys.stderr.flush()
@@ -143,11 +140,9 @@ def default_parallelism(spark: "SparkSession") -> int:
     """
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
-    cores = local_master_cores(master_here(spark))
-    if cores is not None:
-        return cores
-    last = spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]
-    return max(1, int(last) + 1)
+    if (cores := local_master_cores(master_here(spark))) is None:
+        cores = int(spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]) + 1
+    return max(1, cores)
 
 
 def local_master_cores(url: Optional[str]) -> Optional[int]:
@@ -167,7 +162,7 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
-    if str(getattr(getattr(spark, "client", None), "host", "")).lower() in _LOOPBACK_HOSTS:
+    if str(getattr(getattr(spark, "client", None), "host", "")).lower() in ("localhost", "127.0.0.1", "::1", "[::1]"):
         with contextlib.suppress(Exception):  # a server may refuse to show its static conf
             return spark.conf.get("spark.master", None)
     return None
@@ -200,31 +195,12 @@ def connect_expected(settings: SparkSettings) -> bool:
     return remote_url(settings) is not None or _databricks_session_class() is not None
 
 
-def _start_local(
-    stack: contextlib.ExitStack, settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool
-) -> "SparkSession":
-    """Start the session ``builder`` describes on this machine (a classic local master, or a local Spark Connect
-    server), with :func:`session_conf`, this interpreter as the workers' Python and the JVM's start-up notices
-    dropped; ``stack`` cleans up after it and restores the variables."""
-    conf = session_conf(settings, verbose=verbose)
-    stack.enter_context(spark_artifacts_removed())
-    stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
-    # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts the
-    # server (pyspark.sql.connect.session; given to the builder, it would also be set, and refused, on the Connect
-    # session itself).
-    env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if connect else {}
-    with jvm_stderr_filtered(), scoped_env(env):
-        spark = (builder if connect else builder.config(map=conf)).getOrCreate()
-    if not is_connect(spark):
-        spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
-    return spark
-
-
 @contextlib.contextmanager
-def spark_artifacts_removed(directory: str = SPARK_40_ARTIFACTS_DIR) -> Iterator[None]:
+def spark_artifacts_removed() -> Iterator[None]:
     """Remove, after the block, the ``spark-*`` folders that appeared in ``./artifacts`` during it, and
     ``./artifacts`` itself where the block created it and left it empty; a user's files there stay."""
-    artifacts = os.path.abspath(directory)
+    # Spark 4.0.0 leaves its artifact root in ./artifacts of the working directory (SPARK-52396; docs/development.md).
+    artifacts = os.path.abspath("artifacts")
     existed, spark_dirs = os.path.isdir(artifacts), os.path.join(glob.escape(artifacts), "spark-*")
     before = set(glob.glob(spark_dirs))
     try:
@@ -262,14 +238,7 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
         return
     with contextlib.ExitStack() as stack:
         stack.enter_context(scoped_env({}, restore=CONNECT_ENV))
-        if url is not None and url.startswith("local"):  # pyspark starts a Connect server here, on a local master
-            spark = _start_local(stack, settings, SparkSession.builder.remote(url), connect=True, verbose=verbose)
-        elif url is not None:
-            spark = SparkSession.builder.remote(url).getOrCreate()
-        elif databricks_session is None and settings.master is not None:  # a classic local master
-            builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
-            spark = _start_local(stack, settings, builder, connect=False, verbose=verbose)
-        else:
+        if databricks_session is not None:
             try:
                 spark = databricks_session.builder.getOrCreate()
             except Exception as e:
@@ -278,5 +247,20 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
                     f"(a ~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
                     f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port"
                 ) from e
+        elif url is not None and not url.startswith("local"):
+            spark = SparkSession.builder.remote(url).getOrCreate()
+        else:  # on this machine: a classic local master, or (remote local[N]) a Connect server pyspark starts here
+            conf = session_conf(settings, verbose=verbose)
+            stack.enter_context(spark_artifacts_removed())
+            stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
+            builder = SparkSession.builder.remote(url) if url else SparkSession.builder.master(settings.master)
+            # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts
+            # the server (pyspark.sql.connect.session; given to the builder, it would also be set, and refused, on the
+            # Connect session itself).
+            env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if url else {}
+            with jvm_stderr_filtered(), scoped_env(env):
+                spark = (builder if url else builder.appName(settings.app_name).config(map=conf)).getOrCreate()
+            if url is None:
+                spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
         stack.callback(spark.stop)
         yield spark
