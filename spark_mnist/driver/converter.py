@@ -18,16 +18,14 @@ functions.
 import importlib
 from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import pyarrow
 
+from spark_mnist.config import TrainSettings
 from spark_mnist.datasets import SPLITS
 from spark_mnist.errors import EnvironmentMismatchError, invalid
-
-if TYPE_CHECKING:
-    from spark_mnist.config import TrainSettings
-    from spark_mnist.shards.contract import Dataset
+from spark_mnist.shards.contract import Dataset
 
 __all__ = ["PETASTORM_FIX", "ConverterChoice", "petastorm_unavailable", "choose_converter", "make_converters"]
 
@@ -78,7 +76,7 @@ def petastorm_unavailable(connect: bool = False) -> Optional[str]:
     return None
 
 
-def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> ConverterChoice:
+def choose_converter(settings: TrainSettings, *, connect: bool = False) -> ConverterChoice:
     """The converter of ``settings.converter`` (``auto``, ``petastorm`` or ``none``) in this environment, for a
     classic session or (``connect``) a Spark Connect one.
 
@@ -109,7 +107,7 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
     return ConverterChoice("none", f"petastorm unavailable: {why_not}")
 
 
-def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: int) -> dict[str, Any]:
+def make_converters(spark, dataset: Dataset, cache_url: str, row_group_bytes: int) -> dict[str, Any]:
     """petastorm Spark dataset converters of an ingested dataset's splits: ``{"train": ..., "test": ...}``, read
     from exactly the files its manifest names (``spark.read.parquet(*dataset.files(split))``,
     :func:`spark_mnist.shards.contract.open_dataset`).

@@ -103,24 +103,23 @@ def ingest(
             splits, records = read_npz(spark, spec, source_dir)
         else:
             sources = read_files(spark, source_dir, [f.name for f in spec.all_files()])
-            splits, records = [open_idx_split(stack, spec, split, sources) for split in SPLITS], []
-        counts = ", ".join(f"{split.name} {len(split.labels)} rows" for split in splits)
+            splits, records = {split: open_idx_split(stack, spec, split, sources) for split in SPLITS}, []
+        counts = ", ".join(f"{name} {len(split.labels)} rows" for name, split in splits.items())
         log.info("checked the headers and labels of %s: %s", source_dir.shown, counts)
         lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
-        inputs = {split.name: split for split in splits}
-        bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
+        bounds, jobs = plan_jobs({name: len(split.labels) for name, split in splits.items()}, num_shards, chunk_rows)
         written: list[contract.ShardFile] = []
         for job in jobs:  # contiguous shards, at most chunk_rows images on the driver at a time
             shards = []
             for name, first, end in job:
                 for k in range(first, end):
-                    rows, split = slice(bounds[name][k], bounds[name][k + 1]), inputs[name]
+                    rows, split = slice(bounds[name][k], bounds[name][k + 1]), splits[name]
                     path = contract.shard_path(lease.generation, name, k)
                     shards.append((path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
             written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
             log.info("wrote %s", ", ".join(f"{name} rows {bounds[name][a]}-{bounds[name][b]}" for name, a, b in job))
         in_order = iter(written)  # the jobs took the splits' shards in order
-        records += [record for split in splits for record in split.done()]
+        records += [record for split in splits.values() for record in split.done()]
         for record in records:  # a subset or a relabelled copy is legitimate input: a warning, unless strict
             if record["sha256_matches"] is False:
                 message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
@@ -135,12 +134,12 @@ def ingest(
             source={"uri": source_dir.shown, "files": records},
             package_version=__version__,
             splits={
-                split.name: contract.Split(
+                name: contract.Split(
                     rows=len(split.labels),
-                    files=tuple(itertools.islice(in_order, len(bounds[split.name]) - 1)),
+                    files=tuple(itertools.islice(in_order, len(bounds[name]) - 1)),
                     label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
                 )
-                for split in splits
+                for name, split in splits.items()
             },
         )
         manifest = commit.publish(out, manifest, lease)

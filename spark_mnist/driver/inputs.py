@@ -100,8 +100,7 @@ def read_files(
             message = "%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver"
             log.info(message, directory.shown, urlsplit(directory.uri).scheme)
             return {name: found.get(name) or _read_on_driver(wanted[name]) for name in names}
-        columns = zip(frame["path"], frame["length"], frame["content"])
-        rows = {row[0].rstrip("/").rsplit("/", 1)[-1]: row for row in columns}  # by file name
+        rows = {row.path.rstrip("/").rsplit("/", 1)[-1]: row for row in frame.itertuples(index=False)}  # by file name
         for name in collect:
             if name not in rows:
                 raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
@@ -136,7 +135,6 @@ class SplitInput:
     the slice ``rows`` as stored (consecutive slices, in order), and ``done()``, which checks the end of the images
     file and returns the manifest records of the split's files."""
 
-    name: str
     labels: np.ndarray
     take: Callable[[slice], np.ndarray]
     done: Callable[[], list[dict[str, Any]]]
@@ -162,18 +160,17 @@ def open_idx_split(
 
     def done() -> list[dict[str, Any]]:
         reader.finish()
-        images_record = _record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes)
-        return [images_record, labels_record]
+        return [_record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes), labels_record]
 
-    return SplitInput(split, parsed.array, lambda rows: reader.read(rows.stop - rows.start), done)
+    return SplitInput(parsed.array, lambda rows: reader.read(rows.stop - rows.start), done)
 
 
-def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[list[SplitInput], list[dict]]:
+def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[dict[str, SplitInput], list[dict]]:
     """Read a Keras ``mnist.npz`` (bytes through Spark's ``binaryFile`` source, ``np.load(allow_pickle=False)``)
     and check both splits against ``spec``.
 
     Returns:
-        The splits (train, test) and the archive's manifest record.
+        The splits by name (train, test) and the archive's manifest record.
     Raises:
         SourceError: the file is missing.
         InputError: not a Keras npz archive (see :func:`spark_mnist.formats.keras_npz.load_keras_npz`).
@@ -183,6 +180,6 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     # A large archive on a driver-visible path is streamed by nothing: np.load reads it whole anyway.
     content = source.source if isinstance(source.source, bytes) else Path(source.source).read_bytes()
     arrays = load_keras_npz(io.BytesIO(content), spec, name=redact(source.uri))  # checks both splits against spec
-    inputs = [SplitInput(split, arrays[split][1], arrays[split][0].__getitem__, list) for split in SPLITS]
+    inputs = {split: SplitInput(arrays[split][1], arrays[split][0].__getitem__, list) for split in SPLITS}
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
     return inputs, [_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]

@@ -253,13 +253,14 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
             conf = session_conf(settings, verbose=verbose)
             stack.enter_context(spark_artifacts_removed())
             stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
-            builder = SparkSession.builder.remote(url) if url else SparkSession.builder.master(settings.master)
+            builder: Any = SparkSession.builder  # Any: pyspark's types refuse an Optional master, set here
+            builder = builder.remote(url) if url else builder.master(settings.master).appName(settings.app_name)
             # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts
             # the server (pyspark.sql.connect.session; given to the builder, it would also be set, and refused, on the
             # Connect session itself).
             env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if url else {}
             with jvm_stderr_filtered(), scoped_env(env):
-                spark = (builder if url else builder.appName(settings.app_name).config(map=conf)).getOrCreate()
+                spark = (builder if url else builder.config(map=conf)).getOrCreate()
             if url is None:
                 spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
         stack.callback(spark.stop)
