@@ -56,12 +56,6 @@ class SourceFile:
     source: bytes | str
 
 
-def _read_on_driver(location: Location) -> SourceFile:
-    """One source file's bytes through :mod:`pyarrow.fs`, on the driver."""
-    content = fs.read_bytes(location)
-    return SourceFile(location.uri, len(content), content)
-
-
 def read_files(
     spark: "SparkSession", directory: Location, names: Sequence[str], *, max_collect_bytes: int = MAX_COLLECT_BYTES
 ) -> dict[str, SourceFile]:
@@ -87,30 +81,30 @@ def read_files(
             found[name] = SourceFile(loc.uri, size, loc.os_path)
         elif loc.kind != "remote" or not (urlsplit(loc.uri).query or redact(loc.uri) != loc.uri):
             collect.append(name)  # Spark may read it: not an object-store URI with a query string or credentials
-        else:
-            found[name] = _read_on_driver(loc)
     if collect:
         # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled): faster than collect() here.
         try:
-            paths = [wanted[name].uri for name in collect]
-            frame: Any = spark.read.format("binaryFile").load(paths).select("path", "length", "content").toPandas()
+            frame: Any = spark.read.format("binaryFile").load([wanted[name].uri for name in collect]).toPandas()
+            rows = {row.path.rstrip("/").rsplit("/", 1)[-1]: row for row in frame.itertuples()}  # by file name
         except Exception as e:
             if not any(marker in str(e) for marker in NO_FILESYSTEM):
                 raise
             message = "%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver"
             log.info(message, directory.shown, urlsplit(directory.uri).scheme)
-            return {name: found.get(name) or _read_on_driver(wanted[name]) for name in names}
-        rows = {row.path.rstrip("/").rsplit("/", 1)[-1]: row for row in frame.itertuples(index=False)}  # by file name
+            rows, collect = {}, []  # every file through pyarrow, below
         for name in collect:
             if name not in rows:
                 raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
-            path, length, content = rows[name]
-            if length > max_collect_bytes:
+            row = rows[name]
+            if row.length > max_collect_bytes:
                 raise SourceError(
-                    f"{path}: {length} bytes, too large to read through Spark onto the driver; put it "
+                    f"{row.path}: {row.length} bytes, too large to read through Spark onto the driver; put it "
                     f"on a path the driver can stream from (/dbfs/..., /Volumes/..., local disk)"
                 )
-            found[name] = SourceFile(path, int(length), bytes(content))
+            found[name] = SourceFile(row.path, int(row.length), bytes(row.content))
+    for name in [name for name in names if name not in found]:  # what Spark does not read: pyarrow on the driver
+        content = fs.read_bytes(wanted[name])
+        found[name] = SourceFile(wanted[name].uri, len(content), content)
     return {name: found[name] for name in names}
 
 

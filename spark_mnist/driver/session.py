@@ -20,7 +20,6 @@ Everything else in the package works with both kinds through the few capabilitie
 """
 
 import contextlib
-import glob
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import shutil
 import sys
 import threading
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from spark_mnist.config import SparkSettings
@@ -58,17 +58,11 @@ LOCAL_SPARK_CONF = {
 _JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
 # The Python of the workers and of the driver, where the user has not chosen one: this interpreter.
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
-# What pyspark sets in os.environ when it starts a JVM or a local Spark Connect server (and only partly unsets on
-# stop).
-CONNECT_ENV = (
-    "SPARK_REMOTE",
-    "SPARK_LOCAL_REMOTE",
-    "SPARK_CONNECT_MODE_ENABLED",
-    "SPARK_CONNECT_AUTHENTICATE_TOKEN",
-    "SPARK_AUTH_SOCKET_TIMEOUT",
-    "SPARK_BUFFER_SIZE",
-)
 REMOTE_ENV = "SPARK_REMOTE"
+# What pyspark sets in os.environ (and only partly unsets on stop) when it starts a local Spark Connect server, and
+# (the last two) a SparkContext.
+CONNECT_ENV = (REMOTE_ENV, "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_CONNECT_AUTHENTICATE_TOKEN")
+CONNECT_ENV += ("SPARK_AUTH_SOCKET_TIMEOUT", "SPARK_BUFFER_SIZE")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
@@ -151,8 +145,7 @@ def local_master_cores(url: Optional[str]) -> Optional[int]:
     match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", url or "")
     if match is None:
         return None
-    cores = match.group(1) or "1"
-    return os.cpu_count() or 1 if cores == "*" else max(1, int(cores))
+    return os.cpu_count() or 1 if match.group(1) == "*" else max(1, int(match.group(1) or 1))
 
 
 def master_here(spark: "SparkSession") -> Optional[str]:
@@ -200,17 +193,16 @@ def spark_artifacts_removed() -> Iterator[None]:
     """Remove, after the block, the ``spark-*`` folders that appeared in ``./artifacts`` during it, and
     ``./artifacts`` itself where the block created it and left it empty; a user's files there stay."""
     # Spark 4.0.0 leaves its artifact root in ./artifacts of the working directory (SPARK-52396; docs/development.md).
-    artifacts = os.path.abspath("artifacts")
-    existed, spark_dirs = os.path.isdir(artifacts), os.path.join(glob.escape(artifacts), "spark-*")
-    before = set(glob.glob(spark_dirs))
+    artifacts = Path("artifacts").absolute()
+    existed, before = artifacts.is_dir(), set(artifacts.glob("spark-*"))
     try:
         yield
     finally:
-        for path in set(glob.glob(spark_dirs)) - before:
+        for path in set(artifacts.glob("spark-*")) - before:
             shutil.rmtree(path, ignore_errors=True)
         if not existed:
             with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
-                os.rmdir(artifacts)
+                artifacts.rmdir()
 
 
 @contextlib.contextmanager
