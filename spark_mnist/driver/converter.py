@@ -16,9 +16,8 @@ functions.
 """
 
 import importlib
-from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import pyarrow
 
@@ -35,8 +34,7 @@ PETASTORM_FIX = (
 )
 
 
-@dataclass(frozen=True)
-class ConverterChoice:
+class ConverterChoice(NamedTuple):
     """The path training takes: ``name`` is ``"petastorm"`` or ``"none"``; ``reason`` says why, in one line."""
 
     name: str

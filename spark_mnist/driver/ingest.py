@@ -16,7 +16,6 @@ the protocol and why: docs/concepts/dataset.md.
 """
 
 import contextlib
-import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -118,14 +117,13 @@ def ingest(
                     shards.append((path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
             written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
             log.info("wrote %s", ", ".join(f"{name} rows {bounds[name][a]}-{bounds[name][b]}" for name, a, b in job))
-        in_order = iter(written)  # the jobs took the splits' shards in order
         records += [record for split in splits.values() for record in split.done()]
-        for record in records:  # a subset or a relabelled copy is legitimate input: a warning, unless strict
-            if record["sha256_matches"] is False:
-                message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
-                if strict:
-                    raise ChecksumMismatchError(message + " (ingest.strict)")
-                log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
+        for record in [record for record in records if record["sha256_matches"] is False]:
+            # A subset or a relabelled copy is legitimate input: a warning, unless strict.
+            message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
+            if strict:
+                raise ChecksumMismatchError(message + " (ingest.strict)")
+            log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
         manifest = contract.Manifest(
             generation=lease.generation,
             dataset=spec.name,
@@ -136,7 +134,7 @@ def ingest(
             splits={
                 name: contract.Split(
                     rows=len(split.labels),
-                    files=tuple(itertools.islice(in_order, len(bounds[name]) - 1)),
+                    files=tuple(f for f in written if f.path.startswith(f"{lease.generation}/{name}/")),
                     label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
                 )
                 for name, split in splits.items()

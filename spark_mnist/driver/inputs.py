@@ -16,9 +16,8 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -45,8 +44,7 @@ MAX_COLLECT_BYTES = 512 * 2**20
 NO_FILESYSTEM = ("UnsupportedFileSystemException", "No FileSystem for scheme")
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):
     """One source file: ``uri`` (as Spark names it), ``length`` (bytes, still compressed) and ``source``, what
     :class:`spark_mnist.formats.idx.IdxReader` reads: the bytes (read through Spark) or a local path to stream from
     (for files over :data:`MAX_COLLECT_BYTES`)."""
@@ -123,8 +121,7 @@ def _record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha25
     }
 
 
-@dataclass
-class SplitInput:
+class SplitInput(NamedTuple):
     """One split ready to write: all ``labels`` (N,) uint8, ``take(rows)`` giving the images (rows, H, W) uint8 of
     the slice ``rows`` as stored (consecutive slices, in order), and ``done()``, which checks the end of the images
     file and returns the manifest records of the split's files."""

@@ -59,10 +59,10 @@ _JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
 # The Python of the workers and of the driver, where the user has not chosen one: this interpreter.
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
 REMOTE_ENV = "SPARK_REMOTE"
-# What pyspark sets in os.environ (and only partly unsets on stop) when it starts a local Spark Connect server, and
-# (the last two) a SparkContext.
-CONNECT_ENV = (REMOTE_ENV, "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_CONNECT_AUTHENTICATE_TOKEN")
-CONNECT_ENV += ("SPARK_AUTH_SOCKET_TIMEOUT", "SPARK_BUFFER_SIZE")
+# What pyspark sets in os.environ (and only partly unsets on stop) when it starts a local Spark Connect server...
+_SERVER_ENV = (REMOTE_ENV, "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_CONNECT_AUTHENTICATE_TOKEN")
+# ... or a SparkContext.
+CONNECT_ENV = (*_SERVER_ENV, "SPARK_AUTH_SOCKET_TIMEOUT", "SPARK_BUFFER_SIZE")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:

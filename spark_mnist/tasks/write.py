@@ -3,8 +3,7 @@ the shard with pyarrow.  The driver plans and runs the job (:mod:`spark_mnist.dr
 travels in the task's closure.
 """
 
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,8 +18,7 @@ REPORT_SCHEMA = "unit long, rows long, bytes long"
 Span = tuple[np.ndarray, int, int]
 
 
-@dataclass(frozen=True)
-class WritePlan:
+class WritePlan(NamedTuple):
     """What every write task needs besides the rows, small enough to travel in its closure: the shards of one write
     job (unit ``u`` is ``shards[u]`` = (its path relative to ``target``, its first global row, its rows)), the image
     shape, the rows of a Parquet row group and of a fragment."""
