@@ -15,8 +15,7 @@ petastorm is an optional extra (``pip install 'spark-mnist[petastorm]'``) and is
 functions.
 """
 
-import importlib
-from importlib import metadata
+from importlib import import_module, metadata
 from typing import Any, NamedTuple, Optional
 
 import pyarrow
@@ -66,7 +65,7 @@ def petastorm_unavailable(connect: bool = False) -> Optional[str]:
             return f"{name} {version} ≥ {first_refused}"
     try:
         petastorm = metadata.version("petastorm")
-        importlib.import_module("petastorm.spark")
+        import_module("petastorm.spark")
     except metadata.PackageNotFoundError:
         return "petastorm is not installed"
     except Exception as e:  # noqa: BLE001 - any import failure means petastorm cannot run here

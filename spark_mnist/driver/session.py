@@ -38,9 +38,8 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 __all__ = ["LOCAL_SPARK_CONF", "PYTHON_ENV", "CONNECT_ENV", "REMOTE_ENV", "jvm_stderr_filtered", "session_conf",
-           "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "local_master_cores",
-           "master_here", "shipped_to_executors", "remote_url", "connect_expected", "spark_artifacts_removed",
-           "spark_session"]  # fmt: skip
+           "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "master_here", "remote_url",
+           "shipped_to_executors", "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
 
 LOCAL_SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -129,23 +128,16 @@ def default_parallelism(spark: "SparkSession") -> int:
     """The cluster's default parallelism (cores across its executors), at least 1.
 
     Classic: ``sparkContext.defaultParallelism``.  Spark Connect: the cores of a local master on this machine
-    (:func:`local_master_cores` of :func:`master_here`), else the partitions of ``spark.range`` without a partition
-    count, which Spark sizes by ``spark.default.parallelism`` or the cores across the executors (one small job).
+    (:func:`master_here`), as Spark counts them (``local`` 1, ``local[N]`` and ``local[N,F]`` N, ``local[*]`` this
+    machine's), else the partitions of ``spark.range`` without a partition count, which Spark sizes by
+    ``spark.default.parallelism`` or the cores across the executors (one small job).
     """
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
-    if (cores := local_master_cores(master_here(spark))) is None:
-        cores = int(spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]) + 1
-    return max(1, cores)
-
-
-def local_master_cores(url: Optional[str]) -> Optional[int]:
-    """The cores of a local master URL, as Spark counts them: ``local`` 1, ``local[N]`` and ``local[N,F]`` N,
-    ``local[*]`` this machine's; ``None`` for any other URL."""
-    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", url or "")
-    if match is None:
-        return None
-    return os.cpu_count() or 1 if match.group(1) == "*" else max(1, int(match.group(1) or 1))
+    local = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master_here(spark) or "")
+    if local is None:
+        return max(1, int(spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]) + 1)
+    return os.cpu_count() or 1 if local.group(1) == "*" else max(1, int(local.group(1) or 1))
 
 
 def master_here(spark: "SparkSession") -> Optional[str]:
