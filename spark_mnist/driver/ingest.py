@@ -86,8 +86,7 @@ def ingest(
         if value < 1:
             raise invalid(name, value, "at least 1", InputError)
     started = time.perf_counter()
-    spec = get_dataset(dataset)
-    source_dir, out = normalize_uri(source), normalize_uri(output)
+    spec, source_dir, out = get_dataset(dataset), normalize_uri(source), normalize_uri(output)
     if out.local_path is None:  # an OUT the write tasks could not open with pyarrow is refused before reading
         try:
             fs.filesystem(out)

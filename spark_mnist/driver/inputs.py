@@ -11,11 +11,11 @@ a bare URI whose scheme this session's Spark has no file system for (local Spark
 Databricks, Spark reads it.
 """
 
-import contextlib
 import hashlib
 import io
 import logging
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 from urllib.parse import urlsplit
@@ -131,9 +131,7 @@ class SplitInput(NamedTuple):
     done: Callable[[], list[dict[str, Any]]]
 
 
-def open_idx_split(
-    stack: contextlib.ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]
-) -> SplitInput:
+def open_idx_split(stack: ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]) -> SplitInput:
     """Parse a split's labels file and open its images file as a stream on ``stack``, checking everything the
     headers and labels tell (image shape, dtype, counts, label range) before any image data is read.  Driver only.
 

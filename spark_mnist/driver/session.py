@@ -77,8 +77,7 @@ def jvm_stderr_filtered() -> Iterator[None]:
     its stderr for its whole life, so a daemon thread forwards until the JVM exits; this process's own stderr is
     restored when the block ends."""
     sys.stderr.flush()
-    real = os.dup(2)
-    read_fd, write_fd = os.pipe()
+    real, (read_fd, write_fd) = os.dup(2), os.pipe()
     threading.Thread(target=_forward_stderr, args=(read_fd, os.dup(real)), daemon=True).start()
     os.dup2(write_fd, 2)
     os.close(write_fd)

@@ -16,7 +16,7 @@ import pyarrow as pa
 from spark_mnist import fs
 from spark_mnist.driver import session
 from spark_mnist.paths import Location
-from spark_mnist.shards import contract
+from spark_mnist.shards.contract import ShardFile, shard_bounds
 from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_shards
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int) -> tuple[d
     ``num_shards`` is raised where needed so that no shard exceeds ``chunk_rows``.  MNIST-sized datasets are one
     job; larger splits are read from their streams and written a chunk at a time.
     """
-    bounds = {name: contract.shard_bounds(n, max(num_shards, -(-n // chunk_rows))).tolist() for name, n in rows.items()}
+    bounds = {name: shard_bounds(n, max(num_shards, -(-n // chunk_rows))).tolist() for name, n in rows.items()}
     jobs: list[list] = [[]]
     for name, b in bounds.items():
         first = 0
@@ -70,9 +70,7 @@ def fragments_table(shards: list[Shard], plan: WritePlan) -> pa.Table:
     return pa.table({name: pa.concat_arrays(arrays) for name, arrays in columns.items()})
 
 
-def write_pieces(
-    spark: "SparkSession", shards: list[Shard], out: Location, *, row_group_bytes: int
-) -> list[contract.ShardFile]:
+def write_pieces(spark: "SparkSession", shards: list[Shard], out: Location, *, row_group_bytes: int) -> list[ShardFile]:
     """Write ``shards`` with one Spark job: task ``t`` writes shard ``t`` as ``out/<path>``, in row groups of
     ~``row_group_bytes``.
 
@@ -113,4 +111,4 @@ def write_pieces(
         raise RuntimeError(
             f"{out.shown}: the write job did not report these shards with their rows: {', '.join(missing)}"
         )
-    return [contract.ShardFile(path, int(report[u].bytes), rows) for u, (path, _, rows) in enumerate(plan.shards)]
+    return [ShardFile(path, int(report[u].bytes), rows) for u, (path, _, rows) in enumerate(plan.shards)]
