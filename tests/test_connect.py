@@ -126,10 +126,22 @@ def test_the_real_databricks_connect_resolves_when_installed(monkeypatch):
             pass
 
 
-def test_local_master_cores():
-    assert [session.local_master_cores(url) for url in ("local", "local[3]", "local[4, 2]", "spark://h:7077",
-                                                        None)] == [1, 3, 4, None, None]
-    assert session.local_master_cores("local[*]") == (os.cpu_count() or 1)
+def _connect_session(master: str | None, partitions: int = 7):
+    """A stand-in Spark Connect session of a server on this machine whose static conf names ``master``, and whose
+    ``spark.range`` without a partition count has ``partitions`` partitions."""
+    fake = type("SparkSession", (), {"__module__": "pyspark.sql.connect.session"})()
+    fake.client = types.SimpleNamespace(host="localhost")
+    fake.conf = types.SimpleNamespace(get=lambda key, default=None: master if key == "spark.master" else default)
+    last = types.SimpleNamespace(collect=lambda: [[partitions - 1]])
+    fake.range = lambda *args: types.SimpleNamespace(selectExpr=lambda expression: last)
+    return fake
+
+
+def test_default_parallelism_over_connect_counts_a_local_masters_cores():
+    """A local master's cores as Spark counts them; any other master (or none shown) asks Spark (7 partitions)."""
+    assert [session.default_parallelism(_connect_session(url)) for url in ("local", "local[3]", "local[4, 2]",
+                                                                          "spark://h:7077", None)] == [1, 3, 4, 7, 7]
+    assert session.default_parallelism(_connect_session("local[*]")) == (os.cpu_count() or 1)
 
 
 def test_auto_converter_takes_none_over_connect_and_petastorm_is_refused():

@@ -15,33 +15,25 @@ petastorm is an optional extra (``pip install 'spark-mnist[petastorm]'``) and is
 functions.
 """
 
-import importlib
-from dataclasses import dataclass
-from importlib import metadata
-from typing import TYPE_CHECKING, Any, Optional
+from importlib import import_module, metadata
+from typing import Any, NamedTuple, Optional
 
 import pyarrow
 
+from spark_mnist.config import TrainSettings
 from spark_mnist.datasets import SPLITS
 from spark_mnist.errors import EnvironmentMismatchError, invalid
+from spark_mnist.shards.contract import Dataset
 
-if TYPE_CHECKING:
-    from spark_mnist.config import TrainSettings
-    from spark_mnist.shards.contract import Dataset
+__all__ = ["PETASTORM_FIX", "ConverterChoice", "petastorm_unavailable", "choose_converter", "make_converters"]
 
-__all__ = ["PETASTORM", "DIRECT", "PETASTORM_FIX", "ConverterChoice", "petastorm_unavailable", "choose_converter",
-           "make_converters"]  # fmt: skip
-
-PETASTORM = "petastorm"
-DIRECT = "none"
 PETASTORM_FIX = (
     "use converter 'none' (the ranks read the ingested shards), or petastorm on Spark 3.5 with "
     "pyarrow < 15 (Databricks Runtime 15.4 LTS ML; pip install 'spark-mnist[petastorm]')"
 )
 
 
-@dataclass(frozen=True)
-class ConverterChoice:
+class ConverterChoice(NamedTuple):
     """The path training takes: ``name`` is ``"petastorm"`` or ``"none"``; ``reason`` says why, in one line."""
 
     name: str
@@ -49,7 +41,7 @@ class ConverterChoice:
 
     @property
     def uses_petastorm(self) -> bool:
-        return self.name == PETASTORM
+        return self.name == "petastorm"
 
 
 def petastorm_unavailable(connect: bool = False) -> Optional[str]:
@@ -73,7 +65,7 @@ def petastorm_unavailable(connect: bool = False) -> Optional[str]:
             return f"{name} {version} ≥ {first_refused}"
     try:
         petastorm = metadata.version("petastorm")
-        importlib.import_module("petastorm.spark")
+        import_module("petastorm.spark")
     except metadata.PackageNotFoundError:
         return "petastorm is not installed"
     except Exception as e:  # noqa: BLE001 - any import failure means petastorm cannot run here
@@ -81,7 +73,7 @@ def petastorm_unavailable(connect: bool = False) -> Optional[str]:
     return None
 
 
-def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> ConverterChoice:
+def choose_converter(settings: TrainSettings, *, connect: bool = False) -> ConverterChoice:
     """The converter of ``settings.converter`` (``auto``, ``petastorm`` or ``none``) in this environment, for a
     classic session or (``connect``) a Spark Connect one.
 
@@ -92,27 +84,27 @@ def choose_converter(settings: "TrainSettings", *, connect: bool = False) -> Con
         EnvironmentMismatchError: petastorm asked for (``converter: petastorm`` or ``loader: petastorm``) where it
             cannot run, or ``loader: petastorm`` with ``converter: none``; one line naming the versions and the fix.
     """
-    if settings.loader == PETASTORM and settings.converter == DIRECT:
+    if settings.loader == "petastorm" and settings.converter == "none":
         must = (
             "'auto' or 'petastorm' with train.loader 'petastorm' (the petastorm loader reads through petastorm's "
             "converter), or set train.loader to 'spark-mnist'"
         )
-        raise invalid("train.converter", DIRECT, must, EnvironmentMismatchError)
-    if settings.converter == DIRECT:
-        return ConverterChoice(DIRECT, "converter 'none' set")
+        raise invalid("train.converter", "none", must, EnvironmentMismatchError)
+    if settings.converter == "none":
+        return ConverterChoice("none", "converter 'none' set")
     why_not = petastorm_unavailable(connect)
     if why_not is None:
         import pyspark  # as in petastorm_unavailable: the CLI's Spark-free commands import this module
 
         versions = f"pyarrow {pyarrow.__version__} and Spark {pyspark.__version__}"
-        return ConverterChoice(PETASTORM, f"petastorm {metadata.version('petastorm')} with {versions}")
-    if settings.loader == PETASTORM or settings.converter == PETASTORM:
-        what = "train.loader 'petastorm'" if settings.loader == PETASTORM else "train.converter 'petastorm'"
+        return ConverterChoice("petastorm", f"petastorm {metadata.version('petastorm')} with {versions}")
+    if settings.loader == "petastorm" or settings.converter == "petastorm":
+        what = "train.loader 'petastorm'" if settings.loader == "petastorm" else "train.converter 'petastorm'"
         raise EnvironmentMismatchError(f"{what} needs petastorm, which cannot run here ({why_not}): {PETASTORM_FIX}")
-    return ConverterChoice(DIRECT, f"petastorm unavailable: {why_not}")
+    return ConverterChoice("none", f"petastorm unavailable: {why_not}")
 
 
-def make_converters(spark, dataset: "Dataset", cache_url: str, row_group_bytes: int) -> dict[str, Any]:
+def make_converters(spark, dataset: Dataset, cache_url: str, row_group_bytes: int) -> dict[str, Any]:
     """petastorm Spark dataset converters of an ingested dataset's splits: ``{"train": ..., "test": ...}``, read
     from exactly the files its manifest names (``spark.read.parquet(*dataset.files(split))``,
     :func:`spark_mnist.shards.contract.open_dataset`).

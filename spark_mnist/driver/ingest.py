@@ -16,7 +16,6 @@ the protocol and why: docs/concepts/dataset.md.
 """
 
 import contextlib
-import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -35,11 +34,10 @@ from spark_mnist.shards import commit, contract
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["DEFAULT_ROW_GROUP_BYTES", "DEFAULT_CHUNK_ROWS", "ingest"]
+__all__ = ["DEFAULT_CHUNK_ROWS", "ingest"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROW_GROUP_BYTES = contract.ROW_GROUP_BYTES
 # Images held on the driver at once while ingesting: 1M MNIST images are ~750 MiB.
 DEFAULT_CHUNK_ROWS = 1_000_000
 
@@ -51,7 +49,7 @@ def ingest(
     *,
     dataset: str = "fashion-mnist",
     num_shards: int | None = None,
-    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+    row_group_bytes: int = contract.ROW_GROUP_BYTES,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     strict: bool = False,
 ) -> contract.Manifest:
@@ -88,8 +86,7 @@ def ingest(
         if value < 1:
             raise invalid(name, value, "at least 1", InputError)
     started = time.perf_counter()
-    spec = get_dataset(dataset)
-    source_dir, out = normalize_uri(source), normalize_uri(output)
+    spec, source_dir, out = get_dataset(dataset), normalize_uri(source), normalize_uri(output)
     if out.local_path is None:  # an OUT the write tasks could not open with pyarrow is refused before reading
         try:
             fs.filesystem(out)
@@ -104,31 +101,28 @@ def ingest(
             splits, records = read_npz(spark, spec, source_dir)
         else:
             sources = read_files(spark, source_dir, [f.name for f in spec.all_files()])
-            splits, records = [open_idx_split(stack, spec, split, sources) for split in SPLITS], []
-        counts = ", ".join(f"{split.name} {len(split.labels)} rows" for split in splits)
+            splits, records = {split: open_idx_split(stack, spec, split, sources) for split in SPLITS}, []
+        counts = ", ".join(f"{name} {len(split.labels)} rows" for name, split in splits.items())
         log.info("checked the headers and labels of %s: %s", source_dir.shown, counts)
         lease = stack.enter_context(commit.writing(out))  # a new generation; discarded on a failure
-        inputs = {split.name: split for split in splits}
-        bounds, jobs = plan_jobs({split.name: len(split.labels) for split in splits}, num_shards, chunk_rows)
+        bounds, jobs = plan_jobs({name: len(split.labels) for name, split in splits.items()}, num_shards, chunk_rows)
         written: list[contract.ShardFile] = []
         for job in jobs:  # contiguous shards, at most chunk_rows images on the driver at a time
             shards = []
             for name, first, end in job:
                 for k in range(first, end):
-                    rows, split = slice(bounds[name][k], bounds[name][k + 1]), inputs[name]
+                    rows, split = slice(bounds[name][k], bounds[name][k + 1]), splits[name]
                     path = contract.shard_path(lease.generation, name, k)
                     shards.append((path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
             written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
-            wrote = ", ".join(f"{name} rows {bounds[name][first]}-{bounds[name][end]}" for name, first, end in job)
-            log.info("wrote %s", wrote)
-        in_order = iter(written)  # the jobs took the splits' shards in order
-        records += [record for split in splits for record in split.done()]
-        for record in records:  # a subset or a relabelled copy is legitimate input: a warning, unless strict
-            if record["sha256_matches"] is False:
-                message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
-                if strict:
-                    raise ChecksumMismatchError(message + " (ingest.strict)")
-                log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
+            log.info("wrote %s", ", ".join(f"{name} rows {bounds[name][a]}-{bounds[name][b]}" for name, a, b in job))
+        records += [record for split in splits.values() for record in split.done()]
+        for record in [record for record in records if record["sha256_matches"] is False]:
+            # A subset or a relabelled copy is legitimate input: a warning, unless strict.
+            message = hash_mismatch_message(spec.name, record["uri"], record["sha256"], record["expected_sha256"])
+            if strict:
+                raise ChecksumMismatchError(message + " (ingest.strict)")
+            log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
         manifest = contract.Manifest(
             generation=lease.generation,
             dataset=spec.name,
@@ -137,12 +131,12 @@ def ingest(
             source={"uri": source_dir.shown, "files": records},
             package_version=__version__,
             splits={
-                split.name: contract.Split(
+                name: contract.Split(
                     rows=len(split.labels),
-                    files=tuple(itertools.islice(in_order, len(bounds[split.name]) - 1)),
+                    files=tuple(f for f in written if f.path.startswith(f"{lease.generation}/{name}/")),
                     label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
                 )
-                for split in splits
+                for name, split in splits.items()
             },
         )
         manifest = commit.publish(out, manifest, lease)

@@ -11,14 +11,13 @@ a bare URI whose scheme this session's Spark has no file system for (local Spark
 Databricks, Spark reads it.
 """
 
-import contextlib
 import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -45,8 +44,7 @@ MAX_COLLECT_BYTES = 512 * 2**20
 NO_FILESYSTEM = ("UnsupportedFileSystemException", "No FileSystem for scheme")
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):
     """One source file: ``uri`` (as Spark names it), ``length`` (bytes, still compressed) and ``source``, what
     :class:`spark_mnist.formats.idx.IdxReader` reads: the bytes (read through Spark) or a local path to stream from
     (for files over :data:`MAX_COLLECT_BYTES`)."""
@@ -54,12 +52,6 @@ class SourceFile:
     uri: str
     length: int
     source: bytes | str
-
-
-def _read_on_driver(location: Location) -> SourceFile:
-    """One source file's bytes through :mod:`pyarrow.fs`, on the driver."""
-    content = fs.read_bytes(location)
-    return SourceFile(location.uri, len(content), content)
 
 
 def read_files(
@@ -87,31 +79,30 @@ def read_files(
             found[name] = SourceFile(loc.uri, size, loc.os_path)
         elif loc.kind != "remote" or not (urlsplit(loc.uri).query or redact(loc.uri) != loc.uri):
             collect.append(name)  # Spark may read it: not an object-store URI with a query string or credentials
-        else:
-            found[name] = _read_on_driver(loc)
     if collect:
         # toPandas goes through Arrow (spark.sql.execution.arrow.pyspark.enabled): faster than collect() here.
         try:
-            paths = [wanted[name].uri for name in collect]
-            frame: Any = spark.read.format("binaryFile").load(paths).select("path", "length", "content").toPandas()
+            frame: Any = spark.read.format("binaryFile").load([wanted[name].uri for name in collect]).toPandas()
+            rows = {row.path.rstrip("/").rsplit("/", 1)[-1]: row for row in frame.itertuples()}  # by file name
         except Exception as e:
             if not any(marker in str(e) for marker in NO_FILESYSTEM):
                 raise
             message = "%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver"
             log.info(message, directory.shown, urlsplit(directory.uri).scheme)
-            return {name: found.get(name) or _read_on_driver(wanted[name]) for name in names}
-        columns = zip(frame["path"], frame["length"], frame["content"])
-        rows = {row[0].rstrip("/").rsplit("/", 1)[-1]: row for row in columns}  # by file name
+            rows, collect = {}, []  # every file through pyarrow, below
         for name in collect:
             if name not in rows:
                 raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
-            path, length, content = rows[name]
-            if length > max_collect_bytes:
+            row = rows[name]
+            if row.length > max_collect_bytes:
                 raise SourceError(
-                    f"{path}: {length} bytes, too large to read through Spark onto the driver; put it "
+                    f"{row.path}: {row.length} bytes, too large to read through Spark onto the driver; put it "
                     f"on a path the driver can stream from (/dbfs/..., /Volumes/..., local disk)"
                 )
-            found[name] = SourceFile(path, int(length), bytes(content))
+            found[name] = SourceFile(row.path, int(row.length), bytes(row.content))
+    for name in [name for name in names if name not in found]:  # what Spark does not read: pyarrow on the driver
+        content = fs.read_bytes(wanted[name])
+        found[name] = SourceFile(wanted[name].uri, len(content), content)
     return {name: found[name] for name in names}
 
 
@@ -130,21 +121,17 @@ def _record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha25
     }
 
 
-@dataclass
-class SplitInput:
+class SplitInput(NamedTuple):
     """One split ready to write: all ``labels`` (N,) uint8, ``take(rows)`` giving the images (rows, H, W) uint8 of
     the slice ``rows`` as stored (consecutive slices, in order), and ``done()``, which checks the end of the images
     file and returns the manifest records of the split's files."""
 
-    name: str
     labels: np.ndarray
     take: Callable[[slice], np.ndarray]
     done: Callable[[], list[dict[str, Any]]]
 
 
-def open_idx_split(
-    stack: contextlib.ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]
-) -> SplitInput:
+def open_idx_split(stack: ExitStack, spec: DatasetSpec, split: str, files: dict[str, SourceFile]) -> SplitInput:
     """Parse a split's labels file and open its images file as a stream on ``stack``, checking everything the
     headers and labels tell (image shape, dtype, counts, label range) before any image data is read.  Driver only.
 
@@ -162,18 +149,17 @@ def open_idx_split(
 
     def done() -> list[dict[str, Any]]:
         reader.finish()
-        images_record = _record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes)
-        return [images_record, labels_record]
+        return [_record(split, IMAGES, images_entry, images_source, reader.sha256, reader.payload_bytes), labels_record]
 
-    return SplitInput(split, parsed.array, lambda rows: reader.read(rows.stop - rows.start), done)
+    return SplitInput(parsed.array, lambda rows: reader.read(rows.stop - rows.start), done)
 
 
-def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[list[SplitInput], list[dict]]:
+def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[dict[str, SplitInput], list[dict]]:
     """Read a Keras ``mnist.npz`` (bytes through Spark's ``binaryFile`` source, ``np.load(allow_pickle=False)``)
     and check both splits against ``spec``.
 
     Returns:
-        The splits (train, test) and the archive's manifest record.
+        The splits by name (train, test) and the archive's manifest record.
     Raises:
         SourceError: the file is missing.
         InputError: not a Keras npz archive (see :func:`spark_mnist.formats.keras_npz.load_keras_npz`).
@@ -183,6 +169,6 @@ def read_npz(spark: "SparkSession", spec: DatasetSpec, npz: Location) -> tuple[l
     # A large archive on a driver-visible path is streamed by nothing: np.load reads it whole anyway.
     content = source.source if isinstance(source.source, bytes) else Path(source.source).read_bytes()
     arrays = load_keras_npz(io.BytesIO(content), spec, name=redact(source.uri))  # checks both splits against spec
-    inputs = [SplitInput(split, arrays[split][1], arrays[split][0].__getitem__, list) for split in SPLITS]
+    inputs = {split: SplitInput(arrays[split][1], arrays[split][0].__getitem__, list) for split in SPLITS}
     digest = hashlib.sha256(content, usedforsecurity=False).hexdigest()
     return inputs, [_record("train+test", "npz", DatasetFile(npz.name), source, digest, source.length)]

@@ -20,7 +20,6 @@ Everything else in the package works with both kinds through the few capabilitie
 """
 
 import contextlib
-import glob
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import shutil
 import sys
 import threading
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from spark_mnist.config import SparkSettings
@@ -37,10 +37,9 @@ from spark_mnist.errors import EnvironmentMismatchError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["LOCAL_SPARK_CONF", "JVM_START_NOTICES", "SPARK_40_ARTIFACTS_DIR", "PYTHON_ENV", "CONNECT_ENV",
-           "REMOTE_ENV", "jvm_stderr_filtered", "session_conf", "with_executor_env", "local_server_url", "is_connect",
-           "default_parallelism", "local_master_cores", "master_here", "shipped_to_executors", "remote_url",
-           "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
+__all__ = ["LOCAL_SPARK_CONF", "PYTHON_ENV", "CONNECT_ENV", "REMOTE_ENV", "jvm_stderr_filtered", "session_conf",
+           "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "master_here", "remote_url",
+           "shipped_to_executors", "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
 
 LOCAL_SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -55,40 +54,30 @@ LOCAL_SPARK_CONF = {
     "spark.task.maxDirectResultSize": "64m",
 }
 # Spark 4's JVM announces --add-modules=jdk.incubator.vector on stderr; bad input's error stays one line (test_cli).
-JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
-# Spark 4.0.0 leaves its artifact root in ./artifacts of the working directory (SPARK-52396; docs/development.md).
-SPARK_40_ARTIFACTS_DIR = "artifacts"
+_JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
 # The Python of the workers and of the driver, where the user has not chosen one: this interpreter.
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
-# What pyspark sets in os.environ when it starts a JVM or a local Spark Connect server (and only partly unsets on
-# stop).
-CONNECT_ENV = (
-    "SPARK_REMOTE",
-    "SPARK_LOCAL_REMOTE",
-    "SPARK_CONNECT_MODE_ENABLED",
-    "SPARK_CONNECT_AUTHENTICATE_TOKEN",
-    "SPARK_AUTH_SOCKET_TIMEOUT",
-    "SPARK_BUFFER_SIZE",
-)
 REMOTE_ENV = "SPARK_REMOTE"
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+# What pyspark sets in os.environ (and only partly unsets on stop) when it starts a local Spark Connect server...
+_SERVER_ENV = (REMOTE_ENV, "SPARK_LOCAL_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_CONNECT_AUTHENTICATE_TOKEN")
+# ... or a SparkContext.
+CONNECT_ENV = (*_SERVER_ENV, "SPARK_AUTH_SOCKET_TIMEOUT", "SPARK_BUFFER_SIZE")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
-    """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`JVM_START_NOTICES`."""
+    """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`_JVM_START_NOTICES`."""
     with open(read_fd, "rb") as pipe, open(out_fd, "wb", buffering=0) as out:
-        out.writelines(line for line in pipe if not line.startswith(JVM_START_NOTICES))
+        out.writelines(line for line in pipe if not line.startswith(_JVM_START_NOTICES))
 
 
 @contextlib.contextmanager
 def jvm_stderr_filtered() -> Iterator[None]:
     """While the block starts the driver JVM, point file descriptor 2 at a pipe that drops the JVM's start-up
-    notices (:data:`JVM_START_NOTICES`) and forwards everything else to the real stderr.  The JVM keeps the pipe as
+    notices (:data:`_JVM_START_NOTICES`) and forwards everything else to the real stderr.  The JVM keeps the pipe as
     its stderr for its whole life, so a daemon thread forwards until the JVM exits; this process's own stderr is
     restored when the block ends."""
     sys.stderr.flush()
-    real = os.dup(2)
-    read_fd, write_fd = os.pipe()
+    real, (read_fd, write_fd) = os.dup(2), os.pipe()
     threading.Thread(target=_forward_stderr, args=(read_fd, os.dup(real)), daemon=True).start()
     os.dup2(write_fd, 2)
     os.close(write_fd)
@@ -138,26 +127,16 @@ def default_parallelism(spark: "SparkSession") -> int:
     """The cluster's default parallelism (cores across its executors), at least 1.
 
     Classic: ``sparkContext.defaultParallelism``.  Spark Connect: the cores of a local master on this machine
-    (:func:`local_master_cores` of :func:`master_here`), else the partitions of ``spark.range`` without a partition
-    count, which Spark sizes by ``spark.default.parallelism`` or the cores across the executors (one small job).
+    (:func:`master_here`), as Spark counts them (``local`` 1, ``local[N]`` and ``local[N,F]`` N, ``local[*]`` this
+    machine's), else the partitions of ``spark.range`` without a partition count, which Spark sizes by
+    ``spark.default.parallelism`` or the cores across the executors (one small job).
     """
     if not is_connect(spark):
         return max(1, spark.sparkContext.defaultParallelism)
-    cores = local_master_cores(master_here(spark))
-    if cores is not None:
-        return cores
-    last = spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]
-    return max(1, int(last) + 1)
-
-
-def local_master_cores(url: Optional[str]) -> Optional[int]:
-    """The cores of a local master URL, as Spark counts them: ``local`` 1, ``local[N]`` and ``local[N,F]`` N,
-    ``local[*]`` this machine's; ``None`` for any other URL."""
-    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", url or "")
-    if match is None:
-        return None
-    cores = match.group(1) or "1"
-    return os.cpu_count() or 1 if cores == "*" else max(1, int(cores))
+    local = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master_here(spark) or "")
+    if local is None:
+        return max(1, int(spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]) + 1)
+    return os.cpu_count() or 1 if local.group(1) == "*" else max(1, int(local.group(1) or 1))
 
 
 def master_here(spark: "SparkSession") -> Optional[str]:
@@ -167,7 +146,7 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     server does not say: executors there never see this machine's disk."""
     if not is_connect(spark):
         return spark.sparkContext.master
-    if str(getattr(getattr(spark, "client", None), "host", "")).lower() in _LOOPBACK_HOSTS:
+    if str(getattr(getattr(spark, "client", None), "host", "")).lower() in ("localhost", "127.0.0.1", "::1", "[::1]"):
         with contextlib.suppress(Exception):  # a server may refuse to show its static conf
             return spark.conf.get("spark.master", None)
     return None
@@ -200,41 +179,21 @@ def connect_expected(settings: SparkSettings) -> bool:
     return remote_url(settings) is not None or _databricks_session_class() is not None
 
 
-def _start_local(
-    stack: contextlib.ExitStack, settings: SparkSettings, builder: Any, *, connect: bool, verbose: bool
-) -> "SparkSession":
-    """Start the session ``builder`` describes on this machine (a classic local master, or a local Spark Connect
-    server), with :func:`session_conf`, this interpreter as the workers' Python and the JVM's start-up notices
-    dropped; ``stack`` cleans up after it and restores the variables."""
-    conf = session_conf(settings, verbose=verbose)
-    stack.enter_context(spark_artifacts_removed())
-    stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
-    # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts the
-    # server (pyspark.sql.connect.session; given to the builder, it would also be set, and refused, on the Connect
-    # session itself).
-    env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if connect else {}
-    with jvm_stderr_filtered(), scoped_env(env):
-        spark = (builder if connect else builder.config(map=conf)).getOrCreate()
-    if not is_connect(spark):
-        spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
-    return spark
-
-
 @contextlib.contextmanager
-def spark_artifacts_removed(directory: str = SPARK_40_ARTIFACTS_DIR) -> Iterator[None]:
+def spark_artifacts_removed() -> Iterator[None]:
     """Remove, after the block, the ``spark-*`` folders that appeared in ``./artifacts`` during it, and
     ``./artifacts`` itself where the block created it and left it empty; a user's files there stay."""
-    artifacts = os.path.abspath(directory)
-    existed, spark_dirs = os.path.isdir(artifacts), os.path.join(glob.escape(artifacts), "spark-*")
-    before = set(glob.glob(spark_dirs))
+    # Spark 4.0.0 leaves its artifact root in ./artifacts of the working directory (SPARK-52396; docs/development.md).
+    artifacts = Path("artifacts").absolute()
+    existed, before = artifacts.is_dir(), set(artifacts.glob("spark-*"))
     try:
         yield
     finally:
-        for path in set(glob.glob(spark_dirs)) - before:
+        for path in set(artifacts.glob("spark-*")) - before:
             shutil.rmtree(path, ignore_errors=True)
         if not existed:
             with contextlib.suppress(OSError):  # not empty: the user's files stay, and the folder with them
-                os.rmdir(artifacts)
+                artifacts.rmdir()
 
 
 @contextlib.contextmanager
@@ -262,14 +221,7 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
         return
     with contextlib.ExitStack() as stack:
         stack.enter_context(scoped_env({}, restore=CONNECT_ENV))
-        if url is not None and url.startswith("local"):  # pyspark starts a Connect server here, on a local master
-            spark = _start_local(stack, settings, SparkSession.builder.remote(url), connect=True, verbose=verbose)
-        elif url is not None:
-            spark = SparkSession.builder.remote(url).getOrCreate()
-        elif databricks_session is None and settings.master is not None:  # a classic local master
-            builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
-            spark = _start_local(stack, settings, builder, connect=False, verbose=verbose)
-        else:
+        if databricks_session is not None:
             try:
                 spark = databricks_session.builder.getOrCreate()
             except Exception as e:
@@ -278,5 +230,21 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
                     f"(a ~/.databrickscfg profile or DATABRICKS_HOST with DATABRICKS_CLUSTER_ID, or "
                     f"DATABRICKS_SERVERLESS_COMPUTE_ID=auto), or pass --remote sc://host:port"
                 ) from e
+        elif url is not None and not url.startswith("local"):
+            spark = SparkSession.builder.remote(url).getOrCreate()
+        else:  # on this machine: a classic local master, or (remote local[N]) a Connect server pyspark starts here
+            conf = session_conf(settings, verbose=verbose)
+            stack.enter_context(spark_artifacts_removed())
+            stack.enter_context(scoped_env({key: sys.executable for key in PYTHON_ENV if key not in os.environ}))
+            builder: Any = SparkSession.builder  # Any: pyspark's types refuse an Optional master, set here
+            builder = builder.remote(url) if url else builder.master(settings.master).appName(settings.app_name)
+            # The conf of a local Connect server's own session: pyspark reads it from these variables when it starts
+            # the server (pyspark.sql.connect.session; given to the builder, it would also be set, and refused, on the
+            # Connect session itself).
+            env = {"PYSPARK_REMOTE_INIT_CONF_LEN": "1", "PYSPARK_REMOTE_INIT_CONF_0": json.dumps(conf)} if url else {}
+            with jvm_stderr_filtered(), scoped_env(env):
+                spark = (builder if url else builder.config(map=conf)).getOrCreate()
+            if url is None:
+                spark.sparkContext.setLogLevel("INFO" if verbose else settings.log_level)
         stack.callback(spark.stop)
         yield spark

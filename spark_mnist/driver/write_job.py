@@ -16,7 +16,7 @@ import pyarrow as pa
 from spark_mnist import fs
 from spark_mnist.driver import session
 from spark_mnist.paths import Location
-from spark_mnist.shards import contract
+from spark_mnist.shards.contract import ShardFile, shard_bounds
 from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_shards
 
 if TYPE_CHECKING:
@@ -39,18 +39,15 @@ def plan_jobs(rows: dict[str, int], num_shards: int, chunk_rows: int) -> tuple[d
     ``num_shards`` is raised where needed so that no shard exceeds ``chunk_rows``.  MNIST-sized datasets are one
     job; larger splits are read from their streams and written a chunk at a time.
     """
-    bounds = {name: contract.shard_bounds(n, max(num_shards, -(-n // chunk_rows))).tolist() for name, n in rows.items()}
+    bounds = {name: shard_bounds(n, max(num_shards, -(-n // chunk_rows))).tolist() for name, n in rows.items()}
     jobs: list[list] = [[]]
-    job_rows = 0
     for name, b in bounds.items():
         first = 0
         while first < len(b) - 1:  # the most consecutive shards within the chunk, at least one
             end = max(first + 1, bisect.bisect_right(b, b[first] + chunk_rows) - 1)
-            if job_rows + b[end] - b[first] > chunk_rows:
-                jobs.append([])
-                job_rows = 0
+            if sum(bounds[s][e] - bounds[s][f] for s, f, e in [*jobs[-1], (name, first, end)]) > chunk_rows:
+                jobs.append([])  # the group does not fit in this job: the next one
             jobs[-1].append((name, first, end))
-            job_rows += b[end] - b[first]
             first = end
     return bounds, jobs
 
@@ -73,9 +70,7 @@ def fragments_table(shards: list[Shard], plan: WritePlan) -> pa.Table:
     return pa.table({name: pa.concat_arrays(arrays) for name, arrays in columns.items()})
 
 
-def write_pieces(
-    spark: "SparkSession", shards: list[Shard], out: Location, *, row_group_bytes: int
-) -> list[contract.ShardFile]:
+def write_pieces(spark: "SparkSession", shards: list[Shard], out: Location, *, row_group_bytes: int) -> list[ShardFile]:
     """Write ``shards`` with one Spark job: task ``t`` writes shard ``t`` as ``out/<path>``, in row groups of
     ~``row_group_bytes``.
 
@@ -96,8 +91,7 @@ def write_pieces(
     """
     # One unit per shard, row groups of about row_group_bytes of images, fragments of at most FRAGMENT_BYTES of
     # images (at least one image).
-    image_shape = shards[0][2].shape[1:]  # the first shard's images' (H, W)
-    image_bytes = int(np.prod(image_shape))
+    image_shape, image_bytes = shards[0][2].shape[1:], shards[0][2][0].nbytes  # (H, W) and bytes of one image
     units = tuple((path, start, len(labels)) for path, start, _, labels in shards)
     rows_per_group, fragment_rows = max(1, row_group_bytes // image_bytes), max(1, FRAGMENT_BYTES // image_bytes)
     plan = WritePlan(fs.task_uri(out), units, image_shape, rows_per_group, fragment_rows)
@@ -117,4 +111,4 @@ def write_pieces(
         raise RuntimeError(
             f"{out.shown}: the write job did not report these shards with their rows: {', '.join(missing)}"
         )
-    return [contract.ShardFile(path, int(report[u].bytes), rows) for u, (path, _, rows) in enumerate(plan.shards)]
+    return [ShardFile(path, int(report[u].bytes), rows) for u, (path, _, rows) in enumerate(plan.shards)]

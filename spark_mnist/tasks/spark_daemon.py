@@ -8,7 +8,7 @@ import importlib.machinery
 import os
 import sys
 
-__all__ = ["SPARK_PYTHON_PACKAGES", "spark_archives", "main"]
+__all__ = ["SPARK_PYTHON_PACKAGES", "spark_archives"]
 
 # Packages the workers import from Spark's archives when those come first on the path.
 SPARK_PYTHON_PACKAGES = ("pyspark", "py4j")
@@ -25,15 +25,10 @@ def spark_archives(path: list[str]) -> list[str]:
     return jars + zips if installed else jars
 
 
-def main() -> None:
-    """Take Spark's archives off ``sys.path`` (and out of ``sys.path_importer_cache``), then run ``pyspark.daemon``."""
+if __name__ == "__main__":  # Take Spark's archives off sys.path (and its importer cache), then run pyspark.daemon.
     for entry in spark_archives(sys.path):
         sys.path.remove(entry)
         sys.path_importer_cache.pop(entry, None)
     from pyspark import daemon  # after the archives are off sys.path: the installed pyspark
 
     daemon.manager()
-
-
-if __name__ == "__main__":
-    main()

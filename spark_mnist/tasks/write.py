@@ -3,8 +3,7 @@ the shard with pyarrow.  The driver plans and runs the job (:mod:`spark_mnist.dr
 travels in the task's closure.
 """
 
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,8 +18,7 @@ REPORT_SCHEMA = "unit long, rows long, bytes long"
 Span = tuple[np.ndarray, int, int]
 
 
-@dataclass(frozen=True)
-class WritePlan:
+class WritePlan(NamedTuple):
     """What every write task needs besides the rows, small enough to travel in its closure: the shards of one write
     job (unit ``u`` is ``shards[u]`` = (its path relative to ``target``, its first global row, its rows)), the image
     shape, the rows of a Parquet row group and of a fragment."""
@@ -45,7 +43,7 @@ def _spans(column: pa.Array) -> list[Span]:
     return [(data, lo, hi) for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
-def _joined(spans: list[Span]) -> np.ndarray:
+def _joined(spans: Sequence[Span]) -> np.ndarray:
     """The bytes of ``spans`` end to end: a view where they lie so in one buffer (a unit's fragments sent in order
     in one batch), else one copy."""
     if all(a[0] is b[0] and a[2] == b[1] for a, b in zip(spans, spans[1:])):
@@ -78,11 +76,9 @@ def write_shards(plan: WritePlan, batches: Iterator[pa.RecordBatch], shipped: An
         for unit, part, images, labels in zip(units, parts, *(_spans(batch.column(c)) for c in ("images", "labels"))):
             received.setdefault(unit, []).append((part, images, labels))
     for unit, fragments in sorted(received.items()):
-        fragments.sort(key=lambda fragment: fragment[0])
-        (path, start, _), parts = plan.shards[unit], [part for part, _, _ in fragments]
-        if parts != list(range(plan.fragments(unit))):
-            raise RuntimeError(f"{path}: the task received fragments {parts}, not all {plan.fragments(unit)}")
-        images = _joined([images for _, images, _ in fragments]).reshape(-1, *plan.image_shape)
-        labels = _joined([labels for _, _, labels in fragments])
+        (path, start, _), (parts, images, labels) = plan.shards[unit], zip(*sorted(fragments, key=lambda f: f[0]))
+        if list(parts) != list(range(plan.fragments(unit))):
+            raise RuntimeError(f"{path}: the task received fragments {list(parts)}, not all {plan.fragments(unit)}")
+        images, labels = _joined(images).reshape(-1, *plan.image_shape), _joined(labels)
         size = write_shard(plan.target, path, images, labels, start, plan.rows_per_group)
         yield pa.RecordBatch.from_pydict({"unit": [unit], "rows": [len(labels)], "bytes": [size]})
