@@ -58,11 +58,12 @@ from torch.utils.data import Dataset as _TorchDataset
 
 from spark_mnist.errors import DatasetMismatchError, InputError, check_choice, require_extra
 from spark_mnist.paths import redact
-from spark_mnist.rank.loader import ShardLoader
+from spark_mnist.rank.loader import DEFAULT_MEMORY_BUDGET_BYTES, ShardLoader
 from spark_mnist.rank.world import World
 from spark_mnist.runs import dataset_identity
 from spark_mnist.shards.arrays import split_arrays
 from spark_mnist.shards.contract import open_dataset
+from spark_mnist.shards.parquet import DEFAULT_READER_THREADS
 
 __all__ = ["loader", "World", "ShardLoader", "MNIST", "FashionMNIST", "KMNIST", "EMNIST"]
 
@@ -76,7 +77,11 @@ def loader(
     shuffle: Optional[bool] = None,
     drop_remainder: Optional[bool] = None,
     world: Optional[World] = None,
-    **options: Any,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    reader_threads: int = DEFAULT_READER_THREADS,
+    pin_memory: bool = False,
+    device: torch.device | str | None = None,
+    device_memory_budget_bytes: Optional[int] = None,
 ) -> ShardLoader:
     """This rank's loader of one split of the ingested dataset at ``dataset``.
 
@@ -90,7 +95,6 @@ def loader(
         drop_remainder: equal full steps on every rank (training); default ``True`` for ``"train"``, ``False``
             (every row once) for ``"test"``.
         world: this rank's place; default :meth:`World.from_env` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
-        options: :class:`~spark_mnist.rank.loader.ShardLoader`'s own, passed on as given:
         memory_budget_bytes: keep the rank's decoded share in memory when it fits (later epochs index it), else
             stream row groups every epoch.
         reader_threads: row groups decoded in parallel.
@@ -126,8 +130,12 @@ def loader(
         seed=seed,
         shuffle=training if shuffle is None else shuffle,
         drop_remainder=training if drop_remainder is None else drop_remainder,
+        memory_budget_bytes=memory_budget_bytes,
+        reader_threads=reader_threads,
+        pin_memory=pin_memory,
         dataset=dataset_identity(opened.manifest),
-        **options,
+        device=device,
+        device_memory_budget_bytes=device_memory_budget_bytes,
     )
 
 
