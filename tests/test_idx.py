@@ -328,11 +328,11 @@ DEFECTS = {
     "zero dimension": (header_bytes(0x08, (3, 0, 2)), r"zero dimension in shape \(3, 0, 2\)"),
     "zero rank": (bytes([0, 0, 8, 0]), r"absurd number of dimensions 0"),
     "too many dims": (bytes([0, 0, 8, 200]) + bytes(800), r"absurd number of dimensions 200"),
-    "absurd dimensions": (header_bytes(0x0E, (2**32 - 1,) * 3), r"absurd dimensions .*more than the limit"),
-    "absurd (int64 wrap)": (header_bytes(0x08, (2**31, 2**31, 4)), r"absurd dimensions .*18446744073709551616"),
+    "absurd dimensions": (header_bytes(0x0E, (2**32 - 1,) * 3), r"absurd dimensions: .*more than the limit"),
+    "absurd (int64 wrap)": (header_bytes(0x08, (2**31, 2**31, 4)), r"absurd dimensions: .*18446744073709551616"),
     "truncated payload": (GOOD[:-1], r"truncated payload: shape \(2, 3, 4\).*declares 24 data bytes, found 23"),
     "no payload": (GOOD[:16], r"truncated payload.*found 0"),
-    "trailing bytes": (GOOD + b"\x00", r"trailing bytes after the 24 data bytes"),
+    "trailing bytes": (GOOD + b"\x00", r"trailing bytes after the data \(shape \(2, 3, 4\).*24 data bytes\)"),
     "two files glued": (GOOD + GOOD, r"trailing bytes"),
     "header cut in magic": (b"\x00\x00\x08", r"truncated: expected the 4-byte magic number \(4 bytes\), found 3"),
     "header cut in dims": (GOOD[:10], r"truncated: expected 3 dimension sizes \(12 bytes\), found 6 bytes"),
@@ -357,7 +357,7 @@ def test_defects_raise_idx_format_error(tmp_path, container, data, what):
 
 def test_absurd_dimensions_follow_max_payload_bytes(tmp_path):
     path = write_raw(tmp_path / "a.idx", header_bytes(0x0C, (1000, 1000)))
-    with raises_for(str(path), r"absurd dimensions \(1000, 1000\).*4000000 bytes.*limit of 1000000 bytes"):
+    with raises_for(str(path), r"absurd dimensions: shape \(1000, 1000\).*4000000 data bytes.*limit of 1000000 bytes"):
         parse_idx(path, max_payload_bytes=1_000_000)
     with raises_for(str(path), "absurd dimensions"):
         list(reader_chunks(path, 10, max_payload_bytes=1_000_000))
@@ -509,7 +509,7 @@ def test_gzip_bomb_stops_after_the_declared_bytes(tmp_path, gzip_probe):
     tracemalloc.start()
     try:
         start = time.perf_counter()
-        with raises_for(str(path), r"trailing bytes after the 10 data bytes that shape \(10,\) declares"):
+        with raises_for(str(path), r"trailing bytes after the data \(shape \(10,\) of uint8 declares 10 data bytes\)"):
             parse_idx(path)
         elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()

@@ -37,8 +37,6 @@ __all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader",
            "parse_idx", "read_idx", "encode_idx", "write_idx"]  # fmt: skip
 
 GZIP_MAGIC = b"\x1f\x8b"
-MAGIC_BYTES = 4
-DIM_BYTES = 4
 MAX_DIMENSIONS = 16
 # A single IDX payload larger than this is treated as a lying header rather than data (64 GiB).
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 2**30
@@ -74,6 +72,10 @@ class IdxHeader:
         code = CODE_BY_KIND[(self.dtype.kind, self.dtype.itemsize)]
         return bytes([0, 0, code, len(self.shape)]) + struct.pack(f">{len(self.shape)}I", *self.shape)
 
+    def __str__(self) -> str:
+        """How errors describe the header: ``shape (60000, 28, 28) of uint8 declares 47040000 data bytes``."""
+        return f"shape {self.shape} of {self.dtype.name} declares {self.payload_bytes} data bytes"
+
 
 @dataclass(frozen=True)
 class ParsedIdx:
@@ -95,7 +97,7 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
     Raises:
         IdxFormatError: wrong magic number, unknown dtype code, zero or absurd dimensions, or a header cut short.
     """
-    magic = _read_exact(stream, MAGIC_BYTES, name, "the 4-byte magic number")
+    magic = _read_exact(stream, 4, name, "the 4-byte magic number")
     if magic[:2] != b"\x00\x00":
         head = magic
         with contextlib.suppress(IdxFormatError):  # only to say what the file looks like
@@ -112,15 +114,12 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
         raise IdxFormatError(f"{name}: unknown IDX dtype code 0x{code:02X}: expected one of {known}")
     if not 1 <= ndim <= MAX_DIMENSIONS:
         raise IdxFormatError(f"{name}: absurd number of dimensions {ndim}: expected 1 to {MAX_DIMENSIONS}")
-    dims = struct.unpack(f">{ndim}I", _read_exact(stream, DIM_BYTES * ndim, name, f"{ndim} dimension sizes"))
+    dims = struct.unpack(f">{ndim}I", _read_exact(stream, 4 * ndim, name, f"{ndim} dimension sizes"))
     if 0 in dims:
         raise IdxFormatError(f"{name}: zero dimension in shape {dims}: every dimension must be at least 1")
     header = IdxHeader(DTYPE_BY_CODE[code], dims)
     if header.payload_bytes > max_payload_bytes:
-        raise IdxFormatError(
-            f"{name}: absurd dimensions {header.shape}: they declare {header.payload_bytes} bytes of data, "
-            f"more than the limit of {max_payload_bytes} bytes"
-        )
+        raise IdxFormatError(f"{name}: absurd dimensions: {header}, more than the limit of {max_payload_bytes} bytes")
     return header
 
 
@@ -186,19 +185,12 @@ class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
             self.payload_bytes = len(encoded) + self.header.payload_bytes
             if not self._gzipped and size < self.payload_bytes:
                 # Uncompressed input: the size is known, so a lying header fails before any allocation.
-                raise IdxFormatError(self._truncated(size - len(encoded)))
+                raise IdxFormatError(f"{self.name}: truncated payload: {self.header}, found {size - len(encoded)}")
             self._stack = stack.pop_all()
         self._digest = hashlib.sha256(encoded, usedforsecurity=False)
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
-
-    def _truncated(self, found: int) -> str:
-        h = self.header
-        return (
-            f"{self.name}: truncated payload: shape {h.shape} of {h.dtype.name} declares {h.payload_bytes} "
-            f"data bytes, found {found}"
-        )
 
     def read(self, rows: int) -> np.ndarray:
         """The next ``rows`` rows (first dimension) as a native-endian array.
@@ -216,15 +208,15 @@ class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
             buffer = np.empty(rows * row_bytes, dtype=np.uint8)
         except MemoryError as e:
             raise IdxFormatError(
-                f"{self.name}: shape {header.shape} of {header.dtype.name} declares {header.payload_bytes} data "
-                f"bytes, more than this machine can allocate ({rows * row_bytes} bytes needed); a lying header or a "
-                f"file too large"
+                f"{self.name}: {header}, more than this machine can allocate ({rows * row_bytes} bytes needed); a "
+                f"lying header or a file too large"
             ) from e
         filled = 0
         while filled < len(buffer):
             got = _guarded_read(self._stream, buffer.data[filled : filled + READ_CHUNK_BYTES], self.name)
             if not got:
-                raise IdxFormatError(self._truncated(self._rows_read * row_bytes + filled))
+                found = self._rows_read * row_bytes + filled
+                raise IdxFormatError(f"{self.name}: truncated payload: {header}, found {found}")
             filled += got
         self._digest.update(buffer.data)
         self._rows_read += rows
@@ -243,10 +235,8 @@ class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
         if self._rows_read != self.header.shape[0]:
             raise ValueError(f"{self.name}: {self.header.shape[0] - self._rows_read} rows left unread")
         if _guarded_read(self._stream, 1, self.name):
-            raise IdxFormatError(
-                f"{self.name}: trailing bytes after the {self.header.payload_bytes} data bytes that shape "
-                f"{self.header.shape} declares" + (GZIP_TRAILING if self._gzipped else "")
-            )
+            trailing = GZIP_TRAILING if self._gzipped else ""
+            raise IdxFormatError(f"{self.name}: trailing bytes after the data ({self.header}){trailing}")
         self.sha256 = self._digest.hexdigest()
 
 
