@@ -125,8 +125,7 @@ def write_idx_source(
     Raises:
         ValueError: an unknown dataset, defect or split, or a row count below 1.
     """
-    if defect is not None:
-        check_choice("defect", defect, DEFECTS)
+    check_choice("defect", defect, [None, *DEFECTS])
     check_choice("defect_split", defect_split, SPLITS)
     spec, arrays = get_dataset(dataset), {}
     for split, rows, split_seed in (("train", train_rows, seed), ("test", test_rows, seed + 1)):

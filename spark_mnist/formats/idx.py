@@ -39,7 +39,7 @@ __all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader",
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_DIMENSIONS = 16
 # A single IDX payload larger than this is treated as a lying header rather than data (64 GiB).
-DEFAULT_MAX_PAYLOAD_BYTES = 64 * 2**30
+MAX_PAYLOAD_BYTES = 64 * 2**30
 READ_CHUNK_BYTES = 4 * 2**20
 # What trailing bytes in a gzip stream can be: reading on to tell these apart would decompress what a bomb holds.
 GZIP_TRAILING = " (the gzip stream decompresses to more: appended data, a header that lies, or corrupt compressed data)"
@@ -160,7 +160,7 @@ class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
             zero or absurd dimensions, truncated payload, trailing bytes, corrupt or truncated gzip stream.
     """
 
-    def __init__(self, source: Source, name: str | None = None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
+    def __init__(self, source: Source, name: str | None = None, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES):
         self._rows_read = 0
         raw: BinaryIO
         with contextlib.ExitStack() as stack:  # closes what was opened when a check fails
@@ -240,9 +240,7 @@ class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
         self.sha256 = self._digest.hexdigest()
 
 
-def parse_idx(
-    source: Source, name: str | None = None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-) -> ParsedIdx:
+def parse_idx(source: Source, name: str | None = None, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> ParsedIdx:
     """Parse one IDX file, gzip-compressed or plain, into a native-endian numpy array.
 
     Args:
@@ -277,15 +275,14 @@ def encode_idx(array: np.ndarray) -> bytes:
             16 dimensions, a zero dimension, a dimension over 2**32 - 1).
     """
     array = np.asarray(array)
-    key = (array.dtype.kind, array.dtype.itemsize)
-    if key not in CODE_BY_KIND:
+    if (array.dtype.kind, array.dtype.itemsize) not in CODE_BY_KIND:
         raise invalid("dtype", array.dtype.name, "one IDX stores: uint8, int8, int16, int32, float32, float64")
     if not 1 <= array.ndim <= MAX_DIMENSIONS:
         must = f"1 to {MAX_DIMENSIONS} dimensions (IDX has no 0-d arrays), not {array.ndim} dimensions"
         raise invalid("shape", array.shape, must)
     if not all(1 <= d <= 0xFFFFFFFF for d in array.shape):
         raise invalid("shape", array.shape, "dimensions of 1 to 2**32 - 1 each")
-    header = IdxHeader(DTYPE_BY_CODE[CODE_BY_KIND[key]], array.shape)
+    header = IdxHeader(array.dtype.newbyteorder(">"), array.shape)
     return header.encode() + np.ascontiguousarray(array, dtype=header.dtype).tobytes()
 
 
