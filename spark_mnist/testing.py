@@ -33,7 +33,7 @@ import queue
 import socket
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -132,17 +132,16 @@ def write_idx_source(
         if rows < 1:
             raise ValueError(f"Invalid {split}_rows: {rows!r}. Must be at least 1.")
         arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
+    source = IdxSource(Path(directory), spec.name, arrays)
+    source.path.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         for kind, array in zip(("images", "labels"), arrays[split]):
-            write_idx(root / spec.file(split, kind).name, array)
+            write_idx(source.file(split, kind), array)
     if defect is None:
-        return IdxSource(root, spec.name, arrays)
+        return source
     # Plant the defect: overwrite one file of ``defect_split``.
     images, labels = arrays[defect_split]
-    on_labels = defect in ("labels-out-of-range", "count-mismatch")
-    target = root / spec.file(defect_split, "labels" if on_labels else "images").name
+    target = source.file(defect_split, "labels" if defect in ("labels-out-of-range", "count-mismatch") else "images")
     if defect in ("truncated", "html"):
         data = target.read_bytes()
         target.write_bytes(HTML_PAGE if defect == "html" else data[: len(data) // 2])
@@ -150,7 +149,7 @@ def write_idx_source(
         out_of_range = np.concatenate([[spec.num_classes], labels[1:]]).astype(np.uint8)
         bad = {"wrong-magic": images.reshape(-1), "labels-out-of-range": out_of_range, "count-mismatch": labels[:-1]}
         write_idx(target, bad[defect])
-    return IdxSource(root, spec.name, arrays, defect, target)
+    return replace(source, defect=defect, defect_file=target)
 
 
 # --- ingested datasets ------------------------------------------------------------------------------------------------
