@@ -173,12 +173,11 @@ def validate_split(spec: DatasetSpec, images: Any, labels: np.ndarray, images_na
             f"{images_name}: image shape {shape[1:] if len(shape) == 3 else shape} "
             f"is not {spec.name}'s: expected (N, {spec.image_shape[0]}, {spec.image_shape[1]})"
         )
-    if images.dtype != np.uint8:
-        raise DatasetMismatchError(f"{images_name}: dtype {images.dtype}: expected uint8 pixels")
+    for array, array_name, what in ((images, images_name, "pixels"), (labels, labels_name, "labels")):
+        if array.dtype != np.uint8:
+            raise DatasetMismatchError(f"{array_name}: dtype {array.dtype}: expected uint8 {what}")
     if labels.ndim != 1:
         raise DatasetMismatchError(f"{labels_name}: labels of shape {labels.shape}: expected one dimension (N,)")
-    if labels.dtype != np.uint8:
-        raise DatasetMismatchError(f"{labels_name}: dtype {labels.dtype}: expected uint8 labels")
     if shape[0] != len(labels):
         raise DatasetMismatchError(
             f"{labels_name}: {len(labels)} labels for {shape[0]} images in {images_name}: counts must match"
