@@ -124,8 +124,7 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
 
 
 def _read_exact(stream: BinaryIO, size: int, name: str, what: str) -> bytes:
-    data = _guarded_read(stream, size, name)
-    if len(data) != size:
+    if len(data := _guarded_read(stream, size, name)) != size:
         raise IdxFormatError(f"{name}: truncated: expected {what} ({size} bytes), found {len(data)} bytes")
     return data
 
@@ -213,8 +212,7 @@ class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
             ) from e
         filled = 0
         while filled < len(buffer):
-            got = _guarded_read(self._stream, buffer.data[filled : filled + READ_CHUNK_BYTES], self.name)
-            if not got:
+            if not (got := _guarded_read(self._stream, buffer.data[filled : filled + READ_CHUNK_BYTES], self.name)):
                 found = self._rows_read * row_bytes + filled
                 raise IdxFormatError(f"{self.name}: truncated payload: {header}, found {found}")
             filled += got
