@@ -141,8 +141,7 @@ def write_idx_source(
     images, labels = arrays[defect_split]
     target = source.file(defect_split, "labels" if defect in ("labels-out-of-range", "count-mismatch") else "images")
     if defect in ("truncated", "html"):
-        data = target.read_bytes()
-        target.write_bytes(HTML_PAGE if defect == "html" else data[: len(data) // 2])
+        target.write_bytes(HTML_PAGE if defect == "html" else target.read_bytes()[: target.stat().st_size // 2])
     else:  # valid IDX that does not fit the split
         out_of_range = np.concatenate([[spec.num_classes], labels[1:]]).astype(np.uint8)
         bad = {"wrong-magic": images.reshape(-1), "labels-out-of-range": out_of_range, "count-mismatch": labels[:-1]}

@@ -24,9 +24,8 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union, cast
+from typing import Any, BinaryIO, NamedTuple, Union, cast
 
 import numpy as np
 
@@ -54,8 +53,7 @@ CODE_BY_KIND = {(dt.kind, dt.itemsize): code for code, dt in DTYPE_BY_CODE.items
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 
-@dataclass(frozen=True)
-class IdxHeader:
+class IdxHeader(NamedTuple):
     """The header of an IDX file: element dtype (big-endian, as stored) and shape."""
 
     dtype: np.dtype
@@ -77,8 +75,7 @@ class IdxHeader:
         return f"shape {self.shape} of {self.dtype.name} declares {self.payload_bytes} data bytes"
 
 
-@dataclass(frozen=True)
-class ParsedIdx:
+class ParsedIdx(NamedTuple):
     """An IDX file read into memory.
 
     ``array`` is native-endian with the header's shape; ``sha256`` is the hex digest of the decompressed file
