@@ -15,7 +15,7 @@ Fashion-MNIST are the ones in shared/data/README.md.  torchvision folder names a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -28,8 +28,7 @@ SPLITS = ("train", "test")
 IMAGES, LABELS = "images", "labels"
 
 
-@dataclass(frozen=True)
-class DatasetFile:
+class DatasetFile(NamedTuple):
     """One IDX file of a dataset: its standard name and, where known, the sha256 of its decompressed payload."""
 
     name: str
