@@ -52,9 +52,8 @@ def _configure_logging(verbose: bool) -> None:
         handler.setFormatter(_RedactingFormatter("spark-mnist: %(message)s"))
     logger.handlers = [out, err]  # replacing those of an earlier main() in this process
     # Spark's JVM side is quieted by log4j2.properties (see session.spark_session); these are the Python loggers.
-    quiet = {"petastorm": logging.ERROR, "py4j": logging.ERROR, "TorchDistributor": logging.WARNING}
-    for name, quiet_level in quiet.items():
-        logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
+    for name, quiet in {"petastorm": logging.ERROR, "py4j": logging.ERROR, "TorchDistributor": logging.WARNING}.items():
+        logging.getLogger(name).setLevel(logging.INFO if verbose else quiet)
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -7,7 +7,7 @@ expected and what was found.  The CLI turns any :class:`InputError` into one lin
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterable
+from typing import Any, Collection
 
 __all__ = ["InputError", "IdxFormatError", "DatasetMismatchError", "SourceError", "ChecksumMismatchError",
            "DatasetNotFoundError", "EnvironmentMismatchError", "LauncherUnavailableError", "CheckpointError",
@@ -66,13 +66,12 @@ def invalid(name: str, value: object, must: str, error: type[ValueError] = Value
     return error(redact(f"Invalid {name}: {value!r}. Must be {must}."))
 
 
-def check_choice(name: str, value: Any, valid: Iterable, error: type[ValueError] = ValueError) -> Any:
+def check_choice(name: str, value: Any, valid: Collection, error: type[ValueError] = ValueError) -> Any:
     """``value`` when it is one of ``valid``.
 
     Raises:
         ``error`` (``ValueError`` by default): ``Invalid {name}: {value!r}. Must be one of 'a', 'b'.``
     """
-    valid = list(valid)
     if value not in valid:
         raise invalid(name, value, "one of " + ", ".join(map(repr, valid)), error)
     return value

@@ -65,9 +65,9 @@ def ingest(spark, settings: Settings, *, verbose: bool = False) -> Manifest:
     Raises:
         InputError: bad sources or output (its subclasses name the file and what is wrong).
     """
-    s = settings.ingest  # its other settings are run_ingest's keywords: dataset, num_shards, row_group_bytes, strict
+    # every ingest setting is a keyword of run_ingest: source, output, dataset, num_shards, row_group_bytes, strict
     with _session(spark, settings, verbose=verbose) as session, scoped_env(settings.storage.environment()):
-        return run_ingest(session, s.source, s.output, **s.dict(exclude={"source", "output"}))
+        return run_ingest(session, **settings.ingest.dict())
 
 
 def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -98,8 +98,7 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
             (:func:`spark_mnist.launch.torch_distributor.check_shared_run_dir`).
         TrainingFailedError: a rank failed, and kept failing through ``train.max_restarts`` relaunches.
     """
-    t = settings.train
-    on_spark = t.launcher == SPARK_LAUNCHER
+    t, on_spark = settings.train, settings.train.launcher == SPARK_LAUNCHER
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
         require_extra("torch", "torch", "training")
         check(t)
