@@ -135,7 +135,8 @@ def evaluate_model(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
     consume_prefix_in_state_dict_if_present(state, "module.")  # saved from the DDP wrapper rather than the module
-    network = build_model(model, num_classes, image_shape)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network = build_model(model, num_classes, image_shape).to(device).eval()
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
@@ -146,8 +147,6 @@ def evaluate_model(
             f"{model_path}: does not fit a {type(network).__name__} for {dataset} ({num_classes} classes, images "
             f"{image_shape[0]}x{image_shape[1]}){found}: {detail[1].strip() if len(detail) > 1 else detail[0]}"
         ) from e
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network.to(device).eval()
     norm = normalization_for(dataset)
     # (C, C) int64 counts, rows the true class: the labels are checked on the host and the counts summed on
     # ``device``, read back once at the end (no device synchronisation per batch).
