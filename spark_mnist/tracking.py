@@ -6,7 +6,7 @@ name, the manifest's digest and the dataset directory as source, context ``train
 the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
 and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorch_model``) with a tensor signature
 (see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``,
-an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a log line says so.
+an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a warning says so.
 
 Where runs go (:func:`tracking_uri`): ``MLFLOW_TRACKING_URI`` when set; the workspace's tracking server
 (``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns``.
@@ -241,8 +241,7 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
         # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
         requirements = [f"torch=={torch.__version__.split('+')[0]}"]
         mlflow.pytorch.log_model(model, signature=signature, pip_requirements=requirements, **kwargs)
-    except ImportError as e:
-        log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
+    # An ImportError (an MLflow too old or too slim for the flavour) is said the same way as a failure to log it.
     except Exception as e:  # noqa: BLE001 - the model flavour is optional: the state_dict is logged anyway
         log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only", type(e).__name__, e)
 

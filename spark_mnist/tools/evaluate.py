@@ -165,8 +165,7 @@ def evaluate_model(
 
 def format_report(result: EvaluationResult) -> str:
     """A plain-text report: overall accuracy, a per-class table and the confusion matrix, columns aligned."""
-    confusion = result.confusion
-    where = f"{result.dataset} {result.split}"
+    confusion, where = result.confusion, f"{result.dataset} {result.split}"
     lines = [f"accuracy: {result.accuracy:.4f} ({np.trace(confusion)}/{result.samples} images, {where})", ""]
     index_width = len(str(len(result.classes) - 1))
     labels = [f"{i:>{index_width}} {c}" for i, c in enumerate(result.classes)]
