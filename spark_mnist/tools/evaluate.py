@@ -23,7 +23,7 @@ import numpy as np
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
 from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import RowGroup, iter_batches, plan_row_groups, total_rows
+from spark_mnist.shards.parquet import RowGroup, iter_batches, plan_row_groups
 
 if TYPE_CHECKING:
     import torch
@@ -68,13 +68,12 @@ def open_split(data_dir: str | os.PathLike, split: str) -> tuple[contract.Datase
     """
     dataset = contract.open_dataset(data_dir)
     try:
-        paths = dataset.files(split)
+        rows = dataset.rows(split)  # the manifest's count, known before any shard's footer is read
     except ValueError as e:  # "Invalid split: ... Must be one of ...", said with the dataset's place
         raise InputError(f"{dataset.location.shown}: {e}") from e
-    plan = plan_row_groups(paths)
-    if total_rows(plan) == 0:
+    if rows == 0:
         raise DatasetMismatchError(f"{dataset.location.shown}: split {split!r} holds no rows")
-    return dataset, plan
+    return dataset, plan_row_groups(dataset.files(split))
 
 
 def evaluate_model(
