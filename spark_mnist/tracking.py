@@ -230,17 +230,16 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
         # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
         images = TensorSpec(np.dtype(np.float32), (-1, 1, height, width))
         signature = ModelSignature(Schema([images]), Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+        # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
+        kwargs: dict[str, Any] = {"pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"]}
         # torch.__version__ is a TorchVersion, compared as a version, not as a string.
         if "serialization_format" in accepted and torch.__version__ >= "2.4":
             # A batch of 2: torch.export makes a size-1 dimension static, and the batch must stay dynamic.
-            example = np.zeros((2, 1, height, width), dtype=np.float32)
-            kwargs: dict[str, Any] = {"serialization_format": "pt2", "input_example": example}
+            kwargs.update(serialization_format="pt2", input_example=np.zeros((2, 1, height, width), np.float32))
         else:
-            kwargs = {"code_paths": [os.path.dirname(__file__)]}  # this module's folder: the spark_mnist package
+            kwargs["code_paths"] = [os.path.dirname(__file__)]  # this module's folder: the spark_mnist package
         kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
-        # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
-        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-        mlflow.pytorch.log_model(model, signature=signature, pip_requirements=requirements, **kwargs)
+        mlflow.pytorch.log_model(model, signature=signature, **kwargs)
     # An ImportError (an MLflow too old or too slim for the flavour) is said the same way as a failure to log it.
     except Exception as e:  # noqa: BLE001 - the model flavour is optional: the state_dict is logged anyway
         log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only", type(e).__name__, e)
