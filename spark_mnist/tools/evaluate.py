@@ -149,7 +149,7 @@ def evaluate_model(
     norm = normalization_for(dataset)
     # (C, C) int64 counts, rows the true class: the labels are checked on the host and the counts summed on
     # ``device``, read back once at the end (no device synchronisation per batch).
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    counts = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
     with torch.no_grad():
         for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape))):
             if int(y.min()) < 0 or int(y.max()) >= num_classes:
@@ -157,9 +157,8 @@ def evaluate_model(
             images = torch.from_numpy(x).view(-1, 1, *image_shape).to(device, non_blocking=True)
             labels = torch.from_numpy(y).to(device, non_blocking=True)
             predictions = network(normalize(images, norm)).argmax(1)
-            counts += torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    confusion = counts.cpu().numpy().reshape(num_classes, num_classes)
-    return result_from_confusion(confusion, opened.classes, dataset=dataset, split=split, model=model)
+            counts += torch.bincount(labels * num_classes + predictions, minlength=counts.numel()).view_as(counts)
+    return result_from_confusion(counts.cpu().numpy(), opened.classes, dataset=dataset, split=split, model=model)
 
 
 def format_report(result: EvaluationResult) -> str:
