@@ -6,7 +6,7 @@ name, the manifest's digest and the dataset directory as source, context ``train
 the ingest manifest as ``manifest.json``, the ``state_dict`` file as ``model/model.pt``
 and, where ``mlflow.pytorch`` imports, a loadable MLflow PyTorch model (``pytorch_model``) with a tensor signature
 (see :func:`_log_pytorch_model` for its format).  Where the model flavour cannot be logged (no ``mlflow.pytorch``,
-an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a log line says so.
+an MLflow too old or too slim for it), only the ``state_dict`` artifact is logged and a warning says so.
 
 Where runs go (:func:`tracking_uri`): ``MLFLOW_TRACKING_URI`` when set; the workspace's tracking server
 (``databricks``) on a Databricks cluster; else a local file store, ``<run_dir>/mlruns``.
@@ -51,24 +51,19 @@ __all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "spark-mnist"
-NOT_INSTALLED = "MLflow is not installed; tracking is off (pip install 'spark-mnist[mlflow]')"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow >= 3.13 refuses the file store unless this is "true".
 ALLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
-DATABRICKS_ENV = "DATABRICKS_RUNTIME_VERSION"
 MODEL_NAME = "pytorch_model"
 # Per-epoch figures of ``metrics["history"]`` logged as MLflow metrics with step = epoch.
 EPOCH_METRICS = ("train_loss", "test_loss", "test_accuracy", "samples_per_s", "data_wait_fraction", "epoch_seconds")
 # The facts of the run logged as ``run.*`` params.
 RUN_PARAMS = "dataset world_size device loader steps_per_epoch batch_size samples_per_epoch epochs".split()
-# MLflow's limits (every MLflow from 2.9 on): param values of at most 6000 characters, keys of at most 250 characters
-# from letters, digits, "_", "-", ".", " " and "/".
-_KEY_CHARS = re.compile(r"[^\w\-. /]")
 
 
 def on_databricks() -> bool:
     """Whether this process runs on a Databricks cluster (the runtime sets ``DATABRICKS_RUNTIME_VERSION``)."""
-    return bool(os.environ.get(DATABRICKS_ENV))
+    return bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
 
 
 def tracking_uri(run_dir: str | os.PathLike) -> str:
@@ -89,7 +84,9 @@ def flatten_params(settings: Mapping[str, Any], prefix: str = "", *, max_value_l
     redacted (:func:`spark_mnist.paths.redact`), then cut to ``max_value_length`` characters."""
     out: dict[str, str] = {}
     for key, value in settings.items():
-        name = _KEY_CHARS.sub("_", f"{prefix}{key}")[:250]
+        # MLflow's limits (every MLflow from 2.9 on): param values of at most 6000 characters, keys of at most 250
+        # characters from letters, digits, "_", "-", ".", " " and "/".
+        name = re.sub(r"[^\w\-. /]", "_", f"{prefix}{key}")[:250]
         if isinstance(value, Mapping) and value:
             out.update(flatten_params(value, f"{name}.", max_value_length=max_value_length))
             continue
@@ -133,7 +130,7 @@ def log_training_run(
     try:
         import mlflow  # an optional extra: training runs without it
     except ImportError:
-        log.info(NOT_INSTALLED)
+        log.info("MLflow is not installed; tracking is off (pip install 'spark-mnist[mlflow]')")
         return None
     except Exception as e:  # noqa: BLE001 - a broken install (e.g. a protobuf clash) must not fail training
         log.warning("MLflow failed to import, tracking is off: %s: %s", type(e).__name__, e)
@@ -170,13 +167,12 @@ def log_training_run(
                     _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest)
                 else:
                     log.warning("no model file at %s; the MLflow run has no model", model_path)
-                run_id = run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking must never fail training
         error = f"{type(e).__name__}: {redact(str(e))}"
         log.warning("MLflow tracking to %s failed, training results are not tracked: %s", uri, error)
         return None
-    log.info("MLflow run %s logged to %s", run_id, uri)
-    return run_id
+    log.info("MLflow run %s logged to %s", run.info.run_id, uri)
+    return run.info.run_id
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -234,19 +230,17 @@ def _log_pytorch_model(mlflow, model_path: str, model_name: str | None, manifest
         # float32 (-1, 1, H, W) normalised images -> float32 (-1, classes) logits.
         images = TensorSpec(np.dtype(np.float32), (-1, 1, height, width))
         signature = ModelSignature(Schema([images]), Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+        # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
+        kwargs: dict[str, Any] = {"pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"]}
         # torch.__version__ is a TorchVersion, compared as a version, not as a string.
         if "serialization_format" in accepted and torch.__version__ >= "2.4":
             # A batch of 2: torch.export makes a size-1 dimension static, and the batch must stay dynamic.
-            example = np.zeros((2, 1, height, width), dtype=np.float32)
-            kwargs: dict[str, Any] = {"serialization_format": "pt2", "input_example": example}
+            kwargs.update(serialization_format="pt2", input_example=np.zeros((2, 1, height, width), np.float32))
         else:
-            kwargs = {"code_paths": [os.path.dirname(__file__)]}  # this module's folder: the spark_mnist package
+            kwargs["code_paths"] = [os.path.dirname(__file__)]  # this module's folder: the spark_mnist package
         kwargs["name" if "name" in accepted else "artifact_path"] = MODEL_NAME  # MLflow 3 / MLflow 2
-        # Explicit requirements: MLflow's inference would load the model in a subprocess (seconds).
-        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-        mlflow.pytorch.log_model(model, signature=signature, pip_requirements=requirements, **kwargs)
-    except ImportError as e:
-        log.info("mlflow.pytorch is unavailable (%s); logged the state_dict only", e)
+        mlflow.pytorch.log_model(model, signature=signature, **kwargs)
+    # An ImportError (an MLflow too old or too slim for the flavour) is said the same way as a failure to log it.
     except Exception as e:  # noqa: BLE001 - the model flavour is optional: the state_dict is logged anyway
         log.warning("could not log the MLflow PyTorch model (%s: %s); logged the state_dict only", type(e).__name__, e)
 

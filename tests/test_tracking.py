@@ -25,7 +25,7 @@ EPOCHS = 3
 @pytest.fixture(autouse=True)
 def clean_tracking_env(monkeypatch):
     """No tracking variables from the caller's environment."""
-    for name in (tracking.TRACKING_URI_ENV, tracking.DATABRICKS_ENV, tracking.ALLOW_FILE_STORE_ENV):
+    for name in (tracking.TRACKING_URI_ENV, "DATABRICKS_RUNTIME_VERSION", tracking.ALLOW_FILE_STORE_ENV):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -68,13 +68,13 @@ def test_tracking_uri_is_a_file_store_under_the_run_dir(tmp_path, monkeypatch):
 
 
 def test_tracking_uri_on_databricks_is_the_workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv(tracking.DATABRICKS_ENV, "15.4")
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "15.4")
     assert tracking.on_databricks()
     assert tracking.tracking_uri(tmp_path) == "databricks"
 
 
 def test_explicit_tracking_uri_wins(tmp_path, monkeypatch):
-    monkeypatch.setenv(tracking.DATABRICKS_ENV, "15.4")
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "15.4")
     monkeypatch.setenv(tracking.TRACKING_URI_ENV, "http://mlflow.example:5000")
     assert tracking.tracking_uri(tmp_path) == "http://mlflow.example:5000"
 
@@ -107,7 +107,8 @@ def test_without_mlflow_training_goes_on_and_says_so_once(tmp_path, monkeypatch,
     with caplog.at_level(logging.DEBUG, logger=tracking_log.name):
         run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run")
     assert run_id is None
-    assert [r.getMessage() for r in caplog.records if r.name == tracking_log.name] == [tracking.NOT_INSTALLED]
+    assert [r.getMessage() for r in caplog.records if r.name == tracking_log.name] == [
+        "MLflow is not installed; tracking is off (pip install 'spark-mnist[mlflow]')"]
     assert not (tmp_path / "run" / "mlruns").exists()
 
 

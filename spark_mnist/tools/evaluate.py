@@ -23,7 +23,7 @@ import numpy as np
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
 from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import RowGroup, iter_batches, plan_row_groups, total_rows
+from spark_mnist.shards.parquet import RowGroup, iter_batches, plan_row_groups
 
 if TYPE_CHECKING:
     import torch
@@ -68,13 +68,12 @@ def open_split(data_dir: str | os.PathLike, split: str) -> tuple[contract.Datase
     """
     dataset = contract.open_dataset(data_dir)
     try:
-        paths = dataset.files(split)
+        rows = dataset.rows(split)  # the manifest's count, known before any shard's footer is read
     except ValueError as e:  # "Invalid split: ... Must be one of ...", said with the dataset's place
         raise InputError(f"{dataset.location.shown}: {e}") from e
-    plan = plan_row_groups(paths)
-    if total_rows(plan) == 0:
+    if rows == 0:
         raise DatasetMismatchError(f"{dataset.location.shown}: split {split!r} holds no rows")
-    return dataset, plan
+    return dataset, plan_row_groups(dataset.files(split))
 
 
 def evaluate_model(
@@ -135,7 +134,8 @@ def evaluate_model(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
     consume_prefix_in_state_dict_if_present(state, "module.")  # saved from the DDP wrapper rather than the module
-    network = build_model(model, num_classes, image_shape)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network = build_model(model, num_classes, image_shape).to(device).eval()
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
@@ -146,12 +146,10 @@ def evaluate_model(
             f"{model_path}: does not fit a {type(network).__name__} for {dataset} ({num_classes} classes, images "
             f"{image_shape[0]}x{image_shape[1]}){found}: {detail[1].strip() if len(detail) > 1 else detail[0]}"
         ) from e
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network.to(device).eval()
     norm = normalization_for(dataset)
     # (C, C) int64 counts, rows the true class: the labels are checked on the host and the counts summed on
     # ``device``, read back once at the end (no device synchronisation per batch).
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    counts = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
     with torch.no_grad():
         for x, y in iter_batches(plan, batch_size, int(np.prod(image_shape))):
             if int(y.min()) < 0 or int(y.max()) >= num_classes:
@@ -159,15 +157,13 @@ def evaluate_model(
             images = torch.from_numpy(x).view(-1, 1, *image_shape).to(device, non_blocking=True)
             labels = torch.from_numpy(y).to(device, non_blocking=True)
             predictions = network(normalize(images, norm)).argmax(1)
-            counts += torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    confusion = counts.cpu().numpy().reshape(num_classes, num_classes)
-    return result_from_confusion(confusion, opened.classes, dataset=dataset, split=split, model=model)
+            counts += torch.bincount(labels * num_classes + predictions, minlength=counts.numel()).view_as(counts)
+    return result_from_confusion(counts.cpu().numpy(), opened.classes, dataset=dataset, split=split, model=model)
 
 
 def format_report(result: EvaluationResult) -> str:
     """A plain-text report: overall accuracy, a per-class table and the confusion matrix, columns aligned."""
-    confusion = result.confusion
-    where = f"{result.dataset} {result.split}"
+    confusion, where = result.confusion, f"{result.dataset} {result.split}"
     lines = [f"accuracy: {result.accuracy:.4f} ({np.trace(confusion)}/{result.samples} images, {where})", ""]
     index_width = len(str(len(result.classes) - 1))
     labels = [f"{i:>{index_width}} {c}" for i, c in enumerate(result.classes)]

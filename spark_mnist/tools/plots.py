@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from spark_mnist.errors import InputError, invalid
+from spark_mnist.errors import InputError, invalid, require_extra
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
 from spark_mnist.shards.parquet import read_pieces, total_rows
@@ -26,17 +26,14 @@ __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_p
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'spark-mnist[plots]'"
 DPI = 100
 
 
 def _figure(width: float, height: float, layout: Literal["compressed", "constrained", "tight"]):
-    """A new figure, not known to pyplot."""
-    try:  # matplotlib: the plots extra; training and the other commands run without it
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise InputError(f"drawing pictures needs matplotlib, which is not installed: {INSTALL_HINT}") from e
-    return Figure(figsize=(width, height), dpi=DPI, layout=layout)
+    """A new figure, not known to pyplot; :class:`~spark_mnist.errors.EnvironmentMismatchError` (an
+    :class:`~spark_mnist.errors.InputError`) with the install hint where matplotlib is missing."""
+    figure = require_extra("matplotlib.figure", "plots", "drawing pictures")  # the plots extra, imported when drawing
+    return figure.Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
 def _save(figure, out_png: str | os.PathLike) -> Path:

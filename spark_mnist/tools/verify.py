@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -146,18 +145,18 @@ def verify_source(
         SourceError: ``directory`` is not a local directory (missing, or an object-store URI).
     """
     spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
-    root = Path(require_local(directory, "verify"))
-    if not root.is_dir():
+    root = require_local(directory, "verify")  # absolute and normalised
+    if not os.path.isdir(root):
         raise SourceError(f"{root}: source directory not found")
     files, splits = [], []
     for split in SPLITS:
         names, arrays = {kind: spec.file(split, kind).name for kind in (IMAGES, LABELS)}, {}
         for kind, name in names.items():
-            path, expected = root / name, spec.file(split, kind).sha256
+            path, expected = os.path.join(root, name), spec.file(split, kind).sha256
             try:
                 parsed = parse_idx(path)
             except InputError as e:  # "missing" where there is no such file (or a directory of its name)
-                status = "missing" if not path.is_file() else f"error: {str(e).removeprefix(f'{path}: ')}"
+                status = "missing" if not os.path.isfile(path) else f"error: {str(e).removeprefix(f'{path}: ')}"
                 files.append(FileReport(name, status, expected=expected))
                 continue
             array, status = parsed.array, OK if expected in (None, parsed.sha256) else HASH_MISMATCH
@@ -175,7 +174,7 @@ def verify_source(
                 status = f"error: {e}"
         # The split's rows are its labels file's (the last report made), None where that could not be read.
         splits.append(SplitReport(split, status, files[-1].rows, spec.split_sizes.get(split), histogram))
-    return VerifyReport(spec.name, str(root), tuple(files), tuple(splits), strict)
+    return VerifyReport(spec.name, root, tuple(files), tuple(splits), strict)
 
 
 def _cut(text: str | None, width: int) -> str | None:
