@@ -282,7 +282,6 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
             except NETWORK_ERRORS as e:
                 dropped = f"connection dropped after {out.tell()} of {end or '?'} bytes"
                 raise _Retryable(f"{dropped} ({type(e).__name__})") from e
-            written = out.tell()
-        if end is not None and written < end:
-            raise _Retryable(f"connection dropped after {written} of {end} bytes")
+            if end is not None and out.tell() < end:
+                raise _Retryable(f"connection dropped after {out.tell()} of {end} bytes")
         return offset > 0
