@@ -81,11 +81,6 @@ class Split:
     files: tuple[ShardFile, ...]
     label_histogram: tuple[int, ...] = ()
 
-    @property
-    def rows_per_shard(self) -> list[int]:
-        """Rows of each shard, in shard order."""
-        return [f.rows for f in self.files]
-
 
 @dataclass(frozen=True)
 class Manifest:
