@@ -74,9 +74,8 @@ def current_manifest(out: Location) -> Manifest | None:
         SourceError: ``out`` is on no file system this machine reaches (:func:`spark_mnist.fs.filesystem`).
         OSError: the store failed.
     """
-    filesystem, root = fs.filesystem(out)
     try:
-        return read_manifest(filesystem, root.rstrip("/"), out.join(MANIFEST_NAME).shown)
+        return read_manifest(*fs.filesystem(out), out.join(MANIFEST_NAME).shown)
     except DatasetNotFoundError as e:
         log.info("%s: replacing what is there (%s)", out.shown, e)
         return None

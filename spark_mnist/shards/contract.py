@@ -167,7 +167,7 @@ def read_manifest(filesystem: "FileSystem", root: str, where: str) -> Manifest |
     """
     for attempt in range(1, MANIFEST_READ_TRIES + 1):
         try:
-            with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}") as stream:
+            with filesystem.open_input_stream(f"{root.rstrip('/')}/{MANIFEST_NAME}") as stream:
                 return Manifest.from_json(stream.read(), where)
         except FileNotFoundError:
             return None
