@@ -109,7 +109,7 @@ def filesystem(location: Location) -> "tuple[FileSystem, str]":
             f"{redact(location.uri)}: /Volumes paths need the /Volumes FUSE mount, which this machine does not have; "
             f"run on a Databricks cluster, or use an s3://, gs://, abfss:// or hdfs:// URI"
         )
-    uri = _with_s3_endpoint(location.uri)
+    uri = task_uri(location)  # a URI here: ``display`` is ``uri``
     if (azure := _azure_filesystem(uri)) is not None:
         return azure
     try:
@@ -129,18 +129,14 @@ def task_uri(location: Location) -> str:
     (``AWS_ENDPOINT_URL``, e.g. from the ``storage.s3_endpoint_url`` setting) written in where it names none, so
     executors that lack the variable (an existing session's, a Spark Connect server's) reach the store the driver
     reaches; else :attr:`Location.display <spark_mnist.paths.Location.display>`.  Credentials are not written in:
-    the executors' own chain gives them."""
-    return _with_s3_endpoint(location.display)
-
-
-def _with_s3_endpoint(uri: str) -> str:
-    """``uri`` with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (``http://host:port``) as its endpoint, where
-    it is an ``s3://`` URI that names none itself; else ``uri`` as it is."""
+    the executors' own chain gives them; :func:`filesystem` resolves a URI with the endpoint so written in.
+    ``AWS_ENDPOINT_URL_S3`` is taken before ``AWS_ENDPOINT_URL`` (``http://host:port``); a URI that names its own
+    endpoint stays as it is."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    parts = urlsplit(uri)
+    parts = urlsplit(location.display)
     query = dict(parse_qsl(parts.query))
     if parts.scheme != "s3" or not endpoint or "endpoint_override" in query:
-        return uri
+        return location.display
     endpoint_parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     query.update(endpoint_override=endpoint_parts.netloc, scheme=endpoint_parts.scheme)
     return urlunsplit(parts._replace(query=urlencode(query)))

@@ -175,7 +175,7 @@ def test_manifest_write_falls_back_to_a_whole_write_where_rename_is_refused(tmp_
 ])
 def test_s3_endpoint_from_aws_endpoint_url_unless_the_uri_names_one(monkeypatch, uri, endpoint):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    rewritten = fs._with_s3_endpoint(uri)
+    rewritten = fs.task_uri(normalize_uri(uri))
     if "endpoint_override" in uri:
         assert rewritten == uri
     else:

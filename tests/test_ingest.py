@@ -41,8 +41,8 @@ def test_round_trip_byte_for_byte(spark, small_source, tmp_path):
         assert np.array_equal(pixels, images.reshape(len(images), -1))
         assert np.array_equal(got_labels, labels)
         info = manifest.splits[split]
-        assert info.rows == len(labels) and sum(rows) == len(labels) == sum(info.rows_per_shard)
-        assert rows == info.rows_per_shard and len(rows) == 4
+        assert info.rows == len(labels) and sum(rows) == len(labels) == sum(f.rows for f in info.files)
+        assert rows == [f.rows for f in info.files] and len(rows) == 4
         assert list(info.label_histogram) == np.bincount(labels, minlength=10).tolist()
         for k, shard in enumerate(info.files):  # path relative to OUT, under the generation; bytes as on disk
             assert shard.path == f"{manifest.generation}/{split}/part-{k:05d}.parquet"
@@ -255,7 +255,7 @@ def test_streamed_ingest_in_chunks_matches_source(spark, small_source, tmp_path)
     out = tmp_path / "out"
     manifest = ingest(spark, str(source), str(out), num_shards=2, chunk_rows=100)
     info = manifest.splits["train"]
-    assert len(info.files) == 6 and max(info.rows_per_shard) <= 100  # shards raised to fit the chunk
+    assert len(info.files) == 6 and max(f.rows for f in info.files) <= 100  # shards raised to fit the chunk
     for split, (images, labels) in arrays.items():
         index, pixels, got_labels, _ = read_split(out, split)
         assert np.array_equal(index, np.arange(len(labels)))

@@ -49,9 +49,8 @@ def new_generation(after: str | None = None) -> str:
     """A new generation name, ``<UTC time, microseconds>Z_<12 hex digits>``, e.g.
     ``20261203T141352123456Z_3f2a9c01b7d4``; later than ``after`` (the current manifest's generation) even where
     this machine's clock is behind the one that wrote it, so names sort by start."""
-    now, previous = datetime.now(timezone.utc), generation_start(after or "")
-    if previous is not None:
-        now = max(now, previous + timedelta(microseconds=1))
+    previous = generation_start(after or "") or datetime.min.replace(tzinfo=timezone.utc)
+    now = max(datetime.now(timezone.utc), previous + timedelta(microseconds=1))
     return f"{now.strftime(GENERATION_TIME)}_{uuid.uuid4().hex[:12]}"
 
 
@@ -75,9 +74,8 @@ def current_manifest(out: Location) -> Manifest | None:
         SourceError: ``out`` is on no file system this machine reaches (:func:`spark_mnist.fs.filesystem`).
         OSError: the store failed.
     """
-    filesystem, root = fs.filesystem(out)
     try:
-        return read_manifest(filesystem, root.rstrip("/"), out.join(MANIFEST_NAME).shown)
+        return read_manifest(*fs.filesystem(out), out.join(MANIFEST_NAME).shown)
     except DatasetNotFoundError as e:
         log.info("%s: replacing what is there (%s)", out.shown, e)
         return None

@@ -81,11 +81,6 @@ class Split:
     files: tuple[ShardFile, ...]
     label_histogram: tuple[int, ...] = ()
 
-    @property
-    def rows_per_shard(self) -> list[int]:
-        """Rows of each shard, in shard order."""
-        return [f.rows for f in self.files]
-
 
 @dataclass(frozen=True)
 class Manifest:
@@ -172,7 +167,7 @@ def read_manifest(filesystem: "FileSystem", root: str, where: str) -> Manifest |
     """
     for attempt in range(1, MANIFEST_READ_TRIES + 1):
         try:
-            with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}") as stream:
+            with filesystem.open_input_stream(f"{root.rstrip('/')}/{MANIFEST_NAME}") as stream:
                 return Manifest.from_json(stream.read(), where)
         except FileNotFoundError:
             return None
@@ -263,14 +258,12 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     files = manifest.files()
     for shard, info in zip(files, filesystem.get_file_info([f"{root}/{f.path}" for f in files])):
         uri = location.join(*shard.path.split("/")).shown
-        if info.size is None:  # nothing there (or a directory): no file of the manifest's
+        if info.size != shard.bytes:  # a size of None: nothing there (or a directory), no file of the manifest's
             raise DatasetNotFoundError(
-                f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset "
-                f"was removed or replaced under the reader, re-run ingest or reopen it"
-            )
-        if info.size != shard.bytes:
-            raise DatasetNotFoundError(
-                f"{uri}: {info.size} bytes, the manifest says {shard.bytes}: the file was "
-                f"changed after the ingest; re-run ingest"
+                f"{uri}: missing; the manifest names it ({shard.bytes} bytes): the dataset was removed or replaced "
+                "under the reader, re-run ingest or reopen it"
+                if info.size is None
+                else f"{uri}: {info.size} bytes, the manifest says {shard.bytes}: the file was changed after the "
+                "ingest; re-run ingest"
             )
     return Dataset(location, manifest, filesystem, root)

@@ -144,7 +144,7 @@ def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
     URLs (petastorm's converter names its files so) or object stores' URIs, each opened by :func:`_open_parquet`.
     """
     plan, start = [], 0
-    for path in sorted(paths, key=lambda path: normalize_uri(path).local_path or normalize_uri(path).uri):
+    for path in sorted(paths, key=lambda path: normalize_uri(path).display):
         with _open_parquet(path) as f:
             metadata = f.metadata
         for i in range(metadata.num_row_groups):

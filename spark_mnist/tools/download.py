@@ -40,7 +40,7 @@ from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_datase
 from spark_mnist.errors import ChecksumMismatchError, IdxFormatError, InputError, SourceError, invalid
 from spark_mnist.formats.idx import GZIP_MAGIC
 from spark_mnist.formats.keras_npz import npz_to_idx_dir
-from spark_mnist.fs import replacing
+from spark_mnist.fs import filesystem, replacing
 from spark_mnist.paths import normalize_uri, require_local
 from spark_mnist.tools.verify import verify_file
 
@@ -193,9 +193,7 @@ def _target_dirs(to: str | os.PathLike) -> tuple[Path, Path]:
     under the system temporary directory for DBFS and volumes (their FUSE mounts do not support appending), the
     target's own path below ``spark-mnist-download/`` (so a later run resumes there)."""
     location = normalize_uri(require_local(to, "download"))
-    if location.os_path is None:
-        raise SourceError(f"{location.local_path}: no {location.kind} mount on this machine (not on Databricks?)")
-    target = Path(location.os_path)
+    target = Path(filesystem(location)[1])  # refuses dbfs:/ and /Volumes without their FUSE mount here
     staging = target if location.kind == "local" else Path(tempfile.gettempdir(), f"spark-mnist-download{target}")
     for directory in (target, staging):
         directory.mkdir(parents=True, exist_ok=True)
@@ -282,7 +280,6 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
             except NETWORK_ERRORS as e:
                 dropped = f"connection dropped after {out.tell()} of {end or '?'} bytes"
                 raise _Retryable(f"{dropped} ({type(e).__name__})") from e
-            written = out.tell()
-        if end is not None and written < end:
-            raise _Retryable(f"connection dropped after {written} of {end} bytes")
+            if end is not None and out.tell() < end:
+                raise _Retryable(f"connection dropped after {out.tell()} of {end} bytes")
         return offset > 0
