@@ -85,10 +85,8 @@ def choose_converter(settings: TrainSettings, *, connect: bool = False) -> Conve
             cannot run, or ``loader: petastorm`` with ``converter: none``; one line naming the versions and the fix.
     """
     if settings.loader == "petastorm" and settings.converter == "none":
-        must = (
-            "'auto' or 'petastorm' with train.loader 'petastorm' (the petastorm loader reads through petastorm's "
-            "converter), or set train.loader to 'spark-mnist'"
-        )
+        must = "'auto' or 'petastorm' with train.loader 'petastorm' (the petastorm loader reads through petastorm's "
+        must += "converter), or set train.loader to 'spark-mnist'"
         raise invalid("train.converter", "none", must, EnvironmentMismatchError)
     if settings.converter == "none":
         return ConverterChoice("none", "converter 'none' set")

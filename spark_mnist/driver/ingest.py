@@ -79,9 +79,8 @@ def ingest(
         OSError: the ingest took longer than :data:`~spark_mnist.shards.commit.RETENTION_S`; nothing was
             published.
     """
-    if num_shards is None:
-        # One shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.
-        num_shards = session.default_parallelism(spark)
+    # By default one shard per Spark core: the write is one wave of tasks, and Spark's cost is per task.
+    num_shards = session.default_parallelism(spark) if num_shards is None else num_shards
     for name, value in (("num_shards", num_shards), ("row_group_bytes", row_group_bytes), ("chunk_rows", chunk_rows)):
         if value < 1:
             raise invalid(name, value, "at least 1", InputError)

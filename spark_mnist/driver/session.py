@@ -219,8 +219,7 @@ def spark_session(settings: SparkSettings, *, verbose: bool = False) -> Iterator
     if active is not None:  # not this function's to stop
         yield active
         return
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(scoped_env({}, restore=CONNECT_ENV))
+    with scoped_env({}, restore=CONNECT_ENV), contextlib.ExitStack() as stack:
         if databricks_session is not None:
             try:
                 spark = databricks_session.builder.getOrCreate()

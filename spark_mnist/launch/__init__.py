@@ -239,12 +239,11 @@ def run_with_restarts(
         try:
             return {**attempt(resume), "restarts": restarts}
         except TrainingFailedError as e:
-            cause = str(e).splitlines()[0]
             if restarts >= max_restarts or is_bad_input(e):
                 if restarts:
-                    log.warning("training failed after %d restart(s) of %d: %s", restarts, max_restarts, cause)
+                    log.warning("training failed after %d restart(s) of %d: %s", restarts, max_restarts, e.summary)
                 raise
             restarts += 1
             resume = resume or _stat(checkpoint) != before
             where = f"from the last checkpoint, {checkpoint}" if resume else "from the start (no checkpoint yet)"
-            log.warning("restart %d/%d %s after: %s", restarts, max_restarts, where, cause)
+            log.warning("restart %d/%d %s after: %s", restarts, max_restarts, where, e.summary)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, cast
 
 from spark_mnist.errors import SourceError
-from spark_mnist.paths import DBFS_FUSE_ROOT, VOLUMES_ROOT, normalize_uri, redact
+from spark_mnist.paths import normalize_uri, redact
 
 __all__ = ["run", "check_shared_run_dir"]
 
@@ -43,11 +43,8 @@ def check_shared_run_dir(run_dir: str | None, master: str | None) -> None:
         SourceError: a run directory on the driver's own disk (``/tmp/...``, a relative path) with executors
             elsewhere; one line naming it and the fix.
     """
-    if run_dir is None or (master is not None and master.startswith("local")):
-        return
-    local = normalize_uri(run_dir).local_path
-    # Where a path is the same on the driver and every executor of a Databricks cluster (FUSE mounts).
-    if local is not None and any((local + "/").startswith(root + "/") for root in (DBFS_FUSE_ROOT, VOLUMES_ROOT)):
+    # dbfs and volume: where a path is the same on the driver and every executor of a Databricks cluster (FUSE).
+    if run_dir is None or (master or "").startswith("local") or normalize_uri(run_dir).kind in ("dbfs", "volume"):
         return
     where = redact(master) if master else "not on this machine"
     raise SourceError(
