@@ -1,13 +1,13 @@
 """The per-rank DDP training loop: the function ``TorchDistributor`` runs in every rank.
 
-Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), joins the process group
-(:mod:`spark_mnist.rank.process`), trains on its exact share of the training split
-(:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time (``_Run.train_step``, fetching each
-batch through :class:`DataWait`), evaluates on its share of the full test split (``_Run.evaluate``, counts summed
-over ranks), and rank 0 prints per-epoch figures, checkpoints (:mod:`spark_mnist.rank.checkpoint`) and saves the
-model ``state_dict`` and the metrics in the run directory (:mod:`spark_mnist.runs`); drawing the curves is the
-caller's (the metrics' ``history``).  As pytorch/examples ``mnist/main.py``, the step and the evaluation are short
-functions apart from the loop.
+Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), sets its torch threads and its device,
+joins the process group from torchrun's environment (Spark's ``ml/torch/distributor.py`` docs give it), trains on
+its exact share of the training split (:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time
+(``_Run.train_step``, fetching each batch through :class:`DataWait`), evaluates on its share of the full test split
+(``_Run.evaluate``, counts summed over ranks), and rank 0 prints per-epoch figures, checkpoints
+(:mod:`spark_mnist.rank.checkpoint`) and saves the model ``state_dict`` and the metrics in the run directory
+(:mod:`spark_mnist.runs`); drawing the curves is the caller's (the metrics' ``history``).  As pytorch/examples
+``mnist/main.py``, the step and the evaluation are short functions apart from the loop.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import inspect
 import json
 import logging
 import os
 import time
+from datetime import timedelta
 from typing import Any, Generator, Iterator
 
 import torch
@@ -26,22 +28,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.errors import InputError
+from spark_mnist.errors import EnvironmentMismatchError, InputError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
 from spark_mnist.models import build_model, normalization_for, normalize
-from spark_mnist.rank import process
 from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, to_cpu
 from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.rank.petastorm import petastorm_batches
 from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
-__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker", "DataWait"]
+__all__ = ["PROGRESS_LINES_PER_EPOCH", "PROCESS_GROUP_TIMEOUT", "train_worker", "threads_per_rank", "DataWait"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_LINES_PER_EPOCH = 4
+# The longest a rank waits in one collective (or at the rendezvous of init_process_group) for the other ranks: a rank
+# that died or hangs then fails the others with a timeout error instead of holding the job.  Far above any step,
+# evaluation or checkpoint save of these models; torch's own default for nccl.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 
 
 def train_worker(job: TrainJob) -> dict[str, Any]:
@@ -73,7 +78,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         time, the share the device waited for batches, summed over ranks, in [0, 1]:
         :class:`DataWait`) and ``epoch_seconds`` (s).
     Model and checkpoint files hold CPU tensors (a plain ``torch.load`` works without a GPU).  Collectives time out
-    after :data:`spark_mnist.rank.process.PROCESS_GROUP_TIMEOUT`; after an error the process group is aborted, not
+    after :data:`PROCESS_GROUP_TIMEOUT`; after an error the process group is aborted, not
     destroyed, so a rank never waits on peers that are gone.
 
     Raises:
@@ -92,22 +97,82 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     world = World.from_env()
     started = time.perf_counter()
     try:
-        torch.set_num_threads(process.threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
-        device = process.rank_device(job.settings.use_gpu, world.local_rank)
-        process.init_process_group(device)
+        torch.set_num_threads(threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
+        device = _rank_device(job.settings.use_gpu, world.local_rank)
+        _init_process_group(device)
         result = _train(job, world, device, started)
         # Every rank's process ends together (rank 0 writes the outputs last), so that torch's elastic agents meet at
         # their exit barrier at once (launch/torch_distributor.py).
         dist.barrier()
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
-        process.abort_process_group()
+        _abort_process_group()
         raise
     # DDP lives in a reference cycle, with the process group: freed now, while the interpreter lives, not at its
     # teardown, where gloo's threads can abort the process (SIGABRT; pytorch/pytorch#179291) and fail the launch.
     gc.collect()
     dist.destroy_process_group()
     return result
+
+
+def threads_per_rank(setting: int, local_world_size: int) -> int:
+    """Torch threads of one rank: ``setting`` (``train.threads_per_rank``) when set, else the cores this process may
+    run on (its CPU affinity, else the machine's) divided among the ``local_world_size`` ranks on the node, at
+    least 1."""
+    # sched_getaffinity: not on macOS or Windows.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return setting or max(1, cores // local_world_size)
+
+
+def _rank_device(use_gpu: bool, local_rank: int) -> torch.device:
+    """``cuda:local_rank`` (made the current device) with ``use_gpu``, else the CPU.  The launchers give each rank its
+    GPUs through ``CUDA_VISIBLE_DEVICES`` (TorchDistributor: the GPUs it picked on the driver, or the Spark task's), so
+    ``LOCAL_RANK`` indexes the devices the process sees.
+
+    Raises:
+        RuntimeError: ``use_gpu`` where torch sees no CUDA device.
+        EnvironmentMismatchError: ``LOCAL_RANK`` at or above the CUDA devices this process sees (more ranks on the
+            node than GPUs).
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is set but torch sees no CUDA device on this worker")
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise EnvironmentMismatchError(
+            f"LOCAL_RANK {local_rank} has no GPU of its own: torch sees {visible} CUDA device(s) on this worker"
+            f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; one GPU per rank: start at most "
+            f"{visible} rank(s) per node (num_processes)"
+        )
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def _init_process_group(device: torch.device) -> None:
+    """Join the process group from torchrun's environment: ``nccl`` bound to ``device`` on a GPU, else ``gloo``;
+    collectives time out after :data:`PROCESS_GROUP_TIMEOUT`.
+
+    Raises:
+        RuntimeError: the group fails to form (the rendezvous unreachable, a timeout).
+    """
+    bound: dict[str, Any] = {}
+    # device_id binds the communicator to the rank's GPU at once (torch >= 2.3; the torch extra admits 2.1).
+    if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        bound["device_id"] = device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **bound)
+
+
+def _abort_process_group() -> None:
+    """Tear the process group down after an error without waiting on collectives that will never complete (other
+    ranks may be dead or stuck): ``destroy_process_group`` waits for them, aborting does not.  Without an abort
+    (older torch) the group is left for the process's exit to release.  Never raises."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if dist.is_initialized() and abort is not None:
+        with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
+            abort()
 
 
 class DataWait:
