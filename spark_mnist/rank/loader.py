@@ -176,10 +176,9 @@ class ShardLoader(IterableDataset):
                     f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
                     f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
                 )
-        self.epoch, self.start_step, self.step = 0, 0, 0
-        # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
-        # them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
-        self._position_set = True
+        # _position_set: True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict /
+        # __init__ left them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
+        self.set_epoch(0)
         # The decoded rows kept between epochs: host arrays (in_memory), or tensors on the device (resident).
         self._cache: Any = None
         self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
