@@ -159,6 +159,8 @@ class ShardLoader(IterableDataset):
         self.span = (0, self.total_rows) if drop_remainder else (self.lo, self.hi)
         self.rows = self.span[1] - self.span[0]
         self.global_batch_size = batch_size * world_size
+        # Samples of one step: the global batch in the training order (it counts all ranks'), else this rank's.
+        self._per_step = self.global_batch_size if drop_remainder else batch_size
         steps = order.steps_per_epoch(self.total_rows, world_size, batch_size)
         self.steps_total = steps if drop_remainder else -(-self.rows // batch_size)
         need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
@@ -214,10 +216,9 @@ class ShardLoader(IterableDataset):
             ``batch_size`` (per rank), ``global_batch_size``, ``rows`` (the split's) and ``dataset`` (the identity
             given, or ``None``).  No samples and no order are held: they follow from these.
         """
-        per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         epoch, step = self.epoch if epoch is None else epoch, self.step if step is None else step
         # The facts that are not the loader's attribute of the same name; STATE_KEYS orders them all.
-        position = {"epoch": epoch, "step": step, "samples": step * per_step, "rows": self.total_rows}
+        position = {"epoch": epoch, "step": step, "samples": step * self._per_step, "rows": self.total_rows}
         return {key: position[key] if key in position else getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "the saved state") -> None:
@@ -238,11 +239,10 @@ class ShardLoader(IterableDataset):
             raise invalid("loader state", state, f"a dict with {', '.join(STATE_KEYS)} (ShardLoader.state_dict())")
         if mismatch := order.state_mismatch(state, self.state_dict(), source):
             raise LoaderStateError(mismatch)
-        per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         samples = int(state["samples"])
-        if samples % per_step:
-            raise invalid("samples", samples, f"a multiple of the samples per step {per_step} (in {source})")
-        self.set_epoch(int(state["epoch"]), samples // per_step)
+        if samples % self._per_step:
+            raise invalid("samples", samples, f"a multiple of the samples per step {self._per_step} (in {source})")
+        self.set_epoch(int(state["epoch"]), samples // self._per_step)
 
     def __getstate__(self) -> dict[str, Any]:
         """A pickled (or deep-copied) loader carries its settings and position, not its open iterations or its
@@ -264,7 +264,6 @@ class ShardLoader(IterableDataset):
         returns) and release the in-memory rows.  Idempotent; a closed iteration yields nothing more."""
         for iterator in list(self._iterators):
             iterator.close()
-        self._iterators.clear()
         self._cache = None
 
     def _read(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

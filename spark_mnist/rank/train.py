@@ -235,9 +235,9 @@ class _Run:
     """One rank's training state (its model, optimizer, step and loaders) and what a step and an epoch do with it.
 
     A step (:meth:`train_step`) is one optimiser step of the DDP model: cross-entropy, under bfloat16 autocast with
-    ``train.bf16``.  With ``train.compile`` it runs ``torch.compile`` of the DDP model; where compiling fails, at
-    once or in the compiled model's first step (as where inductor finds no C compiler), it says why in one warning
-    line and runs uncompiled from then on (that first step again).
+    ``train.bf16``.  With ``train.compile`` it runs ``torch.compile`` of the DDP model, compiled in this invocation's
+    first step; where compiling fails, in ``torch.compile`` or in the compiled model's first step (as where inductor
+    finds no C compiler), it says why in one warning line and runs uncompiled from then on (that first step again).
 
     Attributes:
         model: the module, not the DDP wrapper (what is saved); ddp: the wrapper.
@@ -263,12 +263,7 @@ class _Run:
         self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(self.ddp.parameters(), lr=settings.lr)
         self.forward: Any = self.ddp
-        self.compiled = False
-        if settings.compile:
-            try:
-                self.forward, self.compiled = torch.compile(self.ddp), True
-            except Exception as e:  # noqa: BLE001 - compiling is an optimisation: say why and train uncompiled
-                self._fall_back(e)
+        self.compiled = settings.compile  # compiled in the first step, where a failure falls back (train_step)
         self.norm = normalization_for(job.dataset)
         self.run_steps = 0
         os.makedirs(job.run_dir, exist_ok=True)
@@ -320,9 +315,11 @@ class _Run:
         returns the batch's mean loss (detached, a 0-d tensor on the device)."""
         x = normalize(images, self.norm, self.channels_last)
         try:
+            if self.compiled and self.run_steps == 0:
+                self.forward = torch.compile(self.ddp)
             loss = self._forward_backward(x, labels)
         except Exception as e:
-            if not (self.compiled and self.run_steps == 0):  # only the compiled model's first step falls back
+            if not (self.compiled and self.run_steps == 0):  # only the compiling first step falls back
                 raise
             self._fall_back(e)
             loss = self._forward_backward(x, labels)
