@@ -99,14 +99,26 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     try:
         torch.set_num_threads(threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
         device = _rank_device(job.settings.use_gpu, world.local_rank)
-        _init_process_group(device)
+        # Join the group from torchrun's environment: nccl on a GPU, else gloo; collectives time out after
+        # PROCESS_GROUP_TIMEOUT.  device_id binds the communicator to the rank's GPU at once (torch >= 2.3; the torch
+        # extra admits 2.1).
+        bound: dict[str, Any] = {}
+        if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            bound["device_id"] = device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **bound)
         result = _train(job, world, device, started)
         # Every rank's process ends together (rank 0 writes the outputs last), so that torch's elastic agents meet at
         # their exit barrier at once (launch/torch_distributor.py).
         dist.barrier()
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
-        _abort_process_group()
+        # Abort the group, without waiting on collectives that will never complete (other ranks may be dead or
+        # stuck): destroy_process_group waits for them.  Without an abort (older torch) the group is left for the
+        # process's exit to release.
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if dist.is_initialized() and abort is not None:
+            with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
+                abort()
         raise
     # DDP lives in a reference cycle, with the process group: freed now, while the interpreter lives, not at its
     # teardown, where gloo's threads can abort the process (SIGABRT; pytorch/pytorch#179291) and fail the launch.
@@ -149,30 +161,6 @@ def _rank_device(use_gpu: bool, local_rank: int) -> torch.device:
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
-
-
-def _init_process_group(device: torch.device) -> None:
-    """Join the process group from torchrun's environment: ``nccl`` bound to ``device`` on a GPU, else ``gloo``;
-    collectives time out after :data:`PROCESS_GROUP_TIMEOUT`.
-
-    Raises:
-        RuntimeError: the group fails to form (the rendezvous unreachable, a timeout).
-    """
-    bound: dict[str, Any] = {}
-    # device_id binds the communicator to the rank's GPU at once (torch >= 2.3; the torch extra admits 2.1).
-    if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
-        bound["device_id"] = device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **bound)
-
-
-def _abort_process_group() -> None:
-    """Tear the process group down after an error without waiting on collectives that will never complete (other
-    ranks may be dead or stuck): ``destroy_process_group`` waits for them, aborting does not.  Without an abort
-    (older torch) the group is left for the process's exit to release.  Never raises."""
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if dist.is_initialized() and abort is not None:
-        with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
-            abort()
 
 
 class DataWait:
@@ -321,7 +309,9 @@ class _Run:
         except Exception as e:
             if not (self.compiled and self.run_steps == 0):  # only the compiling first step falls back
                 raise
-            self._fall_back(e)
+            self.forward, self.compiled = self.ddp, False  # say why in one line, and run uncompiled from now on
+            line, name = (str(e).strip().splitlines() or [""])[0], type(e).__name__
+            log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.world.rank, name, line)
             loss = self._forward_backward(x, labels)
         self.optimizer.step()
         return loss.detach()
@@ -332,12 +322,6 @@ class _Run:
             loss = F.cross_entropy(self.forward(x), y)
         loss.backward()
         return loss
-
-    def _fall_back(self, error: BaseException) -> None:
-        self.forward, self.compiled = self.ddp, False
-        line = (str(error).strip().splitlines() or [""])[0]
-        name = type(error).__name__
-        log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.world.rank, name, line)
 
     def evaluate(self) -> torch.Tensor:
         """This rank's sums over its share of the test split (uint8 (B, 1, H, W) images, int64 (B,) labels):
