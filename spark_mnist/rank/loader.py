@@ -343,9 +343,8 @@ class ShardLoader(IterableDataset):
                 index, images, labels = map(torch.from_numpy, self._cache)  # on the CPU: the arrays' memory
                 images = images.view(len(images), 1, *self.image_shape)
                 self._cache = tuple(t.to(self.device) for t in (index, images, labels))
-        if not share:
-            return
-        positions = np.concatenate([rows for _, rows in share]) - self.span[0]
+        # No share: resumed at the epoch's end.
+        positions = np.concatenate([np.empty(0, np.int64), *(rows for _, rows in share)]) - self.span[0]
         if self.resident:
             positions = torch.from_numpy(positions).to(self.device)
         for lo in range(0, len(positions), self.batch_size):

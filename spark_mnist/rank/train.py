@@ -13,7 +13,6 @@ its exact share of the training split (:class:`spark_mnist.rank.loader.ShardLoad
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import inspect
 import json
@@ -265,8 +264,7 @@ class _Run:
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
         resident = device if _resolve(settings.resident_data, device) else None
-        shard_loader = functools.partial(
-            ShardLoader,
+        shared: dict[str, Any] = dict(  # what the two loaders share
             rank=world.rank,
             world_size=world.world_size,
             batch_size=self.batch_size,
@@ -277,10 +275,11 @@ class _Run:
             pin_memory=device.type == "cuda",
             dataset=job.dataset_id,
         )
-        # The training loader (shuffled, full steps only) and the evaluation loader (file order, every row).
+        # The training loader (shuffled, full steps only: ShardLoader's defaults) and the evaluation loader (file
+        # order, every row).
         train_device = resident if settings.loader == "spark-mnist" else None
-        self.train_loader = shard_loader(job.train_files, shuffle=True, drop_remainder=True, device=train_device)
-        self.test_loader = shard_loader(job.test_files, shuffle=False, drop_remainder=False, device=resident)
+        self.train_loader = ShardLoader(job.train_files, device=train_device, **shared)
+        self.test_loader = ShardLoader(job.test_files, shuffle=False, drop_remainder=False, device=resident, **shared)
         self.steps = self.train_loader.steps_total
         if checkpoint is not None:
             self.train_loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
