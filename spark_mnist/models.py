@@ -66,8 +66,7 @@ def normalize(images: torch.Tensor, norm: Normalization, channels_last: bool = F
 
     Source: pytorch/examples ``mnist/main.py`` (``ToTensor`` then ``Normalize``), done on the device in one pass.
     """
-    scale = 1.0 / (PIXEL_MAX * norm.std)
-    x = images.to(torch.float32).mul_(scale).sub_(norm.mean / norm.std)
+    x = images.to(torch.float32).mul_(1.0 / (PIXEL_MAX * norm.std)).sub_(norm.mean / norm.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

@@ -180,7 +180,7 @@ def check_resume(settings: Settings, manifest: Manifest) -> bool:
             raise
         log.info("resume: starting afresh: %s", e)
         return False
-    log.info("resume: continuing from %s (epoch %d, step %d)", checkpoint.source, checkpoint.epoch + 1, checkpoint.step)
+    log.info("resume: continuing from %s (epoch %d, step %d)", checkpoint.source, saved["epoch"] + 1, saved["step"])
     return True
 
 

@@ -222,9 +222,8 @@ class MNIST(_TorchDataset):
         lines = [f"Dataset {type(self).__name__} ({self.dataset})", f"    Number of datapoints: {len(self)}"]
         lines.append(f"    Root location: {redact(os.fspath(self.root))}")
         lines.append(f"    Split: {'Train' if self.train else 'Test'}")
-        for name, value in (("Transform", self.transform), ("Target transform", self.target_transform)):
-            if value:
-                lines.append(f"    {name}: {value!r}")
+        transforms = (("Transform", self.transform), ("Target transform", self.target_transform))
+        lines += [f"    {name}: {value!r}" for name, value in transforms if value]
         return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ def test_round_trip(tmp_path, shards):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temporary file left
     loaded = load_checkpoint(str(tmp_path))
     assert loaded.source == str(tmp_path / CHECKPOINT_NAME) and loaded.loader == saved.loader
-    assert (loaded.epoch, loaded.step) == (1, 3)
+    assert (loaded.loader["epoch"], loaded.loader["step"]) == (1, 3)
     assert all(torch.equal(loaded.model[k], v) for k, v in saved.model.items())
     model = SimpleCNN(10)
     model.load_state_dict(loaded.model)

@@ -38,7 +38,8 @@ class Checkpoint:
     Attributes:
         model: the model's ``state_dict`` (name -> tensor; the module's, not the DDP wrapper's).
         optimizer: the optimizer's ``state_dict``.
-        loader: the training loader's ``state_dict`` (:meth:`spark_mnist.rank.loader.ShardLoader.state_dict`).
+        loader: the training loader's ``state_dict`` (:meth:`spark_mnist.rank.loader.ShardLoader.state_dict`): its
+            ``epoch`` the epoch to resume in (from 0), its ``step`` the steps of it already run.
         source: the checkpoint as messages name it: the file it was loaded from (not saved), or
             ``"the checkpoint"`` for one built in memory.
     """
@@ -47,16 +48,6 @@ class Checkpoint:
     optimizer: dict[str, Any]
     loader: dict[str, Any]
     source: str = field(default="the checkpoint", compare=False)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch to resume in, counted from 0."""
-        return int(self.loader["epoch"])
-
-    @property
-    def step(self) -> int:
-        """Steps of :attr:`epoch` already run, on the world size that wrote it (0: the epoch starts afresh)."""
-        return int(self.loader["step"])
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict that is saved: ``model``, ``optimizer``, ``loader`` (tensors are not copied)."""
@@ -121,12 +112,11 @@ def load_checkpoint(run_dir: str) -> Checkpoint | None:
             f"{path}: refused or unreadable as a weights-only checkpoint, nothing in it was run ({first})"
         ) from e
 
-    def check(entries: Any, expected: list[str], what: str) -> dict[str, Any]:
+    def check(entries: Any, expected: list[str], what: str) -> None:
         if not isinstance(entries, dict) or not set(expected) <= set(entries):
             found = sorted(map(str, entries)) if isinstance(entries, dict) else type(entries).__name__
             raise CheckpointError(f"{path}: {what} {expected}, found {found}")
-        return entries
 
-    state = check(state, ["model", "optimizer", "loader"], "not a training checkpoint: expected the entries")
-    loader = check(state["loader"], list(STATE_KEYS), "its loader state lacks entries: expected")
-    return Checkpoint(model=state["model"], optimizer=state["optimizer"], loader=loader, source=path)
+    check(state, ["model", "optimizer", "loader"], "not a training checkpoint: expected the entries")
+    check(state["loader"], list(STATE_KEYS), "its loader state lacks entries: expected")
+    return Checkpoint(model=state["model"], optimizer=state["optimizer"], loader=state["loader"], source=path)

@@ -159,6 +159,8 @@ class ShardLoader(IterableDataset):
         self.span = (0, self.total_rows) if drop_remainder else (self.lo, self.hi)
         self.rows = self.span[1] - self.span[0]
         self.global_batch_size = batch_size * world_size
+        # Samples of one step: the global batch in the training order (it counts all ranks'), else this rank's.
+        self._per_step = self.global_batch_size if drop_remainder else batch_size
         steps = order.steps_per_epoch(self.total_rows, world_size, batch_size)
         self.steps_total = steps if drop_remainder else -(-self.rows // batch_size)
         need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
@@ -176,10 +178,9 @@ class ShardLoader(IterableDataset):
                     f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
                     f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
                 )
-        self.epoch, self.start_step, self.step = 0, 0, 0
-        # True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict / __init__ left
-        # them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
-        self._position_set = True
+        # _position_set: True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict /
+        # __init__ left them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
+        self.set_epoch(0)
         # The decoded rows kept between epochs: host arrays (in_memory), or tensors on the device (resident).
         self._cache: Any = None
         self._iterators: weakref.WeakSet = weakref.WeakSet()  # the open iterations, closed by close()
@@ -215,10 +216,9 @@ class ShardLoader(IterableDataset):
             ``batch_size`` (per rank), ``global_batch_size``, ``rows`` (the split's) and ``dataset`` (the identity
             given, or ``None``).  No samples and no order are held: they follow from these.
         """
-        per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         epoch, step = self.epoch if epoch is None else epoch, self.step if step is None else step
         # The facts that are not the loader's attribute of the same name; STATE_KEYS orders them all.
-        position = {"epoch": epoch, "step": step, "samples": step * per_step, "rows": self.total_rows}
+        position = {"epoch": epoch, "step": step, "samples": step * self._per_step, "rows": self.total_rows}
         return {key: position[key] if key in position else getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "the saved state") -> None:
@@ -239,11 +239,10 @@ class ShardLoader(IterableDataset):
             raise invalid("loader state", state, f"a dict with {', '.join(STATE_KEYS)} (ShardLoader.state_dict())")
         if mismatch := order.state_mismatch(state, self.state_dict(), source):
             raise LoaderStateError(mismatch)
-        per_step = self.global_batch_size if self.drop_remainder else self.batch_size
         samples = int(state["samples"])
-        if samples % per_step:
-            raise invalid("samples", samples, f"a multiple of the samples per step {per_step} (in {source})")
-        self.set_epoch(int(state["epoch"]), samples // per_step)
+        if samples % self._per_step:
+            raise invalid("samples", samples, f"a multiple of the samples per step {self._per_step} (in {source})")
+        self.set_epoch(int(state["epoch"]), samples // self._per_step)
 
     def __getstate__(self) -> dict[str, Any]:
         """A pickled (or deep-copied) loader carries its settings and position, not its open iterations or its
@@ -265,7 +264,6 @@ class ShardLoader(IterableDataset):
         returns) and release the in-memory rows.  Idempotent; a closed iteration yields nothing more."""
         for iterator in list(self._iterators):
             iterator.close()
-        self._iterators.clear()
         self._cache = None
 
     def _read(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -345,9 +343,8 @@ class ShardLoader(IterableDataset):
                 index, images, labels = map(torch.from_numpy, self._cache)  # on the CPU: the arrays' memory
                 images = images.view(len(images), 1, *self.image_shape)
                 self._cache = tuple(t.to(self.device) for t in (index, images, labels))
-        if not share:
-            return
-        positions = np.concatenate([rows for _, rows in share]) - self.span[0]
+        # No share: resumed at the epoch's end.
+        positions = np.concatenate([np.empty(0, np.int64), *(rows for _, rows in share)]) - self.span[0]
         if self.resident:
             positions = torch.from_numpy(positions).to(self.device)
         for lo in range(0, len(positions), self.batch_size):

@@ -50,17 +50,16 @@ def petastorm_batches(
     from petastorm import TransformSpec
     from petastorm.pytorch import BatchedDataLoader, DataLoader
 
+    fields = [contract.IMAGE, contract.LABEL]
+
     def to_arrays(frame):
         values = frame[contract.IMAGE].to_numpy()  # (n,) bytes objects, joined once
         pixels = np.frombuffer(b"".join(values), dtype=np.uint8)
         frame[contract.IMAGE] = list(pixels.reshape(len(values), 1, *image_shape))
-        return frame[[contract.IMAGE, contract.LABEL]]
+        return frame[fields]
 
-    spec = TransformSpec(
-        to_arrays,
-        edit_fields=[(contract.IMAGE, np.uint8, (1, *image_shape), False)],
-        selected_fields=[contract.IMAGE, contract.LABEL],
-    )
+    image_field = (contract.IMAGE, np.uint8, (1, *image_shape), False)
+    spec = TransformSpec(to_arrays, edit_fields=[image_field], selected_fields=fields)
     with converter.make_torch_dataloader(
         batch_size=batch_size,
         num_epochs=None,

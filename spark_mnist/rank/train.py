@@ -1,24 +1,25 @@
 """The per-rank DDP training loop: the function ``TorchDistributor`` runs in every rank.
 
-Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), joins the process group
-(:mod:`spark_mnist.rank.process`), trains on its exact share of the training split
-(:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time (``_Run.train_step``, fetching each
-batch through :class:`DataWait`), evaluates on its share of the full test split (``_Run.evaluate``, counts summed
-over ranks), and rank 0 prints per-epoch figures, checkpoints (:mod:`spark_mnist.rank.checkpoint`) and saves the
-model ``state_dict`` and the metrics in the run directory (:mod:`spark_mnist.runs`); drawing the curves is the
-caller's (the metrics' ``history``).  As pytorch/examples ``mnist/main.py``, the step and the evaluation are short
-functions apart from the loop.
+Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), sets its torch threads and its device,
+joins the process group from torchrun's environment (Spark's ``ml/torch/distributor.py`` docs give it), trains on
+its exact share of the training split (:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time
+(``_Run.train_step``, fetching each batch through :class:`DataWait`), evaluates on its share of the full test split
+(``_Run.evaluate``, counts summed over ranks), and rank 0 prints per-epoch figures, checkpoints
+(:mod:`spark_mnist.rank.checkpoint`) and saves the model ``state_dict`` and the metrics in the run directory
+(:mod:`spark_mnist.runs`); drawing the curves is the caller's (the metrics' ``history``).  As pytorch/examples
+``mnist/main.py``, the step and the evaluation are short functions apart from the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
+import inspect
 import json
 import logging
 import os
 import time
+from datetime import timedelta
 from typing import Any, Generator, Iterator
 
 import torch
@@ -26,22 +27,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.errors import InputError
+from spark_mnist.errors import EnvironmentMismatchError, InputError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
 from spark_mnist.models import build_model, normalization_for, normalize
-from spark_mnist.rank import process
 from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, to_cpu
 from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.rank.petastorm import petastorm_batches
 from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
-__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker", "DataWait"]
+__all__ = ["PROGRESS_LINES_PER_EPOCH", "PROCESS_GROUP_TIMEOUT", "train_worker", "threads_per_rank", "DataWait"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_LINES_PER_EPOCH = 4
+# The longest a rank waits in one collective (or at the rendezvous of init_process_group) for the other ranks: a rank
+# that died or hangs then fails the others with a timeout error instead of holding the job.  Far above any step,
+# evaluation or checkpoint save of these models; torch's own default for nccl.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 
 
 def train_worker(job: TrainJob) -> dict[str, Any]:
@@ -73,7 +77,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         time, the share the device waited for batches, summed over ranks, in [0, 1]:
         :class:`DataWait`) and ``epoch_seconds`` (s).
     Model and checkpoint files hold CPU tensors (a plain ``torch.load`` works without a GPU).  Collectives time out
-    after :data:`spark_mnist.rank.process.PROCESS_GROUP_TIMEOUT`; after an error the process group is aborted, not
+    after :data:`PROCESS_GROUP_TIMEOUT`; after an error the process group is aborted, not
     destroyed, so a rank never waits on peers that are gone.
 
     Raises:
@@ -92,22 +96,70 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     world = World.from_env()
     started = time.perf_counter()
     try:
-        torch.set_num_threads(process.threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
-        device = process.rank_device(job.settings.use_gpu, world.local_rank)
-        process.init_process_group(device)
+        torch.set_num_threads(threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
+        device = _rank_device(job.settings.use_gpu, world.local_rank)
+        # Join the group from torchrun's environment: nccl on a GPU, else gloo; collectives time out after
+        # PROCESS_GROUP_TIMEOUT.  device_id binds the communicator to the rank's GPU at once (torch >= 2.3; the torch
+        # extra admits 2.1).
+        bound: dict[str, Any] = {}
+        if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            bound["device_id"] = device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **bound)
         result = _train(job, world, device, started)
         # Every rank's process ends together (rank 0 writes the outputs last), so that torch's elastic agents meet at
         # their exit barrier at once (launch/torch_distributor.py).
         dist.barrier()
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
-        process.abort_process_group()
+        # Abort the group, without waiting on collectives that will never complete (other ranks may be dead or
+        # stuck): destroy_process_group waits for them.  Without an abort (older torch) the group is left for the
+        # process's exit to release.
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if dist.is_initialized() and abort is not None:
+            with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
+                abort()
         raise
     # DDP lives in a reference cycle, with the process group: freed now, while the interpreter lives, not at its
     # teardown, where gloo's threads can abort the process (SIGABRT; pytorch/pytorch#179291) and fail the launch.
     gc.collect()
     dist.destroy_process_group()
     return result
+
+
+def threads_per_rank(setting: int, local_world_size: int) -> int:
+    """Torch threads of one rank: ``setting`` (``train.threads_per_rank``) when set, else the cores this process may
+    run on (its CPU affinity, else the machine's) divided among the ``local_world_size`` ranks on the node, at
+    least 1."""
+    # sched_getaffinity: not on macOS or Windows.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return setting or max(1, cores // local_world_size)
+
+
+def _rank_device(use_gpu: bool, local_rank: int) -> torch.device:
+    """``cuda:local_rank`` (made the current device) with ``use_gpu``, else the CPU.  The launchers give each rank its
+    GPUs through ``CUDA_VISIBLE_DEVICES`` (TorchDistributor: the GPUs it picked on the driver, or the Spark task's), so
+    ``LOCAL_RANK`` indexes the devices the process sees.
+
+    Raises:
+        RuntimeError: ``use_gpu`` where torch sees no CUDA device.
+        EnvironmentMismatchError: ``LOCAL_RANK`` at or above the CUDA devices this process sees (more ranks on the
+            node than GPUs).
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is set but torch sees no CUDA device on this worker")
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise EnvironmentMismatchError(
+            f"LOCAL_RANK {local_rank} has no GPU of its own: torch sees {visible} CUDA device(s) on this worker"
+            f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; one GPU per rank: start at most "
+            f"{visible} rank(s) per node (num_processes)"
+        )
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 class DataWait:
@@ -170,9 +222,9 @@ class _Run:
     """One rank's training state (its model, optimizer, step and loaders) and what a step and an epoch do with it.
 
     A step (:meth:`train_step`) is one optimiser step of the DDP model: cross-entropy, under bfloat16 autocast with
-    ``train.bf16``.  With ``train.compile`` it runs ``torch.compile`` of the DDP model; where compiling fails, at
-    once or in the compiled model's first step (as where inductor finds no C compiler), it says why in one warning
-    line and runs uncompiled from then on (that first step again).
+    ``train.bf16``.  With ``train.compile`` it runs ``torch.compile`` of the DDP model, compiled in this invocation's
+    first step; where compiling fails, in ``torch.compile`` or in the compiled model's first step (as where inductor
+    finds no C compiler), it says why in one warning line and runs uncompiled from then on (that first step again).
 
     Attributes:
         model: the module, not the DDP wrapper (what is saved); ddp: the wrapper.
@@ -198,12 +250,7 @@ class _Run:
         self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(self.ddp.parameters(), lr=settings.lr)
         self.forward: Any = self.ddp
-        self.compiled = False
-        if settings.compile:
-            try:
-                self.forward, self.compiled = torch.compile(self.ddp), True
-            except Exception as e:  # noqa: BLE001 - compiling is an optimisation: say why and train uncompiled
-                self._fall_back(e)
+        self.compiled = settings.compile  # compiled in the first step, where a failure falls back (train_step)
         self.norm = normalization_for(job.dataset)
         self.run_steps = 0
         os.makedirs(job.run_dir, exist_ok=True)
@@ -217,8 +264,7 @@ class _Run:
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
         resident = device if _resolve(settings.resident_data, device) else None
-        shard_loader = functools.partial(
-            ShardLoader,
+        shared: dict[str, Any] = dict(  # what the two loaders share
             rank=world.rank,
             world_size=world.world_size,
             batch_size=self.batch_size,
@@ -229,10 +275,11 @@ class _Run:
             pin_memory=device.type == "cuda",
             dataset=job.dataset_id,
         )
-        # The training loader (shuffled, full steps only) and the evaluation loader (file order, every row).
+        # The training loader (shuffled, full steps only: ShardLoader's defaults) and the evaluation loader (file
+        # order, every row).
         train_device = resident if settings.loader == "spark-mnist" else None
-        self.train_loader = shard_loader(job.train_files, shuffle=True, drop_remainder=True, device=train_device)
-        self.test_loader = shard_loader(job.test_files, shuffle=False, drop_remainder=False, device=resident)
+        self.train_loader = ShardLoader(job.train_files, device=train_device, **shared)
+        self.test_loader = ShardLoader(job.test_files, shuffle=False, drop_remainder=False, device=resident, **shared)
         self.steps = self.train_loader.steps_total
         if checkpoint is not None:
             self.train_loader.load_state_dict(checkpoint.loader, source=checkpoint.source)
@@ -255,11 +302,15 @@ class _Run:
         returns the batch's mean loss (detached, a 0-d tensor on the device)."""
         x = normalize(images, self.norm, self.channels_last)
         try:
+            if self.compiled and self.run_steps == 0:
+                self.forward = torch.compile(self.ddp)
             loss = self._forward_backward(x, labels)
         except Exception as e:
-            if not (self.compiled and self.run_steps == 0):  # only the compiled model's first step falls back
+            if not (self.compiled and self.run_steps == 0):  # only the compiling first step falls back
                 raise
-            self._fall_back(e)
+            self.forward, self.compiled = self.ddp, False  # say why in one line, and run uncompiled from now on
+            line, name = (str(e).strip().splitlines() or [""])[0], type(e).__name__
+            log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.world.rank, name, line)
             loss = self._forward_backward(x, labels)
         self.optimizer.step()
         return loss.detach()
@@ -270,12 +321,6 @@ class _Run:
             loss = F.cross_entropy(self.forward(x), y)
         loss.backward()
         return loss
-
-    def _fall_back(self, error: BaseException) -> None:
-        self.forward, self.compiled = self.ddp, False
-        line = (str(error).strip().splitlines() or [""])[0]
-        name = type(error).__name__
-        log.warning("rank %d: torch.compile failed, training uncompiled: %s: %s", self.world.rank, name, line)
 
     def evaluate(self) -> torch.Tensor:
         """This rank's sums over its share of the test split (uint8 (B, 1, H, W) images, int64 (B,) labels):
