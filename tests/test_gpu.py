@@ -53,7 +53,7 @@ def test_nccl_process_group_single_rank(tmp_path):
 
     if not dist.is_nccl_available():
         pytest.skip("torch built without NCCL")
-    from spark_mnist.rank.train import PROCESS_GROUP_TIMEOUT
+    from spark_mnist.rank.device import PROCESS_GROUP_TIMEOUT
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
                             timeout=PROCESS_GROUP_TIMEOUT, device_id=torch.device("cuda", 0))

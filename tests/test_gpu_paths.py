@@ -62,7 +62,7 @@ def test_a_local_rank_past_the_visible_gpus_is_refused(splits, tmp_path, monkeyp
 def test_data_wait_on_cuda_is_the_time_the_device_sat_idle():
     """A slow fetch while the GPU is idle counts; the same fetch while the GPU is still busy with the step (a kernel
     of about 0.1 s) does not: only the tiny copy after the kernel does."""
-    from spark_mnist.rank.train import DataWait
+    from spark_mnist.rank.device import DataWait
 
     device = torch.device("cuda", torch.cuda.current_device())
 

@@ -294,7 +294,7 @@ def test_a_local_rank_without_a_gpu_of_its_own_is_refused(splits, tmp_path, monk
 def test_threads_per_rank_divide_the_cores_among_the_nodes_ranks(monkeypatch):
     import os
 
-    from spark_mnist.rank.train import threads_per_rank
+    from spark_mnist.rank.device import threads_per_rank
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert [threads_per_rank(0, n) for n in (1, 4, 16, 32)] == [16, 4, 1, 1]
@@ -370,7 +370,7 @@ def test_data_wait_on_the_cpu_is_the_time_spent_fetching_not_computing():
     fetches does not count."""
     import time
 
-    from spark_mnist.rank.train import DataWait
+    from spark_mnist.rank.device import DataWait
 
     def slow_batches():
         for _ in range(3):

@@ -1,9 +1,10 @@
 """The per-rank DDP training loop: the function ``TorchDistributor`` runs in every rank.
 
-Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), sets its torch threads and its device,
-joins the process group from torchrun's environment (Spark's ``ml/torch/distributor.py`` docs give it), trains on
-its exact share of the training split (:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time
-(``_Run.train_step``, fetching each batch through :class:`DataWait`), evaluates on its share of the full test split
+Each rank reads its facts once (:class:`spark_mnist.rank.world.World`), sets its torch threads and its device
+(:mod:`spark_mnist.rank.device`), joins the process group from torchrun's environment (Spark's
+``ml/torch/distributor.py`` docs give it), trains on its exact share of the training split
+(:class:`spark_mnist.rank.loader.ShardLoader`) one optimiser step at a time (``_Run.train_step``, fetching each batch
+through :class:`~spark_mnist.rank.device.DataWait`), evaluates on its share of the full test split
 (``_Run.evaluate``, counts summed over ranks), and rank 0 prints per-epoch figures, checkpoints
 (:mod:`spark_mnist.rank.checkpoint`) and saves the model ``state_dict`` and the metrics in the run directory
 (:mod:`spark_mnist.runs`); drawing the curves is the caller's (the metrics' ``history``).  As pytorch/examples
@@ -19,33 +20,29 @@ import json
 import logging
 import os
 import time
-from datetime import timedelta
-from typing import Any, Generator, Iterator
+from typing import Any, Generator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_mnist.errors import EnvironmentMismatchError, InputError
+from spark_mnist.errors import InputError
 from spark_mnist.fs import replacing
 from spark_mnist.job import TrainJob
 from spark_mnist.models import build_model, normalization_for, normalize
 from spark_mnist.rank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, to_cpu
+from spark_mnist.rank.device import PROCESS_GROUP_TIMEOUT, DataWait, rank_device, resolve, threads_per_rank
 from spark_mnist.rank.loader import ShardLoader
 from spark_mnist.rank.petastorm import petastorm_batches
 from spark_mnist.rank.world import World
 from spark_mnist.runs import METRICS_NAME, MODEL_NAME, write_error_report
 
-__all__ = ["PROGRESS_LINES_PER_EPOCH", "PROCESS_GROUP_TIMEOUT", "train_worker", "threads_per_rank", "DataWait"]
+__all__ = ["PROGRESS_LINES_PER_EPOCH", "train_worker"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_LINES_PER_EPOCH = 4
-# The longest a rank waits in one collective (or at the rendezvous of init_process_group) for the other ranks: a rank
-# that died or hangs then fails the others with a timeout error instead of holding the job.  Far above any step,
-# evaluation or checkpoint save of these models; torch's own default for nccl.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 
 
 def train_worker(job: TrainJob) -> dict[str, Any]:
@@ -75,7 +72,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         ``history``: per finished epoch ``epoch`` (from 1), ``train_loss`` and ``test_loss`` (mean cross-entropy,
         nats), ``test_accuracy``, ``test_samples``, ``samples_per_s``, ``data_wait_fraction`` (of the epoch's
         time, the share the device waited for batches, summed over ranks, in [0, 1]:
-        :class:`DataWait`) and ``epoch_seconds`` (s).
+        :class:`~spark_mnist.rank.device.DataWait`) and ``epoch_seconds`` (s).
     Model and checkpoint files hold CPU tensors (a plain ``torch.load`` works without a GPU).  Collectives time out
     after :data:`PROCESS_GROUP_TIMEOUT`; after an error the process group is aborted, not
     destroyed, so a rank never waits on peers that are gone.
@@ -97,7 +94,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         torch.set_num_threads(threads_per_rank(job.settings.threads_per_rank, world.local_world_size))
-        device = _rank_device(job.settings.use_gpu, world.local_rank)
+        device = rank_device(job.settings.use_gpu, world.local_rank)
         # Join the group from torchrun's environment: nccl on a GPU, else gloo; collectives time out after
         # PROCESS_GROUP_TIMEOUT.  device_id binds the communicator to the rank's GPU at once (torch >= 2.3; the torch
         # extra admits 2.1).
@@ -126,98 +123,6 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     return result
 
 
-def threads_per_rank(setting: int, local_world_size: int) -> int:
-    """Torch threads of one rank: ``setting`` (``train.threads_per_rank``) when set, else the cores this process may
-    run on (its CPU affinity, else the machine's) divided among the ``local_world_size`` ranks on the node, at
-    least 1."""
-    # sched_getaffinity: not on macOS or Windows.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return setting or max(1, cores // local_world_size)
-
-
-def _rank_device(use_gpu: bool, local_rank: int) -> torch.device:
-    """``cuda:local_rank`` (made the current device) with ``use_gpu``, else the CPU.  The launchers give each rank its
-    GPUs through ``CUDA_VISIBLE_DEVICES`` (TorchDistributor: the GPUs it picked on the driver, or the Spark task's), so
-    ``LOCAL_RANK`` indexes the devices the process sees.
-
-    Raises:
-        RuntimeError: ``use_gpu`` where torch sees no CUDA device.
-        EnvironmentMismatchError: ``LOCAL_RANK`` at or above the CUDA devices this process sees (more ranks on the
-            node than GPUs).
-    """
-    if not use_gpu:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("use_gpu is set but torch sees no CUDA device on this worker")
-    visible = torch.cuda.device_count()
-    if local_rank >= visible:
-        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise EnvironmentMismatchError(
-            f"LOCAL_RANK {local_rank} has no GPU of its own: torch sees {visible} CUDA device(s) on this worker"
-            f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; one GPU per rank: start at most "
-            f"{visible} rank(s) per node (num_processes)"
-        )
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
-    return device
-
-
-class DataWait:
-    """Fetches batches onto ``device`` and counts the seconds the device waited for them.
-
-    The data wait is the time the device sat idle for want of the next batch, not the host's time in ``next()``:
-
-    * on CUDA, an event is recorded when the batch is asked for (the device reaches it once the work queued before,
-      the previous step, is done) and another once the batch's copy to the device (or its gather there) is queued;
-      the time between them on the device is the host's fetch beyond what the device still had to do, plus the copy.
-      While the host runs ahead of the device, only the copy counts.  The events are read once they have completed
-      (:meth:`seconds` waits for the last ones), so no step waits for them;
-    * on the CPU, the device is the host: the time spent in ``next()`` is the time the device waited.
-
-    Attributes:
-        waited: the seconds counted so far (the CUDA events not yet read excluded).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device, self.waited = device, 0.0
-        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    def next(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``(images, labels)`` of ``batches`` on the device (``non_blocking`` copies; no copy for tensors
-        already there).
-
-        Raises:
-            StopIteration: ``batches`` is exhausted.
-        """
-        if self.device.type != "cuda":
-            started = time.perf_counter()
-            images, labels = next(batches)
-            self.waited += time.perf_counter() - started
-            return images, labels
-        asked, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        asked.record()
-        images, labels = (t.to(self.device, non_blocking=True) for t in next(batches))
-        ready.record()
-        self._pending.append((asked, ready))
-        self.seconds(done_only=True)
-        return images, labels
-
-    def seconds(self, done_only: bool = False) -> float:
-        """All the seconds the device waited so far (on CUDA, after the last batch's copy has completed); with
-        ``done_only``, only the CUDA events already completed are read (no wait)."""
-        while self._pending and (not done_only or self._pending[0][1].query()):
-            asked, ready = self._pending.pop(0)
-            ready.synchronize()
-            self.waited += asked.elapsed_time(ready) / 1000
-        return self.waited
-
-
-def _resolve(setting: str, device: torch.device) -> bool:
-    """An ``"auto"``/``"on"``/``"off"`` setting (train.resident_data, train.channels_last): ``"auto"`` is on with
-    a GPU (``use_gpu``), off on the CPU."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
 class _Run:
     """One rank's training state (its model, optimizer, step and loaders) and what a step and an epoch do with it.
 
@@ -243,7 +148,7 @@ class _Run:
         self.job, self.world, self.device = job, world, device
         settings = self.settings = job.settings
         torch.manual_seed(settings.seed)
-        self.channels_last = _resolve(settings.channels_last, device)
+        self.channels_last = resolve(settings.channels_last, device)
         self.model = build_model(settings.model, job.num_classes, job.image_shape).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
@@ -263,7 +168,7 @@ class _Run:
             self.batch_size = checkpoint.batch_size_for(world.world_size)
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
-        resident = device if _resolve(settings.resident_data, device) else None
+        resident = device if resolve(settings.resident_data, device) else None
         shared: dict[str, Any] = dict(  # what the two loaders share
             rank=world.rank,
             world_size=world.world_size,
