@@ -190,7 +190,10 @@ class RankFailedError(RuntimeError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.create_server(("127.0.0.1", 0)) as s:
+    # A plain bind, not socket.create_server: that sets SO_REUSEADDR, with which Linux may hand the same ephemeral
+    # port to two callers at once (a CI run's side-by-side passes met EADDRINUSE in the rendezvous).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
