@@ -190,8 +190,8 @@ class RankFailedError(RuntimeError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    # A plain bind, not socket.create_server: that sets SO_REUSEADDR, with which Linux may hand the same ephemeral
-    # port to two callers at once (a CI run's side-by-side passes met EADDRINUSE in the rendezvous).
+    # A plain bind, as before: socket.create_server sets SO_REUSEADDR, and the one CI run that used it here met
+    # EADDRINUSE at run_ranks' rendezvous.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
