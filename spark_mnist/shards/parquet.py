@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -25,13 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spark_mnist import fs
-from spark_mnist.errors import DatasetMismatchError
+from spark_mnist.errors import DatasetMismatchError, InputError
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
 
 __all__ = ["DEFAULT_READER_THREADS", "PAGE_CHECKSUMS", "record_batch", "write_rows", "write_shard",
            "RowGroup", "plan_row_groups", "total_rows", "decode_images", "pieces_in", "read_pieces",
-           "read_rows", "iter_batches"]  # fmt: skip
+           "read_rows", "iter_batches", "open_split"]  # fmt: skip
 
 DEFAULT_READER_THREADS = 2
 # pyarrow 15 added write_page_checksum (ParquetWriter) and page_checksum_verification (ParquetFile).
@@ -262,3 +263,22 @@ def _decode_groups(groups: Sequence[RowGroup], row_bytes: int, threads: int):
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-reader") as pool:
         yield from pool.map(lambda g: _decode_group(g, row_bytes), groups)
+
+
+def open_split(data_dir: str | os.PathLike, split: str) -> tuple[contract.Dataset, list[RowGroup]]:
+    """The dataset in ``data_dir`` (:func:`spark_mnist.shards.contract.open_dataset`) and the row groups of its
+    ``split`` (:func:`plan_row_groups`), for the side tools that read one split (evaluate, preview).
+
+    Raises:
+        DatasetNotFoundError: no complete dataset in ``data_dir`` (local, FUSE or an object store).
+        InputError: an unknown ``split``.
+        DatasetMismatchError: the split holds no rows.
+    """
+    dataset = contract.open_dataset(data_dir)
+    try:
+        rows = dataset.rows(split)  # the manifest's count, known before any shard's footer is read
+    except ValueError as e:  # "Invalid split: ... Must be one of ...", said with the dataset's place
+        raise InputError(f"{dataset.location.shown}: {e}") from e
+    if rows == 0:
+        raise DatasetMismatchError(f"{dataset.location.shown}: split {split!r} holds no rows")
+    return dataset, plan_row_groups(dataset.files(split))

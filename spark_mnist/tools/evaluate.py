@@ -22,13 +22,12 @@ import numpy as np
 
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
-from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import RowGroup, iter_batches, plan_row_groups
+from spark_mnist.shards.parquet import iter_batches, open_split
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EvaluationResult", "result_from_confusion", "open_split", "evaluate_model", "format_report"]
+__all__ = ["EvaluationResult", "result_from_confusion", "evaluate_model", "format_report"]
 
 
 @dataclass
@@ -55,25 +54,6 @@ def result_from_confusion(confusion: np.ndarray, classes: Sequence[str], **extra
     samples, correct, totals = int(confusion.sum()), np.diag(confusion).tolist(), confusion.sum(axis=1).tolist()
     per_class = [c / t if t else None for c, t in zip(correct, totals)]
     return EvaluationResult(sum(correct) / max(samples, 1), per_class, confusion, list(classes), samples, **extra)
-
-
-def open_split(data_dir: str | os.PathLike, split: str) -> tuple[contract.Dataset, list[RowGroup]]:
-    """The dataset in ``data_dir`` (:func:`spark_mnist.shards.contract.open_dataset`) and the row groups of its
-    ``split`` (:func:`spark_mnist.shards.parquet.plan_row_groups`), for the side tools that read one split.
-
-    Raises:
-        DatasetNotFoundError: no complete dataset in ``data_dir`` (local, FUSE or an object store).
-        InputError: an unknown ``split``.
-        DatasetMismatchError: the split holds no rows.
-    """
-    dataset = contract.open_dataset(data_dir)
-    try:
-        rows = dataset.rows(split)  # the manifest's count, known before any shard's footer is read
-    except ValueError as e:  # "Invalid split: ... Must be one of ...", said with the dataset's place
-        raise InputError(f"{dataset.location.shown}: {e}") from e
-    if rows == 0:
-        raise DatasetMismatchError(f"{dataset.location.shown}: split {split!r} holds no rows")
-    return dataset, plan_row_groups(dataset.files(split))
 
 
 def evaluate_model(

@@ -19,8 +19,8 @@ import numpy as np
 from spark_mnist.errors import InputError, invalid, require_extra
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
-from spark_mnist.shards.parquet import read_pieces, total_rows
-from spark_mnist.tools.evaluate import EvaluationResult, open_split
+from spark_mnist.shards.parquet import open_split, read_pieces, total_rows
+from spark_mnist.tools.evaluate import EvaluationResult
 
 __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_png", "maybe_training_curves"]
 
