@@ -136,7 +136,7 @@ def default_parallelism(spark: "SparkSession") -> int:
     local = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master_here(spark) or "")
     if local is None:
         return max(1, int(spark.range(0, 1 << 20).selectExpr("max(spark_partition_id())").collect()[0][0]) + 1)
-    return os.cpu_count() or 1 if local.group(1) == "*" else max(1, int(local.group(1) or 1))
+    return (os.cpu_count() or 1) if local.group(1) == "*" else max(1, int(local.group(1) or 1))
 
 
 def master_here(spark: "SparkSession") -> Optional[str]:
