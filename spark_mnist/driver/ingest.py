@@ -20,9 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from spark_mnist import __version__, fs
+from spark_mnist import fs
 from spark_mnist.datasets import SPLITS, get_dataset, hash_mismatch_message, upright
 from spark_mnist.driver import session
 from spark_mnist.driver.inputs import open_idx_split, read_files, read_npz
@@ -122,22 +120,7 @@ def ingest(
             if strict:
                 raise ChecksumMismatchError(message + " (ingest.strict)")
             log.warning("%s; ingesting it anyway (ingest.strict refuses it)", message)
-        manifest = contract.Manifest(
-            generation=lease.generation,
-            dataset=spec.name,
-            classes=tuple(spec.classes),
-            image_shape=spec.image_shape,
-            source={"uri": source_dir.shown, "files": records},
-            package_version=__version__,
-            splits={
-                name: contract.Split(
-                    rows=len(split.labels),
-                    files=tuple(f for f in written if f.path.startswith(f"{lease.generation}/{name}/")),
-                    label_histogram=tuple(np.bincount(split.labels, minlength=spec.num_classes).tolist()),
-                )
-                for name, split in splits.items()
-            },
-        )
-        manifest = commit.publish(out, manifest, lease)
+        labels = {name: split.labels for name, split in splits.items()}
+        manifest = commit.publish(out, lease, spec, labels, written, {"uri": source_dir.shown, "files": records})
     log.info("ingested %s into %s in %.2fs", spec.name, out.shown, time.perf_counter() - started)
     return manifest

@@ -14,7 +14,6 @@ import os
 
 import numpy as np
 
-from spark_mnist import __version__
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
 from spark_mnist.formats.idx import read_idx
@@ -112,16 +111,11 @@ def write_local_dataset(
     out = normalize_uri(output)
     rows_per_group = rows_per_group or max(1, contract.ROW_GROUP_BYTES // int(np.prod(spec.image_shape)))
     with writing(out) as ingest:
-        splits = {}
+        files = []
         for name, (images, labels) in arrays.items():
             bounds = contract.shard_bounds(len(labels), num_shards)
-            files = []
             for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
                 path = contract.shard_path(ingest.generation, name, k)
                 size = write_shard(out.display, path, images[lo:hi], labels[lo:hi], int(lo), rows_per_group)
                 files.append(contract.ShardFile(path, size, int(hi - lo)))
-            histogram = np.bincount(np.asarray(labels, dtype=np.int64), minlength=spec.num_classes).tolist()
-            splits[name] = contract.Split(len(labels), tuple(files), tuple(histogram))
-        classes, shape = tuple(spec.classes), spec.image_shape
-        manifest = contract.Manifest(ingest.generation, spec.name, classes, shape, splits, package_version=__version__)
-        return publish(out, manifest, ingest)
+        return publish(out, ingest, spec, {name: labels for name, (_, labels) in arrays.items()}, files, {})

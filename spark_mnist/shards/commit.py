@@ -22,12 +22,15 @@ import re
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
-from spark_mnist import fs
+import numpy as np
+
+from spark_mnist import __version__, fs
+from spark_mnist.datasets import DatasetSpec
 from spark_mnist.errors import DatasetNotFoundError
 from spark_mnist.paths import Location
-from spark_mnist.shards.contract import MANIFEST_NAME, Manifest, read_manifest
+from spark_mnist.shards.contract import MANIFEST_NAME, Manifest, ShardFile, Split, read_manifest
 
 __all__ = ["RETENTION_S", "Ingest", "new_generation", "generation_start", "current_manifest", "writing", "publish",
            "clean"]  # fmt: skip
@@ -101,7 +104,7 @@ def writing(out: Location) -> Iterator[Ingest]:
 
         with writing(out) as ingest:
             ...  # write the shards under out/<ingest.generation>/
-            publish(out, manifest, ingest)
+            publish(out, ingest, spec, labels, files, source)
 
     Raises:
         SourceError: ``out`` is on no file system this machine reaches.
@@ -124,22 +127,33 @@ def writing(out: Location) -> Iterator[Ingest]:
         raise
 
 
-def publish(out: Location, manifest: Manifest, ingest: Ingest) -> Manifest:
-    """Commit ``manifest`` (its generation fully written under ``out`` by ``ingest``): write ``out/_manifest.json``
-    naming the manifest ``out`` holds now as its ``previous``, in one single-object write; then :func:`clean`.
-    The last manifest write wins: whatever another ingest published meanwhile is replaced.  A failed clean-up is
-    logged and left to the next ingest: the dataset is committed.
+def publish(
+    out: Location, ingest: Ingest, spec: DatasetSpec, labels: dict[str, Any], files: Sequence[ShardFile], source: dict
+) -> Manifest:
+    """Commit the generation ``ingest`` wrote in full under ``out``: write ``out/_manifest.json``, the manifest of a
+    dataset of ``spec`` whose splits hold ``labels`` (``{split: labels (n,)}``, for the rows and the label histogram)
+    in the shard ``files`` under ``<generation>/<split>/`` (in order), ingested from ``source`` (the manifest's
+    ``source``), naming the manifest ``out`` holds now as its ``previous``, in one single-object write; then
+    :func:`clean`.  The last manifest write wins: whatever another ingest published meanwhile is replaced.  A failed
+    clean-up is logged and left to the next ingest: the dataset is committed.
 
     Returns:
-        The manifest written: ``manifest`` with ``previous`` set.
+        The manifest written.
     Raises:
         OSError: the generation started longer than :data:`RETENTION_S` ago, so another ingest's clean-up may have
             removed its files (nothing is published); or the manifest could not be written (``out`` then still
             holds the previous dataset).
         SourceError: ``out`` is on no file system this machine reaches.
     """
+    splits = {}
+    for name, y in labels.items():
+        histogram = np.bincount(np.asarray(y, dtype=np.int64), minlength=spec.num_classes).tolist()
+        mine = tuple(f for f in files if f.path.startswith(f"{ingest.generation}/{name}/"))
+        splits[name] = Split(len(y), mine, tuple(histogram))
     current = current_manifest(out)
-    manifest = dataclasses.replace(manifest, previous=current.generation if current is not None else None)
+    previous = current.generation if current is not None else None
+    classes, shape = tuple(spec.classes), spec.image_shape
+    manifest = Manifest(ingest.generation, spec.name, classes, shape, splits, source, previous, __version__)
     if _age_s(ingest.generation) > RETENTION_S:
         raise OSError(
             f"{out.shown}: generation {manifest.generation} started {_age_s(ingest.generation):.0f} s ago, more than "
