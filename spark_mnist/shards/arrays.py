@@ -8,8 +8,6 @@ FUSE path or an object store: :func:`spark_mnist.shards.contract.open_dataset`),
 :func:`write_local_dataset` writes arrays as an ingested dataset, by ingest's own writer and commit.
 """
 
-from __future__ import annotations
-
 import os
 
 import numpy as np

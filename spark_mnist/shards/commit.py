@@ -12,8 +12,6 @@ manifest is the commit") is the protocol's one description, its windows included
 No directory is renamed anywhere, nothing is written but shards and the manifest; no Spark here.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import logging

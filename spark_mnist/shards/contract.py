@@ -20,8 +20,6 @@ Any change to this layout bumps :data:`SCHEMA_VERSION` (1: the previous release'
 without generations; refused with one line saying to re-ingest).  No Spark and no torch here.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import time

@@ -11,8 +11,6 @@ parquet-format 2.x): written where pyarrow writes them and verified on every rea
 check of :func:`spark_mnist.shards.contract.open_dataset` and Snappy's own framing).  No Spark and no torch here.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import inspect
@@ -138,6 +136,10 @@ class RowGroup:
     metadata: Any = field(default=None, compare=False, repr=False)
 
 
+# A row group and the global rows [a, b) taken from it.
+_Piece = tuple[RowGroup, int, int]
+
+
 def plan_row_groups(paths: Sequence[str]) -> list[RowGroup]:
     """Every row group of ``paths`` (sorted, so every rank computes the same plan) with its global row offset.
 
@@ -180,14 +182,12 @@ def decode_images(column, row_bytes: int, path: str = "<parquet>") -> np.ndarray
     return parts[0] if len(parts) == 1 else np.concatenate([np.empty((0, row_bytes), dtype=np.uint8), *parts])
 
 
-def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[tuple[RowGroup, int, int]]:
+def pieces_in(plan: Sequence[RowGroup], lo: int, hi: int) -> list[_Piece]:
     """The row groups of ``plan`` that hold global rows ``[lo, hi)``, each with the global rows ``(a, b)`` taken."""
     return [(g, max(lo, g.start), min(hi, g.start + g.rows)) for g in plan if g.start < hi and g.start + g.rows > lo]
 
 
-def read_pieces(
-    pieces: Sequence[tuple[RowGroup, int, int]], row_bytes: int, threads: int = DEFAULT_READER_THREADS
-) -> _Rows:
+def read_pieces(pieces: Sequence[_Piece], row_bytes: int, threads: int = DEFAULT_READER_THREADS) -> _Rows:
     """The rows of ``(row group, a, b)`` pieces, in piece order: ``(index (n,) int64, images (n, row_bytes) uint8,
     labels (n,) int64)``.  Row groups are decoded with ``threads`` readers and copied once into the result."""
     total = sum(b - a for _, a, b in pieces)
