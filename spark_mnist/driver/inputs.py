@@ -108,17 +108,10 @@ def read_files(
 
 def _record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int) -> dict:
     """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""
-    return {
-        "split": split,
-        "kind": kind,
-        "name": entry.name,
-        "uri": redact(source.uri),
-        "bytes": source.length,
-        "payload_bytes": payload_bytes,
-        "sha256": sha256,
-        "expected_sha256": entry.sha256,
-        "sha256_matches": None if entry.sha256 is None else sha256 == entry.sha256,
-    }
+    record = {"split": split, "kind": kind, "name": entry.name, "uri": redact(source.uri), "bytes": source.length}
+    matches = None if entry.sha256 is None else sha256 == entry.sha256
+    hashes = {"sha256": sha256, "expected_sha256": entry.sha256, "sha256_matches": matches}
+    return {**record, "payload_bytes": payload_bytes, **hashes}
 
 
 class SplitInput(NamedTuple):
