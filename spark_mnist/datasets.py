@@ -12,8 +12,6 @@ Fashion-MNIST are the ones in shared/data/README.md.  torchvision folder names a
 (``keras.datasets.mnist.load_data`` caches ``~/.keras/datasets/mnist.npz``).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 

@@ -25,8 +25,6 @@ What it gives:
   fork server, which imports torch once for the whole test run (:data:`RANK_PRELOAD`) rather than once per rank.
 """
 
-from __future__ import annotations
-
 import multiprocessing
 import os
 import queue

@@ -28,8 +28,6 @@ and ``TORCHINDUCTOR_CACHE_DIR`` (which ``torch.export`` sets), and the experimen
 through ``mlflow.set_experiment``.
 """
 
-from __future__ import annotations
-
 import hashlib
 import inspect
 import json

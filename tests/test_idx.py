@@ -30,9 +30,14 @@ from spark_mnist.formats.idx import (
     ParsedIdx,
     encode_idx,
     parse_idx,
-    read_idx,
     write_idx,
 )
+
+
+def read_idx(source, name=None, **kwargs):
+    """The array :func:`parse_idx` reads."""
+    return parse_idx(source, name, **kwargs).array
+
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

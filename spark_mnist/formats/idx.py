@@ -14,8 +14,6 @@ The reader streams: it never decompresses more than the header-declared payload 
 header that lies costs no more memory or time than a valid file of the declared size.
 """
 
-from __future__ import annotations
-
 import contextlib
 import gzip
 import hashlib
@@ -33,7 +31,7 @@ from spark_mnist.errors import IdxFormatError, invalid
 from spark_mnist.fs import replacing
 
 __all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader", "ParsedIdx", "IdxReader",
-           "parse_idx", "read_idx", "encode_idx", "write_idx"]  # fmt: skip
+           "parse_idx", "encode_idx", "write_idx"]  # fmt: skip
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_DIMENSIONS = 16
@@ -255,11 +253,6 @@ def parse_idx(source: Source, name: str | None = None, *, max_payload_bytes: int
         array = reader.read(reader.header.shape[0])
         reader.finish()
         return ParsedIdx(array, reader.sha256, reader.payload_bytes)
-
-
-def read_idx(source: Source, name: str | None = None, **kwargs) -> np.ndarray:
-    """The array of :func:`parse_idx` alone.  Same arguments, errors and spec."""
-    return parse_idx(source, name, **kwargs).array
 
 
 def encode_idx(array: np.ndarray) -> bytes:

@@ -7,8 +7,6 @@ the published payload sha256s.  It is read with ``allow_pickle=False``: an archi
 rather than executed.
 """
 
-from __future__ import annotations
-
 import os
 import zipfile
 import zlib

@@ -6,8 +6,6 @@ split is checked with :func:`spark_mnist.datasets.validate_split`, and each payl
 file) is compared with the registry's.  The file names are exactly the ones ingest reads.
 """
 
-from __future__ import annotations
-
 import os
 import textwrap
 from dataclasses import dataclass
