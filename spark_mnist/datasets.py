@@ -76,11 +76,9 @@ def _files(emnist: str | None, hashes: Mapping[str, str]) -> dict[str, dict[str,
     ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...), each with
     its payload sha256 from ``hashes`` where known."""
     stems = {"train": "train", "test": "t10k"} if emnist is None else {s: f"emnist-{emnist}-{s}" for s in SPLITS}
-    files: dict[str, dict[str, DatasetFile]] = {}
-    for split, stem in stems.items():
-        names = {kind: f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz" for kind in (IMAGES, LABELS)}
-        files[split] = {kind: DatasetFile(name, hashes.get(name)) for kind, name in names.items()}
-    return files
+    kinds = {IMAGES: "idx3", LABELS: "idx1"}  # the IDX number of dimensions in the name
+    names = {s: {k: f"{stem}-{k}-{idx}-ubyte.gz" for k, idx in kinds.items()} for s, stem in stems.items()}
+    return {s: {k: DatasetFile(n, hashes.get(n)) for k, n in by_kind.items()} for s, by_kind in names.items()}
 
 
 DIGITS = tuple("0123456789")
