@@ -63,8 +63,7 @@ class DatasetSpec:
 
     def file(self, split: str, kind: str) -> DatasetFile:
         """The :class:`DatasetFile` for ``split`` ('train'|'test') and ``kind`` ('images'|'labels')."""
-        check_choice("split", split, self.files)
-        return self.files[split][check_choice("kind", kind, self.files[split])]
+        return self.files[check_choice("split", split, self.files)][check_choice("kind", kind, (IMAGES, LABELS))]
 
     def all_files(self) -> list[DatasetFile]:
         """The four files: train images, train labels, test images, test labels."""
