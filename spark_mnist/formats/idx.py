@@ -257,7 +257,6 @@ def encode_idx(array: np.ndarray) -> bytes:
         ValueError: a dtype the IDX spec has no code for, or a shape :func:`parse_idx` would reject (0-d, more than
             16 dimensions, a zero dimension, a dimension over 2**32 - 1).
     """
-    array = np.asarray(array)
     if (array.dtype.kind, array.dtype.itemsize) not in CODE_BY_KIND:
         raise invalid("dtype", array.dtype.name, "one IDX stores: uint8, int8, int16, int32, float32, float64")
     if not 1 <= array.ndim <= MAX_DIMENSIONS:
