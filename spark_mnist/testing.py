@@ -129,9 +129,9 @@ def write_idx_source(
         arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
     source = IdxSource(Path(directory), spec.name, arrays)
     source.path.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        for kind, array in zip(("images", "labels"), arrays[split]):
-            write_idx(source.file(split, kind), array)
+    # The files in all_files' order: train images, train labels, test images, test labels.
+    for entry, array in zip(spec.all_files(), [*arrays["train"], *arrays["test"]]):
+        write_idx(source.path / entry.name, array)
     if defect is None:
         return source
     # Plant the defect: overwrite one file of ``defect_split``.
