@@ -12,8 +12,6 @@ Fashion-MNIST are the ones in shared/data/README.md.  torchvision folder names a
 (``keras.datasets.mnist.load_data`` caches ``~/.keras/datasets/mnist.npz``).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
@@ -65,24 +63,24 @@ class DatasetSpec:
 
     def file(self, split: str, kind: str) -> DatasetFile:
         """The :class:`DatasetFile` for ``split`` ('train'|'test') and ``kind`` ('images'|'labels')."""
-        check_choice("split", split, self.files)
-        return self.files[split][check_choice("kind", kind, self.files[split])]
+        return self.files[check_choice("split", split, self.files)][check_choice("kind", kind, (IMAGES, LABELS))]
 
     def all_files(self) -> list[DatasetFile]:
         """The four files: train images, train labels, test images, test labels."""
         return [self.files[split][kind] for split in SPLITS for kind in (IMAGES, LABELS)]
 
 
-def _files(emnist: str | None, hashes: Mapping[str, str]) -> dict[str, dict[str, DatasetFile]]:
-    """The four gz IDX files by split and kind: the MNIST page's names (``train-images-idx3-ubyte.gz``,
+def _files(dataset: str, hashes: Mapping[str, str]) -> dict[str, dict[str, DatasetFile]]:
+    """The four gz IDX files of ``dataset`` by split and kind: the MNIST page's names (``train-images-idx3-ubyte.gz``,
     ``t10k-labels-idx1-ubyte.gz``, ...), or EMNIST's (``emnist-<split>-train-images-idx3-ubyte.gz``, ...), each with
-    its payload sha256 from ``hashes`` where known."""
-    stems = {"train": "train", "test": "t10k"} if emnist is None else {s: f"emnist-{emnist}-{s}" for s in SPLITS}
-    files: dict[str, dict[str, DatasetFile]] = {}
-    for split, stem in stems.items():
-        names = {kind: f"{stem}-{kind}-idx{3 if kind == IMAGES else 1}-ubyte.gz" for kind in (IMAGES, LABELS)}
-        files[split] = {kind: DatasetFile(name, hashes.get(name)) for kind, name in names.items()}
-    return files
+    its payload sha256 from ``hashes`` (by ``<dataset>/<file name>``) where known."""
+    # EMNIST's files are named after the dataset (emnist-<split>-train-...).
+    stems = (
+        {s: f"{dataset}-{s}" for s in SPLITS} if dataset.startswith("emnist-") else {"train": "train", "test": "t10k"}
+    )
+    kinds = {IMAGES: "idx3", LABELS: "idx1"}  # the IDX number of dimensions in the name
+    names = {s: {k: f"{stem}-{k}-{idx}-ubyte.gz" for k, idx in kinds.items()} for s, stem in stems.items()}
+    return {s: {k: DatasetFile(n, hashes.get(f"{dataset}/{n}")) for k, n in kind.items()} for s, kind in names.items()}
 
 
 DIGITS = tuple("0123456789")
@@ -109,19 +107,15 @@ def registry() -> dict[str, DatasetSpec]:
         "emnist-letters": (("N/A",) + LETTERS, emnist, 124_800, 20_800),  # labels run 1..26 (0 is unused, "N/A")
         "emnist-mnist": (DIGITS, emnist, 60_000, 10_000),
     }
-    # Payload sha256 (of the decompressed file) by file name, as shared/data/README.md lists them.
+    # Payload sha256 (of the decompressed file) by "<dataset>/<file name>", as shared/data/README.md lists them.
     hashes = {
-        "mnist": {
-            "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-            "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-        },
-        "fashion-mnist": {
-            "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        },
+        "mnist/t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "mnist/t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        "mnist/train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "fashion-mnist/train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "fashion-mnist/train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "fashion-mnist/t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "fashion-mnist/t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     }
     mirrors = {
         "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
@@ -131,15 +125,14 @@ def registry() -> dict[str, DatasetSpec]:
     folders = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
     specs = {}
     for name, (classes, normalization, train, test) in table.items():
-        emnist_split = name.removeprefix("emnist-") if name.startswith("emnist-") else None
         specs[name] = DatasetSpec(
             name,
-            _files(emnist_split, hashes.get(name, {})),
+            _files(name, hashes),
             classes,
             normalization,
             split_sizes={"train": train, "test": test},
             mirrors=mirrors.get(name, ("https://biometrics.nist.gov/cs_links/EMNIST/",)),
-            transposed=emnist_split is not None,
+            transposed=name.startswith("emnist-"),
             torchvision_folder=folders.get(name, "EMNIST"),
             keras_file="mnist.npz" if name == "mnist" else None,
         )

@@ -25,8 +25,6 @@ What it gives:
   fork server, which imports torch once for the whole test run (:data:`RANK_PRELOAD`) rather than once per rank.
 """
 
-from __future__ import annotations
-
 import multiprocessing
 import os
 import queue
@@ -51,7 +49,6 @@ __all__ = ["DEFECTS", "make_arrays", "IdxSource", "write_idx_source", "write_ing
            "RankFailedError", "free_port", "run_ranks", "spark_remote", "spark", "spark_remote_args",
            "idx_source", "ingested_dataset"]  # fmt: skip
 
-DEFAULT_MASTER = "local[2]"
 # The defects :func:`write_idx_source` can plant, each in one file of one split, and what it does to that file.
 DEFECTS = {
     "truncated": "the images file cut to half its gzip bytes (an interrupted download)",
@@ -132,9 +129,9 @@ def write_idx_source(
         arrays[split] = make_arrays(rows, split_seed, spec.num_classes, spec.image_shape)
     source = IdxSource(Path(directory), spec.name, arrays)
     source.path.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        for kind, array in zip(("images", "labels"), arrays[split]):
-            write_idx(source.file(split, kind), array)
+    # The files in all_files' order: train images, train labels, test images, test labels.
+    for entry, array in zip(spec.all_files(), [*arrays["train"], *arrays["test"]]):
+        write_idx(source.path / entry.name, array)
     if defect is None:
         return source
     # Plant the defect: overwrite one file of ``defect_split``.
@@ -286,8 +283,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "sc://host:port uses a running one (default: the SPARK_REMOTE variable; else classic)"
     )
     group.addoption("--spark-remote", metavar="URL", help=remote)
-    master = f"the classic session's master (default {DEFAULT_MASTER})"
-    group.addoption("--spark-master", default=DEFAULT_MASTER, metavar="MASTER", help=master)
+    master = "the classic session's master (default %(default)s)"
+    group.addoption("--spark-master", default="local[2]", metavar="MASTER", help=master)
 
 
 def spark_remote(config: pytest.Config) -> Optional[str]:
@@ -301,10 +298,9 @@ def spark(pytestconfig: pytest.Config) -> Iterator[Any]:
     """One local SparkSession for the whole test run, quiet (WARN), stopped (and its environment restored) at the
     end: classic on ``--spark-master`` (``local[2]``), or Spark Connect where ``--spark-remote``/``SPARK_REMOTE``
     names a server.  Configured as spark-mnist's own local sessions are, with 2 GiB of driver memory."""
-    master = pytestconfig.getoption("--spark-master", DEFAULT_MASTER)
+    remote, master = spark_remote(pytestconfig), pytestconfig.getoption("--spark-master")
     conf = {"spark.driver.memory": "2g"}
-    settings = SparkSettings(master=master, remote=spark_remote(pytestconfig), app_name="spark-mnist-tests", conf=conf)
-    with spark_session(settings) as session:
+    with spark_session(SparkSettings(master=master, remote=remote, app_name="spark-mnist-tests", conf=conf)) as session:
         yield session
 
 

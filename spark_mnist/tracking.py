@@ -28,8 +28,6 @@ and ``TORCHINDUCTOR_CACHE_DIR`` (which ``torch.export`` sets), and the experimen
 through ``mlflow.set_experiment``.
 """
 
-from __future__ import annotations
-
 import hashlib
 import inspect
 import json
@@ -195,8 +193,7 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        digest = manifest_digest(manifest)
-        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=digest)  # type: ignore[abstract]  # concrete
+        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=manifest_digest(manifest))  # type: ignore[abstract]  # concrete
         mlflow.log_input(dataset, context="training")
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
         error = f"{type(e).__name__}: {redact(str(e))}"

@@ -12,8 +12,13 @@ import pytest
 import spark_mnist
 from spark_mnist.datasets import get_dataset, validate_split
 from spark_mnist.errors import DatasetMismatchError, IdxFormatError
-from spark_mnist.formats.idx import read_idx
+from spark_mnist.formats.idx import parse_idx
 from spark_mnist.testing import DEFECTS, RankFailedError, run_ranks, write_idx_source
+
+
+def read_idx(source, name=None):
+    """The array :func:`parse_idx` reads."""
+    return parse_idx(source, name).array
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist", "kmnist", "emnist-letters"])

@@ -14,8 +14,6 @@ The reader streams: it never decompresses more than the header-declared payload 
 header that lies costs no more memory or time than a valid file of the declared size.
 """
 
-from __future__ import annotations
-
 import contextlib
 import gzip
 import hashlib
@@ -33,7 +31,7 @@ from spark_mnist.errors import IdxFormatError, invalid
 from spark_mnist.fs import replacing
 
 __all__ = ["GZIP_MAGIC", "DTYPE_BY_CODE", "CODE_BY_KIND", "Source", "IdxHeader", "ParsedIdx", "IdxReader",
-           "parse_idx", "read_idx", "encode_idx", "write_idx"]  # fmt: skip
+           "parse_idx", "encode_idx", "write_idx"]  # fmt: skip
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_DIMENSIONS = 16
@@ -94,7 +92,7 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
     Raises:
         IdxFormatError: wrong magic number, unknown dtype code, zero or absurd dimensions, or a header cut short.
     """
-    magic = _read_exact(stream, 4, name, "the 4-byte magic number")
+    magic = _guarded_read(stream, 4, name, exact="the 4-byte magic number")
     if magic[:2] != b"\x00\x00":
         head = magic
         with contextlib.suppress(IdxFormatError):  # only to say what the file looks like
@@ -111,7 +109,7 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
         raise IdxFormatError(f"{name}: unknown IDX dtype code 0x{code:02X}: expected one of {known}")
     if not 1 <= ndim <= MAX_DIMENSIONS:
         raise IdxFormatError(f"{name}: absurd number of dimensions {ndim}: expected 1 to {MAX_DIMENSIONS}")
-    dims = struct.unpack(f">{ndim}I", _read_exact(stream, 4 * ndim, name, f"{ndim} dimension sizes"))
+    dims = struct.unpack(f">{ndim}I", _guarded_read(stream, 4 * ndim, name, exact=f"{ndim} dimension sizes"))
     if 0 in dims:
         raise IdxFormatError(f"{name}: zero dimension in shape {dims}: every dimension must be at least 1")
     header = IdxHeader(DTYPE_BY_CODE[code], dims)
@@ -120,20 +118,16 @@ def _read_header(stream: BinaryIO, name: str, max_payload_bytes: int) -> IdxHead
     return header
 
 
-def _read_exact(stream: BinaryIO, size: int, name: str, what: str) -> bytes:
-    if len(data := _guarded_read(stream, size, name)) != size:
-        raise IdxFormatError(f"{name}: truncated: expected {what} ({size} bytes), found {len(data)} bytes")
-    return data
-
-
-def _guarded_read(stream: BinaryIO, size: int | memoryview, name: str) -> Any:
-    """``stream.read(size)``, or ``stream.readinto(size)`` for a buffer; a corrupt gzip stream as IdxFormatError."""
+def _guarded_read(stream: BinaryIO, size: int | memoryview, name: str, exact: str | None = None) -> Any:
+    """``stream.read(size)``, or ``stream.readinto(size)`` for a buffer; a corrupt gzip stream as IdxFormatError.
+    With ``exact`` (what the bytes are, for the message), fewer than ``size`` bytes are a truncated file."""
     try:
-        if isinstance(size, int):
-            return stream.read(size)
-        return stream.readinto(size)  # type: ignore[attr-defined]  # BinaryIO's stub lacks readinto
+        data = stream.read(size) if isinstance(size, int) else stream.readinto(size)  # type: ignore[attr-defined]  # BinaryIO's stub lacks readinto
     except (OSError, EOFError, zlib.error) as e:
         raise IdxFormatError(f"{name}: corrupt or truncated gzip stream: {e}") from e
+    if exact is not None and len(data) != size:
+        raise IdxFormatError(f"{name}: truncated: expected {exact} ({size} bytes), found {len(data)} bytes")
+    return data
 
 
 class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
@@ -166,10 +160,9 @@ class IdxReader(contextlib.AbstractContextManager["IdxReader"]):
                 self.name = name or str(Path(source))
                 try:
                     raw = stack.enter_context(open(source, "rb"))
-                except FileNotFoundError as e:
-                    raise IdxFormatError(f"{self.name}: file not found") from e
-                except OSError as e:  # a directory, no permission, ...
-                    raise IdxFormatError(f"{self.name}: cannot open: {e.strerror or e}") from e
+                except OSError as e:  # not found, a directory, no permission, ...
+                    what = "file not found" if isinstance(e, FileNotFoundError) else f"cannot open: {e.strerror or e}"
+                    raise IdxFormatError(f"{self.name}: {what}") from e
             self._gzipped = raw.read(2) == GZIP_MAGIC
             size = raw.seek(0, io.SEEK_END)
             raw.seek(0)
@@ -257,11 +250,6 @@ def parse_idx(source: Source, name: str | None = None, *, max_payload_bytes: int
         return ParsedIdx(array, reader.sha256, reader.payload_bytes)
 
 
-def read_idx(source: Source, name: str | None = None, **kwargs) -> np.ndarray:
-    """The array of :func:`parse_idx` alone.  Same arguments, errors and spec."""
-    return parse_idx(source, name, **kwargs).array
-
-
 def encode_idx(array: np.ndarray) -> bytes:
     """The IDX encoding (uncompressed) of ``array``: header then big-endian data.
 
@@ -269,7 +257,6 @@ def encode_idx(array: np.ndarray) -> bytes:
         ValueError: a dtype the IDX spec has no code for, or a shape :func:`parse_idx` would reject (0-d, more than
             16 dimensions, a zero dimension, a dimension over 2**32 - 1).
     """
-    array = np.asarray(array)
     if (array.dtype.kind, array.dtype.itemsize) not in CODE_BY_KIND:
         raise invalid("dtype", array.dtype.name, "one IDX stores: uint8, int8, int16, int32, float32, float64")
     if not 1 <= array.ndim <= MAX_DIMENSIONS:

@@ -7,8 +7,6 @@ the published payload sha256s.  It is read with ``allow_pickle=False``: an archi
 rather than executed.
 """
 
-from __future__ import annotations
-
 import os
 import zipfile
 import zlib
@@ -17,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, validate_split
+from spark_mnist.datasets import DatasetSpec, get_dataset, validate_split
 from spark_mnist.errors import InputError
 from spark_mnist.formats.idx import write_idx
 
@@ -109,7 +107,7 @@ def npz_to_idx_dir(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, s
     arrays = load_keras_npz(npz_path, spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        for kind, array in zip((IMAGES, LABELS), arrays[split]):
-            write_idx(out / spec.file(split, kind).name, array, compress=True)
+    # The files in all_files' order: train images, train labels, test images, test labels.
+    for entry, array in zip(spec.all_files(), [*arrays["train"], *arrays["test"]]):
+        write_idx(out / entry.name, array, compress=True)
     return out

@@ -14,7 +14,7 @@ import numpy as np
 
 from spark_mnist.datasets import IMAGES, LABELS, SPLITS, DatasetSpec, get_dataset, upright, validate_split
 from spark_mnist.errors import SourceError
-from spark_mnist.formats.idx import read_idx
+from spark_mnist.formats.idx import parse_idx
 from spark_mnist.formats.keras_npz import load_keras_npz
 from spark_mnist.paths import normalize_uri
 from spark_mnist.shards import contract
@@ -60,7 +60,7 @@ def load_data(path: str | os.PathLike, dataset: str = "mnist") -> Arrays:
         missing = [p for p in paths.values() if not os.path.exists(p)]
         if missing:
             raise SourceError(f"{', '.join(missing)}: file not found")
-        images, labels = read_idx(paths[IMAGES]), read_idx(paths[LABELS])
+        images, labels = parse_idx(paths[IMAGES]).array, parse_idx(paths[LABELS]).array
         validate_split(spec, images, labels, paths[IMAGES], paths[LABELS])
         result.append((upright(spec, images), labels))
     return result[0], result[1]

@@ -11,8 +11,6 @@ entry is that ``state_dict``) is accepted too.  It is loaded with ``torch.load(.
 untrusted file cannot run code.  The model is built by name (:func:`spark_mnist.models.build_model`).
 """
 
-from __future__ import annotations
-
 import json
 import os
 from dataclasses import dataclass
@@ -62,7 +60,7 @@ def evaluate_model(
     *,
     batch_size: int = 1000,
     split: str = "test",
-    device: str | torch.device | None = None,
+    device: "str | torch.device | None" = None,
     model: str | None = None,
 ) -> EvaluationResult:
     """Run the model in ``model_path`` over every image of ``split`` of the dataset in ``data_dir``.

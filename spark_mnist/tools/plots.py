@@ -7,8 +7,6 @@ keeps its inline backend), no display is needed, and nothing holds a figure once
 written through a temporary name and a rename (:func:`spark_mnist.fs.replacing`), so a reader never sees half a file.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 from pathlib import Path

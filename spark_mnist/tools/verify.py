@@ -6,8 +6,6 @@ split is checked with :func:`spark_mnist.datasets.validate_split`, and each payl
 file) is compared with the registry's.  The file names are exactly the ones ingest reads.
 """
 
-from __future__ import annotations
-
 import os
 import textwrap
 from dataclasses import dataclass
@@ -110,16 +108,14 @@ def verify_file(
     """
     name = name or os.fspath(path)
     parsed = parse_idx(path, name)
-    expected = spec.file(split, kind).sha256
-    if expected is not None and parsed.sha256 != expected:
+    if (expected := spec.file(split, kind).sha256) is not None and parsed.sha256 != expected:
         raise ChecksumMismatchError(hash_mismatch_message(spec.name, name, parsed.sha256, expected))
     array, rows = parsed.array, len(parsed.array)
     if kind == IMAGES:
         validate_split(spec, array, np.zeros(rows, dtype=np.uint8), name, "(labels)")
     else:
         validate_split(spec, np.broadcast_to(np.uint8(0), (rows, *spec.image_shape)), array, "(images)", name)
-    expected_rows = spec.split_sizes.get(split)
-    if expected_rows is not None and rows != expected_rows:
+    if (expected_rows := spec.split_sizes.get(split)) is not None and rows != expected_rows:
         raise DatasetMismatchError(f"{name}: {rows} rows: {spec.name}'s published {split} split has {expected_rows}")
     return parsed
 
