@@ -340,9 +340,8 @@ class ShardLoader(IterableDataset):
         if self._cache is None:
             self._cache = self._read([self.span])
             if self.resident:
-                index, images, labels = map(torch.from_numpy, self._cache)  # on the CPU: the arrays' memory
-                images = images.view(len(images), 1, *self.image_shape)
-                self._cache = tuple(t.to(self.device) for t in (index, images, labels))
+                index, images, labels = (torch.from_numpy(a).to(self.device) for a in self._cache)
+                self._cache = index, images.view(len(images), 1, *self.image_shape), labels
         # No share: resumed at the epoch's end.
         positions = np.concatenate([np.empty(0, np.int64), *(rows for _, rows in share)]) - self.span[0]
         if self.resident:

@@ -109,12 +109,11 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
         # Abort the group, without waiting on collectives that will never complete (other ranks may be dead or
-        # stuck): destroy_process_group waits for them.  Without an abort (older torch) the group is left for the
-        # process's exit to release.
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if dist.is_initialized() and abort is not None:
-            with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
-                abort()
+        # stuck): destroy_process_group waits for them.  Without an abort (older torch: AttributeError) the group is
+        # left for the process's exit to release.
+        with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
+            if dist.is_initialized():
+                dist.distributed_c10d._abort_process_group()
         raise
     # DDP lives in a reference cycle, with the process group: freed now, while the interpreter lives, not at its
     # teardown, where gloo's threads can abort the process (SIGABRT; pytorch/pytorch#179291) and fail the launch.
