@@ -19,7 +19,6 @@ defined in :mod:`spark_mnist.rank.order`.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -49,12 +48,12 @@ CUDA_FREE_MEMORY_SHARE = 0.25
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
     """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
     consumed (one item ahead, never more).  Closing the iterator waits for the one in flight."""
-    items = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
-        pending = [pool.submit(fn, item) for item in itertools.islice(items, 1)]
+        pending: list = []
         for item in items:
             pending.append(pool.submit(fn, item))
-            yield pending.pop(0).result()
+            if len(pending) > 1:
+                yield pending.pop(0).result()
         yield from (future.result() for future in pending)
 
 
