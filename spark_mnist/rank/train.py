@@ -161,10 +161,9 @@ class _Run:
         checkpoint = load_checkpoint(job.run_dir) if settings.resume else None
         if settings.resume and checkpoint is None:
             self.say(f"resume: no checkpoint in {job.run_dir}, starting afresh")
-        self.batch_size = settings.batch_size
         # On the checkpoint's own world size train.batch_size stays: the loader refuses another global batch.
-        if checkpoint is not None and checkpoint.loader["world_size"] != world.world_size:
-            self.batch_size = checkpoint.batch_size_for(world.world_size)
+        elastic = checkpoint is not None and checkpoint.loader["world_size"] != world.world_size
+        self.batch_size = checkpoint.batch_size_for(world.world_size) if checkpoint and elastic else settings.batch_size
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
         resident = device if resolve(settings.resident_data, device) else None
@@ -191,7 +190,7 @@ class _Run:
             self.optimizer.load_state_dict(checkpoint.optimizer)
             saved, loader = checkpoint.loader, self.train_loader
             where = f"epoch {loader.epoch + 1}, step {loader.start_step}/{self.steps}"
-            if saved["world_size"] != world.world_size:
+            if elastic:
                 where += f"; the global batch {saved['global_batch_size']} of its {saved['world_size']} ranks, "
                 where += f"{self.batch_size} per rank"
             self.say(f"resume: continuing from {checkpoint.source} at {where}")
