@@ -248,8 +248,7 @@ class _Run:
             return iter(self.train_loader)
         return petastorm_batches(
             self.job.train_converter,
-            rank=self.world.rank,
-            world_size=self.world.world_size,
+            world=self.world,
             batch_size=self.batch_size,
             steps=self.steps - self.train_loader.start_step,
             image_shape=self.job.image_shape,
