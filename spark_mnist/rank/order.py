@@ -79,9 +79,10 @@ def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
 
 
 def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
-    """A permutation of ``0..n-1`` (int64) drawn from PCG64 seeded by ``SeedSequence((seed, *key))``."""
-    entropy = [seed % 2**64, *key]  # SeedSequence takes non-negative words; a negative seed wraps
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).permutation(n).astype(np.int64)
+    """A permutation of ``0..n-1`` (int64) drawn from PCG64 seeded by ``SeedSequence((seed, *key))`` (what
+    ``default_rng`` makes of a list of words)."""
+    # SeedSequence takes non-negative words; a negative seed wraps.
+    return np.random.default_rng([seed % 2**64, *key]).permutation(n).astype(np.int64)
 
 
 class Window(NamedTuple):
