@@ -165,18 +165,16 @@ class ShardLoader(IterableDataset):
         need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
         self.in_memory = need <= memory_budget_bytes
         self.device = None if device is None else torch.device(device)
-        self.resident = False  # True: the decoded rows live on self.device, batches are gathered there
-        if self.device is not None:
-            budget = memory_budget_bytes if device_memory_budget_bytes is None else device_memory_budget_bytes
-            if device_memory_budget_bytes is None and self.device.type == "cuda":
-                budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_SHARE)
-            self.resident = need <= budget
-            if not self.resident:
-                self.pin_memory = self.pin_memory or self.device.type == "cuda"
-                log.warning(
-                    f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
-                    f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
-                )
+        budget = memory_budget_bytes if device_memory_budget_bytes is None else device_memory_budget_bytes
+        if device_memory_budget_bytes is None and self.device is not None and self.device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_SHARE)
+        self.resident = self.device is not None and need <= budget  # the decoded rows live on self.device
+        if self.device is not None and not self.resident:
+            self.pin_memory = self.pin_memory or self.device.type == "cuda"
+            log.warning(
+                f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
+                f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
+            )
         # _position_set: True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict /
         # __init__ left them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
         self.set_epoch(0)
