@@ -353,8 +353,8 @@ class ShardLoader(IterableDataset):
         with contextlib.closing(decoded):  # stops and joins the prefetch thread when this generator is closed
             carry = None
             for (window, rows), arrays in zip(share, decoded):
-                # The window's rows ascending are its ranges laid end to end, as _read decodes them.
-                chunk = self._gather(arrays, np.searchsorted(np.sort(window.order), rows))
+                laid_out = np.concatenate([np.arange(a, b) for a, b in window.ranges])  # the rows as _read decodes them
+                chunk = self._gather(arrays, np.searchsorted(laid_out, rows))
                 if carry is not None:
                     chunk = tuple(self._pinned(torch.cat([c, p])) for c, p in zip(carry, chunk))
                 full = len(chunk[0]) - len(chunk[0]) % self.batch_size
