@@ -110,9 +110,9 @@ def row_petastorm(converter, steps: int, epochs: int, batched: bool) -> dict[str
     import itertools
 
     from spark_mnist.rank.petastorm import petastorm_batches
+    from spark_mnist.rank.world import World
 
-    batches = petastorm_batches(converter, rank=0, world_size=1, batch_size=BATCH_SIZE, steps=steps * epochs,
-                                batched=batched)
+    batches = petastorm_batches(converter, world=World(), batch_size=BATCH_SIZE, steps=steps * epochs, batched=batched)
     try:
         result = time_epochs(itertools.islice(batches, steps) for _ in range(epochs))
     finally:

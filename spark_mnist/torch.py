@@ -212,19 +212,15 @@ class MNIST(_TorchDataset):
 
         img: Any = Image.fromarray(self.data[index].numpy())  # 2-D uint8: mode "L" (fromarray's mode= is deprecated)
         target = int(self.targets[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
+        img = img if self.transform is None else self.transform(img)
+        return img, (target if self.target_transform is None else self.target_transform(target))
 
     def __repr__(self) -> str:
-        lines = [f"Dataset {type(self).__name__} ({self.dataset})", f"    Number of datapoints: {len(self)}"]
-        lines.append(f"    Root location: {redact(os.fspath(self.root))}")
-        lines.append(f"    Split: {'Train' if self.train else 'Test'}")
-        transforms = (("Transform", self.transform), ("Target transform", self.target_transform))
-        lines += [f"    {name}: {value!r}" for name, value in transforms if value]
-        return "\n".join(lines)
+        lines = [f"Dataset {type(self).__name__} ({self.dataset})", f"Number of datapoints: {len(self)}"]
+        lines += [f"Root location: {redact(os.fspath(self.root))}", f"Split: {'Train' if self.train else 'Test'}"]
+        transforms = {"Transform": self.transform, "Target transform": self.target_transform}
+        lines += [f"{name}: {value!r}" for name, value in transforms.items() if value]
+        return "\n    ".join(lines)
 
 
 class FashionMNIST(MNIST):

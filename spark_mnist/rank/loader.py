@@ -19,7 +19,6 @@ defined in :mod:`spark_mnist.rank.order`.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -49,12 +48,12 @@ CUDA_FREE_MEMORY_SHARE = 0.25
 def prefetched(fn: Callable, items: Iterable) -> Iterator:
     """``fn(item)`` for each item, in order, each computed in a background thread while the previous result is
     consumed (one item ahead, never more).  Closing the iterator waits for the one in flight."""
-    items = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
-        pending = [pool.submit(fn, item) for item in itertools.islice(items, 1)]
+        pending: list = []
         for item in items:
             pending.append(pool.submit(fn, item))
-            yield pending.pop(0).result()
+            if len(pending) > 1:
+                yield pending.pop(0).result()
         yield from (future.result() for future in pending)
 
 
@@ -166,18 +165,16 @@ class ShardLoader(IterableDataset):
         need = self.rows * (self.row_bytes + ROW_OVERHEAD_BYTES)
         self.in_memory = need <= memory_budget_bytes
         self.device = None if device is None else torch.device(device)
-        self.resident = False  # True: the decoded rows live on self.device, batches are gathered there
-        if self.device is not None:
-            budget = memory_budget_bytes if device_memory_budget_bytes is None else device_memory_budget_bytes
-            if device_memory_budget_bytes is None and self.device.type == "cuda":
-                budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_SHARE)
-            self.resident = need <= budget
-            if not self.resident:
-                self.pin_memory = self.pin_memory or self.device.type == "cuda"
-                log.warning(
-                    f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
-                    f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
-                )
+        budget = memory_budget_bytes if device_memory_budget_bytes is None else device_memory_budget_bytes
+        if device_memory_budget_bytes is None and self.device is not None and self.device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * CUDA_FREE_MEMORY_SHARE)
+        self.resident = self.device is not None and need <= budget  # the decoded rows live on self.device
+        if self.device is not None and not self.resident:
+            self.pin_memory = self.pin_memory or self.device.type == "cuda"
+            log.warning(
+                f"rank {rank}: the {self.rows} rows read every epoch ({need // 2**20} MB decoded) do not fit the "
+                f"{budget // 2**20} MB budget on {self.device}: batches are made on the host and copied there"
+            )
         # _position_set: True while the next iter() starts at (epoch, start_step), as set_epoch / load_state_dict /
         # __init__ left them; False once an iteration began there: the next iter() starts the epoch after, at step 0.
         self.set_epoch(0)
@@ -340,9 +337,8 @@ class ShardLoader(IterableDataset):
         if self._cache is None:
             self._cache = self._read([self.span])
             if self.resident:
-                index, images, labels = map(torch.from_numpy, self._cache)  # on the CPU: the arrays' memory
-                images = images.view(len(images), 1, *self.image_shape)
-                self._cache = tuple(t.to(self.device) for t in (index, images, labels))
+                index, images, labels = (torch.from_numpy(a).to(self.device) for a in self._cache)
+                self._cache = index, images.view(len(images), 1, *self.image_shape), labels
         # No share: resumed at the epoch's end.
         positions = np.concatenate([np.empty(0, np.int64), *(rows for _, rows in share)]) - self.span[0]
         if self.resident:
@@ -357,7 +353,8 @@ class ShardLoader(IterableDataset):
         with contextlib.closing(decoded):  # stops and joins the prefetch thread when this generator is closed
             carry = None
             for (window, rows), arrays in zip(share, decoded):
-                chunk = self._gather(arrays, order.local_positions(window.ranges, rows))
+                laid_out = np.concatenate([np.arange(a, b) for a, b in window.ranges])  # the rows as _read decodes them
+                chunk = self._gather(arrays, np.searchsorted(laid_out, rows))
                 if carry is not None:
                     chunk = tuple(self._pinned(torch.cat([c, p])) for c, p in zip(carry, chunk))
                 full = len(chunk[0]) - len(chunk[0]) % self.batch_size

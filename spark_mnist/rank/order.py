@@ -42,8 +42,7 @@ import numpy as np
 from spark_mnist.errors import invalid
 
 __all__ = ["BLOCK_ROWS", "WINDOW_BLOCKS", "WINDOW_ROWS", "STATE_KEYS", "rank_rows", "steps_per_epoch", "Window",
-           "epoch_windows", "evaluation_windows", "rank_positions", "rank_share", "local_positions",
-           "state_mismatch"]  # fmt: skip
+           "epoch_windows", "evaluation_windows", "rank_positions", "rank_share", "state_mismatch"]  # fmt: skip
 
 # Consecutive rows moved as one block by the first, coarse permutation of an epoch.
 BLOCK_ROWS = 8_192
@@ -80,9 +79,10 @@ def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
 
 
 def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
-    """A permutation of ``0..n-1`` (int64) drawn from PCG64 seeded by ``SeedSequence((seed, *key))``."""
-    entropy = [seed % 2**64, *key]  # SeedSequence takes non-negative words; a negative seed wraps
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).permutation(n).astype(np.int64)
+    """A permutation of ``0..n-1`` (int64) drawn from PCG64 seeded by ``SeedSequence((seed, *key))`` (what
+    ``default_rng`` makes of a list of words)."""
+    # SeedSequence takes non-negative words; a negative seed wraps.
+    return np.random.default_rng([seed % 2**64, *key]).permutation(n).astype(np.int64)
 
 
 class Window(NamedTuple):
@@ -148,14 +148,6 @@ def rank_share(windows: Sequence[Window], positions: np.ndarray) -> list[tuple[W
             out.append((window, window.order[positions[lo:hi] - start]))
         start = end
     return out
-
-
-def local_positions(ranges: Sequence[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
-    """Where global ``rows`` (all inside ``ranges``) sit in the rows of ``ranges`` laid end to end."""
-    starts = np.array([a for a, _ in ranges], dtype=np.int64)
-    offsets = np.cumsum([0] + [b - a for a, b in ranges[:-1]], dtype=np.int64)
-    k = np.searchsorted(starts, rows, side="right") - 1
-    return offsets[k] + rows - starts[k]
 
 
 def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "the saved state") -> str | None:

@@ -12,6 +12,7 @@ from typing import Generator
 import numpy as np
 import torch
 
+from spark_mnist.rank.world import World
 from spark_mnist.shards import contract
 
 __all__ = ["petastorm_batches"]
@@ -20,14 +21,13 @@ __all__ = ["petastorm_batches"]
 def petastorm_batches(
     converter,
     *,
-    rank: int,
-    world_size: int,
+    world: World,
     batch_size: int,
     steps: int,
     image_shape: tuple[int, int] = (28, 28),
     batched: bool = False,
 ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
-    """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=rank, shard_count=world_size)``.
+    """``steps`` batches from petastorm's ``make_torch_dataloader(cur_shard=world.rank, shard_count=world.world_size)``.
 
     petastorm shards by row group, so ranks may hold different numbers of rows; it reads with ``num_epochs=None``
     (endless) and this stops after ``steps``, so every rank still runs the same number of steps (the common
@@ -35,7 +35,7 @@ def petastorm_batches(
 
     Args:
         converter: petastorm's ``SparkDatasetConverter`` of the split (the contract's columns).
-        rank, world_size: this rank's shard and the number of shards (:class:`spark_mnist.rank.world.World`).
+        world: this rank's shard (``rank``) and the number of shards (``world_size``).
         batch_size: samples per batch.
         steps: batches to yield.
         image_shape: (H, W) of the contract's image column.
@@ -63,8 +63,8 @@ def petastorm_batches(
     with converter.make_torch_dataloader(
         batch_size=batch_size,
         num_epochs=None,
-        cur_shard=rank,
-        shard_count=world_size,
+        cur_shard=world.rank,
+        shard_count=world.world_size,
         transform_spec=spec,
         workers_count=2,  # petastorm's reader threads
         data_loader_fn=BatchedDataLoader if batched else DataLoader,

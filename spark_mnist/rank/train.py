@@ -109,12 +109,11 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     except BaseException as e:
         write_error_report(job.run_dir, world.rank, e)
         # Abort the group, without waiting on collectives that will never complete (other ranks may be dead or
-        # stuck): destroy_process_group waits for them.  Without an abort (older torch) the group is left for the
-        # process's exit to release.
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if dist.is_initialized() and abort is not None:
-            with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
-                abort()
+        # stuck): destroy_process_group waits for them.  Without an abort (older torch: AttributeError) the group is
+        # left for the process's exit to release.
+        with contextlib.suppress(Exception):  # the rank's own error is what matters; its process ends next
+            if dist.is_initialized():
+                dist.distributed_c10d._abort_process_group()
         raise
     # DDP lives in a reference cycle, with the process group: freed now, while the interpreter lives, not at its
     # teardown, where gloo's threads can abort the process (SIGABRT; pytorch/pytorch#179291) and fail the launch.
@@ -162,10 +161,9 @@ class _Run:
         checkpoint = load_checkpoint(job.run_dir) if settings.resume else None
         if settings.resume and checkpoint is None:
             self.say(f"resume: no checkpoint in {job.run_dir}, starting afresh")
-        self.batch_size = settings.batch_size
         # On the checkpoint's own world size train.batch_size stays: the loader refuses another global batch.
-        if checkpoint is not None and checkpoint.loader["world_size"] != world.world_size:
-            self.batch_size = checkpoint.batch_size_for(world.world_size)
+        elastic = checkpoint is not None and checkpoint.loader["world_size"] != world.world_size
+        self.batch_size = checkpoint.batch_size_for(world.world_size) if checkpoint and elastic else settings.batch_size
         # train.resident_data: the loaders keep their split on the training device (when it fits) and yield batches
         # there; petastorm reads the training batches itself, so only the evaluation loader then does.
         resident = device if resolve(settings.resident_data, device) else None
@@ -192,7 +190,7 @@ class _Run:
             self.optimizer.load_state_dict(checkpoint.optimizer)
             saved, loader = checkpoint.loader, self.train_loader
             where = f"epoch {loader.epoch + 1}, step {loader.start_step}/{self.steps}"
-            if saved["world_size"] != world.world_size:
+            if elastic:
                 where += f"; the global batch {saved['global_batch_size']} of its {saved['world_size']} ranks, "
                 where += f"{self.batch_size} per rank"
             self.say(f"resume: continuing from {checkpoint.source} at {where}")
@@ -250,8 +248,7 @@ class _Run:
             return iter(self.train_loader)
         return petastorm_batches(
             self.job.train_converter,
-            rank=self.world.rank,
-            world_size=self.world.world_size,
+            world=self.world,
             batch_size=self.batch_size,
             steps=self.steps - self.train_loader.start_step,
             image_shape=self.job.image_shape,
