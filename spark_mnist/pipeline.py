@@ -208,12 +208,12 @@ def _train(
         log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts, **counts})))
         converter = converters["train"] if t.loader == "petastorm" else None
         job = TrainJob(t, files["train"], files["test"], train_converter=converter, **facts)
-        metrics = run_with_restarts(
-            lambda resume_now: launch(train_worker, replace(job, settings=t.copy(update={"resume": resume_now}))),
-            max_restarts=t.max_restarts,
-            checkpoint=os.path.join(job.run_dir, CHECKPOINT_NAME),
-            resume=resume,
-        )
+
+        def attempt(resume_now: bool) -> dict[str, Any]:  # one launch; a relaunch resumes where this run got to
+            return launch(train_worker, replace(job, settings=t.copy(update={"resume": resume_now})))
+
+        checkpoint = os.path.join(job.run_dir, CHECKPOINT_NAME)
+        metrics = run_with_restarts(attempt, max_restarts=t.max_restarts, checkpoint=checkpoint, resume=resume)
     finally:
         for split, converter in converters.items():
             try:

@@ -53,8 +53,7 @@ class TrainingFailedError(RuntimeError):
 
     def __init__(self, message: str, reports: list[dict[str, Any]] | None = None, cause: BaseException | None = None):
         super().__init__(message)
-        self.reports = list(reports or [])
-        self.cause = cause
+        self.reports, self.cause = list(reports or []), cause
 
     @property
     def summary(self) -> str:

@@ -135,15 +135,10 @@ def run_torchrun(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any
     # torch here: the pipeline imports this module, and a run without torch must reach check()'s message.
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=job.settings.num_processes,
-        run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # torchrun --standalone: c10d on this host, a free port
-        max_restarts=0,
-    )  # start_method: LaunchConfig's default, spawn
+    # torchrun --standalone: one node, c10d on this host with a free port; start_method: LaunchConfig's default, spawn
+    standalone: dict[str, Any] = dict(min_nodes=1, max_nodes=1, rdzv_backend="c10d", rdzv_endpoint="localhost:0")
+    run_id = f"spark-mnist-{uuid.uuid4().hex[:8]}"
+    config = LaunchConfig(nproc_per_node=job.settings.num_processes, run_id=run_id, max_restarts=0, **standalone)
     # What the elastic agent writes into this process's environment is put back after the launch.
     with scoped_env({}, restore=("TORCHELASTIC_SIGNALS_TO_HANDLE",)):
         return elastic_launch(config, fn)(job)[0]
