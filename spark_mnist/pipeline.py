@@ -119,10 +119,10 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
             return _train(session, settings, dataset, choice, resume=resume, ingested=ingest_first)
 
 
-def _converter(t: TrainSettings, connect: bool) -> ConverterChoice | None:
+def _converter(t: TrainSettings, connect: bool) -> ConverterChoice:
     """petastorm's converter or the shards (``torch-distributor`` only: the one launcher on a Spark session), as
-    :func:`spark_mnist.driver.converter.choose_converter` decides; ``None`` for the other launchers, which read the
-    shards and refuse petastorm."""
+    :func:`spark_mnist.driver.converter.choose_converter` decides; the shards for the other launchers, which refuse
+    petastorm."""
     if t.launcher == SPARK_LAUNCHER:
         return choose_converter(t, connect=connect)
     if "petastorm" in (t.loader, t.converter):
@@ -131,7 +131,7 @@ def _converter(t: TrainSettings, connect: bool) -> ConverterChoice | None:
             f"Spark job and needs --launcher {SPARK_LAUNCHER}; launcher {t.launcher!r} reads the "
             f"ingested shards (--loader spark-mnist --converter none)"
         )
-    return None
+    return ConverterChoice("none", f"launcher {t.launcher!r}")
 
 
 def check_resume(settings: Settings, manifest: Manifest) -> bool:
@@ -185,7 +185,7 @@ def check_resume(settings: Settings, manifest: Manifest) -> bool:
 
 
 def _train(
-    spark, settings: Settings, dataset: Dataset, choice: ConverterChoice | None, *, resume: bool, ingested: bool
+    spark, settings: Settings, dataset: Dataset, choice: ConverterChoice, *, resume: bool, ingested: bool
 ) -> dict[str, Any]:
     """The checked run: petastorm's converters or the shards, the launch and its restarts, the curves and tracking."""
     from spark_mnist.rank.train import train_worker  # torch: not for ingest
@@ -197,11 +197,11 @@ def _train(
     facts["dataset_id"] = dataset_identity(manifest)
     converters: dict[str, Any] = {}
     files = {split: dataset.files(split) for split in ("train", "test")}
-    if choice is not None and choice.uses_petastorm:
+    if choice.uses_petastorm:
         log.info("converter: petastorm (%s)", choice.reason)
         converters = make_converters(spark, dataset, t.petastorm_cache_url, t.petastorm_row_group_bytes)
         files = {split: list(c.file_urls) for split, c in converters.items()}
-    elif choice is not None:
+    else:
         log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
     try:
         counts = {"train_files": len(files["train"]), "test_files": len(files["test"])}
@@ -220,8 +220,7 @@ def _train(
                 converter.delete()
             except Exception as e:  # noqa: BLE001 - the run's outcome stands; a leftover cache is only disk
                 log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
-    result = {"dataset": manifest.dataset, "converter": choice.name if choice else "none", "launcher": t.launcher}
-    result.update(metrics)
+    result = {"dataset": manifest.dataset, "converter": choice.name, "launcher": t.launcher, **metrics}
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))  # warns without matplotlib
     params = {k: v for k, v in settings.dict().items() if ingested or k != "ingest"}
     model_path, uri = result.get("model_path"), dataset.location.uri
