@@ -102,8 +102,8 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
         require_extra("torch", "torch", "training")
         check(t)
-        connect = on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark))
-        choice = _converter(t, connect)
+        # refused here, before a session starts; _train chooses on the session it got (an active one may differ)
+        _converter(t, on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark)))
         if not ingest_first:
             dataset = open_dataset(settings.data_dir)
             resume = check_resume(settings, dataset.manifest)
@@ -112,11 +112,9 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
                 ingest(session, settings)
                 dataset = open_dataset(settings.data_dir)
                 resume = check_resume(settings, dataset.manifest)
-            if on_spark and sessions.is_connect(session) != connect:  # an active session other than foreseen
-                choice = _converter(t, not connect)
             if on_spark and not t.local_mode:
                 check_shared_run_dir(settings.run_dir, sessions.master_here(session))  # rank 0 writes on an executor
-            return _train(session, settings, dataset, choice, resume=resume, ingested=ingest_first)
+            return _train(session, settings, dataset, resume=resume, ingested=ingest_first)
 
 
 def _converter(t: TrainSettings, connect: bool) -> ConverterChoice:
@@ -184,13 +182,12 @@ def check_resume(settings: Settings, manifest: Manifest) -> bool:
     return True
 
 
-def _train(
-    spark, settings: Settings, dataset: Dataset, choice: ConverterChoice, *, resume: bool, ingested: bool
-) -> dict[str, Any]:
+def _train(spark, settings: Settings, dataset: Dataset, *, resume: bool, ingested: bool) -> dict[str, Any]:
     """The checked run: petastorm's converters or the shards, the launch and its restarts, the curves and tracking."""
     from spark_mnist.rank.train import train_worker  # torch: not for ingest
 
     t, manifest = settings.train, dataset.manifest
+    choice = _converter(t, sessions.is_connect(spark))  # on the session it got
     # what the ranks get beside the settings and the files (:class:`~spark_mnist.job.TrainJob`), and the log shows
     facts: dict[str, Any] = {"dataset": manifest.dataset, "num_classes": len(manifest.classes)}
     facts.update(image_shape=manifest.image_shape, run_dir=require_local(settings.run_dir, "run_dir"))
