@@ -6,8 +6,9 @@ together.  :func:`train` checks what can be refused once, before a Spark session
 launcher's package and hardware, the converter, the dataset, a checkpoint to resume), then starts the session that
 ``torch-distributor`` or an ingest needs when none is given.  ``driver/`` (Spark) and ``rank/`` (torch, every rank)
 never import each other: this module hands :func:`spark_mnist.rank.train.train_worker` and a
-:class:`~spark_mnist.job.TrainJob` to :func:`spark_mnist.launch.launch`, relaunches it from the last checkpoint when
-a rank fails (:func:`spark_mnist.launch.run_with_restarts`), and logs the run to MLflow (:mod:`spark_mnist.tracking`).
+:class:`~spark_mnist.job.TrainJob` to :func:`spark_mnist.launch.run_with_restarts`, which launches it
+(:func:`spark_mnist.launch.launch`) and relaunches it from the last checkpoint when a rank fails, and logs the run to
+MLflow (:mod:`spark_mnist.tracking`).
 ``torchrun`` and ``ai-runtime`` training imports no Spark (a session's modules import pyspark when one starts), and
 ingest no torch (the rank modules are imported where training starts).
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import replace
 from typing import Any
 
 from spark_mnist.config import Settings, TrainSettings
@@ -27,11 +27,11 @@ from spark_mnist.driver.ingest import ingest as run_ingest
 from spark_mnist.envs import scoped_env
 from spark_mnist.errors import InputError, LoaderStateError, require_extra
 from spark_mnist.job import TrainJob
-from spark_mnist.launch import check, launch, run_with_restarts, world_size
+from spark_mnist.launch import check, run_with_restarts, world_size
 from spark_mnist.launch.torch_distributor import check_shared_run_dir
 from spark_mnist.paths import redact, require_local
 from spark_mnist.rank.order import state_mismatch
-from spark_mnist.runs import CHECKPOINT_NAME, CURVES_NAME, dataset_identity
+from spark_mnist.runs import CURVES_NAME, dataset_identity
 from spark_mnist.shards.contract import Dataset, Manifest, open_dataset
 from spark_mnist.tools.plots import maybe_training_curves
 from spark_mnist.tracking import log_training_run
@@ -205,12 +205,7 @@ def _train(spark, settings: Settings, dataset: Dataset, *, resume: bool, ingeste
         log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts, **counts})))
         converter = converters["train"] if t.loader == "petastorm" else None
         job = TrainJob(t, files["train"], files["test"], train_converter=converter, **facts)
-
-        def attempt(resume_now: bool) -> dict[str, Any]:  # one launch; a relaunch resumes where this run got to
-            return launch(train_worker, replace(job, settings=t.copy(update={"resume": resume_now})))
-
-        checkpoint = os.path.join(job.run_dir, CHECKPOINT_NAME)
-        metrics = run_with_restarts(attempt, max_restarts=t.max_restarts, checkpoint=checkpoint, resume=resume)
+        metrics = run_with_restarts(train_worker, job, resume=resume)
     finally:
         for split, converter in converters.items():
             try:

@@ -39,13 +39,14 @@ import importlib
 import logging
 import os
 import uuid
+from dataclasses import replace
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
 from spark_mnist.envs import scoped_env
 from spark_mnist.errors import InputError, LauncherUnavailableError, require_extra
 from spark_mnist.launch import torch_distributor
-from spark_mnist.runs import TrainingFailedError, clear_error_reports, failure
+from spark_mnist.runs import CHECKPOINT_NAME, TrainingFailedError, clear_error_reports, failure
 
 __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch", "world_size", "decorator_kwargs",
            "run_torchrun", "run_ai_runtime", "is_bad_input", "run_with_restarts"]  # fmt: skip
@@ -144,13 +145,11 @@ def run_torchrun(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any
         return elastic_launch(config, fn)(job)[0]
 
 
-def decorator_kwargs(settings: TrainSettings) -> dict[str, Any]:
-    """The keyword arguments of ``databricks.air.distributed`` for ``settings``: ``num_accelerators``
+def decorator_kwargs(t: TrainSettings) -> dict[str, Any]:
+    """The keyword arguments of ``databricks.air.distributed`` for the train settings ``t``: ``num_accelerators``
     (``accelerator_count``, else ``num_processes``), ``accelerator_type`` (``None``: the attached GPUs') and
     ``remote`` (``remote_gpu``).  The local-mode timeout is left at the package's default (3 hours)."""
-    return dict(
-        num_accelerators=world_size(settings), accelerator_type=settings.accelerator_type, remote=settings.remote_gpu
-    )
+    return dict(num_accelerators=world_size(t), accelerator_type=t.accelerator_type, remote=t.remote_gpu)
 
 
 def run_ai_runtime(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
@@ -212,16 +211,13 @@ def is_bad_input(error: TrainingFailedError) -> bool:
     return bool(error.exceptions) and all(e.split(":", 1)[0] in names for e in error.exceptions)
 
 
-def run_with_restarts(
-    attempt: Callable[[bool], dict[str, Any]], *, max_restarts: int, checkpoint: str, resume: bool
-) -> dict[str, Any]:
-    """``attempt(resume)`` (one launch), relaunched after a failure at most ``max_restarts`` times.
+def run_with_restarts(fn: Callable[[Any], dict[str, Any]], job: Any, *, resume: bool) -> dict[str, Any]:
+    """:func:`launch` of ``fn`` on ``job``, relaunched after a failure at most ``job.settings.max_restarts`` times
+    (0: none).
 
     Args:
-        attempt: runs the ranks once; ``True`` resumes from ``checkpoint``.  Returns rank 0's metrics, raises
-            :class:`TrainingFailedError` when a rank fails.
-        max_restarts: relaunches allowed (``train.max_restarts``); 0: none.
-        checkpoint: the run directory's checkpoint file.
+        fn, job: as :func:`launch`; each launch gets a copy of ``job`` (a dataclass) whose ``settings.resume`` says
+            whether it resumes from the run directory's checkpoint (``job.run_dir/checkpoint.pt``).
         resume: whether the run resumes (``--resume`` or ``resume: auto``); a fresh run resumes after a failure
             only from a checkpoint it wrote itself.
     Returns:
@@ -229,10 +225,12 @@ def run_with_restarts(
     Raises:
         TrainingFailedError: the last attempt's failure, or a bad-input failure at once.
     """
+    checkpoint, max_restarts = os.path.join(job.run_dir, CHECKPOINT_NAME), job.settings.max_restarts
     before, restarts = _stat(checkpoint), 0
     while True:
         try:
-            return {**attempt(resume), "restarts": restarts}
+            attempt = replace(job, settings=job.settings.copy(update={"resume": resume}))
+            return {**launch(fn, attempt), "restarts": restarts}
         except TrainingFailedError as e:
             if restarts >= max_restarts or is_bad_input(e):
                 if restarts:
