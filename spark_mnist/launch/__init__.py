@@ -194,8 +194,7 @@ def launch(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
 
 def _stat(path: str) -> tuple[int, int] | None:
     with contextlib.suppress(OSError):
-        st = os.stat(path)
-        return st.st_mtime_ns, st.st_size
+        return (st := os.stat(path)).st_mtime_ns, st.st_size
     return None
 
 
@@ -207,8 +206,7 @@ def _names(cls: type) -> set[str]:
 def is_bad_input(error: TrainingFailedError) -> bool:
     """Whether every rank reported an :class:`~spark_mnist.errors.InputError` (by type name): a relaunch would
     fail the same way."""
-    names = _names(InputError)
-    return bool(error.exceptions) and all(e.split(":", 1)[0] in names for e in error.exceptions)
+    return bool(error.exceptions) and all(e.split(":", 1)[0] in _names(InputError) for e in error.exceptions)
 
 
 def run_with_restarts(fn: Callable[[Any], dict[str, Any]], job: Any, *, resume: bool) -> dict[str, Any]:
