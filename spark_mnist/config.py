@@ -212,16 +212,11 @@ class Settings(_Section):
         return posixpath.join(parent, "runs", name)
 
 
-class Option(NamedTuple):
-    """One setting as a command-line option: its field's name, its spelling (``--num-shards`` for ``num_shards``),
-    the value's type (``bool`` for a switch), the allowed values of a ``Literal`` and the field's description as
-    help."""
-
-    name: str
-    flag: str
-    type: type
-    choices: Optional[tuple]
-    help: Optional[str]
+# One setting as a command-line option: its field's name, its spelling (--num-shards for num_shards), the value's
+# type (bool for a switch), the allowed values of a Literal and the field's description as help.
+Option = NamedTuple(
+    "Option", [("name", str), ("flag", str), ("type", type), ("choices", tuple | None), ("help", str | None)]
+)
 
 
 def options(section: str) -> Iterator[Option]:

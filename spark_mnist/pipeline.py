@@ -192,14 +192,13 @@ def _train(spark, settings: Settings, dataset: Dataset, *, resume: bool, ingeste
     facts: dict[str, Any] = {"dataset": manifest.dataset, "num_classes": len(manifest.classes)}
     facts.update(image_shape=manifest.image_shape, run_dir=require_local(settings.run_dir, "run_dir"))
     facts["dataset_id"] = dataset_identity(manifest)
+    what = "petastorm" if choice.uses_petastorm else "none, the ranks read the ingested shards"
+    log.info("converter: %s (%s)", what, choice.reason)
     converters: dict[str, Any] = {}
     files = {split: dataset.files(split) for split in ("train", "test")}
     if choice.uses_petastorm:
-        log.info("converter: petastorm (%s)", choice.reason)
         converters = make_converters(spark, dataset, t.petastorm_cache_url, t.petastorm_row_group_bytes)
         files = {split: list(c.file_urls) for split, c in converters.items()}
-    else:
-        log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
     try:
         counts = {"train_files": len(files["train"]), "test_files": len(files["test"])}
         log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts, **counts})))
