@@ -3,8 +3,6 @@
 Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what is wrong), 1 anything else.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import logging

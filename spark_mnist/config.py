@@ -13,8 +13,6 @@ The models are written against pydantic's v1 API (``pydantic`` in 1.10, ``pydant
 majors; why: docs/development.md (the package table).
 """
 
-from __future__ import annotations
-
 import os
 import pathlib
 import posixpath

@@ -13,8 +13,6 @@ MLflow (:mod:`spark_mnist.tracking`).
 ingest no torch (the rank modules are imported where training starts).
 """
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import os

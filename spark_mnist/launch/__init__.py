@@ -32,8 +32,6 @@ way again and is not relaunched.  torchelastic's ``max_restarts`` and Spark's ta
 from its start; this restarts it from where the last checkpoint stands.
 """
 
-from __future__ import annotations
-
 import contextlib
 import importlib
 import logging
