@@ -18,8 +18,6 @@ The notebook API, with the settings of the command line (``spark_mnist/config.py
 Importing the package imports neither Spark nor torch.
 """
 
-from __future__ import annotations
-
 import importlib.metadata as _metadata
 import os
 from typing import TYPE_CHECKING, Any

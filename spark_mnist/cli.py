@@ -3,8 +3,6 @@
 Exit codes: 0 success, 2 bad input (one line on stderr naming the file and what is wrong), 1 anything else.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import logging
@@ -21,10 +19,7 @@ from spark_mnist.config import SECTIONS, Settings, load_settings, options
 from spark_mnist.errors import InputError, require_extra
 from spark_mnist.paths import normalize_uri, redact
 from spark_mnist.shards.commit import clean
-from spark_mnist.tools.download import LocalRoots, download
-from spark_mnist.tools.evaluate import evaluate_model, format_report
-from spark_mnist.tools.plots import confusion_matrix_png, preview_grid
-from spark_mnist.tools.verify import format_table, verify_source
+from spark_mnist.tools import download, evaluate, plots, verify
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_BAD_INPUT", "build_parser", "settings_from_args", "run_command", "main"]
 
@@ -133,19 +128,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    report = verify_source(args.source, args.dataset, strict=not args.allow_hash_mismatch)
-    sys.stdout.write(format_table(report))
+    report = verify.verify_source(args.source, args.dataset, strict=not args.allow_hash_mismatch)
+    sys.stdout.write(verify.format_table(report))
     return 0 if report.ok else EXIT_BAD_INPUT
 
 
 def _download(args: argparse.Namespace) -> None:
-    local_roots = LocalRoots() if args.no_local else None
-    paths = download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries, local_roots=local_roots)
+    local_roots = download.LocalRoots() if args.no_local else None
+    paths = download.download(args.dataset, args.to, mirrors=args.mirror, retries=args.retries, local_roots=local_roots)
     _print_json({"dataset": args.dataset, "files": {name: str(path) for name, path in paths.items()}})
 
 
 def _preview(args: argparse.Namespace) -> None:
-    path = preview_grid(args.data, args.out, split=args.split, seed=args.seed)
+    path = plots.preview_grid(args.data, args.out, split=args.split, seed=args.seed)
     _print_json({"preview": str(path), "data": args.data, "split": args.split, "seed": args.seed})
 
 
@@ -155,11 +150,11 @@ def _gc(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     require_extra("torch", "torch", "evaluate")
-    result = evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
-    sys.stdout.write(format_report(result))
+    result = evaluate.evaluate_model(args.data, args.model, batch_size=args.batch_size, split=args.split)
+    sys.stdout.write(evaluate.format_report(result))
     out_png = args.out_png or os.path.join(os.path.dirname(os.path.abspath(args.model)), "confusion.png")
     try:
-        print(f"confusion matrix PNG: {confusion_matrix_png(result, out_png)}", flush=True)
+        print(f"confusion matrix PNG: {plots.confusion_matrix_png(result, out_png)}", flush=True)
     except InputError as e:  # no matplotlib: the report above stands; an explicit --out-png makes it an error
         if args.out_png:
             raise

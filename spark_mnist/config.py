@@ -13,13 +13,10 @@ The models are written against pydantic's v1 API (``pydantic`` in 1.10, ``pydant
 majors; why: docs/development.md (the package table).
 """
 
-from __future__ import annotations
-
 import os
 import pathlib
 import posixpath
-import typing
-from typing import Any, Iterator, Literal, NamedTuple, Optional
+from typing import Any, Iterator, Literal, NamedTuple, Optional, get_args, get_origin
 
 import yaml
 
@@ -93,9 +90,9 @@ class IngestSettings(_Section):
 # The accelerator types of databricks.air (AcceleratorType) and of a bundle's ai_runtime_task (databricks-bundles'
 # ComputeSpecAcceleratorType); tests/test_launch.py and tests/test_bundle.py keep the three lists equal.
 AcceleratorType = Literal["GPU_1xA10", "GPU_1xH100", "GPU_8xH100", "GPU_8xB300"]
-ACCELERATOR_TYPES = typing.get_args(AcceleratorType)
+ACCELERATOR_TYPES = get_args(AcceleratorType)
 Model = Literal["simple-cnn"]  # spark_mnist.models.build_model builds each
-MODELS = typing.get_args(Model)
+MODELS = get_args(Model)
 
 
 class TrainSettings(_Section):
@@ -213,16 +210,11 @@ class Settings(_Section):
         return posixpath.join(parent, "runs", name)
 
 
-class Option(NamedTuple):
-    """One setting as a command-line option: its field's name, its spelling (``--num-shards`` for ``num_shards``),
-    the value's type (``bool`` for a switch), the allowed values of a ``Literal`` and the field's description as
-    help."""
-
-    name: str
-    flag: str
-    type: type
-    choices: Optional[tuple]
-    help: Optional[str]
+# One setting as a command-line option: its field's name, its spelling (--num-shards for num_shards), the value's
+# type (bool for a switch), the allowed values of a Literal and the field's description as help.
+Option = NamedTuple(
+    "Option", [("name", str), ("flag", str), ("type", type), ("choices", tuple | None), ("help", str | None)]
+)
 
 
 def options(section: str) -> Iterator[Option]:
@@ -237,7 +229,7 @@ def options(section: str) -> Iterator[Option]:
     for name, field in Settings.__fields__[section].type_.__fields__.items():
         if not field.field_info.extra.get("cli", True):
             continue
-        choices = typing.get_args(field.outer_type_) if typing.get_origin(field.outer_type_) is Literal else None
+        choices = get_args(field.outer_type_) if get_origin(field.outer_type_) is Literal else None
         tp = type(choices[0]) if choices else field.outer_type_  # a constrained int (ge=1) is an int subclass
         base = next((t for t in (bool, int, float, str) if isinstance(tp, type) and issubclass(tp, t)), None)
         if base is None:

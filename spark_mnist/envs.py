@@ -1,8 +1,6 @@
 """Environment variables changed for a block and restored after it (Spark's ``ml/torch/distributor.py`` does the
 same for the children it starts): nothing spark-mnist sets outlives the block that needed it."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 from typing import Iterator, Mapping

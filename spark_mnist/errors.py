@@ -4,8 +4,6 @@ Every one of them is a ``ValueError`` subclass whose message names the file (or 
 expected and what was found.  The CLI turns any :class:`InputError` into one line on stderr and exit code 2.
 """
 
-from __future__ import annotations
-
 import importlib
 from typing import Any, Collection
 

@@ -12,8 +12,6 @@ What the ranks leave for the driver (model, metrics, checkpoint, error reports) 
 Importable anywhere: no torch, no Spark.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
 from spark_mnist.config import TrainSettings

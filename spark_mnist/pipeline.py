@@ -6,18 +6,16 @@ together.  :func:`train` checks what can be refused once, before a Spark session
 launcher's package and hardware, the converter, the dataset, a checkpoint to resume), then starts the session that
 ``torch-distributor`` or an ingest needs when none is given.  ``driver/`` (Spark) and ``rank/`` (torch, every rank)
 never import each other: this module hands :func:`spark_mnist.rank.train.train_worker` and a
-:class:`~spark_mnist.job.TrainJob` to :func:`spark_mnist.launch.launch`, relaunches it from the last checkpoint when
-a rank fails (:func:`spark_mnist.launch.run_with_restarts`), and logs the run to MLflow (:mod:`spark_mnist.tracking`).
+:class:`~spark_mnist.job.TrainJob` to :func:`spark_mnist.launch.run_with_restarts`, which launches it
+(:func:`spark_mnist.launch.launch`) and relaunches it from the last checkpoint when a rank fails, and logs the run to
+MLflow (:mod:`spark_mnist.tracking`).
 ``torchrun`` and ``ai-runtime`` training imports no Spark (a session's modules import pyspark when one starts), and
 ingest no torch (the rank modules are imported where training starts).
 """
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import os
-from dataclasses import replace
 from typing import Any
 
 from spark_mnist.config import Settings, TrainSettings
@@ -27,11 +25,11 @@ from spark_mnist.driver.ingest import ingest as run_ingest
 from spark_mnist.envs import scoped_env
 from spark_mnist.errors import InputError, LoaderStateError, require_extra
 from spark_mnist.job import TrainJob
-from spark_mnist.launch import check, launch, run_with_restarts, world_size
+from spark_mnist.launch import check, run_with_restarts, world_size
 from spark_mnist.launch.torch_distributor import check_shared_run_dir
 from spark_mnist.paths import redact, require_local
 from spark_mnist.rank.order import state_mismatch
-from spark_mnist.runs import CHECKPOINT_NAME, CURVES_NAME, dataset_identity
+from spark_mnist.runs import CURVES_NAME, dataset_identity
 from spark_mnist.shards.contract import Dataset, Manifest, open_dataset
 from spark_mnist.tools.plots import maybe_training_curves
 from spark_mnist.tracking import log_training_run
@@ -102,8 +100,8 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
     with scoped_env(settings.storage.environment()):  # the stores' settings, for the driver and the ranks it launches
         require_extra("torch", "torch", "training")
         check(t)
-        connect = on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark))
-        choice = _converter(t, connect)
+        # refused here, before a session starts; _train chooses on the session it got (an active one may differ)
+        _converter(t, on_spark and (sessions.is_connect(spark) if spark else sessions.connect_expected(settings.spark)))
         if not ingest_first:
             dataset = open_dataset(settings.data_dir)
             resume = check_resume(settings, dataset.manifest)
@@ -112,17 +110,15 @@ def train(spark, settings: Settings, *, ingest_first: bool = False, verbose: boo
                 ingest(session, settings)
                 dataset = open_dataset(settings.data_dir)
                 resume = check_resume(settings, dataset.manifest)
-            if on_spark and sessions.is_connect(session) != connect:  # an active session other than foreseen
-                choice = _converter(t, not connect)
             if on_spark and not t.local_mode:
                 check_shared_run_dir(settings.run_dir, sessions.master_here(session))  # rank 0 writes on an executor
-            return _train(session, settings, dataset, choice, resume=resume, ingested=ingest_first)
+            return _train(session, settings, dataset, resume=resume, ingested=ingest_first)
 
 
-def _converter(t: TrainSettings, connect: bool) -> ConverterChoice | None:
+def _converter(t: TrainSettings, connect: bool) -> ConverterChoice:
     """petastorm's converter or the shards (``torch-distributor`` only: the one launcher on a Spark session), as
-    :func:`spark_mnist.driver.converter.choose_converter` decides; ``None`` for the other launchers, which read the
-    shards and refuse petastorm."""
+    :func:`spark_mnist.driver.converter.choose_converter` decides; the shards for the other launchers, which refuse
+    petastorm."""
     if t.launcher == SPARK_LAUNCHER:
         return choose_converter(t, connect=connect)
     if "petastorm" in (t.loader, t.converter):
@@ -131,7 +127,7 @@ def _converter(t: TrainSettings, connect: bool) -> ConverterChoice | None:
             f"Spark job and needs --launcher {SPARK_LAUNCHER}; launcher {t.launcher!r} reads the "
             f"ingested shards (--loader spark-mnist --converter none)"
         )
-    return None
+    return ConverterChoice("none", f"launcher {t.launcher!r}")
 
 
 def check_resume(settings: Settings, manifest: Manifest) -> bool:
@@ -184,44 +180,36 @@ def check_resume(settings: Settings, manifest: Manifest) -> bool:
     return True
 
 
-def _train(
-    spark, settings: Settings, dataset: Dataset, choice: ConverterChoice | None, *, resume: bool, ingested: bool
-) -> dict[str, Any]:
+def _train(spark, settings: Settings, dataset: Dataset, *, resume: bool, ingested: bool) -> dict[str, Any]:
     """The checked run: petastorm's converters or the shards, the launch and its restarts, the curves and tracking."""
     from spark_mnist.rank.train import train_worker  # torch: not for ingest
 
     t, manifest = settings.train, dataset.manifest
+    choice = _converter(t, sessions.is_connect(spark))  # on the session it got
     # what the ranks get beside the settings and the files (:class:`~spark_mnist.job.TrainJob`), and the log shows
     facts: dict[str, Any] = {"dataset": manifest.dataset, "num_classes": len(manifest.classes)}
     facts.update(image_shape=manifest.image_shape, run_dir=require_local(settings.run_dir, "run_dir"))
     facts["dataset_id"] = dataset_identity(manifest)
+    what = "petastorm" if choice.uses_petastorm else "none, the ranks read the ingested shards"
+    log.info("converter: %s (%s)", what, choice.reason)
     converters: dict[str, Any] = {}
     files = {split: dataset.files(split) for split in ("train", "test")}
-    if choice is not None and choice.uses_petastorm:
-        log.info("converter: petastorm (%s)", choice.reason)
+    if choice.uses_petastorm:
         converters = make_converters(spark, dataset, t.petastorm_cache_url, t.petastorm_row_group_bytes)
         files = {split: list(c.file_urls) for split, c in converters.items()}
-    elif choice is not None:
-        log.info("converter: none, the ranks read the ingested shards (%s)", choice.reason)
     try:
         counts = {"train_files": len(files["train"]), "test_files": len(files["test"])}
         log.info("training with %s: %s", t.launcher, redact(str({**t.dict(), **facts, **counts})))
         converter = converters["train"] if t.loader == "petastorm" else None
         job = TrainJob(t, files["train"], files["test"], train_converter=converter, **facts)
-        metrics = run_with_restarts(
-            lambda resume_now: launch(train_worker, replace(job, settings=t.copy(update={"resume": resume_now}))),
-            max_restarts=t.max_restarts,
-            checkpoint=os.path.join(job.run_dir, CHECKPOINT_NAME),
-            resume=resume,
-        )
+        metrics = run_with_restarts(train_worker, job, resume=resume)
     finally:
         for split, converter in converters.items():
             try:
                 converter.delete()
             except Exception as e:  # noqa: BLE001 - the run's outcome stands; a leftover cache is only disk
                 log.warning("could not delete petastorm's cache of the %s split: %s", split, e)
-    result = {"dataset": manifest.dataset, "converter": choice.name if choice else "none", "launcher": t.launcher}
-    result.update(metrics)
+    result = {"dataset": manifest.dataset, "converter": choice.name, "launcher": t.launcher, **metrics}
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))  # warns without matplotlib
     params = {k: v for k, v in settings.dict().items() if ingested or k != "ingest"}
     model_path, uri = result.get("model_path"), dataset.location.uri

@@ -16,8 +16,6 @@ raises.
 Importable anywhere: no torch, no Spark.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import os
@@ -53,8 +51,7 @@ class TrainingFailedError(RuntimeError):
 
     def __init__(self, message: str, reports: list[dict[str, Any]] | None = None, cause: BaseException | None = None):
         super().__init__(message)
-        self.reports = list(reports or [])
-        self.cause = cause
+        self.reports, self.cause = list(reports or []), cause
 
     @property
     def summary(self) -> str:
@@ -69,7 +66,7 @@ class TrainingFailedError(RuntimeError):
     @classmethod
     def from_reports(
         cls, reports: list[dict[str, Any]], error: BaseException, skipped: Sequence[str] = ()
-    ) -> TrainingFailedError:
+    ) -> "TrainingFailedError":
         """The error of a failed launch: the first report's rank, exception and traceback tail, and the other
         reports' exceptions; without reports (a rank killed by a signal or out of memory), ``error`` itself.
         ``skipped`` names the unreadable reports, which the message mentions.  Never raises."""

@@ -11,7 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 
+from spark_mnist.config import TrainSettings
+from spark_mnist.job import TrainJob
 from spark_mnist.launch import TrainingFailedError, launch, run_with_restarts
+
+
+def restarted(monkeypatch, run_dir, attempt, *, max_restarts, resume):
+    """run_with_restarts with ``attempt(resume)`` in place of each launch, on a job whose run directory is
+    ``run_dir`` (its checkpoint: ``run_dir/checkpoint.pt``)."""
+    monkeypatch.setattr("spark_mnist.launch.launch", lambda fn, job: attempt(job.settings.resume))
+    job = TrainJob(TrainSettings(max_restarts=max_restarts), [], [], "mnist", 10, (28, 28), str(run_dir))
+    return run_with_restarts(lambda job: None, job, resume=resume)
 
 
 def failing(*errors):
@@ -31,12 +41,12 @@ def lost(message="rank 1 killed") -> TrainingFailedError:
     return TrainingFailedError.from_reports([], RuntimeError(message))
 
 
-def test_a_fresh_run_resumes_only_from_a_checkpoint_it_wrote(tmp_path, caplog):
+def test_a_fresh_run_resumes_only_from_a_checkpoint_it_wrote(tmp_path, caplog, monkeypatch):
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(b"an earlier run's")
     attempt, calls = failing(lost())
     caplog.set_level(logging.WARNING, logger="spark_mnist")
-    metrics = run_with_restarts(attempt, max_restarts=1, checkpoint=str(checkpoint), resume=False)
+    metrics = restarted(monkeypatch, tmp_path, attempt, max_restarts=1, resume=False)
     assert calls == [False, False] and metrics["restarts"] == 1
     assert "restart 1/1 from the start (no checkpoint yet) after: training failed and no rank left" in caplog.text
 
@@ -48,23 +58,22 @@ def test_a_fresh_run_resumes_only_from_a_checkpoint_it_wrote(tmp_path, caplog):
             raise lost()
         return {"calls": list(calls)}
 
-    assert run_with_restarts(writes_then_fails, max_restarts=2, checkpoint=str(checkpoint),
-                             resume=False)["calls"] == [False, True]
+    assert restarted(monkeypatch, tmp_path, writes_then_fails, max_restarts=2, resume=False)["calls"] == [False, True]
 
 
-def test_restarts_stop_at_max_restarts_and_at_bad_input(tmp_path):
+def test_restarts_stop_at_max_restarts_and_at_bad_input(tmp_path, monkeypatch):
     import spark_mnist.rank.checkpoint  # noqa: F401 - defines CheckpointError, an InputError (the pipeline imports it)
 
     attempt, calls = failing(lost("a"), lost("b"), lost("c"))
     with pytest.raises(TrainingFailedError, match="b"):
-        run_with_restarts(attempt, max_restarts=1, checkpoint=str(tmp_path / "c.pt"), resume=True)
+        restarted(monkeypatch, tmp_path, attempt, max_restarts=1, resume=True)
     assert calls == [True, True]
     bad = TrainingFailedError.from_reports([{"rank": 0, "exception": "CheckpointError: other seed", "traceback": []},
                                             {"rank": 1, "exception": "CheckpointError: other seed",
                                              "traceback": []}], RuntimeError("x"))
     attempt, calls = failing(bad)
     with pytest.raises(TrainingFailedError, match="CheckpointError"):
-        run_with_restarts(attempt, max_restarts=3, checkpoint=str(tmp_path / "c.pt"), resume=True)
+        restarted(monkeypatch, tmp_path, attempt, max_restarts=3, resume=True)
     assert calls == [True], "bad input fails the same way again: no relaunch"
 
 

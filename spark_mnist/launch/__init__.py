@@ -32,20 +32,19 @@ way again and is not relaunched.  torchelastic's ``max_restarts`` and Spark's ta
 from its start; this restarts it from where the last checkpoint stands.
 """
 
-from __future__ import annotations
-
 import contextlib
 import importlib
 import logging
 import os
 import uuid
+from dataclasses import replace
 from typing import Any, Callable
 
 from spark_mnist.config import TrainSettings
 from spark_mnist.envs import scoped_env
 from spark_mnist.errors import InputError, LauncherUnavailableError, require_extra
 from spark_mnist.launch import torch_distributor
-from spark_mnist.runs import TrainingFailedError, clear_error_reports, failure
+from spark_mnist.runs import CHECKPOINT_NAME, TrainingFailedError, clear_error_reports, failure
 
 __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch", "world_size", "decorator_kwargs",
            "run_torchrun", "run_ai_runtime", "is_bad_input", "run_with_restarts"]  # fmt: skip
@@ -135,27 +134,20 @@ def run_torchrun(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any
     # torch here: the pipeline imports this module, and a run without torch must reach check()'s message.
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=job.settings.num_processes,
-        run_id=f"spark-mnist-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # torchrun --standalone: c10d on this host, a free port
-        max_restarts=0,
-    )  # start_method: LaunchConfig's default, spawn
+    # torchrun --standalone: one node, c10d on this host with a free port; start_method: LaunchConfig's default, spawn
+    standalone: dict[str, Any] = dict(min_nodes=1, max_nodes=1, rdzv_backend="c10d", rdzv_endpoint="localhost:0")
+    run_id = f"spark-mnist-{uuid.uuid4().hex[:8]}"
+    config = LaunchConfig(nproc_per_node=job.settings.num_processes, run_id=run_id, max_restarts=0, **standalone)
     # What the elastic agent writes into this process's environment is put back after the launch.
     with scoped_env({}, restore=("TORCHELASTIC_SIGNALS_TO_HANDLE",)):
         return elastic_launch(config, fn)(job)[0]
 
 
-def decorator_kwargs(settings: TrainSettings) -> dict[str, Any]:
-    """The keyword arguments of ``databricks.air.distributed`` for ``settings``: ``num_accelerators``
+def decorator_kwargs(t: TrainSettings) -> dict[str, Any]:
+    """The keyword arguments of ``databricks.air.distributed`` for the train settings ``t``: ``num_accelerators``
     (``accelerator_count``, else ``num_processes``), ``accelerator_type`` (``None``: the attached GPUs') and
     ``remote`` (``remote_gpu``).  The local-mode timeout is left at the package's default (3 hours)."""
-    return dict(
-        num_accelerators=world_size(settings), accelerator_type=settings.accelerator_type, remote=settings.remote_gpu
-    )
+    return dict(num_accelerators=world_size(t), accelerator_type=t.accelerator_type, remote=t.remote_gpu)
 
 
 def run_ai_runtime(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
@@ -200,8 +192,7 @@ def launch(fn: Callable[[Any], dict[str, Any]], job: Any) -> dict[str, Any]:
 
 def _stat(path: str) -> tuple[int, int] | None:
     with contextlib.suppress(OSError):
-        st = os.stat(path)
-        return st.st_mtime_ns, st.st_size
+        return (st := os.stat(path)).st_mtime_ns, st.st_size
     return None
 
 
@@ -213,20 +204,16 @@ def _names(cls: type) -> set[str]:
 def is_bad_input(error: TrainingFailedError) -> bool:
     """Whether every rank reported an :class:`~spark_mnist.errors.InputError` (by type name): a relaunch would
     fail the same way."""
-    names = _names(InputError)
-    return bool(error.exceptions) and all(e.split(":", 1)[0] in names for e in error.exceptions)
+    return bool(error.exceptions) and all(e.split(":", 1)[0] in _names(InputError) for e in error.exceptions)
 
 
-def run_with_restarts(
-    attempt: Callable[[bool], dict[str, Any]], *, max_restarts: int, checkpoint: str, resume: bool
-) -> dict[str, Any]:
-    """``attempt(resume)`` (one launch), relaunched after a failure at most ``max_restarts`` times.
+def run_with_restarts(fn: Callable[[Any], dict[str, Any]], job: Any, *, resume: bool) -> dict[str, Any]:
+    """:func:`launch` of ``fn`` on ``job``, relaunched after a failure at most ``job.settings.max_restarts`` times
+    (0: none).
 
     Args:
-        attempt: runs the ranks once; ``True`` resumes from ``checkpoint``.  Returns rank 0's metrics, raises
-            :class:`TrainingFailedError` when a rank fails.
-        max_restarts: relaunches allowed (``train.max_restarts``); 0: none.
-        checkpoint: the run directory's checkpoint file.
+        fn, job: as :func:`launch`; each launch gets a copy of ``job`` (a dataclass) whose ``settings.resume`` says
+            whether it resumes from the run directory's checkpoint (``job.run_dir/checkpoint.pt``).
         resume: whether the run resumes (``--resume`` or ``resume: auto``); a fresh run resumes after a failure
             only from a checkpoint it wrote itself.
     Returns:
@@ -234,10 +221,12 @@ def run_with_restarts(
     Raises:
         TrainingFailedError: the last attempt's failure, or a bad-input failure at once.
     """
+    checkpoint, max_restarts = os.path.join(job.run_dir, CHECKPOINT_NAME), job.settings.max_restarts
     before, restarts = _stat(checkpoint), 0
     while True:
         try:
-            return {**attempt(resume), "restarts": restarts}
+            attempt = replace(job, settings=job.settings.copy(update={"resume": resume}))
+            return {**launch(fn, attempt), "restarts": restarts}
         except TrainingFailedError as e:
             if restarts >= max_restarts or is_bad_input(e):
                 if restarts:

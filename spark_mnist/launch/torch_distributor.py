@@ -7,8 +7,6 @@ classic GPU cluster: one rank per GPU worker, ``spark.task.resource.gpu.amount: 
 devices it sees.  Source: Spark's ``ml/torch/distributor.py``.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable, cast
 
 from spark_mnist.errors import SourceError
