@@ -25,8 +25,6 @@ POSIX (and on the ``/dbfs`` and ``/Volumes`` FUSE mounts, within one directory).
 No Spark here; fsspec is imported only for a scheme pyarrow lacks.
 """
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import importlib.util

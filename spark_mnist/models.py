@@ -12,8 +12,6 @@ The normalisation constants of each dataset live in the dataset registry (:mod:`
 source); :func:`normalization_for` reads them there.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import torch

@@ -22,8 +22,6 @@ param and run file that names a place goes through it, so a credential written i
 ``?account_key=...``) stays in the process.
 """
 
-from __future__ import annotations
-
 import os
 import posixpath
 import re

@@ -47,8 +47,6 @@ map-style dataset of ``(PIL image, int)`` for ``DataLoader(..., shuffle=True)`` 
 needs Pillow; torchvision is never imported.
 """
 
-from __future__ import annotations
-
 import os
 from typing import Any, Callable, Optional
 

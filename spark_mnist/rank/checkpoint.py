@@ -12,8 +12,6 @@ Pattern: pytorch/examples ``mnist/main.py`` (save the ``state_dict``), torch's `
 Streaming's ``StreamingDataset.state_dict``.
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass, field
 from typing import Any

@@ -3,8 +3,6 @@ device it trains on, how long it waits for the other ranks, and how long the dev
 (:class:`DataWait`).  :mod:`spark_mnist.rank.train` uses them.
 """
 
-from __future__ import annotations
-
 import os
 import time
 from datetime import timedelta

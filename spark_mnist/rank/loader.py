@@ -16,8 +16,6 @@ The orders, training (elastic: the same global batches on every world size) and 
 defined in :mod:`spark_mnist.rank.order`.
 """
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import weakref

@@ -33,8 +33,6 @@ Neither order depends on the memory budget or the number of reader threads (row 
 consumed in plan order).
 """
 
-from __future__ import annotations
-
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np

@@ -4,8 +4,6 @@ Runs on every rank, when ``train.loader`` is ``petastorm``.  petastorm is import
 need it, so this module imports where petastorm is not installed (Spark 4, pyarrow >= 15).
 """
 
-from __future__ import annotations
-
 import itertools
 from typing import Generator
 

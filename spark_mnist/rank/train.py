@@ -11,8 +11,6 @@ through :class:`~spark_mnist.rank.device.DataWait`), evaluates on its share of t
 ``mnist/main.py``, the step and the evaluation are short functions apart from the loop.
 """
 
-from __future__ import annotations
-
 import contextlib
 import gc
 import inspect

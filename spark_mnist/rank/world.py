@@ -5,8 +5,6 @@
 the package reads these variables.  Pattern: mosaicml-streaming ``streaming/base/world.py``.
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from typing import Mapping

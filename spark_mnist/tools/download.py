@@ -18,8 +18,6 @@ by ``os.replace`` (:func:`spark_mnist.fs.replacing`): a failed or interrupted ru
 under a final name.  Why not pooch: docs/development.md.
 """
 
-from __future__ import annotations
-
 import contextlib
 import gzip
 import logging
