@@ -40,8 +40,6 @@ FULL_LANE := spark40
 TEST_REMOTE := local[2]
 comma := ,
 
-# Kept between runs (make would delete a file that only pattern rules name).
-.PRECIOUS: .venv/%/spark.jsa
 .PHONY: docs lint run test test-fast test-lane test-kit test-times stores gpu-check gpu-bundle bench bench-scale setup venv java data lock clean
 
 # uv builds the lane environments and resolves the locks (pip's wheels and indexes: requirements/uv_args.py).
@@ -57,13 +55,6 @@ TEST_TMP := /tmp/spark-mnist-tests
 # The JVMs the tests start (sessions, Connect servers, child commands' drivers; spark-submit reads SPARK_SUBMIT_OPTS)
 # live seconds to minutes: the client compiler alone and the serial collector take a third less CPU than the defaults.
 TEST_JVM_OPTS := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
-# Class data sharing (JEP 350): a lane's passes start their Spark JVMs from an archive of the classes a session loads,
-# .venv/LANE/spark.jsa, dumped once per environment by a spark-submit run of scripts/jvm_archive.py (about 30 s).  A
-# local session then starts in 3.6-3.8 s instead of 5.9-7.3 s, a local Connect server in 5.0-5.3 s instead of 7.7-8.0 s,
-# and tests/test_cli.py with test_session.py take 15-21 s instead of 27-46 s (2-core machine, 2026-12-06).  A JVM whose
-# class path or jars differ (another lane's, an executor's) ignores the archive; -Xlog:cds*=off keeps the JVM's notices
-# off stdout.  The archive gets its name only once complete: a truncated one would crash every JVM that maps it.
-lane_jvm_opts = $(TEST_JVM_OPTS) -XX:SharedArchiveFile=$(CURDIR)/.venv/$(1)/spark.jsa -Xlog:cds*=off
 # Each pass runs under scripts/bounded.sh: in a process group of its own (timeout(1)'s), so that no signal a pass's
 # processes send to their group reaches make or another pass; for at most PASS_TIMEOUT seconds (then SIGINT: pytest
 # prints where it stood; SIGKILL 60 s later); Ctrl-C handed on to the whole pass.
@@ -96,9 +87,9 @@ test-lane-%:
 # A lane's classic pass: the suite on a classic local[2] session; in FULL_LANE with the full matrices, on two
 # pytest-xdist workers (a module's tests on one worker, so its fixtures are made once).  Each pass has its own
 # pytest base temporary directory.
-test-classic-%: .venv/%/spark.jsa
+test-classic-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
-	SPARK_SUBMIT_OPTS="$(call lane_jvm_opts,$*)" $(BOUNDED) .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
+	SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS)" $(BOUNDED) .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
 	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile,-m "not full and not one_lane"); s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
@@ -106,20 +97,12 @@ test-classic-%: .venv/%/spark.jsa
 # (SparkSession.builder.remote("local[2]")).  With SPARK_TESTING set, pyspark binds a local server to an ephemeral
 # port and its client finds it (SPARK-42272: pyspark's own tests run side by side that way), so the Connect passes
 # of the lanes run at once rather than in turn on port 15002.
-test-connect-%: .venv/%/spark.jsa
+test-connect-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
-	SPARK_TESTING=1 SPARK_SUBMIT_OPTS="$(call lane_jvm_opts,$*)" $(BOUNDED) .venv/$*/bin/python -m pytest \
+	SPARK_TESTING=1 SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS)" $(BOUNDED) .venv/$*/bin/python -m pytest \
 	  -m "connect$(if $(filter $*,$(FULL_LANE)),, and not full)" --spark-remote '$(TEST_REMOTE)' \
 	  --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-connect; s=$$?; \
 	echo "$* connect $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
-
-# A lane's JVM class archive (lane_jvm_opts, above), from its environment's jars.
-.venv/%/spark.jsa: .venv/%/.installed scripts/jvm_archive.py
-	@rm -f $@.tmp; PATH="$(CURDIR)/.venv/$*/bin:$$PATH" \
-	SPARK_SUBMIT_OPTS="$(TEST_JVM_OPTS) -XX:ArchiveClassesAtExit=$@.tmp -Xlog:cds*=off" \
-	  spark-submit --master 'local[2]' scripts/jvm_archive.py > .venv/$*/jvm-archive.log 2>&1 && test -s $@.tmp \
-	  || { cat .venv/$*/jvm-archive.log; rm -f $@.tmp; exit 1; }
-	@mv $@.tmp $@
 
 # The example of a user's own tests (examples/user_tests) against the installed wheel, in a fresh directory outside
 # the source tree, in a fresh environment: lane KIT_LANE's lock, then the built wheel with the extras the docs' local
