@@ -73,10 +73,8 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
             if e.errno not in RENAME_REFUSED:
                 raise
             _write_in_place(final, tmp.read_bytes())  # a mount without rename: one whole-file write
-            tmp.unlink()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a rename
 
 
 def filesystem(location: Location) -> "tuple[FileSystem, str]":

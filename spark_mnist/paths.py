@@ -32,12 +32,10 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from spark_mnist.errors import SourceError, invalid
 
-__all__ = ["DBFS_FUSE_ROOT", "VOLUMES_ROOT", "Location", "normalize_uri", "redact", "require_local",
-           "check_visible_to_executors"]  # fmt: skip
+__all__ = ["Location", "normalize_uri", "redact", "require_local", "check_visible_to_executors"]
 
 DBFS_FUSE_ROOT = "/dbfs"
 VOLUMES_ROOT = "/Volumes"
-REDACTED = "***"
 _MOUNTS = {"dbfs": DBFS_FUSE_ROOT, "volume": VOLUMES_ROOT}  # the FUSE mount each kind of place needs
 # A URI in free text: a scheme, "://", then everything up to whitespace or a quote.
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
@@ -99,8 +97,7 @@ class Location:
     def os_path(self) -> str | None:
         """The path :mod:`os` operates on for this place where it can operate on it directly (local disk, and DBFS
         or a volume where this machine has their FUSE mount), else ``None`` (pyarrow's)."""
-        mounted = self.kind == "local" or (self.local_path is not None and os.path.exists(_MOUNTS[self.kind]))
-        return self.local_path if mounted else None
+        return self.local_path if self.kind == "local" or os.path.exists(_MOUNTS.get(self.kind, "")) else None
 
 
 def redact(text: str) -> str:
@@ -122,9 +119,9 @@ def _redact_uri(match: re.Match[str]) -> str:
     if userinfo is not None:
         scheme, user = userinfo.groups()
         # Azure's abfss://container@account...: the container name stays, a password after it does not.
-        user = re.sub(":.*", f":{REDACTED}", user) if scheme.lower() in _CONTAINER_SCHEMES else REDACTED
+        user = re.sub(":.*", ":***", user) if scheme.lower() in _CONTAINER_SCHEMES else "***"
         uri = f"{scheme}://{user}@{uri[userinfo.end() :]}"
-    return _SECRET_PARAM.sub(rf"\g<1>={REDACTED}", uri)
+    return _SECRET_PARAM.sub(r"\g<1>=***", uri)
 
 
 def normalize_uri(path: str | os.PathLike) -> Location:

@@ -281,13 +281,13 @@ def test_defect_late_in_a_streamed_file_leaves_nothing(spark, small_source, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
-def test_large_local_files_are_streamed_from_their_path(spark, small_source):
-    from spark_mnist.driver.inputs import read_files
+def test_large_local_files_are_streamed_from_their_path(spark, small_source, monkeypatch):
+    from spark_mnist.driver import inputs
     from spark_mnist.paths import normalize_uri
 
     source, _ = small_source
-    files = read_files(spark, normalize_uri(source), ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"],
-                       max_collect_bytes=1000)
+    monkeypatch.setattr(inputs, "MAX_COLLECT_BYTES", 1000)
+    files = inputs.read_files(spark, normalize_uri(source), ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"])
     big, small = files["train-images-idx3-ubyte.gz"], files["t10k-labels-idx1-ubyte.gz"]
     assert big.source == str(source / "train-images-idx3-ubyte.gz")  # a path to stream from, not the bytes
     assert isinstance(small.source, bytes) and small.length == len(small.source)

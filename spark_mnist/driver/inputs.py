@@ -54,11 +54,9 @@ class SourceFile(NamedTuple):
     source: bytes | str
 
 
-def read_files(
-    spark: "SparkSession", directory: Location, names: Sequence[str], *, max_collect_bytes: int = MAX_COLLECT_BYTES
-) -> dict[str, SourceFile]:
+def read_files(spark: "SparkSession", directory: Location, names: Sequence[str]) -> dict[str, SourceFile]:
     """Read the files ``names`` under ``directory`` with Spark's ``binaryFile`` source, in one job; files over
-    ``max_collect_bytes`` with a driver-visible path are left to be streamed from it instead.
+    :data:`MAX_COLLECT_BYTES` with a driver-visible path are left to be streamed from it instead.
 
     Returns:
         ``{name: SourceFile}`` for every name.
@@ -70,12 +68,11 @@ def read_files(
     if not fs.exists(directory):
         raise SourceError(f"{directory.shown}: source directory not found")
     wanted = {name: directory.join(name) for name in names}
-    missing = [loc.shown for loc in wanted.values() if not fs.exists(loc)]
-    if missing:
+    if missing := [loc.shown for loc in wanted.values() if not fs.exists(loc)]:
         raise SourceError(f"{', '.join(missing)}: file not found (expected {', '.join(names)} in {directory.shown})")
     found, collect = {}, []
     for name, loc in wanted.items():
-        if loc.os_path is not None and (size := os.path.getsize(loc.os_path)) > max_collect_bytes:
+        if loc.os_path is not None and (size := os.path.getsize(loc.os_path)) > MAX_COLLECT_BYTES:
             found[name] = SourceFile(loc.uri, size, loc.os_path)
         elif loc.kind != "remote" or not (urlsplit(loc.uri).query or redact(loc.uri) != loc.uri):
             collect.append(name)  # Spark may read it: not an object-store URI with a query string or credentials
@@ -94,7 +91,7 @@ def read_files(
             if name not in rows:
                 raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
             row = rows[name]
-            if row.length > max_collect_bytes:
+            if row.length > MAX_COLLECT_BYTES:
                 raise SourceError(
                     f"{row.path}: {row.length} bytes, too large to read through Spark onto the driver; put it "
                     f"on a path the driver can stream from (/dbfs/..., /Volumes/..., local disk)"
@@ -108,10 +105,9 @@ def read_files(
 
 def _record(split: str, kind: str, entry: DatasetFile, source: SourceFile, sha256: str, payload_bytes: int) -> dict:
     """The manifest's record of one source file; ``sha256_matches`` is ``None`` where the registry knows no hash."""
-    record = {"split": split, "kind": kind, "name": entry.name, "uri": redact(source.uri), "bytes": source.length}
-    matches = None if entry.sha256 is None else sha256 == entry.sha256
-    hashes = {"sha256": sha256, "expected_sha256": entry.sha256, "sha256_matches": matches}
-    return {**record, "payload_bytes": payload_bytes, **hashes}
+    same = None if entry.sha256 is None else sha256 == entry.sha256
+    sums = {"payload_bytes": payload_bytes, "sha256": sha256, "expected_sha256": entry.sha256, "sha256_matches": same}
+    return {"split": split, "kind": kind, "name": entry.name, "uri": redact(source.uri), "bytes": source.length, **sums}
 
 
 class SplitInput(NamedTuple):

@@ -269,8 +269,7 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
             log.info("%s: server ignored the Range request (200); restarting from byte 0", url)
             part.unlink()
             offset = 0
-        length = response.headers.get("Content-Length")
-        end = offset + int(length) if length and length.isdigit() else None
+        end = offset + int(length) if (length := response.headers.get("Content-Length", "")).isdigit() else None
         with open(part, "ab") as out, tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar:
             try:
                 for chunk in response.raw.stream(decode_content=False):  # 64 KiB at a time (urllib3's default)
