@@ -41,7 +41,7 @@ from spark_mnist.paths import Location, redact
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
-__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "read_bytes", "write_whole"]
+__all__ = ["replacing", "filesystem", "task_uri", "exists", "delete", "list_names", "write_whole"]
 
 
 # What a mount that cannot rename answers: ENOSYS (a Unity Catalog volume's FUSE mount, delta-io/delta-rs#2540),
@@ -254,18 +254,6 @@ def list_names(location: Location) -> list[str]:
 
     fs, path = filesystem(location)
     return sorted(info.base_name for info in fs.get_file_info(FileSelector(path, allow_not_found=True)))
-
-
-def read_bytes(location: Location) -> bytes:
-    """The whole content of the file ``location``.
-
-    Raises:
-        FileNotFoundError: nothing there.
-        SourceError: as :func:`filesystem`.
-    """
-    filesystem_, path = filesystem(location)
-    with filesystem_.open_input_stream(path) as stream:
-        return stream.read()
 
 
 def write_whole(location: Location, data: bytes) -> None:

@@ -177,11 +177,10 @@ def require_local(path: str | os.PathLike, what: str) -> str:
     Raises:
         SourceError: ``path`` has no local form (``s3://...``, ``abfss://...``).
     """
-    location = normalize_uri(path)
-    if location.local_path is None:
+    if (local_path := normalize_uri(path).local_path) is None:
         raise SourceError(
             f"{redact(os.fspath(path))}: {what} takes local paths only (local disk, file:/, /dbfs/..., "
             f"/Volumes/..., dbfs:/ on Databricks), opened as files on this machine; copy the files to "
             f"(or afterwards from) such a path"
         )
-    return location.local_path
+    return local_path

@@ -84,7 +84,9 @@ def _ingest_and_train(tmp_path: Path, root, secrets: list[str]) -> None:
     metrics = json.loads(train.stdout.splitlines()[-1])
     run_dir = work / "runs" / f"mnist-{tmp_path.name}"
     assert metrics["mlflow_run_id"] and (run_dir / "model.pt").is_file() and (run_dir / "mlruns").is_dir()
-    manifest = fs.read_bytes(normalize_uri(output).join(MANIFEST_NAME)).decode()
+    store, path = fs.filesystem(normalize_uri(output).join(MANIFEST_NAME))
+    with store.open_input_stream(path) as stream:
+        manifest = stream.read().decode()
     texts = {"ingest stdout": ingest.stdout, "ingest stderr": ingest.stderr, "train stdout": train.stdout,
              "train stderr": train.stderr, "the manifest": manifest, **_files(work)}
     assert not _find(secrets, texts)

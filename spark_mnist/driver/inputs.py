@@ -33,15 +33,13 @@ from spark_mnist.paths import Location, check_visible_to_executors, redact
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["MAX_COLLECT_BYTES", "NO_FILESYSTEM", "SourceFile", "read_files", "SplitInput", "open_idx_split", "read_npz"]
+__all__ = ["MAX_COLLECT_BYTES", "SourceFile", "read_files", "SplitInput", "open_idx_split", "read_npz"]
 
 log = logging.getLogger(__name__)
 
 # Files up to this size travel to the driver through Spark's binaryFile source; larger ones (binaryFile stops at
 # 2 GiB, and the driver would hold them whole) are streamed from their driver-visible path (local, /dbfs, /Volumes).
 MAX_COLLECT_BYTES = 512 * 2**20
-# What Hadoop says, classic and over Spark Connect alike, for a scheme it has no file system for.
-NO_FILESYSTEM = ("UnsupportedFileSystemException", "No FileSystem for scheme")
 
 
 class SourceFile(NamedTuple):
@@ -82,7 +80,8 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str])
             frame: Any = spark.read.format("binaryFile").load([wanted[name].uri for name in collect]).toPandas()
             rows = {row.path.rstrip("/").rsplit("/", 1)[-1]: row for row in frame.itertuples()}  # by file name
         except Exception as e:
-            if not any(marker in str(e) for marker in NO_FILESYSTEM):
+            # What Hadoop says, classic and over Spark Connect alike, for a scheme it has no file system for:
+            if not any(marker in str(e) for marker in ("UnsupportedFileSystemException", "No FileSystem for scheme")):
                 raise
             message = "%s: this Spark has no file system for %s://; reading the files through pyarrow on the driver"
             log.info(message, directory.shown, urlsplit(directory.uri).scheme)
@@ -98,7 +97,9 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str])
                 )
             found[name] = SourceFile(row.path, int(row.length), bytes(row.content))
     for name in [name for name in names if name not in found]:  # what Spark does not read: pyarrow on the driver
-        content = fs.read_bytes(wanted[name])
+        filesystem, path = fs.filesystem(wanted[name])
+        with filesystem.open_input_stream(path) as stream:
+            content = stream.read()
         found[name] = SourceFile(wanted[name].uri, len(content), content)
     return {name: found[name] for name in names}
 

@@ -267,10 +267,9 @@ def _get_to_part(http: requests.Session, url: str, part: Path, timeout: float) -
             raise (_Retryable if status in RETRYABLE_STATUS else _Failure)(f"{status} {response.reason}".strip())
         if status == 200 and offset:
             log.info("%s: server ignored the Range request (200); restarting from byte 0", url)
-            part.unlink()
-            offset = 0
+            offset = 0  # the part is opened with "wb" below: written again from byte 0
         end = offset + int(length) if (length := response.headers.get("Content-Length", "")).isdigit() else None
-        with open(part, "ab") as out, tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar:
+        with part.open("ab" if offset else "wb") as out, tqdm(total=end, initial=offset, desc=part.stem, **_BAR) as bar:
             try:
                 for chunk in response.raw.stream(decode_content=False):  # 64 KiB at a time (urllib3's default)
                     bar.update(out.write(chunk))
