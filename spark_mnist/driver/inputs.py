@@ -87,9 +87,8 @@ def read_files(spark: "SparkSession", directory: Location, names: Sequence[str])
             log.info(message, directory.shown, urlsplit(directory.uri).scheme)
             rows, collect = {}, []  # every file through pyarrow, below
         for name in collect:
-            if name not in rows:
+            if (row := rows.get(name)) is None:
                 raise SourceError(f"{wanted[name].uri}: Spark's binaryFile source returned no content for this file")
-            row = rows[name]
             if row.length > MAX_COLLECT_BYTES:
                 raise SourceError(
                     f"{row.path}: {row.length} bytes, too large to read through Spark onto the driver; put it "
