@@ -148,8 +148,8 @@ def log_training_run(
             name = _experiment_name(experiment, uri)  # looked up and made at ``uri``, which the block has set
             found = mlflow.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found is not None else mlflow.create_experiment(name)
-            nested = mlflow.active_run() is not None
-            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as run:
+            # nested=True: under the run the caller has open (a notebook's), else a top-level run.
+            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=True) as run:
                 mlflow.set_tags({f"spark_mnist.{key}": metrics.get(key) for key in ("dataset", "device", "loader")})
                 mlflow.log_params(params)
                 # An empty dict logs nothing (MLflow's log_batch returns early).

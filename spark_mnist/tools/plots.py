@@ -24,14 +24,12 @@ __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_p
 
 log = logging.getLogger(__name__)
 
-DPI = 100
-
 
 def _figure(width: float, height: float, layout: Literal["compressed", "constrained", "tight"]):
     """A new figure, not known to pyplot; :class:`~spark_mnist.errors.EnvironmentMismatchError` (an
     :class:`~spark_mnist.errors.InputError`) with the install hint where matplotlib is missing."""
     figure = require_extra("matplotlib.figure", "plots", "drawing pictures")  # the plots extra, imported when drawing
-    return figure.Figure(figsize=(width, height), dpi=DPI, layout=layout)
+    return figure.Figure(figsize=(width, height), dpi=100, layout=layout)  # 100 pixels an inch
 
 
 def _save(figure, out_png: str | os.PathLike) -> Path:
@@ -39,7 +37,7 @@ def _save(figure, out_png: str | os.PathLike) -> Path:
     path = Path(out_png)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI)
+        figure.savefig(tmp, format="png", dpi="figure")  # the figure's own, whatever savefig.dpi says
     return path
 
 
