@@ -28,9 +28,8 @@ from typing import Any, Sequence
 from spark_mnist.fs import replacing
 from spark_mnist.paths import redact
 
-__all__ = ["MODEL_NAME", "METRICS_NAME", "CHECKPOINT_NAME", "CURVES_NAME", "ERRORS_DIR", "TRACEBACK_LINES",
-           "TrainingFailedError", "failure", "write_error_report", "clear_error_reports",
-           "dataset_identity"]  # fmt: skip
+__all__ = ["MODEL_NAME", "METRICS_NAME", "CHECKPOINT_NAME", "CURVES_NAME", "ERRORS_DIR", "TRACEBACK_LINES", "failure",
+           "TrainingFailedError", "write_error_report", "clear_error_reports", "dataset_identity"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 

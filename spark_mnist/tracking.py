@@ -43,8 +43,7 @@ import numpy as np
 from spark_mnist.envs import scoped_env
 from spark_mnist.paths import redact, require_local
 
-__all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", "flatten_params", "log_training_run",
-           "manifest_digest"]  # fmt: skip
+__all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", "flatten_params", "log_training_run"]
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +172,9 @@ def log_training_run(
     return run.info.run_id
 
 
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """The first 16 hex digits (MLflow stores at most 36 characters) of the sha256 of the manifest as canonical
-    JSON (sorted keys): one ingest's identity, as its source files, rows and shards are in it."""
-    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]
-
-
 def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
-    dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
+    dataset, with the manifest's digest and ``dataset_uri`` (credentials redacted) as its source (MLflow's
     resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure
     is a warning.
     Source: MLflow's ``mlflow.data`` (``MetaDataset``, ``resolve_dataset_source``), dataset tracking."""
@@ -193,7 +185,11 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=manifest_digest(manifest))  # type: ignore[abstract]  # concrete
+        # The digest: the first 16 hex digits (MLflow stores at most 36 characters) of the sha256 of the manifest as
+        # canonical JSON (sorted keys): one ingest's identity, as its source files, rows and shards are in it.
+        canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+        digest = hashlib.sha256(canonical, usedforsecurity=False).hexdigest()[:16]
+        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=digest)  # type: ignore[abstract]  # concrete
         mlflow.log_input(dataset, context="training")
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
         error = f"{type(e).__name__}: {redact(str(e))}"

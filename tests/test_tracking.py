@@ -6,6 +6,8 @@ No Spark here: the metrics dict is the one ``train_worker`` returns, made up, an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -54,6 +56,12 @@ def fake_run(tmp_path):
     manifest = {"schema_version": 1, "dataset": "fashion-mnist", "classes": CLASSES,
                 "image_shape": list(IMAGE_SHAPE), "splits": {"train": {"rows": 64}, "test": {"rows": 30}}}
     return settings, manifest, metrics, model_path
+
+
+def manifest_digest(manifest) -> str:
+    """The dataset input's documented digest: the first 16 hex digits of the sha256 of the canonical manifest JSON."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # --- tracking_uri -------------------------------------------------------------------------------------------------
@@ -224,8 +232,8 @@ def test_the_dataset_read_is_an_mlflow_dataset_input(tmp_path, monkeypatch):
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "mnist"
-    assert dataset_input.dataset.digest == tracking.manifest_digest(manifest)
+    assert dataset_input.dataset.digest == manifest_digest(manifest)
     assert str(data_dir) in dataset_input.dataset.source
     assert [t.value for t in dataset_input.tags if t.key == "mlflow.data.context"] == ["training"]
     assert not any(k.startswith("ingest.") for k in run.data.params)
-    assert tracking.manifest_digest(manifest) != tracking.manifest_digest({**manifest, "created_unix": 1.0})
+    assert manifest_digest(manifest) != manifest_digest({**manifest, "created_unix": 1.0})
