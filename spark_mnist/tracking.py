@@ -47,6 +47,8 @@ __all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", 
 
 log = logging.getLogger(__name__)
 
+# The experiment every run goes to; on Databricks a workspace path, under the user's home folder
+# (``/Users/<user>/spark-mnist``, or ``/Shared/spark-mnist`` when the user cannot be found: :func:`_experiment_name`).
 DEFAULT_EXPERIMENT = "spark-mnist"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow >= 3.13 refuses the file store unless this is "true".
@@ -97,11 +99,9 @@ def log_training_run(
     settings_dict: Mapping[str, Any],
     manifest: Mapping[str, Any],
     metrics: Mapping[str, Any],
-    model_path: str | os.PathLike | None,
     *,
     run_dir: str | os.PathLike,
     dataset_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
 ) -> str | None:
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
@@ -112,15 +112,12 @@ def log_training_run(
             its ``classes`` and ``image_shape`` size the model.
         metrics: rank 0's metrics (:func:`spark_mnist.rank.train.train_worker`): ``history`` -> per-epoch metrics,
             ``train_seconds``/``wall_seconds`` -> metrics, ``dataset``/``world_size``/``device``/... -> ``run.*``
-            params.
-        model_path: the saved ``state_dict`` (``metrics["model_path"]``); logged as ``model/<name>`` and as a
-            loadable MLflow PyTorch model ``pytorch_model`` when ``mlflow.pytorch`` is available.  ``None`` or a
-            missing file: no model is logged.
+            params; ``model_path``, the saved ``state_dict``, is logged as ``model/<name>`` and as a loadable MLflow
+            PyTorch model ``pytorch_model`` when ``mlflow.pytorch`` is available (``None`` or a missing file: no
+            model is logged).
         run_dir: the run directory; the local file store is ``<run_dir>/mlruns`` (see :func:`tracking_uri`).
         dataset_uri: where the ranks read the dataset (its directory); the dataset input's source.  ``None``: no
             dataset input is logged.
-        experiment: the experiment name.  On Databricks a relative name goes under the user's home folder
-            (``/Users/<user>/<name>``, or ``/Shared/<name>`` when the user cannot be found).
     Returns:
         The MLflow run id; ``None`` when MLflow is not installed or tracking failed (logged as a warning).
     """
@@ -144,7 +141,7 @@ def log_training_run(
 
         # Put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
         with scoped_env(allow, restore=(TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")), _use_tracking_uri(uri):
-            name = _experiment_name(experiment, uri)  # looked up and made at ``uri``, which the block has set
+            name = _experiment_name(DEFAULT_EXPERIMENT, uri)  # looked up and made at ``uri``, which the block has set
             found = mlflow.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found is not None else mlflow.create_experiment(name)
             # nested=True: under the run the caller has open (a notebook's), else a top-level run.
@@ -159,7 +156,7 @@ def log_training_run(
                 mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), "manifest.json")
                 if dataset_uri is not None:
                     _log_dataset_input(mlflow, manifest, dataset_uri)
-                if model_path is not None and os.path.isfile(model_path):
+                if (model_path := metrics.get("model_path")) is not None and os.path.isfile(model_path):
                     mlflow.log_artifact(os.fspath(model_path), "model")
                     _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest)
                 else:
