@@ -212,8 +212,7 @@ def _train(spark, settings: Settings, dataset: Dataset, *, resume: bool, ingeste
     result = {"dataset": manifest.dataset, "converter": choice.name, "launcher": t.launcher, **metrics}
     maybe_training_curves(metrics["history"], os.path.join(job.run_dir, CURVES_NAME))  # warns without matplotlib
     params = {k: v for k, v in settings.dict().items() if ingested or k != "ingest"}
-    model_path, uri = result.get("model_path"), dataset.location.uri
-    run_id = log_training_run(params, manifest.to_dict(), result, model_path, run_dir=job.run_dir, dataset_uri=uri)
+    run_id = log_training_run(params, manifest.to_dict(), result, run_dir=job.run_dir, dataset_uri=dataset.location.uri)
     if run_id is not None:
         result["mlflow_run_id"] = run_id
     return result

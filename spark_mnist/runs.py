@@ -28,9 +28,8 @@ from typing import Any, Sequence
 from spark_mnist.fs import replacing
 from spark_mnist.paths import redact
 
-__all__ = ["MODEL_NAME", "METRICS_NAME", "CHECKPOINT_NAME", "CURVES_NAME", "ERRORS_DIR", "TRACEBACK_LINES",
-           "TrainingFailedError", "failure", "write_error_report", "clear_error_reports",
-           "dataset_identity"]  # fmt: skip
+__all__ = ["MODEL_NAME", "METRICS_NAME", "CHECKPOINT_NAME", "CURVES_NAME", "ERRORS_DIR", "TRACEBACK_LINES", "failure",
+           "TrainingFailedError", "write_error_report", "clear_error_reports", "dataset_identity"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CURVES_NAME = "curves.png"
 ERRORS_DIR = "_errors"
 TRACEBACK_LINES = 12
-_REPORT_NAME = re.compile(r"rank-(\d+)\.json")
 _REPORT_TYPES = {"rank": int, "exception": str, "traceback": list}  # a readable report's entries
 
 
@@ -93,7 +91,7 @@ def failure(run_dir: str, error: BaseException) -> TrainingFailedError:
         names = os.listdir(directory) if os.path.isdir(directory) else []
     except OSError as e:  # the failure must surface whatever the reports hold
         log.warning("could not read the ranks' error reports in %s: %s", run_dir, _describe(e))
-    for _, name in sorted((int(m.group(1)), name) for name in names if (m := _REPORT_NAME.fullmatch(name))):
+    for _, name in sorted((int(m.group(1)), name) for name in names if (m := re.fullmatch(r"rank-(\d+)\.json", name))):
         path = os.path.join(directory, name)
         try:
             report = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))

@@ -43,11 +43,12 @@ import numpy as np
 from spark_mnist.envs import scoped_env
 from spark_mnist.paths import redact, require_local
 
-__all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", "flatten_params", "log_training_run",
-           "manifest_digest"]  # fmt: skip
+__all__ = ["DEFAULT_EXPERIMENT", "MODEL_NAME", "on_databricks", "tracking_uri", "flatten_params", "log_training_run"]
 
 log = logging.getLogger(__name__)
 
+# The experiment every run goes to; on Databricks a workspace path, under the user's home folder
+# (``/Users/<user>/spark-mnist``, or ``/Shared/spark-mnist`` when the user cannot be found: :func:`_experiment_name`).
 DEFAULT_EXPERIMENT = "spark-mnist"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow >= 3.13 refuses the file store unless this is "true".
@@ -98,11 +99,9 @@ def log_training_run(
     settings_dict: Mapping[str, Any],
     manifest: Mapping[str, Any],
     metrics: Mapping[str, Any],
-    model_path: str | os.PathLike | None,
     *,
     run_dir: str | os.PathLike,
     dataset_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
 ) -> str | None:
     """Log one finished training run to MLflow; driver-side, after ``TorchDistributor`` returns.
 
@@ -113,15 +112,12 @@ def log_training_run(
             its ``classes`` and ``image_shape`` size the model.
         metrics: rank 0's metrics (:func:`spark_mnist.rank.train.train_worker`): ``history`` -> per-epoch metrics,
             ``train_seconds``/``wall_seconds`` -> metrics, ``dataset``/``world_size``/``device``/... -> ``run.*``
-            params.
-        model_path: the saved ``state_dict`` (``metrics["model_path"]``); logged as ``model/<name>`` and as a
-            loadable MLflow PyTorch model ``pytorch_model`` when ``mlflow.pytorch`` is available.  ``None`` or a
-            missing file: no model is logged.
+            params; ``model_path``, the saved ``state_dict``, is logged as ``model/<name>`` and as a loadable MLflow
+            PyTorch model ``pytorch_model`` when ``mlflow.pytorch`` is available (``None`` or a missing file: no
+            model is logged).
         run_dir: the run directory; the local file store is ``<run_dir>/mlruns`` (see :func:`tracking_uri`).
         dataset_uri: where the ranks read the dataset (its directory); the dataset input's source.  ``None``: no
             dataset input is logged.
-        experiment: the experiment name.  On Databricks a relative name goes under the user's home folder
-            (``/Users/<user>/<name>``, or ``/Shared/<name>`` when the user cannot be found).
     Returns:
         The MLflow run id; ``None`` when MLflow is not installed or tracking failed (logged as a warning).
     """
@@ -145,11 +141,11 @@ def log_training_run(
 
         # Put back as they were after logging: torch.export (the pt2 model format) pins the inductor cache dir.
         with scoped_env(allow, restore=(TRACKING_URI_ENV, "TORCHINDUCTOR_CACHE_DIR")), _use_tracking_uri(uri):
-            name = _experiment_name(experiment, uri)  # looked up and made at ``uri``, which the block has set
+            name = _experiment_name(DEFAULT_EXPERIMENT, uri)  # looked up and made at ``uri``, which the block has set
             found = mlflow.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found is not None else mlflow.create_experiment(name)
-            nested = mlflow.active_run() is not None
-            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as run:
+            # nested=True: under the run the caller has open (a notebook's), else a top-level run.
+            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=True) as run:
                 mlflow.set_tags({f"spark_mnist.{key}": metrics.get(key) for key in ("dataset", "device", "loader")})
                 mlflow.log_params(params)
                 # An empty dict logs nothing (MLflow's log_batch returns early).
@@ -160,7 +156,7 @@ def log_training_run(
                 mlflow.log_dict(json.loads(redact(json.dumps(dict(manifest), default=str))), "manifest.json")
                 if dataset_uri is not None:
                     _log_dataset_input(mlflow, manifest, dataset_uri)
-                if model_path is not None and os.path.isfile(model_path):
+                if (model_path := metrics.get("model_path")) is not None and os.path.isfile(model_path):
                     mlflow.log_artifact(os.fspath(model_path), "model")
                     _log_pytorch_model(mlflow, os.fspath(model_path), metrics.get("model"), manifest)
                 else:
@@ -173,16 +169,9 @@ def log_training_run(
     return run.info.run_id
 
 
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """The first 16 hex digits (MLflow stores at most 36 characters) of the sha256 of the manifest as canonical
-    JSON (sorted keys): one ingest's identity, as its source files, rows and shards are in it."""
-    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]
-
-
 def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) -> None:
     """``mlflow.log_input`` of the dataset read, in the active run: an MLflow ``MetaDataset`` named as the manifest's
-    dataset, with :func:`manifest_digest` and ``dataset_uri`` (credentials redacted) as its source (MLflow's
+    dataset, with the manifest's digest and ``dataset_uri`` (credentials redacted) as its source (MLflow's
     resolver picks the source type: a local or ``/Volumes`` path, ``s3://``, ...), context ``training``.  A failure
     is a warning.
     Source: MLflow's ``mlflow.data`` (``MetaDataset``, ``resolve_dataset_source``), dataset tracking."""
@@ -193,7 +182,11 @@ def _log_dataset_input(mlflow, manifest: Mapping[str, Any], dataset_uri: str) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(redact(dataset_uri))
-        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=manifest_digest(manifest))  # type: ignore[abstract]  # concrete
+        # The digest: the first 16 hex digits (MLflow stores at most 36 characters) of the sha256 of the manifest as
+        # canonical JSON (sorted keys): one ingest's identity, as its source files, rows and shards are in it.
+        canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+        digest = hashlib.sha256(canonical, usedforsecurity=False).hexdigest()[:16]
+        dataset = MetaDataset(source=source, name=manifest["dataset"], digest=digest)  # type: ignore[abstract]  # concrete
         mlflow.log_input(dataset, context="training")
     except Exception as e:  # noqa: BLE001 - the run, its params and its model stand without the dataset input
         error = f"{type(e).__name__}: {redact(str(e))}"

@@ -63,7 +63,7 @@ def direct_predictions(model_path, images):
 def test_figures_are_consistent_and_match_a_direct_forward_pass(data, model_file):
     root, arrays = data
     images, labels = arrays["test"]
-    result = evaluate_model(root, model_file, batch_size=7, device="cpu")
+    result = evaluate_model(root, model_file, batch_size=7)
     assert isinstance(result, EvaluationResult)
     assert result.samples == 40 == int(result.confusion.sum())
     assert result.confusion.dtype == np.int64 and result.confusion.shape == (10, 10)

@@ -6,6 +6,8 @@ No Spark here: the metrics dict is the one ``train_worker`` returns, made up, an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -54,6 +56,12 @@ def fake_run(tmp_path):
     manifest = {"schema_version": 1, "dataset": "fashion-mnist", "classes": CLASSES,
                 "image_shape": list(IMAGE_SHAPE), "splits": {"train": {"rows": 64}, "test": {"rows": 30}}}
     return settings, manifest, metrics, model_path
+
+
+def manifest_digest(manifest) -> str:
+    """The dataset input's documented digest: the first 16 hex digits of the sha256 of the canonical manifest JSON."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # --- tracking_uri -------------------------------------------------------------------------------------------------
@@ -105,7 +113,7 @@ def test_without_mlflow_training_goes_on_and_says_so_once(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
     settings, manifest, metrics, model_path = fake_run(tmp_path)
     with caplog.at_level(logging.DEBUG, logger=tracking_log.name):
-        run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run")
+        run_id = tracking.log_training_run(settings, manifest, metrics, run_dir=tmp_path / "run")
     assert run_id is None
     assert [r.getMessage() for r in caplog.records if r.name == tracking_log.name] == [
         "MLflow is not installed; tracking is off (pip install 'spark-mnist[mlflow]')"]
@@ -121,7 +129,7 @@ def test_logs_params_epoch_metrics_manifest_and_model(tmp_path, monkeypatch):
 
     settings, manifest, metrics, model_path = fake_run(tmp_path)
     previous_uri = service_utils._tracking_uri
-    run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run")
+    run_id = tracking.log_training_run(settings, manifest, metrics, run_dir=tmp_path / "run")
     assert run_id is not None
     # Nothing global changed: MLflow's URI and the variables are as before (the conftest guard checks the latter).
     assert service_utils._tracking_uri == previous_uri
@@ -167,14 +175,14 @@ def test_missing_model_file_still_logs_the_run(tmp_path, monkeypatch, caplog, tr
     mlflow = pytest.importorskip("mlflow")
     settings, manifest, metrics, _ = fake_run(tmp_path)
     with caplog.at_level(logging.WARNING, logger=tracking_log.name):
-        run_id = tracking.log_training_run(settings, manifest, {**metrics, "history": []}, None,
-                                           run_dir=tmp_path / "run", experiment="other")
+        run_id = tracking.log_training_run(settings, manifest, {**metrics, "history": [], "model_path": None},
+                                           run_dir=tmp_path / "run")
     assert run_id is not None
     assert any("no model file" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv(tracking.ALLOW_FILE_STORE_ENV, "true")
     client = mlflow.MlflowClient(tracking_uri=(tmp_path / "run" / "mlruns").as_uri())
     assert {a.path for a in client.list_artifacts(run_id)} == {"manifest.json"}
-    assert client.get_experiment(client.get_run(run_id).info.experiment_id).name == "other"
+    assert client.get_experiment(client.get_run(run_id).info.experiment_id).name == tracking.DEFAULT_EXPERIMENT
 
 
 def test_unreachable_server_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog, tracking_log):
@@ -184,7 +192,7 @@ def test_unreachable_server_is_a_warning_not_a_failure(tmp_path, monkeypatch, ca
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     settings, manifest, metrics, model_path = fake_run(tmp_path)
     with caplog.at_level(logging.WARNING, logger=tracking_log.name):
-        run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run")
+        run_id = tracking.log_training_run(settings, manifest, metrics, run_dir=tmp_path / "run")
     assert run_id is None
     warnings = [r.getMessage() for r in caplog.records if r.name == tracking_log.name]
     assert len(warnings) == 1 and "http://127.0.0.1:9" in warnings[0]
@@ -204,7 +212,7 @@ def test_a_broken_mlflow_install_is_a_warning(tmp_path, monkeypatch, caplog, tra
     monkeypatch.setattr(builtins, "__import__", broken)
     settings, manifest, metrics, model_path = fake_run(tmp_path)
     with caplog.at_level(logging.INFO, logger=tracking_log.name):
-        assert tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run") is None
+        assert tracking.log_training_run(settings, manifest, metrics, run_dir=tmp_path / "run") is None
     messages = [r.getMessage() for r in caplog.records if r.name == tracking_log.name]
     assert len(messages) == 1 and "failed to import" in messages[0]
 
@@ -217,15 +225,15 @@ def test_the_dataset_read_is_an_mlflow_dataset_input(tmp_path, monkeypatch):
     settings = {k: v for k, v in settings.items() if k != "ingest"}
     data_dir = tmp_path / "data" / "mnist"
     manifest = {**manifest, "dataset": "mnist"}
-    run_id = tracking.log_training_run(settings, manifest, metrics, model_path, run_dir=tmp_path / "run",
+    run_id = tracking.log_training_run(settings, manifest, metrics, run_dir=tmp_path / "run",
                                        dataset_uri=str(data_dir))
     uri = (tmp_path / "run" / "mlruns").as_uri()
     monkeypatch.setenv(tracking.ALLOW_FILE_STORE_ENV, "true")
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "mnist"
-    assert dataset_input.dataset.digest == tracking.manifest_digest(manifest)
+    assert dataset_input.dataset.digest == manifest_digest(manifest)
     assert str(data_dir) in dataset_input.dataset.source
     assert [t.value for t in dataset_input.tags if t.key == "mlflow.data.context"] == ["training"]
     assert not any(k.startswith("ingest.") for k in run.data.params)
-    assert tracking.manifest_digest(manifest) != tracking.manifest_digest({**manifest, "created_unix": 1.0})
+    assert manifest_digest(manifest) != manifest_digest({**manifest, "created_unix": 1.0})

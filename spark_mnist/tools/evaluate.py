@@ -14,16 +14,13 @@ untrusted file cannot run code.  The model is built by name (:func:`spark_mnist.
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from spark_mnist.errors import DatasetMismatchError, InputError, invalid
 from spark_mnist.runs import METRICS_NAME  # training's metrics beside model.pt
 from spark_mnist.shards.parquet import iter_batches, open_split
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["EvaluationResult", "result_from_confusion", "evaluate_model", "format_report"]
 
@@ -60,17 +57,16 @@ def evaluate_model(
     *,
     batch_size: int = 1000,
     split: str = "test",
-    device: "str | torch.device | None" = None,
     model: str | None = None,
 ) -> EvaluationResult:
-    """Run the model in ``model_path`` over every image of ``split`` of the dataset in ``data_dir``.
+    """Run the model in ``model_path`` over every image of ``split`` of the dataset in ``data_dir``, on CUDA when
+    available, else on the CPU.
 
     Args:
         data_dir: an ingested dataset directory (``OUT`` of ``spark-mnist ingest``).
         model_path: a model ``state_dict`` (``run_dir/model.pt``) or a training checkpoint.
         batch_size: images per forward pass.
         split: ``"test"`` (default) or ``"train"``.
-        device: where to run; default CUDA when available, else CPU.
         model: the model's registry name (:data:`spark_mnist.models.MODELS`); default the one training recorded
             as ``"model"`` in the ``metrics.json`` beside ``model_path``, else :data:`spark_mnist.models.DEFAULT_MODEL`.
     Returns:
@@ -112,7 +108,7 @@ def evaluate_model(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{model_path}: holds a {type(state).__name__}, not a model state_dict")
     consume_prefix_in_state_dict_if_present(state, "module.")  # saved from the DDP wrapper rather than the module
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = build_model(model, num_classes, image_shape).to(device).eval()
     try:
         network.load_state_dict(state)

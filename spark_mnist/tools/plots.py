@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from spark_mnist.errors import InputError, invalid, require_extra
+from spark_mnist.errors import InputError, require_extra
 from spark_mnist.fs import replacing
 from spark_mnist.shards import contract
 from spark_mnist.shards.parquet import open_split, read_pieces, total_rows
@@ -24,14 +24,12 @@ __all__ = ["sample_rows", "preview_grid", "training_curves", "confusion_matrix_p
 
 log = logging.getLogger(__name__)
 
-DPI = 100
-
 
 def _figure(width: float, height: float, layout: Literal["compressed", "constrained", "tight"]):
     """A new figure, not known to pyplot; :class:`~spark_mnist.errors.EnvironmentMismatchError` (an
     :class:`~spark_mnist.errors.InputError`) with the install hint where matplotlib is missing."""
     figure = require_extra("matplotlib.figure", "plots", "drawing pictures")  # the plots extra, imported when drawing
-    return figure.Figure(figsize=(width, height), dpi=DPI, layout=layout)
+    return figure.Figure(figsize=(width, height), dpi=100, layout=layout)  # 100 pixels an inch
 
 
 def _save(figure, out_png: str | os.PathLike) -> Path:
@@ -39,7 +37,7 @@ def _save(figure, out_png: str | os.PathLike) -> Path:
     path = Path(out_png)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI)
+        figure.savefig(tmp, format="png", dpi="figure")  # the figure's own, whatever savefig.dpi says
     return path
 
 
@@ -68,27 +66,20 @@ def sample_rows(
 
 
 def preview_grid(
-    data_dir: str | os.PathLike,
-    out_png: str | os.PathLike,
-    *,
-    split: str = "train",
-    rows: int = 4,
-    cols: int = 8,
-    seed: int = 0,
+    data_dir: str | os.PathLike, out_png: str | os.PathLike, *, split: str = "train", seed: int = 0
 ) -> Path:
-    """Draw ``rows x cols`` random images of ``split`` in grayscale, each titled with its class name.
+    """Draw 32 random images of ``split`` (4 rows of 8) in grayscale, each titled with its class name.
 
-    The PNG is ``cols * 130`` by ``rows * 145 + 40`` pixels.  The same ``seed`` always draws the same images.
+    The PNG is 1040 by 620 pixels.  The same ``seed`` always draws the same images.
 
     Returns:
         The path written.
     Raises:
         DatasetNotFoundError: no complete dataset in ``data_dir``.
-        InputError: matplotlib missing, an unknown ``split``, ``rows``/``cols`` below 1.
+        InputError: matplotlib missing, an unknown ``split``.
         DatasetMismatchError: an empty split.
     """
-    if rows < 1 or cols < 1:
-        raise invalid("grid", (rows, cols), "rows and cols of at least 1 each", InputError)
+    rows, cols = 4, 8
     _, images, labels, manifest = sample_rows(data_dir, split, rows * cols, seed)
     # Inches: 1.3 x 1.45 for each image with its title, 0.4 for the figure's title.
     figure = _figure(cols * 1.3, rows * 1.45 + 0.4, "compressed")
