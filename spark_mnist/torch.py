@@ -183,7 +183,7 @@ class MNIST(_TorchDataset):
     ) -> None:
         require_extra("PIL.Image", "torch", f"spark_mnist.torch.{type(self).__name__}")
         opened = open_dataset(root)
-        self.dataset = opened.dataset
+        self.dataset, self.classes = opened.dataset, list(opened.classes)
         if self.dataset_names is not None and self.dataset not in self.dataset_names:
             raise DatasetMismatchError(
                 f"{redact(os.fspath(root))}: holds {self.dataset!r}, not {' or '.join(map(repr, self.dataset_names))} "
@@ -191,9 +191,7 @@ class MNIST(_TorchDataset):
             )
         images, labels = split_arrays(opened, "train" if train else "test")
         self.root, self.train, self.transform, self.target_transform = root, train, transform, target_transform
-        self.data = torch.from_numpy(images)
-        self.targets = torch.from_numpy(labels.astype(np.int64))
-        self.classes = list(opened.classes)
+        self.data, self.targets = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     def __len__(self) -> int:
