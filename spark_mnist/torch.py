@@ -118,7 +118,6 @@ def loader(
     """
     opened = open_dataset(dataset)
     world = world or World.from_env()
-    training = split == "train"
     return ShardLoader(
         opened.files(split),
         rank=world.rank,
@@ -126,8 +125,8 @@ def loader(
         batch_size=batch_size,
         image_shape=(opened.image_shape[0], opened.image_shape[1]),
         seed=seed,
-        shuffle=training if shuffle is None else shuffle,
-        drop_remainder=training if drop_remainder is None else drop_remainder,
+        shuffle=(split == "train") if shuffle is None else shuffle,
+        drop_remainder=(split == "train") if drop_remainder is None else drop_remainder,
         memory_budget_bytes=memory_budget_bytes,
         reader_threads=reader_threads,
         pin_memory=pin_memory,

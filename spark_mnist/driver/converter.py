@@ -39,10 +39,6 @@ class ConverterChoice(NamedTuple):
     name: str
     reason: str
 
-    @property
-    def uses_petastorm(self) -> bool:
-        return self.name == "petastorm"
-
 
 def petastorm_unavailable(connect: bool = False) -> Optional[str]:
     """Why petastorm's converter cannot run in this environment, or ``None`` where it can.
