@@ -83,12 +83,9 @@ def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
     return np.random.default_rng([seed % 2**64, *key]).permutation(n).astype(np.int64)
 
 
-class Window(NamedTuple):
-    """A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in
-    ``ranges`` (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows)."""
-
-    ranges: tuple[tuple[int, int], ...]
-    order: np.ndarray
+# A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in ``ranges``
+# (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows).
+Window = NamedTuple("Window", [("ranges", tuple[tuple[int, int], ...]), ("order", np.ndarray)])
 
 
 def _window(ranges: Sequence[tuple[int, int]], shuffle: bool, seed: int, *key: int) -> Window:
