@@ -149,7 +149,7 @@ def measure_ingest(source: str, work: str, runs: int) -> tuple[dict[str, Any], A
                        ingest_driver_peak_rss_mb=max(i["driver_peak_rss_mb"] or 0 for i in ingests) or None)
         choice = choose_converter(TrainSettings())
         figures.update(converter=choice.name, converter_reason=choice.reason, converters_seconds=None)
-        if not choice.uses_petastorm:
+        if choice.name != "petastorm":
             files = contract.open_dataset(data).files("train")
             figures["converter_files"] = len(files)
             return figures, None, files

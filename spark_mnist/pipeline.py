@@ -190,11 +190,11 @@ def _train(spark, settings: Settings, dataset: Dataset, *, resume: bool, ingeste
     facts: dict[str, Any] = {"dataset": manifest.dataset, "num_classes": len(manifest.classes)}
     facts.update(image_shape=manifest.image_shape, run_dir=require_local(settings.run_dir, "run_dir"))
     facts["dataset_id"] = dataset_identity(manifest)
-    what = "petastorm" if choice.uses_petastorm else "none, the ranks read the ingested shards"
+    what = "petastorm" if choice.name == "petastorm" else "none, the ranks read the ingested shards"
     log.info("converter: %s (%s)", what, choice.reason)
     converters: dict[str, Any] = {}
     files = {split: dataset.files(split) for split in ("train", "test")}
-    if choice.uses_petastorm:
+    if choice.name == "petastorm":
         converters = make_converters(spark, dataset, t.petastorm_cache_url, t.petastorm_row_group_bytes)
         files = {split: list(c.file_urls) for split, c in converters.items()}
     try:

@@ -118,7 +118,6 @@ def loader(
     """
     opened = open_dataset(dataset)
     world = world or World.from_env()
-    training = split == "train"
     return ShardLoader(
         opened.files(split),
         rank=world.rank,
@@ -126,8 +125,8 @@ def loader(
         batch_size=batch_size,
         image_shape=(opened.image_shape[0], opened.image_shape[1]),
         seed=seed,
-        shuffle=training if shuffle is None else shuffle,
-        drop_remainder=training if drop_remainder is None else drop_remainder,
+        shuffle=(split == "train") if shuffle is None else shuffle,
+        drop_remainder=(split == "train") if drop_remainder is None else drop_remainder,
         memory_budget_bytes=memory_budget_bytes,
         reader_threads=reader_threads,
         pin_memory=pin_memory,
@@ -183,7 +182,7 @@ class MNIST(_TorchDataset):
     ) -> None:
         require_extra("PIL.Image", "torch", f"spark_mnist.torch.{type(self).__name__}")
         opened = open_dataset(root)
-        self.dataset = opened.dataset
+        self.dataset, self.classes = opened.dataset, list(opened.classes)
         if self.dataset_names is not None and self.dataset not in self.dataset_names:
             raise DatasetMismatchError(
                 f"{redact(os.fspath(root))}: holds {self.dataset!r}, not {' or '.join(map(repr, self.dataset_names))} "
@@ -191,9 +190,7 @@ class MNIST(_TorchDataset):
             )
         images, labels = split_arrays(opened, "train" if train else "test")
         self.root, self.train, self.transform, self.target_transform = root, train, transform, target_transform
-        self.data = torch.from_numpy(images)
-        self.targets = torch.from_numpy(labels.astype(np.int64))
-        self.classes = list(opened.classes)
+        self.data, self.targets = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     def __len__(self) -> int:

@@ -18,13 +18,13 @@ HERE = petastorm_unavailable()
 
 def test_none_reads_the_shards_directly():
     choice = choose_converter(TrainSettings(converter="none"))
-    assert choice.name == "none" and not choice.uses_petastorm
+    assert choice.name == "none"
 
 
 def test_auto_takes_petastorm_exactly_where_it_works():
     choice = choose_converter(TrainSettings(converter="auto"))
     if HERE is None:
-        assert choice.uses_petastorm and "pyarrow" in choice.reason
+        assert choice.name == "petastorm" and "pyarrow" in choice.reason
     else:
         assert choice.name == "none" and choice.reason == f"petastorm unavailable: {HERE}"
 
@@ -32,7 +32,7 @@ def test_auto_takes_petastorm_exactly_where_it_works():
 @pytest.mark.skipif(HERE is not None, reason=f"petastorm cannot run in this lane: {HERE}")
 def test_petastorm_is_available_on_the_spark35_line():
     assert int(pyarrow.__version__.split(".")[0]) < 15 and pyspark.__version__.startswith("3.")
-    assert choose_converter(TrainSettings(converter="petastorm")).uses_petastorm
+    assert choose_converter(TrainSettings(converter="petastorm")).name == "petastorm"
 
 
 def test_pyarrow_15_or_newer_rules_petastorm_out(monkeypatch):

@@ -119,7 +119,7 @@ def test_petastorm_loader_runs_equal_steps(spark, small_dataset, tmp_path):
 def test_converter_none_reads_the_ingested_shards(spark, small_dataset, tmp_path, caplog):
     """The direct path where ``auto`` takes petastorm: no converter cache, the same loader, steps and figures.
     Where ``auto`` reads the shards directly already (Spark 4, Spark Connect), the full run is this path."""
-    if not choose_converter(TrainSettings(), connect=is_connect(spark)).uses_petastorm:
+    if choose_converter(TrainSettings(), connect=is_connect(spark)).name != "petastorm":
         pytest.skip("converter auto reads the shards directly here: the full run took this path")
     caplog.set_level(logging.INFO, logger="spark_mnist")
     metrics = train(spark, settings_for(small_dataset, tmp_path / "run", epochs=1, converter="none"))

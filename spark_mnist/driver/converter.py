@@ -33,15 +33,8 @@ PETASTORM_FIX = (
 )
 
 
-class ConverterChoice(NamedTuple):
-    """The path training takes: ``name`` is ``"petastorm"`` or ``"none"``; ``reason`` says why, in one line."""
-
-    name: str
-    reason: str
-
-    @property
-    def uses_petastorm(self) -> bool:
-        return self.name == "petastorm"
+# The path training takes: ``name`` is ``"petastorm"`` or ``"none"``; ``reason`` says why, in one line.
+ConverterChoice = NamedTuple("ConverterChoice", [("name", str), ("reason", str)])
 
 
 def petastorm_unavailable(connect: bool = False) -> Optional[str]:

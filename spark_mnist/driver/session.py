@@ -53,8 +53,6 @@ LOCAL_SPARK_CONF = {
     "spark.broadcast.compress": "false",
     "spark.task.maxDirectResultSize": "64m",
 }
-# Spark 4's JVM announces --add-modules=jdk.incubator.vector on stderr; bad input's error stays one line (test_cli).
-_JVM_START_NOTICES = (b"WARNING: Using incubator modules:",)
 # The Python of the workers and of the driver, where the user has not chosen one: this interpreter.
 PYTHON_ENV = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
 REMOTE_ENV = "SPARK_REMOTE"
@@ -65,17 +63,19 @@ CONNECT_ENV = (*_SERVER_ENV, "SPARK_AUTH_SOCKET_TIMEOUT", "SPARK_BUFFER_SIZE")
 
 
 def _forward_stderr(read_fd: int, out_fd: int) -> None:
-    """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus :data:`_JVM_START_NOTICES`."""
+    """Copy lines from ``read_fd`` to ``out_fd`` until end of file, minus the JVM's start-up notices."""
     with open(read_fd, "rb") as pipe, open(out_fd, "wb", buffering=0) as out:
-        out.writelines(line for line in pipe if not line.startswith(_JVM_START_NOTICES))
+        # Spark 4's JVM announces --add-modules=jdk.incubator.vector on stderr; bad input's error stays one line
+        # (test_cli).
+        out.writelines(line for line in pipe if not line.startswith(b"WARNING: Using incubator modules:"))
 
 
 @contextlib.contextmanager
 def jvm_stderr_filtered() -> Iterator[None]:
     """While the block starts the driver JVM, point file descriptor 2 at a pipe that drops the JVM's start-up
-    notices (:data:`_JVM_START_NOTICES`) and forwards everything else to the real stderr.  The JVM keeps the pipe as
-    its stderr for its whole life, so a daemon thread forwards until the JVM exits; this process's own stderr is
-    restored when the block ends."""
+    notices (``WARNING: Using incubator modules:``) and forwards everything else to the real stderr.  The JVM keeps
+    the pipe as its stderr for its whole life, so a daemon thread forwards until the JVM exits; this process's own
+    stderr is restored when the block ends."""
     sys.stderr.flush()
     real, (read_fd, write_fd) = os.dup(2), os.pipe()
     threading.Thread(target=_forward_stderr, args=(read_fd, os.dup(real)), daemon=True).start()

@@ -47,7 +47,7 @@ from spark_mnist.launch import torch_distributor
 from spark_mnist.runs import CHECKPOINT_NAME, TrainingFailedError, clear_error_reports, failure
 
 __all__ = ["LauncherUnavailableError", "TrainingFailedError", "check", "launch", "world_size", "decorator_kwargs",
-           "run_torchrun", "run_ai_runtime", "is_bad_input", "run_with_restarts"]  # fmt: skip
+           "run_torchrun", "run_ai_runtime", "run_with_restarts"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,6 @@ def _names(cls: type) -> set[str]:
     return {cls.__name__}.union(*map(_names, cls.__subclasses__()))
 
 
-def is_bad_input(error: TrainingFailedError) -> bool:
-    """Whether every rank reported an :class:`~spark_mnist.errors.InputError` (by type name): a relaunch would
-    fail the same way."""
-    return bool(error.exceptions) and all(e.split(":", 1)[0] in _names(InputError) for e in error.exceptions)
-
-
 def run_with_restarts(fn: Callable[[Any], dict[str, Any]], job: Any, *, resume: bool) -> dict[str, Any]:
     """:func:`launch` of ``fn`` on ``job``, relaunched after a failure at most ``job.settings.max_restarts`` times
     (0: none).
@@ -228,7 +222,9 @@ def run_with_restarts(fn: Callable[[Any], dict[str, Any]], job: Any, *, resume: 
             attempt = replace(job, settings=job.settings.copy(update={"resume": resume}))
             return {**launch(fn, attempt), "restarts": restarts}
         except TrainingFailedError as e:
-            if restarts >= max_restarts or is_bad_input(e):
+            # Bad input: every rank reported an InputError (by type name), and a relaunch would fail the same way.
+            bad_input = all(report.split(":", 1)[0] in _names(InputError) for report in e.exceptions)
+            if restarts >= max_restarts or (e.exceptions and bad_input):
                 if restarts:
                     log.warning("training failed after %d restart(s) of %d: %s", restarts, max_restarts, e.summary)
                 raise

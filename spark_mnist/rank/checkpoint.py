@@ -1,7 +1,7 @@
 """The training checkpoint: its format, and saving and loading it safely.  Runs on every rank (rank 0 saves).
 
 On disk ``run_dir/checkpoint.pt`` (:data:`spark_mnist.runs.CHECKPOINT_NAME`) is ``torch.save`` of
-:meth:`Checkpoint.to_dict`: a plain dict of tensors, numbers, strings, lists and tuples, so that it loads with
+a plain dict (:func:`save_checkpoint`) of tensors, numbers, strings, lists and tuples, so that it loads with
 ``torch.load(..., weights_only=True)``, which refuses anything that would run code while unpickling (a checkpoint
 planted on a shared volume cannot run code through ``--resume``).  Its ``"model"`` entry is the model's
 ``state_dict``, so the evaluating tools accept a checkpoint as a model file.  Its ``"loader"`` entry is the training
@@ -23,10 +23,7 @@ from spark_mnist.fs import replacing
 from spark_mnist.rank.order import STATE_KEYS
 from spark_mnist.runs import CHECKPOINT_NAME
 
-__all__ = ["ELASTIC_WORLD_SIZES", "Checkpoint", "to_cpu", "save_checkpoint", "load_checkpoint"]
-
-# The world sizes a resumed run is offered when its global batch does not split over the one asked for.
-ELASTIC_WORLD_SIZES = range(1, 9)
+__all__ = ["Checkpoint", "to_cpu", "save_checkpoint", "load_checkpoint"]
 
 
 @dataclass
@@ -47,10 +44,6 @@ class Checkpoint:
     loader: dict[str, Any]
     source: str = field(default="the checkpoint", compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The plain dict that is saved: ``model``, ``optimizer``, ``loader`` (tensors are not copied)."""
-        return {"model": self.model, "optimizer": self.optimizer, "loader": dict(self.loader)}
-
     def batch_size_for(self, world_size: int) -> int:
         """The per-rank batch size that holds this checkpoint's global batch over ``world_size`` ranks.
 
@@ -60,7 +53,8 @@ class Checkpoint:
         """
         global_batch = int(self.loader["global_batch_size"])
         if world_size < 1 or global_batch % world_size:
-            fits = ", ".join(str(m) for m in ELASTIC_WORLD_SIZES if global_batch % m == 0)
+            # The world sizes a resumed run is offered: 1..8.
+            fits = ", ".join(str(m) for m in range(1, 9) if global_batch % m == 0)
             raise LoaderStateError(
                 f"Cannot resume: the global batch size {global_batch} of {self.source} does not split over "
                 f"{world_size} ranks; resume on one of {fits} ranks."
@@ -82,9 +76,11 @@ def to_cpu(state: Any) -> Any:
 
 
 def save_checkpoint(checkpoint: Checkpoint, run_dir: str) -> None:
-    """Write ``checkpoint`` to ``run_dir/checkpoint.pt``, atomically.  Rank 0 only."""
+    """Write ``checkpoint`` to ``run_dir/checkpoint.pt``, atomically, as the plain dict of its ``model``,
+    ``optimizer`` and ``loader`` (tensors are not copied; ``source`` is not saved).  Rank 0 only."""
+    state = {"model": checkpoint.model, "optimizer": checkpoint.optimizer, "loader": dict(checkpoint.loader)}
     with replacing(os.path.join(run_dir, CHECKPOINT_NAME)) as tmp:
-        torch.save(checkpoint.to_dict(), tmp)
+        torch.save(state, tmp)
 
 
 def load_checkpoint(run_dir: str) -> Checkpoint | None:
@@ -97,7 +93,7 @@ def load_checkpoint(run_dir: str) -> Checkpoint | None:
 
     Raises:
         CheckpointError: a file that weights-only loading refuses or cannot read, or one that lacks an entry of
-            :meth:`Checkpoint.to_dict` or of the loader state.  The message names the file.
+            :func:`save_checkpoint`'s dict or of the loader state.  The message names the file.
     """
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     if not os.path.exists(path):

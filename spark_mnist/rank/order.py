@@ -83,12 +83,9 @@ def _permutation(n: int, seed: int, *key: int) -> np.ndarray:
     return np.random.default_rng([seed % 2**64, *key]).permutation(n).astype(np.int64)
 
 
-class Window(NamedTuple):
-    """A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in
-    ``ranges`` (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows)."""
-
-    ranges: tuple[tuple[int, int], ...]
-    order: np.ndarray
+# A run of an epoch's sequence: ``order`` (int64, (n,)), the global rows in sequence order, all of them in ``ranges``
+# (ascending, disjoint ``[a, b)`` global row ranges holding exactly those ``n`` rows).
+Window = NamedTuple("Window", [("ranges", tuple[tuple[int, int], ...]), ("order", np.ndarray)])
 
 
 def _window(ranges: Sequence[tuple[int, int]], shuffle: bool, seed: int, *key: int) -> Window:
@@ -157,10 +154,9 @@ def state_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], source:
     (``drop_remainder``), another global batch size; for the evaluation order also another world size or batch
     size.  Another world size of the training order is honoured (elastic resume).
     """
-    checked = ["dataset", "rows", "seed", "shuffle", "drop_remainder", "global_batch_size"]
-    if not current["drop_remainder"]:
-        checked += ["world_size", "batch_size"]
-    for key in checked:
+    # The evaluation order's position does not carry over to another world size or batch size.
+    evaluation = [] if current["drop_remainder"] else ["world_size", "batch_size"]
+    for key in ["dataset", "rows", "seed", "shuffle", "drop_remainder", "global_batch_size", *evaluation]:
         a, b = saved[key], current[key]
         if a != b and not (key == "dataset" and None in (a, b)):
             label = _LABELS.get(key, f"the {key.replace('_', ' ')}")
