@@ -19,6 +19,10 @@ from spark_mnist.paths import require_local
 
 __all__ = ["FileReport", "SplitReport", "VerifyReport", "verify_source", "verify_file", "format_table"]
 
+# A file's or split's status; a file whose payload differs from the published sha256 is "hash-mismatch".
+OK = "ok"
+HASH_MISMATCH = "hash-mismatch"
+
 
 @dataclass(frozen=True)
 class FileReport:
@@ -65,8 +69,8 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """Whether every file and split is ``"ok"`` (hash mismatches allowed when not ``strict``)."""
-        allowed = {"ok"} if self.strict else {"ok", "hash-mismatch"}
-        return all(f.status in allowed for f in self.files) and all(s.status == "ok" for s in self.splits)
+        allowed = {OK} if self.strict else {OK, HASH_MISMATCH}
+        return all(f.status in allowed for f in self.files) and all(s.status == OK for s in self.splits)
 
     @property
     def problems(self) -> list[str]:
@@ -74,9 +78,9 @@ class VerifyReport:
         lines = []
         for f in self.files:
             path = os.path.join(self.directory, f.name)
-            if f.status == "hash-mismatch":
+            if f.status == HASH_MISMATCH:
                 lines.append(hash_mismatch_message(self.dataset, path, f.sha256 or "", f.expected or ""))
-            elif f.status != "ok":
+            elif f.status != OK:
                 lines.append(f"{path}: {'file not found' if f.status == 'missing' else f.status}")
         return lines + [f"split {s.split}: {s.status}" for s in self.splits if s.status.startswith("error")]
 
@@ -152,7 +156,7 @@ def verify_source(
                 status = "missing" if not os.path.isfile(path) else f"error: {str(e).removeprefix(f'{path}: ')}"
                 files.append(FileReport(name, status, expected=expected))
                 continue
-            array, status = parsed.array, "ok" if expected in (None, parsed.sha256) else "hash-mismatch"
+            array, status = parsed.array, OK if expected in (None, parsed.sha256) else HASH_MISMATCH
             files.append(FileReport(name, status, len(array), tuple(array.shape), parsed.sha256, expected))
             # Of the images only shape and dtype matter from here on (a view of one zero); labels make the histogram.
             arrays[kind] = array if kind == LABELS else np.broadcast_to(np.zeros((), array.dtype), array.shape)
@@ -162,7 +166,7 @@ def verify_source(
         if len(arrays) == 2:
             try:
                 validate_split(spec, arrays[IMAGES], arrays[LABELS], names[IMAGES], names[LABELS])
-                status = "ok"
+                status = OK
             except InputError as e:
                 status = f"error: {e}"
         # The split's rows are its labels file's (the last report made), None where that could not be read.
@@ -203,7 +207,7 @@ def format_table(report: VerifyReport, *, width: int = 100) -> str:
             out += textwrap.wrap(f"{s.split} labels: {counts}", width=width, subsequent_indent="    ")
     if report.problems:
         out += ["", "problems:", *(f"  {line}" for line in report.problems)]
-    if not report.strict and any(f.status == "hash-mismatch" for f in report.files):
+    if not report.strict and any(f.status == HASH_MISMATCH for f in report.files):
         out.append("(hash mismatches allowed: strict=False)")
     out += ["", "OK" if report.ok else "FAILED"]
     return "\n".join(out) + "\n"
