@@ -13,7 +13,7 @@ import pytest
 
 from spark_mnist.driver.write_job import fragments_table
 from spark_mnist.tasks import write as write_module
-from spark_mnist.tasks.write import WritePlan, write_shards
+from spark_mnist.tasks.write import WritePlan, write_from_broadcast, write_from_relation, write_shards
 from tests.conftest import make_arrays
 
 
@@ -22,7 +22,7 @@ def _plan_and_batches(tmp_path, fragment_rows):
     shards = [(f"G/train/part-0000{k}.parquet", lo, images[lo:hi], labels[lo:hi])
               for k, (lo, hi) in enumerate([(0, 40), (40, 100)])]  # path, first global row, images, labels
     plan = WritePlan(str(tmp_path), (("G/train/part-00000.parquet", 0, 40), ("G/train/part-00001.parquet", 40, 60)),
-                     (28, 28), 16, fragment_rows)
+                     (28, 28), 16, fragment_rows, 2)
     return (images, labels), plan, fragments_table(shards, plan).to_batches()
 
 
@@ -43,7 +43,7 @@ def test_fragments_become_the_shards_again(tmp_path):
     assert [plan.fragments(u) for u in range(2)] == [6, 9]
     table = pa.Table.from_batches(batches)
     shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))  # any order, any batches
-    reports = [batch.to_pylist()[0] for batch in write_shards(plan, iter(shuffled.to_batches(max_chunksize=4)))]
+    reports = [batch.to_pylist()[0] for batch in write_from_relation(plan, iter(shuffled.to_batches(max_chunksize=4)))]
     _check_shards(tmp_path, plan, arrays, reports)
 
 
@@ -60,9 +60,8 @@ def test_the_broadcast_table_is_written_without_copying_its_bytes(tmp_path, monk
     real_write_shard = write_module.write_shard
     monkeypatch.setattr(write_module, "write_shard", write_shard)
     shipped = types.SimpleNamespace(value=table)  # a broadcast variable's handle
-    units = [pa.record_batch([pa.array([unit], pa.int64())], names=["id"]) for unit in (1, 0)]  # the tasks' units
-    reports = sorted((b.to_pylist()[0] for b in write_shards(plan, iter(units), shipped=shipped)),
-                     key=lambda r: r["unit"])
+    reports = sorted((dict(zip(("unit", "rows", "bytes"), report)) for task in (1, 0)  # each task's partition
+                      for report in write_from_broadcast(plan, shipped, iter([task]))), key=lambda r: r["unit"])
     _check_shards(tmp_path, plan, arrays, reports)
     assert views == [True, True]
 

@@ -6,7 +6,7 @@ The order of work is what makes bad input cheap and failures harmless:
 2. parse and check every file on the driver (:mod:`spark_mnist.driver.inputs`, :mod:`spark_mnist.formats.idx`,
    :func:`spark_mnist.datasets.validate_split`), before anything is written;
 3. plan the shards and write jobs and write both splits under a new generation ``OUT/<generation>/`` with one Spark
-   job per chunk, each task writing its own shard (:mod:`spark_mnist.driver.write_job`);
+   job per chunk, each task writing one shard of each split (:mod:`spark_mnist.driver.write_job`);
 4. commit: write ``OUT/_manifest.json`` last, in one single-object write, then remove the generations no manifest
    needs (:mod:`spark_mnist.shards.commit`).
 
@@ -111,7 +111,8 @@ def ingest(
                     rows, split = slice(bounds[name][k], bounds[name][k + 1]), splits[name]
                     path = contract.shard_path(lease.generation, name, k)
                     shards.append((path, rows.start, upright(spec, split.take(rows)), split.labels[rows]))
-            written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes)
+            # One task a shard of each split: one task a core by default.
+            written += write_pieces(spark, shards, out, row_group_bytes=row_group_bytes, tasks=num_shards)
             log.info("wrote %s", ", ".join(f"{name} rows {bounds[name][a]}-{bounds[name][b]}" for name, a, b in job))
         records += [record for split in splits.values() for record in split.done()]
         for record in [record for record in records if record["sha256_matches"] is False]:

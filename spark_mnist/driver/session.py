@@ -16,7 +16,8 @@ sessions' work-arounds: docs/development.md.
 6. otherwise a classic session on ``spark.master`` (local mode, quiet, this interpreter as the workers' Python).
 
 Everything else in the package works with both kinds through the few capabilities that differ, all here:
-:func:`default_parallelism`, :func:`master_here` and :func:`shipped_to_executors` (classic only: a broadcast).
+:func:`default_parallelism`, :func:`master_here` and :func:`broadcast_job` (classic only: a broadcast variable and
+an RDD job).
 """
 
 import contextlib
@@ -26,9 +27,10 @@ import re
 import shutil
 import sys
 import threading
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from spark_mnist.config import SparkSettings
 from spark_mnist.envs import scoped_env
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LOCAL_SPARK_CONF", "PYTHON_ENV", "CONNECT_ENV", "REMOTE_ENV", "jvm_stderr_filtered", "session_conf",
            "with_executor_env", "local_server_url", "is_connect", "default_parallelism", "master_here", "remote_url",
-           "shipped_to_executors", "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
+           "broadcast_job", "connect_expected", "spark_artifacts_removed", "spark_session"]  # fmt: skip
 
 LOCAL_SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -152,10 +154,16 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     return None
 
 
-def shipped_to_executors(spark: "SparkSession", value: Any) -> Any:
-    """``value`` shipped once to every executor, on a classic session (only: Spark Connect has no broadcast
-    variables): a handle whose ``.value`` a task reads (a broadcast variable; ``.destroy()`` it when done)."""
-    return spark.sparkContext.broadcast(value)
+def broadcast_job(spark: "SparkSession", value: Any, tasks: int, task: Callable[[Any, Iterator[int]], Iterable]) -> Any:
+    """On a classic session (only: Spark Connect has neither broadcast variables nor RDDs): ``value`` shipped once
+    to every executor as a broadcast variable, then one job of ``tasks`` tasks, task ``t`` running
+    ``task(handle, iter([t]))`` (``handle.value`` is ``value``); what the tasks return, collected.  The broadcast
+    variable is destroyed after the job."""
+    shipped = spark.sparkContext.broadcast(value)
+    try:
+        return spark.sparkContext.parallelize(range(tasks), tasks).mapPartitions(partial(task, shipped)).collect()
+    finally:
+        shipped.destroy()
 
 
 def remote_url(settings: SparkSettings) -> Optional[str]:

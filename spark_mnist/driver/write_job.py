@@ -1,12 +1,11 @@
 """The ingest's write jobs, on the driver: the plan (shard boundaries, the Spark write jobs, each holding at most
 ``chunk_rows`` images on the driver, and what every write task needs, :class:`~spark_mnist.tasks.write.WritePlan`),
 and one Spark job per chunk: the arrays travel to the tasks as one Arrow table of fragments (a broadcast variable on a
-classic session, a relation over Spark Connect), and every task writes its own shard with pyarrow
+classic session, a relation over Spark Connect), and every task writes its shards with pyarrow
 (:func:`spark_mnist.tasks.write.write_shards`).
 """
 
 import bisect
-import contextlib
 import functools
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ from spark_mnist import fs
 from spark_mnist.driver import session
 from spark_mnist.paths import Location
 from spark_mnist.shards.contract import ShardFile, shard_bounds
-from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_shards
+from spark_mnist.tasks.write import REPORT_SCHEMA, WritePlan, write_from_broadcast, write_from_relation
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -70,14 +69,16 @@ def fragments_table(shards: list[Shard], plan: WritePlan) -> pa.Table:
     return pa.table({name: pa.concat_arrays(arrays) for name, arrays in columns.items()})
 
 
-def write_pieces(spark: "SparkSession", shards: list[Shard], out: Location, *, row_group_bytes: int) -> list[ShardFile]:
-    """Write ``shards`` with one Spark job: task ``t`` writes shard ``t`` as ``out/<path>``, in row groups of
-    ~``row_group_bytes``.
+def write_pieces(
+    spark: "SparkSession", shards: list[Shard], out: Location, *, row_group_bytes: int, tasks: int
+) -> list[ShardFile]:
+    """Write ``shards`` with one Spark job of at most ``tasks`` tasks: task ``t`` writes shards ``t``, ``t + tasks``,
+    ... as ``out/<path>``, in row groups of ~``row_group_bytes``.
 
     The arrays become one Arrow table of fragments (:func:`fragments_table`).  On Spark Connect it is a relation
-    joined with a broadcast hint to ``spark.range(units)`` (one partition per shard), so partition ``t`` receives
-    exactly shard ``t``'s rows; on a classic session it is a broadcast variable that each task of that
-    ``spark.range`` slices for its unit (:func:`spark_mnist.tasks.write.write_shards`).  Either way
+    joined with a broadcast hint to ``spark.range(tasks)`` (one partition a task) on ``id = unit % tasks``, so
+    partition ``t`` receives exactly its shards' rows; on a classic session it is a broadcast variable that each task
+    of an RDD of the task numbers slices for its units (:mod:`spark_mnist.tasks.write`).  Either way
     the tasks write with pyarrow and the driver commits the manifest later (mosaicml-streaming's
     ``dataframe_to_mds`` pattern), rather than through Spark's Parquet writer and Hadoop's output committer.  pyspark
     sends a relation under ``spark.sql.session.localRelationCacheThreshold`` (64 MiB) inline and uploads a larger
@@ -94,22 +95,22 @@ def write_pieces(spark: "SparkSession", shards: list[Shard], out: Location, *, r
     image_shape, image_bytes = shards[0][2].shape[1:], shards[0][2][0].nbytes  # (H, W) and bytes of one image
     units = tuple((path, start, len(labels)) for path, start, _, labels in shards)
     rows_per_group, fragment_rows = max(1, row_group_bytes // image_bytes), max(1, FRAGMENT_BYTES // image_bytes)
-    plan = WritePlan(fs.task_uri(out), units, image_shape, rows_per_group, fragment_rows)
+    # Fewer tasks than shards where asked: Spark's cost is per task.
+    plan = WritePlan(fs.task_uri(out), units, image_shape, rows_per_group, fragment_rows, min(tasks, len(shards)))
     table = fragments_table(shards, plan)
-    tasks = spark.range(len(shards), numPartitions=len(shards))
-    with contextlib.ExitStack() as stack:
-        # Classic: a broadcast variable, warm ingest 1.05 s against the relation's 1.81 s (docs/benchmarks.md);
-        # Spark Connect (no broadcast variables): the relation, joined to the tasks.
-        shipped = None if session.is_connect(spark) else session.shipped_to_executors(spark, table)
-        if shipped is None:
-            tasks = tasks.withColumnRenamed("id", "unit").join(spark.createDataFrame(table).hint("broadcast"), "unit")
-        else:
-            stack.callback(shipped.destroy)
-        write = functools.partial(write_shards, plan, shipped=shipped)
-        report = {row.unit: row for row in tasks.mapInArrow(write, REPORT_SCHEMA).collect()}
-    missing = [path for u, (path, _, rows) in enumerate(plan.shards) if u not in report or report[u].rows != rows]
+    if session.is_connect(spark):  # no broadcast variables and no RDDs: the relation, joined to the tasks
+        relation = spark.createDataFrame(table).hint("broadcast")
+        job = spark.range(plan.tasks, numPartitions=plan.tasks)
+        job = job.join(relation, job["id"] == relation["unit"] % plan.tasks)
+        reports = job.mapInArrow(functools.partial(write_from_relation, plan), REPORT_SCHEMA).collect()
+    else:
+        # Classic: a broadcast variable, warm ingest 1.05 s against the relation's 1.81 s (docs/benchmarks.md), and an
+        # RDD job, ~0.1 s against a mapInArrow job's ~0.2 s for two tasks that write nothing (docs/benchmarks.md).
+        reports = session.broadcast_job(spark, table, plan.tasks, functools.partial(write_from_broadcast, plan))
+    report = {unit: (rows, size) for unit, rows, size in reports}
+    missing = [path for u, (path, _, rows) in enumerate(plan.shards) if report.get(u, (None, 0))[0] != rows]
     if missing:
         raise RuntimeError(
             f"{out.shown}: the write job did not report these shards with their rows: {', '.join(missing)}"
         )
-    return [ShardFile(path, int(report[u].bytes), rows) for u, (path, _, rows) in enumerate(plan.shards)]
+    return [ShardFile(path, int(report[u][1]), rows) for u, (path, _, rows) in enumerate(plan.shards)]
