@@ -1,6 +1,6 @@
-"""The write job's task side: each task receives its shard's rows as fragments, checks it has every one, and writes
-the shard with pyarrow.  The driver plans and runs the job (:mod:`spark_mnist.driver.write_job`); :class:`WritePlan`
-travels in the task's closure.
+"""The write job's task side: each task receives its shards' rows as fragments, checks it has every one of a shard,
+and writes the shard with pyarrow.  The driver plans and runs the job (:mod:`spark_mnist.driver.write_job`);
+:class:`WritePlan` travels in the task's closure.
 """
 
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
