@@ -154,7 +154,9 @@ def master_here(spark: "SparkSession") -> Optional[str]:
     return None
 
 
-def broadcast_job(spark: "SparkSession", value: Any, tasks: int, task: Callable[[Any, Iterator[int]], Iterable]) -> Any:
+def broadcast_job(
+    spark: "SparkSession", value: Any, tasks: int, task: Callable[[Any, Iterator[int]], Iterable]
+) -> list:
     """On a classic session (only: Spark Connect has neither broadcast variables nor RDDs): ``value`` shipped once
     to every executor as a broadcast variable, then one job of ``tasks`` tasks, task ``t`` running
     ``task(handle, iter([t]))`` (``handle.value`` is ``value``); what the tasks return, collected.  The broadcast

@@ -223,8 +223,9 @@ def run_with_restarts(fn: Callable[[Any], dict[str, Any]], job: Any, *, resume: 
             return {**launch(fn, attempt), "restarts": restarts}
         except TrainingFailedError as e:
             # Bad input: every rank reported an InputError (by type name), and a relaunch would fail the same way.
-            bad_input = all(report.split(":", 1)[0] in _names(InputError) for report in e.exceptions)
-            if restarts >= max_restarts or (e.exceptions and bad_input):
+            input_errors = _names(InputError)
+            bad_input = bool(e.exceptions) and all(r.split(":", 1)[0] in input_errors for r in e.exceptions)
+            if restarts >= max_restarts or bad_input:
                 if restarts:
                     log.warning("training failed after %d restart(s) of %d: %s", restarts, max_restarts, e.summary)
                 raise
