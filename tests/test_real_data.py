@@ -1,18 +1,18 @@
-"""Real data: the Debian Fashion-MNIST files through Spark ingest, and (in the Spark 4 lanes' Connect pass) the whole
+"""Real data: the Debian Fashion-MNIST files through Spark ingest, and (in the full lane's Connect pass) the whole
 ``spark-mnist run`` over a local Spark Connect server."""
 
 from __future__ import annotations
-
-import pytest
 
 import json
 import os
 import subprocess
 import sys
 
-from spark_mnist.shards import contract
+import pytest
+
 from spark_mnist.driver.ingest import ingest
 from spark_mnist.driver.session import default_parallelism
+from spark_mnist.shards import contract
 from tests.conftest import FASHION_DIR, REPO, requires_connect
 
 pytestmark = [pytest.mark.slow, pytest.mark.connect]

@@ -139,8 +139,8 @@ def test_auto_converter_says_which_path_it_took(spark, full_run):
 @requires_connect
 def test_distributed_mode_over_connect_ends_with_its_last_epoch(spark, small_dataset, tmp_path, monkeypatch):
     """TorchDistributor(local_mode=False) over a Spark Connect session: the ranks run in the server's tasks, and the
-    launch returns within 30 s of the last epoch's end (rank 0 writes ``metrics.json`` right after it).  Every Spark 4
-    lane's Connect pass runs it: in 3 of 6 Connect passes this run once took ~300 s longer, the wait torch's elastic
+    launch returns within 30 s of the last epoch's end (rank 0 writes ``metrics.json`` right after it).  In 3 of 6
+    Connect passes (of both Spark 4 lanes, then) this run once took ~300 s longer, the wait torch's elastic
     agents can hold at their exit barrier (launch/torch_distributor.py, issue 28)."""
     import os
     import time
