@@ -1,7 +1,7 @@
 """The launchers: torchrun without pyspark, restarts after a SIGKILLed rank, resume across launchers, ai-runtime
 through a stand-in for ``databricks.air`` at the import boundary, and the exit-2 refusals before anything starts.
-Every lane trains once under torchrun; the restarts, the resume across launchers and ai-runtime are ``full`` (one
-lane runs them).
+The torchrun run, the restarts, the resume across launchers (a stop mid-epoch, then a resume) and ai-runtime are
+``full`` (one lane runs them).
 
 The training runs are subprocesses of ``spark-mnist train`` (torch's elastic agent installs signal handlers, which
 only a main thread may do), in an environment where ``pyspark`` and ``mlflow`` cannot be imported
@@ -83,7 +83,7 @@ def torchrun_run(dataset, tmp_path_factory):
     return metrics, tmp / "run", result
 
 
-@pytest.mark.one_lane  # the lanes differ in pyspark, which torchrun runs without
+@pytest.mark.full  # the lanes differ in pyspark, which torchrun runs without: the lane whose tests share this run
 def test_torchrun_trains_without_pyspark(torchrun_run):
     metrics, run_dir, result = torchrun_run
     assert metrics["launcher"] == "torchrun" and metrics["converter"] == "none" and metrics["restarts"] == 0
@@ -141,6 +141,7 @@ def test_a_sigkilled_rank_restarts_from_the_checkpoint_and_ends_with_the_same_mo
 @pytest.mark.full
 def test_a_checkpoint_resumes_under_another_launcher(spark, dataset, torchrun_run, tmp_path):
     """torch-distributor stops mid-epoch 2 (max_steps); torchrun resumes: the uninterrupted run's model."""
+    from spark_mnist.models import build_model
     from spark_mnist.pipeline import train
 
     full, full_dir, _ = torchrun_run
@@ -151,11 +152,16 @@ def test_a_checkpoint_resumes_under_another_launcher(spark, dataset, torchrun_ru
     stopped = train(spark, settings)
     assert stopped["launcher"] == "torch-distributor"
     state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["loader"]
-    assert (state["epoch"], state["step"]) == (1, 3)
+    assert (state["epoch"], state["step"], state["seed"], state["world_size"]) == (1, 3, 1, 2)
+    assert state["dataset"].startswith(("generation:", "sha256:"))
     resumed, _ = run_train(tmp_path, dataset, run_dir, "--launcher", "torchrun", "--resume")
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
     assert same_model(run_dir, full_dir)
     assert set(resumed) == set(full), "the same metrics JSON under every launcher"
+    torch.manual_seed(1)  # the run's seed: the model training started from
+    untrained = build_model("simple-cnn", 10, (28, 28)).state_dict()
+    trained = torch.load(full_dir / MODEL_NAME, weights_only=True)
+    assert not all(torch.allclose(trained[k], untrained[k], atol=1e-3) for k in trained)  # the models were trained
 
 
 @pytest.mark.full

@@ -53,7 +53,7 @@ def test_scoped_env_restores_set_and_unset_variables(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.one_lane  # session.py's own handling; Spark 4.0.0 (SPARK-52396's ./artifacts) is the full lane's
+@pytest.mark.full  # session.py's own handling, in one lane: Spark 4.0.0's (SPARK-52396's ./artifacts)
 def test_a_started_session_names_this_python_for_its_life_only(tmp_path):
     """The workers run this interpreter, and PYSPARK_PYTHON / PYSPARK_DRIVER_PYTHON are unset again afterwards; a
     dataset and a run directory written under ./artifacts during the session stay (SPARK-52396's clean-up takes
