@@ -35,10 +35,10 @@ CONNECT_LANES := spark40 spark4-latest
 # The lane that runs the full matrices (tests marked full: every store kill point and racing writers; SIGKILLs,
 # restarts and resumes across launchers; the end-to-end runs), classic and over Connect.  The other lanes run each
 # store's replace and one kill, and train once under each launcher they have.  Tests marked one_lane need only what
-# every lane holds alike (torch, databricks-bundles, the wheel's build, uv): ONE_LANE runs them, off the full lane,
+# every lane holds alike (torch, databricks-bundles, the wheel's build, uv): ONE_LANE_TESTS runs them, off the full lane,
 # whose classic pass ends last.
 FULL_LANE := spark40
-ONE_LANE := spark4-latest
+ONE_LANE_TESTS := spark4-latest
 TEST_REMOTE := local[2]
 comma := ,
 
@@ -97,7 +97,7 @@ test-lane-%:
 test-classic-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
 	$(TEST_ENV) $(BOUNDED) .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
-	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile -m "not one_lane",-m "not full$(if $(filter $*,$(ONE_LANE)),, and not one_lane)"); s=$$?; \
+	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile -m "not one_lane",-m "not full$(if $(filter $*,$(ONE_LANE_TESTS)),, and not one_lane)"); s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
 # A Spark 4 lane's Connect pass, over a local Spark Connect server (SparkSession.builder.remote("local[2]")): in
