@@ -54,6 +54,7 @@ class _Records(logging.Handler):
 def full_run(spark, small_dataset):
     """The uninterrupted run, with the converter ``auto`` chooses in this lane; its metrics, run directory and the
     driver's ``spark_mnist`` log records."""
+    skip_over_connect(spark)
     run_dir = small_dataset / "full"
     logger, handler = logging.getLogger("spark_mnist"), _Records()
     level = logger.level
@@ -81,10 +82,11 @@ def test_two_process_run_returns_metrics(full_run):
 
 
 def skip_over_connect(spark) -> None:
-    """Resuming is the ranks' and the run directory's business, the same whatever session launched the ranks: the
-    full lane checks it on its classic session; over Spark Connect the full run and a failed rank are checked."""
+    """Local mode runs torchrun beside the driver whatever the session, so over Spark Connect a local-mode run, its
+    failed rank and resuming it are what the classic session checks: the Connect pass trains in local mode once,
+    test_real_data's run on the real data, and this module's distributed-mode run (ranks in the server's tasks)."""
     if is_connect(spark):
-        pytest.skip("resuming does not depend on the session: checked on the classic one")
+        pytest.skip("local mode does not depend on the session: checked on the classic one (and test_real_data)")
 
 
 @requires_petastorm
@@ -144,6 +146,7 @@ def test_distributed_mode_over_connect_ends_with_its_last_epoch(spark, small_dat
 
 
 def test_failed_rank_surfaces_on_the_driver(spark, small_dataset, tmp_path, caplog):
+    skip_over_connect(spark)
     # 640 rows cannot give each of 2 ranks a batch of 1,000: every rank raises before training, with bad input
     # (an InputError, a ValueError), which a relaunch would meet again: not relaunched (max_restarts is 1).
     with caplog.at_level(logging.WARNING, logger="spark_mnist"):
