@@ -38,7 +38,7 @@ CONNECT_LANES := spark40 spark4-latest
 # every lane holds alike (torch, databricks-bundles, the wheel's build, uv): ONE_LANE_TESTS runs them, off the full lane,
 # whose classic pass ends last.
 FULL_LANE := spark40
-ONE_LANE_TESTS := spark4-latest
+ONE_LANE_TESTS := spark35
 TEST_REMOTE := local[2]
 comma := ,
 
@@ -67,10 +67,6 @@ TEST_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 SPARK_SUBMIT_OPTS="$(TEST_
 # prints where it stood; SIGKILL 60 s later); Ctrl-C handed on to the whole pass.
 PASS_TIMEOUT ?= 2400
 BOUNDED = scripts/bounded.sh $(PASS_TIMEOUT)
-# FULL_LANE's passes end last: the other lanes' passes run at a lower priority (nice), so that the full lane's get
-# the CPU they can use and the others take the rest (docs/development.md).
-OTHER_LANE_NICE := nice -n 5
-lane_nice = $(if $(filter $(1),$(FULL_LANE)),,$(OTHER_LANE_NICE))
 # The passes of a lane: classic, and over Connect where its pyspark has Connect.
 passes = test-classic-$(1) $(if $(filter $(1),$(CONNECT_LANES)),test-connect-$(1))
 
@@ -100,7 +96,7 @@ test-lane-%:
 # pytest base temporary directory.
 test-classic-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
-	$(TEST_ENV) $(call lane_nice,$*) $(BOUNDED) .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
+	$(TEST_ENV) $(BOUNDED) .venv/$*/bin/python -m pytest --durations=5 -p no:cacheprovider \
 	  --basetemp=$(TEST_TMP)/$*-classic $(if $(filter $*,$(FULL_LANE)),-n 2 --dist loadfile -m "not one_lane",-m "not full$(if $(filter $*,$(ONE_LANE_TESTS)),, and not one_lane)"); s=$$?; \
 	echo "$* classic $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
 
@@ -114,7 +110,7 @@ test-classic-%:
 CONNECT_SMOKE := tests/test_connect.py
 test-connect-%:
 	@mkdir -p $(LOGS) $(TEST_TMP); t=$$(date +%s); \
-	SPARK_TESTING=1 $(TEST_ENV) $(call lane_nice,$*) $(BOUNDED) .venv/$*/bin/python -m pytest \
+	SPARK_TESTING=1 $(TEST_ENV) $(BOUNDED) .venv/$*/bin/python -m pytest \
 	  -m connect $(if $(filter $*,$(FULL_LANE)),,$(CONNECT_SMOKE)) --spark-remote '$(TEST_REMOTE)' \
 	  --durations=5 -p no:cacheprovider --basetemp=$(TEST_TMP)/$*-connect; s=$$?; \
 	echo "$* connect $$(( $$(date +%s) - t ))" >> $(LOGS)/times; exit $$s
