@@ -35,8 +35,8 @@ CONNECT_LANES := spark40 spark4-latest
 # The lane that runs the full matrices (tests marked full: every store kill point and racing writers; SIGKILLs,
 # restarts and resumes across launchers; the end-to-end runs), classic and over Connect.  The other lanes run each
 # store's replace and one kill, and train once under each launcher they have.  Tests marked one_lane need only what
-# every lane holds alike (torch, databricks-bundles, the wheel's build, uv): ONE_LANE_TESTS runs them, off the full lane,
-# whose classic pass ends last.
+# every lane holds alike (torch, databricks-bundles, the wheel's build, uv): ONE_LANE_TESTS runs them, off the full
+# lane, whose classic pass ends last.
 FULL_LANE := spark40
 ONE_LANE_TESTS := spark35
 TEST_REMOTE := local[2]
@@ -104,7 +104,7 @@ test-classic-%:
 # FULL_LANE the tests marked connect again; in another lane those of CONNECT_SMOKE, the Connect ingest against the
 # classic one byte for byte (one write job, and the relation uploaded in chunks): the path of ours whose Spark calls
 # differ over Connect.  The other tests marked connect run driver code the lane's classic pass runs (all of them
-# took 103 CPU-s in spark4-latest, this file 30: docs/development.md).  With SPARK_TESTING set, pyspark binds a
+# took 103 CPU-s in spark4-latest, this file 25: docs/development.md).  With SPARK_TESTING set, pyspark binds a
 # local server to an ephemeral port and its client finds it (SPARK-42272: pyspark's own tests run side by side that
 # way), so the Connect passes of the lanes run at once rather than in turn on port 15002.
 CONNECT_SMOKE := tests/test_connect.py

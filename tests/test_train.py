@@ -1,8 +1,9 @@
 """Distributed training: a 2-process TorchDistributor run on a small subset, and resuming from a checkpoint.
 
-Every lane runs the uninterrupted run (with the converter ``auto`` picks there: the direct path where petastorm
-cannot run), the direct path and petastorm where it can, and a failed rank; the lane that runs the ``full`` matrix
-also resumes after a SIGKILL, on its classic session (resuming after a stop: test_launch, under another launcher)."""
+Every lane's classic pass runs the uninterrupted run (with the converter ``auto`` picks there: the direct path where
+petastorm cannot run), the direct path and petastorm where it can, and a failed rank; the lane that runs the ``full``
+matrix also resumes after a SIGKILL, on its classic session (resuming after a stop: test_launch, under another
+launcher)."""
 
 from __future__ import annotations
 
